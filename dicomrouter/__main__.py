@@ -1,0 +1,3 @@
+from dicomrouter.cli import main
+
+main()

@@ -1,0 +1,348 @@
+"""``dicomrouter`` command line: serve, send, echo, status, retry, purge, sample."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import config as config_mod
+from .config import Config, ConfigError
+
+log = logging.getLogger("dicomrouter")
+
+config_option = click.option(
+    "--config", "-c", "config_path", type=click.Path(dir_okay=False), default=None,
+    help=f"Router configuration (YAML). Default: ${config_mod.CONFIG_ENV}, else the embedded "
+         "defaults (DICOMROUTER on port 11112, every study to ./received).")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    # pynetdicom is chatty at INFO (every association, every C-STORE); keep its warnings.
+    logging.getLogger("pynetdicom").setLevel(
+        logging.DEBUG if os.environ.get("DICOMROUTER_DEBUG_PYNETDICOM") else logging.WARNING)
+
+
+def _load_config(path: str | None) -> Config:
+    try:
+        return config_mod.load(path)
+    except ConfigError as exc:
+        where = path or os.environ.get(config_mod.CONFIG_ENV) or "configuration"
+        raise click.ClickException(f"invalid configuration ({where}): {exc}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dicomrouter")
+def main() -> None:
+    """dicomrouter: receive DICOM studies, route them by rules, deliver them reliably."""
+
+
+@main.command()
+@config_option
+@click.option("--port", type=int, default=None, help="Override the configured port.")
+@click.option("--check", is_flag=True, help="Validate the configuration and exit.")
+def serve(config_path: str | None, port: int | None, check: bool) -> None:
+    """Run the router: Storage SCP, study tracker and delivery workers."""
+    cfg = _load_config(config_path)
+    if port is not None:
+        cfg = config_mod.replace_port(cfg, port)
+    if check:
+        click.echo(f"configuration OK ({cfg.source}): {len(cfg.destinations)} destination(s), "
+                   f"{len(cfg.routes)} route(s)")
+        return
+    _setup_logging(cfg.log_level)
+    from .router import Router
+
+    log.info("dicomrouter starting with %s; spool %s; stable age %.1f s", cfg.source,
+             cfg.spool, cfg.stable_age)
+    try:
+        router = Router(cfg)
+    except OSError as exc:
+        raise click.ClickException(f"cannot open the spool {cfg.spool}: {exc}") from None
+
+    def _stop(signum: int, _frame: Any) -> None:
+        log.info("signal %s received", signal.Signals(signum).name)
+        router.request_stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        router.run_forever()
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {cfg.bind}:{cfg.port}: {exc}") from None
+
+
+def _collect(paths: tuple[str, ...]) -> tuple[list[tuple[Path, str, str]], list[Path]]:
+    """Files under ``paths`` that are DICOM Part 10 files: (path, SOP class, transfer syntax)."""
+    from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_file_meta_info
+
+    found: list[tuple[Path, str, str]] = []
+    skipped: list[Path] = []
+    for p in paths:
+        root = Path(p)
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        for f in files:
+            try:
+                meta = read_file_meta_info(f)
+                found.append((f, str(meta.MediaStorageSOPClassUID),
+                              str(meta.TransferSyntaxUID)))
+            except (InvalidDicomError, AttributeError, OSError, ValueError, EOFError) as exc:
+                skipped.append(f)
+                click.echo(f"warning: skipping {f}: not a DICOM Part 10 file ({exc})", err=True)
+    return found, skipped
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=config_mod.DEFAULT_PORT, show_default=True)
+@click.option("--aet", default=config_mod.DEFAULT_AE_TITLE, show_default=True,
+              help="Called AE title (the receiver's).")
+@click.option("--calling-aet", default="DICOMSEND", show_default=True,
+              help="Our AE title.")
+@click.option("--max-pdu", type=int, default=0, help="Maximum PDU size to receive (0: any).")
+def send(paths: tuple[str, ...], host: str, port: int, aet: str, calling_aet: str,
+         max_pdu: int) -> None:
+    """Send DICOM files and folders (recursively) with C-STORE, over one association."""
+    from .scu import DeliveryError, InstanceRejected
+    from .scu.store import Peer, StoreAssociation, batches
+
+    _setup_logging("WARNING")
+    files, skipped = _collect(paths)
+    if not files:
+        raise click.ClickException("no DICOM files found")
+    peer = Peer(aet, host, port, calling_aet, max_pdu)
+    failed: list[str] = []
+    sent = 0
+    started = time.monotonic()
+    for group in batches([(c, t) for _f, c, t in files]):
+        chunk = [files[i] for i in group]
+        try:
+            assoc = StoreAssociation(peer, {(c, t) for _f, c, t in chunk})
+        except DeliveryError as exc:
+            raise click.ClickException(str(exc)) from None
+        try:
+            with click.progressbar(chunk, label=f"C-STORE to {peer}", file=sys.stderr,
+                                   item_show_func=lambda x: x[0].name if x else None) as bar:
+                for f, sop_class, ts in bar:
+                    try:
+                        assoc.store(f, sop_class, ts)
+                        sent += 1
+                    except InstanceRejected as exc:
+                        failed.append(f"{f}: {exc}")
+                    except DeliveryError as exc:
+                        failed.append(f"{f}: {exc}")
+                        break
+        finally:
+            assoc.release()
+    took = time.monotonic() - started
+    for line in failed:
+        click.echo(f"failed: {line}", err=True)
+    rate = sent / took if took > 0 else 0.0
+    click.echo(f"sent {sent} of {len(files)} instance(s) to {peer} in {took:.2f} s "
+               f"({rate:.0f}/s); {len(failed)} failed; {len(skipped)} non-DICOM file(s) skipped")
+    if failed or sent < len(files):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=config_mod.DEFAULT_PORT, show_default=True)
+@click.option("--aet", default=config_mod.DEFAULT_AE_TITLE, show_default=True,
+              help="Called AE title.")
+@click.option("--calling-aet", default="DICOMSEND", show_default=True)
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+def echo(host: str, port: int, aet: str, calling_aet: str, timeout: float) -> None:
+    """C-ECHO a DICOM peer (is it up, does it accept our AE title?)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from .netutil import enable_tcp_nodelay
+
+    _setup_logging("WARNING")
+    enable_tcp_nodelay()
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    started = time.monotonic()
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else \
+            "no connection"
+        raise click.ClickException(f"C-ECHO to {aet}@{host}:{port}: association {why}")
+    try:
+        rsp = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    ms = (time.monotonic() - started) * 1000
+    if not rsp or "Status" not in rsp:
+        raise click.ClickException(f"C-ECHO to {aet}@{host}:{port}: no response")
+    if rsp.Status != 0:
+        raise click.ClickException(f"C-ECHO to {aet}@{host}:{port}: status 0x{rsp.Status:04X}")
+    click.echo(f"C-ECHO to {aet}@{host}:{port}: success in {ms:.0f} ms")
+
+
+def _state_for(config_path: str | None, spool: str | None, readonly: bool = True):  # type: ignore[no-untyped-def]
+    from .state import State
+
+    root = Path(spool) if spool else _load_config(config_path).spool
+    db = root / "state.db"
+    if not db.exists():
+        raise click.ClickException(f"no state database at {db} (has the router run with this "
+                                   "spool? use --config or --spool)")
+    return State(db, readonly=readonly), root
+
+
+spool_option = click.option("--spool", type=click.Path(file_okay=False), default=None,
+                            help="The spool directory (instead of reading it from the config).")
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+@main.command()
+@config_option
+@spool_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--all", "show_all", is_flag=True, help="Include delivered studies already "
+              "removed from the spool.")
+@click.option("--study", default=None, help="The history of one study.")
+def status(config_path: str | None, spool: str | None, as_json: bool, show_all: bool,
+           study: str | None) -> None:
+    """Studies in the spool, delivery queues and dead letters (works while serve runs)."""
+    state, root = _state_for(config_path, spool)
+    if study:
+        row = state.study(study)
+        if row is None:
+            raise click.ClickException(f"no study {study} in {root}")
+        history = state.history(study)
+        jobs = [j for j in state.summary(with_done=True)["studies"] if j["study_uid"] == study]
+        if as_json:
+            click.echo(json.dumps({"study": dict(row), "history": history, "summary": jobs},
+                                  indent=2))
+            return
+        click.echo(f"study {study}: {row['state']}, generation {row['generation']}, patient "
+                   f"{row['patient_id']}, from {row['calling_ae']}")
+        for ts, event in history:
+            click.echo(f"  {_when(ts)}  {event}")
+        return
+    data = state.summary(with_done=show_all)
+    data["ledger"] = state.ledger_stats()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"spool {root}: {len(data['studies'])} study(ies), {_size(data['spool_bytes'])}")
+    click.echo("queues:")
+    if not data["queues"]:
+        click.echo("  (no delivery jobs yet)")
+    for dest, counts in sorted(data["queues"].items()):
+        parts = "  ".join(f"{s} {counts.get(s, 0)}" for s in
+                          ("pending", "running", "failed", "dead", "delivered"))
+        click.echo(f"  {dest:<16} {parts}")
+    if data["retrying"]:
+        click.echo("retrying:")
+        for j in data["retrying"]:
+            click.echo(f"  {j['study_uid']} → {j['destination']}: attempt {j['attempts']}, "
+                       f"next at {_when(j['next_attempt'])}: {j['last_error']}")
+    if data["dead"]:
+        click.echo("dead letters ('dicomrouter retry --dead' requeues them):")
+        for j in data["dead"]:
+            click.echo(f"  {j['study_uid']} → {j['destination']}: {j['attempts']} attempts, "
+                       f"last error: {j['last_error']}")
+    click.echo("studies:")
+    if not data["studies"]:
+        click.echo("  (none)")
+    for s in data["studies"]:
+        click.echo(f"  {s['study_uid']}  {s['state']:<10} patient {s['patient_id'] or '-':<12}"
+                   f" {s['instances_in_spool']:>5} instance(s) {_size(s['bytes_in_spool']):>9}"
+                   f"  from {s['calling_ae'] or '-'}  last received {_when(s['last_received'])}")
+
+
+@main.command()
+@config_option
+@spool_option
+@click.option("--dead", is_flag=True, help="Only dead-lettered jobs.")
+@click.option("--study", default=None, help="Only this Study Instance UID.")
+@click.option("--destination", default=None, help="Only this destination.")
+def retry(config_path: str | None, spool: str | None, dead: bool, study: str | None,
+          destination: str | None) -> None:
+    """Requeue failed or dead deliveries now (the running router picks them up)."""
+    state, _root = _state_for(config_path, spool, readonly=False)
+    n = state.requeue(dead, study, destination)
+    click.echo(f"requeued {n} job(s)")
+
+
+@main.command()
+@config_option
+@spool_option
+@click.option("--study", required=True, help="Study Instance UID to remove.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def purge(config_path: str | None, spool: str | None, study: str, yes: bool) -> None:
+    """Remove a study from the spool and the state database, on purpose."""
+    from .spool import Spool
+
+    state, root = _state_for(config_path, spool, readonly=False)
+    if state.study(study) is None:
+        raise click.ClickException(f"no study {study} in {root}")
+    if not yes:
+        click.confirm(f"remove study {study} and its files from {root}?", abort=True)
+    freed = Spool(root, state).purge(study)
+    click.echo(f"purged study {study} ({_size(freed)} freed)")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--studies", default=1, show_default=True)
+@click.option("--series", default=2, show_default=True)
+@click.option("--instances", default=3, show_default=True, help="Instances per series.")
+@click.option("--modality", default="CT", show_default=True)
+@click.option("--rows", default=64, show_default=True)
+@click.option("--cols", default=64, show_default=True)
+@click.option("--frames", default=1, show_default=True)
+@click.option("--transfer-syntax", default="explicit", show_default=True,
+              help="implicit, explicit, deflated or rle.")
+@click.option("--patient-id", default=None)
+@click.option("--seed", type=int, default=None)
+def sample(out_dir: str, studies: int, series: int, instances: int, modality: str, rows: int,
+           cols: int, frames: int, transfer_syntax: str, patient_id: str | None,
+           seed: int | None) -> None:
+    """Generate synthetic studies (N studies × M series × K instances) for tests and demos."""
+    from . import sample as sample_mod
+
+    if transfer_syntax not in sample_mod.TRANSFER_SYNTAXES:
+        raise click.BadParameter(f"one of {', '.join(sample_mod.TRANSFER_SYNTAXES)}",
+                                 param_hint="--transfer-syntax")
+    files = sample_mod.generate(Path(out_dir), studies=studies, series=series,
+                                instances=instances, modality=modality, rows=rows, cols=cols,
+                                frames=frames,
+                                transfer_syntax=sample_mod.TRANSFER_SYNTAXES[transfer_syntax],
+                                patient_id=patient_id, seed=seed)
+    total = sum(f.stat().st_size for f in files)
+    click.echo(f"wrote {len(files)} file(s), {_size(total)}, under {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""Configuration: one YAML file turned into typed objects.
+
+Every validation error names the key path (``routes[1].to``) and what is wrong, because the person
+reading it is an integration engineer editing a YAML file, not a Python developer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydicom.datadict import tag_for_keyword
+
+DEFAULT_AE_TITLE = "DICOMROUTER"
+DEFAULT_PORT = 11112
+CONFIG_ENV = "DICOMROUTER_CONFIG"
+AE_PSEUDO_KEYS = ("CallingAE", "CalledAE")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message starts with the key path."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}" if key else problem)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, None: 1,
+}
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """``3s``, ``500ms``, ``2m``, ``1h``, ``1d`` or a number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a duration like 3s, 500ms or 2m, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(key, f"must not be negative, got {value!r}")
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ConfigError(key, f"expected a duration like 3s, 500ms or 2m, got {value!r}")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(value: Any, key: str) -> int:
+    """``50GB``, ``500MB``, ``2GiB`` or a number of bytes → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = _SIZE.match(str(value))
+    if not m or isinstance(value, bool):
+        raise ConfigError(key, f"expected a size like 500MB or 50GB, got {value!r}")
+    unit = m.group(2).lower() if m.group(2) else None
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def _ae_title(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, f"expected an AE title (1-16 characters), got {value!r}")
+    v = value.strip()
+    if len(v) > 16 or "\\" in v or any(ord(c) < 32 for c in v):
+        raise ConfigError(key, f"an AE title is 1-16 characters without backslash, got {value!r}")
+    return v
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _int(value: Any, key: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(key, f"expected a whole number from {lo} to {hi}, got {value!r}")
+    return value
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _reject_unknown(raw: dict[str, Any], known: set[str], key: str) -> None:
+    for k in raw:
+        if k not in known:
+            where = f"{key}.{k}" if key else str(k)
+            raise ConfigError(where, f"unknown key (known keys: {', '.join(sorted(known))})")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff for failed deliveries."""
+
+    initial: float = 5.0
+    max_delay: float = 600.0
+    max_attempts: int = 10
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt + 1`` after ``attempt`` failures."""
+        return min(self.max_delay, self.initial * (2 ** max(0, attempt - 1)))
+
+
+def _retry(raw: Any, key: str, base: RetryPolicy) -> RetryPolicy:
+    raw = _mapping(raw, key)
+    _reject_unknown(raw, {"initial", "max_delay", "max_attempts"}, key)
+    return RetryPolicy(
+        initial=parse_duration(raw["initial"], f"{key}.initial") if "initial" in raw
+        else base.initial,
+        max_delay=parse_duration(raw["max_delay"], f"{key}.max_delay") if "max_delay" in raw
+        else base.max_delay,
+        max_attempts=_int(raw["max_attempts"], f"{key}.max_attempts", 1, 1_000_000)
+        if "max_attempts" in raw else base.max_attempts,
+    )
+
+
+DEFAULT_FOLDER_TEMPLATE = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+_TEMPLATE_FIELD = re.compile(r"{([^{}]*)}")
+
+
+def template_keywords(template: str, key: str) -> list[str]:
+    """The tag keywords a path template uses; each must be a DICOM keyword."""
+    words = _TEMPLATE_FIELD.findall(template)
+    for w in words:
+        if tag_for_keyword(w) is None:
+            raise ConfigError(key, f"{{{w}}} is not a DICOM keyword")
+    return words
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """One destination; ``options`` are the type-specific keys, already validated."""
+
+    name: str
+    type: str
+    options: dict[str, Any]
+    concurrency: int = 1
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+def _folder_options(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    _reject_unknown(raw, {"type", "path", "template", "concurrency", "retry"}, key)
+    if "path" not in raw:
+        raise ConfigError(f"{key}.path", "required for a folder destination")
+    template = _str(raw.get("template", DEFAULT_FOLDER_TEMPLATE), f"{key}.template")
+    template_keywords(template, f"{key}.template")
+    return {"path": _str(raw["path"], f"{key}.path"), "template": template}
+
+
+def _dicom_options(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    known = {"type", "ae_title", "host", "port", "calling_ae_title", "max_pdu", "timeout",
+             "concurrency", "retry"}
+    _reject_unknown(raw, known, key)
+    for required in ("ae_title", "host", "port"):
+        if required not in raw:
+            raise ConfigError(f"{key}.{required}", "required for a dicom destination")
+    return {
+        "ae_title": _ae_title(raw["ae_title"], f"{key}.ae_title"),
+        "host": _str(raw["host"], f"{key}.host"),
+        "port": _int(raw["port"], f"{key}.port", 1, 65535),
+        "calling_ae_title": _ae_title(raw["calling_ae_title"], f"{key}.calling_ae_title")
+        if "calling_ae_title" in raw else None,
+        "max_pdu": _int(raw.get("max_pdu", 0), f"{key}.max_pdu", 0, 2**32 - 1),
+        "timeout": parse_duration(raw.get("timeout", "60s"), f"{key}.timeout"),
+    }
+
+
+DESTINATION_TYPES = {"folder": _folder_options, "dicom": _dicom_options}
+
+
+def _destination(name: str, raw: Any, key: str, retry: RetryPolicy) -> DestinationConfig:
+    raw = _mapping(raw, key)
+    if "type" not in raw:
+        raise ConfigError(f"{key}.type", f"required; one of {', '.join(DESTINATION_TYPES)}")
+    dtype = raw["type"]
+    if dtype not in DESTINATION_TYPES:
+        raise ConfigError(
+            f"{key}.type", f"unknown destination type {dtype!r}; one of {', '.join(DESTINATION_TYPES)}"
+        )
+    options = DESTINATION_TYPES[dtype](raw, key)
+    return DestinationConfig(
+        name=name,
+        type=dtype,
+        options=options,
+        concurrency=_int(raw.get("concurrency", 1), f"{key}.concurrency", 1, 64),
+        retry=_retry(raw.get("retry"), f"{key}.retry", retry),
+    )
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """One ``when`` condition: a tag keyword (or CallingAE/CalledAE) and accepted values."""
+
+    keyword: str
+    values: tuple[str, ...]
+    patterns: tuple[re.Pattern[str], ...]
+
+    def accepts(self, value: str) -> bool:
+        v = value.strip()
+        return v in self.values or any(p.search(v) for p in self.patterns)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    when: tuple[Matcher, ...]
+    to: tuple[str, ...]
+
+
+def _matcher(keyword: str, raw: Any, key: str) -> Matcher:
+    if keyword not in AE_PSEUDO_KEYS and tag_for_keyword(keyword) is None:
+        raise ConfigError(key, "not a DICOM keyword (nor CallingAE / CalledAE)")
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        raise ConfigError(key, "needs at least one value")
+    values: list[str] = []
+    patterns: list[re.Pattern[str]] = []
+    for i, item in enumerate(items):
+        where = f"{key}[{i}]" if isinstance(raw, list) else key
+        if isinstance(item, bool) or item is None or isinstance(item, dict | list):
+            raise ConfigError(where, f"expected a value or /regex/, got {item!r}")
+        text = str(item)
+        if len(text) >= 2 and text.startswith("/") and text.endswith("/"):
+            try:
+                patterns.append(re.compile(text[1:-1]))
+            except re.error as exc:
+                raise ConfigError(where, f"invalid regular expression {text}: {exc}") from None
+        else:
+            values.append(text.strip())
+    return Matcher(keyword, tuple(values), tuple(patterns))
+
+
+def _route(raw: Any, key: str, destinations: dict[str, DestinationConfig], index: int) -> RouteConfig:
+    raw = _mapping(raw, key)
+    _reject_unknown(raw, {"name", "when", "to"}, key)
+    name = _str(raw.get("name", f"route {index + 1}"), f"{key}.name")
+    when_raw = _mapping(raw.get("when"), f"{key}.when")
+    when = tuple(_matcher(str(k), v, f"{key}.when.{k}") for k, v in when_raw.items())
+    to_raw = raw.get("to")
+    if to_raw is None:
+        raise ConfigError(f"{key}.to", "required: the destination names this route sends to")
+    to_list = to_raw if isinstance(to_raw, list) else [to_raw]
+    if not to_list:
+        raise ConfigError(f"{key}.to", "needs at least one destination")
+    for i, dest in enumerate(to_list):
+        if dest not in destinations:
+            known = ", ".join(destinations) or "none defined"
+            raise ConfigError(f"{key}.to", f"unknown destination {dest!r} (known: {known})")
+        del i
+    return RouteConfig(name=name, when=when, to=tuple(dict.fromkeys(to_list)))
+
+
+@dataclass(frozen=True)
+class Config:
+    ae_title: str = DEFAULT_AE_TITLE
+    bind: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    max_pdu: int = 0
+    allowed_calling_aes: tuple[str, ...] = ()
+    spool: Path = Path("spool")
+    stable_age: float = 3.0
+    keep_after_delivery: bool = False
+    retention: float = 0.0
+    max_spool_size: int = 0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    destinations: dict[str, DestinationConfig] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+    log_level: str = "INFO"
+    source: str = "embedded defaults"
+
+    @property
+    def state_db(self) -> Path:
+        return self.spool / "state.db"
+
+
+TOP_KEYS = {
+    "ae_title", "bind", "port", "max_pdu", "allowed_calling_aes", "spool", "stable_age",
+    "keep_after_delivery", "retention", "max_spool_size", "retry", "destinations", "routes",
+    "log_level",
+}
+
+
+def from_dict(raw: Any, base_dir: Path, source: str) -> Config:
+    """Validate a parsed YAML document; relative paths are taken from ``base_dir``."""
+    raw = _mapping(raw, "")
+    _reject_unknown(raw, TOP_KEYS, "")
+    retry = _retry(raw.get("retry"), "retry", RetryPolicy())
+    dests_raw = _mapping(raw.get("destinations"), "destinations")
+    destinations: dict[str, DestinationConfig] = {}
+    for name, draw in dests_raw.items():
+        destinations[str(name)] = _destination(str(name), draw, f"destinations.{name}", retry)
+    routes_raw = raw.get("routes", [])
+    if not isinstance(routes_raw, list):
+        raise ConfigError("routes", "expected a list of routes")
+    routes = tuple(_route(r, f"routes[{i}]", destinations, i) for i, r in enumerate(routes_raw))
+    callers = raw.get("allowed_calling_aes") or []
+    if not isinstance(callers, list):
+        raise ConfigError("allowed_calling_aes", "expected a list of AE titles")
+    log_level = str(raw.get("log_level", "INFO")).upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("log_level", f"one of DEBUG, INFO, WARNING, ERROR; got {log_level!r}")
+
+    def path(value: Any, key: str) -> Path:
+        p = Path(os.path.expanduser(_str(value, key)))
+        return p if p.is_absolute() else base_dir / p
+
+    for d in destinations.values():
+        if d.type == "folder":
+            d.options["path"] = str(path(d.options["path"], f"destinations.{d.name}.path"))
+    return Config(
+        ae_title=_ae_title(raw.get("ae_title", DEFAULT_AE_TITLE), "ae_title"),
+        bind=_str(raw.get("bind", "0.0.0.0"), "bind"),
+        port=_int(raw.get("port", DEFAULT_PORT), "port", 1, 65535),
+        max_pdu=_int(raw.get("max_pdu", 0), "max_pdu", 0, 2**32 - 1),
+        allowed_calling_aes=tuple(
+            _ae_title(a, f"allowed_calling_aes[{i}]") for i, a in enumerate(callers)
+        ),
+        spool=path(raw.get("spool", "spool"), "spool"),
+        stable_age=parse_duration(raw.get("stable_age", "3s"), "stable_age"),
+        keep_after_delivery=_bool(raw.get("keep_after_delivery", False), "keep_after_delivery"),
+        retention=parse_duration(raw.get("retention", 0), "retention"),
+        max_spool_size=parse_size(raw.get("max_spool_size", 0), "max_spool_size"),
+        retry=retry,
+        destinations=destinations,
+        routes=routes,
+        log_level=log_level,
+        source=source,
+    )
+
+
+def embedded_default(base_dir: Path | None = None) -> Config:
+    """No config file: listen as DICOMROUTER on 11112, every study to ./received as a tree."""
+    return from_dict(
+        {
+            "destinations": {"received": {"type": "folder", "path": "received"}},
+            "routes": [{"name": "everything to ./received", "to": ["received"]}],
+        },
+        base_dir or Path.cwd(),
+        "embedded defaults",
+    )
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load ``path``, else ``$DICOMROUTER_CONFIG``, else the embedded default."""
+    chosen = path or os.environ.get(CONFIG_ENV)
+    if not chosen:
+        return embedded_default()
+    p = Path(chosen)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{p} is not valid YAML: {exc}") from None
+    return from_dict(raw or {}, p.resolve().parent, str(p))
+
+
+def replace_port(cfg: Config, port: int) -> Config:
+    """The same configuration listening on another port (``serve --port``)."""
+    from dataclasses import replace
+
+    return replace(cfg, port=_int(port, "--port", 1, 65535))

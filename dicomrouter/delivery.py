@@ -1,0 +1,130 @@
+"""Delivery workers: take jobs from the state database and send their instances.
+
+A job is one (study, destination). Each run sends only the instances the ledger does not show as
+delivered there, so a retry or a restart never re-sends what already arrived (except the single
+instance that was on the wire when the process died: it is counted in ``ledger.sends``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from .config import Config
+from .scu import DeliveryError, Destination, InstanceRejected
+from .state import Job, State
+
+log = logging.getLogger("dicomrouter.delivery")
+
+
+class DeliveryWorkers:
+    """``concurrency`` threads per destination, woken when jobs appear or come due."""
+
+    def __init__(self, cfg: Config, state: State, destinations: dict[str, Destination],
+                 on_finished: Callable[[Job, str], None]) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.destinations = destinations
+        self.on_finished = on_finished
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for name, dest in self.destinations.items():
+            for n in range(self.cfg.destinations[name].concurrency):
+                t = threading.Thread(target=self._loop, args=(dest,), daemon=True,
+                                     name=f"deliver-{name}-{n}")
+                t.start()
+                self._threads.append(t)
+
+    def notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self.notify()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def _loop(self, dest: Destination) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.state.claim_job(dest.name)
+            except Exception:
+                log.exception("cannot read the job queue of %s", dest.name)
+                job = None
+            if job is None:
+                due = self.state.next_due()
+                wait = 1.0 if due is None else min(1.0, max(0.05, due - time.time()))
+                with self._wake:
+                    self._wake.wait(wait)
+                continue
+            try:
+                outcome = self.run(job, dest)
+            except Exception:  # never let a worker thread die
+                log.exception("job %s (study %s → %s) crashed", job.id, job.study_uid, dest.name)
+                outcome = self.state.finish_job(job, "internal error (see log)",
+                                                self.cfg.destinations[dest.name].retry)
+            if outcome:
+                self.on_finished(job, outcome)
+
+    def run(self, job: Job, dest: Destination) -> str:
+        """One attempt at a job; returns the job's new state ('' if interrupted by shutdown)."""
+        policy = self.cfg.destinations[dest.name].retry
+        todo = self.state.undelivered(job.study_uid, dest.name)
+        attempt = job.attempts + 1
+        started = time.monotonic()
+        log.info("study %s → %s (%s): sending %d instance(s), attempt %d/%d", job.study_uid,
+                 dest.name, dest.describe(), len(todo), attempt, policy.max_attempts)
+        rejected: list[str] = []
+        error: str | None = None
+        sent = 0
+        previous: str | None = None  # sent, not yet recorded as delivered
+        try:
+            if todo:
+                with dest.open(todo) as session:
+                    for inst in todo:
+                        if self._stop.is_set():
+                            break
+                        self.state.mark_sending(inst.sop_uid, dest.name, job.study_uid, previous)
+                        previous = None
+                        try:
+                            session.send(inst)
+                        except InstanceRejected as exc:
+                            rejected.append(f"{inst.sop_uid}: {exc}")
+                            log.warning("study %s → %s: instance %s refused: %s", job.study_uid,
+                                        dest.name, inst.sop_uid, exc)
+                            continue
+                        previous = inst.sop_uid
+                        sent += 1
+        except DeliveryError as exc:
+            error = str(exc)
+        finally:
+            if previous:
+                self.state.mark_delivered(previous, dest.name)
+        if self._stop.is_set() and error is None and sent + len(rejected) < len(todo):
+            self.state.release_job(job)
+            log.info("study %s → %s: interrupted by shutdown after %d instance(s); will resume",
+                     job.study_uid, dest.name, sent)
+            return ""
+        if error is None and rejected:
+            error = f"{len(rejected)} of {len(todo)} instance(s) refused; first: {rejected[0]}"
+        outcome = self.state.finish_job(job, error, policy)
+        took = time.monotonic() - started
+        if error is None:
+            log.info("study %s → %s: delivered %d instance(s) in %.2f s", job.study_uid,
+                     dest.name, sent, took)
+        elif outcome == "dead":
+            log.error("study %s → %s: attempt %d/%d failed, dead-lettered (study kept in the "
+                      "spool; 'dicomrouter retry --dead' requeues it): %s", job.study_uid,
+                      dest.name, attempt, policy.max_attempts, error)
+        else:
+            log.warning("study %s → %s: attempt %d/%d failed after %d delivered, retry in %.0f s:"
+                        " %s", job.study_uid, dest.name, attempt, policy.max_attempts, sent,
+                        policy.delay(attempt), error)
+        return outcome

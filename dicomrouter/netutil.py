@@ -1,0 +1,62 @@
+"""The few places where dicomrouter adjusts pynetdicom (3.0.x) from outside.
+
+Kept in one module so each adjustment is visible and can be checked against a new pynetdicom:
+
+* TCP_NODELAY on every association socket. pynetdicom never sets it; DICOM's request/response
+  pattern then meets Nagle + delayed ACK (~40 ms per message).
+* Chunked C-STORE receive into the spool's own tmp directory, through ``spool.ReceiveFile`` (instead
+  of a NamedTemporaryFile in the system temp dir), and chunked C-STORE send from files.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import _config, dimse_messages, transport
+
+_patched = False
+
+
+def _set_nodelay(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not a TCP socket (or already closed): nothing to tune
+
+
+def enable_tcp_nodelay() -> None:
+    """Set TCP_NODELAY on every pynetdicom association socket, requestor and acceptor."""
+    global _patched
+    if _patched:
+        return
+    original = transport.AssociationSocket.__init__
+
+    def __init__(self: transport.AssociationSocket, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _set_nodelay(self.socket)
+
+    transport.AssociationSocket.__init__ = __init__  # type: ignore[method-assign]
+    _patched = True
+
+
+def stream_c_store_from_files() -> None:
+    """``send_c_store(path)`` streams the dataset bytes from the file, never decoding them."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def receive_c_store_into(factory: Callable[[], Any]) -> None:
+    """Chunked C-STORE receive: each dataset is written, as it arrives, to ``factory()``.
+
+    pynetdicom calls ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")`` and then uses
+    ``.write``, ``.file.flush``, ``.close`` and ``.name``; the factory returns an object with those.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+    def named_temporary_file(*_args: Any, **_kwargs: Any) -> Any:
+        return factory()
+
+    dimse_messages.NamedTemporaryFile = named_temporary_file  # type: ignore[assignment]

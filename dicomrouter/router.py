@@ -1,0 +1,144 @@
+"""The running router: SCP → spool → study tracker → routing → delivery, and housekeeping."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from . import scu
+from .config import Config
+from .delivery import DeliveryWorkers
+from .routing import route
+from .scp.server import StorageSCP
+from .spool import Spool
+from .state import Job, State
+
+log = logging.getLogger("dicomrouter")
+
+TICK = 0.2  # how often stable studies are looked for; bounds the lateness of a completion
+
+
+class Router:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.state = State(cfg.state_db)
+        self.spool = Spool(cfg.spool, self.state, cfg.max_spool_size)
+        self.destinations = {name: scu.build(d, cfg.ae_title)
+                             for name, d in cfg.destinations.items()}
+        self.workers = DeliveryWorkers(cfg, self.state, self.destinations, self._job_finished)
+        self.scp = StorageSCP(cfg, self.spool)
+        self._stop = threading.Event()
+        self._tracker: threading.Thread | None = None
+        self._warned_quota = False
+
+    # ---- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover what a previous run left, then start delivering and receiving."""
+        cleaned = self.spool.clean_tmp()
+        if cleaned:
+            log.info("removed %d partial reception(s) left by an earlier stop (never "
+                     "acknowledged)", cleaned)
+        reset = self.state.reset_running_jobs()
+        if reset:
+            log.info("%d delivery job(s) interrupted by an earlier stop are pending again", reset)
+        unrouted = self.state.studies_in_state("unrouted")
+        for study in unrouted:  # the routing table may have changed since
+            self.complete(study)
+        summary = self.state.summary()
+        pending = sum(n for q in summary["queues"].values()
+                      for s, n in q.items() if s in ("pending", "failed"))
+        receiving = sum(1 for s in summary["studies"] if s["state"] == "receiving")
+        log.info("state %s: %d study(ies) in the spool (%d receiving), %d job(s) to deliver, "
+                 "%d dead", self.cfg.state_db, len(summary["studies"]), receiving, pending,
+                 len(summary["dead"]))
+        for name, dest in self.destinations.items():
+            log.info("destination %s: %s", name, dest.describe())
+        self.workers.start()
+        self._tracker = threading.Thread(target=self._track, name="study-tracker", daemon=True)
+        self._tracker.start()
+        self.scp.start()
+
+    def stop(self) -> None:
+        log.info("stopping")
+        self.scp.stop()
+        self._stop.set()
+        self.workers.stop()
+        if self._tracker:
+            self._tracker.join(10)
+        self.state.close()
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # ---- study completion ------------------------------------------------------------------
+
+    def _track(self) -> None:
+        last_housekeeping = 0.0
+        while not self._stop.wait(TICK):
+            try:
+                for study in self.state.due_studies(self.cfg.stable_age):
+                    self.complete(study)
+                if time.monotonic() - last_housekeeping > 5.0:
+                    last_housekeeping = time.monotonic()
+                    self._housekeeping()
+            except Exception:
+                log.exception("study tracker error (will try again)")
+
+    def complete(self, study_uid: str) -> None:
+        """Route a stable study: create its delivery jobs, or keep it as unrouted."""
+        seen = self.state.study(study_uid)
+        if seen is None:
+            return
+        instances = self.state.instances(study_uid, present_only=False)
+        decision = route(self.cfg.routes, instances)
+        if not self.state.route_study(study_uid, decision.destinations, decision.routes, seen):
+            return  # an instance arrived meanwhile; it completes later
+        new = sum(1 for i in instances if i.generation == seen["generation"])
+        who = f"patient {seen['patient_id'] or '?'}, from {seen['calling_ae']}"
+        if decision.destinations:
+            log.info("study %s complete (%s): %d new instance(s), generation %d; matched %s "
+                     "→ %s", study_uid, who, new, seen["generation"],
+                     ", ".join(repr(r) for r in decision.routes),
+                     ", ".join(decision.destinations))
+            self.workers.notify()
+        elif seen["state"] != "unrouted":
+            log.warning("study %s complete (%s): %d instance(s) matched no route; kept in the "
+                        "spool as unrouted", study_uid, who, new)
+
+    # ---- after delivery --------------------------------------------------------------------
+
+    def _job_finished(self, job: Job, outcome: str) -> None:
+        if outcome != "delivered":
+            if outcome == "pending":
+                self.workers.notify()
+            return
+        if self.state.settle_study(job.study_uid):
+            log.info("study %s delivered to every destination", job.study_uid)
+            if not self.cfg.keep_after_delivery and self.cfg.retention <= 0:
+                freed = self.spool.delete_delivered(job.study_uid, "delivered")
+                log.info("study %s: spool files deleted (%d bytes)", job.study_uid, freed)
+
+    def _housekeeping(self) -> None:
+        if self.cfg.retention > 0 and not self.cfg.keep_after_delivery:
+            for study in self.state.delivered_in_spool_before(time.time() - self.cfg.retention):
+                freed = self.spool.delete_delivered(study, "retention period over")
+                log.info("study %s: retention over, spool files deleted (%d bytes)", study, freed)
+        if self.spool.max_bytes:
+            full = self.spool.over_quota()
+            if full and not self._warned_quota:
+                log.warning("spool quota reached (%d of %d bytes): new instances are refused "
+                            "with 0xA700 until space frees", self.spool.used_bytes,
+                            self.spool.max_bytes)
+            elif not full and self._warned_quota:
+                log.info("spool below its quota again; receiving")
+            self._warned_quota = full

@@ -1,0 +1,75 @@
+"""The routing table: which destinations a completed study goes to.
+
+A condition ``Keyword: value(s)`` holds when *any* instance of the study has a matching value (so
+``Modality: CT`` means "the study contains CT"); all conditions of a route must hold. Every matching
+route fires; a destination named by several routes gets the study once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .config import AE_PSEUDO_KEYS, Matcher, RouteConfig
+from .dicomfile import read_header, text
+from .state import Instance
+
+log = logging.getLogger("dicomrouter.routing")
+
+
+@dataclass(frozen=True)
+class Decision:
+    routes: tuple[str, ...]
+    destinations: tuple[str, ...]
+
+
+class _StudyView:
+    """Tag values of a study's instances, reading a file only for keywords not indexed."""
+
+    def __init__(self, instances: Sequence[Instance]) -> None:
+        self.instances = instances
+        self._headers: dict[str, dict[str, str]] = {}
+
+    def values(self, keyword: str, inst: Instance) -> list[str]:
+        if keyword == "CallingAE":
+            return [inst.calling_ae]
+        if keyword == "CalledAE":
+            return [inst.called_ae]
+        if keyword in inst.tags:
+            raw = inst.tags[keyword]
+        else:
+            raw = self._read(inst, keyword)
+        return raw.split("\\") if raw else [""]
+
+    def _read(self, inst: Instance, keyword: str) -> str:
+        cache = self._headers.setdefault(inst.sop_uid, {})
+        if keyword not in cache:
+            if not inst.path.exists():  # an earlier generation, already delivered and deleted
+                cache[keyword] = ""
+                return ""
+            try:
+                ds = read_header(inst.path)
+                cache[keyword] = text(ds.get(keyword))
+            except Exception as exc:  # a file we stored and could parse once; log, don't crash
+                log.warning("cannot read %s from %s: %s", keyword, inst.path, exc)
+                cache[keyword] = ""
+        return cache[keyword]
+
+    def holds(self, m: Matcher) -> bool:
+        return any(any(m.accepts(v) for v in self.values(m.keyword, i)) for i in self.instances)
+
+
+def route(routes: Sequence[RouteConfig], instances: Sequence[Instance]) -> Decision:
+    """Evaluate the routing table for one study."""
+    view = _StudyView(instances)
+    matched: list[str] = []
+    dests: dict[str, None] = {}
+    for r in routes:
+        if all(view.holds(m) for m in r.when):
+            matched.append(r.name)
+            dests.update(dict.fromkeys(r.to))
+    return Decision(tuple(matched), tuple(dests))
+
+
+__all__ = ["AE_PSEUDO_KEYS", "Decision", "route"]

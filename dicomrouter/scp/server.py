@@ -1,0 +1,177 @@
+"""Storage SCP: the AE that PACS, modalities and Orthanc send to.
+
+C-ECHO, and C-STORE for every storage SOP class pynetdicom knows with every transfer syntax pydicom
+knows; datasets are kept as received. A C-STORE is acknowledged with 0x0000 only after the spool
+made the instance durable (file fsync'd and renamed, row committed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from ..config import Config
+from ..dicomfile import UnreadableDataset
+from ..netutil import enable_tcp_nodelay, receive_c_store_into
+from ..spool import ReceiveFile, Spool, SpoolFull
+
+log = logging.getLogger("dicomrouter.scp")
+
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+
+def _failure(status: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+class _AssociationTally:
+    __slots__ = ("calling", "peer", "stored", "failed", "studies")
+
+    def __init__(self, calling: str, peer: str) -> None:
+        self.calling = calling
+        self.peer = peer
+        self.stored = 0
+        self.failed = 0
+        self.studies: set[str] = set()
+
+
+class StorageSCP:
+    """Wraps a pynetdicom AE; ``on_stored(study_uid)`` is called after each durable instance."""
+
+    def __init__(self, cfg: Config, spool: Spool,
+                 on_stored: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.on_stored = on_stored or (lambda _uid: None)
+        self.server: ThreadedAssociationServer | None = None
+        self._tally: dict[int, _AssociationTally] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> ThreadedAssociationServer:
+        enable_tcp_nodelay()
+        receive_c_store_into(self.spool.new_receive_file)
+        ae = AE(ae_title=self.cfg.ae_title)
+        ae.maximum_pdu_size = self.cfg.max_pdu
+        ae.maximum_associations = 64
+        ae.network_timeout = 120
+        ae.dimse_timeout = 120
+        ae.acse_timeout = 60
+        ae.require_called_aet = False  # several called AE titles may be routed differently
+        ae.require_calling_aet = list(self.cfg.allowed_calling_aes)
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+        ]
+        self.server = ae.start_server((self.cfg.bind, self.cfg.port), block=False,
+                                      evt_handlers=handlers)
+        log.info("listening as %s on %s:%d (allowed calling AEs: %s)", self.cfg.ae_title,
+                 self.cfg.bind, self.cfg.port,
+                 ", ".join(self.cfg.allowed_calling_aes) or "any")
+        return self.server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    @staticmethod
+    def _peer(event: evt.Event) -> str:
+        r = event.assoc.requestor
+        return f"{r.address}:{r.port}"
+
+    @staticmethod
+    def _called(event: evt.Event) -> str:
+        prim = getattr(event.assoc.requestor, "primitive", None)
+        called = getattr(prim, "called_ae_title", None)
+        return (called or event.assoc.acceptor.ae_title).strip()
+
+    def _on_echo(self, event: evt.Event) -> int:
+        log.info("C-ECHO from %s (%s)", event.assoc.requestor.ae_title, self._peer(event))
+        return 0x0000
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        calling = event.assoc.requestor.ae_title
+        with self._lock:
+            self._tally[id(event.assoc)] = _AssociationTally(calling, self._peer(event))
+        log.debug("association from %s (%s) accepted", calling, self._peer(event))
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        calling = event.assoc.requestor.ae_title
+        if self.cfg.allowed_calling_aes and calling not in self.cfg.allowed_calling_aes:
+            log.warning("rejected association from calling AE %r (%s): not in "
+                        "allowed_calling_aes", calling, self._peer(event))
+        else:
+            log.warning("rejected association from calling AE %r (%s)", calling,
+                        self._peer(event))
+
+    def _on_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            t = self._tally.pop(id(event.assoc), None)
+        if t is None or not (t.stored or t.failed):
+            return
+        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        log.info("association from %s (%s) %s: %d instance(s) stored, %d refused, %d study(ies)",
+                 t.calling, t.peer, how, t.stored, t.failed, len(t.studies))
+
+    def _count(self, event: evt.Event, ok: bool, study: str | None = None) -> None:
+        with self._lock:
+            t = self._tally.get(id(event.assoc))
+            if t is None:
+                return
+            if ok:
+                t.stored += 1
+                if study:
+                    t.studies.add(study)
+            else:
+                t.failed += 1
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        req = event.request
+        rx = getattr(req, "_dataset_file", None)
+        calling = event.assoc.requestor.ae_title
+        sop = str(req.AffectedSOPInstanceUID)
+        if not isinstance(rx, ReceiveFile):
+            self._count(event, False)
+            log.error("C-STORE %s from %s: no dataset received", sop, calling)
+            return _failure(CANNOT_UNDERSTAND, "no dataset")
+        try:
+            tags, replaced = self.spool.ingest(rx, calling, self._called(event))
+        except SpoolFull as exc:
+            self._count(event, False)
+            log.error("C-STORE %s from %s refused with 0xA700 (out of resources): %s", sop,
+                      calling, exc.strerror or exc)
+            return _failure(OUT_OF_RESOURCES, f"spool full: {exc.strerror or exc}")
+        except UnreadableDataset as exc:
+            self._count(event, False)
+            log.error("C-STORE %s from %s refused with 0xC000 (cannot understand): %s", sop,
+                      calling, exc)
+            return _failure(CANNOT_UNDERSTAND, str(exc))
+        except Exception as exc:  # never a false success
+            self._count(event, False)
+            log.exception("C-STORE %s from %s failed; answered 0xA700", sop, calling)
+            return _failure(OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
+        study = tags["StudyInstanceUID"]
+        self._count(event, True, study)
+        log.debug("stored %s of study %s from %s%s", sop, study, calling,
+                  " (replaced an earlier copy)" if replaced else "")
+        self.on_stored(study)
+        return 0x0000

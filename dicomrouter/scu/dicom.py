@@ -1,0 +1,36 @@
+"""DICOM destination: C-STORE to a peer AE (Orthanc, a PACS), one association per delivery."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..config import DestinationConfig
+from ..state import Instance
+from .base import Destination, Session
+from .store import Peer, StoreAssociation
+
+
+class DicomDestination(Destination):
+    def __init__(self, cfg: DestinationConfig, default_calling_ae: str = "DICOMROUTER") -> None:
+        super().__init__(cfg)
+        o = cfg.options
+        self.peer = Peer(o["ae_title"], o["host"], o["port"],
+                         o["calling_ae_title"] or default_calling_ae, o["max_pdu"], o["timeout"])
+
+    def describe(self) -> str:
+        return f"dicom {self.peer}"
+
+    def open(self, instances: Sequence[Instance]) -> Session:
+        pairs = {(i.sop_class, i.transfer_syntax) for i in instances}
+        return _DicomSession(StoreAssociation(self.peer, pairs))
+
+
+class _DicomSession(Session):
+    def __init__(self, assoc: StoreAssociation) -> None:
+        self.assoc = assoc
+
+    def send(self, inst: Instance) -> None:
+        self.assoc.store(inst.path, inst.sop_class, inst.transfer_syntax)
+
+    def close(self) -> None:
+        self.assoc.release()

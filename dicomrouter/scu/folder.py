@@ -1,0 +1,80 @@
+"""Folder destination: a ``Patient/Study/Series/SOP.dcm`` tree (template configurable)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..config import template_keywords
+from ..dicomfile import read_header, render_template, text
+from ..spool import fsync_dir
+from ..state import Instance
+from .base import DeliveryError, Destination, Session
+
+
+class FolderDestination(Destination):
+    """Copies each spool file byte for byte, under a temporary name, then renames it into place,
+    so a reader of the tree never sees a half-written file."""
+
+    def __init__(self, cfg) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(cfg)
+        self.root = Path(cfg.options["path"])
+        self.template: str = cfg.options["template"]
+        self.keywords = template_keywords(self.template, "template")
+
+    def describe(self) -> str:
+        return f"folder {self.root}"
+
+    def open(self, instances: Sequence[Instance]) -> Session:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DeliveryError(f"cannot create {self.root}: {exc}") from exc
+        return _FolderSession(self)
+
+    def target(self, inst: Instance) -> Path:
+        """Where an instance goes; always inside the root, whatever the tag values say."""
+        lookup = dict(inst.tags)
+        missing = [k for k in self.keywords if k not in lookup]
+        if missing:
+            ds = read_header(inst.path)
+            lookup.update({k: text(ds.get(k)) for k in missing})
+        rel = render_template(self.template, lookup)
+        dest = (self.root / rel).resolve()
+        root = self.root.resolve()
+        if root not in dest.parents:
+            raise DeliveryError(f"template gave a path outside {root}: {rel}")
+        return dest
+
+
+class _FolderSession(Session):
+    def __init__(self, dest: FolderDestination) -> None:
+        self.dest = dest
+
+    def send(self, inst: Instance) -> None:
+        target = self.dest.target(inst)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".dcm", dir=target.parent)
+            try:
+                with open(inst.path, "rb") as src, os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            fsync_dir(target.parent)  # the rename is durable before the ledger says delivered
+        except FileNotFoundError as exc:
+            if not inst.path.exists():
+                raise DeliveryError(f"spool file missing: {inst.path}") from exc
+            raise DeliveryError(f"cannot write {target}: {exc}") from exc
+        except OSError as exc:
+            raise DeliveryError(f"cannot write {target}: {exc}") from exc

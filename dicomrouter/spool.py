@@ -1,0 +1,224 @@
+"""The spool: received instances as files on disk, made durable before they are acknowledged.
+
+Layout under the spool directory::
+
+    state.db            the state database (see state.py)
+    tmp/                datasets being received (pynetdicom's chunked-receive files)
+    data/<Study UID>/<SOP Instance UID>.dcm
+
+A file in ``data/`` is a DICOM Part 10 file whose dataset bytes are exactly those received.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from .dicomfile import identify
+from .state import State
+
+log = logging.getLogger("dicomrouter.spool")
+
+
+class SpoolFull(OSError):
+    """The spool quota or the disk is full: the sender gets 0xA700 (out of resources)."""
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ReceiveFile:
+    """Stands in for the NamedTemporaryFile pynetdicom writes a chunked C-STORE dataset to.
+
+    It lives in the spool's own tmp directory (so the final rename never crosses file systems),
+    and a write error such as ENOSPC does not escape into pynetdicom's reader thread (which would
+    abort the association): it is remembered, later writes are dropped, and the C-STORE handler
+    answers 0xA700 for this one instance while the association goes on.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        fd, name = tempfile.mkstemp(suffix=".dcm", prefix="rx-", dir=directory)
+        self.name = name
+        self.file = _GuardedWriter(os.fdopen(fd, "wb", buffering=1 << 20), self)
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        return self.file.write(data)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _GuardedWriter:
+    """The ``.file`` pynetdicom flushes after every fragment; errors are caught, not raised."""
+
+    def __init__(self, raw: Any, owner: ReceiveFile) -> None:
+        self._raw = raw
+        self._owner = owner
+
+    def write(self, data: bytes) -> int:
+        if self._owner.error is None:
+            try:
+                self._raw.write(data)
+            except OSError as exc:
+                self._owner.error = exc
+        return len(data)
+
+    def flush(self) -> None:
+        """pynetdicom flushes after every fragment; we flush once, in ReceiveFile.sync()."""
+
+    def sync(self) -> None:
+        if self._owner.error is None:
+            try:
+                self._raw.flush()
+                os.fsync(self._raw.fileno())
+            except OSError as exc:
+                self._owner.error = exc
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        try:
+            self._raw.close()
+        except OSError as exc:
+            if self._owner.error is None:
+                self._owner.error = exc
+
+
+class Spool:
+    """Puts received files in place durably and records them in the state database."""
+
+    def __init__(self, root: Path, state: State, max_bytes: int = 0) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        self.data = root / "data"
+        self.state = state
+        self.max_bytes = max_bytes
+        for d in (self.root, self.tmp, self.data):
+            d.mkdir(parents=True, exist_ok=True)
+        self._bytes_lock = threading.Lock()
+        self._bytes = state.spool_bytes()
+        # Ingest and deletion of the same study never interleave (a late arrival must not land in
+        # a directory being removed); striped so different studies do not wait for each other.
+        self._study_locks = [threading.Lock() for _ in range(64)]
+
+    def study_lock(self, study_uid: str) -> threading.Lock:
+        return self._study_locks[hash(study_uid) % len(self._study_locks)]
+
+    def clean_tmp(self) -> int:
+        """Remove leftovers of receptions cut off by a crash (never acknowledged)."""
+        n = 0
+        for p in self.tmp.iterdir():
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+        return n
+
+    def new_receive_file(self) -> ReceiveFile:
+        return ReceiveFile(self.tmp)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    def over_quota(self) -> bool:
+        return bool(self.max_bytes) and self._bytes >= self.max_bytes
+
+    def ingest(self, rx: ReceiveFile, calling_ae: str, called_ae: str) -> tuple[dict[str, str], bool]:
+        """Make a received file durable and recorded. Returns (index tags, replaced earlier copy).
+
+        Raises SpoolFull (→ 0xA700) or dicomfile.UnreadableDataset (→ 0xC000 range). On any error
+        the temporary file is removed and nothing is recorded.
+        """
+        src = Path(rx.name)
+        try:
+            rx.file.sync()
+            if rx.error is not None:
+                raise SpoolFull(rx.error.errno or errno.ENOSPC, f"write failed: {rx.error}")
+            size = src.stat().st_size
+            if self.max_bytes and self._bytes + size > self.max_bytes:
+                raise SpoolFull(errno.ENOSPC, f"spool quota of {self.max_bytes} bytes reached "
+                                f"({self._bytes} used)")
+            tags, tsuid = identify(src)
+        except BaseException:
+            _unlink_quietly(src)
+            raise
+        study_uid = tags["StudyInstanceUID"]
+        study_dir = self.data / study_uid
+        dest = study_dir / f"{tags['SOPInstanceUID']}.dcm"
+        with self.study_lock(study_uid):
+            try:
+                if not study_dir.is_dir():
+                    study_dir.mkdir()
+                    fsync_dir(self.data)
+                os.replace(src, dest)
+                fsync_dir(study_dir)
+            except OSError as exc:
+                _unlink_quietly(src)
+                raise SpoolFull(exc.errno or errno.EIO, f"cannot move into spool: {exc}") from exc
+            try:
+                replaced, _gen, replaced_size = self.state.record_instance(
+                    tags, tsuid, dest, size, calling_ae, called_ae)
+            except Exception:
+                # Not recorded, so not acknowledged: the sender will send it again.
+                _unlink_quietly(dest)
+                raise
+        with self._bytes_lock:
+            self._bytes += size - replaced_size
+        return tags, replaced
+
+    def delete_delivered(self, study_uid: str, why: str) -> int:
+        """Delete the spool files of a study that is still fully delivered; returns bytes freed.
+
+        Checked under the study's lock, so an instance that arrived meanwhile (and reopened the
+        study) is never deleted.
+        """
+        with self.study_lock(study_uid):
+            row = self.state.study(study_uid)
+            if row is None or row["state"] != "delivered" or not row["in_spool"]:
+                return 0
+            freed = self._unlink([i.path for i in self.state.instances(study_uid)], study_uid)
+            self.state.forget_spool(study_uid, why)
+        return freed
+
+    def purge(self, study_uid: str) -> int:
+        """Remove a study and all its records on purpose; returns bytes freed."""
+        with self.study_lock(study_uid):
+            return self._unlink(self.state.purge(study_uid), study_uid)
+
+    def _unlink(self, paths: list[Path], study_uid: str) -> int:
+        freed = 0
+        for p in paths:
+            try:
+                freed += p.stat().st_size
+                p.unlink()
+            except FileNotFoundError:
+                pass
+        try:
+            (self.data / study_uid).rmdir()
+        except OSError:
+            pass  # not empty (should not happen under the lock) or already gone
+        with self._bytes_lock:
+            self._bytes = max(0, self._bytes - freed)
+        return freed
+
+
+def _unlink_quietly(p: Path) -> None:
+    try:
+        p.unlink()
+    except OSError:
+        pass

@@ -1,0 +1,462 @@
+"""The state database (SQLite, WAL): studies, instances, delivery jobs, the ledger, study history.
+
+Every write is one short transaction under one lock; ``synchronous=FULL`` so a committed row survives
+a power cut, which is what lets the SCP acknowledge an instance right after the commit. Readers in
+other processes (``dicomrouter status``) see a consistent snapshot thanks to WAL.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import RetryPolicy
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid      TEXT PRIMARY KEY,
+    patient_id     TEXT, patient_name TEXT, study_date TEXT, accession TEXT, description TEXT,
+    calling_ae     TEXT, called_ae TEXT,
+    state          TEXT NOT NULL,           -- receiving | routed | delivered | unrouted | failed
+    generation     INTEGER NOT NULL DEFAULT 1,
+    first_received REAL, last_received REAL, completed_at REAL, delivered_at REAL,
+    in_spool       INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS studies_state ON studies(state, last_received);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid     TEXT PRIMARY KEY,
+    study_uid   TEXT NOT NULL,
+    series_uid  TEXT, sop_class TEXT, transfer_syntax TEXT,
+    path        TEXT, size INTEGER NOT NULL DEFAULT 0,
+    received_at REAL, generation INTEGER NOT NULL DEFAULT 1,
+    calling_ae  TEXT, called_ae TEXT,
+    tags        TEXT,                        -- JSON of dicomfile.INDEX_KEYWORDS
+    present     INTEGER NOT NULL DEFAULT 1   -- 0 once the spool file was deleted
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id           INTEGER PRIMARY KEY,
+    study_uid    TEXT NOT NULL,
+    destination  TEXT NOT NULL,
+    state        TEXT NOT NULL,              -- pending | running | delivered | failed | dead
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    generation   INTEGER NOT NULL DEFAULT 1,
+    requeue      INTEGER NOT NULL DEFAULT 0, -- new instances arrived while it was running
+    created      REAL, updated REAL,
+    UNIQUE (study_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS jobs_claim ON jobs(destination, state, next_attempt, created);
+CREATE TABLE IF NOT EXISTS ledger (
+    sop_uid      TEXT NOT NULL,
+    destination  TEXT NOT NULL,
+    study_uid    TEXT NOT NULL,
+    sends        INTEGER NOT NULL DEFAULT 0, -- how often it was put on the wire (re-sends show here)
+    delivered_at REAL,
+    PRIMARY KEY (sop_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS ledger_study ON ledger(study_uid, destination);
+CREATE TABLE IF NOT EXISTS events (
+    id        INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    ts        REAL NOT NULL,
+    event     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_study ON events(study_uid, id);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    study_uid: str
+    destination: str
+    attempts: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class Instance:
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class: str
+    transfer_syntax: str
+    path: Path
+    size: int
+    calling_ae: str
+    called_ae: str
+    tags: dict[str, str]
+    generation: int = 1
+
+
+class State:
+    """Thread-safe access to the state database of one spool."""
+
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        if readonly:
+            uri = f"file:{path}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                       check_same_thread=False, timeout=30)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), isolation_level=None,
+                                       check_same_thread=False, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA busy_timeout=30000")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, study_uid: str, text: str, now: float) -> None:
+        db.execute("INSERT INTO events(study_uid, ts, event) VALUES (?,?,?)", (study_uid, now, text))
+
+    # ---- receiving -------------------------------------------------------------------------
+
+    def record_instance(self, tags: dict[str, str], tsuid: str, path: Path, size: int,
+                        calling_ae: str, called_ae: str) -> tuple[bool, int, int]:
+        """Record a durable instance; returns (replaced, study generation, size it replaced).
+
+        A study that had already been routed is reopened (late arrival): its generation grows and
+        only the new instances will be delivered. A re-sent SOP Instance UID replaces the old row
+        and is delivered again (its content may have been corrected at the source).
+        """
+        now = time.time()
+        study = tags["StudyInstanceUID"]
+        sop = tags["SOPInstanceUID"]
+        with self._tx() as db:
+            row = db.execute("SELECT state, generation FROM studies WHERE study_uid=?",
+                             (study,)).fetchone()
+            if row is None:
+                generation = 1
+                db.execute(
+                    "INSERT INTO studies(study_uid, patient_id, patient_name, study_date, accession,"
+                    " description, calling_ae, called_ae, state, generation, first_received,"
+                    " last_received) VALUES (?,?,?,?,?,?,?,?,'receiving',1,?,?)",
+                    (study, tags.get("PatientID"), tags.get("PatientName"), tags.get("StudyDate"),
+                     tags.get("AccessionNumber"), tags.get("StudyDescription"), calling_ae,
+                     called_ae, now, now))
+                self._event(db, study, f"receiving from {calling_ae}", now)
+            elif row["state"] != "receiving":
+                generation = row["generation"] + 1
+                db.execute("UPDATE studies SET state='receiving', generation=?, last_received=?,"
+                           " in_spool=1, calling_ae=? WHERE study_uid=?",
+                           (generation, now, calling_ae, study))
+                self._event(db, study, f"reopened by a late arrival from {calling_ae} "
+                            f"(generation {generation})", now)
+            else:
+                generation = row["generation"]
+                db.execute("UPDATE studies SET last_received=? WHERE study_uid=?", (now, study))
+            old = db.execute("SELECT size, present FROM instances WHERE sop_uid=?",
+                             (sop,)).fetchone()
+            replaced_size = old["size"] if old is not None and old["present"] else 0
+            db.execute(
+                "INSERT OR REPLACE INTO instances(sop_uid, study_uid, series_uid, sop_class,"
+                " transfer_syntax, path, size, received_at, generation, calling_ae, called_ae,"
+                " tags, present) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,1)",
+                (sop, study, tags.get("SeriesInstanceUID"), tags.get("SOPClassUID"), tsuid,
+                 str(path), size, now, generation, calling_ae, called_ae, json.dumps(tags)))
+            if old is not None:
+                db.execute("DELETE FROM ledger WHERE sop_uid=?", (sop,))
+        return old is not None, generation, replaced_size
+
+    def spool_bytes(self) -> int:
+        rows = self._query("SELECT COALESCE(SUM(size),0) AS n FROM instances WHERE present=1")
+        return int(rows[0]["n"])
+
+    # ---- study completion and routing ------------------------------------------------------
+
+    def due_studies(self, stable_age: float, now: float | None = None) -> list[str]:
+        """Studies receiving with no arrival for ``stable_age`` seconds."""
+        cutoff = (now or time.time()) - stable_age
+        rows = self._query("SELECT study_uid FROM studies WHERE state='receiving' AND"
+                           " last_received <= ? ORDER BY last_received", (cutoff,))
+        return [r["study_uid"] for r in rows]
+
+    def studies_in_state(self, state: str) -> list[str]:
+        return [r["study_uid"] for r in
+                self._query("SELECT study_uid FROM studies WHERE state=?", (state,))]
+
+    def study(self, study_uid: str) -> sqlite3.Row | None:
+        rows = self._query("SELECT * FROM studies WHERE study_uid=?", (study_uid,))
+        return rows[0] if rows else None
+
+    def instances(self, study_uid: str, present_only: bool = True) -> list[Instance]:
+        sql = "SELECT * FROM instances WHERE study_uid=?"
+        if present_only:
+            sql += " AND present=1"
+        return [self._instance(r) for r in self._query(sql + " ORDER BY received_at", (study_uid,))]
+
+    @staticmethod
+    def _instance(r: sqlite3.Row) -> Instance:
+        return Instance(r["sop_uid"], r["study_uid"], r["series_uid"] or "", r["sop_class"] or "",
+                        r["transfer_syntax"] or "", Path(r["path"]), r["size"],
+                        r["calling_ae"] or "", r["called_ae"] or "", json.loads(r["tags"] or "{}"),
+                        r["generation"])
+
+    def route_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
+                    seen: sqlite3.Row) -> bool:
+        """Mark a stable study routed (one job per destination) or unrouted, atomically.
+
+        ``seen`` is the study row the decision was made on; if an instance arrived since, nothing
+        is changed and False is returned (the study stays receiving and completes later).
+        """
+        now = time.time()
+        expected_generation = seen["generation"]
+        with self._tx() as db:
+            row = db.execute("SELECT state, generation, last_received FROM studies"
+                             " WHERE study_uid=?", (study_uid,)).fetchone()
+            if row is None or row["state"] not in ("receiving", "unrouted") \
+                    or row["generation"] != expected_generation \
+                    or row["last_received"] != seen["last_received"]:
+                return False
+            n = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=? AND generation=?",
+                           (study_uid, expected_generation)).fetchone()[0]
+            if not destinations:
+                db.execute("UPDATE studies SET state='unrouted', completed_at=? WHERE study_uid=?",
+                           (now, study_uid))
+                if row["state"] != "unrouted":
+                    self._event(db, study_uid, f"complete ({n} new instances); matched no route,"
+                                " kept in the spool as unrouted", now)
+                return True
+            db.execute("UPDATE studies SET state='routed', completed_at=? WHERE study_uid=?",
+                       (now, study_uid))
+            self._event(db, study_uid, f"complete ({n} new instances, generation "
+                        f"{expected_generation}); routes: {', '.join(routes)}; "
+                        f"destinations: {', '.join(destinations)}", now)
+            for dest in destinations:
+                db.execute(
+                    "INSERT INTO jobs(study_uid, destination, state, attempts, next_attempt,"
+                    " generation, created, updated) VALUES (?,?,'pending',0,0,?,?,?)"
+                    " ON CONFLICT(study_uid, destination) DO UPDATE SET"
+                    "  state=CASE WHEN state='running' THEN 'running' ELSE 'pending' END,"
+                    "  requeue=CASE WHEN state='running' THEN 1 ELSE 0 END,"
+                    "  attempts=0, next_attempt=0, generation=excluded.generation,"
+                    "  created=excluded.created, updated=excluded.updated",
+                    (study_uid, dest, expected_generation, now, now))
+        return True
+
+    # ---- delivery jobs ---------------------------------------------------------------------
+
+    def reset_running_jobs(self) -> int:
+        """At start-up: jobs left running by a crash go back to pending."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute("UPDATE jobs SET state='pending', next_attempt=0, updated=?"
+                             " WHERE state='running'", (now,))
+            return cur.rowcount
+
+    def claim_job(self, destination: str, now: float | None = None) -> Job | None:
+        """Take the oldest due job of a destination (pending, or failed and due for retry)."""
+        now = now or time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT id, study_uid, attempts, generation FROM jobs WHERE destination=? AND"
+                " state IN ('pending','failed') AND next_attempt <= ? ORDER BY created, id LIMIT 1",
+                (destination, now)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state='running', requeue=0, updated=? WHERE id=?",
+                       (now, row["id"]))
+        return Job(row["id"], row["study_uid"], destination, row["attempts"], row["generation"])
+
+    def release_job(self, job: Job) -> None:
+        """A run cut short by shutdown: back to pending, not counted as an attempt."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state='pending', updated=? WHERE id=? AND state='running'",
+                       (time.time(), job.id))
+
+    def next_due(self) -> float | None:
+        rows = self._query("SELECT MIN(next_attempt) AS t FROM jobs"
+                           " WHERE state IN ('pending','failed')")
+        return rows[0]["t"]
+
+    def undelivered(self, study_uid: str, destination: str) -> list[Instance]:
+        rows = self._query(
+            "SELECT i.* FROM instances i LEFT JOIN ledger l ON l.sop_uid=i.sop_uid AND"
+            " l.destination=? WHERE i.study_uid=? AND i.present=1 AND l.delivered_at IS NULL"
+            " ORDER BY i.series_uid, i.received_at", (destination, study_uid))
+        return [self._instance(r) for r in rows]
+
+    def mark_sending(self, sop_uid: str, destination: str, study_uid: str,
+                     delivered_before: str | None = None) -> None:
+        """Count a send before it goes on the wire (and, in the same commit, the previous one
+        as delivered), so re-sends after a crash are visible in the ledger."""
+        now = time.time()
+        with self._tx() as db:
+            if delivered_before:
+                self._delivered(db, delivered_before, destination, now)
+            db.execute(
+                "INSERT INTO ledger(sop_uid, destination, study_uid, sends) VALUES (?,?,?,1)"
+                " ON CONFLICT(sop_uid, destination) DO UPDATE SET sends=sends+1",
+                (sop_uid, destination, study_uid))
+
+    @staticmethod
+    def _delivered(db: sqlite3.Connection, sop_uid: str, destination: str, now: float) -> None:
+        db.execute("UPDATE ledger SET delivered_at=? WHERE sop_uid=? AND destination=?",
+                   (now, sop_uid, destination))
+
+    def mark_delivered(self, sop_uid: str, destination: str) -> None:
+        with self._tx() as db:
+            self._delivered(db, sop_uid, destination, time.time())
+
+    def finish_job(self, job: Job, error: str | None, policy: RetryPolicy) -> str:
+        """Close a job run: delivered, failed (retry scheduled) or dead. Returns the new state."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT requeue FROM jobs WHERE id=?", (job.id,)).fetchone()
+            requeue = bool(row and row["requeue"])
+            if error is None:
+                state = "pending" if requeue else "delivered"
+                db.execute("UPDATE jobs SET state=?, attempts=0, next_attempt=0, last_error=NULL,"
+                           " requeue=0, updated=? WHERE id=?", (state, now, job.id))
+                if not requeue:
+                    self._event(db, job.study_uid, f"delivered to {job.destination}", now)
+                return state
+            attempts = job.attempts + 1
+            if requeue:
+                state, next_attempt = "pending", now
+            elif attempts >= policy.max_attempts:
+                state, next_attempt = "dead", 0.0
+            else:
+                state, next_attempt = "failed", now + policy.delay(attempts)
+            db.execute("UPDATE jobs SET state=?, attempts=?, next_attempt=?, last_error=?,"
+                       " requeue=0, updated=? WHERE id=?",
+                       (state, attempts, next_attempt, error, now, job.id))
+            what = "dead-lettered" if state == "dead" else "will retry"
+            self._event(db, job.study_uid, f"delivery to {job.destination} failed (attempt "
+                        f"{attempts}/{policy.max_attempts}, {what}): {error}", now)
+            if state == "dead":
+                db.execute("UPDATE studies SET state='failed' WHERE study_uid=? AND"
+                           " state='routed'", (job.study_uid,))
+            return state
+
+    def settle_study(self, study_uid: str) -> bool:
+        """If every job of a routed study is delivered, mark it delivered. Returns True then."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+            if row is None or row["state"] not in ("routed", "failed"):
+                return False
+            open_jobs = db.execute("SELECT COUNT(*) FROM jobs WHERE study_uid=? AND"
+                                   " state!='delivered'", (study_uid,)).fetchone()[0]
+            if open_jobs:
+                return False
+            db.execute("UPDATE studies SET state='delivered', delivered_at=? WHERE study_uid=?",
+                       (now, study_uid))
+            self._event(db, study_uid, "delivered to every destination", now)
+        return True
+
+    def forget_spool(self, study_uid: str, why: str) -> None:
+        """The study's spool files are gone: keep its rows (history, ledger), mark them absent."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE instances SET present=0 WHERE study_uid=?", (study_uid,))
+            db.execute("UPDATE studies SET in_spool=0 WHERE study_uid=?", (study_uid,))
+            self._event(db, study_uid, f"spool files deleted ({why})", now)
+
+    def delivered_in_spool_before(self, cutoff: float) -> list[str]:
+        return [r["study_uid"] for r in self._query(
+            "SELECT study_uid FROM studies WHERE state='delivered' AND in_spool=1 AND"
+            " delivered_at <= ?", (cutoff,))]
+
+    def requeue(self, dead_only: bool, study_uid: str | None,
+                destination: str | None) -> int:
+        """Manual retry: put failed/dead jobs back to pending now, with a fresh attempt count."""
+        cond = "state='dead'" if dead_only else "state IN ('dead','failed')"
+        args: list[Any] = []
+        if study_uid:
+            cond += " AND study_uid=?"
+            args.append(study_uid)
+        if destination:
+            cond += " AND destination=?"
+            args.append(destination)
+        now = time.time()
+        with self._tx() as db:
+            studies = [r[0] for r in db.execute(
+                f"SELECT DISTINCT study_uid FROM jobs WHERE {cond}", args)]
+            n = db.execute(f"UPDATE jobs SET state='pending', attempts=0, next_attempt=0,"
+                           f" updated=? WHERE {cond}", [now, *args]).rowcount
+            for s in studies:
+                db.execute("UPDATE studies SET state='routed' WHERE study_uid=? AND"
+                           " state='failed'", (s,))
+                self._event(db, s, "requeued by hand", now)
+        return n
+
+    def purge(self, study_uid: str) -> list[Path]:
+        """Remove a study on purpose; returns its spool files for the caller to delete."""
+        with self._tx() as db:
+            paths = [Path(r[0]) for r in db.execute(
+                "SELECT path FROM instances WHERE study_uid=? AND present=1", (study_uid,))]
+            for table in ("instances", "jobs", "ledger", "events", "studies"):
+                db.execute(f"DELETE FROM {table} WHERE study_uid=?", (study_uid,))
+        return paths
+
+    # ---- reporting -------------------------------------------------------------------------
+
+    def summary(self, with_done: bool = False) -> dict[str, Any]:
+        """Everything `status` shows, as plain data."""
+        where = "" if with_done else " WHERE s.in_spool=1 OR s.state!='delivered'"
+        studies = [dict(r) for r in self._query(
+            "SELECT s.study_uid, s.patient_id, s.state, s.generation, s.calling_ae,"
+            " s.first_received, s.last_received, s.completed_at, s.delivered_at, s.in_spool,"
+            " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid AND i.present=1)"
+            "   AS instances_in_spool,"
+            " (SELECT COALESCE(SUM(size),0) FROM instances i WHERE i.study_uid=s.study_uid"
+            "   AND i.present=1) AS bytes_in_spool"
+            f" FROM studies s{where} ORDER BY s.first_received")]
+        queues: dict[str, dict[str, int]] = {}
+        for r in self._query("SELECT destination, state, COUNT(*) AS n FROM jobs"
+                             " GROUP BY destination, state"):
+            queues.setdefault(r["destination"], {})[r["state"]] = r["n"]
+        dead = [dict(r) for r in self._query(
+            "SELECT study_uid, destination, attempts, last_error, updated FROM jobs"
+            " WHERE state='dead' ORDER BY updated")]
+        failing = [dict(r) for r in self._query(
+            "SELECT study_uid, destination, attempts, last_error, next_attempt FROM jobs"
+            " WHERE state='failed' ORDER BY next_attempt")]
+        return {"studies": studies, "queues": queues, "dead": dead, "retrying": failing,
+                "spool_bytes": self.spool_bytes()}
+
+    def history(self, study_uid: str) -> list[tuple[float, str]]:
+        return [(r["ts"], r["event"]) for r in self._query(
+            "SELECT ts, event FROM events WHERE study_uid=? ORDER BY id", (study_uid,))]
+
+    def ledger_stats(self, destination: str | None = None) -> dict[str, int]:
+        sql = ("SELECT COUNT(*) AS entries, COALESCE(SUM(sends),0) AS sends,"
+               " COALESCE(SUM(delivered_at IS NOT NULL),0) AS delivered FROM ledger")
+        rows = self._query(sql + (" WHERE destination=?" if destination else ""),
+                           (destination,) if destination else ())
+        r = rows[0]
+        return {"entries": r["entries"], "sends": r["sends"], "delivered": r["delivered"],
+                "resent": r["sends"] - r["entries"]}
