@@ -25,12 +25,14 @@ config_option = click.option(
          "defaults (DICOMROUTER on port 11112, every study to ./received).")
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, quiet_pynetdicom: bool = False) -> None:
     logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    # pynetdicom is chatty at INFO (every association, every C-STORE); keep its warnings.
+    # pynetdicom is chatty at INFO (every association, every C-STORE); keep its warnings, and in
+    # the client commands not even those: our own error says the same, in plainer words.
+    pnd = logging.CRITICAL if quiet_pynetdicom else logging.WARNING
     logging.getLogger("pynetdicom").setLevel(
-        logging.DEBUG if os.environ.get("DICOMROUTER_DEBUG_PYNETDICOM") else logging.WARNING)
+        logging.DEBUG if os.environ.get("DICOMROUTER_DEBUG_PYNETDICOM") else pnd)
 
 
 def _load_config(path: str | None) -> Config:
@@ -118,7 +120,7 @@ def send(paths: tuple[str, ...], host: str, port: int, aet: str, calling_aet: st
     from .scu import DeliveryError, InstanceRejected
     from .scu.store import Peer, StoreAssociation, batches
 
-    _setup_logging("WARNING")
+    _setup_logging("WARNING", quiet_pynetdicom=True)
     files, skipped = _collect(paths)
     if not files:
         raise click.ClickException("no DICOM files found")
@@ -168,9 +170,9 @@ def echo(host: str, port: int, aet: str, calling_aet: str, timeout: float) -> No
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    from .netutil import enable_tcp_nodelay
+    from .netutil import association_failure, enable_tcp_nodelay
 
-    _setup_logging("WARNING")
+    _setup_logging("WARNING", quiet_pynetdicom=True)
     enable_tcp_nodelay()
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -178,9 +180,8 @@ def echo(host: str, port: int, aet: str, calling_aet: str, timeout: float) -> No
     started = time.monotonic()
     assoc = ae.associate(host, port, ae_title=aet)
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else \
-            "no connection"
-        raise click.ClickException(f"C-ECHO to {aet}@{host}:{port}: association {why}")
+        why = association_failure(assoc, host, port)
+        raise click.ClickException(f"C-ECHO to {aet}@{host}:{port}: {why}")
     try:
         rsp = assoc.send_c_echo()
     finally:

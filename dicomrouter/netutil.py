@@ -28,6 +28,23 @@ def _set_nodelay(sock: socket.socket | None) -> None:
         pass  # not a TCP socket (or already closed): nothing to tune
 
 
+def association_failure(assoc: Any, host: str, port: int) -> str:
+    """Why an association was not established, in words an integration engineer can act on.
+
+    pynetdicom reports a refused TCP connection as an abort; a quick connect tells them apart.
+    """
+    if assoc.is_rejected:
+        return "association rejected (check the called/calling AE titles and the peer's allow-list)"
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            pass
+    except OSError as exc:
+        return f"no connection ({exc.strerror or exc}): is the peer up and listening?"
+    if assoc.is_aborted:
+        return "association aborted by the peer"
+    return "association not established (timeout?)"
+
+
 def enable_tcp_nodelay() -> None:
     """Set TCP_NODELAY on every pynetdicom association socket, requestor and acceptor."""
     global _patched

@@ -40,9 +40,12 @@ class Router:
         if cleaned:
             log.info("removed %d partial reception(s) left by an earlier stop (never "
                      "acknowledged)", cleaned)
-        reset = self.state.reset_running_jobs()
+        reset, due = self.state.reset_running_jobs()
         if reset:
             log.info("%d delivery job(s) interrupted by an earlier stop are pending again", reset)
+        if due:
+            log.info("%d failed delivery job(s) are retried now rather than after their backoff",
+                     due)
         unrouted = self.state.studies_in_state("unrouted")
         for study in unrouted:  # the routing table may have changed since
             self.complete(study)

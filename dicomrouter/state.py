@@ -268,13 +268,16 @@ class State:
 
     # ---- delivery jobs ---------------------------------------------------------------------
 
-    def reset_running_jobs(self) -> int:
-        """At start-up: jobs left running by a crash go back to pending."""
+    def reset_running_jobs(self) -> tuple[int, int]:
+        """At start-up: jobs left running by a crash go back to pending, and jobs waiting for a
+        retry are due now (a restart usually follows a fix). Returns (reset, made due)."""
         now = time.time()
         with self._tx() as db:
-            cur = db.execute("UPDATE jobs SET state='pending', next_attempt=0, updated=?"
-                             " WHERE state='running'", (now,))
-            return cur.rowcount
+            reset = db.execute("UPDATE jobs SET state='pending', next_attempt=0, updated=?"
+                               " WHERE state='running'", (now,)).rowcount
+            due = db.execute("UPDATE jobs SET next_attempt=0 WHERE state='failed' AND"
+                             " next_attempt > ?", (now,)).rowcount
+            return reset, due
 
     def claim_job(self, destination: str, now: float | None = None) -> Job | None:
         """Take the oldest due job of a destination (pending, or failed and due for retry)."""

@@ -13,7 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import (
+    AllTransferSyntaxes,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -27,6 +33,16 @@ log = logging.getLogger("dicomrouter.scp")
 
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                 ImplicitVRLittleEndian)
+# pynetdicom accepts, per context, the first syntax of *this* list that the requestor proposed.
+# Compressed syntaxes come first so a compressed file is never forced through decompression, and
+# Implicit VR comes last so a sender offering several uncompressed syntaxes keeps its explicit one:
+# the data stay as the sender stored them.
+ACCEPTED_SYNTAXES = [ts for ts in AllTransferSyntaxes if ts not in _UNCOMPRESSED] + \
+    list(_UNCOMPRESSED)
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -72,7 +88,7 @@ class StorageSCP:
         ae.require_calling_aet = list(self.cfg.allowed_calling_aes)
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES)
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),

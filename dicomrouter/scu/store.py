@@ -19,7 +19,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
-from ..netutil import enable_tcp_nodelay, stream_c_store_from_files
+from ..netutil import association_failure, enable_tcp_nodelay, stream_c_store_from_files
 from .base import DeliveryError, InstanceRejected
 
 log = logging.getLogger("dicomrouter.scu")
@@ -99,13 +99,7 @@ class StoreAssociation:
         except (OSError, ValueError, RuntimeError) as exc:
             raise DeliveryError(f"cannot associate with {peer}: {exc}") from exc
         if not self.assoc.is_established:
-            if self.assoc.is_rejected:
-                why = "association rejected (check the AE titles and the peer's allow-list)"
-            elif self.assoc.is_aborted:
-                why = "association aborted by the peer"
-            else:
-                why = "no connection (is the peer up and listening?)"
-            raise DeliveryError(f"{peer}: {why}")
+            raise DeliveryError(f"{peer}: {association_failure(self.assoc, peer.host, peer.port)}")
         self._accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                           for cx in self.assoc.accepted_contexts}
 

@@ -1,0 +1,92 @@
+"""``dicomrouter serve`` as a real subprocess, the way an operator runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from peers import PeerProcess, free_port, tcp_accepts, wait_until
+from pydicom import dcmread
+from pynetdicom.dsutils import split_dataset
+
+ROUTER_AE = "DICOMROUTER"
+
+
+def dicomrouter(*args: str, cwd: Path | None = None, check: bool = False,
+                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the ``dicomrouter`` CLI (the installed package, via ``python -m``)."""
+    return subprocess.run([sys.executable, "-m", "dicomrouter", *args], cwd=cwd, check=check,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TCP_NODELAY": "1"})
+
+
+class Router(PeerProcess):
+    """A router with a config written from a dict; ``spool`` and ``port`` default to fresh ones."""
+
+    name = "router"
+
+    def __init__(self, work_dir: Path, config: dict[str, Any] | None = None) -> None:
+        super().__init__(work_dir)
+        self.config: dict[str, Any] = dict(config or {})
+        self.config.setdefault("port", free_port())
+        self.config.setdefault("bind", "127.0.0.1")
+        self.config.setdefault("spool", str(work_dir / "spool"))
+        self.config.setdefault("stable_age", "1s")
+        self.config.setdefault("log_level", "DEBUG")
+        self.config_path = work_dir / "router.yml"
+        self.port: int = self.config["port"]
+        self.aet: str = self.config.get("ae_title", ROUTER_AE)
+        self.spool = Path(self.config["spool"])
+
+    def prepare(self) -> None:
+        self.config_path.write_text(yaml.safe_dump(self.config))
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "dicomrouter", "serve", "--config", str(self.config_path)]
+
+    def ready(self) -> bool:
+        return tcp_accepts(self.port) and "listening as" in self.log(1000)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no chance to clean up."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+        self.stop()
+
+    def status(self) -> dict[str, Any]:
+        r = dicomrouter("status", "--json", "--config", str(self.config_path))
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def study_state(self, study_uid: str) -> str | None:
+        r = dicomrouter("status", "--json", "--all", "--config", str(self.config_path))
+        if r.returncode != 0:
+            return None
+        for s in json.loads(r.stdout)["studies"]:
+            if s["study_uid"] == study_uid:
+                return s["state"]
+        return None
+
+    def wait_state(self, study_uid: str, state: str, timeout: float = 90) -> None:
+        wait_until(lambda: self.study_state(study_uid) == state, timeout=timeout, interval=0.3,
+                   what=f"study {study_uid} to be {state} (log: {self.log_path})")
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes of a Part 10 file after its file meta information: the dataset as sent."""
+    _meta, offset = split_dataset(path)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()
+
+
+def tags_of(path: Path, *keywords: str) -> tuple[str, ...]:
+    ds = dcmread(path, stop_before_pixels=True)
+    return tuple(str(ds.get(k, "")) for k in keywords)
