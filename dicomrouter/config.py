@@ -193,8 +193,8 @@ def _destination(name: str, raw: Any, key: str, retry: RetryPolicy) -> Destinati
     dtype = raw["type"]
     if dtype not in DESTINATION_TYPES:
         raise ConfigError(
-            f"{key}.type", f"unknown destination type {dtype!r}; one of {', '.join(DESTINATION_TYPES)}"
-        )
+            f"{key}.type",
+            f"unknown destination type {dtype!r}; one of {', '.join(DESTINATION_TYPES)}")
     options = DESTINATION_TYPES[dtype](raw, key)
     return DestinationConfig(
         name=name,
@@ -248,7 +248,8 @@ def _matcher(keyword: str, raw: Any, key: str) -> Matcher:
     return Matcher(keyword, tuple(values), tuple(patterns))
 
 
-def _route(raw: Any, key: str, destinations: dict[str, DestinationConfig], index: int) -> RouteConfig:
+def _route(raw: Any, key: str, destinations: dict[str, DestinationConfig],
+           index: int) -> RouteConfig:
     raw = _mapping(raw, key)
     _reject_unknown(raw, {"name", "when", "to"}, key)
     name = _str(raw.get("name", f"route {index + 1}"), f"{key}.name")

@@ -13,7 +13,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 # Tags recorded in the state database for every instance: enough to group, route and name files
-# without reopening the file. Other keywords are read from the file when a rule or template needs them.
+# without reopening the file. Other keywords are read from the file when a rule or template needs
+# them.
 INDEX_KEYWORDS = (
     "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
     "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription", "StudyID",

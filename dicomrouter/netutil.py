@@ -10,6 +10,7 @@ Kept in one module so each adjustment is visible and can be checked against a ne
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -22,10 +23,8 @@ _patched = False
 def _set_nodelay(sock: socket.socket | None) -> None:
     if sock is None:
         return
-    try:
+    with contextlib.suppress(OSError):  # not a TCP socket, or closed: nothing to tune
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass  # not a TCP socket (or already closed): nothing to tune
 
 
 def association_failure(assoc: Any, host: str, port: int) -> str:

@@ -36,10 +36,7 @@ class _StudyView:
             return [inst.calling_ae]
         if keyword == "CalledAE":
             return [inst.called_ae]
-        if keyword in inst.tags:
-            raw = inst.tags[keyword]
-        else:
-            raw = self._read(inst, keyword)
+        raw = inst.tags[keyword] if keyword in inst.tags else self._read(inst, keyword)
         return raw.split("\\") if raw else [""]
 
     def _read(self, inst: Instance, keyword: str) -> str:

@@ -11,6 +11,7 @@ A file in ``data/`` is a DICOM Part 10 file whose dataset bytes are exactly thos
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -138,7 +139,8 @@ class Spool:
     def over_quota(self) -> bool:
         return bool(self.max_bytes) and self._bytes >= self.max_bytes
 
-    def ingest(self, rx: ReceiveFile, calling_ae: str, called_ae: str) -> tuple[dict[str, str], bool]:
+    def ingest(self, rx: ReceiveFile, calling_ae: str,
+               called_ae: str) -> tuple[dict[str, str], bool]:
         """Make a received file durable and recorded. Returns (index tags, replaced earlier copy).
 
         Raises SpoolFull (→ 0xA700) or dicomfile.UnreadableDataset (→ 0xC000 range). On any error
@@ -208,17 +210,13 @@ class Spool:
                 p.unlink()
             except FileNotFoundError:
                 pass
-        try:
+        with contextlib.suppress(OSError):  # already gone
             (self.data / study_uid).rmdir()
-        except OSError:
-            pass  # not empty (should not happen under the lock) or already gone
         with self._bytes_lock:
             self._bytes = max(0, self._bytes - freed)
         return freed
 
 
 def _unlink_quietly(p: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         p.unlink()
-    except OSError:
-        pass

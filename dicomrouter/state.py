@@ -1,8 +1,8 @@
 """The state database (SQLite, WAL): studies, instances, delivery jobs, the ledger, study history.
 
-Every write is one short transaction under one lock; ``synchronous=FULL`` so a committed row survives
-a power cut, which is what lets the SCP acknowledge an instance right after the commit. Readers in
-other processes (``dicomrouter status``) see a consistent snapshot thanks to WAL.
+Every write is one short transaction under one lock; ``synchronous=FULL`` so a committed row
+survives a power cut, which is what lets the SCP acknowledge an instance right after the commit.
+Readers in other processes (``dicomrouter status``) see a consistent snapshot thanks to WAL.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     sop_uid      TEXT NOT NULL,
     destination  TEXT NOT NULL,
     study_uid    TEXT NOT NULL,
-    sends        INTEGER NOT NULL DEFAULT 0, -- how often it was put on the wire (re-sends show here)
+    sends        INTEGER NOT NULL DEFAULT 0, -- times put on the wire (re-sends show here)
     delivered_at REAL,
     PRIMARY KEY (sop_uid, destination)
 );
@@ -139,7 +139,8 @@ class State:
 
     @staticmethod
     def _event(db: sqlite3.Connection, study_uid: str, text: str, now: float) -> None:
-        db.execute("INSERT INTO events(study_uid, ts, event) VALUES (?,?,?)", (study_uid, now, text))
+        db.execute("INSERT INTO events(study_uid, ts, event) VALUES (?,?,?)",
+                   (study_uid, now, text))
 
     # ---- receiving -------------------------------------------------------------------------
 
@@ -160,9 +161,9 @@ class State:
             if row is None:
                 generation = 1
                 db.execute(
-                    "INSERT INTO studies(study_uid, patient_id, patient_name, study_date, accession,"
-                    " description, calling_ae, called_ae, state, generation, first_received,"
-                    " last_received) VALUES (?,?,?,?,?,?,?,?,'receiving',1,?,?)",
+                    "INSERT INTO studies(study_uid, patient_id, patient_name, study_date,"
+                    " accession, description, calling_ae, called_ae, state, generation,"
+                    " first_received, last_received) VALUES (?,?,?,?,?,?,?,?,'receiving',1,?,?)",
                     (study, tags.get("PatientID"), tags.get("PatientName"), tags.get("StudyDate"),
                      tags.get("AccessionNumber"), tags.get("StudyDescription"), calling_ae,
                      called_ae, now, now))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from peers import SAMPLE_DIR, Orthanc, StoreSCP, dcmtk, free_port, run_storescu, wait_until
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, build_context

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -66,10 +67,8 @@ class _FolderSession(Session):
                     os.fsync(out.fileno())
                 os.replace(tmp, target)
             except BaseException:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(tmp)
-                except OSError:
-                    pass
                 raise
             fsync_dir(target.parent)  # the rename is durable before the ledger says delivered
         except FileNotFoundError as exc:

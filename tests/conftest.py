@@ -1,0 +1,106 @@
+"""Shared fixtures: real peers (DCMTK, Orthanc, moto S3) and synthetic studies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from peers import (
+    MotoS3,
+    Orthanc,
+    PeerProcess,
+    StoreSCP,
+    find_dcmtk,
+    find_dicomweb_plugin,
+    find_orthanc,
+    moto_available,
+    require_peer,
+)
+
+from dicomrouter.sample import generate
+
+DCMTK_TOOLS = ("storescu", "storescp", "echoscu")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Remember each phase's report on the item so fixtures can tell whether the test failed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def _test_failed(request: pytest.FixtureRequest) -> bool:
+    return any(
+        getattr(getattr(request.node, f"rep_{phase}", None), "failed", False)
+        for phase in ("setup", "call")
+    )
+
+
+def _print_logs_on_failure(request: pytest.FixtureRequest, peers: list[PeerProcess]) -> None:
+    """Print peer log tails into the failed test's report (captured teardown output)."""
+    if not _test_failed(request):
+        return
+    for peer in peers:
+        print(f"\n===== {peer.name} log ({peer.log_path}) =====\n{peer.log(200)}")
+
+
+@pytest.fixture(scope="session")
+def dcmtk_available() -> dict[str, str]:
+    """Paths of the real DCMTK storescu/storescp/echoscu (skip or fail if missing)."""
+    found = {tool: find_dcmtk(tool) for tool in DCMTK_TOOLS}
+    missing = [tool for tool, path in found.items() if path is None]
+    require_peer(f"DCMTK ({', '.join(missing)})", not missing, "dcmtk (apt-get install dcmtk)")
+    return {tool: path for tool, path in found.items() if path is not None}
+
+
+@pytest.fixture
+def storescp(
+    tmp_path: Path, dcmtk_available: dict[str, str], request: pytest.FixtureRequest
+) -> Iterator[StoreSCP]:
+    """A running DCMTK storescp (AE ``STORESCP``) writing to ``.out_dir``."""
+    scp = StoreSCP(tmp_path / "storescp", aet="STORESCP")
+    with scp:
+        yield scp
+        _print_logs_on_failure(request, [scp])
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Orthanc]]:
+    """Factory starting Orthanc instances: ``orthanc(aet=..., modalities=..., dicomweb=...)``.
+
+    Keyword arguments go to :class:`peers.Orthanc`; all instances stop at teardown.
+    """
+    require_peer("Orthanc", find_orthanc() is not None, "orthanc (apt-get install orthanc)")
+    started: list[PeerProcess] = []
+    with ExitStack() as stack:
+
+        def start(**kwargs: Any) -> Orthanc:
+            if kwargs.get("dicomweb"):
+                require_peer("Orthanc DICOMweb plugin", find_dicomweb_plugin() is not None,
+                             "orthanc-dicomweb (apt-get install orthanc-dicomweb)")
+            server = Orthanc(tmp_path / f"orthanc{len(started) + 1}", **kwargs)
+            started.append(server)
+            return stack.enter_context(server)
+
+        yield start
+        _print_logs_on_failure(request, started)
+
+
+@pytest.fixture
+def moto_s3(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MotoS3]:
+    """A running moto S3 server; use ``.endpoint_url`` or ``.client()``."""
+    require_peer("moto server", moto_available(), "moto[server] boto3 (pip install)")
+    with MotoS3(tmp_path / "moto") as server:
+        yield server
+        _print_logs_on_failure(request, [server])
+
+
+@pytest.fixture
+def sample_study(tmp_path: Path) -> list[Path]:
+    """One synthetic CT study: 2 series x 3 instances, 32x32, Explicit VR LE, seed 1234."""
+    return generate(tmp_path / "sample_study", studies=1, series=2, instances=3, rows=32, cols=32,
+                    patient_id="PYTEST1", seed=1234)
