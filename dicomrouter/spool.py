@@ -153,8 +153,12 @@ class Spool:
                 raise SpoolFull(rx.error.errno or errno.ENOSPC, f"write failed: {rx.error}")
             size = src.stat().st_size
             if self.max_bytes and self._bytes + size > self.max_bytes:
-                raise SpoolFull(errno.ENOSPC, f"spool quota of {self.max_bytes} bytes reached "
-                                f"({self._bytes} used)")
+                # The counter may be stale: `dicomrouter purge` frees space from another process.
+                with self._bytes_lock:
+                    self._bytes = self.state.spool_bytes()
+                if self._bytes + size > self.max_bytes:
+                    raise SpoolFull(errno.ENOSPC, f"spool quota of {self.max_bytes} bytes "
+                                    f"reached ({self._bytes} used)")
             tags, tsuid = identify(src)
         except BaseException:
             _unlink_quietly(src)

@@ -1,0 +1,248 @@
+"""Durable delivery: retries, dead letters, ledger, late arrivals, quota, disk full, crash safety.
+
+All against real peers: DCMTK storescu as the sender, Orthanc as the destination.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from peers import Orthanc, dcmtk, free_port, peer_env, run_storescu, wait_until
+from router_fixtures import Router, dicomrouter, tags_of
+
+from dicomrouter.sample import generate
+
+pytestmark = pytest.mark.usefixtures("dcmtk_available")
+
+CRASH_ROUNDS = int(os.environ.get("DICOMROUTER_CRASH_ROUNDS", "10"))
+
+
+def sop(f: Path) -> str:
+    return tags_of(f, "SOPInstanceUID")[0]
+
+
+def acknowledged(result: subprocess.CompletedProcess[str]) -> tuple[list[str], list[str]]:
+    """(files storescu saw stored with success, statuses of the others) from ``storescu -v``."""
+    ok: list[str] = []
+    other: list[str] = []
+    current = None
+    for line in (result.stdout + result.stderr).splitlines():
+        m = re.search(r"Sending file: (.+)$", line)
+        if m:
+            current = m.group(1).strip()
+            continue
+        m = re.search(r"Received Store Response \((.+)\)", line)
+        if m and current:
+            (ok if m.group(1).startswith("Success") else other).append(
+                current if m.group(1).startswith("Success") else m.group(1))
+            current = None
+    return ok, other
+
+
+def pacs_config(port: int, **retry: str | int) -> dict:
+    return {
+        "destinations": {"pacs": {"type": "dicom", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                                  "port": port, "timeout": "10s",
+                                  "retry": {"initial": "300ms", "max_delay": "1s", **retry}}},
+        "routes": [{"name": "to pacs", "to": ["pacs"]}],
+    }
+
+
+def test_destination_down_then_back_receives_the_study_in_full(tmp_path: Path) -> None:
+    port = free_port()
+    study = generate(tmp_path / "study", series=2, instances=3, rows=16, cols=16, seed=21)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    with Router(tmp_path / "r", pacs_config(port, max_attempts=1000)) as router:
+        assert run_storescu([tmp_path / "study"], router.port).returncode == 0
+        wait_until(lambda: any(j["attempts"] >= 2 for j in router.status()["retrying"]),
+                   timeout=60, what="at least two failed attempts with backoff")
+        pacs = Orthanc(tmp_path / "orthanc", aet="ORTHANC")
+        pacs.dicom_port = port
+        with pacs:
+            pacs.wait_for_instances({sop(f) for f in study}, timeout=90)
+            router.wait_state(uid, "delivered")
+            assert pacs.instance_sop_uids() == {sop(f) for f in study}
+        log = router.log(5000)
+        assert re.search(r"attempt 1/1000 failed .*retry in", log)
+        assert "delivered 6 instance(s)" in log
+
+
+def test_dead_letter_then_retry_dead_after_the_peer_is_fixed(tmp_path: Path) -> None:
+    port = free_port()
+    study = generate(tmp_path / "study", series=1, instances=4, rows=16, cols=16, seed=22)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    with Router(tmp_path / "r", pacs_config(port, max_attempts=2)) as router:
+        assert run_storescu([tmp_path / "study"], router.port).returncode == 0
+        router.wait_state(uid, "failed")
+        st = router.status()
+        assert [(d["study_uid"], d["destination"], d["attempts"]) for d in st["dead"]] == \
+            [(uid, "pacs", 2)]
+        assert "no connection" in st["dead"][0]["last_error"]
+        assert st["queues"]["pacs"] == {"dead": 1}
+        assert st["studies"][0]["instances_in_spool"] == 4  # kept in the spool
+        text = dicomrouter("status", "--config", str(router.config_path)).stdout
+        assert "dead letters" in text and uid in text
+        assert "dead-lettered" in router.log(5000)
+        pacs = Orthanc(tmp_path / "orthanc", aet="ORTHANC")
+        pacs.dicom_port = port
+        with pacs:
+            r = dicomrouter("retry", "--dead", "--destination", "pacs", "--config",
+                            str(router.config_path))
+            assert r.returncode == 0 and "requeued 1 job(s)" in r.stdout
+            pacs.wait_for_instances({sop(f) for f in study}, timeout=90)
+            router.wait_state(uid, "delivered")
+        history = dicomrouter("status", "--study", uid, "--config", str(router.config_path))
+        assert "requeued by hand" in history.stdout and "delivered to pacs" in history.stdout
+
+
+def test_late_arrivals_send_only_the_new_instances(tmp_path: Path, orthanc) -> None:
+    pacs: Orthanc = orthanc(aet="ORTHANC")
+    study = generate(tmp_path / "study", series=1, instances=6, rows=16, cols=16, seed=23)
+    first, late = study[:4], study[4:]
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    with Router(tmp_path / "r", pacs_config(pacs.dicom_port)) as router:
+        assert run_storescu(first, router.port).returncode == 0
+        pacs.wait_for_instances({sop(f) for f in first})
+        router.wait_state(uid, "delivered")
+        assert run_storescu(late, router.port).returncode == 0
+        pacs.wait_for_instances({sop(f) for f in study})
+        wait_until(lambda: router.status()["ledger"]["delivered"] == 6, timeout=60,
+                   what="ledger shows all six delivered")
+        router.wait_state(uid, "delivered")
+        ledger = router.status()["ledger"]
+        assert ledger == {"entries": 6, "sends": 6, "delivered": 6, "resent": 0}
+        log = router.log(5000)
+        sends = re.findall(rf"study {re.escape(uid)} → pacs .*: sending (\d+) instance", log)
+        assert sends == ["4", "2"]
+        history = dicomrouter("status", "--study", uid, "--config",
+                              str(router.config_path)).stdout
+        assert "generation 1" in history and "generation 2" in history
+        assert "reopened by a late arrival" in history
+        assert pacs.instance_sop_uids() == {sop(f) for f in study}
+
+
+def test_spool_quota_answers_out_of_resources_until_space_frees(tmp_path: Path) -> None:
+    study = generate(tmp_path / "study", series=1, instances=8, rows=16, cols=16, seed=24)
+    size = study[0].stat().st_size
+    # no route: the study stays in the spool (unrouted), so the quota stays reached
+    cfg = {"max_spool_size": size * 3 + size // 2, "destinations": {}, "routes": []}
+    with Router(tmp_path / "r", cfg) as router:
+        r = run_storescu(study, router.port, extra=("--no-halt",))
+        ok, other = acknowledged(r)
+        assert len(ok) == 3, r.stderr
+        assert len(other) == 5 and all("OutOfResources" in s for s in other), \
+            other
+        assert len(list((router.spool / "data").rglob("*.dcm"))) == 3
+        assert not list((router.spool / "tmp").iterdir())
+        assert "spool quota" in router.log(5000) and "0xA700" in router.log(5000)
+        uid = tags_of(study[0], "StudyInstanceUID")[0]
+        router.wait_state(uid, "unrouted")
+        assert dicomrouter("purge", "--study", uid, "--yes", "--config",
+                           str(router.config_path)).returncode == 0
+        # space freed: the rest goes in now (the running server learns it on its next check)
+        wait_until(lambda: len(acknowledged(run_storescu(study[3:5], router.port))[0]) == 2,
+                   timeout=60, what="C-STORE accepted again after purge")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 1.5 MB tmpfs, as a full disk for the spool (needs root; skipped elsewhere)."""
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_answers_out_of_resources_and_leaves_nothing_partial(
+        tmp_path: Path, small_disk: Path) -> None:
+    study = generate(tmp_path / "study", series=1, instances=12, rows=256, cols=256, seed=25)
+    cfg = {"spool": str(small_disk / "spool"), "destinations": {}, "routes": []}
+    with Router(tmp_path / "r", cfg) as router:
+        r = run_storescu(study, router.port, extra=("--no-halt",))
+        ok, other = acknowledged(r)
+        assert ok and other, r.stderr
+        assert all("OutOfResources" in s for s in other), other
+        # every acknowledged instance is complete on disk and recorded; nothing else is there
+        files = {p.stem for p in (router.spool / "data").rglob("*.dcm")}
+        assert files == {sop(Path(f)) for f in ok}
+        assert not list((router.spool / "tmp").iterdir())
+        st = router.status()
+        assert sum(s["instances_in_spool"] for s in st["studies"]) == len(ok)
+        assert "0xA700" in router.log(5000)
+
+
+def test_retention_and_keep_after_delivery(tmp_path: Path) -> None:
+    study = generate(tmp_path / "study", series=1, instances=2, rows=8, cols=8, seed=26)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    base = {"destinations": {"a": {"type": "folder", "path": str(tmp_path / "out")}},
+            "routes": [{"name": "all", "to": ["a"]}]}
+    with Router(tmp_path / "keep", {**base, "keep_after_delivery": True}) as router:
+        assert run_storescu(study, router.port).returncode == 0
+        router.wait_state(uid, "delivered")
+        assert len(list((router.spool / "data").rglob("*.dcm"))) == 2
+    with Router(tmp_path / "ret", {**base, "retention": "2s"}) as router:
+        assert run_storescu(study, router.port).returncode == 0
+        router.wait_state(uid, "delivered")
+        assert len(list((router.spool / "data").rglob("*.dcm"))) == 2
+        wait_until(lambda: not list((router.spool / "data").rglob("*.dcm")), timeout=60,
+                   what="spool files deleted after the retention period")
+        assert "retention over" in router.log(5000)
+
+
+def test_crash_anywhere_loses_nothing_acknowledged(tmp_path: Path, orthanc) -> None:
+    """SIGKILL the router at random moments while storescu sends and while it delivers."""
+    pacs: Orthanc = orthanc(aet="ORTHANC")
+    cfg = pacs_config(pacs.dicom_port, max_attempts=1000)
+    cfg["stable_age"] = "300ms"
+    cfg["port"] = free_port()
+    rng = random.Random(int(os.environ.get("DICOMROUTER_CRASH_SEED", "4242")))
+    acked_all: set[str] = set()
+    kills = 0
+    router = Router(tmp_path / "r", cfg)
+    for n in range(CRASH_ROUNDS):
+        corpus = tmp_path / f"round{n}"
+        files = generate(corpus, studies=2, series=2, instances=8, rows=16, cols=16, seed=n)
+        router.start()
+        log_file = tmp_path / f"storescu{n}.log"
+        with open(log_file, "w") as out:
+            proc = subprocess.Popen(  # storescu sends while we pick the moment to crash
+                [dcmtk("storescu"), "-v", "-R", "-aet", "STORESCU", "-aec", router.aet,
+                 "127.0.0.1", str(router.port), *map(str, files)],
+                stdout=out, stderr=subprocess.STDOUT, env=peer_env())
+            # 0..~1.5 s: while receiving, right after the acks, or while delivering
+            time.sleep(rng.uniform(0.0, 1.5))
+            router.kill()
+            kills += 1
+            proc.wait(60)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode,
+                                             log_file.read_text(), "")
+        ok, _ = acknowledged(result)
+        acked = {sop(Path(f)) for f in ok}
+        acked_all |= acked
+        router.start()  # restart: recover and deliver
+        pacs.wait_for_instances(acked_all, timeout=120)
+        router.stop()
+    router.start()
+    try:
+        stored = pacs.instance_sop_uids()
+        assert acked_all <= stored
+        ledger = router.status()["ledger"]
+        # re-sends only for what was on the wire when the process died: at most one per kill
+        assert ledger["resent"] <= kills
+        print(f"\ncrash test: {CRASH_ROUNDS} rounds, {kills} SIGKILLs, "
+              f"{len(acked_all)} instances acknowledged, {len(stored)} at Orthanc, "
+              f"ledger {ledger}")
+    finally:
+        router.stop()
