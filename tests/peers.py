@@ -294,7 +294,7 @@ class StoreSCP(PeerProcess):
 
     def files(self) -> list[Path]:
         """Received files, sorted by name."""
-        return sorted(self.out_dir.glob("*.dcm"))
+        return sorted(p for p in self.out_dir.glob("*.dcm") if p.is_file())
 
     def sop_uids(self) -> set[str]:
         """SOP Instance UIDs of the received files."""

@@ -131,7 +131,7 @@ class StoreAssociation:
         ds = dcmread(path)
         if UID(ts).is_compressed:
             try:
-                ds.decompress()
+                ds.decompress(generate_instance_uid=False)  # a router never changes UIDs
             except Exception as exc:
                 raise InstanceRejected(
                     f"{self.peer} refused {UID(ts).name} and it cannot be decompressed here: "
