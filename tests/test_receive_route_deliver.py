@@ -61,7 +61,7 @@ def test_storescu_study_lands_in_folder_tree_byte_identical(tmp_path: Path) -> N
         assert not (tmp_path / "etc").exists()
         written = [p for p in tmp_path.rglob("*.dcm") if out in p.parents]
         assert len(written) == len(files)
-        assert not any(p.name.startswith(".part-") for p in written)
+        assert not list(out.rglob("*.part")), "no temporary file left in the tree"
         # delivered studies leave the spool (keep_after_delivery defaults to false)
         wait_until(lambda: not list((router.spool / "data").rglob("*.dcm")), timeout=30,
                    what="spool emptied after delivery")

@@ -59,7 +59,9 @@ class _FolderSession(Session):
         target = self.dest.target(inst)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".dcm", dir=target.parent)
+            # not *.dcm: a watcher globbing for DICOM files never picks up a half-written one
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
+                                       dir=target.parent)
             try:
                 with open(inst.path, "rb") as src, os.fdopen(fd, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
