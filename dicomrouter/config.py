@@ -91,6 +91,12 @@ def _bool(value: Any, key: str) -> bool:
     return value
 
 
+def _choice(value: Any, key: str, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ConfigError(key, f"one of {', '.join(options)}; got {value!r}")
+    return str(value)
+
+
 def _mapping(value: Any, key: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -285,6 +291,7 @@ class Config:
     destinations: dict[str, DestinationConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
     log_level: str = "INFO"
+    receiver: str = "fast"
     source: str = "embedded defaults"
 
     @property
@@ -295,7 +302,7 @@ class Config:
 TOP_KEYS = {
     "ae_title", "bind", "port", "max_pdu", "allowed_calling_aes", "spool", "stable_age",
     "keep_after_delivery", "retention", "max_spool_size", "retry", "destinations", "routes",
-    "log_level",
+    "log_level", "receiver",
 }
 
 
@@ -343,6 +350,7 @@ def from_dict(raw: Any, base_dir: Path, source: str) -> Config:
         destinations=destinations,
         routes=routes,
         log_level=log_level,
+        receiver=_choice(raw.get("receiver", "fast"), "receiver", ("fast", "pynetdicom")),
         source=source,
     )
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
+import struct
 import unicodedata
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 
 # Tags recorded in the state database for every instance: enough to group, route and name files
 # without reopening the file. Other keywords are read from the file when a rule or template needs
@@ -55,15 +59,25 @@ def read_header(path: str | Path) -> Dataset:
 def identify(path: str | Path) -> tuple[dict[str, str], str]:
     """Index tags and transfer syntax of a received Part 10 file.
 
-    Raises UnreadableDataset when the file cannot be parsed or lacks valid study/SOP UIDs.
+    The lean scanner below reads the common cases (Little Endian datasets, ASCII/Latin-1/UTF-8
+    text) in a few microseconds; anything else goes through pydicom. Raises UnreadableDataset
+    when the file cannot be parsed or lacks valid study/SOP UIDs.
     """
+    found = None
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(INDEX_KEYWORDS))
-        tags = {kw: text(ds.get(kw)) for kw in INDEX_KEYWORDS}
-        tsuid = str(ds.file_meta.TransferSyntaxUID)
-    except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, AttributeError,
-            TypeError, IndexError, OverflowError, NotImplementedError) as exc:
-        raise UnreadableDataset(f"cannot parse dataset: {exc}") from exc
+        found = scan_header(path)
+    except (ValueError, IndexError, struct.error, UnicodeDecodeError, OSError):
+        found = None
+    if found is None:
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=list(INDEX_KEYWORDS))
+            tags = {kw: text(ds.get(kw)) for kw in INDEX_KEYWORDS}
+            tsuid = str(ds.file_meta.TransferSyntaxUID)
+        except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, AttributeError,
+                TypeError, IndexError, OverflowError, NotImplementedError) as exc:
+            raise UnreadableDataset(f"cannot parse dataset: {exc}") from exc
+    else:
+        tags, tsuid = found
     for kw in ("StudyInstanceUID", "SOPInstanceUID", "SeriesInstanceUID"):
         if not tags[kw]:
             if kw == "SeriesInstanceUID":
@@ -72,6 +86,107 @@ def identify(path: str | Path) -> tuple[dict[str, str], str]:
         if not valid_uid(tags[kw]):
             raise UnreadableDataset(f"{kw} {tags[kw][:80]!r} is not a valid UID")
     return tags, tsuid
+
+
+# ---- the lean header scanner ---------------------------------------------------------------
+
+_INDEX_TAGS = {int(tag_for_keyword(kw)): kw for kw in INDEX_KEYWORDS}  # type: ignore[arg-type]
+_LAST_TAG = max(_INDEX_TAGS)
+_CHARSET_TAG = 0x00080005
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
+             b"UV"}
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_EXPLICIT_LE = {"1.2.840.10008.1.2.1"}
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_CHARSETS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+_SCAN_BYTES = 1 << 16
+
+
+def _element_at(buf: bytes, o: int, implicit: bool) -> tuple[int, int, int]:
+    """(tag, header length, value length) of the element starting at ``o``."""
+    group, elem = struct.unpack_from("<HH", buf, o)
+    tag = (group << 16) | elem
+    if implicit or group == 0xFFFE:
+        return tag, 8, struct.unpack_from("<I", buf, o + 4)[0]
+    vr = buf[o + 4:o + 6]
+    if vr in _LONG_VRS:
+        return tag, 12, struct.unpack_from("<I", buf, o + 8)[0]
+    return tag, 8, struct.unpack_from("<H", buf, o + 6)[0]
+
+
+def _skip_undefined(buf: bytes, o: int, implicit: bool, depth: int = 0) -> int:
+    """Offset after an undefined-length value starting at ``o`` (items up to the delimiter)."""
+    if depth > 16:
+        raise ValueError("sequences nested too deep")
+    while True:
+        tag, hdr, length = _element_at(buf, o, True)
+        o += hdr
+        if tag == _SEQ_END:
+            return o
+        if tag != _ITEM:
+            raise ValueError("expected an item")
+        if length != 0xFFFFFFFF:
+            o += length
+            continue
+        while True:  # an undefined-length item: a dataset up to its delimiter
+            tag, hdr, length = _element_at(buf, o, implicit)
+            o += hdr
+            if tag == _ITEM_END:
+                break
+            o = _skip_undefined(buf, o, implicit, depth + 1) if length == 0xFFFFFFFF \
+                else o + length
+
+
+def scan_header(path: str | Path) -> tuple[dict[str, str], str] | None:
+    """The index tags from the start of a Little Endian Part 10 file, or None (use pydicom)."""
+    with open(path, "rb") as f:
+        buf = f.read(_SCAN_BYTES)
+    if buf[128:132] != b"DICM" or buf[132:136] != b"\x02\x00\x00\x00":
+        return None
+    meta_end = 144 + struct.unpack_from("<I", buf, 140)[0]
+    tsuid = ""
+    o = 144
+    while o < meta_end:
+        tag, hdr, length = _element_at(buf, o, False)
+        if tag == 0x00020010:
+            tsuid = buf[o + hdr:o + hdr + length].rstrip(b"\x00 ").decode("ascii")
+        o += hdr + length
+    implicit = tsuid == _IMPLICIT_LE
+    if not implicit and tsuid not in _EXPLICIT_LE and not UID(tsuid).is_compressed:
+        return None  # deflated, big endian, unknown: pydicom
+    raw: dict[str, bytes] = {}
+    encoding = "ascii"
+    o = meta_end
+    while o + 8 <= len(buf):
+        tag, hdr, length = _element_at(buf, o, implicit)
+        if tag > _LAST_TAG:
+            break
+        o += hdr
+        if length == 0xFFFFFFFF:
+            o = _skip_undefined(buf, o, implicit)
+            continue
+        if o + length > len(buf):
+            return None  # the header is larger than what we read: pydicom
+        if tag == _CHARSET_TAG:
+            charset = buf[o:o + length].rstrip(b"\x00 ").decode("ascii")
+            if charset not in _CHARSETS:
+                return None
+            encoding = _CHARSETS[charset]
+        elif tag in _INDEX_TAGS:
+            raw[_INDEX_TAGS[tag]] = buf[o:o + length]
+        o += length
+    tags = {kw: raw[kw].decode(encoding).strip("\x00 ") if kw in raw else ""
+            for kw in INDEX_KEYWORDS}
+    return tags, tsuid
+
+
+def source_ae(path: str | Path) -> str:
+    """The Source Application Entity Title (0002,0016) of the file meta, if any."""
+    try:
+        meta = read_file_meta_info(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError):
+        return ""
+    return text(meta.get("SourceApplicationEntityTitle"))
 
 
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')

@@ -10,6 +10,7 @@ from . import scu
 from .config import Config
 from .delivery import DeliveryWorkers
 from .routing import route
+from .scp.fast import FastStorageSCP
 from .scp.server import StorageSCP
 from .spool import Spool
 from .state import Job, State
@@ -27,7 +28,9 @@ class Router:
         self.destinations = {name: scu.build(d, cfg.ae_title)
                              for name, d in cfg.destinations.items()}
         self.workers = DeliveryWorkers(cfg, self.state, self.destinations, self._job_finished)
-        self.scp = StorageSCP(cfg, self.spool)
+        self.scp: StorageSCP | FastStorageSCP = (
+            FastStorageSCP(cfg, self.spool) if cfg.receiver == "fast"
+            else StorageSCP(cfg, self.spool))
         self._stop = threading.Event()
         self._tracker: threading.Thread | None = None
         self._warned_quota = False
@@ -40,6 +43,10 @@ class Router:
         if cleaned:
             log.info("removed %d partial reception(s) left by an earlier stop (never "
                      "acknowledged)", cleaned)
+        adopted = self.spool.adopt_orphans()
+        if adopted:
+            log.warning("recorded %d spool file(s) the state database did not know (power cut "
+                        "or crash between rename and commit)", adopted)
         reset, due = self.state.reset_running_jobs()
         if reset:
             log.info("%d delivery job(s) interrupted by an earlier stop are pending again", reset)

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .dicomfile import identify
+from .dicomfile import UnreadableDataset, identify, source_ae
 from .state import State
 
 log = logging.getLogger("dicomrouter.spool")
@@ -128,6 +128,30 @@ class Spool:
             except OSError:
                 pass
         return n
+
+    def adopt_orphans(self) -> int:
+        """Record spool files that have no row (the index lost its last transactions in a power
+        cut, or the process died between the rename and the commit). Returns how many."""
+        known = self.state.known_paths()
+        adopted = 0
+        for path in self.data.glob("*/*.dcm"):
+            if str(path) in known:
+                continue
+            try:
+                tags, tsuid = identify(path)
+            except UnreadableDataset as exc:
+                log.error("spool file %s cannot be read (%s); moved aside", path, exc)
+                os.replace(path, self.root / f"unreadable-{path.name}")
+                continue
+            if path != self.data / tags["StudyInstanceUID"] / f"{tags['SOPInstanceUID']}.dcm":
+                continue  # not a name the spool gives: leave it alone
+            calling = source_ae(path)
+            self.state.record_instance(tags, tsuid, path, path.stat().st_size, calling, "")
+            adopted += 1
+        if adopted:
+            with self._bytes_lock:
+                self._bytes = self.state.spool_bytes()
+        return adopted
 
     def new_receive_file(self) -> ReceiveFile:
         return ReceiveFile(self.tmp)

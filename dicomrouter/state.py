@@ -1,8 +1,11 @@
 """The state database (SQLite, WAL): studies, instances, delivery jobs, the ledger, study history.
 
-Every write is one short transaction under one lock; ``synchronous=FULL`` so a committed row
-survives a power cut, which is what lets the SCP acknowledge an instance right after the commit.
-Readers in other processes (``dicomrouter status``) see a consistent snapshot thanks to WAL.
+Every write is one short transaction under one lock. ``synchronous=NORMAL`` (in WAL mode): a
+committed transaction survives any crash of the process, and a power cut can lose only the last
+transactions. That is safe because the spool files, fsync'd before an instance is acknowledged,
+are the source of truth: at start-up ``Spool.adopt_orphans`` records every spool file that has no
+row (see docs/architecture.md). A lost ledger update means at most a re-send. Readers in other
+processes (``dicomrouter status``) see a consistent snapshot thanks to WAL.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ class State:
             self._db = sqlite3.connect(str(path), isolation_level=None,
                                        check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout=30000")
@@ -190,6 +193,9 @@ class State:
             if old is not None:
                 db.execute("DELETE FROM ledger WHERE sop_uid=?", (sop,))
         return old is not None, generation, replaced_size
+
+    def known_paths(self) -> set[str]:
+        return {r["path"] for r in self._query("SELECT path FROM instances WHERE present=1")}
 
     def spool_bytes(self) -> int:
         rows = self._query("SELECT COALESCE(SUM(size),0) AS n FROM instances WHERE present=1")

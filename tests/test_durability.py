@@ -127,11 +127,14 @@ def test_late_arrivals_send_only_the_new_instances(tmp_path: Path, orthanc) -> N
         assert pacs.instance_sop_uids() == {sop(f) for f in study}
 
 
-def test_spool_quota_answers_out_of_resources_until_space_frees(tmp_path: Path) -> None:
+@pytest.mark.parametrize("receiver", ["fast", "pynetdicom"])
+def test_spool_quota_answers_out_of_resources_until_space_frees(tmp_path: Path,
+                                                                receiver: str) -> None:
     study = generate(tmp_path / "study", series=1, instances=8, rows=16, cols=16, seed=24)
     size = study[0].stat().st_size
     # no route: the study stays in the spool (unrouted), so the quota stays reached
-    cfg = {"max_spool_size": size * 3 + size // 2, "destinations": {}, "routes": []}
+    cfg = {"max_spool_size": size * 3 + size // 2, "destinations": {}, "routes": [],
+           "receiver": receiver}
     with Router(tmp_path / "r", cfg) as router:
         r = run_storescu(study, router.port, extra=("--no-halt",))
         ok, other = acknowledged(r)
@@ -165,10 +168,12 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.parametrize("receiver", ["fast", "pynetdicom"])
 def test_disk_full_answers_out_of_resources_and_leaves_nothing_partial(
-        tmp_path: Path, small_disk: Path) -> None:
+        tmp_path: Path, small_disk: Path, receiver: str) -> None:
     study = generate(tmp_path / "study", series=1, instances=12, rows=256, cols=256, seed=25)
-    cfg = {"spool": str(small_disk / "spool"), "destinations": {}, "routes": []}
+    cfg = {"spool": str(small_disk / "spool"), "destinations": {}, "routes": [],
+           "receiver": receiver}
     with Router(tmp_path / "r", cfg) as router:
         r = run_storescu(study, router.port, extra=("--no-halt",))
         ok, other = acknowledged(r)
@@ -246,3 +251,29 @@ def test_crash_anywhere_loses_nothing_acknowledged(tmp_path: Path, orthanc) -> N
               f"ledger {ledger}")
     finally:
         router.stop()
+
+
+def test_spool_files_the_index_lost_are_adopted_and_delivered(tmp_path: Path) -> None:
+    """Power cut model: the files were fsync'd (acknowledged) but the index lost its rows."""
+    import sqlite3
+
+    study = generate(tmp_path / "study", series=1, instances=3, rows=8, cols=8, seed=27)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    cfg = {"destinations": {"a": {"type": "folder", "path": str(tmp_path / "out")}},
+           "routes": [{"name": "all", "to": ["a"]}], "stable_age": "1h"}
+    router = Router(tmp_path / "r", cfg)
+    with router:
+        assert run_storescu(study, router.port, calling="MODALITY").returncode == 0
+    db = sqlite3.connect(router.spool / "state.db")
+    db.execute("DELETE FROM instances")
+    db.execute("DELETE FROM studies")
+    db.commit()
+    db.close()
+    cfg["stable_age"] = "500ms"
+    with Router(tmp_path / "r", cfg) as router2:
+        router2.wait_state(uid, "delivered")
+        assert {p.stem for p in (tmp_path / "out").rglob("*.dcm")} == {sop(f) for f in study}
+        assert "recorded 3 spool file(s) the state database did not know" in router2.log(5000)
+        history = dicomrouter("status", "--study", uid, "--config",
+                              str(router2.config_path)).stdout
+        assert "from MODALITY" in history  # calling AE recovered from the file meta

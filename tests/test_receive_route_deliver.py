@@ -41,12 +41,16 @@ def expected_path(root: Path, f: Path) -> Path:
     return root / safe_component(pid) / study / series / f"{sop}.dcm"
 
 
-def test_storescu_study_lands_in_folder_tree_byte_identical(tmp_path: Path) -> None:
+RECEIVERS = pytest.mark.parametrize("receiver", ["fast", "pynetdicom"])
+
+
+@RECEIVERS
+def test_storescu_study_lands_in_folder_tree_byte_identical(tmp_path: Path, receiver: str) -> None:
     study = generate(tmp_path / "study", series=2, instances=3, rows=32, cols=32,
                      patient_id="../../etc", seed=7)
     files = study + sample_files()
     out = tmp_path / "out"
-    with folder_router(tmp_path) as router:
+    with folder_router(tmp_path, receiver=receiver) as router:
         r = run_storescu([tmp_path / "study", *sample_files()], router.port, aet=router.aet)
         assert r.returncode == 0, r.stdout + r.stderr
         wait_until(lambda: all(expected_path(out, f).exists() for f in files), timeout=90,
@@ -69,8 +73,9 @@ def test_storescu_study_lands_in_folder_tree_byte_identical(tmp_path: Path) -> N
         assert "complete" in log and "delivered to every destination" in log
 
 
-def test_unknown_calling_ae_is_rejected_and_logged(tmp_path: Path) -> None:
-    with folder_router(tmp_path, allowed_calling_aes=["PACS"]) as router:
+@RECEIVERS
+def test_unknown_calling_ae_is_rejected_and_logged(tmp_path: Path, receiver: str) -> None:
+    with folder_router(tmp_path, allowed_calling_aes=["PACS"], receiver=receiver) as router:
         echo = [dcmtk("echoscu"), "-aec", router.aet, "127.0.0.1", str(router.port)]
         bad = subprocess.run([*echo[:1], "-aet", "INTRUDER", *echo[1:]], capture_output=True,
                              text=True, timeout=60)
@@ -95,7 +100,9 @@ def _raw_file(path: Path, body: bytes, sop_uid: str) -> Path:
     return path
 
 
-def test_bad_datasets_get_failure_status_and_the_association_goes_on(tmp_path: Path) -> None:
+@RECEIVERS
+def test_bad_datasets_get_failure_status_and_the_association_goes_on(tmp_path: Path,
+                                                                     receiver: str) -> None:
     good = generate(tmp_path / "good", series=1, instances=2, rows=16, cols=16, seed=3)
     garbage = _raw_file(tmp_path / "garbage.dcm", b"\x08\x00\x16\x00UI\xf0\xff1.2.3" + b"\xff" * 7,
                         generate_uid())
@@ -109,7 +116,7 @@ def test_bad_datasets_get_failure_status_and_the_association_goes_on(tmp_path: P
     bad_uid_file = tmp_path / "baduid.dcm"
     bad_uid.save_as(bad_uid_file, enforce_file_format=True)
 
-    with folder_router(tmp_path) as router:
+    with folder_router(tmp_path, receiver=receiver) as router:
         ae = AE(ae_title="TESTSCU")
         ae.requested_contexts = [build_context(CTImageStorage, [ExplicitVRLittleEndian])]
         old = _config.STORE_SEND_CHUNKED_DATASET

@@ -13,13 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    AllTransferSyntaxes,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -28,21 +21,12 @@ from ..config import Config
 from ..dicomfile import UnreadableDataset
 from ..netutil import enable_tcp_nodelay, receive_c_store_into
 from ..spool import ReceiveFile, Spool, SpoolFull
+from .contexts import ACCEPTED_SYNTAXES
 
 log = logging.getLogger("dicomrouter.scp")
 
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
-
-
-_UNCOMPRESSED = (ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-                 ImplicitVRLittleEndian)
-# pynetdicom accepts, per context, the first syntax of *this* list that the requestor proposed.
-# Compressed syntaxes come first so a compressed file is never forced through decompression, and
-# Implicit VR comes last so a sender offering several uncompressed syntaxes keeps its explicit one:
-# the data stay as the sender stored them.
-ACCEPTED_SYNTAXES = [ts for ts in AllTransferSyntaxes if ts not in _UNCOMPRESSED] + \
-    list(_UNCOMPRESSED)
 
 
 def _failure(status: int, comment: str) -> Dataset:

@@ -1,0 +1,105 @@
+"""The lean header scanner agrees with pydicom, and falls back to it where it should."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread, dcmwrite
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
+
+from dicomrouter.dicomfile import INDEX_KEYWORDS, UnreadableDataset, identify, scan_header, text
+from dicomrouter.sample import generate
+
+
+def reference(path: Path) -> dict[str, str]:
+    ds = dcmread(path, stop_before_pixels=True)
+    return {kw: text(ds.get(kw)) for kw in INDEX_KEYWORDS}
+
+
+def nested(undefined: bool) -> Sequence:
+    inner = Dataset()
+    inner.CodeValue = "X1"
+    inner.CodeMeaning = "inner"
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.3"
+    item.ReferencedSOPInstanceUID = "1.2.3.4"
+    item.ConceptNameCodeSequence = Sequence([inner])
+    seq = Sequence([item, Dataset()])
+    if undefined:
+        seq.is_undefined_length = True
+        for it in seq:
+            it.is_undefined_length_sequence_item = True
+        item.ConceptNameCodeSequence.is_undefined_length = True
+        inner.is_undefined_length_sequence_item = True
+    return seq
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless])
+@pytest.mark.parametrize("undefined", [False, True])
+def test_scanner_matches_pydicom_with_sequences(tmp_path: Path, syntax: str,
+                                                undefined: bool) -> None:
+    f = generate(tmp_path, series=1, instances=1, rows=8, cols=8, transfer_syntax=syntax,
+                 seed=1)[0]
+    ds = dcmread(f)
+    ds.ReferencedStudySequence = nested(undefined)  # (0008,1110): before the study tags
+    ds.ReferencedImageSequence = nested(undefined)
+    ds.PatientName = "Müller^Jörg"
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SeriesDescription = "AX T1\\COR"
+    out = tmp_path / "x.dcm"
+    ds.save_as(out)
+    got = scan_header(out)
+    assert got is not None
+    assert got[0] == reference(out)
+    assert got[1] == str(syntax)
+
+
+@pytest.mark.parametrize("syntax", [DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_other_syntaxes_go_through_pydicom(tmp_path: Path, syntax: str) -> None:
+    f = generate(tmp_path, series=1, instances=1, rows=8, cols=8, seed=2)[0]
+    ds = dcmread(f)
+    out = tmp_path / "x.dcm"
+    if syntax == ExplicitVRBigEndian:
+        del ds.PixelData
+        ds.file_meta.TransferSyntaxUID = syntax
+        dcmwrite(out, ds, implicit_vr=False, little_endian=False, force_encoding=True)
+    else:
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.save_as(out)
+    assert scan_header(out) is None
+    tags, ts = identify(out)
+    assert tags == reference(out) and ts == str(syntax)
+
+
+def test_unsupported_charset_goes_through_pydicom(tmp_path: Path) -> None:
+    f = generate(tmp_path, series=1, instances=1, rows=8, cols=8, seed=3)[0]
+    ds = dcmread(f)
+    ds.SpecificCharacterSet = "ISO_IR 144"
+    ds.PatientName = "Иванов^Иван"
+    out = tmp_path / "x.dcm"
+    ds.save_as(out)
+    assert scan_header(out) is None
+    assert identify(out)[0]["PatientName"] == "Иванов^Иван"
+
+
+def test_garbage_and_missing_uids_are_unreadable(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00\xff\xff\xff\x7f")
+    with pytest.raises(UnreadableDataset):
+        identify(junk)
+    f = generate(tmp_path, series=1, instances=1, rows=8, cols=8, seed=4)[0]
+    ds = dcmread(f)
+    del ds.StudyInstanceUID
+    out = tmp_path / "nostudy.dcm"
+    ds.save_as(out)
+    with pytest.raises(UnreadableDataset, match="no StudyInstanceUID"):
+        identify(out)
