@@ -39,10 +39,12 @@ class Router:
 
     def start(self) -> None:
         """Recover what a previous run left, then start delivering and receiving."""
-        cleaned = self.spool.clean_tmp()
-        if cleaned:
+        adopted, dropped = self.spool.recover_slots()
+        if adopted:
+            log.info("recovered %d acknowledged instance(s) from their receive slots", adopted)
+        if dropped:
             log.info("removed %d partial reception(s) left by an earlier stop (never "
-                     "acknowledged)", cleaned)
+                     "acknowledged)", dropped)
         adopted = self.spool.adopt_orphans()
         if adopted:
             log.warning("recorded %d spool file(s) the state database did not know (power cut "
@@ -65,6 +67,7 @@ class Router:
                  len(summary["dead"]))
         for name, dest in self.destinations.items():
             log.info("destination %s: %s", name, dest.describe())
+        self.spool.slots.start()
         self.workers.start()
         self._tracker = threading.Thread(target=self._track, name="study-tracker", daemon=True)
         self._tracker.start()
@@ -75,6 +78,7 @@ class Router:
         self.scp.stop()
         self._stop.set()
         self.workers.stop()
+        self.spool.slots.stop()
         if self._tracker:
             self._tracker.join(10)
         self.state.close()

@@ -15,12 +15,12 @@ import contextlib
 import errno
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 from .dicomfile import UnreadableDataset, identify, source_ae
+from .slots import Checksum, SlotPool, is_complete
 from .state import State
 
 log = logging.getLogger("dicomrouter.spool")
@@ -30,31 +30,22 @@ class SpoolFull(OSError):
     """The spool quota or the disk is full: the sender gets 0xA700 (out of resources)."""
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ReceiveFile:
     """Stands in for the NamedTemporaryFile pynetdicom writes a chunked C-STORE dataset to.
 
-    It lives in the spool's own tmp directory (so the final rename never crosses file systems),
-    and a write error such as ENOSPC does not escape into pynetdicom's reader thread (which would
-    abort the association): it is remembered, later writes are dropped, and the C-STORE handler
-    answers 0xA700 for this one instance while the association goes on.
+    It is a receive slot (slots.py) in the spool's own tmp directory, so its name is already
+    durable and the final rename never crosses file systems. A write error such as ENOSPC does not
+    escape into pynetdicom's reader thread (which would abort the association): it is remembered,
+    later writes are dropped, and the handler answers 0xA700 for this one instance while the
+    association goes on.
     """
 
-    def __init__(self, directory: Path) -> None:
-        fd, name = tempfile.mkstemp(suffix=".dcm", prefix="rx-", dir=directory)
-        self.name = name
-        self.file = _GuardedWriter(os.fdopen(fd, "wb", buffering=1 << 20), self)
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
         self.error: OSError | None = None
+        self.file = _GuardedWriter(open(path, "wb", buffering=1 << 20), self)  # noqa: SIM115
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         return self.file.write(data)
 
     def close(self) -> None:
@@ -67,22 +58,26 @@ class _GuardedWriter:
     def __init__(self, raw: Any, owner: ReceiveFile) -> None:
         self._raw = raw
         self._owner = owner
+        self._sum = Checksum()
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         if self._owner.error is None:
             try:
                 self._raw.write(data)
+                self._sum.update(data)
             except OSError as exc:
                 self._owner.error = exc
         return len(data)
 
     def flush(self) -> None:
-        """pynetdicom flushes after every fragment; we flush once, in ReceiveFile.sync()."""
+        """pynetdicom flushes after every fragment; we flush once, in sync()."""
 
     def sync(self) -> None:
+        """Mark the file complete (in its preamble) and fsync it: one sync makes it durable."""
         if self._owner.error is None:
             try:
                 self._raw.flush()
+                os.pwrite(self._raw.fileno(), self._sum.marker(), 0)
                 os.fsync(self._raw.fileno())
             except OSError as exc:
                 self._owner.error = exc
@@ -114,20 +109,30 @@ class Spool:
         # Ingest and deletion of the same study never interleave (a late arrival must not land in
         # a directory being removed); striped so different studies do not wait for each other.
         self._study_locks = [threading.Lock() for _ in range(64)]
+        self.slots = SlotPool(self.tmp)
 
     def study_lock(self, study_uid: str) -> threading.Lock:
         return self._study_locks[hash(study_uid) % len(self._study_locks)]
 
-    def clean_tmp(self) -> int:
-        """Remove leftovers of receptions cut off by a crash (never acknowledged)."""
-        n = 0
-        for p in self.tmp.iterdir():
+    def recover_slots(self) -> tuple[int, int]:
+        """Start-up: slots holding a complete, acknowledged instance go into the spool; partial
+        ones (receptions cut short, never acknowledged) and spare empty ones are removed.
+        Returns (adopted, removed)."""
+        adopted = removed = 0
+        for p in sorted(self.tmp.iterdir()):
             try:
+                if p.stat().st_size and is_complete(p):
+                    tags, tsuid = identify(p)
+                    self._place(p, tags, tsuid, source_ae(p), "")
+                    adopted += 1
+                    continue
+            except (OSError, UnreadableDataset) as exc:
+                log.error("receive slot %s cannot be adopted: %s", p, exc)
+            with contextlib.suppress(OSError):
+                if p.stat().st_size:
+                    removed += 1
                 p.unlink()
-                n += 1
-            except OSError:
-                pass
-        return n
+        return adopted, removed
 
     def adopt_orphans(self) -> int:
         """Record spool files that have no row (the index lost its last transactions in a power
@@ -154,7 +159,7 @@ class Spool:
         return adopted
 
     def new_receive_file(self) -> ReceiveFile:
-        return ReceiveFile(self.tmp)
+        return ReceiveFile(self.slots.take())
 
     @property
     def used_bytes(self) -> int:
@@ -167,8 +172,9 @@ class Spool:
                called_ae: str) -> tuple[dict[str, str], bool]:
         """Make a received file durable and recorded. Returns (index tags, replaced earlier copy).
 
-        Raises SpoolFull (→ 0xA700) or dicomfile.UnreadableDataset (→ 0xC000 range). On any error
-        the temporary file is removed and nothing is recorded.
+        Raises SpoolFull (→ 0xA700) or dicomfile.UnreadableDataset (→ 0xC000 range); the receive
+        slot is then removed. (Should recording fail after the rename, the file stays in the
+        spool and start-up adopts it.)
         """
         src = Path(rx.name)
         try:
@@ -187,29 +193,34 @@ class Spool:
         except BaseException:
             _unlink_quietly(src)
             raise
+        try:
+            replaced = self._place(src, tags, tsuid, calling_ae, called_ae, size)
+        except OSError as exc:
+            _unlink_quietly(src)
+            raise SpoolFull(exc.errno or errno.EIO, f"cannot move into spool: {exc}") from exc
+        return tags, replaced
+
+    def _place(self, src: Path, tags: dict[str, str], tsuid: str, calling_ae: str,
+               called_ae: str, size: int | None = None) -> bool:
+        """Rename a durable, complete file to its spool name and record it.
+
+        No sync here: the content and a durable name already exist (the slot); if a crash loses
+        the rename, start-up finds the instance in its slot again.
+        """
         study_uid = tags["StudyInstanceUID"]
         study_dir = self.data / study_uid
         dest = study_dir / f"{tags['SOPInstanceUID']}.dcm"
+        size = src.stat().st_size if size is None else size
         with self.study_lock(study_uid):
-            try:
-                if not study_dir.is_dir():
-                    study_dir.mkdir()
-                    fsync_dir(self.data)
-                os.replace(src, dest)
-                fsync_dir(study_dir)
-            except OSError as exc:
-                _unlink_quietly(src)
-                raise SpoolFull(exc.errno or errno.EIO, f"cannot move into spool: {exc}") from exc
-            try:
-                replaced, _gen, replaced_size = self.state.record_instance(
-                    tags, tsuid, dest, size, calling_ae, called_ae)
-            except Exception:
-                # Not recorded, so not acknowledged: the sender will send it again.
-                _unlink_quietly(dest)
-                raise
+            study_dir.mkdir(exist_ok=True)
+            os.replace(src, dest)
+            # If recording fails, the sender gets a failure status and the file stays: start-up
+            # adopts it (adopt_orphans), or the sender's next attempt replaces it.
+            replaced, _gen, replaced_size = self.state.record_instance(
+                tags, tsuid, dest, size, calling_ae, called_ae)
         with self._bytes_lock:
             self._bytes += size - replaced_size
-        return tags, replaced
+        return replaced
 
     def delete_delivered(self, study_uid: str, why: str) -> int:
         """Delete the spool files of a study that is still fully delivered; returns bytes freed.

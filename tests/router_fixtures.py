@@ -60,6 +60,11 @@ class Router(PeerProcess):
             self.proc.wait(30)
         self.stop()
 
+    def partial_receptions(self) -> list[Path]:
+        """Non-empty receive slots: data written but not (yet) in the spool. Empty ones are the
+        pre-created slot pool."""
+        return [p for p in (self.spool / "tmp").iterdir() if p.stat().st_size]
+
     def status(self) -> dict[str, Any]:
         r = dicomrouter("status", "--json", "--config", str(self.config_path))
         assert r.returncode == 0, r.stderr

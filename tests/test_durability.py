@@ -142,7 +142,7 @@ def test_spool_quota_answers_out_of_resources_until_space_frees(tmp_path: Path,
         assert len(other) == 5 and all("OutOfResources" in s for s in other), \
             other
         assert len(list((router.spool / "data").rglob("*.dcm"))) == 3
-        assert not list((router.spool / "tmp").iterdir())
+        assert not router.partial_receptions()
         assert "spool quota" in router.log(5000) and "0xA700" in router.log(5000)
         uid = tags_of(study[0], "StudyInstanceUID")[0]
         router.wait_state(uid, "unrouted")
@@ -182,7 +182,7 @@ def test_disk_full_answers_out_of_resources_and_leaves_nothing_partial(
         # every acknowledged instance is complete on disk and recorded; nothing else is there
         files = {p.stem for p in (router.spool / "data").rglob("*.dcm")}
         assert files == {sop(Path(f)) for f in ok}
-        assert not list((router.spool / "tmp").iterdir())
+        assert not router.partial_receptions()
         st = router.status()
         assert sum(s["instances_in_spool"] for s in st["studies"]) == len(ok)
         assert "0xA700" in router.log(5000)

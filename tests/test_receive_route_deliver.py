@@ -138,7 +138,7 @@ def test_bad_datasets_get_failure_status_and_the_association_goes_on(tmp_path: P
         log = router.log(2000)
         assert "refused with 0xC000" in log and "dataset has no StudyInstanceUID" in log
         assert "is not a valid UID" in log
-        assert not list((router.spool / "tmp").iterdir()), "no partial file left behind"
+        assert not router.partial_receptions(), "no partial file left behind"
 
 
 def test_dicom_destination_delivers_to_orthanc(tmp_path: Path, orthanc) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..config import template_keywords
 from ..dicomfile import read_header, render_template, text
-from ..spool import fsync_dir
+from ..slots import MARKER_SIZE, fsync_dir
 from ..state import Instance
 from .base import DeliveryError, Destination, Session
 
@@ -64,6 +64,8 @@ class _FolderSession(Session):
                                        dir=target.parent)
             try:
                 with open(inst.path, "rb") as src, os.fdopen(fd, "wb") as out:
+                    src.seek(MARKER_SIZE)  # the spool's completion marker is not for readers
+                    out.write(b"\x00" * MARKER_SIZE)
                     shutil.copyfileobj(src, out, 1 << 20)
                     out.flush()
                     os.fsync(out.fileno())

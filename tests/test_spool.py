@@ -1,0 +1,60 @@
+"""Receive slots and their completion marker: what start-up adopts and what it drops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydicom import dcmread
+from router_fixtures import dataset_bytes
+
+from dicomrouter.sample import generate
+from dicomrouter.slots import is_complete
+from dicomrouter.spool import Spool
+from dicomrouter.state import State
+
+
+def spool_at(root: Path) -> Spool:
+    return Spool(root, State(root / "state.db"))
+
+
+def test_marker_detects_truncation_and_corruption(tmp_path: Path) -> None:
+    f = generate(tmp_path / "s", series=1, instances=1, rows=16, cols=16, seed=1)[0]
+    spool = spool_at(tmp_path / "spool")
+    rx = spool.new_receive_file()
+    rx.write(f.read_bytes())
+    rx.file.sync()
+    rx.close()
+    slot = Path(rx.name)
+    assert is_complete(slot)
+    data = slot.read_bytes()
+    slot.write_bytes(data[:-10])
+    assert not is_complete(slot)
+    slot.write_bytes(data[:200] + bytes([data[200] ^ 1]) + data[201:])
+    assert not is_complete(slot)
+    slot.write_bytes(data)
+    assert is_complete(slot)
+
+
+def test_startup_adopts_complete_slots_and_drops_partial_ones(tmp_path: Path) -> None:
+    a, b = generate(tmp_path / "s", series=1, instances=2, rows=16, cols=16, seed=2)
+    root = tmp_path / "spool"
+    spool = spool_at(root)
+    done = spool.new_receive_file()  # fsync'd and marked, then the process died: acknowledged
+    done.write(a.read_bytes())
+    done.file.sync()
+    done.close()
+    cut = spool.new_receive_file()  # half received when the process died: never acknowledged
+    cut.write(b.read_bytes()[:1000])
+    cut.close()
+    spare = spool.new_receive_file()  # an empty pre-created slot
+    spare.close()
+    spool.state.close()
+
+    again = spool_at(root)
+    assert again.recover_slots() == (1, 1)
+    assert list((root / "tmp").iterdir()) == []
+    ds = dcmread(a)
+    placed = root / "data" / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert dataset_bytes(placed) == dataset_bytes(a)
+    assert [i.sop_uid for i in again.state.instances(ds.StudyInstanceUID)] == [ds.SOPInstanceUID]
+    assert again.used_bytes == placed.stat().st_size
