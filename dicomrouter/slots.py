@@ -80,7 +80,7 @@ def is_complete(path: Path) -> bool:
 class SlotPool:
     """Keeps ``low``..``low + batch`` empty slot files ready in ``directory``."""
 
-    def __init__(self, directory: Path, low: int = 32, batch: int = 64) -> None:
+    def __init__(self, directory: Path, low: int = 256, batch: int = 256) -> None:
         self.directory = directory
         self.low = low
         self.batch = batch
