@@ -118,7 +118,7 @@ def send(paths: tuple[str, ...], host: str, port: int, aet: str, calling_aet: st
          max_pdu: int) -> None:
     """Send DICOM files and folders (recursively) with C-STORE, over one association."""
     from .scu import DeliveryError, InstanceRejected
-    from .scu.store import Peer, StoreAssociation, batches
+    from .scu.store import Peer, batches, open_association
 
     _setup_logging("WARNING", quiet_pynetdicom=True)
     files, skipped = _collect(paths)
@@ -131,7 +131,7 @@ def send(paths: tuple[str, ...], host: str, port: int, aet: str, calling_aet: st
     for group in batches([(c, t) for _f, c, t in files]):
         chunk = [files[i] for i in group]
         try:
-            assoc = StoreAssociation(peer, {(c, t) for _f, c, t in chunk})
+            assoc = open_association(peer, {(c, t) for _f, c, t in chunk})
         except DeliveryError as exc:
             raise click.ClickException(str(exc)) from None
         try:

@@ -173,7 +173,7 @@ def _folder_options(raw: dict[str, Any], key: str) -> dict[str, Any]:
 
 def _dicom_options(raw: dict[str, Any], key: str) -> dict[str, Any]:
     known = {"type", "ae_title", "host", "port", "calling_ae_title", "max_pdu", "timeout",
-             "concurrency", "retry"}
+             "concurrency", "retry", "sender"}
     _reject_unknown(raw, known, key)
     for required in ("ae_title", "host", "port"):
         if required not in raw:
@@ -186,6 +186,7 @@ def _dicom_options(raw: dict[str, Any], key: str) -> dict[str, Any]:
         if "calling_ae_title" in raw else None,
         "max_pdu": _int(raw.get("max_pdu", 0), f"{key}.max_pdu", 0, 2**32 - 1),
         "timeout": parse_duration(raw.get("timeout", "60s"), f"{key}.timeout"),
+        "sender": _choice(raw.get("sender", "fast"), f"{key}.sender", ("fast", "pynetdicom")),
     }
 
 

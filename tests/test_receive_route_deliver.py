@@ -85,6 +85,10 @@ def test_unknown_calling_ae_is_rejected_and_logged(tmp_path: Path, receiver: str
         good = subprocess.run([*echo[:1], "-aet", "PACS", *echo[1:]], capture_output=True,
                               text=True, timeout=60)
         assert good.returncode == 0, good.stdout + good.stderr
+        f = generate(tmp_path / "one", series=1, instances=1, rows=8, cols=8, seed=2)[0]
+        r = dicomrouter("send", str(f), "--port", str(router.port), "--calling-aet", "INTRUDER")
+        assert r.returncode != 0 and "association rejected" in r.stderr
+        assert "Calling AE title not recognised" in r.stderr
 
 
 def _raw_file(path: Path, body: bytes, sop_uid: str) -> Path:
@@ -141,14 +145,15 @@ def test_bad_datasets_get_failure_status_and_the_association_goes_on(tmp_path: P
         assert not router.partial_receptions(), "no partial file left behind"
 
 
-def test_dicom_destination_delivers_to_orthanc(tmp_path: Path, orthanc) -> None:
+@pytest.mark.parametrize("sender", ["fast", "pynetdicom"])
+def test_dicom_destination_delivers_to_orthanc(tmp_path: Path, orthanc, sender: str) -> None:
     pacs: Orthanc = orthanc(aet="ORTHANC")
     study = generate(tmp_path / "study", series=3, instances=4, rows=32, cols=32, seed=11)
     rle = [f for f in sample_files() if "rle" in str(f)]
     sent = study + rle
     router = Router(tmp_path / "r", {
         "destinations": {"pacs": {"type": "dicom", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                                  "port": pacs.dicom_port}},
+                                  "port": pacs.dicom_port, "sender": sender}},
         "routes": [{"name": "to pacs", "to": ["pacs"]}],
     })
     with router:

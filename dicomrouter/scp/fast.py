@@ -33,85 +33,34 @@ from pynetdicom.presentation import negotiate_as_acceptor
 
 from ..config import Config
 from ..dicomfile import UnreadableDataset
+from ..dimse import (
+    APPLICATION_CONTEXT,
+    C_ECHO_RQ,
+    C_ECHO_RSP,
+    C_STORE_RQ,
+    C_STORE_RSP,
+    CANNOT_UNDERSTAND,
+    IMPLEMENTATION_VERSION,
+    MAX_COMMAND,
+    NO_DATASET,
+    OUT_OF_RESOURCES,
+    PDU_HEADER,
+    PDV_HEADER,
+    VERIFICATION,
+    ProtocolError,
+    encode_response,
+    parse_command,
+    read_exact,
+    text,
+    ui,
+    us,
+)
 from ..spool import ReceiveFile, Spool, SpoolFull
 from .contexts import supported_contexts
 
 log = logging.getLogger("dicomrouter.scp")
 
-IMPLEMENTATION_VERSION = "DICOMROUTER_01"
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-VERIFICATION = "1.2.840.10008.1.1"
-C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
-NO_DATASET = 0x0101
-OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0xA700, 0xC000
-MAX_COMMAND = 1 << 16  # a command set larger than this is not a command set
 CHUNK = 1 << 20
-
-_PDU_HEADER = struct.Struct(">BxI")
-_PDV_HEADER = struct.Struct(">IBB")
-_ELEMENT = struct.Struct("<HHI")
-
-
-class ProtocolError(Exception):
-    """The peer broke the DICOM upper layer protocol: the association is aborted."""
-
-
-def _read_exact(rf: BinaryIO, n: int) -> bytes:
-    data = rf.read(n)
-    if data is None or len(data) != n:
-        raise ConnectionError("connection closed by the peer")
-    return data
-
-
-def parse_command(raw: bytes) -> dict[int, bytes]:
-    """An Implicit VR Little Endian command set: element tag (0000,eeee) → raw value bytes."""
-    out: dict[int, bytes] = {}
-    offset, end = 0, len(raw)
-    while offset + 8 <= end:
-        group, elem, length = _ELEMENT.unpack_from(raw, offset)
-        offset += 8
-        if group != 0 or offset + length > end:
-            raise ProtocolError("malformed command set")
-        out[elem] = raw[offset:offset + length]
-        offset += length
-    return out
-
-
-def _us(cmd: dict[int, bytes], elem: int) -> int:
-    v = cmd.get(elem)
-    if v is None or len(v) != 2:
-        raise ProtocolError(f"command element (0000,{elem:04X}) missing")
-    return int.from_bytes(v, "little")
-
-
-def _ui(cmd: dict[int, bytes], elem: int) -> str:
-    return cmd.get(elem, b"").rstrip(b"\x00 ").decode("ascii", "replace")
-
-
-def _element(elem: int, value: bytes) -> bytes:
-    return _ELEMENT.pack(0, elem, len(value)) + value
-
-
-def _text(value: str, pad: bytes) -> bytes:
-    b = value.encode("ascii", "replace")
-    return b + pad if len(b) % 2 else b
-
-
-def encode_response(context_id: int, command_field: int, message_id: int, sop_class: str,
-                    status: int, sop_instance: str | None = None, comment: str = "") -> bytes:
-    """A complete P-DATA-TF PDU carrying one response command set."""
-    body = _element(0x0002, _text(sop_class, b"\x00"))
-    body += _element(0x0100, struct.pack("<H", command_field))
-    body += _element(0x0120, struct.pack("<H", message_id))
-    body += _element(0x0800, struct.pack("<H", NO_DATASET))
-    body += _element(0x0900, struct.pack("<H", status))
-    if comment:
-        body += _element(0x0902, _text(comment[:64], b" "))
-    if sop_instance is not None:
-        body += _element(0x1000, _text(sop_instance, b"\x00"))
-    command = _element(0x0000, struct.pack("<I", len(body))) + body
-    pdv = _PDV_HEADER.pack(len(command) + 2, context_id, 0x03) + command
-    return _PDU_HEADER.pack(0x04, len(pdv)) + pdv
 
 
 def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
@@ -123,13 +72,13 @@ def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
 def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
     """Preamble, ``DICM`` and the File Meta Information group of a Part 10 file."""
     body = (_meta_element(0x0001, b"OB", b"\x00\x01")
-            + _meta_element(0x0002, b"UI", _text(sop_class, b"\x00"))
-            + _meta_element(0x0003, b"UI", _text(sop_instance, b"\x00"))
-            + _meta_element(0x0010, b"UI", _text(transfer_syntax, b"\x00"))
-            + _meta_element(0x0012, b"UI", _text(PYNETDICOM_IMPLEMENTATION_UID, b"\x00"))
-            + _meta_element(0x0013, b"SH", _text(IMPLEMENTATION_VERSION, b" ")))
+            + _meta_element(0x0002, b"UI", text(sop_class, b"\x00"))
+            + _meta_element(0x0003, b"UI", text(sop_instance, b"\x00"))
+            + _meta_element(0x0010, b"UI", text(transfer_syntax, b"\x00"))
+            + _meta_element(0x0012, b"UI", text(PYNETDICOM_IMPLEMENTATION_UID, b"\x00"))
+            + _meta_element(0x0013, b"SH", text(IMPLEMENTATION_VERSION, b" ")))
     if source_ae:
-        body += _meta_element(0x0016, b"AE", _text(source_ae, b" "))
+        body += _meta_element(0x0016, b"AE", text(source_ae, b" "))
     group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
     return b"\x00" * 128 + b"DICM" + group_length + body
 
@@ -228,17 +177,17 @@ class _Association:
     def run(self) -> None:
         how = "closed"
         try:
-            pdu_type, length = _PDU_HEADER.unpack(_read_exact(self.rf, 6))
+            pdu_type, length = PDU_HEADER.unpack(read_exact(self.rf, 6))
             if pdu_type != 0x01:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
-            if not self._negotiate(_PDU_HEADER.pack(1, length) + _read_exact(self.rf, length)):
+            if not self._negotiate(PDU_HEADER.pack(1, length) + read_exact(self.rf, length)):
                 return
             while True:
-                pdu_type, length = _PDU_HEADER.unpack(_read_exact(self.rf, 6))
+                pdu_type, length = PDU_HEADER.unpack(read_exact(self.rf, 6))
                 if pdu_type == 0x04:
                     self._p_data(length)
                 elif pdu_type == 0x05:
-                    _read_exact(self.rf, length)
+                    read_exact(self.rf, length)
                     self.conn.sendall(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")
                     how = "released"
                     return
@@ -319,7 +268,7 @@ class _Association:
         while remaining > 0:
             if remaining < 6:
                 raise ProtocolError("truncated PDV")
-            item_length, cx_id, control = _PDV_HEADER.unpack(_read_exact(self.rf, 6))
+            item_length, cx_id, control = PDV_HEADER.unpack(read_exact(self.rf, 6))
             fragment = item_length - 2
             remaining -= 4 + item_length
             if fragment < 0 or remaining < 0:
@@ -329,7 +278,7 @@ class _Association:
             if control & 0x01:
                 if len(self._command) + fragment > MAX_COMMAND:
                     raise ProtocolError("command set too large")
-                self._command += _read_exact(self.rf, fragment)
+                self._command += read_exact(self.rf, fragment)
                 if control & 0x02:
                     self._on_command(cx_id, bytes(self._command))
                     self._command.clear()
@@ -342,15 +291,15 @@ class _Association:
 
     def _on_command(self, cx_id: int, raw: bytes) -> None:
         cmd = parse_command(raw)
-        field = _us(cmd, 0x0100)
+        field = us(cmd, 0x0100)
         if field == C_ECHO_RQ:
             log.info("C-ECHO from %s (%s)", self.calling, self.peer)
-            self.conn.sendall(encode_response(cx_id, C_ECHO_RSP, _us(cmd, 0x0110),
-                                              _ui(cmd, 0x0002) or VERIFICATION, 0x0000))
+            self.conn.sendall(encode_response(cx_id, C_ECHO_RSP, us(cmd, 0x0110),
+                                              ui(cmd, 0x0002) or VERIFICATION, 0x0000))
             return
         if field != C_STORE_RQ:
             raise ProtocolError(f"unsupported DIMSE command 0x{field:04X}")
-        if _us(cmd, 0x0800) == NO_DATASET:
+        if us(cmd, 0x0800) == NO_DATASET:
             self._respond_store(cx_id, cmd, CANNOT_UNDERSTAND, "no dataset")
             return
         self._cmd = cmd
@@ -361,7 +310,7 @@ class _Association:
             raise ProtocolError("dataset fragment without its C-STORE-RQ")
         if self._rx is None:
             self._rx = self.spool.new_receive_file()
-            self._rx.write(file_meta(_ui(self._cmd, 0x0002), _ui(self._cmd, 0x1000),
+            self._rx.write(file_meta(ui(self._cmd, 0x0002), ui(self._cmd, 0x1000),
                                      self.contexts[cx_id][1], self.calling))
         view = memoryview(self._buf)
         rx = self._rx
@@ -379,7 +328,7 @@ class _Association:
         if rx is None:  # an empty dataset
             self._respond_store(cx_id, cmd, CANNOT_UNDERSTAND, "empty dataset")
             return
-        sop = _ui(cmd, 0x1000)
+        sop = ui(cmd, 0x1000)
         try:
             tags, _replaced = self.spool.ingest(rx, self.calling, self.called)
         except SpoolFull as exc:
@@ -408,8 +357,8 @@ class _Association:
             self.stored += 1
         else:
             self.failed += 1
-        self.conn.sendall(encode_response(cx_id, C_STORE_RSP, _us(cmd, 0x0110),
-                                          _ui(cmd, 0x0002), status, _ui(cmd, 0x1000), comment))
+        self.conn.sendall(encode_response(cx_id, C_STORE_RSP, us(cmd, 0x0110),
+                                          ui(cmd, 0x0002), status, ui(cmd, 0x1000), comment))
 
     def _discard_partial(self) -> None:
         """A dataset cut off by an abort or a lost connection: never acknowledged, removed."""

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from ..config import DestinationConfig
 from ..state import Instance
 from .base import Destination, Session
-from .store import Peer, StoreAssociation
+from .store import Peer, StoreAssociation, open_association
 
 
 class DicomDestination(Destination):
@@ -16,13 +16,14 @@ class DicomDestination(Destination):
         o = cfg.options
         self.peer = Peer(o["ae_title"], o["host"], o["port"],
                          o["calling_ae_title"] or default_calling_ae, o["max_pdu"], o["timeout"])
+        self.sender = o["sender"]
 
     def describe(self) -> str:
         return f"dicom {self.peer}"
 
     def open(self, instances: Sequence[Instance]) -> Session:
         pairs = {(i.sop_class, i.transfer_syntax) for i in instances}
-        return _DicomSession(StoreAssociation(self.peer, pairs))
+        return _DicomSession(open_association(self.peer, pairs, self.sender))
 
 
 class _DicomSession(Session):
@@ -30,7 +31,7 @@ class _DicomSession(Session):
         self.assoc = assoc
 
     def send(self, inst: Instance) -> None:
-        self.assoc.store(inst.path, inst.sop_class, inst.transfer_syntax)
+        self.assoc.store(inst.path, inst.sop_class, inst.transfer_syntax, inst.sop_uid)
 
     def close(self) -> None:
         self.assoc.release()

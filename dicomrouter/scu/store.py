@@ -103,7 +103,8 @@ class StoreAssociation:
         self._accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                           for cx in self.assoc.accepted_contexts}
 
-    def store(self, path: Path, sop_class: str, transfer_syntax: str) -> int:
+    def store(self, path: Path, sop_class: str, transfer_syntax: str,
+              sop_instance: str | None = None) -> int:
         """Send one file; returns its (success or warning) status, else raises."""
         if not self.assoc.is_established:
             raise DeliveryError(f"association with {self.peer} was lost")
@@ -158,3 +159,13 @@ def batches(items: Sequence[tuple[str, str]]) -> list[list[int]]:
     if current:
         groups.append(current)
     return groups
+
+
+def open_association(peer: Peer, pairs: Iterable[tuple[str, str]],
+                     implementation: str = "fast") -> StoreAssociation:
+    """An established C-STORE association: our lean sender, or pynetdicom's."""
+    if implementation == "pynetdicom":
+        return StoreAssociation(peer, pairs)
+    from .fastsend import FastStoreAssociation
+
+    return FastStoreAssociation(peer, pairs)  # type: ignore[return-value]

@@ -1,0 +1,262 @@
+"""A lean C-STORE SCU: blocking socket, datasets streamed from the spool files as they are.
+
+The mirror of ``scp/fast.py``: pynetdicom's requestor polls with 1 ms sleeps and builds objects
+for every PDU, which capped ``dicomrouter send`` near a third of DCMTK's storescu. Here each
+C-STORE is one command PDU, the dataset bytes read from the file (after its File Meta group) in
+PDVs no larger than the peer accepts, and one blocking read of the response. The association
+request and acceptance use pynetdicom's PDU classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID, ImplicitVRLittleEndian
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+)
+
+from ..dimse import (
+    APPLICATION_CONTEXT,
+    C_STORE_RQ,
+    IMPLEMENTATION_VERSION,
+    MAX_COMMAND,
+    PDU_HEADER,
+    PDV_HEADER,
+    ProtocolError,
+    encode_command,
+    parse_command,
+    pdata,
+    read_exact,
+    text,
+    ui,
+    us,
+)
+from .base import DeliveryError, InstanceRejected
+from .store import UNCOMPRESSED, WARNING_STATUSES, Peer, log, plan_contexts, status_text
+
+OUR_MAX_PDU = 1 << 20  # what we accept from the peer (its responses are tiny)
+DEFAULT_FRAGMENT = 1 << 20  # PDV size when the peer sets no limit
+
+
+def dataset_offset(path: Path) -> int:
+    """Where the dataset starts in a Part 10 file (after preamble, DICM and File Meta)."""
+    with open(path, "rb") as f:
+        head = f.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+        raise InstanceRejected(f"{path} is not a DICOM Part 10 file with a group length")
+    return 144 + struct.unpack_from("<I", head, 140)[0]
+
+
+class FastStoreAssociation:
+    """Same interface as ``store.StoreAssociation`` (store, release)."""
+
+    def __init__(self, peer: Peer, pairs: Iterable[tuple[str, str]]) -> None:
+        self.peer = peer
+        contexts = plan_contexts(pairs)
+        for i, cx in enumerate(contexts):
+            cx.context_id = 2 * i + 1
+        try:
+            self.sock = socket.create_connection((peer.host, peer.port), timeout=peer.timeout)
+        except OSError as exc:
+            raise DeliveryError(f"{peer}: no connection ({exc.strerror or exc}): is the peer up "
+                                "and listening?") from exc
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rf = self.sock.makefile("rb", buffering=64 * 1024)
+        self._message_id = 0
+        self.established = False
+        try:
+            self._associate(contexts)
+        except BaseException:
+            self.close()
+            raise
+
+    def _associate(self, contexts: list) -> None:  # type: ignore[type-arg]
+        rq = A_ASSOCIATE()
+        rq.application_context_name = APPLICATION_CONTEXT
+        rq.calling_ae_title = self.peer.calling_ae_title
+        rq.called_ae_title = self.peer.ae_title
+        rq.presentation_context_definition_list = contexts
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = OUR_MAX_PDU
+        impl = ImplementationClassUIDNotification()
+        impl.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = IMPLEMENTATION_VERSION
+        rq.user_information = [max_length, impl, version]
+        pdu = A_ASSOCIATE_RQ()
+        pdu.from_primitive(rq)
+        try:
+            self.sock.sendall(pdu.encode())
+            pdu_type, length = PDU_HEADER.unpack(read_exact(self.rf, 6))
+            body = read_exact(self.rf, length)
+        except (OSError, ConnectionError) as exc:
+            raise DeliveryError(f"{self.peer}: association aborted by the peer ({exc})") from exc
+        raw = PDU_HEADER.pack(pdu_type, length) + body
+        if pdu_type == 0x03:
+            rj = A_ASSOCIATE_RJ()
+            rj.decode(raw)
+            raise DeliveryError(f"{self.peer}: association rejected ({rj.result_str}, "
+                                f"{rj.source_str}: {rj.reason_str}): check the called/calling "
+                                "AE titles and the peer's allow-list")
+        if pdu_type != 0x02:
+            raise DeliveryError(f"{self.peer}: association aborted by the peer "
+                                f"(PDU type 0x{pdu_type:02X})")
+        ac = A_ASSOCIATE_AC()
+        ac.decode(raw)
+        prim = ac.to_primitive()
+        self.peer_max = 0
+        for item in prim.user_information:
+            if isinstance(item, MaximumLengthNotification):
+                self.peer_max = int(item.maximum_length_received or 0)
+        proposed = {cx.context_id: str(cx.abstract_syntax) for cx in contexts}
+        self.accepted: dict[tuple[str, str], int] = {}
+        for cx in prim.presentation_context_definition_results_list:
+            if cx.result == 0 and cx.context_id in proposed and cx.transfer_syntax:
+                key = (proposed[cx.context_id], str(cx.transfer_syntax[0]))
+                self.accepted.setdefault(key, int(cx.context_id))
+        self.established = True
+
+    @property
+    def fragment(self) -> int:
+        return self.peer_max - 6 if self.peer_max else DEFAULT_FRAGMENT
+
+    def store(self, path: Path, sop_class: str, transfer_syntax: str,
+              sop_instance: str | None = None) -> int:
+        """Send one file; returns its (success or warning) status, else raises."""
+        if not self.established:
+            raise DeliveryError(f"association with {self.peer} was lost")
+        cx_id = self.accepted.get((sop_class, transfer_syntax))
+        payload: bytes | None = None
+        if cx_id is None:
+            cx_id, payload = self._decoded(path, sop_class, transfer_syntax)
+        sop_instance = sop_instance or self._sop_instance(path)
+        self._message_id = self._message_id % 0xFFFF + 1
+        command = encode_command([
+            (0x0002, text(sop_class, b"\x00")),
+            (0x0100, struct.pack("<H", C_STORE_RQ)),
+            (0x0110, struct.pack("<H", self._message_id)),
+            (0x0700, struct.pack("<H", 0)),
+            (0x0800, struct.pack("<H", 0x0000)),
+            (0x1000, text(sop_instance, b"\x00")),
+        ])
+        try:
+            self.sock.sendmsg(pdata(cx_id, 0x03, command))
+            if payload is None:
+                self._send_file(cx_id, path)
+            else:
+                self._send_bytes(cx_id, payload)
+            rsp = self._response()
+        except (OSError, ConnectionError, ProtocolError) as exc:
+            self.established = False
+            raise DeliveryError(f"association with {self.peer} lost: {exc}") from exc
+        status = us(rsp, 0x0900)
+        if status == 0x0000:
+            return status
+        if status in WARNING_STATUSES:
+            log.warning("%s: %s answered %s", path.name, self.peer, status_text(status))
+            return status
+        comment = ui(rsp, 0x0902)
+        raise InstanceRejected(f"{self.peer} answered {status_text(status)}"
+                               + (f" - {comment}" if comment else ""))
+
+    @staticmethod
+    def _sop_instance(path: Path) -> str:
+        from pydicom.filereader import read_file_meta_info
+
+        return str(read_file_meta_info(path).MediaStorageSOPInstanceUID)
+
+    def _send_file(self, cx_id: int, path: Path) -> None:
+        frag = self.fragment
+        with open(path, "rb") as f:
+            f.seek(dataset_offset(path))
+            remaining = path.stat().st_size - f.tell()
+            buf = bytearray(min(frag, max(remaining, 1)))
+            view = memoryview(buf)
+            while True:
+                n = f.readinto(view[:min(frag, remaining)]) if remaining else 0
+                remaining -= n
+                last = remaining <= 0
+                self.sock.sendmsg(pdata(cx_id, 0x02 if last else 0x00, view[:n]))
+                if last:
+                    return
+
+    def _send_bytes(self, cx_id: int, data: bytes) -> None:
+        frag = self.fragment
+        view = memoryview(data)
+        for start in range(0, max(len(data), 1), frag):
+            chunk = view[start:start + frag]
+            last = start + frag >= len(data)
+            self.sock.sendmsg(pdata(cx_id, 0x02 if last else 0x00, chunk))
+
+    def _response(self) -> dict[int, bytes]:
+        command = bytearray()
+        while True:
+            pdu_type, length = PDU_HEADER.unpack(read_exact(self.rf, 6))
+            if pdu_type == 0x07:
+                raise ProtocolError("association aborted by the peer")
+            if pdu_type != 0x04:
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
+            remaining = length
+            while remaining > 0:
+                item_length, _cx, control = PDV_HEADER.unpack(read_exact(self.rf, 6))
+                fragment = read_exact(self.rf, item_length - 2)
+                remaining -= 4 + item_length
+                if not control & 0x01:
+                    continue  # a response with a dataset: not for C-STORE, ignored
+                command += fragment
+                if len(command) > MAX_COMMAND:
+                    raise ProtocolError("response command set too large")
+                if control & 0x02:
+                    return parse_command(bytes(command))
+
+    def _decoded(self, path: Path, sop_class: str, ts: str) -> tuple[int, bytes]:
+        """The dataset re-encoded uncompressed, for a peer that refused the file's syntax."""
+        target = next(((u, self.accepted[(sop_class, str(u))]) for u in UNCOMPRESSED
+                       if (sop_class, str(u)) in self.accepted), None)
+        if target is None:
+            raise InstanceRejected(f"{self.peer} accepted no transfer syntax for SOP class "
+                                   f"{UID(sop_class).name}")
+        syntax, cx_id = target
+        ds = dcmread(path)
+        if UID(ts).is_compressed:
+            try:
+                ds.decompress(generate_instance_uid=False)  # a router never changes UIDs
+            except Exception as exc:
+                raise InstanceRejected(
+                    f"{self.peer} refused {UID(ts).name} and it cannot be decompressed here: "
+                    f"{exc}") from exc
+        out = DicomBytesIO()
+        out.is_little_endian = True
+        out.is_implicit_VR = syntax == ImplicitVRLittleEndian
+        write_dataset(out, ds)
+        log.info("%s: %s refused %s, sending it as %s", path.name, self.peer, UID(ts).name,
+                 UID(syntax).name)
+        return cx_id, out.getvalue()
+
+    def release(self) -> None:
+        if self.established:
+            self.established = False
+            with contextlib.suppress(OSError, ConnectionError):
+                self.sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+                pdu_type, length = PDU_HEADER.unpack(read_exact(self.rf, 6))
+                read_exact(self.rf, length)
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.rf.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
