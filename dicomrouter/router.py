@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 
@@ -34,6 +35,8 @@ class Router:
         self._stop = threading.Event()
         self._tracker: threading.Thread | None = None
         self._warned_quota = False
+        self._cleanup: queue.Queue[str | None] = queue.Queue()
+        self._cleaner = threading.Thread(target=self._clean, name="spool-cleanup", daemon=True)
 
     # ---- life cycle ------------------------------------------------------------------------
 
@@ -68,6 +71,7 @@ class Router:
         for name, dest in self.destinations.items():
             log.info("destination %s: %s", name, dest.describe())
         self.spool.slots.start()
+        self._cleaner.start()
         self.workers.start()
         self._tracker = threading.Thread(target=self._track, name="study-tracker", daemon=True)
         self._tracker.start()
@@ -78,6 +82,8 @@ class Router:
         self.scp.stop()
         self._stop.set()
         self.workers.stop()
+        self._cleanup.put(None)
+        self._cleaner.join(30)
         self.spool.slots.stop()
         if self._tracker:
             self._tracker.join(10)
@@ -139,14 +145,30 @@ class Router:
         if self.state.settle_study(job.study_uid):
             log.info("study %s delivered to every destination", job.study_uid)
             if not self.cfg.keep_after_delivery and self.cfg.retention <= 0:
-                freed = self.spool.delete_delivered(job.study_uid, "delivered")
-                log.info("study %s: spool files deleted (%d bytes)", job.study_uid, freed)
+                self._cleanup.put(job.study_uid)  # not on the delivery thread: unlinks are slow
+
+    def _clean(self) -> None:
+        """Delete the spool files of delivered studies (checked again under the study lock)."""
+        while True:
+            study = self._cleanup.get()
+            if study is None:
+                return
+            try:
+                freed = self.spool.delete_delivered(study, "delivered")
+                if freed:
+                    log.info("study %s: spool files deleted (%d bytes)", study, freed)
+            except Exception:
+                log.exception("study %s: spool cleanup failed (files stay; retried at the next "
+                              "delivery or by 'dicomrouter purge')", study)
 
     def _housekeeping(self) -> None:
-        if self.cfg.retention > 0 and not self.cfg.keep_after_delivery:
-            for study in self.state.delivered_in_spool_before(time.time() - self.cfg.retention):
-                freed = self.spool.delete_delivered(study, "retention period over")
-                log.info("study %s: retention over, spool files deleted (%d bytes)", study, freed)
+        if not self.cfg.keep_after_delivery:
+            # Retention over, or a cleanup that a stop interrupted: delete off this thread.
+            cutoff = time.time() - max(self.cfg.retention, 0.0)
+            for study in self.state.delivered_in_spool_before(cutoff):
+                if self.cfg.retention > 0:
+                    log.info("study %s: retention period over", study)
+                self._cleanup.put(study)
         if self.spool.max_bytes:
             full = self.spool.over_quota()
             if full and not self._warned_quota:

@@ -203,7 +203,7 @@ def test_retention_and_keep_after_delivery(tmp_path: Path) -> None:
         assert len(list((router.spool / "data").rglob("*.dcm"))) == 2
         wait_until(lambda: not list((router.spool / "data").rglob("*.dcm")), timeout=60,
                    what="spool files deleted after the retention period")
-        assert "retention over" in router.log(5000)
+        assert "retention period over" in router.log(5000)
 
 
 def test_crash_anywhere_loses_nothing_acknowledged(tmp_path: Path, orthanc) -> None:
