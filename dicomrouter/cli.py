@@ -345,5 +345,9 @@ def sample(out_dir: str, studies: int, series: int, instances: int, modality: st
     click.echo(f"wrote {len(files)} file(s), {_size(total)}, under {out_dir}")
 
 
+from .bench import bench  # noqa: E402 - registered last: it only imports click at load time
+
+main.add_command(bench)
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,157 @@
+"""``dicomrouter bench``: the router against DCMTK storescp and an Orthanc gateway, on loopback.
+
+The command is a plain click command so the CLI can register it (``main.add_command(bench)``);
+``python -m dicomrouter.bench`` runs it on its own. The work lives in :mod:`dicomrouter.benchmark`,
+imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from types import FrameType
+
+import click
+
+SCENARIO_NAMES = ("P1", "P2", "P3", "P4", "P5")
+
+
+def _scenarios(value: str) -> frozenset[str]:
+    chosen = {v.strip().upper() for v in value.split(",") if v.strip()}
+    unknown = chosen - set(SCENARIO_NAMES)
+    if unknown or not chosen:
+        raise click.BadParameter(f"a comma-separated list of {', '.join(SCENARIO_NAMES)}",
+                                 param_hint="--only")
+    return frozenset(chosen)
+
+
+def _progress(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _terminated(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the peers
+
+
+@click.command()
+@click.option("--runs", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Repetitions; the table shows medians.")
+@click.option("--only", default=",".join(SCENARIO_NAMES), show_default=True,
+              help="Scenarios to run, comma-separated.")
+@click.option("--small", type=click.IntRange(1, 100_000), default=1000, show_default=True,
+              help="Instances (64×64) in the small corpus.")
+@click.option("--ct", type=click.IntRange(1, 10_000), default=300, show_default=True,
+              help="Instances (512×512) in the CT corpus.")
+@click.option("--large-mb", type=click.FloatRange(0.1, 4000), default=500.0, show_default=True,
+              help="Size in MB of the one multi-frame instance of P4.")
+@click.option("--stable-age", type=click.IntRange(1, 60), default=1, show_default=True,
+              help="Whole seconds (Orthanc's StableAge), the same for the router (P2, P4).")
+@click.option("--associations", type=click.IntRange(2, 64), default=8, show_default=True,
+              help="Concurrent storescu associations in P5.")
+@click.option("--storescp-pdu", type=click.IntRange(4096, 131072), default=131072,
+              show_default=True,
+              help="storescp's maximum receive PDU in P1/P5. The router accepts any size, so "
+              "storescu sends it its largest PDUs (128 kB); storescp gets the same unless this "
+              "is lowered (storescp's own default is 16384).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results only.")
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the machine-readable results to this file.")
+@click.option("--markdown", is_flag=True, help="Print the table as Markdown.")
+@click.option("--keep", is_flag=True, help="Keep the temporary directory (corpora, logs).")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to make the temporary directory (default: the system's).")
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Also record the router receiving the small corpus with py-spy "
+              "into this directory (collapsed stacks + summary.txt).")
+def bench(runs: int, only: str, small: int, ct: int, large_mb: float, stable_age: int,
+          associations: int, storescp_pdu: int | None, as_json: bool, json_out: Path | None,
+          markdown: bool, keep: bool, workdir: Path | None, profile_dir: Path | None) -> None:
+    """Measure receive throughput (P1), end-to-end time against an Orthanc gateway (P2), peak
+    memory with a large instance (P4) and concurrent associations (P5).
+
+    Starts its own DCMTK storescp, Orthanc and router processes on free loopback ports, and stops
+    them all at the end. Progress goes to stderr, the table to stdout. Exits 1 if a measurement
+    failed (missed targets are reported, not failures).
+    """
+    import shutil
+
+    from .benchmark import machine, report
+    from .benchmark.procs import BenchError, find_dcmtk, stop_all
+    from .benchmark.scenarios import Bench, Settings
+
+    missing = [t for t in ("storescu", "storescp", "echoscu") if find_dcmtk(t) is None]
+    if missing:
+        raise click.ClickException(f"DCMTK {', '.join(missing)} not found: apt-get install dcmtk "
+                                   "(or set DCMTK_BIN)")
+    settings = Settings(runs=runs, scenarios=_scenarios(only), small=small, ct=ct,
+                        large_mb=large_mb, stable_age=stable_age, associations=associations,
+                        storescp_pdu=storescp_pdu, keep=keep)
+    if not settings.orthanc:
+        _progress("Orthanc not found (apt-get install orthanc): P2 and the Orthanc column are "
+                  "skipped")
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    info = machine.machine_info()
+    _progress(f"machine: {machine.describe(info)}")
+    root = Path(tempfile.mkdtemp(prefix="dicomrouter-bench-", dir=workdir))
+    _progress(f"work directory: {root}")
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    runner = Bench(settings, root, _progress)
+    profile_text = ""
+    try:
+        runner.prepare()
+        runner.run()
+        if profile_dir is not None:
+            from .benchmark.profile import profile_receive
+
+            if "small" not in runner.corpora:
+                from .benchmark.corpus import make_corpus
+
+                runner.corpora["small"] = make_corpus("small", root / "corpora", small, 64, 64)
+            try:
+                profile_text = profile_receive(runner.corpora["small"], root / "profile",
+                                               profile_dir, _progress)
+            except BenchError as exc:
+                runner.errors += 1
+                _progress(f"profile: FAILED: {exc}")
+    finally:
+        stop_all()
+        signal.signal(signal.SIGTERM, previous)
+        if keep:
+            _progress(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    from .config import DESTINATION_TYPES
+
+    rows = report.build_rows(settings, runner.runs,
+                             dicomweb_available="dicomweb" in DESTINATION_TYPES)
+    extra = report.notes(runner.runs)
+    data = report.as_json(settings, runner.corpora, runner.runs, rows, info, extra)
+    if json_out is not None:
+        json_out.write_text(json.dumps(data, indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        corpora = "; ".join(f"{n} {c.describe()}" for n, c in runner.corpora.items())
+        click.echo(f"dicomrouter bench, {info['date']}: {runs} run(s); medians, ratios are "
+                   "medians of per-run ratios")
+        click.echo(f"machine: {machine.describe(info)}")
+        click.echo(f"corpora: {corpora}")
+        click.echo("")
+        click.echo(report.render_markdown(rows) if markdown else report.render_text(rows))
+        for line in extra:
+            click.echo(line)
+        if profile_text:
+            click.echo("")
+            click.echo(profile_text.rstrip())
+    if runner.errors:
+        _progress(f"{runner.errors} measurement(s) failed; see the messages above")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    bench()

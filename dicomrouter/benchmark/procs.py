@@ -1,0 +1,592 @@
+"""Peer processes for the benchmark: DCMTK, Orthanc and ``dicomrouter serve`` on loopback.
+
+Every process writes its output to a log file in its own work directory, is waited for by
+polling (never a fixed sleep) and is stopped with SIGTERM, then SIGKILL. Processes that are still
+running are tracked, so :func:`stop_all` can end them whatever happened; on Linux each child also
+gets ``PR_SET_PDEATHSIG`` so it dies with the benchmark even if the benchmark is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+ORTHANC_BINARY = "/usr/sbin/Orthanc"
+START_TIMEOUT = 120.0
+STOP_TIMEOUT = 30.0
+LOOPBACK = "127.0.0.1"
+
+
+class BenchError(RuntimeError):
+    """A measurement could not be taken: a peer failed, or data did not arrive."""
+
+
+# --------------------------------------------------------------------------- finding programs
+
+
+def is_elf(path: Path) -> bool:
+    """True if ``path`` is an executable ELF binary (not a wrapper script)."""
+    try:
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            return False
+        with path.open("rb") as fh:
+            return fh.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def find_dcmtk(tool: str) -> str | None:
+    """Path of the real DCMTK ``tool`` or None.
+
+    pynetdicom installs Python scripts named storescu/storescp/echoscu that shadow DCMTK's in
+    PATH, so only ELF binaries count. ``$DCMTK_BIN`` (a directory) wins when set.
+    """
+    bin_dir = os.environ.get("DCMTK_BIN")
+    if bin_dir:
+        dirs = [bin_dir]
+    else:
+        dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d] + ["/usr/bin"]
+    for d in dirs:
+        candidate = Path(d) / tool
+        if is_elf(candidate):
+            return str(candidate)
+    return None
+
+
+def dcmtk(tool: str) -> str:
+    """Path of the real DCMTK ``tool``; raises BenchError if it is not installed."""
+    path = find_dcmtk(tool)
+    if path is None:
+        raise BenchError(f"DCMTK {tool!r} not found (apt-get install dcmtk, or set DCMTK_BIN)")
+    return path
+
+
+def find_orthanc() -> str | None:
+    """Path of the Orthanc binary or None."""
+    if is_elf(Path(ORTHANC_BINARY)):
+        return ORTHANC_BINARY
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(d or ".") / "Orthanc"
+        if is_elf(candidate):
+            return str(candidate)
+    return None
+
+
+def tool_version(argv: Sequence[str]) -> str:
+    """First non-empty line of ``argv --version`` (or ``?``)."""
+    try:
+        out = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=30,
+                             check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    lines = [ln.strip() for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    return lines[0] if lines else "?"
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def tcp_accepts(port: int, host: str = LOOPBACK, timeout: float = 1.0) -> bool:
+    """True if something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    interval: float = 0.1,
+    what: str = "",
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Poll ``predicate`` until it returns a truthy value, which is returned.
+
+    Exceptions in ``ignore`` count as "not yet". Raises BenchError naming ``what`` on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except ignore as exc:
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_exc!r})" if last_exc is not None else ""
+            raise BenchError(f"timed out after {timeout:g} s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+def peer_env(**extra: str) -> dict[str, str]:
+    """Environment for peer processes: the current one plus ``TCP_NODELAY=1``."""
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    env.update(extra)
+    return env
+
+
+def router_env() -> dict[str, str]:
+    """:func:`peer_env` whose PYTHONPATH starts with the directory holding *this* dicomrouter.
+
+    So ``python -m dicomrouter`` in a subprocess runs the same code as the benchmark, whatever
+    an editable install elsewhere points to.
+    """
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    return peer_env(PYTHONPATH=f"{root}{os.pathsep}{path}" if path else root)
+
+
+def log_tail(path: Path | None, lines: int = 40) -> str:
+    """Last ``lines`` lines of a log file (empty string if missing)."""
+    if path is None or not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+_PR_SET_PDEATHSIG = 1
+_libc: Any = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError):
+        _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGKILL when the benchmark process dies (Linux)."""
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def popen(argv: Sequence[str], log_path: Path, cwd: Path | None = None,
+          env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with stdout+stderr appended to ``log_path``; it dies with us."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=cwd, env=dict(env or peer_env()),
+                                preexec_fn=_die_with_parent)
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT,
+              signal_sent: bool = False) -> None:
+    """SIGTERM (unless already sent), wait up to ``timeout``, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    if not signal_sent:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=timeout)
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float,
+              tick: Callable[[], None] | None = None, every: float = 0.05) -> bool:
+    """Wait until ``proc`` exits; False if ``timeout`` passed first.
+
+    Wakes up the moment the process ends (a pidfd, Linux >= 5.3), unlike ``Popen.wait(timeout)``,
+    which polls with sleeps of up to 50 ms: too coarse for sub-second timings. ``tick`` is called
+    every ``every`` seconds meanwhile.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        pidfd: int | None = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux, or already reaped
+        pidfd = None
+    try:
+        while proc.poll() is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            step = min(remaining, every) if tick is not None or pidfd is None else remaining
+            if pidfd is not None:
+                select.select([pidfd], [], [], step)
+            else:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=step)
+            if tick is not None:
+                tick()
+        return True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def proc_status_kb(pid: int, field: str) -> int | None:
+    """A ``kB`` field of /proc/PID/status (``VmHWM``, ``VmRSS``), or None if unavailable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------- peers
+
+_LIVE: set[Peer] = set()
+
+
+def stop_together(peers: Iterable[Peer]) -> None:
+    """SIGTERM every peer at once, then wait for each: Orthanc alone needs ~3.5 s to stop."""
+    peers = list(peers)
+    for peer in peers:
+        peer.signal_stop()
+    for peer in peers:
+        peer.stop()
+
+
+def stop_all() -> None:
+    """Stop every peer that is still running (used on the way out, whatever happened)."""
+    stop_together(_LIVE)
+
+
+P = TypeVar("P", bound="Peer")
+
+
+@contextmanager
+def running() -> Iterator[Callable[[P], P]]:
+    """``with running() as start: a = start(Peer(...))``: all started peers stop together."""
+    started: list[Peer] = []
+
+    def start(peer: P) -> P:
+        peer.start()
+        started.append(peer)
+        return peer
+
+    try:
+        yield start
+    finally:
+        stop_together(started)
+
+
+class Peer:
+    """One long-running subprocess with a log file in its work directory."""
+
+    name = "peer"
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = work_dir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stopping = False
+
+    def command(self) -> list[str]:
+        """The argv to run."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """True once the peer serves requests."""
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        """Environment of the process."""
+        return peer_env()
+
+    def prepare(self) -> None:
+        """Write config files before the process starts."""
+
+    @property
+    def pid(self) -> int:
+        """PID of the peer process."""
+        if self.proc is None:
+            raise BenchError(f"{self.name} is not running")
+        return self.proc.pid
+
+    def start(self) -> Self:
+        """Start the process and wait until it is ready; stop it again if that fails."""
+        self.prepare()
+        self.proc = popen(self.command(), self.log_path, cwd=self.work_dir, env=self.env())
+        _LIVE.add(self)
+        try:
+            wait_until(self._ready_or_died, timeout=START_TIMEOUT, interval=0.05,
+                       what=f"{self.name} to become ready (log {self.log_path})")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ready_or_died(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(f"{self.name} exited with code {self.proc.returncode} during "
+                             f"start-up; log {self.log_path}:\n{log_tail(self.log_path)}")
+        return self.ready()
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM (unless :meth:`signal_stop` sent it), then SIGKILL after a grace period."""
+        proc, self.proc = self.proc, None
+        _LIVE.discard(self)
+        if proc is not None:
+            terminate(proc, signal_sent=self._stopping)
+        self._stopping = False
+
+    def signal_stop(self) -> None:
+        """Send SIGTERM without waiting (see :func:`stop_together`)."""
+        if self.proc is not None and self.proc.poll() is None and not self._stopping:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            self._stopping = True
+
+    def log(self, lines: int = 40) -> str:
+        """Tail of the log."""
+        return log_tail(self.log_path, lines)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class StoreSCP(Peer):
+    """DCMTK ``storescp -od DIR -uf -fe .dcm +xa``: the C reference receiver."""
+
+    name = "storescp"
+
+    def __init__(self, work_dir: Path, aet: str = "STORESCP", extra: Sequence[str] = ()) -> None:
+        super().__init__(work_dir)
+        self.aet = aet
+        self.port = free_port()
+        self.out_dir = work_dir / "received"
+        self.extra = list(extra)
+
+    def prepare(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def command(self) -> list[str]:
+        return [dcmtk("storescp"), "--aetitle", self.aet, "-od", str(self.out_dir), "-uf",
+                "-fe", ".dcm", "+xa", *self.extra, str(self.port)]
+
+    def ready(self) -> bool:
+        result = subprocess.run(
+            [dcmtk("echoscu"), "-to", "5", "-aec", self.aet, "-aet", "READYCHECK", LOOPBACK,
+             str(self.port)],
+            capture_output=True, env=peer_env(), timeout=60, check=False)
+        return result.returncode == 0
+
+    def count(self) -> int:
+        """Number of received files."""
+        return sum(1 for _ in self.out_dir.glob("*.dcm"))
+
+
+class Orthanc(Peer):
+    """A private Orthanc (own storage, free DICOM/HTTP ports, no authentication)."""
+
+    name = "orthanc"
+
+    def __init__(
+        self,
+        work_dir: Path,
+        aet: str = "ORTHANC",
+        modalities: Mapping[str, Sequence[Any]] | None = None,
+        lua_scripts: Sequence[Path] = (),
+        stable_age: int = 1,
+    ) -> None:
+        super().__init__(work_dir)
+        self.aet = aet
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        while self.http_port == self.dicom_port:
+            self.http_port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.http_port}"
+        self.modalities = {k: list(v) for k, v in (modalities or {}).items()}
+        self.lua_scripts = [str(p) for p in lua_scripts]
+        self.stable_age = stable_age
+        self.config_path = work_dir / "orthanc.json"
+        self.storage_dir = work_dir / "storage"
+
+    def prepare(self) -> None:
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": f"bench-{self.aet}",
+            "StorageDirectory": str(self.storage_dir),
+            "IndexDirectory": str(self.storage_dir),
+            "DicomServerEnabled": True,
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": self.modalities,
+            "HttpServerEnabled": True,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [],
+            "LuaScripts": self.lua_scripts,
+            "StableAge": self.stable_age,
+            "SaveJobs": False,
+        }
+        self.config_path.write_text(json.dumps(config, indent=2))
+
+    def command(self) -> list[str]:
+        binary = find_orthanc()
+        if binary is None:
+            raise BenchError("Orthanc not found (apt-get install orthanc)")
+        return [binary, str(self.config_path)]
+
+    def ready(self) -> bool:
+        try:
+            self.get("/system")
+        except (OSError, urllib.error.URLError):
+            return False
+        return tcp_accepts(self.dicom_port)
+
+    def get(self, path: str) -> Any:
+        """GET a REST resource and decode its JSON."""
+        with urllib.request.urlopen(self.url + path, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def count(self) -> int:
+        """``CountInstances`` from ``/statistics``."""
+        return int(self.get("/statistics")["CountInstances"])
+
+
+class RouterServer(Peer):
+    """``python -m dicomrouter serve --config <generated yml>``; ``config`` overrides defaults."""
+
+    name = "router"
+
+    def __init__(self, work_dir: Path, config: Mapping[str, Any]) -> None:
+        super().__init__(work_dir)
+        self.port = free_port()
+        self.config: dict[str, Any] = {
+            "ae_title": "DICOMROUTER",
+            "bind": LOOPBACK,
+            "port": self.port,
+            "spool": str(work_dir / "spool"),
+            "log_level": "INFO",
+            **config,
+        }
+        self.aet = str(self.config["ae_title"])
+        self.config_path = work_dir / "router.yml"
+
+    def prepare(self) -> None:
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "dicomrouter", "serve", "--config", str(self.config_path)]
+
+    def env(self) -> dict[str, str]:
+        return router_env()
+
+    def ready(self) -> bool:
+        return "listening as" in self.log(400) and tcp_accepts(self.port)
+
+    def status(self) -> dict[str, Any]:
+        """``dicomrouter status --json --all`` of this router's spool."""
+        r = subprocess.run([sys.executable, "-m", "dicomrouter", "status", "--json", "--all",
+                            "--config", str(self.config_path)], capture_output=True, text=True,
+                           timeout=120, check=False, env=router_env())
+        if r.returncode != 0:
+            raise BenchError(f"dicomrouter status failed: {r.stderr.strip()}")
+        return dict(json.loads(r.stdout))
+
+    def count(self) -> int:
+        """Instances recorded in the spool."""
+        return sum(int(s["instances_in_spool"]) for s in self.status()["studies"])
+
+    def peak_rss_kb(self) -> int | None:
+        """VmHWM (peak resident set size) of the router process."""
+        return proc_status_kb(self.pid, "VmHWM")
+
+    def rss_kb(self) -> int | None:
+        """VmRSS (current resident set size) of the router process."""
+        return proc_status_kb(self.pid, "VmRSS")
+
+
+# --------------------------------------------------------------------------- storescu
+
+# storescu's proposal flag for the transfer syntax the files are stored in
+STORESCU_PROPOSAL_FLAGS = {
+    "1.2.840.10008.1.2.1": "-x=",  # Explicit VR Little Endian (uncompressed, explicit first)
+    "1.2.840.10008.1.2": "-xi",  # Implicit VR Little Endian only
+    "1.2.840.10008.1.2.1.99": "-xd",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.5": "-xr",  # RLE Lossless
+}
+
+
+def storescu_argv(files: Sequence[Path], port: int, aet: str, transfer_syntax: str,
+                  calling: str = "BENCHSCU") -> list[str]:
+    """``storescu`` sending ``files`` in one association, each in its own transfer syntax.
+
+    ``-R`` proposes only the SOP classes present; the syntax flag proposes the files' own
+    transfer syntax (the corpora are uniform), so nothing is converted on the way.
+    """
+    flag = STORESCU_PROPOSAL_FLAGS.get(transfer_syntax)
+    if flag is None:
+        raise BenchError(f"no storescu proposal flag for transfer syntax {transfer_syntax}")
+    return [dcmtk("storescu"), "-aet", calling, "-aec", aet, "-R", flag, LOOPBACK, str(port),
+            *map(str, files)]
+
+
+class StoreSCU:
+    """One or more concurrent ``storescu`` processes; :meth:`run` returns their wall time."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def run(self, argvs: Sequence[Sequence[str]], timeout: float,
+            tick: Callable[[], None] | None = None) -> float:
+        """Start every argv at once, wait for all; seconds from the first start to the last end.
+
+        ``tick`` is called about every 50 ms while waiting (e.g. to sample memory). Raises
+        BenchError (with the log) if one fails or times out; none is left running.
+        """
+        procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+        started = time.perf_counter()
+        try:
+            for n, argv in enumerate(argvs):
+                log = self.log_dir / f"storescu-{n}.log"
+                procs.append((popen(argv, log), log))
+            deadline = time.monotonic() + timeout
+            for proc, log in procs:
+                if not wait_exit(proc, deadline - time.monotonic(), tick):
+                    raise BenchError(f"storescu did not finish within {timeout:g} s; log "
+                                     f"{log}:\n{log_tail(log)}")
+            elapsed = time.perf_counter() - started
+            for proc, log in procs:
+                if proc.returncode != 0:
+                    raise BenchError(f"storescu exited with {proc.returncode}; log {log}:\n"
+                                     f"{log_tail(log)}")
+            return elapsed
+        finally:
+            for proc, _log in procs:
+                terminate(proc, timeout=10)

@@ -1,0 +1,255 @@
+"""From raw measurements to the results table: medians, pairwise ratios, targets, verdicts.
+
+A ratio is computed run by run (run i of the router against run i of its baseline), and the
+median of those ratios is reported, so slow and fast phases of a noisy machine cancel out.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .corpus import Corpus
+from .scenarios import Measurement, Settings
+
+P3_NOT_IMPLEMENTED = "n/a (DICOMweb destination not implemented yet)"
+TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "P1": ("≥ 1.0×", lambda r: r >= 1.0),
+    "P2": ("≤ 0.5×", lambda r: r <= 0.5),
+    "P3": ("≥ 1.0×", lambda r: r >= 1.0),
+    "P4": ("≤ 200 MB", lambda v: v <= 200.0),
+    "P5": ("≥ 1.8×", lambda r: r >= 1.8),
+}
+Runs = Sequence[dict[str, Measurement]]
+
+
+@dataclass
+class Row:
+    """One line of the results table (``values`` holds the medians as numbers)."""
+
+    id: str
+    measurement: str
+    router: str
+    baseline: str
+    ratio: str = "-"
+    target: str = "-"
+    verdict: str = "-"
+    values: dict[str, float | None] = field(default_factory=dict)
+
+
+def median(values: Iterable[float]) -> float | None:
+    """Median, or None for no values."""
+    vals = list(values)
+    return statistics.median(vals) if vals else None
+
+
+def _ok(m: Measurement | None) -> bool:
+    return m is not None and "error" not in m
+
+
+def _series(runs: Runs, key: str, fn: Callable[[Measurement], float]) -> list[float]:
+    """``fn`` of measurement ``key`` in every run where it succeeded."""
+    return [fn(r[key]) for r in runs if _ok(r.get(key))]
+
+
+def _ratios(runs: Runs, num: str, den: str, fn: Callable[[Measurement], float]) -> list[float]:
+    """Per-run ratios ``fn(num) / fn(den)`` for the runs where both succeeded."""
+    return [fn(r[num]) / fn(r[den]) for r in runs
+            if _ok(r.get(num)) and _ok(r.get(den)) and fn(r[den]) > 0]
+
+
+def rate(m: Measurement) -> float:
+    """Instances per second."""
+    return float(m["instances"]) / float(m["seconds"])
+
+
+def mbps(m: Measurement) -> float:
+    """MB (10^6 bytes) per second."""
+    return float(m["bytes"]) / 1e6 / float(m["seconds"])
+
+
+def _failed(runs: Runs, key: str) -> str | None:
+    """The first error of ``key``, if it failed in every run it was attempted."""
+    attempts = [r[key] for r in runs if key in r]
+    if attempts and not any(_ok(m) for m in attempts):
+        return f"error: {attempts[0]['error']}"
+    return None
+
+
+def _throughput(runs: Runs, key: str) -> tuple[str, float | None]:
+    inst = median(_series(runs, key, rate))
+    if inst is None:
+        return _failed(runs, key) or "-", None
+    mb = median(_series(runs, key, mbps))
+    return f"{inst:.0f} inst/s, {mb:.1f} MB/s", inst
+
+
+def _seconds(runs: Runs, key: str) -> tuple[str, float | None]:
+    sec = median(_series(runs, key, lambda m: float(m["seconds"])))
+    if sec is None:
+        return _failed(runs, key) or "-", None
+    return f"{sec:.2f} s", sec
+
+
+def _verdict(scenario: str, value: float | None) -> tuple[str, str]:
+    target, check = TARGETS[scenario]
+    if value is None:
+        return target, "n/a"
+    return target, "met" if check(value) else "not met"
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}×"
+
+
+def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False) -> list[Row]:
+    """The table: one or more rows for each of P1-P5 (``not run`` when not selected)."""
+    rows: list[Row] = []
+    selected = settings.scenarios
+
+    def skipped(scenario: str, what: str, why: str = "not run (--only)") -> None:
+        rows.append(Row(scenario, what, why, "-", verdict="-"))
+
+    # P1: receive throughput, one association
+    if "P1" in selected:
+        for c in ("small", "ct"):
+            router, r_val = _throughput(runs, f"P1/{c}/router")
+            base, _ = _throughput(runs, f"P1/{c}/storescp")
+            ratio = median(_ratios(runs, f"P1/{c}/router", f"P1/{c}/storescp", rate))
+            target, verdict = _verdict("P1", ratio)
+            rows.append(Row("P1", f"receive {c}, 1 association", router,
+                            f"storescp {base}", _fmt_ratio(ratio), target, verdict,
+                            {"router_inst_s": r_val, "ratio": ratio}))
+        if settings.orthanc:
+            for c in ("small", "ct"):
+                router, r_val = _throughput(runs, f"P1/{c}/router")
+                base, b_val = _throughput(runs, f"P1/{c}/orthanc")
+                ratio = median(_ratios(runs, f"P1/{c}/router", f"P1/{c}/orthanc", rate))
+                rows.append(Row("P1", f"receive {c}: vs Orthanc (reference)", router,
+                                f"Orthanc {base}", _fmt_ratio(ratio),
+                                values={"orthanc_inst_s": b_val, "ratio": ratio}))
+    else:
+        skipped("P1", "receive throughput, 1 association")
+
+    # P2: end to end, router vs an Orthanc gateway (Lua OnStableStudy)
+    if "P2" in selected and not settings.orthanc:
+        skipped("P2", "end to end into Orthanc", "n/a (Orthanc not installed)")
+    elif "P2" in selected:
+        for c in ("small", "ct"):
+            router, r_val = _seconds(runs, f"P2/{c}/router")
+            base, b_val = _seconds(runs, f"P2/{c}/gateway")
+            sec = lambda m: float(m["seconds"])  # noqa: E731
+            ratio = median(_ratios(runs, f"P2/{c}/router", f"P2/{c}/gateway", sec))
+            target, verdict = _verdict("P2", ratio)
+            rows.append(Row("P2", f"end to end {c} → Orthanc (minus stable age)", router,
+                            f"Orthanc gateway {base}", _fmt_ratio(ratio), target, verdict,
+                            {"router_s": r_val, "gateway_s": b_val, "ratio": ratio}))
+    else:
+        skipped("P2", "end to end into Orthanc")
+
+    # P3: DICOMweb
+    if "P3" in selected:
+        why = P3_NOT_IMPLEMENTED if not dicomweb_available else \
+            "n/a (DICOMweb destination exists; its measurement is not written yet)"
+        rows.append(Row("P3", "end to end via DICOMweb (STOW-RS)", why, "-",
+                        target=TARGETS["P3"][0], verdict="n/a"))
+    else:
+        skipped("P3", "end to end via DICOMweb (STOW-RS)")
+
+    # P4: peak RSS with the large instance
+    if "P4" in selected:
+        key = "P4/large/router"
+        peak = median(_series(runs, key, lambda m: float(m["peak_rss_mb"])))
+        idle = median(_series(runs, key, lambda m: float(m["idle_rss_mb"])))
+        target, verdict = _verdict("P4", peak)
+        text = f"{peak:.0f} MB" if peak is not None else (_failed(runs, key) or "-")
+        rows.append(Row("P4", "peak RSS, large instance in + out", text,
+                        f"idle {idle:.0f} MB" if idle is not None else "-", "-", target,
+                        verdict, {"peak_rss_mb": peak, "idle_rss_mb": idle}))
+    else:
+        skipped("P4", "peak RSS with the large instance")
+
+    # P5: n concurrent associations vs one
+    if "P5" in selected:
+        n = settings.associations
+        for kind, label in (("router", "router"), ("storescp", "storescp"),
+                            ("storescp-fork", "storescp --fork")):
+            single = "router" if kind == "router" else "storescp"
+            many, m_val = _throughput(runs, f"P5/small/{kind}")
+            one, _ = _throughput(runs, f"P1/small/{single}")
+            ratio = median(_ratios(runs, f"P5/small/{kind}", f"P1/small/{single}", rate))
+            values = {"inst_s": m_val, "ratio": ratio}
+            if kind == "router":
+                target, verdict = _verdict("P5", ratio)
+                rows.append(Row("P5", f"receive small, {n} associations vs 1", many,
+                                f"1 association {one}", _fmt_ratio(ratio), target, verdict,
+                                values))
+            else:  # how a C receiver scales here: the ratio the box allows
+                rows.append(Row("P5", f"same, {label} (reference)", "-",
+                                f"{n}: {many}; 1: {one}", _fmt_ratio(ratio), values=values))
+    else:
+        skipped("P5", "concurrent associations")
+    return rows
+
+
+def notes(runs: Runs) -> list[str]:
+    """Extra facts worth a line under the table."""
+    out: list[str] = []
+    rec = median(_series(runs, "P4/large/router",
+                         lambda m: float(m["bytes"]) / 1e6 / float(m["receive_seconds"])))
+    dlv = median(_series(runs, "P4/large/router", lambda m: float(m["deliver_seconds"])))
+    rx_max = median(_series(runs, "P4/large/router", lambda m: float(m["receive_rss_max_mb"])))
+    fw_max = median(_series(runs, "P4/large/router", lambda m: float(m["forward_rss_max_mb"])))
+    if rec is not None and dlv is not None:
+        out.append(f"P4: the router received the large instance at {rec:.1f} MB/s and forwarded "
+                   f"it to storescp in {dlv:.1f} s after its stable age; VmRSS sampled every "
+                   f"50 ms peaked at {rx_max:.0f} MB while receiving and {fw_max:.0f} MB while "
+                   "forwarding.")
+    for c in ("small", "ct"):
+        r = median(_series(runs, f"P2/{c}/router", lambda m: float(m["receive_seconds"])))
+        g = median(_series(runs, f"P2/{c}/gateway", lambda m: float(m["receive_seconds"])))
+        if r is not None and g is not None:
+            out.append(f"P2 {c}: of which receiving took {r:.2f} s (router) and {g:.2f} s "
+                       "(Orthanc gateway).")
+    return out
+
+
+COLUMNS = ("", "measurement", "dicomrouter", "baseline", "ratio", "target", "verdict")
+
+
+def _cells(row: Row) -> list[str]:
+    return [row.id, row.measurement, row.router, row.baseline, row.ratio, row.target,
+            row.verdict]
+
+
+def render_text(rows: Sequence[Row]) -> str:
+    """A fixed-width table."""
+    table = [list(COLUMNS)] + [_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+             for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_markdown(rows: Sequence[Row]) -> str:
+    """A GitHub Markdown table."""
+    head = ["id", *COLUMNS[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def as_json(settings: Settings, corpora: dict[str, Corpus], runs: Runs, rows: Sequence[Row],
+            machine: dict[str, Any], extra_notes: Sequence[str]) -> dict[str, Any]:
+    """Everything, machine-readable."""
+    return {
+        "machine": machine,
+        "settings": settings.as_dict(),
+        "corpora": {name: c.as_dict() for name, c in corpora.items()},
+        "rows": [asdict(r) for r in rows],
+        "notes": list(extra_notes),
+        "runs": list(runs),
+    }

@@ -1,0 +1,319 @@
+"""The measurements P1-P5: each starts its own peers on free loopback ports and stops them.
+
+Every measurement is one key in a run's dict (``"P1/small/router"``) whose value is a dict of
+numbers, or ``{"error": message}`` when it could not be taken. Raw seconds are stored; rates,
+medians and ratios are computed by :mod:`.report`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .corpus import LARGE_COLS, LARGE_ROWS, Corpus, large_frames, make_corpus
+from .procs import (
+    LOOPBACK,
+    BenchError,
+    Orthanc,
+    Peer,
+    RouterServer,
+    StoreSCP,
+    StoreSCU,
+    find_orthanc,
+    log_tail,
+    running,
+    storescu_argv,
+    wait_until,
+)
+
+SCENARIOS = ("P1", "P2", "P3", "P4", "P5")
+RECEIVE_CORPORA = ("small", "ct")
+P1_RECEIVERS = ("storescp", "router", "orthanc")
+P5_RECEIVERS = ("storescp", "storescp-fork", "router")
+LONG_STABLE_AGE = "1h"  # P1/P5: the router only receives, no study completes during the run
+# The Orthanc gateway P2 compares with: forward every stable study to the modality "target".
+# (SendToModality() in Orthanc's Lua takes an *instance* ID; for a study use the REST API.)
+GATEWAY_LUA = """function OnStableStudy(studyId, tags, metadata)
+  RestApiPost('/modalities/target/store', studyId)
+end
+"""
+
+Measurement = dict[str, Any]
+
+
+@dataclass
+class Settings:
+    """What to run, and how big (the command-line options)."""
+
+    runs: int = 3
+    scenarios: frozenset[str] = frozenset(SCENARIOS)
+    small: int = 1000
+    ct: int = 300
+    large_mb: float = 500.0
+    stable_age: int = 1
+    associations: int = 8
+    storescp_pdu: int | None = None  # storescp's -pdu (None: its default, 16 kB)
+    keep: bool = False
+    orthanc: bool = field(default_factory=lambda: find_orthanc() is not None)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {"runs": self.runs, "scenarios": sorted(self.scenarios), "small": self.small,
+                "ct": self.ct, "large_mb": self.large_mb, "stable_age": self.stable_age,
+                "associations": self.associations, "storescp_pdu": self.storescp_pdu,
+                "orthanc": self.orthanc}
+
+
+def _timeout(corpus: Corpus) -> float:
+    """A generous deadline for moving ``corpus`` once (a noisy 2-core box: ~1 MB/s floor)."""
+    return 300.0 + 2.0 * corpus.mb + 0.2 * corpus.count
+
+
+def _address(peer: Peer) -> tuple[str, int]:
+    """(AE title, DICOM port) of a receiving peer."""
+    if isinstance(peer, Orthanc):
+        return peer.aet, peer.dicom_port
+    if isinstance(peer, StoreSCP | RouterServer):
+        return peer.aet, peer.port
+    raise TypeError(type(peer).__name__)
+
+
+def _count(peer: Peer) -> int:
+    if isinstance(peer, StoreSCP | Orthanc | RouterServer):
+        return peer.count()
+    raise TypeError(type(peer).__name__)
+
+
+class Bench:
+    """Generates the corpora and takes every measurement of every run."""
+
+    def __init__(self, settings: Settings, root: Path, progress: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.root = root
+        self.progress = progress
+        self.corpora: dict[str, Corpus] = {}
+        self.runs: list[dict[str, Measurement]] = []
+        self.errors = 0
+
+    # ---- corpora ----------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Generate the corpora the selected scenarios need."""
+        s = self.settings
+        wanted: list[tuple[str, int, int, int, int]] = []
+        if s.scenarios & {"P1", "P2", "P5"}:
+            wanted.append(("small", s.small, 64, 64, 1))
+        if s.scenarios & {"P1", "P2"}:
+            wanted.append(("ct", s.ct, 512, 512, 1))
+        if "P4" in s.scenarios:
+            wanted.append(("large", 1, LARGE_ROWS, LARGE_COLS, large_frames(s.large_mb)))
+        for seed, (name, count, rows, cols, frames) in enumerate(wanted, 1):
+            started = time.monotonic()
+            corpus = make_corpus(name, self.root / "corpora", count, rows, cols, frames, seed)
+            self.corpora[name] = corpus
+            self.progress(f"corpus {name}: {corpus.describe()} in "
+                          f"{time.monotonic() - started:.1f} s")
+
+    # ---- running ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Every selected scenario, ``runs`` times, interleaved run by run."""
+        s = self.settings
+        for i in range(s.runs):
+            data: dict[str, Measurement] = {}
+            self.runs.append(data)
+            flip = i % 2 == 1  # alternate which side of a pair goes first
+            if "P1" in s.scenarios:
+                receivers = [r for r in P1_RECEIVERS if r != "orthanc" or s.orthanc]
+                for corpus in RECEIVE_CORPORA:
+                    for kind in reversed(receivers) if flip else receivers:
+                        self._measure(i, data, f"P1/{corpus}/{kind}",
+                                      partial(self.receive, kind=kind, corpus_name=corpus))
+            if "P2" in s.scenarios and s.orthanc:
+                modes = ["router", "gateway"]
+                for corpus in RECEIVE_CORPORA:
+                    for mode in reversed(modes) if flip else modes:
+                        self._measure(i, data, f"P2/{corpus}/{mode}",
+                                      partial(self.end_to_end, mode=mode, corpus_name=corpus))
+            if "P4" in s.scenarios:
+                self._measure(i, data, "P4/large/router", self.large)
+            if "P5" in s.scenarios:
+                for kind in ("storescp", "router"):  # one association: P1's, or measured now
+                    key = f"P1/small/{kind}"
+                    if key not in data:
+                        self._measure(i, data, key,
+                                      partial(self.receive, kind=kind, corpus_name="small"))
+                kinds = list(reversed(P5_RECEIVERS)) if flip else list(P5_RECEIVERS)
+                for kind in kinds:
+                    self._measure(i, data, f"P5/small/{kind}",
+                                  partial(self.receive, kind=kind, corpus_name="small",
+                                          parts=s.associations))
+
+    def _measure(self, i: int, data: dict[str, Measurement], key: str,
+                 fn: Callable[[Path], Measurement]) -> None:
+        work = self.root / "runs" / f"run{i + 1}" / key.replace("/", "-")
+        label = f"[run {i + 1}/{self.settings.runs}] {key}"
+        # Write back what earlier steps left dirty (corpora, spools, the large instance), so the
+        # kernel does not flush hundreds of MB in the middle of this measurement.
+        os.sync()
+        try:
+            result = fn(work)
+        except BenchError as exc:
+            self.errors += 1
+            data[key] = {"error": str(exc).splitlines()[0]}
+            self.progress(f"{label}: FAILED: {exc}")
+            for log in sorted(work.rglob("*.log")):
+                self.progress(f"----- {log} -----\n{log_tail(log, 15)}")
+        else:
+            data[key] = result
+            self.progress(f"{label}: {_brief(result)}")
+        finally:
+            if not self.settings.keep:
+                shutil.rmtree(work, ignore_errors=True)
+
+    # ---- peers ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _receiver(self, work: Path, kind: str) -> Iterator[Peer]:
+        """A started receiver of ``kind`` that only receives (no forwarding)."""
+        peer: Peer
+        pdu = ["-pdu", str(self.settings.storescp_pdu)] if self.settings.storescp_pdu else []
+        if kind == "storescp":
+            peer = StoreSCP(work / "storescp", extra=pdu)
+        elif kind == "storescp-fork":
+            peer = StoreSCP(work / "storescp", extra=["--fork", *pdu])
+        elif kind == "router":
+            peer = RouterServer(work / "router", {"stable_age": LONG_STABLE_AGE})
+        elif kind == "orthanc":
+            peer = Orthanc(work / "orthanc")
+        else:
+            raise ValueError(kind)
+        with peer:
+            yield peer
+
+    def _send(self, work: Path, peer: Peer, corpus: Corpus, parts: int = 1,
+              tick: Callable[[], None] | None = None) -> float:
+        """storescu → ``peer`` (``parts`` concurrent associations); wall seconds."""
+        aet, port = _address(peer)
+        argvs = [storescu_argv(files, port, aet, corpus.transfer_syntax, calling=f"BENCHSCU{n}")
+                 for n, files in enumerate(corpus.parts(parts), 1)]
+        return StoreSCU(work / "storescu").run(argvs, timeout=_timeout(corpus), tick=tick)
+
+    @staticmethod
+    def _expect(peer: Peer, n: int, what: str) -> None:
+        wait_until(lambda: _count(peer) >= n, timeout=120, interval=0.2, ignore=(OSError,),
+                   what=f"{n} instance(s) in {what}")
+
+    # ---- the measurements -------------------------------------------------------------------
+
+    def receive(self, work: Path, kind: str, corpus_name: str, parts: int = 1) -> Measurement:
+        """P1 / P5: wall time of storescu (``parts`` associations at once) into ``kind``."""
+        corpus = self.corpora[corpus_name]
+        with self._receiver(work, kind) as peer:
+            seconds = self._send(work, peer, corpus, parts)
+            self._expect(peer, corpus.count, kind)
+        return {"seconds": seconds, "instances": corpus.count, "bytes": corpus.size,
+                "associations": parts}
+
+    def end_to_end(self, work: Path, mode: str, corpus_name: str) -> Measurement:
+        """P2: storescu start → every instance in the target Orthanc, minus the stable age.
+
+        ``mode`` is ``router`` (dicomrouter with a dicom destination) or ``gateway`` (an Orthanc
+        whose Lua ``OnStableStudy`` forwards the study), both with the same stable age.
+        """
+        corpus = self.corpora[corpus_name]
+        age = self.settings.stable_age
+        with running() as start:
+            target = start(Orthanc(work / "target", aet="TARGET"))
+            sender: Peer
+            if mode == "router":
+                sender = RouterServer(work / "router", {
+                    "stable_age": f"{age}s",
+                    "destinations": {"target": {"type": "dicom", "ae_title": target.aet,
+                                                "host": LOOPBACK, "port": target.dicom_port}},
+                    "routes": [{"name": "everything", "to": ["target"]}],
+                })
+            elif mode == "gateway":
+                lua = work / "gateway.lua"
+                lua.write_text(GATEWAY_LUA)
+                sender = Orthanc(work / "gateway", aet="GATEWAY", stable_age=age,
+                                 modalities={"target": [target.aet, LOOPBACK, target.dicom_port]},
+                                 lua_scripts=[lua])
+            else:
+                raise ValueError(mode)
+            start(sender)
+            started = time.perf_counter()
+            receive = self._send(work, sender, corpus)
+
+            def arrived() -> bool:
+                if not sender.alive():
+                    raise BenchError(f"{sender.name} died; log {sender.log_path}")
+                return target.count() >= corpus.count
+
+            wait_until(arrived, timeout=_timeout(corpus) + 10 * age, interval=0.05,
+                       ignore=(OSError, ValueError), what=f"{corpus.count} instances in the "
+                       f"target Orthanc (via {mode})")
+            total = time.perf_counter() - started
+        return {"seconds": total - age, "total_seconds": total, "receive_seconds": receive,
+                "stable_age": age, "instances": corpus.count, "bytes": corpus.size}
+
+    def large(self, work: Path) -> Measurement:
+        """P4: peak RSS (VmHWM) of the router receiving and forwarding the large instance."""
+        corpus = self.corpora["large"]
+        age = self.settings.stable_age
+        with running() as start:
+            sink = start(StoreSCP(work / "sink", aet="SINK"))
+            router = start(RouterServer(work / "router", {
+                "stable_age": f"{age}s",
+                "destinations": {"sink": {"type": "dicom", "ae_title": sink.aet,
+                                          "host": LOOPBACK, "port": sink.port}},
+                "routes": [{"name": "everything", "to": ["sink"]}],
+            }))
+            idle_kb = router.rss_kb()
+            sampled = {"receive": 0, "forward": 0}  # max VmRSS seen in each phase, kB
+
+            def sample(phase: str) -> None:
+                sampled[phase] = max(sampled[phase], router.rss_kb() or 0)
+
+            started = time.perf_counter()
+            receive = self._send(work, router, corpus, tick=partial(sample, "receive"))
+
+            def delivered() -> bool:
+                if not router.alive():
+                    raise BenchError(f"the router died; log {router.log_path}")
+                sample("forward")
+                return "delivered to every destination" in router.log(50)
+
+            wait_until(delivered, timeout=_timeout(corpus) + 10 * age, interval=0.05,
+                       what="the large instance delivered to storescp")
+            total = time.perf_counter() - started
+            peak_kb = router.peak_rss_kb()
+            self._expect(sink, 1, "storescp (the sink)")
+        if peak_kb is None or idle_kb is None:
+            raise BenchError("cannot read VmHWM/VmRSS from /proc (not Linux?)")
+        return {"peak_rss_mb": peak_kb * 1024 / 1e6, "idle_rss_mb": idle_kb * 1024 / 1e6,
+                "receive_rss_max_mb": sampled["receive"] * 1024 / 1e6,
+                "forward_rss_max_mb": sampled["forward"] * 1024 / 1e6,
+                "receive_seconds": receive, "deliver_seconds": total - receive - age,
+                "bytes": corpus.size}
+
+
+def _brief(m: Measurement) -> str:
+    """One progress line for a measurement."""
+    if "peak_rss_mb" in m:
+        return (f"peak RSS {m['peak_rss_mb']:.0f} MB (idle {m['idle_rss_mb']:.0f} MB; sampled max "
+                f"{m['receive_rss_max_mb']:.0f} MB receiving, {m['forward_rss_max_mb']:.0f} MB "
+                f"forwarding), received in {m['receive_seconds']:.2f} s")
+    if "total_seconds" in m:
+        return (f"{m['seconds']:.2f} s end to end after the stable age (receive "
+                f"{m['receive_seconds']:.2f} s)")
+    rate = m["instances"] / m["seconds"]
+    mbps = m["bytes"] / 1e6 / m["seconds"]
+    return f"{m['seconds']:.2f} s, {rate:.0f} instances/s, {mbps:.1f} MB/s"

@@ -1,0 +1,94 @@
+"""The benchmark runs end to end on tiny corpora, and its arithmetic is right (no timing checks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from peers import REPO_ROOT, find_dcmtk, find_orthanc, require_peer
+
+from dicomrouter.benchmark.profile import format_profile, parse_collapsed, top
+from dicomrouter.benchmark.report import Row, build_rows, median, render_markdown, render_text
+from dicomrouter.benchmark.scenarios import Settings
+
+
+def _leftover_processes(marker: str) -> list[str]:
+    """Command lines of running processes that mention ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_bench_smoke_tiny_corpora(tmp_path: Path) -> None:
+    tools = ("storescu", "storescp", "echoscu")
+    missing = [t for t in tools if find_dcmtk(t) is None]
+    require_peer(f"DCMTK ({', '.join(missing)})", not missing, "dcmtk (apt-get install dcmtk)")
+    require_peer("Orthanc", find_orthanc() is not None, "orthanc (apt-get install orthanc)")
+    work = tmp_path / "work"
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TCP_NODELAY": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                      os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run(
+        [sys.executable, "-m", "dicomrouter.bench", "--small", "20", "--ct", "4", "--large-mb",
+         "5", "--runs", "1", "--workdir", str(work), "--json-out", str(out)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for scenario in ("P1", "P2", "P3", "P4", "P5"):
+        assert re.search(rf"^{scenario}\s", r.stdout, re.MULTILINE), (scenario, r.stdout)
+    assert "n/a (DICOMweb destination not implemented yet)" in r.stdout or \
+        "DICOMweb destination exists" in r.stdout
+    data = json.loads(out.read_text())
+    assert {row["id"] for row in data["rows"]} == {"P1", "P2", "P3", "P4", "P5"}
+    assert not any("error" in m for m in data["runs"][0].values())
+    # everything it started is gone, and so is its temporary directory
+    assert _leftover_processes(str(work)) == []
+    assert list(work.iterdir()) == []
+
+
+def test_ratios_are_medians_of_per_run_ratios() -> None:
+    def rx(seconds: float) -> dict[str, float]:
+        return {"seconds": seconds, "instances": 100, "bytes": 1_000_000, "associations": 1}
+
+    # run 1: router 2x slower, run 2: router as fast, run 3: router 4x slower
+    runs = [{"P1/small/router": rx(2.0), "P1/small/storescp": rx(1.0)},
+            {"P1/small/router": rx(5.0), "P1/small/storescp": rx(5.0)},
+            {"P1/small/router": rx(4.0), "P1/small/storescp": {"error": "boom"}}]
+    settings = Settings(runs=3, scenarios=frozenset({"P1"}), orthanc=False)
+    rows = build_rows(settings, runs)
+    small = next(r for r in rows if r.measurement.startswith("receive small"))
+    assert small.values["ratio"] == median([0.5, 1.0])  # the failed run has no pair
+    assert small.verdict == "not met"
+    assert small.router.startswith("25 inst/s")  # median of 50, 20, 25 inst/s
+    assert {r.id for r in rows} == {"P1", "P2", "P3", "P4", "P5"}
+    assert next(r for r in rows if r.id == "P3").verdict == "-"  # not selected
+    text, md = render_text(rows), render_markdown(rows)
+    assert text.splitlines()[0].split()[0] == "measurement"
+    assert md.count("\n") == len(rows) + 1
+
+
+def test_collapsed_stacks_summary() -> None:
+    raw = ("thread (0x1): MainThread;main (a.py:1);work (a.py:5);fsync (b.py:9) 3\n"
+           "thread (0x2): AcceptorThread@20261123;main (a.py:1);work (a.py:6) 1\n")
+    prof = parse_collapsed(raw)
+    assert prof.total == 4
+    assert prof.threads == {"MainThread [0x1]": 3, "AcceptorThread [0x2]": 1}
+    assert prof.thread_self["MainThread [0x1]"] == {"fsync (b.py:9)": 3}
+    text = format_profile("wall", prof)
+    assert "thread MainThread [0x1]: 3 samples, all in fsync (b.py:9)" in text
+    assert prof.self_lines["fsync (b.py:9)"] == 3
+    assert prof.cumulative["work (a.py)"] == 4  # two lines, one function
+    assert top(prof.self_lines, prof.total, 1) == [("fsync (b.py:9)", 75.0)]
+    assert Row("P9", "x", "y", "z").verdict == "-"
