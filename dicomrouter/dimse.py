@@ -7,7 +7,7 @@ Association negotiation PDUs are left to pynetdicom's PDU classes (once per asso
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 IMPLEMENTATION_VERSION = "DICOMROUTER_01"
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -93,3 +93,22 @@ def pdata(context_id: int, control: int, fragment: bytes | memoryview) -> list[b
     """The buffers of one P-DATA-TF PDU holding one PDV (for ``socket.sendmsg``)."""
     n = len(fragment)
     return [PDU_HEADER.pack(0x04, n + 6) + PDV_HEADER.pack(n + 2, context_id, control), fragment]
+
+
+def user_information(max_pdu: int) -> list[Any]:
+    """The user information items we send in A-ASSOCIATE-RQ and -AC: our maximum PDU length and
+    implementation identity."""
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
+    from pynetdicom.pdu_primitives import (
+        ImplementationClassUIDNotification,
+        ImplementationVersionNameNotification,
+        MaximumLengthNotification,
+    )
+
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = IMPLEMENTATION_VERSION
+    return [max_length, impl, version]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,16 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import pytest
+
+# The same helpers the benchmark uses: one place knows how to find the real DCMTK and Orthanc.
+from dicomrouter.benchmark.procs import (  # noqa: F401 - re-exported for the tests
+    find_dcmtk,
+    find_orthanc,
+    free_port,
+    is_elf,
+    peer_env,
+    tcp_accepts,
+)
 
 T = TypeVar("T")
 
@@ -39,48 +48,12 @@ STOP_TIMEOUT = 30.0
 # --------------------------------------------------------------------------- generic helpers
 
 
-def _is_elf(path: Path) -> bool:
-    """True if ``path`` is an executable ELF binary (not a wrapper script)."""
-    try:
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            return False
-        with path.open("rb") as fh:
-            return fh.read(4) == b"\x7fELF"
-    except OSError:
-        return False
-
-
-def find_dcmtk(tool: str) -> str | None:
-    """Path of the real DCMTK ``tool`` or None.
-
-    pynetdicom installs Python scripts called storescu/storescp/echoscu/... that shadow DCMTK's
-    in PATH, so only ELF binaries count. ``$DCMTK_BIN`` (a directory) wins when set.
-    """
-    bin_dir = os.environ.get("DCMTK_BIN")
-    if bin_dir:
-        dirs = [bin_dir]
-    else:
-        dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d] + ["/usr/bin"]
-    for d in dirs:
-        candidate = Path(d) / tool
-        if _is_elf(candidate):
-            return str(candidate)
-    return None
-
-
 def dcmtk(tool: str) -> str:
     """Path of the real DCMTK ``tool``; raises FileNotFoundError if it is not installed."""
     path = find_dcmtk(tool)
     if path is None:
         raise FileNotFoundError(f"DCMTK binary {tool!r} not found (set DCMTK_BIN or install dcmtk)")
     return path
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def require_peer(name: str, found: bool, install_hint: str) -> None:
@@ -119,23 +92,6 @@ def wait_until(
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what or predicate}"
                                  f"{detail}")
         time.sleep(interval)
-
-
-def tcp_accepts(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
-    """True if something accepts TCP connections on ``host:port``."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def peer_env(**extra: str) -> dict[str, str]:
-    """Environment for peer processes: the current one plus ``TCP_NODELAY=1``."""
-    env = dict(os.environ)
-    env["TCP_NODELAY"] = "1"
-    env.update(extra)
-    return env
 
 
 def log_tail(path: Path | None, lines: int = 80) -> str:
@@ -427,14 +383,6 @@ def run_storescu(
 
 
 # --------------------------------------------------------------------------- Orthanc
-
-
-def find_orthanc() -> str | None:
-    """Path of the Orthanc binary or None."""
-    if _is_elf(Path(ORTHANC_BINARY)):
-        return ORTHANC_BINARY
-    found = shutil.which("Orthanc")
-    return found if found and _is_elf(Path(found)) else None
 
 
 def find_dicomweb_plugin() -> str | None:

@@ -25,9 +25,6 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
 )
 from pynetdicom.presentation import negotiate_as_acceptor
 
@@ -54,6 +51,7 @@ from ..dimse import (
     text,
     ui,
     us,
+    user_information,
 )
 from ..spool import ReceiveFile, Spool, SpoolFull
 from .contexts import supported_contexts
@@ -248,13 +246,7 @@ class _Association:
         ac.result = 0x00
         ac.result_source = 0x01
         ac.presentation_context_definition_results_list = results
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = self.server.cfg.max_pdu
-        impl = ImplementationClassUIDNotification()
-        impl.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = IMPLEMENTATION_VERSION
-        ac.user_information = [max_length, impl, version]
+        ac.user_information = user_information(self.server.cfg.max_pdu)
         pdu = A_ASSOCIATE_AC()
         pdu.from_primitive(ac)
         self.conn.sendall(pdu.encode())

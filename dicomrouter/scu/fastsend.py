@@ -15,23 +15,18 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ImplicitVRLittleEndian
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
     MaximumLengthNotification,
 )
 
 from ..dimse import (
     APPLICATION_CONTEXT,
     C_STORE_RQ,
-    IMPLEMENTATION_VERSION,
     MAX_COMMAND,
     PDU_HEADER,
     PDV_HEADER,
@@ -43,9 +38,18 @@ from ..dimse import (
     text,
     ui,
     us,
+    user_information,
 )
 from .base import DeliveryError, InstanceRejected
-from .store import UNCOMPRESSED, WARNING_STATUSES, Peer, log, plan_contexts, status_text
+from .store import (
+    UNCOMPRESSED,
+    WARNING_STATUSES,
+    Peer,
+    decoded_dataset,
+    log,
+    plan_contexts,
+    status_text,
+)
 
 OUR_MAX_PDU = 1 << 20  # what we accept from the peer (its responses are tiny)
 DEFAULT_FRAGMENT = 1 << 20  # PDV size when the peer sets no limit
@@ -89,13 +93,7 @@ class FastStoreAssociation:
         rq.calling_ae_title = self.peer.calling_ae_title
         rq.called_ae_title = self.peer.ae_title
         rq.presentation_context_definition_list = contexts
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = OUR_MAX_PDU
-        impl = ImplementationClassUIDNotification()
-        impl.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = IMPLEMENTATION_VERSION
-        rq.user_information = [max_length, impl, version]
+        rq.user_information = user_information(OUR_MAX_PDU)
         pdu = A_ASSOCIATE_RQ()
         pdu.from_primitive(rq)
         try:
@@ -230,14 +228,7 @@ class FastStoreAssociation:
             raise InstanceRejected(f"{self.peer} accepted no transfer syntax for SOP class "
                                    f"{UID(sop_class).name}")
         syntax, cx_id = target
-        ds = dcmread(path)
-        if UID(ts).is_compressed:
-            try:
-                ds.decompress(generate_instance_uid=False)  # a router never changes UIDs
-            except Exception as exc:
-                raise InstanceRejected(
-                    f"{self.peer} refused {UID(ts).name} and it cannot be decompressed here: "
-                    f"{exc}") from exc
+        ds = decoded_dataset(path, ts, self.peer)
         out = DicomBytesIO()
         out.is_little_endian = True
         out.is_implicit_VR = syntax == ImplicitVRLittleEndian

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
@@ -129,20 +130,25 @@ class StoreAssociation:
         if not any((sop_class, str(u)) in self._accepted for u in UNCOMPRESSED):
             raise InstanceRejected(f"{self.peer} accepted no transfer syntax for SOP class "
                                    f"{UID(sop_class).name}")
-        ds = dcmread(path)
-        if UID(ts).is_compressed:
-            try:
-                ds.decompress(generate_instance_uid=False)  # a router never changes UIDs
-            except Exception as exc:
-                raise InstanceRejected(
-                    f"{self.peer} refused {UID(ts).name} and it cannot be decompressed here: "
-                    f"{exc}") from exc
+        ds = decoded_dataset(path, ts, self.peer)
         log.info("%s: %s refused %s, sending it decoded", path.name, self.peer, UID(ts).name)
         return ds
 
     def release(self) -> None:
         if self.assoc.is_established:
             self.assoc.release()
+
+
+def decoded_dataset(path: Path, ts: str, peer: Peer) -> Dataset:
+    """The file's dataset, decompressed if it is compressed: for a peer that refused its syntax."""
+    ds = dcmread(path)
+    if UID(ts).is_compressed:
+        try:
+            ds.decompress(generate_instance_uid=False)  # a router never changes UIDs
+        except Exception as exc:
+            raise InstanceRejected(f"{peer} refused {UID(ts).name} and it cannot be "
+                                   f"decompressed here: {exc}") from exc
+    return ds
 
 
 def batches(items: Sequence[tuple[str, str]]) -> list[list[int]]:
