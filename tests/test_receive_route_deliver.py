@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from pynetdicom import AE, _config, build_context
 from router_fixtures import Router, dataset_bytes, dicomrouter, tags_of
 
 from dicomrouter.dicomfile import safe_component
+from dicomrouter.dimse import encode_command, pdata, text
 from dicomrouter.sample import generate
 
 pytestmark = pytest.mark.usefixtures("dcmtk_available")
@@ -226,3 +229,46 @@ def test_restart_delivers_a_complete_but_undelivered_study(tmp_path: Path) -> No
         pacs.wait_for_instances(expected, timeout=90)
         router2.wait_state(uid, "delivered")
         assert "retried now rather than after their backoff" in router2.log(2000)
+
+
+def test_protocol_garbage_and_aborts_do_not_hurt_the_router(tmp_path: Path) -> None:
+    """Junk instead of an A-ASSOCIATE-RQ, an A-ABORT in the middle of a dataset, a connection
+    dropped mid-PDU: each association ends, nothing partial is kept, the next sender is served."""
+    study = generate(tmp_path / "study", series=1, instances=2, rows=64, cols=64, seed=41)
+    with folder_router(tmp_path) as router:
+        with socket.create_connection(("127.0.0.1", router.port)) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.settimeout(10)
+            answer = s.recv(100)
+            assert answer[:1] in (b"\x07", b"")  # A-ABORT, or simply closed
+        # a real association that sends half a dataset, then aborts / drops the connection
+        ae = AE(ae_title="HALFWAY")
+        ae.requested_contexts = [build_context(CTImageStorage, [ExplicitVRLittleEndian])]
+        for how in ("abort", "drop"):
+            assoc = ae.associate("127.0.0.1", router.port, ae_title=router.aet)
+            assert assoc.is_established
+            cx = assoc.accepted_contexts[0].context_id
+            sock = assoc.dul.socket.socket
+            # a C-STORE-RQ command set, then one non-final dataset fragment
+            cmd = encode_command([(0x0002, text(str(CTImageStorage), b"\x00")),
+                                  (0x0100, struct.pack("<H", 1)),
+                                  (0x0110, struct.pack("<H", 1)),
+                                  (0x0700, struct.pack("<H", 0)),
+                                  (0x0800, struct.pack("<H", 0)),
+                                  (0x1000, text("1.2.3.4", b"\x00"))])
+            sock.sendmsg(pdata(cx, 0x03, cmd))
+            sock.sendmsg(pdata(cx, 0x00, dataset_bytes(study[0])[:3000]))
+            if how == "abort":
+                assoc.abort()
+            else:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+                assoc.kill()
+        wait_until(lambda: not router.partial_receptions(), timeout=30,
+                   what="partial receptions removed")
+        assert run_storescu(study, router.port).returncode == 0
+        out = tmp_path / "out"
+        wait_until(lambda: all(expected_path(out, f).exists() for f in study), timeout=60,
+                   what="the next sender's study delivered")
+        assert len(list(out.rglob("*.dcm"))) == 2
+        assert router.running
