@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .config import AE_PSEUDO_KEYS, Matcher, RouteConfig
+from .config import Matcher, RouteConfig
 from .dicomfile import read_header, text
 from .state import Instance
 
@@ -68,5 +68,3 @@ def route(routes: Sequence[RouteConfig], instances: Sequence[Instance]) -> Decis
             dests.update(dict.fromkeys(r.to))
     return Decision(tuple(matched), tuple(dests))
 
-
-__all__ = ["AE_PSEUDO_KEYS", "Decision", "route"]

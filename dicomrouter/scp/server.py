@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -48,13 +47,11 @@ class _AssociationTally:
 
 
 class StorageSCP:
-    """Wraps a pynetdicom AE; ``on_stored(study_uid)`` is called after each durable instance."""
+    """Wraps a pynetdicom AE (``receiver: pynetdicom``); same interface as FastStorageSCP."""
 
-    def __init__(self, cfg: Config, spool: Spool,
-                 on_stored: Callable[[str], None] | None = None) -> None:
+    def __init__(self, cfg: Config, spool: Spool) -> None:
         self.cfg = cfg
         self.spool = spool
-        self.on_stored = on_stored or (lambda _uid: None)
         self.server: ThreadedAssociationServer | None = None
         self._tally: dict[int, _AssociationTally] = {}
         self._lock = threading.Lock()
@@ -173,5 +170,4 @@ class StorageSCP:
         self._count(event, True, study)
         log.debug("stored %s of study %s from %s%s", sop, study, calling,
                   " (replaced an earlier copy)" if replaced else "")
-        self.on_stored(study)
         return 0x0000
