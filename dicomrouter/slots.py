@@ -84,7 +84,8 @@ class SlotPool:
         self.directory = directory
         self.low = low
         self.batch = batch
-        self._ready: deque[Path] = deque()
+        self._dir = str(directory)
+        self._ready: deque[str] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -106,9 +107,9 @@ class SlotPool:
             ready, self._ready = list(self._ready), deque()
         for p in ready:
             with contextlib.suppress(OSError):
-                p.unlink()
+                os.unlink(p)
 
-    def take(self) -> Path:
+    def take(self) -> str:
         """An empty slot whose name is durable (made on the spot if the pool ran dry)."""
         with self._lock:
             slot = self._ready.popleft() if self._ready else None
@@ -120,13 +121,13 @@ class SlotPool:
             fsync_dir(self.directory)
         return slot
 
-    def _create(self, n: int) -> list[Path]:
+    def _create(self, n: int) -> list[str]:
         made = []
         for _ in range(n):
             with self._lock:
                 self._counter += 1
                 name = f"{self._prefix}{self._counter}{SLOT_SUFFIX}"
-            p = self.directory / name
+            p = os.path.join(self._dir, name)
             os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
             made.append(p)
         return made

@@ -147,7 +147,7 @@ class State:
 
     # ---- receiving -------------------------------------------------------------------------
 
-    def record_instance(self, tags: dict[str, str], tsuid: str, path: Path, size: int,
+    def record_instance(self, tags: dict[str, str], tsuid: str, path: str | Path, size: int,
                         calling_ae: str, called_ae: str) -> tuple[bool, int, int]:
         """Record a durable instance; returns (replaced, study generation, size it replaced).
 
