@@ -91,6 +91,13 @@ def _bool(value: Any, key: str) -> bool:
     return value
 
 
+def _receivers(raw: dict[str, Any]) -> int:
+    n = _int(raw.get("receivers", 1), "receivers", 1, 16)
+    if n > 1 and raw.get("receiver", "fast") != "fast":
+        raise ConfigError("receivers", "several receiver processes need 'receiver: fast'")
+    return n
+
+
 def _choice(value: Any, key: str, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ConfigError(key, f"one of {', '.join(options)}; got {value!r}")
@@ -293,6 +300,7 @@ class Config:
     routes: tuple[RouteConfig, ...] = ()
     log_level: str = "INFO"
     receiver: str = "fast"
+    receivers: int = 1
     source: str = "embedded defaults"
 
     @property
@@ -303,7 +311,7 @@ class Config:
 TOP_KEYS = {
     "ae_title", "bind", "port", "max_pdu", "allowed_calling_aes", "spool", "stable_age",
     "keep_after_delivery", "retention", "max_spool_size", "retry", "destinations", "routes",
-    "log_level", "receiver",
+    "log_level", "receiver", "receivers",
 }
 
 
@@ -352,6 +360,7 @@ def from_dict(raw: Any, base_dir: Path, source: str) -> Config:
         routes=routes,
         log_level=log_level,
         receiver=_choice(raw.get("receiver", "fast"), "receiver", ("fast", "pynetdicom")),
+        receivers=_receivers(raw),
         source=source,
     )
 

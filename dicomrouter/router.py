@@ -10,6 +10,7 @@ import time
 from . import scu
 from .config import Config
 from .delivery import DeliveryWorkers
+from .receivers import ReceiverProcesses
 from .routing import route
 from .scp.fast import FastStorageSCP
 from .scp.server import StorageSCP
@@ -32,6 +33,7 @@ class Router:
         self.scp: StorageSCP | FastStorageSCP = (
             FastStorageSCP(cfg, self.spool) if cfg.receiver == "fast"
             else StorageSCP(cfg, self.spool))
+        self.receivers = ReceiverProcesses(cfg)
         self._stop = threading.Event()
         self._tracker: threading.Thread | None = None
         self._warned_quota = False
@@ -76,9 +78,11 @@ class Router:
         self._tracker = threading.Thread(target=self._track, name="study-tracker", daemon=True)
         self._tracker.start()
         self.scp.start()
+        self.receivers.start()
 
     def stop(self) -> None:
         log.info("stopping")
+        self.receivers.stop()
         self.scp.stop()
         self._stop.set()
         self.workers.stop()

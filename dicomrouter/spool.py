@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import threading
+import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +96,36 @@ class _GuardedWriter:
                 self._owner.error = exc
 
 
+class _StudyLock:
+    """One stripe: a thread lock, then the same stripe as a byte-range lock (other processes)."""
+
+    __slots__ = ("_thread_lock", "_fd", "_index")
+
+    def __init__(self, thread_lock: threading.Lock, fd: int, index: int) -> None:
+        self._thread_lock = thread_lock
+        self._fd = fd
+        self._index = index
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, self._index)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._index)
+        finally:
+            self._thread_lock.release()
+
+
 class Spool:
     """Puts received files in place durably and records them in the state database."""
 
-    def __init__(self, root: Path, state: State, max_bytes: int = 0) -> None:
+    def __init__(self, root: Path, state: State, max_bytes: int = 0,
+                 shared: bool = False) -> None:
         self.root = root
         self.tmp = root / "tmp"
         self.data = root / "data"
@@ -109,11 +138,17 @@ class Spool:
         self._bytes = state.spool_bytes()
         # Ingest and deletion of the same study never interleave (a late arrival must not land in
         # a directory being removed); striped so different studies do not wait for each other.
+        # The stripes are also byte-range locks on spool/locks, so receiver processes and the
+        # `purge` command exclude each other too (a stable hash: it must agree across processes).
         self._study_locks = [threading.Lock() for _ in range(64)]
+        self._lock_fd = os.open(root / "locks", os.O_RDWR | os.O_CREAT, 0o644)
         self.slots = SlotPool(self.tmp)
+        self.shared = shared
+        self._bytes_read_at = time.monotonic()
 
-    def study_lock(self, study_uid: str) -> threading.Lock:
-        return self._study_locks[hash(study_uid) % len(self._study_locks)]
+    def study_lock(self, study_uid: str) -> _StudyLock:
+        i = zlib.crc32(study_uid.encode()) % len(self._study_locks)
+        return _StudyLock(self._study_locks[i], self._lock_fd, i)
 
     def recover_slots(self) -> tuple[int, int]:
         """Start-up: slots holding a complete, acknowledged instance go into the spool; partial
@@ -183,6 +218,11 @@ class Spool:
             if rx.error is not None:
                 raise SpoolFull(rx.error.errno or errno.ENOSPC, f"write failed: {rx.error}")
             size = os.stat(src).st_size
+            if self.shared and self.max_bytes and time.monotonic() - self._bytes_read_at > 1.0:
+                # other receiver processes fill the same spool: re-read the total now and then
+                with self._bytes_lock:
+                    self._bytes = self.state.spool_bytes()
+                    self._bytes_read_at = time.monotonic()
             if self.max_bytes and self._bytes + size > self.max_bytes:
                 # The counter may be stale: `dicomrouter purge` frees space from another process.
                 with self._bytes_lock:

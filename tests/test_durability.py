@@ -277,3 +277,69 @@ def test_spool_files_the_index_lost_are_adopted_and_delivered(tmp_path: Path) ->
         history = dicomrouter("status", "--study", uid, "--config",
                               str(router2.config_path)).stdout
         assert "from MODALITY" in history  # calling AE recovered from the file meta
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if Path(f"/proc/{p}").exists() and
+            "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]}
+
+
+def test_several_receiver_processes_share_the_port_and_the_spool(tmp_path: Path) -> None:
+    studies = [generate(tmp_path / f"s{i}", series=2, instances=5, rows=16, cols=16, seed=50 + i)
+               for i in range(4)]
+    cfg = {"receivers": 2, "stable_age": "500ms",
+           "destinations": {"a": {"type": "folder", "path": str(tmp_path / "out")}},
+           "routes": [{"name": "all", "to": ["a"]}]}
+    router = Router(tmp_path / "r", cfg)
+    with router:
+        wait_until(lambda: "extra receiver process(es)" in router.log(), timeout=60,
+                   what="receiver processes started")
+        assert router.proc is not None
+        kids = wait_until(lambda: _children(router.proc.pid), timeout=30, what="a child")
+        procs = [subprocess.Popen([dcmtk("storescu"), "-R", "-aet", f"SENDER{i}", "-aec",
+                                   router.aet, "127.0.0.1", str(router.port), *map(str, files)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env=peer_env())
+                 for i, files in enumerate(studies)]
+        assert [p.wait(120) for p in procs] == [0, 0, 0, 0]
+        # the kernel spreads connections by a hash: a few more single associations make sure
+        # the extra process has served one (and not only the main one)
+        for i in range(40):
+            if "[receiver-1]: association from" in router.log(5000):
+                break
+            run_storescu(studies[0][:1], router.port, calling=f"PROBE{i}")
+        assert "[receiver-1]: association from" in router.log(5000)
+        expected = {sop(f) for files in studies for f in files}
+        wait_until(lambda: {p.stem for p in (tmp_path / "out").rglob("*.dcm")} == expected,
+                   timeout=90, what="every instance delivered")
+        for files in studies:
+            router.wait_state(tags_of(files[0], "StudyInstanceUID")[0], "delivered")
+    wait_until(lambda: not _alive(kids), timeout=30, what="receiver processes stopped")
+
+    # a crash of the main process: its receivers notice and stop too
+    with Router(tmp_path / "r", cfg) as router2:
+        wait_until(lambda: "extra receiver process(es)" in router2.log(), timeout=60,
+                   what="receiver processes started")
+        assert router2.proc is not None
+        kids = wait_until(lambda: _children(router2.proc.pid), timeout=30, what="a child")
+        router2.kill()
+        wait_until(lambda: not _alive(kids), timeout=30, what="orphaned receivers to stop")
+
+
+def test_several_receivers_need_the_fast_receiver(tmp_path: Path) -> None:
+    p = tmp_path / "r.yml"
+    p.write_text("receivers: 2\nreceiver: pynetdicom\n")
+    r = dicomrouter("serve", "--check", "--config", str(p))
+    assert r.returncode != 0 and "receivers: several receiver processes need" in r.stderr

@@ -98,7 +98,9 @@ class FastStorageSCP:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        sock = socket.create_server((self.cfg.bind, self.cfg.port), backlog=128)
+        # With several receiver processes each binds the port; the kernel spreads connections.
+        sock = socket.create_server((self.cfg.bind, self.cfg.port), backlog=128,
+                                    reuse_port=self.cfg.receivers > 1)
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="scp-accept", daemon=True)
         self._thread.start()

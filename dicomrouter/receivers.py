@@ -1,0 +1,77 @@
+"""Extra receiver processes (``receivers: N``): more cores for concurrent associations.
+
+Each child binds the same port with SO_REUSEPORT (the kernel spreads incoming connections), runs
+the lean C-STORE receiver into the shared spool and state database, and does nothing else: study
+completion, routing and delivery stay in the main process. Ingest and deletion of one study
+exclude each other across processes through the spool's byte-range locks (spool.py). A child
+exits when the main process is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+
+from .config import Config
+
+log = logging.getLogger("dicomrouter")
+
+
+def run_receiver(cfg: Config, parent_pid: int) -> None:
+    """The body of one receiver process."""
+    logging.basicConfig(level=getattr(logging, cfg.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s [%(processName)s]: "
+                               "%(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    from .scp.fast import FastStorageSCP
+    from .spool import Spool
+    from .state import State
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process; it stops us
+    state = State(cfg.state_db)
+    spool = Spool(cfg.spool, state, cfg.max_spool_size, shared=True)
+    spool.slots.start()
+    scp = FastStorageSCP(cfg, spool)
+    scp.start()
+    while not stop.wait(1.0):
+        if os.getppid() != parent_pid:
+            log.warning("main process gone: receiver stops")
+            break
+    scp.stop()
+    spool.slots.stop()
+    state.close()
+
+
+class ReceiverProcesses:
+    """Starts and stops the ``receivers - 1`` extra processes."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter, no inherited threads
+        for i in range(1, self.cfg.receivers):
+            p = ctx.Process(target=run_receiver, args=(self.cfg, os.getpid()),
+                            name=f"receiver-{i}", daemon=True)
+            p.start()
+            self.procs.append(p)
+        if self.procs:
+            log.info("%d extra receiver process(es) share port %d", len(self.procs),
+                     self.cfg.port)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.join(15)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        self.procs.clear()
