@@ -174,18 +174,21 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
     # P5: n concurrent associations vs one
     if "P5" in selected:
         n = settings.associations
-        for kind, label in (("router", "router"), ("storescp", "storescp"),
-                            ("storescp-fork", "storescp --fork")):
-            single = "router" if kind == "router" else "storescp"
+        for kind, label in (("router", "router"), ("router-2", "router"),
+                            ("storescp", "storescp"), ("storescp-fork", "storescp --fork")):
+            if not any(f"P5/small/{kind}" in r for r in runs):
+                continue  # results from before this variant existed
+            single = "router" if kind.startswith("router") else "storescp"
             many, m_val = _throughput(runs, f"P5/small/{kind}")
             one, _ = _throughput(runs, f"P1/small/{single}")
             ratio = median(_ratios(runs, f"P5/small/{kind}", f"P1/small/{single}", rate))
             values = {"inst_s": m_val, "ratio": ratio}
-            if kind == "router":
+            if kind.startswith("router"):
                 target, verdict = _verdict("P5", ratio)
-                rows.append(Row("P5", f"receive small, {n} associations vs 1", many,
-                                f"1 association {one}", _fmt_ratio(ratio), target, verdict,
-                                values))
+                what = f"receive small, {n} associations vs 1" + (
+                    ", receivers: 2" if kind == "router-2" else "")
+                rows.append(Row("P5", what, many, f"1 association {one}", _fmt_ratio(ratio),
+                                target, verdict, values))
             else:  # how a C receiver scales here: the ratio the box allows
                 rows.append(Row("P5", f"same, {label} (reference)", "-",
                                 f"{n}: {many}; 1: {one}", _fmt_ratio(ratio), values=values))

@@ -36,7 +36,7 @@ from .procs import (
 SCENARIOS = ("P1", "P2", "P3", "P4", "P5")
 RECEIVE_CORPORA = ("small", "ct")
 P1_RECEIVERS = ("storescp", "router", "orthanc")
-P5_RECEIVERS = ("storescp", "storescp-fork", "router")
+P5_RECEIVERS = ("storescp", "storescp-fork", "router", "router-2")
 LONG_STABLE_AGE = "1h"  # P1/P5: the router only receives, no study completes during the run
 # The Orthanc gateway P2 compares with: forward every stable study to the modality "target".
 # (SendToModality() in Orthanc's Lua takes an *instance* ID; for a study use the REST API.)
@@ -191,6 +191,8 @@ class Bench:
             peer = StoreSCP(work / "storescp", extra=["--fork", *pdu])
         elif kind == "router":
             peer = RouterServer(work / "router", {"stable_age": LONG_STABLE_AGE})
+        elif kind == "router-2":  # two receiver processes on the port (receivers: 2)
+            peer = RouterServer(work / "router", {"stable_age": LONG_STABLE_AGE, "receivers": 2})
         elif kind == "orthanc":
             peer = Orthanc(work / "orthanc")
         else:
