@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,13 +23,16 @@ import pytest
 
 # The same helpers the benchmark uses: one place knows how to find the real DCMTK and Orthanc.
 from dicomrouter.benchmark.procs import (  # noqa: F401 - re-exported for the tests
+    BenchError,
     find_dcmtk,
     find_orthanc,
     free_port,
     is_elf,
+    log_tail,
     peer_env,
     tcp_accepts,
 )
+from dicomrouter.benchmark.procs import wait_until as _wait_until
 
 T = TypeVar("T")
 
@@ -73,33 +75,14 @@ def wait_until(
     what: str = "",
     ignore: tuple[type[BaseException], ...] = (),
 ) -> T:
-    """Poll ``predicate`` until it returns a truthy value, which is returned.
+    """The benchmark's poll loop, failing the test (AssertionError) on timeout.
 
-    Exceptions listed in ``ignore`` count as "not yet". Raises AssertionError naming ``what``
-    (and the last ignored exception) on timeout.
+    Returns the predicate's first truthy value; exceptions in ``ignore`` count as "not yet".
     """
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while True:
-        try:
-            result = predicate()
-            if result:
-                return result
-        except ignore as exc:
-            last_exc = exc
-        if time.monotonic() >= deadline:
-            detail = f" (last error: {last_exc!r})" if last_exc is not None else ""
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what or predicate}"
-                                 f"{detail}")
-        time.sleep(interval)
-
-
-def log_tail(path: Path | None, lines: int = 80) -> str:
-    """Last ``lines`` lines of a log file (empty string if missing)."""
-    if path is None or not path.exists():
-        return ""
-    text = path.read_text(errors="replace").splitlines()
-    return "\n".join(text[-lines:])
+    try:
+        return _wait_until(predicate, timeout, interval, what or str(predicate), ignore)
+    except BenchError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 class PeerProcess:
@@ -156,7 +139,7 @@ class PeerProcess:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(
                 f"{self.name} exited with code {self.proc.returncode} during startup; "
-                f"log {self.log_path}:\n{log_tail(self.log_path)}"
+                f"log {self.log_path}:\n{log_tail(self.log_path, 80)}"
             )
         return self.ready()
 
