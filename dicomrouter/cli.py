@@ -240,10 +240,9 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         if row is None:
             raise click.ClickException(f"no study {study} in {root}")
         history = state.history(study)
-        jobs = [j for j in state.summary(with_done=True)["studies"] if j["study_uid"] == study]
         if as_json:
-            click.echo(json.dumps({"study": dict(row), "history": history, "summary": jobs},
-                                  indent=2))
+            click.echo(json.dumps({"study": dict(row), "history": history,
+                                   "summary": state.study_rows(study_uid=study)}, indent=2))
             return
         click.echo(f"study {study}: {row['state']}, generation {row['generation']}, patient "
                    f"{row['patient_id']}, from {row['calling_ae']}")

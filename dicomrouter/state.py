@@ -434,17 +434,26 @@ class State:
 
     # ---- reporting -------------------------------------------------------------------------
 
-    def summary(self, with_done: bool = False) -> dict[str, Any]:
-        """Everything `status` shows, as plain data."""
-        where = "" if with_done else " WHERE s.in_spool=1 OR s.state!='delivered'"
-        studies = [dict(r) for r in self._query(
+    def study_rows(self, with_done: bool = False,
+                   study_uid: str | None = None) -> list[dict[str, Any]]:
+        """The studies `status` lists (all of them, or one), with their spool counts."""
+        if study_uid is not None:
+            where, args = " WHERE s.study_uid=?", (study_uid,)
+        else:
+            where = "" if with_done else " WHERE s.in_spool=1 OR s.state!='delivered'"
+            args = ()
+        return [dict(r) for r in self._query(
             "SELECT s.study_uid, s.patient_id, s.state, s.generation, s.calling_ae,"
             " s.first_received, s.last_received, s.completed_at, s.delivered_at, s.in_spool,"
             " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid AND i.present=1)"
             "   AS instances_in_spool,"
             " (SELECT COALESCE(SUM(size),0) FROM instances i WHERE i.study_uid=s.study_uid"
             "   AND i.present=1) AS bytes_in_spool"
-            f" FROM studies s{where} ORDER BY s.first_received")]
+            f" FROM studies s{where} ORDER BY s.first_received", args)]
+
+    def summary(self, with_done: bool = False) -> dict[str, Any]:
+        """Everything `status` shows, as plain data."""
+        studies = self.study_rows(with_done)
         queues: dict[str, dict[str, int]] = {}
         for r in self._query("SELECT destination, state, COUNT(*) AS n FROM jobs"
                              " GROUP BY destination, state"):
