@@ -186,12 +186,8 @@ class Spool:
                 continue
             if path != self.data / tags["StudyInstanceUID"] / f"{tags['SOPInstanceUID']}.dcm":
                 continue  # not a name the spool gives: leave it alone
-            calling = source_ae(path)
-            self.state.record_instance(tags, tsuid, path, path.stat().st_size, calling, "")
+            self._place(path, tags, tsuid, source_ae(path), "")  # already in place: records it
             adopted += 1
-        if adopted:
-            with self._bytes_lock:
-                self._bytes = self.state.spool_bytes()
         return adopted
 
     def new_receive_file(self) -> ReceiveFile:
