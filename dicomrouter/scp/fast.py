@@ -165,7 +165,7 @@ class _Association:
         self.stored = 0
         self.failed = 0
         self.studies: set[str] = set()
-        self._buf = bytearray(CHUNK)
+        self._buf: bytearray | None = None  # made at the first dataset (not for a C-ECHO)
         # the message being received
         self._command = bytearray()
         self._cmd: dict[int, bytes] | None = None
@@ -306,6 +306,8 @@ class _Association:
             self._rx = self.spool.new_receive_file()
             self._rx.write(file_meta(ui(self._cmd, 0x0002), ui(self._cmd, 0x1000),
                                      self.contexts[cx_id][1], self.calling))
+        if self._buf is None:
+            self._buf = bytearray(CHUNK)
         view = memoryview(self._buf)
         rx = self._rx
         while n > 0:

@@ -10,10 +10,12 @@ request and acceptance use pynetdicom's PDU classes.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -55,13 +57,13 @@ OUR_MAX_PDU = 1 << 20  # what we accept from the peer (its responses are tiny)
 DEFAULT_FRAGMENT = 1 << 20  # PDV size when the peer sets no limit
 
 
-def dataset_offset(path: Path) -> int:
-    """Where the dataset starts in a Part 10 file (after preamble, DICM and File Meta)."""
-    with open(path, "rb") as f:
-        head = f.read(144)
+def seek_dataset(f: BinaryIO, path: Path) -> int:
+    """Position an open Part 10 file at its dataset (after preamble, DICM and File Meta);
+    returns the offset."""
+    head = f.read(144)
     if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
         raise InstanceRejected(f"{path} is not a DICOM Part 10 file with a group length")
-    return 144 + struct.unpack_from("<I", head, 140)[0]
+    return f.seek(144 + struct.unpack_from("<I", head, 140)[0])
 
 
 class FastStoreAssociation:
@@ -179,8 +181,7 @@ class FastStoreAssociation:
     def _send_file(self, cx_id: int, path: Path) -> None:
         frag = self.fragment
         with open(path, "rb") as f:
-            f.seek(dataset_offset(path))
-            remaining = path.stat().st_size - f.tell()
+            remaining = os.fstat(f.fileno()).st_size - seek_dataset(f, path)
             buf = bytearray(min(frag, max(remaining, 1)))
             view = memoryview(buf)
             while True:
