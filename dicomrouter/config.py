@@ -275,11 +275,10 @@ def _route(raw: Any, key: str, destinations: dict[str, DestinationConfig],
     to_list = to_raw if isinstance(to_raw, list) else [to_raw]
     if not to_list:
         raise ConfigError(f"{key}.to", "needs at least one destination")
-    for i, dest in enumerate(to_list):
+    for dest in to_list:
         if dest not in destinations:
             known = ", ".join(destinations) or "none defined"
             raise ConfigError(f"{key}.to", f"unknown destination {dest!r} (known: {known})")
-        del i
     return RouteConfig(name=name, when=when, to=tuple(dict.fromkeys(to_list)))
 
 

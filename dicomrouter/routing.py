@@ -25,10 +25,12 @@ class Decision:
 
 
 class _StudyView:
-    """Tag values of a study's instances, reading a file only for keywords not indexed."""
+    """Tag values of a study's instances, reading a file only for keywords not indexed: once
+    per file, for every such keyword the routing table uses."""
 
-    def __init__(self, instances: Sequence[Instance]) -> None:
+    def __init__(self, instances: Sequence[Instance], keywords: set[str]) -> None:
         self.instances = instances
+        self._keywords = keywords
         self._headers: dict[str, dict[str, str]] = {}
 
     def values(self, keyword: str, inst: Instance) -> list[str]:
@@ -40,18 +42,17 @@ class _StudyView:
         return raw.split("\\") if raw else [""]
 
     def _read(self, inst: Instance, keyword: str) -> str:
-        cache = self._headers.setdefault(inst.sop_uid, {})
-        if keyword not in cache:
-            if not inst.path.exists():  # an earlier generation, already delivered and deleted
-                cache[keyword] = ""
-                return ""
-            try:
-                ds = read_header(inst.path)
-                cache[keyword] = text(ds.get(keyword))
-            except Exception as exc:  # a file we stored and could parse once; log, don't crash
-                log.warning("cannot read %s from %s: %s", keyword, inst.path, exc)
-                cache[keyword] = ""
-        return cache[keyword]
+        cache = self._headers.get(inst.sop_uid)
+        if cache is None:
+            cache = self._headers[inst.sop_uid] = {}
+            if inst.path.exists():  # else: an earlier generation, delivered and deleted
+                try:
+                    ds = read_header(inst.path)
+                    cache.update({kw: text(ds.get(kw)) for kw in self._keywords})
+                except Exception as exc:  # a file we stored and parsed once: log, don't crash
+                    log.warning("cannot read %s from %s: %s", ", ".join(sorted(self._keywords)),
+                                inst.path, exc)
+        return cache.get(keyword, "")
 
     def holds(self, m: Matcher) -> bool:
         return any(any(m.accepts(v) for v in self.values(m.keyword, i)) for i in self.instances)
@@ -59,7 +60,7 @@ class _StudyView:
 
 def route(routes: Sequence[RouteConfig], instances: Sequence[Instance]) -> Decision:
     """Evaluate the routing table for one study."""
-    view = _StudyView(instances)
+    view = _StudyView(instances, {m.keyword for r in routes for m in r.when})
     matched: list[str] = []
     dests: dict[str, None] = {}
     for r in routes:
