@@ -85,6 +85,18 @@ class _GuardedWriter:
             except OSError as exc:
                 self._owner.error = exc
 
+    def drop_cache(self) -> None:
+        """Give the file's page-cache pages back now that they are on disk (after sync()).
+
+        The spool is written once and read back later, if at all (delivery comes after the
+        stable age). Keeping every received byte cached made each new instance take never-used
+        pages, which on this VM cost ~12 µs a page (1.4 ms of a 526 kB CT instance, more than the
+        fsync); freed pages are reused at once. Delivery re-reads the file from disk (~1 GB/s).
+        """
+        if self._owner.error is None:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._raw.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
     def fileno(self) -> int:
         return self._raw.fileno()
 
@@ -227,6 +239,7 @@ class Spool:
                     raise SpoolFull(errno.ENOSPC, f"spool quota of {self.max_bytes} bytes "
                                     f"reached ({self._bytes} used)")
             tags, tsuid = identify(src)
+            rx.file.drop_cache()
         except BaseException:
             _unlink_quietly(src)
             raise
