@@ -36,7 +36,7 @@ def run_receiver(cfg: Config, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process; it stops us
     state = State(cfg.state_db)
     spool = Spool(cfg.spool, state, cfg.max_spool_size, shared=True)
-    spool.slots.start()
+    spool.start()
     scp = FastStorageSCP(cfg, spool)
     scp.start()
     while not stop.wait(1.0):
@@ -44,7 +44,7 @@ def run_receiver(cfg: Config, parent_pid: int) -> None:
             log.warning("main process gone: receiver stops")
             break
     scp.stop()
-    spool.slots.stop()
+    spool.stop()
     state.close()
 
 

@@ -72,7 +72,7 @@ class Router:
                  len(summary["dead"]))
         for name, dest in self.destinations.items():
             log.info("destination %s: %s", name, dest.describe())
-        self.spool.slots.start()
+        self.spool.start()
         self._cleaner.start()
         self.workers.start()
         self._tracker = threading.Thread(target=self._track, name="study-tracker", daemon=True)
@@ -88,7 +88,7 @@ class Router:
         self.workers.stop()
         self._cleanup.put(None)
         self._cleaner.join(30)
-        self.spool.slots.stop()
+        self.spool.stop()
         if self._tracker:
             self._tracker.join(10)
         self.state.close()

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,18 @@ class _GuardedWriter:
                 self._owner.error = exc
 
 
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A received instance, durable in its receive slot, not yet in the spool's tree."""
+
+    path: str
+    tags: dict[str, str]
+    tsuid: str
+    size: int
+    calling_ae: str
+    called_ae: str
+
+
 class _StudyLock:
     """One stripe: a thread lock, then the same stripe as a byte-range lock (other processes)."""
 
@@ -157,6 +170,13 @@ class Spool:
         self.slots = SlotPool(self.tmp)
         self.shared = shared
         self._bytes_read_at = time.monotonic()
+
+    def start(self) -> None:
+        """Start preparing receive slots in the background."""
+        self.slots.start()
+
+    def stop(self) -> None:
+        self.slots.stop()
 
     def study_lock(self, study_uid: str) -> _StudyLock:
         i = zlib.crc32(study_uid.encode()) % len(self._study_locks)
@@ -220,6 +240,23 @@ class Spool:
         slot is then removed. (Should recording fail after the rename, the file stays in the
         spool and start-up adopts it.)
         """
+        accepted = self.accept(rx, calling_ae, called_ae)
+        try:
+            replaced = self._place(accepted.path, accepted.tags, accepted.tsuid, calling_ae,
+                                   called_ae, accepted.size)
+        except OSError as exc:
+            _unlink_quietly(accepted.path)
+            raise SpoolFull(exc.errno or errno.EIO, f"cannot move into spool: {exc}") from exc
+        return accepted.tags, replaced
+
+    def accept(self, rx: ReceiveFile, calling_ae: str, called_ae: str) -> Accepted:
+        """Make a received file durable in its slot and read its index tags.
+
+        From here on the instance may be acknowledged: start-up adopts a slot with a valid
+        marker, so ``place`` (rename and record) can follow the response instead of delaying it.
+        Raises SpoolFull (→ 0xA700) or dicomfile.UnreadableDataset (→ 0xC000 range); the receive
+        slot is then removed.
+        """
         src = rx.name  # plain strings on this path: pathlib was a third of its interpreter time
         try:
             rx.file.sync()
@@ -243,12 +280,35 @@ class Spool:
         except BaseException:
             _unlink_quietly(src)
             raise
+        return Accepted(src, tags, tsuid, size, calling_ae, called_ae)
+
+    def place(self, accepted: Accepted) -> bool:
+        """Rename an accepted (already acknowledged) instance into the spool and record it.
+
+        Returns whether it replaced an earlier copy. On failure the instance stays durable where
+        it is (its slot, or its spool name without a row) and the next start-up adopts it; the
+        error is logged here.
+        """
         try:
-            replaced = self._place(src, tags, tsuid, calling_ae, called_ae, size)
-        except OSError as exc:
-            _unlink_quietly(src)
-            raise SpoolFull(exc.errno or errno.EIO, f"cannot move into spool: {exc}") from exc
-        return tags, replaced
+            return self._place(accepted.path, accepted.tags, accepted.tsuid,
+                               accepted.calling_ae, accepted.called_ae, accepted.size)
+        except Exception:
+            log.exception("instance %s of study %s is stored (received as %s) but could not be "
+                          "moved into the spool or recorded; the next start-up adopts it",
+                          accepted.tags.get("SOPInstanceUID"),
+                          accepted.tags.get("StudyInstanceUID"), accepted.path)
+            return False
+
+    def _rename(self, src: str | Path, tags: dict[str, str]) -> str:
+        """Move ``src`` to its spool name (caller holds the study lock); returns that name."""
+        study_dir = os.path.join(self._data_dir, tags["StudyInstanceUID"])
+        dest = os.path.join(study_dir, tags["SOPInstanceUID"] + ".dcm")
+        try:
+            os.replace(src, dest)
+        except FileNotFoundError:  # the study's first instance: make its directory
+            os.makedirs(study_dir, exist_ok=True)
+            os.replace(src, dest)
+        return dest
 
     def _place(self, src: str | Path, tags: dict[str, str], tsuid: str, calling_ae: str,
                called_ae: str, size: int | None = None) -> bool:
@@ -257,16 +317,9 @@ class Spool:
         No sync here: the content and a durable name already exist (the slot); if a crash loses
         the rename, start-up finds the instance in its slot again.
         """
-        study_uid = tags["StudyInstanceUID"]
-        study_dir = os.path.join(self._data_dir, study_uid)
-        dest = os.path.join(study_dir, tags["SOPInstanceUID"] + ".dcm")
         size = os.stat(src).st_size if size is None else size
-        with self.study_lock(study_uid):
-            try:
-                os.replace(src, dest)
-            except FileNotFoundError:  # the study's first instance: make its directory
-                os.makedirs(study_dir, exist_ok=True)
-                os.replace(src, dest)
+        with self.study_lock(tags["StudyInstanceUID"]):
+            dest = self._rename(src, tags)
             # If recording fails, the sender gets a failure status and the file stays: start-up
             # adopts it (adopt_orphans), or the sender's next attempt replaces it.
             replaced, _gen, replaced_size = self.state.record_instance(

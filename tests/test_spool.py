@@ -58,3 +58,25 @@ def test_startup_adopts_complete_slots_and_drops_partial_ones(tmp_path: Path) ->
     assert dataset_bytes(placed) == dataset_bytes(a)
     assert [i.sop_uid for i in again.state.instances(ds.StudyInstanceUID)] == [ds.SOPInstanceUID]
     assert again.used_bytes == placed.stat().st_size
+
+
+def test_an_acknowledged_instance_not_yet_placed_is_adopted_at_startup(tmp_path: Path) -> None:
+    """The receiver answers after ``accept`` and renames/records (``place``) afterwards: a crash
+    in between must leave the instance where start-up finds it."""
+    (a,) = generate(tmp_path / "s", series=1, instances=1, rows=16, cols=16, seed=3)
+    root = tmp_path / "spool"
+    spool = spool_at(root)
+    rx = spool.new_receive_file()
+    rx.write(a.read_bytes())
+    accepted = spool.accept(rx, "MODALITY", "ROUTER")  # the point where success is answered
+    rx.close()
+    ds = dcmread(a)
+    assert accepted.tags["SOPInstanceUID"] == ds.SOPInstanceUID
+    assert spool.state.instances(ds.StudyInstanceUID) == []  # not recorded yet: "crash" here
+    spool.state.close()
+
+    again = spool_at(root)
+    assert again.recover_slots() == (1, 0)
+    placed = root / "data" / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert dataset_bytes(placed) == dataset_bytes(a)
+    assert [i.sop_uid for i in again.state.instances(ds.StudyInstanceUID)] == [ds.SOPInstanceUID]

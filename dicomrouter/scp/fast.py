@@ -4,8 +4,9 @@ Why: pynetdicom's reactor and DUL threads poll with 1 ms sleeps and decode every
 which caps one association near a third of DCMTK's storescp (see docs/performance.md). Here each
 association thread blocks on its socket, walks P-DATA PDVs with ``struct``, streams dataset
 fragments straight into the spool's receive file, and answers C-STORE-RSP itself. The durability
-promise is the same code as on the pynetdicom path: ``Spool.ingest`` (fsync, rename, commit)
-runs before the response is written.
+promise is the same as on the pynetdicom path: ``Spool.accept`` (fsync of the receive slot,
+index tags) runs before the response is written; ``Spool.place`` (rename, commit) right after
+it, while the sender prepares its next request (a crash in between: start-up adopts the slot).
 
 Association negotiation (A-ASSOCIATE-RQ decoding, presentation context negotiation, the
 A-ASSOCIATE-AC/RJ encoding) reuses pynetdicom's PDU classes: it happens once per association.
@@ -326,7 +327,7 @@ class _Association:
             return
         sop = ui(cmd, 0x1000)
         try:
-            tags, _replaced = self.spool.ingest(rx, self.calling, self.called)
+            accepted = self.spool.accept(rx, self.calling, self.called)
         except SpoolFull as exc:
             log.error("C-STORE %s from %s refused with 0xA700 (out of resources): %s", sop,
                       self.calling, exc.strerror or exc)
@@ -344,8 +345,10 @@ class _Association:
             return
         finally:
             rx.close()
-        self.studies.add(tags["StudyInstanceUID"])
+        self.studies.add(accepted.tags["StudyInstanceUID"])
         self._respond_store(cx_id, cmd, 0x0000)
+        # Durable already: the rename and the record overlap the sender's next request.
+        self.spool.place(accepted)
 
     def _respond_store(self, cx_id: int, cmd: dict[int, bytes], status: int,
                        comment: str = "") -> None:
