@@ -180,7 +180,7 @@ def _folder_options(raw: dict[str, Any], key: str) -> dict[str, Any]:
 
 def _dicom_options(raw: dict[str, Any], key: str) -> dict[str, Any]:
     known = {"type", "ae_title", "host", "port", "calling_ae_title", "max_pdu", "timeout",
-             "concurrency", "retry", "sender"}
+             "concurrency", "retry", "sender", "associations"}
     _reject_unknown(raw, known, key)
     for required in ("ae_title", "host", "port"):
         if required not in raw:
@@ -194,6 +194,7 @@ def _dicom_options(raw: dict[str, Any], key: str) -> dict[str, Any]:
         "max_pdu": _int(raw.get("max_pdu", 0), f"{key}.max_pdu", 0, 2**32 - 1),
         "timeout": parse_duration(raw.get("timeout", "60s"), f"{key}.timeout"),
         "sender": _choice(raw.get("sender", "fast"), f"{key}.sender", ("fast", "pynetdicom")),
+        "associations": _int(raw.get("associations", 1), f"{key}.associations", 1, 16),
     }
 
 

@@ -2,7 +2,8 @@
 
 A job is one (study, destination). Each run sends only the instances the ledger does not show as
 delivered there, so a retry or a restart never re-sends what already arrived (except the single
-instance that was on the wire when the process died: it is counted in ``ledger.sends``).
+instance that was on the wire when the process died, one per association with
+``associations: N``: it is counted in ``ledger.sends``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from collections.abc import Callable
 
 from .config import Config
 from .scu import DeliveryError, Destination, InstanceRejected
-from .state import Job, State
+from .state import Instance, Job, State
 
 log = logging.getLogger("dicomrouter.delivery")
+
+MIN_PER_ASSOCIATION = 8  # a smaller study is not worth another association
 
 
 class DeliveryWorkers:
@@ -81,32 +84,7 @@ class DeliveryWorkers:
         started = time.monotonic()
         log.info("study %s → %s (%s): sending %d instance(s), attempt %d/%d", job.study_uid,
                  dest.name, dest.describe(), len(todo), attempt, policy.max_attempts)
-        rejected: list[str] = []
-        error: str | None = None
-        sent = 0
-        previous: str | None = None  # sent, not yet recorded as delivered
-        try:
-            if todo:
-                with dest.open(todo) as session:
-                    for inst in todo:
-                        if self._stop.is_set():
-                            break
-                        self.state.mark_sending(inst.sop_uid, dest.name, job.study_uid, previous)
-                        previous = None
-                        try:
-                            session.send(inst)
-                        except InstanceRejected as exc:
-                            rejected.append(f"{inst.sop_uid}: {exc}")
-                            log.warning("study %s → %s: instance %s refused: %s", job.study_uid,
-                                        dest.name, inst.sop_uid, exc)
-                            continue
-                        previous = inst.sop_uid
-                        sent += 1
-        except DeliveryError as exc:
-            error = str(exc)
-        finally:
-            if previous:
-                self.state.mark_delivered(previous, dest.name)
+        sent, rejected, error = self._send(job, dest, todo)
         if self._stop.is_set() and error is None and sent + len(rejected) < len(todo):
             self.state.release_job(job)
             log.info("study %s → %s: interrupted by shutdown after %d instance(s); will resume",
@@ -128,3 +106,66 @@ class DeliveryWorkers:
                         " %s", job.study_uid, dest.name, attempt, policy.max_attempts, sent,
                         policy.delay(attempt), error)
         return outcome
+
+    def _send(self, job: Job, dest: Destination,
+              todo: list[Instance]) -> tuple[int, list[str], str | None]:
+        """Send ``todo`` over ``dest.associations`` sessions at once (contiguous parts, so each
+        series mostly travels in order on one association); returns (sent, rejected, error)."""
+        if not todo:
+            return 0, [], None
+        n = min(dest.associations, max(1, len(todo) // MIN_PER_ASSOCIATION))
+        if n <= 1:
+            return self._send_part(job, dest, todo)
+        size = -(-len(todo) // n)
+        parts = [todo[i:i + size] for i in range(0, len(todo), size)]
+        results: list[tuple[int, list[str], str | None]] = [(0, [], None)] * len(parts)
+
+        def run(i: int) -> None:
+            try:
+                results[i] = self._send_part(job, dest, parts[i])
+            except Exception as exc:  # reported as the job's error, never a dead thread
+                log.exception("study %s → %s: association %d of %d crashed", job.study_uid,
+                              dest.name, i + 1, len(parts))
+                results[i] = (0, [], f"internal error: {type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True,
+                                    name=f"{threading.current_thread().name}-{i + 1}")
+                   for i in range(1, len(parts))]
+        for t in threads:
+            t.start()
+        run(0)
+        for t in threads:
+            t.join()
+        errors = [e for _s, _r, e in results if e]
+        return (sum(r[0] for r in results), [x for r in results for x in r[1]],
+                errors[0] if errors else None)
+
+    def _send_part(self, job: Job, dest: Destination,
+                   todo: list[Instance]) -> tuple[int, list[str], str | None]:
+        """Send ``todo`` in one session; the ledger is updated around each instance."""
+        rejected: list[str] = []
+        error: str | None = None
+        sent = 0
+        previous: str | None = None  # sent, not yet recorded as delivered
+        try:
+            with dest.open(todo) as session:
+                for inst in todo:
+                    if self._stop.is_set():
+                        break
+                    self.state.mark_sending(inst.sop_uid, dest.name, job.study_uid, previous)
+                    previous = None
+                    try:
+                        session.send(inst)
+                    except InstanceRejected as exc:
+                        rejected.append(f"{inst.sop_uid}: {exc}")
+                        log.warning("study %s → %s: instance %s refused: %s", job.study_uid,
+                                    dest.name, inst.sop_uid, exc)
+                        continue
+                    previous = inst.sop_uid
+                    sent += 1
+        except DeliveryError as exc:
+            error = str(exc)
+        finally:
+            if previous:
+                self.state.mark_delivered(previous, dest.name)
+        return sent, rejected, error

@@ -76,6 +76,9 @@ def test_sizes(value: object, size: int) -> None:
     ({"routes": [{"name": "r"}]}, "routes[0].to: required"),
     ({"retry": {"max_attempts": 0}}, "retry.max_attempts: expected a whole number"),
     ({"max_spool_size": "lots"}, "max_spool_size: expected a size"),
+    ({"destinations": {"x": {"type": "dicom", "ae_title": "A", "host": "h", "port": 1,
+                             "associations": 0}}},
+     "destinations.x.associations: expected a whole number from 1 to 16"),
 ])
 def test_invalid_config_names_the_key(tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -175,6 +175,32 @@ def test_dicom_destination_delivers_to_orthanc(tmp_path: Path, orthanc, sender: 
         assert st["ledger"]["delivered"] == len(sent)
 
 
+def test_one_study_over_several_associations(tmp_path: Path) -> None:
+    """``associations: 4`` splits a study over 4 concurrent associations: storescp --fork (one
+    child per association) logs 4 associations and receives every instance exactly once."""
+    study = generate(tmp_path / "study", series=2, instances=20, rows=16, cols=16, seed=12)
+    with StoreSCP(tmp_path / "storescp", extra=["--fork"]) as scp:
+        before = scp.log(100000).count("Association Received")
+        router = Router(tmp_path / "r", {
+            "destinations": {"pacs": {"type": "dicom", "ae_title": "STORESCP",
+                                      "host": "127.0.0.1", "port": scp.port,
+                                      "associations": 4}},
+            "routes": [{"name": "all", "to": ["pacs"]}],
+        })
+        with router:
+            r = run_storescu([tmp_path / "study"], router.port, aet=router.aet)
+            assert r.returncode == 0, r.stdout + r.stderr
+            wait_until(lambda: router.status()["ledger"]["delivered"] == len(study),
+                       timeout=90, what="the study delivered")
+            ledger = router.status()["ledger"]
+            assert "4 associations per study" in router.log(2000)
+        expected = {tags_of(f, "SOPInstanceUID")[0] for f in study}
+        wait_until(lambda: scp.sop_uids() == expected, timeout=30, what="storescp's files")
+        assert len(scp.files()) == len(study)
+        assert ledger["sends"] == len(study) and ledger["resent"] == 0
+        assert scp.log(100000).count("Association Received") - before == 4
+
+
 def test_send_cli_into_dcmtk_storescp(tmp_path: Path, storescp: StoreSCP) -> None:
     study = generate(tmp_path / "study", series=2, instances=3, rows=16, cols=16, seed=5)
     (tmp_path / "study" / "notes.txt").write_text("not dicom")

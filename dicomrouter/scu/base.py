@@ -40,6 +40,9 @@ class Session(ABC):
 class Destination(ABC):
     """A place studies are delivered to; built from its validated config."""
 
+    #: how many sessions may send parts of one study at the same time (dicom: ``associations``)
+    associations: int = 1
+
     def __init__(self, cfg: DestinationConfig) -> None:
         self.cfg = cfg
         self.name = cfg.name

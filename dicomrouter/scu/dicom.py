@@ -1,4 +1,4 @@
-"""DICOM destination: C-STORE to a peer AE (Orthanc, a PACS), one association per delivery."""
+"""DICOM destination: C-STORE to a peer AE (Orthanc, a PACS), one association per session."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ class DicomDestination(Destination):
         self.peer = Peer(o["ae_title"], o["host"], o["port"],
                          o["calling_ae_title"] or default_calling_ae, o["max_pdu"], o["timeout"])
         self.sender = o["sender"]
+        self.associations = o["associations"]
 
     def describe(self) -> str:
-        return f"dicom {self.peer}"
+        extra = f", {self.associations} associations per study" if self.associations > 1 else ""
+        return f"dicom {self.peer}{extra}"
 
     def open(self, instances: Sequence[Instance]) -> Session:
         pairs = {(i.sop_class, i.transfer_syntax) for i in instances}
