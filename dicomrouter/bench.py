@@ -51,6 +51,10 @@ def _terminated(signum: int, _frame: FrameType | None) -> None:
               help="Whole seconds (Orthanc's StableAge), the same for the router (P2, P4).")
 @click.option("--associations", type=click.IntRange(2, 64), default=8, show_default=True,
               help="Concurrent storescu associations in P5.")
+@click.option("--forward-associations", type=click.IntRange(1, 16), default=4,
+              show_default=True,
+              help="The router's `associations` towards the target Orthanc in P2 (the Orthanc "
+              "gateway always uses one).")
 @click.option("--storescp-pdu", type=click.IntRange(4096, 131072), default=131072,
               show_default=True,
               help="storescp's maximum receive PDU in P1/P5. The router accepts any size, so "
@@ -67,8 +71,9 @@ def _terminated(signum: int, _frame: FrameType | None) -> None:
               default=None, help="Also record the router receiving the small corpus with py-spy "
               "into this directory (collapsed stacks + summary.txt).")
 def bench(runs: int, only: str, small: int, ct: int, large_mb: float, stable_age: int,
-          associations: int, storescp_pdu: int | None, as_json: bool, json_out: Path | None,
-          markdown: bool, keep: bool, workdir: Path | None, profile_dir: Path | None) -> None:
+          associations: int, forward_associations: int, storescp_pdu: int | None,
+          as_json: bool, json_out: Path | None, markdown: bool, keep: bool,
+          workdir: Path | None, profile_dir: Path | None) -> None:
     """Measure receive throughput (P1), end-to-end time against an Orthanc gateway (P2), peak
     memory with a large instance (P4) and concurrent associations (P5).
 
@@ -88,7 +93,8 @@ def bench(runs: int, only: str, small: int, ct: int, large_mb: float, stable_age
                                    "(or set DCMTK_BIN)")
     settings = Settings(runs=runs, scenarios=_scenarios(only), small=small, ct=ct,
                         large_mb=large_mb, stable_age=stable_age, associations=associations,
-                        storescp_pdu=storescp_pdu, keep=keep)
+                        forward_associations=forward_associations, storescp_pdu=storescp_pdu,
+                        keep=keep)
     if not settings.orthanc:
         _progress("Orthanc not found (apt-get install orthanc): P2 and the Orthanc column are "
                   "skipped")

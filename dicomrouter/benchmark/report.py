@@ -143,7 +143,8 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
             sec = lambda m: float(m["seconds"])  # noqa: E731
             ratio = median(_ratios(runs, f"P2/{c}/router", f"P2/{c}/gateway", sec))
             target, verdict = _verdict("P2", ratio)
-            rows.append(Row("P2", f"end to end {c} → Orthanc (minus stable age)", router,
+            rows.append(Row("P2", f"end to end {c} → Orthanc (minus stable age; router: "
+                            f"{settings.forward_associations} association(s))", router,
                             f"Orthanc gateway {base}", _fmt_ratio(ratio), target, verdict,
                             {"router_s": r_val, "gateway_s": b_val, "ratio": ratio}))
     else:

@@ -59,6 +59,7 @@ class Settings:
     large_mb: float = 500.0
     stable_age: int = 1
     associations: int = 8
+    forward_associations: int = 4  # the router's dicom destination in P2
     storescp_pdu: int | None = None  # storescp's -pdu (None: its default, 16 kB)
     keep: bool = False
     orthanc: bool = field(default_factory=lambda: find_orthanc() is not None)
@@ -67,7 +68,9 @@ class Settings:
         """JSON-friendly form."""
         return {"runs": self.runs, "scenarios": sorted(self.scenarios), "small": self.small,
                 "ct": self.ct, "large_mb": self.large_mb, "stable_age": self.stable_age,
-                "associations": self.associations, "storescp_pdu": self.storescp_pdu,
+                "associations": self.associations,
+                "forward_associations": self.forward_associations,
+                "storescp_pdu": self.storescp_pdu,
                 "orthanc": self.orthanc}
 
 
@@ -238,8 +241,10 @@ class Bench:
             if mode == "router":
                 sender = RouterServer(work / "router", {
                     "stable_age": f"{age}s",
-                    "destinations": {"target": {"type": "dicom", "ae_title": target.aet,
-                                                "host": LOOPBACK, "port": target.dicom_port}},
+                    "destinations": {"target": {
+                        "type": "dicom", "ae_title": target.aet, "host": LOOPBACK,
+                        "port": target.dicom_port,
+                        "associations": self.settings.forward_associations}},
                     "routes": [{"name": "everything", "to": ["target"]}],
                 })
             elif mode == "gateway":
