@@ -47,6 +47,8 @@ def _terminated(signum: int, _frame: FrameType | None) -> None:
               help="Instances (512×512) in the CT corpus.")
 @click.option("--large-mb", type=click.FloatRange(0.1, 4000), default=500.0, show_default=True,
               help="Size in MB of the one multi-frame instance of P4.")
+@click.option("--study-mb", type=click.FloatRange(1, 20000), default=2000.0, show_default=True,
+              help="Size in MB of P4's big study (instances of 4 frames 512×512, 2.1 MB).")
 @click.option("--stable-age", type=click.IntRange(1, 60), default=1, show_default=True,
               help="Whole seconds (Orthanc's StableAge), the same for the router (P2, P4).")
 @click.option("--associations", type=click.IntRange(2, 64), default=8, show_default=True,
@@ -70,12 +72,13 @@ def _terminated(signum: int, _frame: FrameType | None) -> None:
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Also record the router receiving the small corpus with py-spy "
               "into this directory (collapsed stacks + summary.txt).")
-def bench(runs: int, only: str, small: int, ct: int, large_mb: float, stable_age: int,
+def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: float,
+          stable_age: int,
           associations: int, forward_associations: int, storescp_pdu: int | None,
           as_json: bool, json_out: Path | None, markdown: bool, keep: bool,
           workdir: Path | None, profile_dir: Path | None) -> None:
     """Measure receive throughput (P1), end-to-end time against an Orthanc gateway (P2), peak
-    memory with a large instance (P4) and concurrent associations (P5).
+    memory with a large instance and a big study (P4) and concurrent associations (P5).
 
     Starts its own DCMTK storescp, Orthanc and router processes on free loopback ports, and stops
     them all at the end. Progress goes to stderr, the table to stdout. Exits 1 if a measurement
@@ -92,7 +95,8 @@ def bench(runs: int, only: str, small: int, ct: int, large_mb: float, stable_age
         raise click.ClickException(f"DCMTK {', '.join(missing)} not found: apt-get install dcmtk "
                                    "(or set DCMTK_BIN)")
     settings = Settings(runs=runs, scenarios=_scenarios(only), small=small, ct=ct,
-                        large_mb=large_mb, stable_age=stable_age, associations=associations,
+                        large_mb=large_mb, study_mb=study_mb, stable_age=stable_age,
+                        associations=associations,
                         forward_associations=forward_associations, storescp_pdu=storescp_pdu,
                         keep=keep)
     if not settings.orthanc:

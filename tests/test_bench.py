@@ -43,7 +43,7 @@ def test_bench_smoke_tiny_corpora(tmp_path: Path) -> None:
                                                       os.environ.get("PYTHONPATH")]))}
     r = subprocess.run(
         [sys.executable, "-m", "dicomrouter.bench", "--small", "20", "--ct", "4", "--large-mb",
-         "5", "--runs", "1", "--workdir", str(work), "--json-out", str(out)],
+         "5", "--study-mb", "9", "--runs", "1", "--workdir", str(work), "--json-out", str(out)],
         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     for scenario in ("P1", "P2", "P3", "P4", "P5"):
@@ -53,6 +53,10 @@ def test_bench_smoke_tiny_corpora(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert {row["id"] for row in data["rows"]} == {"P1", "P2", "P3", "P4", "P5"}
     assert not any("error" in m for m in data["runs"][0].values())
+    assert data["runs"][0]["P4/study/router"]["instances"] == 5  # 9 MB of 2.1 MB instances
+    assert [r["measurement"] for r in data["rows"] if r["id"] == "P4"] == [
+        "peak RSS, large instance (5 MB) in + out",
+        "peak RSS, big study (5 × 2.1 MB) in + out"]
     # everything it started is gone, and so is its temporary directory
     assert _leftover_processes(str(work)) == []
     assert list(work.iterdir()) == []

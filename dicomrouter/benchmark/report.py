@@ -159,18 +159,27 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
     else:
         skipped("P3", "end to end via DICOMweb (STOW-RS)")
 
-    # P4: peak RSS with the large instance
+    # P4: peak RSS with the large instance, and with the big study
     if "P4" in selected:
-        key = "P4/large/router"
-        peak = median(_series(runs, key, lambda m: float(m["peak_rss_mb"])))
-        idle = median(_series(runs, key, lambda m: float(m["idle_rss_mb"])))
-        target, verdict = _verdict("P4", peak)
-        text = f"{peak:.0f} MB" if peak is not None else (_failed(runs, key) or "-")
-        rows.append(Row("P4", "peak RSS, large instance in + out", text,
-                        f"idle {idle:.0f} MB" if idle is not None else "-", "-", target,
-                        verdict, {"peak_rss_mb": peak, "idle_rss_mb": idle}))
+        for corpus, what in (("large", "large instance"), ("study", "big study")):
+            key = f"P4/{corpus}/router"
+            if not any(key in r for r in runs):
+                continue  # results from before the big study was measured
+            peak = median(_series(runs, key, lambda m: float(m["peak_rss_mb"])))
+            idle = median(_series(runs, key, lambda m: float(m["idle_rss_mb"])))
+            size = median(_series(runs, key, lambda m: float(m["bytes"]) / 1e6))
+            count = median(_series(runs, key, lambda m: float(m.get("instances", 1))))
+            target, verdict = _verdict("P4", peak)
+            text = f"{peak:.0f} MB" if peak is not None else (_failed(runs, key) or "-")
+            shape = (f" ({count:.0f} × {size / count:.1f} MB)"
+                     if size is not None and count and count > 1 else
+                     f" ({size:.0f} MB)" if size is not None else "")
+            rows.append(Row("P4", f"peak RSS, {what}{shape} in + out", text,
+                            f"idle {idle:.0f} MB" if idle is not None else "-", "-", target,
+                            verdict, {"peak_rss_mb": peak, "idle_rss_mb": idle,
+                                      "corpus": corpus}))
     else:
-        skipped("P4", "peak RSS with the large instance")
+        skipped("P4", "peak RSS with the large instance and the big study")
 
     # P5: n concurrent associations vs one
     if "P5" in selected:
@@ -201,16 +210,18 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
 def notes(runs: Runs) -> list[str]:
     """Extra facts worth a line under the table."""
     out: list[str] = []
-    rec = median(_series(runs, "P4/large/router",
-                         lambda m: float(m["bytes"]) / 1e6 / float(m["receive_seconds"])))
-    dlv = median(_series(runs, "P4/large/router", lambda m: float(m["deliver_seconds"])))
-    rx_max = median(_series(runs, "P4/large/router", lambda m: float(m["receive_rss_max_mb"])))
-    fw_max = median(_series(runs, "P4/large/router", lambda m: float(m["forward_rss_max_mb"])))
-    if rec is not None and dlv is not None:
-        out.append(f"P4: the router received the large instance at {rec:.1f} MB/s and forwarded "
-                   f"it to storescp in {dlv:.1f} s after its stable age; VmRSS sampled every "
-                   f"50 ms peaked at {rx_max:.0f} MB while receiving and {fw_max:.0f} MB while "
-                   "forwarding.")
+    for corpus, what in (("large", "the large instance"), ("study", "the big study")):
+        key = f"P4/{corpus}/router"
+        rec = median(_series(runs, key,
+                             lambda m: float(m["bytes"]) / 1e6 / float(m["receive_seconds"])))
+        dlv = median(_series(runs, key, lambda m: float(m["deliver_seconds"])))
+        rx_max = median(_series(runs, key, lambda m: float(m["receive_rss_max_mb"])))
+        fw_max = median(_series(runs, key, lambda m: float(m["forward_rss_max_mb"])))
+        if rec is not None and dlv is not None:
+            out.append(f"P4: the router received {what} at {rec:.1f} MB/s and forwarded it to "
+                       f"storescp in {dlv:.1f} s after its stable age; VmRSS sampled every "
+                       f"50 ms peaked at {rx_max:.0f} MB while receiving and {fw_max:.0f} MB "
+                       "while forwarding.")
     for c in ("small", "ct"):
         r = median(_series(runs, f"P2/{c}/router", lambda m: float(m["receive_seconds"])))
         g = median(_series(runs, f"P2/{c}/gateway", lambda m: float(m["receive_seconds"])))

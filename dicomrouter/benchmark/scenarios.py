@@ -7,6 +7,7 @@ medians and ratios are computed by :mod:`.report`.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -35,6 +36,8 @@ from .procs import (
 
 SCENARIOS = ("P1", "P2", "P3", "P4", "P5")
 RECEIVE_CORPORA = ("small", "ct")
+P4_CORPORA = ("large", "study")  # one ≥ 500 MB instance; a ~2 GB study
+STUDY_FRAMES = 4  # frames per instance of P4's big study (2.1 MB instances)
 P1_RECEIVERS = ("storescp", "router", "orthanc")
 P5_RECEIVERS = ("storescp", "storescp-fork", "router", "router-2")
 LONG_STABLE_AGE = "1h"  # P1/P5: the router only receives, no study completes during the run
@@ -57,6 +60,7 @@ class Settings:
     small: int = 1000
     ct: int = 300
     large_mb: float = 500.0
+    study_mb: float = 2000.0  # P4's big study: instances of STUDY_FRAMES 512x512 frames
     stable_age: int = 1
     associations: int = 8
     forward_associations: int = 4  # the router's dicom destination in P2
@@ -67,7 +71,8 @@ class Settings:
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
         return {"runs": self.runs, "scenarios": sorted(self.scenarios), "small": self.small,
-                "ct": self.ct, "large_mb": self.large_mb, "stable_age": self.stable_age,
+                "ct": self.ct, "large_mb": self.large_mb, "study_mb": self.study_mb,
+                "stable_age": self.stable_age,
                 "associations": self.associations,
                 "forward_associations": self.forward_associations,
                 "storescp_pdu": self.storescp_pdu,
@@ -117,6 +122,9 @@ class Bench:
             wanted.append(("ct", s.ct, 512, 512, 1))
         if "P4" in s.scenarios:
             wanted.append(("large", 1, LARGE_ROWS, LARGE_COLS, large_frames(s.large_mb)))
+            per_instance = STUDY_FRAMES * LARGE_ROWS * LARGE_COLS * 2 / 1e6
+            wanted.append(("study", max(1, math.ceil(s.study_mb / per_instance)), LARGE_ROWS,
+                           LARGE_COLS, STUDY_FRAMES))
         for seed, (name, count, rows, cols, frames) in enumerate(wanted, 1):
             started = time.monotonic()
             corpus = make_corpus(name, self.root / "corpora", count, rows, cols, frames, seed)
@@ -146,7 +154,9 @@ class Bench:
                         self._measure(i, data, f"P2/{corpus}/{mode}",
                                       partial(self.end_to_end, mode=mode, corpus_name=corpus))
             if "P4" in s.scenarios:
-                self._measure(i, data, "P4/large/router", self.large)
+                for corpus in P4_CORPORA:
+                    self._measure(i, data, f"P4/{corpus}/router",
+                                  partial(self.large, corpus_name=corpus))
             if "P5" in s.scenarios:
                 for kind in ("storescp", "router"):  # one association: P1's, or measured now
                     key = f"P1/small/{kind}"
@@ -271,9 +281,10 @@ class Bench:
         return {"seconds": total - age, "total_seconds": total, "receive_seconds": receive,
                 "stable_age": age, "instances": corpus.count, "bytes": corpus.size}
 
-    def large(self, work: Path) -> Measurement:
-        """P4: peak RSS (VmHWM) of the router receiving and forwarding the large instance."""
-        corpus = self.corpora["large"]
+    def large(self, work: Path, corpus_name: str) -> Measurement:
+        """P4: peak RSS (VmHWM) of the router receiving and forwarding a corpus (the large
+        instance, or the big study)."""
+        corpus = self.corpora[corpus_name]
         age = self.settings.stable_age
         with running() as start:
             sink = start(StoreSCP(work / "sink", aet="SINK"))
@@ -299,17 +310,17 @@ class Bench:
                 return "delivered to every destination" in router.log(50)
 
             wait_until(delivered, timeout=_timeout(corpus) + 10 * age, interval=0.05,
-                       what="the large instance delivered to storescp")
+                       what=f"the {corpus_name} corpus delivered to storescp")
             total = time.perf_counter() - started
             peak_kb = router.peak_rss_kb()
-            self._expect(sink, 1, "storescp (the sink)")
+            self._expect(sink, corpus.count, "storescp (the sink)")
         if peak_kb is None or idle_kb is None:
             raise BenchError("cannot read VmHWM/VmRSS from /proc (not Linux?)")
         return {"peak_rss_mb": peak_kb * 1024 / 1e6, "idle_rss_mb": idle_kb * 1024 / 1e6,
                 "receive_rss_max_mb": sampled["receive"] * 1024 / 1e6,
                 "forward_rss_max_mb": sampled["forward"] * 1024 / 1e6,
                 "receive_seconds": receive, "deliver_seconds": total - receive - age,
-                "bytes": corpus.size}
+                "bytes": corpus.size, "instances": corpus.count}
 
 
 def _brief(m: Measurement) -> str:
