@@ -153,10 +153,6 @@ class Bench:
                     for mode in reversed(modes) if flip else modes:
                         self._measure(i, data, f"P2/{corpus}/{mode}",
                                       partial(self.end_to_end, mode=mode, corpus_name=corpus))
-            if "P4" in s.scenarios:
-                for corpus in P4_CORPORA:
-                    self._measure(i, data, f"P4/{corpus}/router",
-                                  partial(self.large, corpus_name=corpus))
             if "P5" in s.scenarios:
                 for kind in ("storescp", "router"):  # one association: P1's, or measured now
                     key = f"P1/small/{kind}"
@@ -168,6 +164,10 @@ class Bench:
                     self._measure(i, data, f"P5/small/{kind}",
                                   partial(self.receive, kind=kind, corpus_name="small",
                                           parts=s.associations))
+            if "P4" in s.scenarios:  # last: its 2 GB of writes must not slow the others
+                for corpus in P4_CORPORA:
+                    self._measure(i, data, f"P4/{corpus}/router",
+                                  partial(self.large, corpus_name=corpus))
 
     def _measure(self, i: int, data: dict[str, Measurement], key: str,
                  fn: Callable[[Path], Measurement]) -> None:
