@@ -120,7 +120,7 @@ class DeliveryWorkers:
         parts = [todo[i:i + size] for i in range(0, len(todo), size)]
         results: list[tuple[int, list[str], str | None]] = [(0, [], None)] * len(parts)
 
-        def run(i: int) -> None:
+        def part(i: int) -> None:
             try:
                 results[i] = self._send_part(job, dest, parts[i])
             except Exception as exc:  # reported as the job's error, never a dead thread
@@ -128,12 +128,12 @@ class DeliveryWorkers:
                               dest.name, i + 1, len(parts))
                 results[i] = (0, [], f"internal error: {type(exc).__name__}: {exc}")
 
-        threads = [threading.Thread(target=run, args=(i,), daemon=True,
+        threads = [threading.Thread(target=part, args=(i,), daemon=True,
                                     name=f"{threading.current_thread().name}-{i + 1}")
                    for i in range(1, len(parts))]
         for t in threads:
             t.start()
-        run(0)
+        part(0)
         for t in threads:
             t.join()
         errors = [e for _s, _r, e in results if e]

@@ -346,9 +346,10 @@ class _Association:
         finally:
             rx.close()
         self.studies.add(accepted.tags["StudyInstanceUID"])
-        self._respond_store(cx_id, cmd, 0x0000)
-        # Durable already: the rename and the record overlap the sender's next request.
-        self.spool.place(accepted)
+        try:
+            self._respond_store(cx_id, cmd, 0x0000)
+        finally:  # durable already, answered or not: rename and record it (overlaps the
+            self.spool.place(accepted)  # sender's next request)
 
     def _respond_store(self, cx_id: int, cmd: dict[int, bytes], status: int,
                        comment: str = "") -> None:
