@@ -29,6 +29,7 @@ from dicomrouter.benchmark.procs import (  # noqa: F401 - re-exported for the te
     free_port,
     is_elf,
     log_tail,
+    orthanc_config,
     peer_env,
     tcp_accepts,
 )
@@ -424,27 +425,10 @@ class Orthanc(PeerProcess):
             if plugin is None:
                 raise FileNotFoundError(f"{DICOMWEB_PLUGIN} not found in {ORTHANC_PLUGIN_DIRS}")
             plugins.append(plugin)
-        cfg: dict[str, Any] = {
-            "Name": f"test-{self.aet}",
-            "StorageDirectory": str(self.storage_dir),
-            "IndexDirectory": str(self.storage_dir),
-            "DicomServerEnabled": True,
-            "DicomAet": self.aet,
-            "DicomPort": self.dicom_port,
-            "DicomCheckCalledAet": False,
-            "DicomModalities": self.modalities,
-            "HttpServerEnabled": True,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": plugins,
-            "LuaScripts": self.lua_scripts,
-            "StableAge": self.stable_age,
-            "SaveJobs": False,
-            "ConcurrentJobs": 2,
-            "HttpThreadsCount": 10,
-            "DicomThreadsCount": 4,
-        }
+        cfg = orthanc_config(f"test-{self.aet}", self.aet, self.storage_dir, self.dicom_port,
+                             self.http_port, self.modalities, self.lua_scripts, self.stable_age,
+                             plugins)
+        cfg.update({"ConcurrentJobs": 2, "HttpThreadsCount": 10, "DicomThreadsCount": 4})
         if self.dicomweb:
             cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
                                "WadoRoot": "/wado", "Host": "127.0.0.1", "Ssl": False}

@@ -407,6 +407,30 @@ class StoreSCP(Peer):
         return sum(1 for _ in self.out_dir.glob("*.dcm"))
 
 
+def orthanc_config(name: str, aet: str, storage_dir: Path, dicom_port: int, http_port: int,
+                   modalities: Mapping[str, Sequence[Any]], lua_scripts: Sequence[str],
+                   stable_age: int, plugins: Sequence[str] = ()) -> dict[str, Any]:
+    """A private Orthanc's configuration: own storage, loopback ports, no authentication."""
+    return {
+        "Name": name,
+        "StorageDirectory": str(storage_dir),
+        "IndexDirectory": str(storage_dir),
+        "DicomServerEnabled": True,
+        "DicomAet": aet,
+        "DicomPort": dicom_port,
+        "DicomCheckCalledAet": False,
+        "DicomModalities": dict(modalities),
+        "HttpServerEnabled": True,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": list(plugins),
+        "LuaScripts": list(lua_scripts),
+        "StableAge": stable_age,
+        "SaveJobs": False,
+    }
+
+
 class Orthanc(Peer):
     """A private Orthanc (own storage, free DICOM/HTTP ports, no authentication)."""
 
@@ -435,24 +459,9 @@ class Orthanc(Peer):
 
     def prepare(self) -> None:
         self.storage_dir.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": f"bench-{self.aet}",
-            "StorageDirectory": str(self.storage_dir),
-            "IndexDirectory": str(self.storage_dir),
-            "DicomServerEnabled": True,
-            "DicomAet": self.aet,
-            "DicomPort": self.dicom_port,
-            "DicomCheckCalledAet": False,
-            "DicomModalities": self.modalities,
-            "HttpServerEnabled": True,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [],
-            "LuaScripts": self.lua_scripts,
-            "StableAge": self.stable_age,
-            "SaveJobs": False,
-        }
+        config = orthanc_config(f"bench-{self.aet}", self.aet, self.storage_dir, self.dicom_port,
+                                self.http_port, self.modalities, self.lua_scripts,
+                                self.stable_age)
         self.config_path.write_text(json.dumps(config, indent=2))
 
     def command(self) -> list[str]:
