@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pydicom.uid import UID
+
 from ..config import DestinationConfig
 from ..state import Instance
 from .base import Destination, Session
@@ -15,12 +17,15 @@ class DicomDestination(Destination):
         super().__init__(cfg)
         o = cfg.options
         self.peer = Peer(o["ae_title"], o["host"], o["port"],
-                         o["calling_ae_title"] or default_calling_ae, o["max_pdu"], o["timeout"])
+                         o["calling_ae_title"] or default_calling_ae, o["max_pdu"], o["timeout"],
+                         o["transfer_syntaxes"])
         self.sender = o["sender"]
         self.associations = o["associations"]
 
     def describe(self) -> str:
         extra = f", {self.associations} associations per study" if self.associations > 1 else ""
+        if self.peer.transfer_syntaxes:
+            extra += ", proposes " + ", ".join(UID(u).name for u in self.peer.transfer_syntaxes)
         return f"dicom {self.peer}{extra}"
 
     def open(self, instances: Sequence[Instance]) -> Session:

@@ -17,9 +17,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
-from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -42,15 +39,17 @@ from ..dimse import (
     us,
     user_information,
 )
+from ..transcode import encode
 from .base import DeliveryError, InstanceRejected
 from .store import (
-    UNCOMPRESSED,
     WARNING_STATUSES,
     Peer,
-    decoded_dataset,
+    converted,
     log,
+    no_syntax,
     plan_contexts,
     status_text,
+    target_syntax,
 )
 
 OUR_MAX_PDU = 1 << 20  # what we accept from the peer (its responses are tiny)
@@ -71,7 +70,7 @@ class FastStoreAssociation:
 
     def __init__(self, peer: Peer, pairs: Iterable[tuple[str, str]]) -> None:
         self.peer = peer
-        contexts = plan_contexts(pairs)
+        contexts = plan_contexts(pairs, peer.transfer_syntaxes)
         for i, cx in enumerate(contexts):
             cx.context_id = 2 * i + 1
         try:
@@ -138,10 +137,14 @@ class FastStoreAssociation:
         """Send one file; returns its (success or warning) status, else raises."""
         if not self.established:
             raise DeliveryError(f"association with {self.peer} was lost")
-        cx_id = self.accepted.get((sop_class, transfer_syntax))
+        target = target_syntax(sop_class, transfer_syntax, self.accepted,
+                               self.peer.transfer_syntaxes)
+        if target is None:
+            raise no_syntax(self.peer, sop_class, transfer_syntax)
+        cx_id = self.accepted[(sop_class, target)]
         payload: bytes | None = None
-        if cx_id is None:
-            cx_id, payload = self._decoded(path, sop_class, transfer_syntax)
+        if target != transfer_syntax:
+            payload = encode(converted(path, transfer_syntax, target, self.peer), target)
         sop_instance = sop_instance or self._sop_instance(path)
         self._message_id = self._message_id % 0xFFFF + 1
         command = encode_command([
@@ -220,23 +223,6 @@ class FastStoreAssociation:
                     raise ProtocolError("response command set too large")
                 if control & 0x02:
                     return parse_command(bytes(command))
-
-    def _decoded(self, path: Path, sop_class: str, ts: str) -> tuple[int, bytes]:
-        """The dataset re-encoded uncompressed, for a peer that refused the file's syntax."""
-        target = next(((u, self.accepted[(sop_class, str(u))]) for u in UNCOMPRESSED
-                       if (sop_class, str(u)) in self.accepted), None)
-        if target is None:
-            raise InstanceRejected(f"{self.peer} accepted no transfer syntax for SOP class "
-                                   f"{UID(sop_class).name}")
-        syntax, cx_id = target
-        ds = decoded_dataset(path, ts, self.peer)
-        out = DicomBytesIO()
-        out.is_little_endian = True
-        out.is_implicit_VR = syntax == ImplicitVRLittleEndian
-        write_dataset(out, ds)
-        log.info("%s: %s refused %s, sending it as %s", path.name, self.peer, UID(ts).name,
-                 UID(syntax).name)
-        return cx_id, out.getvalue()
 
     def release(self) -> None:
         if self.established:

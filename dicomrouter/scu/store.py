@@ -1,18 +1,18 @@
 """C-STORE SCU: one association for a batch of files, contexts from what the files contain.
 
 Used by the ``dicom`` destination and by ``dicomrouter send``. Files are streamed from disk as
-they are (no decoding); only when the peer refused a file's transfer syntax is the file decoded
-and sent as Explicit/Implicit VR Little Endian, if pydicom can decompress it.
+they are (no decoding); only when the peer refused a file's transfer syntax (or the destination
+prefers another one, ``transfer_syntaxes``) is the file converted (transcode.py).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
@@ -21,6 +21,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from ..netutil import association_failure, enable_tcp_nodelay, stream_c_store_from_files
+from ..transcode import ConversionError, convert, encode, part10_header
 from .base import DeliveryError, InstanceRejected
 
 log = logging.getLogger("dicomrouter.scu")
@@ -38,6 +39,8 @@ class Peer:
     calling_ae_title: str = "DICOMROUTER"
     max_pdu: int = 0
     timeout: float = 60.0
+    #: syntaxes to propose, in order of preference (empty: each file's own, plus uncompressed)
+    transfer_syntaxes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -57,9 +60,12 @@ def status_text(code: int) -> str:
     return f"0x{code:04X} ({info[0]}: {info[1]})"
 
 
-def _context_specs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
-    """One context per (SOP class, transfer syntax) present, plus an uncompressed fallback context
-    per SOP class, so a refused syntax can still be sent decoded."""
+def _context_specs(pairs: Iterable[tuple[str, str]],
+                   preferred: Sequence[str] = ()) -> list[tuple[str, list[str]]]:
+    """The contexts to propose: with ``preferred`` syntaxes, one context per SOP class and
+    preferred syntax (so the peer's answer says which of them it takes); else one context per
+    (SOP class, transfer syntax) present, plus an uncompressed fallback context per SOP class, so
+    a refused syntax can still be sent converted."""
     by_class: dict[str, list[str]] = {}
     for sop_class, ts in pairs:
         lst = by_class.setdefault(sop_class, [])
@@ -67,19 +73,49 @@ def _context_specs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str
             lst.append(ts)
     specs: list[tuple[str, list[str]]] = []
     for sop_class, syntaxes in by_class.items():
+        if preferred:
+            specs.extend((sop_class, [ts]) for ts in preferred)
+            continue
         specs.extend((sop_class, [ts]) for ts in syntaxes)
         if not all(u in syntaxes for u in UNCOMPRESSED):
             specs.append((sop_class, [str(u) for u in UNCOMPRESSED]))
     return specs
 
 
-def plan_contexts(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]:
+def plan_contexts(pairs: Iterable[tuple[str, str]],
+                  preferred: Sequence[str] = ()) -> list[PresentationContext]:
     """The presentation contexts to propose for these (SOP class, syntax) pairs (at most 128)."""
-    specs = _context_specs(pairs)
+    specs = _context_specs(pairs, preferred)
     if len(specs) > MAX_CONTEXTS:
         raise DeliveryError(f"{len(specs)} presentation contexts needed; an association "
                             f"carries at most {MAX_CONTEXTS}")
     return [build_context(sop_class, syntaxes) for sop_class, syntaxes in specs]
+
+
+def target_syntax(sop_class: str, ts: str, accepted: Container[tuple[str, str]],
+                  preferred: Sequence[str] = ()) -> str | None:
+    """The syntax to send a (SOP class, stored syntax) instance in, given the accepted contexts:
+    the first accepted preferred syntax; without preferences the stored syntax, else an accepted
+    uncompressed one. None: the peer accepted nothing this instance can be sent in."""
+    candidates = preferred or (ts, *(str(u) for u in UNCOMPRESSED))
+    return next((c for c in candidates if (sop_class, c) in accepted), None)
+
+
+def converted(path: Path, ts: str, target: str, peer: Peer) -> Dataset:
+    """The file converted to ``target``; InstanceRejected with the reason when it cannot be."""
+    try:
+        ds = convert(path, ts, target)
+    except ConversionError as exc:
+        raise InstanceRejected(f"{peer} takes {UID(target).name}, not {UID(ts).name}, and the "
+                               f"conversion failed: {exc}") from exc
+    log.info("%s: sending it to %s converted from %s to %s", path.name, peer, UID(ts).name,
+             UID(target).name)
+    return ds
+
+
+def no_syntax(peer: Peer, sop_class: str, ts: str) -> InstanceRejected:
+    return InstanceRejected(f"{peer} accepted no transfer syntax this instance can be sent in "
+                            f"(SOP class {UID(sop_class).name}, stored as {UID(ts).name})")
 
 
 class StoreAssociation:
@@ -92,7 +128,7 @@ class StoreAssociation:
         ae = AE(ae_title=peer.calling_ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = peer.timeout
         ae.maximum_pdu_size = peer.max_pdu
-        contexts = plan_contexts(pairs)
+        contexts = plan_contexts(pairs, peer.transfer_syntaxes)
         try:
             self.assoc: Association = ae.associate(peer.host, peer.port, contexts=contexts,
                                                    ae_title=peer.ae_title,
@@ -109,10 +145,18 @@ class StoreAssociation:
         """Send one file; returns its (success or warning) status, else raises."""
         if not self.assoc.is_established:
             raise DeliveryError(f"association with {self.peer} was lost")
-        if (sop_class, transfer_syntax) in self._accepted:
+        target = target_syntax(sop_class, transfer_syntax, self._accepted,
+                               self.peer.transfer_syntaxes)
+        if target is None:
+            raise no_syntax(self.peer, sop_class, transfer_syntax)
+        if target == transfer_syntax:
             rsp = self.assoc.send_c_store(path)
-        else:
-            rsp = self.assoc.send_c_store(self._decoded(path, sop_class, transfer_syntax))
+        else:  # the same bytes the fast sender sends, from a temporary Part 10 file
+            ds = converted(path, transfer_syntax, target, self.peer)
+            with tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
+                tmp.write(part10_header(ds) + encode(ds, target))
+                tmp.flush()
+                rsp = self.assoc.send_c_store(tmp.name)
         if not rsp or "Status" not in rsp:
             raise DeliveryError(f"no C-STORE response from {self.peer} (timeout or connection "
                                 "lost)")
@@ -125,39 +169,20 @@ class StoreAssociation:
         comment = f" - {rsp.ErrorComment}" if "ErrorComment" in rsp else ""
         raise InstanceRejected(f"{self.peer} answered {status_text(status)}{comment}")
 
-    def _decoded(self, path: Path, sop_class: str, ts: str):  # type: ignore[no-untyped-def]
-        """The file as an uncompressed dataset, for a peer that refused its own syntax."""
-        if not any((sop_class, str(u)) in self._accepted for u in UNCOMPRESSED):
-            raise InstanceRejected(f"{self.peer} accepted no transfer syntax for SOP class "
-                                   f"{UID(sop_class).name}")
-        ds = decoded_dataset(path, ts, self.peer)
-        log.info("%s: %s refused %s, sending it decoded", path.name, self.peer, UID(ts).name)
-        return ds
-
     def release(self) -> None:
         if self.assoc.is_established:
             self.assoc.release()
 
 
-def decoded_dataset(path: Path, ts: str, peer: Peer) -> Dataset:
-    """The file's dataset, decompressed if it is compressed: for a peer that refused its syntax."""
-    ds = dcmread(path)
-    if UID(ts).is_compressed:
-        try:
-            ds.decompress(generate_instance_uid=False)  # a router never changes UIDs
-        except Exception as exc:
-            raise InstanceRejected(f"{peer} refused {UID(ts).name} and it cannot be "
-                                   f"decompressed here: {exc}") from exc
-    return ds
-
-
-def batches(items: Sequence[tuple[str, str]]) -> list[list[int]]:
+def batches(items: Sequence[tuple[str, str]],
+            preferred: Sequence[str] = ()) -> list[list[int]]:
     """Split items (SOP class, syntax) into index groups that each fit one association."""
     groups: list[list[int]] = []
     current: list[int] = []
     pairs: set[tuple[str, str]] = set()
     for i, pair in enumerate(items):
-        if pair not in pairs and current and len(_context_specs(pairs | {pair})) > MAX_CONTEXTS:
+        if pair not in pairs and current \
+                and len(_context_specs(pairs | {pair}, preferred)) > MAX_CONTEXTS:
             groups.append(current)
             current, pairs = [], set()
         current.append(i)
