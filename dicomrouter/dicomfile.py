@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
 import unicodedata
@@ -74,8 +75,9 @@ def identify(path: str | Path) -> tuple[dict[str, str], str]:
             tags = {kw: text(ds.get(kw)) for kw in INDEX_KEYWORDS}
             tsuid = str(ds.file_meta.TransferSyntaxUID)
         except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, AttributeError,
-                TypeError, IndexError, OverflowError, NotImplementedError) as exc:
-            raise UnreadableDataset(f"cannot parse dataset: {exc}") from exc
+                TypeError, IndexError, OverflowError, NotImplementedError, RecursionError) as exc:
+            raise UnreadableDataset(f"cannot parse dataset: {type(exc).__name__}: "
+                                    f"{str(exc)[:200]}") from None
     else:
         tags, tsuid = found
     for kw in ("StudyInstanceUID", "SOPInstanceUID", "SeriesInstanceUID"):
@@ -192,16 +194,22 @@ def source_ae(path: str | Path) -> str:
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
 
 
-def safe_component(value: str, max_len: int = 120) -> str:
+def safe_component(value: str, max_bytes: int = 128) -> str:
     """One path component from an untrusted tag value.
 
     No separators, no control characters, never ``.``/``..`` and never empty (→ ``UNKNOWN``), so a
-    PatientID of ``../../etc`` stays a harmless name inside the output folder.
+    PatientID of ``../../etc`` stays a harmless name inside the output folder. At most
+    ``max_bytes`` of UTF-8 (file systems allow 255 bytes a name, and the folder destination adds
+    a temporary prefix and suffix): a longer value is cut at a character boundary and gets
+    ``~`` and 8 hex digits of its hash, so two long values that share a beginning stay apart.
     """
     v = unicodedata.normalize("NFC", value)
     v = _UNSAFE.sub("_", v).strip().strip(".")
-    v = v[:max_len].strip()
-    return v or "UNKNOWN"
+    raw = v.encode("utf-8", "surrogatepass")
+    if len(raw) > max_bytes:
+        digest = hashlib.sha1(raw).hexdigest()[:8]
+        v = raw[:max_bytes - 9].decode("utf-8", "ignore").strip().rstrip(".") + "~" + digest
+    return v.strip() or "UNKNOWN"
 
 
 _FIELD = re.compile(r"{([^{}]*)}")

@@ -19,19 +19,24 @@ import os
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .dicomfile import UnreadableDataset, identify, source_ae
 from .slots import Checksum, SlotPool, is_complete
 from .state import State
+from .walk import Malformed, check_file
 
 log = logging.getLogger("dicomrouter.spool")
 
 
 class SpoolFull(OSError):
     """The spool quota or the disk is full: the sender gets 0xA700 (out of resources)."""
+
+
+class DatasetMismatch(ValueError):
+    """The dataset's SOP Class/Instance UID is not the C-STORE command's: 0xA900, not stored."""
 
 
 class ReceiveFile:
@@ -44,9 +49,12 @@ class ReceiveFile:
     association goes on.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, room: int | None = None) -> None:
         self.name = str(path)
         self.error: OSError | None = None
+        #: bytes this reception may take (spool quota and min_free_disk, when it started): past
+        #: it the rest is dropped as it arrives and the instance is refused with 0xA700
+        self.room = room
         self.file = _GuardedWriter(open(path, "wb", buffering=1 << 20), self)  # noqa: SIM115
 
     def write(self, data: bytes | memoryview) -> int:
@@ -65,12 +73,19 @@ class _GuardedWriter:
         self._sum = Checksum()
 
     def write(self, data: bytes | memoryview) -> int:
-        if self._owner.error is None:
+        owner = self._owner
+        if owner.error is None:
             try:
+                if owner.room is not None and self._sum.length + len(data) > owner.room:
+                    raise SpoolFull(errno.ENOSPC, "spool quota (max_spool_size) or "
+                                    f"min_free_disk reached: {owner.room} bytes were left for "
+                                    "this instance")
                 self._raw.write(data)
                 self._sum.update(data)
             except OSError as exc:
-                self._owner.error = exc
+                owner.error = exc
+                with contextlib.suppress(OSError):  # give the space back while the rest drains
+                    self._raw.truncate(0)
         return len(data)
 
     def flush(self) -> None:
@@ -150,8 +165,10 @@ class Spool:
     """Puts received files in place durably and records them in the state database."""
 
     def __init__(self, root: Path, state: State, max_bytes: int = 0,
-                 shared: bool = False) -> None:
+                 shared: bool = False, max_depth: int = 32, min_free: int = 0) -> None:
         self.root = root
+        self.max_depth = max_depth
+        self.min_free = min_free
         self.tmp = root / "tmp"
         self.data = root / "data"
         self._data_dir = str(self.data)
@@ -170,6 +187,7 @@ class Spool:
         self.slots = SlotPool(self.tmp)
         self.shared = shared
         self._bytes_read_at = time.monotonic()
+        self._unplaced: list[Accepted] = []
 
     def start(self) -> None:
         """Start preparing receive slots in the background."""
@@ -223,7 +241,34 @@ class Spool:
         return adopted
 
     def new_receive_file(self) -> ReceiveFile:
-        return ReceiveFile(self.slots.take())
+        return ReceiveFile(self.slots.take(), self.room())
+
+    def free_disk(self) -> int:
+        """Bytes available to us on the spool's file system."""
+        st = os.statvfs(self.tmp)
+        return st.f_bavail * st.f_frsize
+
+    def disk_low(self) -> bool:
+        """Below ``min_free_disk``: new associations are refused (and instances answered 0xA700)."""
+        return bool(self.min_free) and self.free_disk() < self.min_free
+
+    def room(self) -> int | None:
+        """Bytes one more reception may take now (None: no limit)."""
+        limits = []
+        if self.max_bytes:
+            if self.max_bytes - self._bytes < max(64 << 20, self.max_bytes // 10):
+                self._refresh_bytes()  # near the quota: `purge` may have freed space
+            limits.append(self.max_bytes - self._bytes)
+        if self.min_free:
+            limits.append(self.free_disk() - self.min_free)
+        return max(0, min(limits)) if limits else None
+
+    def _refresh_bytes(self, every: float = 1.0) -> None:
+        """Re-read the spool's total from the state database, at most every ``every`` s."""
+        if time.monotonic() - self._bytes_read_at > every:
+            with self._bytes_lock:
+                self._bytes = self.state.spool_bytes()
+                self._bytes_read_at = time.monotonic()
 
     @property
     def used_bytes(self) -> int:
@@ -232,30 +277,15 @@ class Spool:
     def over_quota(self) -> bool:
         return bool(self.max_bytes) and self._bytes >= self.max_bytes
 
-    def ingest(self, rx: ReceiveFile, calling_ae: str,
-               called_ae: str) -> tuple[dict[str, str], bool]:
-        """Make a received file durable and recorded. Returns (index tags, replaced earlier copy).
-
-        Raises SpoolFull (→ 0xA700) or dicomfile.UnreadableDataset (→ 0xC000 range); the receive
-        slot is then removed. (Should recording fail after the rename, the file stays in the
-        spool and start-up adopts it.)
-        """
-        accepted = self.accept(rx, calling_ae, called_ae)
-        try:
-            replaced = self._place(accepted.path, accepted.tags, accepted.tsuid, calling_ae,
-                                   called_ae, accepted.size)
-        except OSError as exc:
-            _unlink_quietly(accepted.path)
-            raise SpoolFull(exc.errno or errno.EIO, f"cannot move into spool: {exc}") from exc
-        return accepted.tags, replaced
-
-    def accept(self, rx: ReceiveFile, calling_ae: str, called_ae: str) -> Accepted:
-        """Make a received file durable in its slot and read its index tags.
+    def accept(self, rx: ReceiveFile, calling_ae: str, called_ae: str,
+               command: tuple[str, str] | None = None) -> Accepted:
+        """Make a received file durable in its slot, check it is whole, read its index tags.
 
         From here on the instance may be acknowledged: start-up adopts a slot with a valid
         marker, so ``place`` (rename and record) can follow the response instead of delaying it.
-        Raises SpoolFull (→ 0xA700) or dicomfile.UnreadableDataset (→ 0xC000 range); the receive
-        slot is then removed.
+        ``command`` is the C-STORE's (Affected SOP Class UID, Affected SOP Instance UID).
+        Raises SpoolFull (→ 0xA700), dicomfile.UnreadableDataset (→ 0xC000) or DatasetMismatch
+        (→ 0xA900); the receive slot is then removed.
         """
         src = rx.name  # plain strings on this path: pathlib was a third of its interpreter time
         try:
@@ -263,11 +293,11 @@ class Spool:
             if rx.error is not None:
                 raise SpoolFull(rx.error.errno or errno.ENOSPC, f"write failed: {rx.error}")
             size = os.stat(src).st_size
-            if self.shared and self.max_bytes and time.monotonic() - self._bytes_read_at > 1.0:
-                # other receiver processes fill the same spool: re-read the total now and then
-                with self._bytes_lock:
-                    self._bytes = self.state.spool_bytes()
-                    self._bytes_read_at = time.monotonic()
+            if self.shared and self.max_bytes:
+                self._refresh_bytes()  # other receiver processes fill the same spool
+            if self.min_free and self.free_disk() < self.min_free:
+                raise SpoolFull(errno.ENOSPC, f"less than min_free_disk ({self.min_free} bytes) "
+                                "free on the spool's disk")
             if self.max_bytes and self._bytes + size > self.max_bytes:
                 # The counter may be stale: `dicomrouter purge` frees space from another process.
                 with self._bytes_lock:
@@ -275,7 +305,13 @@ class Spool:
                 if self._bytes + size > self.max_bytes:
                     raise SpoolFull(errno.ENOSPC, f"spool quota of {self.max_bytes} bytes "
                                     f"reached ({self._bytes} used)")
+            try:
+                check_file(src, self.max_depth)
+            except Malformed as exc:
+                raise UnreadableDataset(f"malformed dataset: {exc}") from None
             tags, tsuid = identify(src)
+            if command is not None:
+                _match_command(tags, command)
             rx.file.drop_cache()
         except BaseException:
             _unlink_quietly(src)
@@ -285,19 +321,42 @@ class Spool:
     def place(self, accepted: Accepted) -> bool:
         """Rename an accepted (already acknowledged) instance into the spool and record it.
 
-        Returns whether it replaced an earlier copy. On failure the instance stays durable where
-        it is (its slot, or its spool name without a row) and the next start-up adopts it; the
-        error is logged here.
+        Returns whether it replaced an earlier copy. On failure (a full disk or database) the
+        instance stays durable where it is and ``retry_placements`` (housekeeping) tries again;
+        the error is logged here.
         """
         try:
             return self._place(accepted.path, accepted.tags, accepted.tsuid,
                                accepted.calling_ae, accepted.called_ae, accepted.size)
-        except Exception:
-            log.exception("instance %s of study %s is stored (received as %s) but could not be "
-                          "moved into the spool or recorded; the next start-up adopts it",
-                          accepted.tags.get("SOPInstanceUID"),
-                          accepted.tags.get("StudyInstanceUID"), accepted.path)
+        except Exception as exc:
+            log.error("instance %s of study %s is stored (received as %s) but could not be "
+                      "moved into the spool or recorded (%s: %s); it is placed again once that "
+                      "works", accepted.tags.get("SOPInstanceUID"),
+                      accepted.tags.get("StudyInstanceUID"), accepted.path, type(exc).__name__, exc)
+            with self._bytes_lock:
+                self._unplaced.append(accepted)
             return False
+
+    def retry_placements(self) -> int:
+        """Place the accepted instances whose placement failed; returns how many now are."""
+        with self._bytes_lock:
+            todo, self._unplaced = self._unplaced, []
+        done = 0
+        for accepted in todo:
+            if not os.path.exists(accepted.path):  # renamed before the commit failed
+                accepted = replace(accepted, path=os.path.join(
+                    self._data_dir, accepted.tags["StudyInstanceUID"],
+                    accepted.tags["SOPInstanceUID"] + ".dcm"))
+            try:
+                self._place(accepted.path, accepted.tags, accepted.tsuid, accepted.calling_ae,
+                            accepted.called_ae, accepted.size)
+                done += 1
+            except Exception:
+                with self._bytes_lock:
+                    self._unplaced.append(accepted)
+        if done:
+            log.info("%d instance(s) placed in the spool after an earlier failure", done)
+        return done
 
     def _rename(self, src: str | Path, tags: dict[str, str]) -> str:
         """Move ``src`` to its spool name (caller holds the study lock); returns that name."""
@@ -360,6 +419,14 @@ class Spool:
         with self._bytes_lock:
             self._bytes = max(0, self._bytes - freed)
         return freed
+
+
+def _match_command(tags: dict[str, str], command: tuple[str, str]) -> None:
+    sop_class, sop_instance = command
+    for kw, expected in (("SOPInstanceUID", sop_instance), ("SOPClassUID", sop_class)):
+        if tags.get(kw, "") != expected:
+            raise DatasetMismatch(f"dataset {kw} {tags.get(kw, '')[:64]!r} is not the "
+                                  f"command's {expected[:64]!r}")
 
 
 def _unlink_quietly(p: str | Path) -> None:

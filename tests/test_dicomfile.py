@@ -103,3 +103,45 @@ def test_garbage_and_missing_uids_are_unreadable(tmp_path: Path) -> None:
     ds.save_as(out)
     with pytest.raises(UnreadableDataset, match="no StudyInstanceUID"):
         identify(out)
+
+
+@pytest.mark.parametrize("value", ["患" * 120, "😀" * 100, "a" * 300, "é" * 200])
+def test_long_values_are_cut_by_utf8_bytes_and_stay_unique(value: str) -> None:
+    from dicomrouter.dicomfile import safe_component
+
+    name = safe_component(value)
+    assert len(name.encode()) <= 128
+    assert name.startswith(value[:10]) and "~" in name
+    other = safe_component(value + "x")
+    assert other != name  # same beginning, different values: different names
+    assert len(safe_component("short")) == 5 and safe_component("short") == "short"
+
+
+def test_long_patient_ids_reach_the_folder_tree(tmp_path: Path) -> None:
+    """A 120-character CJK PatientID (360 bytes) is delivered, under a name the file system
+    takes, instead of being dead-lettered with 'File name too long'."""
+    from dicomrouter.config import from_dict
+    from dicomrouter.scu.folder import FolderDestination
+    from dicomrouter.spool import Spool
+    from dicomrouter.state import State
+
+    f = generate(tmp_path / "g", series=1, instances=1, rows=8, cols=8, seed=1)[0]
+    ds = dcmread(f)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientID = "患" * 120
+    ds.save_as(f, enforce_file_format=True)
+    cfg = from_dict({"destinations": {"out": {"type": "folder", "path": str(tmp_path / "out")}},
+                     "routes": [{"to": "out"}]}, tmp_path, "test")
+    state = State(tmp_path / "state.db")
+    spool = Spool(tmp_path / "spool", state)
+    from dicomrouter.dicomfile import identify
+
+    tags, ts = identify(f)
+    spool._place(str(f), tags, ts, "TEST", "ROUTER")
+    inst = state.instances(tags["StudyInstanceUID"])[0]
+    with FolderDestination(cfg.destinations["out"]).open([inst]) as session:
+        session.send(inst)
+    files = list((tmp_path / "out").rglob("*.dcm"))
+    assert len(files) == 1
+    assert files[0].relative_to(tmp_path / "out").parts[0].startswith("患" * 10)
+    assert dcmread(files[0]).PatientID == "患" * 120

@@ -1,0 +1,54 @@
+"""The one receive contract both receivers use: accept a received dataset, or say why not.
+
+``accept`` maps every outcome to a DIMSE status in one place (like pynetdicom's ``attempt()``):
+
+* 0x0000: durable in its receive slot, whole, identified (``Spool.accept``); the caller answers,
+  then calls ``Spool.place``;
+* 0xA700 out of resources: spool quota, free disk, a write or database error (or a bug: the log
+  line names the exception; never a false success);
+* 0xA900 the dataset's SOP Class/Instance UID is not the command's (as DCMTK storescp answers);
+* 0xC000 cannot understand: malformed or truncated dataset, sequences nested too deep, no or
+  invalid UIDs.
+
+Each refusal is one log line with the peer's values escaped (see logsafe.py); never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..dicomfile import UnreadableDataset
+from ..spool import Accepted, DatasetMismatch, ReceiveFile, Spool, SpoolFull
+
+log = logging.getLogger("dicomrouter.scp")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+def accept(spool: Spool, rx: ReceiveFile, calling: str, called: str,
+           command: tuple[str, str]) -> tuple[int, str, Accepted | None]:
+    """(status, error comment, accepted instance or None) for one received dataset.
+
+    ``command`` is (Affected SOP Class UID, Affected SOP Instance UID) of the C-STORE-RQ.
+    """
+    sop = command[1]
+    try:
+        return SUCCESS, "", spool.accept(rx, calling, called, command)
+    except SpoolFull as exc:
+        status, what, comment = OUT_OF_RESOURCES, "out of resources", \
+            f"spool full: {exc.strerror or exc}"
+    except DatasetMismatch as exc:
+        status, what, comment = DATASET_MISMATCH, "dataset does not match", str(exc)
+    except UnreadableDataset as exc:
+        status, what, comment = CANNOT_UNDERSTAND, "cannot understand", str(exc)
+    except Exception as exc:  # never a false success, never a traceback for peer input
+        status, what = OUT_OF_RESOURCES, "out of resources"
+        comment = f"internal error: {type(exc).__name__}: {exc}"
+    finally:
+        rx.close()
+    log.error("C-STORE %s from %s refused with 0x%04X (%s): %s", sop, calling, status, what,
+              comment)
+    return status, comment, None
