@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from . import config as config_mod
+from . import logsafe
 from .config import Config, ConfigError
 
 log = logging.getLogger("dicomrouter")
@@ -28,6 +29,7 @@ config_option = click.option(
 def _setup_logging(level: str, quiet_pynetdicom: bool = False) -> None:
     logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logsafe.install()  # values from the wire never forge a log line
     # pynetdicom is chatty at INFO (every association, every C-STORE); keep its warnings, and in
     # the client commands not even those: our own error says the same, in plainer words.
     pnd = logging.CRITICAL if quiet_pynetdicom else logging.WARNING

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 
+from . import logsafe
 from .config import Config
 
 log = logging.getLogger("dicomrouter")
@@ -26,6 +27,7 @@ def run_receiver(cfg: Config, parent_pid: int) -> None:
     logging.basicConfig(level=getattr(logging, cfg.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s [%(processName)s]: "
                                "%(message)s")
+    logsafe.install()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     from .scp.fast import FastStorageSCP
     from .spool import Spool
@@ -35,7 +37,8 @@ def run_receiver(cfg: Config, parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process; it stops us
     state = State(cfg.state_db)
-    spool = Spool(cfg.spool, state, cfg.max_spool_size, shared=True)
+    spool = Spool(cfg.spool, state, cfg.max_spool_size, shared=True,
+                  max_depth=cfg.limits.max_sequence_depth, min_free=cfg.limits.min_free_disk)
     spool.start()
     scp = FastStorageSCP(cfg, spool)
     scp.start()

@@ -15,22 +15,22 @@ A-ASSOCIATE-AC/RJ encoding) reuses pynetdicom's PDU classes: it happens once per
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
 import struct
 import threading
+import time
 from typing import BinaryIO
 
+from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-)
-from pynetdicom.presentation import negotiate_as_acceptor
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from ..config import Config
-from ..dicomfile import UnreadableDataset
 from ..dimse import (
     APPLICATION_CONTEXT,
     C_ECHO_RQ,
@@ -41,7 +41,6 @@ from ..dimse import (
     IMPLEMENTATION_VERSION,
     MAX_COMMAND,
     NO_DATASET,
-    OUT_OF_RESOURCES,
     PDU_HEADER,
     PDV_HEADER,
     VERIFICATION,
@@ -54,12 +53,32 @@ from ..dimse import (
     us,
     user_information,
 )
-from ..spool import ReceiveFile, Spool, SpoolFull
+from ..spool import ReceiveFile, Spool
+from . import ingest
 from .contexts import supported_contexts
 
 log = logging.getLogger("dicomrouter.scp")
 
 CHUNK = 1 << 20
+
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+_RJ_CONTEXT = (0x01, 0x01, 0x02)  # application context name not supported
+_RJ_CALLING = (0x01, 0x01, 0x03)  # calling AE title not recognised
+_RJ_CALLED = (0x01, 0x01, 0x07)  # called AE title not recognised
+_RJ_LIMIT = (0x02, 0x03, 0x02)  # transient, local limit exceeded
+
+
+def _printable_ae(value: bytes) -> bool:
+    return all(0x20 <= b < 0x7F and b != 0x5C for b in value)
+
+
+def _refused_context(context_id: int | None, result: int) -> PresentationContext:
+    cx = PresentationContext()
+    cx.context_id = context_id
+    cx.result = result
+    cx.transfer_syntax = [ImplicitVRLittleEndian]  # not tested by the requestor when refused
+    return cx
 
 
 def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
@@ -82,21 +101,48 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae
     return b"\x00" * 128 + b"DICM" + group_length + body
 
 
-class FastStorageSCP:
-    """The listening socket and its association threads (same interface as StorageSCP)."""
+class _Connection:
+    """What the listener tracks of one TCP connection: its deadline and whether it associated."""
 
-    def __init__(self, cfg: Config, spool: Spool, network_timeout: float = 120.0,
-                 max_associations: int = 64) -> None:
+    __slots__ = ("sock", "peer", "since", "deadline", "waiting_for", "associated", "expired")
+
+    def __init__(self, sock: socket.socket, peer: str, deadline: float,
+                 waiting_for: str) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.since = time.monotonic()
+        self.deadline = deadline
+        self.waiting_for = waiting_for  # what the deadline is for, for the log line
+        self.associated = False
+        self.expired = ""  # why the listener cut it short
+
+
+class FastStorageSCP:
+    """The listening socket, its association threads, and the watchdog that enforces the
+    deadlines (same interface as StorageSCP).
+
+    Limits (config keys, docs/security.md): a connection has ``acse_timeout`` to deliver its
+    A-ASSOCIATE-RQ (ARTIM), and at most ``max_pending_connections`` may be waiting to associate
+    (a new one pushes the oldest out), so trickling or idle connections cannot lock out real
+    senders; established associations are limited to ``max_associations``; every PDU must
+    arrive within ``network_timeout`` (per MiB of it), and an association with no message for
+    ``dimse_timeout`` is aborted. Deadlines are checked by one watchdog thread, so the
+    per-PDU path only stores a number.
+    """
+
+    def __init__(self, cfg: Config, spool: Spool) -> None:
         self.cfg = cfg
+        self.limits = cfg.limits
         self.spool = spool
-        self.network_timeout = network_timeout
-        self.max_associations = max_associations
         self._contexts = supported_contexts()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
-        self._active: set[socket.socket] = set()
+        self._conns: dict[socket.socket, _Connection] = {}  # in accept order
+        self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
+        self._disk_warned = False
 
     def start(self) -> None:
         # With several receiver processes each binds the port; the kernel spreads connections.
@@ -105,9 +151,12 @@ class FastStorageSCP:
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="scp-accept", daemon=True)
         self._thread.start()
-        log.info("listening as %s on %s:%d (allowed calling AEs: %s)", self.cfg.ae_title,
-                 self.cfg.bind, self.cfg.port,
-                 ", ".join(self.cfg.allowed_calling_aes) or "any")
+        self._watchdog = threading.Thread(target=self._watch, name="scp-watchdog", daemon=True)
+        self._watchdog.start()
+        log.info("listening as %s on %s:%d (allowed calling AEs: %s; called AE %s)",
+                 self.cfg.ae_title, self.cfg.bind, self.cfg.port,
+                 ", ".join(self.cfg.allowed_calling_aes) or "any",
+                 "checked" if self.cfg.check_called_ae else "not checked")
 
     def stop(self) -> None:
         self._stop.set()
@@ -116,50 +165,121 @@ class FastStorageSCP:
                 self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
         with self._lock:
-            for conn in list(self._active):
+            for conn in list(self._conns):
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
-        if self._thread is not None:
-            self._thread.join(5)
+        for t in (self._thread, self._watchdog):
+            if t is not None:
+                t.join(5)
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:  # each ends at its next read; placement finishes first
+            t.join(10)
+
+    def established(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._conns.values() if c.associated)
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
+        backoff = 0.0
         while not self._stop.is_set():
             try:
                 conn, addr = self._sock.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stop.is_set():
                     return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    if not backoff:
+                        log.error("cannot accept connections: %s; new senders wait in the "
+                                  "listen queue until descriptors or memory free up",
+                                  exc.strerror or exc)
+                    backoff = min(1.0, max(0.05, backoff * 2))
+                    self._stop.wait(backoff)  # never spin on a full descriptor table
                 continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(self.network_timeout)
-            with self._lock:
-                self._active.add(conn)
-                busy = len(self._active) > self.max_associations
-            t = threading.Thread(target=self._serve, args=(conn, addr, busy), daemon=True,
-                                 name=f"assoc-{addr[0]}:{addr[1]}")
-            t.start()
+            if backoff:
+                log.info("accepting connections again")
+                backoff = 0.0
+            self._admit(conn, f"{addr[0]}:{addr[1]}")
 
-    def _serve(self, conn: socket.socket, addr: tuple[str, int], busy: bool) -> None:
+    def _admit(self, conn: socket.socket, peer: str) -> None:
         try:
-            _Association(self, conn, f"{addr[0]}:{addr[1]}", busy).run()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(max(self.limits.network_timeout, self.limits.dimse_timeout))
+        except OSError:
+            conn.close()
+            return
+        info = _Connection(conn, peer, time.monotonic() + self.limits.acse_timeout,
+                           f"no A-ASSOCIATE-RQ within acse_timeout "
+                           f"({self.limits.acse_timeout:g} s)")
+        with self._lock:
+            self._conns[conn] = info
+            pending = [c for c in self._conns.values() if not c.associated]
+            oldest = pending[0] if len(pending) > self.limits.max_pending_connections else None
+        if oldest is not None:
+            self._expire(oldest, f"dropped: more than max_pending_connections "
+                                 f"({self.limits.max_pending_connections}) connections waiting "
+                                 "to associate, and it was the oldest")
+        t = threading.Thread(target=self._serve, args=(info,), daemon=True,
+                             name=f"assoc-{peer}")
+        with self._lock:
+            self._threads.add(t)
+        try:
+            t.start()
+        except RuntimeError as exc:  # no more threads: refuse this one connection
+            log.error("connection from %s closed: cannot start a thread (%s)", peer, exc)
+            with self._lock:
+                self._threads.discard(t)
+                self._conns.pop(conn, None)
+            conn.close()
+
+    @staticmethod
+    def _expire(info: _Connection, why: str) -> None:
+        """Cut a connection short: its thread sees the end of the stream and stops."""
+        if not info.expired:
+            info.expired = why
+            with contextlib.suppress(OSError):
+                info.sock.shutdown(socket.SHUT_RD)
+        else:  # still there after a grace period (blocked in a send): close both ways
+            with contextlib.suppress(OSError):
+                info.sock.shutdown(socket.SHUT_RDWR)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c in self._conns.values() if c.deadline < now]
+            for info in late:
+                if not info.expired:
+                    self._expire(info, info.waiting_for)
+                    info.deadline = now + 5.0  # grace before closing both ways
+                else:
+                    self._expire(info, info.expired)
+
+    def _serve(self, info: _Connection) -> None:
+        try:
+            _Association(self, info).run()
+        except Exception as exc:  # a bug: one line, never a dead listener
+            log.error("association from %s ended by an internal error: %s: %s", info.peer,
+                      type(exc).__name__, exc)
         finally:
             with self._lock:
-                self._active.discard(conn)
-            conn.close()
+                self._conns.pop(info.sock, None)
+                self._threads.discard(threading.current_thread())
+            info.sock.close()
 
 
 class _Association:
     """One association, driven by blocking reads on its socket."""
 
-    def __init__(self, server: FastStorageSCP, conn: socket.socket, peer: str,
-                 busy: bool) -> None:
+    def __init__(self, server: FastStorageSCP, info: _Connection) -> None:
         self.server = server
         self.spool = server.spool
-        self.conn = conn
-        self.peer = peer
-        self.busy = busy
-        self.rf: BinaryIO = conn.makefile("rb", buffering=256 * 1024)  # type: ignore[assignment]
+        self.info = info
+        self.conn = info.sock
+        self.peer = info.peer
+        limits = server.limits
+        self.rf: BinaryIO = self.conn.makefile("rb", buffering=256 * 1024)  # type: ignore
         self.calling = ""
         self.called = ""
         self.contexts: dict[int, tuple[str, str]] = {}  # id → (abstract syntax, syntax)
@@ -172,8 +292,26 @@ class _Association:
         self._cmd: dict[int, bytes] | None = None
         self._cx = 0
         self._rx: ReceiveFile | None = None
+        self._network = limits.network_timeout
+        self._dimse = limits.dimse_timeout
+        self._idle_why = f"no DIMSE message within dimse_timeout ({limits.dimse_timeout:g} s)"
+        self._pdu_why = f"a PDU not received within network_timeout ({limits.network_timeout:g} s)"
 
     # ---- PDU level ------------------------------------------------------------------------
+
+    def _next_pdu(self) -> tuple[int, int]:
+        """Read a PDU header; an idle association (no message under way) has dimse_timeout for
+        it, one in the middle of a message network_timeout. The PDU's body then gets
+        network_timeout per started MiB."""
+        info = self.info
+        if self._cmd is None and not self._command:
+            info.deadline, info.waiting_for = time.monotonic() + self._dimse, self._idle_why
+        else:
+            info.deadline, info.waiting_for = time.monotonic() + self._network, self._pdu_why
+        pdu_type, length = PDU_HEADER.unpack(read_exact(self.rf, 6))
+        info.deadline = time.monotonic() + self._network * (1 + (length >> 20))
+        info.waiting_for = self._pdu_why
+        return pdu_type, length
 
     def run(self) -> None:
         how = "closed"
@@ -181,13 +319,21 @@ class _Association:
             pdu_type, length = PDU_HEADER.unpack(read_exact(self.rf, 6))
             if pdu_type != 0x01:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
+            cap = self.server.limits.max_associate_rq_size
+            if length > cap:
+                log.warning("rejected association from %s: its A-ASSOCIATE-RQ declares %d bytes, "
+                            "over max_associate_rq_size (%d)", self.peer, length, cap)
+                self._reject(_RJ_LIMIT)
+                return
             if not self._negotiate(PDU_HEADER.pack(1, length) + read_exact(self.rf, length)):
                 return
             while True:
-                pdu_type, length = PDU_HEADER.unpack(read_exact(self.rf, 6))
+                pdu_type, length = self._next_pdu()
                 if pdu_type == 0x04:
                     self._p_data(length)
                 elif pdu_type == 0x05:
+                    if length != 4:
+                        raise ProtocolError(f"A-RELEASE-RQ of {length} bytes")
                     read_exact(self.rf, length)
                     self.conn.sendall(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")
                     how = "released"
@@ -200,46 +346,88 @@ class _Association:
         except ProtocolError as exc:
             how = f"aborted: {exc}"
             log.warning("association from %s (%s): %s", self.calling or "?", self.peer, exc)
-            with contextlib.suppress(OSError):  # A-ABORT, source: service provider
-                self.conn.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00")
+            self._abort()
         except (ConnectionError, TimeoutError, OSError) as exc:
             how = f"lost ({exc.__class__.__name__}: {exc})"
+            if self.info.expired:
+                how = f"closed: {self.info.expired}"
+                if self.info.associated:
+                    self._abort()
+                log.warning("connection from %s (%s) %s", self.calling or "?", self.peer, how)
         finally:
             self._discard_partial()
             if self.stored or self.failed:
-                log.info("association from %s (%s) %s: %d instance(s) stored, %d refused, "
-                         "%d study(ies)", self.calling, self.peer, how, self.stored,
-                         self.failed, len(self.studies))
+                log.info("association from %s to %s (%s) %s: %d instance(s) stored, %d "
+                         "refused, %d study(ies)", self.calling, self.called, self.peer, how,
+                         self.stored, self.failed, len(self.studies))
+
+    def _abort(self, reason: int = 0x00) -> None:
+        """A-ABORT, source: service provider."""
+        with contextlib.suppress(OSError):
+            self.conn.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02" + bytes([reason]))
+
+    def _reject(self, reason: tuple[int, int, int]) -> None:
+        rj_prim = A_ASSOCIATE()
+        rj_prim.result, rj_prim.result_source, rj_prim.diagnostic = reason
+        rj = A_ASSOCIATE_RJ()
+        rj.from_primitive(rj_prim)
+        with contextlib.suppress(OSError):
+            self.conn.sendall(rj.encode())
 
     def _negotiate(self, raw: bytes) -> bool:
-        """Answer the A-ASSOCIATE-RQ; True if the association is established."""
+        """Answer the A-ASSOCIATE-RQ; True if the association is established.
+
+        PS3.8: AE titles that are not printable ASCII are not recognised (A-ASSOCIATE-RJ); an
+        RQ that does not decode is an invalid PDU (A-ABORT); a presentation context without an
+        abstract or a transfer syntax is refused on its own, the others are negotiated.
+        """
+        called_raw, calling_raw = raw[10:26], raw[26:42]
+        for what, value, reason in (("calling", calling_raw, _RJ_CALLING),
+                                    ("called", called_raw, _RJ_CALLED)):
+            if not _printable_ae(value):
+                log.warning("rejected association from %s: %s AE title %s is not printable "
+                            "ASCII", self.peer, what, value)
+                self._reject(reason)
+                return False
         rq = A_ASSOCIATE_RQ()
         try:
             rq.decode(raw)
             prim = rq.to_primitive()
         except Exception as exc:
-            raise ProtocolError(f"undecodable A-ASSOCIATE-RQ: {exc}") from exc
+            log.warning("association from %s aborted: A-ASSOCIATE-RQ does not decode (%s: %s)",
+                        self.peer, type(exc).__name__, str(exc)[:200])
+            self._abort(0x06)  # invalid PDU parameter value
+            return False
         self.calling = (prim.calling_ae_title or "").strip()
         self.called = (prim.called_ae_title or "").strip()
-        allowed = self.server.cfg.allowed_calling_aes
+        cfg = self.server.cfg
+        limits = self.server.limits
+        allowed = cfg.allowed_calling_aes
         reason = None
-        if allowed and self.calling not in allowed:
-            reason = (0x01, 0x01, 0x03)
-            log.warning("rejected association from calling AE %r (%s): not in "
-                        "allowed_calling_aes", self.calling, self.peer)
-        elif self.busy:
-            reason = (0x02, 0x03, 0x02)
-            log.warning("rejected association from calling AE %r (%s): too many associations",
-                        self.calling, self.peer)
+        if prim.application_context_name != APPLICATION_CONTEXT:
+            reason, why = _RJ_CONTEXT, "unsupported application context name"
+        elif allowed and self.calling not in allowed:
+            reason, why = _RJ_CALLING, "not in allowed_calling_aes"
+        elif cfg.check_called_ae and self.called != cfg.ae_title:
+            reason, why = _RJ_CALLED, f"not our AE title {cfg.ae_title} (check_called_ae)"
+        elif self.server.established() >= limits.max_associations:
+            reason, why = _RJ_LIMIT, f"max_associations ({limits.max_associations}) reached"
+        elif self.spool.disk_low():
+            reason, why = _RJ_LIMIT, "less than min_free_disk free on the spool's disk"
         if reason is not None:
-            rj_prim = A_ASSOCIATE()
-            rj_prim.result, rj_prim.result_source, rj_prim.diagnostic = reason
-            rj = A_ASSOCIATE_RJ()
-            rj.from_primitive(rj_prim)
-            self.conn.sendall(rj.encode())
+            log.warning("rejected association from calling AE %r to %r (%s): %s", self.calling,
+                        self.called, self.peer, why)
+            self._reject(reason)
             return False
-        results, _roles = negotiate_as_acceptor(
-            prim.presentation_context_definition_list, self.server._contexts)
+        good, refused = [], []
+        for cx in prim.presentation_context_definition_list:
+            if not cx.abstract_syntax or not cx.transfer_syntax:
+                refused.append(_refused_context(cx.context_id, 0x04 if cx.abstract_syntax
+                                                else 0x03))
+            else:
+                good.append(cx)
+        results, _roles = negotiate_as_acceptor(good, self.server._contexts)
+        results = sorted([*results, *refused], key=lambda cx: int(cx.context_id or 0))
         self.contexts = {int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                          for cx in results if cx.result == 0x00}
         ac = A_ASSOCIATE()
@@ -249,12 +437,13 @@ class _Association:
         ac.result = 0x00
         ac.result_source = 0x01
         ac.presentation_context_definition_results_list = results
-        ac.user_information = user_information(self.server.cfg.max_pdu)
+        ac.user_information = user_information(cfg.max_pdu)
         pdu = A_ASSOCIATE_AC()
         pdu.from_primitive(ac)
+        self.info.associated = True
         self.conn.sendall(pdu.encode())
-        log.debug("association from %s (%s) accepted: %d of %d context(s)", self.calling,
-                  self.peer, len(self.contexts), len(results))
+        log.info("association from %s to %s (%s) accepted: %d of %d presentation context(s)",
+                 self.calling, self.called, self.peer, len(self.contexts), len(results))
         return True
 
     def _p_data(self, length: int) -> None:
@@ -325,26 +514,11 @@ class _Association:
         if rx is None:  # an empty dataset
             self._respond_store(cx_id, cmd, CANNOT_UNDERSTAND, "empty dataset")
             return
-        sop = ui(cmd, 0x1000)
-        try:
-            accepted = self.spool.accept(rx, self.calling, self.called)
-        except SpoolFull as exc:
-            log.error("C-STORE %s from %s refused with 0xA700 (out of resources): %s", sop,
-                      self.calling, exc.strerror or exc)
-            self._respond_store(cx_id, cmd, OUT_OF_RESOURCES, f"spool full: {exc.strerror}")
+        status, comment, accepted = ingest.accept(
+            self.spool, rx, self.calling, self.called, (ui(cmd, 0x0002), ui(cmd, 0x1000)))
+        if accepted is None:
+            self._respond_store(cx_id, cmd, status, comment)
             return
-        except UnreadableDataset as exc:
-            log.error("C-STORE %s from %s refused with 0xC000 (cannot understand): %s", sop,
-                      self.calling, exc)
-            self._respond_store(cx_id, cmd, CANNOT_UNDERSTAND, str(exc))
-            return
-        except Exception as exc:  # never a false success
-            log.exception("C-STORE %s from %s failed; answered 0xA700", sop, self.calling)
-            self._respond_store(cx_id, cmd, OUT_OF_RESOURCES,
-                                f"internal error: {type(exc).__name__}")
-            return
-        finally:
-            rx.close()
         self.studies.add(accepted.tags["StudyInstanceUID"])
         try:
             self._respond_store(cx_id, cmd, 0x0000)

@@ -17,15 +17,13 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ..config import Config
-from ..dicomfile import UnreadableDataset
 from ..netutil import enable_tcp_nodelay, receive_c_store_into
-from ..spool import ReceiveFile, Spool, SpoolFull
+from ..spool import ReceiveFile, Spool
+from . import ingest
 from .contexts import ACCEPTED_SYNTAXES
 
 log = logging.getLogger("dicomrouter.scp")
 
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -61,11 +59,13 @@ class StorageSCP:
         receive_c_store_into(self.spool.new_receive_file)
         ae = AE(ae_title=self.cfg.ae_title)
         ae.maximum_pdu_size = self.cfg.max_pdu
-        ae.maximum_associations = 64
-        ae.network_timeout = 120
-        ae.dimse_timeout = 120
-        ae.acse_timeout = 60
-        ae.require_called_aet = False  # several called AE titles may be routed differently
+        limits = self.cfg.limits
+        ae.maximum_associations = limits.max_associations
+        ae.network_timeout = limits.network_timeout
+        ae.dimse_timeout = limits.dimse_timeout
+        ae.acse_timeout = limits.acse_timeout
+        # off by default: several called AE titles may be routed differently (CalledAE)
+        ae.require_called_aet = self.cfg.check_called_ae
         ae.require_calling_aet = list(self.cfg.allowed_calling_aes)
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
@@ -149,25 +149,15 @@ class StorageSCP:
         if not isinstance(rx, ReceiveFile):
             self._count(event, False)
             log.error("C-STORE %s from %s: no dataset received", sop, calling)
-            return _failure(CANNOT_UNDERSTAND, "no dataset")
-        try:
-            tags, replaced = self.spool.ingest(rx, calling, self._called(event))
-        except SpoolFull as exc:
+            return _failure(ingest.CANNOT_UNDERSTAND, "no dataset")
+        status, comment, accepted = ingest.accept(
+            self.spool, rx, calling, self._called(event),
+            (str(req.AffectedSOPClassUID), sop))
+        if accepted is None:
             self._count(event, False)
-            log.error("C-STORE %s from %s refused with 0xA700 (out of resources): %s", sop,
-                      calling, exc.strerror or exc)
-            return _failure(OUT_OF_RESOURCES, f"spool full: {exc.strerror or exc}")
-        except UnreadableDataset as exc:
-            self._count(event, False)
-            log.error("C-STORE %s from %s refused with 0xC000 (cannot understand): %s", sop,
-                      calling, exc)
-            return _failure(CANNOT_UNDERSTAND, str(exc))
-        except Exception as exc:  # never a false success
-            self._count(event, False)
-            log.exception("C-STORE %s from %s failed; answered 0xA700", sop, calling)
-            return _failure(OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
-        study = tags["StudyInstanceUID"]
+            return _failure(status, comment)
+        self.spool.place(accepted)
+        study = accepted.tags["StudyInstanceUID"]
         self._count(event, True, study)
-        log.debug("stored %s of study %s from %s%s", sop, study, calling,
-                  " (replaced an earlier copy)" if replaced else "")
+        log.debug("stored %s of study %s from %s", sop, study, calling)
         return 0x0000
