@@ -55,26 +55,43 @@ class DeliveryWorkers:
             t.join(max(0.0, deadline - time.monotonic()))
 
     def _loop(self, dest: Destination) -> None:
+        """Claim and run jobs until stopped; survives any error (a full disk, a locked or broken
+        database, a bug): it logs one line, waits (1 s doubling to 30 s) and carries on, first
+        recording the end of the job it was running, so delivery resumes by itself."""
+        policy = self.cfg.destinations[dest.name].retry
+        unfinished: tuple[Job, str] | None = None  # a run that raised; its end is not recorded
+        unsettled: tuple[Job, str] | None = None  # recorded; on_finished not yet done
+        delay = 0.0
         while not self._stop.is_set():
             try:
+                if unfinished is not None:
+                    job, error = unfinished
+                    unsettled = (job, self.state.finish_job(job, error, policy))
+                    unfinished = None
+                if unsettled is not None:
+                    job, outcome = unsettled
+                    if outcome:
+                        self.on_finished(job, outcome)
+                    unsettled = None
                 job = self.state.claim_job(dest.name)
-            except Exception:
-                log.exception("cannot read the job queue of %s", dest.name)
-                job = None
-            if job is None:
-                due = self.state.next_due()
-                wait = 1.0 if due is None else min(1.0, max(0.05, due - time.time()))
-                with self._wake:
-                    self._wake.wait(wait)
-                continue
-            try:
-                outcome = self.run(job, dest)
-            except Exception:  # never let a worker thread die
-                log.exception("job %s (study %s → %s) crashed", job.id, job.study_uid, dest.name)
-                outcome = self.state.finish_job(job, "internal error (see log)",
-                                                self.cfg.destinations[dest.name].retry)
-            if outcome:
-                self.on_finished(job, outcome)
+                if job is None:
+                    due = self.state.next_due()
+                    wait = 1.0 if due is None else min(1.0, max(0.05, due - time.time()))
+                    with self._wake:
+                        self._wake.wait(wait)
+                    delay = 0.0
+                    continue
+                try:
+                    unsettled = (job, self.run(job, dest))
+                except Exception as exc:
+                    unfinished = (job, f"internal error: {type(exc).__name__}: {exc}")
+                    raise
+                delay = 0.0
+            except Exception as exc:  # never let a worker thread die
+                delay = min(30.0, max(1.0, delay * 2))
+                log.error("delivery to %s: %s: %s (the worker carries on in %.0f s)",
+                          dest.name, type(exc).__name__, exc, delay)
+                self._stop.wait(delay)
 
     def run(self, job: Job, dest: Destination) -> str:
         """One attempt at a job; returns the job's new state ('' if interrupted by shutdown)."""
@@ -124,9 +141,10 @@ class DeliveryWorkers:
             try:
                 results[i] = self._send_part(job, dest, parts[i])
             except Exception as exc:  # reported as the job's error, never a dead thread
-                log.exception("study %s → %s: association %d of %d crashed", job.study_uid,
-                              dest.name, i + 1, len(parts))
-                results[i] = (0, [], f"internal error: {type(exc).__name__}: {exc}")
+                error = f"internal error: {type(exc).__name__}: {exc}"
+                log.error("study %s → %s: association %d of %d failed: %s", job.study_uid,
+                          dest.name, i + 1, len(parts), error)
+                results[i] = (0, [], error)
 
         threads = [threading.Thread(target=part, args=(i,), daemon=True,
                                     name=f"{threading.current_thread().name}-{i + 1}")
@@ -156,10 +174,14 @@ class DeliveryWorkers:
                     previous = None
                     try:
                         session.send(inst)
-                    except InstanceRejected as exc:
-                        rejected.append(f"{inst.sop_uid}: {exc}")
+                    except (DeliveryError, OSError):
+                        raise
+                    except Exception as exc:  # this instance failed: say why, go on
+                        reason = str(exc) if isinstance(exc, InstanceRejected) else \
+                            f"internal error: {type(exc).__name__}: {exc}"
+                        rejected.append(f"{inst.sop_uid}: {reason}")
                         log.warning("study %s → %s: instance %s refused: %s", job.study_uid,
-                                    dest.name, inst.sop_uid, exc)
+                                    dest.name, inst.sop_uid, reason)
                         continue
                     previous = inst.sop_uid
                     sent += 1

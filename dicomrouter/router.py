@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 
@@ -26,7 +27,9 @@ class Router:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.state = State(cfg.state_db)
-        self.spool = Spool(cfg.spool, self.state, cfg.max_spool_size)
+        self.spool = Spool(cfg.spool, self.state, cfg.max_spool_size,
+                           max_depth=cfg.limits.max_sequence_depth,
+                           min_free=cfg.limits.min_free_disk)
         self.destinations = {name: scu.build(d, cfg.ae_title)
                              for name, d in cfg.destinations.items()}
         self.workers = DeliveryWorkers(cfg, self.state, self.destinations, self._job_finished)
@@ -115,6 +118,8 @@ class Router:
                 if time.monotonic() - last_housekeeping > 5.0:
                     last_housekeeping = time.monotonic()
                     self._housekeeping()
+            except (OSError, sqlite3.Error) as exc:  # a full disk, a locked database: one line
+                log.error("study tracker: %s: %s (will try again)", type(exc).__name__, exc)
             except Exception:
                 log.exception("study tracker error (will try again)")
 
@@ -161,11 +166,12 @@ class Router:
                 freed = self.spool.delete_delivered(study, "delivered")
                 if freed:
                     log.info("study %s: spool files deleted (%d bytes)", study, freed)
-            except Exception:
-                log.exception("study %s: spool cleanup failed (files stay; retried at the next "
-                              "delivery or by 'dicomrouter purge')", study)
+            except Exception as exc:
+                log.error("study %s: spool cleanup failed (%s: %s); the files stay and are "
+                          "deleted at the next housekeeping", study, type(exc).__name__, exc)
 
     def _housekeeping(self) -> None:
+        self.spool.retry_placements()
         if not self.cfg.keep_after_delivery:
             # Retention over, or a cleanup that a stop interrupted: delete off this thread.
             cutoff = time.time() - max(self.cfg.retention, 0.0)

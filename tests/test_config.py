@@ -112,3 +112,70 @@ def test_serve_refuses_invalid_config_with_keyed_message(tmp_path: Path) -> None
     ok.write_text(yaml.safe_dump(GOOD))
     r = dicomrouter("serve", "--check", "--config", str(ok))
     assert r.returncode == 0 and "configuration OK" in r.stdout
+
+
+@pytest.mark.parametrize(("text", "key", "problem"), [
+    # a YAML alias bomb as a value: the error names the key without expanding the value
+    ("port: &a [[[[[[[[x]]]]]]]]\nstable_age: [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n",
+     "port", "expected a whole number"),
+    # nine levels deep inside the value (9**9 scalars if expanded)
+    ("port: [&l0 [x, x, x, x, x, x, x, x, x], "
+     + ", ".join(f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)) + "]\n",
+     "port", "expected a whole number"),
+    ("destinations:\n  a: {type: folder, path: /tmp/x}\nroutes:\n  - to: [{a: 1}]\n",
+     "routes[0].to[0]", "expected a destination name"),
+    ("destinations:\n  a: {type: [folder], path: /tmp/x}\n", "destinations.a.type",
+     "unknown destination type"),
+    ("stable_age: .nan\n", "stable_age", "finite"),
+    ("retention: .inf\n", "retention", "finite"),
+    ("stable_age: -.inf\n", "stable_age", "finite"),
+    ("allowed_calling_aes: [PACS]\nallowed_calling_aes: []\n", "allowed_calling_aes",
+     "given twice"),
+    ("destinations:\n  a: {type: folder, path: /x, path: /y}\n", "path", "given twice"),
+    ("log_level: [1, 2]\n", "log_level", "one of DEBUG"),
+    ("max_spool_size: .nan\n", "max_spool_size", "expected a size"),
+    ("acse_timeout: 0s\n", "acse_timeout", "more than 0"),
+    ("max_associate_rq_size: 100\n", "max_associate_rq_size", "from 1024"),
+    ("max_associations: 0\n", "max_associations", "whole number from 1"),
+    ("check_called_ae: yes please\n", "check_called_ae", "true or false"),
+    ("destinations:\n  p: {type: dicom, ae_title: P, host: h, port: 1,"
+     " transfer_syntaxes: [JPEGBaseline8Bit]}\n", "destinations.p.transfer_syntaxes[0]",
+     "lossless only"),
+])
+def test_bad_yaml_is_a_keyed_error(tmp_path: Path, text: str, key: str, problem: str) -> None:
+    p = tmp_path / "router.yml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        cfgmod.load(p)
+    assert err.value.key == key, str(err.value)
+    assert problem in err.value.problem
+    assert len(str(err.value)) < 2000, "the error message expanded a value"
+
+
+def test_non_utf8_config_is_a_clear_error(tmp_path: Path) -> None:
+    p = tmp_path / "router.yml"
+    p.write_bytes("ae_title: R\u00c9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        cfgmod.load(p)
+    r = dicomrouter("serve", "--check", "--config", str(p))
+    assert r.returncode != 0 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_limits_and_transfer_syntaxes_load(tmp_path: Path) -> None:
+    cfg = load_dict(tmp_path, {
+        "acse_timeout": "5s", "network_timeout": "10s", "dimse_timeout": "1m",
+        "max_associations": 10, "max_pending_connections": 4, "max_associate_rq_size": "32kB",
+        "min_free_disk": "2GB", "max_sequence_depth": 8, "check_called_ae": True,
+        "destinations": {"p": {"type": "dicom", "ae_title": "P", "host": "h", "port": 1,
+                               "transfer_syntaxes": ["JPEG2000Lossless", "1.2.840.10008.1.2"]}},
+        "routes": [{"to": "p"}]})
+    lim = cfg.limits
+    assert (lim.acse_timeout, lim.network_timeout, lim.dimse_timeout) == (5, 10, 60)
+    assert (lim.max_associations, lim.max_pending_connections) == (10, 4)
+    assert (lim.max_associate_rq_size, lim.min_free_disk, lim.max_sequence_depth) == \
+        (32000, 2 * 10**9, 8)
+    assert cfg.check_called_ae
+    assert cfg.destinations["p"].options["transfer_syntaxes"] == \
+        ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2")
+    default = cfgmod.embedded_default(tmp_path)
+    assert default.limits == cfgmod.Limits() and not default.check_called_ae

@@ -5,6 +5,7 @@ All against real peers: DCMTK storescu as the sender, Orthanc as the destination
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -172,8 +173,9 @@ def small_disk(tmp_path: Path):
 def test_disk_full_answers_out_of_resources_and_leaves_nothing_partial(
         tmp_path: Path, small_disk: Path, receiver: str) -> None:
     study = generate(tmp_path / "study", series=1, instances=12, rows=256, cols=256, seed=25)
+    # min_free_disk: 0, so the disk really runs full (min_free_disk is tested on its own)
     cfg = {"spool": str(small_disk / "spool"), "destinations": {}, "routes": [],
-           "receiver": receiver}
+           "receiver": receiver, "min_free_disk": 0}
     with Router(tmp_path / "r", cfg) as router:
         r = run_storescu(study, router.port, extra=("--no-halt",))
         ok, other = acknowledged(r)
@@ -186,6 +188,57 @@ def test_disk_full_answers_out_of_resources_and_leaves_nothing_partial(
         st = router.status()
         assert sum(s["instances_in_spool"] for s in st["studies"]) == len(ok)
         assert "0xA700" in router.log(5000)
+
+
+def _fill(directory: Path) -> Path:
+    """Fill the file system of ``directory`` to the last byte; returns the filler file."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for size in (65536, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\x00" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_disk_refuses_then_delivery_resumes_without_restart(tmp_path: Path,
+                                                                 small_disk: Path) -> None:
+    """Disk full: new associations are refused (min_free_disk), the delivery worker's database
+    writes fail and it carries on; once space frees, the study is delivered, no restart."""
+    study = generate(tmp_path / "study", series=1, instances=3, rows=8, cols=8, seed=27)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    pacs_port = free_port()
+    cfg = {"spool": str(small_disk / "spool"), "min_free_disk": "200kB",
+           "destinations": {"pacs": {"type": "dicom", "ae_title": "STORESCP",
+                                     "host": "127.0.0.1", "port": pacs_port,
+                                     "retry": {"initial": "1s", "max_delay": "2s",
+                                               "max_attempts": 1000}}},
+           "routes": [{"name": "all", "to": ["pacs"]}]}
+    with Router(tmp_path / "r", cfg) as router:
+        assert run_storescu(study, router.port).returncode == 0
+        wait_until(lambda: "retry in" in router.log(2000), timeout=60,
+                   what="a first failed delivery (the destination is not up yet)")
+        filler = _fill(small_disk)
+        refused = run_storescu(study[:1], router.port)
+        assert refused.returncode != 0 and "Local Limit Exceeded" in refused.stdout + \
+            refused.stderr
+        from peers import StoreSCP
+
+        with StoreSCP(tmp_path / "scp", aet="STORESCP", port=pacs_port) as scp:
+            wait_until(lambda: "disk is full" in router.log(5000), timeout=60,
+                       what="a database write failing on the full disk")
+            assert not scp.files() or router.study_state(uid) != "delivered"
+            filler.unlink()
+            wait_until(lambda: len(scp.files()) == 3, timeout=90, what="the study delivered")
+            router.wait_state(uid, "delivered", timeout=60)
+            assert run_storescu(study[:1], router.port).returncode == 0  # accepted again
+        log = router.log(20000)
+    assert "less than min_free_disk" in log
+    assert "the worker carries on" in log
+    assert "Traceback" not in log
 
 
 def test_retention_and_keep_after_delivery(tmp_path: Path) -> None:
