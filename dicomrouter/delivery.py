@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .config import Config
 from .scu import DeliveryError, Destination, InstanceRejected
+from .spool import Spool
 from .state import Instance, Job, State
 
 log = logging.getLogger("dicomrouter.delivery")
@@ -25,13 +26,16 @@ MIN_PER_ASSOCIATION = 8  # a smaller study is not worth another association
 class DeliveryWorkers:
     """``concurrency`` threads per destination, woken when jobs appear or come due."""
 
-    def __init__(self, cfg: Config, state: State, destinations: dict[str, Destination],
+    def __init__(self, cfg: Config, state: State, spool: Spool,
+                 destinations: dict[str, Destination],
                  on_finished: Callable[[Job, str], None]) -> None:
         self.cfg = cfg
         self.state = state
+        self.spool = spool
         self.destinations = destinations
         self.on_finished = on_finished
-        self._wake = threading.Condition()
+        # one condition per destination: a study routed to A wakes only A's workers
+        self._wake = {name: threading.Condition() for name in destinations}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -43,9 +47,13 @@ class DeliveryWorkers:
                 t.start()
                 self._threads.append(t)
 
-    def notify(self) -> None:
-        with self._wake:
-            self._wake.notify_all()
+    def notify(self, destinations: Iterable[str] | None = None) -> None:
+        """Wake the workers of these destinations (all when None): jobs appeared or came due."""
+        for name in self._wake if destinations is None else destinations:
+            cond = self._wake.get(name)
+            if cond is not None:
+                with cond:
+                    cond.notify_all()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
@@ -75,10 +83,12 @@ class DeliveryWorkers:
                     unsettled = None
                 job = self.state.claim_job(dest.name)
                 if job is None:
-                    due = self.state.next_due()
+                    # Idle: sleep until woken, this destination's next retry, or 1 s (a
+                    # `dicomrouter retry` from another process is seen by then). Only reads.
+                    due = self.state.next_due(dest.name)
                     wait = 1.0 if due is None else min(1.0, max(0.05, due - time.time()))
-                    with self._wake:
-                        self._wake.wait(wait)
+                    with self._wake[dest.name]:
+                        self._wake[dest.name].wait(wait)
                     delay = 0.0
                     continue
                 try:
@@ -160,11 +170,14 @@ class DeliveryWorkers:
 
     def _send_part(self, job: Job, dest: Destination,
                    todo: list[Instance]) -> tuple[int, list[str], str | None]:
-        """Send ``todo`` in one session; the ledger is updated around each instance."""
+        """Send ``todo`` in one session. The ledger counts each send before it goes out and
+        records as delivered only what the session confirms: ``send`` → True (recorded with the
+        next count, in the same commit), or the UIDs ``commit`` returns."""
         rejected: list[str] = []
         error: str | None = None
         sent = 0
-        previous: str | None = None  # sent, not yet recorded as delivered
+        previous: str | None = None  # delivered, not yet recorded
+        buffered: list[str] = []  # waiting for the session's commit
         try:
             with dest.open(todo) as session:
                 for inst in todo:
@@ -173,21 +186,35 @@ class DeliveryWorkers:
                     self.state.mark_sending(inst.sop_uid, dest.name, job.study_uid, previous)
                     previous = None
                     try:
-                        session.send(inst)
-                    except (DeliveryError, OSError):
+                        with self.spool.open(inst) as data:
+                            delivered = session.send(inst, data)
+                    except DeliveryError:
                         raise
                     except Exception as exc:  # this instance failed: say why, go on
                         reason = str(exc) if isinstance(exc, InstanceRejected) else \
+                            "spool file missing" if isinstance(exc, FileNotFoundError) else \
                             f"internal error: {type(exc).__name__}: {exc}"
                         rejected.append(f"{inst.sop_uid}: {reason}")
                         log.warning("study %s → %s: instance %s refused: %s", job.study_uid,
                                     dest.name, inst.sop_uid, reason)
                         continue
-                    previous = inst.sop_uid
-                    sent += 1
+                    if delivered:
+                        previous = inst.sop_uid
+                        sent += 1
+                    else:
+                        buffered.append(inst.sop_uid)
+                if previous:
+                    self.state.mark_delivered([previous], dest.name)
+                    previous = None
+                if buffered:
+                    confirmed = set(session.commit()) & set(buffered)
+                    self.state.mark_delivered(sorted(confirmed), dest.name)
+                    sent += len(confirmed)
+                    rejected += [f"{uid}: not confirmed by the destination's commit"
+                                 for uid in buffered if uid not in confirmed]
         except DeliveryError as exc:
             error = str(exc)
         finally:
-            if previous:
-                self.state.mark_delivered(previous, dest.name)
+            if previous:  # a success status came back before the failure
+                self.state.mark_delivered([previous], dest.name)
         return sent, rejected, error

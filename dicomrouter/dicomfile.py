@@ -7,7 +7,7 @@ import re
 import struct
 import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
@@ -52,7 +52,7 @@ def text(value: Any) -> str:
     return str(value).strip()
 
 
-def read_header(path: str | Path) -> Dataset:
+def read_header(path: str | Path | BinaryIO) -> Dataset:
     """The dataset without pixel data (the rest is read lazily, never the bulk)."""
     return dcmread(path, stop_before_pixels=True)
 

@@ -32,7 +32,8 @@ class Router:
                            min_free=cfg.limits.min_free_disk)
         self.destinations = {name: scu.build(d, cfg.ae_title)
                              for name, d in cfg.destinations.items()}
-        self.workers = DeliveryWorkers(cfg, self.state, self.destinations, self._job_finished)
+        self.workers = DeliveryWorkers(cfg, self.state, self.spool, self.destinations,
+                                       self._job_finished)
         self.scp: StorageSCP | FastStorageSCP = (
             FastStorageSCP(cfg, self.spool) if cfg.receiver == "fast"
             else StorageSCP(cfg, self.spool))
@@ -129,7 +130,7 @@ class Router:
         if seen is None:
             return
         instances = self.state.instances(study_uid, present_only=False)
-        decision = route(self.cfg.routes, instances)
+        decision = route(self.cfg.routes, instances, self.spool.open)
         if not self.state.route_study(study_uid, decision.destinations, decision.routes, seen):
             return  # an instance arrived meanwhile; it completes later
         new = sum(1 for i in instances if i.generation == seen["generation"])
@@ -139,7 +140,7 @@ class Router:
                      "→ %s", study_uid, who, new, seen["generation"],
                      ", ".join(repr(r) for r in decision.routes),
                      ", ".join(decision.destinations))
-            self.workers.notify()
+            self.workers.notify(decision.destinations)
         elif seen["state"] != "unrouted":
             log.warning("study %s complete (%s): %d instance(s) matched no route; kept in the "
                         "spool as unrouted", study_uid, who, new)
@@ -149,7 +150,7 @@ class Router:
     def _job_finished(self, job: Job, outcome: str) -> None:
         if outcome != "delivered":
             if outcome == "pending":
-                self.workers.notify()
+                self.workers.notify([job.destination])
             return
         if self.state.settle_study(job.study_uid):
             log.info("study %s delivered to every destination", job.study_uid)

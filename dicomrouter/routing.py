@@ -8,8 +8,9 @@ route fires; a destination named by several routes gets the study once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from .config import Matcher, RouteConfig
 from .dicomfile import read_header, text
@@ -28,8 +29,10 @@ class _StudyView:
     """Tag values of a study's instances, reading a file only for keywords not indexed: once
     per file, for every such keyword the routing table uses."""
 
-    def __init__(self, instances: Sequence[Instance], keywords: set[str]) -> None:
+    def __init__(self, instances: Sequence[Instance], keywords: set[str],
+                 open_instance: Callable[[Instance], BinaryIO] | None) -> None:
         self.instances = instances
+        self._open = open_instance
         self._keywords = keywords
         self._headers: dict[str, dict[str, str]] = {}
 
@@ -45,22 +48,27 @@ class _StudyView:
         cache = self._headers.get(inst.sop_uid)
         if cache is None:
             cache = self._headers[inst.sop_uid] = {}
-            if inst.path.exists():  # else: an earlier generation, delivered and deleted
-                try:
-                    ds = read_header(inst.path)
+            try:
+                if self._open is not None:
+                    with self._open(inst) as f:
+                        ds = read_header(f)
                     cache.update({kw: text(ds.get(kw)) for kw in self._keywords})
-                except Exception as exc:  # a file we stored and parsed once: log, don't crash
-                    log.warning("cannot read %s from %s: %s", ", ".join(sorted(self._keywords)),
-                                inst.path, exc)
+            except FileNotFoundError:
+                pass  # an earlier generation, delivered and deleted
+            except Exception as exc:  # a file we stored and parsed once: log, don't crash
+                log.warning("cannot read %s from %s: %s: %s", ", ".join(sorted(self._keywords)),
+                            inst.key, type(exc).__name__, exc)
         return cache.get(keyword, "")
 
     def holds(self, m: Matcher) -> bool:
         return any(any(m.accepts(v) for v in self.values(m.keyword, i)) for i in self.instances)
 
 
-def route(routes: Sequence[RouteConfig], instances: Sequence[Instance]) -> Decision:
-    """Evaluate the routing table for one study."""
-    view = _StudyView(instances, {m.keyword for r in routes for m in r.when})
+def route(routes: Sequence[RouteConfig], instances: Sequence[Instance],
+          open_instance: Callable[[Instance], BinaryIO] | None = None) -> Decision:
+    """Evaluate the routing table for one study; ``open_instance`` (``Spool.open``) reads the
+    keywords the index does not hold."""
+    view = _StudyView(instances, {m.keyword for r in routes for m in r.when}, open_instance)
     matched: list[str] = []
     dests: dict[str, None] = {}
     for r in routes:

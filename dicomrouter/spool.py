@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import logging
 import os
 import threading
@@ -24,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from .dicomfile import UnreadableDataset, identify, source_ae
-from .slots import Checksum, SlotPool, is_complete
-from .state import State
+from .slots import MARKER_SIZE, Checksum, SlotPool, is_complete
+from .state import Instance, State
 from .walk import Malformed, check_file
 
 log = logging.getLogger("dicomrouter.spool")
@@ -167,6 +168,7 @@ class Spool:
     def __init__(self, root: Path, state: State, max_bytes: int = 0,
                  shared: bool = False, max_depth: int = 32, min_free: int = 0) -> None:
         self.root = root
+        self._root = str(root)
         self.max_depth = max_depth
         self.min_free = min_free
         self.tmp = root / "tmp"
@@ -223,10 +225,10 @@ class Spool:
     def adopt_orphans(self) -> int:
         """Record spool files that have no row (the index lost its last transactions in a power
         cut, or the process died between the rename and the commit). Returns how many."""
-        known = self.state.known_paths()
+        known = self.state.known_keys()
         adopted = 0
         for path in self.data.glob("*/*.dcm"):
-            if str(path) in known:
+            if f"data/{path.parent.name}/{path.name}" in known:
                 continue
             try:
                 tags, tsuid = identify(path)
@@ -358,6 +360,14 @@ class Spool:
             log.info("%d instance(s) placed in the spool after an earlier failure", done)
         return done
 
+    def path(self, key: str) -> str:
+        """The file of a spool key (``data/<study>/<sop>.dcm``)."""
+        return os.path.join(self._root, key)
+
+    def open(self, inst: Instance) -> SpoolReader:
+        """The stored Part 10 bytes of an instance, the receive-slot marker hidden (zeros)."""
+        return SpoolReader(self.path(inst.key))
+
     def _rename(self, src: str | Path, tags: dict[str, str]) -> str:
         """Move ``src`` to its spool name (caller holds the study lock); returns that name."""
         study_dir = os.path.join(self._data_dir, tags["StudyInstanceUID"])
@@ -378,11 +388,12 @@ class Spool:
         """
         size = os.stat(src).st_size if size is None else size
         with self.study_lock(tags["StudyInstanceUID"]):
-            dest = self._rename(src, tags)
-            # If recording fails, the sender gets a failure status and the file stays: start-up
-            # adopts it (adopt_orphans), or the sender's next attempt replaces it.
+            self._rename(src, tags)
+            # If recording fails, the file stays: housekeeping (retry_placements) or start-up
+            # (adopt_orphans) records it, or the sender's next attempt replaces it.
+            key = f"data/{tags['StudyInstanceUID']}/{tags['SOPInstanceUID']}.dcm"
             replaced, _gen, replaced_size = self.state.record_instance(
-                tags, tsuid, dest, size, calling_ae, called_ae)
+                tags, tsuid, key, size, calling_ae, called_ae)
         with self._bytes_lock:
             self._bytes += size - replaced_size
         return replaced
@@ -397,7 +408,7 @@ class Spool:
             row = self.state.study(study_uid)
             if row is None or row["state"] != "delivered" or not row["in_spool"]:
                 return 0
-            freed = self._unlink([i.path for i in self.state.instances(study_uid)], study_uid)
+            freed = self._unlink([i.key for i in self.state.instances(study_uid)], study_uid)
             self.state.forget_spool(study_uid, why)
         return freed
 
@@ -406,12 +417,13 @@ class Spool:
         with self.study_lock(study_uid):
             return self._unlink(self.state.purge(study_uid), study_uid)
 
-    def _unlink(self, paths: list[Path], study_uid: str) -> int:
+    def _unlink(self, keys: list[str], study_uid: str) -> int:
         freed = 0
-        for p in paths:
+        for key in keys:
             try:
-                freed += p.stat().st_size
-                p.unlink()
+                p = self.path(key)
+                freed += os.stat(p).st_size
+                os.unlink(p)
             except FileNotFoundError:
                 pass
         with contextlib.suppress(OSError):  # already gone
@@ -419,6 +431,44 @@ class Spool:
         with self._bytes_lock:
             self._bytes = max(0, self._bytes - freed)
         return freed
+
+
+class SpoolReader(io.RawIOBase):
+    """A spool file opened for reading, with the receive slot's completion marker (the first
+    bytes of the Part 10 preamble, ours to use) read as zeros, as in the file that was sent.
+    ``name`` is the file's path, for libraries that insist on one (pynetdicom's chunked send)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        self.name = path
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        pos = self._f.tell()
+        n = self._f.readinto(b)
+        if n and pos < MARKER_SIZE:
+            end = min(n, MARKER_SIZE - pos)
+            memoryview(b)[:end] = bytes(end)
+        return n or 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def _match_command(tags: dict[str, str], command: tuple[str, str]) -> None:

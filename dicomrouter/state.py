@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS instances (
     sop_uid     TEXT PRIMARY KEY,
     study_uid   TEXT NOT NULL,
     series_uid  TEXT, sop_class TEXT, transfer_syntax TEXT,
-    path        TEXT, size INTEGER NOT NULL DEFAULT 0,
+    path        TEXT, size INTEGER NOT NULL DEFAULT 0,  -- spool-relative: data/<study>/<sop>.dcm
     received_at REAL, generation INTEGER NOT NULL DEFAULT 1,
     calling_ae  TEXT, called_ae TEXT,
     tags        TEXT,                        -- JSON of dicomfile.INDEX_KEYWORDS
@@ -93,7 +93,7 @@ class Instance:
     series_uid: str
     sop_class: str
     transfer_syntax: str
-    path: Path
+    key: str  # where the spool keeps it, relative to the spool root (Spool.open reads it)
     size: int
     calling_ae: str
     called_ae: str
@@ -106,6 +106,7 @@ class State:
 
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
+        self.write_transactions = 0
         self._lock = threading.RLock()
         if readonly:
             uri = f"file:{path}?mode=ro"
@@ -118,8 +119,21 @@ class State:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            self._migrate()
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout=30000")
+
+    def _migrate(self) -> None:
+        """Spools written before keys were spool-relative stored absolute paths: make them keys,
+        so a spool moved to another folder is the same spool (nothing re-adopted or re-sent).
+        The spool's layout makes the key of every instance ``data/<study>/<sop>.dcm``."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            n = self._db.execute(
+                "UPDATE instances SET path='data/'||study_uid||'/'||sop_uid||'.dcm'"
+                " WHERE path LIKE '/%'").rowcount
+            self._db.execute("COMMIT")
+        self.migrated = n
 
     def close(self) -> None:
         with self._lock:
@@ -128,6 +142,7 @@ class State:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            self.write_transactions += 1  # counted: idle workers must not write (tests)
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -147,7 +162,7 @@ class State:
 
     # ---- receiving -------------------------------------------------------------------------
 
-    def record_instance(self, tags: dict[str, str], tsuid: str, path: str | Path, size: int,
+    def record_instance(self, tags: dict[str, str], tsuid: str, key: str, size: int,
                         calling_ae: str, called_ae: str) -> tuple[bool, int, int]:
         """Record a durable instance; returns (replaced, study generation, size it replaced).
 
@@ -189,12 +204,12 @@ class State:
                 " transfer_syntax, path, size, received_at, generation, calling_ae, called_ae,"
                 " tags, present) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,1)",
                 (sop, study, tags.get("SeriesInstanceUID"), tags.get("SOPClassUID"), tsuid,
-                 str(path), size, now, generation, calling_ae, called_ae, json.dumps(tags)))
+                 key, size, now, generation, calling_ae, called_ae, json.dumps(tags)))
             if old is not None:
                 db.execute("DELETE FROM ledger WHERE sop_uid=?", (sop,))
         return old is not None, generation, replaced_size
 
-    def known_paths(self) -> set[str]:
+    def known_keys(self) -> set[str]:
         return {r["path"] for r in self._query("SELECT path FROM instances WHERE present=1")}
 
     def spool_bytes(self) -> int:
@@ -227,7 +242,7 @@ class State:
     @staticmethod
     def _instance(r: sqlite3.Row) -> Instance:
         return Instance(r["sop_uid"], r["study_uid"], r["series_uid"] or "", r["sop_class"] or "",
-                        r["transfer_syntax"] or "", Path(r["path"]), r["size"],
+                        r["transfer_syntax"] or "", r["path"], r["size"],
                         r["calling_ae"] or "", r["called_ae"] or "", json.loads(r["tags"] or "{}"),
                         r["generation"])
 
@@ -289,11 +304,12 @@ class State:
     def claim_job(self, destination: str, now: float | None = None) -> Job | None:
         """Take the oldest due job of a destination (pending, or failed and due for retry)."""
         now = now or time.time()
+        due = ("SELECT id, study_uid, attempts, generation FROM jobs WHERE destination=? AND"
+               " state IN ('pending','failed') AND next_attempt <= ? ORDER BY created, id LIMIT 1")
+        if not self._query(due, (destination, now)):
+            return None  # nothing due: a read, no write transaction
         with self._tx() as db:
-            row = db.execute(
-                "SELECT id, study_uid, attempts, generation FROM jobs WHERE destination=? AND"
-                " state IN ('pending','failed') AND next_attempt <= ? ORDER BY created, id LIMIT 1",
-                (destination, now)).fetchone()
+            row = db.execute(due, (destination, now)).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET state='running', requeue=0, updated=? WHERE id=?",
@@ -306,9 +322,11 @@ class State:
             db.execute("UPDATE jobs SET state='pending', updated=? WHERE id=? AND state='running'",
                        (time.time(), job.id))
 
-    def next_due(self) -> float | None:
+    def next_due(self, destination: str) -> float | None:
+        """When the destination's next pending or failed job is due (None: it has none)."""
         rows = self._query("SELECT MIN(next_attempt) AS t FROM jobs"
-                           " WHERE state IN ('pending','failed')")
+                           " WHERE destination=? AND state IN ('pending','failed')",
+                           (destination,))
         return rows[0]["t"]
 
     def undelivered(self, study_uid: str, destination: str) -> list[Instance]:
@@ -336,9 +354,14 @@ class State:
         db.execute("UPDATE ledger SET delivered_at=? WHERE sop_uid=? AND destination=?",
                    (now, sop_uid, destination))
 
-    def mark_delivered(self, sop_uid: str, destination: str) -> None:
+    def mark_delivered(self, sop_uids: Sequence[str], destination: str) -> None:
+        """Record instances as delivered (durable at the destination), in one commit."""
+        if not sop_uids:
+            return
         with self._tx() as db:
-            self._delivered(db, sop_uid, destination, time.time())
+            now = time.time()
+            for uid in sop_uids:
+                self._delivered(db, uid, destination, now)
 
     def finish_job(self, job: Job, error: str | None, policy: RetryPolicy) -> str:
         """Close a job run: delivered, failed (retry scheduled) or dead. Returns the new state."""
@@ -423,10 +446,10 @@ class State:
                 self._event(db, s, "requeued by hand", now)
         return n
 
-    def purge(self, study_uid: str) -> list[Path]:
-        """Remove a study on purpose; returns its spool files for the caller to delete."""
+    def purge(self, study_uid: str) -> list[str]:
+        """Remove a study on purpose; returns the keys of its spool files for the caller."""
         with self._tx() as db:
-            paths = [Path(r[0]) for r in db.execute(
+            paths = [r[0] for r in db.execute(
                 "SELECT path FROM instances WHERE study_uid=? AND present=1", (study_uid,))]
             for table in ("instances", "jobs", "ledger", "events", "studies"):
                 db.execute(f"DELETE FROM {table} WHERE study_uid=?", (study_uid,))

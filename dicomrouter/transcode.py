@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from pydicom import dcmread
@@ -104,7 +105,7 @@ def mark_lossy(ds: Dataset, source_ts: str) -> None:
         ds.LossyImageCompressionMethod = method
 
 
-def convert(path: str | Path, source_ts: str, target_ts: str) -> Dataset:
+def convert(path: str | Path | BinaryIO, source_ts: str, target_ts: str) -> Dataset:
     """The stored instance as a dataset ready to be encoded in ``target_ts``.
 
     Its File Meta carries the target syntax. Raises ConversionError with the reason (no decoder

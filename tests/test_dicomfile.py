@@ -139,8 +139,9 @@ def test_long_patient_ids_reach_the_folder_tree(tmp_path: Path) -> None:
     tags, ts = identify(f)
     spool._place(str(f), tags, ts, "TEST", "ROUTER")
     inst = state.instances(tags["StudyInstanceUID"])[0]
-    with FolderDestination(cfg.destinations["out"]).open([inst]) as session:
-        session.send(inst)
+    with FolderDestination(cfg.destinations["out"]).open([inst]) as session, \
+            spool.open(inst) as data:
+        assert session.send(inst, data)
     files = list((tmp_path / "out").rglob("*.dcm"))
     assert len(files) == 1
     assert files[0].relative_to(tmp_path / "out").parts[0].startswith("患" * 10)

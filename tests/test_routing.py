@@ -16,7 +16,12 @@ from dicomrouter.state import Instance
 def inst(tmp_path: Path | None = None, calling: str = "PACS", called: str = "DICOMROUTER",
          path: Path | None = None, **tags: str) -> Instance:
     return Instance(tags.get("SOPInstanceUID", "1.2.3"), "1.2", "1.2.1", "", "",
-                    path or Path("/nonexistent"), 0, calling, called, tags)
+                    str(path or "/nonexistent"), 0, calling, called, tags)
+
+
+def open_key(i: Instance):  # type: ignore[no-untyped-def]
+    """What Spool.open does, for keys that are plain paths here."""
+    return open(i.key, "rb")  # noqa: SIM115
 
 
 def routes(tmp_path: Path, rules: list[dict]) -> cfgmod.Config:
@@ -56,8 +61,9 @@ def test_unindexed_keyword_is_read_from_the_file(tmp_path: Path, sample_study: l
     ds.save_as(f)
     cfg = routes(tmp_path, [{"name": "stroke", "when": {"ProtocolName": "/STROKE/"},
                              "to": ["a"]}])
-    assert route(cfg.routes, [inst(path=f)]).destinations == ("a",)
-    assert route(cfg.routes, [inst(path=sample_study[1])]).destinations == ()
+    assert route(cfg.routes, [inst(path=f)], open_key).destinations == ("a",)
+    assert route(cfg.routes, [inst(path=sample_study[1])], open_key).destinations == ()
+    assert route(cfg.routes, [inst()], open_key).destinations == ()  # file gone: no match
 
 
 def test_no_route_means_unrouted(tmp_path: Path) -> None:

@@ -22,13 +22,16 @@ import socket
 import struct
 import threading
 import time
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 from pydicom.uid import ImplicitVRLittleEndian
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationServer
 
 from ..config import Config
 from ..dimse import (
@@ -53,9 +56,10 @@ from ..dimse import (
     us,
     user_information,
 )
+from ..netutil import enable_tcp_nodelay
 from ..spool import ReceiveFile, Spool
 from . import ingest
-from .contexts import supported_contexts
+from .contexts import STORAGE_SOP_CLASSES, supported_contexts
 
 log = logging.getLogger("dicomrouter.scp")
 
@@ -142,9 +146,62 @@ class FastStorageSCP:
         self._conns: dict[socket.socket, _Connection] = {}  # in accept order
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
-        self._disk_warned = False
+        self._services: list[tuple[str, Any, Callable[..., Any]]] = []
+        self._service_syntaxes: set[str] = set()
+        self.service_server: AssociationServer | None = None
+
+    def add_service(self, abstract_syntax: str, event: Any, handler: Callable[..., Any]) -> None:
+        """Serve ``abstract_syntax`` with a pynetdicom handler (e.g. ``evt.EVT_C_FIND``) on the
+        same port: an association that proposes it (and no storage class) is handed, socket and
+        all, to a pynetdicom acceptor. Call before ``start``."""
+        self._services.append((abstract_syntax, event, handler))
+        self._service_syntaxes.add(abstract_syntax)
+
+    def _start_services(self) -> None:
+        """A pynetdicom AE for the handed-off associations. Its server never accepts: its
+        listening socket is closed at once; associations reach it through ``hand_off``."""
+        enable_tcp_nodelay()
+        ae = AE(ae_title=self.cfg.ae_title)
+        limits = self.limits
+        ae.acse_timeout = limits.acse_timeout
+        ae.network_timeout = limits.network_timeout
+        ae.dimse_timeout = limits.dimse_timeout
+        ae.maximum_associations = limits.max_associations
+        ae.maximum_pdu_size = self.cfg.max_pdu
+        ae.require_calling_aet = list(self.cfg.allowed_calling_aes)
+        ae.require_called_aet = self.cfg.check_called_ae
+        ae.add_supported_context(Verification)
+        handlers = []
+        for syntax, event, handler in self._services:
+            ae.add_supported_context(syntax)
+            handlers.append((event, handler))
+        server = AssociationServer(ae, ("127.0.0.1", 0), self.cfg.ae_title,
+                                   ae.supported_contexts, evt_handlers=handlers)
+        server.socket.close()
+        self.service_server = server
+
+    def wants(self, raw: bytes) -> bool:
+        """Whether an A-ASSOCIATE-RQ is for the pynetdicom services (not for storage)."""
+        rq = A_ASSOCIATE_RQ()
+        try:
+            rq.decode(raw)
+            proposed = {str(cx.abstract_syntax)
+                        for cx in rq.to_primitive().presentation_context_definition_list}
+        except Exception:
+            return False  # the lean path answers a broken RQ itself
+        return bool(proposed & self._service_syntaxes) and not proposed & STORAGE_SOP_CLASSES
+
+    def hand_off(self, info: _Connection) -> None:
+        """Give a connection whose A-ASSOCIATE-RQ is still unread to the pynetdicom acceptor."""
+        assert self.service_server is not None
+        with self._lock:
+            self._conns.pop(info.sock, None)  # pynetdicom's timeouts apply from here
+        host, port = info.sock.getpeername()[:2]
+        self.service_server.finish_request(info.sock, (host, port))
 
     def start(self) -> None:
+        if self._services:
+            self._start_services()
         # With several receiver processes each binds the port; the kernel spreads connections.
         sock = socket.create_server((self.cfg.bind, self.cfg.port), backlog=128,
                                     reuse_port=self.cfg.receivers > 1)
@@ -175,6 +232,9 @@ class FastStorageSCP:
             threads = list(self._threads)
         for t in threads:  # each ends at its next read; placement finishes first
             t.join(10)
+        if self.service_server is not None:
+            for assoc in self.service_server.active_associations:
+                assoc.abort()
 
     def established(self) -> int:
         with self._lock:
@@ -257,8 +317,9 @@ class FastStorageSCP:
                     self._expire(info, info.expired)
 
     def _serve(self, info: _Connection) -> None:
+        handed_off = False
         try:
-            _Association(self, info).run()
+            handed_off = _Association(self, info).run()
         except Exception as exc:  # a bug: one line, never a dead listener
             log.error("association from %s ended by an internal error: %s: %s", info.peer,
                       type(exc).__name__, exc)
@@ -266,7 +327,8 @@ class FastStorageSCP:
             with self._lock:
                 self._conns.pop(info.sock, None)
                 self._threads.discard(threading.current_thread())
-            info.sock.close()
+            if not handed_off:
+                info.sock.close()
 
 
 class _Association:
@@ -313,9 +375,32 @@ class _Association:
         info.waiting_for = self._pdu_why
         return pdu_type, length
 
-    def run(self) -> None:
+    def _peek(self, n: int) -> bytes:
+        """The next ``n`` bytes, left in the socket (for a hand-off to pynetdicom)."""
+        while True:
+            data = self.conn.recv(n, socket.MSG_PEEK)
+            if len(data) >= n:
+                return data
+            if not data or self.info.expired:
+                raise ConnectionError("connection closed before a whole A-ASSOCIATE-RQ")
+            time.sleep(0.005)  # the rest of the RQ is on its way (rare: it is one segment)
+
+    def _for_services(self) -> bool:
+        """Peek at the A-ASSOCIATE-RQ: is it for the pynetdicom services (Q/R, ...)?"""
+        pdu_type, length = PDU_HEADER.unpack(self._peek(6))
+        if pdu_type != 0x01 or length > self.server.limits.max_associate_rq_size:
+            return False
+        return self.server.wants(self._peek(6 + length))
+
+    def run(self) -> bool:
+        """Serve the association; True if it was handed to the pynetdicom services."""
         how = "closed"
         try:
+            if self.server._services and self._for_services():
+                log.info("association from %s: query/retrieve or other services, handed to "
+                         "pynetdicom", self.peer)
+                self.server.hand_off(self.info)
+                return True
             pdu_type, length = PDU_HEADER.unpack(read_exact(self.rf, 6))
             if pdu_type != 0x01:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
@@ -324,9 +409,9 @@ class _Association:
                 log.warning("rejected association from %s: its A-ASSOCIATE-RQ declares %d bytes, "
                             "over max_associate_rq_size (%d)", self.peer, length, cap)
                 self._reject(_RJ_LIMIT)
-                return
+                return False
             if not self._negotiate(PDU_HEADER.pack(1, length) + read_exact(self.rf, length)):
-                return
+                return False
             while True:
                 pdu_type, length = self._next_pdu()
                 if pdu_type == 0x04:
@@ -337,10 +422,10 @@ class _Association:
                     read_exact(self.rf, length)
                     self.conn.sendall(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")
                     how = "released"
-                    return
+                    return False
                 elif pdu_type == 0x07:
                     how = "aborted by the peer"
-                    return
+                    return False
                 else:
                     raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
         except ProtocolError as exc:
@@ -360,6 +445,7 @@ class _Association:
                 log.info("association from %s to %s (%s) %s: %d instance(s) stored, %d "
                          "refused, %d study(ies)", self.calling, self.called, self.peer, how,
                          self.stored, self.failed, len(self.studies))
+        return False
 
     def _abort(self, reason: int = 0x00) -> None:
         """A-ABORT, source: service provider."""

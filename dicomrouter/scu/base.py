@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import BinaryIO
 
 from ..config import DestinationConfig
 from ..state import Instance
@@ -21,11 +22,26 @@ class InstanceRejected(Exception):
 
 
 class Session(ABC):
-    """One delivery batch: for a network destination, one association."""
+    """One delivery batch (for a network destination, one association).
+
+    The contract the ledger relies on: ``send`` returns True when the instance is durable at
+    the destination once it returns (C-STORE success, a file written and synced), False when it
+    was only buffered; ``commit`` delivers what was buffered (a zip, a STOW-RS batch, a staged
+    folder moved into place, a study-wide C-MOVE) and returns the SOP Instance UIDs now durable
+    there. Only those two answers mark an instance delivered; an exception from ``commit``
+    marks nothing, and the job's retry sends the buffered instances again. ``close`` releases
+    resources and says nothing about delivery.
+    """
 
     @abstractmethod
-    def send(self, inst: Instance) -> None:
-        """Deliver one instance, or raise InstanceRejected / DeliveryError."""
+    def send(self, inst: Instance, data: BinaryIO) -> bool:
+        """Deliver (True) or buffer (False) one instance read from ``data`` (``Spool.open``);
+        raise InstanceRejected (this one) or DeliveryError (the destination, now)."""
+
+    def commit(self) -> Sequence[str]:
+        """Deliver what ``send`` buffered; the SOP Instance UIDs now durable at the
+        destination. Instance-by-instance destinations have nothing to commit."""
+        return ()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """End the batch (release the association)."""

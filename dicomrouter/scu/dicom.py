@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import BinaryIO
 
 from pydicom.uid import UID
 
@@ -37,8 +38,9 @@ class _DicomSession(Session):
     def __init__(self, assoc: StoreAssociation) -> None:
         self.assoc = assoc
 
-    def send(self, inst: Instance) -> None:
-        self.assoc.store(inst.path, inst.sop_class, inst.transfer_syntax, inst.sop_uid)
+    def send(self, inst: Instance, data: BinaryIO) -> bool:
+        self.assoc.store(data, inst.sop_class, inst.transfer_syntax, inst.sop_uid)
+        return True  # a success (or warning) status: the peer has it
 
     def close(self) -> None:
         self.assoc.release()

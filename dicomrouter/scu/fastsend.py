@@ -14,7 +14,6 @@ import os
 import socket
 import struct
 from collections.abc import Iterable
-from pathlib import Path
 from typing import BinaryIO
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -44,10 +43,14 @@ from .base import DeliveryError, InstanceRejected
 from .store import (
     WARNING_STATUSES,
     Peer,
+    Source,
     converted,
     log,
     no_syntax,
+    open_source,
     plan_contexts,
+    source_name,
+    source_path,
     status_text,
     target_syntax,
 )
@@ -56,7 +59,7 @@ OUR_MAX_PDU = 1 << 20  # what we accept from the peer (its responses are tiny)
 DEFAULT_FRAGMENT = 1 << 20  # PDV size when the peer sets no limit
 
 
-def seek_dataset(f: BinaryIO, path: Path) -> int:
+def seek_dataset(f: BinaryIO, path: str) -> int:
     """Position an open Part 10 file at its dataset (after preamble, DICM and File Meta);
     returns the offset."""
     head = f.read(144)
@@ -132,7 +135,7 @@ class FastStoreAssociation:
     def fragment(self) -> int:
         return self.peer_max - 6 if self.peer_max else DEFAULT_FRAGMENT
 
-    def store(self, path: Path, sop_class: str, transfer_syntax: str,
+    def store(self, source: Source, sop_class: str, transfer_syntax: str,
               sop_instance: str | None = None) -> int:
         """Send one file; returns its (success or warning) status, else raises."""
         if not self.established:
@@ -144,8 +147,8 @@ class FastStoreAssociation:
         cx_id = self.accepted[(sop_class, target)]
         payload: bytes | None = None
         if target != transfer_syntax:
-            payload = encode(converted(path, transfer_syntax, target, self.peer), target)
-        sop_instance = sop_instance or self._sop_instance(path)
+            payload = encode(converted(source, transfer_syntax, target, self.peer), target)
+        sop_instance = sop_instance or self._sop_instance(source)
         self._message_id = self._message_id % 0xFFFF + 1
         command = encode_command([
             (0x0002, text(sop_class, b"\x00")),
@@ -158,7 +161,7 @@ class FastStoreAssociation:
         try:
             self.sock.sendmsg(pdata(cx_id, 0x03, command))
             if payload is None:
-                self._send_file(cx_id, path)
+                self._send_file(cx_id, source)
             else:
                 self._send_bytes(cx_id, payload)
             rsp = self._response()
@@ -169,22 +172,24 @@ class FastStoreAssociation:
         if status == 0x0000:
             return status
         if status in WARNING_STATUSES:
-            log.warning("%s: %s answered %s", path.name, self.peer, status_text(status))
+            log.warning("%s: %s answered %s", source_name(source), self.peer,
+                        status_text(status))
             return status
         comment = ui(rsp, 0x0902)
         raise InstanceRejected(f"{self.peer} answered {status_text(status)}"
                                + (f" - {comment}" if comment else ""))
 
     @staticmethod
-    def _sop_instance(path: Path) -> str:
+    def _sop_instance(source: Source) -> str:
         from pydicom.filereader import read_file_meta_info
 
-        return str(read_file_meta_info(path).MediaStorageSOPInstanceUID)
+        # only `dicomrouter send` gets here (deliveries know the UID)
+        return str(read_file_meta_info(source_path(source)).MediaStorageSOPInstanceUID)
 
-    def _send_file(self, cx_id: int, path: Path) -> None:
+    def _send_file(self, cx_id: int, source: Source) -> None:
         frag = self.fragment
-        with open(path, "rb") as f:
-            remaining = os.fstat(f.fileno()).st_size - seek_dataset(f, path)
+        with open_source(source) as f:
+            remaining = os.fstat(f.fileno()).st_size - seek_dataset(f, source_name(source))
             buf = bytearray(min(frag, max(remaining, 1)))
             view = memoryview(buf)
             while True:

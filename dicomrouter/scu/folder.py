@@ -8,10 +8,11 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from ..config import template_keywords
 from ..dicomfile import read_header, render_template, text
-from ..slots import MARKER_SIZE, fsync_dir
+from ..slots import fsync_dir
 from ..state import Instance
 from .base import DeliveryError, Destination, Session
 
@@ -36,12 +37,13 @@ class FolderDestination(Destination):
             raise DeliveryError(f"cannot create {self.root}: {exc}") from exc
         return _FolderSession(self)
 
-    def target(self, inst: Instance) -> Path:
+    def target(self, inst: Instance, data: BinaryIO) -> Path:
         """Where an instance goes; always inside the root, whatever the tag values say."""
         lookup = dict(inst.tags)
         missing = [k for k in self.keywords if k not in lookup]
         if missing:
-            ds = read_header(inst.path)
+            ds = read_header(data)
+            data.seek(0)
             lookup.update({k: text(ds.get(k)) for k in missing})
         rel = render_template(self.template, lookup)
         dest = (self.root / rel).resolve()
@@ -55,18 +57,16 @@ class _FolderSession(Session):
     def __init__(self, dest: FolderDestination) -> None:
         self.dest = dest
 
-    def send(self, inst: Instance) -> None:
-        target = self.dest.target(inst)
+    def send(self, inst: Instance, data: BinaryIO) -> bool:
+        target = self.dest.target(inst, data)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             # not *.dcm: a watcher globbing for DICOM files never picks up a half-written one
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
                                        dir=target.parent)
             try:
-                with open(inst.path, "rb") as src, os.fdopen(fd, "wb") as out:
-                    src.seek(MARKER_SIZE)  # the spool's completion marker is not for readers
-                    out.write(b"\x00" * MARKER_SIZE)
-                    shutil.copyfileobj(src, out, 1 << 20)
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(data, out, 1 << 20)
                     out.flush()
                     os.fsync(out.fileno())
                 os.replace(tmp, target)
@@ -75,9 +75,6 @@ class _FolderSession(Session):
                     os.unlink(tmp)
                 raise
             fsync_dir(target.parent)  # the rename is durable before the ledger says delivered
-        except FileNotFoundError as exc:
-            if not inst.path.exists():
-                raise DeliveryError(f"spool file missing: {inst.path}") from exc
-            raise DeliveryError(f"cannot write {target}: {exc}") from exc
         except OSError as exc:
             raise DeliveryError(f"cannot write {target}: {exc}") from exc
+        return True

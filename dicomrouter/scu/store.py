@@ -7,11 +7,13 @@ prefers another one, ``transfer_syntaxes``) is the file converted (transcode.py)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -101,15 +103,39 @@ def target_syntax(sop_class: str, ts: str, accepted: Container[tuple[str, str]],
     return next((c for c in candidates if (sop_class, c) in accepted), None)
 
 
-def converted(path: Path, ts: str, target: str, peer: Peer) -> Dataset:
+Source = Path | str | BinaryIO  # a file name, or an open file (``Spool.open``)
+
+
+def source_path(source: Source) -> str:
+    """The file name behind a source (an open spool reader's ``name`` is its path)."""
+    return str(source) if isinstance(source, str | Path) else str(source.name)
+
+
+def source_name(source: Source) -> str:
+    return Path(source_path(source)).name
+
+
+@contextlib.contextmanager
+def open_source(source: Source) -> Iterator[BinaryIO]:
+    """The source as an open binary file at its start (closed after only if we opened it)."""
+    if isinstance(source, str | Path):
+        with open(source, "rb") as f:
+            yield f
+    else:
+        source.seek(0)
+        yield source
+
+
+def converted(source: Source, ts: str, target: str, peer: Peer) -> Dataset:
     """The file converted to ``target``; InstanceRejected with the reason when it cannot be."""
     try:
-        ds = convert(path, ts, target)
+        with open_source(source) as f:
+            ds = convert(f, ts, target)
     except ConversionError as exc:
         raise InstanceRejected(f"{peer} takes {UID(target).name}, not {UID(ts).name}, and the "
                                f"conversion failed: {exc}") from exc
-    log.info("%s: sending it to %s converted from %s to %s", path.name, peer, UID(ts).name,
-             UID(target).name)
+    log.info("%s: sending it to %s converted from %s to %s", source_name(source), peer,
+             UID(ts).name, UID(target).name)
     return ds
 
 
@@ -140,7 +166,7 @@ class StoreAssociation:
         self._accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                           for cx in self.assoc.accepted_contexts}
 
-    def store(self, path: Path, sop_class: str, transfer_syntax: str,
+    def store(self, source: Source, sop_class: str, transfer_syntax: str,
               sop_instance: str | None = None) -> int:
         """Send one file; returns its (success or warning) status, else raises."""
         if not self.assoc.is_established:
@@ -150,9 +176,10 @@ class StoreAssociation:
         if target is None:
             raise no_syntax(self.peer, sop_class, transfer_syntax)
         if target == transfer_syntax:
-            rsp = self.assoc.send_c_store(path)
+            # pynetdicom's chunked send wants a file name (the spool reader's)
+            rsp = self.assoc.send_c_store(source_path(source))
         else:  # the same bytes the fast sender sends, from a temporary Part 10 file
-            ds = converted(path, transfer_syntax, target, self.peer)
+            ds = converted(source, transfer_syntax, target, self.peer)
             with tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
                 tmp.write(part10_header(ds) + encode(ds, target))
                 tmp.flush()
@@ -164,7 +191,8 @@ class StoreAssociation:
         if status == 0x0000:
             return status
         if status in WARNING_STATUSES:
-            log.warning("%s: %s answered %s", path.name, self.peer, status_text(status))
+            log.warning("%s: %s answered %s", source_name(source), self.peer,
+                        status_text(status))
             return status
         comment = f" - {rsp.ErrorComment}" if "ErrorComment" in rsp else ""
         raise InstanceRejected(f"{self.peer} answered {status_text(status)}{comment}")
