@@ -65,7 +65,7 @@ def serve(config_path: str | None, port: int | None, check: bool) -> None:
                    f"{len(cfg.routes)} route(s)")
         return
     _setup_logging(cfg.log_level)
-    from .router import Router
+    from .app import Router
 
     log.info("dicomrouter starting with %s; spool %s; stable age %.1f s", cfg.source,
              cfg.spool, cfg.stable_age)
@@ -119,8 +119,9 @@ def _collect(paths: tuple[str, ...]) -> tuple[list[tuple[Path, str, str]], list[
 def send(paths: tuple[str, ...], host: str, port: int, aet: str, calling_aet: str,
          max_pdu: int) -> None:
     """Send DICOM files and folders (recursively) with C-STORE, over one association."""
-    from .scu import DeliveryError, InstanceRejected
-    from .scu.store import Peer, batches, open_association
+    from .destinations import DeliveryError, InstanceRejected
+    from .destinations.dicom import open_association
+    from .destinations.store import Peer, batches
 
     _setup_logging("WARNING", quiet_pynetdicom=True)
     files, skipped = _collect(paths)
@@ -197,14 +198,14 @@ def echo(host: str, port: int, aet: str, calling_aet: str, timeout: float) -> No
 
 
 def _state_for(config_path: str | None, spool: str | None, readonly: bool = True):  # type: ignore[no-untyped-def]
-    from .state import State
+    from .state import open_state
 
     root = Path(spool) if spool else _load_config(config_path).spool
     db = root / "state.db"
     if not db.exists():
         raise click.ClickException(f"no state database at {db} (has the router run with this "
                                    "spool? use --config or --spool)")
-    return State(db, readonly=readonly), root
+    return open_state(db, readonly=readonly), root
 
 
 spool_option = click.option("--spool", type=click.Path(file_okay=False), default=None,
@@ -246,8 +247,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
             click.echo(json.dumps({"study": dict(row), "history": history,
                                    "summary": state.study_rows(study_uid=study)}, indent=2))
             return
-        click.echo(f"study {study}: {row['state']}, generation {row['generation']}, patient "
-                   f"{row['patient_id']}, from {row['calling_ae']}")
+        click.echo(f"study {study}: {row.state}, generation {row.generation}, patient "
+                   f"{row.patient_id}, from {row.calling_ae}")
         for ts, event in history:
             click.echo(f"  {_when(ts)}  {event}")
         return

@@ -6,6 +6,7 @@ reading it is an integration engineer editing a YAML file, not a Python develope
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -135,9 +136,12 @@ def _mapping(value: Any, key: str) -> dict[str, Any]:
 def _reject_unknown(raw: dict[str, Any], known: set[str], key: str) -> None:
     for k in raw:
         if k not in known:
+            close = difflib.get_close_matches(k, known, n=1) if isinstance(k, str) else []
             k = _show(k) if not isinstance(k, str) else k[:80]
             where = f"{key}.{k}" if key else k
-            raise ConfigError(where, f"unknown key (known keys: {', '.join(sorted(known))})")
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(where, f"unknown key ({hint}known keys: "
+                              f"{', '.join(sorted(known))})")
 
 
 @dataclass(frozen=True)

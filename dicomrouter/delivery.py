@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from .config import Config
-from .scu import DeliveryError, Destination, InstanceRejected
+from .destinations import DeliveryError, Destination, InstanceRejected
 from .spool import Spool
 from .state import Instance, Job, State
 
@@ -74,7 +74,8 @@ class DeliveryWorkers:
             try:
                 if unfinished is not None:
                     job, error = unfinished
-                    unsettled = (job, self.state.finish_job(job, error, policy))
+                    unsettled = (job, self.state.finish_job(job, error, policy.max_attempts,
+                                                            policy.delay(job.attempts + 1)))
                     unfinished = None
                 if unsettled is not None:
                     job, outcome = unsettled
@@ -119,7 +120,8 @@ class DeliveryWorkers:
             return ""
         if error is None and rejected:
             error = f"{len(rejected)} of {len(todo)} instance(s) refused; first: {rejected[0]}"
-        outcome = self.state.finish_job(job, error, policy)
+        outcome = self.state.finish_job(job, error, policy.max_attempts,
+                                        policy.delay(attempt))
         took = time.monotonic() - started
         if error is None:
             log.info("study %s → %s: delivered %d instance(s) in %.2f s", job.study_uid,

@@ -31,12 +31,12 @@ def run_receiver(cfg: Config, parent_pid: int) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     from .scp.fast import FastStorageSCP
     from .spool import Spool
-    from .state import State
+    from .state import open_state
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process; it stops us
-    state = State(cfg.state_db)
+    state = open_state(cfg.state_db)
     spool = Spool(cfg.spool, state, cfg.max_spool_size, shared=True,
                   max_depth=cfg.limits.max_sequence_depth, min_free=cfg.limits.min_free_disk)
     spool.start()

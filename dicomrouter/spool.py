@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import io
 import logging
 import os
 import threading
 import time
-import zlib
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -137,31 +136,6 @@ class Accepted:
     called_ae: str
 
 
-class _StudyLock:
-    """One stripe: a thread lock, then the same stripe as a byte-range lock (other processes)."""
-
-    __slots__ = ("_thread_lock", "_fd", "_index")
-
-    def __init__(self, thread_lock: threading.Lock, fd: int, index: int) -> None:
-        self._thread_lock = thread_lock
-        self._fd = fd
-        self._index = index
-
-    def __enter__(self) -> None:
-        self._thread_lock.acquire()
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, self._index)
-        except BaseException:
-            self._thread_lock.release()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._index)
-        finally:
-            self._thread_lock.release()
-
-
 class Spool:
     """Puts received files in place durably and records them in the state database."""
 
@@ -180,12 +154,6 @@ class Spool:
             d.mkdir(parents=True, exist_ok=True)
         self._bytes_lock = threading.Lock()
         self._bytes = state.spool_bytes()
-        # Ingest and deletion of the same study never interleave (a late arrival must not land in
-        # a directory being removed); striped so different studies do not wait for each other.
-        # The stripes are also byte-range locks on spool/locks, so receiver processes and the
-        # `purge` command exclude each other too (a stable hash: it must agree across processes).
-        self._study_locks = [threading.Lock() for _ in range(64)]
-        self._lock_fd = os.open(root / "locks", os.O_RDWR | os.O_CREAT, 0o644)
         self.slots = SlotPool(self.tmp)
         self.shared = shared
         self._bytes_read_at = time.monotonic()
@@ -198,9 +166,10 @@ class Spool:
     def stop(self) -> None:
         self.slots.stop()
 
-    def study_lock(self, study_uid: str) -> _StudyLock:
-        i = zlib.crc32(study_uid.encode()) % len(self._study_locks)
-        return _StudyLock(self._study_locks[i], self._lock_fd, i)
+    def study_lock(self, study_uid: str) -> AbstractContextManager[None]:
+        """Ingest and deletion of the same study never interleave (a late arrival must not land
+        in a directory being removed); the state provides it across processes."""
+        return self.state.study_lock(study_uid)
 
     def recover_slots(self) -> tuple[int, int]:
         """Start-up: slots holding a complete, acknowledged instance go into the spool; partial
@@ -406,7 +375,7 @@ class Spool:
         """
         with self.study_lock(study_uid):
             row = self.state.study(study_uid)
-            if row is None or row["state"] != "delivered" or not row["in_spool"]:
+            if row is None or row.state != "delivered" or not row.in_spool:
                 return 0
             freed = self._unlink([i.key for i in self.state.instances(study_uid)], study_uid)
             self.state.forget_spool(study_uid, why)

@@ -179,3 +179,20 @@ def test_limits_and_transfer_syntaxes_load(tmp_path: Path) -> None:
         ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2")
     default = cfgmod.embedded_default(tmp_path)
     assert default.limits == cfgmod.Limits() and not default.check_called_ae
+
+
+def test_misspelt_key_gets_a_did_you_mean(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_dict(tmp_path, {"stabel_age": "3s"})
+    assert err.value.key == "stabel_age" and "did you mean 'stable_age'?" in err.value.problem
+    with pytest.raises(ConfigError) as err:
+        load_dict(tmp_path, {"destinations": {"p": {"type": "dicom", "ae_titel": "P",
+                                                    "host": "h", "port": 1}}})
+    assert err.value.key == "destinations.p.ae_titel"
+    assert "did you mean 'ae_title'?" in err.value.problem
+
+
+def test_every_destination_type_has_its_class() -> None:
+    from dicomrouter.destinations.registry import CLASSES
+
+    assert set(CLASSES) == set(cfgmod.DESTINATION_TYPES)

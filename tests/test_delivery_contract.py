@@ -15,11 +15,11 @@ from router_fixtures import Router, tags_of
 
 from dicomrouter.config import from_dict
 from dicomrouter.delivery import DeliveryWorkers
+from dicomrouter.destinations.base import DeliveryError, Destination, Session
 from dicomrouter.dicomfile import identify
 from dicomrouter.sample import generate
-from dicomrouter.scu.base import DeliveryError, Destination, Session
 from dicomrouter.spool import Spool
-from dicomrouter.state import Instance, State
+from dicomrouter.state import Instance, open_state
 
 
 class CommitStyle(Destination):
@@ -56,7 +56,7 @@ def _setup(tmp_path: Path, destinations: list[str], n: int = 3):  # type: ignore
     cfg = from_dict({"destinations": {d: {"type": "folder", "path": str(tmp_path / d)}
                                       for d in destinations},
                      "routes": [{"to": destinations}]}, tmp_path, "test")
-    state = State(tmp_path / "spool" / "state.db")
+    state = open_state(tmp_path / "spool" / "state.db")
     spool = Spool(tmp_path / "spool", state)
     files = generate(tmp_path / "study", series=1, instances=n, rows=8, cols=8, seed=31)
     for f in files:
@@ -176,7 +176,7 @@ def test_a_c_find_association_reaches_a_pynetdicom_handler_on_the_same_port(
     port = free_port()
     cfg = from_dict({"port": port, "bind": "127.0.0.1", "destinations": {}, "routes": []},
                     tmp_path, "test")
-    state = State(tmp_path / "spool" / "state.db")
+    state = open_state(tmp_path / "spool" / "state.db")
     spool = Spool(tmp_path / "spool", state)
     spool.start()
     scp = FastStorageSCP(cfg, spool)

@@ -121,9 +121,9 @@ def test_long_patient_ids_reach_the_folder_tree(tmp_path: Path) -> None:
     """A 120-character CJK PatientID (360 bytes) is delivered, under a name the file system
     takes, instead of being dead-lettered with 'File name too long'."""
     from dicomrouter.config import from_dict
-    from dicomrouter.scu.folder import FolderDestination
+    from dicomrouter.destinations.folder import FolderDestination
     from dicomrouter.spool import Spool
-    from dicomrouter.state import State
+    from dicomrouter.state import open_state
 
     f = generate(tmp_path / "g", series=1, instances=1, rows=8, cols=8, seed=1)[0]
     ds = dcmread(f)
@@ -132,7 +132,7 @@ def test_long_patient_ids_reach_the_folder_tree(tmp_path: Path) -> None:
     ds.save_as(f, enforce_file_format=True)
     cfg = from_dict({"destinations": {"out": {"type": "folder", "path": str(tmp_path / "out")}},
                      "routes": [{"to": "out"}]}, tmp_path, "test")
-    state = State(tmp_path / "state.db")
+    state = open_state(tmp_path / "state.db")
     spool = Spool(tmp_path / "spool", state)
     from dicomrouter.dicomfile import identify
 

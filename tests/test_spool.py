@@ -10,11 +10,11 @@ from router_fixtures import dataset_bytes
 from dicomrouter.sample import generate
 from dicomrouter.slots import is_complete
 from dicomrouter.spool import Spool
-from dicomrouter.state import State
+from dicomrouter.state import open_state
 
 
 def spool_at(root: Path) -> Spool:
-    return Spool(root, State(root / "state.db"))
+    return Spool(root, open_state(root / "state.db"))
 
 
 def test_marker_detects_truncation_and_corruption(tmp_path: Path) -> None:

@@ -55,7 +55,8 @@ def _eight_bit(src: Path, out: Path, rgb: bool) -> Path:
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """name → file; each its own SOP Instance UID, all of one study."""
     d = tmp_path_factory.mktemp("transcode")
-    names = ["big_endian", "big_endian_8bit", "rle", "jpeg_lossless", "jpeg_extended",
+    names = ["explicit", "deflated", "big_endian", "big_endian_8bit", "rle", "jpeg_lossless",
+             "jpeg_extended",
              "jpegls", "jpegls_near", "j2k", "j2k_lossy", "jpeg_baseline_gray",
              "jpeg_baseline_rgb"]
     sources = generate(d / "src", series=1, instances=len(names), rows=64, cols=80, seed=77)
@@ -64,6 +65,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = d / "send"
     out.mkdir()
     files = {n: out / f"{n}.dcm" for n in names}
+    _tool("dcmconv", "+te", src["explicit"], files["explicit"])
+    _tool("dcmconv", "+td", src["deflated"], files["deflated"])
     _tool("dcmconv", "+tb", src["big_endian"], files["big_endian"])
     _tool("dcmconv", "+tb", _eight_bit(src["big_endian_8bit"], d / "8bit.dcm", False),
           files["big_endian_8bit"])
@@ -83,7 +86,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ds.save_as(files[name], enforce_file_format=True)
     syntaxes = {str(dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
                 for f in files.values()}
-    assert len(syntaxes) == 9, syntaxes  # Big Endian and JPEG Baseline: two files each
+    assert len(syntaxes) == 11, syntaxes  # Big Endian and JPEG Baseline: two files each
     return files
 
 

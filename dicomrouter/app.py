@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import time
 
-from . import scu
+from . import destinations
 from .config import Config
 from .delivery import DeliveryWorkers
 from .receivers import ReceiverProcesses
@@ -16,7 +16,7 @@ from .routing import route
 from .scp.fast import FastStorageSCP
 from .scp.server import StorageSCP
 from .spool import Spool
-from .state import Job, State
+from .state import Job, open_state
 
 log = logging.getLogger("dicomrouter")
 
@@ -26,11 +26,11 @@ TICK = 0.2  # how often stable studies are looked for; bounds the lateness of a 
 class Router:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.state = State(cfg.state_db)
+        self.state = open_state(cfg.state_db)
         self.spool = Spool(cfg.spool, self.state, cfg.max_spool_size,
                            max_depth=cfg.limits.max_sequence_depth,
                            min_free=cfg.limits.min_free_disk)
-        self.destinations = {name: scu.build(d, cfg.ae_title)
+        self.destinations = {name: destinations.build(d, cfg.ae_title)
                              for name, d in cfg.destinations.items()}
         self.workers = DeliveryWorkers(cfg, self.state, self.spool, self.destinations,
                                        self._job_finished)
@@ -133,15 +133,15 @@ class Router:
         decision = route(self.cfg.routes, instances, self.spool.open)
         if not self.state.route_study(study_uid, decision.destinations, decision.routes, seen):
             return  # an instance arrived meanwhile; it completes later
-        new = sum(1 for i in instances if i.generation == seen["generation"])
-        who = f"patient {seen['patient_id'] or '?'}, from {seen['calling_ae']}"
+        new = sum(1 for i in instances if i.generation == seen.generation)
+        who = f"patient {seen.patient_id or '?'}, from {seen.calling_ae}"
         if decision.destinations:
             log.info("study %s complete (%s): %d new instance(s), generation %d; matched %s "
-                     "→ %s", study_uid, who, new, seen["generation"],
+                     "→ %s", study_uid, who, new, seen.generation,
                      ", ".join(repr(r) for r in decision.routes),
                      ", ".join(decision.destinations))
             self.workers.notify(decision.destinations)
-        elif seen["state"] != "unrouted":
+        elif seen.state != "unrouted":
             log.warning("study %s complete (%s): %d instance(s) matched no route; kept in the "
                         "spool as unrouted", study_uid, who, new)
 

@@ -21,7 +21,7 @@ class FolderDestination(Destination):
     """Copies each spool file byte for byte, under a temporary name, then renames it into place,
     so a reader of the tree never sees a half-written file."""
 
-    def __init__(self, cfg) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, cfg, router_ae: str = "") -> None:  # type: ignore[no-untyped-def]
         super().__init__(cfg)
         self.root = Path(cfg.options["path"])
         self.template: str = cfg.options["template"]

@@ -1,4 +1,4 @@
-"""The state database (SQLite, WAL): studies, instances, delivery jobs, the ledger, study history.
+"""The state database in SQLite (WAL): studies, instances, delivery jobs, the ledger, study history.
 
 Every write is one short transaction under one lock. ``synchronous=NORMAL`` (in WAL mode): a
 committed transaction survives any crash of the process, and a power cut can lose only the last
@@ -10,17 +10,19 @@ processes (``dicomrouter status``) see a consistent snapshot thanks to WAL.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import RetryPolicy
+from .base import Instance, Job, State, Study
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -77,37 +79,18 @@ CREATE INDEX IF NOT EXISTS events_study ON events(study_uid, id);
 """
 
 
-@dataclass(frozen=True)
-class Job:
-    id: int
-    study_uid: str
-    destination: str
-    attempts: int
-    generation: int
-
-
-@dataclass(frozen=True)
-class Instance:
-    sop_uid: str
-    study_uid: str
-    series_uid: str
-    sop_class: str
-    transfer_syntax: str
-    key: str  # where the spool keeps it, relative to the spool root (Spool.open reads it)
-    size: int
-    calling_ae: str
-    called_ae: str
-    tags: dict[str, str]
-    generation: int = 1
-
-
-class State:
-    """Thread-safe access to the state database of one spool."""
+class SQLiteState(State):
+    """The state database of one spool in SQLite (WAL); thread-safe."""
 
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
         self.write_transactions = 0
         self._lock = threading.RLock()
+        # Per-study exclusion: 64 stripes, each a thread lock and then the same stripe as a
+        # byte-range lock on <spool>/locks, so receiver processes and `purge` exclude each
+        # other too (the stripe is a stable hash: it must agree across processes).
+        self._study_locks = [threading.Lock() for _ in range(64)]
+        self._lock_fd = -1
         if readonly:
             uri = f"file:{path}?mode=ro"
             self._db = sqlite3.connect(uri, uri=True, isolation_level=None,
@@ -120,6 +103,7 @@ class State:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
             self._migrate()
+            self._lock_fd = os.open(path.parent / "locks", os.O_RDWR | os.O_CREAT, 0o644)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout=30000")
 
@@ -138,6 +122,13 @@ class State:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def study_lock(self, study_uid: str) -> _StudyLock:
+        i = zlib.crc32(study_uid.encode()) % len(self._study_locks)
+        return _StudyLock(self._study_locks[i], self._lock_fd, i)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -229,9 +220,13 @@ class State:
         return [r["study_uid"] for r in
                 self._query("SELECT study_uid FROM studies WHERE state=?", (state,))]
 
-    def study(self, study_uid: str) -> sqlite3.Row | None:
+    def study(self, study_uid: str) -> Study | None:
         rows = self._query("SELECT * FROM studies WHERE study_uid=?", (study_uid,))
-        return rows[0] if rows else None
+        if not rows:
+            return None
+        r = rows[0]
+        return Study(r["study_uid"], r["state"], r["generation"], r["patient_id"] or "",
+                     r["calling_ae"] or "", r["last_received"] or 0.0, bool(r["in_spool"]))
 
     def instances(self, study_uid: str, present_only: bool = True) -> list[Instance]:
         sql = "SELECT * FROM instances WHERE study_uid=?"
@@ -247,20 +242,20 @@ class State:
                         r["generation"])
 
     def route_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
-                    seen: sqlite3.Row) -> bool:
+                    seen: Study) -> bool:
         """Mark a stable study routed (one job per destination) or unrouted, atomically.
 
         ``seen`` is the study row the decision was made on; if an instance arrived since, nothing
         is changed and False is returned (the study stays receiving and completes later).
         """
         now = time.time()
-        expected_generation = seen["generation"]
+        expected_generation = seen.generation
         with self._tx() as db:
             row = db.execute("SELECT state, generation, last_received FROM studies"
                              " WHERE study_uid=?", (study_uid,)).fetchone()
             if row is None or row["state"] not in ("receiving", "unrouted") \
                     or row["generation"] != expected_generation \
-                    or row["last_received"] != seen["last_received"]:
+                    or row["last_received"] != seen.last_received:
                 return False
             n = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=? AND generation=?",
                            (study_uid, expected_generation)).fetchone()[0]
@@ -363,7 +358,8 @@ class State:
             for uid in sop_uids:
                 self._delivered(db, uid, destination, now)
 
-    def finish_job(self, job: Job, error: str | None, policy: RetryPolicy) -> str:
+    def finish_job(self, job: Job, error: str | None, max_attempts: int,
+                   retry_in: float) -> str:
         """Close a job run: delivered, failed (retry scheduled) or dead. Returns the new state."""
         now = time.time()
         with self._tx() as db:
@@ -379,16 +375,16 @@ class State:
             attempts = job.attempts + 1
             if requeue:
                 state, next_attempt = "pending", now
-            elif attempts >= policy.max_attempts:
+            elif attempts >= max_attempts:
                 state, next_attempt = "dead", 0.0
             else:
-                state, next_attempt = "failed", now + policy.delay(attempts)
+                state, next_attempt = "failed", now + retry_in
             db.execute("UPDATE jobs SET state=?, attempts=?, next_attempt=?, last_error=?,"
                        " requeue=0, updated=? WHERE id=?",
                        (state, attempts, next_attempt, error, now, job.id))
             what = "dead-lettered" if state == "dead" else "will retry"
             self._event(db, job.study_uid, f"delivery to {job.destination} failed (attempt "
-                        f"{attempts}/{policy.max_attempts}, {what}): {error}", now)
+                        f"{attempts}/{max_attempts}, {what}): {error}", now)
             if state == "dead":
                 db.execute("UPDATE studies SET state='failed' WHERE study_uid=? AND"
                            " state='routed'", (job.study_uid,))
@@ -502,3 +498,30 @@ class State:
         r = rows[0]
         return {"entries": r["entries"], "sends": r["sends"], "delivered": r["delivered"],
                 "resent": r["sends"] - r["entries"]}
+
+
+class _StudyLock:
+    """One stripe: a thread lock, then the same stripe as a byte-range lock (other processes)."""
+
+    __slots__ = ("_thread_lock", "_fd", "_index")
+
+    def __init__(self, thread_lock: threading.Lock, fd: int, index: int) -> None:
+        self._thread_lock = thread_lock
+        self._fd = fd
+        self._index = index
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        try:
+            if self._fd >= 0:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, self._index)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._fd >= 0:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._index)
+        finally:
+            self._thread_lock.release()

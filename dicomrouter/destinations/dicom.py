@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
 from pydicom.uid import UID
@@ -10,7 +10,16 @@ from pydicom.uid import UID
 from ..config import DestinationConfig
 from ..state import Instance
 from .base import Destination, Session
-from .store import Peer, StoreAssociation, open_association
+from .fastsend import FastStoreAssociation
+from .store import Peer, StoreAssociation
+
+
+def open_association(peer: Peer, pairs: Iterable[tuple[str, str]],
+                     implementation: str = "fast") -> StoreAssociation | FastStoreAssociation:
+    """An established C-STORE association: our lean sender, or pynetdicom's."""
+    if implementation == "pynetdicom":
+        return StoreAssociation(peer, pairs)
+    return FastStoreAssociation(peer, pairs)
 
 
 class DicomDestination(Destination):
@@ -35,7 +44,7 @@ class DicomDestination(Destination):
 
 
 class _DicomSession(Session):
-    def __init__(self, assoc: StoreAssociation) -> None:
+    def __init__(self, assoc: StoreAssociation | FastStoreAssociation) -> None:
         self.assoc = assoc
 
     def send(self, inst: Instance, data: BinaryIO) -> bool:

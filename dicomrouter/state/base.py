@@ -1,0 +1,159 @@
+"""The state interface: what the router, delivery and spool need from the state database.
+
+Plain dataclasses go in and out; no SQL dialect, no driver row type and no config type crosses
+it, so a PostgreSQL implementation (``SKIP LOCKED`` claims, advisory locks for the per-study
+exclusion, leases) can follow without touching the callers. ``sqlite.py`` is the embedded
+default.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (study, destination) delivery, as claimed by a worker."""
+
+    id: int
+    study_uid: str
+    destination: str
+    attempts: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class Instance:
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class: str
+    transfer_syntax: str
+    key: str  # where the spool keeps it, relative to the spool root (Spool.open reads it)
+    size: int
+    calling_ae: str
+    called_ae: str
+    tags: dict[str, str]
+    generation: int = 1
+
+
+@dataclass(frozen=True)
+class Study:
+    study_uid: str
+    state: str  # receiving | routed | delivered | unrouted | failed
+    generation: int
+    patient_id: str
+    calling_ae: str
+    last_received: float
+    in_spool: bool
+
+
+class State(ABC):
+    """The state of one spool: studies, instances, jobs, the ledger, history."""
+
+    #: write transactions so far (idle workers must not write: tests count them)
+    write_transactions: int = 0
+
+    # ---- receiving
+    @abstractmethod
+    def record_instance(self, tags: dict[str, str], tsuid: str, key: str, size: int,
+                        calling_ae: str, called_ae: str) -> tuple[bool, int, int]:
+        """Record a durable instance: (replaced an earlier copy, generation, replaced size)."""
+
+    @abstractmethod
+    def known_keys(self) -> set[str]:
+        """Spool keys of every instance present."""
+
+    @abstractmethod
+    def spool_bytes(self) -> int:
+        """Bytes of every instance present."""
+
+    @abstractmethod
+    def study_lock(self, study_uid: str) -> AbstractContextManager[None]:
+        """Exclusion of ingest and deletion of one study, across threads and processes."""
+
+    # ---- completion and routing
+    @abstractmethod
+    def due_studies(self, stable_age: float, now: float | None = None) -> list[str]:
+        """Studies receiving with no arrival for ``stable_age`` seconds."""
+
+    @abstractmethod
+    def studies_in_state(self, state: str) -> list[str]: ...
+
+    @abstractmethod
+    def study(self, study_uid: str) -> Study | None: ...
+
+    @abstractmethod
+    def instances(self, study_uid: str, present_only: bool = True) -> list[Instance]: ...
+
+    @abstractmethod
+    def route_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
+                    seen: Study) -> bool:
+        """Routed (a job per destination) or unrouted, unless an instance arrived since
+        ``seen`` (then False)."""
+
+    # ---- delivery
+    @abstractmethod
+    def reset_running_jobs(self) -> tuple[int, int]: ...
+
+    @abstractmethod
+    def claim_job(self, destination: str, now: float | None = None) -> Job | None:
+        """The oldest due job of a destination, now running; None without writing if none."""
+
+    @abstractmethod
+    def release_job(self, job: Job) -> None: ...
+
+    @abstractmethod
+    def next_due(self, destination: str) -> float | None: ...
+
+    @abstractmethod
+    def undelivered(self, study_uid: str, destination: str) -> list[Instance]: ...
+
+    @abstractmethod
+    def mark_sending(self, sop_uid: str, destination: str, study_uid: str,
+                     delivered_before: str | None = None) -> None: ...
+
+    @abstractmethod
+    def mark_delivered(self, sop_uids: Sequence[str], destination: str) -> None: ...
+
+    @abstractmethod
+    def finish_job(self, job: Job, error: str | None, max_attempts: int,
+                   retry_in: float) -> str:
+        """Delivered, failed (retried in ``retry_in`` s) or dead; returns the new state."""
+
+    @abstractmethod
+    def settle_study(self, study_uid: str) -> bool: ...
+
+    @abstractmethod
+    def forget_spool(self, study_uid: str, why: str) -> None: ...
+
+    @abstractmethod
+    def delivered_in_spool_before(self, cutoff: float) -> list[str]: ...
+
+    @abstractmethod
+    def requeue(self, dead_only: bool, study_uid: str | None,
+                destination: str | None) -> int: ...
+
+    @abstractmethod
+    def purge(self, study_uid: str) -> list[str]: ...
+
+    # ---- reporting
+    @abstractmethod
+    def study_rows(self, with_done: bool = False,
+                   study_uid: str | None = None) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def summary(self, with_done: bool = False) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def history(self, study_uid: str) -> list[tuple[float, str]]: ...
+
+    @abstractmethod
+    def ledger_stats(self, destination: str | None = None) -> dict[str, int]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
