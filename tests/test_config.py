@@ -196,3 +196,22 @@ def test_every_destination_type_has_its_class() -> None:
     from dicomrouter.destinations.registry import CLASSES
 
     assert set(CLASSES) == set(cfgmod.DESTINATION_TYPES)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"destinations": {"a": 5}}, "destinations.a: expected a mapping, got int"),
+    ({"destinations": {"a": {"path": "x"}}}, "destinations.a.type: required; one of folder"),
+    ({"routes": "x"}, "routes: expected a list"),
+    ({"port": "11112"}, "port: expected a whole number from 1 to 65535, got '11112'"),
+    ({"check_called_ae": "true"}, "check_called_ae: expected true or false"),
+    ({"destinations": {"a": {"type": "folder", "path": "x", "retry": {"max_attempts": "x"}}}},
+     "destinations.a.retry.max_attempts: expected a whole number"),
+    ({"routes": [{"to": "a", "when": {"Modality": ["CT", None]}}],
+      "destinations": {"a": {"type": "folder", "path": "x"}}},
+     "routes[0].when.Modality[1]: expected a value or /regex/"),
+])
+def test_schema_errors_are_keyed_and_strict(tmp_path: Path, data: dict, message: str) -> None:
+    """The pydantic schema is strict ("11112" is not a port) and speaks in YAML key paths."""
+    with pytest.raises(ConfigError) as err:
+        cfgmod.from_dict(data, tmp_path, "test")
+    assert str(err.value).startswith(message), str(err.value)

@@ -1,0 +1,31 @@
+"""Configuration: one YAML file, validated by a pydantic schema (models.py), turned into the
+frozen dataclasses the router reads (base.py). Every error is ``key.path: problem``."""
+
+from __future__ import annotations
+
+from .base import (
+    AE_PSEUDO_KEYS,
+    CONFIG_ENV,
+    DEFAULT_AE_TITLE,
+    DEFAULT_FOLDER_TEMPLATE,
+    DEFAULT_PORT,
+    Config,
+    ConfigError,
+    DestinationConfig,
+    Limits,
+    Matcher,
+    RetryPolicy,
+    RouteConfig,
+    parse_duration,
+    parse_size,
+    template_keywords,
+)
+from .load import embedded_default, load, replace_port
+from .models import DESTINATION_MODELS, DESTINATION_TYPES, from_dict
+
+__all__ = [
+    "AE_PSEUDO_KEYS", "CONFIG_ENV", "DEFAULT_AE_TITLE", "DEFAULT_FOLDER_TEMPLATE",
+    "DEFAULT_PORT", "DESTINATION_MODELS", "DESTINATION_TYPES", "Config", "ConfigError",
+    "DestinationConfig", "Limits", "Matcher", "RetryPolicy", "RouteConfig", "embedded_default",
+    "from_dict", "load", "parse_duration", "parse_size", "replace_port", "template_keywords",
+]

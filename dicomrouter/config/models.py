@@ -1,0 +1,329 @@
+"""The configuration schema: pydantic models of the YAML file, and their keyed error messages.
+
+Every value goes through the parsers of ``base.py`` (strict: ``"5"`` is not a port, ``yes`` is
+not a boolean) and every mapping refuses unknown keys with a "did you mean". A
+``ValidationError`` becomes one ConfigError whose key is the path as the user wrote it
+(``destinations.pacs.port``, ``routes[1].to``), never pydantic's wording or a traceback.
+A new destination type is one model here (``DESTINATION_MODELS``) and one class in
+``destinations/registry.py``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+
+from .base import (
+    AE_PSEUDO_KEYS,
+    DEFAULT_AE_TITLE,
+    DEFAULT_FOLDER_TEMPLATE,
+    DEFAULT_PORT,
+    Config,
+    ConfigError,
+    DestinationConfig,
+    Limits,
+    RetryPolicy,
+    RouteConfig,
+    _ae_title,
+    _bool,
+    _choice,
+    _int,
+    _matcher,
+    _show,
+    _str,
+    _transfer_syntaxes,
+    parse_duration,
+    parse_size,
+    template_keywords,
+)
+
+
+def _v(parser: Any, *args: Any) -> BeforeValidator:
+    """One of base.py's parsers as a pydantic validator (the key is added from the location)."""
+    return BeforeValidator(lambda value: parser(value, "", *args))
+
+
+Duration = Annotated[float, _v(parse_duration)]
+Size = Annotated[int, _v(parse_size)]
+AETitle = Annotated[str, _v(_ae_title)]
+Text = Annotated[str, _v(_str)]
+Bool = Annotated[bool, _v(_bool)]
+
+
+def Int(lo: int, hi: int) -> Any:  # noqa: N802 - reads like a type in the models
+    return Annotated[int, _v(_int, lo, hi)]
+
+
+def Choice(*options: str) -> Any:  # noqa: N802
+    return Annotated[str, _v(_choice, options)]
+
+
+def _template(value: Any, key: str) -> str:
+    template_keywords(_str(value, key), key)
+    return str(value)
+
+
+def _when(value: Any, key: str) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"expected a mapping, got {type(value).__name__}")
+    return tuple(_matcher(str(k), v, str(k)) for k, v in value.items())
+
+
+def _to(value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        raise ConfigError(key, "required: the destination names this route sends to")
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError(key, "needs at least one destination")
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ConfigError(f"[{i}]", f"expected a destination name, got {_show(item)}")
+    return tuple(dict.fromkeys(items))
+
+
+def _ae_list(value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(key, "expected a list of AE titles")
+    return tuple(_ae_title(a, f"[{i}]") for i, a in enumerate(value))
+
+
+def _log_level(value: Any, key: str) -> str:
+    level = value.upper() if isinstance(value, str) else value
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(key, f"one of DEBUG, INFO, WARNING, ERROR; got {_show(level)}")
+    return str(level)
+
+
+class _Strict(BaseModel):
+    """A YAML mapping: unknown keys are refused with a 'did you mean'."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ConfigError("", f"expected a mapping, got {type(data).__name__}")
+        known = set(cls.model_fields)
+        for k in data:
+            if k not in known:
+                close = difflib.get_close_matches(k, known, n=1) if isinstance(k, str) else []
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ConfigError(k[:80] if isinstance(k, str) else _show(k),
+                                  f"unknown key ({hint}known keys: {', '.join(sorted(known))})")
+        return data
+
+
+class RetryModel(_Strict):
+    initial: Duration | None = None
+    max_delay: Duration | None = None
+    max_attempts: Int(1, 1_000_000) | None = None
+
+    def policy(self, base: RetryPolicy) -> RetryPolicy:
+        """This retry block over ``base`` (the global policy, for a destination's own)."""
+        return RetryPolicy(
+            initial=base.initial if self.initial is None else self.initial,
+            max_delay=base.max_delay if self.max_delay is None else self.max_delay,
+            max_attempts=base.max_attempts if self.max_attempts is None else self.max_attempts)
+
+
+class _Destination(_Strict):
+    concurrency: Int(1, 64) = 1
+    retry: RetryModel = RetryModel()
+
+    def options(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"type", "concurrency", "retry"})
+
+
+class FolderModel(_Destination):
+    type: Literal["folder"]
+    path: Text
+    template: Annotated[str, _v(_template)] = DEFAULT_FOLDER_TEMPLATE
+
+
+class DicomModel(_Destination):
+    type: Literal["dicom"]
+    ae_title: AETitle
+    host: Text
+    port: Int(1, 65535)
+    calling_ae_title: AETitle | None = None
+    max_pdu: Int(0, 2**32 - 1) = 0
+    timeout: Duration = 60.0
+    sender: Choice("fast", "pynetdicom") = "fast"
+    associations: Int(1, 16) = 1
+    transfer_syntaxes: Annotated[tuple[str, ...], _v(_transfer_syntaxes)] = ()
+
+
+DESTINATION_MODELS: dict[str, type[_Destination]] = {"folder": FolderModel, "dicom": DicomModel}
+DESTINATION_TYPES = tuple(DESTINATION_MODELS)
+
+
+def _destination_type(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else None
+    return kind if isinstance(kind, str) or kind is None else _show(kind)
+
+
+AnyDestination = Annotated[
+    Annotated[FolderModel, Tag("folder")] | Annotated[DicomModel, Tag("dicom")],
+    Discriminator(_destination_type),
+]
+
+
+class RouteModel(_Strict):
+    name: Text | None = None
+    when: Annotated[tuple[Any, ...], _v(_when)] = ()
+    to: Annotated[tuple[str, ...], _v(_to)] = None  # type: ignore[assignment]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _to_required(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "to" not in data:
+            raise ConfigError("to", "required: the destination names this route sends to")
+        return data
+
+
+class ConfigModel(_Strict):
+    """The whole file; the defaults are the router's defaults."""
+
+    ae_title: AETitle = DEFAULT_AE_TITLE
+    bind: Text = "0.0.0.0"
+    port: Int(1, 65535) = DEFAULT_PORT
+    max_pdu: Int(0, 2**32 - 1) = 0
+    receiver: Choice("fast", "pynetdicom") = "fast"
+    receivers: Int(1, 16) = 1
+    allowed_calling_aes: Annotated[tuple[str, ...], _v(_ae_list)] = ()
+    check_called_ae: Bool = False
+    spool: Text = "spool"
+    stable_age: Duration = 3.0
+    keep_after_delivery: Bool = False
+    retention: Duration = 0.0
+    max_spool_size: Size = 0
+    retry: RetryModel = RetryModel()
+    destinations: dict[str, AnyDestination] | None = None
+    routes: list[RouteModel] | None = None
+    log_level: Annotated[str, _v(_log_level)] = "INFO"
+    # listener limits (docs/security.md)
+    acse_timeout: Duration = Limits.acse_timeout
+    network_timeout: Duration = Limits.network_timeout
+    dimse_timeout: Duration = Limits.dimse_timeout
+    max_associations: Int(1, 10_000) = Limits.max_associations
+    max_pending_connections: Int(1, 10_000) = Limits.max_pending_connections
+    max_associate_rq_size: Annotated[int, _v(parse_size, 1024, 16 * 2**20)] = \
+        Limits.max_associate_rq_size
+    min_free_disk: Size = Limits.min_free_disk
+    max_sequence_depth: Int(1, 100) = Limits.max_sequence_depth
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ConfigModel:
+        for key in ("acse_timeout", "network_timeout", "dimse_timeout"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(key, "must be more than 0")
+        if self.receivers > 1 and self.receiver != "fast":
+            raise ConfigError("receivers", "several receiver processes need 'receiver: fast'")
+        known = list(self.destinations or {})
+        for i, route in enumerate(self.routes or []):
+            for dest in route.to:
+                if dest not in known:
+                    raise ConfigError(f"routes[{i}].to", f"unknown destination {_show(dest)} "
+                                      f"(known: {', '.join(known) or 'none defined'})")
+        return self
+
+    def build(self, base_dir: Path, source: str) -> Config:
+        """The router's Config: relative paths taken from ``base_dir``."""
+        def path(value: str) -> Path:
+            p = Path(os.path.expanduser(value))
+            return p if p.is_absolute() else base_dir / p
+
+        retry = self.retry.policy(RetryPolicy())
+        destinations = {}
+        for name, d in (self.destinations or {}).items():
+            options = d.options()
+            if d.type == "folder":
+                options["path"] = str(path(options["path"]))
+            destinations[str(name)] = DestinationConfig(
+                name=str(name), type=d.type, options=options, concurrency=d.concurrency,
+                retry=d.retry.policy(retry))
+        routes = tuple(RouteConfig(name=r.name or f"route {i + 1}", when=r.when, to=r.to)
+                       for i, r in enumerate(self.routes or []))
+        limits = Limits(**{k: getattr(self, k) for k in Limits.__dataclass_fields__})
+        return Config(
+            ae_title=self.ae_title, bind=self.bind, port=self.port, max_pdu=self.max_pdu,
+            allowed_calling_aes=self.allowed_calling_aes, spool=path(self.spool),
+            stable_age=self.stable_age, keep_after_delivery=self.keep_after_delivery,
+            retention=self.retention, max_spool_size=self.max_spool_size, retry=retry,
+            destinations=destinations, routes=routes, log_level=self.log_level,
+            receiver=self.receiver, receivers=self.receivers, limits=limits,
+            check_called_ae=self.check_called_ae, source=source)
+
+
+def keyed_error(err: ValidationError, data: Any) -> ConfigError:
+    """The first error of a ValidationError, as ``key.path: problem``."""
+    e = err.errors(include_url=False)[0]
+    loc = list(e["loc"])
+    # a tagged union puts the tag into the location: destinations.<name>.<tag>.<key>
+    if len(loc) >= 3 and loc[0] == "destinations" and loc[2] in DESTINATION_MODELS:
+        del loc[2]
+    cause = (e.get("ctx") or {}).get("error")
+    kind = e["type"]
+    if isinstance(cause, ConfigError):
+        if cause.key:
+            loc.append(cause.key)
+        problem = cause.problem
+    elif kind == "missing" and loc[:1] == ["destinations"] and len(loc) == 3:
+        dest = (data or {}).get("destinations", {}).get(loc[1], {})
+        problem = f"required for a {dest.get('type')} destination"
+    elif kind == "missing":
+        problem = "required"
+    elif kind == "union_tag_not_found" and not isinstance(e["input"], dict):
+        problem = f"expected a mapping, got {type(e['input']).__name__}"
+    elif kind == "union_tag_not_found":
+        loc.append("type")
+        problem = f"required; one of {', '.join(DESTINATION_TYPES)}"
+    elif kind == "union_tag_invalid":
+        loc.append("type")
+        problem = (f"unknown destination type {e['ctx']['tag']}; one of "
+                   f"{', '.join(DESTINATION_TYPES)}")
+    elif kind in ("dict_type", "model_type", "model_attributes_type"):
+        problem = f"expected a mapping, got {type(e['input']).__name__}"
+    elif kind == "list_type":
+        problem = f"expected a list, got {type(e['input']).__name__}"
+    else:
+        problem = e["msg"]
+    key = ""
+    for part in loc:
+        if isinstance(part, int) or str(part).startswith("["):
+            key += f"[{part}]" if isinstance(part, int) else str(part)
+        else:
+            key += f".{part}" if key else str(part)
+    return ConfigError(key, problem)
+
+
+def from_dict(raw: Any, base_dir: Path, source: str) -> Config:
+    """Validate a parsed YAML document; relative paths are taken from ``base_dir``."""
+    try:
+        model = ConfigModel.model_validate({} if raw is None else raw)
+    except ValidationError as err:
+        raise keyed_error(err, raw) from None
+    return model.build(base_dir, source)
+
+
+__all__ = ["AE_PSEUDO_KEYS", "DESTINATION_MODELS", "DESTINATION_TYPES", "ConfigModel",
+           "from_dict", "keyed_error"]
