@@ -41,17 +41,15 @@ from ..dimse import (
 from ..transcode import encode
 from .base import DeliveryError, InstanceRejected
 from .store import (
-    WARNING_STATUSES,
     Peer,
     Source,
     converted,
-    log,
     no_syntax,
     open_source,
     plan_contexts,
     source_name,
     source_path,
-    status_text,
+    store_outcome,
     target_syntax,
 )
 
@@ -168,16 +166,7 @@ class FastStoreAssociation:
         except (OSError, ConnectionError, ProtocolError) as exc:
             self.established = False
             raise DeliveryError(f"association with {self.peer} lost: {exc}") from exc
-        status = us(rsp, 0x0900)
-        if status == 0x0000:
-            return status
-        if status in WARNING_STATUSES:
-            log.warning("%s: %s answered %s", source_name(source), self.peer,
-                        status_text(status))
-            return status
-        comment = ui(rsp, 0x0902)
-        raise InstanceRejected(f"{self.peer} answered {status_text(status)}"
-                               + (f" - {comment}" if comment else ""))
+        return store_outcome(us(rsp, 0x0900), ui(rsp, 0x0902), source, self.peer)
 
     @staticmethod
     def _sop_instance(source: Source) -> str:

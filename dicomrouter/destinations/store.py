@@ -62,6 +62,18 @@ def status_text(code: int) -> str:
     return f"0x{code:04X} ({info[0]}: {info[1]})"
 
 
+def store_outcome(status: int, comment: str, source: Source, peer: Peer) -> int:
+    """A C-STORE-RSP status: success or warning is returned (a warning logged), a failure
+    refuses the instance with the status and the peer's comment."""
+    if status == 0x0000:
+        return status
+    if status in WARNING_STATUSES:
+        log.warning("%s: %s answered %s", source_name(source), peer, status_text(status))
+        return status
+    raise InstanceRejected(f"{peer} answered {status_text(status)}"
+                           + (f" - {comment}" if comment else ""))
+
+
 def _context_specs(pairs: Iterable[tuple[str, str]],
                    preferred: Sequence[str] = ()) -> list[tuple[str, list[str]]]:
     """The contexts to propose: with ``preferred`` syntaxes, one context per SOP class and
@@ -187,15 +199,8 @@ class StoreAssociation:
         if not rsp or "Status" not in rsp:
             raise DeliveryError(f"no C-STORE response from {self.peer} (timeout or connection "
                                 "lost)")
-        status = int(rsp.Status)
-        if status == 0x0000:
-            return status
-        if status in WARNING_STATUSES:
-            log.warning("%s: %s answered %s", source_name(source), self.peer,
-                        status_text(status))
-            return status
-        comment = f" - {rsp.ErrorComment}" if "ErrorComment" in rsp else ""
-        raise InstanceRejected(f"{self.peer} answered {status_text(status)}{comment}")
+        return store_outcome(int(rsp.Status), str(rsp.get("ErrorComment", "")), source,
+                             self.peer)
 
     def release(self) -> None:
         if self.assoc.is_established:

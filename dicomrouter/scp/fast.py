@@ -26,11 +26,10 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from pydicom.uid import ImplicitVRLittleEndian
-from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
-from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationServer
 
 from ..config import Config
@@ -56,7 +55,6 @@ from ..dimse import (
     us,
     user_information,
 )
-from ..netutil import enable_tcp_nodelay
 from ..spool import ReceiveFile, Spool
 from . import ingest
 from .contexts import STORAGE_SOP_CLASSES, supported_contexts
@@ -160,17 +158,9 @@ class FastStorageSCP:
     def _start_services(self) -> None:
         """A pynetdicom AE for the handed-off associations. Its server never accepts: its
         listening socket is closed at once; associations reach it through ``hand_off``."""
-        enable_tcp_nodelay()
-        ae = AE(ae_title=self.cfg.ae_title)
-        limits = self.limits
-        ae.acse_timeout = limits.acse_timeout
-        ae.network_timeout = limits.network_timeout
-        ae.dimse_timeout = limits.dimse_timeout
-        ae.maximum_associations = limits.max_associations
-        ae.maximum_pdu_size = self.cfg.max_pdu
-        ae.require_calling_aet = list(self.cfg.allowed_calling_aes)
-        ae.require_called_aet = self.cfg.check_called_ae
-        ae.add_supported_context(Verification)
+        from .server import acceptor_ae
+
+        ae = acceptor_ae(self.cfg)
         handlers = []
         for syntax, event, handler in self._services:
             ae.add_supported_context(syntax)

@@ -33,6 +33,23 @@ def _failure(status: int, comment: str) -> Dataset:
     return ds
 
 
+def acceptor_ae(cfg: Config) -> AE:
+    """A pynetdicom AE that accepts like our listener: limits, AE checks, Verification."""
+    enable_tcp_nodelay()
+    ae = AE(ae_title=cfg.ae_title)
+    ae.maximum_pdu_size = cfg.max_pdu
+    limits = cfg.limits
+    ae.maximum_associations = limits.max_associations
+    ae.network_timeout = limits.network_timeout
+    ae.dimse_timeout = limits.dimse_timeout
+    ae.acse_timeout = limits.acse_timeout
+    # off by default: several called AE titles may be routed differently (CalledAE)
+    ae.require_called_aet = cfg.check_called_ae
+    ae.require_calling_aet = list(cfg.allowed_calling_aes)
+    ae.add_supported_context(Verification)
+    return ae
+
+
 class _AssociationTally:
     __slots__ = ("calling", "peer", "stored", "failed", "studies")
 
@@ -55,19 +72,8 @@ class StorageSCP:
         self._lock = threading.Lock()
 
     def start(self) -> ThreadedAssociationServer:
-        enable_tcp_nodelay()
         receive_c_store_into(self.spool.new_receive_file)
-        ae = AE(ae_title=self.cfg.ae_title)
-        ae.maximum_pdu_size = self.cfg.max_pdu
-        limits = self.cfg.limits
-        ae.maximum_associations = limits.max_associations
-        ae.network_timeout = limits.network_timeout
-        ae.dimse_timeout = limits.dimse_timeout
-        ae.acse_timeout = limits.acse_timeout
-        # off by default: several called AE titles may be routed differently (CalledAE)
-        ae.require_called_aet = self.cfg.check_called_ae
-        ae.require_calling_aet = list(self.cfg.allowed_calling_aes)
-        ae.add_supported_context(Verification)
+        ae = acceptor_ae(self.cfg)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES)
         handlers: list[Any] = [
