@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-from peers import PeerProcess, free_port, tcp_accepts, wait_until
+from peers import wait_until
 from pydicom import dcmread
 from pynetdicom.dsutils import split_dataset
+
+from dicomrouter.benchmark.procs import RouterServer
 
 ROUTER_AE = "DICOMROUTER"
 
@@ -26,32 +27,12 @@ def dicomrouter(*args: str, cwd: Path | None = None, check: bool = False,
                           env={**os.environ, "TCP_NODELAY": "1"})
 
 
-class Router(PeerProcess):
-    """A router with a config written from a dict; ``spool`` and ``port`` default to fresh ones."""
-
-    name = "router"
+class Router(RouterServer):
+    """The benchmark's router peer, with the tests' defaults (stable age 1 s, DEBUG log) and
+    helpers; ``spool`` and ``port`` default to fresh ones."""
 
     def __init__(self, work_dir: Path, config: dict[str, Any] | None = None) -> None:
-        super().__init__(work_dir)
-        self.config: dict[str, Any] = dict(config or {})
-        self.config.setdefault("port", free_port())
-        self.config.setdefault("bind", "127.0.0.1")
-        self.config.setdefault("spool", str(work_dir / "spool"))
-        self.config.setdefault("stable_age", "1s")
-        self.config.setdefault("log_level", "DEBUG")
-        self.config_path = work_dir / "router.yml"
-        self.port: int = self.config["port"]
-        self.aet: str = self.config.get("ae_title", ROUTER_AE)
-        self.spool = Path(self.config["spool"])
-
-    def prepare(self) -> None:
-        self.config_path.write_text(yaml.safe_dump(self.config))
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "dicomrouter", "serve", "--config", str(self.config_path)]
-
-    def ready(self) -> bool:
-        return tcp_accepts(self.port) and "listening as" in self.log(1000)
+        super().__init__(work_dir, {"stable_age": "1s", "log_level": "DEBUG", **(config or {})})
 
     def kill(self) -> None:
         """SIGKILL: a crash, no chance to clean up."""

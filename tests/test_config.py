@@ -215,3 +215,19 @@ def test_schema_errors_are_keyed_and_strict(tmp_path: Path, data: dict, message:
     with pytest.raises(ConfigError) as err:
         cfgmod.from_dict(data, tmp_path, "test")
     assert str(err.value).startswith(message), str(err.value)
+
+
+def test_deploy_files_are_consistent() -> None:
+    """No Docker engine here: the compose file, the Dockerfile and the router config they ship
+    are checked by reading them (the config must load, the mount must exist)."""
+    root = Path(__file__).resolve().parent.parent
+    cfg = cfgmod.load(root / "deploy" / "router.yml")
+    assert set(cfg.destinations) == {"orthanc", "archive"}
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    mounts = [v for s in compose["services"].values() for v in s.get("volumes", [])
+              if isinstance(v, str)]
+    assert any(m.startswith("./deploy/router.yml:") for m in mounts), mounts
+    dockerfile = (root / "Dockerfile").read_text()
+    assert "pip install" in dockerfile and 'CMD ["dicomrouter", "serve"]' in dockerfile
+    env = [line for line in dockerfile.splitlines() if line.startswith("ENV DICOMROUTER_CONFIG")]
+    assert env and any(f":{env[0].split('=', 1)[1]}:" in m + ":" for m in mounts)

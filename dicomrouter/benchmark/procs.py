@@ -13,10 +13,12 @@ import ctypes
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -293,14 +295,20 @@ def running() -> Iterator[Callable[[P], P]]:
 
 
 class Peer:
-    """One long-running subprocess with a log file in its work directory."""
+    """One long-running subprocess with a log file in its work directory.
+
+    The one peer harness of the benchmark and the tests (tests/peers.py adds fixtures). Without
+    a ``work_dir`` a temporary one is made, and removed on a clean exit (kept when the ``with``
+    block failed, for its logs).
+    """
 
     name = "peer"
 
-    def __init__(self, work_dir: Path) -> None:
-        self.work_dir = work_dir
+    def __init__(self, work_dir: Path | None = None) -> None:
+        self._own_dir = work_dir is None
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix=f"dicomrouter-{self.name}-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = work_dir / f"{self.name}.log"
+        self.log_path = self.work_dir / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._stopping = False
 
@@ -349,6 +357,10 @@ class Peer:
         """True while the process runs."""
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def running(self) -> bool:
+        return self.alive()
+
     def stop(self) -> None:
         """SIGTERM (unless :meth:`signal_stop` sent it), then SIGKILL after a grace period."""
         proc, self.proc = self.proc, None
@@ -364,7 +376,7 @@ class Peer:
                 self.proc.terminate()
             self._stopping = True
 
-    def log(self, lines: int = 40) -> str:
+    def log(self, lines: int = 200) -> str:
         """Tail of the log."""
         return log_tail(self.log_path, lines)
 
@@ -374,41 +386,72 @@ class Peer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+        if self._own_dir and exc_type is None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 class StoreSCP(Peer):
-    """DCMTK ``storescp -od DIR -uf -fe .dcm +xa``: the C reference receiver."""
+    """DCMTK ``storescp`` writing received instances to ``out_dir/<MOD>.<SOPInstanceUID>.dcm``.
+
+    ``accept_all`` (``+xa``): every syntax DCMTK knows, so instances are stored as sent;
+    ``extra`` adds options (``+xi``: Implicit VR Little Endian only). Single-process:
+    concurrent associations queue in the listen backlog.
+    """
 
     name = "storescp"
 
-    def __init__(self, work_dir: Path, aet: str = "STORESCP", extra: Sequence[str] = ()) -> None:
+    def __init__(self, work_dir: Path | None = None, aet: str = "STORESCP",
+                 extra: Sequence[str] = (), port: int | None = None, accept_all: bool = True,
+                 verbose: bool = False) -> None:
         super().__init__(work_dir)
         self.aet = aet
-        self.port = free_port()
-        self.out_dir = work_dir / "received"
+        self.port = port or free_port()
+        self.out_dir = self.work_dir / "received"
         self.extra = list(extra)
+        self.accept_all = accept_all
+        self.verbose = verbose
 
     def prepare(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def command(self) -> list[str]:
-        return [dcmtk("storescp"), "--aetitle", self.aet, "-od", str(self.out_dir), "-uf",
-                "-fe", ".dcm", "+xa", *self.extra, str(self.port)]
+        return [dcmtk("storescp"), *(["-v"] if self.verbose else []), "--aetitle", self.aet,
+                "-od", str(self.out_dir), "-uf", "-fe", ".dcm",
+                *(["+xa"] if self.accept_all else []), *self.extra, str(self.port)]
 
     def ready(self) -> bool:
+        if "--refuse" in self.extra:
+            return tcp_accepts(self.port)
         result = subprocess.run(
             [dcmtk("echoscu"), "-to", "5", "-aec", self.aet, "-aet", "READYCHECK", LOOPBACK,
              str(self.port)],
             capture_output=True, env=peer_env(), timeout=60, check=False)
         return result.returncode == 0
 
+    def files(self) -> list[Path]:
+        """Received files, sorted by name."""
+        return sorted(p for p in self.out_dir.glob("*.dcm") if p.is_file())
+
     def count(self) -> int:
         """Number of received files."""
-        return sum(1 for _ in self.out_dir.glob("*.dcm"))
+        return len(self.files())
+
+
+ORTHANC_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
+DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
+
+
+def find_dicomweb_plugin() -> str | None:
+    """Path of the Orthanc DICOMweb plugin, or None."""
+    for d in ORTHANC_PLUGIN_DIRS:
+        candidate = Path(d) / DICOMWEB_PLUGIN
+        if candidate.is_file():
+            return str(candidate)
+    return None
 
 
 def orthanc_config(name: str, aet: str, storage_dir: Path, dicom_port: int, http_port: int,
-                   modalities: Mapping[str, Sequence[Any]], lua_scripts: Sequence[str],
+                   modalities: Mapping[str, Any], lua_scripts: Sequence[str],
                    stable_age: int, plugins: Sequence[str] = ()) -> dict[str, Any]:
     """A private Orthanc's configuration: own storage, loopback ports, no authentication."""
     return {
@@ -432,17 +475,25 @@ def orthanc_config(name: str, aet: str, storage_dir: Path, dicom_port: int, http
 
 
 class Orthanc(Peer):
-    """A private Orthanc (own storage, free DICOM/HTTP ports, no authentication)."""
+    """A private Orthanc (own storage, free DICOM/HTTP ports, no authentication).
+
+    ``modalities`` maps a name to ``[aet, host, port]`` (or Orthanc's object form);
+    ``dicomweb`` loads the DICOMweb plugin; ``extra_config`` is merged last into the generated
+    configuration (``config_path``).
+    """
 
     name = "orthanc"
 
     def __init__(
         self,
-        work_dir: Path,
+        work_dir: Path | None = None,
         aet: str = "ORTHANC",
-        modalities: Mapping[str, Sequence[Any]] | None = None,
-        lua_scripts: Sequence[Path] = (),
+        modalities: Mapping[str, Sequence[Any] | Mapping[str, Any]] | None = None,
+        lua_scripts: Sequence[Path | str] = (),
         stable_age: int = 1,
+        dicomweb: bool = False,
+        extra_config: Mapping[str, Any] | None = None,
+        verbose: bool = False,
     ) -> None:
         super().__init__(work_dir)
         self.aet = aet
@@ -451,24 +502,42 @@ class Orthanc(Peer):
         while self.http_port == self.dicom_port:
             self.http_port = free_port()
         self.url = f"http://{LOOPBACK}:{self.http_port}"
-        self.modalities = {k: list(v) for k, v in (modalities or {}).items()}
-        self.lua_scripts = [str(p) for p in lua_scripts]
+        self.modalities = {k: dict(v) if isinstance(v, Mapping) else list(v)
+                           for k, v in (modalities or {}).items()}
+        self.lua_scripts = [str(Path(p).resolve()) for p in lua_scripts]
         self.stable_age = stable_age
-        self.config_path = work_dir / "orthanc.json"
-        self.storage_dir = work_dir / "storage"
+        self.dicomweb = dicomweb
+        self.extra_config = dict(extra_config or {})
+        self.verbose = verbose
+        self.config_path = self.work_dir / "orthanc.json"
+        self.storage_dir = self.work_dir / "storage"
+
+    def config(self) -> dict[str, Any]:
+        """The configuration written to ``config_path``."""
+        plugins: list[str] = []
+        if self.dicomweb:
+            plugin = find_dicomweb_plugin()
+            if plugin is None:
+                raise BenchError(f"{DICOMWEB_PLUGIN} not found in {ORTHANC_PLUGIN_DIRS}")
+            plugins.append(plugin)
+        config = orthanc_config(f"peer-{self.aet}", self.aet, self.storage_dir,
+                                self.dicom_port, self.http_port, self.modalities,
+                                self.lua_scripts, self.stable_age, plugins)
+        if self.dicomweb:
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                                  "WadoRoot": "/wado", "Host": LOOPBACK, "Ssl": False}
+        config.update(self.extra_config)
+        return config
 
     def prepare(self) -> None:
         self.storage_dir.mkdir(parents=True, exist_ok=True)
-        config = orthanc_config(f"bench-{self.aet}", self.aet, self.storage_dir, self.dicom_port,
-                                self.http_port, self.modalities, self.lua_scripts,
-                                self.stable_age)
-        self.config_path.write_text(json.dumps(config, indent=2))
+        self.config_path.write_text(json.dumps(self.config(), indent=2))
 
     def command(self) -> list[str]:
         binary = find_orthanc()
         if binary is None:
             raise BenchError("Orthanc not found (apt-get install orthanc)")
-        return [binary, str(self.config_path)]
+        return [binary, *(["--verbose"] if self.verbose else []), str(self.config_path)]
 
     def ready(self) -> bool:
         try:
@@ -477,14 +546,62 @@ class Orthanc(Peer):
             return False
         return tcp_accepts(self.dicom_port)
 
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 60) -> bytes:
+        """An HTTP request to the REST API; the raw response body."""
+        data: bytes | None = None
+        headers = {}
+        if isinstance(body, bytes):
+            data, headers["Content-Type"] = body, "application/octet-stream"
+        elif body is not None:
+            data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return bytes(resp.read())
+
     def get(self, path: str) -> Any:
         """GET a REST resource and decode its JSON."""
-        with urllib.request.urlopen(self.url + path, timeout=30) as resp:
-            return json.loads(resp.read())
+        return json.loads(self.request("GET", path))
+
+    def post(self, path: str, body: Any = None) -> Any:
+        """POST JSON (or bytes) to ``path`` and decode the JSON answer."""
+        raw = self.request("POST", path, body if body is not None else b"")
+        return json.loads(raw) if raw.strip() else None
+
+    def delete(self, path: str) -> None:
+        self.request("DELETE", path)
 
     def count(self) -> int:
         """``CountInstances`` from ``/statistics``."""
         return int(self.get("/statistics")["CountInstances"])
+
+    def instance_sop_uids(self) -> set[str]:
+        """SOP Instance UIDs of every stored instance."""
+        return {i["MainDicomTags"]["SOPInstanceUID"] for i in self.get("/instances?expand")}
+
+    def instance_id(self, sop_uid: str) -> str:
+        """Orthanc's identifier of the instance with ``sop_uid`` (KeyError if absent)."""
+        for hit in self.post("/tools/lookup", sop_uid.encode()) or []:
+            if hit.get("Type") == "Instance":
+                return str(hit["ID"])
+        raise KeyError(sop_uid)
+
+    def instance_file(self, sop_uid: str) -> bytes:
+        """The stored DICOM file of the instance with ``sop_uid``."""
+        return self.request("GET", f"/instances/{self.instance_id(sop_uid)}/file")
+
+    def wait_for_instances(self, expected: Iterable[str], timeout: float = 60) -> set[str]:
+        """Wait until every SOP Instance UID in ``expected`` is stored; all stored UIDs."""
+        want = set(expected)
+        stored: set[str] = set()
+
+        def arrived() -> bool:
+            nonlocal stored
+            stored = self.instance_sop_uids()
+            return stored >= want
+
+        wait_until(arrived, timeout=timeout, interval=0.25, ignore=(OSError,),
+                   what=f"{len(want)} instances in Orthanc {self.aet}")
+        return stored
 
 
 class RouterServer(Peer):
@@ -494,16 +611,17 @@ class RouterServer(Peer):
 
     def __init__(self, work_dir: Path, config: Mapping[str, Any]) -> None:
         super().__init__(work_dir)
-        self.port = free_port()
         self.config: dict[str, Any] = {
             "ae_title": "DICOMROUTER",
             "bind": LOOPBACK,
-            "port": self.port,
             "spool": str(work_dir / "spool"),
             "log_level": "INFO",
             **config,
         }
+        self.config.setdefault("port", free_port())
+        self.port = int(self.config["port"])
         self.aet = str(self.config["ae_title"])
+        self.spool = Path(self.config["spool"])
         self.config_path = work_dir / "router.yml"
 
     def prepare(self) -> None:
@@ -548,6 +666,13 @@ STORESCU_PROPOSAL_FLAGS = {
     "1.2.840.10008.1.2": "-xi",  # Implicit VR Little Endian only
     "1.2.840.10008.1.2.1.99": "-xd",  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.5": "-xr",  # RLE Lossless
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "-xx",  # JPEG Extended
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000
+    "1.2.840.10008.1.2.4.80": "-xt",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": "-xu",  # JPEG-LS Near-lossless
 }
 
 
