@@ -106,13 +106,12 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae
 class _Connection:
     """What the listener tracks of one TCP connection: its deadline and whether it associated."""
 
-    __slots__ = ("sock", "peer", "since", "deadline", "waiting_for", "associated", "expired")
+    __slots__ = ("sock", "peer", "deadline", "waiting_for", "associated", "expired")
 
     def __init__(self, sock: socket.socket, peer: str, deadline: float,
                  waiting_for: str) -> None:
         self.sock = sock
         self.peer = peer
-        self.since = time.monotonic()
         self.deadline = deadline
         self.waiting_for = waiting_for  # what the deadline is for, for the log line
         self.associated = False

@@ -18,14 +18,11 @@ from __future__ import annotations
 import logging
 
 from ..dicomfile import UnreadableDataset
+from ..dimse import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS
 from ..spool import Accepted, DatasetMismatch, ReceiveFile, Spool, SpoolFull
 
 log = logging.getLogger("dicomrouter.scp")
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 
 
 def accept(spool: Spool, rx: ReceiveFile, calling: str, called: str,
