@@ -212,7 +212,8 @@ class DeliveryWorkers:
                     confirmed = set(session.commit()) & set(buffered)
                     self.state.mark_delivered(sorted(confirmed), dest.name)
                     sent += len(confirmed)
-                    rejected += [f"{uid}: not confirmed by the destination's commit"
+                    rejected += [f"{uid}: " + session.refused.get(
+                        uid, "not confirmed by the destination's commit")
                                  for uid in buffered if uid not in confirmed]
         except DeliveryError as exc:
             error = str(exc)

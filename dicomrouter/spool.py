@@ -435,6 +435,11 @@ class SpoolReader(io.RawIOBase):
     def fileno(self) -> int:
         return self._f.fileno()
 
+    def reopen(self) -> SpoolReader:
+        """The same instance opened again: a session that buffers instances keeps this, not
+        the open file (delivery closes that when ``send`` returns)."""
+        return SpoolReader(self.name)
+
     def close(self) -> None:
         self._f.close()
         super().close()

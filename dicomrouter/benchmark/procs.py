@@ -8,6 +8,7 @@ gets ``PR_SET_PDEATHSIG`` so it dies with the benchmark even if the benchmark is
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import json
@@ -494,9 +495,11 @@ class Orthanc(Peer):
         dicomweb: bool = False,
         extra_config: Mapping[str, Any] | None = None,
         verbose: bool = False,
+        users: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(work_dir)
         self.aet = aet
+        self.users = dict(users or {})  # HTTP basic auth on when given; we use the first
         self.dicom_port = free_port()
         self.http_port = free_port()
         while self.http_port == self.dicom_port:
@@ -526,6 +529,8 @@ class Orthanc(Peer):
         if self.dicomweb:
             config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
                                   "WadoRoot": "/wado", "Host": LOOPBACK, "Ssl": False}
+        if self.users:
+            config.update({"AuthenticationEnabled": True, "RegisteredUsers": self.users})
         config.update(self.extra_config)
         return config
 
@@ -554,6 +559,10 @@ class Orthanc(Peer):
             data, headers["Content-Type"] = body, "application/octet-stream"
         elif body is not None:
             data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return bytes(resp.read())

@@ -172,7 +172,44 @@ class DicomModel(_Destination):
     transfer_syntaxes: Annotated[tuple[str, ...], _v(_transfer_syntaxes)] = ()
 
 
-DESTINATION_MODELS: dict[str, type[_Destination]] = {"folder": FolderModel, "dicom": DicomModel}
+def _tls(value: Any, key: str) -> bool | str:
+    """``verify_tls``: true / false, or the path of a CA bundle."""
+    if isinstance(value, bool):
+        return value
+    return _str(value, key)
+
+
+class DicomwebModel(_Destination):
+    type: Literal["dicomweb"]
+    url: Text
+    username: Text | None = None
+    password_env: Text | None = None
+    password_file: Text | None = None
+    token_env: Text | None = None
+    token_file: Text | None = None
+    verify_tls: Annotated[bool | str, _v(_tls)] = True
+    timeout: Duration = 120.0
+    batch_size: Int(1, 100_000) = 100
+    batch_bytes: Size = 100_000_000
+
+    @model_validator(mode="after")
+    def _credentials(self) -> DicomwebModel:
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError("url", f"expected an http:// or https:// URL, got {_show(self.url)}")
+        if self.username and not (self.password_env or self.password_file):
+            raise ConfigError("username", "needs password_env or password_file (a password is "
+                              "never written in the configuration)")
+        if self.username and (self.token_env or self.token_file):
+            raise ConfigError("token_env", "either username/password or a token, not both")
+        for key in ("password_env", "token_env"):
+            env = getattr(self, key)
+            if env and env not in os.environ:
+                raise ConfigError(key, f"environment variable {env} is not set")
+        return self
+
+
+DESTINATION_MODELS: dict[str, type[_Destination]] = {
+    "folder": FolderModel, "dicom": DicomModel, "dicomweb": DicomwebModel}
 DESTINATION_TYPES = tuple(DESTINATION_MODELS)
 
 
@@ -182,7 +219,8 @@ def _destination_type(value: Any) -> str | None:
 
 
 AnyDestination = Annotated[
-    Annotated[FolderModel, Tag("folder")] | Annotated[DicomModel, Tag("dicom")],
+    Annotated[FolderModel, Tag("folder")] | Annotated[DicomModel, Tag("dicom")]
+    | Annotated[DicomwebModel, Tag("dicomweb")],
     Discriminator(_destination_type),
 ]
 

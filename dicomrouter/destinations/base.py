@@ -38,6 +38,9 @@ class Session(ABC):
         """Deliver (True) or buffer (False) one instance read from ``data`` (``Spool.open``);
         raise InstanceRejected (this one) or DeliveryError (the destination, now)."""
 
+    #: why buffered instances were not delivered (uid → reason), filled by ``commit``
+    refused: dict[str, str] = {}  # noqa: RUF012 - read-only default; sessions assign their own
+
     def commit(self) -> Sequence[str]:
         """Deliver what ``send`` buffered; the SOP Instance UIDs now durable at the
         destination. Instance-by-instance destinations have nothing to commit."""

@@ -11,6 +11,7 @@ from .base import Destination
 CLASSES = {
     "folder": "folder:FolderDestination",
     "dicom": "dicom:DicomDestination",
+    "dicomweb": "dicomweb:DicomwebDestination",
 }
 
 

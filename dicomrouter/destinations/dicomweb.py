@@ -1,0 +1,213 @@
+"""DICOMweb destination: STOW-RS to a DICOMweb root (Orthanc's plugin, a cloud PACS).
+
+The HTTP session comes from dicomweb-client (basic auth, or a bearer token); the STOW-RS body is
+ours: dicomweb-client's ``store_instances`` takes decoded pydicom datasets, so a 2 GB study
+would be held in memory. Here each request is a ``multipart/related`` body streamed from the
+spool files (a file-like with a known length, so no chunked encoding, which some servers
+refuse), bounded by ``batch_size`` instances and ``batch_bytes``.
+
+The response is read instance by instance (PS3.18 10.5.3): ReferencedSOPSequence items are
+delivered; FailedSOPSequence items are refused with their Failure Reason; a 409 refuses the
+batch's instances with the server's reasons; 401/403, 5xx and connection errors fail the job
+(retried with backoff). Secrets come from the environment or a file, are never logged.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, BinaryIO
+
+import requests
+from dicomweb_client.session_utils import create_session, create_session_from_user_pass
+
+from ..state import Instance
+from .base import DeliveryError, Destination, Session
+
+REFERENCED_SOP_SEQUENCE = "00081199"
+FAILED_SOP_SEQUENCE = "00081198"
+REFERENCED_SOP_INSTANCE_UID = "00081155"
+FAILURE_REASON = "00081197"
+WARNING_REASON = "00081196"
+FAILURE_REASONS = {0xA700: "out of resources", 0xA900: "data set does not match SOP class",
+                   0xC000: "cannot understand", 0x0110: "processing failure",
+                   0x0122: "SOP class not supported", 0xA770: "out of resources (storage)",
+                   0xC122: "referenced SOP class not supported"}
+
+
+def secret(options: dict[str, Any], name: str) -> str | None:
+    """The secret ``name`` from the environment variable ``<name>_env`` or the file
+    ``<name>_file`` (first line, stripped); None if neither is configured."""
+    env, path = options.get(f"{name}_env"), options.get(f"{name}_file")
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise DeliveryError(f"environment variable {env} ({name}) is not set")
+        return value
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.readline().strip()
+        except OSError as exc:
+            raise DeliveryError(f"cannot read {name}_file {path}: {exc.strerror}") from None
+    return None
+
+
+class _MultipartBody:
+    """A ``multipart/related; type="application/dicom"`` body read part by part from the
+    spool, with its length known up front (requests sends it with a Content-Length)."""
+
+    def __init__(self, parts: Sequence[tuple[Callable[[], BinaryIO], int]], boundary: str) -> None:
+        self._parts = list(parts)
+        self._head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        self._tail = f"--{boundary}--\r\n".encode()
+        self.len = sum(len(self._head) + size + 2 for _open, size in self._parts) + \
+            len(self._tail)
+        self._chunks = self._generate()
+        self._pending = b""
+
+    def __len__(self) -> int:
+        return self.len
+
+    def _generate(self):  # type: ignore[no-untyped-def]
+        for open_part, size in self._parts:
+            yield self._head
+            with open_part() as f:
+                remaining = size
+                while remaining > 0:
+                    chunk = f.read(min(1 << 20, remaining))
+                    if not chunk:
+                        raise DeliveryError("a spool file shrank while it was being sent")
+                    remaining -= len(chunk)
+                    yield chunk
+            yield b"\r\n"
+        yield self._tail
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return self._pending + b"".join(self._chunks)
+        while len(self._pending) < n:
+            try:
+                self._pending += next(self._chunks)
+            except StopIteration:
+                break
+        out, self._pending = self._pending[:n], self._pending[n:]
+        return out
+
+
+class DicomwebDestination(Destination):
+    def __init__(self, cfg, router_ae: str = "") -> None:  # type: ignore[no-untyped-def]
+        super().__init__(cfg)
+        o = cfg.options
+        self.url = o["url"].rstrip("/")
+        self.options = o
+
+    def describe(self) -> str:
+        auth = " (basic auth)" if self.options.get("username") else \
+            " (bearer token)" if self.options.get("token_env") or \
+            self.options.get("token_file") else ""
+        return (f"dicomweb {self.url}{auth}, STOW-RS batches of up to "
+                f"{self.options['batch_size']} instances / {self.options['batch_bytes']} bytes")
+
+    def session(self) -> requests.Session:
+        o = self.options
+        if o.get("username"):
+            password = secret(o, "password")
+            session = create_session_from_user_pass(o["username"], password or "")
+        else:
+            session = create_session()
+            token = secret(o, "token")
+            if token:
+                session.headers["Authorization"] = f"Bearer {token}"
+        session.verify = o["verify_tls"]
+        return session
+
+    def open(self, instances: Sequence[Instance]) -> Session:
+        return _StowSession(self, self.session())
+
+
+class _StowSession(Session):
+    """Buffers instances (their spool readers' ``reopen``) and posts them in bounded batches."""
+
+    def __init__(self, dest: DicomwebDestination, http: requests.Session) -> None:
+        self.dest = dest
+        self.http = http
+        self.batch: list[tuple[Instance, Callable[[], BinaryIO], int]] = []
+        self.batch_bytes = 0
+        self.confirmed: list[str] = []
+        self.refused: dict[str, str] = {}
+        self.requests = 0
+
+    def send(self, inst: Instance, data: BinaryIO) -> bool:
+        size = os.fstat(data.fileno()).st_size
+        o = self.dest.options
+        if self.batch and (len(self.batch) >= o["batch_size"]
+                           or self.batch_bytes + size > o["batch_bytes"]):
+            self._post()
+        self.batch.append((inst, data.reopen, size))  # type: ignore[attr-defined]
+        self.batch_bytes += size
+        return False
+
+    def commit(self) -> Sequence[str]:
+        if self.batch:
+            self._post()
+        return self.confirmed
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _post(self) -> None:
+        batch, self.batch, self.batch_bytes = self.batch, [], 0
+        boundary = uuid.uuid4().hex
+        body = _MultipartBody([(reopen, size) for _inst, reopen, size in batch], boundary)
+        url = f"{self.dest.url}/studies"
+        headers = {"Content-Type": f'multipart/related; type="application/dicom"; '
+                                   f"boundary={boundary}",
+                   "Accept": "application/dicom+json"}
+        try:
+            rsp = self.http.post(url, data=body, headers=headers,
+                                 timeout=self.dest.options["timeout"])
+        except requests.RequestException as exc:
+            raise DeliveryError(f"STOW-RS to {url}: {type(exc).__name__}: {exc}") from None
+        self.requests += 1
+        uids = [inst.sop_uid for inst, _r, _s in batch]
+        if rsp.status_code in (401, 403):
+            raise DeliveryError(f"STOW-RS to {url}: HTTP {rsp.status_code} {rsp.reason} "
+                                "(check the credentials)")
+        if rsp.status_code >= 500 or rsp.status_code not in (200, 202, 400, 409):
+            raise DeliveryError(f"STOW-RS to {url}: HTTP {rsp.status_code} {rsp.reason}: "
+                                f"{rsp.text[:300]}")
+        delivered, failed = _parse(rsp)
+        for uid in uids:
+            if uid in delivered and uid not in failed:
+                self.confirmed.append(uid)
+            else:
+                self.refused[uid] = failed.get(uid) or \
+                    f"HTTP {rsp.status_code}: not in the STOW-RS response's referenced instances"
+
+
+def _parse(rsp: requests.Response) -> tuple[set[str], dict[str, str]]:
+    """(delivered SOP Instance UIDs, failed UID → reason) from a STOW-RS response."""
+    try:
+        body = rsp.json() if rsp.content else {}
+    except ValueError:
+        return set(), {}
+    if isinstance(body, list):
+        body = body[0] if body else {}
+
+    def items(tag: str) -> list[dict[str, Any]]:
+        return list((body.get(tag) or {}).get("Value") or [])
+
+    def value(item: dict[str, Any], tag: str) -> Any:
+        values = (item.get(tag) or {}).get("Value") or [None]
+        return values[0]
+
+    delivered = {str(value(i, REFERENCED_SOP_INSTANCE_UID)) for i in items(REFERENCED_SOP_SEQUENCE)}
+    failed = {}
+    for item in items(FAILED_SOP_SEQUENCE):
+        code = value(item, FAILURE_REASON)
+        reason = FAILURE_REASONS.get(code, "failure") if isinstance(code, int) else "failure"
+        failed[str(value(item, REFERENCED_SOP_INSTANCE_UID))] = \
+            f"HTTP {rsp.status_code}: STOW-RS failure reason 0x{code or 0:04X} ({reason})"
+    return delivered, failed
