@@ -32,6 +32,9 @@ class Router:
                            min_free=cfg.limits.min_free_disk)
         self.destinations = {name: destinations.build(d, cfg.ae_title)
                              for name, d in cfg.destinations.items()}
+        for dest in self.destinations.values():
+            if hasattr(dest, "spool_tmp"):  # staging files (a study's zip) on the spool's disk
+                dest.spool_tmp = self.spool.tmp
         self.workers = DeliveryWorkers(cfg, self.state, self.spool, self.destinations,
                                        self._job_finished)
         self.scp: StorageSCP | FastStorageSCP = (

@@ -107,12 +107,20 @@ class DeliveryWorkers:
     def run(self, job: Job, dest: Destination) -> str:
         """One attempt at a job; returns the job's new state ('' if interrupted by shutdown)."""
         policy = self.cfg.destinations[dest.name].retry
-        todo = self.state.undelivered(job.study_uid, dest.name)
+        todo = self.state.instances(job.study_uid) if dest.whole_study else \
+            self.state.undelivered(job.study_uid, dest.name)
         attempt = job.attempts + 1
         started = time.monotonic()
         log.info("study %s → %s (%s): sending %d instance(s), attempt %d/%d", job.study_uid,
                  dest.name, dest.describe(), len(todo), attempt, policy.max_attempts)
-        sent, rejected, error = self._send(job, dest, todo)
+        if dest.whole_study and len(todo) < len(self.state.instances(job.study_uid, False)):
+            # never overwrite a whole-study export (a zip) with part of the study
+            sent, rejected, error = 0, [], (
+                "part of the study was deleted from the spool after an earlier export, so the "
+                "study cannot be exported whole again; keep studies for late arrivals "
+                "(retention) or purge it and have it sent again")
+        else:
+            sent, rejected, error = self._send(job, dest, todo)
         if self._stop.is_set() and error is None and sent + len(rejected) < len(todo):
             self.state.release_job(job)
             log.info("study %s → %s: interrupted by shutdown after %d instance(s); will resume",

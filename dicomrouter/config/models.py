@@ -208,8 +208,30 @@ class DicomwebModel(_Destination):
         return self
 
 
+class S3Model(_Destination):
+    type: Literal["s3"]
+    bucket: Text
+    endpoint_url: Text | None = None
+    region: Text | None = None
+    access_key_env: Text | None = None
+    secret_key_env: Text | None = None
+    mode: Choice("zip", "instances") = "zip"
+    key: Annotated[str, _v(_template)] | None = None  # default depends on mode (s3.py)
+    timeout: Duration = 60.0
+
+    @model_validator(mode="after")
+    def _credentials(self) -> S3Model:
+        if bool(self.access_key_env) != bool(self.secret_key_env):
+            raise ConfigError("access_key_env", "access_key_env and secret_key_env go together")
+        for key in ("access_key_env", "secret_key_env"):
+            env = getattr(self, key)
+            if env and env not in os.environ:
+                raise ConfigError(key, f"environment variable {env} is not set")
+        return self
+
+
 DESTINATION_MODELS: dict[str, type[_Destination]] = {
-    "folder": FolderModel, "dicom": DicomModel, "dicomweb": DicomwebModel}
+    "folder": FolderModel, "dicom": DicomModel, "dicomweb": DicomwebModel, "s3": S3Model}
 DESTINATION_TYPES = tuple(DESTINATION_MODELS)
 
 
@@ -220,7 +242,7 @@ def _destination_type(value: Any) -> str | None:
 
 AnyDestination = Annotated[
     Annotated[FolderModel, Tag("folder")] | Annotated[DicomModel, Tag("dicom")]
-    | Annotated[DicomwebModel, Tag("dicomweb")],
+    | Annotated[DicomwebModel, Tag("dicomweb")] | Annotated[S3Model, Tag("s3")],
     Discriminator(_destination_type),
 ]
 

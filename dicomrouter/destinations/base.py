@@ -61,6 +61,9 @@ class Destination(ABC):
 
     #: how many sessions may send parts of one study at the same time (dicom: ``associations``)
     associations: int = 1
+    #: a session gets every instance of the study, not only the undelivered ones (a zip is the
+    #: study: a late arrival re-sends it whole)
+    whole_study: bool = False
 
     def __init__(self, cfg: DestinationConfig) -> None:
         self.cfg = cfg

@@ -12,6 +12,7 @@ CLASSES = {
     "folder": "folder:FolderDestination",
     "dicom": "dicom:DicomDestination",
     "dicomweb": "dicomweb:DicomwebDestination",
+    "s3": "s3:S3Destination",
 }
 
 

@@ -1,0 +1,177 @@
+"""S3 destination (boto3): one zip per study, or one object per instance, at templated keys.
+
+``mode: zip`` (the default) writes the study into a zip in the spool's ``tmp`` folder as the
+instances are read (each member's SHA-256 computed while it is copied, for ``manifest.json``),
+then uploads it with boto3's managed (multipart) transfer at commit. A zip is the study: the
+session gets every instance of the study, also after a late arrival, and the same key is
+overwritten. ``mode: instances`` uploads each instance as it comes. Objects carry metadata:
+study UID, instance count, SHA-256. Credentials: the standard AWS chain, or
+``access_key_env``/``secret_key_env``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..dicomfile import read_header, render_template, text
+from ..state import Instance
+from .base import DeliveryError, Destination, Session
+
+DEFAULT_ZIP_KEY = "{PatientID}/{StudyInstanceUID}.zip"
+DEFAULT_INSTANCE_KEY = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+
+
+def _client(options: dict[str, Any]) -> Any:
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    kwargs: dict[str, Any] = {}
+    if options.get("access_key_env"):
+        for arg, key in (("aws_access_key_id", "access_key_env"),
+                         ("aws_secret_access_key", "secret_key_env")):
+            value = os.environ.get(options[key])
+            if value is None:
+                raise DeliveryError(f"environment variable {options[key]} ({key}) is not set")
+            kwargs[arg] = value
+    return boto3.client(
+        "s3", endpoint_url=options.get("endpoint_url"), region_name=options.get("region"),
+        config=BotoConfig(connect_timeout=options["timeout"], read_timeout=options["timeout"],
+                          retries={"max_attempts": 2}), **kwargs)
+
+
+def _s3_error(exc: Exception, what: str) -> DeliveryError:
+    return DeliveryError(f"S3 {what}: {type(exc).__name__}: {str(exc)[:300]}")
+
+
+class S3Destination(Destination):
+    def __init__(self, cfg, router_ae: str = "") -> None:  # type: ignore[no-untyped-def]
+        super().__init__(cfg)
+        self.options = cfg.options
+        self.mode = self.options["mode"]
+        self.whole_study = self.mode == "zip"
+        self.key = self.options["key"] or (DEFAULT_ZIP_KEY if self.whole_study
+                                           else DEFAULT_INSTANCE_KEY)
+        self.bucket = self.options["bucket"]
+        self.spool_tmp: Path | None = None  # set by the router: zips are built on its disk
+
+    def describe(self) -> str:
+        where = self.options.get("endpoint_url") or "AWS"
+        return f"s3 {self.bucket} at {where}, {self.mode}, key {self.key}"
+
+    def key_for(self, inst: Instance, data: BinaryIO) -> str:
+        lookup = dict(inst.tags)
+        missing = [k for k in _keywords(self.key) if k not in lookup]
+        if missing:
+            ds = read_header(data)
+            data.seek(0)
+            lookup.update({k: text(ds.get(k)) for k in missing})
+        return render_template(self.key, lookup).as_posix()
+
+    def open(self, instances: Sequence[Instance]) -> Session:
+        try:
+            client = _client(self.options)
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            raise _s3_error(exc, "client") from None
+        if self.whole_study:
+            return _ZipSession(self, client, len(instances))
+        return _InstanceSession(self, client)
+
+
+def _keywords(template: str) -> list[str]:
+    import re
+
+    return re.findall(r"{([^{}]*)}", template)
+
+
+class _InstanceSession(Session):
+    def __init__(self, dest: S3Destination, client: Any) -> None:
+        self.dest = dest
+        self.client = client
+
+    def send(self, inst: Instance, data: BinaryIO) -> bool:
+        key = self.dest.key_for(inst, data)
+        digest = hashlib.sha256()
+        while chunk := data.read(1 << 20):
+            digest.update(chunk)
+        data.seek(0)
+        try:
+            self.client.upload_fileobj(data, self.dest.bucket, key, ExtraArgs={"Metadata": {
+                "study-instance-uid": inst.study_uid, "sop-instance-uid": inst.sop_uid,
+                "sha256": digest.hexdigest()}})
+        except Exception as exc:
+            raise _s3_error(exc, f"upload of s3://{self.dest.bucket}/{key}") from None
+        return True
+
+
+class _ZipSession(Session):
+    """Builds the study's zip as instances arrive; uploads it at commit."""
+
+    def __init__(self, dest: S3Destination, client: Any, expected: int) -> None:
+        self.dest = dest
+        self.client = client
+        self.expected = expected
+        fd, self.path = tempfile.mkstemp(prefix=".study-", suffix=".zip", dir=dest.spool_tmp)
+        os.close(fd)
+        self.zip = zipfile.ZipFile(self.path, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self.members: list[dict[str, Any]] = []
+        self.uids: list[str] = []
+        self.key: str | None = None
+        self.study = ""
+
+    def send(self, inst: Instance, data: BinaryIO) -> bool:
+        if self.key is None:
+            self.key = self.dest.key_for(inst, data)
+            self.study = inst.study_uid
+        name = f"{inst.series_uid or 'UNKNOWN'}/{inst.sop_uid}.dcm"
+        digest = hashlib.sha256()
+        size = 0
+        with self.zip.open(name, "w", force_zip64=True) as member:
+            while chunk := data.read(1 << 20):
+                digest.update(chunk)  # while copying: no second read for the manifest
+                member.write(chunk)
+                size += len(chunk)
+        self.members.append({"sop_instance_uid": inst.sop_uid, "series_instance_uid":
+                             inst.series_uid, "path": name, "size": size,
+                             "sha256": digest.hexdigest()})
+        self.uids.append(inst.sop_uid)
+        return False
+
+    def commit(self) -> Sequence[str]:
+        if not self.uids or self.key is None:
+            return ()
+        series: dict[str, int] = {}
+        for m in self.members:
+            series[m["series_instance_uid"]] = series.get(m["series_instance_uid"], 0) + 1
+        manifest = {"study_instance_uid": self.study, "instances": len(self.members),
+                    "series": series, "destination": self.dest.name,
+                    "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    "files": self.members}
+        self.zip.writestr("manifest.json", json.dumps(manifest, indent=2))
+        self.zip.close()
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        try:
+            self.client.upload_file(self.path, self.dest.bucket, self.key, ExtraArgs={
+                "Metadata": {"study-instance-uid": self.study,
+                             "instance-count": str(len(self.members)),
+                             "sha256": digest.hexdigest()},
+                "ContentType": "application/zip"})
+        except Exception as exc:
+            raise _s3_error(exc, f"upload of s3://{self.dest.bucket}/{self.key}") from None
+        return self.uids
+
+    def close(self) -> None:
+        self.zip.close()
+        Path(self.path).unlink(missing_ok=True)
