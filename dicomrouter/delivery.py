@@ -216,8 +216,9 @@ class DeliveryWorkers:
                 if previous:
                     self.state.mark_delivered([previous], dest.name)
                     previous = None
+                committed = session.commit()  # also for sessions that buffered nothing
                 if buffered:
-                    confirmed = set(session.commit()) & set(buffered)
+                    confirmed = set(committed) & set(buffered)
                     self.state.mark_delivered(sorted(confirmed), dest.name)
                     sent += len(confirmed)
                     rejected += [f"{uid}: " + session.refused.get(

@@ -156,7 +156,19 @@ class _Destination(_Strict):
 class FolderModel(_Destination):
     type: Literal["folder"]
     path: Text
-    template: Annotated[str, _v(_template)] = DEFAULT_FOLDER_TEMPLATE
+    template: Annotated[str, _v(_template)] | None = None  # default: the tree, or a zip name
+    staging: Text | None = None  # a folder (relative to path) the study is written in first
+    zip: Bool = False  # one zip per study instead of a tree
+
+    @model_validator(mode="after")
+    def _staging_needs_a_study_folder(self) -> FolderModel:
+        from ..destinations.folder import study_level
+
+        template = self.template or DEFAULT_FOLDER_TEMPLATE
+        if self.staging and not self.zip and study_level(template) is None:
+            raise ConfigError("staging", "needs a folder level of template holding "
+                              "{StudyInstanceUID} (that folder is moved into place whole)")
+        return self
 
 
 class DicomModel(_Destination):

@@ -11,12 +11,8 @@ study UID, instance count, SHA-256. Credentials: the standard AWS chain, or
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-import json
 import os
-import tempfile
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,6 +20,7 @@ from typing import Any, BinaryIO
 from ..dicomfile import read_header, render_template, text
 from ..state import Instance
 from .base import DeliveryError, Destination, Session
+from .export import StudyZip
 
 DEFAULT_ZIP_KEY = "{PatientID}/{StudyInstanceUID}.zip"
 DEFAULT_INSTANCE_KEY = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
@@ -83,7 +80,7 @@ class S3Destination(Destination):
         except Exception as exc:
             raise _s3_error(exc, "client") from None
         if self.whole_study:
-            return _ZipSession(self, client, len(instances))
+            return _ZipSession(self, client)
         return _InstanceSession(self, client)
 
 
@@ -100,7 +97,7 @@ class _InstanceSession(Session):
 
     def send(self, inst: Instance, data: BinaryIO) -> bool:
         key = self.dest.key_for(inst, data)
-        digest = hashlib.sha256()
+        digest = hashlib.sha256()  # metadata goes first: this mode reads the file twice
         while chunk := data.read(1 << 20):
             digest.update(chunk)
         data.seek(0)
@@ -116,62 +113,32 @@ class _InstanceSession(Session):
 class _ZipSession(Session):
     """Builds the study's zip as instances arrive; uploads it at commit."""
 
-    def __init__(self, dest: S3Destination, client: Any, expected: int) -> None:
+    def __init__(self, dest: S3Destination, client: Any) -> None:
         self.dest = dest
         self.client = client
-        self.expected = expected
-        fd, self.path = tempfile.mkstemp(prefix=".study-", suffix=".zip", dir=dest.spool_tmp)
-        os.close(fd)
-        self.zip = zipfile.ZipFile(self.path, "w", zipfile.ZIP_STORED, allowZip64=True)
-        self.members: list[dict[str, Any]] = []
+        self.zip = StudyZip(dest.spool_tmp)
         self.uids: list[str] = []
         self.key: str | None = None
-        self.study = ""
 
     def send(self, inst: Instance, data: BinaryIO) -> bool:
         if self.key is None:
             self.key = self.dest.key_for(inst, data)
-            self.study = inst.study_uid
-        name = f"{inst.series_uid or 'UNKNOWN'}/{inst.sop_uid}.dcm"
-        digest = hashlib.sha256()
-        size = 0
-        with self.zip.open(name, "w", force_zip64=True) as member:
-            while chunk := data.read(1 << 20):
-                digest.update(chunk)  # while copying: no second read for the manifest
-                member.write(chunk)
-                size += len(chunk)
-        self.members.append({"sop_instance_uid": inst.sop_uid, "series_instance_uid":
-                             inst.series_uid, "path": name, "size": size,
-                             "sha256": digest.hexdigest()})
+        self.zip.add(inst, data)
         self.uids.append(inst.sop_uid)
         return False
 
     def commit(self) -> Sequence[str]:
         if not self.uids or self.key is None:
             return ()
-        series: dict[str, int] = {}
-        for m in self.members:
-            series[m["series_instance_uid"]] = series.get(m["series_instance_uid"], 0) + 1
-        manifest = {"study_instance_uid": self.study, "instances": len(self.members),
-                    "series": series, "destination": self.dest.name,
-                    "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                    "files": self.members}
-        self.zip.writestr("manifest.json", json.dumps(manifest, indent=2))
-        self.zip.close()
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+        sha256 = self.zip.finish(self.dest.name)
         try:
-            self.client.upload_file(self.path, self.dest.bucket, self.key, ExtraArgs={
-                "Metadata": {"study-instance-uid": self.study,
-                             "instance-count": str(len(self.members)),
-                             "sha256": digest.hexdigest()},
+            self.client.upload_file(self.zip.path, self.dest.bucket, self.key, ExtraArgs={
+                "Metadata": {"study-instance-uid": self.zip.study_uid,
+                             "instance-count": str(len(self.uids)), "sha256": sha256},
                 "ContentType": "application/zip"})
         except Exception as exc:
             raise _s3_error(exc, f"upload of s3://{self.dest.bucket}/{self.key}") from None
         return self.uids
 
     def close(self) -> None:
-        self.zip.close()
-        Path(self.path).unlink(missing_ok=True)
+        self.zip.discard()
