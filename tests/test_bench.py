@@ -48,12 +48,14 @@ def test_bench_smoke_tiny_corpora(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     for scenario in ("P1", "P2", "P3", "P4", "P5"):
         assert re.search(rf"^{scenario}\s", r.stdout, re.MULTILINE), (scenario, r.stdout)
-    assert "n/a (DICOMweb destination not implemented yet)" in r.stdout or \
-        "DICOMweb destination exists" in r.stdout
+    assert re.search(r"^P3\s+end to end small → Orthanc via STOW-RS.*C-STORE", r.stdout,
+                     re.MULTILINE), r.stdout
     data = json.loads(out.read_text())
     assert {row["id"] for row in data["rows"]} == {"P1", "P2", "P3", "P4", "P5"}
     assert not any("error" in m for m in data["runs"][0].values())
     assert data["runs"][0]["P4/study/router"]["instances"] == 5  # 9 MB of 2.1 MB instances
+    for mode in ("stow", "cstore"):  # P3: both paths into the DICOMweb-enabled Orthanc
+        assert data["runs"][0][f"P3/small/{mode}"]["instances"] == 20
     assert [r["measurement"] for r in data["rows"] if r["id"] == "P4"] == [
         "peak RSS, large instance (5 MB) in + out",
         "peak RSS, big study (5 × 2.1 MB) in + out"]

@@ -150,12 +150,21 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
     else:
         skipped("P2", "end to end into Orthanc")
 
-    # P3: DICOMweb
-    if "P3" in selected:
+    # P3: DICOMweb (STOW-RS) against C-STORE into the same Orthanc, MB/s
+    if "P3" in selected and not any(k.startswith("P3/") for r in runs for k in r):
         why = P3_NOT_IMPLEMENTED if not dicomweb_available else \
-            "n/a (DICOMweb destination exists; its measurement is not written yet)"
+            "n/a (needs Orthanc and its DICOMweb plugin)"
         rows.append(Row("P3", "end to end via DICOMweb (STOW-RS)", why, "-",
                         target=TARGETS["P3"][0], verdict="n/a"))
+    elif "P3" in selected:
+        for c in ("small", "ct"):
+            stow, s_val = _throughput(runs, f"P3/{c}/stow")
+            cstore, c_val = _throughput(runs, f"P3/{c}/cstore")
+            ratio = median(_ratios(runs, f"P3/{c}/stow", f"P3/{c}/cstore", mbps))
+            target, verdict = _verdict("P3", ratio)
+            rows.append(Row("P3", f"end to end {c} → Orthanc via STOW-RS (minus stable age)",
+                            stow, f"C-STORE {cstore}", _fmt_ratio(ratio), target, verdict,
+                            {"stow_inst_s": s_val, "cstore_inst_s": c_val, "ratio": ratio}))
     else:
         skipped("P3", "end to end via DICOMweb (STOW-RS)")
 

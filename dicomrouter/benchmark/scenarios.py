@@ -27,6 +27,7 @@ from .procs import (
     RouterServer,
     StoreSCP,
     StoreSCU,
+    find_dicomweb_plugin,
     find_orthanc,
     log_tail,
     running,
@@ -116,9 +117,9 @@ class Bench:
         """Generate the corpora the selected scenarios need."""
         s = self.settings
         wanted: list[tuple[str, int, int, int, int]] = []
-        if s.scenarios & {"P1", "P2", "P5"}:
+        if s.scenarios & {"P1", "P2", "P3", "P5"}:
             wanted.append(("small", s.small, 64, 64, 1))
-        if s.scenarios & {"P1", "P2"}:
+        if s.scenarios & {"P1", "P2", "P3"}:
             wanted.append(("ct", s.ct, 512, 512, 1))
         if "P4" in s.scenarios:
             wanted.append(("large", 1, LARGE_ROWS, LARGE_COLS, large_frames(s.large_mb)))
@@ -153,6 +154,12 @@ class Bench:
                     for mode in reversed(modes) if flip else modes:
                         self._measure(i, data, f"P2/{corpus}/{mode}",
                                       partial(self.end_to_end, mode=mode, corpus_name=corpus))
+            if "P3" in s.scenarios and s.orthanc and find_dicomweb_plugin():
+                modes = ["stow", "cstore"]
+                for corpus in RECEIVE_CORPORA:
+                    for mode in reversed(modes) if flip else modes:
+                        self._measure(i, data, f"P3/{corpus}/{mode}",
+                                      partial(self.dicomweb, mode=mode, corpus_name=corpus))
             if "P5" in s.scenarios:
                 for kind in ("storescp", "router"):  # one association: P1's, or measured now
                     key = f"P1/small/{kind}"
@@ -277,6 +284,40 @@ class Bench:
             wait_until(arrived, timeout=_timeout(corpus) + 10 * age, interval=0.05,
                        ignore=(OSError, ValueError), what=f"{corpus.count} instances in the "
                        f"target Orthanc (via {mode})")
+            total = time.perf_counter() - started
+        return {"seconds": total - age, "total_seconds": total, "receive_seconds": receive,
+                "stable_age": age, "instances": corpus.count, "bytes": corpus.size}
+
+    def dicomweb(self, work: Path, mode: str, corpus_name: str) -> Measurement:
+        """P3: storescu → router → the same Orthanc through STOW-RS (its DICOMweb plugin) or
+        C-STORE (one association, like STOW's one request at a time); seconds from storescu's
+        start to every instance in Orthanc, minus the stable age."""
+        corpus = self.corpora[corpus_name]
+        age = self.settings.stable_age
+        with running() as start:
+            target = start(Orthanc(work / "target", aet="TARGET", dicomweb=True))
+            if mode == "stow":
+                destination: dict[str, Any] = {"type": "dicomweb",
+                                               "url": f"{target.url}/dicom-web"}
+            elif mode == "cstore":
+                destination = {"type": "dicom", "ae_title": target.aet, "host": LOOPBACK,
+                               "port": target.dicom_port}
+            else:
+                raise ValueError(mode)
+            router = start(RouterServer(work / "router", {
+                "stable_age": f"{age}s", "destinations": {"target": destination},
+                "routes": [{"name": "everything", "to": ["target"]}]}))
+            started = time.perf_counter()
+            receive = self._send(work, router, corpus)
+
+            def arrived() -> bool:
+                if not router.alive():
+                    raise BenchError(f"the router died; log {router.log_path}")
+                return target.count() >= corpus.count
+
+            wait_until(arrived, timeout=_timeout(corpus) + 10 * age, interval=0.05,
+                       ignore=(OSError, ValueError), what=f"{corpus.count} instances in Orthanc "
+                       f"(via {mode})")
             total = time.perf_counter() - started
         return {"seconds": total - age, "total_seconds": total, "receive_seconds": receive,
                 "stable_age": age, "instances": corpus.count, "bytes": corpus.size}
