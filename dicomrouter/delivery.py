@@ -189,7 +189,7 @@ class DeliveryWorkers:
         previous: str | None = None  # delivered, not yet recorded
         buffered: list[str] = []  # waiting for the session's commit
         try:
-            with dest.open(todo) as session:
+            with dest.open(todo, job.routes) as session:
                 for inst in todo:
                     if self._stop.is_set():
                         break

@@ -31,7 +31,7 @@ class CommitStyle(Destination):
         self.delivered: list[str] = []
         self.received: list[bytes] = []
 
-    def open(self, instances: Sequence[Instance]) -> Session:
+    def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
         return _CommitSession(self)
 
 

@@ -59,6 +59,7 @@ def test_a_watcher_never_sees_half_a_staged_study(tmp_path: Path) -> None:
         study_dir = next(queued.glob(f"*/{uid}"))
         m = json.loads((study_dir / "manifest.json").read_text())
         assert m["instances"] == per_study[uid] and sorted(m["series"].values()) == [6, 6]
+        assert m["routes"] == ["route 1"]
         for e in m["files"]:
             data = (study_dir / e["path"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == e["sha256"] and len(data) == e["size"]

@@ -54,6 +54,7 @@ def test_one_zip_per_study_at_the_templated_key_with_a_manifest(
         with zipfile.ZipFile(io.BytesIO(body)) as z:
             manifest = json.loads(z.read("manifest.json"))
             assert manifest["study_instance_uid"] == uid and manifest["instances"] == 6
+            assert manifest["routes"] == ["route 1"] and manifest["destination"] == "bucket"
             assert sorted(manifest["series"].values()) == [3, 3]
             by_uid = {m["sop_instance_uid"]: m for m in manifest["files"]}
             for f in study:

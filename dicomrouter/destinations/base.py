@@ -70,8 +70,9 @@ class Destination(ABC):
         self.name = cfg.name
 
     @abstractmethod
-    def open(self, instances: Sequence[Instance]) -> Session:
-        """Start a batch for these instances (contexts are negotiated from them up front)."""
+    def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
+        """Start a batch for these instances (contexts are negotiated from them up front);
+        ``routes`` are the routes that sent the study here (manifests name them)."""
 
     def describe(self) -> str:
         return self.cfg.type

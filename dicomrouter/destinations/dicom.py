@@ -38,7 +38,7 @@ class DicomDestination(Destination):
             extra += ", proposes " + ", ".join(UID(u).name for u in self.peer.transfer_syntaxes)
         return f"dicom {self.peer}{extra}"
 
-    def open(self, instances: Sequence[Instance]) -> Session:
+    def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
         pairs = {(i.sop_class, i.transfer_syntax) for i in instances}
         return _DicomSession(open_association(self.peer, pairs, self.sender))
 

@@ -123,7 +123,7 @@ class DicomwebDestination(Destination):
         session.verify = o["verify_tls"]
         return session
 
-    def open(self, instances: Sequence[Instance]) -> Session:
+    def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
         return _StowSession(self, self.session())
 
 

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,7 +36,7 @@ def entry(inst: Instance, path: str, size: int, sha256: str) -> dict[str, Any]:
 
 
 def manifest(study_uid: str, entries: Iterable[dict[str, Any]], destination: str,
-             earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+             routes: Sequence[str] = (), earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     """The study's ``manifest.json``; ``earlier`` (a previous export's) is merged by UID."""
     files = {e["sop_instance_uid"]: e for e in (earlier or {}).get("files", [])}
     files.update({e["sop_instance_uid"]: e for e in entries})
@@ -44,7 +44,7 @@ def manifest(study_uid: str, entries: Iterable[dict[str, Any]], destination: str
     for e in files.values():
         series[e["series_instance_uid"]] = series.get(e["series_instance_uid"], 0) + 1
     return {"study_instance_uid": study_uid, "instances": len(files), "series": series,
-            "destination": destination,
+            "destination": destination, "routes": list(routes),
             "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "files": sorted(files.values(), key=lambda e: e["path"])}
 
@@ -67,10 +67,10 @@ class StudyZip:
             size, sha = copy_hashed(data, member.write)
         self.entries.append(entry(inst, name, size, sha))
 
-    def finish(self, destination: str) -> str:
+    def finish(self, destination: str, routes: Sequence[str] = ()) -> str:
         """Add the manifest and close the zip; returns the zip's SHA-256."""
         self._zip.writestr("manifest.json", json.dumps(
-            manifest(self.study_uid, self.entries, destination), indent=2))
+            manifest(self.study_uid, self.entries, destination, routes), indent=2))
         self._zip.close()
         digest = hashlib.sha256()
         with open(self.path, "rb") as f:

@@ -56,7 +56,7 @@ class FolderDestination(Destination):
         staged = f", staged in {self.staging}" if self.staging else ""
         return f"folder {self.root} ({how}{staged})"
 
-    def open(self, instances: Sequence[Instance]) -> Session:
+    def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             if self.staging is not None:
@@ -66,7 +66,7 @@ class FolderDestination(Destination):
                                         f"{self.root}: the study could not be moved at once")
         except OSError as exc:
             raise DeliveryError(f"cannot create {self.root}: {exc}") from exc
-        return _ZipSession(self) if self.zip else _TreeSession(self)
+        return _ZipSession(self, routes) if self.zip else _TreeSession(self, routes)
 
     def target(self, inst: Instance, data: BinaryIO) -> Path:
         """Where an instance goes; always inside the root, whatever the tag values say."""
@@ -107,8 +107,9 @@ def _write_atomically(target: Path, fill: Any) -> Any:
 class _TreeSession(Session):
     """One file per instance; a manifest per study folder; staged studies move at commit."""
 
-    def __init__(self, dest: FolderDestination) -> None:
+    def __init__(self, dest: FolderDestination, routes: Sequence[str]) -> None:
         self.dest = dest
+        self.routes = routes
         self.entries: list[dict[str, Any]] = []
         self.study_dir: Path | None = None  # final study folder (None: the template has none)
         self.study_uid = ""
@@ -145,7 +146,8 @@ class _TreeSession(Session):
             earlier = _read_manifest(final)
             where = staged or final
             _write_atomically(where / MANIFEST, lambda out: out.write(json.dumps(
-                manifest(self.study_uid, self.entries, dest.name, earlier), indent=2).encode()))
+                manifest(self.study_uid, self.entries, dest.name, self.routes, earlier),
+                indent=2).encode()))
             if staged is not None:
                 _move_into_place(staged, final)
         except OSError as exc:
@@ -185,8 +187,9 @@ def _move_into_place(staged: Path, final: Path) -> None:
 class _ZipSession(Session):
     """One zip per study, built beside its final name and renamed into place at commit."""
 
-    def __init__(self, dest: FolderDestination) -> None:
+    def __init__(self, dest: FolderDestination, routes: Sequence[str]) -> None:
         self.dest = dest
+        self.routes = routes
         self.zip: StudyZip | None = None
         self.target: Path | None = None
         self.uids: list[str] = []
@@ -210,7 +213,7 @@ class _ZipSession(Session):
         if self.zip is None or self.target is None:
             return ()
         try:
-            self.zip.finish(self.dest.name)
+            self.zip.finish(self.dest.name, self.routes)
             with open(self.zip.path, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(self.zip.path, self.target)

@@ -72,7 +72,7 @@ class S3Destination(Destination):
             lookup.update({k: text(ds.get(k)) for k in missing})
         return render_template(self.key, lookup).as_posix()
 
-    def open(self, instances: Sequence[Instance]) -> Session:
+    def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
         try:
             client = _client(self.options)
         except DeliveryError:
@@ -80,7 +80,7 @@ class S3Destination(Destination):
         except Exception as exc:
             raise _s3_error(exc, "client") from None
         if self.whole_study:
-            return _ZipSession(self, client)
+            return _ZipSession(self, client, routes)
         return _InstanceSession(self, client)
 
 
@@ -113,9 +113,10 @@ class _InstanceSession(Session):
 class _ZipSession(Session):
     """Builds the study's zip as instances arrive; uploads it at commit."""
 
-    def __init__(self, dest: S3Destination, client: Any) -> None:
+    def __init__(self, dest: S3Destination, client: Any, routes: Sequence[str]) -> None:
         self.dest = dest
         self.client = client
+        self.routes = routes
         self.zip = StudyZip(dest.spool_tmp)
         self.uids: list[str] = []
         self.key: str | None = None
@@ -130,7 +131,7 @@ class _ZipSession(Session):
     def commit(self) -> Sequence[str]:
         if not self.uids or self.key is None:
             return ()
-        sha256 = self.zip.finish(self.dest.name)
+        sha256 = self.zip.finish(self.dest.name, self.routes)
         try:
             self.client.upload_file(self.zip.path, self.dest.bucket, self.key, ExtraArgs={
                 "Metadata": {"study-instance-uid": self.zip.study_uid,

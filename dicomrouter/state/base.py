@@ -24,6 +24,7 @@ class Job:
     destination: str
     attempts: int
     generation: int
+    routes: tuple[str, ...] = ()  # the routes that sent the study there (for manifests)
 
 
 @dataclass(frozen=True)

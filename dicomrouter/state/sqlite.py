@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_error   TEXT,
     generation   INTEGER NOT NULL DEFAULT 1,
     requeue      INTEGER NOT NULL DEFAULT 0, -- new instances arrived while it was running
+    routes       TEXT,                       -- JSON list of the routes that matched
     created      REAL, updated REAL,
     UNIQUE (study_uid, destination)
 );
@@ -116,6 +117,9 @@ class SQLiteState(State):
             n = self._db.execute(
                 "UPDATE instances SET path='data/'||study_uid||'/'||sop_uid||'.dcm'"
                 " WHERE path LIKE '/%'").rowcount
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            if "routes" not in columns:  # spools from before manifests named the route
+                self._db.execute("ALTER TABLE jobs ADD COLUMN routes TEXT")
             self._db.execute("COMMIT")
         self.migrated = n
 
@@ -274,13 +278,14 @@ class SQLiteState(State):
             for dest in destinations:
                 db.execute(
                     "INSERT INTO jobs(study_uid, destination, state, attempts, next_attempt,"
-                    " generation, created, updated) VALUES (?,?,'pending',0,0,?,?,?)"
+                    " generation, created, updated, routes) VALUES (?,?,'pending',0,0,?,?,?,?)"
                     " ON CONFLICT(study_uid, destination) DO UPDATE SET"
                     "  state=CASE WHEN state='running' THEN 'running' ELSE 'pending' END,"
                     "  requeue=CASE WHEN state='running' THEN 1 ELSE 0 END,"
                     "  attempts=0, next_attempt=0, generation=excluded.generation,"
-                    "  created=excluded.created, updated=excluded.updated",
-                    (study_uid, dest, expected_generation, now, now))
+                    "  created=excluded.created, updated=excluded.updated,"
+                    "  routes=excluded.routes",
+                    (study_uid, dest, expected_generation, now, now, json.dumps(list(routes))))
         return True
 
     # ---- delivery jobs ---------------------------------------------------------------------
@@ -299,8 +304,9 @@ class SQLiteState(State):
     def claim_job(self, destination: str, now: float | None = None) -> Job | None:
         """Take the oldest due job of a destination (pending, or failed and due for retry)."""
         now = now or time.time()
-        due = ("SELECT id, study_uid, attempts, generation FROM jobs WHERE destination=? AND"
-               " state IN ('pending','failed') AND next_attempt <= ? ORDER BY created, id LIMIT 1")
+        due = ("SELECT id, study_uid, attempts, generation, routes FROM jobs"
+               " WHERE destination=? AND state IN ('pending','failed') AND next_attempt <= ?"
+               " ORDER BY created, id LIMIT 1")
         if not self._query(due, (destination, now)):
             return None  # nothing due: a read, no write transaction
         with self._tx() as db:
@@ -309,7 +315,8 @@ class SQLiteState(State):
                 return None
             db.execute("UPDATE jobs SET state='running', requeue=0, updated=? WHERE id=?",
                        (now, row["id"]))
-        return Job(row["id"], row["study_uid"], destination, row["attempts"], row["generation"])
+        return Job(row["id"], row["study_uid"], destination, row["attempts"], row["generation"],
+                   tuple(json.loads(row["routes"] or "[]")))
 
     def release_job(self, job: Job) -> None:
         """A run cut short by shutdown: back to pending, not counted as an attempt."""
