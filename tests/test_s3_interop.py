@@ -100,8 +100,10 @@ def test_unreachable_endpoint_fails_clearly_then_delivers(tmp_path: Path, s3_env
         assert run_storescu(study, router.port).returncode == 0
         from peers import wait_until
 
-        wait_until(lambda: router.status()["retrying"], timeout=120, what="a failed upload")
-        error = router.status()["retrying"][0]["last_error"]
+        # the job is back to running a second later: keep what the poll saw
+        retrying = wait_until(lambda: router.status()["retrying"], timeout=120,
+                              what="a failed upload")
+        error = retrying[0]["last_error"]
         assert "S3 upload" in error and "EndpointConnectionError" in error, error
         with server:
             server.client().create_bucket(Bucket="exports")

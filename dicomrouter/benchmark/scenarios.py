@@ -273,18 +273,25 @@ class Bench:
             else:
                 raise ValueError(mode)
             start(sender)
-            started = time.perf_counter()
-            receive = self._send(work, sender, corpus)
+            return self._through(work, sender, target, corpus, mode)
 
-            def arrived() -> bool:
-                if not sender.alive():
-                    raise BenchError(f"{sender.name} died; log {sender.log_path}")
-                return target.count() >= corpus.count
+    def _through(self, work: Path, sender: Peer, target: Orthanc, corpus: Corpus,
+                 via: str) -> Measurement:
+        """storescu → ``sender`` → every instance in ``target``: seconds from storescu's start,
+        minus the stable age (P2, P3)."""
+        age = self.settings.stable_age
+        started = time.perf_counter()
+        receive = self._send(work, sender, corpus)
 
-            wait_until(arrived, timeout=_timeout(corpus) + 10 * age, interval=0.05,
-                       ignore=(OSError, ValueError), what=f"{corpus.count} instances in the "
-                       f"target Orthanc (via {mode})")
-            total = time.perf_counter() - started
+        def arrived() -> bool:
+            if not sender.alive():
+                raise BenchError(f"{sender.name} died; log {sender.log_path}")
+            return target.count() >= corpus.count
+
+        wait_until(arrived, timeout=_timeout(corpus) + 10 * age, interval=0.05,
+                   ignore=(OSError, ValueError), what=f"{corpus.count} instances in Orthanc "
+                   f"{target.aet} (via {via})")
+        total = time.perf_counter() - started
         return {"seconds": total - age, "total_seconds": total, "receive_seconds": receive,
                 "stable_age": age, "instances": corpus.count, "bytes": corpus.size}
 
@@ -307,20 +314,7 @@ class Bench:
             router = start(RouterServer(work / "router", {
                 "stable_age": f"{age}s", "destinations": {"target": destination},
                 "routes": [{"name": "everything", "to": ["target"]}]}))
-            started = time.perf_counter()
-            receive = self._send(work, router, corpus)
-
-            def arrived() -> bool:
-                if not router.alive():
-                    raise BenchError(f"the router died; log {router.log_path}")
-                return target.count() >= corpus.count
-
-            wait_until(arrived, timeout=_timeout(corpus) + 10 * age, interval=0.05,
-                       ignore=(OSError, ValueError), what=f"{corpus.count} instances in Orthanc "
-                       f"(via {mode})")
-            total = time.perf_counter() - started
-        return {"seconds": total - age, "total_seconds": total, "receive_seconds": receive,
-                "stable_age": age, "instances": corpus.count, "bytes": corpus.size}
+            return self._through(work, router, target, corpus, mode)
 
     def large(self, work: Path, corpus_name: str) -> Measurement:
         """P4: peak RSS (VmHWM) of the router receiving and forwarding a corpus (the large
