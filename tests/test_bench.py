@@ -58,7 +58,9 @@ def test_bench_smoke_tiny_corpora(tmp_path: Path) -> None:
         assert data["runs"][0][f"P3/small/{mode}"]["instances"] == 20
     assert [r["measurement"] for r in data["rows"] if r["id"] == "P4"] == [
         "peak RSS, large instance (5 MB) in + out",
-        "peak RSS, big study (5 × 2.1 MB) in + out"]
+        "peak RSS, big study (5 × 2.1 MB) in + out",
+        "peak RSS, big study via STOW-RS (5 × 2.1 MB) in + out",
+        "peak RSS, big study as an S3 zip (5 × 2.1 MB) in + out"]
     # everything it started is gone, and so is its temporary directory
     assert _leftover_processes(str(work)) == []
     assert list(work.iterdir()) == []

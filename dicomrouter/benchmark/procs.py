@@ -37,6 +37,7 @@ ORTHANC_BINARY = "/usr/sbin/Orthanc"
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
 LOOPBACK = "127.0.0.1"
+BENCH_S3_KEY = "bench"
 
 
 class BenchError(RuntimeError):
@@ -166,7 +167,9 @@ def router_env() -> dict[str, str]:
     """
     root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")
-    return peer_env(PYTHONPATH=f"{root}{os.pathsep}{path}" if path else root)
+    # BENCH_S3_KEY: the credentials the router's s3 destination names (moto takes any)
+    return peer_env(PYTHONPATH=f"{root}{os.pathsep}{path}" if path else root,
+                    BENCH_S3_KEY=BENCH_S3_KEY)
 
 
 def log_tail(path: Path | None, lines: int = 40) -> str:
@@ -611,6 +614,51 @@ class Orthanc(Peer):
         wait_until(arrived, timeout=timeout, interval=0.25, ignore=(OSError,),
                    what=f"{len(want)} instances in Orthanc {self.aet}")
         return stored
+
+
+class MotoServer(Peer):
+    """An S3 server: moto in server mode (``pip install 'moto[server]'``), over real HTTP."""
+
+    name = "moto"
+    key = BENCH_S3_KEY  # moto takes any credentials
+
+    def __init__(self, work_dir: Path | None = None) -> None:
+        super().__init__(work_dir)
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import boto3  # noqa: F401
+            import moto.server  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(self.port)]
+
+    def env(self) -> dict[str, str]:
+        return peer_env(BENCH_S3_KEY=self.key)
+
+    def ready(self) -> bool:
+        return tcp_accepts(self.port)
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=self.key, aws_secret_access_key=self.key)
+
+    def create_bucket(self, bucket: str) -> None:
+        self.client().create_bucket(Bucket=bucket)
+
+    def count(self) -> int:
+        """Objects in every bucket."""
+        c = self.client()
+        return sum(int(c.list_objects_v2(Bucket=b["Name"]).get("KeyCount", 0))
+                   for b in c.list_buckets()["Buckets"])
 
 
 class RouterServer(Peer):

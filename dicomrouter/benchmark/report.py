@@ -170,8 +170,11 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
 
     # P4: peak RSS with the large instance, and with the big study
     if "P4" in selected:
-        for corpus, what in (("large", "large instance"), ("study", "big study")):
-            key = f"P4/{corpus}/router"
+        for corpus, via, what in (("large", "router", "large instance"),
+                                  ("study", "router", "big study"),
+                                  ("study", "stow", "big study via STOW-RS"),
+                                  ("study", "s3zip", "big study as an S3 zip")):
+            key = f"P4/{corpus}/{via}"
             if not any(key in r for r in runs):
                 continue  # results from before the big study was measured
             peak = median(_series(runs, key, lambda m: float(m["peak_rss_mb"])))

@@ -22,6 +22,7 @@ from .corpus import LARGE_COLS, LARGE_ROWS, Corpus, large_frames, make_corpus
 from .procs import (
     LOOPBACK,
     BenchError,
+    MotoServer,
     Orthanc,
     Peer,
     RouterServer,
@@ -95,7 +96,7 @@ def _address(peer: Peer) -> tuple[str, int]:
 
 
 def _count(peer: Peer) -> int:
-    if isinstance(peer, StoreSCP | Orthanc | RouterServer):
+    if isinstance(peer, StoreSCP | Orthanc | RouterServer | MotoServer):
         return peer.count()
     raise TypeError(type(peer).__name__)
 
@@ -175,6 +176,13 @@ class Bench:
                 for corpus in P4_CORPORA:
                     self._measure(i, data, f"P4/{corpus}/router",
                                   partial(self.large, corpus_name=corpus))
+                # the big study through the exports that buffer a study: STOW-RS, an S3 zip
+                if s.orthanc and find_dicomweb_plugin():
+                    self._measure(i, data, "P4/study/stow",
+                                  partial(self.large, corpus_name="study", via="stow"))
+                if MotoServer.available():
+                    self._measure(i, data, "P4/study/s3zip",
+                                  partial(self.large, corpus_name="study", via="s3zip"))
 
     def _measure(self, i: int, data: dict[str, Measurement], key: str,
                  fn: Callable[[Path], Measurement]) -> None:
@@ -316,17 +324,32 @@ class Bench:
                 "routes": [{"name": "everything", "to": ["target"]}]}))
             return self._through(work, router, target, corpus, mode)
 
-    def large(self, work: Path, corpus_name: str) -> Measurement:
+    def large(self, work: Path, corpus_name: str, via: str = "router") -> Measurement:
         """P4: peak RSS (VmHWM) of the router receiving and forwarding a corpus (the large
-        instance, or the big study)."""
+        instance, or the big study): by C-STORE to storescp (``router``), by STOW-RS to
+        Orthanc's DICOMweb plugin (``stow``), or as one zip to an S3 server (``s3zip``, moto)."""
         corpus = self.corpora[corpus_name]
         age = self.settings.stable_age
         with running() as start:
-            sink = start(StoreSCP(work / "sink", aet="SINK"))
+            sink: Peer
+            if via == "router":
+                sink = start(StoreSCP(work / "sink", aet="SINK"))
+                destination: dict[str, Any] = {"type": "dicom", "ae_title": sink.aet,
+                                               "host": LOOPBACK, "port": sink.port}
+            elif via == "stow":
+                sink = start(Orthanc(work / "sink", aet="SINK", dicomweb=True))
+                destination = {"type": "dicomweb", "url": f"{sink.url}/dicom-web"}
+            elif via == "s3zip":
+                sink = start(MotoServer(work / "sink"))
+                sink.create_bucket("bench")
+                destination = {"type": "s3", "bucket": "bench", "endpoint_url": sink.url,
+                               "region": "us-east-1", "access_key_env": "BENCH_S3_KEY",
+                               "secret_key_env": "BENCH_S3_KEY"}
+            else:
+                raise ValueError(via)
             router = start(RouterServer(work / "router", {
                 "stable_age": f"{age}s",
-                "destinations": {"sink": {"type": "dicom", "ae_title": sink.aet,
-                                          "host": LOOPBACK, "port": sink.port}},
+                "destinations": {"sink": destination},
                 "routes": [{"name": "everything", "to": ["sink"]}],
             }))
             idle_kb = router.rss_kb()
@@ -345,10 +368,10 @@ class Bench:
                 return "delivered to every destination" in router.log(50)
 
             wait_until(delivered, timeout=_timeout(corpus) + 10 * age, interval=0.05,
-                       what=f"the {corpus_name} corpus delivered to storescp")
+                       what=f"the {corpus_name} corpus delivered ({via})")
             total = time.perf_counter() - started
             peak_kb = router.peak_rss_kb()
-            self._expect(sink, corpus.count, "storescp (the sink)")
+            self._expect(sink, 1 if via == "s3zip" else corpus.count, f"the sink ({via})")
         if peak_kb is None or idle_kb is None:
             raise BenchError("cannot read VmHWM/VmRSS from /proc (not Linux?)")
         return {"peak_rss_mb": peak_kb * 1024 / 1e6, "idle_rss_mb": idle_kb * 1024 / 1e6,
