@@ -26,7 +26,6 @@ from pydantic import (
 )
 
 from .base import (
-    AE_PSEUDO_KEYS,
     DEFAULT_AE_TITLE,
     DEFAULT_FOLDER_TEMPLATE,
     DEFAULT_PORT,
@@ -152,6 +151,13 @@ class _Destination(_Strict):
     def options(self) -> dict[str, Any]:
         return self.model_dump(exclude={"type", "concurrency", "retry"})
 
+    def _env_set(self, *keys: str) -> None:
+        """Secrets are named by environment variable: each named one must be set now."""
+        for key in keys:
+            env = getattr(self, key)
+            if env and env not in os.environ:
+                raise ConfigError(key, f"environment variable {env} is not set")
+
 
 class FolderModel(_Destination):
     type: Literal["folder"]
@@ -213,10 +219,7 @@ class DicomwebModel(_Destination):
                               "never written in the configuration)")
         if self.username and (self.token_env or self.token_file):
             raise ConfigError("token_env", "either username/password or a token, not both")
-        for key in ("password_env", "token_env"):
-            env = getattr(self, key)
-            if env and env not in os.environ:
-                raise ConfigError(key, f"environment variable {env} is not set")
+        self._env_set("password_env", "token_env")
         return self
 
 
@@ -235,10 +238,7 @@ class S3Model(_Destination):
     def _credentials(self) -> S3Model:
         if bool(self.access_key_env) != bool(self.secret_key_env):
             raise ConfigError("access_key_env", "access_key_env and secret_key_env go together")
-        for key in ("access_key_env", "secret_key_env"):
-            env = getattr(self, key)
-            if env and env not in os.environ:
-                raise ConfigError(key, f"environment variable {env} is not set")
+        self._env_set("access_key_env", "secret_key_env")
         return self
 
 
@@ -397,5 +397,5 @@ def from_dict(raw: Any, base_dir: Path, source: str) -> Config:
     return model.build(base_dir, source)
 
 
-__all__ = ["AE_PSEUDO_KEYS", "DESTINATION_MODELS", "DESTINATION_TYPES", "ConfigModel",
+__all__ = ["DESTINATION_MODELS", "DESTINATION_TYPES", "ConfigModel",
            "from_dict", "keyed_error"]

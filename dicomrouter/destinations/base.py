@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..config import DestinationConfig
 from ..state import Instance
@@ -76,3 +77,21 @@ class Destination(ABC):
 
     def describe(self) -> str:
         return self.cfg.type
+
+
+def secret(options: dict[str, Any], name: str) -> str | None:
+    """The secret ``name`` from the environment variable ``<name>_env`` or the file
+    ``<name>_file`` (first line, stripped); None if neither is configured."""
+    env, path = options.get(f"{name}_env"), options.get(f"{name}_file")
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise DeliveryError(f"environment variable {env} ({name}) is not set")
+        return value
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.readline().strip()
+        except OSError as exc:
+            raise DeliveryError(f"cannot read {name}_file {path}: {exc.strerror}") from None
+    return None

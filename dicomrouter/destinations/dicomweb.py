@@ -23,7 +23,7 @@ import requests
 from dicomweb_client.session_utils import create_session, create_session_from_user_pass
 
 from ..state import Instance
-from .base import DeliveryError, Destination, Session
+from .base import DeliveryError, Destination, Session, secret
 
 REFERENCED_SOP_SEQUENCE = "00081199"
 FAILED_SOP_SEQUENCE = "00081198"
@@ -34,24 +34,6 @@ FAILURE_REASONS = {0xA700: "out of resources", 0xA900: "data set does not match 
                    0xC000: "cannot understand", 0x0110: "processing failure",
                    0x0122: "SOP class not supported", 0xA770: "out of resources (storage)",
                    0xC122: "referenced SOP class not supported"}
-
-
-def secret(options: dict[str, Any], name: str) -> str | None:
-    """The secret ``name`` from the environment variable ``<name>_env`` or the file
-    ``<name>_file`` (first line, stripped); None if neither is configured."""
-    env, path = options.get(f"{name}_env"), options.get(f"{name}_file")
-    if env:
-        value = os.environ.get(env)
-        if value is None:
-            raise DeliveryError(f"environment variable {env} ({name}) is not set")
-        return value
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.readline().strip()
-        except OSError as exc:
-            raise DeliveryError(f"cannot read {name}_file {path}: {exc.strerror}") from None
-    return None
 
 
 class _MultipartBody:

@@ -12,14 +12,13 @@ study UID, instance count, SHA-256. Credentials: the standard AWS chain, or
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..dicomfile import read_header, render_template, text
 from ..state import Instance
-from .base import DeliveryError, Destination, Session
+from .base import DeliveryError, Destination, Session, secret
 from .export import StudyZip
 
 DEFAULT_ZIP_KEY = "{PatientID}/{StudyInstanceUID}.zip"
@@ -31,13 +30,9 @@ def _client(options: dict[str, Any]) -> Any:
     from botocore.config import Config as BotoConfig
 
     kwargs: dict[str, Any] = {}
-    if options.get("access_key_env"):
-        for arg, key in (("aws_access_key_id", "access_key_env"),
-                         ("aws_secret_access_key", "secret_key_env")):
-            value = os.environ.get(options[key])
-            if value is None:
-                raise DeliveryError(f"environment variable {options[key]} ({key}) is not set")
-            kwargs[arg] = value
+    if options.get("access_key_env"):  # else the standard AWS credential chain
+        kwargs = {"aws_access_key_id": secret(options, "access_key"),
+                  "aws_secret_access_key": secret(options, "secret_key")}
     return boto3.client(
         "s3", endpoint_url=options.get("endpoint_url"), region_name=options.get("region"),
         config=BotoConfig(connect_timeout=options["timeout"], read_timeout=options["timeout"],
