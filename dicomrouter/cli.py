@@ -35,6 +35,10 @@ def _setup_logging(level: str, quiet_pynetdicom: bool = False) -> None:
     pnd = logging.CRITICAL if quiet_pynetdicom else logging.WARNING
     logging.getLogger("pynetdicom").setLevel(
         logging.DEBUG if os.environ.get("DICOMROUTER_DEBUG_PYNETDICOM") else pnd)
+    # The HTTP stacks of the dicomweb and s3 destinations log every request and, at DEBUG,
+    # every refused connection with its traceback; our job errors already say what failed.
+    for name in logsafe.HTTP_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _load_config(path: str | None) -> Config:

@@ -23,7 +23,8 @@ def escape(text: str) -> str:
 
 
 #: Libraries that log while parsing what a peer sent: their tracebacks become one line
-LIBRARIES = ("pynetdicom", "pydicom", "py.warnings")
+HTTP_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3", "requests")
+LIBRARIES = ("pynetdicom", "pydicom", "py.warnings", *HTTP_LIBRARIES)
 
 
 class EscapeControlCharacters(logging.Filter):

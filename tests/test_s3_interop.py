@@ -111,3 +111,4 @@ def test_unreachable_endpoint_fails_clearly_then_delivers(tmp_path: Path, s3_env
             keys = [o["Key"] for o in server.client().list_objects_v2(
                 Bucket="exports")["Contents"]]
             assert keys == [f"{safe_component(tags_of(study[0], 'PatientID')[0])}/{uid}.zip"]
+        assert "Traceback" not in router.log(100000)  # an outage is a job error, one line
