@@ -14,6 +14,7 @@ from .delivery import DeliveryWorkers
 from .receivers import ReceiverProcesses
 from .routing import route
 from .scp.fast import FastStorageSCP
+from .scp.qr import QueryRetrieveSCP
 from .scp.server import StorageSCP
 from .spool import Spool
 from .state import Job, open_state
@@ -40,6 +41,9 @@ class Router:
         self.scp: StorageSCP | FastStorageSCP = (
             FastStorageSCP(cfg, self.spool) if cfg.receiver == "fast"
             else StorageSCP(cfg, self.spool))
+        if cfg.query_retrieve:
+            for syntax, event, handler in QueryRetrieveSCP(cfg, self.state, self.spool).services():
+                self.scp.add_service(syntax, event, handler)
         self.receivers = ReceiverProcesses(cfg)
         self._stop = threading.Event()
         self._tracker: threading.Thread | None = None

@@ -12,6 +12,7 @@ from .base import (
     Config,
     ConfigError,
     DestinationConfig,
+    KnownAE,
     Limits,
     Matcher,
     RetryPolicy,
@@ -26,6 +27,7 @@ from .models import DESTINATION_MODELS, DESTINATION_TYPES, from_dict
 __all__ = [
     "AE_PSEUDO_KEYS", "CONFIG_ENV", "DEFAULT_AE_TITLE", "DEFAULT_FOLDER_TEMPLATE",
     "DEFAULT_PORT", "DESTINATION_MODELS", "DESTINATION_TYPES", "Config", "ConfigError",
-    "DestinationConfig", "Limits", "Matcher", "RetryPolicy", "RouteConfig", "embedded_default",
-    "from_dict", "load", "parse_duration", "parse_size", "replace_port", "template_keywords",
+    "DestinationConfig", "KnownAE", "Limits", "Matcher", "RetryPolicy", "RouteConfig",
+    "embedded_default", "from_dict", "load", "parse_duration", "parse_size", "replace_port",
+    "template_keywords",
 ]

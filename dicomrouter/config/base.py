@@ -229,6 +229,17 @@ class Limits:
     max_associate_rq_size: int = 65536  # bytes of an A-ASSOCIATE-RQ; larger ones are rejected
     min_free_disk: int = 1_000_000_000  # below it on the spool's disk: 0xA700, associations refused
     max_sequence_depth: int = 32  # nested sequences in a received dataset; deeper: 0xC000
+    max_query_results: int = 10_000  # C-FIND responses to one query; more: the first ones + 0xB000
+
+
+@dataclass(frozen=True)
+class KnownAE:
+    """A peer the router may open associations to (C-MOVE destinations, pull sources)."""
+
+    ae_title: str
+    host: str
+    port: int
+    calling_ae: str | None = None  # the router's AE title toward this peer (default: ae_title)
 
 
 @dataclass(frozen=True)
@@ -251,6 +262,8 @@ class Config:
     receivers: int = 1
     limits: Limits = field(default_factory=lambda: Limits())
     check_called_ae: bool = False
+    query_retrieve: bool = True  # answer C-FIND / C-MOVE / C-GET over the spool
+    known_aes: dict[str, KnownAE] = field(default_factory=dict)
     source: str = "embedded defaults"
 
     @property

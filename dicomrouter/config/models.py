@@ -32,6 +32,7 @@ from .base import (
     Config,
     ConfigError,
     DestinationConfig,
+    KnownAE,
     Limits,
     RetryPolicy,
     RouteConfig,
@@ -259,6 +260,12 @@ AnyDestination = Annotated[
 ]
 
 
+class KnownAEModel(_Strict):
+    host: Text
+    port: Int(1, 65535)
+    calling_ae: AETitle | None = None
+
+
 class RouteModel(_Strict):
     name: Text | None = None
     when: Annotated[tuple[Any, ...], _v(_when)] = ()
@@ -292,6 +299,9 @@ class ConfigModel(_Strict):
     destinations: dict[str, AnyDestination] | None = None
     routes: list[RouteModel] | None = None
     log_level: Annotated[str, _v(_log_level)] = "INFO"
+    query_retrieve: Bool = True
+    known_aes: dict[AETitle, KnownAEModel] | None = None
+    max_query_results: Int(1, 10_000_000) = Limits.max_query_results
     # listener limits (docs/security.md)
     acse_timeout: Duration = Limits.acse_timeout
     network_timeout: Duration = Limits.network_timeout
@@ -343,7 +353,10 @@ class ConfigModel(_Strict):
             retention=self.retention, max_spool_size=self.max_spool_size, retry=retry,
             destinations=destinations, routes=routes, log_level=self.log_level,
             receiver=self.receiver, receivers=self.receivers, limits=limits,
-            check_called_ae=self.check_called_ae, source=source)
+            check_called_ae=self.check_called_ae, query_retrieve=self.query_retrieve,
+            known_aes={str(k): KnownAE(str(k), v.host, v.port, v.calling_ae)
+                       for k, v in (self.known_aes or {}).items()},
+            source=source)
 
 
 def keyed_error(err: ValidationError, data: Any) -> ConfigError:

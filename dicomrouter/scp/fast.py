@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from pydicom.uid import ImplicitVRLittleEndian
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, AllStoragePresentationContexts
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
@@ -57,7 +57,7 @@ from ..dimse import (
 )
 from ..spool import ReceiveFile, Spool
 from . import ingest
-from .contexts import STORAGE_SOP_CLASSES, supported_contexts
+from .contexts import ACCEPTED_SYNTAXES, STORAGE_SOP_CLASSES, supported_contexts
 
 log = logging.getLogger("dicomrouter.scp")
 
@@ -157,6 +157,7 @@ class FastStorageSCP:
     def _start_services(self) -> None:
         """A pynetdicom AE for the handed-off associations. Its server never accepts: its
         listening socket is closed at once; associations reach it through ``hand_off``."""
+        from .qr import GET_MODELS
         from .server import acceptor_ae
 
         ae = acceptor_ae(self.cfg)
@@ -164,6 +165,11 @@ class FastStorageSCP:
         for syntax, event, handler in self._services:
             ae.add_supported_context(syntax)
             handlers.append((event, handler))
+        if self._service_syntaxes & GET_MODELS:
+            # a C-GET requestor proposes storage contexts in which it is the SCP
+            for cx in AllStoragePresentationContexts:
+                ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES,
+                                         scu_role=False, scp_role=True)
         server = AssociationServer(ae, ("127.0.0.1", 0), self.cfg.ae_title,
                                    ae.supported_contexts, evt_handlers=handlers)
         server.socket.close()
@@ -178,7 +184,12 @@ class FastStorageSCP:
                         for cx in rq.to_primitive().presentation_context_definition_list}
         except Exception:
             return False  # the lean path answers a broken RQ itself
-        return bool(proposed & self._service_syntaxes) and not proposed & STORAGE_SOP_CLASSES
+        from .qr import GET_MODELS
+
+        services = proposed & self._service_syntaxes
+        # C-GET brings its storage contexts (the peer receives): pynetdicom's association
+        return bool(services) and (bool(services & GET_MODELS)
+                                   or not proposed & STORAGE_SOP_CLASSES)
 
     def hand_off(self, info: _Connection) -> None:
         """Give a connection whose A-ASSOCIATE-RQ is still unread to the pynetdicom acceptor."""

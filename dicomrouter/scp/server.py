@@ -35,8 +35,10 @@ def _failure(status: int, comment: str) -> Dataset:
 
 def acceptor_ae(cfg: Config) -> AE:
     """A pynetdicom AE that accepts like our listener: limits, AE checks, Verification."""
+    from .qr import ServiceAE
+
     enable_tcp_nodelay()
-    ae = AE(ae_title=cfg.ae_title)
+    ae = ServiceAE(ae_title=cfg.ae_title)
     ae.maximum_pdu_size = cfg.max_pdu
     limits = cfg.limits
     ae.maximum_associations = limits.max_associations
@@ -70,13 +72,22 @@ class StorageSCP:
         self.server: ThreadedAssociationServer | None = None
         self._tally: dict[int, _AssociationTally] = {}
         self._lock = threading.Lock()
+        self._services: list[tuple[str, Any, Any]] = []
+
+    def add_service(self, abstract_syntax: str, event: Any, handler: Any) -> None:
+        """Serve another SOP class with a pynetdicom handler (Q/R, ...). Call before start."""
+        self._services.append((abstract_syntax, event, handler))
 
     def start(self) -> ThreadedAssociationServer:
         receive_c_store_into(self.spool.new_receive_file)
         ae = acceptor_ae(self.cfg)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES)
-        handlers: list[Any] = [
+            # both roles: a C-GET requestor proposes to be the storage SCP
+            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES, scu_role=True,
+                                     scp_role=True)
+        for syntax, _, _ in self._services:
+            ae.add_supported_context(syntax)
+        handlers: list[Any] = [(event, handler) for _, event, handler in self._services] + [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),

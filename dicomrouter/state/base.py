@@ -12,7 +12,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..query import Query
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,15 @@ class State(ABC):
 
     @abstractmethod
     def purge(self, study_uid: str) -> list[str]: ...
+
+    # ---- query/retrieve (the router as a Q/R SCP, over what the spool holds)
+    @abstractmethod
+    def qr_rows(self, query: Query, limit: int = 0) -> list[dict[str, str]]:
+        """C-FIND matches at the query's level: keyword → value, aggregates included."""
+
+    @abstractmethod
+    def qr_instances(self, query: Query) -> list[Instance]:
+        """The instances (present in the spool) a C-MOVE/C-GET identifier selects."""
 
     # ---- reporting
     @abstractmethod

@@ -22,7 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..query import Query
 from .base import Instance, Job, State, Study
+from .qr import qr_columns, qr_select
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -120,6 +122,7 @@ class SQLiteState(State):
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
             if "routes" not in columns:  # spools from before manifests named the route
                 self._db.execute("ALTER TABLE jobs ADD COLUMN routes TEXT")
+            qr_columns(self._db)
             self._db.execute("COMMIT")
         self.migrated = n
 
@@ -457,6 +460,21 @@ class SQLiteState(State):
             for table in ("instances", "jobs", "ledger", "events", "studies"):
                 db.execute(f"DELETE FROM {table} WHERE study_uid=?", (study_uid,))
         return paths
+
+    # ---- query/retrieve ----------------------------------------------------------------------
+
+    def qr_rows(self, query: Query, limit: int = 0) -> list[dict[str, str]]:
+        sql, args = qr_select(query, limit)
+        rows = [{k: "" if v is None else str(v) for k, v in dict(r).items()}
+                for r in self._query(sql, args)]
+        for row in rows:
+            if "ModalitiesInStudy" in row:  # GROUP_CONCAT's separator is fixed
+                row["ModalitiesInStudy"] = row["ModalitiesInStudy"].replace(",", "\\")
+        return rows
+
+    def qr_instances(self, query: Query) -> list[Instance]:
+        sql, args = qr_select(query, 0, instances=True)
+        return [self._instance(r) for r in self._query(sql, args)]
 
     # ---- reporting -------------------------------------------------------------------------
 

@@ -1,0 +1,105 @@
+"""Query/Retrieve over the instances table (SQLite): the query attributes are columns.
+
+Each attribute of ``query.ATTRIBUTES`` that is not already a column is a generated column
+``kw_<Keyword>`` computed from the instance's index tags when the row is written, and the ones
+queries filter on most are indexed, so a C-FIND is an indexed SELECT … GROUP BY, not a scan of
+JSON. Matching follows PS3.4 C.2.2.2: single value, wildcard (``*``/``?`` → GLOB), range
+(dates and times, either end open), list of values; Person Names case-insensitively.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from ..query import AGGREGATES, ATTRIBUTES, LEVELS, Match, Query
+
+_REAL_COLUMNS = {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid",
+                 "SOPInstanceUID": "sop_uid", "SOPClassUID": "sop_class"}
+_GENERATED = [kw for kw in ATTRIBUTES if kw not in _REAL_COLUMNS and kw not in AGGREGATES
+              and kw != "ModalitiesInStudy"]
+_INDEXED = ("PatientID", "PatientName", "StudyDate", "AccessionNumber", "Modality")
+_PERSON_NAMES = {"PatientName", "ReferringPhysicianName"}
+_GROUP_BY = {"PATIENT": "i.kw_PatientID", "STUDY": "i.study_uid", "SERIES": "i.series_uid",
+             "IMAGE": ""}
+
+
+def qr_columns(db: sqlite3.Connection) -> None:
+    """Add the generated query columns and their indexes (in the caller's transaction)."""
+    have = {r[1] for r in db.execute("PRAGMA table_xinfo(instances)")}
+    for kw in _GENERATED:
+        if f"kw_{kw}" not in have:
+            db.execute(f"ALTER TABLE instances ADD COLUMN kw_{kw} TEXT GENERATED ALWAYS AS"
+                       f" (json_extract(tags, '$.{kw}')) VIRTUAL")
+    for kw in _INDEXED:
+        db.execute(f"CREATE INDEX IF NOT EXISTS instances_{kw} ON instances(kw_{kw})")
+
+
+def column(keyword: str) -> str:
+    return f"i.{_REAL_COLUMNS.get(keyword) or 'kw_' + keyword}"
+
+
+def _condition(m: Match) -> tuple[str, list[Any]]:
+    if m.keyword == "ModalitiesInStudy":
+        inner = _condition(Match("Modality", m.kind, m.values))
+        where = inner[0].replace("i.", "m.")
+        return (f"i.study_uid IN (SELECT m.study_uid FROM instances m WHERE m.present=1"
+                f" AND {where})", inner[1])
+    col = column(m.keyword)
+    fold = m.keyword in _PERSON_NAMES
+    if fold:
+        col = f"upper({col})"
+    value = "upper(?)" if fold else "?"
+    if m.kind == "single":
+        return f"{col} = {value}", [m.values[0]]
+    if m.kind == "wildcard":
+        return f"{col} GLOB {value}", [m.values[0].replace("[", "[[]")]
+    if m.kind == "list":
+        return f"{col} IN ({', '.join([value] * len(m.values))})", list(m.values)
+    low, high = m.values
+    parts, args = [f"COALESCE({col}, '') != ''"], []
+    if low:
+        parts.append(f"{col} >= ?")
+        args.append(low)
+    if high:
+        # a date range "-20241231" includes the whole day; TM "-1030" includes 10:30:59
+        parts.append(f"{col} <= ?")
+        args.append(high + ("~" if len(high) < 14 and m.keyword.endswith("Time") else ""))
+    return " AND ".join(parts), args
+
+
+def qr_select(query: Query, limit: int = 0, instances: bool = False) -> tuple[str, list[Any]]:
+    """The SELECT answering ``query``: rows keyed by keyword, or instance rows (retrieve)."""
+    where, args = ["i.present=1"], []
+    for m in query.matches:
+        sql, more = _condition(m)
+        where.append(f"({sql})")
+        args.extend(more)
+    tail = f" LIMIT {int(limit)}" if limit > 0 else ""
+    if instances:
+        return (f"SELECT i.* FROM instances i WHERE {' AND '.join(where)}"
+                f" ORDER BY i.study_uid, i.series_uid, CAST(i.kw_InstanceNumber AS INTEGER),"
+                f" i.received_at{tail}", args)
+    rank = LEVELS.index(query.level)
+    group = _GROUP_BY[query.level]
+    fields = []
+    for kw, level in ATTRIBUTES.items():
+        if LEVELS.index(level) > rank or kw in AGGREGATES or kw == "ModalitiesInStudy":
+            continue
+        fields.append(f"MIN({column(kw)}) AS {kw}" if group else f"{column(kw)} AS {kw}")
+    if query.level == "PATIENT":
+        fields += ["COUNT(DISTINCT i.study_uid) AS NumberOfPatientRelatedStudies",
+                   "COUNT(DISTINCT i.series_uid) AS NumberOfPatientRelatedSeries",
+                   "COUNT(*) AS NumberOfPatientRelatedInstances"]
+    elif query.level == "STUDY":
+        fields += ["COUNT(DISTINCT i.series_uid) AS NumberOfStudyRelatedSeries",
+                   "COUNT(*) AS NumberOfStudyRelatedInstances",
+                   "GROUP_CONCAT(DISTINCT i.kw_Modality) AS ModalitiesInStudy"]
+    elif query.level == "SERIES":
+        fields += ["COUNT(*) AS NumberOfSeriesRelatedInstances"]
+    sql = f"SELECT {', '.join(fields)} FROM instances i WHERE {' AND '.join(where)}"
+    if group:
+        sql += f" GROUP BY {group} ORDER BY MIN(i.received_at)"
+    else:
+        sql += " ORDER BY i.study_uid, i.series_uid, CAST(i.kw_InstanceNumber AS INTEGER)"
+    return sql + tail, args
