@@ -191,6 +191,23 @@ class DicomModel(_Destination):
     transfer_syntaxes: Annotated[tuple[str, ...], _v(_transfer_syntaxes)] = ()
 
 
+class PeerModel(_Strict):
+    """A DICOM peer: ``{ae_title, host, port}``."""
+
+    ae_title: AETitle
+    host: Text
+    port: Int(1, 65535)
+
+
+class MoveModel(_Destination):
+    type: Literal["move"]
+    source: PeerModel  # the peer that holds the studies and performs the C-MOVE
+    move_destination: AETitle  # where it sends them (an AE title the source knows)
+    calling_ae_title: AETitle | None = None
+    query_model: Choice("study", "patient") = "study"
+    timeout: Duration = 600.0  # association set-up, and between two C-MOVE responses
+
+
 def _tls(value: Any, key: str) -> bool | str:
     """``verify_tls``: true / false, or the path of a CA bundle."""
     if isinstance(value, bool):
@@ -244,7 +261,8 @@ class S3Model(_Destination):
 
 
 DESTINATION_MODELS: dict[str, type[_Destination]] = {
-    "folder": FolderModel, "dicom": DicomModel, "dicomweb": DicomwebModel, "s3": S3Model}
+    "folder": FolderModel, "dicom": DicomModel, "dicomweb": DicomwebModel, "s3": S3Model,
+    "move": MoveModel}
 DESTINATION_TYPES = tuple(DESTINATION_MODELS)
 
 
@@ -255,7 +273,8 @@ def _destination_type(value: Any) -> str | None:
 
 AnyDestination = Annotated[
     Annotated[FolderModel, Tag("folder")] | Annotated[DicomModel, Tag("dicom")]
-    | Annotated[DicomwebModel, Tag("dicomweb")] | Annotated[S3Model, Tag("s3")],
+    | Annotated[DicomwebModel, Tag("dicomweb")] | Annotated[S3Model, Tag("s3")]
+    | Annotated[MoveModel, Tag("move")],
     Discriminator(_destination_type),
 ]
 
@@ -393,6 +412,7 @@ def keyed_error(err: ValidationError, data: Any) -> ConfigError:
     else:
         problem = e["msg"]
     key = ""
+    loc = [p for p in loc if p != "[key]"]  # a dict key that failed: its name says it
     for part in loc:
         if isinstance(part, int) or str(part).startswith("["):
             key += f"[{part}]" if isinstance(part, int) else str(part)

@@ -13,6 +13,7 @@ CLASSES = {
     "dicom": "dicom:DicomDestination",
     "dicomweb": "dicomweb:DicomwebDestination",
     "s3": "s3:S3Destination",
+    "move": "move:MoveDestination",
 }
 
 

@@ -1,0 +1,201 @@
+"""Query/Retrieve as an SCU (pynetdicom): C-FIND, C-MOVE and C-GET to a peer, with results an
+operator can read. Used by the ``move`` destination, the ``dicom`` pull source and the
+``find`` / ``move`` commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, StoragePresentationContexts, build_context, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+from pynetdicom.status import QR_MOVE_SERVICE_CLASS_STATUS
+
+from .netutil import association_failure, enable_tcp_nodelay
+from .scp.contexts import ACCEPTED_SYNTAXES
+
+log = logging.getLogger("dicomrouter.qrscu")
+
+MODELS = {
+    "study": (StudyRootQueryRetrieveInformationModelFind,
+              StudyRootQueryRetrieveInformationModelMove,
+              StudyRootQueryRetrieveInformationModelGet),
+    "patient": (PatientRootQueryRetrieveInformationModelFind,
+                PatientRootQueryRetrieveInformationModelMove,
+                PatientRootQueryRetrieveInformationModelGet),
+}
+
+
+class PeerError(Exception):
+    """The peer could not be reached, refused, or answered with a failure status."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A Q/R peer: its AE title and address, and the AE title the router calls it with."""
+
+    ae_title: str
+    host: str
+    port: int
+    calling_ae: str = "DICOMROUTER"
+    timeout: float = 60.0  # association set-up and between two responses
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass
+class RetrieveResult:
+    """The final C-MOVE/C-GET response: status and sub-operation counts."""
+
+    status: int = 0
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+    comment: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (0x0000, 0xB000) and self.failed == 0
+
+    def describe(self) -> str:
+        text = QR_MOVE_SERVICE_CLASS_STATUS.get(self.status, ("Failure", "unknown status"))
+        out = (f"status 0x{self.status:04X} ({text[0]}: {text[1]}), {self.completed} completed, "
+               f"{self.failed} failed, {self.warning} warning")
+        if self.comment:
+            out += f" ({self.comment})"
+        if self.failed_uids:
+            out += f"; failed: {', '.join(self.failed_uids[:5])}"
+            out += f" and {len(self.failed_uids) - 5} more" if len(self.failed_uids) > 5 else ""
+        return out
+
+
+@contextmanager
+def associate(remote: Remote, contexts: list[Any], roles: list[Any] | None = None,
+              handlers: list[Any] | None = None) -> Iterator[Association]:
+    enable_tcp_nodelay()
+    ae = AE(ae_title=remote.calling_ae)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = remote.timeout
+    assoc = ae.associate(remote.host, remote.port, contexts=contexts, ae_title=remote.ae_title,
+                         ext_neg=roles or [], evt_handlers=handlers or [])
+    if not assoc.is_established:
+        raise PeerError(f"cannot associate with {remote}: "
+                        f"{association_failure(assoc, remote.host, remote.port)}")
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _check_context(assoc: Association, model: Any, remote: Remote, what: str) -> None:
+    if not any(cx.abstract_syntax == model for cx in assoc.accepted_contexts):
+        raise PeerError(f"{remote} does not support {what} ({model.name})")
+
+
+def find(remote: Remote, identifier: Dataset, model: str = "study",
+         limit: int = 0) -> list[Dataset]:
+    """The C-FIND answers (identifiers) of ``identifier``; raises PeerError on failure."""
+    sop = MODELS[model][0]
+    answers: list[Dataset] = []
+    with associate(remote, [build_context(sop)]) as assoc:
+        _check_context(assoc, sop, remote, "C-FIND")
+        for status, ds in assoc.send_c_find(identifier, sop):
+            if not status:
+                raise no_response(assoc, remote, "C-FIND")
+            code = int(status.Status)
+            if code in (0xFF00, 0xFF01):
+                if ds is not None:
+                    answers.append(ds)
+                if limit and len(answers) >= limit:
+                    assoc.send_c_cancel(1, None, sop)  # best effort; the rest are dropped
+                    break
+            elif code != 0x0000:
+                comment = str(status.get("ErrorComment", ""))
+                raise PeerError(f"{remote} answered C-FIND with 0x{code:04X}"
+                                + (f" ({comment})" if comment else ""))
+    return answers
+
+
+def no_response(assoc: Association, remote: Remote, what: str) -> PeerError:
+    deadline = time.monotonic() + 2.0  # the reactor thread records an A-ABORT a bit later
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if assoc.is_aborted or not assoc.is_established:
+        return PeerError(f"{remote} aborted the association instead of answering the {what} "
+                         f"(does it accept {what} from the calling AE title "
+                         f"{remote.calling_ae}?)")
+    return PeerError(f"{remote}: no {what} response within {remote.timeout:.0f} s")
+
+
+def _final(status: Dataset, identifier: Dataset | None, remote: Remote,
+           what: str) -> RetrieveResult:
+    result = RetrieveResult(
+        status=int(status.Status),
+        completed=int(status.get("NumberOfCompletedSuboperations", 0) or 0),
+        failed=int(status.get("NumberOfFailedSuboperations", 0) or 0),
+        warning=int(status.get("NumberOfWarningSuboperations", 0) or 0),
+        comment=str(status.get("ErrorComment", "")))
+    if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
+        value = identifier.FailedSOPInstanceUIDList
+        values = [value] if isinstance(value, str) else list(value or [])
+        result.failed_uids = [str(v) for v in values if str(v)]
+    return result
+
+
+def move(remote: Remote, identifier: Dataset, destination: str,
+         model: str = "study") -> RetrieveResult:
+    """C-MOVE ``identifier`` from ``remote`` to the AE ``destination``: the final response."""
+    sop = MODELS[model][1]
+    last: tuple[Dataset | None, Dataset | None] = (None, None)
+    with associate(remote, [build_context(sop)]) as assoc:
+        _check_context(assoc, sop, remote, "C-MOVE")
+        for status, ds in assoc.send_c_move(identifier, destination, sop):
+            if not status:
+                raise no_response(assoc, remote, "C-MOVE")
+            last = (status, ds)
+            if int(status.Status) not in (0xFF00,):
+                break
+    if last[0] is None:
+        raise PeerError(f"{remote}: no C-MOVE response")
+    return _final(*last, remote, "C-MOVE")
+
+
+def get(remote: Remote, identifier: Dataset, on_store: Callable[[Any], Any],
+        sop_classes: list[str] | None = None, model: str = "study") -> RetrieveResult:
+    """C-GET ``identifier`` from ``remote``; every instance goes to ``on_store`` (an EVT_C_STORE
+    handler) on the same association."""
+    sop = MODELS[model][2]
+    storage = [cx.abstract_syntax for cx in StoragePresentationContexts]
+    if sop_classes:
+        storage = list(dict.fromkeys(sop_classes))
+    storage = storage[:127]
+    contexts = [build_context(sop)] + [build_context(s, ACCEPTED_SYNTAXES) for s in storage]
+    roles = [build_role(s, scp_role=True) for s in storage]
+    last: tuple[Dataset | None, Dataset | None] = (None, None)
+    with associate(remote, contexts, roles, [(evt.EVT_C_STORE, on_store)]) as assoc:
+        _check_context(assoc, sop, remote, "C-GET")
+        for status, ds in assoc.send_c_get(identifier, sop):
+            if not status:
+                raise no_response(assoc, remote, "C-GET")
+            last = (status, ds)
+            if int(status.Status) not in (0xFF00,):
+                break
+    if last[0] is None:
+        raise PeerError(f"{remote}: no C-GET response")
+    return _final(*last, remote, "C-GET")
