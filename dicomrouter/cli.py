@@ -1,4 +1,4 @@
-"""``dicomrouter`` command line: serve, send, echo, status, retry, purge, sample."""
+"""``dicomrouter`` command line: serve, send, echo, find, move, status, retry, purge, sample."""
 
 from __future__ import annotations
 
@@ -357,3 +357,13 @@ main.add_command(bench)
 
 if __name__ == "__main__":
     main()
+
+
+def _register() -> None:
+    from .cli_qr import find_command, move_command
+
+    main.add_command(find_command)
+    main.add_command(move_command)
+
+
+_register()

@@ -6,6 +6,7 @@ DICOM files (``findscu -X``) and compared with what was sent.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from collections.abc import Iterator
@@ -231,3 +232,42 @@ def test_orthanc_queries_and_moves_from_the_router(site: Site) -> None:
         "Level": "Study", "Resources": [{"StudyInstanceUID": site.uid["b"]}],
         "TargetAet": "ORTHANCQR"})
     orthanc.wait_for_instances(sop_uids(site.files["b"]), timeout=90)
+
+
+def test_cli_find_prints_a_table_and_json(site: Site) -> None:
+    from router_fixtures import dicomrouter
+
+    assert site.router is not None
+    port = str(site.router.port)
+    r = dicomrouter("find", "--port", port, "--aet", "DICOMROUTER", "-k", "PatientName=DOE*",
+                    "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert {row["StudyInstanceUID"] for row in rows} == {site.uid["a"], site.uid["b"]}
+    assert {row["NumberOfStudyRelatedInstances"] for row in rows} == {"4"}
+    r = dicomrouter("find", "--port", port, "--level", "series",
+                    "-k", f"StudyInstanceUID={site.uid['c']}")
+    assert r.returncode == 0, r.stderr
+    assert "SeriesInstanceUID" in r.stdout and "2 match(es)" in r.stdout, r.stdout
+    assert all(s in r.stdout for s in site.series["c"])
+    r = dicomrouter("find", "--port", port, "-k", "NotAKeyword=1")
+    assert r.returncode == 2 and "not a DICOM keyword" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_move_asks_a_peer_to_move_a_study(site: Site, tmp_path: Path) -> None:
+    from router_fixtures import dicomrouter
+
+    assert site.router is not None
+    before = site.storescp.sop_uids()
+    r = dicomrouter("move", site.uid["a"], "--from", "DICOMROUTER", "--to", "STORESCP",
+                    "--host", "127.0.0.1", "--port", str(site.router.port))
+    assert r.returncode == 0, r.stderr
+    assert "4 completed, 0 failed" in r.stdout, r.stdout
+    assert site.storescp.sop_uids() - before >= sop_uids(site.files["a"]) - before
+    assert site.storescp.sop_uids() >= sop_uids(site.files["a"])
+    r = dicomrouter("move", site.uid["a"], "--from", "DICOMROUTER", "--to", "NOSUCHAE",
+                    "--host", "127.0.0.1", "--port", str(site.router.port))
+    assert r.returncode == 1 and "0xA801" in r.stderr, r.stderr
+    r = dicomrouter("move", site.uid["a"], "--from", "UNKNOWNPACS", "--to", "STORESCP")
+    assert r.returncode == 2 and "known_aes" in r.stderr, r.stderr
