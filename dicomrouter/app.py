@@ -16,6 +16,8 @@ from .routing import route
 from .scp.fast import FastStorageSCP
 from .scp.qr import QueryRetrieveSCP
 from .scp.server import StorageSCP
+from .sources import source_names
+from .sources.runner import SourcePollers
 from .spool import Spool
 from .state import Job, open_state
 
@@ -45,6 +47,8 @@ class Router:
             for syntax, event, handler in QueryRetrieveSCP(cfg, self.state, self.spool).services():
                 self.scp.add_service(syntax, event, handler)
         self.receivers = ReceiverProcesses(cfg)
+        self.sources = SourcePollers(cfg, self.state, self.spool)
+        self._source_names = source_names(cfg)
         self._stop = threading.Event()
         self._tracker: threading.Thread | None = None
         self._warned_quota = False
@@ -90,9 +94,11 @@ class Router:
         self._tracker.start()
         self.scp.start()
         self.receivers.start()
+        self.sources.start()
 
     def stop(self) -> None:
         log.info("stopping")
+        self.sources.stop()
         self.receivers.stop()
         self.scp.stop()
         self._stop.set()
@@ -137,7 +143,7 @@ class Router:
         if seen is None:
             return
         instances = self.state.instances(study_uid, present_only=False)
-        decision = route(self.cfg.routes, instances, self.spool.open)
+        decision = route(self.cfg.routes, instances, self.spool.open, self._source_names)
         if not self.state.route_study(study_uid, decision.destinations, decision.routes, seen):
             return  # an instance arrived meanwhile; it completes later
         new = sum(1 for i in instances if i.generation == seen.generation)

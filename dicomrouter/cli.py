@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -248,7 +249,7 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
             raise click.ClickException(f"no study {study} in {root}")
         history = state.history(study)
         if as_json:
-            click.echo(json.dumps({"study": dict(row), "history": history,
+            click.echo(json.dumps({"study": dataclasses.asdict(row), "history": history,
                                    "summary": state.study_rows(study_uid=study)}, indent=2))
             return
         click.echo(f"study {study}: {row.state}, generation {row.generation}, patient "
@@ -269,6 +270,13 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         parts = "  ".join(f"{s} {counts.get(s, 0)}" for s in
                           ("pending", "running", "failed", "dead", "delivered"))
         click.echo(f"  {dest:<16} {parts}")
+    if data.get("sources"):
+        click.echo("sources:")
+        for src in data["sources"]:
+            health = f"failing: {src['last_error']}" if src["last_error"] else "ok"
+            click.echo(f"  {src['name']:<16} {health}; last poll {_when(src['last_poll'])}, "
+                       f"last success {_when(src['last_success'])}; {src['studies_pulled']} "
+                       f"study(ies), {src['instances_pulled']} instance(s) pulled")
     if data["retrying"]:
         click.echo("retrying:")
         for j in data["retrying"]:

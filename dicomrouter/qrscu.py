@@ -74,8 +74,9 @@ class RetrieveResult:
         return self.status in (0x0000, 0xB000) and self.failed == 0
 
     def describe(self) -> str:
-        text = QR_MOVE_SERVICE_CLASS_STATUS.get(self.status, ("Failure", "unknown status"))
-        out = (f"status 0x{self.status:04X} ({text[0]}: {text[1]}), {self.completed} completed, "
+        kind, text = QR_MOVE_SERVICE_CLASS_STATUS.get(self.status, ("Failure", "unknown status"))
+        meaning = f"{kind}: {text}" if text else kind
+        out = (f"status 0x{self.status:04X} ({meaning}), {self.completed} completed, "
                f"{self.failed} failed, {self.warning} warning")
         if self.comment:
             out += f" ({self.comment})"

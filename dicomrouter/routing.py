@@ -8,7 +8,7 @@ route fires; a destination named by several routes gets the study once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -30,8 +30,10 @@ class _StudyView:
     per file, for every such keyword the routing table uses."""
 
     def __init__(self, instances: Sequence[Instance], keywords: set[str],
-                 open_instance: Callable[[Instance], BinaryIO] | None) -> None:
+                 open_instance: Callable[[Instance], BinaryIO] | None,
+                 sources: Mapping[str, str] | None = None) -> None:
         self.instances = instances
+        self._sources = sources or {}
         self._open = open_instance
         self._keywords = keywords
         self._headers: dict[str, dict[str, str]] = {}
@@ -41,6 +43,8 @@ class _StudyView:
             return [inst.calling_ae]
         if keyword == "CalledAE":
             return [inst.called_ae]
+        if keyword == "Source":
+            return [self._sources.get(inst.calling_ae, "")]
         raw = inst.tags[keyword] if keyword in inst.tags else self._read(inst, keyword)
         return raw.split("\\") if raw else [""]
 
@@ -65,10 +69,13 @@ class _StudyView:
 
 
 def route(routes: Sequence[RouteConfig], instances: Sequence[Instance],
-          open_instance: Callable[[Instance], BinaryIO] | None = None) -> Decision:
+          open_instance: Callable[[Instance], BinaryIO] | None = None,
+          sources: Mapping[str, str] | None = None) -> Decision:
     """Evaluate the routing table for one study; ``open_instance`` (``Spool.open``) reads the
-    keywords the index does not hold."""
-    view = _StudyView(instances, {m.keyword for r in routes for m in r.when}, open_instance)
+    keywords the index does not hold; ``sources`` maps a calling AE title to the pull source
+    it stands for (the ``Source`` key)."""
+    view = _StudyView(instances, {m.keyword for r in routes for m in r.when}, open_instance,
+                      sources)
     matched: list[str] = []
     dests: dict[str, None] = {}
     for r in routes:

@@ -196,6 +196,10 @@ def test_every_destination_type_has_its_class() -> None:
     from dicomrouter.destinations.registry import CLASSES
 
     assert set(CLASSES) == set(cfgmod.DESTINATION_TYPES)
+    from dicomrouter.config.models import SOURCE_TYPES
+    from dicomrouter.sources import CLASSES as SOURCES
+
+    assert set(SOURCES) == set(SOURCE_TYPES)
 
 
 @pytest.mark.parametrize(("data", "message"), [
@@ -209,6 +213,28 @@ def test_every_destination_type_has_its_class() -> None:
     ({"routes": [{"to": "a", "when": {"Modality": ["CT", None]}}],
       "destinations": {"a": {"type": "folder", "path": "x"}}},
      "routes[0].when.Modality[1]: expected a value or /regex/"),
+    ({"known_aes": {"WAYTOOLONGAETITLE": {"host": "h", "port": 1}}},
+     "known_aes.WAYTOOLONGAETITLE: an AE title is 1-16 characters"),
+    ({"known_aes": {"PACS": {"host": "h", "port": 0}}},
+     "known_aes.PACS.port: expected a whole number from 1 to 65535"),
+    ({"destinations": {"m": {"type": "move", "move_destination": "X"}}},
+     "destinations.m.source: required for a move destination"),
+    ({"destinations": {"m": {"type": "move", "move_destination": "X",
+                             "source": {"ae_title": "P", "host": "h"}}}},
+     "destinations.m.source.port: required"),
+    ({"sources": {"p": {"type": "ftp"}}}, "sources.p.type: unknown source type ftp; one of dicom"),
+    ({"sources": {"p": {"type": "dicom", "ae_title": "P", "host": "h", "port": 1,
+                        "retrieve": "copy"}}}, "sources.p.retrieve: one of move, get"),
+    ({"sources": {"p": {"type": "orthanc", "url": "ftp://x"}}},
+     "sources.p.url: expected an http:// or https:// URL"),
+    ({"sources": {"p": {"type": "dicomweb", "url": "http://x", "lookback": "forever"}}},
+     "sources.p.lookback: expected a duration"),
+    ({"sources": {"p": {"type": "orthanc", "url": "http://x", "interval": 0}}},
+     "sources.p.interval: must be at least 100ms"),
+    ({"routes": [{"to": "a", "when": {"Source": "pcas"}}],
+      "destinations": {"a": {"type": "folder", "path": "x"}},
+      "sources": {"pacs": {"type": "orthanc", "url": "http://x"}}},
+     "routes[0].when.Source: unknown source 'pcas' (sources: pacs)"),
 ])
 def test_schema_errors_are_keyed_and_strict(tmp_path: Path, data: dict, message: str) -> None:
     """The pydantic schema is strict ("11112" is not a port) and speaks in YAML key paths."""

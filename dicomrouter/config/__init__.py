@@ -17,6 +17,7 @@ from .base import (
     Matcher,
     RetryPolicy,
     RouteConfig,
+    SourceConfig,
     parse_duration,
     parse_size,
     template_keywords,
@@ -28,6 +29,7 @@ __all__ = [
     "AE_PSEUDO_KEYS", "CONFIG_ENV", "DEFAULT_AE_TITLE", "DEFAULT_FOLDER_TEMPLATE",
     "DEFAULT_PORT", "DESTINATION_MODELS", "DESTINATION_TYPES", "Config", "ConfigError",
     "DestinationConfig", "KnownAE", "Limits", "Matcher", "RetryPolicy", "RouteConfig",
+    "SourceConfig",
     "embedded_default", "from_dict", "load", "parse_duration", "parse_size", "replace_port",
     "template_keywords",
 ]

@@ -19,7 +19,7 @@ from pydicom.datadict import tag_for_keyword
 DEFAULT_AE_TITLE = "DICOMROUTER"
 DEFAULT_PORT = 11112
 CONFIG_ENV = "DICOMROUTER_CONFIG"
-AE_PSEUDO_KEYS = ("CallingAE", "CalledAE")
+AE_PSEUDO_KEYS = ("CallingAE", "CalledAE", "Source")
 
 
 _REPR = reprlib.Repr()
@@ -196,7 +196,7 @@ class RouteConfig:
 
 def _matcher(keyword: str, raw: Any, key: str) -> Matcher:
     if keyword not in AE_PSEUDO_KEYS and tag_for_keyword(keyword) is None:
-        raise ConfigError(key, "not a DICOM keyword (nor CallingAE / CalledAE)")
+        raise ConfigError(key, "not a DICOM keyword (nor CallingAE / CalledAE / Source)")
     items = raw if isinstance(raw, list) else [raw]
     if not items:
         raise ConfigError(key, "needs at least one value")
@@ -233,6 +233,16 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """A pull source (``sources.<name>``); ``options`` are its type's keys, validated."""
+
+    name: str
+    type: str
+    interval: float
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class KnownAE:
     """A peer the router may open associations to (C-MOVE destinations, pull sources)."""
 
@@ -264,6 +274,7 @@ class Config:
     check_called_ae: bool = False
     query_retrieve: bool = True  # answer C-FIND / C-MOVE / C-GET over the spool
     known_aes: dict[str, KnownAE] = field(default_factory=dict)
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
     source: str = "embedded defaults"
 
     @property

@@ -36,6 +36,7 @@ from .base import (
     Limits,
     RetryPolicy,
     RouteConfig,
+    SourceConfig,
     _ae_title,
     _bool,
     _choice,
@@ -279,6 +280,84 @@ AnyDestination = Annotated[
 ]
 
 
+class _Source(_Strict):
+    interval: Duration = 30.0  # between two polls
+
+    def options(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"type", "interval"})
+
+    _env_set = _Destination._env_set
+
+    @model_validator(mode="after")
+    def _positive_interval(self) -> _Source:
+        if self.interval < 0.1:
+            raise ConfigError("interval", "must be at least 100ms")
+        return self
+
+
+def _lookback(value: Any, key: str) -> float:
+    """``all`` (0: no date window) or a duration."""
+    if value == "all":
+        return 0.0
+    return parse_duration(value, key)
+
+
+class DicomSourceModel(_Source):
+    type: Literal["dicom"]
+    ae_title: AETitle
+    host: Text
+    port: Int(1, 65535)
+    calling_ae_title: AETitle | None = None
+    retrieve: Choice("move", "get") = "move"
+    move_destination: AETitle | None = None  # default: the router's own ae_title
+    lookback: Annotated[float, _v(_lookback)] = 7 * 86400.0
+    query_model: Choice("study", "patient") = "study"
+    timeout: Duration = 600.0
+
+
+class _HttpSource(_Source):
+    url: Text
+    username: Text | None = None
+    password_env: Text | None = None
+    password_file: Text | None = None
+    token_env: Text | None = None
+    token_file: Text | None = None
+    verify_tls: Annotated[bool | str, _v(lambda v, k: _tls(v, k))] = True
+    timeout: Duration = 120.0
+
+    @model_validator(mode="after")
+    def _credentials(self) -> _HttpSource:
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError("url", f"expected an http:// or https:// URL, got {_show(self.url)}")
+        if self.username and not (self.password_env or self.password_file):
+            raise ConfigError("username", "needs password_env or password_file (a password is "
+                              "never written in the configuration)")
+        self._env_set("password_env", "token_env")
+        return self
+
+
+class DicomwebSourceModel(_HttpSource):
+    type: Literal["dicomweb"]
+    lookback: Annotated[float, _v(_lookback)] = 7 * 86400.0
+
+
+class OrthancSourceModel(_HttpSource):
+    type: Literal["orthanc"]
+    delete_after_pull: Bool = False
+    batch: Int(1, 10_000) = 100  # changes read per request
+
+
+SOURCE_MODELS: dict[str, type[_Source]] = {
+    "dicom": DicomSourceModel, "dicomweb": DicomwebSourceModel, "orthanc": OrthancSourceModel}
+SOURCE_TYPES = tuple(SOURCE_MODELS)
+
+AnySource = Annotated[
+    Annotated[DicomSourceModel, Tag("dicom")] | Annotated[DicomwebSourceModel, Tag("dicomweb")]
+    | Annotated[OrthancSourceModel, Tag("orthanc")],
+    Discriminator(lambda v: _destination_type(v)),
+]
+
+
 class KnownAEModel(_Strict):
     host: Text
     port: Int(1, 65535)
@@ -320,6 +399,7 @@ class ConfigModel(_Strict):
     log_level: Annotated[str, _v(_log_level)] = "INFO"
     query_retrieve: Bool = True
     known_aes: dict[AETitle, KnownAEModel] | None = None
+    sources: dict[str, AnySource] | None = None
     max_query_results: Int(1, 10_000_000) = Limits.max_query_results
     # listener limits (docs/security.md)
     acse_timeout: Duration = Limits.acse_timeout
@@ -340,7 +420,14 @@ class ConfigModel(_Strict):
         if self.receivers > 1 and self.receiver != "fast":
             raise ConfigError("receivers", "several receiver processes need 'receiver: fast'")
         known = list(self.destinations or {})
+        sources = list(self.sources or {})
         for i, route in enumerate(self.routes or []):
+            for m in route.when:
+                unknown = [v for v in m.values if v not in sources]
+                if m.keyword == "Source" and unknown:
+                    raise ConfigError(f"routes[{i}].when.Source", f"unknown source "
+                                      f"{_show(unknown[0])} (sources: "
+                                      f"{', '.join(sources) or 'none defined'})")
             for dest in route.to:
                 if dest not in known:
                     raise ConfigError(f"routes[{i}].to", f"unknown destination {_show(dest)} "
@@ -375,6 +462,8 @@ class ConfigModel(_Strict):
             check_called_ae=self.check_called_ae, query_retrieve=self.query_retrieve,
             known_aes={str(k): KnownAE(str(k), v.host, v.port, v.calling_ae)
                        for k, v in (self.known_aes or {}).items()},
+            sources={str(k): SourceConfig(str(k), v.type, v.interval, v.options())
+                     for k, v in (self.sources or {}).items()},
             source=source)
 
 
@@ -383,7 +472,10 @@ def keyed_error(err: ValidationError, data: Any) -> ConfigError:
     e = err.errors(include_url=False)[0]
     loc = list(e["loc"])
     # a tagged union puts the tag into the location: destinations.<name>.<tag>.<key>
-    if len(loc) >= 3 and loc[0] == "destinations" and loc[2] in DESTINATION_MODELS:
+    unions = {"destinations": ("destination", DESTINATION_TYPES),
+              "sources": ("source", SOURCE_TYPES)}
+    what, types = unions.get(str(loc[0]) if loc else "", ("destination", DESTINATION_TYPES))
+    if len(loc) >= 3 and loc[0] in unions and loc[2] in types:
         del loc[2]
     cause = (e.get("ctx") or {}).get("error")
     kind = e["type"]
@@ -391,20 +483,19 @@ def keyed_error(err: ValidationError, data: Any) -> ConfigError:
         if cause.key:
             loc.append(cause.key)
         problem = cause.problem
-    elif kind == "missing" and loc[:1] == ["destinations"] and len(loc) == 3:
-        dest = (data or {}).get("destinations", {}).get(loc[1], {})
-        problem = f"required for a {dest.get('type')} destination"
+    elif kind == "missing" and loc[:1] in (["destinations"], ["sources"]) and len(loc) == 3:
+        dest = (data or {}).get(loc[0], {}).get(loc[1], {})
+        problem = f"required for a {dest.get('type')} {what}"
     elif kind == "missing":
         problem = "required"
     elif kind == "union_tag_not_found" and not isinstance(e["input"], dict):
         problem = f"expected a mapping, got {type(e['input']).__name__}"
     elif kind == "union_tag_not_found":
         loc.append("type")
-        problem = f"required; one of {', '.join(DESTINATION_TYPES)}"
+        problem = f"required; one of {', '.join(types)}"
     elif kind == "union_tag_invalid":
         loc.append("type")
-        problem = (f"unknown destination type {e['ctx']['tag']}; one of "
-                   f"{', '.join(DESTINATION_TYPES)}")
+        problem = f"unknown {what} type {e['ctx']['tag']}; one of {', '.join(types)}"
     elif kind in ("dict_type", "model_type", "model_attributes_type"):
         problem = f"expected a mapping, got {type(e['input']).__name__}"
     elif kind == "list_type":
@@ -430,5 +521,6 @@ def from_dict(raw: Any, base_dir: Path, source: str) -> Config:
     return model.build(base_dir, source)
 
 
-__all__ = ["DESTINATION_MODELS", "DESTINATION_TYPES", "ConfigModel",
+__all__ = ["DESTINATION_MODELS", "DESTINATION_TYPES", "SOURCE_MODELS", "SOURCE_TYPES",
+           "ConfigModel",
            "from_dict", "keyed_error"]

@@ -20,10 +20,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 import requests
-from dicomweb_client.session_utils import create_session, create_session_from_user_pass
 
 from ..state import Instance
-from .base import DeliveryError, Destination, Session, secret
+from .base import DeliveryError, Destination, Session
 
 REFERENCED_SOP_SEQUENCE = "00081199"
 FAILED_SOP_SEQUENCE = "00081198"
@@ -93,17 +92,9 @@ class DicomwebDestination(Destination):
                 f"{self.options['batch_size']} instances / {self.options['batch_bytes']} bytes")
 
     def session(self) -> requests.Session:
-        o = self.options
-        if o.get("username"):
-            password = secret(o, "password")
-            session = create_session_from_user_pass(o["username"], password or "")
-        else:
-            session = create_session()
-            token = secret(o, "token")
-            if token:
-                session.headers["Authorization"] = f"Bearer {token}"
-        session.verify = o["verify_tls"]
-        return session
+        from ..httpauth import http_session
+
+        return http_session(self.options)
 
     def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
         return _StowSession(self, self.session())

@@ -15,7 +15,10 @@ Each refusal is one log line with the peer's values escaped (see logsafe.py); ne
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterable
 
 from ..dicomfile import UnreadableDataset
 from ..dimse import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS
@@ -26,12 +29,14 @@ log = logging.getLogger("dicomrouter.scp")
 
 
 def accept(spool: Spool, rx: ReceiveFile, calling: str, called: str,
-           command: tuple[str, str]) -> tuple[int, str, Accepted | None]:
+           command: tuple[str, str] | None,
+           how: str = "C-STORE") -> tuple[int, str, Accepted | None]:
     """(status, error comment, accepted instance or None) for one received dataset.
 
-    ``command`` is (Affected SOP Class UID, Affected SOP Instance UID) of the C-STORE-RQ.
+    ``command`` is (Affected SOP Class UID, Affected SOP Instance UID) of the C-STORE-RQ; None
+    for an instance pulled over HTTP (``how`` names the way it came in the log line).
     """
-    sop = command[1]
+    sop = command[1] if command else "instance"
     try:
         return SUCCESS, "", spool.accept(rx, calling, called, command)
     except SpoolFull as exc:
@@ -46,6 +51,26 @@ def accept(spool: Spool, rx: ReceiveFile, calling: str, called: str,
         comment = f"internal error: {type(exc).__name__}: {exc}"
     finally:
         rx.close()
-    log.error("C-STORE %s from %s refused with 0x%04X (%s): %s", sop, calling, status, what,
+    log.error("%s %s from %s refused with 0x%04X (%s): %s", how, sop, calling, status, what,
               comment)
     return status, comment, None
+
+
+def store_file(spool: Spool, chunks: Iterable[bytes], source: str,
+               called: str) -> tuple[int, str, dict[str, str] | None]:
+    """Ingest a Part 10 file pulled from a source (HTTP): streamed into a receive slot, then
+    the same checks, durability and placement as a C-STORE. Returns (status, comment, tags)."""
+    rx = spool.new_receive_file()
+    try:
+        for chunk in chunks:
+            rx.write(chunk)
+    except BaseException:
+        rx.close()
+        with contextlib.suppress(OSError):
+            os.unlink(rx.name)
+        raise
+    status, comment, accepted = accept(spool, rx, source, called, None, "pulled")
+    if accepted is None:
+        return status, comment, None
+    spool.place(accepted)
+    return status, comment, accepted.tags

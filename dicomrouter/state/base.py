@@ -154,6 +154,34 @@ class State(ABC):
     def qr_instances(self, query: Query) -> list[Instance]:
         """The instances (present in the spool) a C-MOVE/C-GET identifier selects."""
 
+    # ---- pull sources: cursors, health, what was pulled (and deleted at the source)
+    @abstractmethod
+    def source_cursor(self, name: str) -> str | None: ...
+
+    @abstractmethod
+    def source_polled(self, name: str, error: str | None, cursor: str | None = None) -> None:
+        """Record a poll (its error, or success) and, if given, the new cursor."""
+
+    @abstractmethod
+    def source_seen(self, name: str, study_key: str) -> bool: ...
+
+    @abstractmethod
+    def source_pulled(self, name: str, study_key: str, study_uid: str, instances: int,
+                      delete_after: bool) -> None: ...
+
+    @abstractmethod
+    def source_deletable(self, name: str) -> list[tuple[str, str]]:
+        """Studies pulled with move semantics that are now delivered to every destination."""
+
+    @abstractmethod
+    def source_deleted(self, name: str, study_key: str, study_uid: str) -> None: ...
+
+    @abstractmethod
+    def has_instance(self, sop_uid: str) -> bool: ...
+
+    @abstractmethod
+    def source_rows(self) -> list[dict[str, Any]]: ...
+
     # ---- reporting
     @abstractmethod
     def study_rows(self, with_done: bool = False,

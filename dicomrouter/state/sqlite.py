@@ -79,6 +79,22 @@ CREATE TABLE IF NOT EXISTS events (
     event     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_study ON events(study_uid, id);
+CREATE TABLE IF NOT EXISTS sources (
+    name            TEXT PRIMARY KEY,
+    cursor          TEXT,                  -- where the next poll starts (Orthanc: change index)
+    last_poll       REAL, last_success REAL, last_error TEXT,
+    studies_pulled  INTEGER NOT NULL DEFAULT 0,
+    instances_pulled INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS source_studies (  -- what each source already pulled
+    source      TEXT NOT NULL,
+    study_key   TEXT NOT NULL,             -- the source's id of the study (UID, Orthanc id)
+    study_uid   TEXT,
+    pulled_at   REAL,
+    delete_after INTEGER NOT NULL DEFAULT 0, -- move semantics: delete there once delivered
+    deleted_at  REAL,
+    PRIMARY KEY (source, study_key)
+);
 """
 
 
@@ -476,6 +492,70 @@ class SQLiteState(State):
         sql, args = qr_select(query, 0, instances=True)
         return [self._instance(r) for r in self._query(sql, args)]
 
+    # ---- pull sources ------------------------------------------------------------------------
+
+    def source_cursor(self, name: str) -> str | None:
+        rows = self._query("SELECT cursor FROM sources WHERE name=?", (name,))
+        return rows[0]["cursor"] if rows else None
+
+    def source_polled(self, name: str, error: str | None, cursor: str | None = None) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO sources(name) VALUES (?) ON CONFLICT(name) DO NOTHING",
+                       (name,))
+            if error is None:
+                db.execute("UPDATE sources SET last_poll=?, last_success=?, last_error=NULL,"
+                           " cursor=COALESCE(?, cursor) WHERE name=?", (now, now, cursor, name))
+            else:
+                db.execute("UPDATE sources SET last_poll=?, last_error=?,"
+                           " cursor=COALESCE(?, cursor) WHERE name=?", (now, error, cursor, name))
+
+    def source_seen(self, name: str, study_key: str) -> bool:
+        return bool(self._query("SELECT 1 FROM source_studies WHERE source=? AND study_key=?",
+                                (name, study_key)))
+
+    def source_pulled(self, name: str, study_key: str, study_uid: str, instances: int,
+                      delete_after: bool) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO sources(name) VALUES (?) ON CONFLICT(name) DO NOTHING",
+                       (name,))
+            new = db.execute(
+                "INSERT INTO source_studies(source, study_key, study_uid, pulled_at,"
+                " delete_after) VALUES (?,?,?,?,?) ON CONFLICT(source, study_key) DO UPDATE"
+                " SET pulled_at=excluded.pulled_at, delete_after=excluded.delete_after,"
+                " deleted_at=NULL", (name, study_key, study_uid, now, int(delete_after))).rowcount
+            db.execute("UPDATE sources SET studies_pulled=studies_pulled+?,"
+                       " instances_pulled=instances_pulled+? WHERE name=?",
+                       (1 if new else 0, instances, name))
+            if instances:
+                self._event(db, study_uid, f"pulled {instances} instance(s) from source {name}",
+                            now)
+
+    def source_deletable(self, name: str) -> list[tuple[str, str]]:
+        """(study key, study UID) pulled with delete_after whose study is delivered everywhere."""
+        rows = self._query(
+            "SELECT p.study_key, p.study_uid FROM source_studies p JOIN studies s ON"
+            " s.study_uid=p.study_uid WHERE p.source=? AND p.delete_after=1 AND"
+            " p.deleted_at IS NULL AND s.state='delivered'", (name,))
+        return [(r["study_key"], r["study_uid"]) for r in rows]
+
+    def source_deleted(self, name: str, study_key: str, study_uid: str) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE source_studies SET deleted_at=? WHERE source=? AND study_key=?",
+                       (now, name, study_key))
+            self._event(db, study_uid, f"deleted at source {name} (delivered everywhere)", now)
+
+    def has_instance(self, sop_uid: str) -> bool:
+        return bool(self._query("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)))
+
+    def source_rows(self) -> list[dict[str, Any]]:
+        try:
+            return [dict(r) for r in self._query("SELECT * FROM sources ORDER BY name")]
+        except sqlite3.OperationalError:  # a read-only look at a spool from before sources
+            return []
+
     # ---- reporting -------------------------------------------------------------------------
 
     def study_rows(self, with_done: bool = False,
@@ -509,7 +589,7 @@ class SQLiteState(State):
             "SELECT study_uid, destination, attempts, last_error, next_attempt FROM jobs"
             " WHERE state='failed' ORDER BY next_attempt")]
         return {"studies": studies, "queues": queues, "dead": dead, "retrying": failing,
-                "spool_bytes": self.spool_bytes()}
+                "spool_bytes": self.spool_bytes(), "sources": self.source_rows()}
 
     def history(self, study_uid: str) -> list[tuple[float, str]]:
         return [(r["ts"], r["event"]) for r in self._query(

@@ -1,0 +1,69 @@
+"""Polls every pull source on its interval, one thread each, and records its health."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ..config import Config
+from ..spool import Spool
+from ..state import State
+from . import build
+from .base import Source
+
+log = logging.getLogger("dicomrouter.sources")
+
+
+class SourcePollers:
+    def __init__(self, cfg: Config, state: State, spool: Spool) -> None:
+        self.state = state
+        self.sources: list[Source] = [build(s, cfg, state, spool) for s in cfg.sources.values()]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for src in self.sources:
+            log.info("source %s: %s, every %.0f s", src.name, src.describe(), src.cfg.interval)
+            t = threading.Thread(target=self._run, args=(src,), name=f"source-{src.name}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for src in self.sources:
+            src.stopping.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _run(self, src: Source) -> None:
+        failing = False
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                pulled = src.poll()
+                src.housekeeping()
+            except Exception as exc:  # one line per failure, the poller goes on
+                # our errors are sentences; a library's gets its type name
+                error = str(exc) if type(exc).__module__.startswith("dicomrouter") else \
+                    f"{type(exc).__name__}: {exc}"
+                log.warning("source %s: poll failed (next in %.0f s): %s", src.name,
+                            src.cfg.interval, error)
+                failing = True
+                try:
+                    self.state.source_polled(src.name, error)
+                except Exception as db_exc:
+                    log.error("source %s: cannot record the poll: %s", src.name, db_exc)
+            else:
+                if failing:
+                    log.info("source %s: polling again", src.name)
+                failing = False
+                if pulled:
+                    log.info("source %s: pulled %d new study(ies) in %.1f s", src.name, pulled,
+                             time.monotonic() - started)
+                try:
+                    self.state.source_polled(src.name, None)
+                except Exception as db_exc:
+                    log.error("source %s: cannot record the poll: %s", src.name, db_exc)
+            self._stop.wait(src.cfg.interval)
