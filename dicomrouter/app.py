@@ -13,8 +13,8 @@ from .config import Config
 from .delivery import DeliveryWorkers
 from .receivers import ReceiverProcesses
 from .routing import route
+from .scp import services
 from .scp.fast import FastStorageSCP
-from .scp.qr import QueryRetrieveSCP
 from .scp.server import StorageSCP
 from .sources import source_names
 from .sources.runner import SourcePollers
@@ -38,14 +38,14 @@ class Router:
         for dest in self.destinations.values():
             if hasattr(dest, "spool_tmp"):  # staging files (a study's zip) on the spool's disk
                 dest.spool_tmp = self.spool.tmp
+            if hasattr(dest, "state"):  # storage commitment reports are kept there
+                dest.state = self.state
         self.workers = DeliveryWorkers(cfg, self.state, self.spool, self.destinations,
                                        self._job_finished)
         self.scp: StorageSCP | FastStorageSCP = (
             FastStorageSCP(cfg, self.spool) if cfg.receiver == "fast"
             else StorageSCP(cfg, self.spool))
-        if cfg.query_retrieve:
-            for syntax, event, handler in QueryRetrieveSCP(cfg, self.state, self.spool).services():
-                self.scp.add_service(syntax, event, handler)
+        services.register(self.scp, cfg, self.state, self.spool)
         self.receivers = ReceiverProcesses(cfg)
         self.sources = SourcePollers(cfg, self.state, self.spool)
         self._source_names = source_names(cfg)

@@ -29,6 +29,7 @@ def run_receiver(cfg: Config, parent_pid: int) -> None:
                                "%(message)s")
     logsafe.install()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    from .scp import services
     from .scp.fast import FastStorageSCP
     from .spool import Spool
     from .state import open_state
@@ -41,6 +42,7 @@ def run_receiver(cfg: Config, parent_pid: int) -> None:
                   max_depth=cfg.limits.max_sequence_depth, min_free=cfg.limits.min_free_disk)
     spool.start()
     scp = FastStorageSCP(cfg, spool)
+    services.register(scp, cfg, state, spool)  # Q/R, commitment: a peer may land here too
     scp.start()
     while not stop.wait(1.0):
         if os.getppid() != parent_pid:

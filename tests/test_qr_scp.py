@@ -271,3 +271,23 @@ def test_cli_move_asks_a_peer_to_move_a_study(site: Site, tmp_path: Path) -> Non
     assert r.returncode == 1 and "0xA801" in r.stderr, r.stderr
     r = dicomrouter("move", site.uid["a"], "--from", "UNKNOWNPACS", "--to", "STORESCP")
     assert r.returncode == 2 and "known_aes" in r.stderr, r.stderr
+
+
+def test_qr_and_storage_on_the_pynetdicom_receiver_too(tmp_path: Path) -> None:
+    """``receiver: pynetdicom`` serves the same Q/R handlers on its AE."""
+    study = generate(tmp_path / "study", series=1, instances=2, rows=8, cols=8, seed=91)
+    with Router(tmp_path / "router", {"receiver": "pynetdicom", "keep_after_delivery": True,
+                                      "destinations": {}, "routes": []}) as router:
+        assert run_storescu(study, router.port).returncode == 0
+        uid = str(dcmread(study[0]).StudyInstanceUID)
+        router.wait_state(uid, "unrouted")
+        out = tmp_path / "find"
+        out.mkdir()
+        r = subprocess.run([dcmtk("findscu"), "-S", "-aec", "DICOMROUTER", "-X", "-od", str(out),
+                            "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+                            "-k", "NumberOfStudyRelatedInstances", "127.0.0.1", str(router.port)],
+                           capture_output=True, text=True, env=peer_env(), timeout=60)
+        assert r.returncode == 0, r.stderr
+        found = [dcmread(p) for p in out.glob("rsp*.dcm")]
+        assert [(str(d.StudyInstanceUID), int(d.NumberOfStudyRelatedInstances))
+                for d in found] == [(uid, 2)]

@@ -273,6 +273,7 @@ class Config:
     limits: Limits = field(default_factory=lambda: Limits())
     check_called_ae: bool = False
     query_retrieve: bool = True  # answer C-FIND / C-MOVE / C-GET over the spool
+    commitment_scp: bool = True  # answer storage commitment requests for what the spool holds
     known_aes: dict[str, KnownAE] = field(default_factory=dict)
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     source: str = "embedded defaults"

@@ -190,6 +190,8 @@ class DicomModel(_Destination):
     sender: Choice("fast", "pynetdicom") = "fast"
     associations: Int(1, 16) = 1
     transfer_syntaxes: Annotated[tuple[str, ...], _v(_transfer_syntaxes)] = ()
+    storage_commitment: Bool = False  # delivered only once the peer committed the instances
+    commitment_timeout: Duration = 60.0  # how long to wait for the N-EVENT-REPORT
 
 
 class PeerModel(_Strict):
@@ -398,6 +400,7 @@ class ConfigModel(_Strict):
     routes: list[RouteModel] | None = None
     log_level: Annotated[str, _v(_log_level)] = "INFO"
     query_retrieve: Bool = True
+    commitment_scp: Bool = True
     known_aes: dict[AETitle, KnownAEModel] | None = None
     sources: dict[str, AnySource] | None = None
     max_query_results: Int(1, 10_000_000) = Limits.max_query_results
@@ -460,6 +463,7 @@ class ConfigModel(_Strict):
             destinations=destinations, routes=routes, log_level=self.log_level,
             receiver=self.receiver, receivers=self.receivers, limits=limits,
             check_called_ae=self.check_called_ae, query_retrieve=self.query_retrieve,
+            commitment_scp=self.commitment_scp,
             known_aes={str(k): KnownAE(str(k), v.host, v.port, v.calling_ae)
                        for k, v in (self.known_aes or {}).items()},
             sources={str(k): SourceConfig(str(k), v.type, v.interval, v.options())

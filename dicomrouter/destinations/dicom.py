@@ -8,8 +8,8 @@ from typing import BinaryIO
 from pydicom.uid import UID
 
 from ..config import DestinationConfig
-from ..state import Instance
-from .base import Destination, Session
+from ..state import Instance, State
+from .base import DeliveryError, Destination, Session
 from .fastsend import FastStoreAssociation
 from .store import Peer, StoreAssociation
 
@@ -31,16 +31,25 @@ class DicomDestination(Destination):
                          o["transfer_syntaxes"])
         self.sender = o["sender"]
         self.associations = o["associations"]
+        self.commitment = bool(o.get("storage_commitment"))
+        self.commitment_timeout = float(o.get("commitment_timeout", 60.0))
+        #: the state database (storage commitment reports land there); set by the router
+        self.state: State | None = None
 
     def describe(self) -> str:
         extra = f", {self.associations} associations per study" if self.associations > 1 else ""
         if self.peer.transfer_syntaxes:
             extra += ", proposes " + ", ".join(UID(u).name for u in self.peer.transfer_syntaxes)
+        if self.commitment:
+            extra += f", storage commitment (waits up to {self.commitment_timeout:.0f} s)"
         return f"dicom {self.peer}{extra}"
 
     def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
         pairs = {(i.sop_class, i.transfer_syntax) for i in instances}
-        return _DicomSession(open_association(self.peer, pairs, self.sender))
+        assoc = open_association(self.peer, pairs, self.sender)
+        if self.commitment:
+            return _CommittedSession(self, assoc)
+        return _DicomSession(assoc)
 
 
 class _DicomSession(Session):
@@ -53,3 +62,39 @@ class _DicomSession(Session):
 
     def close(self) -> None:
         self.assoc.release()
+
+
+class _CommittedSession(_DicomSession):
+    """C-STORE, then storage commitment: delivered means committed by the peer's report."""
+
+    def __init__(self, dest: DicomDestination,
+                 assoc: StoreAssociation | FastStoreAssociation) -> None:
+        super().__init__(assoc)
+        self.dest = dest
+        self.stored: list[tuple[str, str]] = []
+        self.refused = {}
+
+    def send(self, inst: Instance, data: BinaryIO) -> bool:
+        super().send(inst, data)
+        self.stored.append((inst.sop_class, inst.sop_uid))
+        return False  # stored, not yet committed
+
+    def commit(self) -> Sequence[str]:
+        from ..commitment import request
+        from ..qrscu import PeerError, Remote
+
+        if not self.stored:
+            return ()
+        self.assoc.release()  # the N-ACTION goes on its own (pynetdicom) association
+        dest, peer = self.dest, self.dest.peer
+        if dest.state is None:
+            raise DeliveryError("storage commitment needs the router's state database")
+        remote = Remote(peer.ae_title, peer.host, peer.port, peer.calling_ae_title, peer.timeout)
+        try:
+            report = request(remote, self.stored, dest.state, dest.commitment_timeout)
+        except PeerError as exc:
+            raise DeliveryError(f"storage commitment: {exc}") from None
+        for uid, reason in report.failed.items():
+            self.refused[uid] = (f"{peer} did not commit it (storage commitment failure reason "
+                                 f"0x{reason:04X})")
+        return report.committed

@@ -143,15 +143,17 @@ class FastStorageSCP:
         self._conns: dict[socket.socket, _Connection] = {}  # in accept order
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
-        self._services: list[tuple[str, Any, Callable[..., Any]]] = []
+        self._services: list[tuple[str, Any, Callable[..., Any], bool]] = []
         self._service_syntaxes: set[str] = set()
         self.service_server: AssociationServer | None = None
 
-    def add_service(self, abstract_syntax: str, event: Any, handler: Callable[..., Any]) -> None:
+    def add_service(self, abstract_syntax: str, event: Any, handler: Callable[..., Any],
+                    roles: bool = False) -> None:
         """Serve ``abstract_syntax`` with a pynetdicom handler (e.g. ``evt.EVT_C_FIND``) on the
         same port: an association that proposes it (and no storage class) is handed, socket and
-        all, to a pynetdicom acceptor. Call before ``start``."""
-        self._services.append((abstract_syntax, event, handler))
+        all, to a pynetdicom acceptor; ``roles``: accept the requestor in either role (SCP/SCU
+        role selection, as storage commitment reports need). Call before ``start``."""
+        self._services.append((abstract_syntax, event, handler, roles))
         self._service_syntaxes.add(abstract_syntax)
 
     def _start_services(self) -> None:
@@ -162,8 +164,11 @@ class FastStorageSCP:
 
         ae = acceptor_ae(self.cfg)
         handlers = []
-        for syntax, event, handler in self._services:
-            ae.add_supported_context(syntax)
+        for syntax, event, handler, roles in self._services:
+            if roles:
+                ae.add_supported_context(syntax, scu_role=True, scp_role=True)
+            else:
+                ae.add_supported_context(syntax)
             handlers.append((event, handler))
         if self._service_syntaxes & GET_MODELS:
             # a C-GET requestor proposes storage contexts in which it is the SCP

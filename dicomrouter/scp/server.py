@@ -72,11 +72,12 @@ class StorageSCP:
         self.server: ThreadedAssociationServer | None = None
         self._tally: dict[int, _AssociationTally] = {}
         self._lock = threading.Lock()
-        self._services: list[tuple[str, Any, Any]] = []
+        self._services: list[tuple[str, Any, Any, bool]] = []
 
-    def add_service(self, abstract_syntax: str, event: Any, handler: Any) -> None:
+    def add_service(self, abstract_syntax: str, event: Any, handler: Any,
+                    roles: bool = False) -> None:
         """Serve another SOP class with a pynetdicom handler (Q/R, ...). Call before start."""
-        self._services.append((abstract_syntax, event, handler))
+        self._services.append((abstract_syntax, event, handler, roles))
 
     def start(self) -> ThreadedAssociationServer:
         receive_c_store_into(self.spool.new_receive_file)
@@ -85,9 +86,12 @@ class StorageSCP:
             # both roles: a C-GET requestor proposes to be the storage SCP
             ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES, scu_role=True,
                                      scp_role=True)
-        for syntax, _, _ in self._services:
-            ae.add_supported_context(syntax)
-        handlers: list[Any] = [(event, handler) for _, event, handler in self._services] + [
+        for syntax, _, _, roles in self._services:
+            if roles:
+                ae.add_supported_context(syntax, scu_role=True, scp_role=True)
+            else:
+                ae.add_supported_context(syntax)
+        handlers: list[Any] = [(event, handler) for _, event, handler, _ in self._services] + [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),

@@ -9,7 +9,7 @@ default.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -178,6 +178,22 @@ class State(ABC):
 
     @abstractmethod
     def has_instance(self, sop_uid: str) -> bool: ...
+
+    # ---- storage commitment (reports may reach any receiver process: kept here)
+    @abstractmethod
+    def expect_commitment(self, transaction_uid: str, peer: str) -> None: ...
+
+    @abstractmethod
+    def record_commitment(self, transaction_uid: str, committed: Sequence[str],
+                          failed: dict[str, int]) -> None: ...
+
+    @abstractmethod
+    def commitment(self, transaction_uid: str) -> tuple[list[str], dict[str, int]] | None:
+        """(committed, failed) once the report of ``transaction_uid`` arrived, else None."""
+
+    @abstractmethod
+    def held_instances(self, sop_uids: Iterable[str]) -> dict[str, str]:
+        """SOP Instance UID → SOP Class UID of the given instances the spool holds now."""
 
     @abstractmethod
     def source_rows(self) -> list[dict[str, Any]]: ...

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,14 @@ CREATE TABLE IF NOT EXISTS sources (
     last_poll       REAL, last_success REAL, last_error TEXT,
     studies_pulled  INTEGER NOT NULL DEFAULT 0,
     instances_pulled INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS commitments (     -- storage commitment transactions we asked for
+    transaction_uid TEXT PRIMARY KEY,
+    peer        TEXT,
+    requested   REAL,
+    reported    REAL,                      -- when the N-EVENT-REPORT came (NULL: not yet)
+    committed   TEXT,                      -- JSON list of SOP Instance UIDs
+    failed      TEXT                       -- JSON object: SOP Instance UID → Failure Reason
 );
 CREATE TABLE IF NOT EXISTS source_studies (  -- what each source already pulled
     source      TEXT NOT NULL,
@@ -546,6 +554,41 @@ class SQLiteState(State):
             db.execute("UPDATE source_studies SET deleted_at=? WHERE source=? AND study_key=?",
                        (now, name, study_key))
             self._event(db, study_uid, f"deleted at source {name} (delivered everywhere)", now)
+
+    # ---- storage commitment --------------------------------------------------------------------
+
+    def expect_commitment(self, transaction_uid: str, peer: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO commitments(transaction_uid, peer, requested)"
+                       " VALUES (?,?,?)", (transaction_uid, peer, time.time()))
+
+    def record_commitment(self, transaction_uid: str, committed: Sequence[str],
+                          failed: dict[str, int]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO commitments(transaction_uid, reported, committed, failed)"
+                       " VALUES (?,?,?,?) ON CONFLICT(transaction_uid) DO UPDATE SET"
+                       " reported=excluded.reported, committed=excluded.committed,"
+                       " failed=excluded.failed",
+                       (transaction_uid, time.time(), json.dumps(list(committed)),
+                        json.dumps(failed)))
+
+    def commitment(self, transaction_uid: str) -> tuple[list[str], dict[str, int]] | None:
+        rows = self._query("SELECT committed, failed FROM commitments WHERE transaction_uid=?"
+                           " AND reported IS NOT NULL", (transaction_uid,))
+        if not rows:
+            return None
+        return json.loads(rows[0]["committed"] or "[]"), json.loads(rows[0]["failed"] or "{}")
+
+    def held_instances(self, sop_uids: Iterable[str]) -> dict[str, str]:
+        """SOP Instance UID → SOP Class UID of those the spool holds now."""
+        out: dict[str, str] = {}
+        uids = list(sop_uids)
+        for i in range(0, len(uids), 500):
+            part = uids[i:i + 500]
+            for r in self._query("SELECT sop_uid, sop_class FROM instances WHERE present=1 AND"
+                                 f" sop_uid IN ({','.join('?' * len(part))})", part):
+                out[r["sop_uid"]] = r["sop_class"] or ""
+        return out
 
     def has_instance(self, sop_uid: str) -> bool:
         return bool(self._query("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)))

@@ -1,0 +1,24 @@
+"""The non-storage services of the listener, registered in one place for the main process and
+every extra receiver process (a peer's association may land on any of them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Config
+from ..spool import Spool
+from ..state import State
+
+
+def register(scp: Any, cfg: Config, state: State, spool: Spool) -> None:
+    """Query/Retrieve (``query_retrieve``) and Storage Commitment (``commitment_scp``) on the
+    listener ``scp`` (FastStorageSCP or StorageSCP), through pynetdicom's service classes."""
+    from ..commitment import CommitmentSCP
+    from .qr import QueryRetrieveSCP
+
+    if cfg.query_retrieve:
+        for syntax, event, handler in QueryRetrieveSCP(cfg, state, spool).services():
+            scp.add_service(syntax, event, handler)
+    if cfg.commitment_scp:
+        for syntax, event, handler in CommitmentSCP(cfg, state).services():
+            scp.add_service(syntax, event, handler, roles=True)
