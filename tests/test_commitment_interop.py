@@ -50,9 +50,9 @@ def test_no_report_within_the_timeout_fails_and_retries(tmp_path: Path, orthanc)
     with committing_router(tmp_path, pacs, port, commitment_timeout="2s",
                            retry={"initial": "1s", "max_delay": "1s"}) as router:
         assert run_storescu(study, router.port).returncode == 0
-        wait_until(lambda: any(j["attempts"] >= 2 for j in router.status()["retrying"]),
-                   timeout=120, what="two failed attempts")
-        job = router.status()["retrying"][0]
+        job = wait_until(lambda: next((j for j in router.status()["retrying"]
+                                       if j["attempts"] >= 2), None),
+                         timeout=120, what="two failed attempts")
         assert "no storage commitment report from PACS@" in job["last_error"], job
         assert router.status()["ledger"]["delivered"] == 0  # stored there, not committed
         assert pacs.count() == len(study)

@@ -71,6 +71,18 @@ _RJ_CALLED = (0x01, 0x01, 0x07)  # called AE title not recognised
 _RJ_LIMIT = (0x02, 0x03, 0x02)  # transient, local limit exceeded
 
 
+_TCP_CLOSE_WAIT = 8  # tcp_info.tcpi_state (Linux): the peer sent FIN
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the peer ended its side: a peek cannot tell (it keeps returning the bytes that
+    are there), so a half-closed sender would otherwise be waited for until acse_timeout."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE_WAIT
+    except (OSError, AttributeError):
+        return False
+
+
 def _printable_ae(value: bytes) -> bool:
     return all(0x20 <= b < 0x7F and b != 0x5C for b in value)
 
@@ -386,7 +398,7 @@ class _Association:
             data = self.conn.recv(n, socket.MSG_PEEK)
             if len(data) >= n:
                 return data
-            if not data or self.info.expired:
+            if not data or self.info.expired or _peer_closed(self.conn):
                 raise ConnectionError("connection closed before a whole A-ASSOCIATE-RQ")
             time.sleep(0.005)  # the rest of the RQ is on its way (rare: it is one segment)
 
