@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import queue
+import socket
 import sqlite3
 import threading
 import time
 
-from . import destinations
+from . import destinations, metrics
 from .config import Config
 from .delivery import DeliveryWorkers
 from .receivers import ReceiverProcesses
@@ -26,9 +29,36 @@ log = logging.getLogger("dicomrouter")
 TICK = 0.2  # how often stable studies are looked for; bounds the lateness of a completion
 
 
+class ListenError(OSError):
+    """A port the router must listen on cannot be bound (in use, no permission)."""
+
+
+def _bind(what: str, bind: str, port: int, reuse_port: bool = False) -> socket.socket:
+    try:
+        return socket.create_server((bind, port), backlog=128, reuse_port=reuse_port)
+    except OSError as exc:
+        why = "is in use (another router or PACS?)" if exc.errno == errno.EADDRINUSE else \
+            (exc.strerror or str(exc))
+        raise ListenError(exc.errno, f"cannot listen for {what} on {bind}:{port}: port {port} "
+                          f"{why}") from None
+
+
 class Router:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        # Bind first: a port in use fails here, before the spool or state.db is created.
+        self._dicom_sock = _bind("DICOM", cfg.bind, cfg.port, reuse_port=cfg.receivers > 1)
+        if cfg.receiver != "fast":  # pynetdicom binds its own socket at start
+            self._dicom_sock.close()
+        self.web = None
+        self._web_sock: socket.socket | None = None
+        if cfg.web.enabled:
+            try:
+                self._web_sock = _bind("the web status page (web.port)", cfg.web.bind,
+                                       cfg.web.port)
+            except ListenError as exc:  # the router's job is DICOM: it goes on without pages
+                log.error("%s; the router runs without its status page, REST API and "
+                          "/metrics (set web.port, or web.enabled: false)", exc.strerror)
         self.state = open_state(cfg.state_db)
         self.spool = Spool(cfg.spool, self.state, cfg.max_spool_size,
                            max_depth=cfg.limits.max_sequence_depth,
@@ -43,7 +73,7 @@ class Router:
         self.workers = DeliveryWorkers(cfg, self.state, self.spool, self.destinations,
                                        self._job_finished)
         self.scp: StorageSCP | FastStorageSCP = (
-            FastStorageSCP(cfg, self.spool) if cfg.receiver == "fast"
+            FastStorageSCP(cfg, self.spool, self._dicom_sock) if cfg.receiver == "fast"
             else StorageSCP(cfg, self.spool))
         services.register(self.scp, cfg, self.state, self.spool)
         self.receivers = ReceiverProcesses(cfg)
@@ -95,9 +125,19 @@ class Router:
         self.scp.start()
         self.receivers.start()
         self.sources.start()
+        if self._web_sock is not None:
+            from .web.api import create_app
+            from .web.server import WebServer
+
+            metrics.watch_state(self.state, self.cfg.spool)
+            self.web = WebServer(create_app(self), self._web_sock)
+            self.web.start()
+        self._listening = True
 
     def stop(self) -> None:
         log.info("stopping")
+        if self.web is not None:
+            self.web.stop()
         self.sources.stop()
         self.receivers.stop()
         self.scp.stop()
@@ -146,6 +186,8 @@ class Router:
         decision = route(self.cfg.routes, instances, self.spool.open, self._source_names)
         if not self.state.route_study(study_uid, decision.destinations, decision.routes, seen):
             return  # an instance arrived meanwhile; it completes later
+        if seen.state != "unrouted" or decision.destinations:
+            metrics.STUDIES.labels("routed" if decision.destinations else "unrouted").inc()
         new = sum(1 for i in instances if i.generation == seen.generation)
         who = f"patient {seen.patient_id or '?'}, from {seen.calling_ae}"
         if decision.destinations:
@@ -157,6 +199,40 @@ class Router:
         elif seen.state != "unrouted":
             log.warning("study %s complete (%s): %d instance(s) matched no route; kept in the "
                         "spool as unrouted", study_uid, who, new)
+
+    # ---- operations (web API) ------------------------------------------------------------------
+
+    def reroute(self, study_uid: str) -> str:
+        """Route a study in the spool again with the current rules: 'routed', 'unrouted',
+        or 'unknown' (not in the spool)."""
+        if not self.state.reopen_study(study_uid):
+            return "unknown"
+        self.complete(study_uid)
+        study = self.state.study(study_uid)
+        return study.state if study is not None else "unknown"
+
+    def notify_destination(self, destination: str) -> None:
+        self.workers.notify([destination])
+
+    def readiness(self) -> dict[str, str]:
+        """What keeps the router from doing its job now (empty: ready)."""
+        from .web.api import source_problems, spool_problems
+
+        problems: dict[str, str] = {}
+        try:
+            rows = self.state.source_rows()
+        except Exception as exc:
+            problems["state"] = f"state database: {type(exc).__name__}: {exc}"
+            rows = []
+        if not os.access(self.cfg.state_db, os.W_OK):
+            problems["state"] = f"state database {self.cfg.state_db} is not writable"
+        for p in spool_problems(self.cfg.spool, self.cfg.limits.min_free_disk):
+            problems["spool"] = p
+        if not getattr(self, "_listening", False):
+            problems["listener"] = "the DICOM listener is not started"
+        for p in source_problems(rows, {n: s.interval for n, s in self.cfg.sources.items()}):
+            problems[f"source {p.split()[1]}"] = p
+        return problems
 
     # ---- after delivery --------------------------------------------------------------------
 

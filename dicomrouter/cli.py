@@ -42,12 +42,36 @@ def _setup_logging(level: str, quiet_pynetdicom: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _load_config(path: str | None) -> Config:
+def _load_config(path: str | None, warn: bool = False) -> Config:
     try:
-        return config_mod.load(path)
+        cfg = config_mod.load(path)
     except ConfigError as exc:
         where = path or os.environ.get(config_mod.CONFIG_ENV) or "configuration"
         raise click.ClickException(f"invalid configuration ({where}): {exc}") from None
+    if warn:
+        _warn_about(cfg)
+    return cfg
+
+
+def _warn_about(cfg: Config) -> None:
+    """What a valid configuration does that its author probably did not mean."""
+    if cfg.source == "embedded defaults":
+        return
+    file = Path(cfg.source)
+    empty = file.is_file() and not file.read_text(encoding="utf-8", errors="replace").strip()
+    if empty:
+        click.echo(f"Warning: {cfg.source} is empty: no destinations and no routes, so every "
+                   "study stays unrouted in the spool. Without any configuration file the "
+                   "router uses its embedded defaults (every study to ./received).", err=True)
+    elif not cfg.routes:
+        click.echo(f"Warning: {cfg.source} has no routes: every study stays unrouted in the "
+                   "spool (shown by 'dicomrouter status').", err=True)
+
+
+def _ae(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from .cli_qr import _ae as check
+
+    return check(ctx, param, value)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,11 +82,12 @@ def main() -> None:
 
 @main.command()
 @config_option
-@click.option("--port", type=int, default=None, help="Override the configured port.")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="Override the configured port.")
 @click.option("--check", is_flag=True, help="Validate the configuration and exit.")
 def serve(config_path: str | None, port: int | None, check: bool) -> None:
     """Run the router: Storage SCP, study tracker and delivery workers."""
-    cfg = _load_config(config_path)
+    cfg = _load_config(config_path, warn=True)
     if port is not None:
         cfg = config_mod.replace_port(cfg, port)
     if check:
@@ -74,8 +99,12 @@ def serve(config_path: str | None, port: int | None, check: bool) -> None:
 
     log.info("dicomrouter starting with %s; spool %s; stable age %.1f s", cfg.source,
              cfg.spool, cfg.stable_age)
+    from .app import ListenError
+
     try:
         router = Router(cfg)
+    except ListenError as exc:
+        raise click.ClickException(str(exc.strerror)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot open the spool {cfg.spool}: {exc}") from None
 
@@ -115,10 +144,11 @@ def _collect(paths: tuple[str, ...]) -> tuple[list[tuple[Path, str, str]], list[
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=config_mod.DEFAULT_PORT, show_default=True)
-@click.option("--aet", default=config_mod.DEFAULT_AE_TITLE, show_default=True,
+@click.option("--port", type=click.IntRange(1, 65535), default=config_mod.DEFAULT_PORT,
+              show_default=True)
+@click.option("--aet", default=config_mod.DEFAULT_AE_TITLE, show_default=True, callback=_ae,
               help="Called AE title (the receiver's).")
-@click.option("--calling-aet", default="DICOMSEND", show_default=True,
+@click.option("--calling-aet", default="DICOMSEND", show_default=True, callback=_ae,
               help="Our AE title.")
 @click.option("--max-pdu", type=int, default=0, help="Maximum PDU size to receive (0: any).")
 def send(paths: tuple[str, ...], host: str, port: int, aet: str, calling_aet: str,
@@ -168,11 +198,12 @@ def send(paths: tuple[str, ...], host: str, port: int, aet: str, calling_aet: st
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=config_mod.DEFAULT_PORT, show_default=True)
-@click.option("--aet", default=config_mod.DEFAULT_AE_TITLE, show_default=True,
+@click.option("--port", type=click.IntRange(1, 65535), default=config_mod.DEFAULT_PORT,
+              show_default=True)
+@click.option("--aet", default=config_mod.DEFAULT_AE_TITLE, show_default=True, callback=_ae,
               help="Called AE title.")
-@click.option("--calling-aet", default="DICOMSEND", show_default=True)
-@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.option("--calling-aet", default="DICOMSEND", show_default=True, callback=_ae)
+@click.option("--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True)
 def echo(host: str, port: int, aet: str, calling_aet: str, timeout: float) -> None:
     """C-ECHO a DICOM peer (is it up, does it accept our AE title?)."""
     from pynetdicom import AE
@@ -186,7 +217,11 @@ def echo(host: str, port: int, aet: str, calling_aet: str, timeout: float) -> No
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
     started = time.monotonic()
-    assoc = ae.associate(host, port, ae_title=aet)
+    try:
+        assoc = ae.associate(host, port, ae_title=aet)
+    except OSError as exc:  # an unknown host name, no route
+        raise click.ClickException(f"C-ECHO to {aet}@{host}:{port}: cannot reach {host}: "
+                                   f"{exc.strerror or exc}") from None
     if not assoc.is_established:
         why = association_failure(assoc, host, port)
         raise click.ClickException(f"C-ECHO to {aet}@{host}:{port}: {why}")
@@ -254,6 +289,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
             return
         click.echo(f"study {study}: {row.state}, generation {row.generation}, patient "
                    f"{row.patient_id}, from {row.calling_ae}")
+        for j in state.jobs(study_uids=[study]):
+            click.echo(f"  {_progress(j)}")
         for ts, event in history:
             click.echo(f"  {_when(ts)}  {event}")
         return
@@ -280,8 +317,9 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
     if data["retrying"]:
         click.echo("retrying:")
         for j in data["retrying"]:
-            click.echo(f"  {j['study_uid']} → {j['destination']}: attempt {j['attempts']}, "
-                       f"next at {_when(j['next_attempt'])}: {j['last_error']}")
+            click.echo(f"  {j['study_uid']} → {j['destination']}: failed {j['attempts']} "
+                       f"time(s), next attempt at {_when(j['next_attempt'])}: "
+                       f"{j['last_error']}")
     if data["dead"]:
         click.echo("dead letters ('dicomrouter retry --dead' requeues them):")
         for j in data["dead"]:
@@ -290,10 +328,54 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
     click.echo("studies:")
     if not data["studies"]:
         click.echo("  (none)")
+    jobs: dict[str, list[dict[str, Any]]] = {}
+    for j in state.jobs(study_uids=[s["study_uid"] for s in data["studies"]]):
+        jobs.setdefault(j["study_uid"], []).append(j)
     for s in data["studies"]:
+        where = "in the spool" if s["in_spool"] else "received, deleted from the spool"
+        n, size = (s["instances_in_spool"], s["bytes_in_spool"]) if s["in_spool"] else \
+            (s["instances_received"], s["bytes_received"])
         click.echo(f"  {s['study_uid']}  {s['state']:<10} patient {s['patient_id'] or '-':<12}"
-                   f" {s['instances_in_spool']:>5} instance(s) {_size(s['bytes_in_spool']):>9}"
+                   f" {n:>5} instance(s) {_size(size):>9} {where}"
                    f"  from {s['calling_ae'] or '-'}  last received {_when(s['last_received'])}")
+        for j in jobs.get(s["study_uid"], []):
+            click.echo(f"      {_progress(j)}")
+
+
+def _progress(job: dict[str, Any]) -> str:
+    """``pacs: running 1200 of 3000`` (instances confirmed delivered there)."""
+    return f"{job['destination']}: {job['state']} {job['delivered']} of {job['total']}"
+
+
+def _since(value: str) -> float:
+    """``24h`` / ``7d`` (that long ago) or an ISO date or date-time → Unix time."""
+    try:
+        return time.time() - config_mod.parse_duration(value, "--since")
+    except ConfigError:
+        pass
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise click.BadParameter(f"expected a duration (24h, 7d) or a date (2026-11-24, "
+                                 f"2026-11-24T08:00), got {value!r}",
+                                 param_hint="'--since'") from None
+
+
+@main.command()
+@config_option
+@spool_option
+@click.option("--since", default="24h", show_default=True,
+              help="A duration (24h, 7d) or an ISO date/date-time.")
+@click.option("--study", default=None, help="Only this Study Instance UID.")
+def audit(config_path: str | None, spool: str | None, since: str, study: str | None) -> None:
+    """The audit trail as JSON lines: every study event (received from whom, routed where,
+    delivered, failed, deleted, purged) since a time, oldest first."""
+    start = _since(since)
+    state, _root = _state_for(config_path, spool)
+    for e in state.events_since(start, study):
+        e["time"] = dt.datetime.fromtimestamp(e["ts"]).astimezone().isoformat(
+            timespec="milliseconds")
+        click.echo(json.dumps(e, ensure_ascii=False))
 
 
 @main.command()
@@ -306,8 +388,20 @@ def retry(config_path: str | None, spool: str | None, dead: bool, study: str | N
           destination: str | None) -> None:
     """Requeue failed or dead deliveries now (the running router picks them up)."""
     state, _root = _state_for(config_path, spool, readonly=False)
+    if destination is not None:
+        known = set(state.summary()["queues"])
+        if spool is None:
+            known |= set(_load_config(config_path).destinations)
+        if destination not in known:
+            raise click.ClickException(f"no destination {destination!r} (known: "
+                                       f"{', '.join(sorted(known)) or 'none'})")
+    if study is not None and state.study(study) is None:
+        raise click.ClickException(f"no study {study} in the state database")
     n = state.requeue(dead, study, destination)
-    click.echo(f"requeued {n} job(s)")
+    what = "dead" if dead else "failed or dead"
+    click.echo(f"requeued {n} {what} job(s)" if n else f"nothing to requeue: no {what} job"
+               + (f" for {destination}" if destination else "")
+               + (f" of study {study}" if study else ""))
 
 
 @main.command()
@@ -330,13 +424,14 @@ def purge(config_path: str | None, spool: str | None, study: str, yes: bool) -> 
 
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--studies", default=1, show_default=True)
-@click.option("--series", default=2, show_default=True)
-@click.option("--instances", default=3, show_default=True, help="Instances per series.")
+@click.option("--studies", type=click.IntRange(1, 65535), default=1, show_default=True)
+@click.option("--series", type=click.IntRange(1, 65535), default=2, show_default=True)
+@click.option("--instances", type=click.IntRange(1, 65535), default=3, show_default=True,
+              help="Instances per series.")
 @click.option("--modality", default="CT", show_default=True)
-@click.option("--rows", default=64, show_default=True)
-@click.option("--cols", default=64, show_default=True)
-@click.option("--frames", default=1, show_default=True)
+@click.option("--rows", type=click.IntRange(1, 65535), default=64, show_default=True)
+@click.option("--cols", type=click.IntRange(1, 65535), default=64, show_default=True)
+@click.option("--frames", type=click.IntRange(1, 65535), default=1, show_default=True)
 @click.option("--transfer-syntax", default="explicit", show_default=True,
               help="implicit, explicit, deflated or rle.")
 @click.option("--patient-id", default=None)

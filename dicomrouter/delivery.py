@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from . import metrics
 from .config import Config
 from .destinations import DeliveryError, Destination, InstanceRejected
 from .spool import Spool
@@ -131,6 +132,11 @@ class DeliveryWorkers:
         outcome = self.state.finish_job(job, error, policy.max_attempts,
                                         policy.delay(attempt))
         took = time.monotonic() - started
+        metrics.DELIVERIES.labels(dest.name, outcome if outcome != "pending" else
+                                  ("delivered" if error is None else "failed")).inc()
+        metrics.DELIVERY_TIME.labels(dest.name).observe(took)
+        if attempt > 1:
+            metrics.RETRIES.labels(dest.name).inc()
         if error is None:
             log.info("study %s → %s: delivered %d instance(s) in %.2f s", job.study_uid,
                      dest.name, sent, took)

@@ -92,8 +92,12 @@ def associate(remote: Remote, contexts: list[Any], roles: list[Any] | None = Non
     enable_tcp_nodelay()
     ae = AE(ae_title=remote.calling_ae)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = remote.timeout
-    assoc = ae.associate(remote.host, remote.port, contexts=contexts, ae_title=remote.ae_title,
-                         ext_neg=roles or [], evt_handlers=handlers or [])
+    try:
+        assoc = ae.associate(remote.host, remote.port, contexts=contexts,
+                             ae_title=remote.ae_title, ext_neg=roles or [],
+                             evt_handlers=handlers or [])
+    except OSError as exc:  # an unknown host name, no route
+        raise PeerError(f"cannot reach {remote}: {exc.strerror or exc}") from None
     if not assoc.is_established:
         raise PeerError(f"cannot associate with {remote}: "
                         f"{association_failure(assoc, remote.host, remote.port)}")

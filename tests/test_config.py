@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -243,17 +244,45 @@ def test_schema_errors_are_keyed_and_strict(tmp_path: Path, data: dict, message:
     assert str(err.value).startswith(message), str(err.value)
 
 
-def test_deploy_files_are_consistent() -> None:
+def test_deploy_files_are_consistent(monkeypatch: pytest.MonkeyPatch) -> None:
     """No Docker engine here: the compose file, the Dockerfile and the router config they ship
-    are checked by reading them (the config must load, the mount must exist)."""
+    are checked by reading them, and the mounted config by ``serve --check`` with the example
+    secrets."""
+    import subprocess
+    import sys
+
     root = Path(__file__).resolve().parent.parent
-    cfg = cfgmod.load(root / "deploy" / "router.yml")
-    assert set(cfg.destinations) == {"orthanc", "archive"}
     compose = yaml.safe_load((root / "docker-compose.yml").read_text())
-    mounts = [v for s in compose["services"].values() for v in s.get("volumes", [])
-              if isinstance(v, str)]
-    assert any(m.startswith("./deploy/router.yml:") for m in mounts), mounts
+    services = compose["services"]
+    assert {"pacs", "dicomrouter", "cloud", "minio", "minio-init"} <= set(services)
+    router = services["dicomrouter"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in router["volumes"] if v.startswith("./")}
+    config_in_container = router["environment"]["DICOMROUTER_CONFIG"]
+    assert mounts[config_in_container] == "./deploy/router.yml"
+    assert "./deploy/secrets.env" in router["env_file"]
+    assert '"router": ["DICOMROUTER", "dicomrouter", 11112]' in \
+        services["pacs"]["environment"]["ORTHANC__DICOM_MODALITIES"]
+    assert services["cloud"]["environment"]["DICOM_WEB_PLUGIN_ENABLED"] == "true"
+    assert "mc mb" in services["minio-init"]["entrypoint"]
+    # the mounted configuration validates, with the example secrets in the environment
+    env = dict(os.environ)
+    for line in (root / "deploy" / "secrets.env.example").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            env[key] = value
+            monkeypatch.setenv(key, value)
+    r = subprocess.run([sys.executable, "-m", "dicomrouter", "serve", "--check", "--config",
+                        str(root / "deploy" / "router.yml")], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    cfg = cfgmod.load(root / "deploy" / "router.yml")
+    assert {d.type for d in cfg.destinations.values()} == {"dicom", "dicomweb", "s3"}
+    yml = (root / "deploy" / "router.yml").read_text()
+    assert "password" not in yml.lower() and "secret_key_env" in yml  # secrets by name only
     dockerfile = (root / "Dockerfile").read_text()
     assert "pip install" in dockerfile and 'CMD ["dicomrouter", "serve"]' in dockerfile
-    env = [line for line in dockerfile.splitlines() if line.startswith("ENV DICOMROUTER_CONFIG")]
-    assert env and any(f":{env[0].split('=', 1)[1]}:" in m + ":" for m in mounts)
+    assert any(line.startswith("USER ") and "root" not in line
+               for line in dockerfile.splitlines())
+    assert "HEALTHCHECK" in dockerfile and "/health" in dockerfile
+    # no config mounted: the embedded defaults (no DICOMROUTER_CONFIG to a missing file)
+    assert "ENV DICOMROUTER_CONFIG" not in dockerfile

@@ -673,6 +673,7 @@ class RouterServer(Peer):
             "bind": LOOPBACK,
             "spool": str(work_dir / "spool"),
             "log_level": "INFO",
+            "web": {"enabled": False},  # tests and bench run several routers at once
             **config,
         }
         self.config.setdefault("port", free_port())

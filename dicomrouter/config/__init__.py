@@ -18,6 +18,7 @@ from .base import (
     RetryPolicy,
     RouteConfig,
     SourceConfig,
+    WebConfig,
     parse_duration,
     parse_size,
     template_keywords,
@@ -30,6 +31,7 @@ __all__ = [
     "DEFAULT_PORT", "DESTINATION_MODELS", "DESTINATION_TYPES", "Config", "ConfigError",
     "DestinationConfig", "KnownAE", "Limits", "Matcher", "RetryPolicy", "RouteConfig",
     "SourceConfig",
+    "WebConfig",
     "embedded_default", "from_dict", "load", "parse_duration", "parse_size", "replace_port",
     "template_keywords",
 ]

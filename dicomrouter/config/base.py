@@ -233,6 +233,16 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """``web:``: the status page, REST API and /metrics (loopback by default)."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: int = 8080
+    token_env: str | None = None  # the bearer token for state-changing calls
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     """A pull source (``sources.<name>``); ``options`` are its type's keys, validated."""
 
@@ -276,6 +286,7 @@ class Config:
     commitment_scp: bool = True  # answer storage commitment requests for what the spool holds
     known_aes: dict[str, KnownAE] = field(default_factory=dict)
     sources: dict[str, SourceConfig] = field(default_factory=dict)
+    web: WebConfig = field(default_factory=WebConfig)
     source: str = "embedded defaults"
 
     @property

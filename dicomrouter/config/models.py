@@ -37,6 +37,7 @@ from .base import (
     RetryPolicy,
     RouteConfig,
     SourceConfig,
+    WebConfig,
     _ae_title,
     _bool,
     _choice,
@@ -360,6 +361,18 @@ AnySource = Annotated[
 ]
 
 
+class WebModel(_Strict):
+    enabled: Bool = True
+    bind: Text = "127.0.0.1"
+    port: Int(1, 65535) = 8080
+    token_env: Text | None = None
+
+    @model_validator(mode="after")
+    def _token(self) -> WebModel:
+        _Destination._env_set(self, "token_env")  # type: ignore[arg-type]
+        return self
+
+
 class KnownAEModel(_Strict):
     host: Text
     port: Int(1, 65535)
@@ -403,6 +416,7 @@ class ConfigModel(_Strict):
     commitment_scp: Bool = True
     known_aes: dict[AETitle, KnownAEModel] | None = None
     sources: dict[str, AnySource] | None = None
+    web: WebModel = WebModel()
     max_query_results: Int(1, 10_000_000) = Limits.max_query_results
     # listener limits (docs/security.md)
     acse_timeout: Duration = Limits.acse_timeout
@@ -420,6 +434,8 @@ class ConfigModel(_Strict):
         for key in ("acse_timeout", "network_timeout", "dimse_timeout"):
             if getattr(self, key) <= 0:
                 raise ConfigError(key, "must be more than 0")
+        if self.web.enabled and self.web.port == self.port:
+            raise ConfigError("web.port", f"is the DICOM port ({self.port}); choose another")
         if self.receivers > 1 and self.receiver != "fast":
             raise ConfigError("receivers", "several receiver processes need 'receiver: fast'")
         known = list(self.destinations or {})
@@ -468,6 +484,7 @@ class ConfigModel(_Strict):
                        for k, v in (self.known_aes or {}).items()},
             sources={str(k): SourceConfig(str(k), v.type, v.interval, v.options())
                      for k, v in (self.sources or {}).items()},
+            web=WebConfig(**self.web.model_dump()),
             source=source)
 
 

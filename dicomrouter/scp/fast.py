@@ -32,6 +32,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.transport import AssociationServer
 
+from .. import metrics
 from ..config import Config
 from ..dimse import (
     APPLICATION_CONTEXT,
@@ -69,6 +70,8 @@ _RJ_CONTEXT = (0x01, 0x01, 0x02)  # application context name not supported
 _RJ_CALLING = (0x01, 0x01, 0x03)  # calling AE title not recognised
 _RJ_CALLED = (0x01, 0x01, 0x07)  # called AE title not recognised
 _RJ_LIMIT = (0x02, 0x03, 0x02)  # transient, local limit exceeded
+_RJ_NAMES = {_RJ_CONTEXT: "rejected: application context", _RJ_CALLING: "rejected: calling AE",
+             _RJ_CALLED: "rejected: called AE", _RJ_LIMIT: "rejected: local limit"}
 
 
 _TCP_CLOSE_WAIT = 8  # tcp_info.tcpi_state (Linux): the peer sent FIN
@@ -143,8 +146,9 @@ class FastStorageSCP:
     per-PDU path only stores a number.
     """
 
-    def __init__(self, cfg: Config, spool: Spool) -> None:
+    def __init__(self, cfg: Config, spool: Spool, sock: socket.socket | None = None) -> None:
         self.cfg = cfg
+        self._bound = sock  # the listening socket, if the caller bound it already
         self.limits = cfg.limits
         self.spool = spool
         self._contexts = supported_contexts()
@@ -220,8 +224,8 @@ class FastStorageSCP:
         if self._services:
             self._start_services()
         # With several receiver processes each binds the port; the kernel spreads connections.
-        sock = socket.create_server((self.cfg.bind, self.cfg.port), backlog=128,
-                                    reuse_port=self.cfg.receivers > 1)
+        sock = self._bound or socket.create_server((self.cfg.bind, self.cfg.port), backlog=128,
+                                                   reuse_port=self.cfg.receivers > 1)
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="scp-accept", daemon=True)
         self._thread.start()
@@ -470,6 +474,7 @@ class _Association:
             self.conn.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02" + bytes([reason]))
 
     def _reject(self, reason: tuple[int, int, int]) -> None:
+        metrics.ASSOCIATIONS.labels(_RJ_NAMES.get(reason, "rejected")).inc()
         rj_prim = A_ASSOCIATE()
         rj_prim.result, rj_prim.result_source, rj_prim.diagnostic = reason
         rj = A_ASSOCIATE_RJ()
@@ -545,6 +550,7 @@ class _Association:
         pdu.from_primitive(ac)
         self.info.associated = True
         self.conn.sendall(pdu.encode())
+        metrics.ASSOCIATIONS.labels("accepted").inc()
         log.info("association from %s to %s (%s) accepted: %d of %d presentation context(s)",
                  self.calling, self.called, self.peer, len(self.contexts), len(results))
         return True
@@ -611,6 +617,13 @@ class _Association:
             n -= got
 
     def _on_dataset_end(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._store_dataset()
+        finally:
+            metrics.STORE_LATENCY.observe(time.perf_counter() - started)
+
+    def _store_dataset(self) -> None:
         cmd, rx, cx_id = self._cmd, self._rx, self._cx
         self._cmd, self._rx = None, None
         assert cmd is not None

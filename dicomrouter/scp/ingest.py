@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Iterable
 
+from .. import metrics
 from ..dicomfile import UnreadableDataset
 from ..dimse import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS
 from ..spool import Accepted, DatasetMismatch, ReceiveFile, Spool, SpoolFull
@@ -38,7 +39,10 @@ def accept(spool: Spool, rx: ReceiveFile, calling: str, called: str,
     """
     sop = command[1] if command else "instance"
     try:
-        return SUCCESS, "", spool.accept(rx, calling, called, command)
+        accepted = spool.accept(rx, calling, called, command)
+        metrics.INSTANCES.labels(calling).inc()
+        metrics.BYTES.labels(calling).inc(accepted.size)
+        return SUCCESS, "", accepted
     except SpoolFull as exc:
         status, what, comment = OUT_OF_RESOURCES, "out of resources", \
             f"spool full: {exc.strerror or exc}"
@@ -51,6 +55,7 @@ def accept(spool: Spool, rx: ReceiveFile, calling: str, called: str,
         comment = f"internal error: {type(exc).__name__}: {exc}"
     finally:
         rx.close()
+    metrics.REFUSED.labels(f"0x{status:04X}").inc()
     log.error("%s %s from %s refused with 0x%04X (%s): %s", how, sop, calling, status, what,
               comment)
     return status, comment, None

@@ -16,6 +16,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from .. import metrics
 from ..config import Config
 from ..netutil import enable_tcp_nodelay, receive_c_store_into
 from ..spool import ReceiveFile, Spool
@@ -128,12 +129,14 @@ class StorageSCP:
 
     def _on_accepted(self, event: evt.Event) -> None:
         calling = event.assoc.requestor.ae_title
+        metrics.ASSOCIATIONS.labels("accepted").inc()
         with self._lock:
             self._tally[id(event.assoc)] = _AssociationTally(calling, self._peer(event))
         log.debug("association from %s (%s) accepted", calling, self._peer(event))
 
     def _on_rejected(self, event: evt.Event) -> None:
         calling = event.assoc.requestor.ae_title
+        metrics.ASSOCIATIONS.labels("rejected").inc()
         if self.cfg.allowed_calling_aes and calling not in self.cfg.allowed_calling_aes:
             log.warning("rejected association from calling AE %r (%s): not in "
                         "allowed_calling_aes", calling, self._peer(event))
@@ -163,6 +166,10 @@ class StorageSCP:
                 t.failed += 1
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
+        with metrics.STORE_LATENCY.time():
+            return self._store(event)
+
+    def _store(self, event: evt.Event) -> int | Dataset:
         req = event.request
         rx = getattr(req, "_dataset_file", None)
         calling = event.assoc.requestor.ae_title

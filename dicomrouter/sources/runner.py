@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 
+from .. import metrics
 from ..config import Config
 from ..spool import Spool
 from ..state import State
@@ -51,11 +52,13 @@ class SourcePollers:
                 log.warning("source %s: poll failed (next in %.0f s): %s", src.name,
                             src.cfg.interval, error)
                 failing = True
+                metrics.POLLS.labels(src.name, "error").inc()
                 try:
                     self.state.source_polled(src.name, error)
                 except Exception as db_exc:
                     log.error("source %s: cannot record the poll: %s", src.name, db_exc)
             else:
+                metrics.POLLS.labels(src.name, "ok").inc()
                 if failing:
                     log.info("source %s: polling again", src.name)
                 failing = False

@@ -210,6 +210,29 @@ class State(ABC):
     def history(self, study_uid: str) -> list[tuple[float, str]]: ...
 
     @abstractmethod
+    def recent_studies(self, limit: int, offset: int = 0, state: str | None = None,
+                       patient_id: str | None = None,
+                       since: float | None = None) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def jobs(self, state: str | None = None, destination: str | None = None,
+             study_uids: Sequence[str] | None = None,
+             limit: int = 1000) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def requeue_job(self, job_id: int) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def reopen_study(self, study_uid: str) -> bool: ...
+
+    @abstractmethod
+    def throughput(self, since: float, bucket: float) -> list[tuple[float, int]]: ...
+
+    @abstractmethod
+    def events_since(self, since: float, study_uid: str | None = None
+                     ) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
     def ledger_stats(self, destination: str | None = None) -> dict[str, int]: ...
 
     @abstractmethod

@@ -477,12 +477,27 @@ class SQLiteState(State):
         return n
 
     def purge(self, study_uid: str) -> list[str]:
-        """Remove a study on purpose; returns the keys of its spool files for the caller."""
+        """Remove a study on purpose; returns the keys of its spool files for the caller.
+
+        Its history (the audit trail) stays, with a last event saying what was purged and
+        where it had been delivered; the study row stays as ``purged``. The same study sent
+        again is a new reception (its instances are delivered again)."""
+        now = time.time()
         with self._tx() as db:
             paths = [r[0] for r in db.execute(
                 "SELECT path FROM instances WHERE study_uid=? AND present=1", (study_uid,))]
-            for table in ("instances", "jobs", "ledger", "events", "studies"):
+            n = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=?",
+                           (study_uid,)).fetchone()[0]
+            delivered = [f"{r[0]} ({r[1]})" for r in db.execute(
+                "SELECT destination, COUNT(*) FROM ledger WHERE study_uid=? AND delivered_at IS"
+                " NOT NULL GROUP BY destination ORDER BY destination", (study_uid,))]
+            for table in ("instances", "jobs", "ledger"):
                 db.execute(f"DELETE FROM {table} WHERE study_uid=?", (study_uid,))
+            db.execute("UPDATE studies SET state='purged', in_spool=0 WHERE study_uid=?",
+                       (study_uid,))
+            self._event(db, study_uid, f"purged by hand: {n} instance(s), {len(paths)} spool "
+                        f"file(s); had been delivered to: {', '.join(delivered) or 'nowhere'}",
+                        now)
         return paths
 
     # ---- query/retrieve ----------------------------------------------------------------------
@@ -615,7 +630,11 @@ class SQLiteState(State):
             " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid AND i.present=1)"
             "   AS instances_in_spool,"
             " (SELECT COALESCE(SUM(size),0) FROM instances i WHERE i.study_uid=s.study_uid"
-            "   AND i.present=1) AS bytes_in_spool"
+            "   AND i.present=1) AS bytes_in_spool,"
+            " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid)"
+            "   AS instances_received,"
+            " (SELECT COALESCE(SUM(size),0) FROM instances i WHERE i.study_uid=s.study_uid)"
+            "   AS bytes_received"
             f" FROM studies s{where} ORDER BY s.first_received", args)]
 
     def summary(self, with_done: bool = False) -> dict[str, Any]:
@@ -633,6 +652,99 @@ class SQLiteState(State):
             " WHERE state='failed' ORDER BY next_attempt")]
         return {"studies": studies, "queues": queues, "dead": dead, "retrying": failing,
                 "spool_bytes": self.spool_bytes(), "sources": self.source_rows()}
+
+    def recent_studies(self, limit: int, offset: int = 0, state: str | None = None,
+                       patient_id: str | None = None,
+                       since: float | None = None) -> list[dict[str, Any]]:
+        """Studies, newest first, with their instance counts (for the API and the page)."""
+        where, args = [], []  # type: ignore[var-annotated]
+        for cond, value in (("s.state=?", state), ("s.patient_id=?", patient_id),
+                            ("s.last_received>=?", since)):
+            if value is not None:
+                where.append(cond)
+                args.append(value)
+        sql = ("SELECT s.study_uid, s.patient_id, s.patient_name, s.study_date, s.accession,"
+               " s.description, s.calling_ae, s.called_ae, s.state, s.generation,"
+               " s.first_received, s.last_received, s.completed_at, s.delivered_at, s.in_spool,"
+               " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid) AS instances,"
+               " (SELECT COALESCE(SUM(size),0) FROM instances i WHERE i.study_uid=s.study_uid)"
+               " AS bytes FROM studies s")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY s.last_received DESC LIMIT ? OFFSET ?"
+        return [dict(r) for r in self._query(sql, [*args, limit, offset])]
+
+    def jobs(self, state: str | None = None, destination: str | None = None,
+             study_uids: Sequence[str] | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Delivery jobs with their progress: ``delivered`` of ``total`` instances."""
+        where, args = [], []  # type: ignore[var-annotated]
+        if state:
+            where.append("j.state=?")
+            args.append(state)
+        if destination:
+            where.append("j.destination=?")
+            args.append(destination)
+        if study_uids is not None:
+            if not study_uids:
+                return []
+            where.append(f"j.study_uid IN ({','.join('?' * len(study_uids))})")
+            args.extend(study_uids)
+        sql = ("SELECT j.id, j.study_uid, j.destination, j.state, j.attempts, j.next_attempt,"
+               " j.last_error, j.routes, j.created, j.updated,"
+               " (SELECT COUNT(*) FROM ledger l WHERE l.study_uid=j.study_uid AND"
+               "  l.destination=j.destination AND l.delivered_at IS NOT NULL) AS delivered,"
+               " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=j.study_uid) AS total"
+               " FROM jobs j")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY j.updated DESC LIMIT ?"
+        rows = [dict(r) for r in self._query(sql, [*args, limit])]
+        for r in rows:
+            r["routes"] = json.loads(r["routes"] or "[]")
+        return rows
+
+    def requeue_job(self, job_id: int) -> dict[str, Any] | None:
+        """Put one failed or dead job back to pending now; its study and destination."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT study_uid, destination FROM jobs WHERE id=? AND state IN"
+                             " ('failed','dead')", (job_id,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state='pending', attempts=0, next_attempt=0, updated=?"
+                       " WHERE id=?", (now, job_id))
+            db.execute("UPDATE studies SET state='routed' WHERE study_uid=? AND state='failed'",
+                       (row["study_uid"],))
+            self._event(db, row["study_uid"], f"delivery to {row['destination']} requeued by "
+                        "hand (API)", now)
+        return {"study_uid": row["study_uid"], "destination": row["destination"]}
+
+    def reopen_study(self, study_uid: str) -> bool:
+        """Make a study in the spool routable again (``reroute``): False if it is not there."""
+        now = time.time()
+        with self._tx() as db:
+            n = db.execute("UPDATE studies SET state='unrouted' WHERE study_uid=? AND in_spool=1"
+                           " AND state IN ('routed','delivered','failed','unrouted')",
+                           (study_uid,)).rowcount
+            if n:
+                self._event(db, study_uid, "rerouted by hand", now)
+        return bool(n)
+
+    def throughput(self, since: float, bucket: float) -> list[tuple[float, int]]:
+        """Instances received per ``bucket`` seconds since ``since`` (start of each bucket)."""
+        rows = self._query("SELECT CAST((received_at-?)/? AS INTEGER) AS b, COUNT(*) AS n"
+                           " FROM instances WHERE received_at>=? GROUP BY b ORDER BY b",
+                           (since, bucket, since))
+        return [(since + r["b"] * bucket, r["n"]) for r in rows]
+
+    def events_since(self, since: float, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """The audit trail: every study event since ``since``, oldest first."""
+        sql = "SELECT id, study_uid, ts, event FROM events WHERE ts>=?"
+        args: list[Any] = [since]
+        if study_uid:
+            sql += " AND study_uid=?"
+            args.append(study_uid)
+        return [dict(r) for r in self._query(sql + " ORDER BY id", args)]
 
     def history(self, study_uid: str) -> list[tuple[float, str]]:
         return [(r["ts"], r["event"]) for r in self._query(

@@ -1,0 +1,90 @@
+"""Prometheus metrics (prometheus-client), in one registry of the router process.
+
+Counters and histograms are moved where things happen (receive, routing, delivery, sources);
+queue depth, dead jobs, spool bytes and free disk are read from the state database and the file
+system when ``/metrics`` is scraped (``StateCollector``), so they are right even for what other
+processes (``status``, ``retry``, extra receiver processes) changed. Extra receiver processes
+(``receivers: N``) count their own receptions, which this registry does not see: with N > 1 the
+``dicomrouter_instances_received_total`` of the main process is a part of the total (the state
+database's counts, ``/api/studies``, are complete).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+INSTANCES = Counter("dicomrouter_instances_received", "Instances acknowledged (durable) by "
+                    "calling AE title", ["calling_ae"], registry=REGISTRY)
+BYTES = Counter("dicomrouter_bytes_received", "Bytes of acknowledged instances by calling AE "
+                "title", ["calling_ae"], registry=REGISTRY)
+REFUSED = Counter("dicomrouter_instances_refused", "Instances answered with a failure status",
+                  ["status"], registry=REGISTRY)
+ASSOCIATIONS = Counter("dicomrouter_associations", "Associations by outcome (accepted, or "
+                       "rejected with the reason)", ["outcome"], registry=REGISTRY)
+STUDIES = Counter("dicomrouter_studies_completed", "Studies completed and routed (or unrouted)",
+                  ["outcome"], registry=REGISTRY)
+DELIVERIES = Counter("dicomrouter_deliveries", "Delivery attempts by destination and outcome "
+                     "(delivered, failed, dead)", ["destination", "outcome"], registry=REGISTRY)
+RETRIES = Counter("dicomrouter_delivery_retries", "Attempts after a failed one, by destination",
+                  ["destination"], registry=REGISTRY)
+STORE_LATENCY = Histogram("dicomrouter_c_store_seconds", "From a C-STORE's last fragment to its "
+                          "response (durability included)", registry=REGISTRY,
+                          buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                   0.5, 1.0, 2.5))
+DELIVERY_TIME = Histogram("dicomrouter_delivery_seconds", "Duration of one delivery attempt",
+                          ["destination"], registry=REGISTRY,
+                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+POLLS = Counter("dicomrouter_source_polls", "Polls of each pull source by outcome",
+                ["source", "outcome"], registry=REGISTRY)
+
+
+class StateCollector(Collector):
+    """Gauges read at scrape time: queue depth per destination and state, spool bytes, free
+    disk, sources' last success."""
+
+    def __init__(self, state: Any, spool_root: Path) -> None:
+        self.state = state
+        self.spool_root = spool_root
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        summary = self.state.summary()
+        jobs = GaugeMetricFamily("dicomrouter_jobs", "Delivery jobs by destination and state "
+                                 "(pending and failed: the queue; dead: dead letters)",
+                                 labels=["destination", "state"])
+        for dest, counts in summary["queues"].items():
+            for state, n in counts.items():
+                jobs.add_metric([dest, state], n)
+        yield jobs
+        yield GaugeMetricFamily("dicomrouter_spool_bytes", "Bytes of instances in the spool",
+                                value=summary["spool_bytes"])
+        try:
+            free = shutil.disk_usage(self.spool_root).free
+        except OSError:
+            free = 0
+        yield GaugeMetricFamily("dicomrouter_spool_free_bytes", "Free bytes on the spool's "
+                                "file system", value=free)
+        last = GaugeMetricFamily("dicomrouter_source_last_success_timestamp", "Unix time of "
+                                 "each source's last successful poll", labels=["source"])
+        for src in summary.get("sources", []):
+            last.add_metric([src["name"]], src["last_success"] or 0)
+        yield last
+
+
+def exposition() -> bytes:
+    return generate_latest(REGISTRY)
+
+
+def watch_state(state: Any, spool_root: Path) -> StateCollector:
+    """Register the scrape-time gauges of this router (once per process)."""
+    collector = StateCollector(state, spool_root)
+    REGISTRY.register(collector)
+    return collector

@@ -1,0 +1,166 @@
+"""The HTTP API (FastAPI): health, readiness, Prometheus metrics, the REST API and the status
+page. Reads go to the state database; the two state-changing calls (retry a job, reroute a
+study) need the bearer token named by ``web.token_env`` and are refused (401) without it.
+The OpenAPI schema is at ``/openapi.json`` (no Swagger UI: it would load scripts from a CDN).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import shutil
+import time
+from dataclasses import asdict
+from typing import Any, Protocol
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from .. import metrics
+from ..config import Config
+from ..state import State
+from . import page
+
+
+class RouterView(Protocol):
+    """What the API needs from the running router."""
+
+    cfg: Config
+    state: State
+
+    def reroute(self, study_uid: str) -> str: ...
+
+    def notify_destination(self, destination: str) -> None: ...
+
+    def readiness(self) -> dict[str, str]: ...
+
+
+def create_app(router: RouterView) -> FastAPI:
+    app = FastAPI(title="dicomrouter", docs_url=None, redoc_url=None,
+                  description="Status, metrics and operations of one dicomrouter.")
+    state = router.state
+    web = router.cfg.web
+    token = os.environ.get(web.token_env) if web.token_env else None
+
+    def require_token(request: Request) -> None:
+        if not token:
+            raise HTTPException(401, "state-changing calls are disabled: set web.token_env "
+                                "to the name of an environment variable holding a token")
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise HTTPException(401, "missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/health", summary="Liveness: the process answers")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="Readiness: database and spool writable, listener up, "
+             "sources polling")
+    def ready() -> JSONResponse:
+        problems = router.readiness()
+        body = {"status": "ready" if not problems else "not ready", "problems": problems}
+        return JSONResponse(body, status_code=200 if not problems else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/api/studies", summary="Studies, newest first, with their delivery progress")
+    def studies(state_: str | None = Query(None, alias="state"),
+                patient_id: str | None = None, since: float | None = None,
+                limit: int = Query(50, ge=1, le=1000),
+                offset: int = Query(0, ge=0)) -> dict[str, Any]:
+        rows = state.recent_studies(limit, offset, state_, patient_id, since)
+        jobs = state.jobs(study_uids=[r["study_uid"] for r in rows])
+        for r in rows:
+            r["jobs"] = [j for j in jobs if j["study_uid"] == r["study_uid"]]
+        return {"studies": rows, "limit": limit, "offset": offset}
+
+    @app.get("/api/studies/{study_uid}", summary="One study: state, jobs, history")
+    def study(study_uid: str) -> dict[str, Any]:
+        row = state.study(study_uid)
+        if row is None:
+            raise HTTPException(404, f"no study {study_uid}")
+        return {"study": asdict(row), "summary": state.study_rows(study_uid=study_uid),
+                "jobs": state.jobs(study_uids=[study_uid]),
+                "history": [{"ts": ts, "event": e} for ts, e in state.history(study_uid)]}
+
+    @app.get("/api/audit", summary="The audit trail: study events since a Unix time")
+    def audit(since: float = 0.0, study_uid: str | None = None,
+              limit: int = Query(10_000, ge=1, le=100_000)) -> dict[str, Any]:
+        return {"events": state.events_since(since, study_uid)[:limit]}
+
+    @app.get("/api/destinations", summary="Destinations with their queues and health")
+    def destinations() -> dict[str, Any]:
+        return {"destinations": destination_rows(router)}
+
+    @app.get("/api/jobs", summary="Delivery jobs (e.g. ?state=dead)")
+    def jobs(state_: str | None = Query(None, alias="state"), destination: str | None = None,
+             limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
+        return {"jobs": state.jobs(state_, destination, limit=limit)}
+
+    @app.post("/api/jobs/{job_id}/retry", summary="Requeue a failed or dead job now",
+              dependencies=[Depends(require_token)])
+    def retry(job_id: int) -> dict[str, Any]:
+        found = state.requeue_job(job_id)
+        if found is None:
+            raise HTTPException(404, f"no failed or dead job {job_id}")
+        router.notify_destination(found["destination"])
+        return {"requeued": job_id, **found}
+
+    @app.post("/api/studies/{study_uid}/reroute", summary="Route a study in the spool again "
+              "with the current rules", dependencies=[Depends(require_token)])
+    def reroute(study_uid: str) -> dict[str, Any]:
+        outcome = router.reroute(study_uid)
+        if outcome == "unknown":
+            raise HTTPException(404, f"no study {study_uid} in the spool")
+        return {"study_uid": study_uid, "outcome": outcome}
+
+    @app.get("/", response_class=HTMLResponse, summary="The status page")
+    def status_page() -> HTMLResponse:
+        return HTMLResponse(page.render(router, destination_rows(router)))
+
+    return app
+
+
+def destination_rows(router: RouterView) -> list[dict[str, Any]]:
+    summary = router.state.summary()
+    failing = {j["destination"]: j for j in summary["retrying"]}
+    dead = {j["destination"]: j for j in summary["dead"]}
+    out = []
+    for name, d in router.cfg.destinations.items():
+        queue = summary["queues"].get(name, {})
+        health = "failing" if name in failing else "dead letters" if name in dead else "ok"
+        last = failing.get(name) or dead.get(name)
+        out.append({"name": name, "type": d.type, "queue": queue,
+                    "depth": queue.get("pending", 0) + queue.get("failed", 0)
+                    + queue.get("running", 0),
+                    "health": health, "last_error": last["last_error"] if last else None})
+    return out
+
+
+def spool_problems(root: Any, min_free: int) -> list[str]:
+    problems = []
+    if not os.access(root, os.W_OK):
+        problems.append(f"spool {root} is not writable")
+    try:
+        if min_free and shutil.disk_usage(root).free < min_free:
+            problems.append("less than min_free_disk free on the spool's disk")
+    except OSError as exc:
+        problems.append(f"spool {root}: {exc.strerror}")
+    return problems
+
+
+def source_problems(rows: list[dict[str, Any]], intervals: dict[str, float]) -> list[str]:
+    now = time.time()
+    out = []
+    for r in rows:
+        interval = intervals.get(r["name"])
+        if interval is None:
+            continue
+        if r["last_error"]:
+            out.append(f"source {r['name']} failing: {r['last_error']}")
+        elif not r["last_poll"] or now - r["last_poll"] > 3 * interval + 60:
+            out.append(f"source {r['name']} has not polled for {now - (r['last_poll'] or 0):.0f} s")
+    return out
