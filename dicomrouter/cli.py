@@ -399,7 +399,7 @@ def retry(config_path: str | None, spool: str | None, dead: bool, study: str | N
         raise click.ClickException(f"no study {study} in the state database")
     n = state.requeue(dead, study, destination)
     what = "dead" if dead else "failed or dead"
-    click.echo(f"requeued {n} {what} job(s)" if n else f"nothing to requeue: no {what} job"
+    click.echo(f"requeued {n} job(s)" if n else f"nothing to requeue: no {what} job"
                + (f" for {destination}" if destination else "")
                + (f" of study {study}" if study else ""))
 
