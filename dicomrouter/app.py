@@ -47,9 +47,13 @@ class Router:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         # Bind first: a port in use fails here, before the spool or state.db is created.
-        self._dicom_sock = _bind("DICOM", cfg.bind, cfg.port, reuse_port=cfg.receivers > 1)
-        if cfg.receiver != "fast":  # pynetdicom binds its own socket at start
-            self._dicom_sock.close()
+        self._dicom_socks = []
+        for i, lst in enumerate(cfg.listeners or (cfg.listener,)):
+            sock = _bind(f"DICOM (listener {lst.name})", lst.bind, lst.port,
+                         reuse_port=cfg.receivers > 1 and i == 0)
+            if cfg.receiver != "fast":  # pynetdicom binds its own socket at start
+                sock.close()
+            self._dicom_socks.append((lst, sock))
         self.web = None
         self._web_sock: socket.socket | None = None
         if cfg.web.enabled:
@@ -72,10 +76,11 @@ class Router:
                 dest.state = self.state
         self.workers = DeliveryWorkers(cfg, self.state, self.spool, self.destinations,
                                        self._job_finished)
-        self.scp: StorageSCP | FastStorageSCP = (
-            FastStorageSCP(cfg, self.spool, self._dicom_sock) if cfg.receiver == "fast"
-            else StorageSCP(cfg, self.spool))
-        services.register(self.scp, cfg, self.state, self.spool)
+        self.scps: list[StorageSCP | FastStorageSCP] = [
+            FastStorageSCP(cfg, self.spool, sock, lst) if cfg.receiver == "fast"
+            else StorageSCP(cfg, self.spool, lst) for lst, sock in self._dicom_socks]
+        for scp in self.scps:
+            services.register(scp, cfg, self.state, self.spool)
         self.receivers = ReceiverProcesses(cfg)
         self.sources = SourcePollers(cfg, self.state, self.spool)
         self._source_names = source_names(cfg)
@@ -122,7 +127,8 @@ class Router:
         self.workers.start()
         self._tracker = threading.Thread(target=self._track, name="study-tracker", daemon=True)
         self._tracker.start()
-        self.scp.start()
+        for scp in self.scps:
+            scp.start()
         self.receivers.start()
         self.sources.start()
         if self._web_sock is not None:
@@ -140,7 +146,8 @@ class Router:
             self.web.stop()
         self.sources.stop()
         self.receivers.stop()
-        self.scp.stop()
+        for scp in self.scps:
+            scp.stop()
         self._stop.set()
         self.workers.stop()
         self._cleanup.put(None)

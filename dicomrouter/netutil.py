@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -27,16 +28,23 @@ def _set_nodelay(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def association_failure(assoc: Any, host: str, port: int) -> str:
+def association_failure(assoc: Any, host: str, port: int, tls: Any = None) -> str:
     """Why an association was not established, in words an integration engineer can act on.
 
-    pynetdicom reports a refused TCP connection as an abort; a quick connect tells them apart.
+    pynetdicom reports a refused TCP connection (or a failed TLS handshake) as an abort; a
+    quick connect (and handshake) tells them apart.
     """
     if assoc.is_rejected:
         return "association rejected (check the called/calling AE titles and the peer's allow-list)"
     try:
-        with socket.create_connection((host, port), timeout=5):
-            pass
+        with socket.create_connection((host, port), timeout=5) as sock:
+            if tls is not None:
+                with tls.wrap_socket(sock, server_hostname=host):
+                    pass
+    except ssl.SSLError as exc:
+        from .tlsctx import describe_error
+
+        return f"TLS handshake failed: {describe_error(exc)}"
     except OSError as exc:
         return f"no connection ({exc.strerror or exc}): is the peer up and listening?"
     if assoc.is_aborted:

@@ -53,9 +53,10 @@ class Remote:
     port: int
     calling_ae: str = "DICOMROUTER"
     timeout: float = 60.0  # association set-up and between two responses
+    tls: Any = None  # an ssl.SSLContext for DICOM TLS (tlsctx.client_context)
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
 
 
 @dataclass
@@ -95,12 +96,13 @@ def associate(remote: Remote, contexts: list[Any], roles: list[Any] | None = Non
     try:
         assoc = ae.associate(remote.host, remote.port, contexts=contexts,
                              ae_title=remote.ae_title, ext_neg=roles or [],
-                             evt_handlers=handlers or [])
+                             evt_handlers=handlers or [],
+                             tls_args=(remote.tls, remote.host) if remote.tls else None)
     except OSError as exc:  # an unknown host name, no route
         raise PeerError(f"cannot reach {remote}: {exc.strerror or exc}") from None
     if not assoc.is_established:
         raise PeerError(f"cannot associate with {remote}: "
-                        f"{association_failure(assoc, remote.host, remote.port)}")
+                        f"{association_failure(assoc, remote.host, remote.port, remote.tls)}")
     try:
         yield assoc
     finally:

@@ -45,6 +45,8 @@ class _StudyView:
             return [inst.called_ae]
         if keyword == "Source":
             return [self._sources.get(inst.calling_ae, "")]
+        if keyword == "Listener":  # the listener (port) it came in on
+            return [inst.tags.get("_Listener", "")]
         raw = inst.tags[keyword] if keyword in inst.tags else self._read(inst, keyword)
         return raw.split("\\") if raw else [""]
 

@@ -236,6 +236,23 @@ def test_every_destination_type_has_its_class() -> None:
       "destinations": {"a": {"type": "folder", "path": "x"}},
       "sources": {"pacs": {"type": "orthanc", "url": "http://x"}}},
      "routes[0].when.Source: unknown source 'pcas' (sources: pacs)"),
+    ({"listeners": [{"port": 11112}]}, "listeners[0].port: 11112 is already used by port"),
+    ({"listeners": [{"name": "wan"}]}, "listeners[0].port: required"),
+    ({"listeners": [{"port": 2762, "tls": {"cert": "c.pem"}}]},
+     "listeners[0].tls.key: required"),
+    ({"listeners": [{"port": 2762, "tls": {"cert": "c", "key": "k", "verify_client": True}}]},
+     "listeners[0].tls.ca: verify_client needs the CA"),
+    ({"tls": {"cert": "/no/such.pem", "key": "/no/such.key"}}, "tls.cert: cannot read"),
+    ({"tls": {"cert": "c", "key": "k", "min_version": "SSLv3"}},
+     "tls.min_version: one of TLSv1.2, TLSv1.3"),
+    ({"receiver": "pynetdicom", "tls": {"cert": "c", "key": "k"}},
+     "tls: DICOM TLS needs 'receiver: fast'"),
+    ({"destinations": {"a": {"type": "dicom", "ae_title": "A", "host": "h", "port": 1,
+                             "tls": {"key": "k"}}}}, "destinations.a.tls.key: needs cert"),
+    ({"routes": [{"to": "a", "when": {"Listener": "wna"}}],
+      "destinations": {"a": {"type": "folder", "path": "x"}},
+      "listeners": [{"name": "wan", "port": 2762}]},
+     "routes[0].when.Listener: unknown listener 'wna' (listeners: main, wan)"),
 ])
 def test_schema_errors_are_keyed_and_strict(tmp_path: Path, data: dict, message: str) -> None:
     """The pydantic schema is strict ("11112" is not a port) and speaks in YAML key paths."""

@@ -19,6 +19,10 @@ def test_readme_yaml_examples_validate(block: str, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     for env in re.findall(r"_env:\s*([A-Z0-9_]+)", block):
         monkeypatch.setenv(env, "x")
+    for name in re.findall(r"/etc/dicomrouter/tls/([\w.-]+)", block):  # certificates: exist
+        (tmp_path / "tls").mkdir(exist_ok=True)
+        (tmp_path / "tls" / name).write_text("not read by the config check")
+    block = block.replace("/etc/dicomrouter/tls/", f"{tmp_path}/tls/")
     cfg = from_dict(yaml.safe_load(block), tmp_path, "README")
     assert cfg.destinations or cfg.sources or cfg.routes
 

@@ -424,7 +424,7 @@ class StoreSCP(Peer):
                 *(["+xa"] if self.accept_all else []), *self.extra, str(self.port)]
 
     def ready(self) -> bool:
-        if "--refuse" in self.extra:
+        if "--refuse" in self.extra or "+tls" in self.extra:  # echoscu speaks plain DICOM
             return tcp_accepts(self.port)
         result = subprocess.run(
             [dcmtk("echoscu"), "-to", "5", "-aec", self.aet, "-aet", "READYCHECK", LOOPBACK,

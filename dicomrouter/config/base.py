@@ -19,7 +19,7 @@ from pydicom.datadict import tag_for_keyword
 DEFAULT_AE_TITLE = "DICOMROUTER"
 DEFAULT_PORT = 11112
 CONFIG_ENV = "DICOMROUTER_CONFIG"
-AE_PSEUDO_KEYS = ("CallingAE", "CalledAE", "Source")
+AE_PSEUDO_KEYS = ("CallingAE", "CalledAE", "Source", "Listener")
 
 
 _REPR = reprlib.Repr()
@@ -196,7 +196,8 @@ class RouteConfig:
 
 def _matcher(keyword: str, raw: Any, key: str) -> Matcher:
     if keyword not in AE_PSEUDO_KEYS and tag_for_keyword(keyword) is None:
-        raise ConfigError(key, "not a DICOM keyword (nor CallingAE / CalledAE / Source)")
+        raise ConfigError(key, "not a DICOM keyword (nor CallingAE / CalledAE / Source / "
+                          "Listener)")
     items = raw if isinstance(raw, list) else [raw]
     if not items:
         raise ConfigError(key, "needs at least one value")
@@ -230,6 +231,32 @@ class Limits:
     min_free_disk: int = 1_000_000_000  # below it on the spool's disk: 0xA700, associations refused
     max_sequence_depth: int = 32  # nested sequences in a received dataset; deeper: 0xC000
     max_query_results: int = 10_000  # C-FIND responses to one query; more: the first ones + 0xB000
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """``tls:`` of a listener (DICOM TLS on receive)."""
+
+    cert: str
+    key: str
+    ca: str | None = None
+    verify_client: bool = False
+    min_version: str = "TLSv1.2"
+    #: client certificate subject ("CN=...") → the calling AE titles it may use
+    subject_aes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """One port the router listens on; the first is made of the top-level keys."""
+
+    name: str
+    ae_title: str
+    bind: str
+    port: int
+    allowed_calling_aes: tuple[str, ...] = ()
+    check_called_ae: bool = False
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -287,6 +314,15 @@ class Config:
     known_aes: dict[str, KnownAE] = field(default_factory=dict)
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     web: WebConfig = field(default_factory=WebConfig)
+    listeners: tuple[ListenerConfig, ...] = ()  # [0] is the top-level one (see ``listener``)
+
+    @property
+    def listener(self) -> ListenerConfig:
+        """The first listener (top-level ``ae_title``/``bind``/``port``/... and ``tls``)."""
+        if self.listeners:
+            return self.listeners[0]
+        return ListenerConfig("main", self.ae_title, self.bind, self.port,
+                              self.allowed_calling_aes, self.check_called_ae)
     source: str = "embedded defaults"
 
     @property

@@ -83,4 +83,8 @@ def replace_port(cfg: Config, port: int) -> Config:
     """The same configuration listening on another port (``serve --port``)."""
     from dataclasses import replace
 
-    return replace(cfg, port=_int(port, "--port", 1, 65535))
+    port = _int(port, "--port", 1, 65535)
+    listeners = cfg.listeners
+    if listeners:
+        listeners = (replace(listeners[0], port=port), *listeners[1:])
+    return replace(cfg, port=port, listeners=listeners)

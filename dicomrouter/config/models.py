@@ -34,9 +34,11 @@ from .base import (
     DestinationConfig,
     KnownAE,
     Limits,
+    ListenerConfig,
     RetryPolicy,
     RouteConfig,
     SourceConfig,
+    TlsConfig,
     WebConfig,
     _ae_title,
     _bool,
@@ -134,6 +136,49 @@ class _Strict(BaseModel):
         return data
 
 
+TlsVersion = Annotated[str, _v(_choice, ("TLSv1.2", "TLSv1.3"))]
+
+
+def _readable(path: str | None, key: str) -> None:
+    if path and not os.access(os.path.expanduser(path), os.R_OK):
+        raise ConfigError(key, f"cannot read {path}")
+
+
+class TlsServerModel(_Strict):
+    """A listener's ``tls:`` (PS3.15 Secure Transport Connection Profiles)."""
+
+    cert: Text
+    key: Text
+    ca: Text | None = None
+    verify_client: Bool = False
+    min_version: TlsVersion = "TLSv1.2"
+    subject_aes: dict[str, Annotated[tuple[str, ...], _v(_ae_list)]] | None = None
+
+    @model_validator(mode="after")
+    def _files(self) -> TlsServerModel:
+        if self.verify_client and not self.ca:
+            raise ConfigError("ca", "verify_client needs the CA that signs client certificates")
+        if self.subject_aes and not self.verify_client:
+            raise ConfigError("subject_aes", "needs verify_client: true")
+        return self
+
+
+class TlsClientModel(_Strict):
+    """``tls:`` of a dicom/move destination or a dicom source."""
+
+    ca: Text | None = None  # default: the system's CAs
+    cert: Text | None = None  # our client certificate (with key)
+    key: Text | None = None
+    check_hostname: Bool = True
+    min_version: TlsVersion = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsClientModel:
+        if bool(self.key) and not self.cert:
+            raise ConfigError("key", "needs cert")
+        return self
+
+
 class RetryModel(_Strict):
     initial: Duration | None = None
     max_delay: Duration | None = None
@@ -191,6 +236,7 @@ class DicomModel(_Destination):
     sender: Choice("fast", "pynetdicom") = "fast"
     associations: Int(1, 16) = 1
     transfer_syntaxes: Annotated[tuple[str, ...], _v(_transfer_syntaxes)] = ()
+    tls: TlsClientModel | None = None
     storage_commitment: Bool = False  # delivered only once the peer committed the instances
     commitment_timeout: Duration = 60.0  # how long to wait for the N-EVENT-REPORT
 
@@ -210,6 +256,7 @@ class MoveModel(_Destination):
     calling_ae_title: AETitle | None = None
     query_model: Choice("study", "patient") = "study"
     timeout: Duration = 600.0  # association set-up, and between two C-MOVE responses
+    tls: TlsClientModel | None = None
 
 
 def _tls(value: Any, key: str) -> bool | str:
@@ -255,6 +302,7 @@ class S3Model(_Destination):
     mode: Choice("zip", "instances") = "zip"
     key: Annotated[str, _v(_template)] | None = None  # default depends on mode (s3.py)
     timeout: Duration = 60.0
+    verify_tls: Annotated[bool | str, _v(lambda v, k: _tls(v, k))] = True
 
     @model_validator(mode="after")
     def _credentials(self) -> S3Model:
@@ -316,6 +364,7 @@ class DicomSourceModel(_Source):
     lookback: Annotated[float, _v(_lookback)] = 7 * 86400.0
     query_model: Choice("study", "patient") = "study"
     timeout: Duration = 600.0
+    tls: TlsClientModel | None = None
 
 
 class _HttpSource(_Source):
@@ -373,6 +422,25 @@ class WebModel(_Strict):
         return self
 
 
+class ListenerModel(_Strict):
+    """One more port (``listeners:``); unset keys are taken from the top level."""
+
+    name: Text | None = None
+    ae_title: AETitle | None = None
+    bind: Text | None = None
+    port: Int(1, 65535)
+    allowed_calling_aes: Annotated[tuple[str, ...], _v(_ae_list)] | None = None
+    check_called_ae: Bool | None = None
+    tls: TlsServerModel | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _port_required(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "port" not in data:
+            raise ConfigError("port", "required: the port this listener listens on")
+        return data
+
+
 class KnownAEModel(_Strict):
     host: Text
     port: Int(1, 65535)
@@ -417,6 +485,8 @@ class ConfigModel(_Strict):
     known_aes: dict[AETitle, KnownAEModel] | None = None
     sources: dict[str, AnySource] | None = None
     web: WebModel = WebModel()
+    tls: TlsServerModel | None = None  # DICOM TLS on the top-level listener
+    listeners: list[ListenerModel] | None = None
     max_query_results: Int(1, 10_000_000) = Limits.max_query_results
     # listener limits (docs/security.md)
     acse_timeout: Duration = Limits.acse_timeout
@@ -436,12 +506,30 @@ class ConfigModel(_Strict):
                 raise ConfigError(key, "must be more than 0")
         if self.web.enabled and self.web.port == self.port:
             raise ConfigError("web.port", f"is the DICOM port ({self.port}); choose another")
+        ports = {self.port: "port"}
+        names = {"main"}
+        for i, lst in enumerate(self.listeners or []):
+            if lst.port in ports or (self.web.enabled and lst.port == self.web.port):
+                raise ConfigError(f"listeners[{i}].port", f"{lst.port} is already used by "
+                                  f"{ports.get(lst.port, 'web.port')}")
+            ports[lst.port] = f"listeners[{i}]"
+            name = lst.name or f"listener{i + 2}"
+            if name in names:
+                raise ConfigError(f"listeners[{i}].name", f"{name!r} is used twice")
+            names.add(name)
+        if (self.tls or any(lst.tls for lst in self.listeners or [])) and \
+                self.receiver != "fast":
+            raise ConfigError("tls", "DICOM TLS needs 'receiver: fast'")
         if self.receivers > 1 and self.receiver != "fast":
             raise ConfigError("receivers", "several receiver processes need 'receiver: fast'")
         known = list(self.destinations or {})
         sources = list(self.sources or {})
         for i, route in enumerate(self.routes or []):
             for m in route.when:
+                wrong = [v for v in m.values if v not in names]
+                if m.keyword == "Listener" and wrong:
+                    raise ConfigError(f"routes[{i}].when.Listener", f"unknown listener "
+                                      f"{_show(wrong[0])} (listeners: {', '.join(sorted(names))})")
                 unknown = [v for v in m.values if v not in sources]
                 if m.keyword == "Source" and unknown:
                     raise ConfigError(f"routes[{i}].when.Source", f"unknown source "
@@ -452,6 +540,26 @@ class ConfigModel(_Strict):
                     raise ConfigError(f"routes[{i}].to", f"unknown destination {_show(dest)} "
                                       f"(known: {', '.join(known) or 'none defined'})")
         return self
+
+    @staticmethod
+    def _source_options(name: str, model: Any, path: Any) -> dict[str, Any]:
+        options = model.options()
+        _tls_client(options, path, f"sources.{name}")
+        return dict(options)
+
+    def _listeners(self, path: Any) -> tuple[ListenerConfig, ...]:
+        out = [ListenerConfig("main", self.ae_title, self.bind, self.port,
+                              self.allowed_calling_aes, self.check_called_ae,
+                              _tls_server(self.tls, path, "tls"))]
+        for i, lst in enumerate(self.listeners or []):
+            out.append(ListenerConfig(
+                lst.name or f"listener{i + 2}", lst.ae_title or self.ae_title,
+                lst.bind or self.bind, lst.port,
+                self.allowed_calling_aes if lst.allowed_calling_aes is None
+                else lst.allowed_calling_aes,
+                self.check_called_ae if lst.check_called_ae is None else lst.check_called_ae,
+                _tls_server(lst.tls, path, f"listeners[{i}].tls")))
+        return tuple(out)
 
     def build(self, base_dir: Path, source: str) -> Config:
         """The router's Config: relative paths taken from ``base_dir``."""
@@ -465,6 +573,7 @@ class ConfigModel(_Strict):
             options = d.options()
             if d.type == "folder":
                 options["path"] = str(path(options["path"]))
+            _tls_client(options, path, f"destinations.{name}")
             destinations[str(name)] = DestinationConfig(
                 name=str(name), type=d.type, options=options, concurrency=d.concurrency,
                 retry=d.retry.policy(retry))
@@ -482,10 +591,35 @@ class ConfigModel(_Strict):
             commitment_scp=self.commitment_scp,
             known_aes={str(k): KnownAE(str(k), v.host, v.port, v.calling_ae)
                        for k, v in (self.known_aes or {}).items()},
-            sources={str(k): SourceConfig(str(k), v.type, v.interval, v.options())
+            sources={str(k): SourceConfig(str(k), v.type, v.interval,
+                                          self._source_options(k, v, path))
                      for k, v in (self.sources or {}).items()},
             web=WebConfig(**self.web.model_dump()),
+            listeners=self._listeners(path),
             source=source)
+
+
+def _tls_server(model: TlsServerModel | None, path: Any, key: str) -> TlsConfig | None:
+    if model is None:
+        return None
+    files = {k: str(path(getattr(model, k))) if getattr(model, k) else None
+             for k in ("cert", "key", "ca")}
+    for k, f in files.items():
+        _readable(f, f"{key}.{k}")
+    return TlsConfig(cert=files["cert"] or "", key=files["key"] or "", ca=files["ca"],
+                     verify_client=model.verify_client, min_version=model.min_version,
+                     subject_aes={str(k): tuple(v) for k, v in (model.subject_aes or {}).items()})
+
+
+def _tls_client(options: dict[str, Any], path: Any, key: str) -> None:
+    """Make a destination's or source's ``tls`` file paths absolute (and check them)."""
+    tls = options.get("tls")
+    if not tls:
+        return
+    for k in ("ca", "cert", "key"):
+        if tls.get(k):
+            tls[k] = str(path(tls[k]))
+            _readable(tls[k], f"{key}.tls.{k}")
 
 
 def keyed_error(err: ValidationError, data: Any) -> ConfigError:

@@ -9,6 +9,7 @@ from pydicom.uid import UID
 
 from ..config import DestinationConfig
 from ..state import Instance, State
+from ..tlsctx import client_context
 from .base import DeliveryError, Destination, Session
 from .fastsend import FastStoreAssociation
 from .store import Peer, StoreAssociation
@@ -26,9 +27,10 @@ class DicomDestination(Destination):
     def __init__(self, cfg: DestinationConfig, default_calling_ae: str = "DICOMROUTER") -> None:
         super().__init__(cfg)
         o = cfg.options
+        tls = client_context(o["tls"]) if o.get("tls") else None
         self.peer = Peer(o["ae_title"], o["host"], o["port"],
                          o["calling_ae_title"] or default_calling_ae, o["max_pdu"], o["timeout"],
-                         o["transfer_syntaxes"])
+                         o["transfer_syntaxes"], tls)
         self.sender = o["sender"]
         self.associations = o["associations"]
         self.commitment = bool(o.get("storage_commitment"))
@@ -89,7 +91,8 @@ class _CommittedSession(_DicomSession):
         dest, peer = self.dest, self.dest.peer
         if dest.state is None:
             raise DeliveryError("storage commitment needs the router's state database")
-        remote = Remote(peer.ae_title, peer.host, peer.port, peer.calling_ae_title, peer.timeout)
+        remote = Remote(peer.ae_title, peer.host, peer.port, peer.calling_ae_title, peer.timeout,
+                        peer.tls)
         try:
             report = request(remote, self.stored, dest.state, dest.commitment_timeout)
         except PeerError as exc:

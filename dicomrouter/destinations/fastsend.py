@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import struct
 from collections.abc import Iterable
 from typing import BinaryIO
@@ -38,6 +39,7 @@ from ..dimse import (
     us,
     user_information,
 )
+from ..tlsctx import describe_error
 from ..transcode import encode
 from .base import DeliveryError, InstanceRejected
 from .store import (
@@ -80,6 +82,14 @@ class FastStoreAssociation:
             raise DeliveryError(f"{peer}: no connection ({exc.strerror or exc}): is the peer up "
                                 "and listening?") from exc
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if peer.tls is not None:
+            raw = self.sock
+            try:
+                self.sock = peer.tls.wrap_socket(raw, server_hostname=peer.host)
+            except (ssl.SSLError, OSError) as exc:
+                raw.close()
+                raise DeliveryError(f"{peer}: TLS handshake failed: "
+                                    f"{describe_error(exc)}") from None
         self.rf = self.sock.makefile("rb", buffering=64 * 1024)
         self._message_id = 0
         self.established = False
@@ -157,7 +167,7 @@ class FastStoreAssociation:
             (0x1000, text(sop_instance, b"\x00")),
         ])
         try:
-            self.sock.sendmsg(pdata(cx_id, 0x03, command))
+            self._send(pdata(cx_id, 0x03, command))
             if payload is None:
                 self._send_file(cx_id, source)
             else:
@@ -185,7 +195,7 @@ class FastStoreAssociation:
                 n = f.readinto(view[:min(frag, remaining)]) if remaining else 0
                 remaining -= n
                 last = remaining <= 0
-                self.sock.sendmsg(pdata(cx_id, 0x02 if last else 0x00, view[:n]))
+                self._send(pdata(cx_id, 0x02 if last else 0x00, view[:n]))
                 if last:
                     return
 
@@ -195,7 +205,7 @@ class FastStoreAssociation:
         for start in range(0, max(len(data), 1), frag):
             chunk = view[start:start + frag]
             last = start + frag >= len(data)
-            self.sock.sendmsg(pdata(cx_id, 0x02 if last else 0x00, chunk))
+            self._send(pdata(cx_id, 0x02 if last else 0x00, chunk))
 
     def _response(self) -> dict[int, bytes]:
         command = bytearray()
@@ -217,6 +227,13 @@ class FastStoreAssociation:
                     raise ProtocolError("response command set too large")
                 if control & 0x02:
                     return parse_command(bytes(command))
+
+    def _send(self, buffers: list) -> None:  # type: ignore[type-arg]
+        """One PDU from its buffers: gathered by sendmsg, or joined for TLS (no sendmsg)."""
+        if self.peer.tls is not None:
+            self.sock.sendall(b"".join(buffers))
+        else:
+            self.sock.sendmsg(buffers)
 
     def release(self) -> None:
         if self.established:

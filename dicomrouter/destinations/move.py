@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from ..config import DestinationConfig
 from ..qrscu import PeerError, Remote, RetrieveResult, move
 from ..state import Instance
+from ..tlsctx import client_context
 from .base import DeliveryError, Destination, Session
 
 
@@ -27,8 +28,9 @@ class MoveDestination(Destination):
         super().__init__(cfg)
         o = cfg.options
         src = o["source"]
+        tls = client_context(o["tls"]) if o.get("tls") else None
         self.remote = Remote(src["ae_title"], src["host"], src["port"],
-                             o.get("calling_ae_title") or default_calling_ae, o["timeout"])
+                             o.get("calling_ae_title") or default_calling_ae, o["timeout"], tls)
         self.target = o["move_destination"]
         self.model = o["query_model"]
 

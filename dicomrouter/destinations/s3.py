@@ -35,6 +35,7 @@ def _client(options: dict[str, Any]) -> Any:
                   "aws_secret_access_key": secret(options, "secret_key")}
     return boto3.client(
         "s3", endpoint_url=options.get("endpoint_url"), region_name=options.get("region"),
+        verify=options.get("verify_tls", True),  # false, or a CA bundle for a private CA
         config=BotoConfig(connect_timeout=options["timeout"], read_timeout=options["timeout"],
                           retries={"max_attempts": 2}), **kwargs)
 

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -43,9 +43,10 @@ class Peer:
     timeout: float = 60.0
     #: syntaxes to propose, in order of preference (empty: each file's own, plus uncompressed)
     transfer_syntaxes: tuple[str, ...] = ()
+    tls: Any = None  # an ssl.SSLContext (tlsctx.client_context) for DICOM TLS
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
 
 
 def status_text(code: int) -> str:
@@ -168,13 +169,14 @@ class StoreAssociation:
         ae.maximum_pdu_size = peer.max_pdu
         contexts = plan_contexts(pairs, peer.transfer_syntaxes)
         try:
-            self.assoc: Association = ae.associate(peer.host, peer.port, contexts=contexts,
-                                                   ae_title=peer.ae_title,
-                                                   max_pdu=peer.max_pdu)
+            self.assoc: Association = ae.associate(
+                peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
+                max_pdu=peer.max_pdu, tls_args=(peer.tls, peer.host) if peer.tls else None)
         except (OSError, ValueError, RuntimeError) as exc:
             raise DeliveryError(f"cannot associate with {peer}: {exc}") from exc
         if not self.assoc.is_established:
-            raise DeliveryError(f"{peer}: {association_failure(self.assoc, peer.host, peer.port)}")
+            why = association_failure(self.assoc, peer.host, peer.port, peer.tls)
+            raise DeliveryError(f"{peer}: {why}")
         self._accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                           for cx in self.assoc.accepted_contexts}
 

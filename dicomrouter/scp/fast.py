@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -33,7 +34,7 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.transport import AssociationServer
 
 from .. import metrics
-from ..config import Config
+from ..config import Config, ListenerConfig
 from ..dimse import (
     APPLICATION_CONTEXT,
     C_ECHO_RQ,
@@ -57,8 +58,10 @@ from ..dimse import (
     user_information,
 )
 from ..spool import ReceiveFile, Spool
+from ..tlsctx import describe_error, server_context, subject_of
 from . import ingest
 from .contexts import ACCEPTED_SYNTAXES, STORAGE_SOP_CLASSES, supported_contexts
+from .replay import ReplaySocket
 
 log = logging.getLogger("dicomrouter.scp")
 
@@ -119,9 +122,12 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae
 
 
 class _Connection:
-    """What the listener tracks of one TCP connection: its deadline and whether it associated."""
+    """What the listener tracks of one TCP connection: its deadline, whether it associated,
+    and its TLS layer (``tls``, once the handshake is done; ``sock`` stays the raw socket the
+    watchdog shuts down)."""
 
-    __slots__ = ("sock", "peer", "deadline", "waiting_for", "associated", "expired")
+    __slots__ = ("sock", "peer", "deadline", "waiting_for", "associated", "expired", "tls",
+                 "subject")
 
     def __init__(self, sock: socket.socket, peer: str, deadline: float,
                  waiting_for: str) -> None:
@@ -131,6 +137,14 @@ class _Connection:
         self.waiting_for = waiting_for  # what the deadline is for, for the log line
         self.associated = False
         self.expired = ""  # why the listener cut it short
+        self.tls: ssl.SSLSocket | None = None
+        self.subject = ""  # the client certificate's CN=..., over TLS
+
+    @property
+    def live(self) -> socket.socket:
+        """The socket to use: the TLS one once wrapped (wrapping detaches ``sock``, which
+        stays only as the key of the listener's table)."""
+        return self.tls if self.tls is not None else self.sock
 
 
 class FastStorageSCP:
@@ -146,9 +160,12 @@ class FastStorageSCP:
     per-PDU path only stores a number.
     """
 
-    def __init__(self, cfg: Config, spool: Spool, sock: socket.socket | None = None) -> None:
+    def __init__(self, cfg: Config, spool: Spool, sock: socket.socket | None = None,
+                 listener: ListenerConfig | None = None) -> None:
         self.cfg = cfg
+        self.listener = listener or cfg.listener
         self._bound = sock  # the listening socket, if the caller bound it already
+        self.tls = server_context(self.listener.tls) if self.listener.tls else None
         self.limits = cfg.limits
         self.spool = spool
         self._contexts = supported_contexts()
@@ -178,7 +195,7 @@ class FastStorageSCP:
         from .qr import GET_MODELS
         from .server import acceptor_ae
 
-        ae = acceptor_ae(self.cfg)
+        ae = acceptor_ae(self.cfg, self.listener)
         handlers = []
         for syntax, event, handler, roles in self._services:
             if roles:
@@ -191,7 +208,7 @@ class FastStorageSCP:
             for cx in AllStoragePresentationContexts:
                 ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES,
                                          scu_role=False, scp_role=True)
-        server = AssociationServer(ae, ("127.0.0.1", 0), self.cfg.ae_title,
+        server = AssociationServer(ae, ("127.0.0.1", 0), self.listener.ae_title,
                                    ae.supported_contexts, evt_handlers=handlers)
         server.socket.close()
         self.service_server = server
@@ -212,29 +229,38 @@ class FastStorageSCP:
         return bool(services) and (bool(services & GET_MODELS)
                                    or not proposed & STORAGE_SOP_CLASSES)
 
-    def hand_off(self, info: _Connection) -> None:
-        """Give a connection whose A-ASSOCIATE-RQ is still unread to the pynetdicom acceptor."""
+    def hand_off(self, info: _Connection, head: bytes = b"") -> None:
+        """Give a connection whose A-ASSOCIATE-RQ is still unread to the pynetdicom acceptor
+        (over TLS, the RQ was read already: ``head`` is replayed to pynetdicom first)."""
         assert self.service_server is not None
         with self._lock:
             self._conns.pop(info.sock, None)  # pynetdicom's timeouts apply from here
-        host, port = info.sock.getpeername()[:2]
-        self.service_server.finish_request(info.sock, (host, port))
+        host, port = info.live.getpeername()[:2]
+        sock: Any = info.sock
+        if info.tls is not None:
+            sock = ReplaySocket(info.tls, head)
+        self.service_server.finish_request(sock, (host, port))
 
     def start(self) -> None:
         if self._services:
             self._start_services()
         # With several receiver processes each binds the port; the kernel spreads connections.
-        sock = self._bound or socket.create_server((self.cfg.bind, self.cfg.port), backlog=128,
-                                                   reuse_port=self.cfg.receivers > 1)
+        lst = self.listener
+        sock = self._bound or socket.create_server((lst.bind, lst.port), backlog=128,
+                                                   reuse_port=self.cfg.receivers > 1
+                                                   and lst is self.cfg.listener)
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="scp-accept", daemon=True)
         self._thread.start()
         self._watchdog = threading.Thread(target=self._watch, name="scp-watchdog", daemon=True)
         self._watchdog.start()
-        log.info("listening as %s on %s:%d (allowed calling AEs: %s; called AE %s)",
-                 self.cfg.ae_title, self.cfg.bind, self.cfg.port,
-                 ", ".join(self.cfg.allowed_calling_aes) or "any",
-                 "checked" if self.cfg.check_called_ae else "not checked")
+        tls = "plain DICOM" if lst.tls is None else (
+            f"DICOM TLS ({lst.tls.min_version}+, client certificates "
+            f"{'required' if lst.tls.verify_client else 'not required'})")
+        log.info("listening as %s on %s:%d, %s, listener %s (allowed calling AEs: %s; called "
+                 "AE %s)", lst.ae_title, lst.bind, lst.port, tls, lst.name,
+                 ", ".join(lst.allowed_calling_aes) or "any",
+                 "checked" if lst.check_called_ae else "not checked")
 
     def stop(self) -> None:
         self._stop.set()
@@ -243,9 +269,9 @@ class FastStorageSCP:
                 self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
         with self._lock:
-            for conn in list(self._conns):
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
+            for info in list(self._conns.values()):
+                with contextlib.suppress(OSError, ValueError):
+                    info.live.shutdown(socket.SHUT_RDWR)
         for t in (self._thread, self._watchdog):
             if t is not None:
                 t.join(5)
@@ -319,11 +345,11 @@ class FastStorageSCP:
         """Cut a connection short: its thread sees the end of the stream and stops."""
         if not info.expired:
             info.expired = why
-            with contextlib.suppress(OSError):
-                info.sock.shutdown(socket.SHUT_RD)
+            with contextlib.suppress(OSError, ValueError):
+                info.live.shutdown(socket.SHUT_RD)
         else:  # still there after a grace period (blocked in a send): close both ways
-            with contextlib.suppress(OSError):
-                info.sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError, ValueError):
+                info.live.shutdown(socket.SHUT_RDWR)
 
     def _watch(self) -> None:
         while not self._stop.wait(0.25):
@@ -337,9 +363,25 @@ class FastStorageSCP:
                 else:
                     self._expire(info, info.expired)
 
+    def _handshake(self, info: _Connection) -> bool:
+        """TLS server handshake (bounded by acse_timeout through the watchdog)."""
+        assert self.tls is not None
+        try:
+            info.tls = self.tls.wrap_socket(info.sock, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            why = info.expired or describe_error(exc)
+            metrics.ASSOCIATIONS.labels("rejected: TLS").inc()
+            log.warning("TLS handshake with %s on listener %s failed: %s", info.peer,
+                        self.listener.name, why)
+            return False
+        info.subject = subject_of(info.tls.getpeercert())
+        return True
+
     def _serve(self, info: _Connection) -> None:
         handed_off = False
         try:
+            if self.tls is not None and not self._handshake(info):
+                return
             handed_off = _Association(self, info).run()
         except Exception as exc:  # a bug: one line, never a dead listener
             log.error("association from %s ended by an internal error: %s: %s", info.peer,
@@ -349,6 +391,8 @@ class FastStorageSCP:
                 self._conns.pop(info.sock, None)
                 self._threads.discard(threading.current_thread())
             if not handed_off:
+                if info.tls is not None:
+                    info.tls.close()
                 info.sock.close()
 
 
@@ -359,7 +403,7 @@ class _Association:
         self.server = server
         self.spool = server.spool
         self.info = info
-        self.conn = info.sock
+        self.conn: Any = info.tls if info.tls is not None else info.sock
         self.peer = info.peer
         limits = server.limits
         self.rf: BinaryIO = self.conn.makefile("rb", buffering=256 * 1024)  # type: ignore
@@ -413,15 +457,19 @@ class _Association:
             return False
         return self.server.wants(self._peek(6 + length))
 
+    def _hand_off(self, head: bytes = b"") -> bool:
+        log.info("association from %s: query/retrieve or other services, handed to "
+                 "pynetdicom", self.peer)
+        self.server.hand_off(self.info, head)
+        return True
+
     def run(self) -> bool:
         """Serve the association; True if it was handed to the pynetdicom services."""
         how = "closed"
         try:
-            if self.server._services and self._for_services():
-                log.info("association from %s: query/retrieve or other services, handed to "
-                         "pynetdicom", self.peer)
-                self.server.hand_off(self.info)
-                return True
+            tls = self.info.tls is not None
+            if self.server._services and not tls and self._for_services():
+                return self._hand_off()
             pdu_type, length = PDU_HEADER.unpack(read_exact(self.rf, 6))
             if pdu_type != 0x01:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
@@ -431,7 +479,11 @@ class _Association:
                             "over max_associate_rq_size (%d)", self.peer, length, cap)
                 self._reject(_RJ_LIMIT)
                 return False
-            if not self._negotiate(PDU_HEADER.pack(1, length) + read_exact(self.rf, length)):
+            raw = PDU_HEADER.pack(1, length) + read_exact(self.rf, length)
+            # Over TLS nothing can be peeked: the RQ is read, and replayed if it goes on
+            if tls and self.server._services and self.server.wants(raw):
+                return self._hand_off(raw)
+            if not self._negotiate(raw):
                 return False
             while True:
                 pdu_type, length = self._next_pdu()
@@ -509,15 +561,20 @@ class _Association:
         self.calling = (prim.calling_ae_title or "").strip()
         self.called = (prim.called_ae_title or "").strip()
         cfg = self.server.cfg
+        lst = self.server.listener
         limits = self.server.limits
-        allowed = cfg.allowed_calling_aes
+        allowed = lst.allowed_calling_aes
+        by_subject = lst.tls.subject_aes if lst.tls is not None else {}
         reason = None
         if prim.application_context_name != APPLICATION_CONTEXT:
             reason, why = _RJ_CONTEXT, "unsupported application context name"
         elif allowed and self.calling not in allowed:
             reason, why = _RJ_CALLING, "not in allowed_calling_aes"
-        elif cfg.check_called_ae and self.called != cfg.ae_title:
-            reason, why = _RJ_CALLED, f"not our AE title {cfg.ae_title} (check_called_ae)"
+        elif by_subject and self.calling not in by_subject.get(self.info.subject, ()):
+            reason, why = _RJ_CALLING, (f"not allowed for the client certificate "
+                                        f"{self.info.subject or '(none)'} (tls.subject_aes)")
+        elif lst.check_called_ae and self.called != lst.ae_title:
+            reason, why = _RJ_CALLED, f"not our AE title {lst.ae_title} (check_called_ae)"
         elif self.server.established() >= limits.max_associations:
             reason, why = _RJ_LIMIT, f"max_associations ({limits.max_associations}) reached"
         elif self.spool.disk_low():
@@ -636,6 +693,7 @@ class _Association:
             self._respond_store(cx_id, cmd, status, comment)
             return
         self.studies.add(accepted.tags["StudyInstanceUID"])
+        accepted.tags["_Listener"] = self.server.listener.name  # the Listener routing key
         try:
             self._respond_store(cx_id, cmd, 0x0000)
         finally:  # durable already, answered or not: rename and record it (overlaps the

@@ -17,7 +17,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from .. import metrics
-from ..config import Config
+from ..config import Config, ListenerConfig
 from ..netutil import enable_tcp_nodelay, receive_c_store_into
 from ..spool import ReceiveFile, Spool
 from . import ingest
@@ -34,12 +34,13 @@ def _failure(status: int, comment: str) -> Dataset:
     return ds
 
 
-def acceptor_ae(cfg: Config) -> AE:
+def acceptor_ae(cfg: Config, listener: ListenerConfig | None = None) -> AE:
     """A pynetdicom AE that accepts like our listener: limits, AE checks, Verification."""
     from .qr import ServiceAE
 
+    lst = listener or cfg.listener
     enable_tcp_nodelay()
-    ae = ServiceAE(ae_title=cfg.ae_title)
+    ae = ServiceAE(ae_title=lst.ae_title)
     ae.maximum_pdu_size = cfg.max_pdu
     limits = cfg.limits
     ae.maximum_associations = limits.max_associations
@@ -47,8 +48,8 @@ def acceptor_ae(cfg: Config) -> AE:
     ae.dimse_timeout = limits.dimse_timeout
     ae.acse_timeout = limits.acse_timeout
     # off by default: several called AE titles may be routed differently (CalledAE)
-    ae.require_called_aet = cfg.check_called_ae
-    ae.require_calling_aet = list(cfg.allowed_calling_aes)
+    ae.require_called_aet = lst.check_called_ae
+    ae.require_calling_aet = list(lst.allowed_calling_aes)
     ae.add_supported_context(Verification)
     return ae
 
@@ -67,8 +68,9 @@ class _AssociationTally:
 class StorageSCP:
     """Wraps a pynetdicom AE (``receiver: pynetdicom``); same interface as FastStorageSCP."""
 
-    def __init__(self, cfg: Config, spool: Spool) -> None:
+    def __init__(self, cfg: Config, spool: Spool, listener: ListenerConfig | None = None) -> None:
         self.cfg = cfg
+        self.listener = listener or cfg.listener
         self.spool = spool
         self.server: ThreadedAssociationServer | None = None
         self._tally: dict[int, _AssociationTally] = {}
@@ -82,7 +84,7 @@ class StorageSCP:
 
     def start(self) -> ThreadedAssociationServer:
         receive_c_store_into(self.spool.new_receive_file)
-        ae = acceptor_ae(self.cfg)
+        ae = acceptor_ae(self.cfg, self.listener)
         for cx in AllStoragePresentationContexts:
             # both roles: a C-GET requestor proposes to be the storage SCP
             ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES, scu_role=True,
@@ -100,11 +102,12 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
-        self.server = ae.start_server((self.cfg.bind, self.cfg.port), block=False,
+        lst = self.listener
+        self.server = ae.start_server((lst.bind, lst.port), block=False,
                                       evt_handlers=handlers)
-        log.info("listening as %s on %s:%d (allowed calling AEs: %s)", self.cfg.ae_title,
-                 self.cfg.bind, self.cfg.port,
-                 ", ".join(self.cfg.allowed_calling_aes) or "any")
+        log.info("listening as %s on %s:%d, listener %s (allowed calling AEs: %s)",
+                 lst.ae_title, lst.bind, lst.port, lst.name,
+                 ", ".join(lst.allowed_calling_aes) or "any")
         return self.server
 
     def stop(self) -> None:
@@ -137,7 +140,8 @@ class StorageSCP:
     def _on_rejected(self, event: evt.Event) -> None:
         calling = event.assoc.requestor.ae_title
         metrics.ASSOCIATIONS.labels("rejected").inc()
-        if self.cfg.allowed_calling_aes and calling not in self.cfg.allowed_calling_aes:
+        allowed = self.listener.allowed_calling_aes
+        if allowed and calling not in allowed:
             log.warning("rejected association from calling AE %r (%s): not in "
                         "allowed_calling_aes", calling, self._peer(event))
         else:
@@ -184,6 +188,7 @@ class StorageSCP:
         if accepted is None:
             self._count(event, False)
             return _failure(status, comment)
+        accepted.tags["_Listener"] = self.listener.name  # the Listener routing key
         self.spool.place(accepted)
         study = accepted.tags["StudyInstanceUID"]
         self._count(event, True, study)

@@ -19,6 +19,7 @@ from ..netutil import receive_c_store_into
 from ..qrscu import PeerError, Remote, RetrieveResult, find, get, move
 from ..scp import ingest
 from ..spool import ReceiveFile
+from ..tlsctx import client_context
 from .base import PullError, Source
 
 log = logging.getLogger("dicomrouter.sources")
@@ -28,8 +29,9 @@ class DicomSource(Source):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         o = self.cfg.options
+        tls = client_context(o["tls"]) if o.get("tls") else None
         self.remote = Remote(o["ae_title"], o["host"], o["port"],
-                             o["calling_ae_title"] or self.router.ae_title, o["timeout"])
+                             o["calling_ae_title"] or self.router.ae_title, o["timeout"], tls)
         self.target = o["move_destination"] or self.router.ae_title
         if o["retrieve"] == "get":
             receive_c_store_into(self.spool.new_receive_file)  # C-GET stores stream to slots
