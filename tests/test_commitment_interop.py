@@ -77,8 +77,9 @@ def test_router_answers_orthancs_storage_commitment_request(tmp_path: Path, orth
         result = wait_until(lambda: (r := pacs.get(job["Path"]))["Status"] != "Pending" and r,
                             timeout=60, what="Orthanc's commitment result")
         # the router logs the report once Orthanc answered it (Orthanc may be quicker to show)
-        log = wait_until(lambda: (text := router.log(3000)) if "storage commitment report "
-                         "sent to PACS" in text else None, timeout=30, what="the report's log")
+        wait_until(lambda: "storage commitment report sent to PACS" in router.log(3000),
+                   timeout=30, what="the report's log line")
+        log = router.log(3000)
     assert {s["SOPInstanceUID"] for s in result["Success"]} == \
         {r["SOPInstanceUID"] for r in refs}, result
     assert [f["SOPInstanceUID"] for f in result["Failures"]] == ["1.2.3.4.5.6.7"], result
