@@ -10,9 +10,9 @@ import pytest
 from peers import StoreSCP, dcmtk, peer_env, run_storescu, sop_uids, wait_until
 from pydicom import dcmread
 from router_fixtures import Router, dataset_bytes, tags_of
-from tlscerts import Certs, make_certs
 
 from dicomrouter.benchmark.procs import free_port
+from dicomrouter.benchmark.tlscerts import Certs, make_certs
 from dicomrouter.sample import generate
 
 pytestmark = pytest.mark.usefixtures("dcmtk_available")

@@ -735,7 +735,7 @@ STORESCU_PROPOSAL_FLAGS = {
 
 
 def storescu_argv(files: Sequence[Path], port: int, aet: str, transfer_syntax: str,
-                  calling: str = "BENCHSCU") -> list[str]:
+                  calling: str = "BENCHSCU", extra: Sequence[str] = ()) -> list[str]:
     """``storescu`` sending ``files`` in one association, each in its own transfer syntax.
 
     ``-R`` proposes only the SOP classes present; the syntax flag proposes the files' own
@@ -744,8 +744,8 @@ def storescu_argv(files: Sequence[Path], port: int, aet: str, transfer_syntax: s
     flag = STORESCU_PROPOSAL_FLAGS.get(transfer_syntax)
     if flag is None:
         raise BenchError(f"no storescu proposal flag for transfer syntax {transfer_syntax}")
-    return [dcmtk("storescu"), "-aet", calling, "-aec", aet, "-R", flag, LOOPBACK, str(port),
-            *map(str, files)]
+    return [dcmtk("storescu"), "-aet", calling, "-aec", aet, "-R", flag, *extra, LOOPBACK,
+            str(port), *map(str, files)]
 
 
 class StoreSCU:

@@ -122,6 +122,14 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
             rows.append(Row("P1", f"receive {c}, 1 association", router,
                             f"storescp {base}", _fmt_ratio(ratio), target, verdict,
                             {"router_inst_s": r_val, "ratio": ratio}))
+        if any("P1/small/router-tls" in run for run in runs):
+            router, r_val = _throughput(runs, "P1/small/router-tls")
+            base, _ = _throughput(runs, "P1/small/storescp-tls")
+            ratio = median(_ratios(runs, "P1/small/router-tls", "P1/small/storescp-tls", rate))
+            target, verdict = _verdict("P1", ratio)
+            rows.append(Row("P1", "receive small over DICOM TLS, 1 association", router,
+                            f"storescp +tls {base}", _fmt_ratio(ratio), target, verdict,
+                            {"router_inst_s": r_val, "ratio": ratio}))
         if settings.orthanc:
             for c in ("small", "ct"):
                 router, r_val = _throughput(runs, f"P1/{c}/router")

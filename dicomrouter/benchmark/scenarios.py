@@ -149,6 +149,11 @@ class Bench:
                     for kind in reversed(receivers) if flip else receivers:
                         self._measure(i, data, f"P1/{corpus}/{kind}",
                                       partial(self.receive, kind=kind, corpus_name=corpus))
+            if "P1" in s.scenarios and self._certs() is not None:  # DICOM TLS, small corpus
+                kinds = ["storescp-tls", "router-tls"]
+                for kind in reversed(kinds) if flip else kinds:
+                    self._measure(i, data, f"P1/small/{kind}",
+                                  partial(self.receive, kind=kind, corpus_name="small"))
             if "P2" in s.scenarios and s.orthanc:
                 modes = ["router", "gateway"]
                 for corpus in RECEIVE_CORPORA:
@@ -208,6 +213,18 @@ class Bench:
 
     # ---- peers ------------------------------------------------------------------------------
 
+    def _certs(self) -> Any:
+        """Test certificates for the TLS measurements (None without ``cryptography``)."""
+        if not hasattr(self, "_tls_certs"):
+            try:
+                from .tlscerts import make_certs
+            except ImportError:
+                self._tls_certs = None
+                self.progress("P1 over TLS skipped: the cryptography package is missing")
+            else:
+                self._tls_certs = make_certs(self.root / "certs")
+        return self._tls_certs
+
     @contextmanager
     def _receiver(self, work: Path, kind: str) -> Iterator[Peer]:
         """A started receiver of ``kind`` that only receives (no forwarding)."""
@@ -223,16 +240,30 @@ class Bench:
             peer = RouterServer(work / "router", {"stable_age": LONG_STABLE_AGE, "receivers": 2})
         elif kind == "orthanc":
             peer = Orthanc(work / "orthanc")
+        elif kind == "storescp-tls":
+            c = self._certs()
+            peer = StoreSCP(work / "storescp", extra=["+tls", str(c.server.key),
+                                                     str(c.server.cert), "+cf", str(c.ca), *pdu])
+        elif kind == "router-tls":
+            c = self._certs()
+            peer = RouterServer(work / "router", {"stable_age": LONG_STABLE_AGE, "tls": {
+                "cert": str(c.server.cert), "key": str(c.server.key), "ca": str(c.ca),
+                "verify_client": True}})
         else:
             raise ValueError(kind)
         with peer:
             yield peer
 
     def _send(self, work: Path, peer: Peer, corpus: Corpus, parts: int = 1,
-              tick: Callable[[], None] | None = None) -> float:
+              tick: Callable[[], None] | None = None, secure: bool = False) -> float:
         """storescu → ``peer`` (``parts`` concurrent associations); wall seconds."""
         aet, port = _address(peer)
-        argvs = [storescu_argv(files, port, aet, corpus.transfer_syntax, calling=f"BENCHSCU{n}")
+        tls: list[str] = []
+        if secure:
+            c = self._certs()
+            tls = ["+tls", str(c.client.key), str(c.client.cert), "+cf", str(c.ca)]
+        argvs = [storescu_argv(files, port, aet, corpus.transfer_syntax, calling=f"BENCHSCU{n}",
+                               extra=tls)
                  for n, files in enumerate(corpus.parts(parts), 1)]
         return StoreSCU(work / "storescu").run(argvs, timeout=_timeout(corpus), tick=tick)
 
@@ -247,7 +278,7 @@ class Bench:
         """P1 / P5: wall time of storescu (``parts`` associations at once) into ``kind``."""
         corpus = self.corpora[corpus_name]
         with self._receiver(work, kind) as peer:
-            seconds = self._send(work, peer, corpus, parts)
+            seconds = self._send(work, peer, corpus, parts, secure=kind.endswith("-tls"))
             self._expect(peer, corpus.count, kind)
         return {"seconds": seconds, "instances": corpus.count, "bytes": corpus.size,
                 "associations": parts}

@@ -1,5 +1,6 @@
-"""Test certificates made with the ``cryptography`` package: a CA, a server certificate (for
-127.0.0.1 and localhost), a client certificate, and a stranger's (self-signed, unknown CA)."""
+"""TLS certificates made with the ``cryptography`` package, for the benchmark (P1 over TLS) and
+the tests: a CA, a server certificate (127.0.0.1, localhost), a client certificate, and a
+stranger's (another CA)."""
 
 from __future__ import annotations
 
