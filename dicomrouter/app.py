@@ -191,7 +191,8 @@ class Router:
             return
         instances = self.state.instances(study_uid, present_only=False)
         decision = route(self.cfg.routes, instances, self.spool.open, self._source_names)
-        if not self.state.route_study(study_uid, decision.destinations, decision.routes, seen):
+        if not self.state.route_study(study_uid, decision.destinations, decision.routes, seen,
+                                      decision.summary()):
             return  # an instance arrived meanwhile; it completes later
         if seen.state != "unrouted" or decision.destinations:
             metrics.STUDIES.labels("routed" if decision.destinations else "unrouted").inc()

@@ -462,6 +462,44 @@ if __name__ == "__main__":
     main()
 
 
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(exists=True))
+@click.option("--study", default=None, help="A study in the spool instead of files.")
+@config_option
+@spool_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def explain(paths: tuple[str, ...], study: str | None, config_path: str | None,
+            spool: str | None, as_json: bool) -> None:
+    """Dry-run the routing table on files or a spooled study: every route, matched or not and
+    why. With --config (and --spool), try a candidate table on what the spool holds."""
+    from . import explain as ex
+
+    if bool(paths) == bool(study):
+        raise click.UsageError("give files/folders or --study UID (one of them)")
+    cfg = _load_config(config_path)
+    results = []
+    if study:
+        state, root = _state_for(config_path, spool)
+        found = ex.explain_spooled(cfg, state, root, study)
+        if found is None:
+            raise click.ClickException(f"no study {study} in {root}")
+        results.append(found)
+    else:
+        studies, skipped = ex.instances_from_files(paths)
+        for f in skipped:
+            click.echo(f"Warning: {f}: not a DICOM file, skipped", err=True)
+        if not studies:
+            raise click.ClickException("no DICOM files found")
+        for uid, insts in studies.items():
+            results.append(ex.as_dict(uid, insts, ex.explain(cfg, insts, ex.open_file), cfg))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    click.echo(f"routing table: {cfg.source}")
+    for r in results:
+        click.echo(ex.render(r))
+
+
 def _register() -> None:
     from .cli_qr import find_command, move_command
 

@@ -1,8 +1,11 @@
-"""The routing table: which destinations a completed study goes to.
+"""The routing table: which destinations a completed study goes to, and why.
 
-A condition ``Keyword: value(s)`` holds when *any* instance of the study has a matching value (so
-``Modality: CT`` means "the study contains CT"); all conditions of a route must hold. Every matching
-route fires; a destination named by several routes gets the study once.
+Conditions (``rules.py``) hold when *any* instance of the study has a matching value (so
+``Modality: CT`` means "the study contains CT"); all conditions of a route must hold. Every
+matching route fires (all-match), unless a matching route says ``stop: true`` (first-match from
+there on); ``fallback: true`` routes fire only when no other route matched. A destination named
+by several routes gets the study once. ``Decision.explanation`` says, route by route, what
+decided.
 """
 
 from __future__ import annotations
@@ -10,47 +13,128 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from .config import Matcher, RouteConfig
+from pydicom.dataset import Dataset
+
+from .config import RouteConfig
 from .dicomfile import read_header, text
+from .rules import AGGREGATES, all_hold, keys_of
 from .state import Instance
 
 log = logging.getLogger("dicomrouter.routing")
 
 
 @dataclass(frozen=True)
+class RouteResult:
+    name: str
+    to: tuple[str, ...]
+    matched: bool
+    why: str
+    stop: bool = False
+    fallback: bool = False
+    skipped: str = ""  # why it was not evaluated (an earlier stop, other routes matched)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "to": list(self.to), "matched": self.matched,
+                "why": self.why, "stop": self.stop, "fallback": self.fallback,
+                "skipped": self.skipped}
+
+
+@dataclass(frozen=True)
 class Decision:
     routes: tuple[str, ...]
     destinations: tuple[str, ...]
+    explanation: tuple[RouteResult, ...] = ()
+
+    def summary(self) -> str:
+        """One line for the study's history."""
+        parts = []
+        for r in self.explanation:
+            if r.skipped:
+                continue
+            parts.append(f"{r.name!r} {'matched' if r.matched else 'not matched'} ({r.why})")
+        return "; ".join(parts) or "no routes"
+
+
+def resolve(ds: Dataset, path: str) -> list[str]:
+    """The values at a keyword, ``(gggg,eeee)`` tag or sequence path (``A[0].B[*].C``)."""
+    from .rules import _STEP, _TAG
+
+    current = [ds]
+    steps = path.split(".")
+    for n, step in enumerate(steps):
+        m = _STEP.match(step)
+        if m is None:
+            return []
+        name, index = m.group("name"), m.group("index")
+        tm = _TAG.match(name)
+        tag: Any = (int(tm.group(1), 16) << 16 | int(tm.group(2), 16)) if tm else name
+        nxt: list[Any] = []
+        for item in current:
+            try:
+                elem = item[tag] if tm else item.data_element(name)
+            except (KeyError, TypeError):
+                continue
+            if elem is None:
+                continue
+            if n == len(steps) - 1:
+                if elem.VR == "SQ":
+                    continue
+                nxt.append(text(elem.value))
+                continue
+            if elem.VR != "SQ":
+                continue
+            items = list(elem.value or [])
+            if index is None or index == "*":
+                nxt.extend(items)
+            elif int(index) < len(items):
+                nxt.append(items[int(index)])
+        current = nxt
+    return [v for value in current for v in str(value).split("\\")]
 
 
 class _StudyView:
-    """Tag values of a study's instances, reading a file only for keywords not indexed: once
-    per file, for every such keyword the routing table uses."""
+    """Tag values of a study's instances, reading a file only for keys not indexed: once per
+    file, for every such key the routing table uses."""
 
-    def __init__(self, instances: Sequence[Instance], keywords: set[str],
+    def __init__(self, instances: Sequence[Instance], keys: set[str],
                  open_instance: Callable[[Instance], BinaryIO] | None,
                  sources: Mapping[str, str] | None = None) -> None:
         self.instances = instances
-        self._sources = sources or {}
         self._open = open_instance
-        self._keywords = keywords
-        self._headers: dict[str, dict[str, str]] = {}
+        self._keys = keys
+        self._sources = sources or {}
+        self._headers: dict[str, dict[str, list[str]]] = {}
 
-    def values(self, keyword: str, inst: Instance) -> list[str]:
-        if keyword == "CallingAE":
+    def study_values(self, key: str) -> list[str]:
+        """Every value the study has for ``key`` (aggregates computed over the instances)."""
+        insts = self.instances
+        if key == "NumberOfStudyRelatedInstances":
+            return [str(len(insts))]
+        if key == "NumberOfStudyRelatedSeries":
+            return [str(len({i.series_uid for i in insts}))]
+        if key == "ModalitiesInStudy":
+            return sorted({v for i in insts for v in self.values("Modality", i)} - {""})
+        if key == "SeriesDescriptions":
+            return sorted({v for i in insts for v in self.values("SeriesDescription", i)} - {""})
+        return [v for i in insts for v in self.values(key, i)]
+
+    def values(self, key: str, inst: Instance) -> list[str]:
+        if key == "CallingAE":
             return [inst.calling_ae]
-        if keyword == "CalledAE":
+        if key == "CalledAE":
             return [inst.called_ae]
-        if keyword == "Source":
+        if key == "Source":
             return [self._sources.get(inst.calling_ae, "")]
-        if keyword == "Listener":  # the listener (port) it came in on
+        if key == "Listener":  # the listener (port) it came in on
             return [inst.tags.get("_Listener", "")]
-        raw = inst.tags[keyword] if keyword in inst.tags else self._read(inst, keyword)
-        return raw.split("\\") if raw else [""]
+        if key in inst.tags:
+            raw = inst.tags[key]
+            return raw.split("\\") if raw else [""]
+        return self._read(inst, key)
 
-    def _read(self, inst: Instance, keyword: str) -> str:
+    def _read(self, inst: Instance, key: str) -> list[str]:
         cache = self._headers.get(inst.sop_uid)
         if cache is None:
             cache = self._headers[inst.sop_uid] = {}
@@ -58,31 +142,55 @@ class _StudyView:
                 if self._open is not None:
                     with self._open(inst) as f:
                         ds = read_header(f)
-                    cache.update({kw: text(ds.get(kw)) for kw in self._keywords})
+                    wanted = self._keys - set(AGGREGATES) - {"CallingAE", "CalledAE", "Source",
+                                                             "Listener"}
+                    cache.update({k: resolve(ds, k) for k in wanted})
             except FileNotFoundError:
                 pass  # an earlier generation, delivered and deleted
             except Exception as exc:  # a file we stored and parsed once: log, don't crash
-                log.warning("cannot read %s from %s: %s: %s", ", ".join(sorted(self._keywords)),
+                log.warning("cannot read %s from %s: %s: %s", ", ".join(sorted(self._keys)),
                             inst.key, type(exc).__name__, exc)
-        return cache.get(keyword, "")
-
-    def holds(self, m: Matcher) -> bool:
-        return any(any(m.accepts(v) for v in self.values(m.keyword, i)) for i in self.instances)
+        return cache.get(key) or [""]
 
 
 def route(routes: Sequence[RouteConfig], instances: Sequence[Instance],
           open_instance: Callable[[Instance], BinaryIO] | None = None,
           sources: Mapping[str, str] | None = None) -> Decision:
     """Evaluate the routing table for one study; ``open_instance`` (``Spool.open``) reads the
-    keywords the index does not hold; ``sources`` maps a calling AE title to the pull source
-    it stands for (the ``Source`` key)."""
-    view = _StudyView(instances, {m.keyword for r in routes for m in r.when}, open_instance,
-                      sources)
+    keys the index does not hold; ``sources`` maps a calling AE title to the pull source it
+    stands for (the ``Source`` key)."""
+    keys = set().union(*(keys_of(r.when) for r in routes)) if routes else set()
+    if "ModalitiesInStudy" in keys:
+        keys.add("Modality")
+    if "SeriesDescriptions" in keys:
+        keys.add("SeriesDescription")
+    view = _StudyView(instances, keys, open_instance, sources)
     matched: list[str] = []
     dests: dict[str, None] = {}
+    results: list[RouteResult] = []
+    stopped = ""
     for r in routes:
-        if all(view.holds(m) for m in r.when):
+        if r.fallback:
+            continue
+        if stopped:
+            results.append(RouteResult(r.name, r.to, False, "", r.stop, False,
+                                       f"route {stopped!r} matched with stop: true"))
+            continue
+        held, why = all_hold(r.when, view.study_values) if r.when else (True, "no conditions")
+        results.append(RouteResult(r.name, r.to, held, why, r.stop))
+        if held:
             matched.append(r.name)
             dests.update(dict.fromkeys(r.to))
-    return Decision(tuple(matched), tuple(dests))
-
+            if r.stop:
+                stopped = r.name
+    for r in routes:
+        if not r.fallback:
+            continue
+        if matched:
+            results.append(RouteResult(r.name, r.to, False, "", False, True,
+                                       "another route matched"))
+            continue
+        results.append(RouteResult(r.name, r.to, True, "no other route matched", False, True))
+        dests.update(dict.fromkeys(r.to))
+    fallback_used = [r.name for r in routes if r.fallback and not matched]
+    return Decision(tuple(matched + fallback_used), tuple(dests), tuple(results))

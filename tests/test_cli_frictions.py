@@ -104,6 +104,7 @@ def test_audit_trail_survives_a_purge(tmp_path: Path) -> None:
         assert texts[0].startswith("receiving from STORESCU")
         assert any("routes: all; destinations: tree" in t for t in texts), texts
         assert any(t == "delivered to tree" for t in texts), texts
+        assert "routing: 'all' matched (no conditions)" in texts, texts
         assert "purged by hand: 2 instance(s)" in texts[-1] and "tree (2)" in texts[-1], texts
         r = dicomrouter("status", "--study", uid, "--config", cfg)
         assert "purged by hand" in r.stdout, r.stdout

@@ -190,8 +190,10 @@ class Matcher:
 @dataclass(frozen=True)
 class RouteConfig:
     name: str
-    when: tuple[Matcher, ...]
+    when: tuple[Any, ...]  # rules.Condition (value forms, operators, groups)
     to: tuple[str, ...]
+    stop: bool = False  # first-match: no route after this one when it matched
+    fallback: bool = False  # fires only when no other route matched
 
 
 def _matcher(keyword: str, raw: Any, key: str) -> Matcher:

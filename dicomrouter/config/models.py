@@ -44,7 +44,6 @@ from .base import (
     _bool,
     _choice,
     _int,
-    _matcher,
     _show,
     _str,
     _transfer_syntaxes,
@@ -80,11 +79,13 @@ def _template(value: Any, key: str) -> str:
 
 
 def _when(value: Any, key: str) -> tuple[Any, ...]:
+    from ..rules import parse_when  # rules imports config.base: import it when validating
+
     if value is None:
         return ()
     if not isinstance(value, dict):
         raise ConfigError(key, f"expected a mapping, got {type(value).__name__}")
-    return tuple(_matcher(str(k), v, str(k)) for k, v in value.items())
+    return parse_when(value, "")  # keys relative to "when": the location adds routes[i].when
 
 
 def _to(value: Any, key: str) -> tuple[str, ...]:
@@ -451,6 +452,17 @@ class RouteModel(_Strict):
     name: Text | None = None
     when: Annotated[tuple[Any, ...], _v(_when)] = ()
     to: Annotated[tuple[str, ...], _v(_to)] = None  # type: ignore[assignment]
+    stop: Bool = False
+    fallback: Bool = False
+
+    @model_validator(mode="after")
+    def _fallback_has_no_conditions(self) -> RouteModel:
+        if self.fallback and self.when:
+            raise ConfigError("fallback", "a fallback route fires when no other route "
+                              "matched: it takes no when")
+        if self.fallback and self.stop:
+            raise ConfigError("stop", "a fallback route is always the last one to fire")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -525,16 +537,17 @@ class ConfigModel(_Strict):
         known = list(self.destinations or {})
         sources = list(self.sources or {})
         for i, route in enumerate(self.routes or []):
-            for m in route.when:
-                wrong = [v for v in m.values if v not in names]
-                if m.keyword == "Listener" and wrong:
-                    raise ConfigError(f"routes[{i}].when.Listener", f"unknown listener "
-                                      f"{_show(wrong[0])} (listeners: {', '.join(sorted(names))})")
-                unknown = [v for v in m.values if v not in sources]
-                if m.keyword == "Source" and unknown:
-                    raise ConfigError(f"routes[{i}].when.Source", f"unknown source "
-                                      f"{_show(unknown[0])} (sources: "
-                                      f"{', '.join(sources) or 'none defined'})")
+            from ..rules import literal_values
+
+            wrong = [v for v in literal_values(route.when, "Listener") if v not in names]
+            if wrong:
+                raise ConfigError(f"routes[{i}].when.Listener", f"unknown listener "
+                                  f"{_show(wrong[0])} (listeners: {', '.join(sorted(names))})")
+            unknown = [v for v in literal_values(route.when, "Source") if v not in sources]
+            if unknown:
+                raise ConfigError(f"routes[{i}].when.Source", f"unknown source "
+                                  f"{_show(unknown[0])} (sources: "
+                                  f"{', '.join(sources) or 'none defined'})")
             for dest in route.to:
                 if dest not in known:
                     raise ConfigError(f"routes[{i}].to", f"unknown destination {_show(dest)} "
@@ -577,7 +590,8 @@ class ConfigModel(_Strict):
             destinations[str(name)] = DestinationConfig(
                 name=str(name), type=d.type, options=options, concurrency=d.concurrency,
                 retry=d.retry.policy(retry))
-        routes = tuple(RouteConfig(name=r.name or f"route {i + 1}", when=r.when, to=r.to)
+        routes = tuple(RouteConfig(name=r.name or f"route {i + 1}", when=r.when, to=r.to,
+                                   stop=r.stop, fallback=r.fallback)
                        for i, r in enumerate(self.routes or []))
         limits = Limits(**{k: getattr(self, k) for k in Limits.__dataclass_fields__})
         return Config(

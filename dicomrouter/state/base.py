@@ -96,7 +96,7 @@ class State(ABC):
 
     @abstractmethod
     def route_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
-                    seen: Study) -> bool:
+                    seen: Study, explanation: str = "") -> bool:
         """Routed (a job per destination) or unrouted, unless an instance arrived since
         ``seen`` (then False)."""
 

@@ -273,7 +273,7 @@ class SQLiteState(State):
                         r["generation"])
 
     def route_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
-                    seen: Study) -> bool:
+                    seen: Study, explanation: str = "") -> bool:
         """Mark a stable study routed (one job per destination) or unrouted, atomically.
 
         ``seen`` is the study row the decision was made on; if an instance arrived since, nothing
@@ -290,6 +290,8 @@ class SQLiteState(State):
                 return False
             n = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=? AND generation=?",
                            (study_uid, expected_generation)).fetchone()[0]
+            if explanation and row["state"] != "unrouted":
+                self._event(db, study_uid, f"routing: {explanation}", now)
             if not destinations:
                 db.execute("UPDATE studies SET state='unrouted', completed_at=? WHERE study_uid=?",
                            (now, study_uid))

@@ -1,0 +1,97 @@
+"""``dicomrouter explain``: a dry run of the routing table on files or on a spooled study.
+
+For every route: matched or not and the condition that decided, the destinations, and the
+rules that apply around it (completion, first-match ``stop``, ``fallback``). With ``--config``
+a candidate routing table is tried against what the spool holds (a shadow run) before it is
+deployed. Nothing is sent, nothing in the spool or the state database changes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .config import Config
+from .dicomfile import UnreadableDataset, identify
+from .routing import Decision, route
+from .sources import source_names
+from .spool import SpoolReader
+from .state import Instance, State
+
+
+def instances_from_files(paths: Iterable[str]) -> tuple[dict[str, list[Instance]], list[str]]:
+    """Study UID → instances for the DICOM files under ``paths``; and the files skipped."""
+    studies: dict[str, list[Instance]] = {}
+    skipped: list[str] = []
+    for root in paths:
+        p = Path(root)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            try:
+                tags, tsuid = identify(f)
+            except UnreadableDataset:
+                skipped.append(str(f))
+                continue
+            inst = Instance(tags["SOPInstanceUID"], tags["StudyInstanceUID"],
+                            tags.get("SeriesInstanceUID", ""), tags.get("SOPClassUID", ""),
+                            tsuid, str(f), f.stat().st_size, "", "", tags)
+            studies.setdefault(inst.study_uid, []).append(inst)
+    return studies, skipped
+
+
+def open_file(inst: Instance) -> BinaryIO:
+    return open(inst.key, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def spool_opener(root: Path) -> Any:
+    def open_spooled(inst: Instance) -> BinaryIO:
+        return SpoolReader(os.path.join(root, inst.key))  # type: ignore[return-value]
+    return open_spooled
+
+
+def explain(cfg: Config, instances: list[Instance], opener: Any) -> Decision:
+    return route(cfg.routes, instances, opener, source_names(cfg))
+
+
+def as_dict(study_uid: str, instances: list[Instance], decision: Decision,
+            cfg: Config) -> dict[str, Any]:
+    modalities = sorted({i.tags.get("Modality", "") for i in instances} - {""})
+    return {
+        "study_uid": study_uid,
+        "instances": len(instances),
+        "series": len({i.series_uid for i in instances}),
+        "modalities": modalities,
+        "calling_aes": sorted({i.calling_ae for i in instances} - {""}),
+        "routes": [r.as_dict() for r in decision.explanation],
+        "destinations": list(decision.destinations),
+        "completion": f"stable_age {cfg.stable_age:g} s after the last instance",
+    }
+
+
+def render(d: dict[str, Any]) -> str:
+    lines = [f"study {d['study_uid']}: {d['instances']} instance(s) in {d['series']} "
+             f"series, {', '.join(d['modalities']) or 'no modality'}"
+             + (f", from {', '.join(d['calling_aes'])}" if d["calling_aes"] else "")]
+    for r in d["routes"]:
+        flags = "".join([" [stop]" if r["stop"] else "", " [fallback]" if r["fallback"] else ""])
+        if r["matched"]:
+            state = "MATCHED"
+        elif r["skipped"]:
+            state = f"skipped ({r['skipped']})"
+        else:
+            state = "not matched"
+        lines.append(f"  route {r['name']!r}{flags} → {', '.join(r['to'])}: {state}")
+        lines.append(f"      {r['why']}")
+    lines.append(f"  destinations: {', '.join(d['destinations']) or 'none (kept as unrouted)'}")
+    lines.append(f"  completion: {d['completion']}")
+    return "\n".join(lines)
+
+
+def explain_spooled(cfg: Config, state: State, spool_root: Path,
+                    study_uid: str) -> dict[str, Any] | None:
+    instances = state.instances(study_uid, present_only=False)
+    if not instances:
+        return None
+    return as_dict(study_uid, instances, explain(cfg, instances, spool_opener(spool_root)), cfg)
