@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 
 from . import destinations, metrics
 from .config import Config
@@ -44,8 +45,9 @@ def _bind(what: str, bind: str, port: int, reuse_port: bool = False) -> socket.s
 
 
 class Router:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
+        self.clock = clock  # injectable (tests move it): delivery windows
         # Bind first: a port in use fails here, before the spool or state.db is created.
         self._dicom_socks = []
         for i, lst in enumerate(cfg.listeners or (cfg.listener,)):
@@ -75,7 +77,7 @@ class Router:
             if hasattr(dest, "state"):  # storage commitment reports are kept there
                 dest.state = self.state
         self.workers = DeliveryWorkers(cfg, self.state, self.spool, self.destinations,
-                                       self._job_finished)
+                                       self._job_finished, clock)
         self.scps: list[StorageSCP | FastStorageSCP] = [
             FastStorageSCP(cfg, self.spool, sock, lst) if cfg.receiver == "fast"
             else StorageSCP(cfg, self.spool, lst) for lst, sock in self._dicom_socks]

@@ -303,9 +303,17 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
     click.echo("queues:")
     if not data["queues"]:
         click.echo("  (no delivery jobs yet)")
+    windows = {}
+    if spool is None:  # the configuration says which destinations have a delivery window
+        windows = {n: d.schedule for n, d in _load_config(config_path).destinations.items()
+                   if d.schedule is not None}
     for dest, counts in sorted(data["queues"].items()):
         parts = "  ".join(f"{s} {counts.get(s, 0)}" for s in
                           ("pending", "running", "failed", "dead", "delivered"))
+        window = windows.get(dest)
+        if window is not None and counts.get("pending") and not window.is_open(time.time()):
+            parts += f"  (scheduled until {_when(window.next_open(time.time()))}, " \
+                     f"window {window.describe()})"
         click.echo(f"  {dest:<16} {parts}")
     if data.get("sources"):
         click.echo("sources:")

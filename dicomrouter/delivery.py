@@ -29,8 +29,10 @@ class DeliveryWorkers:
 
     def __init__(self, cfg: Config, state: State, spool: Spool,
                  destinations: dict[str, Destination],
-                 on_finished: Callable[[Job, str], None]) -> None:
+                 on_finished: Callable[[Job, str], None],
+                 clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
+        self.clock = clock  # injectable: delivery windows are tested by moving it
         self.state = state
         self.spool = spool
         self.destinations = destinations
@@ -63,6 +65,30 @@ class DeliveryWorkers:
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
 
+    def _outside_window(self, dest: Destination) -> bool:
+        """Outside the destination's delivery window: log once, sleep (woken by notify, or at
+        most 1 s: the clock may be moved in tests), and say so."""
+        window = self.cfg.destinations[dest.name].schedule
+        if window is None:
+            return False
+        now = self.clock()
+        if window.is_open(now):
+            if getattr(dest, "_waiting", False):
+                dest._waiting = False  # type: ignore[attr-defined]
+                log.info("destination %s: its delivery window (%s) is open", dest.name,
+                         window.describe())
+            return False
+        due = self.state.next_due(dest.name)
+        if due is not None and not getattr(dest, "_waiting", False):
+            dest._waiting = True  # type: ignore[attr-defined]
+            opens = window.next_open(now)
+            log.info("destination %s: outside its delivery window (%s); jobs wait until %s",
+                     dest.name, window.describe(),
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(opens)))
+        with self._wake[dest.name]:
+            self._wake[dest.name].wait(min(1.0, max(0.05, window.next_open(now) - now)))
+        return True
+
     def _loop(self, dest: Destination) -> None:
         """Claim and run jobs until stopped; survives any error (a full disk, a locked or broken
         database, a bug): it logs one line, waits (1 s doubling to 30 s) and carries on, first
@@ -83,7 +109,9 @@ class DeliveryWorkers:
                     if outcome:
                         self.on_finished(job, outcome)
                     unsettled = None
-                job = self.state.claim_job(dest.name)
+                if self._outside_window(dest):
+                    continue
+                job = self.state.claim_job(dest.name, self.clock())
                 if job is None:
                     # Idle: sleep until woken, this destination's next retry, or 1 s (a
                     # `dicomrouter retry` from another process is seen by then). Only reads.

@@ -151,6 +151,7 @@ class DestinationConfig:
     options: dict[str, Any]
     concurrency: int = 1
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    schedule: Any = None  # schedule.Window: deliveries only inside it (None: any time)
 
 
 def _transfer_syntaxes(raw: Any, key: str) -> tuple[str, ...]:

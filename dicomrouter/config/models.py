@@ -196,9 +196,25 @@ class RetryModel(_Strict):
 class _Destination(_Strict):
     concurrency: Int(1, 64) = 1
     retry: RetryModel = RetryModel()
+    deliver_between: Text | None = None  # "20:00-06:00": deliveries wait outside it
+    days: list[Any] | None = None  # [mon, tue, ...]: the days the window opens on
+    timezone: Text | None = None  # default: the router's local time zone
 
     def options(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"type", "concurrency", "retry"})
+        return self.model_dump(exclude={"type", "concurrency", "retry", "deliver_between",
+                                        "days", "timezone"})
+
+    @model_validator(mode="after")
+    def _window(self) -> _Destination:
+        from ..schedule import parse_window
+
+        parse_window(self.deliver_between, self.days, self.timezone)
+        return self
+
+    def window(self) -> Any:
+        from ..schedule import parse_window
+
+        return parse_window(self.deliver_between, self.days, self.timezone)
 
     def _env_set(self, *keys: str) -> None:
         """Secrets are named by environment variable: each named one must be set now."""
@@ -589,7 +605,7 @@ class ConfigModel(_Strict):
             _tls_client(options, path, f"destinations.{name}")
             destinations[str(name)] = DestinationConfig(
                 name=str(name), type=d.type, options=options, concurrency=d.concurrency,
-                retry=d.retry.policy(retry))
+                retry=d.retry.policy(retry), schedule=d.window())
         routes = tuple(RouteConfig(name=r.name or f"route {i + 1}", when=r.when, to=r.to,
                                    stop=r.stop, fallback=r.fallback)
                        for i, r in enumerate(self.routes or []))
