@@ -8,10 +8,16 @@ instance that was on the wire when the process died, one per association with
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import os
+import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from . import metrics
 from .config import Config
@@ -43,6 +49,8 @@ class DeliveryWorkers:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        # transformed copies left by a crash were never delivered from: remove them
+        shutil.rmtree(os.path.join(self.spool.root, "transforms"), ignore_errors=True)
         for name, dest in self.destinations.items():
             for n in range(self.cfg.destinations[name].concurrency):
                 t = threading.Thread(target=self._loop, args=(dest,), daemon=True,
@@ -222,6 +230,8 @@ class DeliveryWorkers:
         sent = 0
         previous: str | None = None  # delivered, not yet recorded
         buffered: list[str] = []  # waiting for the session's commit
+        ops = self.transforms_for(job, dest.name)
+        temps: list[str] = []  # transformed copies, kept until the session is over
         try:
             with dest.open(todo, job.routes) as session:
                 for inst in todo:
@@ -230,8 +240,11 @@ class DeliveryWorkers:
                     self.state.mark_sending(inst.sop_uid, dest.name, job.study_uid, previous)
                     previous = None
                     try:
-                        with self.spool.open(inst) as data:
-                            delivered = session.send(inst, data)
+                        if ops:
+                            delivered = self._send_transformed(session, inst, ops, temps)
+                        else:
+                            with self.spool.open(inst) as data:
+                                delivered = session.send(inst, data)
                     except DeliveryError:
                         raise
                     except Exception as exc:  # this instance failed: say why, go on
@@ -263,4 +276,34 @@ class DeliveryWorkers:
         finally:
             if previous:  # a success status came back before the failure
                 self.state.mark_delivered([previous], dest.name)
+            for path in temps:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         return sent, rejected, error
+
+    def transforms_for(self, job: Job, destination: str) -> tuple[Any, ...]:
+        """The transforms of the routes that sent the study to ``destination``, then the
+        destination's own, in that order."""
+        ops: list[Any] = []
+        for route in self.cfg.routes:
+            if route.name in job.routes and destination in route.to:
+                ops += route.transforms
+        return (*ops, *self.cfg.destinations[destination].transforms)
+
+    def _send_transformed(self, session: Any, inst: Instance, ops: tuple[Any, ...],
+                          temps: list[str]) -> bool:
+        """Send a transformed copy of ``inst`` (written next to the spool, streamed)."""
+        from .spool import SpoolReader
+        from .transforms import TransformError, transform_file
+
+        folder = os.path.join(self.spool.root, "transforms")  # same disk; emptied at start
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{inst.sop_uid}-{uuid.uuid4().hex[:8]}.dcm")
+        temps.append(path)
+        with self.spool.open(inst) as data:
+            try:
+                size = transform_file(data, ops, path)
+            except TransformError as exc:
+                raise InstanceRejected(f"transform: {exc}") from None
+        with SpoolReader(path) as copy:
+            return bool(session.send(dataclasses.replace(inst, size=size), copy))

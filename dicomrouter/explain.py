@@ -66,8 +66,23 @@ def as_dict(study_uid: str, instances: list[Instance], decision: Decision,
         "calling_aes": sorted({i.calling_ae for i in instances} - {""}),
         "routes": [r.as_dict() for r in decision.explanation],
         "destinations": list(decision.destinations),
+        "transforms": {d: [op.describe() for op in _ops(cfg, decision, d)]
+                       for d in decision.destinations if _ops(cfg, decision, d)},
+        "schedules": {d: cfg.destinations[d].schedule.describe()
+                      for d in decision.destinations
+                      if d in cfg.destinations and cfg.destinations[d].schedule is not None},
         "completion": f"stable_age {cfg.stable_age:g} s after the last instance",
     }
+
+
+def _ops(cfg: Config, decision: Decision, destination: str) -> list[Any]:
+    ops: list[Any] = []
+    for r in cfg.routes:
+        if r.name in decision.routes and destination in r.to:
+            ops += r.transforms
+    if destination in cfg.destinations:
+        ops += cfg.destinations[destination].transforms
+    return ops
 
 
 def render(d: dict[str, Any]) -> str:
@@ -85,6 +100,10 @@ def render(d: dict[str, Any]) -> str:
         lines.append(f"  route {r['name']!r}{flags} → {', '.join(r['to'])}: {state}")
         lines.append(f"      {r['why']}")
     lines.append(f"  destinations: {', '.join(d['destinations']) or 'none (kept as unrouted)'}")
+    for dest, ops in d["transforms"].items():
+        lines.append(f"  transforms for {dest}: {'; '.join(ops)}")
+    for dest, window in d["schedules"].items():
+        lines.append(f"  {dest} delivers only {window}")
     lines.append(f"  completion: {d['completion']}")
     return "\n".join(lines)
 

@@ -153,16 +153,20 @@ def test_explain_files_says_which_condition_decided(tmp_path: Path,
     p = tmp_path / "r.yml"
     p.write_text(yaml.safe_dump({
         "destinations": {"ai": {"type": "folder", "path": "ai"},
-                         "rest": {"type": "folder", "path": "rest"}},
+                         "rest": {"type": "folder", "path": "rest",
+                                  "deliver_between": "20:00-06:00"}},
         "routes": [{"name": "thin CT", "when": {"Modality": "CT", "SliceThickness": {"<": 2}},
                     "to": "ai"},
-                   {"name": "rest", "fallback": True, "to": "rest"}]}))
+                   {"name": "rest", "fallback": True, "to": "rest",
+                    "transforms": [{"set": {"InstitutionName": "X"}}]}]}))
     ct = Path(studies["ct"][0].key)
     r = dicomrouter("explain", str(ct), "--config", str(p))
     assert r.returncode == 0, r.stderr
     assert "route 'thin CT' → ai: not matched" in r.stdout, r.stdout
     assert "SliceThickness < 2: fails (study has 5.000000)" in r.stdout, r.stdout
     assert "route 'rest' [fallback] → rest: MATCHED" in r.stdout, r.stdout
+    assert "transforms for rest: set InstitutionName = 'X'" in r.stdout, r.stdout
+    assert "rest delivers only 20:00-06:00 every day (local time)" in r.stdout, r.stdout
     r = dicomrouter("explain", str(ct), "--config", str(p), "--json")
     data = json.loads(r.stdout)
     assert data[0]["destinations"] == ["rest"]

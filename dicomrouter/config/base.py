@@ -152,6 +152,7 @@ class DestinationConfig:
     concurrency: int = 1
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     schedule: Any = None  # schedule.Window: deliveries only inside it (None: any time)
+    transforms: tuple[Any, ...] = ()  # transforms.Op, applied to the copies sent there
 
 
 def _transfer_syntaxes(raw: Any, key: str) -> tuple[str, ...]:
@@ -195,6 +196,7 @@ class RouteConfig:
     to: tuple[str, ...]
     stop: bool = False  # first-match: no route after this one when it matched
     fallback: bool = False  # fires only when no other route matched
+    transforms: tuple[Any, ...] = ()  # transforms.Op for the copies this route sends
 
 
 def _matcher(keyword: str, raw: Any, key: str) -> Matcher:

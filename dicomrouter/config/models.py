@@ -88,6 +88,12 @@ def _when(value: Any, key: str) -> tuple[Any, ...]:
     return parse_when(value, "")  # keys relative to "when": the location adds routes[i].when
 
 
+def _transforms(value: Any, key: str) -> tuple[Any, ...]:
+    from ..transforms import parse
+
+    return parse(value, "")
+
+
 def _to(value: Any, key: str) -> tuple[str, ...]:
     if value is None:
         raise ConfigError(key, "required: the destination names this route sends to")
@@ -196,13 +202,14 @@ class RetryModel(_Strict):
 class _Destination(_Strict):
     concurrency: Int(1, 64) = 1
     retry: RetryModel = RetryModel()
+    transforms: Annotated[tuple[Any, ...], _v(_transforms)] = ()  # tag morphing on the copies
     deliver_between: Text | None = None  # "20:00-06:00": deliveries wait outside it
     days: list[Any] | None = None  # [mon, tue, ...]: the days the window opens on
     timezone: Text | None = None  # default: the router's local time zone
 
     def options(self) -> dict[str, Any]:
         return self.model_dump(exclude={"type", "concurrency", "retry", "deliver_between",
-                                        "days", "timezone"})
+                                        "days", "timezone", "transforms"})
 
     @model_validator(mode="after")
     def _window(self) -> _Destination:
@@ -470,6 +477,7 @@ class RouteModel(_Strict):
     to: Annotated[tuple[str, ...], _v(_to)] = None  # type: ignore[assignment]
     stop: Bool = False
     fallback: Bool = False
+    transforms: Annotated[tuple[Any, ...], _v(_transforms)] = ()
 
     @model_validator(mode="after")
     def _fallback_has_no_conditions(self) -> RouteModel:
@@ -605,9 +613,9 @@ class ConfigModel(_Strict):
             _tls_client(options, path, f"destinations.{name}")
             destinations[str(name)] = DestinationConfig(
                 name=str(name), type=d.type, options=options, concurrency=d.concurrency,
-                retry=d.retry.policy(retry), schedule=d.window())
+                retry=d.retry.policy(retry), schedule=d.window(), transforms=d.transforms)
         routes = tuple(RouteConfig(name=r.name or f"route {i + 1}", when=r.when, to=r.to,
-                                   stop=r.stop, fallback=r.fallback)
+                                   stop=r.stop, fallback=r.fallback, transforms=r.transforms)
                        for i, r in enumerate(self.routes or []))
         limits = Limits(**{k: getattr(self, k) for k in Limits.__dataclass_fields__})
         return Config(
