@@ -232,6 +232,7 @@ class DeliveryWorkers:
         buffered: list[str] = []  # waiting for the session's commit
         ops = self.transforms_for(job, dest.name)
         temps: list[str] = []  # transformed copies, kept until the session is over
+        alias: dict[str, str] = {}  # SOP Instance UID sent (de-identified) → the original
         try:
             with dest.open(todo, job.routes) as session:
                 for inst in todo:
@@ -241,7 +242,8 @@ class DeliveryWorkers:
                     previous = None
                     try:
                         if ops:
-                            delivered = self._send_transformed(session, inst, ops, temps)
+                            delivered = self._send_transformed(session, inst, ops, temps,
+                                                               alias, dest.name)
                         else:
                             with self.spool.open(inst) as data:
                                 delivered = session.send(inst, data)
@@ -263,12 +265,13 @@ class DeliveryWorkers:
                 if previous:
                     self.state.mark_delivered([previous], dest.name)
                     previous = None
-                committed = session.commit()  # also for sessions that buffered nothing
+                committed = [alias.get(u, u) for u in session.commit()]  # also when empty
+                refused = {alias.get(u, u): why for u, why in session.refused.items()}
                 if buffered:
                     confirmed = set(committed) & set(buffered)
                     self.state.mark_delivered(sorted(confirmed), dest.name)
                     sent += len(confirmed)
-                    rejected += [f"{uid}: " + session.refused.get(
+                    rejected += [f"{uid}: " + refused.get(
                         uid, "not confirmed by the destination's commit")
                                  for uid in buffered if uid not in confirmed]
         except DeliveryError as exc:
@@ -291,7 +294,7 @@ class DeliveryWorkers:
         return (*ops, *self.cfg.destinations[destination].transforms)
 
     def _send_transformed(self, session: Any, inst: Instance, ops: tuple[Any, ...],
-                          temps: list[str]) -> bool:
+                          temps: list[str], alias: dict[str, str], destination: str) -> bool:
         """Send a transformed copy of ``inst`` (written next to the spool, streamed)."""
         from .spool import SpoolReader
         from .transforms import TransformError, transform_file
@@ -302,8 +305,17 @@ class DeliveryWorkers:
         temps.append(path)
         with self.spool.open(inst) as data:
             try:
-                size = transform_file(data, ops, path)
+                size, tags = transform_file(data, ops, path)
             except TransformError as exc:
                 raise InstanceRejected(f"transform: {exc}") from None
+        sop = tags.get("SOPInstanceUID") or inst.sop_uid
+        if sop != inst.sop_uid:  # de-identified: the ledger keeps both UIDs
+            alias[sop] = inst.sop_uid
+            self.state.record_sent_uid(inst.sop_uid, destination, sop)
+        # the copy's own names (folder paths, object keys, manifests are made from them)
+        copy_inst = dataclasses.replace(
+            inst, size=size, sop_uid=sop, study_uid=tags.get("StudyInstanceUID") or
+            inst.study_uid, series_uid=tags.get("SeriesInstanceUID") or inst.series_uid,
+            tags={**inst.tags, **tags})
         with SpoolReader(path) as copy:
-            return bool(session.send(dataclasses.replace(inst, size=size), copy))
+            return bool(session.send(copy_inst, copy))

@@ -1,9 +1,10 @@
 """Tag morphing on the way out: ``transforms:`` on a route or a destination, applied in order to
 a copy of each instance, never to the spool original.
 
-Operations (values may use other tags of the instance, as they were before the transforms:
-``"P-{StudyDate}"``)::
+Operations, in order (values may use other tags of the instance as they are when the operation
+runs: ``"P-{StudyDate}"``; after a ``deidentify``, those are the de-identified values)::
 
+    - deidentify: {retain: [dates], uid_secret_env: DEID_SECRET, patient_id: "ANON-{hash:8}"}
     - set: {InstitutionName: Research, ClinicalTrialProtocolID: "P-{StudyDate}"}
     - delete: [OtherPatientIDs, "(0010,1000)"]
     - copy: {StudyID: AccessionNumber}          # target: source
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -32,7 +34,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from .config.base import ConfigError, _show
 
-KINDS = ("set", "delete", "copy", "regex-replace")
+KINDS = ("deidentify", "set", "delete", "copy", "regex-replace")
 _TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
 _FIELD = re.compile(r"\{([A-Za-z][A-Za-z0-9]*)\}")
 _PROTECTED_VR = {"UI"}
@@ -49,8 +51,16 @@ class Op:
     value: str = ""  # set: the template; copy: the source keyword
     pattern: re.Pattern[str] | None = None
     replace: str = ""
+    deid: Any = None  # deid.Deidentifier
 
     def describe(self) -> str:
+        if self.kind == "deidentify":
+            d = self.deid
+            extra = [f"retain {', '.join(sorted(d.retain))}"] if d.retain else []
+            extra += ["dates shifted"] if d.shift_dates else []
+            extra += ["private tags kept"] if d.keep_private else []
+            return "deidentify (PS3.15 basic profile" + \
+                "".join(f"; {e}" for e in extra) + ")"
         name = keyword_for_tag(self.tag) or f"({self.tag >> 16:04X},{self.tag & 0xFFFF:04X})"
         if self.kind == "set":
             return f"set {name} = {self.value!r}"
@@ -102,8 +112,12 @@ def parse(raw: Any, where: str = "transforms") -> tuple[Op, ...]:
             raise ConfigError(at, f"one operation per entry, one of {', '.join(KINDS)}")
         kind, arg = next(iter(item.items()))
         if kind == "deidentify":
-            raise ConfigError(f"{at}.deidentify", "de-identification is not implemented yet "
-                              "(only set, delete, copy, regex-replace)")
+            from .deid import from_options
+
+            if arg is not None and not isinstance(arg, dict):
+                raise ConfigError(f"{at}.deidentify", "expected a mapping of options (or none)")
+            ops.append(Op("deidentify", 0, deid=from_options(arg or {}, f"{at}.deidentify")))
+            continue
         if kind not in KINDS:
             raise ConfigError(f"{at}.{kind}", f"unknown operation (one of {', '.join(KINDS)})")
         if kind == "delete":
@@ -158,15 +172,22 @@ def _put(ds: Dataset, tag: int, value: str) -> None:
 
 
 def apply(ds: Dataset, ops: Sequence[Op]) -> None:
-    """Apply ``ops`` in order; templates see the values from before the first operation."""
-    before = {kw: _text(ds, kw) for op in ops for kw in _FIELD.findall(op.value)}
-    before |= {op.value: _text(ds, op.value) for op in ops if op.kind == "copy"}
+    """Apply ``ops`` in order; each sees the dataset as the operations before it left it."""
     for op in ops:
+        if op.kind == "deidentify":
+            try:
+                op.deid.apply(ds)
+            except ValueError as exc:
+                raise TransformError(str(exc)) from None
+            continue
+        before = {kw: _text(ds, kw) for kw in _FIELD.findall(op.value)}
+        if op.kind == "copy":
+            before[op.value] = _text(ds, op.value)
         if op.kind == "delete":
             if op.tag in ds:
                 del ds[op.tag]
         elif op.kind == "set":
-            _put(ds, op.tag, _FIELD.sub(lambda m: before.get(m.group(1), ""), op.value))
+            _put(ds, op.tag, _FIELD.sub(lambda m, b=before: b.get(m.group(1), ""), op.value))
         elif op.kind == "copy":
             _put(ds, op.tag, before.get(op.value, ""))
         elif op.tag in ds:  # regex-replace on a present element
@@ -184,8 +205,60 @@ def _text_of(ds: Dataset, tag: int) -> str:
     return "" if value is None else str(value)
 
 
-def transform_file(src: BinaryIO, ops: Sequence[Op], dst: str) -> int:
-    """Write ``src`` (a Part 10 file) with ``ops`` applied to ``dst``; returns its size."""
+def _is_pixel_data(tag: bytes, little: bool) -> bool:
+    """(7FE0,0010), (7FE0,0008) or (7FE0,0009): a pixel data element (and not the end of the
+    file, or trailing padding without pixel data)."""
+    if len(tag) < 4:
+        return False
+    group, elem = struct.unpack(("<" if little else ">") + "HH", tag)
+    return group == 0x7FE0 and elem in (0x0010, 0x0008, 0x0009)
+
+
+def _copy(src: BinaryIO, out: BinaryIO, n: int) -> None:
+    while n > 0:
+        chunk = src.read(min(n, 1 << 20))
+        if not chunk:
+            raise TransformError("the file ends inside its pixel data")
+        out.write(chunk)
+        n -= len(chunk)
+
+
+def element_end(f: BinaryIO, offset: int, implicit: bool, little: bool) -> int:
+    """Where the data element at ``offset`` ends (an undefined length one after its sequence
+    delimiter: encapsulated pixel data is walked item by item, nothing is read into memory)."""
+    order = "<" if little else ">"
+    f.seek(offset)
+    head = f.read(12)
+    if len(head) < 8:
+        raise TransformError("the file ends inside its pixel data header")
+    if implicit:
+        length, start = struct.unpack(order + "I", head[4:8])[0], offset + 8
+    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UT", b"UC",
+                       b"UR", b"SV", b"UV"):
+        length, start = struct.unpack(order + "I", head[8:12])[0], offset + 12
+    else:
+        length, start = struct.unpack(order + "H", head[6:8])[0], offset + 8
+    if length != 0xFFFFFFFF:
+        return start + length
+    pos = start
+    while True:  # items until the sequence delimitation item (FFFE,E0DD)
+        f.seek(pos)
+        item = f.read(8)
+        if len(item) < 8:
+            raise TransformError("the file ends inside its encapsulated pixel data")
+        group, elem, item_length = struct.unpack(order + "HHI", item)
+        pos += 8
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return pos
+        if (group, elem) != (0xFFFE, 0xE000) or item_length == 0xFFFFFFFF:
+            raise TransformError("encapsulated pixel data without its item structure")
+        pos += item_length
+
+
+def transform_file(src: BinaryIO, ops: Sequence[Op], dst: str) -> tuple[int, dict[str, str]]:
+    """Write ``src`` (a Part 10 file) with ``ops`` applied to ``dst``; returns its size and its
+    index tags as they are now (new UIDs and pseudonyms after de-identification: folder and
+    object names are made from them)."""
     src.seek(0)
     try:
         ds = dcmread(src, stop_before_pixels=True)
@@ -197,6 +270,12 @@ def transform_file(src: BinaryIO, ops: Sequence[Op], dst: str) -> int:
         src.seek(0)
         ds = dcmread(src)
     pixel_offset = src.tell()
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    implicit = ts is not None and ts.is_implicit_VR
+    little = ts is None or ts.is_little_endian
+    # De-identification drops what follows the pixel data (trailing padding, digital
+    # signatures: both removed by the profile); morphing copies it as it is
+    tail = not any(op.kind == "deidentify" for op in ops)
     apply(ds, ops)
     with open(dst, "wb") as out:
         try:
@@ -206,5 +285,13 @@ def transform_file(src: BinaryIO, ops: Sequence[Op], dst: str) -> int:
                                  f"{type(exc).__name__}: {exc}") from None
         if not deflated:
             src.seek(pixel_offset)
-            shutil.copyfileobj(src, out, 1 << 20)
-        return out.tell()
+            if tail:
+                shutil.copyfileobj(src, out, 1 << 20)
+            elif _is_pixel_data(src.read(4), little):
+                end = element_end(src, pixel_offset, implicit, little)
+                src.seek(pixel_offset)
+                _copy(src, out, end - pixel_offset)
+        size = out.tell()
+    from .dicomfile import INDEX_KEYWORDS, text
+
+    return size, {kw: text(ds.get(kw)) for kw in INDEX_KEYWORDS}

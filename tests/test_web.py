@@ -84,7 +84,14 @@ def test_metrics_api_and_retry_through_the_api(tmp_path: Path) -> None:
         assert run_storescu(study, router.port).returncode == 0
         wait_until(lambda: http(base + "/api/jobs?state=dead")[1]["jobs"], timeout=90,
                    what="the archive's dead job")
-        _, text = http(base + "/metrics")
+        # the two destinations run in parallel: wait for the tree's delivery to be counted
+        def tree_counted() -> str | None:
+            text = http(base + "/metrics")[1]
+            done = metric(text, "dicomrouter_deliveries_total", destination="tree",
+                          outcome="delivered")
+            return text if done == 1 else None
+
+        text = wait_until(tree_counted, timeout=90, what="the tree's delivery in the metrics")
         assert metric(text, "dicomrouter_instances_received_total", calling_ae="STORESCU") == 6
         received = metric(text, "dicomrouter_bytes_received_total", calling_ae="STORESCU")
         assert abs(received - size) < 0.05 * size  # what was written to the spool

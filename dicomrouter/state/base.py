@@ -125,6 +125,10 @@ class State(ABC):
     def mark_delivered(self, sop_uids: Sequence[str], destination: str) -> None: ...
 
     @abstractmethod
+    def record_sent_uid(self, sop_uid: str, destination: str, sent_uid: str) -> None:
+        """The (de-identified) SOP Instance UID the destination got for ``sop_uid``."""
+
+    @abstractmethod
     def finish_job(self, job: Job, error: str | None, max_attempts: int,
                    retry_in: float) -> str:
         """Delivered, failed (retried in ``retry_in`` s) or dead; returns the new state."""

@@ -147,6 +147,9 @@ class SQLiteState(State):
             if "routes" not in columns:  # spools from before manifests named the route
                 self._db.execute("ALTER TABLE jobs ADD COLUMN routes TEXT")
             qr_columns(self._db)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(ledger)")}
+            if "sent_uid" not in columns:  # de-identified copies go out under another UID
+                self._db.execute("ALTER TABLE ledger ADD COLUMN sent_uid TEXT")
             self._db.execute("COMMIT")
         self.migrated = n
 
@@ -384,6 +387,12 @@ class SQLiteState(State):
     def _delivered(db: sqlite3.Connection, sop_uid: str, destination: str, now: float) -> None:
         db.execute("UPDATE ledger SET delivered_at=? WHERE sop_uid=? AND destination=?",
                    (now, sop_uid, destination))
+
+    def record_sent_uid(self, sop_uid: str, destination: str, sent_uid: str) -> None:
+        """The SOP Instance UID the destination got for ``sop_uid`` (de-identification)."""
+        with self._tx() as db:
+            db.execute("UPDATE ledger SET sent_uid=? WHERE sop_uid=? AND destination=?",
+                       (sent_uid, sop_uid, destination))
 
     def mark_delivered(self, sop_uids: Sequence[str], destination: str) -> None:
         """Record instances as delivered (durable at the destination), in one commit."""
