@@ -124,6 +124,8 @@ class Router:
                  len(summary["dead"]))
         for name, dest in self.destinations.items():
             log.info("destination %s: %s", name, dest.describe())
+        if self.cfg.sweep is not None:
+            log.info("sweep of the spooled studies: %s", self.cfg.sweep.describe())
         self.spool.start()
         self._cleaner.start()
         self.workers.start()
@@ -174,10 +176,15 @@ class Router:
 
     def _track(self) -> None:
         last_housekeeping = 0.0
+        plan = self.cfg.sweep
+        next_sweep = plan.next_after(self.clock()) if plan is not None else None
         while not self._stop.wait(TICK):
             try:
                 for study in self.state.due_studies(self.cfg.stable_age):
                     self.complete(study)
+                if plan is not None and next_sweep is not None and self.clock() >= next_sweep:
+                    self.sweep()
+                    next_sweep = plan.next_after(self.clock())
                 if time.monotonic() - last_housekeeping > 5.0:
                     last_housekeeping = time.monotonic()
                     self._housekeeping()
@@ -209,6 +216,29 @@ class Router:
         elif seen.state != "unrouted":
             log.warning("study %s complete (%s): %d instance(s) matched no route; kept in the "
                         "spool as unrouted", study_uid, who, new)
+
+    def sweep(self) -> int:
+        """Route the spooled studies to what the current table sends them to and they have no
+        job for yet; returns how many got new destinations."""
+        changed = checked = 0
+        for uid in self.state.sweepable_studies():
+            if self._stop.is_set():
+                break
+            instances = self.state.instances(uid)
+            if not instances:
+                continue
+            checked += 1
+            decision = route(self.cfg.routes, instances, self.spool.open, self._source_names)
+            new = self.state.sweep_study(uid, decision.destinations, decision.routes,
+                                         decision.summary())
+            if new:
+                changed += 1
+                log.info("sweep: study %s now also goes to %s (%s)", uid, ", ".join(new),
+                         ", ".join(repr(r) for r in decision.routes))
+                self.workers.notify(new)
+        log.info("sweep: %d study(ies) in the spool checked against the routing table, %d "
+                 "routed to new destinations", checked, changed)
+        return changed
 
     # ---- operations (web API) ------------------------------------------------------------------
 

@@ -320,6 +320,7 @@ class Config:
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     web: WebConfig = field(default_factory=WebConfig)
     listeners: tuple[ListenerConfig, ...] = ()  # [0] is the top-level one (see ``listener``)
+    sweep: Any = None  # sweep.SweepPlan: re-route stored studies against the current table
 
     @property
     def listener(self) -> ListenerConfig:

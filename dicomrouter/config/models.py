@@ -88,6 +88,12 @@ def _when(value: Any, key: str) -> tuple[Any, ...]:
     return parse_when(value, "")  # keys relative to "when": the location adds routes[i].when
 
 
+def _sweep(value: Any, key: str) -> Any:
+    from ..sweep import parse
+
+    return parse(value, "")
+
+
 def _transforms(value: Any, key: str) -> tuple[Any, ...]:
     from ..transforms import parse
 
@@ -523,6 +529,7 @@ class ConfigModel(_Strict):
     web: WebModel = WebModel()
     tls: TlsServerModel | None = None  # DICOM TLS on the top-level listener
     listeners: list[ListenerModel] | None = None
+    sweep: Annotated[Any, _v(lambda v, k: _sweep(v, k))] = None
     max_query_results: Int(1, 10_000_000) = Limits.max_query_results
     # listener limits (docs/security.md)
     acse_timeout: Duration = Limits.acse_timeout
@@ -634,6 +641,7 @@ class ConfigModel(_Strict):
                      for k, v in (self.sources or {}).items()},
             web=WebConfig(**self.web.model_dump()),
             listeners=self._listeners(path),
+            sweep=self.sweep,
             source=source)
 
 

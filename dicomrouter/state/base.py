@@ -100,6 +100,14 @@ class State(ABC):
         """Routed (a job per destination) or unrouted, unless an instance arrived since
         ``seen`` (then False)."""
 
+    @abstractmethod
+    def sweepable_studies(self) -> list[str]: ...
+
+    @abstractmethod
+    def sweep_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
+                    explanation: str = "") -> list[str]:
+        """Jobs for the destinations the study has none for yet (the sweep); those added."""
+
     # ---- delivery
     @abstractmethod
     def reset_running_jobs(self) -> tuple[int, int]: ...

@@ -320,6 +320,40 @@ class SQLiteState(State):
                     (study_uid, dest, expected_generation, now, now, json.dumps(list(routes))))
         return True
 
+    def sweepable_studies(self) -> list[str]:
+        """Studies the spool holds that are not receiving (the sweep re-evaluates them)."""
+        return [r["study_uid"] for r in self._query(
+            "SELECT study_uid FROM studies WHERE in_spool=1 AND state IN"
+            " ('routed','delivered','failed','unrouted') ORDER BY first_received")]
+
+    def sweep_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
+                    explanation: str = "") -> list[str]:
+        """Add jobs for the destinations the study has none for yet; the ones added."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT state, generation, in_spool FROM studies WHERE"
+                             " study_uid=?", (study_uid,)).fetchone()
+            if row is None or not row["in_spool"] or row["state"] == "receiving":
+                return []
+            have = {r[0] for r in db.execute("SELECT destination FROM jobs WHERE study_uid=?",
+                                             (study_uid,))}
+            new = [d for d in destinations if d not in have]
+            if not new:
+                return []
+            for dest in new:
+                db.execute("INSERT INTO jobs(study_uid, destination, state, attempts,"
+                           " next_attempt, generation, created, updated, routes)"
+                           " VALUES (?,?,'pending',0,0,?,?,?,?)",
+                           (study_uid, dest, row["generation"], now, now,
+                            json.dumps(list(routes))))
+            db.execute("UPDATE studies SET state='routed', completed_at=COALESCE(completed_at,"
+                       " ?) WHERE study_uid=? AND state IN ('delivered','unrouted')",
+                       (now, study_uid))
+            self._event(db, study_uid, f"sweep: now also to {', '.join(new)} (routes: "
+                        f"{', '.join(routes)})" + (f"; routing: {explanation}"
+                                                   if explanation else ""), now)
+        return new
+
     # ---- delivery jobs ---------------------------------------------------------------------
 
     def reset_running_jobs(self) -> tuple[int, int]:

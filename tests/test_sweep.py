@@ -1,0 +1,79 @@
+"""The sweep: a routing table changed after a study arrived reaches it, without re-sending it
+where it already went."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from peers import run_storescu, wait_until
+from router_fixtures import Router, dicomrouter, tags_of
+
+from dicomrouter.config import ConfigError, from_dict
+from dicomrouter.sample import generate
+
+
+def files(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.dcm")) if folder.exists() else []
+
+
+def test_a_new_route_reaches_stored_studies_at_the_sweep(tmp_path: Path) -> None:
+    study = generate(tmp_path / "study", series=1, instances=3, rows=8, cols=8, seed=141)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    dests = {"a": {"type": "folder", "path": str(tmp_path / "a")},
+             "b": {"type": "folder", "path": str(tmp_path / "b")}}
+    spool = str(tmp_path / "spool")
+    with Router(tmp_path / "r1", {"spool": spool, "keep_after_delivery": True,
+                                  "destinations": dests,
+                                  "routes": [{"name": "A", "to": "a"}]}) as router:
+        assert run_storescu(study, router.port).returncode == 0
+        router.wait_state(uid, "delivered")
+    assert len(files(tmp_path / "a")) == 3 and not files(tmp_path / "b")
+    with Router(tmp_path / "r2", {"spool": spool, "keep_after_delivery": True,
+                                  "destinations": dests, "sweep": {"every": "1s"},
+                                  "routes": [{"name": "A", "to": "a"},
+                                             {"name": "B", "when": {"Modality": "CT"},
+                                              "to": "b"}]}) as router:
+        wait_until(lambda: len(files(tmp_path / "b")) == 3, timeout=90,
+                   what="the study swept to b")
+        router.wait_state(uid, "delivered")
+        assert router.status()["ledger"]["resent"] == 0  # a was not sent again
+        r = dicomrouter("status", "--study", uid, "--config", str(router.config_path))
+        assert "sweep: now also to b (routes: A, B)" in r.stdout, r.stdout
+        assert "Traceback" not in router.log(5000)
+    assert len(files(tmp_path / "a")) == 3
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"every": "0s"}, "sweep.every: at least 1s"),
+    ({"at": "25:00"}, "sweep.at: expected HH:MM"),
+    ({"daily": True}, "sweep: expected {at"),
+])
+def test_sweep_config_errors(tmp_path: Path, raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_dict({"sweep": raw}, tmp_path, "t")
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_per_route_stable_ages_fire_in_their_order(tmp_path: Path) -> None:
+    """A quick route (1 s) delivers first; the archive route (its own 6 s) only later, from
+    the same completion; the study's history says when each fired."""
+    study = generate(tmp_path / "study", series=1, instances=2, rows=8, cols=8, seed=142)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    with Router(tmp_path / "r", {
+        "stable_age": "1s",
+        "destinations": {"quick": {"type": "folder", "path": str(tmp_path / "quick")},
+                         "slow": {"type": "folder", "path": str(tmp_path / "slow")}},
+        "routes": [{"name": "slow", "to": "slow", "stable_age": "6s"},
+                   {"name": "quick", "to": "quick"}]}) as router:
+        assert run_storescu(study, router.port).returncode == 0
+        wait_until(lambda: len(files(tmp_path / "quick")) == 2, timeout=60,
+                   what="the quick route's delivery")
+        assert not files(tmp_path / "slow")  # its stable age is not over yet
+        wait_until(lambda: len(files(tmp_path / "slow")) == 2, timeout=60,
+                   what="the slow route's delivery")
+        router.wait_state(uid, "delivered")
+        r = dicomrouter("status", "--study", uid, "--config", str(router.config_path))
+        history = r.stdout
+        assert history.index("destinations: quick") < history.index("now also to slow"), history
+        assert "route 'slow' waits for its stable age (6 s)" in history, history
