@@ -16,7 +16,7 @@ from . import destinations, metrics
 from .config import Config
 from .delivery import DeliveryWorkers
 from .receivers import ReceiverProcesses
-from .routing import route
+from .routing import Decision, route
 from .scp import services
 from .scp.fast import FastStorageSCP
 from .scp.server import StorageSCP
@@ -86,6 +86,9 @@ class Router:
         self.receivers = ReceiverProcesses(cfg)
         self.sources = SourcePollers(cfg, self.state, self.spool)
         self._source_names = source_names(cfg)
+        # routes with their own stable age: studies are looked at after the shortest one
+        self._route_ages = [r.stable_age for r in cfg.routes if r.stable_age is not None]
+        self._min_stable_age = min([cfg.stable_age, *self._route_ages])
         self._stop = threading.Event()
         self._tracker: threading.Thread | None = None
         self._warned_quota = False
@@ -180,8 +183,11 @@ class Router:
         next_sweep = plan.next_after(self.clock()) if plan is not None else None
         while not self._stop.wait(TICK):
             try:
-                for study in self.state.due_studies(self.cfg.stable_age):
+                for study in self.state.due_studies(self._min_stable_age):
                     self.complete(study)
+                if self._route_ages:
+                    for study in self.state.awaiting_studies(self.clock()):
+                        self._complete_waiting(study)
                 if plan is not None and next_sweep is not None and self.clock() >= next_sweep:
                     self.sweep()
                     next_sweep = plan.next_after(self.clock())
@@ -200,22 +206,70 @@ class Router:
             return
         instances = self.state.instances(study_uid, present_only=False)
         decision = route(self.cfg.routes, instances, self.spool.open, self._source_names)
-        if not self.state.route_study(study_uid, decision.destinations, decision.routes, seen,
-                                      decision.summary()):
+        ready_routes, ready, waiting = self._ready(decision, seen.last_received)
+        if waiting and not ready:  # every matching route has a longer stable age: not yet
+            self.state.set_await(study_uid, seen.last_received + min(waiting.values()))
+            return
+        if not self.state.route_study(study_uid, ready, ready_routes, seen, decision.summary()):
             return  # an instance arrived meanwhile; it completes later
-        if seen.state != "unrouted" or decision.destinations:
-            metrics.STUDIES.labels("routed" if decision.destinations else "unrouted").inc()
+        if waiting:
+            self.state.set_await(study_uid, seen.last_received + min(waiting.values()), "; ".join(
+                f"route {name!r} waits for its stable age ({age:g} s)"
+                for name, age in waiting.items()))
+        if seen.state != "unrouted" or ready:
+            metrics.STUDIES.labels("routed" if ready else "unrouted").inc()
         new = sum(1 for i in instances if i.generation == seen.generation)
         who = f"patient {seen.patient_id or '?'}, from {seen.calling_ae}"
-        if decision.destinations:
+        if ready:
             log.info("study %s complete (%s): %d new instance(s), generation %d; matched %s "
-                     "→ %s", study_uid, who, new, seen.generation,
-                     ", ".join(repr(r) for r in decision.routes),
-                     ", ".join(decision.destinations))
-            self.workers.notify(decision.destinations)
+                     "→ %s%s", study_uid, who, new, seen.generation,
+                     ", ".join(repr(r) for r in ready_routes), ", ".join(ready),
+                     "; waiting for " + ", ".join(repr(r) for r in waiting) if waiting else "")
+            self.workers.notify(ready)
         elif seen.state != "unrouted":
             log.warning("study %s complete (%s): %d instance(s) matched no route; kept in the "
                         "spool as unrouted", study_uid, who, new)
+
+    def _ready(self, decision: Decision, last_received: float
+               ) -> tuple[list[str], list[str], dict[str, float]]:
+        """The matched routes whose stable age (their own, or the global one) is over, their
+        destinations, and the routes still waiting (name → stable age)."""
+        by_name = {r.name: r for r in self.cfg.routes}
+        elapsed = self.clock() - last_received
+        ready_routes: list[str] = []
+        waiting: dict[str, float] = {}
+        for name in decision.routes:
+            r = by_name.get(name)
+            age = r.stable_age if r is not None and r.stable_age is not None \
+                else self.cfg.stable_age
+            if age <= elapsed + 0.05:
+                ready_routes.append(name)
+            else:
+                waiting[name] = age
+        ready = list(dict.fromkeys(d for name in ready_routes for d in by_name[name].to
+                                   if d in decision.destinations))
+        return ready_routes, ready, waiting
+
+    def _complete_waiting(self, study_uid: str) -> None:
+        """A routed study whose next route's own stable age is over: add its destinations."""
+        seen = self.state.study(study_uid)
+        if seen is None:
+            return
+        instances = self.state.instances(study_uid, present_only=False)
+        decision = route(self.cfg.routes, instances, self.spool.open, self._source_names)
+        ready_routes, ready, waiting = self._ready(decision, seen.last_received)
+        new = self.state.sweep_study(study_uid, ready, ready_routes,
+                                     why="stable age over") if ready else []
+        self.state.set_await(study_uid, seen.last_received + min(waiting.values())
+                             if waiting else None)
+        if new:
+            log.info("study %s: the stable age of %s is over → %s", study_uid,
+                     ", ".join(repr(r) for r in ready_routes), ", ".join(new))
+            self.workers.notify(new)
+        elif not waiting and self.state.settle_study(study_uid):  # all were delivered already
+            log.info("study %s delivered to every destination", study_uid)
+            if not self.cfg.keep_after_delivery and self.cfg.retention <= 0:
+                self._cleanup.put(study_uid)
 
     def sweep(self) -> int:
         """Route the spooled studies to what the current table sends them to and they have no

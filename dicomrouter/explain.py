@@ -71,7 +71,9 @@ def as_dict(study_uid: str, instances: list[Instance], decision: Decision,
         "schedules": {d: cfg.destinations[d].schedule.describe()
                       for d in decision.destinations
                       if d in cfg.destinations and cfg.destinations[d].schedule is not None},
-        "completion": f"stable_age {cfg.stable_age:g} s after the last instance",
+        "completion": f"stable_age {cfg.stable_age:g} s after the last instance" + "".join(
+            f"; route {r.name!r}: {r.stable_age:g} s" for r in cfg.routes
+            if r.stable_age is not None and r.name in decision.routes),
     }
 
 

@@ -197,6 +197,7 @@ class RouteConfig:
     stop: bool = False  # first-match: no route after this one when it matched
     fallback: bool = False  # fires only when no other route matched
     transforms: tuple[Any, ...] = ()  # transforms.Op for the copies this route sends
+    stable_age: float | None = None  # this route's own (None: the global stable_age)
 
 
 def _matcher(keyword: str, raw: Any, key: str) -> Matcher:

@@ -484,6 +484,7 @@ class RouteModel(_Strict):
     stop: Bool = False
     fallback: Bool = False
     transforms: Annotated[tuple[Any, ...], _v(_transforms)] = ()
+    stable_age: Duration | None = None  # overrides the global one for this route
 
     @model_validator(mode="after")
     def _fallback_has_no_conditions(self) -> RouteModel:
@@ -622,7 +623,8 @@ class ConfigModel(_Strict):
                 name=str(name), type=d.type, options=options, concurrency=d.concurrency,
                 retry=d.retry.policy(retry), schedule=d.window(), transforms=d.transforms)
         routes = tuple(RouteConfig(name=r.name or f"route {i + 1}", when=r.when, to=r.to,
-                                   stop=r.stop, fallback=r.fallback, transforms=r.transforms)
+                                   stop=r.stop, fallback=r.fallback, transforms=r.transforms,
+                                   stable_age=r.stable_age)
                        for i, r in enumerate(self.routes or []))
         limits = Limits(**{k: getattr(self, k) for k in Limits.__dataclass_fields__})
         return Config(

@@ -104,8 +104,15 @@ class State(ABC):
     def sweepable_studies(self) -> list[str]: ...
 
     @abstractmethod
+    def set_await(self, study_uid: str, until: float | None, why: str = "") -> None:
+        """A route waits for its own stable age until ``until`` (None: none waits)."""
+
+    @abstractmethod
+    def awaiting_studies(self, now: float | None = None) -> list[str]: ...
+
+    @abstractmethod
     def sweep_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
-                    explanation: str = "") -> list[str]:
+                    explanation: str = "", why: str = "sweep") -> list[str]:
         """Jobs for the destinations the study has none for yet (the sweep); those added."""
 
     # ---- delivery

@@ -147,6 +147,8 @@ class SQLiteState(State):
             if "routes" not in columns:  # spools from before manifests named the route
                 self._db.execute("ALTER TABLE jobs ADD COLUMN routes TEXT")
             qr_columns(self._db)
+            if "await_until" not in {r[1] for r in self._db.execute("PRAGMA table_info(studies)")}:
+                self._db.execute("ALTER TABLE studies ADD COLUMN await_until REAL")
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(ledger)")}
             if "sent_uid" not in columns:  # de-identified copies go out under another UID
                 self._db.execute("ALTER TABLE ledger ADD COLUMN sent_uid TEXT")
@@ -214,13 +216,14 @@ class SQLiteState(State):
             elif row["state"] != "receiving":
                 generation = row["generation"] + 1
                 db.execute("UPDATE studies SET state='receiving', generation=?, last_received=?,"
-                           " in_spool=1, calling_ae=? WHERE study_uid=?",
+                           " in_spool=1, calling_ae=?, await_until=NULL WHERE study_uid=?",
                            (generation, now, calling_ae, study))
                 self._event(db, study, f"reopened by a late arrival from {calling_ae} "
                             f"(generation {generation})", now)
             else:
                 generation = row["generation"]
-                db.execute("UPDATE studies SET last_received=? WHERE study_uid=?", (now, study))
+                db.execute("UPDATE studies SET last_received=?, await_until=NULL WHERE"
+                           " study_uid=?", (now, study))
             old = db.execute("SELECT size, present FROM instances WHERE sop_uid=?",
                              (sop,)).fetchone()
             replaced_size = old["size"] if old is not None and old["present"] else 0
@@ -245,10 +248,25 @@ class SQLiteState(State):
 
     def due_studies(self, stable_age: float, now: float | None = None) -> list[str]:
         """Studies receiving with no arrival for ``stable_age`` seconds."""
-        cutoff = (now or time.time()) - stable_age
+        now = now or time.time()
         rows = self._query("SELECT study_uid FROM studies WHERE state='receiving' AND"
-                           " last_received <= ? ORDER BY last_received", (cutoff,))
+                           " last_received <= ? AND (await_until IS NULL OR await_until <= ?)"
+                           " ORDER BY last_received", (now - stable_age, now))
         return [r["study_uid"] for r in rows]
+
+    def set_await(self, study_uid: str, until: float | None, why: str = "") -> None:
+        """A route of the study waits for its own stable age: look at it again at ``until``
+        (None: nothing waits any more)."""
+        with self._tx() as db:
+            db.execute("UPDATE studies SET await_until=? WHERE study_uid=?", (until, study_uid))
+            if why:
+                self._event(db, study_uid, why, time.time())
+
+    def awaiting_studies(self, now: float | None = None) -> list[str]:
+        """Routed studies with a route whose stable age is now over."""
+        return [r["study_uid"] for r in self._query(
+            "SELECT study_uid FROM studies WHERE state!='receiving' AND await_until IS NOT NULL"
+            " AND await_until <= ?", (now or time.time(),))]
 
     def studies_in_state(self, state: str) -> list[str]:
         return [r["study_uid"] for r in
@@ -327,7 +345,7 @@ class SQLiteState(State):
             " ('routed','delivered','failed','unrouted') ORDER BY first_received")]
 
     def sweep_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
-                    explanation: str = "") -> list[str]:
+                    explanation: str = "", why: str = "sweep") -> list[str]:
         """Add jobs for the destinations the study has none for yet; the ones added."""
         now = time.time()
         with self._tx() as db:
@@ -349,7 +367,7 @@ class SQLiteState(State):
             db.execute("UPDATE studies SET state='routed', completed_at=COALESCE(completed_at,"
                        " ?) WHERE study_uid=? AND state IN ('delivered','unrouted')",
                        (now, study_uid))
-            self._event(db, study_uid, f"sweep: now also to {', '.join(new)} (routes: "
+            self._event(db, study_uid, f"{why}: now also to {', '.join(new)} (routes: "
                         f"{', '.join(routes)})" + (f"; routing: {explanation}"
                                                    if explanation else ""), now)
         return new
@@ -473,8 +491,10 @@ class SQLiteState(State):
         """If every job of a routed study is delivered, mark it delivered. Returns True then."""
         now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
-            if row is None or row["state"] not in ("routed", "failed"):
+            row = db.execute("SELECT state, await_until FROM studies WHERE study_uid=?",
+                             (study_uid,)).fetchone()
+            if row is None or row["state"] not in ("routed", "failed") or \
+                    row["await_until"] is not None:  # a route still waits for its stable age
                 return False
             open_jobs = db.execute("SELECT COUNT(*) FROM jobs WHERE study_uid=? AND"
                                    " state!='delivered'", (study_uid,)).fetchone()[0]
