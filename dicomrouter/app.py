@@ -89,6 +89,8 @@ class Router:
         # routes with their own stable age: studies are looked at after the shortest one
         self._route_ages = [r.stable_age for r in cfg.routes if r.stable_age is not None]
         self._min_stable_age = min([cfg.stable_age, *self._route_ages])
+        # senders asked (C-FIND) how many instances a study has: complete when they are all in
+        self._counted = [ae for ae, k in cfg.known_aes.items() if k.count_query]
         self._stop = threading.Event()
         self._tracker: threading.Thread | None = None
         self._warned_quota = False
@@ -188,6 +190,8 @@ class Router:
                 if self._route_ages:
                     for study in self.state.awaiting_studies(self.clock()):
                         self._complete_waiting(study)
+                if self._counted:
+                    self._ask_counts()
                 if plan is not None and next_sweep is not None and self.clock() >= next_sweep:
                     self.sweep()
                     next_sweep = plan.next_after(self.clock())
@@ -206,7 +210,8 @@ class Router:
             return
         instances = self.state.instances(study_uid, present_only=False)
         decision = route(self.cfg.routes, instances, self.spool.open, self._source_names)
-        ready_routes, ready, waiting = self._ready(decision, seen.last_received)
+        counted = bool(self._counted) and self.state.all_announced_in(study_uid)
+        ready_routes, ready, waiting = self._ready(decision, seen.last_received, counted)
         if waiting and not ready:  # every matching route has a longer stable age: not yet
             self.state.set_await(study_uid, seen.last_received + min(waiting.values()))
             return
@@ -230,12 +235,46 @@ class Router:
             log.warning("study %s complete (%s): %d instance(s) matched no route; kept in the "
                         "spool as unrouted", study_uid, who, new)
 
-    def _ready(self, decision: Decision, last_received: float
+    def _ask_counts(self) -> None:
+        """Ask senders with ``count_query`` for the instance count of their new studies (one
+        C-FIND each); the study then completes as soon as that many are in, before the stable
+        age. A sender that cannot say leaves the stable age alone in charge."""
+        from pydicom.dataset import Dataset
+
+        from .qrscu import PeerError, Remote, find
+
+        for study_uid, calling in self.state.to_count(self._counted)[:4]:
+            known = self.cfg.known_aes[calling]
+            remote = Remote(calling, known.host, known.port,
+                            known.calling_ae or self.cfg.ae_title, 10.0)
+            q = Dataset()
+            q.QueryRetrieveLevel = "STUDY"
+            q.StudyInstanceUID = study_uid
+            q.NumberOfStudyRelatedInstances = ""
+            try:
+                answers = find(remote, q)
+                count = int(answers[0].get("NumberOfStudyRelatedInstances") or 0) \
+                    if answers else 0
+            except (PeerError, ValueError, TypeError) as exc:
+                self.state.set_expected(study_uid, 0, f"{calling} could not say how many "
+                                        f"instances the study has ({exc}); the stable age "
+                                        "decides")
+                continue
+            if count > 0:
+                self.state.set_expected(study_uid, count, f"{calling} announced {count} "
+                                        "instance(s) (C-FIND)")
+                log.info("study %s: %s announced %d instance(s)", study_uid, calling, count)
+            else:
+                self.state.set_expected(study_uid, 0, f"{calling} did not announce an instance "
+                                        "count; the stable age decides")
+
+    def _ready(self, decision: Decision, last_received: float, complete: bool = False
                ) -> tuple[list[str], list[str], dict[str, float]]:
         """The matched routes whose stable age (their own, or the global one) is over, their
-        destinations, and the routes still waiting (name → stable age)."""
+        destinations, and the routes still waiting (name → stable age). ``complete``: every
+        announced instance is in, no timer needs to pass."""
         by_name = {r.name: r for r in self.cfg.routes}
-        elapsed = self.clock() - last_received
+        elapsed = float("inf") if complete else self.clock() - last_received
         ready_routes: list[str] = []
         waiting: dict[str, float] = {}
         for name in decision.routes:

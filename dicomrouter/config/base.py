@@ -293,6 +293,7 @@ class KnownAE:
     host: str
     port: int
     calling_ae: str | None = None  # the router's AE title toward this peer (default: ae_title)
+    count_query: bool = False  # ask it (C-FIND) how many instances a study it sends has
 
 
 @dataclass(frozen=True)

@@ -475,6 +475,7 @@ class KnownAEModel(_Strict):
     host: Text
     port: Int(1, 65535)
     calling_ae: AETitle | None = None
+    count_query: Bool = False
 
 
 class RouteModel(_Strict):
@@ -636,7 +637,7 @@ class ConfigModel(_Strict):
             receiver=self.receiver, receivers=self.receivers, limits=limits,
             check_called_ae=self.check_called_ae, query_retrieve=self.query_retrieve,
             commitment_scp=self.commitment_scp,
-            known_aes={str(k): KnownAE(str(k), v.host, v.port, v.calling_ae)
+            known_aes={str(k): KnownAE(str(k), v.host, v.port, v.calling_ae, v.count_query)
                        for k, v in (self.known_aes or {}).items()},
             sources={str(k): SourceConfig(str(k), v.type, v.interval,
                                           self._source_options(k, v, path))

@@ -111,6 +111,16 @@ class State(ABC):
     def awaiting_studies(self, now: float | None = None) -> list[str]: ...
 
     @abstractmethod
+    def to_count(self, calling_aes: Sequence[str]) -> list[tuple[str, str]]:
+        """(study, calling AE) of receiving studies whose sender was not asked yet."""
+
+    @abstractmethod
+    def set_expected(self, study_uid: str, count: int, why: str) -> None: ...
+
+    @abstractmethod
+    def all_announced_in(self, study_uid: str) -> bool: ...
+
+    @abstractmethod
     def sweep_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
                     explanation: str = "", why: str = "sweep") -> list[str]:
         """Jobs for the destinations the study has none for yet (the sweep); those added."""

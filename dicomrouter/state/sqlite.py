@@ -147,8 +147,11 @@ class SQLiteState(State):
             if "routes" not in columns:  # spools from before manifests named the route
                 self._db.execute("ALTER TABLE jobs ADD COLUMN routes TEXT")
             qr_columns(self._db)
-            if "await_until" not in {r[1] for r in self._db.execute("PRAGMA table_info(studies)")}:
+            study_columns = {r[1] for r in self._db.execute("PRAGMA table_info(studies)")}
+            if "await_until" not in study_columns:
                 self._db.execute("ALTER TABLE studies ADD COLUMN await_until REAL")
+            if "expected_instances" not in study_columns:  # announced by the sender (C-FIND)
+                self._db.execute("ALTER TABLE studies ADD COLUMN expected_instances INTEGER")
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(ledger)")}
             if "sent_uid" not in columns:  # de-identified copies go out under another UID
                 self._db.execute("ALTER TABLE ledger ADD COLUMN sent_uid TEXT")
@@ -249,10 +252,36 @@ class SQLiteState(State):
     def due_studies(self, stable_age: float, now: float | None = None) -> list[str]:
         """Studies receiving with no arrival for ``stable_age`` seconds."""
         now = now or time.time()
-        rows = self._query("SELECT study_uid FROM studies WHERE state='receiving' AND"
-                           " last_received <= ? AND (await_until IS NULL OR await_until <= ?)"
-                           " ORDER BY last_received", (now - stable_age, now))
+        rows = self._query(
+            "SELECT study_uid FROM studies s WHERE state='receiving' AND"
+            " (await_until IS NULL OR await_until <= ?) AND (last_received <= ? OR"
+            " (expected_instances > 0 AND (SELECT COUNT(*) FROM instances i WHERE"
+            "  i.study_uid=s.study_uid) >= expected_instances)) ORDER BY last_received",
+            (now, now - stable_age))
         return [r["study_uid"] for r in rows]
+
+    def to_count(self, calling_aes: Sequence[str]) -> list[tuple[str, str]]:
+        """(study, calling AE) of receiving studies from these senders not asked yet."""
+        if not calling_aes:
+            return []
+        return [(r["study_uid"], r["calling_ae"]) for r in self._query(
+            "SELECT study_uid, calling_ae FROM studies WHERE state='receiving' AND"
+            f" expected_instances IS NULL AND calling_ae IN ({','.join('?' * len(calling_aes))})",
+            list(calling_aes))]
+
+    def all_announced_in(self, study_uid: str) -> bool:
+        """Whether the sender announced a count and that many instances are in."""
+        rows = self._query("SELECT expected_instances AS want, (SELECT COUNT(*) FROM instances"
+                           " WHERE study_uid=?) AS have FROM studies WHERE study_uid=?",
+                           (study_uid, study_uid))
+        return bool(rows) and (rows[0]["want"] or 0) > 0 and rows[0]["have"] >= rows[0]["want"]
+
+    def set_expected(self, study_uid: str, count: int, why: str) -> None:
+        """The instance count the sender announced (0: it could not say)."""
+        with self._tx() as db:
+            db.execute("UPDATE studies SET expected_instances=? WHERE study_uid=?",
+                       (count, study_uid))
+            self._event(db, study_uid, why, time.time())
 
     def set_await(self, study_uid: str, until: float | None, why: str = "") -> None:
         """A route of the study waits for its own stable age: look at it again at ``until``
@@ -311,6 +340,15 @@ class SQLiteState(State):
                 return False
             n = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=? AND generation=?",
                            (study_uid, expected_generation)).fetchone()[0]
+            announced = db.execute("SELECT expected_instances, (SELECT COUNT(*) FROM instances"
+                                   " WHERE study_uid=?) FROM studies WHERE study_uid=?",
+                                   (study_uid, study_uid)).fetchone()
+            if announced[0] and announced[0] > 0 and row["state"] == "receiving":
+                have, want = announced[1], announced[0]
+                self._event(db, study_uid, f"complete with {have} of {want} announced "
+                            "instance(s)" if have >= want else f"the stable age passed with "
+                            f"only {have} of {want} announced instance(s): routed as it is",
+                            now)
             if explanation and row["state"] != "unrouted":
                 self._event(db, study_uid, f"routing: {explanation}", now)
             if not destinations:

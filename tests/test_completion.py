@@ -1,0 +1,76 @@
+"""Completeness evidence: the sender (a real Orthanc) is asked how many instances a study
+has, and the study completes as soon as they are all in, long before its stable age."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from peers import Orthanc, run_storescu, wait_until
+from router_fixtures import Router, dicomrouter, tags_of
+
+from dicomrouter.benchmark.procs import free_port
+from dicomrouter.sample import generate
+
+pytestmark = pytest.mark.usefixtures("dcmtk_available")
+
+
+def history(router: Router, uid: str) -> str:
+    return dicomrouter("status", "--study", uid, "--config", str(router.config_path)).stdout
+
+
+def test_an_announced_count_completes_the_study_before_the_timer(tmp_path: Path,
+                                                                  orthanc) -> None:
+    port = free_port()
+    pacs: Orthanc = orthanc(aet="PACS", modalities={"router": ["DICOMROUTER", "127.0.0.1",
+                                                               port]})
+    study = generate(tmp_path / "study", series=2, instances=3, rows=8, cols=8, seed=151)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    for f in study:
+        pacs.post("/instances", f.read_bytes())
+    partial = generate(tmp_path / "partial", series=1, instances=4, rows=8, cols=8, seed=152)
+    partial_uid = tags_of(partial[0], "StudyInstanceUID")[0]
+    for f in partial:
+        pacs.post("/instances", f.read_bytes())
+    with Router(tmp_path / "router", {
+        "port": port, "stable_age": "5m",
+        "known_aes": {"PACS": {"host": "127.0.0.1", "port": pacs.dicom_port,
+                               "count_query": True}},
+        "destinations": {"tree": {"type": "folder", "path": str(tmp_path / "tree")}},
+        "routes": [{"to": "tree"}],
+    }) as router:
+        started = time.monotonic()
+        pacs.post("/modalities/router/store", {"Resources": pacs.get("/studies"),
+                                               "Synchronous": True})
+        router.wait_state(uid, "delivered", timeout=120)
+        assert time.monotonic() - started < 120  # long before the 5 minute stable age
+        text = history(router, uid)
+        assert "PACS announced 6 instance(s) (C-FIND)" in text, text
+        assert "complete with 6 of 6 announced instance(s)" in text, text
+        router.wait_state(partial_uid, "delivered", timeout=120)
+        assert "complete with 4 of 4" in history(router, partial_uid)
+    assert len(list((tmp_path / "tree").rglob("*.dcm"))) == 10
+
+
+def test_the_timer_records_fewer_instances_than_announced(tmp_path: Path, orthanc) -> None:
+    pacs: Orthanc = orthanc(aet="PACS", modalities={  # Orthanc answers C-FIND from known AEs
+        "router": ["DICOMROUTER", "127.0.0.1", 104]})
+    study = generate(tmp_path / "study", series=1, instances=4, rows=8, cols=8, seed=153)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    for f in study:
+        pacs.post("/instances", f.read_bytes())
+    with Router(tmp_path / "router", {
+        "stable_age": "2s",
+        "known_aes": {"PACS": {"host": "127.0.0.1", "port": pacs.dicom_port,
+                               "count_query": True}},
+        "destinations": {"tree": {"type": "folder", "path": str(tmp_path / "tree")}},
+        "routes": [{"to": "tree"}],
+    }) as router:
+        assert run_storescu(study[:2], router.port, calling="PACS").returncode == 0
+        router.wait_state(uid, "delivered", timeout=120)
+        text = history(router, uid)
+    assert "PACS announced 4 instance(s)" in text, text
+    assert "the stable age passed with only 2 of 4 announced instance(s)" in text, text
+    wait_until(lambda: len(list((tmp_path / "tree").rglob("*.dcm"))) == 2, timeout=30,
+               what="the 2 instances delivered")
