@@ -11,6 +11,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from . import destinations, metrics
 from .config import Config
@@ -185,7 +186,8 @@ class Router:
         next_sweep = plan.next_after(self.clock()) if plan is not None else None
         while not self._stop.wait(TICK):
             try:
-                for study in self.state.due_studies(self._min_stable_age):
+                for study in self.state.due_studies(self._min_stable_age,
+                                                    force_after=self.cfg.force_complete_after):
                     self.complete(study)
                 if self._route_ages:
                     for study in self.state.awaiting_studies(self.clock()):
@@ -211,16 +213,27 @@ class Router:
         instances = self.state.instances(study_uid, present_only=False)
         decision = route(self.cfg.routes, instances, self.spool.open, self._source_names)
         counted = bool(self._counted) and self.state.all_announced_in(study_uid)
-        ready_routes, ready, waiting = self._ready(decision, seen.last_received, counted)
+        forced = self._forced(seen, counted)
+        if forced and self.cfg.force_complete == "hold":
+            self.state.hold_study(study_uid, forced + "; held (force_complete: hold): reroute "
+                                  "it by hand when it is complete")
+            log.warning("study %s: %s; held for an operator", study_uid, forced)
+            return
+        ready_routes, ready, waiting = self._ready(decision, seen.last_received,
+                                                   counted or bool(forced))
         if waiting and not ready:  # every matching route has a longer stable age: not yet
             self.state.set_await(study_uid, seen.last_received + min(waiting.values()))
             return
         if not self.state.route_study(study_uid, ready, ready_routes, seen, decision.summary()):
             return  # an instance arrived meanwhile; it completes later
+        if forced:
+            self.state.note(study_uid, forced + "; routed as it is")
+            log.warning("study %s: %s; routed as it is", study_uid, forced)
         if waiting:
             self.state.set_await(study_uid, seen.last_received + min(waiting.values()), "; ".join(
                 f"route {name!r} waits for its stable age ({age:g} s)"
                 for name, age in waiting.items()))
+        self._hold_for_windows(study_uid, ready_routes, ready)
         if seen.state != "unrouted" or ready:
             metrics.STUDIES.labels("routed" if ready else "unrouted").inc()
         new = sum(1 for i in instances if i.generation == seen.generation)
@@ -234,6 +247,34 @@ class Router:
         elif seen.state != "unrouted":
             log.warning("study %s complete (%s): %d instance(s) matched no route; kept in the "
                         "spool as unrouted", study_uid, who, new)
+
+    def _forced(self, seen: Any, counted: bool) -> str:
+        """Why a study still receiving is completed anyway (force_complete_after), or ''."""
+        after = self.cfg.force_complete_after
+        if not after or counted or seen.state != "receiving":
+            return ""
+        if self.clock() - seen.last_received >= self._min_stable_age:
+            return ""  # stable by the timer
+        since = self.state.receiving_for(seen.study_uid, self.clock())
+        if since < after:
+            return ""
+        return (f"still receiving after {since:.0f} s: force_complete_after "
+                f"({after:g} s) reached")
+
+    def _hold_for_windows(self, study_uid: str, ready_routes: list[str],
+                          ready: list[str]) -> None:
+        """Jobs only routes with a delivery window created wait for the earliest window."""
+        by_name = {r.name: r for r in self.cfg.routes}
+        now = self.clock()
+        for dest in ready:
+            windows = [by_name[n].schedule for n in ready_routes if dest in by_name[n].to]
+            if not windows or any(w is None for w in windows) or \
+                    any(w.is_open(now) for w in windows):
+                continue
+            until = min(w.next_open(now) for w in windows)
+            self.state.hold_jobs(study_uid, [dest], until, f"delivery to {dest} scheduled for "
+                                 f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(until))} "
+                                 f"(route window {windows[0].describe()})")
 
     def _ask_counts(self) -> None:
         """Ask senders with ``count_query`` for the instance count of their new studies (one

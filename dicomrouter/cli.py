@@ -310,6 +310,11 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
     for dest, counts in sorted(data["queues"].items()):
         parts = "  ".join(f"{s} {counts.get(s, 0)}" for s in
                           ("pending", "running", "failed", "dead", "delivered"))
+        held = [j for j in state.jobs("pending", dest) if not j["attempts"]
+                and (j["next_attempt"] or 0) > time.time()]
+        if held:
+            parts += f"  ({len(held)} scheduled, the first until " \
+                     f"{_when(min(j['next_attempt'] for j in held))})"
         window = windows.get(dest)
         if window is not None and counts.get("pending") and not window.is_open(time.time()):
             parts += f"  (scheduled until {_when(window.next_open(time.time()))}, " \

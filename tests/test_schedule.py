@@ -102,3 +102,42 @@ def test_a_study_waits_for_its_window_and_moving_the_clock_releases_it(
                    what="delivery once the window opened")
     finally:
         router.stop()
+
+
+def test_a_route_window_holds_only_that_routes_jobs(tmp_path: Path) -> None:
+    from dicomrouter.app import Router
+
+    opens = dt.datetime.now(dt.UTC) + dt.timedelta(hours=3)
+    closes = opens + dt.timedelta(hours=1)
+    port = free_port()
+    raw = {"port": port, "bind": "127.0.0.1", "stable_age": "1s", "web": {"enabled": False},
+           "spool": str(tmp_path / "spool"),
+           "destinations": {"now": {"type": "folder", "path": str(tmp_path / "now")},
+                            "night": {"type": "folder", "path": str(tmp_path / "night")}},
+           "routes": [{"name": "at once", "to": "now"},
+                      {"name": "off-peak", "to": "night", "timezone": "UTC",
+                       "deliver_between": f"{opens:%H:%M}-{closes:%H:%M}"}]}
+    import yaml
+
+    cfg_file = tmp_path / "r.yml"
+    cfg_file.write_text(yaml.safe_dump(raw))
+    clock = FakeClock()
+    router = Router(from_dict(raw, tmp_path, str(cfg_file)), clock=clock)
+    router.start()
+    try:
+        study = generate(tmp_path / "study", series=1, instances=2, rows=8, cols=8, seed=132)
+        uid = tags_of(study[0], "StudyInstanceUID")[0]
+        assert run_storescu(study, port).returncode == 0
+        wait_until(lambda: len(list((tmp_path / "now").rglob("*.dcm"))) == 2, timeout=60,
+                   what="the unscheduled route's delivery")
+        jobs = {j["destination"]: j for j in router.state.jobs(study_uids=[uid])}
+        assert jobs["night"]["state"] == "pending" and jobs["night"]["next_attempt"] > time.time()
+        r = dicomrouter("status", "--config", str(cfg_file))
+        assert "1 scheduled, the first until" in r.stdout, r.stdout
+        clock.offset = (opens - dt.datetime.now(dt.UTC)).total_seconds() + 60
+        router.workers.notify(["night"])
+        wait_until(lambda: len(list((tmp_path / "night").rglob("*.dcm"))) == 2, timeout=60,
+                   what="the off-peak route's delivery once its window opened")
+        assert any("scheduled for" in e for _, e in router.state.history(uid))
+    finally:
+        router.stop()

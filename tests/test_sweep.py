@@ -77,3 +77,30 @@ def test_per_route_stable_ages_fire_in_their_order(tmp_path: Path) -> None:
         history = r.stdout
         assert history.index("destinations: quick") < history.index("now also to slow"), history
         assert "route 'slow' waits for its stable age (6 s)" in history, history
+
+
+@pytest.mark.parametrize("mode", ["route", "hold"])
+def test_a_study_that_never_stops_receiving_is_forced(tmp_path: Path, mode: str) -> None:
+    study = generate(tmp_path / "study", series=1, instances=8, rows=8, cols=8, seed=143)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    with Router(tmp_path / "r", {
+        "stable_age": "1h", "force_complete_after": "2s", "force_complete": mode,
+        "destinations": {"tree": {"type": "folder", "path": str(tmp_path / "tree")}},
+        "routes": [{"to": "tree"}]}) as router:
+
+        def forced() -> bool:
+            text = dicomrouter("status", "--study", uid, "--config",
+                               str(router.config_path)).stdout
+            return "force_complete_after (2 s) reached" in text
+
+        for f in study:  # one instance at a time, never a pause of an hour
+            assert run_storescu([f], router.port).returncode == 0
+            if forced():
+                break
+        wait_until(forced, timeout=60, what="the forced completion")
+        if mode == "route":
+            wait_until(lambda: list((tmp_path / "tree").rglob("*.dcm")), timeout=60,
+                       what="what had arrived, delivered")
+        else:
+            assert router.study_state(uid) == "held"
+            assert not list((tmp_path / "tree").rglob("*.dcm"))

@@ -198,6 +198,7 @@ class RouteConfig:
     fallback: bool = False  # fires only when no other route matched
     transforms: tuple[Any, ...] = ()  # transforms.Op for the copies this route sends
     stable_age: float | None = None  # this route's own (None: the global stable_age)
+    schedule: Any = None  # schedule.Window: the jobs this route creates wait for it
 
 
 def _matcher(keyword: str, raw: Any, key: str) -> Matcher:
@@ -323,6 +324,8 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     listeners: tuple[ListenerConfig, ...] = ()  # [0] is the top-level one (see ``listener``)
     sweep: Any = None  # sweep.SweepPlan: re-route stored studies against the current table
+    force_complete_after: float = 0.0  # 0: never; else a study receiving this long completes
+    force_complete: str = "route"  # route, or hold (state held, for an operator's reroute)
 
     @property
     def listener(self) -> ListenerConfig:

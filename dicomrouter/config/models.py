@@ -486,9 +486,18 @@ class RouteModel(_Strict):
     fallback: Bool = False
     transforms: Annotated[tuple[Any, ...], _v(_transforms)] = ()
     stable_age: Duration | None = None  # overrides the global one for this route
+    deliver_between: Text | None = None  # jobs this route creates wait for the window
+    days: list[Any] | None = None
+    timezone: Text | None = None
+
+    def window(self) -> Any:
+        from ..schedule import parse_window
+
+        return parse_window(self.deliver_between, self.days, self.timezone)
 
     @model_validator(mode="after")
     def _fallback_has_no_conditions(self) -> RouteModel:
+        self.window()  # a bad window is a keyed error
         if self.fallback and self.when:
             raise ConfigError("fallback", "a fallback route fires when no other route "
                               "matched: it takes no when")
@@ -532,6 +541,8 @@ class ConfigModel(_Strict):
     tls: TlsServerModel | None = None  # DICOM TLS on the top-level listener
     listeners: list[ListenerModel] | None = None
     sweep: Annotated[Any, _v(lambda v, k: _sweep(v, k))] = None
+    force_complete_after: Duration = 0.0  # a study receiving this long completes anyway
+    force_complete: Choice("route", "hold") = "route"  # ... or is held for an operator
     max_query_results: Int(1, 10_000_000) = Limits.max_query_results
     # listener limits (docs/security.md)
     acse_timeout: Duration = Limits.acse_timeout
@@ -625,7 +636,7 @@ class ConfigModel(_Strict):
                 retry=d.retry.policy(retry), schedule=d.window(), transforms=d.transforms)
         routes = tuple(RouteConfig(name=r.name or f"route {i + 1}", when=r.when, to=r.to,
                                    stop=r.stop, fallback=r.fallback, transforms=r.transforms,
-                                   stable_age=r.stable_age)
+                                   stable_age=r.stable_age, schedule=r.window())
                        for i, r in enumerate(self.routes or []))
         limits = Limits(**{k: getattr(self, k) for k in Limits.__dataclass_fields__})
         return Config(
@@ -644,7 +655,8 @@ class ConfigModel(_Strict):
                      for k, v in (self.sources or {}).items()},
             web=WebConfig(**self.web.model_dump()),
             listeners=self._listeners(path),
-            sweep=self.sweep,
+            sweep=self.sweep, force_complete_after=self.force_complete_after,
+            force_complete=self.force_complete,
             source=source)
 
 

@@ -82,8 +82,24 @@ class State(ABC):
 
     # ---- completion and routing
     @abstractmethod
-    def due_studies(self, stable_age: float, now: float | None = None) -> list[str]:
-        """Studies receiving with no arrival for ``stable_age`` seconds."""
+    def due_studies(self, stable_age: float, now: float | None = None,
+                    force_after: float = 0.0) -> list[str]:
+        """Studies receiving with no arrival for ``stable_age`` seconds (or complete by the
+        announced count, or receiving for ``force_after`` seconds)."""
+
+    @abstractmethod
+    def receiving_for(self, study_uid: str, now: float | None = None) -> float: ...
+
+    @abstractmethod
+    def hold_study(self, study_uid: str, why: str) -> None: ...
+
+    @abstractmethod
+    def note(self, study_uid: str, text: str) -> None:
+        """Append one event to a study's history."""
+
+    @abstractmethod
+    def hold_jobs(self, study_uid: str, destinations: Sequence[str], until: float,
+                  why: str) -> None: ...
 
     @abstractmethod
     def studies_in_state(self, state: str) -> list[str]: ...

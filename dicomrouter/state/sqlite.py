@@ -152,6 +152,8 @@ class SQLiteState(State):
                 self._db.execute("ALTER TABLE studies ADD COLUMN await_until REAL")
             if "expected_instances" not in study_columns:  # announced by the sender (C-FIND)
                 self._db.execute("ALTER TABLE studies ADD COLUMN expected_instances INTEGER")
+            if "receiving_since" not in study_columns:  # force_complete_after counts from it
+                self._db.execute("ALTER TABLE studies ADD COLUMN receiving_since REAL")
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(ledger)")}
             if "sent_uid" not in columns:  # de-identified copies go out under another UID
                 self._db.execute("ALTER TABLE ledger ADD COLUMN sent_uid TEXT")
@@ -211,16 +213,17 @@ class SQLiteState(State):
                 db.execute(
                     "INSERT INTO studies(study_uid, patient_id, patient_name, study_date,"
                     " accession, description, calling_ae, called_ae, state, generation,"
-                    " first_received, last_received) VALUES (?,?,?,?,?,?,?,?,'receiving',1,?,?)",
+                    " first_received, last_received, receiving_since)"
+                    " VALUES (?,?,?,?,?,?,?,?,'receiving',1,?,?,?)",
                     (study, tags.get("PatientID"), tags.get("PatientName"), tags.get("StudyDate"),
                      tags.get("AccessionNumber"), tags.get("StudyDescription"), calling_ae,
-                     called_ae, now, now))
+                     called_ae, now, now, now))
                 self._event(db, study, f"receiving from {calling_ae}", now)
             elif row["state"] != "receiving":
                 generation = row["generation"] + 1
                 db.execute("UPDATE studies SET state='receiving', generation=?, last_received=?,"
-                           " in_spool=1, calling_ae=?, await_until=NULL WHERE study_uid=?",
-                           (generation, now, calling_ae, study))
+                           " in_spool=1, calling_ae=?, await_until=NULL, receiving_since=?"
+                           " WHERE study_uid=?", (generation, now, calling_ae, now, study))
                 self._event(db, study, f"reopened by a late arrival from {calling_ae} "
                             f"(generation {generation})", now)
             else:
@@ -249,16 +252,48 @@ class SQLiteState(State):
 
     # ---- study completion and routing ------------------------------------------------------
 
-    def due_studies(self, stable_age: float, now: float | None = None) -> list[str]:
-        """Studies receiving with no arrival for ``stable_age`` seconds."""
+    def due_studies(self, stable_age: float, now: float | None = None,
+                    force_after: float = 0.0) -> list[str]:
+        """Studies receiving with no arrival for ``stable_age`` seconds (or every announced
+        instance in, or receiving for ``force_after`` seconds when it is set)."""
         now = now or time.time()
+        forced = now - force_after if force_after > 0 else -1.0
         rows = self._query(
             "SELECT study_uid FROM studies s WHERE state='receiving' AND"
             " (await_until IS NULL OR await_until <= ?) AND (last_received <= ? OR"
+            " COALESCE(receiving_since, first_received) <= ? OR"
             " (expected_instances > 0 AND (SELECT COUNT(*) FROM instances i WHERE"
             "  i.study_uid=s.study_uid) >= expected_instances)) ORDER BY last_received",
-            (now, now - stable_age))
+            (now, now - stable_age, forced))
         return [r["study_uid"] for r in rows]
+
+    def receiving_for(self, study_uid: str, now: float | None = None) -> float:
+        """Seconds the study has been receiving (this generation)."""
+        rows = self._query("SELECT COALESCE(receiving_since, first_received) AS t FROM studies"
+                           " WHERE study_uid=?", (study_uid,))
+        return (now or time.time()) - (rows[0]["t"] or 0) if rows else 0.0
+
+    def note(self, study_uid: str, text: str) -> None:
+        """One event in a study's history."""
+        with self._tx() as db:
+            self._event(db, study_uid, text, time.time())
+
+    def hold_study(self, study_uid: str, why: str) -> None:
+        """A study that would not stop receiving, held for an operator (reroute)."""
+        with self._tx() as db:
+            db.execute("UPDATE studies SET state='held' WHERE study_uid=? AND state='receiving'",
+                       (study_uid,))
+            self._event(db, study_uid, why, time.time())
+
+    def hold_jobs(self, study_uid: str, destinations: Sequence[str], until: float,
+                  why: str) -> None:
+        """New jobs of a route with a delivery window wait for it."""
+        with self._tx() as db:
+            for dest in destinations:
+                db.execute("UPDATE jobs SET next_attempt=MAX(next_attempt, ?) WHERE"
+                           " study_uid=? AND destination=? AND state='pending'",
+                           (until, study_uid, dest))
+            self._event(db, study_uid, why, time.time())
 
     def to_count(self, calling_aes: Sequence[str]) -> list[tuple[str, str]]:
         """(study, calling AE) of receiving studies from these senders not asked yet."""
@@ -334,7 +369,7 @@ class SQLiteState(State):
         with self._tx() as db:
             row = db.execute("SELECT state, generation, last_received FROM studies"
                              " WHERE study_uid=?", (study_uid,)).fetchone()
-            if row is None or row["state"] not in ("receiving", "unrouted") \
+            if row is None or row["state"] not in ("receiving", "unrouted", "held") \
                     or row["generation"] != expected_generation \
                     or row["last_received"] != seen.last_received:
                 return False
@@ -827,7 +862,7 @@ class SQLiteState(State):
         now = time.time()
         with self._tx() as db:
             n = db.execute("UPDATE studies SET state='unrouted' WHERE study_uid=? AND in_spool=1"
-                           " AND state IN ('routed','delivered','failed','unrouted')",
+                           " AND state IN ('routed','delivered','failed','unrouted','held')",
                            (study_uid,)).rowcount
             if n:
                 self._event(db, study_uid, "rerouted by hand", now)
