@@ -10,7 +10,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import destinations, metrics
@@ -24,7 +24,7 @@ from .scp.server import StorageSCP
 from .sources import source_names
 from .sources.runner import SourcePollers
 from .spool import Spool
-from .state import Job, open_state
+from .state import Instance, Job, open_state
 
 log = logging.getLogger("dicomrouter")
 
@@ -92,6 +92,7 @@ class Router:
         self._min_stable_age = min([cfg.stable_age, *self._route_ages])
         # senders asked (C-FIND) how many instances a study has: complete when they are all in
         self._counted = [ae for ae, k in cfg.known_aes.items() if k.count_query]
+        self._expecting = [r for r in cfg.routes if r.expect]  # expect: complete early
         self._stop = threading.Event()
         self._tracker: threading.Thread | None = None
         self._warned_quota = False
@@ -181,7 +182,7 @@ class Router:
     # ---- study completion ------------------------------------------------------------------
 
     def _track(self) -> None:
-        last_housekeeping = 0.0
+        last_housekeeping = last_expect = 0.0
         plan = self.cfg.sweep
         next_sweep = plan.next_after(self.clock()) if plan is not None else None
         while not self._stop.wait(TICK):
@@ -194,6 +195,9 @@ class Router:
                         self._complete_waiting(study)
                 if self._counted:
                     self._ask_counts()
+                if self._expecting and time.monotonic() - last_expect > 1.0:
+                    last_expect = time.monotonic()
+                    self._check_expectations()
                 if plan is not None and next_sweep is not None and self.clock() >= next_sweep:
                     self.sweep()
                     next_sweep = plan.next_after(self.clock())
@@ -219,13 +223,15 @@ class Router:
                                   "it by hand when it is complete")
             log.warning("study %s: %s; held for an operator", study_uid, forced)
             return
-        ready_routes, ready, waiting = self._ready(decision, seen.last_received,
-                                                   counted or bool(forced))
+        ready_routes, ready, waiting, met = self._ready(decision, seen.last_received,
+                                                        counted or bool(forced), instances)
         if waiting and not ready:  # every matching route has a longer stable age: not yet
             self.state.set_await(study_uid, seen.last_received + min(waiting.values()))
             return
         if not self.state.route_study(study_uid, ready, ready_routes, seen, decision.summary()):
             return  # an instance arrived meanwhile; it completes later
+        for name, why in met.items():
+            self.state.note(study_uid, f"route {name!r}: {why}, before its stable age")
         if forced:
             self.state.note(study_uid, forced + "; routed as it is")
             log.warning("study %s: %s; routed as it is", study_uid, forced)
@@ -276,6 +282,19 @@ class Router:
                                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(until))} "
                                  f"(route window {windows[0].describe()})")
 
+    def _check_expectations(self) -> None:
+        """Receiving studies a route with ``expect`` now matches and finds complete: route
+        them (that route) now rather than after the stable age."""
+        for uid in self.state.studies_in_state("receiving"):
+            instances = self.state.instances(uid, present_only=False)
+            if not instances:
+                continue
+            current = [i for i in instances if i.generation == instances[-1].generation]
+            decision = route(self._expecting, current, self.spool.open, self._source_names)
+            by_name = {r.name: r for r in self._expecting}
+            if any(by_name[n].expectation_met(current) for n in decision.routes):
+                self.complete(uid)
+
     def _ask_counts(self) -> None:
         """Ask senders with ``count_query`` for the instance count of their new studies (one
         C-FIND each); the study then completes as soon as that many are in, before the stable
@@ -309,12 +328,14 @@ class Router:
                 self.state.set_expected(study_uid, 0, f"{calling} did not announce an instance "
                                         "count; the stable age decides")
 
-    def _ready(self, decision: Decision, last_received: float, complete: bool = False
-               ) -> tuple[list[str], list[str], dict[str, float]]:
+    def _ready(self, decision: Decision, last_received: float, complete: bool = False,
+               instances: Sequence[Instance] = ()
+               ) -> tuple[list[str], list[str], dict[str, float], dict[str, str]]:
         """The matched routes whose stable age (their own, or the global one) is over, their
         destinations, and the routes still waiting (name → stable age). ``complete``: every
         announced instance is in, no timer needs to pass."""
         by_name = {r.name: r for r in self.cfg.routes}
+        met: dict[str, str] = {}  # routes complete by their expectation, and why
         elapsed = float("inf") if complete else self.clock() - last_received
         ready_routes: list[str] = []
         waiting: dict[str, float] = {}
@@ -324,11 +345,16 @@ class Router:
                 else self.cfg.stable_age
             if age <= elapsed + 0.05:
                 ready_routes.append(name)
+            elif r is not None and (why := r.expectation_met(
+                    [i for i in instances if i.generation == instances[-1].generation]
+                    if instances else [])):
+                ready_routes.append(name)  # complete by its expectation, before the timer
+                met[name] = why
             else:
                 waiting[name] = age
         ready = list(dict.fromkeys(d for name in ready_routes for d in by_name[name].to
                                    if d in decision.destinations))
-        return ready_routes, ready, waiting
+        return ready_routes, ready, waiting, met
 
     def _complete_waiting(self, study_uid: str) -> None:
         """A routed study whose next route's own stable age is over: add its destinations."""
@@ -337,7 +363,7 @@ class Router:
             return
         instances = self.state.instances(study_uid, present_only=False)
         decision = route(self.cfg.routes, instances, self.spool.open, self._source_names)
-        ready_routes, ready, waiting = self._ready(decision, seen.last_received)
+        ready_routes, ready, waiting, _met = self._ready(decision, seen.last_received)
         new = self.state.sweep_study(study_uid, ready, ready_routes,
                                      why="stable age over") if ready else []
         self.state.set_await(study_uid, seen.last_received + min(waiting.values())

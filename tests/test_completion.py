@@ -74,3 +74,34 @@ def test_the_timer_records_fewer_instances_than_announced(tmp_path: Path, orthan
     assert "the stable age passed with only 2 of 4 announced instance(s)" in text, text
     wait_until(lambda: len(list((tmp_path / "tree").rglob("*.dcm"))) == 2, timeout=30,
                what="the 2 instances delivered")
+
+
+def test_a_route_expectation_routes_before_the_timer(tmp_path: Path) -> None:
+    from pydicom import dcmread
+
+    study = generate(tmp_path / "study", series=2, instances=2, rows=8, cols=8, seed=154,
+                     modality="MR")
+    series = sorted({str(dcmread(f).SeriesInstanceUID) for f in study})
+    names = dict(zip(series, ["AX T1", "AX T2"], strict=True))
+    for f in study:  # the protocol's two series, by description
+        ds = dcmread(f)
+        ds.SeriesDescription = names[str(ds.SeriesInstanceUID)]
+        ds.save_as(f)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    first = [f for f in study if dcmread(f).SeriesDescription == "AX T1"]
+    with Router(tmp_path / "router", {
+        "stable_age": "1h",
+        "destinations": {"ai": {"type": "folder", "path": str(tmp_path / "ai")}},
+        "routes": [{"name": "mr protocol", "when": {"Modality": "MR"}, "to": "ai",
+                    "expect": {"series": ["AX T1", "AX T2"]}}],
+    }) as router:
+        assert run_storescu(first, router.port).returncode == 0
+        wait_until(lambda: "receiving from STORESCU" in history(router, uid), timeout=30,
+                   what="the first series in")
+        assert router.study_state(uid) == "receiving"  # AX T2 is not there yet
+        assert run_storescu([f for f in study if f not in first], router.port).returncode == 0
+        router.wait_state(uid, "delivered", timeout=60)
+        text = history(router, uid)
+    assert "route 'mr protocol': expected series AX T1, AX T2 all in, before its stable age" \
+        in text, text
+    assert len(list((tmp_path / "ai").rglob("*.dcm"))) == 4

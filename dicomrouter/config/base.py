@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import reprlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,24 @@ class RouteConfig:
     transforms: tuple[Any, ...] = ()  # transforms.Op for the copies this route sends
     stable_age: float | None = None  # this route's own (None: the global stable_age)
     schedule: Any = None  # schedule.Window: the jobs this route creates wait for it
+    expect: dict[str, Any] | None = None  # series / series_count / instances: complete early
+
+    def expectation_met(self, instances: Sequence[Any]) -> str:
+        """Why this route's ``expect`` is met by ``instances`` ('' if not, or none)."""
+        if not self.expect or not instances:
+            return ""
+        series = {i.series_uid for i in instances}
+        descriptions = {i.tags.get("SeriesDescription", "") for i in instances}
+        want = self.expect
+        if "series" in want and not set(want["series"]) <= descriptions:
+            return ""
+        if "series_count" in want and len(series) < want["series_count"]:
+            return ""
+        if "instances" in want and len(instances) < want["instances"]:
+            return ""
+        return "expected " + ", ".join(
+            f"series {', '.join(want['series'])}" if k == "series" else f"{k} {want[k]}"
+            for k in want) + " all in"
 
 
 def _matcher(keyword: str, raw: Any, key: str) -> Matcher:

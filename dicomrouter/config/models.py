@@ -88,6 +88,25 @@ def _when(value: Any, key: str) -> tuple[Any, ...]:
     return parse_when(value, "")  # keys relative to "when": the location adds routes[i].when
 
 
+def _expect(value: Any, key: str) -> dict[str, Any] | None:
+    """``expect: {series: [descriptions] | series_count: N | instances: N}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(key, "expected a mapping: series, series_count and/or instances")
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if k == "series":
+            if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
+                raise ConfigError("series", "expected a list of SeriesDescription values")
+            out[k] = tuple(v)
+        elif k in ("series_count", "instances"):
+            out[k] = _int(v, k, 1, 10_000_000)
+        else:
+            raise ConfigError(str(k), "unknown key (series, series_count, instances)")
+    return out
+
+
 def _sweep(value: Any, key: str) -> Any:
     from ..sweep import parse
 
@@ -486,6 +505,7 @@ class RouteModel(_Strict):
     fallback: Bool = False
     transforms: Annotated[tuple[Any, ...], _v(_transforms)] = ()
     stable_age: Duration | None = None  # overrides the global one for this route
+    expect: Annotated[dict[str, Any] | None, _v(_expect)] = None  # complete when all are in
     deliver_between: Text | None = None  # jobs this route creates wait for the window
     days: list[Any] | None = None
     timezone: Text | None = None
@@ -636,7 +656,8 @@ class ConfigModel(_Strict):
                 retry=d.retry.policy(retry), schedule=d.window(), transforms=d.transforms)
         routes = tuple(RouteConfig(name=r.name or f"route {i + 1}", when=r.when, to=r.to,
                                    stop=r.stop, fallback=r.fallback, transforms=r.transforms,
-                                   stable_age=r.stable_age, schedule=r.window())
+                                   stable_age=r.stable_age, schedule=r.window(),
+                                   expect=r.expect)
                        for i, r in enumerate(self.routes or []))
         limits = Limits(**{k: getattr(self, k) for k in Limits.__dataclass_fields__})
         return Config(
