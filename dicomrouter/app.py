@@ -88,11 +88,14 @@ class Router:
         self.sources = SourcePollers(cfg, self.state, self.spool)
         self._source_names = source_names(cfg)
         # routes with their own stable age: studies are looked at after the shortest one
-        self._route_ages = [r.stable_age for r in cfg.routes if r.stable_age is not None]
+        # (a series-level route's stable age is its series', not the study's)
+        self._route_ages = [r.stable_age for r in cfg.routes
+                            if r.stable_age is not None and r.level == "study"]
         self._min_stable_age = min([cfg.stable_age, *self._route_ages])
         # senders asked (C-FIND) how many instances a study has: complete when they are all in
         self._counted = [ae for ae, k in cfg.known_aes.items() if k.count_query]
         self._expecting = [r for r in cfg.routes if r.expect]  # expect: complete early
+        self._per_series = [r for r in cfg.routes if r.level == "series"]
         self._stop = threading.Event()
         self._tracker: threading.Thread | None = None
         self._warned_quota = False
@@ -195,9 +198,13 @@ class Router:
                         self._complete_waiting(study)
                 if self._counted:
                     self._ask_counts()
-                if self._expecting and time.monotonic() - last_expect > 1.0:
+                if (self._expecting or self._per_series) and \
+                        time.monotonic() - last_expect > 1.0:
                     last_expect = time.monotonic()
-                    self._check_expectations()
+                    if self._expecting:
+                        self._check_expectations()
+                    if self._per_series:
+                        self._route_stable_series()
                 if plan is not None and next_sweep is not None and self.clock() >= next_sweep:
                     self.sweep()
                     next_sweep = plan.next_after(self.clock())
@@ -282,6 +289,27 @@ class Router:
                                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(until))} "
                                  f"(route window {windows[0].describe()})")
 
+    def _route_stable_series(self) -> None:
+        """level: series routes: each series of a receiving study that had no arrival for the
+        route's stable age, and that the route's conditions match, goes now on its own."""
+        for r in self._per_series:
+            age = r.stable_age if r.stable_age is not None else self.cfg.stable_age
+            for study_uid, series_uid, generation in self.state.stable_series(
+                    age, r.name, self.clock()):
+                series = [i for i in self.state.instances(study_uid)
+                          if i.series_uid == series_uid and i.generation == generation]
+                decision = route([r], series, self.spool.open, self._source_names)
+                desc = series[0].tags.get("SeriesDescription", "") if series else ""
+                dests = list(decision.destinations)
+                why = (f"series {series_uid}" + (f" ({desc})" if desc else "") +
+                       f" stable for {age:g} s: " +
+                       (f"route {r.name!r} sends it to {', '.join(dests)}" if dests else
+                        f"route {r.name!r} does not match it ({decision.summary()})"))
+                self.state.route_series(study_uid, series_uid, generation, r.name, dests, why)
+                if dests:
+                    log.info("study %s: %s", study_uid, why)
+                    self.workers.notify(dests)
+
     def _check_expectations(self) -> None:
         """Receiving studies a route with ``expect`` now matches and finds complete: route
         them (that route) now rather than after the stable age."""
@@ -341,8 +369,8 @@ class Router:
         waiting: dict[str, float] = {}
         for name in decision.routes:
             r = by_name.get(name)
-            age = r.stable_age if r is not None and r.stable_age is not None \
-                else self.cfg.stable_age
+            age = r.stable_age if r is not None and r.stable_age is not None and \
+                r.level == "study" else self.cfg.stable_age
             if age <= elapsed + 0.05:
                 ready_routes.append(name)
             elif r is not None and (why := r.expectation_met(

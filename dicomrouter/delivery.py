@@ -146,6 +146,8 @@ class DeliveryWorkers:
         policy = self.cfg.destinations[dest.name].retry
         todo = self.state.instances(job.study_uid) if dest.whole_study else \
             self.state.undelivered(job.study_uid, dest.name)
+        if job.series_only is not None:  # level: series, the study is still receiving
+            todo = [i for i in todo if i.series_uid in job.series_only]
         attempt = job.attempts + 1
         started = time.monotonic()
         log.info("study %s → %s (%s): sending %d instance(s), attempt %d/%d", job.study_uid,

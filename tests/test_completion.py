@@ -105,3 +105,33 @@ def test_a_route_expectation_routes_before_the_timer(tmp_path: Path) -> None:
     assert "route 'mr protocol': expected series AX T1, AX T2 all in, before its stable age" \
         in text, text
     assert len(list((tmp_path / "ai").rglob("*.dcm"))) == 4
+
+
+def test_series_level_routing_sends_each_series_on_its_own(tmp_path: Path, orthanc) -> None:
+    from pydicom import dcmread
+
+    pacs: Orthanc = orthanc(aet="VIEWER")
+    study = generate(tmp_path / "study", series=2, instances=2, rows=8, cols=8, seed=155)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    by_series: dict[str, list[Path]] = {}
+    for f in study:
+        by_series.setdefault(str(dcmread(f).SeriesInstanceUID), []).append(f)
+    (a_uid, a), (_b_uid, b) = sorted(by_series.items())
+    sops = {f: tags_of(f, "SOPInstanceUID")[0] for f in study}
+    with Router(tmp_path / "router", {
+        "stable_age": "1h",  # the study never completes during the test: only its series do
+        "destinations": {"viewer": {"type": "dicom", "ae_title": "VIEWER", "host": "127.0.0.1",
+                                    "port": pacs.dicom_port}},
+        "routes": [{"name": "per series", "to": "viewer", "level": "series",
+                    "stable_age": "2s"}],
+    }) as router:
+        assert run_storescu(a, router.port).returncode == 0
+        wait_until(lambda: pacs.instance_sop_uids() == {sops[f] for f in a}, timeout=60,
+                   what="the first series alone in Orthanc")
+        assert router.study_state(uid) == "receiving"
+        assert run_storescu(b, router.port).returncode == 0
+        wait_until(lambda: pacs.instance_sop_uids() == set(sops.values()), timeout=60,
+                   what="the second series too")
+        text = history(router, uid)
+        assert router.status()["ledger"]["resent"] == 0
+    assert f"series {a_uid}" in text and "route 'per series' sends it to viewer" in text, text

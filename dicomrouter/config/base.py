@@ -201,6 +201,7 @@ class RouteConfig:
     stable_age: float | None = None  # this route's own (None: the global stable_age)
     schedule: Any = None  # schedule.Window: the jobs this route creates wait for it
     expect: dict[str, Any] | None = None  # series / series_count / instances: complete early
+    level: str = "study"  # series: each series delivered once it is stable on its own
 
     def expectation_met(self, instances: Sequence[Any]) -> str:
         """Why this route's ``expect`` is met by ``instances`` ('' if not, or none)."""

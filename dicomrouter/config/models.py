@@ -506,6 +506,7 @@ class RouteModel(_Strict):
     transforms: Annotated[tuple[Any, ...], _v(_transforms)] = ()
     stable_age: Duration | None = None  # overrides the global one for this route
     expect: Annotated[dict[str, Any] | None, _v(_expect)] = None  # complete when all are in
+    level: Choice("study", "series") = "study"  # series: each series sent once it is stable
     deliver_between: Text | None = None  # jobs this route creates wait for the window
     days: list[Any] | None = None
     timezone: Text | None = None
@@ -657,7 +658,7 @@ class ConfigModel(_Strict):
         routes = tuple(RouteConfig(name=r.name or f"route {i + 1}", when=r.when, to=r.to,
                                    stop=r.stop, fallback=r.fallback, transforms=r.transforms,
                                    stable_age=r.stable_age, schedule=r.window(),
-                                   expect=r.expect)
+                                   expect=r.expect, level=r.level)
                        for i, r in enumerate(self.routes or []))
         limits = Limits(**{k: getattr(self, k) for k in Limits.__dataclass_fields__})
         return Config(

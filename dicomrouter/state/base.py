@@ -28,6 +28,7 @@ class Job:
     attempts: int
     generation: int
     routes: tuple[str, ...] = ()  # the routes that sent the study there (for manifests)
+    series_only: tuple[str, ...] | None = None  # level: series, study still receiving
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,14 @@ class State(ABC):
 
     @abstractmethod
     def sweepable_studies(self) -> list[str]: ...
+
+    @abstractmethod
+    def stable_series(self, age: float, route: str,
+                      now: float | None = None) -> list[tuple[str, str, int]]: ...
+
+    @abstractmethod
+    def route_series(self, study_uid: str, series_uid: str, generation: int, route: str,
+                     destinations: Sequence[str], why: str) -> None: ...
 
     @abstractmethod
     def set_await(self, study_uid: str, until: float | None, why: str = "") -> None:

@@ -86,6 +86,11 @@ CREATE TABLE IF NOT EXISTS sources (
     studies_pulled  INTEGER NOT NULL DEFAULT 0,
     instances_pulled INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS series_routed (  -- series routed on their own (level: series)
+    study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, route TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    PRIMARY KEY (study_uid, series_uid, route, generation)
+);
 CREATE TABLE IF NOT EXISTS commitments (     -- storage commitment transactions we asked for
     transaction_uid TEXT PRIMARY KEY,
     peer        TEXT,
@@ -146,6 +151,8 @@ class SQLiteState(State):
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
             if "routes" not in columns:  # spools from before manifests named the route
                 self._db.execute("ALTER TABLE jobs ADD COLUMN routes TEXT")
+            if "series_only" not in columns:  # level: series, while the study still receives
+                self._db.execute("ALTER TABLE jobs ADD COLUMN series_only TEXT")
             qr_columns(self._db)
             study_columns = {r[1] for r in self._db.execute("PRAGMA table_info(studies)")}
             if "await_until" not in study_columns:
@@ -407,9 +414,51 @@ class SQLiteState(State):
                     "  requeue=CASE WHEN state='running' THEN 1 ELSE 0 END,"
                     "  attempts=0, next_attempt=0, generation=excluded.generation,"
                     "  created=excluded.created, updated=excluded.updated,"
-                    "  routes=excluded.routes",
+                    "  routes=excluded.routes, series_only=NULL",
                     (study_uid, dest, expected_generation, now, now, json.dumps(list(routes))))
         return True
+
+    def stable_series(self, age: float, route: str,
+                      now: float | None = None) -> list[tuple[str, str, int]]:
+        """(study, series, generation) of receiving studies whose series had no arrival for
+        ``age`` seconds and were not routed by ``route`` yet (this generation)."""
+        rows = self._query(
+            "SELECT i.study_uid, i.series_uid, s.generation FROM instances i JOIN studies s ON"
+            " s.study_uid=i.study_uid WHERE s.state='receiving' AND i.generation=s.generation"
+            " AND NOT EXISTS (SELECT 1 FROM series_routed r WHERE r.study_uid=i.study_uid AND"
+            " r.series_uid=i.series_uid AND r.route=? AND r.generation=s.generation)"
+            " GROUP BY i.study_uid, i.series_uid HAVING MAX(i.received_at) <= ?",
+            (route, (now or time.time()) - age))
+        return [(r["study_uid"], r["series_uid"], r["generation"]) for r in rows]
+
+    def route_series(self, study_uid: str, series_uid: str, generation: int, route: str,
+                     destinations: Sequence[str], why: str) -> None:
+        """Deliver one stable series now: the jobs of ``destinations`` take it (only the
+        series routed this way while the study still receives)."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO series_routed VALUES (?,?,?,?)",
+                       (study_uid, series_uid, route, generation))
+            for dest in destinations:
+                row = db.execute("SELECT state, series_only FROM jobs WHERE study_uid=? AND"
+                                 " destination=?", (study_uid, dest)).fetchone()
+                if row is None:
+                    db.execute("INSERT INTO jobs(study_uid, destination, state, attempts,"
+                               " next_attempt, generation, created, updated, routes,"
+                               " series_only) VALUES (?,?,'pending',0,0,?,?,?,?,?)",
+                               (study_uid, dest, generation, now, now, json.dumps([route]),
+                                json.dumps([series_uid])))
+                    continue
+                series = json.loads(row["series_only"]) if row["series_only"] else []
+                if row["series_only"] is not None and series_uid not in series:
+                    series.append(series_uid)
+                db.execute("UPDATE jobs SET state=CASE WHEN state='running' THEN 'running'"
+                           " ELSE 'pending' END, requeue=CASE WHEN state='running' THEN 1"
+                           " ELSE 0 END, attempts=0, next_attempt=0, updated=?,"
+                           " series_only=? WHERE study_uid=? AND destination=?",
+                           (now, json.dumps(series) if row["series_only"] is not None
+                            else None, study_uid, dest))
+            self._event(db, study_uid, why, now)
 
     def sweepable_studies(self) -> list[str]:
         """Studies the spool holds that are not receiving (the sweep re-evaluates them)."""
@@ -461,7 +510,7 @@ class SQLiteState(State):
     def claim_job(self, destination: str, now: float | None = None) -> Job | None:
         """Take the oldest due job of a destination (pending, or failed and due for retry)."""
         now = now or time.time()
-        due = ("SELECT id, study_uid, attempts, generation, routes FROM jobs"
+        due = ("SELECT id, study_uid, attempts, generation, routes, series_only FROM jobs"
                " WHERE destination=? AND state IN ('pending','failed') AND next_attempt <= ?"
                " ORDER BY created, id LIMIT 1")
         if not self._query(due, (destination, now)):
@@ -472,8 +521,10 @@ class SQLiteState(State):
                 return None
             db.execute("UPDATE jobs SET state='running', requeue=0, updated=? WHERE id=?",
                        (now, row["id"]))
+        series = row["series_only"]
         return Job(row["id"], row["study_uid"], destination, row["attempts"], row["generation"],
-                   tuple(json.loads(row["routes"] or "[]")))
+                   tuple(json.loads(row["routes"] or "[]")),
+                   tuple(json.loads(series)) if series else None)
 
     def release_job(self, job: Job) -> None:
         """A run cut short by shutdown: back to pending, not counted as an attempt."""
