@@ -106,3 +106,32 @@ def test_a_study_that_never_stops_receiving_is_forced(tmp_path: Path, mode: str)
                                str(router.config_path)).stdout
             assert "held (force_complete: hold)" in text, text
             assert not list((tmp_path / "tree").rglob("*.dcm"))
+
+
+def test_explain_a_spooled_study_with_a_candidate_table(tmp_path: Path) -> None:
+    import yaml
+
+    study = generate(tmp_path / "study", series=1, instances=2, rows=8, cols=8, seed=144)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    with Router(tmp_path / "r", {
+        "keep_after_delivery": True,
+        "destinations": {"a": {"type": "folder", "path": str(tmp_path / "a")}},
+        "routes": [{"name": "CT to a", "when": {"Modality": "CT"}, "to": "a"}]}) as router:
+        assert run_storescu(study, router.port).returncode == 0
+        router.wait_state(uid, "delivered")
+        live = dicomrouter("explain", "--study", uid, "--config", str(router.config_path))
+        assert live.returncode == 0, live.stderr
+        assert "route 'CT to a' → a: MATCHED" in live.stdout, live.stdout
+        candidate = tmp_path / "candidate.yml"
+        candidate.write_text(yaml.safe_dump({
+            "destinations": {"a": {"type": "folder", "path": "a"},
+                             "mr": {"type": "folder", "path": "mr"}},
+            "routes": [{"name": "MR only", "when": {"Modality": "MR"}, "to": "mr"}]}))
+        shadow = dicomrouter("explain", "--study", uid, "--config", str(candidate),
+                             "--spool", str(router.spool))
+        assert shadow.returncode == 0, shadow.stderr
+        assert "route 'MR only' → mr: not matched" in shadow.stdout, shadow.stdout
+        assert "Modality = MR: fails (study has CT)" in shadow.stdout, shadow.stdout
+        assert "destinations: none (kept as unrouted)" in shadow.stdout
+        text = dicomrouter("status", "--study", uid, "--config", str(router.config_path)).stdout
+        assert "routing: 'CT to a' matched (Modality = CT: holds (study has CT))" in text, text
