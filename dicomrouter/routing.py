@@ -129,6 +129,8 @@ class _StudyView:
             return [self._sources.get(inst.calling_ae, "")]
         if key == "Listener":  # the listener (port) it came in on
             return [inst.tags.get("_Listener", "")]
+        if key == "SourceHost":  # the sender's IP address
+            return [inst.tags.get("_SourceHost", "")]
         if key in inst.tags:
             raw = inst.tags[key]
             return raw.split("\\") if raw else [""]
@@ -143,7 +145,7 @@ class _StudyView:
                     with self._open(inst) as f:
                         ds = read_header(f)
                     wanted = self._keys - set(AGGREGATES) - {"CallingAE", "CalledAE", "Source",
-                                                             "Listener"}
+                                                             "Listener", "SourceHost"}
                     cache.update({k: resolve(ds, k) for k in wanted})
             except FileNotFoundError:
                 pass  # an earlier generation, delivered and deleted

@@ -208,3 +208,15 @@ def test_deidentified_study_through_the_router_into_orthanc(tmp_path: Path, orth
                 if n.endswith(".dcm"):
                     ds = dcmread(io.BytesIO(zf.read(n)))
                     assert ds.PatientIdentityRemoved == "YES"
+
+
+def test_pseudonyms_from_a_lookup_csv(tmp_path: Path) -> None:
+    src = sample(tmp_path, "mr")
+    original = str(dcmread(src).PatientID)
+    table = tmp_path / "map.csv"
+    table.write_text(f"{original},RESEARCH-0007\nsomebody else,RESEARCH-0008\n")
+    out = deidentify(src, tmp_path / "o.dcm", patient_map=str(table),
+                     patient_name="{hash:4}")
+    assert out.PatientID == "RESEARCH-0007" and str(out.PatientName) == "RESEARCH-0007"
+    other = deidentify(sample(tmp_path, "ct"), tmp_path / "p.dcm", patient_map=str(table))
+    assert other.PatientID.startswith("ANON-")  # not in the table: the template

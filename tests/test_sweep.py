@@ -135,3 +135,16 @@ def test_explain_a_spooled_study_with_a_candidate_table(tmp_path: Path) -> None:
         assert "destinations: none (kept as unrouted)" in shadow.stdout
         text = dicomrouter("status", "--study", uid, "--config", str(router.config_path)).stdout
         assert "routing: 'CT to a' matched (Modality = CT: holds (study has CT))" in text, text
+
+
+def test_source_host_is_a_routing_key(tmp_path: Path) -> None:
+    study = generate(tmp_path / "study", series=1, instances=1, rows=8, cols=8, seed=145)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    with Router(tmp_path / "r", {
+        "destinations": {"local": {"type": "folder", "path": str(tmp_path / "local")},
+                         "remote": {"type": "folder", "path": str(tmp_path / "remote")}},
+        "routes": [{"when": {"SourceHost": "127.0.0.1"}, "to": "local"},
+                   {"when": {"SourceHost": {"glob": "10.*"}}, "to": "remote"}]}) as router:
+        assert run_storescu(study, router.port).returncode == 0
+        router.wait_state(uid, "delivered")
+    assert files(tmp_path / "local") and not files(tmp_path / "remote")

@@ -20,7 +20,7 @@ from pydicom.datadict import tag_for_keyword
 DEFAULT_AE_TITLE = "DICOMROUTER"
 DEFAULT_PORT = 11112
 CONFIG_ENV = "DICOMROUTER_CONFIG"
-AE_PSEUDO_KEYS = ("CallingAE", "CalledAE", "Source", "Listener")
+AE_PSEUDO_KEYS = ("CallingAE", "CalledAE", "Source", "Listener", "SourceHost")
 
 
 _REPR = reprlib.Repr()
@@ -224,7 +224,7 @@ class RouteConfig:
 def _matcher(keyword: str, raw: Any, key: str) -> Matcher:
     if keyword not in AE_PSEUDO_KEYS and tag_for_keyword(keyword) is None:
         raise ConfigError(key, "not a DICOM keyword (nor CallingAE / CalledAE / Source / "
-                          "Listener)")
+                          "Listener / SourceHost)")
     items = raw if isinstance(raw, list) else [raw]
     if not items:
         raise ConfigError(key, "needs at least one value")

@@ -694,6 +694,7 @@ class _Association:
             return
         self.studies.add(accepted.tags["StudyInstanceUID"])
         accepted.tags["_Listener"] = self.server.listener.name  # the Listener routing key
+        accepted.tags["_SourceHost"] = self.peer.rsplit(":", 1)[0]  # the SourceHost key
         try:
             self._respond_store(cx_id, cmd, 0x0000)
         finally:  # durable already, answered or not: rename and record it (overlaps the

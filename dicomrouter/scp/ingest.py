@@ -61,8 +61,9 @@ def accept(spool: Spool, rx: ReceiveFile, calling: str, called: str,
     return status, comment, None
 
 
-def store_file(spool: Spool, chunks: Iterable[bytes], source: str,
-               called: str) -> tuple[int, str, dict[str, str] | None]:
+def store_file(spool: Spool, chunks: Iterable[bytes], source: str, called: str,
+               extra_tags: dict[str, str] | None = None
+               ) -> tuple[int, str, dict[str, str] | None]:
     """Ingest a Part 10 file pulled from a source (HTTP): streamed into a receive slot, then
     the same checks, durability and placement as a C-STORE. Returns (status, comment, tags)."""
     rx = spool.new_receive_file()
@@ -77,5 +78,6 @@ def store_file(spool: Spool, chunks: Iterable[bytes], source: str,
     status, comment, accepted = accept(spool, rx, source, called, None, "pulled")
     if accepted is None:
         return status, comment, None
+    accepted.tags.update(extra_tags or {})  # routing keys: SourceHost
     spool.place(accepted)
     return status, comment, accepted.tags

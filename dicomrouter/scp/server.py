@@ -189,6 +189,7 @@ class StorageSCP:
             self._count(event, False)
             return _failure(status, comment)
         accepted.tags["_Listener"] = self.listener.name  # the Listener routing key
+        accepted.tags["_SourceHost"] = str(event.assoc.requestor.address)  # SourceHost key
         self.spool.place(accepted)
         study = accepted.tags["StudyInstanceUID"]
         self._count(event, True, study)

@@ -6,6 +6,7 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from urllib.parse import urlparse
 
 from ..config import Config, SourceConfig
 from ..scp.ingest import store_file
@@ -41,7 +42,10 @@ class Source(ABC):
 
     def store(self, chunks: Iterable[bytes]) -> dict[str, str]:
         """Ingest one pulled Part 10 file; its index tags. PullError if the spool refused it."""
-        status, comment, tags = store_file(self.spool, chunks, self.name, self.router.ae_title)
+        url = self.cfg.options.get("url")
+        host = urlparse(url).hostname if url else None
+        status, comment, tags = store_file(self.spool, chunks, self.name, self.router.ae_title,
+                                           {"_SourceHost": host} if host else None)
         if tags is None:
             raise PullError(f"an instance was refused with 0x{status:04X}: {comment}")
         return tags
