@@ -220,3 +220,20 @@ def test_pseudonyms_from_a_lookup_csv(tmp_path: Path) -> None:
     assert out.PatientID == "RESEARCH-0007" and str(out.PatientName) == "RESEARCH-0007"
     other = deidentify(sample(tmp_path, "ct"), tmp_path / "p.dcm", patient_map=str(table))
     assert other.PatientID.startswith("ANON-")  # not in the table: the template
+
+
+def test_deidentified_copies_through_stow_rs_are_confirmed(tmp_path: Path, orthanc) -> None:
+    """STOW-RS confirms the new SOP Instance UIDs: the ledger maps them back (no false
+    'not confirmed', no re-send)."""
+    pacs: Orthanc = orthanc(aet="CLOUD", dicomweb=True)
+    files = [sample(tmp_path, "ct")]
+    d = Deidentifier(SECRET.encode())
+    with Router(tmp_path / "router", {
+        "destinations": {"cloud": {"type": "dicomweb", "url": f"{pacs.url}/dicom-web"}},
+        "routes": [{"to": "cloud", "transforms": [{"deidentify": None}]}],
+    }) as router:
+        assert run_storescu(files, router.port).returncode == 0
+        uid = str(dcmread(files[0]).StudyInstanceUID)
+        router.wait_state(uid, "delivered", timeout=90)
+        assert router.status()["ledger"]["resent"] == 0
+    assert pacs.instance_sop_uids() == {d.uid(str(dcmread(files[0]).SOPInstanceUID))}
