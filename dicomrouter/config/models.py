@@ -315,6 +315,18 @@ def _tls(value: Any, key: str) -> bool | str:
     return _str(value, key)
 
 
+def _http_credentials(model: Any) -> None:
+    """An HTTP peer's URL and credentials (a DICOMweb destination, an HTTP source)."""
+    if not model.url.startswith(("http://", "https://")):
+        raise ConfigError("url", f"expected an http:// or https:// URL, got {_show(model.url)}")
+    if model.username and not (model.password_env or model.password_file):
+        raise ConfigError("username", "needs password_env or password_file (a password is "
+                          "never written in the configuration)")
+    if model.username and (model.token_env or model.token_file):
+        raise ConfigError("token_env", "either username/password or a token, not both")
+    model._env_set("password_env", "token_env")
+
+
 class DicomwebModel(_Destination):
     type: Literal["dicomweb"]
     url: Text
@@ -330,14 +342,7 @@ class DicomwebModel(_Destination):
 
     @model_validator(mode="after")
     def _credentials(self) -> DicomwebModel:
-        if not self.url.startswith(("http://", "https://")):
-            raise ConfigError("url", f"expected an http:// or https:// URL, got {_show(self.url)}")
-        if self.username and not (self.password_env or self.password_file):
-            raise ConfigError("username", "needs password_env or password_file (a password is "
-                              "never written in the configuration)")
-        if self.username and (self.token_env or self.token_file):
-            raise ConfigError("token_env", "either username/password or a token, not both")
-        self._env_set("password_env", "token_env")
+        _http_credentials(self)
         return self
 
 
@@ -428,12 +433,7 @@ class _HttpSource(_Source):
 
     @model_validator(mode="after")
     def _credentials(self) -> _HttpSource:
-        if not self.url.startswith(("http://", "https://")):
-            raise ConfigError("url", f"expected an http:// or https:// URL, got {_show(self.url)}")
-        if self.username and not (self.password_env or self.password_file):
-            raise ConfigError("username", "needs password_env or password_file (a password is "
-                              "never written in the configuration)")
-        self._env_set("password_env", "token_env")
+        _http_credentials(self)
         return self
 
 

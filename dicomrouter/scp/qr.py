@@ -17,27 +17,17 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-)
 
 from .. import query
 from ..config import Config
+from ..qrscu import MODELS
 from ..spool import Spool
 from ..state import Instance, State
 
 log = logging.getLogger("dicomrouter.qr")
 
-PATIENT_ROOT = {str(PatientRootQueryRetrieveInformationModelFind),
-                str(PatientRootQueryRetrieveInformationModelMove),
-                str(PatientRootQueryRetrieveInformationModelGet)}
-GET_MODELS = {str(PatientRootQueryRetrieveInformationModelGet),
-              str(StudyRootQueryRetrieveInformationModelGet)}
+PATIENT_ROOT = {str(sop) for sop in MODELS["patient"]}  # (find, move, get) per root
+GET_MODELS = {str(MODELS["patient"][2]), str(MODELS["study"][2])}
 MAX_CONTEXTS = 128
 
 
@@ -91,13 +81,7 @@ class QueryRetrieveSCP:
     def services(self) -> list[tuple[str, Any, Any]]:
         """(abstract syntax, event, handler) for the listener's ``add_service``."""
         out: list[tuple[str, Any, Any]] = []
-        for find, move, get in (
-                (PatientRootQueryRetrieveInformationModelFind,
-                 PatientRootQueryRetrieveInformationModelMove,
-                 PatientRootQueryRetrieveInformationModelGet),
-                (StudyRootQueryRetrieveInformationModelFind,
-                 StudyRootQueryRetrieveInformationModelMove,
-                 StudyRootQueryRetrieveInformationModelGet)):
+        for find, move, get in (MODELS["patient"], MODELS["study"]):
             out += [(str(find), evt.EVT_C_FIND, self.on_find),
                     (str(move), evt.EVT_C_MOVE, self.on_move),
                     (str(get), evt.EVT_C_GET, self.on_get)]
