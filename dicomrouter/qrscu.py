@@ -165,22 +165,29 @@ def _final(status: Dataset, identifier: Dataset | None, remote: Remote,
     return result
 
 
+def _last_response(responses: Any, assoc: Association, remote: Remote,
+                   what: str) -> RetrieveResult:
+    """Read a C-MOVE/C-GET's responses up to the final one (pending ones carry counts only)."""
+    last: tuple[Dataset | None, Dataset | None] = (None, None)
+    for status, ds in responses:
+        if not status:
+            raise no_response(assoc, remote, what)
+        last = (status, ds)
+        if int(status.Status) != 0xFF00:
+            break
+    if last[0] is None:
+        raise PeerError(f"{remote}: no {what} response")
+    return _final(*last, remote, what)
+
+
 def move(remote: Remote, identifier: Dataset, destination: str,
          model: str = "study") -> RetrieveResult:
     """C-MOVE ``identifier`` from ``remote`` to the AE ``destination``: the final response."""
     sop = MODELS[model][1]
-    last: tuple[Dataset | None, Dataset | None] = (None, None)
     with associate(remote, [build_context(sop)]) as assoc:
         _check_context(assoc, sop, remote, "C-MOVE")
-        for status, ds in assoc.send_c_move(identifier, destination, sop):
-            if not status:
-                raise no_response(assoc, remote, "C-MOVE")
-            last = (status, ds)
-            if int(status.Status) not in (0xFF00,):
-                break
-    if last[0] is None:
-        raise PeerError(f"{remote}: no C-MOVE response")
-    return _final(*last, remote, "C-MOVE")
+        return _last_response(assoc.send_c_move(identifier, destination, sop), assoc, remote,
+                              "C-MOVE")
 
 
 def get(remote: Remote, identifier: Dataset, on_store: Callable[[Any], Any],
@@ -194,15 +201,6 @@ def get(remote: Remote, identifier: Dataset, on_store: Callable[[Any], Any],
     storage = storage[:127]
     contexts = [build_context(sop)] + [build_context(s, ACCEPTED_SYNTAXES) for s in storage]
     roles = [build_role(s, scp_role=True) for s in storage]
-    last: tuple[Dataset | None, Dataset | None] = (None, None)
     with associate(remote, contexts, roles, [(evt.EVT_C_STORE, on_store)]) as assoc:
         _check_context(assoc, sop, remote, "C-GET")
-        for status, ds in assoc.send_c_get(identifier, sop):
-            if not status:
-                raise no_response(assoc, remote, "C-GET")
-            last = (status, ds)
-            if int(status.Status) not in (0xFF00,):
-                break
-    if last[0] is None:
-        raise PeerError(f"{remote}: no C-GET response")
-    return _final(*last, remote, "C-GET")
+        return _last_response(assoc.send_c_get(identifier, sop), assoc, remote, "C-GET")

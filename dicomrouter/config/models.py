@@ -327,8 +327,9 @@ def _http_credentials(model: Any) -> None:
     model._env_set("password_env", "token_env")
 
 
-class DicomwebModel(_Destination):
-    type: Literal["dicomweb"]
+class _HttpPeer(_Strict):
+    """An HTTP peer's keys: a DICOMweb destination, an HTTP source."""
+
     url: Text
     username: Text | None = None
     password_env: Text | None = None
@@ -337,13 +338,17 @@ class DicomwebModel(_Destination):
     token_file: Text | None = None
     verify_tls: Annotated[bool | str, _v(_tls)] = True
     timeout: Duration = 120.0
-    batch_size: Int(1, 100_000) = 100
-    batch_bytes: Size = 100_000_000
 
     @model_validator(mode="after")
-    def _credentials(self) -> DicomwebModel:
+    def _credentials(self) -> _HttpPeer:
         _http_credentials(self)
         return self
+
+
+class DicomwebModel(_Destination, _HttpPeer):
+    type: Literal["dicomweb"]
+    batch_size: Int(1, 100_000) = 100
+    batch_bytes: Size = 100_000_000
 
 
 class S3Model(_Destination):
@@ -421,20 +426,8 @@ class DicomSourceModel(_Source):
     tls: TlsClientModel | None = None
 
 
-class _HttpSource(_Source):
-    url: Text
-    username: Text | None = None
-    password_env: Text | None = None
-    password_file: Text | None = None
-    token_env: Text | None = None
-    token_file: Text | None = None
-    verify_tls: Annotated[bool | str, _v(lambda v, k: _tls(v, k))] = True
-    timeout: Duration = 120.0
-
-    @model_validator(mode="after")
-    def _credentials(self) -> _HttpSource:
-        _http_credentials(self)
-        return self
+class _HttpSource(_Source, _HttpPeer):
+    pass
 
 
 class DicomwebSourceModel(_HttpSource):
