@@ -23,8 +23,8 @@ from .scp.fast import FastStorageSCP
 from .scp.server import StorageSCP
 from .sources import source_names
 from .sources.runner import SourcePollers
-from .spool import Spool
-from .state import Instance, Job, open_state
+from .spool import spool_for
+from .state import Instance, Job, state_for
 
 log = logging.getLogger("dicomrouter")
 
@@ -66,10 +66,8 @@ class Router:
             except ListenError as exc:  # the router's job is DICOM: it goes on without pages
                 log.error("%s; the router runs without its status page, REST API and "
                           "/metrics (set web.port, or web.enabled: false)", exc.strerror)
-        self.state = open_state(cfg.state_db)
-        self.spool = Spool(cfg.spool, self.state, cfg.max_spool_size,
-                           max_depth=cfg.limits.max_sequence_depth,
-                           min_free=cfg.limits.min_free_disk)
+        self.state = state_for(cfg)  # SQLite in the spool, or the cluster's PostgreSQL
+        self.spool = spool_for(cfg, self.state)
         self.destinations = {name: destinations.build(d, cfg.ae_title)
                              for name, d in cfg.destinations.items()}
         for dest in self.destinations.values():
@@ -101,11 +99,22 @@ class Router:
         self._warned_quota = False
         self._cleanup: queue.Queue[str | None] = queue.Queue()
         self._cleaner = threading.Thread(target=self._clean, name="spool-cleanup", daemon=True)
+        self._heart: threading.Thread | None = None
 
     # ---- life cycle ------------------------------------------------------------------------
 
     def start(self) -> None:
         """Recover what a previous run left, then start delivering and receiving."""
+        self.state.heartbeat(self._node_info())
+        if self.cfg.cluster:
+            log.info("node %s of a cluster: state in PostgreSQL (lease %g s), %s, ack_after %s",
+                     self.cfg.node_id, self.cfg.state.lease,
+                     f"shared spool {self.spool.store.describe()}"  # type: ignore[attr-defined]
+                     if self.cfg.shared_spool else "no shared spool (one node only)",
+                     self.cfg.ack_after if self.cfg.shared_spool else "local")
+            self._heart = threading.Thread(target=self._heartbeat, name="node-heartbeat",
+                                           daemon=True)
+            self._heart.start()
         adopted, dropped = self.spool.recover_slots()
         if adopted:
             log.info("recovered %d acknowledged instance(s) from their receive slots", adopted)
@@ -130,7 +139,8 @@ class Router:
                       for s, n in q.items() if s in ("pending", "failed"))
         receiving = sum(1 for s in summary["studies"] if s["state"] == "receiving")
         log.info("state %s: %d study(ies) in the spool (%d receiving), %d job(s) to deliver, "
-                 "%d dead", self.cfg.state_db, len(summary["studies"]), receiving, pending,
+                 "%d dead", "PostgreSQL" if self.cfg.cluster else self.cfg.state_db,
+                 len(summary["studies"]), receiving, pending,
                  len(summary["dead"]))
         for name, dest in self.destinations.items():
             log.info("destination %s: %s", name, dest.describe())
@@ -153,6 +163,35 @@ class Router:
             self.web = WebServer(create_app(self), self._web_sock)
             self.web.start()
         self._listening = True
+
+    def _node_info(self) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        try:
+            ours = version("dicomrouter")
+        except Exception:
+            ours = "?"
+        return {"host": socket.gethostname(), "pid": os.getpid(), "version": ours,
+                "listeners": [f"{lst.ae_title}@{lst.bind}:{lst.port}"
+                              for lst, _sock in self._dicom_socks],
+                "ack_after": self.cfg.ack_after if self.cfg.shared_spool else "local"}
+
+    def _heartbeat(self) -> None:
+        """Renew this node's row and its jobs' leases every third of the lease."""
+        every = max(1.0, self.cfg.state.lease / 3)
+        failing = False
+        while not self._stop.wait(every):
+            try:
+                self.state.heartbeat()
+                if failing:
+                    log.info("node %s: heartbeat recorded again", self.cfg.node_id)
+                failing = False
+            except Exception as exc:
+                if not failing:
+                    log.error("node %s: heartbeat failed (%s: %s); its jobs' leases run out "
+                              "in %g s unless it recovers", self.cfg.node_id,
+                              type(exc).__name__, exc, self.cfg.state.lease)
+                failing = True
 
     def stop(self) -> None:
         log.info("stopping")
@@ -452,8 +491,11 @@ class Router:
         except Exception as exc:
             problems["state"] = f"state database: {type(exc).__name__}: {exc}"
             rows = []
-        if not os.access(self.cfg.state_db, os.W_OK):
+        if not self.cfg.cluster and not os.access(self.cfg.state_db, os.W_OK):
             problems["state"] = f"state database {self.cfg.state_db} is not writable"
+        store = getattr(self.spool, "store", None)
+        if store is not None and (why := store.reachable()):
+            problems["shared_spool"] = why
         for p in spool_problems(self.cfg.spool, self.cfg.limits.min_free_disk):
             problems["spool"] = p
         if not getattr(self, "_listening", False):
@@ -490,6 +532,8 @@ class Router:
 
     def _housekeeping(self) -> None:
         self.spool.retry_placements()
+        if hasattr(self.spool, "prune_local"):  # copies of studies another node deleted
+            self.spool.prune_local()
         if not self.cfg.keep_after_delivery:
             # Retention over, or a cleanup that a stop interrupted: delete off this thread.
             cutoff = time.time() - max(self.cfg.retention, 0.0)

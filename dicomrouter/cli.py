@@ -238,9 +238,16 @@ def echo(host: str, port: int, aet: str, calling_aet: str, timeout: float) -> No
 
 
 def _state_for(config_path: str | None, spool: str | None, readonly: bool = True):  # type: ignore[no-untyped-def]
-    from .state import open_state
+    from .state import StateUnavailable, open_state, state_for
 
-    root = Path(spool) if spool else _load_config(config_path).spool
+    if spool is None:
+        cfg = _load_config(config_path)
+        if cfg.cluster:  # the shared PostgreSQL: every node's view is the same
+            try:
+                return state_for(cfg, readonly=readonly), cfg.spool
+            except StateUnavailable as exc:
+                raise click.ClickException(str(exc)) from None
+    root = Path(spool) if spool else cfg.spool
     db = root / "state.db"
     if not db.exists():
         raise click.ClickException(f"no state database at {db} (has the router run with this "
@@ -424,14 +431,16 @@ def retry(config_path: str | None, spool: str | None, dead: bool, study: str | N
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def purge(config_path: str | None, spool: str | None, study: str, yes: bool) -> None:
     """Remove a study from the spool and the state database, on purpose."""
-    from .spool import Spool
+    from .spool import Spool, spool_for
 
     state, root = _state_for(config_path, spool, readonly=False)
     if state.study(study) is None:
         raise click.ClickException(f"no study {study} in {root}")
     if not yes:
         click.confirm(f"remove study {study} and its files from {root}?", abort=True)
-    freed = Spool(root, state).purge(study)
+    cfg = _load_config(config_path) if spool is None else None
+    store = spool_for(cfg, state) if cfg is not None and cfg.shared_spool else Spool(root, state)
+    freed = store.purge(study)
     click.echo(f"purged study {study} ({_size(freed)} freed)")
 
 

@@ -31,15 +31,14 @@ def run_receiver(cfg: Config, parent_pid: int) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     from .scp import services
     from .scp.fast import FastStorageSCP
-    from .spool import Spool
-    from .state import open_state
+    from .spool import spool_for
+    from .state import state_for
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process; it stops us
-    state = open_state(cfg.state_db)
-    spool = Spool(cfg.spool, state, cfg.max_spool_size, shared=True,
-                  max_depth=cfg.limits.max_sequence_depth, min_free=cfg.limits.min_free_disk)
+    state = state_for(cfg)
+    spool = spool_for(cfg, state, receiver_process=True)
     spool.start()
     scp = FastStorageSCP(cfg, spool)
     services.register(scp, cfg, state, spool)  # Q/R, commitment: a peer may land here too

@@ -134,6 +134,8 @@ class Accepted:
     size: int
     calling_ae: str
     called_ae: str
+    key: str = ""  # cluster mode: its object key in the shared store (one per reception)
+    shared: bool = True  # ... and whether it is there already (ack_after: shared)
 
 
 class Spool:
@@ -298,7 +300,8 @@ class Spool:
         """
         try:
             return self._place(accepted.path, accepted.tags, accepted.tsuid,
-                               accepted.calling_ae, accepted.called_ae, accepted.size)
+                               accepted.calling_ae, accepted.called_ae, accepted.size,
+                               accepted.key or None, accepted.shared)
         except Exception as exc:
             log.error("instance %s of study %s is stored (received as %s) but could not be "
                       "moved into the spool or recorded (%s: %s); it is placed again once that "
@@ -320,7 +323,8 @@ class Spool:
                     accepted.tags["SOPInstanceUID"] + ".dcm"))
             try:
                 self._place(accepted.path, accepted.tags, accepted.tsuid, accepted.calling_ae,
-                            accepted.called_ae, accepted.size)
+                            accepted.called_ae, accepted.size, accepted.key or None,
+                            accepted.shared)
                 done += 1
             except Exception:
                 with self._bytes_lock:
@@ -349,8 +353,10 @@ class Spool:
         return dest
 
     def _place(self, src: str | Path, tags: dict[str, str], tsuid: str, calling_ae: str,
-               called_ae: str, size: int | None = None) -> bool:
-        """Rename a durable, complete file to its spool name and record it.
+               called_ae: str, size: int | None = None, key: str | None = None,
+               shared: bool = True) -> bool:
+        """Rename a durable, complete file to its spool name and record it (under ``key``:
+        by default its spool-relative name; in cluster mode its shared object key).
 
         No sync here: the content and a durable name already exist (the slot); if a crash loses
         the rename, start-up finds the instance in its slot again.
@@ -360,9 +366,9 @@ class Spool:
             self._rename(src, tags)
             # If recording fails, the file stays: housekeeping (retry_placements) or start-up
             # (adopt_orphans) records it, or the sender's next attempt replaces it.
-            key = f"data/{tags['StudyInstanceUID']}/{tags['SOPInstanceUID']}.dcm"
+            key = key or f"data/{tags['StudyInstanceUID']}/{tags['SOPInstanceUID']}.dcm"
             replaced, _gen, replaced_size = self.state.record_instance(
-                tags, tsuid, key, size, calling_ae, called_ae)
+                tags, tsuid, key, size, calling_ae, called_ae, shared)
         with self._bytes_lock:
             self._bytes += size - replaced_size
         return replaced
@@ -400,6 +406,18 @@ class Spool:
         with self._bytes_lock:
             self._bytes = max(0, self._bytes - freed)
         return freed
+
+
+def spool_for(cfg: Any, state: State, receiver_process: bool = False) -> Spool:
+    """The spool a configuration names: local, or local in front of the shared store."""
+    kwargs: dict[str, Any] = {"max_depth": cfg.limits.max_sequence_depth,
+                              "min_free": cfg.limits.min_free_disk}
+    if cfg.shared_spool:
+        from .shared_spool import ClusterSpool, SharedStore
+
+        return ClusterSpool(cfg.spool, state, SharedStore(cfg.shared_spool), cfg.ack_after,
+                            cfg.node_id, max_bytes=cfg.max_spool_size, **kwargs)
+    return Spool(cfg.spool, state, cfg.max_spool_size, shared=receiver_process, **kwargs)
 
 
 class SpoolReader(io.RawIOBase):

@@ -20,6 +20,7 @@ from peers import (
     require_peer,
 )
 
+from dicomrouter.benchmark.procs import Postgres
 from dicomrouter.sample import generate
 
 DCMTK_TOOLS = ("storescu", "storescp", "echoscu")
@@ -97,6 +98,26 @@ def moto_s3(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MotoS3]:
     with MotoS3(tmp_path / "moto") as server:
         yield server
         _print_logs_on_failure(request, [server])
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Postgres]:
+    """One PostgreSQL server (Debian's package, initdb in a temporary directory) for the
+    session; tests take a fresh database each (``pg_dsn``)."""
+    require_peer("PostgreSQL", Postgres.available(),
+                 "postgresql (apt-get install postgresql) and psycopg (pip install)")
+    with Postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_dsn(pg_server: Postgres, request: pytest.FixtureRequest) -> str:
+    """The DSN of a fresh, empty database on the session's PostgreSQL."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:6]
+    return pg_server.new_database(name)
 
 
 @pytest.fixture

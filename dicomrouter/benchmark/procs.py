@@ -193,12 +193,15 @@ def _die_with_parent() -> None:
 
 
 def popen(argv: Sequence[str], log_path: Path, cwd: Path | None = None,
-          env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``argv`` with stdout+stderr appended to ``log_path``; it dies with us."""
+          env: Mapping[str, str] | None = None,
+          user: str | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with stdout+stderr appended to ``log_path``; it dies with us. ``user``:
+    run as that user (PostgreSQL refuses to run as root)."""
     with log_path.open("ab") as log:
         return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=cwd, env=dict(env or peer_env()),
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_die_with_parent, user=user,
+                                group=user if user else None)
 
 
 def terminate(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT,
@@ -307,6 +310,7 @@ class Peer:
     """
 
     name = "peer"
+    user: str | None = None  # run as this user (None: as we run)
 
     def __init__(self, work_dir: Path | None = None) -> None:
         self._own_dir = work_dir is None
@@ -341,7 +345,8 @@ class Peer:
     def start(self) -> Self:
         """Start the process and wait until it is ready; stop it again if that fails."""
         self.prepare()
-        self.proc = popen(self.command(), self.log_path, cwd=self.work_dir, env=self.env())
+        self.proc = popen(self.command(), self.log_path, cwd=self.work_dir, env=self.env(),
+                          user=self.user)
         _LIVE.add(self)
         try:
             wait_until(self._ready_or_died, timeout=START_TIMEOUT, interval=0.05,
@@ -659,6 +664,113 @@ class MotoServer(Peer):
         c = self.client()
         return sum(int(c.list_objects_v2(Bucket=b["Name"]).get("KeyCount", 0))
                    for b in c.list_buckets()["Buckets"])
+
+
+def find_postgres() -> Path | None:
+    """The directory of PostgreSQL's server programs (Debian: /usr/lib/postgresql/N/bin);
+    ``PG_BIN`` overrides."""
+    if os.environ.get("PG_BIN"):
+        return Path(os.environ["PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
+                   else 0)
+    if found:
+        return found[-1].parent
+    path = shutil.which("postgres")
+    return Path(path).parent if path else None
+
+
+class Postgres(Peer):
+    """A PostgreSQL server of its own: ``initdb`` in a temporary directory, ``postgres`` on a
+    free loopback port, trust authentication for the ``dicomrouter`` role and database.
+
+    As root, it runs as the ``postgres`` user (the server refuses root), so its data directory
+    lives in a temporary directory of its own that that user owns. ``stop`` + ``start`` is a
+    restart with the same data and port. ``fsync=False`` trades durability for speed in tests.
+    """
+
+    name = "postgres"
+
+    def __init__(self, work_dir: Path | None = None, fsync: bool = False,
+                 port: int | None = None) -> None:
+        super().__init__(work_dir)
+        self.bin = find_postgres()
+        self.port = port or free_port()
+        self.fsync = fsync
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self.data_dir = Path(tempfile.mkdtemp(prefix="dicomrouter-pgdata-"))
+        self.dsn = f"postgresql://dicomrouter@{LOOPBACK}:{self.port}/dicomrouter"
+        self._created = False
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            return False
+        return find_postgres() is not None
+
+    def prepare(self) -> None:
+        if self.bin is None:
+            raise BenchError("PostgreSQL not found (apt-get install postgresql, or set PG_BIN)")
+        if (self.data_dir / "PG_VERSION").exists():
+            return  # a restart
+        if self.user:
+            shutil.chown(self.data_dir, self.user, self.user)
+        r = subprocess.run([str(self.bin / "initdb"), "-D", str(self.data_dir), "-U",
+                            "dicomrouter", "--auth=trust", "-E", "UTF8", "--no-sync"],
+                           capture_output=True, text=True, timeout=120, check=False,
+                           user=self.user, group=self.user, cwd=self.data_dir)
+        if r.returncode != 0:
+            raise BenchError(f"initdb failed: {r.stderr.strip() or r.stdout.strip()}")
+
+    def command(self) -> list[str]:
+        return [str(self.bin / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
+                "-k", str(self.data_dir), "-c", f"listen_addresses={LOOPBACK}",
+                "-c", f"fsync={'on' if self.fsync else 'off'}", "-c", "max_connections=200",
+                "-c", "synchronous_commit=" + ("on" if self.fsync else "off")]
+
+    def ready(self) -> bool:
+        if not tcp_accepts(self.port):
+            return False
+        import psycopg
+
+        try:
+            with psycopg.connect(f"postgresql://dicomrouter@{LOOPBACK}:{self.port}/postgres",
+                                 autocommit=True, connect_timeout=2) as conn:
+                if not self._created:
+                    have = conn.execute("SELECT 1 FROM pg_database WHERE datname='dicomrouter'"
+                                        ).fetchone()
+                    if not have:
+                        conn.execute("CREATE DATABASE dicomrouter")
+                    self._created = True
+        except psycopg.OperationalError:
+            return False  # starting up
+        return True
+
+    def new_database(self, name: str) -> str:
+        """A fresh, empty database on this server; its DSN."""
+        import psycopg
+
+        with psycopg.connect(f"postgresql://dicomrouter@{LOOPBACK}:{self.port}/postgres",
+                             autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://dicomrouter@{LOOPBACK}:{self.port}/{name}"
+
+    def sql(self, query: str, args: Sequence[Any] = (), dsn: str | None = None
+            ) -> list[tuple[Any, ...]]:
+        """Run one statement on the router's database; its rows."""
+        import psycopg
+
+        with psycopg.connect(dsn or self.dsn, autocommit=True, connect_timeout=10) as conn:
+            cur = conn.execute(query, tuple(args) or None)
+            return list(cur.fetchall()) if cur.description else []
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        super().__exit__(exc_type, exc, tb)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 class RouterServer(Peer):

@@ -318,6 +318,17 @@ class KnownAE:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """``state:``: SQLite in the spool (embedded default) or a shared PostgreSQL."""
+
+    type: str = "sqlite"
+    dsn: str = field(default="", repr=False)  # a secret: from dsn_env / dsn_file
+    lease: float = 30.0
+    pool_size: int = 8
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     ae_title: str = DEFAULT_AE_TITLE
     bind: str = "0.0.0.0"
@@ -346,6 +357,15 @@ class Config:
     sweep: Any = None  # sweep.SweepPlan: re-route stored studies against the current table
     force_complete_after: float = 0.0  # 0: never; else a study receiving this long completes
     force_complete: str = "route"  # route, or hold (state held, for an operator's reroute)
+    state: StateConfig = field(default_factory=StateConfig)
+    shared_spool: dict[str, Any] | None = None  # the S3 bucket every node's instances go to
+    ack_after: str = "local"  # shared: acknowledged once in the shared store
+    node_id: str = "node"
+
+    @property
+    def cluster(self) -> bool:
+        """Several routers on one PostgreSQL state (and, usually, one shared spool)."""
+        return self.state.type == "postgresql"
 
     @property
     def listener(self) -> ListenerConfig:

@@ -38,6 +38,7 @@ from .base import (
     RetryPolicy,
     RouteConfig,
     SourceConfig,
+    StateConfig,
     TlsConfig,
     WebConfig,
     _ae_title,
@@ -452,6 +453,77 @@ AnySource = Annotated[
 ]
 
 
+def _env_set(key: str, env: str | None) -> None:
+    if env and env not in os.environ:
+        raise ConfigError(key, f"environment variable {env} is not set")
+
+
+class StateModel(_Strict):
+    """``state:``: where the router keeps its state. ``sqlite`` (the embedded default: a file
+    in the spool) or ``postgresql`` (several routers share it; the DSN comes from an
+    environment variable or a file, never from the YAML)."""
+
+    type: Choice("sqlite", "postgresql") = "sqlite"
+    dsn_env: Text | None = None
+    dsn_file: Text | None = None
+    lease: Duration = 30.0  # a node that stops heartbeating this long is gone; its jobs resume
+    pool_size: Int(2, 500) = 8
+    connect_timeout: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _dsn(self) -> StateModel:
+        if self.type == "sqlite":
+            for key in ("dsn_env", "dsn_file"):
+                if getattr(self, key):
+                    raise ConfigError(key, "only for type: postgresql")
+            return self
+        if not self.dsn_env and not self.dsn_file:
+            raise ConfigError("dsn_env", "required for type: postgresql (the environment "
+                              "variable holding the connection string, e.g. DICOMROUTER_DSN)")
+        if self.dsn_env and self.dsn_file:
+            raise ConfigError("dsn_file", "give dsn_env or dsn_file, not both")
+        _env_set("dsn_env", self.dsn_env)
+        _readable(self.dsn_file, "dsn_file")
+        if self.lease < 3:
+            raise ConfigError("lease", "must be at least 3 s (heartbeats renew it every "
+                              "third of it)")
+        return self
+
+
+class SharedSpoolModel(_Strict):
+    """``shared_spool:``: the instances of every node in one S3 bucket (cluster mode)."""
+
+    type: Literal["s3"]
+    bucket: Text
+    prefix: Text = ""
+    endpoint_url: Text | None = None
+    region: Text | None = None
+    access_key_env: Text | None = None
+    secret_key_env: Text | None = None
+    timeout: Duration = 30.0
+    verify_tls: Annotated[bool | str, _v(lambda v, k: _tls(v, k))] = True
+
+    @model_validator(mode="after")
+    def _credentials(self) -> SharedSpoolModel:
+        if bool(self.access_key_env) != bool(self.secret_key_env):
+            raise ConfigError("access_key_env", "access_key_env and secret_key_env go together")
+        _env_set("access_key_env", self.access_key_env)
+        _env_set("secret_key_env", self.secret_key_env)
+        if self.prefix.startswith("/") or ".." in self.prefix.split("/"):
+            raise ConfigError("prefix", "must be a relative key prefix (no leading /, no ..)")
+        return self
+
+
+def _node_id(value: Any, key: str) -> str:
+    text = _str(value, key)
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
+        raise ConfigError(key, f"{_show(text)} is not a node id (letters, digits, '.', '_', "
+                          "'-'; at most 64)")
+    return text
+
+
 class WebModel(_Strict):
     enabled: Bool = True
     bind: Text = "127.0.0.1"
@@ -557,6 +629,11 @@ class ConfigModel(_Strict):
     sweep: Annotated[Any, _v(lambda v, k: _sweep(v, k))] = None
     force_complete_after: Duration = 0.0  # a study receiving this long completes anyway
     force_complete: Choice("route", "hold") = "route"  # ... or is held for an operator
+    # several routers (docs/scale-out.md)
+    state: StateModel = StateModel()
+    shared_spool: SharedSpoolModel | None = None
+    ack_after: Choice("shared", "local") | None = None  # default: shared (with shared_spool)
+    node_id: Annotated[str, _v(_node_id)] | None = None  # default: the host name
     max_query_results: Int(1, 10_000_000) = Limits.max_query_results
     # listener limits (docs/security.md)
     acse_timeout: Duration = Limits.acse_timeout
@@ -590,6 +667,12 @@ class ConfigModel(_Strict):
         if (self.tls or any(lst.tls for lst in self.listeners or [])) and \
                 self.receiver != "fast":
             raise ConfigError("tls", "DICOM TLS needs 'receiver: fast'")
+        if self.shared_spool is not None and self.state.type != "postgresql":
+            raise ConfigError("shared_spool", "needs 'state: {type: postgresql, ...}': the "
+                              "nodes sharing the instances must share their state")
+        if self.ack_after is not None and self.shared_spool is None:
+            raise ConfigError("ack_after", "only with shared_spool (without it an instance "
+                              "is acknowledged once fsync'd in the local spool)")
         if self.receivers > 1 and self.receiver != "fast":
             raise ConfigError("receivers", "several receiver processes need 'receiver: fast'")
         known = list(self.destinations or {})
@@ -672,7 +755,30 @@ class ConfigModel(_Strict):
             listeners=self._listeners(path),
             sweep=self.sweep, force_complete_after=self.force_complete_after,
             force_complete=self.force_complete,
+            state=StateConfig(self.state.type, _dsn(self.state, path), self.state.lease,
+                              self.state.pool_size, self.state.connect_timeout),
+            shared_spool=self.shared_spool.model_dump() if self.shared_spool else None,
+            ack_after=self.ack_after or ("shared" if self.shared_spool else "local"),
+            node_id=self.node_id or _default_node_id(),
             source=source)
+
+
+def _dsn(model: StateModel, path: Any) -> str:
+    """The PostgreSQL connection string (from its environment variable or file)."""
+    if model.dsn_env:
+        return os.environ[model.dsn_env]
+    if model.dsn_file:
+        with open(path(model.dsn_file), encoding="utf-8") as f:
+            return f.readline().strip()
+    return ""
+
+
+def _default_node_id() -> str:
+    import re
+    import socket
+
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64].strip("-.")
+    return name or "node"
 
 
 def _tls_server(model: TlsServerModel | None, path: Any, key: str) -> TlsConfig | None:

@@ -23,7 +23,9 @@ from collections.abc import Iterable
 from .. import metrics
 from ..dicomfile import UnreadableDataset
 from ..dimse import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS
+from ..shared_spool import SharedStoreUnavailable
 from ..spool import Accepted, DatasetMismatch, ReceiveFile, Spool, SpoolFull
+from ..state import StateUnavailable
 
 log = logging.getLogger("dicomrouter.scp")
 
@@ -46,6 +48,9 @@ def accept(spool: Spool, rx: ReceiveFile, calling: str, called: str,
     except SpoolFull as exc:
         status, what, comment = OUT_OF_RESOURCES, "out of resources", \
             f"spool full: {exc.strerror or exc}"
+    except (SharedStoreUnavailable, StateUnavailable) as exc:  # cluster mode: not durable
+        status, what, comment = OUT_OF_RESOURCES, "out of resources", \
+            f"{exc.strerror or exc} (not acknowledged: send it again)"
     except DatasetMismatch as exc:
         status, what, comment = DATASET_MISMATCH, "dataset does not match", str(exc)
     except UnreadableDataset as exc:

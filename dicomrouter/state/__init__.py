@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from .base import Instance, Job, State, Study
+from .base import Instance, Job, State, StateUnavailable, Study
+
+
+def state_for(cfg: Any, readonly: bool = False) -> State:
+    """The state a configuration names: SQLite in its spool, or the shared PostgreSQL."""
+    if cfg.state.type == "postgresql":
+        from .postgres import PostgresState
+
+        return PostgresState(cfg.state.dsn, cfg.node_id, lock_dir=None if readonly else
+                             cfg.spool, lease=cfg.state.lease, pool_size=cfg.state.pool_size,
+                             connect_timeout=cfg.state.connect_timeout, readonly=readonly)
+    state = open_state(cfg.state_db, readonly=readonly)
+    state.node_id = cfg.node_id
+    return state
 
 
 def open_state(path: Path, readonly: bool = False) -> State:
@@ -14,4 +28,5 @@ def open_state(path: Path, readonly: bool = False) -> State:
     return SQLiteState(path, readonly=readonly)
 
 
-__all__ = ["Instance", "Job", "State", "Study", "open_state"]
+__all__ = ["Instance", "Job", "State", "StateUnavailable", "Study", "open_state",
+           "state_for"]

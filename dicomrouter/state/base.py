@@ -18,6 +18,11 @@ if TYPE_CHECKING:
     from ..query import Query
 
 
+class StateUnavailable(OSError):
+    """The state database cannot be reached now (PostgreSQL down or restarting): an OSError,
+    so every "one log line, try again" path (ingest → 0xA700, tracker, workers) handles it."""
+
+
 @dataclass(frozen=True)
 class Job:
     """One (study, destination) delivery, as claimed by a worker."""
@@ -44,6 +49,7 @@ class Instance:
     called_ae: str
     tags: dict[str, str]
     generation: int = 1
+    node: str = ""  # the node that received it (several routers); "" when unknown
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,10 @@ class State(ABC):
     # ---- receiving
     @abstractmethod
     def record_instance(self, tags: dict[str, str], tsuid: str, key: str, size: int,
-                        calling_ae: str, called_ae: str) -> tuple[bool, int, int]:
-        """Record a durable instance: (replaced an earlier copy, generation, replaced size)."""
+                        calling_ae: str, called_ae: str,
+                        shared: bool = True) -> tuple[bool, int, int]:
+        """Record a durable instance: (replaced an earlier copy, generation, replaced size).
+        ``shared``: already in the shared store (cluster mode), or there is none."""
 
     @abstractmethod
     def known_keys(self) -> set[str]:
@@ -288,6 +296,17 @@ class State(ABC):
 
     @abstractmethod
     def ledger_stats(self, destination: str | None = None) -> dict[str, int]: ...
+
+    # ---- nodes (several routers on one PostgreSQL state; SQLite: the one node)
+    node_id: str = ""
+
+    @abstractmethod
+    def heartbeat(self, info: dict[str, Any] | None = None) -> None:
+        """This node is alive (``info`` at start-up); renews the leases of its running jobs."""
+
+    @abstractmethod
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node known, with ``alive``, its heartbeat and what it holds and runs."""
 
     @abstractmethod
     def close(self) -> None: ...

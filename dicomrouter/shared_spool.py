@@ -1,0 +1,294 @@
+"""The shared spool: every node's instances in one S3 bucket (cluster mode).
+
+Each node still receives into its own local receive slots (one fsync, as always). Then:
+
+* ``ack_after: shared`` (the default in cluster mode): the instance is uploaded to the bucket
+  *before* the C-STORE response; a bucket that cannot be reached answers 0xA700 (out of
+  resources) and nothing is acknowledged that only one disk holds;
+* ``ack_after: local``: acknowledged after the local fsync, uploaded behind it by the uploader
+  thread (faster; what a node had not uploaded yet is lost with its disk).
+
+Object keys are ``<prefix>data/<study>/<sop>~<reception>.dcm``: one per reception, so a
+cleanup on one node (deleting the keys it read from the state) can never delete the newer copy
+of the same SOP Instance another node has just received. The state row keeps the key; the node
+keeps its local copy as a cache (``data/<study>/<sop>.dcm``) until the study is deleted.
+
+``open(inst)`` reads the local copy when this node received it, else the object, downloaded
+(streamed, bounded memory) into ``shared-cache/`` once and read from there: every destination
+gets a real file (seek, fileno, reopen), as from the local spool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .spool import Accepted, ReceiveFile, Spool, SpoolReader, _unlink_quietly
+from .state import Instance, State
+
+log = logging.getLogger("dicomrouter.spool")
+
+
+class SharedStoreUnavailable(OSError):
+    """The shared store (S3) cannot be reached or refused a write: 0xA700 in ack_after: shared."""
+
+
+class SharedStore:
+    """One bucket and prefix (boto3)."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        from .destinations.s3 import _client
+
+        self.options = options
+        self.bucket = options["bucket"]
+        self.prefix = options.get("prefix") or ""
+        if self.prefix and not self.prefix.endswith("/"):
+            self.prefix += "/"
+        self._client = _client(options)
+
+    def describe(self) -> str:
+        where = self.options.get("endpoint_url") or "AWS"
+        return f"s3://{self.bucket}/{self.prefix} at {where}"
+
+    def put(self, key: str, path: str, size: int) -> None:
+        """Upload a spool file (its slot marker read as zeros) under ``key``."""
+        try:
+            with SpoolReader(path) as body:
+                self._client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=body,
+                                        ContentLength=size)
+        except Exception as exc:
+            raise SharedStoreUnavailable(errno.EIO, f"shared store {self.describe()}: "
+                                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+    def download(self, key: str, dest: str) -> None:
+        """Stream the object ``key`` into the file ``dest`` (written whole, then renamed)."""
+        part = f"{dest}.{uuid.uuid4().hex[:8]}.part"
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            with open(part, "wb") as out:
+                self._client.download_fileobj(self.bucket, self.prefix + key, out)
+            os.replace(part, dest)
+        except Exception as exc:
+            _unlink_quietly(part)
+            if _not_found(exc):
+                raise FileNotFoundError(errno.ENOENT, f"not in the shared store: {key}") \
+                    from None
+            raise SharedStoreUnavailable(errno.EIO, f"shared store {self.describe()}: "
+                                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+    def delete(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            part = keys[i:i + 1000]
+            self._client.delete_objects(Bucket=self.bucket, Delete={
+                "Objects": [{"Key": self.prefix + k} for k in part], "Quiet": True})
+
+    def reachable(self) -> str:
+        """'' when the bucket answers, else why not (readiness)."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            return ""
+        except Exception as exc:
+            return f"shared store {self.describe()}: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _not_found(exc: Exception) -> bool:
+    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
+class ClusterSpool(Spool):
+    """A node's local spool in front of the shared store (see the module's doc)."""
+
+    def __init__(self, root: Path, state: State, store: SharedStore, ack_after: str,
+                 node_id: str, **kwargs: Any) -> None:
+        super().__init__(root, state, shared=True, **kwargs)
+        self.store = store
+        self.ack_after = ack_after
+        self.node_id = node_id
+        self.cache = root / "shared-cache"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self._uploads: queue.Queue[tuple[str, str, str, int] | None] = queue.Queue()
+        self._uploader: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # ---- receiving -------------------------------------------------------------------------
+
+    def new_key(self, tags: dict[str, str]) -> str:
+        return (f"data/{tags['StudyInstanceUID']}/{tags['SOPInstanceUID']}"
+                f"~{self.node_id}-{uuid.uuid4().hex[:12]}.dcm")
+
+    def accept(self, rx: ReceiveFile, calling_ae: str, called_ae: str,
+               command: tuple[str, str] | None = None) -> Accepted:
+        accepted = super().accept(rx, calling_ae, called_ae, command)
+        key = self.new_key(accepted.tags)
+        if self.ack_after != "shared":
+            return Accepted(accepted.path, accepted.tags, accepted.tsuid, accepted.size,
+                            calling_ae, called_ae, key, shared=False)
+        try:
+            self.store.put(key, accepted.path, accepted.size)
+        except BaseException:
+            _unlink_quietly(accepted.path)  # not acknowledged: the sender sends it again
+            raise
+        return Accepted(accepted.path, accepted.tags, accepted.tsuid, accepted.size,
+                        calling_ae, called_ae, key, shared=True)
+
+    def _place(self, src: str | Path, tags: dict[str, str], tsuid: str, calling_ae: str,
+               called_ae: str, size: int | None = None, key: str | None = None,
+               shared: bool = True) -> bool:
+        if key is None:  # adopted at start-up (a slot, an unrecorded file): upload it again
+            key, shared = self.new_key(tags), False
+        replaced = super()._place(src, tags, tsuid, calling_ae, called_ae, size, key, shared)
+        if not shared:
+            local = os.path.join(self._data_dir, tags["StudyInstanceUID"],
+                                 tags["SOPInstanceUID"] + ".dcm")
+            self._uploads.put((tags["SOPInstanceUID"], key, local,
+                               os.stat(local).st_size if size is None else size))
+        return replaced
+
+    def start(self) -> None:
+        super().start()
+        for study, sop, key in self.state.unshared():  # left by an earlier run (ack local)
+            local = os.path.join(self._data_dir, study, sop + ".dcm")
+            with contextlib.suppress(OSError):
+                self._uploads.put((sop, key, local, os.stat(local).st_size))
+        self._uploader = threading.Thread(target=self._upload_loop, name="shared-upload",
+                                          daemon=True)
+        self._uploader.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._uploads.put(None)
+        if self._uploader is not None:
+            self._uploader.join(30)
+        super().stop()
+
+    def pending_uploads(self) -> int:
+        return self._uploads.qsize()
+
+    def _upload_loop(self) -> None:
+        """ack_after: local: upload what was acknowledged, in order; retry until it works."""
+        delay = 0.0
+        while True:
+            item = self._uploads.get()
+            if item is None:
+                return
+            sop, key, local, size = item
+            try:
+                self.store.put(key, local, size)
+                self.state.mark_shared(sop, key)
+                delay = 0.0
+            except FileNotFoundError:
+                log.warning("instance %s: local file gone before its upload (replaced or "
+                            "purged)", sop)
+            except OSError as exc:
+                delay = min(30.0, max(0.5, delay * 2))
+                log.error("upload of instance %s to the shared store failed (%s); retrying in "
+                          "%.0f s", sop, exc, delay)
+                self._uploads.put(item)
+                if self._stopping.wait(delay):
+                    return
+
+    def adopt_orphans(self) -> int:
+        """Local files this node has no row for (a crash between rename and record)."""
+        adopted = 0
+        for path in self.data.glob("*/*.dcm"):
+            sop = path.name[:-4]
+            try:
+                row = self.state.instance(sop) if hasattr(self.state, "instance") else None
+                if row is not None:
+                    continue
+                from .dicomfile import identify, source_ae
+
+                tags, tsuid = identify(path)
+                if path != self.data / tags["StudyInstanceUID"] / f"{tags['SOPInstanceUID']}.dcm":
+                    continue
+                self._place(path, tags, tsuid, source_ae(path), "")
+                adopted += 1
+            except Exception as exc:
+                log.error("spool file %s cannot be adopted: %s", path, exc)
+        return adopted
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def local_file(self, inst: Instance) -> str:
+        return os.path.join(self._data_dir, inst.study_uid, inst.sop_uid + ".dcm")
+
+    def open(self, inst: Instance) -> SpoolReader:
+        """The local copy when this node received it; else the shared object (downloaded once
+        into shared-cache/, streamed)."""
+        if inst.node == self.node_id or not inst.node:
+            local = self.local_file(inst)
+            if os.path.exists(local):
+                return SpoolReader(local)
+        cached = os.path.join(self.cache, inst.key)
+        if not os.path.exists(cached):
+            self.store.download(inst.key, cached)
+        return SpoolReader(cached)
+
+    # ---- deleting ----------------------------------------------------------------------------
+
+    def delete_delivered(self, study_uid: str, why: str) -> int:
+        with self.study_lock(study_uid):
+            instances = self.state.forget_delivered(study_uid, why)  # type: ignore[attr-defined]
+            if instances is None:  # not delivered (any more: a late arrival reopened it)
+                return 0
+            freed = sum(i.size for i in instances)
+            self._delete_objects([i.key for i in instances])
+            self._drop_local(study_uid)
+        with self._bytes_lock:
+            self._bytes = max(0, self._bytes - freed)
+        return freed
+
+    def purge(self, study_uid: str) -> int:
+        with self.study_lock(study_uid):
+            instances = self.state.instances(study_uid)
+            keys = self.state.purge(study_uid)
+            self._delete_objects(keys)
+            self._drop_local(study_uid)
+        freed = sum(i.size for i in instances)
+        with self._bytes_lock:
+            self._bytes = max(0, self._bytes - freed)
+        return freed
+
+    def _delete_objects(self, keys: list[str]) -> None:
+        try:
+            self.store.delete(keys)
+        except Exception as exc:  # the rows are gone: the objects are garbage, not data
+            log.error("could not delete %d object(s) from the shared store (%s: %s); they are "
+                      "orphans now (no row refers to them)", len(keys), type(exc).__name__,
+                      exc)
+
+    def _drop_local(self, study_uid: str) -> None:
+        shutil.rmtree(self.data / study_uid, ignore_errors=True)
+        shutil.rmtree(self.cache / "data" / study_uid, ignore_errors=True)
+
+    def prune_local(self, older_than: float = 60.0) -> int:
+        """Local copies and cached objects of studies no longer in the spool (another node
+        delivered and deleted them); returns how many study folders went."""
+        pruned = 0
+        cutoff = time.time() - older_than
+        for folder in (self.data, self.cache / "data"):
+            if not folder.is_dir():
+                continue
+            for study_dir in folder.iterdir():
+                try:
+                    if study_dir.stat().st_mtime > cutoff:
+                        continue
+                    with self.study_lock(study_dir.name):
+                        row = self.state.study(study_dir.name)
+                        if row is not None and row.in_spool:
+                            continue
+                        shutil.rmtree(study_dir, ignore_errors=True)
+                        pruned += 1
+                except OSError:
+                    continue
+        return pruned

@@ -1,0 +1,237 @@
+"""The PostgreSQL state against a real PostgreSQL (Debian's package, started by the test):
+the same contract as SQLite, and what only several nodes need (SKIP LOCKED claims, leases,
+per-study exclusion, migrations, reconnection after a restart)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from peers import wait_until
+
+from dicomrouter.benchmark.procs import Postgres
+from dicomrouter.query import Match, Query
+from dicomrouter.state import State, StateUnavailable
+from dicomrouter.state.postgres import MIGRATIONS, PostgresState
+from dicomrouter.state.sqlite import SQLiteState
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+
+
+def _tags(study: str, series: str, sop: str, **extra: str) -> dict[str, str]:
+    return {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": sop,
+            "SOPClassUID": CT, "PatientID": "PAT1", "PatientName": "Doe^Jane",
+            "StudyDate": "20261130", "Modality": "CT", **extra}
+
+
+def _record(state: State, study: str, n: int, series: str = "1.9.1", start: int = 1) -> None:
+    for i in range(start, start + n):
+        state.record_instance(_tags(study, series, f"{study}.{i}", InstanceNumber=str(i)),
+                              EXPLICIT, f"data/{study}/{study}.{i}.dcm", 1000, "MODALITY",
+                              "DICOMROUTER")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
+    """The same tests on both backends."""
+    if request.param == "sqlite":
+        s: State = SQLiteState(tmp_path / "state.db")
+    else:
+        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
+    yield s
+    s.close()
+
+
+def test_receive_route_deliver_settle(state: State) -> None:
+    _record(state, "1.2.1", 3)
+    seen = state.study("1.2.1")
+    assert seen is not None and seen.state == "receiving"
+    assert state.due_studies(60.0) == []
+    assert state.due_studies(0.0, now=time.time() + 1) == ["1.2.1"]
+    assert state.route_study("1.2.1", ["pacs"], ["all"], seen, "matched all")
+    assert not state.route_study("1.2.1", ["pacs"], ["all"], seen)  # routed exactly once
+    job = state.claim_job("pacs")
+    assert job is not None and job.routes == ("all",)
+    todo = state.undelivered("1.2.1", "pacs")
+    assert [i.sop_uid for i in todo] == ["1.2.1.1", "1.2.1.2", "1.2.1.3"]
+    assert todo[0].node == state.node_id
+    previous = None
+    for inst in todo:
+        state.mark_sending(inst.sop_uid, "pacs", "1.2.1", previous)
+        previous = inst.sop_uid
+    state.mark_delivered([previous], "pacs")
+    assert state.finish_job(job, None, 3, 1.0) == "delivered"
+    assert state.settle_study("1.2.1")
+    assert state.ledger_stats() == {"entries": 3, "sends": 3, "delivered": 3, "resent": 0}
+    rows = state.study_rows(study_uid="1.2.1")
+    assert rows[0]["instances_in_spool"] == 3 and rows[0]["bytes_in_spool"] == 3000
+    assert rows[0]["received_by"] == {state.node_id: 3}
+    # a late arrival reopens it (generation 2): only the new instance is undelivered
+    _record(state, "1.2.1", 1, start=4)
+    again = state.study("1.2.1")
+    assert again is not None and again.state == "receiving" and again.generation == 2
+    assert [i.sop_uid for i in state.undelivered("1.2.1", "pacs")] == ["1.2.1.4"]
+    events = [e for _ts, e in state.history("1.2.1")]
+    assert any("reopened by a late arrival" in e for e in events)
+
+
+def test_failure_retry_dead_and_requeue(state: State) -> None:
+    _record(state, "1.2.2", 1)
+    seen = state.study("1.2.2")
+    assert seen is not None
+    state.route_study("1.2.2", ["pacs"], ["all"], seen)
+    job = state.claim_job("pacs")
+    assert job is not None
+    assert state.finish_job(job, "refused", 2, 60.0) == "failed"
+    assert state.claim_job("pacs") is None  # not due for a minute
+    assert state.next_due("pacs") is not None
+    job = state.claim_job("pacs", now=time.time() + 61)
+    assert job is not None
+    assert state.finish_job(job, "refused again", 2, 60.0) == "dead"
+    assert state.summary()["dead"][0]["last_error"] == "refused again"
+    assert state.requeue(True, None, None) == 1
+    assert state.claim_job("pacs") is not None
+
+
+def test_query_retrieve_matching(state: State) -> None:
+    state.record_instance(_tags("1.3.1", "1.3.1.1", "1.3.1.1.1", InstanceNumber="10",
+                                AccessionNumber="ACC_1"), EXPLICIT, "k1", 10, "A", "B")
+    state.record_instance(_tags("1.3.1", "1.3.1.2", "1.3.1.2.1", InstanceNumber="x",
+                                Modality="MR"), EXPLICIT, "k2", 10, "A", "B")
+    state.record_instance(_tags("1.3.2", "1.3.2.1", "1.3.2.1.1", PatientName="Roe^John",
+                                StudyDate="20250101", AccessionNumber="ACC%2"),
+                          EXPLICIT, "k3", 10, "A", "B")
+
+    def find(level: str, *matches: Match) -> list[dict[str, str]]:
+        return state.qr_rows(Query(level, tuple(matches), ()))
+
+    studies = find("STUDY", Match("PatientName", "wildcard", ("doe*",)))
+    assert [r["StudyInstanceUID"] for r in studies] == ["1.3.1"]
+    assert studies[0]["NumberOfStudyRelatedInstances"] == "2"
+    assert sorted(studies[0]["ModalitiesInStudy"].split("\\")) == ["CT", "MR"]
+    # wildcard characters of the database's own (%, _) are literal in DICOM
+    assert [r["StudyInstanceUID"] for r in find("STUDY", Match("AccessionNumber", "wildcard",
+                                                               ("ACC%*",)))] == ["1.3.2"]
+    assert [r["StudyInstanceUID"] for r in find("STUDY", Match("AccessionNumber", "wildcard",
+                                                               ("ACC?1",)))] == ["1.3.1"]
+    ranged = find("STUDY", Match("StudyDate", "range", ("20260101", "")))
+    assert [r["StudyInstanceUID"] for r in ranged] == ["1.3.1"]
+    listed = find("SERIES", Match("SeriesInstanceUID", "list", ("1.3.1.2", "1.3.2.1")))
+    assert sorted(r["SeriesInstanceUID"] for r in listed) == ["1.3.1.2", "1.3.2.1"]
+    images = state.qr_instances(Query("IMAGE", (Match("StudyInstanceUID", "single",
+                                                      ("1.3.1",)),), ()))
+    assert [i.sop_uid for i in images] == ["1.3.1.1.1", "1.3.1.2.1"]  # "x" is no number
+
+
+def test_nodes_heartbeat(state: State) -> None:
+    state.heartbeat({"host": "h1", "pid": 1})
+    (node,) = state.nodes()
+    assert node["node_id"] == state.node_id and node["alive"] and node["info"]["host"] == "h1"
+
+
+# ---- only PostgreSQL: several nodes on one database -------------------------------------------
+
+
+@pytest.fixture
+def two_nodes(pg_dsn: str, tmp_path: Path) -> Iterator[tuple[PostgresState, PostgresState]]:
+    a = PostgresState(pg_dsn, "node-a", tmp_path / "a", lease=3)
+    b = PostgresState(pg_dsn, "node-b", tmp_path / "b", lease=3)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_nodes_claim_different_jobs_and_a_dead_nodes_job_resumes(
+        two_nodes: tuple[PostgresState, PostgresState]) -> None:
+    a, b = two_nodes
+    for study in ("1.4.1", "1.4.2"):
+        _record(a, study, 2)
+        seen = a.study(study)
+        assert seen is not None and a.route_study(study, ["pacs"], ["all"], seen)
+    ja, jb = a.claim_job("pacs"), b.claim_job("pacs")
+    assert ja is not None and jb is not None and ja.study_uid != jb.study_uid
+    assert a.claim_job("pacs") is None and b.claim_job("pacs") is None
+    # node a stops renewing its lease (killed); b heartbeats and takes a's job over
+    deadline = time.time() + 3.5
+    while time.time() < deadline:
+        b.heartbeat()
+        time.sleep(0.5)
+    taken = wait_until(lambda: b.claim_job("pacs"), timeout=10, what="the expired job")
+    assert taken.study_uid == ja.study_uid
+    assert any("resumed on node node-b" in e for _t, e in b.history(ja.study_uid))
+    assert {n["node_id"]: n["alive"] for n in b.nodes()} == {"node-b": True}
+    # a comes back and finishes its old run: that does not close b's run
+    assert a.finish_job(ja, None, 3, 1.0) == ""
+    assert b.finish_job(taken, None, 3, 1.0) == "delivered"
+
+
+def test_a_study_split_over_nodes_is_one_study(
+        two_nodes: tuple[PostgresState, PostgresState]) -> None:
+    """Two nodes record the instances of one new study at the same time: one study row,
+    generation 1, every instance, and it routes once."""
+    a, b = two_nodes
+    errors: list[BaseException] = []
+
+    def receive(state: PostgresState, series: str) -> None:
+        try:
+            _record(state, "1.5.1", 40, series=series, start=1 if series.endswith("1") else 100)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=receive, args=(s, f"1.5.1.{n}"))
+               for n, s in ((1, a), (2, b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    seen = b.study("1.5.1")
+    assert seen is not None and seen.generation == 1
+    assert len(a.instances("1.5.1")) == 80
+    assert a.study_rows(study_uid="1.5.1")[0]["received_by"] == {"node-a": 40, "node-b": 40}
+    results = []
+    both = [threading.Thread(target=lambda s=s: results.append(
+        s.route_study("1.5.1", ["pacs"], ["all"], seen))) for s in (a, b)]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join()
+    assert sorted(results) == [False, True]
+    assert len(a.jobs()) == 1
+
+
+def test_migrations_are_versioned_and_applied_once(pg_dsn: str, tmp_path: Path) -> None:
+    first = PostgresState(pg_dsn, "n1", tmp_path)
+    second = PostgresState(pg_dsn, "n2", tmp_path)  # no error: nothing applied twice
+    assert first.schema_version() == MIGRATIONS[-1][0]
+    rows = first._query("SELECT version FROM schema_migrations ORDER BY version")
+    assert [r[0] for r in rows] == [v for v, _ in MIGRATIONS]
+    first.close()
+    second.close()
+
+
+def test_unreachable_postgresql_is_a_clear_error() -> None:
+    from dicomrouter.benchmark.procs import free_port
+
+    with pytest.raises(StateUnavailable, match="PostgreSQL is not reachable"):
+        PostgresState(f"postgresql://x@127.0.0.1:{free_port()}/x", "n", connect_timeout=2)
+
+
+def test_the_state_reconnects_after_a_postgresql_restart(tmp_path: Path) -> None:
+    if not Postgres.available():
+        pytest.skip("PostgreSQL not installed")  # the pg_dsn tests fail loudly in CI
+    with Postgres(tmp_path / "pg") as pg:
+        state = PostgresState(pg.dsn, "n1", tmp_path, lease=3, connect_timeout=5)
+        _record(state, "1.6.1", 2)
+        pg.stop()
+        with pytest.raises(StateUnavailable):
+            _record(state, "1.6.1", 1, start=3)
+        pg.start()
+        _record(state, "1.6.1", 1, start=4)  # the pooled connections were dead: replaced
+        assert sorted(i.sop_uid for i in state.instances("1.6.1")) == \
+            ["1.6.1.1", "1.6.1.2", "1.6.1.4"]
+        state.close()
