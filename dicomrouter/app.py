@@ -235,7 +235,7 @@ class Router:
                 if self._route_ages:
                     for study in self.state.awaiting_studies(self.clock()):
                         self._complete_waiting(study)
-                if self._counted:
+                if self._counted and self.state.hold_lease("count-queries", 10.0):
                     self._ask_counts()
                 if (self._expecting or self._per_series) and \
                         time.monotonic() - last_expect > 1.0:
@@ -245,7 +245,8 @@ class Router:
                     if self._per_series:
                         self._route_stable_series()
                 if plan is not None and next_sweep is not None and self.clock() >= next_sweep:
-                    self.sweep()
+                    if self.state.hold_lease("sweep", 600.0):  # one node sweeps
+                        self.sweep()
                     next_sweep = plan.next_after(self.clock())
                 if time.monotonic() - last_housekeeping > 5.0:
                     last_housekeeping = time.monotonic()

@@ -16,7 +16,7 @@ from types import FrameType
 
 import click
 
-SCENARIO_NAMES = ("P1", "P2", "P3", "P4", "P5")
+SCENARIO_NAMES = ("P1", "P2", "P3", "P4", "P5", "P7")
 
 
 def _scenarios(value: str) -> frozenset[str]:
@@ -62,6 +62,8 @@ def _terminated(signum: int, _frame: FrameType | None) -> None:
               help="storescp's maximum receive PDU in P1/P5. The router accepts any size, so "
               "storescu sends it its largest PDUs (128 kB); storescp gets the same unless this "
               "is lowered (storescp's own default is 16384).")
+@click.option("--nodes", type=click.IntRange(1, 64), default=3, show_default=True,
+              help="P7: measure 1..N router nodes on one PostgreSQL + S3 (moto).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results only.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the machine-readable results to this file.")
@@ -75,10 +77,11 @@ def _terminated(signum: int, _frame: FrameType | None) -> None:
 def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: float,
           stable_age: int,
           associations: int, forward_associations: int, storescp_pdu: int | None,
-          as_json: bool, json_out: Path | None, markdown: bool, keep: bool,
+          nodes: int, as_json: bool, json_out: Path | None, markdown: bool, keep: bool,
           workdir: Path | None, profile_dir: Path | None) -> None:
     """Measure receive throughput (P1), end-to-end time against an Orthanc gateway (P2), peak
-    memory with a large instance and a big study (P4) and concurrent associations (P5).
+    memory with a large instance and a big study (P4), concurrent associations (P5) and
+    several routers on PostgreSQL + S3 (P7).
 
     Starts its own DCMTK storescp, Orthanc and router processes on free loopback ports, and stops
     them all at the end. Progress goes to stderr, the table to stdout. Exits 1 if a measurement
@@ -98,7 +101,7 @@ def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: 
                         large_mb=large_mb, study_mb=study_mb, stable_age=stable_age,
                         associations=associations,
                         forward_associations=forward_associations, storescp_pdu=storescp_pdu,
-                        keep=keep)
+                        nodes=nodes, keep=keep)
     if not settings.orthanc:
         _progress("Orthanc not found (apt-get install orthanc): P2 and the Orthanc column are "
                   "skipped")

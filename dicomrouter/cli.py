@@ -100,11 +100,14 @@ def serve(config_path: str | None, port: int | None, check: bool) -> None:
     log.info("dicomrouter starting with %s; spool %s; stable age %.1f s", cfg.source,
              cfg.spool, cfg.stable_age)
     from .app import ListenError
+    from .state import StateUnavailable
 
     try:
         router = Router(cfg)
     except ListenError as exc:
         raise click.ClickException(str(exc.strerror)) from None
+    except StateUnavailable as exc:
+        raise click.ClickException(f"{exc} (state.dsn_env/dsn_file)") from None
     except OSError as exc:
         raise click.ClickException(f"cannot open the spool {cfg.spool}: {exc}") from None
 
@@ -345,6 +348,15 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         for j in data["dead"]:
             click.echo(f"  {j['study_uid']} → {j['destination']}: {j['attempts']} attempts, "
                        f"last error: {j['last_error']}")
+    if data.get("cluster"):
+        click.echo("nodes:")
+        for n in data["nodes"]:
+            info = n["info"]
+            click.echo(f"  {n['node_id']:<16} {'alive' if n['alive'] else 'gone':<6} last "
+                       f"heartbeat {_when(n['heartbeat'])}, started {_when(n['started'])}; "
+                       f"{n['running_jobs']} job(s) running, {n['instances_in_spool']} "
+                       f"instance(s) received in the spool; {', '.join(info.get('listeners', []))}"
+                       f" (ack_after {info.get('ack_after', '?')})")
     click.echo("studies:")
     if not data["studies"]:
         click.echo("  (none)")
@@ -357,7 +369,9 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
             (s["instances_received"], s["bytes_received"])
         click.echo(f"  {s['study_uid']}  {s['state']:<10} patient {s['patient_id'] or '-':<12}"
                    f" {n:>5} instance(s) {_size(size):>9} {where}"
-                   f"  from {s['calling_ae'] or '-'}  last received {_when(s['last_received'])}")
+                   f"  from {s['calling_ae'] or '-'}  last received {_when(s['last_received'])}"
+                   + (f"  received by {', '.join(f'{k} ({v})' for k, v in by.items())}"
+                      if data.get("cluster") and (by := s.get("received_by")) else ""))
         for j in jobs.get(s["study_uid"], []):
             click.echo(f"      {_progress(j)}")
 

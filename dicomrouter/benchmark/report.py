@@ -224,6 +224,34 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
                                 f"{n}: {many}; 1: {one}", _fmt_ratio(ratio), values=values))
     else:
         skipped("P5", "concurrent associations")
+
+    # P7: several routers on PostgreSQL + S3 (moto)
+    if "P7" in selected and any(k.startswith("P7/") for r in runs for k in r):
+        embedded, _ = _throughput(runs, "P1/small/router")
+        one, _ = _throughput(runs, "P7/small/nodes1-shared")
+        for key, what, den, base in (
+                ("nodes1-shared", "receive small, 1 node, ack_after shared vs embedded",
+                 "P1/small/router", f"embedded {embedded}"),
+                ("nodes1-local", "receive small, 1 node, ack_after local vs embedded",
+                 "P1/small/router", f"embedded {embedded}"),
+                *((f"nodes{n}-shared", f"receive small, {n} nodes vs 1 (ack_after shared)",
+                   "P7/small/nodes1-shared", f"1 node {one}")
+                  for n in range(2, settings.nodes + 1))):
+            name = f"P7/small/{key}"
+            if not any(name in r for r in runs):
+                continue
+            value, v = _throughput(runs, name)
+            ratio = median(_ratios(runs, name, den, rate))
+            costs = {c: median(_series(runs, name, lambda m, c=c: float(m[c])))
+                     for c in ("router_cpu_ms", "postgres_cpu_ms", "s3_cpu_ms",
+                               "pg_transactions", "s3_objects")}
+            rows.append(Row("P7", what, value, base, _fmt_ratio(ratio),
+                            values={"inst_s": v, "ratio": ratio, **costs}))
+    elif "P7" in selected:
+        skipped("P7", "several routers on PostgreSQL + S3", "not run (PostgreSQL or moto "
+                "missing)")
+    else:
+        skipped("P7", "several routers on PostgreSQL + S3")
     return rows
 
 
@@ -242,6 +270,16 @@ def notes(runs: Runs) -> list[str]:
                        f"storescp in {dlv:.1f} s after its stable age; VmRSS sampled every "
                        f"50 ms peaked at {rx_max:.0f} MB while receiving and {fw_max:.0f} MB "
                        "while forwarding.")
+    for key in sorted({k for r in runs for k in r if k.startswith("P7/")}):
+        costs = {c: median(_series(runs, key, lambda m, c=c: float(m[c])))
+                 for c in ("router_cpu_ms", "postgres_cpu_ms", "s3_cpu_ms",
+                           "pg_transactions", "s3_objects")}
+        if all(v is not None for v in costs.values()):
+            out.append(f"{key}: per instance {costs['router_cpu_ms']:.2f} ms router CPU, "
+                       f"{costs['postgres_cpu_ms']:.2f} ms PostgreSQL CPU, "
+                       f"{costs['s3_cpu_ms']:.2f} ms S3 server CPU; "
+                       f"{costs['pg_transactions']:.1f} PostgreSQL transactions and "
+                       f"{costs['s3_objects']:.1f} S3 objects.")
     for c in ("small", "ct"):
         r = median(_series(runs, f"P2/{c}/router", lambda m: float(m["receive_seconds"])))
         g = median(_series(runs, f"P2/{c}/gateway", lambda m: float(m["receive_seconds"])))

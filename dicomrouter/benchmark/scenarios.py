@@ -36,7 +36,7 @@ from .procs import (
     wait_until,
 )
 
-SCENARIOS = ("P1", "P2", "P3", "P4", "P5")
+SCENARIOS = ("P1", "P2", "P3", "P4", "P5", "P7")
 RECEIVE_CORPORA = ("small", "ct")
 P4_CORPORA = ("large", "study")  # one ≥ 500 MB instance; a ~2 GB study
 STUDY_FRAMES = 4  # frames per instance of P4's big study (2.1 MB instances)
@@ -67,6 +67,7 @@ class Settings:
     associations: int = 8
     forward_associations: int = 4  # the router's dicom destination in P2
     storescp_pdu: int | None = None  # storescp's -pdu (None: its default, 16 kB)
+    nodes: int = 3  # P7: 1..nodes routers on one PostgreSQL + S3
     keep: bool = False
     orthanc: bool = field(default_factory=lambda: find_orthanc() is not None)
 
@@ -77,7 +78,7 @@ class Settings:
                 "stable_age": self.stable_age,
                 "associations": self.associations,
                 "forward_associations": self.forward_associations,
-                "storescp_pdu": self.storescp_pdu,
+                "storescp_pdu": self.storescp_pdu, "nodes": self.nodes,
                 "orthanc": self.orthanc}
 
 
@@ -118,7 +119,7 @@ class Bench:
         """Generate the corpora the selected scenarios need."""
         s = self.settings
         wanted: list[tuple[str, int, int, int, int]] = []
-        if s.scenarios & {"P1", "P2", "P3", "P5"}:
+        if s.scenarios & {"P1", "P2", "P3", "P5", "P7"}:
             wanted.append(("small", s.small, 64, 64, 1))
         if s.scenarios & {"P1", "P2", "P3"}:
             wanted.append(("ct", s.ct, 512, 512, 1))
@@ -177,6 +178,8 @@ class Bench:
                     self._measure(i, data, f"P5/small/{kind}",
                                   partial(self.receive, kind=kind, corpus_name="small",
                                           parts=s.associations))
+            if "P7" in s.scenarios:
+                self._cluster(i, data)
             if "P4" in s.scenarios:  # last: its 2 GB of writes must not slow the others
                 for corpus in P4_CORPORA:
                     self._measure(i, data, f"P4/{corpus}/router",
@@ -188,6 +191,27 @@ class Bench:
                 if MotoServer.available():
                     self._measure(i, data, "P4/study/s3zip",
                                   partial(self.large, corpus_name="study", via="s3zip"))
+
+    def _cluster(self, i: int, data: dict[str, Measurement]) -> None:
+        """P7: the embedded default, one cluster node in both ack_after modes, then 2..N
+        nodes with the senders spread over them."""
+        from . import cluster
+
+        missing = cluster.available()
+        if missing:
+            if i == 0:
+                self.progress(f"P7 skipped: {missing} not available")
+            return
+        corpus = self.corpora["small"]
+        if "P1/small/router" not in data:
+            self._measure(i, data, "P1/small/router",
+                          partial(self.receive, kind="router", corpus_name="small"))
+        variants = [(1, "shared"), (1, "local"),
+                    *((n, "shared") for n in range(2, self.settings.nodes + 1))]
+        for nodes, ack in variants:
+            self._measure(i, data, f"P7/small/nodes{nodes}-{ack}", partial(
+                cluster.receive, corpus=corpus, nodes=nodes, ack=ack,
+                stable_age=LONG_STABLE_AGE, timeout=_timeout(corpus)))
 
     def _measure(self, i: int, data: dict[str, Measurement], key: str,
                  fn: Callable[[Path], Measurement]) -> None:

@@ -500,7 +500,7 @@ class SharedSpoolModel(_Strict):
     region: Text | None = None
     access_key_env: Text | None = None
     secret_key_env: Text | None = None
-    timeout: Duration = 30.0
+    timeout: Duration = 10.0  # per S3 request: a C-STORE waits for it in ack_after: shared
     verify_tls: Annotated[bool | str, _v(lambda v, k: _tls(v, k))] = True
 
     @model_validator(mode="after")

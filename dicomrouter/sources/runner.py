@@ -19,6 +19,7 @@ log = logging.getLogger("dicomrouter.sources")
 class SourcePollers:
     def __init__(self, cfg: Config, state: State, spool: Spool) -> None:
         self.state = state
+        self.lease = cfg.state.lease
         self.sources: list[Source] = [build(s, cfg, state, spool) for s in cfg.sources.values()]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -40,9 +41,19 @@ class SourcePollers:
 
     def _run(self, src: Source) -> None:
         failing = False
+        held = True
         while not self._stop.is_set():
             started = time.monotonic()
             try:
+                # several routers: one node polls a source; another takes over if it stops
+                if not self.state.hold_lease(f"source:{src.name}",
+                                             src.cfg.interval + self.lease):
+                    if held:
+                        log.info("source %s: polled by another node", src.name)
+                    held = False
+                    self._stop.wait(src.cfg.interval)
+                    continue
+                held = True
                 pulled = src.poll()
                 src.housekeeping()
             except Exception as exc:  # one line per failure, the poller goes on

@@ -304,6 +304,10 @@ class State(ABC):
     def heartbeat(self, info: dict[str, Any] | None = None) -> None:
         """This node is alive (``info`` at start-up); renews the leases of its running jobs."""
 
+    def hold_lease(self, name: str, ttl: float) -> bool:
+        """Whether this node may do the singleton work ``name`` now (one node: always)."""
+        return True
+
     @abstractmethod
     def nodes(self) -> list[dict[str, Any]]:
         """Every node known, with ``alive``, its heartbeat and what it holds and runs."""

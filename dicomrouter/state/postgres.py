@@ -151,8 +151,16 @@ def _qr_migration() -> str:
     return "\n".join(sql)
 
 
+LEASES_V3 = """
+CREATE TABLE leases (           -- singleton work (a pull source, the sweep): one node at a time
+    name  TEXT PRIMARY KEY,
+    node  TEXT NOT NULL,
+    until DOUBLE PRECISION NOT NULL
+);
+"""
+
 #: (version, statements): append, never edit one that has shipped
-MIGRATIONS: list[tuple[int, str]] = [(1, SCHEMA_V1), (2, _qr_migration())]
+MIGRATIONS: list[tuple[int, str]] = [(1, SCHEMA_V1), (2, _qr_migration()), (3, LEASES_V3)]
 
 
 class Row:

@@ -434,6 +434,18 @@ class SQLState(State):
                 db.execute("UPDATE jobs SET lease_until=? WHERE state='running' AND node=?",
                            (now + self.lease, self.node_id))
 
+    def hold_lease(self, name: str, ttl: float) -> bool:
+        """Take or renew the lease ``name`` (a pull source, the sweep) for ``ttl`` s: True if
+        this node holds it now. One node does the work; another takes over once it lapses."""
+        now = time.time()
+        with self._tx() as db:
+            n = db.execute("INSERT INTO leases(name, node, until) VALUES (?,?,?)"
+                           " ON CONFLICT(name) DO UPDATE SET node=excluded.node,"
+                           " until=excluded.until WHERE leases.until < ? OR"
+                           " leases.node=excluded.node", (name, self.node_id, now + ttl, now)
+                           ).rowcount
+        return n > 0
+
     def nodes(self) -> list[dict[str, Any]]:
         """Every node that ever ran on this state, with ``alive`` (heartbeat within the lease)."""
         now = time.time()

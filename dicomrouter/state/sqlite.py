@@ -202,6 +202,9 @@ class SQLiteState(SQLState):
                 raise
             self._db.execute("COMMIT")
 
+    def hold_lease(self, name: str, ttl: float) -> bool:
+        return True  # one node per SQLite state: no write for it
+
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
