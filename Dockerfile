@@ -1,10 +1,11 @@
 # dicomrouter: runs on its embedded defaults when no configuration is mounted (DICOMROUTER on
 # port 11112, every study to /data/received); mount one and set DICOMROUTER_CONFIG to use it.
+# The cluster extra brings boto3 (s3 destination, shared spool) and psycopg (PostgreSQL state).
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY dicomrouter ./dicomrouter
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ".[cluster]" \
  && useradd --system --uid 10001 --home-dir /data --create-home dicomrouter
 USER dicomrouter
 WORKDIR /data

@@ -43,15 +43,21 @@ def test_bench_smoke_tiny_corpora(tmp_path: Path) -> None:
                                                       os.environ.get("PYTHONPATH")]))}
     r = subprocess.run(
         [sys.executable, "-m", "dicomrouter.bench", "--small", "20", "--ct", "4", "--large-mb",
-         "5", "--study-mb", "9", "--runs", "1", "--workdir", str(work), "--json-out", str(out)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+         "5", "--study-mb", "9", "--runs", "1", "--nodes", "2", "--workdir", str(work),
+         "--json-out", str(out)],
+        capture_output=True, text=True, timeout=420, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    for scenario in ("P1", "P2", "P3", "P4", "P5"):
+    for scenario in ("P1", "P2", "P3", "P4", "P5", "P7"):
         assert re.search(rf"^{scenario}\s", r.stdout, re.MULTILINE), (scenario, r.stdout)
     assert re.search(r"^P3\s+end to end small → Orthanc via STOW-RS.*C-STORE", r.stdout,
                      re.MULTILINE), r.stdout
     data = json.loads(out.read_text())
-    assert {row["id"] for row in data["rows"]} == {"P1", "P2", "P3", "P4", "P5"}
+    assert {row["id"] for row in data["rows"]} == {"P1", "P2", "P3", "P4", "P5", "P7"}
+    # P7: one node in both ack_after modes and two nodes, each with its per-instance costs
+    for key in ("nodes1-shared", "nodes1-local", "nodes2-shared"):
+        m = data["runs"][0][f"P7/small/{key}"]
+        assert m["instances"] == 20 and m["s3_objects"] == 1.0, m
+        assert m["pg_transactions"] >= 1.0 and m["router_cpu_ms"] > 0, m
     assert not any("error" in m for m in data["runs"][0].values())
     assert data["runs"][0]["P4/study/router"]["instances"] == 5  # 9 MB of 2.1 MB instances
     for mode in ("stow", "cstore"):  # P3: both paths into the DICOMweb-enabled Orthanc
@@ -80,7 +86,7 @@ def test_ratios_are_medians_of_per_run_ratios() -> None:
     assert small.values["ratio"] == median([0.5, 1.0])  # the failed run has no pair
     assert small.verdict == "not met"
     assert small.router.startswith("25 inst/s")  # median of 50, 20, 25 inst/s
-    assert {r.id for r in rows} == {"P1", "P2", "P3", "P4", "P5"}
+    assert {r.id for r in rows} == {"P1", "P2", "P3", "P4", "P5", "P7"}
     assert next(r for r in rows if r.id == "P3").verdict == "-"  # not selected
     text, md = render_text(rows), render_markdown(rows)
     assert text.splitlines()[0].split()[0] == "measurement"

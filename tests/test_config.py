@@ -303,3 +303,42 @@ def test_deploy_files_are_consistent(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "HEALTHCHECK" in dockerfile and "/health" in dockerfile
     # no config mounted: the embedded defaults (no DICOMROUTER_CONFIG to a missing file)
     assert "ENV DICOMROUTER_CONFIG" not in dockerfile
+
+
+def test_cluster_deploy_files_are_consistent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The three-node compose file (docs/scale-out.md), read: a TCP load balancer in front of
+    three nodes that share one router.yml, PostgreSQL and a MinIO bucket; the config validates
+    with the example secrets and is in cluster mode."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent / "deploy" / "cluster"
+    services = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
+    assert {"haproxy", "node1", "node2", "node3", "postgres", "minio", "minio-init"} <= \
+        set(services)
+    for n in (1, 2, 3):
+        node = services[f"node{n}"]
+        assert node["hostname"] == f"node{n}"  # node_id defaults to the host name
+        assert "./router.yml:/etc/dicomrouter/router.yml:ro" in node["volumes"]
+        assert node["environment"]["DICOMROUTER_CONFIG"] == "/etc/dicomrouter/router.yml"
+        assert "./secrets.env" in node["env_file"]
+    haproxy = (root / "haproxy.cfg").read_text()
+    assert "mode tcp" in haproxy
+    assert all(f"server node{n} node{n}:11112 check" in haproxy for n in (1, 2, 3))
+    assert "mc mb --ignore-existing local/dicomrouter-spool" in \
+        services["minio-init"]["entrypoint"]
+    env = dict(os.environ)
+    for line in (root / "secrets.env.example").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            env[key] = value
+            monkeypatch.setenv(key, value)
+    r = subprocess.run([sys.executable, "-m", "dicomrouter", "serve", "--check", "--config",
+                        str(root / "router.yml")], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    cfg = cfgmod.load(root / "router.yml")
+    assert cfg.cluster and cfg.shared_spool is not None and cfg.ack_after == "shared"
+    assert cfg.shared_spool["bucket"] == "dicomrouter-spool"
+    assert cfg.state.dsn.startswith("postgresql://")
+    assert "password" not in (root / "router.yml").read_text().lower()

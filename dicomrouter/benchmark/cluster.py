@@ -69,6 +69,23 @@ def _transactions(pg: Postgres) -> int:
     return int(rows[0][0]) if rows else 0
 
 
+def _settled_transactions(pg: Postgres, quiet: float = 1.5, timeout: float = 20.0) -> int:
+    """The transaction count once backends have flushed their statistics (PostgreSQL 15
+    reports them at most once a second, when idle): unchanged for ``quiet`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    last, since = _transactions(pg), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = _transactions(pg)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
+
+
 def node_config(work: Path, n: int, pg: Postgres, s3: MotoServer, ack: str,
                 stable_age: str) -> dict[str, Any]:
     dsn = work / f"node{n}.dsn"
@@ -111,10 +128,7 @@ def receive(work: Path, corpus: Corpus, nodes: int, ack: str, stable_age: str,
         objects = sum(int(page.get("KeyCount", 0)) for page in pages)
         if objects < corpus.count:
             raise BenchError(f"only {objects} object(s) in the shared spool")
-        # statistics reach pg_stat_database within a second of the transactions
-        wait_until(lambda: _transactions(pg) > tx0, timeout=10, interval=0.2,
-                   what="PostgreSQL's transaction statistics")
-        tx = _transactions(pg) - tx0
+        tx = _settled_transactions(pg) - tx0
     n = corpus.count
     return {"seconds": seconds, "instances": n, "bytes": corpus.size, "nodes": nodes,
             "ack_after": ack,

@@ -274,8 +274,11 @@ def notes(runs: Runs) -> list[str]:
         costs = {c: median(_series(runs, key, lambda m, c=c: float(m[c])))
                  for c in ("router_cpu_ms", "postgres_cpu_ms", "s3_cpu_ms",
                            "pg_transactions", "s3_objects")}
-        if all(v is not None for v in costs.values()):
-            out.append(f"{key}: per instance {costs['router_cpu_ms']:.2f} ms router CPU, "
+        wall = median(_series(runs, key, lambda m: 1000 * float(m["seconds"]) /
+                              float(m["instances"])))
+        if all(v is not None for v in costs.values()) and wall is not None:
+            out.append(f"{key}: per instance {wall:.2f} ms wall, "
+                       f"{costs['router_cpu_ms']:.2f} ms router CPU, "
                        f"{costs['postgres_cpu_ms']:.2f} ms PostgreSQL CPU, "
                        f"{costs['s3_cpu_ms']:.2f} ms S3 server CPU; "
                        f"{costs['pg_transactions']:.1f} PostgreSQL transactions and "
