@@ -247,7 +247,11 @@ def _state_for(config_path: str | None, spool: str | None, readonly: bool = True
         cfg = _load_config(config_path)
         if cfg.cluster:  # the shared PostgreSQL: every node's view is the same
             try:
-                return state_for(cfg, readonly=readonly), cfg.spool
+                state = state_for(cfg, readonly=readonly)
+                if readonly and not state.schema_version():  # type: ignore[attr-defined]
+                    raise click.ClickException("no router has run on this PostgreSQL database "
+                                               "yet (its schema is made at the first start)")
+                return state, cfg.spool
             except StateUnavailable as exc:
                 raise click.ClickException(str(exc)) from None
     root = Path(spool) if spool else cfg.spool
@@ -299,6 +303,10 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
             return
         click.echo(f"study {study}: {row.state}, generation {row.generation}, patient "
                    f"{row.patient_id}, from {row.calling_ae}")
+        by = next(iter(state.study_rows(study_uid=study)), {}).get("received_by") or {}
+        if len(by) > 1 or (by and getattr(state, "leases", False)):
+            click.echo("  received by " + ", ".join(f"{k} ({v} instance(s))"
+                                                     for k, v in sorted(by.items())))
         for j in state.jobs(study_uids=[study]):
             click.echo(f"  {_progress(j)}")
         for ts, event in history:

@@ -4,7 +4,9 @@ finished by another; a PostgreSQL restart loses nothing; every node shows the sa
 
 from __future__ import annotations
 
+import json
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 from peers import MotoS3, Orthanc, run_storescu, sop_uids, wait_until
 from router_fixtures import Router, dicomrouter, tags_of
 
-from dicomrouter.benchmark.procs import Postgres, stop_together
+from dicomrouter.benchmark.procs import Postgres, free_port, stop_together
 from dicomrouter.sample import generate
 
 pytestmark = pytest.mark.usefixtures("dcmtk_available")
@@ -54,9 +56,12 @@ def nodes(tmp_path: Path, pg_dsn: str, cluster_env: MotoS3
           ) -> Iterator[Callable[..., list[Router]]]:
     started: list[Router] = []
 
-    def start(n: int, pacs: Orthanc | None, **extra: Any) -> list[Router]:
+    def start(n: int, pacs: Orthanc | None, first: dict[str, Any] | None = None,
+              **extra: Any) -> list[Router]:
+        """``n`` nodes with the same configuration; ``first``: keys for node1 only."""
         routers = [Router(tmp_path / f"node{i}", node_config(
-            tmp_path, f"node{i}", pg_dsn, cluster_env.endpoint_url, pacs, **extra))
+            tmp_path, f"node{i}", pg_dsn, cluster_env.endpoint_url, pacs,
+            **extra, **((first or {}) if i == 1 else {})))
             for i in range(1, n + 1)]
         for r in routers:
             started.append(r.start())
@@ -74,8 +79,6 @@ def ledger(pg_server: Postgres, dsn: str) -> tuple[int, int, int]:
 
 
 def status(router: Router, *args: str) -> dict[str, Any]:
-    import json
-
     r = dicomrouter("status", "--json", *args, "--config", str(router.config_path))
     assert r.returncode == 0, r.stderr
     return dict(json.loads(r.stdout))
@@ -85,7 +88,9 @@ def test_a_study_split_over_three_nodes_is_routed_once_whole(
         tmp_path: Path, nodes: Callable[..., list[Router]], cluster_env: MotoS3,
         orthanc: Callable[..., Orthanc], pg_server: Postgres, pg_dsn: str) -> None:
     pacs = orthanc(aet="PACS")
-    routers = nodes(3, pacs)
+    web_port = free_port()
+    routers = nodes(3, pacs, first={"web": {"enabled": True, "bind": "127.0.0.1",
+                                            "port": web_port}})
     study = generate(tmp_path / "study", series=3, instances=8, rows=32, cols=32, seed=71)
     uid = tags_of(study[0], "StudyInstanceUID")[0]
     by_series: dict[str, list[Path]] = {}
@@ -120,6 +125,9 @@ def test_a_study_split_over_three_nodes_is_routed_once_whole(
         assert sorted((n["node_id"], n["alive"]) for n in view["nodes"]) == \
             [("node1", True), ("node2", True), ("node3", True)]
     assert views[0]["studies"] == views[1]["studies"] == views[2]["studies"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/api/nodes", timeout=30) as rsp:
+        api = json.loads(rsp.read())  # the web side of node1 sees the cluster too
+    assert api["this"] == "node1" and len(api["nodes"]) == 3
     # delivered and deleted: no object of the study is left in the shared store
     s3 = cluster_env.client()
     wait_until(lambda: s3.list_objects_v2(Bucket=BUCKET).get("KeyCount", 0) == 0,

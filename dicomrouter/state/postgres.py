@@ -360,6 +360,10 @@ class PostgresState(SQLState):
                 conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
 
     def schema_version(self) -> int:
+        """The newest migration applied (0: none, the table is missing)."""
+        rows = self._query("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        if not rows or not rows[0][0]:
+            return 0
         rows = self._query("SELECT MAX(version) FROM schema_migrations")
         return int(rows[0][0] or 0)
 

@@ -850,7 +850,7 @@ class SQLState(State):
             where.append(f"j.study_uid IN ({','.join('?' * len(study_uids))})")
             args.extend(study_uids)
         sql = ("SELECT j.id, j.study_uid, j.destination, j.state, j.attempts, j.next_attempt,"
-               " j.last_error, j.routes, j.created, j.updated,"
+               " j.last_error, j.routes, j.created, j.updated, j.node,"
                " (SELECT COUNT(*) FROM ledger l WHERE l.study_uid=j.study_uid AND"
                "  l.destination=j.destination AND l.delivered_at IS NOT NULL) AS delivered,"
                " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=j.study_uid) AS total"

@@ -95,6 +95,11 @@ def create_app(router: RouterView) -> FastAPI:
     def destinations() -> dict[str, Any]:
         return {"destinations": destination_rows(router)}
 
+    @app.get("/api/nodes", summary="The routers sharing this state (one when embedded), "
+             "with their heartbeats and what each runs")
+    def nodes() -> dict[str, Any]:
+        return {"this": state.node_id, "nodes": state.nodes()}
+
     @app.get("/api/jobs", summary="Delivery jobs (e.g. ?state=dead)")
     def jobs(state_: str | None = Query(None, alias="state"), destination: str | None = None,
              limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
