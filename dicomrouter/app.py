@@ -100,6 +100,7 @@ class Router:
         self._cleanup: queue.Queue[str | None] = queue.Queue()
         self._cleaner = threading.Thread(target=self._clean, name="spool-cleanup", daemon=True)
         self._heart: threading.Thread | None = None
+        self._next_orphan_scan = 0.0
 
     # ---- life cycle ------------------------------------------------------------------------
 
@@ -535,6 +536,11 @@ class Router:
         self.spool.retry_placements()
         if hasattr(self.spool, "prune_local"):  # copies of studies another node deleted
             self.spool.prune_local()
+            # objects acknowledged by a node that died before recording them: one node looks
+            if time.monotonic() > self._next_orphan_scan and \
+                    self.state.hold_lease("shared-orphans", 900.0):
+                self._next_orphan_scan = time.monotonic() + 600.0
+                self.spool.adopt_shared_orphans()  # type: ignore[attr-defined]
         if not self.cfg.keep_after_delivery:
             # Retention over, or a cleanup that a stop interrupted: delete off this thread.
             cutoff = time.time() - max(self.cfg.retention, 0.0)

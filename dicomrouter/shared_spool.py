@@ -29,6 +29,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,20 @@ class SharedStore:
             part = keys[i:i + 1000]
             self._client.delete_objects(Bucket=self.bucket, Delete={
                 "Objects": [{"Key": self.prefix + k} for k in part], "Quiet": True})
+
+    def list(self, under: str) -> Iterator[tuple[str, float, int]]:
+        """(key below the prefix, modified as Unix time, size) of every object ``under``."""
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + under)
+        try:
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield (obj["Key"][len(self.prefix):], obj["LastModified"].timestamp(),
+                           int(obj["Size"]))
+        except Exception as exc:
+            raise SharedStoreUnavailable(errno.EIO, f"shared store {self.describe()}: "
+                                         f"listing failed: {type(exc).__name__}: "
+                                         f"{str(exc)[:200]}") from None
 
     def reachable(self) -> str:
         """'' when the bucket answers, else why not (readiness)."""
@@ -189,10 +204,10 @@ class ClusterSpool(Spool):
             except FileNotFoundError:
                 log.warning("instance %s: local file gone before its upload (replaced or "
                             "purged)", sop)
-            except OSError as exc:
+            except Exception as exc:  # S3 or PostgreSQL away: never a dead uploader
                 delay = min(30.0, max(0.5, delay * 2))
-                log.error("upload of instance %s to the shared store failed (%s); retrying in "
-                          "%.0f s", sop, exc, delay)
+                log.error("upload of instance %s to the shared store failed (%s: %s); retrying "
+                          "in %.0f s", sop, type(exc).__name__, exc, delay)
                 self._uploads.put(item)
                 if self._stopping.wait(delay):
                     return
@@ -215,6 +230,33 @@ class ClusterSpool(Spool):
                 adopted += 1
             except Exception as exc:
                 log.error("spool file %s cannot be adopted: %s", path, exc)
+        return adopted
+
+    def adopt_shared_orphans(self, min_age: float = 600.0) -> int:
+        """Objects no row knows, older than ``min_age``: an instance acknowledged (in the
+        bucket) by a node that died, with its disk, before recording it. Recorded from the
+        object, so it is routed like any other. Returns how many."""
+        from .dicomfile import UnreadableDataset, identify, source_ae
+
+        known = self.state.all_keys()  # type: ignore[attr-defined]
+        cutoff = time.time() - min_age
+        adopted = 0
+        for key, modified, size in self.store.list("data/"):
+            if key in known or modified > cutoff or not key.endswith(".dcm"):
+                continue
+            cached = os.path.join(self.cache, key)
+            try:
+                self.store.download(key, cached)
+                tags, tsuid = identify(cached)
+            except (OSError, UnreadableDataset) as exc:
+                log.error("shared store object %s cannot be adopted: %s", key, exc)
+                continue
+            with self.study_lock(tags["StudyInstanceUID"]):
+                self.state.record_instance(tags, tsuid, key, size, source_ae(cached), "", True)
+            adopted += 1
+            log.warning("adopted instance %s of study %s from the shared store (acknowledged "
+                        "by a node that never recorded it)", tags.get("SOPInstanceUID"),
+                        tags.get("StudyInstanceUID"))
         return adopted
 
     # ---- reading -----------------------------------------------------------------------------
@@ -249,10 +291,17 @@ class ClusterSpool(Spool):
         return freed
 
     def purge(self, study_uid: str) -> int:
+        """The objects first, then the rows: a purge that cannot reach the bucket fails and
+        keeps the study (an object without a row would be adopted again)."""
         with self.study_lock(study_uid):
             instances = self.state.instances(study_uid)
-            keys = self.state.purge(study_uid)
-            self._delete_objects(keys)
+            try:
+                self.store.delete([i.key for i in instances])
+            except Exception as exc:
+                raise SharedStoreUnavailable(errno.EIO, f"cannot delete the study's objects "
+                                             f"from {self.store.describe()}: "
+                                             f"{type(exc).__name__}: {exc}") from None
+            self.state.purge(study_uid)
             self._drop_local(study_uid)
         freed = sum(i.size for i in instances)
         with self._bytes_lock:

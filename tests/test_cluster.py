@@ -238,3 +238,38 @@ def test_ack_after_local_acknowledges_first_and_uploads_behind(
 
 def history(router: Router, uid: str) -> list[str]:
     return [e for _ts, e in status(router, "--study", uid)["history"]]
+
+
+def test_an_object_no_node_recorded_is_adopted_from_the_shared_store(
+        tmp_path: Path, cluster_env: MotoS3, pg_dsn: str) -> None:
+    """A node acknowledged an instance (it is in the bucket) and died with its disk before
+    recording it: housekeeping on any node records it from the object; reading it gives the
+    stored bytes."""
+    from dicomrouter.shared_spool import ClusterSpool, SharedStore
+    from dicomrouter.spool import SpoolReader
+    from dicomrouter.state.postgres import PostgresState
+
+    (f,) = generate(tmp_path / "study", series=1, instances=1, rows=16, cols=16, seed=77)
+    study, sop = tags_of(f, "StudyInstanceUID", "SOPInstanceUID")
+    key = f"data/{study}/{sop}~deadnode-0001.dcm"
+    s3 = cluster_env.client()
+    s3.put_object(Bucket=BUCKET, Key=f"cluster/{key}", Body=f.read_bytes())
+    state = PostgresState(pg_dsn, "node2", tmp_path / "spool", lease=3)
+    store = SharedStore({"bucket": BUCKET, "prefix": "cluster",
+                         "endpoint_url": cluster_env.endpoint_url, "region": "us-east-1",
+                         "access_key_env": "BENCH_S3_KEY", "secret_key_env": "BENCH_S3_KEY",
+                         "timeout": 10.0, "verify_tls": True})
+    spool = ClusterSpool(tmp_path / "spool", state, store, "shared", "node2")
+    try:
+        assert spool.adopt_shared_orphans(min_age=3600) == 0  # too young: maybe in flight
+        assert spool.adopt_shared_orphans(min_age=0) == 1
+        assert spool.adopt_shared_orphans(min_age=0) == 0  # known now
+        (inst,) = state.instances(study)
+        assert inst.key == key and inst.sop_uid == sop
+        with spool.open(inst) as data:
+            got = data.read()
+        with SpoolReader(str(f)) as original:
+            assert got == original.read()
+        assert state.study(study) is not None and state.study(study).state == "receiving"
+    finally:
+        state.close()

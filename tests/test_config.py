@@ -342,3 +342,52 @@ def test_cluster_deploy_files_are_consistent(monkeypatch: pytest.MonkeyPatch) ->
     assert cfg.shared_spool["bucket"] == "dicomrouter-spool"
     assert cfg.state.dsn.startswith("postgresql://")
     assert "password" not in (root / "router.yml").read_text().lower()
+
+
+PG = {"type": "postgresql", "dsn_env": "DICOMROUTER_TEST_DSN"}
+S3 = {"type": "s3", "bucket": "spool"}
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"state": {"type": "postgres"}}, "state.type: one of sqlite, postgresql"),
+    ({"state": {"type": "postgresql"}}, "state.dsn_env: required for type: postgresql"),
+    ({"state": {"type": "postgresql", "dsn_env": "NO_SUCH_VARIABLE_X"}},
+     "state.dsn_env: environment variable NO_SUCH_VARIABLE_X is not set"),
+    ({"state": {"dsn_env": "DICOMROUTER_TEST_DSN"}}, "state.dsn_env: only for type: postgresql"),
+    ({"state": {**PG, "lease": "1s"}}, "state.lease: must be at least 3 s"),
+    ({"state": {**PG, "dsn_file": "x"}}, "state.dsn_file: give dsn_env or dsn_file"),
+    ({"shared_spool": S3}, "shared_spool: needs 'state: {type: postgresql"),
+    ({"state": PG, "shared_spool": {"type": "s3"}}, "shared_spool.bucket: required"),
+    ({"state": PG, "shared_spool": {**S3, "prefix": "../x"}},
+     "shared_spool.prefix: must be a relative key prefix"),
+    ({"state": PG, "shared_spool": {**S3, "access_key_env": "A"}},
+     "shared_spool.access_key_env: access_key_env and secret_key_env go together"),
+    ({"state": PG, "shared_spool": {**S3, "bukket": "x"}},
+     "shared_spool.bukket: unknown key (did you mean 'bucket'?"),
+    ({"ack_after": "shared"}, "ack_after: only with shared_spool"),
+    ({"state": PG, "shared_spool": S3, "ack_after": "never"},
+     "ack_after: one of shared, local"),
+    ({"node_id": "node 1/../x"}, "node_id: 'node 1/../x' is not a node id"),
+])
+def test_cluster_keys_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  data: dict, message: str) -> None:
+    monkeypatch.setenv("DICOMROUTER_TEST_DSN", "postgresql://u:pw1234@db/x")
+    with pytest.raises(ConfigError) as err:
+        cfgmod.from_dict(data, tmp_path, "test")
+    assert str(err.value).startswith(message), str(err.value)
+    assert "pw1234" not in str(err.value)
+
+
+def test_cluster_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    embedded = cfgmod.from_dict({}, tmp_path, "test")
+    assert embedded.state.type == "sqlite" and not embedded.cluster
+    assert embedded.shared_spool is None and embedded.ack_after == "local"
+    assert embedded.node_id  # the host name, made safe
+    assert embedded.node_id.split("-")[0] in socket.gethostname() or embedded.node_id == "node"
+    monkeypatch.setenv("DICOMROUTER_TEST_DSN", "postgresql://u:pw1234@db/x")
+    cfg = cfgmod.from_dict({"state": PG, "shared_spool": S3, "node_id": "n1"}, tmp_path, "t")
+    assert cfg.cluster and cfg.ack_after == "shared" and cfg.node_id == "n1"
+    assert cfg.state.dsn == "postgresql://u:pw1234@db/x" and cfg.state.lease == 30.0
+    assert "pw1234" not in repr(cfg.state)  # the DSN is kept out of reprs (and logs)

@@ -169,6 +169,17 @@ def test_nodes_claim_different_jobs_and_a_dead_nodes_job_resumes(
     assert b.finish_job(taken, None, 3, 1.0) == "delivered"
 
 
+def test_singleton_work_is_leased_to_one_node(
+        two_nodes: tuple[PostgresState, PostgresState]) -> None:
+    a, b = two_nodes
+    assert a.hold_lease("source:pacs", 1.0)
+    assert not b.hold_lease("source:pacs", 1.0)  # a holds it
+    assert a.hold_lease("source:pacs", 1.0)  # renewed by its holder
+    wait_until(lambda: b.hold_lease("source:pacs", 1.0), timeout=10,
+               what="the lapsed lease to pass to node b")
+    assert not a.hold_lease("source:pacs", 1.0)
+
+
 def test_a_study_split_over_nodes_is_one_study(
         two_nodes: tuple[PostgresState, PostgresState]) -> None:
     """Two nodes record the instances of one new study at the same time: one study row,
@@ -217,8 +228,10 @@ def test_migrations_are_versioned_and_applied_once(pg_dsn: str, tmp_path: Path) 
 def test_unreachable_postgresql_is_a_clear_error() -> None:
     from dicomrouter.benchmark.procs import free_port
 
-    with pytest.raises(StateUnavailable, match="PostgreSQL is not reachable"):
-        PostgresState(f"postgresql://x@127.0.0.1:{free_port()}/x", "n", connect_timeout=2)
+    with pytest.raises(StateUnavailable, match="PostgreSQL is not reachable") as err:
+        PostgresState(f"postgresql://x:pw1234@127.0.0.1:{free_port()}/x", "n",
+                      connect_timeout=2)
+    assert "127.0.0.1" in str(err.value) and "pw1234" not in str(err.value)
 
 
 def test_the_state_reconnects_after_a_postgresql_restart(tmp_path: Path) -> None:

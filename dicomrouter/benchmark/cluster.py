@@ -12,6 +12,7 @@ faster than one (they share the cores); on a bigger machine the same command sho
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,7 @@ def receive(work: Path, corpus: Corpus, nodes: int, ack: str, stable_age: str,
         if objects < corpus.count:
             raise BenchError(f"only {objects} object(s) in the shared spool")
         tx = _settled_transactions(pg) - tx0
+    shutil.rmtree(pg.data_dir, ignore_errors=True)  # stopped with the others: its data goes
     n = corpus.count
     return {"seconds": seconds, "instances": n, "bytes": corpus.size, "nodes": nodes,
             "ack_after": ack,

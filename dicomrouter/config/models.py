@@ -352,24 +352,35 @@ class DicomwebModel(_Destination, _HttpPeer):
     batch_bytes: Size = 100_000_000
 
 
-class S3Model(_Destination):
-    type: Literal["s3"]
+def _env_set(key: str, env: str | None) -> None:
+    if env and env not in os.environ:
+        raise ConfigError(key, f"environment variable {env} is not set")
+
+
+class _S3Access(_Strict):
+    """The keys of one S3 bucket (the s3 destination, the shared spool); secrets by name."""
+
     bucket: Text
-    endpoint_url: Text | None = None
+    endpoint_url: Text | None = None  # default: AWS
     region: Text | None = None
-    access_key_env: Text | None = None
+    access_key_env: Text | None = None  # default: the standard AWS credential chain
     secret_key_env: Text | None = None
-    mode: Choice("zip", "instances") = "zip"
-    key: Annotated[str, _v(_template)] | None = None  # default depends on mode (s3.py)
-    timeout: Duration = 60.0
     verify_tls: Annotated[bool | str, _v(lambda v, k: _tls(v, k))] = True
 
     @model_validator(mode="after")
-    def _credentials(self) -> S3Model:
+    def _s3_credentials(self) -> _S3Access:
         if bool(self.access_key_env) != bool(self.secret_key_env):
             raise ConfigError("access_key_env", "access_key_env and secret_key_env go together")
-        self._env_set("access_key_env", "secret_key_env")
+        _env_set("access_key_env", self.access_key_env)
+        _env_set("secret_key_env", self.secret_key_env)
         return self
+
+
+class S3Model(_Destination, _S3Access):
+    type: Literal["s3"]
+    mode: Choice("zip", "instances") = "zip"
+    key: Annotated[str, _v(_template)] | None = None  # default depends on mode (s3.py)
+    timeout: Duration = 60.0
 
 
 DESTINATION_MODELS: dict[str, type[_Destination]] = {
@@ -453,11 +464,6 @@ AnySource = Annotated[
 ]
 
 
-def _env_set(key: str, env: str | None) -> None:
-    if env and env not in os.environ:
-        raise ConfigError(key, f"environment variable {env} is not set")
-
-
 class StateModel(_Strict):
     """``state:``: where the router keeps its state. ``sqlite`` (the embedded default: a file
     in the spool) or ``postgresql`` (several routers share it; the DSN comes from an
@@ -490,25 +496,15 @@ class StateModel(_Strict):
         return self
 
 
-class SharedSpoolModel(_Strict):
+class SharedSpoolModel(_S3Access):
     """``shared_spool:``: the instances of every node in one S3 bucket (cluster mode)."""
 
     type: Literal["s3"]
-    bucket: Text
     prefix: Text = ""
-    endpoint_url: Text | None = None
-    region: Text | None = None
-    access_key_env: Text | None = None
-    secret_key_env: Text | None = None
     timeout: Duration = 10.0  # per S3 request: a C-STORE waits for it in ack_after: shared
-    verify_tls: Annotated[bool | str, _v(lambda v, k: _tls(v, k))] = True
 
     @model_validator(mode="after")
-    def _credentials(self) -> SharedSpoolModel:
-        if bool(self.access_key_env) != bool(self.secret_key_env):
-            raise ConfigError("access_key_env", "access_key_env and secret_key_env go together")
-        _env_set("access_key_env", self.access_key_env)
-        _env_set("secret_key_env", self.secret_key_env)
+    def _prefix(self) -> SharedSpoolModel:
         if self.prefix.startswith("/") or ".." in self.prefix.split("/"):
             raise ConfigError("prefix", "must be a relative key prefix (no leading /, no ..)")
         return self

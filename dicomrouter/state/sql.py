@@ -120,6 +120,10 @@ class SQLState(State):
         rows = self._query("SELECT * FROM instances WHERE sop_uid=?", (sop_uid,))
         return self._instance(rows[0]) if rows else None
 
+    def all_keys(self) -> set[str]:
+        """The keys of every instance row, present or not (cluster: the objects rows know)."""
+        return {r["path"] for r in self._query("SELECT path FROM instances")}
+
     def known_keys(self) -> set[str]:
         return {r["path"] for r in self._query("SELECT path FROM instances WHERE present=1")}
 
