@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .dicomfile import UnreadableDataset, identify, source_ae
 from .spool import Accepted, ReceiveFile, Spool, SpoolReader, _unlink_quietly
 from .state import Instance, State
 
@@ -186,9 +187,6 @@ class ClusterSpool(Spool):
             self._uploader.join(30)
         super().stop()
 
-    def pending_uploads(self) -> int:
-        return self._uploads.qsize()
-
     def _upload_loop(self) -> None:
         """ack_after: local: upload what was acknowledged, in order; retry until it works."""
         delay = 0.0
@@ -218,11 +216,8 @@ class ClusterSpool(Spool):
         for path in self.data.glob("*/*.dcm"):
             sop = path.name[:-4]
             try:
-                row = self.state.instance(sop) if hasattr(self.state, "instance") else None
-                if row is not None:
+                if self.state.instance(sop) is not None:  # type: ignore[attr-defined]
                     continue
-                from .dicomfile import identify, source_ae
-
                 tags, tsuid = identify(path)
                 if path != self.data / tags["StudyInstanceUID"] / f"{tags['SOPInstanceUID']}.dcm":
                     continue
@@ -236,8 +231,6 @@ class ClusterSpool(Spool):
         """Objects no row knows, older than ``min_age``: an instance acknowledged (in the
         bucket) by a node that died, with its disk, before recording it. Recorded from the
         object, so it is routed like any other. Returns how many."""
-        from .dicomfile import UnreadableDataset, identify, source_ae
-
         known = self.state.all_keys()  # type: ignore[attr-defined]
         cutoff = time.time() - min_age
         adopted = 0

@@ -217,20 +217,30 @@ class _Conn:
 
 
 def _configure(conn: Any) -> None:
-    import psycopg
-    from psycopg.adapt import Loader
-
-    class NumericLoader(Loader):  # SUM() is numeric: ints and floats, not Decimal (JSON)
-        def load(self, data: Any) -> Any:
-            text = bytes(data).decode()
-            try:
-                return int(text)
-            except ValueError:
-                return float(text)
-
-    conn.adapters.register_loader("numeric", NumericLoader)
+    """Every pooled connection: rows as ``Row``, numeric results as int or float."""
+    conn.adapters.register_loader("numeric", _numeric_loader())
     conn.row_factory = _row_factory
-    assert isinstance(conn, psycopg.Connection)
+
+
+_NUMERIC_LOADER: Any = None
+
+
+def _numeric_loader() -> Any:
+    """SUM() over integers is numeric: loaded as int (or float), not Decimal (JSON)."""
+    global _NUMERIC_LOADER
+    if _NUMERIC_LOADER is None:
+        from psycopg.adapt import Loader
+
+        class NumericLoader(Loader):
+            def load(self, data: Any) -> Any:
+                text = bytes(data).decode()
+                try:
+                    return int(text)
+                except ValueError:
+                    return float(text)
+
+        _NUMERIC_LOADER = NumericLoader
+    return _NUMERIC_LOADER
 
 
 class PostgresState(SQLState):
