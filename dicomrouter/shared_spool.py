@@ -164,8 +164,7 @@ class ClusterSpool(Spool):
             key, shared = self.new_key(tags), False
         replaced = super()._place(src, tags, tsuid, calling_ae, called_ae, size, key, shared)
         if not shared:
-            local = os.path.join(self._data_dir, tags["StudyInstanceUID"],
-                                 tags["SOPInstanceUID"] + ".dcm")
+            local = self._local(tags["StudyInstanceUID"], tags["SOPInstanceUID"])
             self._uploads.put((tags["SOPInstanceUID"], key, local,
                                os.stat(local).st_size if size is None else size))
         return replaced
@@ -173,7 +172,7 @@ class ClusterSpool(Spool):
     def start(self) -> None:
         super().start()
         for study, sop, key in self.state.unshared():  # left by an earlier run (ack local)
-            local = os.path.join(self._data_dir, study, sop + ".dcm")
+            local = self._local(study, sop)
             with contextlib.suppress(OSError):
                 self._uploads.put((sop, key, local, os.stat(local).st_size))
         self._uploader = threading.Thread(target=self._upload_loop, name="shared-upload",
@@ -254,14 +253,15 @@ class ClusterSpool(Spool):
 
     # ---- reading -----------------------------------------------------------------------------
 
-    def local_file(self, inst: Instance) -> str:
-        return os.path.join(self._data_dir, inst.study_uid, inst.sop_uid + ".dcm")
+    def _local(self, study_uid: str, sop_uid: str) -> str:
+        """This node's own copy of an instance it received (``data/<study>/<sop>.dcm``)."""
+        return os.path.join(self._data_dir, study_uid, sop_uid + ".dcm")
 
     def open(self, inst: Instance) -> SpoolReader:
         """The local copy when this node received it; else the shared object (downloaded once
         into shared-cache/, streamed)."""
         if inst.node == self.node_id or not inst.node:
-            local = self.local_file(inst)
+            local = self._local(inst.study_uid, inst.sop_uid)
             if os.path.exists(local):
                 return SpoolReader(local)
         cached = os.path.join(self.cache, inst.key)
@@ -276,12 +276,9 @@ class ClusterSpool(Spool):
             instances = self.state.forget_delivered(study_uid, why)  # type: ignore[attr-defined]
             if instances is None:  # not delivered (any more: a late arrival reopened it)
                 return 0
-            freed = sum(i.size for i in instances)
             self._delete_objects([i.key for i in instances])
             self._drop_local(study_uid)
-        with self._bytes_lock:
-            self._bytes = max(0, self._bytes - freed)
-        return freed
+        return self._freed(instances)
 
     def purge(self, study_uid: str) -> int:
         """The objects first, then the rows: a purge that cannot reach the bucket fails and
@@ -296,6 +293,10 @@ class ClusterSpool(Spool):
                                              f"{type(exc).__name__}: {exc}") from None
             self.state.purge(study_uid)
             self._drop_local(study_uid)
+        return self._freed(instances)
+
+    def _freed(self, instances: list[Instance]) -> int:
+        """Take deleted instances off the spool's byte count; returns their bytes."""
         freed = sum(i.size for i in instances)
         with self._bytes_lock:
             self._bytes = max(0, self._bytes - freed)
@@ -304,10 +305,10 @@ class ClusterSpool(Spool):
     def _delete_objects(self, keys: list[str]) -> None:
         try:
             self.store.delete(keys)
-        except Exception as exc:  # the rows are gone: the objects are garbage, not data
-            log.error("could not delete %d object(s) from the shared store (%s: %s); they are "
-                      "orphans now (no row refers to them)", len(keys), type(exc).__name__,
-                      exc)
+        except Exception as exc:  # the rows are absent already: garbage, not data
+            log.error("could not delete %d object(s) from the shared store (%s: %s); they stay "
+                      "as garbage (their rows are marked deleted, so they are never adopted)",
+                      len(keys), type(exc).__name__, exc)
 
     def _drop_local(self, study_uid: str) -> None:
         shutil.rmtree(self.data / study_uid, ignore_errors=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,6 @@ def _transactions(pg: Postgres) -> int:
 def _settled_transactions(pg: Postgres, quiet: float = 1.5, timeout: float = 20.0) -> int:
     """The transaction count once backends have flushed their statistics (PostgreSQL 15
     reports them at most once a second, when idle): unchanged for ``quiet`` seconds."""
-    import time
-
     deadline = time.monotonic() + timeout
     last, since = _transactions(pg), time.monotonic()
     while time.monotonic() < deadline:

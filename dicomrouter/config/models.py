@@ -252,9 +252,7 @@ class _Destination(_Strict):
     def _env_set(self, *keys: str) -> None:
         """Secrets are named by environment variable: each named one must be set now."""
         for key in keys:
-            env = getattr(self, key)
-            if env and env not in os.environ:
-                raise ConfigError(key, f"environment variable {env} is not set")
+            _env_set(key, getattr(self, key))
 
 
 class FolderModel(_Destination):
@@ -353,6 +351,7 @@ class DicomwebModel(_Destination, _HttpPeer):
 
 
 def _env_set(key: str, env: str | None) -> None:
+    """A secret named by environment variable: the named one must be set now."""
     if env and env not in os.environ:
         raise ConfigError(key, f"environment variable {env} is not set")
 
