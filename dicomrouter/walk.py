@@ -86,16 +86,28 @@ class _InflateSource:
         self._eof = False
 
     def _fill(self, n: int) -> None:
+        """Inflate until ``n`` bytes are buffered or the stream ends.
+
+        Output is capped per call (``max_length``) so memory stays one window; what zlib could
+        not consume then waits in ``unconsumed_tail`` and must be fed again *before* any new input
+        from the file (feeding new bytes first loses the tail: "inconsistent stream state").
+        """
+        z = self._z
         while len(self._buf) < n and not self._eof:
-            raw = self.f.read(WINDOW)
             try:
-                self._buf += self._z.decompress(raw, WINDOW) if raw else self._z.flush()
-                while self._z.unconsumed_tail and len(self._buf) < max(n, WINDOW):
-                    self._buf += self._z.decompress(self._z.unconsumed_tail, WINDOW)
+                if z.unconsumed_tail:
+                    self._buf += z.decompress(z.unconsumed_tail, WINDOW)
+                else:
+                    raw = self.f.read(WINDOW)
+                    if not raw:
+                        self._buf += z.flush()
+                        self._eof = True
+                        break
+                    self._buf += z.decompress(raw, WINDOW)
             except zlib.error as exc:
                 raise Malformed(f"the deflated dataset does not inflate: {exc}") from None
-            if not raw or self._z.eof:
-                self._eof = not self._z.unconsumed_tail
+            if z.eof:
+                self._eof = True
 
     def read(self, n: int) -> bytes:
         self._fill(n)
