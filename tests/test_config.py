@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -122,7 +123,7 @@ def test_serve_refuses_invalid_config_with_keyed_message(tmp_path: Path) -> None
     # nine levels deep inside the value (9**9 scalars if expanded)
     ("port: [&l0 [x, x, x, x, x, x, x, x, x], "
      + ", ".join(f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)) + "]\n",
-     "port", "expected a whole number"),
+     "port", "YAML aliases expand"),
     ("destinations:\n  a: {type: folder, path: /tmp/x}\nroutes:\n  - to: [{a: 1}]\n",
      "routes[0].to[0]", "expected a destination name"),
     ("destinations:\n  a: {type: [folder], path: /tmp/x}\n", "destinations.a.type",
@@ -151,6 +152,45 @@ def test_bad_yaml_is_a_keyed_error(tmp_path: Path, text: str, key: str, problem:
     assert err.value.key == key, str(err.value)
     assert problem in err.value.problem
     assert len(str(err.value)) < 2000, "the error message expanded a value"
+
+
+def _bomb(levels: int = 9) -> str:
+    """Nine nested aliases of nine: 9**9 scalars once expanded ("billion laughs")."""
+    return "[&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol], " + ", ".join(
+        f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)) + "]"
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    (f"stable_age: {_bomb()}\n", "stable_age"),
+    (f"ae_title: {_bomb()}\n", "ae_title"),
+    (f"destinations:\n  a: {{type: folder, path: /tmp/x, template: {_bomb()}}}\n",
+     "destinations.a.template"),
+    (f"routes:\n  - to: [a]\n    when: {{Modality: {_bomb()}}}\n", "routes[0].when.Modality"),
+    (f"known_aes: {{P: {{host: h, port: 1}}}}\nx: {_bomb()}\n", "x"),
+])
+def test_alias_bomb_anywhere_is_refused_at_once(tmp_path: Path, text: str, key: str) -> None:
+    """Whatever key it sits in, a config that expands past the limit is refused in well under a
+    second with that key (it once kept ``serve --check`` busy for minutes in stable_age)."""
+    p = tmp_path / "router.yml"
+    p.write_text(text)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        cfgmod.load(p)
+    assert time.monotonic() - started < 1.0
+    assert err.value.key == key and "YAML aliases expand" in err.value.problem
+    r = dicomrouter("serve", "--check", "--config", str(p), timeout=30)
+    assert r.returncode != 0 and f"{key}: YAML aliases expand" in r.stderr
+
+
+def test_aliases_that_refer_to_themselves_and_ordinary_merges(tmp_path: Path) -> None:
+    p = tmp_path / "router.yml"
+    p.write_text("allowed_calling_aes: &a [PACS, *a]\n")
+    with pytest.raises(ConfigError, match="refer to themselves"):
+        cfgmod.load(p)
+    # an ordinary anchor and merge key still works
+    p.write_text("known_aes:\n  A: &peer {host: h, port: 104}\n  B: {<<: *peer, port: 105}\n")
+    cfg = cfgmod.load(p)
+    assert (cfg.known_aes["B"].host, cfg.known_aes["B"].port) == ("h", 105)
 
 
 def test_non_utf8_config_is_a_clear_error(tmp_path: Path) -> None:
