@@ -17,7 +17,7 @@ import click
 
 from . import config as config_mod
 from . import logsafe
-from .config import Config, ConfigError
+from .config import Config, ConfigError, extras
 
 log = logging.getLogger("dicomrouter")
 
@@ -48,6 +48,9 @@ def _load_config(path: str | None, warn: bool = False) -> Config:
     except ConfigError as exc:
         where = path or os.environ.get(config_mod.CONFIG_ENV) or "configuration"
         raise click.ClickException(f"invalid configuration ({where}): {exc}") from None
+    absent = extras.missing(cfg)
+    if absent:
+        raise click.ClickException("\n".join(absent))
     if warn:
         _warn_about(cfg)
     return cfg
