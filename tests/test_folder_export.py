@@ -91,3 +91,74 @@ def test_zip_mode_writes_one_valid_zip_per_study(tmp_path: Path) -> None:
                            e["sop_instance_uid"])
                 assert dataset_bytes(member) == dataset_bytes(src)
                 assert hashlib.sha256(member.read_bytes()).hexdigest() == e["sha256"]
+
+
+def _kill_while_writing(router: Router, out: Path, timeout: float = 120) -> Path:
+    """SIGKILL the router the moment a partial file shows up under ``out``; that file."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        partial = next(out.rglob(".*.part"), None) if out.exists() else None
+        if partial is not None:
+            router.kill()
+            return partial
+        time.sleep(0.002)
+    raise AssertionError(f"no partial file appeared under {out} (log: {router.log_path})")
+
+
+@pytest.mark.parametrize("zipped", [False, True], ids=["tree", "zip"])
+def test_kill_during_a_folder_delivery_leaves_no_partial_file(tmp_path: Path,
+                                                               zipped: bool) -> None:
+    """kill -9 while a large instance is being written: after the restart the study is
+    delivered whole and the partial file the crash left is gone (it once stayed forever as
+    ``Series/.SOP.dcm.xxxx.part``)."""
+    big = generate(tmp_path / "in", series=1, instances=2, rows=4096, cols=4096, seed=73)
+    out = tmp_path / "out"
+    router = Router(tmp_path / "router", {
+        "destinations": {"out": {"type": "folder", "path": str(out), "zip": zipped}},
+        "routes": [{"to": "out"}], "keep_after_delivery": True,
+    })
+    uid = tags_of(big[0], "StudyInstanceUID")[0]
+    with router:
+        assert run_storescu(big, router.port).returncode == 0
+        partial = _kill_while_writing(router, out)
+        assert partial.exists(), "the crash left a partial file (the case under test)"
+        router.start()
+        router.wait_state(uid, "delivered", timeout=180)
+        assert not list(out.rglob("*.part")), "a partial file survived the next delivery"
+        if zipped:
+            (z,) = out.rglob("*.zip")
+            with zipfile.ZipFile(z) as f:
+                names = [n for n in f.namelist() if n.endswith(".dcm")]
+                assert len(names) == 2
+        else:
+            written = sorted(out.rglob("*.dcm"))
+            assert len(written) == 2
+            by_sop = {tags_of(f, "SOPInstanceUID")[0]: f for f in big}
+            for f in written:
+                assert dataset_bytes(f) == dataset_bytes(by_sop[f.stem])
+
+
+def test_stale_partials_of_a_study_are_removed_when_it_is_next_delivered(
+        tmp_path: Path) -> None:
+    """Partial files under other names (an older version's random suffixes, a template since
+    changed) in the study's folder and its staging folder go when the study is delivered."""
+    study = generate(tmp_path / "in", series=1, instances=2, rows=16, cols=16, seed=74)
+    pid, uid, series = tags_of(study[0], "PatientID", "StudyInstanceUID", "SeriesInstanceUID")
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    stale = [out / pid / uid / series / ".1.2.3.dcm.k2j3h4.part",
+             out / pid / uid / ".old-template.dcm.part",
+             staging / pid / uid / series / ".1.2.4.dcm.part"]
+    other = out / pid / "9.9.9" / ".another-study.dcm.part"  # not this study's: left alone
+    for p in [*stale, other]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a file")
+    with Router(tmp_path / "router", {
+        "destinations": {"out": {"type": "folder", "path": str(out), "staging": "../staging"}},
+        "routes": [{"to": "out"}],
+    }) as router:
+        assert run_storescu(study, router.port).returncode == 0
+        router.wait_state(uid, "delivered", timeout=120)
+        assert not any(p.exists() for p in stale)
+        assert other.exists()
+        assert len(list((out / pid / uid).rglob("*.dcm"))) == 2
+        assert "removed 3 partial file(s)" in router.log(2000)

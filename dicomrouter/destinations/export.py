@@ -53,9 +53,15 @@ class StudyZip:
     """A study's zip in a temporary file of ``directory``: members added as instances are read
     (``<SeriesInstanceUID>/<SOPInstanceUID>.dcm``), ``manifest.json`` added by ``finish``."""
 
-    def __init__(self, directory: Path | str | None) -> None:
-        fd, self.path = tempfile.mkstemp(prefix=".study-", suffix=".zip.part", dir=directory)
-        os.close(fd)
+    def __init__(self, directory: Path | str | None, name: str | None = None) -> None:
+        """``name``: a fixed file name in ``directory`` (truncated if a crash left it), else a
+        new temporary one."""
+        if name is not None:
+            self.path = str(Path(directory or tempfile.gettempdir()) / name)
+            Path(self.path).touch()
+        else:
+            fd, self.path = tempfile.mkstemp(prefix=".study-", suffix=".zip.part", dir=directory)
+            os.close(fd)
         self._zip = zipfile.ZipFile(self.path, "w", zipfile.ZIP_STORED, allowZip64=True)
         self.entries: list[dict[str, Any]] = []
         self.study_uid = ""

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,6 +23,8 @@ from ..slots import fsync_dir
 from ..state import Instance
 from .base import DeliveryError, Destination, Session
 from .export import StudyZip, copy_hashed, entry, manifest
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ZIP_TEMPLATE = "{PatientID}/{StudyInstanceUID}.zip"
 MANIFEST = "manifest.json"
@@ -84,14 +86,32 @@ class FolderDestination(Destination):
         return dest
 
 
+def partial_name(target: Path) -> Path:
+    """Where ``target`` is written before its rename: beside it, hidden, not ``*.dcm`` (a
+    watcher globbing for DICOM files never picks up a half-written one), and always the same
+    name, so a retry after a crash (kill -9 mid-write) overwrites what the crash left."""
+    return target.with_name(f".{target.name}.part")
+
+
+def remove_partials(folder: Path) -> int:
+    """Delete partial files a crashed delivery left under ``folder``; how many. Called when a
+    study is next delivered there (only one job delivers a study to a destination at a time)."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for p in folder.rglob(".*.part"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed += 1
+    return removed
+
+
 def _write_atomically(target: Path, fill: Any) -> Any:
-    """Write ``target`` through a temporary ``.part`` name, fsync, rename; ``fill(file)`` writes
-    the content and its result is returned."""
+    """Write ``target`` through its partial name, fsync, rename; ``fill(file)`` writes the
+    content and its result is returned."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    # not *.dcm: a watcher globbing for DICOM files never picks up a half-written one
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    tmp = partial_name(target)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             result = fill(out)
             out.flush()
             os.fsync(out.fileno())
@@ -122,6 +142,7 @@ class _TreeSession(Session):
         if dest.level is not None and self.study_dir is None:
             self.study_dir = root.joinpath(*target.relative_to(root).parts[:dest.level + 1])
             self.study_uid = inst.study_uid
+            self._clean(self.study_dir)
         write_to = dest.staging / target.relative_to(root) if dest.staging else target
         try:
             size, sha = _write_atomically(write_to, lambda out: copy_hashed(data, out.write))
@@ -134,6 +155,16 @@ class _TreeSession(Session):
             return True
         self.buffered.append(inst.sop_uid)
         return False
+
+    def _clean(self, study_dir: Path) -> None:
+        dest = self.dest
+        folders = [study_dir]
+        if dest.staging is not None:
+            folders.append(dest.staging / study_dir.relative_to(dest.root.resolve()))
+        removed = sum(remove_partials(f) for f in folders if f.is_dir())
+        if removed:
+            log.info("%s: removed %d partial file(s) an interrupted delivery of study %s left "
+                     "in %s", dest.name, removed, self.study_uid, study_dir)
 
     def commit(self) -> Sequence[str]:
         if self.study_dir is None or not self.entries:
@@ -199,7 +230,7 @@ class _ZipSession(Session):
             self.target = self.dest.target(inst, data)
             try:
                 self.target.parent.mkdir(parents=True, exist_ok=True)
-                self.zip = StudyZip(self.target.parent)
+                self.zip = StudyZip(self.target.parent, partial_name(self.target).name)
             except OSError as exc:
                 raise DeliveryError(f"cannot write {self.target}: {exc}") from exc
         try:
