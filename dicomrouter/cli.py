@@ -388,8 +388,12 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
 
 
 def _progress(job: dict[str, Any]) -> str:
-    """``pacs: running 1200 of 3000`` (instances confirmed delivered there)."""
-    return f"{job['destination']}: {job['state']} {job['delivered']} of {job['total']}"
+    """``pacs: running 1200 of 3000`` (instances confirmed delivered there); a failed or dead
+    job says why."""
+    line = f"{job['destination']}: {job['state']} {job['delivered']} of {job['total']}"
+    if job["state"] in ("failed", "dead") and job.get("last_error"):
+        line += f" ({job['attempts']} attempt(s)): {job['last_error']}"
+    return line
 
 
 def _since(value: str) -> float:

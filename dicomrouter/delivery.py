@@ -22,12 +22,38 @@ from typing import Any
 from . import metrics
 from .config import Config
 from .destinations import DeliveryError, Destination, InstanceRejected
+from .destinations.base import PermanentFailure
 from .spool import Spool
 from .state import Instance, Job, State
 
 log = logging.getLogger("dicomrouter.delivery")
 
 MIN_PER_ASSOCIATION = 8  # a smaller study is not worth another association
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What one session (or all sessions of a run) achieved."""
+
+    sent: int = 0
+    rejected: list[str] = dataclasses.field(default_factory=list)  # "uid: reason"
+    error: str | None = None  # the destination failed as a whole
+    error_permanent: bool = False  # ... and waiting will not heal it
+    rejected_permanent: int = 0  # how many of ``rejected`` will be refused again
+
+    @property
+    def permanent(self) -> bool:
+        """Dead-letter at once: the failure is permanent, or every refusal is."""
+        if self.error is not None:
+            return self.error_permanent
+        return bool(self.rejected) and self.rejected_permanent == len(self.rejected)
+
+    def add(self, other: RunResult) -> None:
+        self.sent += other.sent
+        self.rejected += other.rejected
+        self.rejected_permanent += other.rejected_permanent
+        if self.error is None and other.error is not None:
+            self.error, self.error_permanent = other.error, other.error_permanent
 
 
 class DeliveryWorkers:
@@ -154,12 +180,15 @@ class DeliveryWorkers:
                  dest.name, dest.describe(), len(todo), attempt, policy.max_attempts)
         if dest.whole_study and len(todo) < len(self.state.instances(job.study_uid, False)):
             # never overwrite a whole-study export (a zip) with part of the study
-            sent, rejected, error = 0, [], (
+            gone = PermanentFailure(
                 "part of the study was deleted from the spool after an earlier export, so the "
-                "study cannot be exported whole again; keep studies for late arrivals "
-                "(retention) or purge it and have it sent again")
+                "study cannot be exported whole again",
+                "keep studies for late arrivals (retention), or have the sender send the study "
+                "again (purge it first)")
+            result = RunResult(error=str(gone), error_permanent=True)
         else:
-            sent, rejected, error = self._send(job, dest, todo)
+            result = self._send(job, dest, todo)
+        sent, rejected, error = result.sent, result.rejected, result.error
         if self._stop.is_set() and error is None and sent + len(rejected) < len(todo):
             self.state.release_job(job)
             log.info("study %s → %s: interrupted by shutdown after %d instance(s); will resume",
@@ -167,8 +196,11 @@ class DeliveryWorkers:
             return ""
         if error is None and rejected:
             error = f"{len(rejected)} of {len(todo)} instance(s) refused; first: {rejected[0]}"
+            if result.permanent:
+                error += " (not retried: the same data would be refused again; fix the cause, " \
+                         "then 'dicomrouter retry --dead')"
         outcome = self.state.finish_job(job, error, policy.max_attempts,
-                                        policy.delay(attempt))
+                                        policy.delay(attempt), permanent=result.permanent)
         took = time.monotonic() - started
         metrics.DELIVERIES.labels(dest.name, outcome if outcome != "pending" else
                                   ("delivered" if error is None else "failed")).inc()
@@ -178,6 +210,10 @@ class DeliveryWorkers:
         if error is None:
             log.info("study %s → %s: delivered %d instance(s) in %.2f s", job.study_uid,
                      dest.name, sent, took)
+        elif outcome == "dead" and result.permanent:
+            log.error("study %s → %s: attempt %d failed permanently, dead-lettered without "
+                      "retrying (study kept in the spool; 'dicomrouter retry --dead' requeues "
+                      "it): %s", job.study_uid, dest.name, attempt, error)
         elif outcome == "dead":
             log.error("study %s → %s: attempt %d/%d failed, dead-lettered (study kept in the "
                       "spool; 'dicomrouter retry --dead' requeues it): %s", job.study_uid,
@@ -188,18 +224,17 @@ class DeliveryWorkers:
                         policy.delay(attempt), error)
         return outcome
 
-    def _send(self, job: Job, dest: Destination,
-              todo: list[Instance]) -> tuple[int, list[str], str | None]:
+    def _send(self, job: Job, dest: Destination, todo: list[Instance]) -> RunResult:
         """Send ``todo`` over ``dest.associations`` sessions at once (contiguous parts, so each
-        series mostly travels in order on one association); returns (sent, rejected, error)."""
+        series mostly travels in order on one association)."""
         if not todo:
-            return 0, [], None
+            return RunResult()
         n = min(dest.associations, max(1, len(todo) // MIN_PER_ASSOCIATION))
         if n <= 1:
             return self._send_part(job, dest, todo)
         size = -(-len(todo) // n)
         parts = [todo[i:i + size] for i in range(0, len(todo), size)]
-        results: list[tuple[int, list[str], str | None]] = [(0, [], None)] * len(parts)
+        results = [RunResult() for _ in parts]
 
         def part(i: int) -> None:
             try:
@@ -208,7 +243,7 @@ class DeliveryWorkers:
                 error = f"internal error: {type(exc).__name__}: {exc}"
                 log.error("study %s → %s: association %d of %d failed: %s", job.study_uid,
                           dest.name, i + 1, len(parts), error)
-                results[i] = (0, [], error)
+                results[i] = RunResult(error=error)
 
         threads = [threading.Thread(target=part, args=(i,), daemon=True,
                                     name=f"{threading.current_thread().name}-{i + 1}")
@@ -218,18 +253,17 @@ class DeliveryWorkers:
         part(0)
         for t in threads:
             t.join()
-        errors = [e for _s, _r, e in results if e]
-        return (sum(r[0] for r in results), [x for r in results for x in r[1]],
-                errors[0] if errors else None)
+        total = RunResult()
+        for r in results:
+            total.add(r)
+        return total
 
-    def _send_part(self, job: Job, dest: Destination,
-                   todo: list[Instance]) -> tuple[int, list[str], str | None]:
+    def _send_part(self, job: Job, dest: Destination, todo: list[Instance]) -> RunResult:
         """Send ``todo`` in one session. The ledger counts each send before it goes out and
         records as delivered only what the session confirms: ``send`` → True (recorded with the
         next count, in the same commit), or the UIDs ``commit`` returns."""
-        rejected: list[str] = []
-        error: str | None = None
-        sent = 0
+        result = RunResult()
+        rejected = result.rejected
         previous: str | None = None  # delivered, not yet recorded
         buffered: list[str] = []  # waiting for the session's commit
         ops = self.transforms_for(job, dest.name)
@@ -256,12 +290,15 @@ class DeliveryWorkers:
                             "spool file missing" if isinstance(exc, FileNotFoundError) else \
                             f"internal error: {type(exc).__name__}: {exc}"
                         rejected.append(f"{inst.sop_uid}: {reason}")
+                        if isinstance(exc, FileNotFoundError) or getattr(exc, "permanent",
+                                                                         False):
+                            result.rejected_permanent += 1
                         log.warning("study %s → %s: instance %s refused: %s", job.study_uid,
                                     dest.name, inst.sop_uid, reason)
                         continue
                     if delivered:
                         previous = inst.sop_uid
-                        sent += 1
+                        result.sent += 1
                     else:
                         buffered.append(inst.sop_uid)
                 if previous:
@@ -272,19 +309,19 @@ class DeliveryWorkers:
                 if buffered:
                     confirmed = set(committed) & set(buffered)
                     self.state.mark_delivered(sorted(confirmed), dest.name)
-                    sent += len(confirmed)
+                    result.sent += len(confirmed)
                     rejected += [f"{uid}: " + refused.get(
                         uid, "not confirmed by the destination's commit")
                                  for uid in buffered if uid not in confirmed]
         except DeliveryError as exc:
-            error = str(exc)
+            result.error, result.error_permanent = str(exc), exc.permanent
         finally:
             if previous:  # a success status came back before the failure
                 self.state.mark_delivered([previous], dest.name)
             for path in temps:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-        return sent, rejected, error
+        return result
 
     def transforms_for(self, job: Job, destination: str) -> tuple[Any, ...]:
         """The transforms of the routes that sent the study to ``destination``, then the
@@ -309,7 +346,8 @@ class DeliveryWorkers:
             try:
                 size, tags = transform_file(data, ops, path)
             except TransformError as exc:
-                raise InstanceRejected(f"transform: {exc}") from None
+                # the same transform of the same bytes fails again: not worth a retry
+                raise InstanceRejected(f"transform: {exc}", permanent=True) from None
         sop = tags.get("SOPInstanceUID") or inst.sop_uid
         if sop != inst.sop_uid:  # de-identified: the ledger keeps both UIDs
             alias[sop] = inst.sop_uid

@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import _config, dimse_messages, transport
+from pynetdicom import _config, dimse_messages, evt, transport
 
 _patched = False
 
@@ -28,6 +28,33 @@ def _set_nodelay(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+# A-ASSOCIATE-RJ (source, reason) pairs that say the peer will never accept this association as
+# configured: our calling AE, its called AE, the application context or protocol version.
+PERMANENT_REJECTIONS = frozenset({(1, 2), (1, 3), (1, 7), (2, 2)})
+
+
+def rejection_is_permanent(result: int, source: int, reason: int) -> bool:
+    """A rejection waiting cannot heal: rejected-permanent, for a reason of configuration."""
+    return result == 1 and (source, reason) in PERMANENT_REJECTIONS
+
+
+def _remember_rejection(event: Any) -> None:
+    prim = event.primitive
+    if getattr(prim, "result", None) in (1, 2):
+        event.assoc.dicomrouter_rejection = prim
+
+
+#: pass to ``AE.associate(evt_handlers=...)`` so ``association_failure`` and
+#: ``rejected_permanently`` can tell what an A-ASSOCIATE-RJ said (pynetdicom only logs it)
+REJECTION_HANDLERS = [(evt.EVT_ACSE_RECV, _remember_rejection)]
+
+
+def rejected_permanently(assoc: Any) -> bool:
+    prim = getattr(assoc, "dicomrouter_rejection", None)
+    return bool(assoc.is_rejected and prim is not None and rejection_is_permanent(
+        prim.result, prim.result_source, prim.diagnostic))
+
+
 def association_failure(assoc: Any, host: str, port: int, tls: Any = None) -> str:
     """Why an association was not established, in words an integration engineer can act on.
 
@@ -35,7 +62,10 @@ def association_failure(assoc: Any, host: str, port: int, tls: Any = None) -> st
     quick connect (and handshake) tells them apart.
     """
     if assoc.is_rejected:
-        return "association rejected (check the called/calling AE titles and the peer's allow-list)"
+        prim = getattr(assoc, "dicomrouter_rejection", None)
+        said = f" ({prim.result_str}, {prim.source_str}: {prim.reason_str})" if prim else ""
+        return (f"association rejected{said}: check the called/calling AE titles and the "
+                "peer's allow-list")
     try:
         with socket.create_connection((host, port), timeout=5) as sock:
             if tls is not None:

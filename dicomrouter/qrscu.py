@@ -25,7 +25,12 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.status import QR_MOVE_SERVICE_CLASS_STATUS
 
-from .netutil import association_failure, enable_tcp_nodelay
+from .netutil import (
+    REJECTION_HANDLERS,
+    association_failure,
+    enable_tcp_nodelay,
+    rejected_permanently,
+)
 from .scp.contexts import ACCEPTED_SYNTAXES
 
 log = logging.getLogger("dicomrouter.qrscu")
@@ -41,7 +46,14 @@ MODELS = {
 
 
 class PeerError(Exception):
-    """The peer could not be reached, refused, or answered with a failure status."""
+    """The peer could not be reached, refused, or answered with a failure status.
+
+    ``permanent``: it refused for a reason of configuration (our AE title), so asking again
+    later will not help."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -96,13 +108,14 @@ def associate(remote: Remote, contexts: list[Any], roles: list[Any] | None = Non
     try:
         assoc = ae.associate(remote.host, remote.port, contexts=contexts,
                              ae_title=remote.ae_title, ext_neg=roles or [],
-                             evt_handlers=handlers or [],
+                             evt_handlers=[*(handlers or []), *REJECTION_HANDLERS],
                              tls_args=(remote.tls, remote.host) if remote.tls else None)
     except OSError as exc:  # an unknown host name, no route
         raise PeerError(f"cannot reach {remote}: {exc.strerror or exc}") from None
     if not assoc.is_established:
         raise PeerError(f"cannot associate with {remote}: "
-                        f"{association_failure(assoc, remote.host, remote.port, remote.tls)}")
+                        f"{association_failure(assoc, remote.host, remote.port, remote.tls)}",
+                        permanent=rejected_permanently(assoc))
     try:
         yield assoc
     finally:

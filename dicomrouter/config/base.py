@@ -7,6 +7,7 @@ the person reading it, an integration engineer editing a YAML file, sees ``route
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import reprlib
@@ -294,6 +295,22 @@ class WebConfig:
     bind: str = "127.0.0.1"
     port: int = 8080
     token_env: str | None = None  # the bearer token for state-changing calls
+    metrics_public: bool = False  # /metrics needs no token even off loopback
+
+    @property
+    def protected(self) -> bool:
+        """Every endpoint but /health needs the token (not bound to loopback only)."""
+        return not is_loopback(self.bind)
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (an address or a name) reaches only this machine."""
+    if host.strip().lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[] ")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

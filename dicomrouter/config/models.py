@@ -48,6 +48,7 @@ from .base import (
     _show,
     _str,
     _transfer_syntaxes,
+    is_loopback,
     parse_duration,
     parse_size,
     template_keywords,
@@ -520,14 +521,25 @@ def _node_id(value: Any, key: str) -> str:
 
 
 class WebModel(_Strict):
+    """``web:``. Off loopback, every endpoint but /health (and /metrics with
+    ``metrics_public``) needs the token: the pages list patients and their studies."""
+
     enabled: Bool = True
     bind: Text = "127.0.0.1"
     port: Int(1, 65535) = 8080
     token_env: Text | None = None
+    metrics_public: Bool = False  # /metrics without the token off loopback (a scraper)
 
     @model_validator(mode="after")
     def _token(self) -> WebModel:
         _Destination._env_set(self, "token_env")  # type: ignore[arg-type]
+        if self.token_env and not os.environ.get(self.token_env, "").strip():
+            raise ConfigError("token_env", f"environment variable {self.token_env} is empty")
+        if self.enabled and not is_loopback(self.bind) and not self.token_env:
+            raise ConfigError("token_env", f"required with web.bind {self.bind}, which is not "
+                              "a loopback address: the status page and the REST API list "
+                              "patients and their studies; name an environment variable "
+                              "holding a token (or bind 127.0.0.1)")
         return self
 
 

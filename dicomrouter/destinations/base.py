@@ -17,9 +17,35 @@ class DeliveryError(Exception):
     The job fails as a whole and is retried later.
     """
 
+    #: waiting cannot heal it: the job is dead-lettered at once, not retried
+    permanent = False
+
+
+class PermanentFailure(DeliveryError):
+    """A failure that waiting cannot heal (the destination refuses our AE title, the bucket
+    does not exist, an HTTP 4xx, the study is no longer whole in the spool): the job goes to the
+    dead letter at once with the reason and ``action``, what the operator can do about it (after
+    which ``dicomrouter retry --dead`` requeues it)."""
+
+    permanent = True
+
+    def __init__(self, reason: str, action: str) -> None:
+        super().__init__(f"{reason} (not retried: {action})")
+        self.reason = reason
+        self.action = action
+
 
 class InstanceRejected(Exception):
-    """This one instance was refused (a failure status); the others may still go."""
+    """This one instance was refused (a failure status); the others may still go.
+
+    ``permanent``: the same bytes will be refused again (the dataset does not match its SOP
+    class, the peer cannot understand it, a transform refuses it, the spool file is gone);
+    when every failure of a run is permanent, the job is dead-lettered at once.
+    """
+
+    def __init__(self, reason: str, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.permanent = permanent
 
 
 class Session(ABC):

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import requests
 
 from ..state import Instance
-from .base import DeliveryError, Destination, Session
+from .base import DeliveryError, Destination, PermanentFailure, Session
 
 REFERENCED_SOP_SEQUENCE = "00081199"
 FAILED_SOP_SEQUENCE = "00081198"
@@ -100,6 +100,18 @@ class DicomwebDestination(Destination):
         return _StowSession(self, self.session())
 
 
+# 4xx answers waiting does not change (408 timeout and 429 too many requests are retried;
+# 400 and 409 carry a per-instance response), with what the operator can do about each
+HTTP_ACTIONS = {
+    401: "check the credentials (username / password_env / token_env)",
+    403: "check the credentials and the account's permission to store",
+    404: "check the destination's url (the server's DICOMweb base, e.g. .../dicom-web)",
+    405: "check the destination's url (the server's DICOMweb base, e.g. .../dicom-web)",
+    413: "lower batch_bytes / batch_size, or raise the server's request size limit",
+    415: "the server does not take application/dicom: check that it is a DICOMweb server",
+}
+
+
 class _StowSession(Session):
     """Buffers instances (their spool readers' ``reopen``) and posts them in bounded batches."""
 
@@ -145,9 +157,12 @@ class _StowSession(Session):
             raise DeliveryError(f"STOW-RS to {url}: {type(exc).__name__}: {exc}") from None
         self.requests += 1
         uids = [inst.sop_uid for inst, _r, _s in batch]
-        if rsp.status_code in (401, 403):
-            raise DeliveryError(f"STOW-RS to {url}: HTTP {rsp.status_code} {rsp.reason} "
-                                "(check the credentials)")
+        if rsp.status_code in HTTP_ACTIONS or (
+                400 <= rsp.status_code < 500 and rsp.status_code not in (400, 408, 409, 429)):
+            raise PermanentFailure(
+                f"STOW-RS to {url}: HTTP {rsp.status_code} {rsp.reason}"
+                + (f": {rsp.text[:200]}" if rsp.status_code not in (401, 403) else ""),
+                HTTP_ACTIONS.get(rsp.status_code, "see the server's log for why it refuses"))
         if rsp.status_code >= 500 or rsp.status_code not in (200, 202, 400, 409):
             raise DeliveryError(f"STOW-RS to {url}: HTTP {rsp.status_code} {rsp.reason}: "
                                 f"{rsp.text[:300]}")

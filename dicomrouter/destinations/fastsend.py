@@ -39,10 +39,12 @@ from ..dimse import (
     us,
     user_information,
 )
+from ..netutil import rejection_is_permanent
 from ..tlsctx import describe_error
 from ..transcode import encode
-from .base import DeliveryError, InstanceRejected
+from .base import DeliveryError, InstanceRejected, PermanentFailure
 from .store import (
+    REJECTED_ACTION,
     Peer,
     Source,
     converted,
@@ -118,9 +120,12 @@ class FastStoreAssociation:
         if pdu_type == 0x03:
             rj = A_ASSOCIATE_RJ()
             rj.decode(raw)
-            raise DeliveryError(f"{self.peer}: association rejected ({rj.result_str}, "
-                                f"{rj.source_str}: {rj.reason_str}): check the called/calling "
-                                "AE titles and the peer's allow-list")
+            why = (f"{self.peer}: association rejected ({rj.result_str}, {rj.source_str}: "
+                   f"{rj.reason_str})")
+            if rejection_is_permanent(rj.result, rj.source, rj.reason_diagnostic):
+                raise PermanentFailure(why, REJECTED_ACTION)
+            raise DeliveryError(f"{why}: check the called/calling AE titles and the peer's "
+                                "allow-list")
         if pdu_type != 0x02:
             raise DeliveryError(f"{self.peer}: association aborted by the peer "
                                 f"(PDU type 0x{pdu_type:02X})")

@@ -20,7 +20,7 @@ from ..config import DestinationConfig
 from ..qrscu import PeerError, Remote, RetrieveResult, move
 from ..state import Instance
 from ..tlsctx import client_context
-from .base import DeliveryError, Destination, Session
+from .base import DeliveryError, Destination, PermanentFailure, Session
 
 
 class MoveDestination(Destination):
@@ -89,6 +89,10 @@ class _MoveSession(Session):
             try:
                 result = move(dest.remote, identifier, dest.target, dest.model)
             except PeerError as exc:
+                if exc.permanent:
+                    raise PermanentFailure(str(exc), "make the source PACS accept the router's "
+                                           "calling AE title, or fix the destination's "
+                                           "source settings") from None
                 raise DeliveryError(str(exc)) from None
             delivered += self._outcome(result, wanted)
         return delivered
@@ -97,6 +101,9 @@ class _MoveSession(Session):
         """The instances this C-MOVE delivered; refusal reasons for the others."""
         dest = self.dest
         what = f"C-MOVE by {dest.remote} to {dest.target}: {result.describe()}"
+        if result.status == 0xA801:
+            raise PermanentFailure(what, f"add {dest.target} to the source's known "
+                                   "destinations (its AE title, host and port)")
         if result.status not in (0x0000, 0xB000):
             raise DeliveryError(what)
         failed = set(result.failed_uids)

@@ -12,13 +12,14 @@ study UID, instance count, SHA-256. Credentials: the standard AWS chain, or
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..dicomfile import read_header, render_template, text
 from ..state import Instance
-from .base import DeliveryError, Destination, Session, secret
+from .base import DeliveryError, Destination, PermanentFailure, Session, secret
 from .export import StudyZip
 
 DEFAULT_ZIP_KEY = "{PatientID}/{StudyInstanceUID}.zip"
@@ -40,8 +41,30 @@ def _client(options: dict[str, Any]) -> Any:
                           retries={"max_attempts": 2}), **kwargs)
 
 
+# S3 error codes waiting does not change, with what the operator can do about each
+S3_ACTIONS = {
+    "NoSuchBucket": "create the bucket, or fix the destination's bucket name",
+    "InvalidBucketName": "fix the destination's bucket name",
+    "InvalidAccessKeyId": "check the access key (access_key_env / the AWS credentials)",
+    "SignatureDoesNotMatch": "check the secret key (secret_key_env / the AWS credentials)",
+    "AccessDenied": "give the credentials permission to write to the bucket",
+}
+
+
+def _error_code(exc: Exception) -> str:
+    """The S3 error code of a ClientError, or of one wrapped by the managed transfer (which
+    only keeps its text: "An error occurred (NoSuchBucket) when calling ...")."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    m = re.search(r"An error occurred \((\w+)\)", str(exc))
+    return m.group(1) if m else ""
+
+
 def _s3_error(exc: Exception, what: str) -> DeliveryError:
-    return DeliveryError(f"S3 {what}: {type(exc).__name__}: {str(exc)[:300]}")
+    text = f"S3 {what}: {type(exc).__name__}: {str(exc)[:300]}"
+    action = S3_ACTIONS.get(_error_code(exc))
+    return PermanentFailure(text, action) if action else DeliveryError(text)
 
 
 class S3Destination(Destination):

@@ -22,9 +22,15 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
-from ..netutil import association_failure, enable_tcp_nodelay, stream_c_store_from_files
+from ..netutil import (
+    REJECTION_HANDLERS,
+    association_failure,
+    enable_tcp_nodelay,
+    rejected_permanently,
+    stream_c_store_from_files,
+)
 from ..transcode import ConversionError, convert, encode, part10_header
-from .base import DeliveryError, InstanceRejected
+from .base import DeliveryError, InstanceRejected, PermanentFailure
 
 log = logging.getLogger("dicomrouter.scu")  # the name operators grep for: kept
 
@@ -63,6 +69,18 @@ def status_text(code: int) -> str:
     return f"0x{code:04X} ({info[0]}: {info[1]})"
 
 
+# What the operator can do about a permanent rejection of the association.
+REJECTED_ACTION = ("make the peer accept the router's calling AE title (its allow-list) or fix "
+                   "the destination's ae_title / calling_ae_title")
+
+
+def status_is_permanent(status: int) -> bool:
+    """C-STORE failures the same dataset gets again: SOP class not supported (0x0122), not
+    authorised (0x0124), dataset does not match the SOP class (0xA9xx), cannot understand
+    (0xCxxx). Out of resources (0xA7xx) and processing failures may pass later."""
+    return status in (0x0122, 0x0124) or status >> 8 == 0xA9 or status >> 12 == 0xC
+
+
 def store_outcome(status: int, comment: str, source: Source, peer: Peer) -> int:
     """A C-STORE-RSP status: success or warning is returned (a warning logged), a failure
     refuses the instance with the status and the peer's comment."""
@@ -72,7 +90,8 @@ def store_outcome(status: int, comment: str, source: Source, peer: Peer) -> int:
         log.warning("%s: %s answered %s", source_name(source), peer, status_text(status))
         return status
     raise InstanceRejected(f"{peer} answered {status_text(status)}"
-                           + (f" - {comment}" if comment else ""))
+                           + (f" - {comment}" if comment else ""),
+                           permanent=status_is_permanent(status))
 
 
 def _context_specs(pairs: Iterable[tuple[str, str]],
@@ -146,7 +165,7 @@ def converted(source: Source, ts: str, target: str, peer: Peer) -> Dataset:
             ds = convert(f, ts, target)
     except ConversionError as exc:
         raise InstanceRejected(f"{peer} takes {UID(target).name}, not {UID(ts).name}, and the "
-                               f"conversion failed: {exc}") from exc
+                               f"conversion failed: {exc}", permanent=True) from exc
     log.info("%s: sending it to %s converted from %s to %s", source_name(source), peer,
              UID(ts).name, UID(target).name)
     return ds
@@ -154,7 +173,8 @@ def converted(source: Source, ts: str, target: str, peer: Peer) -> Dataset:
 
 def no_syntax(peer: Peer, sop_class: str, ts: str) -> InstanceRejected:
     return InstanceRejected(f"{peer} accepted no transfer syntax this instance can be sent in "
-                            f"(SOP class {UID(sop_class).name}, stored as {UID(ts).name})")
+                            f"(SOP class {UID(sop_class).name}, stored as {UID(ts).name})",
+                            permanent=True)
 
 
 class StoreAssociation:
@@ -171,11 +191,14 @@ class StoreAssociation:
         try:
             self.assoc: Association = ae.associate(
                 peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
-                max_pdu=peer.max_pdu, tls_args=(peer.tls, peer.host) if peer.tls else None)
+                max_pdu=peer.max_pdu, tls_args=(peer.tls, peer.host) if peer.tls else None,
+                evt_handlers=REJECTION_HANDLERS)
         except (OSError, ValueError, RuntimeError) as exc:
             raise DeliveryError(f"cannot associate with {peer}: {exc}") from exc
         if not self.assoc.is_established:
             why = association_failure(self.assoc, peer.host, peer.port, peer.tls)
+            if rejected_permanently(self.assoc):
+                raise PermanentFailure(f"{peer}: {why}", REJECTED_ACTION)
             raise DeliveryError(f"{peer}: {why}")
         self._accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                           for cx in self.assoc.accepted_contexts}

@@ -188,8 +188,9 @@ class State(ABC):
 
     @abstractmethod
     def finish_job(self, job: Job, error: str | None, max_attempts: int,
-                   retry_in: float) -> str:
-        """Delivered, failed (retried in ``retry_in`` s) or dead; returns the new state."""
+                   retry_in: float, permanent: bool = False) -> str:
+        """Delivered, failed (retried in ``retry_in`` s) or dead (attempts used up, or
+        ``permanent``: waiting cannot heal it); returns the new state."""
 
     @abstractmethod
     def settle_study(self, study_uid: str) -> bool: ...

@@ -515,7 +515,7 @@ class SQLState(State):
                 self._delivered(db, uid, destination, now)
 
     def finish_job(self, job: Job, error: str | None, max_attempts: int,
-                   retry_in: float) -> str:
+                   retry_in: float, permanent: bool = False) -> str:
         """Close a job run: delivered, failed (retry scheduled) or dead. Returns the new state."""
         now = time.time()
         with self._tx(job.study_uid) as db:
@@ -539,14 +539,15 @@ class SQLState(State):
             attempts = job.attempts + 1
             if requeue:
                 state, next_attempt = "pending", now
-            elif attempts >= max_attempts:
+            elif attempts >= max_attempts or permanent:
                 state, next_attempt = "dead", 0.0
             else:
                 state, next_attempt = "failed", now + retry_in
             db.execute("UPDATE jobs SET state=?, attempts=?, next_attempt=?, last_error=?,"
                        " requeue=0, updated=? WHERE id=?",
                        (state, attempts, next_attempt, error, now, job.id))
-            what = "dead-lettered" if state == "dead" else "will retry"
+            what = "will retry" if state != "dead" else \
+                "dead-lettered, not retried: permanent" if permanent else "dead-lettered"
             self._event(db, job.study_uid, f"delivery to {job.destination} failed (attempt "
                         f"{attempts}/{max_attempts}, {what}): {error}", now)
             if state == "dead":

@@ -1,11 +1,17 @@
 """The HTTP API (FastAPI): health, readiness, Prometheus metrics, the REST API and the status
 page. Reads go to the state database; the two state-changing calls (retry a job, reroute a
 study) need the bearer token named by ``web.token_env`` and are refused (401) without it.
+Bound to anything but loopback (``web.protected``), every endpoint but ``/health`` needs the
+token too (``/metrics`` unless ``web.metrics_public``), the way Orthanc refuses remote access
+without credentials: the pages list patient IDs and their studies. A browser logs in with HTTP
+basic auth (any user name, the token as the password); clients send ``Authorization: Bearer``.
 The OpenAPI schema is at ``/openapi.json`` (no Swagger UI: it would load scripts from a CDN).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import os
 import shutil
@@ -42,14 +48,44 @@ def create_app(router: RouterView) -> FastAPI:
     web = router.cfg.web
     token = os.environ.get(web.token_env) if web.token_env else None
 
+    def authorised(request: Request) -> bool:
+        """The request carries the token: as a bearer token, or as the password of HTTP basic
+        auth (what a browser can send); compared in constant time."""
+        if not token:
+            return False
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        given = value.strip()
+        if scheme.lower() == "basic":
+            try:
+                given = base64.b64decode(given, validate=True).decode("utf-8").partition(":")[2]
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+        elif scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.encode(), token.encode())
+
     def require_token(request: Request) -> None:
         if not token:
             raise HTTPException(401, "state-changing calls are disabled: set web.token_env "
                                 "to the name of an environment variable holding a token")
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        if not authorised(request):
             raise HTTPException(401, "missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
+
+    open_paths = {"/health"} | ({"/metrics"} if web.metrics_public else set())
+
+    @app.middleware("http")
+    async def remote_access(request: Request, call_next: Any) -> Response:
+        """Off loopback, nothing but /health (and public /metrics) without the token."""
+        if not web.protected or request.url.path in open_paths or authorised(request):
+            return await call_next(request)
+        if request.url.path.startswith("/api/") or request.url.path == "/metrics":
+            return JSONResponse({"detail": "this router is reachable from the network: send "
+                                 "the token (Authorization: Bearer)"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        return HTMLResponse(page.LOGIN_REQUIRED, status_code=401,
+                            headers={"WWW-Authenticate": 'Basic realm="dicomrouter", '
+                                     'charset="UTF-8"'})
 
     @app.get("/health", summary="Liveness: the process answers")
     def health() -> dict[str, str]:

@@ -32,8 +32,10 @@ SCRIPT = """
 const tok=document.getElementById('token');tok.value=sessionStorage.getItem('drtoken')||'';
 tok.addEventListener('change',()=>sessionStorage.setItem('drtoken',tok.value));
 async function retryJob(id){
+  const t=sessionStorage.getItem('drtoken')||tok.value;
+  // no token typed: the browser's basic-auth login (off loopback) carries it
   const r=await fetch('/api/jobs/'+id+'/retry',{method:'POST',
-    headers:{'Authorization':'Bearer '+(sessionStorage.getItem('drtoken')||tok.value)}});
+    headers:t?{'Authorization':'Bearer '+t}:{}});
   const out=document.getElementById('msg');
   out.textContent=r.ok?('job '+id+' requeued'):('retry refused: '+r.status+' '
     +(await r.json()).detail);
@@ -43,6 +45,13 @@ async function retryJob(id){
 setTimeout(()=>{if(!document.activeElement||document.activeElement.id!=='token')
   location.reload();},RELOAD_MS);
 """.replace("RELOAD_MS", str(REFRESH_S * 1000))
+
+
+LOGIN_REQUIRED = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>dicomrouter: log in</title></head><body style="font-family:system-ui,sans-serif">
+<h1>dicomrouter</h1><p>This router's status page is reachable from the network, so it asks
+for the web token: log in with any user name and the token (the value of the environment
+variable named by <code>web.token_env</code>) as the password.</p></body></html>"""
 
 
 def _when(ts: float | None) -> str:
