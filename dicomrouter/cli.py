@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -10,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +44,11 @@ def _setup_logging(level: str, quiet_pynetdicom: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _load_config(path: str | None, warn: bool = False) -> Config:
+def _load_config(path: str | None, warn: bool = False, secrets: bool = False) -> Config:
+    """The configuration, or one error line. ``secrets``: the destinations' secrets must be in
+    the environment (``serve``); commands that read the state need none of them."""
     try:
-        cfg = config_mod.load(path)
+        cfg = config_mod.load(path, secrets=secrets)
     except ConfigError as exc:
         where = path or os.environ.get(config_mod.CONFIG_ENV) or "configuration"
         raise click.ClickException(f"invalid configuration ({where}): {exc}") from None
@@ -90,14 +94,23 @@ def main() -> None:
 @click.option("--check", is_flag=True, help="Validate the configuration and exit.")
 def serve(config_path: str | None, port: int | None, check: bool) -> None:
     """Run the router: Storage SCP, study tracker and delivery workers."""
-    cfg = _load_config(config_path, warn=True)
+    cfg = _load_config(config_path, warn=True, secrets=True)
     if port is not None:
         cfg = config_mod.replace_port(cfg, port)
+    from . import preflight
+
+    errors, warnings = preflight.check(cfg)
     if check:
+        for line in warnings:
+            click.echo(f"Warning: {line}", err=True)
+        if errors:
+            raise click.ClickException("\n".join(errors))
         click.echo(f"configuration OK ({cfg.source}): {len(cfg.destinations)} destination(s), "
-                   f"{len(cfg.routes)} route(s)")
+                   f"{len(cfg.routes)} route(s), {len(cfg.sources)} source(s)")
         return
     _setup_logging(cfg.log_level)
+    for line in errors + warnings:  # a folder on a share may come back: deliveries retry
+        log.warning("%s", line)
     from .app import Router
 
     log.info("dicomrouter starting with %s; spool %s; stable age %.1f s", cfg.source,
@@ -126,6 +139,18 @@ def serve(config_path: str | None, port: int | None, check: bool) -> None:
         raise click.ClickException(f"cannot listen on {cfg.bind}:{cfg.port}: {exc}") from None
 
 
+@contextlib.contextmanager
+def _progress_of(items: list[Any], label: str) -> Iterator[Iterable[Any]]:
+    """A progress bar on a terminal; elsewhere (a log, a pipe) the items alone: click writes
+    a non-terminal's bar as its label without a newline, glued to the next output."""
+    if not sys.stderr.isatty():
+        yield items
+        return
+    with click.progressbar(items, label=label, file=sys.stderr,
+                           item_show_func=lambda x: x[0].name if x else None) as bar:
+        yield bar
+
+
 def _collect(paths: tuple[str, ...]) -> tuple[list[tuple[Path, str, str]], list[Path]]:
     """Files under ``paths`` that are DICOM Part 10 files: (path, SOP class, transfer syntax)."""
     from pydicom.errors import InvalidDicomError
@@ -143,7 +168,9 @@ def _collect(paths: tuple[str, ...]) -> tuple[list[tuple[Path, str, str]], list[
                               str(meta.TransferSyntaxUID)))
             except (InvalidDicomError, AttributeError, OSError, ValueError, EOFError) as exc:
                 skipped.append(f)
-                click.echo(f"warning: skipping {f}: not a DICOM Part 10 file ({exc})", err=True)
+                why = str(exc).replace("Use force=True to force reading.", "").strip()
+                click.echo(f"warning: skipping {f}: not a DICOM Part 10 file"
+                           + (f" ({why})" if why else ""), err=True)
     return found, skipped
 
 
@@ -179,8 +206,7 @@ def send(paths: tuple[str, ...], host: str, port: int, aet: str, calling_aet: st
         except DeliveryError as exc:
             raise click.ClickException(str(exc)) from None
         try:
-            with click.progressbar(chunk, label=f"C-STORE to {peer}", file=sys.stderr,
-                                   item_show_func=lambda x: x[0].name if x else None) as bar:
+            with _progress_of(chunk, f"C-STORE to {peer}") as bar:
                 for f, sop_class, ts in bar:
                     try:
                         assoc.store(f, sop_class, ts)
@@ -249,8 +275,11 @@ def _state_for(config_path: str | None, spool: str | None, readonly: bool = True
     if spool is None:
         cfg = _load_config(config_path)
         if cfg.cluster:  # the shared PostgreSQL: every node's view is the same
+            # fail fast, in one line: psycopg's pool logs each failed connection attempt
+            logging.getLogger("psycopg").setLevel(logging.CRITICAL)
             try:
-                state = state_for(cfg, readonly=readonly)
+                state = state_for(cfg, readonly=readonly,
+                                  connect_timeout=min(CLI_DB_TIMEOUT, cfg.state.connect_timeout))
                 if readonly and not state.schema_version():  # type: ignore[attr-defined]
                     raise click.ClickException("no router has run on this PostgreSQL database "
                                                "yet (its schema is made at the first start)")
@@ -264,6 +293,8 @@ def _state_for(config_path: str | None, spool: str | None, readonly: bool = True
                                    "spool? use --config or --spool)")
     return open_state(db, readonly=readonly), root
 
+
+CLI_DB_TIMEOUT = 3.0  # a command waits this long for PostgreSQL, not the server's timeout
 
 spool_option = click.option("--spool", type=click.Path(file_okay=False), default=None,
                             help="The spool directory (instead of reading it from the config).")
@@ -317,6 +348,21 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         return
     data = state.summary(with_done=show_all)
     data["ledger"] = state.ledger_stats()
+    if not show_all:  # what a user who just sent studies looks for
+        since = time.time() - RECENT_HOURS * 3600
+        in_list = {s["study_uid"] for s in data["studies"]}
+        recent = [s for s in state.recent_studies(RECENT_LIMIT, state="delivered", since=since)
+                  if s["study_uid"] not in in_list]
+        delivered_to: dict[str, list[str]] = {}
+        for j in state.jobs(study_uids=[s["study_uid"] for s in recent]):
+            if j["state"] == "delivered":
+                delivered_to.setdefault(j["study_uid"], []).append(j["destination"])
+        data["recently_delivered"] = [
+            {"study_uid": s["study_uid"], "patient_id": s["patient_id"],
+             "instances": s["instances"], "calling_ae": s["calling_ae"],
+             "delivered_at": s["delivered_at"],
+             "destinations": sorted(delivered_to.get(s["study_uid"], []))} for s in recent]
+        data["delivered_earlier"] = state.count_studies("delivered", since)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -368,7 +414,17 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
                        f"{n['running_jobs']} job(s) running, {n['instances_in_spool']} "
                        f"instance(s) received in the spool; {', '.join(info.get('listeners', []))}"
                        f" (ack_after {info.get('ack_after', '?')})")
-    click.echo("studies:")
+    recent = data.get("recently_delivered") or []
+    if recent:
+        click.echo(f"delivered in the last {RECENT_HOURS} h (newest first):")
+        for s in recent:
+            click.echo(f"  {s['study_uid']}  patient {s['patient_id'] or '-':<12} "
+                       f"{s['instances']:>5} instance(s) from {s['calling_ae'] or '-'} → "
+                       f"{', '.join(s['destinations']) or '-'} at {_when(s['delivered_at'])}")
+    if data.get("delivered_earlier"):
+        click.echo(f"  ... and {data['delivered_earlier']} study(ies) delivered earlier "
+                   "(status --all lists them)")
+    click.echo("studies:" if show_all else "studies in the spool:")
     if not data["studies"]:
         click.echo("  (none)")
     jobs: dict[str, list[dict[str, Any]]] = {}
@@ -385,6 +441,10 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
                       if data.get("cluster") and (by := s.get("received_by")) else ""))
         for j in jobs.get(s["study_uid"], []):
             click.echo(f"      {_progress(j)}")
+
+
+RECENT_HOURS = 24  # status lists the studies delivered this recently by default
+RECENT_LIMIT = 50
 
 
 def _progress(job: dict[str, Any]) -> str:

@@ -68,6 +68,19 @@ def text(value: str, pad: bytes) -> bytes:
     return b + pad if len(b) % 2 else b
 
 
+def error_comment(text: str, limit: int = 64) -> str:
+    """``text`` as an Error Comment (0000,0902): LO, at most 64 characters, no backslash or
+    control characters; a longer one is cut at a word and ends with "..." (the log line has the
+    whole message)."""
+    clean = "".join(c if 32 <= ord(c) < 127 and c != "\\" else "?" for c in text).strip()
+    if len(clean) <= limit:
+        return clean
+    cut = clean[:limit - 3]
+    if " " in cut:
+        cut = cut[:cut.rindex(" ")]
+    return cut.rstrip(" ,;:-(") + "..."
+
+
 def encode_response(context_id: int, command_field: int, message_id: int, sop_class: str,
                     status: int, sop_instance: str | None = None, comment: str = "") -> bytes:
     """A complete P-DATA-TF PDU carrying one response command set."""
@@ -77,7 +90,7 @@ def encode_response(context_id: int, command_field: int, message_id: int, sop_cl
                 (0x0800, struct.pack("<H", NO_DATASET)),
                 (0x0900, struct.pack("<H", status))]
     if comment:
-        elements.append((0x0902, text(comment[:64], b" ")))
+        elements.append((0x0902, text(error_comment(comment), b" ")))
     if sop_instance is not None:
         elements.append((0x1000, text(sop_instance, b"\x00")))
     return b"".join(pdata(context_id, 0x03, encode_command(elements)))

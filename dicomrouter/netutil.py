@@ -78,8 +78,36 @@ def association_failure(assoc: Any, host: str, port: int, tls: Any = None) -> st
     except OSError as exc:
         return f"no connection ({exc.strerror or exc}): is the peer up and listening?"
     if assoc.is_aborted:
-        return "association aborted by the peer"
+        return f"association aborted by the peer{not_dicom(host, port, tls)}"
     return "association not established (timeout?)"
+
+
+# An A-ASSOCIATE-RQ header with a body no DICOM peer accepts: a DICOM peer answers with a PDU
+# (A-ASSOCIATE-RJ or A-ABORT) or closes; an HTTP server answers "HTTP/1.1 400" once it has a
+# line (the CR LFs end the body as far as HTTP is concerned).
+_PROBE = b"\x01\x00\x00\x00\x00\x44" + b"\x00" * 0x40 + b"\r\n\r\n"
+
+
+def not_dicom(host: str, port: int, tls: Any = None) -> str:
+    """After an abort: "" if the peer may speak DICOM, else a clause saying what it spoke."""
+    try:
+        with socket.create_connection((host, port), timeout=3) as raw:
+            sock = tls.wrap_socket(raw, server_hostname=host) if tls is not None else raw
+            sock.sendall(_PROBE)
+            head = sock.recv(16)
+    except (OSError, ssl.SSLError):
+        return ""
+    return describe_non_dicom(head)
+
+
+def describe_non_dicom(head: bytes) -> str:
+    """What the first bytes a peer sent say about it ("" when they may be a DICOM PDU)."""
+    if not head or head[0] in (0x02, 0x03, 0x07):  # A-ASSOCIATE-AC/-RJ, A-ABORT
+        return ""
+    if head.startswith(b"HTTP/"):
+        return ": it answered in HTTP, not DICOM (is this its web port?)"
+    return (": it does not speak DICOM (it answered "
+            f"{head[:8].decode('ascii', 'backslashreplace')!r})")
 
 
 def enable_tcp_nodelay() -> None:

@@ -160,6 +160,12 @@ def test_every_import_is_in_the_base_install_or_declared_optional() -> None:
                             "OPTIONAL_MODULES: " + "; ".join(undeclared))
 
 
+def _local_folders(text: str, tmp_path: Path) -> str:
+    """Absolute output folders (/archive, a container's /data) moved under ``tmp_path``:
+    serve --check tests that folders can be created, which only root may do at /."""
+    return re.sub(r"(path:\s*)/", rf"\g<1>{tmp_path}/root/", text)
+
+
 def _example_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     """Every example configuration in the README and deploy/, as files serve --check reads."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -170,12 +176,15 @@ def _example_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[st
             (tmp_path / "tls" / name).write_text("not read by the config check")
         block = block.replace("/etc/dicomrouter/tls/", f"{tmp_path}/tls/")
         p = tmp_path / f"readme{i + 1}.yml"
-        p.write_text(block)
+        p.write_text(_local_folders(block, tmp_path))
         configs[p.name] = p
     for p in sorted((ROOT / "deploy").rglob("*.yml")):
-        if "services" in (yaml.safe_load(p.read_text()) or {}):
+        text = p.read_text()
+        if "services" in (yaml.safe_load(text) or {}):
             continue  # a compose file
-        configs[str(p.relative_to(ROOT))] = p
+        copy = tmp_path / p.relative_to(ROOT).as_posix().replace("/", "-")
+        copy.write_text(_local_folders(text, tmp_path))
+        configs[str(p.relative_to(ROOT))] = copy
     for p in configs.values():
         for env in re.findall(r"_env:\s*([A-Z0-9_]+)", p.read_text()):
             monkeypatch.setenv(env, "postgresql://router@db/router" if "DSN" in env else "x")

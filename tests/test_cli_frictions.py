@@ -110,3 +110,166 @@ def test_audit_trail_survives_a_purge(tmp_path: Path) -> None:
         assert "purged by hand" in r.stdout, r.stdout
         r = dicomrouter("audit", "--since", "yesterday-ish", "--config", cfg)
         assert r.returncode == 2 and "--since" in r.stderr
+
+
+def test_status_shows_what_was_just_delivered(tmp_path: Path) -> None:
+    """Right after a delivery the spool is empty (keep_after_delivery: false): status lists the
+    studies delivered in the last 24 h with where they went, instead of "(none)"."""
+    studies = generate(tmp_path / "in", studies=2, series=1, instances=2, rows=8, cols=8,
+                       seed=113)
+    uids = sorted({tags_of(f, "StudyInstanceUID")[0] for f in studies})
+    with Router(tmp_path / "router", {
+        "destinations": {"archive": {"type": "folder", "path": str(tmp_path / "out")}},
+        "routes": [{"to": "archive"}],
+    }) as router:
+        r = dicomrouter("send", str(tmp_path / "in"), "--port", str(router.port))
+        assert r.returncode == 0, r.stderr
+        for uid in uids:
+            router.wait_state(uid, "delivered")
+        cfg = str(router.config_path)
+        r = dicomrouter("status", "--config", cfg)
+        assert r.returncode == 0, r.stderr
+        assert "delivered in the last 24 h" in r.stdout, r.stdout
+        for uid in uids:
+            line = next(x for x in r.stdout.splitlines() if uid in x)
+            assert "2 instance(s) from DICOMSEND → archive" in line, line
+        assert "studies in the spool:\n  (none)" in r.stdout
+        data = json.loads(dicomrouter("status", "--json", "--config", cfg).stdout)
+        assert sorted(s["study_uid"] for s in data["recently_delivered"]) == uids
+        assert data["delivered_earlier"] == 0
+
+
+def test_send_output_is_plain_lines_off_a_terminal(tmp_path: Path) -> None:
+    """Off a terminal, send prints no progress label glued to the next line, and a skipped
+    file's warning carries no pydicom hint a CLI user cannot act on."""
+    generate(tmp_path / "in", series=1, instances=2, rows=8, cols=8, seed=114)
+    (tmp_path / "in" / "notes.txt").write_text("not DICOM")
+    with Router(tmp_path / "router", {
+        "destinations": {"archive": {"type": "folder", "path": str(tmp_path / "out")}},
+        "routes": [{"to": "archive"}],
+    }) as router:
+        r = dicomrouter("send", str(tmp_path / "in"), "--port", str(router.port))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("sent 2 of 2 instance(s)"), r.stdout
+    assert "C-STORE to" not in r.stderr, r.stderr  # the label of a terminal's progress bar
+    (warning,) = [line for line in r.stderr.splitlines() if "notes.txt" in line]
+    assert warning.startswith("warning: skipping") and "not a DICOM Part 10 file" in warning
+    assert "force" not in warning, warning
+
+
+def test_error_comments_are_cut_at_a_word() -> None:
+    from dicomrouter.dimse import error_comment
+
+    text = ("dataset SOPInstanceUID '1.2.3.4.5.6.7.8.9' is not the command's '9.8.7' and the "
+            "rest goes past the limit")
+    cut = error_comment(text)
+    assert len(cut) <= 64 and cut.endswith("...")
+    assert text.startswith(cut[:-3]) and text[len(cut) - 3] == " ", cut
+    assert error_comment("short") == "short"
+    assert error_comment("x" * 80) == "x" * 61 + "..."
+    assert error_comment("back\\slash\nnewline") == "back?slash?newline"
+
+
+def test_serve_check_tests_folder_destinations_and_counts_sources(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.yml"
+    cfg.write_text("destinations:\n  out: {type: folder, path: /proc/nonexistent/out}\n"
+                   "routes: [{to: out}]\n")
+    r = dicomrouter("serve", "--check", "--config", str(cfg))
+    assert r.returncode == 1, r.stdout
+    assert "destinations.out.path: /proc/nonexistent/out cannot be created" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cfg.write_text(f"destinations:\n  out: {{type: folder, path: {blocker}/out}}\n"
+                   "routes: [{to: out}]\n")
+    r = dicomrouter("serve", "--check", "--config", str(cfg))
+    assert r.returncode == 1 and "is not a folder" in r.stderr, r.stderr
+    cfg.write_text("destinations:\n  out: {type: folder, path: out, staging: ../staging}\n"
+                   "sources:\n  pacs: {type: dicom, ae_title: PACS, host: 127.0.0.1, port: 104}\n"
+                   "routes: [{to: out}]\n")
+    r = dicomrouter("serve", "--check", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "1 destination(s), 1 route(s), 1 source(s)" in r.stdout
+    assert not (tmp_path / "out").exists(), "the check leaves nothing behind"
+
+
+def test_echo_to_a_web_port_says_it_is_not_dicom(tmp_path: Path) -> None:
+    """The classic slip: echo at the router's web port (uvicorn) instead of its DICOM port."""
+    from dicomrouter.benchmark.procs import free_port
+
+    web_port = free_port()
+    with Router(tmp_path / "router", {"web": {"enabled": True, "port": web_port}}):
+        r = dicomrouter("echo", "--port", str(web_port), "--timeout", "10", timeout=60)
+    assert r.returncode == 1
+    assert "association aborted by the peer: it answered in HTTP, not DICOM (is this its web " \
+        "port?)" in r.stderr, r.stderr
+    from dicomrouter.netutil import describe_non_dicom
+
+    assert describe_non_dicom(b"<!DOCTYPE") == \
+        ": it does not speak DICOM (it answered '<!DOCTYP')"
+    assert describe_non_dicom(b"\x07\x00\x00\x00") == ""
+
+
+def test_a_stow_connection_error_is_one_short_line(tmp_path: Path) -> None:
+    study = generate(tmp_path / "in", series=1, instances=1, rows=8, cols=8, seed=115)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with Router(tmp_path / "router", {
+        "destinations": {"cloud": {"type": "dicomweb", "url": f"http://127.0.0.1:{port}/dw",
+                                   "retry": {"max_attempts": 1}}},
+        "routes": [{"to": "cloud"}],
+    }) as router:
+        assert dicomrouter("send", str(tmp_path / "in"), "--port",
+                           str(router.port)).returncode == 0
+        router.wait_state(uid, "failed")
+        (dead,) = router.status()["dead"]
+    assert dead["last_error"] == (f"STOW-RS to 127.0.0.1:{port}: cannot connect: "
+                                   "Connection refused"), dead
+
+
+def test_status_against_an_unreachable_postgresql_fails_fast(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    import time
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("TEST_DSN", f"postgresql://router:pw@127.0.0.1:{port}/router")
+    cfg = tmp_path / "r.yml"
+    cfg.write_text("state: {type: postgresql, dsn_env: TEST_DSN}\n")
+    started = time.monotonic()
+    r = dicomrouter("status", "--config", str(cfg), timeout=60)
+    took = time.monotonic() - started
+    assert r.returncode == 1
+    assert took < 8, f"status took {took:.1f} s"  # 3 s for PostgreSQL, plus Python's start-up
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "PostgreSQL is not reachable (127.0.0.1" in lines[0], r.stderr
+    assert "pw" not in r.stderr and "psycopg.pool" not in r.stderr
+
+
+def test_status_needs_none_of_the_destinations_secrets(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLOUD_PASSWORD", "secret")
+    study = generate(tmp_path / "in", series=1, instances=1, rows=8, cols=8, seed=116)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    with Router(tmp_path / "router", {
+        "destinations": {
+            "tree": {"type": "folder", "path": str(tmp_path / "out")},
+            "cloud": {"type": "dicomweb", "url": "http://127.0.0.1:9/dw", "username": "r",
+                      "password_env": "CLOUD_PASSWORD", "retry": {"initial": "1h"}}},
+        "routes": [{"to": ["tree", "cloud"]}],
+    }) as router:
+        assert dicomrouter("send", str(tmp_path / "in"), "--port",
+                           str(router.port)).returncode == 0
+        router.wait_state(uid, "routed")
+        monkeypatch.delenv("CLOUD_PASSWORD")
+        cfg = str(router.config_path)
+        for args in (["status"], ["status", "--study", uid], ["audit", "--since", "1h"],
+                     ["retry", "--destination", "cloud"]):
+            r = dicomrouter(*args, "--config", cfg)
+            assert r.returncode == 0, (args, r.stderr)
+        r = dicomrouter("serve", "--check", "--config", cfg)
+        assert r.returncode == 1 and "CLOUD_PASSWORD is not set" in r.stderr

@@ -130,8 +130,9 @@ def _safe_load(text: str) -> Any:
         loader.dispose()
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load ``path``, else ``$DICOMROUTER_CONFIG``, else the embedded default."""
+def load(path: str | os.PathLike[str] | None = None, secrets: bool = True) -> Config:
+    """Load ``path``, else ``$DICOMROUTER_CONFIG``, else the embedded default. ``secrets``:
+    check that the environment variables naming secrets are set (``serve``)."""
     chosen = path or os.environ.get(CONFIG_ENV)
     if not chosen:
         return embedded_default()
@@ -157,7 +158,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
                           f"{exc.lines[1]} of {p}); keep one") from None
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{p} is not valid YAML: {str(exc)[:1000]}") from None
-    return from_dict(raw or {}, p.resolve().parent, str(p))
+    return from_dict(raw or {}, p.resolve().parent, str(p), secrets=secrets)
 
 
 def replace_port(cfg: Config, port: int) -> Config:

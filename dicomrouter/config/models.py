@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -351,8 +352,16 @@ class DicomwebModel(_Destination, _HttpPeer):
     batch_bytes: Size = 100_000_000
 
 
+# False while reading a configuration for a command that only reads the state (status, retry,
+# audit...): the destinations' secrets are not needed there, and an operator's shell seldom has
+# them. The state's own DSN is always checked.
+CHECK_SECRETS: ContextVar[bool] = ContextVar("CHECK_SECRETS", default=True)
+
+
 def _env_set(key: str, env: str | None) -> None:
     """A secret named by environment variable: the named one must be set now."""
+    if key != "dsn_env" and not CHECK_SECRETS.get():
+        return
     if env and env not in os.environ:
         raise ConfigError(key, f"environment variable {env} is not set")
 
@@ -533,7 +542,8 @@ class WebModel(_Strict):
     @model_validator(mode="after")
     def _token(self) -> WebModel:
         _Destination._env_set(self, "token_env")  # type: ignore[arg-type]
-        if self.token_env and not os.environ.get(self.token_env, "").strip():
+        if self.token_env and CHECK_SECRETS.get() and \
+                not os.environ.get(self.token_env, "").strip():
             raise ConfigError("token_env", f"environment variable {self.token_env} is empty")
         if self.enabled and not is_loopback(self.bind) and not self.token_env:
             raise ConfigError("token_env", f"required with web.bind {self.bind}, which is not "
@@ -856,13 +866,18 @@ def keyed_error(err: ValidationError, data: Any) -> ConfigError:
     return ConfigError(key, problem)
 
 
-def from_dict(raw: Any, base_dir: Path, source: str) -> Config:
-    """Validate a parsed YAML document; relative paths are taken from ``base_dir``."""
+def from_dict(raw: Any, base_dir: Path, source: str, secrets: bool = True) -> Config:
+    """Validate a parsed YAML document; relative paths are taken from ``base_dir``.
+    ``secrets=False``: the environment variables naming destinations' and sources' secrets
+    need not be set (for commands that only read the state)."""
+    token = CHECK_SECRETS.set(secrets)
     try:
         model = ConfigModel.model_validate({} if raw is None else raw)
+        return model.build(base_dir, source)
     except ValidationError as err:
         raise keyed_error(err, raw) from None
-    return model.build(base_dir, source)
+    finally:
+        CHECK_SECRETS.reset(token)
 
 
 __all__ = ["DESTINATION_MODELS", "DESTINATION_TYPES", "SOURCE_MODELS", "SOURCE_TYPES",

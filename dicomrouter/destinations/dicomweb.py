@@ -154,7 +154,9 @@ class _StowSession(Session):
             rsp = self.http.post(url, data=body, headers=headers,
                                  timeout=self.dest.options["timeout"])
         except requests.RequestException as exc:
-            raise DeliveryError(f"STOW-RS to {url}: {type(exc).__name__}: {exc}") from None
+            from ..httpauth import request_failure  # httpauth imports destinations.base
+
+            raise DeliveryError(f"STOW-RS to {request_failure(exc, url)}") from None
         self.requests += 1
         uids = [inst.sop_uid for inst, _r, _s in batch]
         if rsp.status_code in HTTP_ACTIONS or (

@@ -39,7 +39,7 @@ from ..dimse import (
     us,
     user_information,
 )
-from ..netutil import rejection_is_permanent
+from ..netutil import describe_non_dicom, rejection_is_permanent
 from ..tlsctx import describe_error
 from ..transcode import encode
 from .base import DeliveryError, InstanceRejected, PermanentFailure
@@ -112,7 +112,11 @@ class FastStoreAssociation:
         pdu.from_primitive(rq)
         try:
             self.sock.sendall(pdu.encode())
-            pdu_type, length = PDU_HEADER.unpack(read_exact(self.rf, 6))
+            head = read_exact(self.rf, 6)
+            pdu_type, length = PDU_HEADER.unpack(head)
+            if pdu_type not in (0x02, 0x03, 0x07):  # not an answer: an HTTP port, say
+                raise DeliveryError(f"{self.peer}: association aborted by the peer (PDU type "
+                                    f"0x{pdu_type:02X}){describe_non_dicom(head)}")
             body = read_exact(self.rf, length)
         except (OSError, ConnectionError) as exc:
             raise DeliveryError(f"{self.peer}: association aborted by the peer ({exc})") from exc

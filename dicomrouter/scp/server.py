@@ -18,6 +18,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from .. import metrics
 from ..config import Config, ListenerConfig
+from ..dimse import error_comment
 from ..netutil import enable_tcp_nodelay, receive_c_store_into
 from ..spool import ReceiveFile, Spool
 from . import ingest
@@ -30,7 +31,7 @@ log = logging.getLogger("dicomrouter.scp")
 def _failure(status: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = status
-    ds.ErrorComment = comment[:64]
+    ds.ErrorComment = error_comment(comment)
     return ds
 
 

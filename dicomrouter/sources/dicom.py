@@ -15,6 +15,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
+from ..dimse import error_comment
 from ..netutil import receive_c_store_into
 from ..qrscu import PeerError, Remote, RetrieveResult, find, get, move
 from ..scp import ingest
@@ -109,7 +110,7 @@ class DicomSource(Source):
         if accepted is None:
             ds = Dataset()
             ds.Status = status
-            ds.ErrorComment = comment[:64]
+            ds.ErrorComment = error_comment(comment)
             return ds
         self.spool.place(accepted)
         return 0x0000

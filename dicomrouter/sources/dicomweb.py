@@ -14,7 +14,7 @@ from typing import Any
 import requests
 from dicomweb_client.api import DICOMwebClient
 
-from ..httpauth import http_session
+from ..httpauth import http_session, request_failure
 from .base import PullError, Source
 from .multipart import MultipartError, MultipartReader, boundary_of
 
@@ -54,7 +54,10 @@ class DicomwebSource(Source):
             filters["StudyDate"] = since.strftime("%Y%m%d") + "-"
         try:
             studies = client.search_for_studies(search_filters=filters, get_remaining=True)
-        except (requests.RequestException, ValueError) as exc:
+        except requests.RequestException as exc:
+            raise PullError("QIDO-RS studies at "
+                            f"{request_failure(exc, self.cfg.options['url'])}") from None
+        except ValueError as exc:
             raise PullError(f"QIDO-RS studies: {type(exc).__name__}: {exc}") from None
         pulled = 0
         for study in studies:
@@ -73,7 +76,10 @@ class DicomwebSource(Source):
         try:
             instances = self._client().search_for_instances(study_instance_uid=study_uid,
                                                             get_remaining=True)
-        except (requests.RequestException, ValueError) as exc:
+        except requests.RequestException as exc:
+            raise PullError(f"QIDO-RS instances of {study_uid} at "
+                            f"{request_failure(exc, self.cfg.options['url'])}") from None
+        except ValueError as exc:
             raise PullError(f"QIDO-RS instances of {study_uid}: {type(exc).__name__}: "
                             f"{exc}") from None
         new = 0
@@ -100,7 +106,7 @@ class DicomwebSource(Source):
                 r = self._session.get(url, headers={"Accept": ACCEPT_DEFAULT}, stream=True,
                                       timeout=timeout)
         except requests.RequestException as exc:
-            raise PullError(f"WADO-RS {url}: {type(exc).__name__}: {exc}") from None
+            raise PullError(f"WADO-RS at {request_failure(exc, url)}") from None
         with r:
             if r.status_code >= 400:
                 raise PullError(f"WADO-RS {url}: HTTP {r.status_code}")

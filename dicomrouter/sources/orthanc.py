@@ -16,7 +16,7 @@ from typing import Any
 
 import requests
 
-from ..httpauth import http_session
+from ..httpauth import http_session, request_failure
 from .base import PullError, Source
 
 log = logging.getLogger("dicomrouter.sources")
@@ -43,7 +43,7 @@ class OrthancSource(Source):
             r = self._http().get(self._url(path), timeout=self.cfg.options["timeout"],
                                  stream=stream)
         except requests.RequestException as exc:
-            raise PullError(f"GET {self._url(path)}: {type(exc).__name__}: {exc}") from None
+            raise PullError(f"GET {path} from {request_failure(exc, self._url(path))}") from None
         if r.status_code == 404:
             return r
         if r.status_code >= 400:
@@ -126,7 +126,8 @@ class OrthancSource(Source):
                 r = self._http().delete(self._url(f"/studies/{study_id}"),
                                         timeout=self.cfg.options["timeout"])
             except requests.RequestException as exc:
-                raise PullError(f"DELETE study {uid} in Orthanc: {exc}") from None
+                raise PullError(f"DELETE study {uid} in Orthanc at "
+                                f"{request_failure(exc, self._url('/'))}") from None
             if r.status_code >= 400 and r.status_code != 404:
                 raise PullError(f"DELETE study {uid} in Orthanc: HTTP {r.status_code}")
             self.state.source_deleted(self.name, study_id, uid)

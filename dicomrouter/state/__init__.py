@@ -8,14 +8,16 @@ from typing import Any
 from .base import Instance, Job, State, StateUnavailable, Study
 
 
-def state_for(cfg: Any, readonly: bool = False) -> State:
-    """The state a configuration names: SQLite in its spool, or the shared PostgreSQL."""
+def state_for(cfg: Any, readonly: bool = False, connect_timeout: float | None = None) -> State:
+    """The state a configuration names: SQLite in its spool, or the shared PostgreSQL
+    (``connect_timeout`` overrides the configured one: a CLI command fails fast)."""
     if cfg.state.type == "postgresql":
         from .postgres import PostgresState
 
         return PostgresState(cfg.state.dsn, cfg.node_id, lock_dir=None if readonly else
                              cfg.spool, lease=cfg.state.lease, pool_size=cfg.state.pool_size,
-                             connect_timeout=cfg.state.connect_timeout, readonly=readonly)
+                             connect_timeout=connect_timeout or cfg.state.connect_timeout,
+                             readonly=readonly)
     state = open_state(cfg.state_db, readonly=readonly)
     state.node_id = cfg.node_id
     return state

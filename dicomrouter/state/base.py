@@ -273,6 +273,10 @@ class State(ABC):
     def history(self, study_uid: str) -> list[tuple[float, str]]: ...
 
     @abstractmethod
+    def count_studies(self, state: str, before: float) -> int:
+        """How many studies in ``state`` were last received before ``before``."""
+
+    @abstractmethod
     def recent_studies(self, limit: int, offset: int = 0, state: str | None = None,
                        patient_id: str | None = None,
                        since: float | None = None) -> list[dict[str, Any]]: ...

@@ -276,8 +276,10 @@ class PostgresState(SQLState):
             self.pool.open(wait=True, timeout=connect_timeout)
         except Exception as exc:
             self.pool.close()
-            raise StateUnavailable(f"PostgreSQL is not reachable ({_dsn_host(dsn)}): "
-                                   f"{type(exc).__name__}: {exc}") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise StateUnavailable(f"PostgreSQL is not reachable ({_dsn_host(dsn)}) within "
+                                   f"{connect_timeout:.0f} s: {type(exc).__name__}: "
+                                   f"{first}") from None
         if not readonly:
             self._migrate()
 

@@ -818,6 +818,11 @@ class SQLState(State):
                 "spool_bytes": self.spool_bytes(), "sources": self.source_rows(),
                 "nodes": self.nodes(), "cluster": self.leases}
 
+    def count_studies(self, state: str, before: float) -> int:
+        row = self._query("SELECT COUNT(*) AS n FROM studies WHERE state=? AND last_received<?",
+                          [state, before])
+        return int(row[0]["n"])
+
     def recent_studies(self, limit: int, offset: int = 0, state: str | None = None,
                        patient_id: str | None = None,
                        since: float | None = None) -> list[dict[str, Any]]:
