@@ -184,10 +184,6 @@ class Deidentifier:
         meta.SourceApplicationEntityTitle = SOURCE_AE
         return meta
 
-    def action(self, tag: int) -> str | None:
-        """The table's action for ``tag`` (None: not listed)."""
-        return action(tag)
-
     def _retained(self, tag: int, vr: str) -> bool:
         """Kept by a retain option (or shifted, for dates)."""
         if ("dates" in self.retain or self.shift_dates) and vr in DATE_VRS:
