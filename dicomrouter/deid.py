@@ -18,7 +18,8 @@ reproducible:
   ``descriptors``; ``shift_dates: true`` moves every date by a per-patient number of days
   instead (Modified Dates option); ``keep: [attributes]`` keeps those attributes as they are
   wherever they occur (the only way an attribute the profile removes survives).
-* Private tags are removed unless ``keep_private: true``; an instance with Burned In Annotation
+* Private tags are removed unless ``keep_private: true`` (then kept, but UIDs in them remapped
+  and public attributes in private sequences cleaned); an instance with Burned In Annotation
   YES is refused (``burned_in: refuse``, the default) or sent (``allow``).
 * The File Meta Information is rebuilt: it describes the de-identifier (our implementation UID,
   version name and :data:`SOURCE_AE`), never the sender; the preamble is zeroed.
@@ -59,6 +60,7 @@ from .deid_table import (
     action,
     code_meaning,
     is_overlay,
+    table,
 )
 
 __all__ = ["RETAIN", "SOURCE_AE", "Deidentifier", "from_options"]
@@ -83,6 +85,7 @@ class Deidentifier:
 
     def __post_init__(self) -> None:
         self._keep_overlays = any(is_overlay(t) for t in self.keep)
+        table()  # loaded with the configuration: a missing package fails there, not later
 
     # ---- values ------------------------------------------------------------------------------
 
@@ -201,6 +204,10 @@ class Deidentifier:
             if elem.tag.is_private:
                 if not self.keep_private:
                     del ds[tag]
+                elif vr == "UI":  # kept, but a UID in one is remapped like any other
+                    self._remap(elem, own, False)
+                elif vr == "SQ":  # kept; public attributes in its items follow the rules
+                    self._items(elem, shift, own)
                 continue
             if is_overlay(tag):  # the whole plane goes (or stays, with keep)
                 if not self._keep_overlays:

@@ -197,6 +197,14 @@ def test_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         load({"retain": ["everything"]})
     with pytest.raises(ConfigError, match="either retain dates or shift them"):
         load({"retain": ["dates"], "shift_dates": True})
+    with pytest.raises(ConfigError, match=r"deidentify.keep\[1\]: 'PatientNmae' is not a DICOM"):
+        load({"keep": ["PatientAge", "PatientNmae"]})
+    with pytest.raises(ConfigError, match=r"keep\[0\]: '\(0009,1001\)' is a private tag"):
+        load({"keep": ["(0009,1001)"]})
+    with pytest.raises(ConfigError, match=r"keep\[0\]: 'TransferSyntaxUID': the file meta"):
+        load({"keep": ["TransferSyntaxUID"]})
+    with pytest.raises(ConfigError, match=r"deidentify.kep: unknown key \(did you mean 'keep'"):
+        load({"kep": ["PatientAge"]})
     monkeypatch.delenv("DEID_SECRET")
     with pytest.raises(ConfigError, match="environment variable DEID_SECRET is not set"):
         load(None)

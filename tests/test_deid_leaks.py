@@ -680,3 +680,27 @@ def test_nested_patients_get_their_own_consistent_pseudonyms(tmp_path: Path) -> 
     assert out.SourcePatientGroupIdentificationSequence[0].PatientID == \
         d.pseudonym("ANON-{hash:12}", source.PatientID)
     assert out.PatientID == d.pseudonym("ANON-{hash:12}", src.PatientID) != out_group.PatientID
+
+
+def test_keep_private_keeps_private_values_but_not_uids_or_public_ones_inside(
+        tmp_path: Path) -> None:
+    study = LeakyStudy(tmp_path / "study")
+    study.build()
+    ds = dcmread(study.files["ct1.1"])
+    ds.add_new(0x00090010, "LO", "ACME 1.0")
+    ds.add_new(0x00091003, "UI", study.uid("ct1.2"))  # vendors keep references privately
+    inner = Dataset()
+    inner.PatientName = study.name("private sequence PatientName")
+    inner.ReferencedSOPInstanceUID = study.uid("ct1.3")
+    inner.add_new(0x00091001, "LO", "vendor value")
+    ds.add_new(0x00091004, "SQ", Sequence([inner]))
+    src = tmp_path / "private.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    out = transformed(src, tmp_path / "out.dcm", keep_private=True)
+    d = Deidentifier(SECRET.encode())
+    assert out[0x00091001].value == ds[0x00091001].value  # a private value: kept
+    assert out[0x00091003].value == d.uid(study.uid("ct1.2"))
+    item = out[0x00091004].value[0]
+    assert not item.get("PatientName") and item[0x00091001].value == "vendor value"
+    assert item.ReferencedSOPInstanceUID == d.uid(study.uid("ct1.3"))
+    assert "113111" in [c.CodeValue for c in out.DeidentificationMethodCodeSequence]
