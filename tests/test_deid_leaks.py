@@ -577,7 +577,7 @@ def test_a_study_built_to_leak_leaks_nothing_to_a_folder_and_over_stow_rs(
     assert_structure_kept(study, copies)
 
 
-def test_the_leak_study_fails_without_the_fixes(tmp_path: Path) -> None:
+def test_every_marker_date_and_uid_is_in_the_input_bytes(tmp_path: Path) -> None:
     """The byte search can fail: every marker, date and UID is in the input bytes."""
     study = LeakyStudy(tmp_path / "study")
     study.build()
