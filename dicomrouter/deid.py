@@ -1,26 +1,32 @@
 """De-identification: the DICOM PS3.15 Basic Application Level Confidentiality Profile.
 
 The action table (which attribute is removed, emptied, replaced or has its UID replaced) is the
-standard's, as data, from the ``dicom-anonymizer`` package (``dicomfields_2026c``); what each
-action does is ours, so that it is reproducible:
+standard's, as data (``deid_table``); what each action does is ours, so that it is
+reproducible:
 
-* UIDs (action U) become ``2.25.<HMAC-SHA256(secret, uid)>``: the same study sent twice, and
-  every study of one patient, get the same new UIDs; nobody without the secret can map back.
-* PatientID and PatientName become a pseudonym: ``patient_id`` / ``patient_name`` templates
-  with ``{hash}`` / ``{hash:N}`` (HMAC of the original PatientID), or a CSV lookup
-  (``patient_map``: original,pseudonym).
-* D (replace with a dummy value): dates and times get a fixed dummy, text ``ANONYMIZED``.
-* Retain options as switches (``retain:``): ``dates`` (Retain Longitudinal Temporal Information
-  with Full Dates), ``device`` (Retain Device Identity), ``patient_characteristics`` (Retain
-  Patient Characteristics), ``descriptors`` (keep Study/Series descriptions etc.: the option's
-  cleaning is then the operator's responsibility); ``shift_dates: true`` moves every date by a
-  per-patient number of days instead (Modified Dates option).
-* Private tags are removed unless ``keep_private: true``; an instance with Burned In Annotation
+* UIDs become ``2.25.<HMAC-SHA256(secret, uid)>``: the same study sent twice, and every study of
+  one patient, get the same new UIDs, and every reference (whatever its tag) still points at
+  the right instance; nobody without the secret can map back.
+* PatientID and PatientName become a pseudonym, wherever they occur (also in sequences):
+  ``patient_id`` / ``patient_name`` templates with ``{hash}`` / ``{hash:N}`` (HMAC of the
+  original PatientID of that dataset or item), or a CSV lookup (``patient_map``).
+* D (replace with a dummy value): dates and times get a fixed dummy, text ``ANONYMIZED``; a
+  sequence is cleaned item by item.
+* Attributes the table does not list: safe by default (``deid_table``'s docstring): text and
+  dates emptied, every UID remapped, overlays removed whole.
+* Retain options as switches (``retain:``): ``dates``, ``device``, ``patient_characteristics``,
+  ``descriptors``; ``shift_dates: true`` moves every date by a per-patient number of days
+  instead (Modified Dates option); ``keep: [attributes]`` keeps those attributes as they are
+  wherever they occur (the only way an attribute the profile removes survives).
+* Private tags are removed unless ``keep_private: true`` (then kept, but UIDs in them remapped
+  and public attributes in private sequences cleaned); an instance with Burned In Annotation
   YES is refused (``burned_in: refuse``, the default) or sent (``allow``).
+* The File Meta Information is rebuilt: it describes the de-identifier (our implementation UID,
+  version name and :data:`SOURCE_AE`), never the sender; the preamble is zeroed.
 
-It works on the header dataset (``transforms.transform_file`` copies the pixel data as bytes),
-recursing into sequences, and records what was done (Patient Identity Removed, De-identification
-Method, the code sequence of the options used).
+It works on the header dataset (``transforms.transform_file`` copies the pixel data as bytes)
+and records what was done (Patient Identity Removed, De-identification Method, the code sequence
+of the options used, Longitudinal Temporal Information Modified).
 """
 
 from __future__ import annotations
@@ -33,44 +39,36 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
-from .config.base import ConfigError, _show
+from .config.base import ConfigError
+from .deid_table import (
+    CLASS_UIDS,
+    CODE_MEANING,
+    DATE_VRS,
+    DESCRIPTORS,
+    DEVICE,
+    PATIENT_CHARACTERISTICS,
+    PATIENT_ID,
+    PATIENT_NAME,
+    RETAIN,
+    STANDARD_UID_ROOT,
+    STRUCTURAL_TEXT,
+    TEXT_VALUE,
+    TEXT_VRS,
+    action,
+    code_meaning,
+    is_overlay,
+    table,
+)
 
-RETAIN = ("dates", "device", "patient_characteristics", "descriptors")
-DEVICE = {(0x0008, 0x1010), (0x0018, 0x1000), (0x0018, 0x1002), (0x0018, 0x700A),
-          (0x0018, 0x1008), (0x0018, 0x1004), (0x0018, 0x1005), (0x0018, 0x1007),
-          (0x0018, 0x1009), (0x0018, 0x100A), (0x0018, 0x1200), (0x0018, 0x1201),
-          (0x0008, 0x1040), (0x0008, 0x0080), (0x0008, 0x0081)}
-PATIENT_CHARACTERISTICS = {(0x0010, 0x0040), (0x0010, 0x1010), (0x0010, 0x1020),
-                           (0x0010, 0x1030), (0x0010, 0x2160), (0x0010, 0x21A0),
-                           (0x0010, 0x21C0), (0x0010, 0x2203), (0x0010, 0x2110)}
-DESCRIPTORS = {(0x0008, 0x1030), (0x0008, 0x103E), (0x0018, 0x1030), (0x0040, 0x0254),
-               (0x0008, 0x2111), (0x0040, 0x0007), (0x0018, 0x0015), (0x0020, 0x4000)}
-DATE_VRS = {"DA", "DT", "TM"}
-DUMMY = {"DA": "19000101", "DT": "19000101000000", "TM": "000000", "PN": "ANONYMIZED",
-         "UI": "", "SQ": None}
-PATIENT_ID, PATIENT_NAME = (0x0010, 0x0020), (0x0010, 0x0010)
+__all__ = ["RETAIN", "SOURCE_AE", "Deidentifier", "from_options"]
 
-
-def _table() -> tuple[dict[tuple[int, int], str], list[tuple[int, int, int, int, str]]]:
-    """Tag → action (X, Z, D, U; for X/Z, X/D, Z/D, X/Z/D the stronger X or D), and the
-    masked tags (repeating groups)."""
-    from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
-
-    tags = dicom_anonymization_database_selector("dicomfields_2026c")
-    actions = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "D",
-               "X_Z_TAGS": "X", "X_D_TAGS": "X", "X_Z_D_TAGS": "X", "X_Z_U_STAR_TAGS": "X"}
-    table: dict[tuple[int, int], str] = {}
-    masked: list[tuple[int, int, int, int, str]] = []
-    for group, action in actions.items():
-        for t in tags[group]:
-            if len(t) == 4:
-                masked.append((t[0], t[1], t[2], t[3], action))
-            else:
-                table[(t[0], t[1])] = action
-    return table, masked
+DUMMY = {"DA": "19000101", "DT": "19000101000000", "TM": "000000", "PN": "ANONYMIZED"}
+DUMMY_TEXT = "ANONYMIZED"
+SOURCE_AE = "DICOMROUTER_DEID"  # (0002,0016) of every de-identified file: the de-identifier
+IDENTITY = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
 
 
 @dataclass
@@ -83,10 +81,11 @@ class Deidentifier:
     patient_id: str = "ANON-{hash:12}"
     patient_name: str = "ANON^{hash:12}"
     patient_map: dict[str, str] = field(default_factory=dict)
-    _table: Any = None
+    keep: frozenset[int] = frozenset()  # tags kept as they are, wherever they occur
 
     def __post_init__(self) -> None:
-        self._table = _table()
+        self._keep_overlays = any(is_overlay(t) for t in self.keep)
+        table()  # loaded with the configuration: a missing package fails there, not later
 
     # ---- values ------------------------------------------------------------------------------
 
@@ -126,18 +125,31 @@ class Deidentifier:
             raise ValueError("Burned In Annotation is YES: refused (deidentify burned_in: refuse)")
         original_id = str(ds.get("PatientID", "") or "")
         shift = self.day_shift(original_id) if self.shift_dates else 0
-        mapping: dict[str, str] = {}
-        for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            if kw in ds:
-                mapping[str(ds.get(kw))] = self.uid(str(ds.get(kw)))
-        self._walk(ds, shift)
-        ds.PatientID = self.pseudonym(self.patient_id, original_id)
-        ds.PatientName = self.pseudonym(self.patient_name, original_id)
-        ds.PatientIdentityRemoved = "YES"
-        methods = ["DICOM PS3.15 Basic Application Level Confidentiality Profile"]
+        own = {str(ds.get(kw)) for kw in IDENTITY if ds.get(kw)}
+        mapping = {str(ds.get(kw)): self.uid(str(ds.get(kw))) for kw in IDENTITY[:3]
+                   if kw in ds}
+        old_meta = getattr(ds, "file_meta", None)
+        self._walk(ds, shift, own)
+        if PATIENT_ID not in self.keep:
+            ds.PatientID = self.pseudonym(self.patient_id, original_id)
+        if PATIENT_NAME not in self.keep:
+            ds.PatientName = self.pseudonym(self.patient_name, original_id)
+        self._record(ds)
+        if old_meta is not None:
+            ds.file_meta = self._file_meta(ds, old_meta)
+            ds.preamble = b"\x00" * 128  # a preamble may carry anything (a TIFF header)
+        return mapping
+
+    def _record(self, ds: Dataset) -> None:
+        """Patient Identity Removed, the method and its options (PS3.15 E.1.1)."""
+        identity_kept = bool({PATIENT_ID, PATIENT_NAME} & self.keep)
+        ds.PatientIdentityRemoved = "NO" if identity_kept else "YES"
+        methods = ["DICOM PS3.15 Basic Profile"]
         methods += [f"retain {r}" for r in sorted(self.retain)]
         if self.shift_dates:
             methods.append("dates shifted per patient")
+        if self.keep:
+            methods.append(f"{len(self.keep)} attribute(s) kept")
         ds.DeidentificationMethod = "; ".join(methods)[:64]
         ds.DeidentificationMethodCodeSequence = Sequence([_code("113100", "Basic Application "
                                                                 "Confidentiality Profile")])
@@ -152,20 +164,31 @@ class Deidentifier:
                 ("113111", "Retain Safe Private Option", self.keep_private)):
             if on:
                 ds.DeidentificationMethodCodeSequence.append(_code(code, meaning))
-        if getattr(ds, "file_meta", None) is not None and "SOPInstanceUID" in ds:
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        return mapping
+        ds.LongitudinalTemporalInformationModified = \
+            "MODIFIED" if self.shift_dates else "UNMODIFIED" if "dates" in self.retain \
+            else "REMOVED"
 
-    def _action(self, tag: tuple[int, int]) -> str | None:
-        table, masked = self._table
-        action = table.get(tag)
-        if action is None:
-            for g, e, gm, em, a in masked:
-                if tag[0] & gm == g and tag[1] & em == e:
-                    return a
-        return action
+    def _file_meta(self, ds: Dataset, old: Dataset) -> FileMetaDataset:
+        """New File Meta Information: the de-identifier's, none of the source's (Source,
+        Sending and Receiving AE titles, the sender's implementation, private information)."""
+        from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 
-    def _kept(self, tag: tuple[int, int], vr: str) -> bool:
+        from .dimse import IMPLEMENTATION_VERSION
+
+        meta = FileMetaDataset()
+        meta.FileMetaInformationVersion = b"\x00\x01"
+        meta.MediaStorageSOPClassUID = old.get("MediaStorageSOPClassUID") or \
+            ds.get("SOPClassUID")
+        meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID") or \
+            self.uid(str(old.get("MediaStorageSOPInstanceUID", "")))
+        meta.TransferSyntaxUID = old.get("TransferSyntaxUID")
+        meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        meta.SourceApplicationEntityTitle = SOURCE_AE
+        return meta
+
+    def _retained(self, tag: int, vr: str) -> bool:
+        """Kept by a retain option (or shifted, for dates)."""
         if ("dates" in self.retain or self.shift_dates) and vr in DATE_VRS:
             return True  # retained, or retained and then shifted (Modified Dates option)
         if "device" in self.retain and tag in DEVICE:
@@ -174,44 +197,75 @@ class Deidentifier:
             return True
         return "descriptors" in self.retain and tag in DESCRIPTORS
 
-    def _walk(self, ds: Dataset, shift: int) -> None:
+    def _walk(self, ds: Dataset, shift: int, own: set[str]) -> None:
+        item_id = str(ds.get("PatientID", "") or "")  # this dataset's (or item's) patient
         for elem in list(ds):
-            tag = (elem.tag.group, elem.tag.element)
+            tag, vr = int(elem.tag), elem.VR
             if elem.tag.is_private:
                 if not self.keep_private:
-                    del ds[elem.tag]
+                    del ds[tag]
+                elif vr == "UI":  # kept, but a UID in one is remapped like any other
+                    self._remap(elem, own, False)
+                elif vr == "SQ":  # kept; public attributes in its items follow the rules
+                    self._items(elem, shift, own)
                 continue
-            if tag in (PATIENT_ID, PATIENT_NAME):
-                continue  # pseudonyms, set after the walk
-            action = self._action(tag)
-            if action is None or self._kept(tag, elem.VR):
-                if shift and elem.VR in ("DA", "DT") and elem.value:
+            if is_overlay(tag):  # the whole plane goes (or stays, with keep)
+                if not self._keep_overlays:
+                    del ds[tag]
+                continue
+            if tag in self.keep:
+                if vr == "SQ":
+                    self._items(elem, shift, own)
+                continue
+            if tag in (PATIENT_ID, PATIENT_NAME):  # E.1-1 wherever they occur: pseudonyms
+                template = self.patient_id if tag == PATIENT_ID else self.patient_name
+                elem.value = self.pseudonym(template, item_id) if item_id else None
+                continue
+            act = action(tag)
+            if self._retained(tag, vr):
+                if shift and vr in ("DA", "DT") and elem.value:
                     elem.value = _shifted(elem.value, shift)
-                elif elem.VR == "SQ":
-                    for item in elem.value or []:
-                        self._walk(item, shift)
-                continue
-            if action == "X":
-                del ds[elem.tag]
-            elif action == "Z":
+                elif vr == "SQ":
+                    self._items(elem, shift, own)
+            elif act == "X":
+                del ds[tag]
+            elif act == "Z":
                 _empty(elem)
-            elif action == "U":
-                if elem.VR == "UI" and elem.value:
-                    values = elem.value if isinstance(elem.value, list | tuple) or \
-                        type(elem.value).__name__ == "MultiValue" else [elem.value]
-                    new = [self.uid(str(v)) for v in values]
-                    elem.value = new if len(new) > 1 else new[0]
-                elif elem.VR == "SQ":
-                    for item in elem.value or []:
-                        self._walk(item, shift)
-            else:  # D: a dummy value of the same VR (a sequence is cleaned item by item)
-                if elem.VR == "SQ":
-                    for item in elem.value or []:
-                        self._walk(item, shift)
-                elif shift and elem.VR in ("DA", "DT") and elem.value:
-                    elem.value = _shifted(elem.value, shift)
-                else:
-                    _dummy(elem)
+            elif vr == "SQ":  # D, U, U* (references kept, their UIDs remapped), not listed
+                self._items(elem, shift, own)
+            elif vr == "UI":  # U, D (a new UID is the consistent dummy), not listed
+                self._remap(elem, own, act is None and tag in CLASS_UIDS)
+            elif act is not None:  # D
+                _dummy(elem)
+            elif vr in TEXT_VRS:
+                if tag == CODE_MEANING:
+                    elem.value = code_meaning(ds.get("CodingSchemeDesignator"),
+                                              ds.get("CodeValue")) or DUMMY_TEXT
+                elif tag == TEXT_VALUE:
+                    elem.value = DUMMY_TEXT
+                elif tag not in STRUCTURAL_TEXT:
+                    _empty(elem)
+            elif vr in DATE_VRS:
+                _empty(elem)
+            elif vr == "UN":  # a public attribute we cannot read: it could hold anything
+                del ds[tag]
+
+    def _items(self, elem: Any, shift: int, own: set[str]) -> None:
+        for item in elem.value or []:
+            self._walk(item, shift, own)
+
+    def _remap(self, elem: Any, own: set[str], class_uid: bool) -> None:
+        """New UIDs for every value but the standard's own UIDs; in an attribute that names a
+        class, only this instance's own UIDs (which never belong there) are replaced."""
+        if not elem.value:
+            return
+        multi = isinstance(elem.value, list | tuple) or \
+            type(elem.value).__name__ == "MultiValue"
+        values = [str(v) for v in (elem.value if multi else [elem.value])]
+        new = [v if not v or v.startswith(STANDARD_UID_ROOT) or class_uid and v not in own
+               else self.uid(v) for v in values]
+        if new != values:
+            elem.value = new if multi else new[0]
 
 
 def _code(value: str, meaning: str) -> Dataset:
@@ -228,14 +282,14 @@ def _empty(elem: Any) -> None:
 
 def _dummy(elem: Any) -> None:
     vr = elem.VR
-    if vr in DUMMY and DUMMY[vr] is not None:
+    if vr in DUMMY:
         elem.value = DUMMY[vr]
     elif vr in ("US", "SS", "UL", "SL", "FL", "FD", "IS", "DS"):
         elem.value = 0 if vr not in ("IS", "DS") else "0"
     elif vr in ("OB", "OW", "OD", "OF", "OL", "OV", "UN"):
         elem.value = b""
     else:
-        elem.value = "ANONYMIZED"
+        elem.value = DUMMY_TEXT
 
 
 def _shifted(value: Any, days: int) -> Any:
@@ -251,37 +305,33 @@ def _shifted(value: Any, days: int) -> Any:
     return one(value)
 
 
-def from_options(options: dict[str, Any], where: str = "deidentify") -> Deidentifier:
-    """A Deidentifier from a ``deidentify:`` entry; the secret from its environment variable."""
-    env = options.get("uid_secret_env") or "DEID_SECRET"
-    secret = os.environ.get(env)
-    if not secret:
+def from_options(options: dict[str, Any] | None,
+                 where: str = "deidentify") -> Deidentifier:
+    """A Deidentifier from a ``deidentify:`` entry (``config.models.DeidentifyModel``); the
+    secret from its environment variable."""
+    from pydantic import ValidationError
+
+    from .config.models import DeidentifyModel, keyed_error
+
+    env = (options or {}).get("uid_secret_env") or "DEID_SECRET"
+    secret = os.environ.get(env) if isinstance(env, str) else None
+    if isinstance(env, str) and not secret:  # first: without it nothing else matters
         raise ConfigError(f"{where}.uid_secret_env", f"environment variable {env} is not set "
                           "(the secret that keys UID remapping and pseudonyms)")
-    retain = options.get("retain") or []
-    if not isinstance(retain, list) or any(r not in RETAIN for r in retain):
-        raise ConfigError(f"{where}.retain", f"a list of {', '.join(RETAIN)}; got "
-                          f"{_show(retain)}")
-    if "dates" in retain and options.get("shift_dates"):
-        raise ConfigError(f"{where}.shift_dates", "either retain dates or shift them")
-    burned = options.get("burned_in", "refuse")
-    if burned not in ("refuse", "allow"):
-        raise ConfigError(f"{where}.burned_in", "refuse or allow")
+    try:
+        m = DeidentifyModel.model_validate(options or {})
+    except ValidationError as err:
+        e = keyed_error(err, options)
+        raise ConfigError(f"{where}.{e.key}" if e.key else where, e.problem) from None
+    assert secret is not None
     mapping: dict[str, str] = {}
-    if options.get("patient_map"):
+    if m.patient_map:
         try:
-            with open(options["patient_map"], newline="", encoding="utf-8") as f:
+            with open(m.patient_map, newline="", encoding="utf-8") as f:
                 mapping = {row[0]: row[1] for row in csv.reader(f) if len(row) >= 2}
         except OSError as exc:
             raise ConfigError(f"{where}.patient_map", f"cannot read it: {exc.strerror}") \
                 from None
-    unknown = set(options) - {"profile", "retain", "shift_dates", "keep_private", "burned_in",
-                              "patient_id", "patient_name", "patient_map", "uid_secret_env"}
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key")
-    if options.get("profile", "basic") != "basic":
-        raise ConfigError(f"{where}.profile", "only basic (PS3.15 Table E.1-1)")
-    return Deidentifier(secret.encode(), frozenset(retain), bool(options.get("shift_dates")),
-                        bool(options.get("keep_private")), burned,
-                        str(options.get("patient_id") or "ANON-{hash:12}"),
-                        str(options.get("patient_name") or "ANON^{hash:12}"), mapping)
+    return Deidentifier(secret.encode(), frozenset(m.retain), m.shift_dates, m.keep_private,
+                        m.burned_in, m.patient_id or "ANON-{hash:12}",
+                        m.patient_name or "ANON^{hash:12}", mapping, m.keep)

@@ -59,6 +59,10 @@ class Op:
             extra = [f"retain {', '.join(sorted(d.retain))}"] if d.retain else []
             extra += ["dates shifted"] if d.shift_dates else []
             extra += ["private tags kept"] if d.keep_private else []
+            if d.keep:
+                from .deid_table import keywords
+
+                extra += [f"keep {', '.join(keywords(d.keep))}"]
             return "deidentify (PS3.15 basic profile" + \
                 "".join(f"; {e}" for e in extra) + ")"
         name = keyword_for_tag(self.tag) or f"({self.tag >> 16:04X},{self.tag & 0xFFFF:04X})"

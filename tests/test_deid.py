@@ -18,6 +18,18 @@ from router_fixtures import Router
 
 from dicomrouter.config import ConfigError, from_dict
 from dicomrouter.deid import Deidentifier, from_options
+from dicomrouter.deid_table import (
+    CLASS_UIDS,
+    CODE_MEANING,
+    PATIENT_ID,
+    PATIENT_NAME,
+    STRUCTURAL_TEXT,
+    TEXT_VALUE,
+    TEXT_VRS,
+    action,
+    code_meaning,
+    is_overlay,
+)
 from dicomrouter.transforms import Op, transform_file
 
 SAMPLES = {"ct": "CT_small.dcm", "mr": "MR_small.dcm", "sr": "test-SR.dcm", "rt": "rtplan.dcm"}
@@ -56,41 +68,69 @@ def secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEID_SECRET", SECRET)
 
 
+def check_item(src: Dataset, out: Dataset, d: Deidentifier, where: str = "") -> int:
+    """Every element of ``src`` against the rule it falls under (PS3.15 Table E.1-1 for the
+    attributes it lists, the safe defaults of docs/security.md for the others), into
+    sequences; returns how many elements were checked."""
+    checked = 0
+    for elem in src:
+        tag, vr = int(elem.tag), elem.VR
+        name = f"{where}{elem.keyword or elem.tag}"
+        got = out.get(tag)
+        checked += 1
+        if elem.tag.is_private or is_overlay(tag):
+            assert got is None, f"{name}: private or overlay kept"
+            continue
+        if tag in (PATIENT_ID, PATIENT_NAME):
+            assert got is None or not got.value or str(got.value) != str(elem.value) or \
+                not elem.value, f"{name} kept"
+            continue
+        act = action(tag)
+        if act == "X":
+            assert got is None, f"{name} (X) not removed"
+        elif act == "Z":
+            assert got is None or got.value in (None, "", b"", []), f"{name} (Z) not emptied"
+        elif vr == "SQ":  # D, U*, not listed: kept, its items cleaned by the same rules
+            assert got is not None and len(got.value) == len(elem.value), name
+            for i, (a, b) in enumerate(zip(elem.value, got.value, strict=True)):
+                checked += check_item(a, b, d, f"{name}[{i}].")
+        elif vr == "UI":
+            values = elem.value if isinstance(elem.value, list | tuple) or \
+                type(elem.value).__name__ == "MultiValue" else [elem.value]
+            want = [str(v) if not v or str(v).startswith("1.2.840.10008.") or
+                    act is None and tag in CLASS_UIDS else d.uid(str(v)) for v in values]
+            have = got.value if isinstance(got.value, list | tuple) or \
+                type(got.value).__name__ == "MultiValue" else [got.value]
+            assert [str(v) for v in have] == want, f"{name}: UID not remapped as it should be"
+        elif act is not None:  # D: a dummy
+            assert got is not None and (got.value != elem.value or not elem.value), \
+                f"{name} (D) not replaced"
+        elif vr in TEXT_VRS:
+            if tag in STRUCTURAL_TEXT:
+                assert got is not None and got.value == elem.value, f"{name} changed"
+            elif tag == CODE_MEANING:  # the coding scheme's own meaning, or a dummy
+                want = code_meaning(src.get("CodingSchemeDesignator"), src.get("CodeValue"))
+                assert got is not None and got.value == (want or "ANONYMIZED"), name
+            elif tag == TEXT_VALUE:
+                assert got is not None and got.value == "ANONYMIZED", name
+            else:
+                assert got is None or not got.value, f"{name} (text, not listed) kept"
+        elif vr in ("DA", "DT", "TM"):
+            assert got is None or not got.value, f"{name} (date, not listed) kept"
+        elif vr == "UN":
+            assert got is None, name
+        else:  # CS, numbers, binary: unchanged
+            assert got is not None and got.value == elem.value, f"{name} changed"
+    return checked
+
+
 @pytest.mark.parametrize("name", list(SAMPLES))
 def test_basic_profile_tag_by_tag(tmp_path: Path, name: str) -> None:
     src_path = sample(tmp_path, name)
     src = dcmread(src_path)
     out = deidentify(src_path, tmp_path / "out.dcm")
     d = Deidentifier(SECRET.encode())
-    checked = 0
-    for elem in src:
-        tag = (elem.tag.group, elem.tag.element)
-        if elem.tag.is_private:
-            assert elem.tag not in out, f"private {elem.tag} kept"
-            continue
-        if tag in ((0x0010, 0x0010), (0x0010, 0x0020)):
-            continue  # pseudonyms, below
-        action = d._action(tag)
-        if action == "X":
-            assert elem.tag not in out, f"{elem.keyword} (X) not removed"
-        elif action == "Z":
-            assert elem.tag not in out or out[elem.tag].value in (None, "", b"", []), \
-                elem.keyword
-        elif action == "D":
-            if elem.VR == "SQ":
-                continue
-            assert elem.tag in out and out[elem.tag].value != elem.value or not elem.value, \
-                f"{elem.keyword} (D) not replaced"
-        elif action == "U":
-            if elem.VR == "UI" and elem.value:
-                assert out[elem.tag].value == d.uid(str(elem.value)), elem.keyword
-                assert str(out[elem.tag].value).startswith("2.25.")
-        elif elem.keyword not in ("PixelData",):
-            assert elem.tag in out, elem.keyword
-            if elem.VR != "SQ" and elem.keyword != "SOPInstanceUID":
-                assert out[elem.tag].value == elem.value, f"{elem.keyword} changed"
-        checked += 1
-    assert checked > 10
+    assert check_item(src, out, d) > 10
     for kw in ("InstitutionName", "ReferringPhysicianName", "OtherPatientIDs",
                "StudyDescription"):
         assert not str(out.get(kw, "") or ""), kw  # identifying: removed or emptied
@@ -157,6 +197,14 @@ def test_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         load({"retain": ["everything"]})
     with pytest.raises(ConfigError, match="either retain dates or shift them"):
         load({"retain": ["dates"], "shift_dates": True})
+    with pytest.raises(ConfigError, match=r"deidentify.keep\[1\]: 'PatientNmae' is not a DICOM"):
+        load({"keep": ["PatientAge", "PatientNmae"]})
+    with pytest.raises(ConfigError, match=r"keep\[0\]: '\(0009,1001\)' is a private tag"):
+        load({"keep": ["(0009,1001)"]})
+    with pytest.raises(ConfigError, match=r"keep\[0\]: 'TransferSyntaxUID': the file meta"):
+        load({"keep": ["TransferSyntaxUID"]})
+    with pytest.raises(ConfigError, match=r"deidentify.kep: unknown key \(did you mean 'keep'"):
+        load({"kep": ["PatientAge"]})
     monkeypatch.delenv("DEID_SECRET")
     with pytest.raises(ConfigError, match="environment variable DEID_SECRET is not set"):
         load(None)

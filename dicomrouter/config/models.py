@@ -579,6 +579,43 @@ class KnownAEModel(_Strict):
     count_query: Bool = False
 
 
+def _deid_retain(value: Any, key: str) -> tuple[str, ...]:
+    from ..deid_table import RETAIN
+
+    if value is None:
+        return ()
+    if not isinstance(value, list) or any(r not in RETAIN for r in value):
+        raise ConfigError(key, f"a list of {', '.join(RETAIN)}; got {_show(value)}")
+    return tuple(value)
+
+
+def _deid_keep(value: Any, key: str) -> frozenset[int]:
+    from ..deid_table import parse_keep
+
+    return parse_keep(value, key)
+
+
+class DeidentifyModel(_Strict):
+    """A ``deidentify:`` transform (PS3.15 basic profile; read by ``deid.from_options``)."""
+
+    profile: Choice("basic") = "basic"
+    retain: Annotated[tuple[str, ...], _v(_deid_retain)] = ()
+    shift_dates: Bool = False
+    keep: Annotated[frozenset[int], _v(_deid_keep)] = frozenset()  # tags, kept as they are
+    keep_private: Bool = False
+    burned_in: Choice("refuse", "allow") = "refuse"
+    patient_id: Text | None = None  # default ANON-{hash:12}
+    patient_name: Text | None = None  # default ANON^{hash:12}
+    patient_map: Text | None = None  # a CSV of original,pseudonym
+    uid_secret_env: Text | None = None  # default DEID_SECRET
+
+    @model_validator(mode="after")
+    def _dates(self) -> DeidentifyModel:
+        if "dates" in self.retain and self.shift_dates:
+            raise ConfigError("shift_dates", "either retain dates or shift them")
+        return self
+
+
 class RouteModel(_Strict):
     name: Text | None = None
     when: Annotated[tuple[Any, ...], _v(_when)] = ()
