@@ -71,8 +71,6 @@ class Router:
         self.destinations = {name: destinations.build(d, cfg.ae_title)
                              for name, d in cfg.destinations.items()}
         for dest in self.destinations.values():
-            if hasattr(dest, "spool_tmp"):  # staging files (a study's zip) on the spool's disk
-                dest.spool_tmp = self.spool.tmp
             if hasattr(dest, "state"):  # storage commitment reports are kept there
                 dest.state = self.state
         self.workers = DeliveryWorkers(cfg, self.state, self.spool, self.destinations,

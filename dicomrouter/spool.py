@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .dicomfile import UnreadableDataset, identify, source_ae
-from .slots import MARKER_SIZE, Checksum, SlotPool, is_complete
+from .slots import MAGIC, MARKER, MARKER_SIZE, Checksum, SlotPool, is_complete
 from .state import Instance, State
 from .walk import Malformed, check_file
 
@@ -452,6 +452,16 @@ class SpoolReader(io.RawIOBase):
 
     def fileno(self) -> int:
         return self._f.fileno()
+
+    def digest(self) -> str | None:
+        """The content digest of the instance as received: the CRC-32 and length its receive
+        slot's marker holds (computed as it was written, so free to read). None for a file
+        without a marker. Compared only to tell an identical re-send from a changed one."""
+        head = os.pread(self._f.fileno(), MARKER_SIZE, 0)
+        if len(head) < MARKER_SIZE:
+            return None
+        magic, crc, length = MARKER.unpack(head)
+        return f"crc32:{crc:08x}:{length}" if magic == MAGIC else None
 
     def reopen(self) -> SpoolReader:
         """The same instance opened again: a session that buffers instances keeps this, not

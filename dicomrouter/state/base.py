@@ -9,7 +9,7 @@ default.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -177,10 +177,23 @@ class State(ABC):
 
     @abstractmethod
     def mark_sending(self, sop_uid: str, destination: str, study_uid: str,
-                     delivered_before: str | None = None) -> None: ...
+                     delivered_before: str | None = None, count: bool = True,
+                     digest: str | None = None) -> None: ...
 
     @abstractmethod
-    def mark_delivered(self, sop_uids: Sequence[str], destination: str) -> None: ...
+    def count_sends(self, sop_uids: Sequence[str], destination: str, study_uid: str,
+                    delta: int = 1) -> None: ...
+
+    @abstractmethod
+    def mark_delivered(self, sop_uids: Sequence[str], destination: str,
+                       digests: Mapping[str, str] | None = None) -> None: ...
+
+    @abstractmethod
+    def delivered_digests(self, study_uid: str, destination: str) -> dict[str, str]: ...
+
+    @abstractmethod
+    def mark_identical(self, sop_uids: Sequence[str], destination: str,
+                       study_uid: str) -> None: ...
 
     @abstractmethod
     def record_sent_uid(self, sop_uid: str, destination: str, sent_uid: str) -> None:

@@ -159,8 +159,13 @@ CREATE TABLE leases (           -- singleton work (a pull source, the sweep): on
 );
 """
 
+LEDGER_DIGEST_V4 = """
+ALTER TABLE ledger ADD COLUMN digest TEXT;  -- what was delivered: an identical re-send is not
+"""
+
 #: (version, statements): append, never edit one that has shipped
-MIGRATIONS: list[tuple[int, str]] = [(1, SCHEMA_V1), (2, _qr_migration()), (3, LEASES_V3)]
+MIGRATIONS: list[tuple[int, str]] = [(1, SCHEMA_V1), (2, _qr_migration()), (3, LEASES_V3),
+                                     (4, LEDGER_DIGEST_V4)]
 
 
 class Row:

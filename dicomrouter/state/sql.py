@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -106,8 +106,10 @@ class SQLState(State):
                 (sop, study, tags.get("SeriesInstanceUID"), tags.get("SOPClassUID"), tsuid,
                  key, size, now, generation, calling_ae, called_ae, json.dumps(tags),
                  self.node_id, int(shared)))
-            if old is not None:
-                db.execute("DELETE FROM ledger WHERE sop_uid=?", (sop,))
+            if old is not None:  # delivered again, unless a destination has these very bytes
+                # (the ledger keeps the digest of what it delivered: delivery compares)
+                db.execute("UPDATE ledger SET delivered_at=NULL, sends=0 WHERE sop_uid=?",
+                           (sop,))
         return old is not None, generation, replaced_size
 
     def mark_shared(self, sop_uid: str, key: str) -> None:
@@ -482,22 +484,39 @@ class SQLState(State):
         return [self._instance(r) for r in rows]
 
     def mark_sending(self, sop_uid: str, destination: str, study_uid: str,
-                     delivered_before: str | None = None) -> None:
+                     delivered_before: str | None = None, count: bool = True,
+                     digest: str | None = None) -> None:
         """Count a send before it goes on the wire (and, in the same commit, the previous one
-        as delivered), so re-sends after a crash are visible in the ledger."""
+        as delivered), so re-sends after a crash are visible in the ledger. ``count=False``:
+        only buffered (the session counts it with :meth:`count_sends` when it leaves);
+        ``digest``: the content digest of ``delivered_before``."""
         now = time.time()
         with self._tx(study_uid) as db:
             if delivered_before:
-                self._delivered(db, delivered_before, destination, now)
+                self._delivered(db, delivered_before, destination, now, digest)
             db.execute(
-                "INSERT INTO ledger(sop_uid, destination, study_uid, sends) VALUES (?,?,?,1)"
-                " ON CONFLICT(sop_uid, destination) DO UPDATE SET sends=ledger.sends+1",
-                (sop_uid, destination, study_uid))
+                "INSERT INTO ledger(sop_uid, destination, study_uid, sends) VALUES (?,?,?,?)"
+                " ON CONFLICT(sop_uid, destination) DO UPDATE SET sends=ledger.sends+?",
+                (sop_uid, destination, study_uid, int(count), int(count)))
+
+    def count_sends(self, sop_uids: Sequence[str], destination: str, study_uid: str,
+                    delta: int = 1) -> None:
+        """A buffered batch went on the wire (``delta`` 1), or, announced, never left (-1)."""
+        if not sop_uids:
+            return
+        with self._tx(study_uid) as db:
+            for uid in sop_uids:
+                db.execute(
+                    "INSERT INTO ledger(sop_uid, destination, study_uid, sends) VALUES (?,?,?,?)"
+                    " ON CONFLICT(sop_uid, destination) DO UPDATE SET"
+                    " sends=CASE WHEN ledger.sends+? < 0 THEN 0 ELSE ledger.sends+? END",
+                    (uid, destination, study_uid, max(delta, 0), delta, delta))
 
     @staticmethod
-    def _delivered(db: Any, sop_uid: str, destination: str, now: float) -> None:
-        db.execute("UPDATE ledger SET delivered_at=? WHERE sop_uid=? AND destination=?",
-                   (now, sop_uid, destination))
+    def _delivered(db: Any, sop_uid: str, destination: str, now: float,
+                   digest: str | None = None) -> None:
+        db.execute("UPDATE ledger SET delivered_at=?, digest=COALESCE(?, digest) WHERE"
+                   " sop_uid=? AND destination=?", (now, digest, sop_uid, destination))
 
     def record_sent_uid(self, sop_uid: str, destination: str, sent_uid: str) -> None:
         """The SOP Instance UID the destination got for ``sop_uid`` (de-identification)."""
@@ -505,14 +524,37 @@ class SQLState(State):
             db.execute("UPDATE ledger SET sent_uid=? WHERE sop_uid=? AND destination=?",
                        (sent_uid, sop_uid, destination))
 
-    def mark_delivered(self, sop_uids: Sequence[str], destination: str) -> None:
-        """Record instances as delivered (durable at the destination), in one commit."""
+    def mark_delivered(self, sop_uids: Sequence[str], destination: str,
+                       digests: Mapping[str, str] | None = None) -> None:
+        """Record instances as delivered (durable at the destination), in one commit, with
+        the digest of the content delivered (``digests``: SOP Instance UID → digest)."""
         if not sop_uids:
             return
+        digests = digests or {}
         with self._tx() as db:
             now = time.time()
             for uid in sop_uids:
+                self._delivered(db, uid, destination, now, digests.get(uid))
+
+    def delivered_digests(self, study_uid: str, destination: str) -> dict[str, str]:
+        """Instances to deliver again (re-received) whose earlier delivery here has a digest:
+        SOP Instance UID → the digest of the content the destination got."""
+        return {r["sop_uid"]: r["digest"] for r in self._query(
+            "SELECT sop_uid, digest FROM ledger WHERE study_uid=? AND destination=? AND"
+            " delivered_at IS NULL AND digest IS NOT NULL", (study_uid, destination))}
+
+    def mark_identical(self, sop_uids: Sequence[str], destination: str, study_uid: str) -> None:
+        """Re-received instances whose content ``destination`` already has: delivered there
+        without sending them again (a sender retrying after a lost C-STORE response)."""
+        if not sop_uids:
+            return
+        now = time.time()
+        with self._tx(study_uid) as db:
+            for uid in sop_uids:
                 self._delivered(db, uid, destination, now)
+            self._event(db, study_uid, f"{len(sop_uids)} instance(s) received again with "
+                        f"identical content: not sent again to {destination}, which has them",
+                        now)
 
     def finish_job(self, job: Job, error: str | None, max_attempts: int,
                    retry_in: float, permanent: bool = False) -> str:
@@ -922,11 +964,13 @@ class SQLState(State):
 
     def ledger_stats(self, destination: str | None = None) -> dict[str, int]:
         sql = ("SELECT COUNT(*) AS entries, COALESCE(SUM(sends),0) AS sends,"
-               " COALESCE(SUM(CASE WHEN delivered_at IS NOT NULL THEN 1 ELSE 0 END),0) AS delivered"
+               " COALESCE(SUM(CASE WHEN delivered_at IS NOT NULL THEN 1 ELSE 0 END),0)"
+               " AS delivered,"
+               " COALESCE(SUM(CASE WHEN sends > 1 THEN sends - 1 ELSE 0 END),0) AS resent"
                " FROM ledger")
         rows = self._query(sql + (" WHERE destination=?" if destination else ""),
                            (destination,) if destination else ())
         r = rows[0]
         return {"entries": r["entries"], "sends": r["sends"], "delivered": r["delivered"],
-                "resent": r["sends"] - r["entries"]}
+                "resent": r["resent"]}
 

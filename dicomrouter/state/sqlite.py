@@ -166,6 +166,8 @@ class SQLiteState(SQLState):
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(ledger)")}
             if "sent_uid" not in columns:  # de-identified copies go out under another UID
                 self._db.execute("ALTER TABLE ledger ADD COLUMN sent_uid TEXT")
+            if "digest" not in columns:  # what was delivered (an identical re-send is not)
+                self._db.execute("ALTER TABLE ledger ADD COLUMN digest TEXT")
             # several routers (the same columns as PostgreSQL's; one node here)
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(instances)")}
             if "node" not in columns:
