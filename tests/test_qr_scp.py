@@ -300,6 +300,18 @@ def test_qr_and_storage_on_the_pynetdicom_receiver_too(tmp_path: Path) -> None:
         found = [dcmread(p) for p in out.glob("rsp*.dcm")]
         assert [(str(d.StudyInstanceUID), int(d.NumberOfStudyRelatedInstances))
                 for d in found] == [(uid, 2)]
+        got = tmp_path / "get"  # C-GET through the router's own C-GET service class
+        got.mkdir()
+        r = subprocess.run([dcmtk("getscu"), "-S", "-aec", "DICOMROUTER", "-od", str(got),
+                            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uid}",
+                            "127.0.0.1", str(router.port)],
+                           capture_output=True, text=True, env=peer_env(), timeout=60)
+        assert r.returncode == 0, r.stderr
+        by_uid = {str(dcmread(p).SOPInstanceUID): p for p in got.iterdir()}
+        assert set(by_uid) == sop_uids(study)
+        for f in study:
+            assert dcmread(by_uid[str(dcmread(f).SOPInstanceUID)]).PixelData == \
+                dcmread(f).PixelData
 
 
 # ---- conformance details (issue 21, item 7) -------------------------------------------------
@@ -500,3 +512,35 @@ def test_more_matches_than_max_query_results(tmp_path: Path) -> None:
         assert r2.returncode != 0 and "0xA700" in r2.stderr, r2.stdout + r2.stderr
         assert "Traceback" not in r2.stderr
         assert "unknown" not in router.log(5000).lower()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_person_name_folding_in_both_state_databases(request: pytest.FixtureRequest,
+                                                     tmp_path: Path, backend: str) -> None:
+    """The state's own matching folds every letter (SQLite's upper() knows ASCII only)."""
+    from dicomrouter.query import Match, Query
+    from dicomrouter.state import State
+    from dicomrouter.state.postgres import PostgresState
+    from dicomrouter.state.sqlite import SQLiteState
+
+    state: State = SQLiteState(tmp_path / "state.db") if backend == "sqlite" else \
+        PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
+    try:
+        for n, name in enumerate(("Müller^Jürgen", "Ström^Åsa", "MULLER^JURGEN"), 1):
+            state.record_instance(
+                {"StudyInstanceUID": f"1.5.{n}", "SeriesInstanceUID": f"1.5.{n}.1",
+                 "SOPInstanceUID": f"1.5.{n}.1.1", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+                 "PatientID": f"P{n}", "PatientName": name, "Modality": "CT"},
+                "1.2.840.10008.1.2.1", f"k{n}", 10, "A", "B")
+
+        def studies(kind: str, *values: str) -> list[str]:
+            match = Match("PatientName", kind, values)
+            return sorted(r["StudyInstanceUID"] for r in
+                          state.qr_rows(Query("STUDY", (match,), ())))
+
+        assert studies("wildcard", "MÜLLER*") == ["1.5.1"]
+        assert studies("single", "STRÖM^ÅSA") == ["1.5.2"]
+        assert studies("list", "müller^jürgen", "ström^åsa") == ["1.5.1", "1.5.2"]
+        assert studies("wildcard", "m?ller*") == ["1.5.1", "1.5.3"]
+    finally:
+        state.close()
