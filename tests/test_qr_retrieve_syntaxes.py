@@ -373,3 +373,36 @@ def test_move_needing_more_than_128_contexts_uses_several_associations(site: Sit
     # 3 contexts per class (Explicit VR, RLE, an uncompressed fallback): 42 classes fit in 128
     associations = site.all.log_path.read_text().count("Association Received")
     assert associations - associations_before == 2
+
+
+def test_cget_cancelled_after_the_first_instance(site: Site) -> None:
+    """A C-CANCEL sent while the first sub-operation is under way: the router stops there and
+    answers Cancel with the counts (1 completed, the others remaining)."""
+    ct = str(dcmread(site.files["rle"], stop_before_pixels=True).SOPClassUID)
+    stored: list[str] = []
+    model = StudyRootQueryRetrieveInformationModelGet
+
+    def on_store(event: evt.Event) -> int:
+        if not stored:
+            event.assoc.send_c_cancel(7, None, model)
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="PYGET")
+    contexts = [build_context(model), build_context(ct, [ExplicitVRLittleEndian])]
+    assoc = ae.associate("127.0.0.1", site.router.port, contexts=contexts,
+                         ae_title="DICOMROUTER", ext_neg=[build_role(ct, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    try:
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = site.study
+        responses = list(assoc.send_c_get(identifier, model, msg_id=7))
+    finally:
+        assoc.release()
+    final = responses[-1][0]
+    assert final.Status == 0xFE00, final
+    assert (final.NumberOfRemainingSuboperations, final.NumberOfCompletedSuboperations,
+            final.NumberOfFailedSuboperations) == (len(NAMES) - 1, 1, 0)
+    assert len(stored) == 1
