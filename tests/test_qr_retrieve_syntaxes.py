@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import re
 import subprocess
+import urllib.error
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -154,13 +156,13 @@ class Site:
             "known_aes": {"STOREALL": {"host": "127.0.0.1", "port": self.all.port},
                           "STOREPLAIN": {"host": "127.0.0.1", "port": self.plain.port},
                           "ORTHANCQR": {"host": "127.0.0.1", "port": self.orthanc.dicom_port}}})
-        self.started: list[Any] = []
+        self.peers = ExitStack()
 
     def start(self) -> None:
         for peer in (self.all, self.plain, self.router):
-            self.started.append(peer.__enter__())
+            self.peers.enter_context(peer)
         self.orthanc.modalities = {"router": ["DICOMROUTER", "127.0.0.1", self.router.port]}
-        self.started.append(self.orthanc.__enter__())
+        self.peers.enter_context(self.orthanc)
         r = run_storescu(list(self.files.values()), self.router.port)
         assert r.returncode == 0, r.stdout + r.stderr
         r = run_storescu(self.many, self.router.port)
@@ -169,8 +171,7 @@ class Site:
         self.router.wait_state(self.many_study, "unrouted")
 
     def stop(self) -> None:
-        for peer in reversed(self.started):
-            peer.__exit__(None, None, None)
+        self.peers.close()
 
     def stored(self, uid: str) -> Path:
         """The router's spool file of an instance."""
@@ -197,9 +198,9 @@ def _counts(output: str, final_marker: str) -> dict[str, int]:
     final = output[output.rindex(final_marker):]
     out = {}
     for kind in ("Completed", "Failed", "Warning"):
-        m = re.search(rf"{kind} Suboperations\s*:\s*(\d+|none)", final, re.IGNORECASE)
+        m = re.search(rf"{kind} Suboperations\s*:\s*(\d+)", final, re.IGNORECASE)
         assert m, f"no {kind} count in: {final}"
-        out[kind] = 0 if m.group(1) == "none" else int(m.group(1))
+        out[kind] = int(m.group(1))
     return out
 
 
@@ -341,7 +342,13 @@ def test_cget_requester_with_one_context_per_syntax_gets_the_stored_bytes(site: 
 
 
 def test_orthanc_moves_the_mixed_study_from_the_router(site: Site) -> None:
+    """Orthanc's REST API asks the router (a modality of Orthanc's) to C-MOVE the study to
+    Orthanc itself (the REST call fails on a failure status: shown with an unknown AE)."""
     orthanc = site.orthanc
+    with pytest.raises(urllib.error.HTTPError):
+        orthanc.post("/modalities/router/move", {
+            "Level": "Study", "Resources": [{"StudyInstanceUID": site.study}],
+            "TargetAet": "NOSUCHAE"})
     orthanc.post("/modalities/router/move", {
         "Level": "Study", "Resources": [{"StudyInstanceUID": site.study}],
         "TargetAet": "ORTHANCQR"})
@@ -352,8 +359,9 @@ def test_orthanc_moves_the_mixed_study_from_the_router(site: Site) -> None:
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(orthanc.instance_file(uid))
         arrived[uid] = path
-    # Orthanc takes every syntax it knows in its own context: all arrive as stored
-    _check(site, arrived, as_stored=set(NAMES) - {"big_endian"})
+    # each syntax has a context of its own, and Orthanc takes them all: all arrive as stored
+    # (before, one context per SOP class listed every syntax: Orthanc took one, the rest failed)
+    _check(site, arrived, as_stored=set(NAMES))
 
 
 def test_move_needing_more_than_128_contexts_uses_several_associations(site: Site) -> None:
