@@ -258,7 +258,7 @@ class Limits:
     max_associate_rq_size: int = 65536  # bytes of an A-ASSOCIATE-RQ; larger ones are rejected
     min_free_disk: int = 1_000_000_000  # below it on the spool's disk: 0xA700, associations refused
     max_sequence_depth: int = 32  # nested sequences in a received dataset; deeper: 0xC000
-    max_query_results: int = 10_000  # C-FIND responses to one query; more: the first ones + 0xB000
+    max_query_results: int = 10_000  # C-FIND responses to one query; more: the first ones + 0xA700
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .qr import qr_columns
+from .qr import qr_columns, register_functions
 from .sql import SQLState
 
 SCHEMA = """
@@ -139,6 +139,7 @@ class SQLiteState(SQLState):
             self._migrate()
             self._lock_fd = os.open(path.parent / "locks", os.O_RDWR | os.O_CREAT, 0o644)
         self._db.row_factory = sqlite3.Row
+        register_functions(self._db)  # Q/R matching (Person Names folded with Unicode rules)
         self._db.execute("PRAGMA busy_timeout=30000")
 
     def _migrate(self) -> None:
