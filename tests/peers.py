@@ -98,6 +98,35 @@ class StoreSCP(procs.StoreSCP):
         return sop_uids(self.files())
 
 
+class DcmQrScp(procs.Peer):
+    """DCMTK ``dcmqrscp``: a small PACS (storage, C-FIND, C-MOVE) with one storage area, AE
+    title ARCHIVE. It rejects associations to any other called AE title (rejected-permanent,
+    called AE title not recognised). ``ignore``: answer C-STORE with success but keep nothing
+    (``--ignore``), a peer whose success means nothing."""
+
+    name = "dcmqrscp"
+
+    def __init__(self, work_dir: Path, ignore: bool = False) -> None:
+        super().__init__(work_dir)
+        self.port = procs.free_port()
+        self.db = self.work_dir / "db"
+        self.ignore = ignore
+
+    def prepare(self) -> None:
+        self.db.mkdir(parents=True, exist_ok=True)
+        (self.work_dir / "dcmqrscp.cfg").write_text(
+            f"NetworkTCPPort = {self.port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
+            "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+            f"AETable BEGIN\nARCHIVE {self.db} RW (100, 1024mb) ANY\nAETable END\n")
+
+    def command(self) -> list[str]:
+        return [dcmtk("dcmqrscp"), "-v", *(["--ignore"] if self.ignore else []), "-c",
+                str(self.work_dir / "dcmqrscp.cfg")]
+
+    def ready(self) -> bool:
+        return procs.tcp_accepts(self.port)
+
+
 class Orthanc(procs.Orthanc):
     """The benchmark's Orthanc, verbose, with more threads for the REST-heavy tests."""
 
