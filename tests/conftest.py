@@ -50,6 +50,21 @@ def _print_logs_on_failure(request: pytest.FixtureRequest, peers: list[PeerProce
 
 
 @pytest.fixture(scope="session")
+def chromium() -> str:
+    """The path of Debian's Chromium, with Playwright importable (skip or fail if missing)."""
+    import os
+    import shutil
+
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    require_peer("Chromium", os.path.exists(path), "chromium (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        require_peer("playwright", False, "playwright (pip install playwright)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def dcmtk_available() -> dict[str, str]:
     """Paths of the real DCMTK storescu/storescp/echoscu (skip or fail if missing)."""
     found = {tool: find_dcmtk(tool) for tool in DCMTK_TOOLS}
