@@ -188,6 +188,7 @@ def send(paths: tuple[str, ...], host: str, port: int, aet: str, calling_aet: st
          max_pdu: int) -> None:
     """Send DICOM files and folders (recursively) with C-STORE, over one association."""
     from .destinations import DeliveryError, InstanceRejected
+    from .destinations.base import PermanentFailure
     from .destinations.dicom import open_association
     from .destinations.store import Peer, batches
 
@@ -203,6 +204,11 @@ def send(paths: tuple[str, ...], host: str, port: int, aet: str, calling_aet: st
         chunk = [files[i] for i in group]
         try:
             assoc = open_association(peer, {(c, t) for _f, c, t in chunk})
+        except PermanentFailure as exc:  # its advice is a destination's: say this command's
+            raise click.ClickException(
+                f"{exc.reason}: the peer does not accept the calling AE title {calling_aet} or "
+                f"the called AE title {aet}; give ones it accepts with --calling-aet / --aet "
+                "(a router refuses calling AE titles not in its allowed_calling_aes)") from None
         except DeliveryError as exc:
             raise click.ClickException(str(exc)) from None
         try:
