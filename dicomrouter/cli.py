@@ -571,9 +571,18 @@ def sample(out_dir: str, studies: int, series: int, instances: int, modality: st
     click.echo(f"wrote {len(files)} file(s), {_size(total)}, under {out_dir}")
 
 
-from .bench import bench  # noqa: E402 - registered last: it only imports click at load time
-
-main.add_command(bench)
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """The benchmark against DCMTK storescp and Orthanc (docs/performance.md); --help for its
+    options. It lives in the dicomrouter_bench package, installed beside the router."""
+    try:
+        from dicomrouter_bench.cli import bench as command  # not the runtime: optional
+    except ImportError as exc:
+        raise click.ClickException(f"the benchmark is not installed ({exc}): install the "
+                                   "project from its repository (pip install .)") from None
+    command.main(args=ctx.args, prog_name="dicomrouter bench", standalone_mode=True)
 
 if __name__ == "__main__":
     main()

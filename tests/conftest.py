@@ -20,8 +20,8 @@ from peers import (
     require_peer,
 )
 
-from dicomrouter.benchmark.procs import Postgres
 from dicomrouter.sample import generate
+from dicomrouter_bench.procs import Postgres
 
 DCMTK_TOOLS = ("storescu", "storescp", "echoscu")
 

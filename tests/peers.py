@@ -1,6 +1,6 @@
 """Real DICOM/S3 peers on loopback for tests: DCMTK storescp/storescu, Orthanc, moto S3.
 
-No mocks. The peer classes are the benchmark's (``dicomrouter.benchmark.procs``: one harness for
+No mocks. The peer classes are the benchmark's (``dicomrouter_bench.procs``: one harness for
 both); this module adds what only tests need: skip-or-fail when a peer is missing, a
 ``wait_until`` that fails the test, storescu runs with generated proposals, and moto S3.
 """
@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import pytest
 
 # The same helpers the benchmark uses: one place knows how to find the real DCMTK and Orthanc.
-from dicomrouter.benchmark import procs
-from dicomrouter.benchmark.procs import (  # noqa: F401 - re-exported for the tests
+from dicomrouter_bench import procs
+from dicomrouter_bench.procs import (  # noqa: F401 - re-exported for the tests
     STORESCU_PROPOSAL_FLAGS,
     BenchError,
     find_dcmtk,
@@ -33,7 +33,7 @@ from dicomrouter.benchmark.procs import (  # noqa: F401 - re-exported for the te
     peer_env,
     tcp_accepts,
 )
-from dicomrouter.benchmark.procs import wait_until as _wait_until
+from dicomrouter_bench.procs import wait_until as _wait_until
 
 T = TypeVar("T")
 
@@ -47,10 +47,11 @@ REQUIRE_PEERS_ENV = "DICOMROUTER_REQUIRE_PEERS"
 
 
 def dcmtk(tool: str) -> str:
-    """Path of the real DCMTK ``tool``; raises FileNotFoundError if it is not installed."""
+    """Path of the real DCMTK ``tool``. A test that needs one is gated here, where it uses it:
+    skipped without DCMTK, failed under ``DICOMROUTER_REQUIRE_PEERS=1``."""
     path = find_dcmtk(tool)
-    if path is None:
-        raise FileNotFoundError(f"DCMTK binary {tool!r} not found (set DCMTK_BIN or install dcmtk)")
+    require_peer(f"DCMTK {tool}", path is not None, "dcmtk (apt-get install dcmtk)")
+    assert path is not None
     return path
 
 
@@ -90,6 +91,8 @@ class StoreSCP(procs.StoreSCP):
     def __init__(self, work_dir: Path | None = None, aet: str = "STORESCP",
                  port: int | None = None, accept_all: bool = True,
                  extra: Sequence[str] = ()) -> None:
+        dcmtk("storescp")  # gate the test on DCMTK
+        dcmtk("echoscu")
         super().__init__(work_dir, aet=aet, extra=extra, port=port, accept_all=accept_all,
                          verbose=True)
 
@@ -107,6 +110,7 @@ class DcmQrScp(procs.Peer):
     name = "dcmqrscp"
 
     def __init__(self, work_dir: Path, ignore: bool = False) -> None:
+        dcmtk("dcmqrscp")  # gate the test on DCMTK
         super().__init__(work_dir)
         self.port = procs.free_port()
         self.db = self.work_dir / "db"

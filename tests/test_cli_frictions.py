@@ -195,7 +195,7 @@ def test_serve_check_tests_folder_destinations_and_counts_sources(tmp_path: Path
 
 def test_echo_to_a_web_port_says_it_is_not_dicom(tmp_path: Path) -> None:
     """The classic slip: echo at the router's web port (uvicorn) instead of its DICOM port."""
-    from dicomrouter.benchmark.procs import free_port
+    from dicomrouter_bench.procs import free_port
 
     web_port = free_port()
     with Router(tmp_path / "router", {"web": {"enabled": True, "port": web_port}}):

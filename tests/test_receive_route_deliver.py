@@ -20,8 +20,6 @@ from dicomrouter.dicomfile import safe_component
 from dicomrouter.dimse import encode_command, pdata, text
 from dicomrouter.sample import generate
 
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
-
 
 def sample_files() -> list[Path]:
     """The committed samples: RLE, deflated, multi-frame implicit (each its own study)."""

@@ -14,10 +14,8 @@ import pytest
 from peers import StoreSCP, run_storescu, sop_uids, wait_until
 from router_fixtures import Router, tags_of
 
-from dicomrouter.benchmark.procs import free_port
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
+from dicomrouter_bench.procs import free_port
 
 TOKEN = "t0ken-for-tests"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

@@ -21,10 +21,8 @@ import pytest
 from peers import require_peer, run_storescu, wait_until
 from router_fixtures import Router, dicomrouter, tags_of
 
-from dicomrouter.benchmark.procs import free_port
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
+from dicomrouter_bench.procs import free_port
 
 TOKEN = "s3cret-web-token"
 CLIENT = r"""
