@@ -438,7 +438,11 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
                    f" {n:>5} instance(s) {_size(size):>9} {where}"
                    f"  from {s['calling_ae'] or '-'}  last received {_when(s['last_received'])}"
                    + (f"  received by {', '.join(f'{k} ({v})' for k, v in by.items())}"
-                      if data.get("cluster") and (by := s.get("received_by")) else ""))
+                      if data.get("cluster") and (by := s.get("received_by")) else "")
+                   + (f"  {s['moved_out']} instance(s) moved to another study"
+                      if s.get("moved_out") else "")
+                   + (f"  {s['moved_in']} instance(s) moved here from another study"
+                      if s.get("moved_in") else ""))
         for j in jobs.get(s["study_uid"], []):
             click.echo(f"      {_progress(j)}")
 

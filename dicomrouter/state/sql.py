@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from ..query import Query
-from .base import Instance, Job, State, Study
+from .base import Instance, Job, Reception, Recorded, State, Study
 from .qr import qr_select
 
 
@@ -49,17 +49,24 @@ class SQLState(State):
 
     # ---- receiving -------------------------------------------------------------------------
 
+    def _lock_study(self, db: Any, study_uid: str) -> None:
+        """Inside a transaction begun for another study: exclude this one too (PostgreSQL's
+        advisory lock; SQLite's writers are serialised already)."""
+
     def record_instance(self, tags: dict[str, str], tsuid: str, key: str, size: int,
                         calling_ae: str, called_ae: str,
-                        shared: bool = True) -> tuple[bool, int, int]:
-        """Record a durable instance; returns (replaced, study generation, size it replaced).
+                        shared: bool = True) -> Recorded:
+        """Record a durable instance (see ``Recorded`` for what it returns).
 
         ``shared``: the instance is in the shared store already (or there is none); False
         (``ack_after: local``) until the upload behind the acknowledgement is done.
 
         A study that had already been routed is reopened (late arrival): its generation grows and
         only the new instances will be delivered. A re-sent SOP Instance UID replaces the old row
-        and is delivered again (its content may have been corrected at the source).
+        and is delivered again (its content may have been corrected at the source). Received
+        under another study (a PACS reconciliation), it *moves*: the newer reception is the
+        only one (one row, one spool file: the caller deletes the ``superseded`` one), the
+        history of both studies says so and which destinations had it under the old one.
         """
         now = time.time()
         study = tags["StudyInstanceUID"]
@@ -89,9 +96,16 @@ class SQLState(State):
                 generation = row["generation"]
                 db.execute("UPDATE studies SET last_received=?, await_until=NULL WHERE"
                            " study_uid=?", (now, study))
-            old = db.execute("SELECT size, present FROM instances WHERE sop_uid=?",
-                             (sop,)).fetchone()
+            old = db.execute("SELECT study_uid, path, size, present, tags FROM instances"
+                             " WHERE sop_uid=?", (sop,)).fetchone()
             replaced_size = old["size"] if old is not None and old["present"] else 0
+            superseded = old["path"] if old is not None and old["present"] and \
+                old["path"] != key else ""
+            moved_from = old["study_uid"] if old is not None and \
+                old["study_uid"] != study else ""
+            if moved_from:
+                self._move_out(db, sop, moved_from, json.loads(old["tags"] or "{}"), study,
+                               tags, now)
             db.execute(
                 "INSERT INTO instances(sop_uid, study_uid, series_uid, sop_class,"
                 " transfer_syntax, path, size, received_at, generation, calling_ae, called_ae,"
@@ -108,7 +122,85 @@ class SQLState(State):
                  self.node_id, int(shared)))
             if old is not None:
                 db.execute("DELETE FROM ledger WHERE sop_uid=?", (sop,))
-        return old is not None, generation, replaced_size
+            if moved_from:
+                self._emptied(db, moved_from, sop, study, now)
+        return Recorded(old is not None, generation, replaced_size, superseded, moved_from)
+
+    def _move_out(self, db: Any, sop: str, old_study: str, old_tags: dict[str, str],
+                  new_study: str, tags: dict[str, str], now: float) -> None:
+        """Record that ``sop`` leaves ``old_study`` for ``new_study`` (before its ledger rows
+        go): a ``moves`` row and an event in both histories naming the destinations that got
+        it under the old study. They keep that copy: DICOM gives a router no way to take an
+        instance back, so the history is where an operator learns what to correct there."""
+        self._lock_study(db, old_study)
+        had = [r[0] for r in db.execute(
+            "SELECT destination FROM ledger WHERE sop_uid=? AND delivered_at IS NOT NULL"
+            " ORDER BY destination", (sop,))]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        old_pid, new_pid = old_tags.get("PatientID", ""), tags.get("PatientID", "")
+        patient = f" (patient {old_pid or '?'} → {new_pid or '?'})" if old_pid != new_pid \
+            else ""
+        got = ", ".join(had) or "none"
+        db.execute("INSERT INTO moves(sop_uid, from_study, to_study, moved_at, from_patient,"
+                   " to_patient, delivered_to) VALUES (?,?,?,?,?,?,?)",
+                   (sop, old_study, new_study, now, old_pid, new_pid, json.dumps(had)))
+        self._event(db, old_study, f"instance {sop} moved to study {new_study}{patient} on "
+                    f"{when}; destinations that received it under this study: {got}"
+                    + (" (they keep that version: the router does not delete at destinations)"
+                       if had else ""), now)
+        self._event(db, new_study, f"instance {sop} moved here from study {old_study}"
+                    f"{patient} on {when}; destinations that had it under that study: {got}; "
+                    "it is delivered under this study like any new instance", now)
+
+    def _emptied(self, db: Any, study: str, sop: str, new_study: str, now: float) -> None:
+        """A study whose last instance moved away: ``moved``, nothing left to deliver (its jobs
+        that had not delivered are dropped; one running finishes with nothing to send)."""
+        if db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=?",
+                      (study,)).fetchone()[0]:
+            return
+        dropped = [r[0] for r in db.execute(
+            "SELECT destination FROM jobs WHERE study_uid=? AND state IN"
+            " ('pending','failed','dead') ORDER BY destination", (study,))]
+        db.execute("DELETE FROM jobs WHERE study_uid=? AND state IN ('pending','failed','dead')",
+                   (study,))
+        db.execute("UPDATE studies SET state='moved', in_spool=0, await_until=NULL"
+                   " WHERE study_uid=?", (study,))
+        self._event(db, study, f"every instance moved to other studies (the last, {sop}, to "
+                    f"{new_study}): nothing left to deliver" +
+                    (f"; deliveries dropped: {', '.join(dropped)}" if dropped else ""), now)
+
+    def reception(self, sop_uid: str) -> Reception | None:
+        rows = self._query("SELECT study_uid, path, received_at, present FROM instances"
+                           " WHERE sop_uid=?", (sop_uid,))
+        if not rows:
+            return None
+        r = rows[0]
+        return Reception(r["study_uid"], r["path"], r["received_at"] or 0.0, bool(r["present"]))
+
+    _moves_table = False
+
+    def _has_moves(self) -> bool:
+        """Whether the ``moves`` table exists (a read-only look at a spool written before it
+        was added has none)."""
+        if not self._moves_table:
+            try:
+                self._query("SELECT 1 FROM moves WHERE 1=0")
+                self._moves_table = True
+            except Exception:
+                return False
+        return True
+
+    def moves(self, study_uid: str) -> list[dict[str, Any]]:
+        """Instances that moved out of or into a study, oldest first."""
+        if not self._has_moves():
+            return []
+        rows = self._query("SELECT sop_uid, from_study, to_study, moved_at, from_patient,"
+                           " to_patient, delivered_to FROM moves WHERE from_study=? OR"
+                           " to_study=? ORDER BY id", (study_uid, study_uid))
+        out = [dict(r) for r in rows]
+        for r in out:
+            r["delivered_to"] = json.loads(r["delivered_to"] or "[]")
+        return out
 
     def mark_shared(self, sop_uid: str, key: str) -> None:
         """The instance recorded under ``key`` is now in the shared store too."""
@@ -776,7 +868,8 @@ class SQLState(State):
         if study_uid is not None:
             where, args = " WHERE s.study_uid=?", (study_uid,)
         else:
-            where = "" if with_done else " WHERE s.in_spool=1 OR s.state!='delivered'"
+            where = "" if with_done else \
+                " WHERE s.in_spool=1 OR s.state NOT IN ('delivered','moved')"
             args = ()
         rows = [dict(r) for r in self._query(
             "SELECT s.study_uid, s.patient_id, s.state, s.generation, s.calling_ae,"
@@ -788,7 +881,10 @@ class SQLState(State):
             " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid)"
             "   AS instances_received,"
             " (SELECT COALESCE(SUM(size),0) FROM instances i WHERE i.study_uid=s.study_uid)"
-            "   AS bytes_received"
+            "   AS bytes_received,"
+            + (" (SELECT COUNT(*) FROM moves m WHERE m.from_study=s.study_uid) AS moved_out,"
+               " (SELECT COUNT(*) FROM moves m WHERE m.to_study=s.study_uid) AS moved_in"
+               if self._has_moves() else " 0 AS moved_out, 0 AS moved_in") +
             f" FROM studies s{where} ORDER BY s.first_received", args)]
         # the node(s) that received each study's instances (several routers on one state)
         by_study: dict[str, dict[str, int]] = {}
