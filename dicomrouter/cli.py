@@ -333,7 +333,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         history = state.history(study)
         if as_json:
             click.echo(json.dumps({"study": dataclasses.asdict(row), "history": history,
-                                   "summary": state.study_rows(study_uid=study)}, indent=2))
+                                   "summary": state.study_rows(study_uid=study),
+                                   "jobs": state.jobs(study_uids=[study])}, indent=2))
             return
         click.echo(f"study {study}: {row.state}, generation {row.generation}, patient "
                    f"{row.patient_id}, from {row.calling_ae}")
@@ -382,6 +383,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         if held:
             parts += f"  ({len(held)} scheduled, the first until " \
                      f"{_when(min(j['next_attempt'] for j in held))})"
+        if (part := data["partial"].get(dest)) is not None:
+            parts += f"  ({part['jobs']} partial: {part['missing']} instance(s) missing)"
         window = windows.get(dest)
         if window is not None and counts.get("pending") and not window.is_open(time.time()):
             parts += f"  (scheduled until {_when(window.next_open(time.time()))}, " \
@@ -455,6 +458,9 @@ def _progress(job: dict[str, Any]) -> str:
     """``pacs: running 1200 of 3000`` (instances confirmed delivered there); a failed or dead
     job says why."""
     line = f"{job['destination']}: {job['state']} {job['delivered']} of {job['total']}"
+    if job.get("missing"):
+        line += (f", partial: {job['missing']} instance(s) missing (deleted from the spool "
+                 "before the study was routed there)")
     if job["state"] in ("failed", "dead") and job.get("last_error"):
         line += f" ({job['attempts']} attempt(s)): {job['last_error']}"
     return line

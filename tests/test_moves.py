@@ -191,6 +191,61 @@ def test_the_old_file_goes_and_recovery_never_brings_it_back(tmp_path: Path) -> 
     again.state.close()
 
 
+def test_cluster_spool_drops_superseded_copies_and_objects(tmp_path: Path, moto_s3,
+                                                           pg_dsn: str,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """Shared spool (S3 via moto, PostgreSQL): keys are per reception, so every re-send leaves
+    the earlier object behind. The shared-orphan scan deletes such an object instead of
+    adopting it as an unrecorded instance (which brought the old version back before), and a
+    move removes the node's local copy under the old study at once."""
+    from dicomrouter.shared_spool import ClusterSpool, SharedStore
+    from dicomrouter.state.postgres import PostgresState
+
+    monkeypatch.setenv("BENCH_S3_KEY", "bench")
+    s3 = moto_s3.client()
+    s3.create_bucket(Bucket="moves")
+    (s_old,) = generate(tmp_path / "x", series=1, instances=1, rows=8, cols=8, seed=531,
+                        patient_id="OLD1")
+    x, sop = (str(dcmread(s_old).get(k)) for k in ("StudyInstanceUID", "SOPInstanceUID"))
+    y = generate_uid()
+    s_new = _moved_copy(s_old, tmp_path / "y" / "s.dcm", y, "NEW2")
+    state = PostgresState(pg_dsn, "node1", tmp_path / "spool", lease=3)
+    store = SharedStore({"bucket": "moves", "prefix": "c", "endpoint_url": moto_s3.endpoint_url,
+                         "region": "us-east-1", "access_key_env": "BENCH_S3_KEY",
+                         "secret_key_env": "BENCH_S3_KEY", "timeout": 10.0, "verify_tls": True})
+    spool = ClusterSpool(tmp_path / "spool", state, store, "shared", "node1")
+
+    def objects() -> set[str]:
+        listed = s3.list_objects_v2(Bucket="moves", Prefix="c/data/").get("Contents", [])
+        return {o["Key"][len("c/"):] for o in listed}
+
+    try:
+        _receive(spool, s_old)
+        first = state.reception(sop)
+        assert first is not None and first.key in objects()
+        time.sleep(0.05)
+        _receive(spool, s_new)
+        moved = state.reception(sop)
+        assert moved is not None and moved.study_uid == y
+        assert not (tmp_path / "spool" / "data" / x / f"{sop}.dcm").exists()
+        assert (tmp_path / "spool" / "data" / y / f"{sop}.dcm").exists()
+        assert objects() == {first.key, moved.key}  # the old object: garbage for now
+        assert spool.adopt_shared_orphans(min_age=0) == 0
+        assert objects() == {moved.key}
+        time.sleep(0.05)
+        _receive(spool, s_new)  # the same instance sent again: a new key again
+        again = state.reception(sop)
+        assert again is not None and again.key != moved.key
+        assert spool.adopt_shared_orphans(min_age=0) == 0
+        assert objects() == {again.key}
+        assert [i.sop_uid for i in state.instances(y)] == [sop]
+        assert state.instances(x, present_only=False) == []
+        assert "reopened" not in "\n".join(e for _, e in state.history(x))
+    finally:
+        state.close()
+
+
 # ---- against real peers ----------------------------------------------------------------------
 
 class Move:

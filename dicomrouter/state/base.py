@@ -220,7 +220,13 @@ class State(ABC):
         ``permanent``: waiting cannot heal it); returns the new state."""
 
     @abstractmethod
-    def settle_study(self, study_uid: str) -> bool: ...
+    def settle_study(self, study_uid: str) -> bool:
+        """Mark a routed study delivered once every job is (the history names partial ones)."""
+
+    @abstractmethod
+    def partial_jobs(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """Jobs (study_uid, destination, state, missing) whose destination misses instances
+        deleted from the spool before the study was routed there."""
 
     @abstractmethod
     def forget_spool(self, study_uid: str, why: str) -> None: ...

@@ -383,7 +383,36 @@ class SQLState(State):
                     "  created=excluded.created, updated=excluded.updated,"
                     "  routes=excluded.routes, series_only=NULL",
                     (study_uid, dest, expected_generation, now, now, json.dumps(list(routes))))
+            self._count_missing(db, study_uid, destinations, now)
         return True
+
+    _MISSING = ("SELECT COUNT(*) FROM instances i WHERE i.study_uid=? AND i.present=0 AND"
+                " NOT EXISTS (SELECT 1 FROM ledger l WHERE l.sop_uid=i.sop_uid AND"
+                " l.destination=? AND l.delivered_at IS NOT NULL)")
+
+    def _count_missing(self, db: Any, study_uid: str, destinations: Iterable[str],
+                       now: float, note: bool = True) -> dict[str, int]:
+        """Record on each job how many of the study's instances its destination never got and
+        never can: deleted from the spool (after their delivery elsewhere) before a late
+        arrival made a route send the study there. Such a job delivers what the spool holds
+        and stays *partial*, visibly (status, API, /metrics, the history). Returns those."""
+        out: dict[str, int] = {}
+        for dest in destinations:
+            missing = db.execute(self._MISSING, (study_uid, dest)).fetchone()[0]
+            old = db.execute("UPDATE jobs SET missing=? WHERE study_uid=? AND destination=?"
+                             " AND missing!=?", (missing, study_uid, dest, missing)).rowcount
+            if missing:
+                out[dest] = missing
+                if note and old:
+                    total = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=?",
+                                       (study_uid,)).fetchone()[0]
+                    self._event(db, study_uid, f"{dest}: {missing} of {total} instance(s) were "
+                                "deleted from the spool (after their delivery elsewhere) before "
+                                f"the study was routed there: it gets only the "
+                                f"{total - missing} still held, a partial delivery (keep "
+                                "studies for late arrivals with retention to send them whole)",
+                                now)
+        return out
 
     def stable_series(self, age: float, route: str,
                       now: float | None = None) -> list[tuple[str, str, int]]:
@@ -454,6 +483,7 @@ class SQLState(State):
                            " VALUES (?,?,'pending',0,0,?,?,?,?)",
                            (study_uid, dest, row["generation"], now, now,
                             json.dumps(list(routes))))
+            self._count_missing(db, study_uid, new, now)
             db.execute("UPDATE studies SET state='routed', completed_at=COALESCE(completed_at,"
                        " ?) WHERE study_uid=? AND state IN ('delivered','unrouted')",
                        (now, study_uid))
@@ -662,8 +692,26 @@ class SQLState(State):
                 return False
             db.execute("UPDATE studies SET state='delivered', delivered_at=? WHERE study_uid=?",
                        (now, study_uid))
-            self._event(db, study_uid, "delivered to every destination", now)
+            dests = [r[0] for r in db.execute("SELECT destination FROM jobs WHERE study_uid=?"
+                                              " ORDER BY destination", (study_uid,))]
+            partial = self._count_missing(db, study_uid, dests, now, note=False)
+            if partial:
+                total = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=?",
+                                   (study_uid,)).fetchone()[0]
+                self._event(db, study_uid, "delivered to every destination, partially to " +
+                            ", ".join(f"{d} ({total - n} of {total} instance(s): {n} deleted "
+                                      "from the spool before the study was routed there)"
+                                      for d, n in partial.items()), now)
+            else:
+                self._event(db, study_uid, "delivered to every destination", now)
         return True
+
+    def partial_jobs(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """Jobs whose destination misses instances it can no longer get (``missing``)."""
+        where, args = ("AND study_uid=?", (study_uid,)) if study_uid else ("", ())
+        return [dict(r) for r in self._query(
+            "SELECT study_uid, destination, state, missing FROM jobs WHERE missing>0"
+            f" {where} ORDER BY updated", args)]
 
     def forget_spool(self, study_uid: str, why: str) -> None:
         """The study's spool files are gone: keep its rows (history, ledger), mark them absent."""
@@ -910,7 +958,12 @@ class SQLState(State):
         failing = [dict(r) for r in self._query(
             "SELECT study_uid, destination, attempts, last_error, next_attempt FROM jobs"
             " WHERE state='failed' ORDER BY next_attempt")]
+        partial: dict[str, dict[str, int]] = {}
+        for r in self._query("SELECT destination, COUNT(*) AS jobs, SUM(missing) AS missing"
+                             " FROM jobs WHERE missing>0 GROUP BY destination"):
+            partial[r["destination"]] = {"jobs": int(r["jobs"]), "missing": int(r["missing"])}
         return {"studies": studies, "queues": queues, "dead": dead, "retrying": failing,
+                "partial": partial,
                 "spool_bytes": self.spool_bytes(), "sources": self.source_rows(),
                 "nodes": self.nodes(), "cluster": self.leases}
 
@@ -956,7 +1009,7 @@ class SQLState(State):
             where.append(f"j.study_uid IN ({','.join('?' * len(study_uids))})")
             args.extend(study_uids)
         sql = ("SELECT j.id, j.study_uid, j.destination, j.state, j.attempts, j.next_attempt,"
-               " j.last_error, j.routes, j.created, j.updated, j.node,"
+               " j.last_error, j.routes, j.created, j.updated, j.node, j.missing,"
                " (SELECT COUNT(*) FROM ledger l WHERE l.study_uid=j.study_uid AND"
                "  l.destination=j.destination AND l.delivered_at IS NOT NULL) AS delivered,"
                " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=j.study_uid) AS total"
@@ -967,6 +1020,7 @@ class SQLState(State):
         rows = [dict(r) for r in self._query(sql, [*args, limit])]
         for r in rows:
             r["routes"] = json.loads(r["routes"] or "[]")
+            r["partial"] = bool(r["missing"])
         return rows
 
     def requeue_job(self, job_id: int) -> dict[str, Any] | None:

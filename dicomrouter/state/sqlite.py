@@ -186,6 +186,9 @@ class SQLiteState(SQLState):
             if "node" not in columns:
                 self._db.execute("ALTER TABLE jobs ADD COLUMN node TEXT")
                 self._db.execute("ALTER TABLE jobs ADD COLUMN lease_until REAL")
+            if "missing" not in columns:  # instances deleted before it was routed (partial)
+                self._db.execute("ALTER TABLE jobs ADD COLUMN missing INTEGER NOT NULL"
+                                 " DEFAULT 0")
             self._db.execute("COMMIT")
         self.migrated = n
 
