@@ -7,6 +7,7 @@ count, in status (text and --json), the REST API's job rows, /metrics and the hi
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from test_web import http, metric
 
 from dicomrouter.benchmark.procs import free_port
 from dicomrouter.sample import generate
+from dicomrouter.state import State
+from dicomrouter.state.sqlite import SQLiteState
 
 pytestmark = pytest.mark.usefixtures("dcmtk_available")
 
@@ -44,6 +47,70 @@ class LateReport:
         self.sr.parent.mkdir(parents=True)
         sr.save_as(self.sr)
         self.sops = {str(dcmread(f).SOPInstanceUID) for f in [*self.ct, self.sr]}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
+    if request.param == "sqlite":
+        s: State = SQLiteState(tmp_path / "state.db")
+    else:
+        from dicomrouter.state.postgres import PostgresState
+
+        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
+    yield s
+    s.close()
+
+
+def _record(state: State, sop: str, modality: str) -> None:
+    state.record_instance({"StudyInstanceUID": "1.7.1", "SeriesInstanceUID": f"1.7.1.{modality}",
+                           "SOPInstanceUID": sop, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+                           "PatientID": "P", "Modality": modality}, "1.2.840.10008.1.2.1",
+                          f"data/1.7.1/{sop}.dcm", 100, "PACS", "DICOMROUTER")
+
+
+def _run(state: State, destination: str) -> None:
+    job = state.claim_job(destination)
+    assert job is not None
+    for inst in state.undelivered(job.study_uid, destination):
+        state.mark_sending(inst.sop_uid, destination, job.study_uid)
+        state.mark_delivered([inst.sop_uid], destination)
+    state.finish_job(job, None, 3, 1.0)
+
+
+def test_partial_jobs_in_the_state(state: State) -> None:
+    for i in range(3):
+        _record(state, f"1.7.1.{i}", "CT")
+    seen = state.study("1.7.1")
+    assert seen is not None and state.route_study("1.7.1", ["archive"], ["images"], seen)
+    _run(state, "archive")
+    assert state.settle_study("1.7.1")
+    state.forget_spool("1.7.1", "delivered")
+    _record(state, "1.7.1.9", "SR")  # generation 2
+    seen = state.study("1.7.1")
+    assert seen is not None and seen.generation == 2
+    assert state.route_study("1.7.1", ["archive", "reports"], ["images", "reports"], seen)
+    assert [(j["destination"], j["missing"]) for j in state.partial_jobs("1.7.1")] == \
+        [("reports", 3)]
+    assert [i.sop_uid for i in state.undelivered("1.7.1", "reports")] == ["1.7.1.9"]
+    _run(state, "archive")
+    _run(state, "reports")
+    assert state.settle_study("1.7.1")
+    rows = {j["destination"]: j for j in state.jobs(study_uids=["1.7.1"])}
+    assert (rows["reports"]["delivered"], rows["reports"]["total"],
+            rows["reports"]["missing"], rows["reports"]["partial"]) == (1, 4, 3, True)
+    assert (rows["archive"]["missing"], rows["archive"]["partial"]) == (0, False)
+    assert state.summary()["partial"] == {"reports": {"jobs": 1, "missing": 3}}
+    events = [e for _, e in state.history("1.7.1")]
+    assert events[-1] == "delivered to every destination, partially to reports (1 of 4 " \
+        "instance(s): 3 deleted from the spool before the study was routed there)"
+    assert sum("reports: 3 of 4 instance(s) were deleted" in e for e in events) == 1
+    # the whole study sent again: the destination gets what it lacked, nothing is partial
+    for i in range(3):
+        _record(state, f"1.7.1.{i}", "CT")
+    seen = state.study("1.7.1")
+    assert seen is not None
+    assert state.route_study("1.7.1", ["archive", "reports"], ["images", "reports"], seen)
+    assert state.partial_jobs("1.7.1") == []
 
 
 def _config(tmp_path: Path, reports: Orthanc, **extra: Any) -> dict[str, Any]:

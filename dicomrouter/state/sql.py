@@ -397,8 +397,10 @@ class SQLState(State):
         arrival made a route send the study there. Such a job delivers what the spool holds
         and stays *partial*, visibly (status, API, /metrics, the history). Returns those."""
         out: dict[str, int] = {}
+        gone = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=? AND present=0",
+                          (study_uid,)).fetchone()[0]
         for dest in destinations:
-            missing = db.execute(self._MISSING, (study_uid, dest)).fetchone()[0]
+            missing = db.execute(self._MISSING, (study_uid, dest)).fetchone()[0] if gone else 0
             old = db.execute("UPDATE jobs SET missing=? WHERE study_uid=? AND destination=?"
                              " AND missing!=?", (missing, study_uid, dest, missing)).rowcount
             if missing:
