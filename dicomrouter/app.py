@@ -295,6 +295,12 @@ class Router:
                      "→ %s%s", study_uid, who, new, seen.generation,
                      ", ".join(repr(r) for r in ready_routes), ", ".join(ready),
                      "; waiting for " + ", ".join(repr(r) for r in waiting) if waiting else "")
+            if seen.generation > 1:
+                for j in self.state.partial_jobs(study_uid):
+                    log.warning("study %s → %s: %d of %d instance(s) were deleted from the "
+                                "spool before the study was routed there; it gets the rest "
+                                "(partial)", study_uid, j["destination"], j["missing"],
+                                len(instances))
             self.workers.notify(ready)
         elif seen.state != "unrouted":
             log.warning("study %s complete (%s): %d instance(s) matched no route; kept in the "
@@ -440,7 +446,7 @@ class Router:
                      ", ".join(repr(r) for r in ready_routes), ", ".join(new))
             self.workers.notify(new)
         elif not waiting and self.state.settle_study(study_uid):  # all were delivered already
-            log.info("study %s delivered to every destination", study_uid)
+            self._log_delivered(study_uid)
             if not self.cfg.keep_after_delivery and self.cfg.retention <= 0:
                 self._cleanup.put(study_uid)
 
@@ -512,9 +518,19 @@ class Router:
                 self.workers.notify([job.destination])
             return
         if self.state.settle_study(job.study_uid):
-            log.info("study %s delivered to every destination", job.study_uid)
+            self._log_delivered(job.study_uid)
             if not self.cfg.keep_after_delivery and self.cfg.retention <= 0:
                 self._cleanup.put(job.study_uid)  # not on the delivery thread: unlinks are slow
+
+    def _log_delivered(self, study_uid: str) -> None:
+        partial = self.state.partial_jobs(study_uid)
+        if not partial:
+            log.info("study %s delivered to every destination", study_uid)
+            return
+        log.warning("study %s delivered to every destination, partially to %s: instances "
+                    "deleted from the spool before a late arrival routed the study there "
+                    "(keep studies for late arrivals with retention)", study_uid,
+                    ", ".join(f"{j['destination']} ({j['missing']} missing)" for j in partial))
 
     def _clean(self) -> None:
         """Delete the spool files of delivered studies (checked again under the study lock)."""

@@ -339,7 +339,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         history = state.history(study)
         if as_json:
             click.echo(json.dumps({"study": dataclasses.asdict(row), "history": history,
-                                   "summary": state.study_rows(study_uid=study)}, indent=2))
+                                   "summary": state.study_rows(study_uid=study),
+                                   "jobs": state.jobs(study_uids=[study])}, indent=2))
             return
         click.echo(f"study {study}: {row.state}, generation {row.generation}, patient "
                    f"{row.patient_id}, from {row.calling_ae}")
@@ -388,6 +389,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         if held:
             parts += f"  ({len(held)} scheduled, the first until " \
                      f"{_when(min(j['next_attempt'] for j in held))})"
+        if (part := data["partial"].get(dest)) is not None:
+            parts += f"  ({part['jobs']} partial: {part['missing']} instance(s) missing)"
         window = windows.get(dest)
         if window is not None and counts.get("pending") and not window.is_open(time.time()):
             parts += f"  (scheduled until {_when(window.next_open(time.time()))}, " \
@@ -444,7 +447,11 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
                    f" {n:>5} instance(s) {_size(size):>9} {where}"
                    f"  from {s['calling_ae'] or '-'}  last received {_when(s['last_received'])}"
                    + (f"  received by {', '.join(f'{k} ({v})' for k, v in by.items())}"
-                      if data.get("cluster") and (by := s.get("received_by")) else ""))
+                      if data.get("cluster") and (by := s.get("received_by")) else "")
+                   + (f"  {s['moved_out']} instance(s) moved to another study"
+                      if s.get("moved_out") else "")
+                   + (f"  {s['moved_in']} instance(s) moved here from another study"
+                      if s.get("moved_in") else ""))
         for j in jobs.get(s["study_uid"], []):
             click.echo(f"      {_progress(j)}")
 
@@ -457,6 +464,9 @@ def _progress(job: dict[str, Any]) -> str:
     """``pacs: running 1200 of 3000`` (instances confirmed delivered there); a failed or dead
     job says why."""
     line = f"{job['destination']}: {job['state']} {job['delivered']} of {job['total']}"
+    if job.get("missing"):
+        line += (f", partial: {job['missing']} instance(s) missing (deleted from the spool "
+                 "before the study was routed there)")
     if job["state"] in ("failed", "dead") and job.get("last_error"):
         line += f" ({job['attempts']} attempt(s)): {job['last_error']}"
     return line

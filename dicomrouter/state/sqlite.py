@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS studies (
     study_uid      TEXT PRIMARY KEY,
     patient_id     TEXT, patient_name TEXT, study_date TEXT, accession TEXT, description TEXT,
     calling_ae     TEXT, called_ae TEXT,
-    state          TEXT NOT NULL,           -- receiving | routed | delivered | unrouted | failed
+    state          TEXT NOT NULL,  -- receiving|routed|delivered|unrouted|failed|held|moved|purged
     generation     INTEGER NOT NULL DEFAULT 1,
     first_received REAL, last_received REAL, completed_at REAL, delivered_at REAL,
     in_spool       INTEGER NOT NULL DEFAULT 1
@@ -101,6 +101,16 @@ CREATE TABLE IF NOT EXISTS nodes (          -- the routers on this state (one, e
     started   REAL, heartbeat REAL,
     info      TEXT                         -- JSON: host, pid, version, listeners
 );
+CREATE TABLE IF NOT EXISTS moves (          -- SOP Instance UIDs received under another study
+    id           INTEGER PRIMARY KEY,
+    sop_uid      TEXT NOT NULL,
+    from_study   TEXT NOT NULL, to_study TEXT NOT NULL,
+    moved_at     REAL NOT NULL,
+    from_patient TEXT, to_patient TEXT,
+    delivered_to TEXT                       -- JSON list: destinations that had it before
+);
+CREATE INDEX IF NOT EXISTS moves_from ON moves(from_study);
+CREATE INDEX IF NOT EXISTS moves_to ON moves(to_study);
 CREATE TABLE IF NOT EXISTS source_studies (  -- what each source already pulled
     source      TEXT NOT NULL,
     study_key   TEXT NOT NULL,             -- the source's id of the study (UID, Orthanc id)
@@ -179,6 +189,9 @@ class SQLiteState(SQLState):
             if "node" not in columns:
                 self._db.execute("ALTER TABLE jobs ADD COLUMN node TEXT")
                 self._db.execute("ALTER TABLE jobs ADD COLUMN lease_until REAL")
+            if "missing" not in columns:  # instances deleted before it was routed (partial)
+                self._db.execute("ALTER TABLE jobs ADD COLUMN missing INTEGER NOT NULL"
+                                 " DEFAULT 0")
             self._db.execute("COMMIT")
         self.migrated = n
 
