@@ -111,9 +111,10 @@ class Router:
                      f"shared spool {self.spool.store.describe()}"  # type: ignore[attr-defined]
                      if self.cfg.shared_spool else "no shared spool (one node only)",
                      self.cfg.ack_after if self.cfg.shared_spool else "local")
-            self._heart = threading.Thread(target=self._heartbeat, name="node-heartbeat",
-                                           daemon=True)
-            self._heart.start()
+        # embedded too: status and /api/nodes tell a running router from one that stopped
+        self._heart = threading.Thread(target=self._heartbeat, name="node-heartbeat",
+                                       daemon=True)
+        self._heart.start()
         adopted, dropped = self.spool.recover_slots()
         if adopted:
             log.info("recovered %d acknowledged instance(s) from their receive slots", adopted)

@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from peers import run_storescu
+from peers import run_storescu, wait_until
 from router_fixtures import Router, dicomrouter, tags_of
 
 from dicomrouter.sample import generate
@@ -273,3 +273,14 @@ def test_status_needs_none_of_the_destinations_secrets(tmp_path: Path,
             assert r.returncode == 0, (args, r.stderr)
         r = dicomrouter("serve", "--check", "--config", cfg)
         assert r.returncode == 1 and "CLOUD_PASSWORD is not set" in r.stderr
+
+
+def test_an_embedded_router_keeps_its_heartbeat(tmp_path: Path) -> None:
+    """status --json and /api/nodes showed a running embedded router as gone once its start-up
+    heartbeat was older than the lease: it renews it like a cluster node."""
+    with Router(tmp_path / "router", {"state": {"type": "sqlite", "lease": "3s"}}) as router:
+        def renewed() -> bool:
+            (node,) = router.status()["nodes"]
+            return bool(node["alive"]) and node["heartbeat"] > node["started"] + 1.5
+
+        wait_until(renewed, timeout=60, interval=0.5, what="a renewed heartbeat")
