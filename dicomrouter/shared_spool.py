@@ -40,6 +40,8 @@ from .state import Instance, State
 log = logging.getLogger("dicomrouter.spool")
 
 
+ORPHAN_SCAN_EVERY = 600.0  # objects in the shared store no row knows: looked for this often
+
 class SharedStoreUnavailable(OSError):
     """The shared store (S3) cannot be reached or refused a write: 0xA700 in ack_after: shared."""
 
@@ -135,6 +137,23 @@ class ClusterSpool(Spool):
         self._uploads: queue.Queue[tuple[str, str, str, int] | None] = queue.Queue()
         self._uploader: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._next_orphan_scan = 0.0
+
+    def describe(self) -> str:
+        return f"local spool {self.root} in front of the shared spool {self.store.describe()}"
+
+    def health(self) -> str:
+        return self.store.reachable()
+
+    def housekeeping(self, state: State) -> None:
+        """Also drop local copies of studies another node deleted, and, on one node at a time
+        every 10 minutes, adopt objects a node acknowledged but died before recording."""
+        super().housekeeping(state)
+        self.prune_local()
+        if time.monotonic() > self._next_orphan_scan and \
+                state.hold_lease("shared-orphans", 900.0):
+            self._next_orphan_scan = time.monotonic() + ORPHAN_SCAN_EVERY
+            self.adopt_shared_orphans()
 
     # ---- receiving -------------------------------------------------------------------------
 

@@ -347,6 +347,17 @@ class Spool:
                 self._unplaced.append(accepted)
             return False
 
+    def describe(self) -> str:
+        return f"local spool {self.root}"
+
+    def health(self) -> str:
+        """Why the spool cannot take instances now ('' if it can); the disk is checked apart."""
+        return ""
+
+    def housekeeping(self, state: State) -> None:
+        """The periodic work of the spool itself (every few seconds): placements to retry."""
+        self.retry_placements()
+
     def retry_placements(self) -> int:
         """Place the accepted instances whose placement failed; returns how many now are."""
         with self._bytes_lock:

@@ -6,6 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from .base import Instance, Job, Reception, Recorded, State, StateUnavailable, Study
+from .sqlite import DATABASE_ERRORS as _SQLITE_ERRORS
+from .sqlite import SQLiteState
+
+#: what a state call may raise that is not a bug: the database out of reach or full (OSError,
+#: which StateUnavailable is: PostgreSQL's are translated), a locked or broken SQLite file.
+#: Callers that must go on (the tracker, the delivery workers) catch these and log one line.
+STATE_ERRORS: tuple[type[BaseException], ...] = (OSError, *_SQLITE_ERRORS)
 
 
 def state_for(cfg: Any, readonly: bool = False, connect_timeout: float | None = None) -> State:
@@ -25,10 +32,8 @@ def state_for(cfg: Any, readonly: bool = False, connect_timeout: float | None = 
 
 def open_state(path: Path, readonly: bool = False) -> State:
     """The state database of a spool (SQLite, WAL)."""
-    from .sqlite import SQLiteState
-
     return SQLiteState(path, readonly=readonly)
 
 
-__all__ = ["Instance", "Job", "Reception", "Recorded", "State", "StateUnavailable", "Study",
-           "open_state", "state_for"]
+__all__ = ["STATE_ERRORS", "Instance", "Job", "Reception", "Recorded", "State",
+           "StateUnavailable", "Study", "open_state", "state_for"]

@@ -123,6 +123,10 @@ CREATE TABLE IF NOT EXISTS source_studies (  -- what each source already pulled
 """
 
 
+
+#: the errors this backend raises for a locked, full or broken database (state.STATE_ERRORS)
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,)
+
 class SQLiteState(SQLState):
     """The state database of one spool in SQLite (WAL); thread-safe."""
 

@@ -14,8 +14,6 @@ import base64
 import binascii
 import hmac
 import os
-import shutil
-import time
 from dataclasses import asdict
 from typing import Any, Protocol
 
@@ -178,30 +176,4 @@ def destination_rows(router: RouterView) -> list[dict[str, Any]]:
                     "depth": queue.get("pending", 0) + queue.get("failed", 0)
                     + queue.get("running", 0),
                     "health": health, "last_error": last["last_error"] if last else None})
-    return out
-
-
-def spool_problems(root: Any, min_free: int) -> list[str]:
-    problems = []
-    if not os.access(root, os.W_OK):
-        problems.append(f"spool {root} is not writable")
-    try:
-        if min_free and shutil.disk_usage(root).free < min_free:
-            problems.append("less than min_free_disk free on the spool's disk")
-    except OSError as exc:
-        problems.append(f"spool {root}: {exc.strerror}")
-    return problems
-
-
-def source_problems(rows: list[dict[str, Any]], intervals: dict[str, float]) -> list[str]:
-    now = time.time()
-    out = []
-    for r in rows:
-        interval = intervals.get(r["name"])
-        if interval is None:
-            continue
-        if r["last_error"]:
-            out.append(f"source {r['name']} failing: {r['last_error']}")
-        elif not r["last_poll"] or now - r["last_poll"] > 3 * interval + 60:
-            out.append(f"source {r['name']} has not polled for {now - (r['last_poll'] or 0):.0f} s")
     return out
