@@ -21,7 +21,7 @@ from .config import Config
 from .delivery import DeliveryWorkers
 from .receivers import ReceiverProcesses
 from .scp import services
-from .scp.fast import FastStorageSCP
+from .scp.listener import FastStorageSCP
 from .scp.server import StorageSCP
 from .sources.runner import SourcePollers
 from .spool import spool_for

@@ -16,6 +16,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
+
+from .dimse import IMPLEMENTATION_VERSION
+from .dimse import text as dimse_text
 
 # Tags recorded in the state database for every instance: enough to group, route and name files
 # without reopening the file. Other keywords are read from the file when a rule or template needs
@@ -224,3 +228,23 @@ def render_template(template: str, lookup: dict[str, str]) -> Path:
         filled = _FIELD.sub(lambda m: safe_component(lookup.get(m.group(1), "")), raw_part)
         parts.append(safe_component(filled))
     return Path(*parts)
+
+
+def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sxxI", 2, elem, vr, len(value)) + value
+    return struct.pack("<HH2sH", 2, elem, vr, len(value)) + value
+
+
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information group of a Part 10 file."""
+    body = (_meta_element(0x0001, b"OB", b"\x00\x01")
+            + _meta_element(0x0002, b"UI", dimse_text(sop_class, b"\x00"))
+            + _meta_element(0x0003, b"UI", dimse_text(sop_instance, b"\x00"))
+            + _meta_element(0x0010, b"UI", dimse_text(transfer_syntax, b"\x00"))
+            + _meta_element(0x0012, b"UI", dimse_text(PYNETDICOM_IMPLEMENTATION_UID, b"\x00"))
+            + _meta_element(0x0013, b"SH", dimse_text(IMPLEMENTATION_VERSION, b" ")))
+    if source_ae:
+        body += _meta_element(0x0016, b"AE", dimse_text(source_ae, b" "))
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * 128 + b"DICM" + group_length + body

@@ -30,7 +30,7 @@ def run_receiver(cfg: Config, parent_pid: int) -> None:
     logsafe.install()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     from .scp import services
-    from .scp.fast import FastStorageSCP
+    from .scp.listener import FastStorageSCP
     from .spool import spool_for
     from .state import state_for
 

@@ -161,7 +161,7 @@ def test_a_c_find_association_reaches_a_pynetdicom_handler_on_the_same_port(
     from pynetdicom import evt
     from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
 
-    from dicomrouter.scp.fast import FastStorageSCP
+    from dicomrouter.scp.listener import FastStorageSCP
 
     queries: list[str] = []
 
