@@ -33,7 +33,7 @@ from typing import Any
 from .base import StateUnavailable
 from .qr import generated_columns
 from .sql import SQLState
-from .sqlite import _StudyLock
+from .sqlite import SOURCE_DELTAS, _StudyLock
 
 log = logging.getLogger("dicomrouter.state")
 
@@ -160,7 +160,8 @@ CREATE TABLE leases (           -- singleton work (a pull source, the sweep): on
 """
 
 #: (version, statements): append, never edit one that has shipped
-MIGRATIONS: list[tuple[int, str]] = [(1, SCHEMA_V1), (2, _qr_migration()), (3, LEASES_V3)]
+MIGRATIONS: list[tuple[int, str]] = [(1, SCHEMA_V1), (2, _qr_migration()), (3, LEASES_V3),
+                                     (4, ";\n".join(SOURCE_DELTAS))]
 
 
 class Row:
