@@ -71,8 +71,6 @@ class Router:
         self.destinations = {name: destinations.build(d, cfg.ae_title)
                              for name, d in cfg.destinations.items()}
         for dest in self.destinations.values():
-            if hasattr(dest, "spool_tmp"):  # staging files (a study's zip) on the spool's disk
-                dest.spool_tmp = self.spool.tmp
             if hasattr(dest, "state"):  # storage commitment reports are kept there
                 dest.state = self.state
         self.workers = DeliveryWorkers(cfg, self.state, self.spool, self.destinations,
@@ -113,9 +111,10 @@ class Router:
                      f"shared spool {self.spool.store.describe()}"  # type: ignore[attr-defined]
                      if self.cfg.shared_spool else "no shared spool (one node only)",
                      self.cfg.ack_after if self.cfg.shared_spool else "local")
-            self._heart = threading.Thread(target=self._heartbeat, name="node-heartbeat",
-                                           daemon=True)
-            self._heart.start()
+        # embedded too: status and /api/nodes tell a running router from one that stopped
+        self._heart = threading.Thread(target=self._heartbeat, name="node-heartbeat",
+                                       daemon=True)
+        self._heart.start()
         adopted, dropped = self.spool.recover_slots()
         if adopted:
             log.info("recovered %d acknowledged instance(s) from their receive slots", adopted)
@@ -297,6 +296,12 @@ class Router:
                      "→ %s%s", study_uid, who, new, seen.generation,
                      ", ".join(repr(r) for r in ready_routes), ", ".join(ready),
                      "; waiting for " + ", ".join(repr(r) for r in waiting) if waiting else "")
+            if seen.generation > 1:
+                for j in self.state.partial_jobs(study_uid):
+                    log.warning("study %s → %s: %d of %d instance(s) were deleted from the "
+                                "spool before the study was routed there; it gets the rest "
+                                "(partial)", study_uid, j["destination"], j["missing"],
+                                len(instances))
             self.workers.notify(ready)
         elif seen.state != "unrouted":
             log.warning("study %s complete (%s): %d instance(s) matched no route; kept in the "
@@ -442,7 +447,7 @@ class Router:
                      ", ".join(repr(r) for r in ready_routes), ", ".join(new))
             self.workers.notify(new)
         elif not waiting and self.state.settle_study(study_uid):  # all were delivered already
-            log.info("study %s delivered to every destination", study_uid)
+            self._log_delivered(study_uid)
             if not self.cfg.keep_after_delivery and self.cfg.retention <= 0:
                 self._cleanup.put(study_uid)
 
@@ -514,9 +519,19 @@ class Router:
                 self.workers.notify([job.destination])
             return
         if self.state.settle_study(job.study_uid):
-            log.info("study %s delivered to every destination", job.study_uid)
+            self._log_delivered(job.study_uid)
             if not self.cfg.keep_after_delivery and self.cfg.retention <= 0:
                 self._cleanup.put(job.study_uid)  # not on the delivery thread: unlinks are slow
+
+    def _log_delivered(self, study_uid: str) -> None:
+        partial = self.state.partial_jobs(study_uid)
+        if not partial:
+            log.info("study %s delivered to every destination", study_uid)
+            return
+        log.warning("study %s delivered to every destination, partially to %s: instances "
+                    "deleted from the spool before a late arrival routed the study there "
+                    "(keep studies for late arrivals with retention)", study_uid,
+                    ", ".join(f"{j['destination']} ({j['missing']} missing)" for j in partial))
 
     def _clean(self) -> None:
         """Delete the spool files of delivered studies (checked again under the study lock)."""

@@ -188,6 +188,7 @@ def send(paths: tuple[str, ...], host: str, port: int, aet: str, calling_aet: st
          max_pdu: int) -> None:
     """Send DICOM files and folders (recursively) with C-STORE, over one association."""
     from .destinations import DeliveryError, InstanceRejected
+    from .destinations.base import PermanentFailure
     from .destinations.dicom import open_association
     from .destinations.store import Peer, batches
 
@@ -203,6 +204,11 @@ def send(paths: tuple[str, ...], host: str, port: int, aet: str, calling_aet: st
         chunk = [files[i] for i in group]
         try:
             assoc = open_association(peer, {(c, t) for _f, c, t in chunk})
+        except PermanentFailure as exc:  # its advice is a destination's: say this command's
+            raise click.ClickException(
+                f"{exc.reason}: the peer does not accept the calling AE title {calling_aet} or "
+                f"the called AE title {aet}; give ones it accepts with --calling-aet / --aet "
+                "(a router refuses calling AE titles not in its allowed_calling_aes)") from None
         except DeliveryError as exc:
             raise click.ClickException(str(exc)) from None
         try:
@@ -333,7 +339,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         history = state.history(study)
         if as_json:
             click.echo(json.dumps({"study": dataclasses.asdict(row), "history": history,
-                                   "summary": state.study_rows(study_uid=study)}, indent=2))
+                                   "summary": state.study_rows(study_uid=study),
+                                   "jobs": state.jobs(study_uids=[study])}, indent=2))
             return
         click.echo(f"study {study}: {row.state}, generation {row.generation}, patient "
                    f"{row.patient_id}, from {row.calling_ae}")
@@ -382,6 +389,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         if held:
             parts += f"  ({len(held)} scheduled, the first until " \
                      f"{_when(min(j['next_attempt'] for j in held))})"
+        if (part := data["partial"].get(dest)) is not None:
+            parts += f"  ({part['jobs']} partial: {part['missing']} instance(s) missing)"
         window = windows.get(dest)
         if window is not None and counts.get("pending") and not window.is_open(time.time()):
             parts += f"  (scheduled until {_when(window.next_open(time.time()))}, " \
@@ -438,7 +447,11 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
                    f" {n:>5} instance(s) {_size(size):>9} {where}"
                    f"  from {s['calling_ae'] or '-'}  last received {_when(s['last_received'])}"
                    + (f"  received by {', '.join(f'{k} ({v})' for k, v in by.items())}"
-                      if data.get("cluster") and (by := s.get("received_by")) else ""))
+                      if data.get("cluster") and (by := s.get("received_by")) else "")
+                   + (f"  {s['moved_out']} instance(s) moved to another study"
+                      if s.get("moved_out") else "")
+                   + (f"  {s['moved_in']} instance(s) moved here from another study"
+                      if s.get("moved_in") else ""))
         for j in jobs.get(s["study_uid"], []):
             click.echo(f"      {_progress(j)}")
 
@@ -451,6 +464,9 @@ def _progress(job: dict[str, Any]) -> str:
     """``pacs: running 1200 of 3000`` (instances confirmed delivered there); a failed or dead
     job says why."""
     line = f"{job['destination']}: {job['state']} {job['delivered']} of {job['total']}"
+    if job.get("missing"):
+        line += (f", partial: {job['missing']} instance(s) missing (deleted from the spool "
+                 "before the study was routed there)")
     if job["state"] in ("failed", "dead") and job.get("last_error"):
         line += f" ({job['attempts']} attempt(s)): {job['last_error']}"
     return line
@@ -565,9 +581,18 @@ def sample(out_dir: str, studies: int, series: int, instances: int, modality: st
     click.echo(f"wrote {len(files)} file(s), {_size(total)}, under {out_dir}")
 
 
-from .bench import bench  # noqa: E402 - registered last: it only imports click at load time
-
-main.add_command(bench)
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """The benchmark against DCMTK storescp and Orthanc (docs/performance.md); --help for its
+    options. It lives in the dicomrouter_bench package, installed beside the router."""
+    try:
+        from dicomrouter_bench.cli import bench as command  # not the runtime: optional
+    except ImportError as exc:
+        raise click.ClickException(f"the benchmark is not installed ({exc}): install the "
+                                   "project from its repository (pip install .)") from None
+    command.main(args=ctx.args, prog_name="dicomrouter bench", standalone_mode=True)
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from . import metrics
@@ -77,6 +78,12 @@ class DeliveryWorkers:
     def start(self) -> None:
         # transformed copies left by a crash were never delivered from: remove them
         shutil.rmtree(os.path.join(self.spool.root, "transforms"), ignore_errors=True)
+        for name, dest in self.destinations.items():
+            # each destination's temporary files (a study's zip) on the spool's disk, in a
+            # folder of its own: never mistaken for a receive slot at the next start
+            dest.workdir = Path(self.spool.root) / "exports" / name
+            for line in dest.recover():
+                log.warning("destination %s: %s", name, line)
         for name, dest in self.destinations.items():
             for n in range(self.cfg.destinations[name].concurrency):
                 t = threading.Thread(target=self._loop, args=(dest,), daemon=True,
@@ -259,29 +266,56 @@ class DeliveryWorkers:
         return total
 
     def _send_part(self, job: Job, dest: Destination, todo: list[Instance]) -> RunResult:
-        """Send ``todo`` in one session. The ledger counts each send before it goes out and
+        """Send ``todo`` in one session. The ledger counts each send when it goes on the wire and
         records as delivered only what the session confirms: ``send`` → True (recorded with the
-        next count, in the same commit), or the UIDs ``commit`` returns."""
+        next count, in the same commit), what it reports durable as it goes, or the UIDs
+        ``commit`` returns."""
         result = RunResult()
         rejected = result.rejected
         previous: str | None = None  # delivered, not yet recorded
-        buffered: list[str] = []  # waiting for the session's commit
+        buffered: list[str] = []  # waiting for the session's confirmation
+        recorded: set[str] = set()  # buffered ones the session confirmed (ledger written)
         ops = self.transforms_for(job, dest.name)
         temps: list[str] = []  # transformed copies, kept until the session is over
         alias: dict[str, str] = {}  # SOP Instance UID sent (de-identified) → the original
+
+        digests: dict[str, str] = {}  # content digest of what was sent (SOP UID → digest)
+        # re-received instances: the digest of what this destination already got
+        before = self.state.delivered_digests(job.study_uid, dest.name) if todo else {}
+        identical: list[str] = []
+
+        def durable(uids: list[str]) -> None:
+            """The session confirmed these (as sent): record them now, not at the end."""
+            originals = [u for u in (alias.get(x, x) for x in uids) if u not in recorded]
+            self.state.mark_delivered(originals, dest.name, digests)
+            recorded.update(originals)
+
+        def transmitted(uids: list[str], delta: int) -> None:
+            self.state.count_sends([alias.get(u, u) for u in uids], dest.name, job.study_uid,
+                                   delta)
+
         try:
             with dest.open(todo, job.routes) as session:
+                session.on_durable, session.on_transmit = durable, transmitted
+                counted = session.transmits_on_send
                 for inst in todo:
                     if self._stop.is_set():
                         break
-                    self.state.mark_sending(inst.sop_uid, dest.name, job.study_uid, previous)
+                    if inst.sop_uid in before and self._same_content(inst, before):
+                        identical.append(inst.sop_uid)  # the sender's retry: already there
+                        continue
+                    self.state.mark_sending(inst.sop_uid, dest.name, job.study_uid, previous,
+                                            count=counted, digest=digests.get(previous or ""))
                     previous = None
                     try:
-                        if ops:
-                            delivered = self._send_transformed(session, inst, ops, temps,
-                                                               alias, dest.name)
-                        else:
-                            with self.spool.open(inst) as data:
+                        with self.spool.open(inst) as data:
+                            digest = data.digest()
+                            if digest:
+                                digests[inst.sop_uid] = digest
+                            if ops:
+                                delivered = self._send_transformed(session, inst, data, ops,
+                                                                   temps, alias, dest.name)
+                            else:
                                 delivered = session.send(inst, data)
                     except DeliveryError:
                         raise
@@ -302,22 +336,23 @@ class DeliveryWorkers:
                     else:
                         buffered.append(inst.sop_uid)
                 if previous:
-                    self.state.mark_delivered([previous], dest.name)
+                    self.state.mark_delivered([previous], dest.name, digests)
                     previous = None
-                committed = [alias.get(u, u) for u in session.commit()]  # also when empty
+                durable(list(session.commit()))  # also when nothing is buffered
                 refused = {alias.get(u, u): why for u, why in session.refused.items()}
-                if buffered:
-                    confirmed = set(committed) & set(buffered)
-                    self.state.mark_delivered(sorted(confirmed), dest.name)
-                    result.sent += len(confirmed)
-                    rejected += [f"{uid}: " + refused.get(
-                        uid, "not confirmed by the destination's commit")
-                                 for uid in buffered if uid not in confirmed]
+                rejected += [f"{uid}: " + refused.get(
+                    uid, "not confirmed by the destination's commit")
+                             for uid in buffered if uid not in recorded]
         except DeliveryError as exc:
             result.error, result.error_permanent = str(exc), exc.permanent
         finally:
             if previous:  # a success status came back before the failure
-                self.state.mark_delivered([previous], dest.name)
+                self.state.mark_delivered([previous], dest.name, digests)
+            if identical:
+                self.state.mark_identical(identical, dest.name, job.study_uid)
+                log.info("study %s → %s: %d instance(s) received again with identical content "
+                         "not sent again", job.study_uid, dest.name, len(identical))
+            result.sent += len(recorded.intersection(buffered))
             for path in temps:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
@@ -332,9 +367,19 @@ class DeliveryWorkers:
                 ops += route.transforms
         return (*ops, *self.cfg.destinations[destination].transforms)
 
-    def _send_transformed(self, session: Any, inst: Instance, ops: tuple[Any, ...],
+    def _same_content(self, inst: Instance, before: dict[str, str]) -> bool:
+        """The spool's copy of a re-received instance has the digest of what the destination
+        got last time (an identical re-send); a changed instance has another."""
+        try:
+            with self.spool.open(inst) as data:
+                return data.digest() == before[inst.sop_uid]
+        except OSError:
+            return False
+
+    def _send_transformed(self, session: Any, inst: Instance, data: Any, ops: tuple[Any, ...],
                           temps: list[str], alias: dict[str, str], destination: str) -> bool:
-        """Send a transformed copy of ``inst`` (written next to the spool, streamed)."""
+        """Send a transformed copy of ``inst`` (``data``: its spool reader; the copy is written
+        next to the spool, streamed)."""
         from .spool import SpoolReader
         from .transforms import TransformError, transform_file
 
@@ -342,12 +387,11 @@ class DeliveryWorkers:
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{inst.sop_uid}-{uuid.uuid4().hex[:8]}.dcm")
         temps.append(path)
-        with self.spool.open(inst) as data:
-            try:
-                size, tags = transform_file(data, ops, path)
-            except TransformError as exc:
-                # the same transform of the same bytes fails again: not worth a retry
-                raise InstanceRejected(f"transform: {exc}", permanent=True) from None
+        try:
+            size, tags = transform_file(data, ops, path)
+        except TransformError as exc:
+            # the same transform of the same bytes fails again: not worth a retry
+            raise InstanceRejected(f"transform: {exc}", permanent=True) from None
         sop = tags.get("SOPInstanceUID") or inst.sop_uid
         if sop != inst.sop_uid:  # de-identified: the ledger keeps both UIDs
             alias[sop] = inst.sop_uid

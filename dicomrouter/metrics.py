@@ -64,6 +64,16 @@ class StateCollector(Collector):
             for state, n in counts.items():
                 jobs.add_metric([dest, state], n)
         yield jobs
+        partial = GaugeMetricFamily("dicomrouter_jobs_partial", "Delivery jobs whose destination "
+                                    "misses instances deleted from the spool before a late "
+                                    "arrival routed the study there", labels=["destination"])
+        missing = GaugeMetricFamily("dicomrouter_instances_missing", "Instances those partial "
+                                    "jobs' destinations never got", labels=["destination"])
+        for dest, counts in summary.get("partial", {}).items():
+            partial.add_metric([dest], counts["jobs"])
+            missing.add_metric([dest], counts["missing"])
+        yield partial
+        yield missing
         yield GaugeMetricFamily("dicomrouter_spool_bytes", "Bytes of instances in the spool",
                                 value=summary["spool_bytes"])
         try:

@@ -6,6 +6,9 @@ Kept in one module so each adjustment is visible and can be checked against a ne
   pattern then meets Nagle + delayed ACK (~40 ms per message).
 * Chunked C-STORE receive into the spool's own tmp directory, through ``spool.ReceiveFile`` (instead
   of a NamedTemporaryFile in the system temp dir), and chunked C-STORE send from files.
+* C-MOVE and C-GET requests served by a subclass of pynetdicom's Query/Retrieve service class
+  (``scp/retrieve.py``): pynetdicom's own opens the move destination's association before any
+  status can be sent, and counts a refusal as one failed sub-operation.
 """
 
 from __future__ import annotations
@@ -142,3 +145,21 @@ def receive_c_store_into(factory: Callable[[], Any]) -> None:
         return factory()
 
     dimse_messages.NamedTemporaryFile = named_temporary_file  # type: ignore[assignment]
+
+
+def serve_query_retrieve_with(service_class: type) -> None:
+    """Serve the Query/Retrieve SOP classes with ``service_class`` (a subclass of pynetdicom's
+    ``QueryRetrieveServiceClass``) in every association of this process."""
+    from pynetdicom import association
+    from pynetdicom.service_class import QueryRetrieveServiceClass
+
+    original = association.uid_to_service_class
+    if getattr(original, "replaced_by", None) is service_class:
+        return
+
+    def uid_to_service_class(uid: str) -> type:
+        cls = original(uid)
+        return service_class if cls is QueryRetrieveServiceClass else cls
+
+    uid_to_service_class.replaced_by = service_class  # type: ignore[attr-defined]
+    association.uid_to_service_class = uid_to_service_class  # type: ignore[assignment]

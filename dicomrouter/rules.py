@@ -8,10 +8,16 @@ Keys: any DICOM keyword or ``(gggg,eeee)`` tag, a sequence path
 study-level aggregates ``ModalitiesInStudy``, ``NumberOfStudyRelatedInstances``,
 ``NumberOfStudyRelatedSeries``, ``SeriesDescriptions``.
 
-Values: a value, a list of values (any of), ``/regex/``, or a mapping of operators: ``equals``,
-``in``, ``regex``, ``glob``, ``>``/``>=``/``<``/``<=`` (a number compares numerically, a string
+Values: a value, a list of values (any of), ``/regex/`` (``/regex/i``: ignoring case), or a
+mapping of operators: ``equals``, ``in``, ``ieq`` and ``iin`` (the same, ignoring case),
+``regex``, ``glob``, ``>``/``>=``/``<``/``<=`` (a number compares numerically, a string
 compares as text, which orders DICOM dates and times), ``between: [low, high]``, ``exists`` /
 ``missing``. Groups: ``not: {...}``, ``any: [{...}, ...]``, ``all: [{...}, ...]``.
+
+Values compare case-sensitively, after stripping surrounding spaces (DICOM pads values), unless
+the condition says otherwise (``/.../i``, ``ieq``, ``iin``; ``regex: "(?i)..."``). An empty
+value is no value: a key that is empty in every instance is ``missing`` and does not ``exist``,
+and an equality with ``""`` holds only for a study without the value.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from .config.base import AE_PSEUDO_KEYS, ConfigError, Matcher, _matcher
 
 AGGREGATES = ("ModalitiesInStudy", "NumberOfStudyRelatedInstances",
               "NumberOfStudyRelatedSeries", "SeriesDescriptions")
-OPERATORS = ("equals", "in", "regex", "glob", ">", ">=", "<", "<=", "between", "exists",
-             "missing")
+OPERATORS = ("equals", "in", "ieq", "iin", "regex", "glob", ">", ">=", "<", "<=", "between",
+             "exists", "missing")
 GROUPS = ("not", "any", "all")
 _TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
 _STEP = re.compile(r"^(?P<name>\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)|[A-Za-z][A-Za-z0-9]*)"
@@ -68,8 +74,12 @@ class Condition:
             inner = ", ".join(c.text() for c in self.children)
             return f"{self.op}({inner})"
         if self.matcher is not None:
-            shown = [*self.matcher.values, *(f"/{p.pattern}/" for p in self.matcher.patterns)]
+            shown = [*self.matcher.values,
+                     *(f"/{p.pattern}/" + ("i" if p.flags & re.IGNORECASE else "")
+                       for p in self.matcher.patterns)]
             return f"{self.key} = {shown[0] if len(shown) == 1 else shown}"
+        if self.op == "regex":
+            return f"{self.key} regex /{self.operand.pattern}/"
         return f"{self.key} {self.op} {self.operand!r}"
 
 
@@ -103,7 +113,7 @@ def _operator(key: str, raw: Mapping[str, Any], where: str) -> Condition:
         raise ConfigError(f"{where}.{op}", f"unknown operator (one of {', '.join(OPERATORS)})")
     if op in ("exists", "missing") and not isinstance(operand, bool):
         raise ConfigError(f"{where}.{op}", "expected true or false")
-    if op == "in" and not (isinstance(operand, list) and operand):
+    if op in ("in", "iin") and not (isinstance(operand, list) and operand):
         raise ConfigError(f"{where}.{op}", "expected a list of values")
     if op == "between" and not (isinstance(operand, list) and len(operand) == 2):
         raise ConfigError(f"{where}.{op}", "expected [low, high]")
@@ -112,7 +122,7 @@ def _operator(key: str, raw: Mapping[str, Any], where: str) -> Condition:
             operand = re.compile(str(operand))
         except re.error as exc:
             raise ConfigError(f"{where}.{op}", f"invalid regular expression: {exc}") from None
-    if op in ("equals", "glob") and isinstance(operand, list | dict):
+    if op in ("equals", "ieq", "glob") and isinstance(operand, list | dict):
         raise ConfigError(f"{where}.{op}", "expected one value")
     return Condition(op, key, tuple(operand) if isinstance(operand, list) else operand)
 
@@ -179,6 +189,10 @@ def value_holds(c: Condition, value: str) -> bool:
         return v == str(c.operand)
     if c.op == "in":
         return v in {str(x) for x in c.operand}
+    if c.op == "ieq":
+        return v.casefold() == str(c.operand).strip().casefold()
+    if c.op == "iin":
+        return v.casefold() in {str(x).strip().casefold() for x in c.operand}
     if c.op == "regex":
         return bool(c.operand.search(v))
     if c.op == "glob":

@@ -169,6 +169,20 @@ class ClusterSpool(Spool):
                                os.stat(local).st_size if size is None else size))
         return replaced
 
+    def _drop_superseded(self, sop_uid: str, old_study: str, new_study: str,
+                         old_key: str) -> None:
+        """A newer reception replaced ``old_key`` (every re-send here: keys are per
+        reception). A move leaves this node's local copy under the old study: removed. The
+        old object stays for the moment (another node may be reading it); the shared-orphan
+        scan deletes it once it is older than the newer reception (``adopt_shared_orphans``)."""
+        if old_study == new_study:
+            return
+        with self.study_lock(old_study):
+            now = self.state.reception(sop_uid)
+            if now is not None and now.study_uid == old_study:
+                return  # received there again meanwhile: its local copy is that one
+            _unlink_quietly(self._local(old_study, sop_uid))
+
     def start(self) -> None:
         super().start()
         for study, sop, key in self.state.unshared():  # left by an earlier run (ack local)
@@ -195,6 +209,9 @@ class ClusterSpool(Spool):
                 return
             sop, key, local, size = item
             try:
+                now = self.state.reception(sop)
+                if now is None or now.key != key:  # received again (or purged) meanwhile:
+                    continue  # this reception is superseded, its object never needed
                 self.store.put(key, local, size)
                 self.state.mark_shared(sop, key)
                 delay = 0.0
@@ -235,6 +252,16 @@ class ClusterSpool(Spool):
         adopted = 0
         for key, modified, size in self.store.list("data/"):
             if key in known or modified > cutoff or not key.endswith(".dcm"):
+                continue
+            newer = self.state.reception(key.rsplit("/", 1)[-1].split("~", 1)[0])
+            if newer is not None and modified <= newer.received_at:
+                # an older reception of an instance received again since (re-sent, moved to
+                # another study): garbage, never an instance to adopt
+                self._delete_objects([key])
+                log.info("deleted superseded object %s from the shared store (instance "
+                         "received again at %s, now in study %s)", key, time.strftime(
+                             "%Y-%m-%d %H:%M:%S", time.localtime(newer.received_at)),
+                         newer.study_uid)
                 continue
             cached = os.path.join(self.cache, key)
             try:

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .dicomfile import UnreadableDataset, identify, source_ae
-from .slots import MARKER_SIZE, Checksum, SlotPool, is_complete
-from .state import Instance, State
+from .slots import MAGIC, MARKER, MARKER_SIZE, Checksum, SlotPool, is_complete
+from .state import Instance, Reception, State, StateUnavailable
 from .walk import Malformed, check_file
 
 log = logging.getLogger("dicomrouter.spool")
@@ -174,17 +174,24 @@ class Spool:
         return self.state.study_lock(study_uid)
 
     def recover_slots(self) -> tuple[int, int]:
-        """Start-up: slots holding a complete, acknowledged instance go into the spool; partial
-        ones (receptions cut short, never acknowledged) and spare empty ones are removed.
+        """Start-up: slots holding a complete, acknowledged instance go into the spool, oldest
+        first; partial ones (receptions cut short, never acknowledged), spare empty ones and
+        ones a later reception of the same SOP Instance UID superseded are removed.
         Returns (adopted, removed)."""
         adopted = removed = 0
-        for p in sorted(self.tmp.iterdir()):
+        for p in sorted(self.tmp.iterdir(), key=_mtime):
             try:
                 if p.stat().st_size and is_complete(p):
                     tags, tsuid = identify(p)
-                    self._place(p, tags, tsuid, source_ae(p), "")
-                    adopted += 1
-                    continue
+                    try:
+                        superseded = self._superseded(p, tags)
+                    except StateUnavailable as exc:  # keep the slot: the next start decides
+                        log.error("receive slot %s kept: %s", p, exc)
+                        continue
+                    if superseded is None:
+                        self._place(p, tags, tsuid, source_ae(p), "")
+                        adopted += 1
+                        continue
             except (OSError, UnreadableDataset) as exc:
                 log.error("receive slot %s cannot be adopted: %s", p, exc)
             with contextlib.suppress(OSError):
@@ -195,12 +202,15 @@ class Spool:
 
     def adopt_orphans(self) -> int:
         """Record spool files that have no row (the index lost its last transactions in a power
-        cut, or the process died between the rename and the commit). Returns how many."""
+        cut, or the process died between the rename and the commit). A file that a later
+        reception of its SOP Instance UID superseded (moved to another study, or delivered
+        and deleted) is removed instead: recovery never resurrects an older version.
+        Returns how many were recorded."""
         known = self.state.known_keys()
         adopted = 0
-        for path in self.data.glob("*/*.dcm"):
-            if f"data/{path.parent.name}/{path.name}" in known:
-                continue
+        for path in list(self.data.glob("*/*.dcm")):
+            if f"data/{path.parent.name}/{path.name}" in known or not path.exists():
+                continue  # (gone: an adoption before it superseded it)
             try:
                 tags, tsuid = identify(path)
             except UnreadableDataset as exc:
@@ -209,9 +219,35 @@ class Spool:
                 continue
             if path != self.data / tags["StudyInstanceUID"] / f"{tags['SOPInstanceUID']}.dcm":
                 continue  # not a name the spool gives: leave it alone
+            if self._superseded(path, tags) is not None:  # an older version: removed
+                with self.study_lock(tags["StudyInstanceUID"]):
+                    _unlink_quietly(path)
+                    with contextlib.suppress(OSError):  # its study's last file
+                        path.parent.rmdir()
+                continue
             self._place(path, tags, tsuid, source_ae(path), "")  # already in place: records it
             adopted += 1
         return adopted
+
+    def _superseded(self, path: str | Path, tags: dict[str, str]) -> Reception | None:
+        """The recorded reception of this file's SOP Instance UID if it was made after the
+        file was written (its mtime: the slot's completion marker): the file is then that
+        reception's own file or an older version (moved to another study since, or delivered
+        and deleted), never to be recorded again. None: no such reception (a file newer than
+        the row is a reception whose commit was lost: it is recorded)."""
+        found = self.state.reception(tags["SOPInstanceUID"])
+        try:
+            if found is None or os.stat(path).st_mtime > found.received_at:
+                return None
+        except FileNotFoundError:
+            return None
+        where = f"in study {found.study_uid}" if found.present else \
+            f"of study {found.study_uid}, since delivered and deleted from the spool"
+        log.warning("%s (study %s) is not newer than the reception of instance %s recorded at "
+                    "%s %s: not recorded again", path, tags.get("StudyInstanceUID"),
+                    tags["SOPInstanceUID"],
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.received_at)), where)
+        return found
 
     def new_receive_file(self) -> ReceiveFile:
         return ReceiveFile(self.slots.take(), self.room())
@@ -322,6 +358,11 @@ class Spool:
                     self._data_dir, accepted.tags["StudyInstanceUID"],
                     accepted.tags["SOPInstanceUID"] + ".dcm"))
             try:
+                newer = self._superseded(accepted.path, accepted.tags)
+                if newer is not None:  # received again since: nothing to record
+                    if self.path(newer.key) != accepted.path:  # not the newer one's file
+                        _unlink_quietly(accepted.path)
+                    continue
                 self._place(accepted.path, accepted.tags, accepted.tsuid, accepted.calling_ae,
                             accepted.called_ae, accepted.size, accepted.key or None,
                             accepted.shared)
@@ -362,16 +403,40 @@ class Spool:
         the rename, start-up finds the instance in its slot again.
         """
         size = os.stat(src).st_size if size is None else size
-        with self.study_lock(tags["StudyInstanceUID"]):
+        study = tags["StudyInstanceUID"]
+        with self.study_lock(study):
             self._rename(src, tags)
             # If recording fails, the file stays: housekeeping (retry_placements) or start-up
             # (adopt_orphans) records it, or the sender's next attempt replaces it.
-            key = key or f"data/{tags['StudyInstanceUID']}/{tags['SOPInstanceUID']}.dcm"
-            replaced, _gen, replaced_size = self.state.record_instance(
-                tags, tsuid, key, size, calling_ae, called_ae, shared)
+            key = key or f"data/{study}/{tags['SOPInstanceUID']}.dcm"
+            rec = self.state.record_instance(tags, tsuid, key, size, calling_ae, called_ae,
+                                             shared)
         with self._bytes_lock:
-            self._bytes += size - replaced_size
-        return replaced
+            self._bytes += size - rec.replaced_size
+        if rec.moved_from:
+            log.warning("instance %s moved from study %s to study %s (patient %s): the newer "
+                        "reception replaces the older one in the spool, state and Q/R; "
+                        "destinations that had it under %s keep that version (see its "
+                        "history)", tags["SOPInstanceUID"], rec.moved_from, study,
+                        tags.get("PatientID") or "?", rec.moved_from)
+        if rec.superseded:
+            self._drop_superseded(tags["SOPInstanceUID"], rec.moved_from or study, study,
+                                  rec.superseded)
+        return rec.replaced
+
+    def _drop_superseded(self, sop_uid: str, old_study: str, new_study: str,
+                         old_key: str) -> None:
+        """Delete the file of an earlier reception that a newer one replaced under another key
+        (an instance moved to another study), under the old study's lock, unless the instance
+        was received there again meanwhile. A crash before this leaves the file: start-up
+        removes it (``adopt_orphans``: older than the recorded reception)."""
+        with self.study_lock(old_study):
+            now = self.state.reception(sop_uid)
+            if now is not None and now.key == old_key:
+                return
+            _unlink_quietly(self.path(old_key))
+            with contextlib.suppress(OSError):  # the old study's last file
+                os.rmdir(os.path.dirname(self.path(old_key)))
 
     def delete_delivered(self, study_uid: str, why: str) -> int:
         """Delete the spool files of a study that is still fully delivered; returns bytes freed.
@@ -453,6 +518,16 @@ class SpoolReader(io.RawIOBase):
     def fileno(self) -> int:
         return self._f.fileno()
 
+    def digest(self) -> str | None:
+        """The content digest of the instance as received: the CRC-32 and length its receive
+        slot's marker holds (computed as it was written, so free to read). None for a file
+        without a marker. Compared only to tell an identical re-send from a changed one."""
+        head = os.pread(self._f.fileno(), MARKER_SIZE, 0)
+        if len(head) < MARKER_SIZE:
+            return None
+        magic, crc, length = MARKER.unpack(head)
+        return f"crc32:{crc:08x}:{length}" if magic == MAGIC else None
+
     def reopen(self) -> SpoolReader:
         """The same instance opened again: a session that buffers instances keeps this, not
         the open file (delivery closes that when ``send`` returns)."""
@@ -469,6 +544,13 @@ def _match_command(tags: dict[str, str], command: tuple[str, str]) -> None:
         if tags.get(kw, "") != expected:
             raise DatasetMismatch(f"dataset {kw} {tags.get(kw, '')[:64]!r} is not the "
                                   f"command's {expected[:64]!r}")
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _unlink_quietly(p: str | Path) -> None:

@@ -17,6 +17,7 @@ inflated as they are walked (memory stays one window).
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from typing import BinaryIO
@@ -255,3 +256,14 @@ def check_file(path: str, max_depth: int = 32) -> None:
             raise Malformed("the dataset is empty")
         _Walker(src, ts != EXPLICIT_BE, max_depth).dataset(
             None if ts in DEFLATED else size, ts == IMPLICIT_LE, 0, top=True)
+
+
+def check_bytes(data: bytes, syntax: str, max_depth: int = 32) -> None:
+    """Raise Malformed unless ``data``, a dataset in ``syntax`` (not deflated: a Q/R identifier
+    on an Implicit or Explicit VR context), ends exactly where its elements say it does. pydicom
+    reads a value whose declared length runs past the data as if it were whole."""
+    if syntax in DEFLATED:
+        raise Malformed("a deflated dataset is not expected here")
+    src = _FileSource(io.BytesIO(data), 0, len(data))
+    _Walker(src, syntax != EXPLICIT_BE, max_depth).dataset(len(data), syntax == IMPLICIT_LE, 0,
+                                                            top=True)

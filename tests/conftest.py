@@ -20,8 +20,8 @@ from peers import (
     require_peer,
 )
 
-from dicomrouter.benchmark.procs import Postgres
 from dicomrouter.sample import generate
+from dicomrouter_bench.procs import Postgres
 
 DCMTK_TOOLS = ("storescu", "storescp", "echoscu")
 
@@ -47,6 +47,21 @@ def _print_logs_on_failure(request: pytest.FixtureRequest, peers: list[PeerProce
         return
     for peer in peers:
         print(f"\n===== {peer.name} log ({peer.log_path}) =====\n{peer.log(200)}")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The path of Debian's Chromium, with Playwright importable (skip or fail if missing)."""
+    import os
+    import shutil
+
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    require_peer("Chromium", os.path.exists(path), "chromium (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        require_peer("playwright", False, "playwright (pip install playwright)")
+    return path
 
 
 @pytest.fixture(scope="session")

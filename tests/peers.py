@@ -1,6 +1,6 @@
 """Real DICOM/S3 peers on loopback for tests: DCMTK storescp/storescu, Orthanc, moto S3.
 
-No mocks. The peer classes are the benchmark's (``dicomrouter.benchmark.procs``: one harness for
+No mocks. The peer classes are the benchmark's (``dicomrouter_bench.procs``: one harness for
 both); this module adds what only tests need: skip-or-fail when a peer is missing, a
 ``wait_until`` that fails the test, storescu runs with generated proposals, and moto S3.
 """
@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import pytest
 
 # The same helpers the benchmark uses: one place knows how to find the real DCMTK and Orthanc.
-from dicomrouter.benchmark import procs
-from dicomrouter.benchmark.procs import (  # noqa: F401 - re-exported for the tests
+from dicomrouter_bench import procs
+from dicomrouter_bench.procs import (  # noqa: F401 - re-exported for the tests
     STORESCU_PROPOSAL_FLAGS,
     BenchError,
     find_dcmtk,
@@ -33,7 +33,7 @@ from dicomrouter.benchmark.procs import (  # noqa: F401 - re-exported for the te
     peer_env,
     tcp_accepts,
 )
-from dicomrouter.benchmark.procs import wait_until as _wait_until
+from dicomrouter_bench.procs import wait_until as _wait_until
 
 T = TypeVar("T")
 
@@ -47,10 +47,11 @@ REQUIRE_PEERS_ENV = "DICOMROUTER_REQUIRE_PEERS"
 
 
 def dcmtk(tool: str) -> str:
-    """Path of the real DCMTK ``tool``; raises FileNotFoundError if it is not installed."""
+    """Path of the real DCMTK ``tool``. A test that needs one is gated here, where it uses it:
+    skipped without DCMTK, failed under ``DICOMROUTER_REQUIRE_PEERS=1``."""
     path = find_dcmtk(tool)
-    if path is None:
-        raise FileNotFoundError(f"DCMTK binary {tool!r} not found (set DCMTK_BIN or install dcmtk)")
+    require_peer(f"DCMTK {tool}", path is not None, "dcmtk (apt-get install dcmtk)")
+    assert path is not None
     return path
 
 
@@ -90,12 +91,44 @@ class StoreSCP(procs.StoreSCP):
     def __init__(self, work_dir: Path | None = None, aet: str = "STORESCP",
                  port: int | None = None, accept_all: bool = True,
                  extra: Sequence[str] = ()) -> None:
+        dcmtk("storescp")  # gate the test on DCMTK
+        dcmtk("echoscu")
         super().__init__(work_dir, aet=aet, extra=extra, port=port, accept_all=accept_all,
                          verbose=True)
 
     def sop_uids(self) -> set[str]:
         """SOP Instance UIDs of the received files."""
         return sop_uids(self.files())
+
+
+class DcmQrScp(procs.Peer):
+    """DCMTK ``dcmqrscp``: a small PACS (storage, C-FIND, C-MOVE) with one storage area, AE
+    title ARCHIVE. It rejects associations to any other called AE title (rejected-permanent,
+    called AE title not recognised). ``ignore``: answer C-STORE with success but keep nothing
+    (``--ignore``), a peer whose success means nothing."""
+
+    name = "dcmqrscp"
+
+    def __init__(self, work_dir: Path, ignore: bool = False) -> None:
+        dcmtk("dcmqrscp")  # gate the test on DCMTK
+        super().__init__(work_dir)
+        self.port = procs.free_port()
+        self.db = self.work_dir / "db"
+        self.ignore = ignore
+
+    def prepare(self) -> None:
+        self.db.mkdir(parents=True, exist_ok=True)
+        (self.work_dir / "dcmqrscp.cfg").write_text(
+            f"NetworkTCPPort = {self.port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
+            "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+            f"AETable BEGIN\nARCHIVE {self.db} RW (100, 1024mb) ANY\nAETable END\n")
+
+    def command(self) -> list[str]:
+        return [dcmtk("dcmqrscp"), "-v", *(["--ignore"] if self.ignore else []), "-c",
+                str(self.work_dir / "dcmqrscp.cfg")]
+
+    def ready(self) -> bool:
+        return procs.tcp_accepts(self.port)
 
 
 class Orthanc(procs.Orthanc):

@@ -14,7 +14,7 @@ from peers import wait_until
 from pydicom import dcmread
 from pynetdicom.dsutils import split_dataset
 
-from dicomrouter.benchmark.procs import RouterServer
+from dicomrouter_bench.procs import RouterServer
 
 ROUTER_AE = "DICOMROUTER"
 

@@ -29,9 +29,6 @@ from dicomrouter.sample import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "dicomrouter"
-# The benchmark (a developer tool, moving out of the runtime package) uses the test extra's
-# peers and says what to install when one is missing (benchmark/cluster.py).
-BENCH_ONLY = {"boto3", "moto", "psycopg", "cryptography"}
 
 BLOCKER = '''
 import os, sys
@@ -148,9 +145,7 @@ def test_every_import_is_in_the_base_install_or_declared_optional() -> None:
     base = base_modules()
     undeclared = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        allowed = set(extras.OPTIONAL_MODULES)
-        if "benchmark" in path.relative_to(PACKAGE).parts or path.name == "bench.py":
-            allowed |= BENCH_ONLY
+        allowed = set(extras.OPTIONAL_MODULES) | {"dicomrouter_bench"}  # `bench`: optional
         for module in sorted(imports_of(path)):
             if module in sys.stdlib_module_names or module == "dicomrouter":
                 continue

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from peers import REPO_ROOT, find_dcmtk, find_orthanc, require_peer
 
-from dicomrouter.benchmark.profile import format_profile, parse_collapsed, top
-from dicomrouter.benchmark.report import Row, build_rows, median, render_markdown, render_text
-from dicomrouter.benchmark.scenarios import Settings
+from dicomrouter_bench.profile import format_profile, parse_collapsed, top
+from dicomrouter_bench.report import Row, build_rows, median, render_markdown, render_text
+from dicomrouter_bench.scenarios import Settings
 
 
 def _leftover_processes(marker: str) -> list[str]:
@@ -42,7 +42,7 @@ def test_bench_smoke_tiny_corpora(tmp_path: Path) -> None:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                       os.environ.get("PYTHONPATH")]))}
     r = subprocess.run(
-        [sys.executable, "-m", "dicomrouter.bench", "--small", "20", "--ct", "4", "--large-mb",
+        [sys.executable, "-m", "dicomrouter_bench.cli", "--small", "20", "--ct", "4", "--large-mb",
          "5", "--study-mb", "9", "--runs", "1", "--nodes", "2", "--workdir", str(work),
          "--json-out", str(out)],
         capture_output=True, text=True, timeout=420, env=env, cwd=tmp_path)

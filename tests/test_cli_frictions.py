@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from peers import run_storescu
+from peers import run_storescu, wait_until
 from router_fixtures import Router, dicomrouter, tags_of
 
 from dicomrouter.sample import generate
@@ -195,7 +195,7 @@ def test_serve_check_tests_folder_destinations_and_counts_sources(tmp_path: Path
 
 def test_echo_to_a_web_port_says_it_is_not_dicom(tmp_path: Path) -> None:
     """The classic slip: echo at the router's web port (uvicorn) instead of its DICOM port."""
-    from dicomrouter.benchmark.procs import free_port
+    from dicomrouter_bench.procs import free_port
 
     web_port = free_port()
     with Router(tmp_path / "router", {"web": {"enabled": True, "port": web_port}}):
@@ -273,3 +273,14 @@ def test_status_needs_none_of_the_destinations_secrets(tmp_path: Path,
             assert r.returncode == 0, (args, r.stderr)
         r = dicomrouter("serve", "--check", "--config", cfg)
         assert r.returncode == 1 and "CLOUD_PASSWORD is not set" in r.stderr
+
+
+def test_an_embedded_router_keeps_its_heartbeat(tmp_path: Path) -> None:
+    """status --json and /api/nodes showed a running embedded router as gone once its start-up
+    heartbeat was older than the lease: it renews it like a cluster node."""
+    with Router(tmp_path / "router", {"state": {"type": "sqlite", "lease": "3s"}}) as router:
+        def renewed() -> bool:
+            (node,) = router.status()["nodes"]
+            return bool(node["alive"]) and node["heartbeat"] > node["started"] + 1.5
+
+        wait_until(renewed, timeout=60, interval=0.5, what="a renewed heartbeat")

@@ -15,10 +15,8 @@ import pytest
 from peers import MotoS3, Orthanc, run_storescu, sop_uids, wait_until
 from router_fixtures import Router, dicomrouter, tags_of
 
-from dicomrouter.benchmark.procs import Postgres, free_port, stop_together
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
+from dicomrouter_bench.procs import Postgres, free_port, stop_together
 
 BUCKET = "shared-spool"
 

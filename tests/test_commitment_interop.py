@@ -5,14 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 from peers import Orthanc, run_storescu, wait_until
 from router_fixtures import Router, tags_of
 
-from dicomrouter.benchmark.procs import free_port
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
+from dicomrouter_bench.procs import free_port
 
 
 def committing_router(tmp_path: Path, pacs: Orthanc, port: int, **dest: Any) -> Router:

@@ -6,14 +6,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
 from peers import Orthanc, run_storescu, wait_until
 from router_fixtures import Router, dicomrouter, tags_of
 
-from dicomrouter.benchmark.procs import free_port
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
+from dicomrouter_bench.procs import free_port
 
 
 def history(router: Router, uid: str) -> str:

@@ -35,8 +35,6 @@ from dicomrouter.deid import SOURCE_AE, Deidentifier, from_options
 from dicomrouter.deid_table import CLASS_UIDS
 from dicomrouter.transforms import Op, transform_file
 
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
-
 SECRET = "leak-test-secret"
 CT, SR, KOS = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.88.33", \
     "1.2.840.10008.5.1.4.1.1.88.59"

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from peers import Orthanc, run_storescu
 from pydicom import dcmread
 from router_fixtures import Router, dataset_bytes, tags_of
 
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
 
 USERS = {"router": "s3cret-Pa55"}
 REFUSE_LUA = """

@@ -14,12 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from peers import Orthanc, dcmtk, free_port, peer_env, run_storescu, wait_until
+from peers import Orthanc, dcmtk, free_port, peer_env, require_peer, run_storescu, wait_until
 from router_fixtures import Router, dicomrouter, tags_of
 
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
 
 CRASH_ROUNDS = int(os.environ.get("DICOMROUTER_CRASH_ROUNDS", "10"))
 
@@ -161,8 +159,8 @@ def small_disk(tmp_path: Path):
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mnt)],
                        capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {r.stderr.strip()}")
+    require_peer(f"a small tmpfs to fill ({r.stderr.strip()})", r.returncode == 0,
+                 "nothing: run the tests as root (CI does)")
     try:
         yield mnt
     finally:

@@ -15,8 +15,6 @@ from router_fixtures import Router, dataset_bytes, tags_of
 
 from dicomrouter.sample import generate
 
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
-
 
 def test_a_watcher_never_sees_half_a_staged_study(tmp_path: Path) -> None:
     """Studies are written in DOWNLOADING and appear in QUEUED whole: a watcher polling QUEUED

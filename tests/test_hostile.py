@@ -14,7 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from peers import dcmtk, peer_env, run_storescu, wait_until
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
@@ -32,8 +31,6 @@ from rawdicom import (
 from router_fixtures import Router
 
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
 
 SEED = 20261124
 STRICT = {"acse_timeout": "3s", "network_timeout": "3s", "dimse_timeout": "5s",

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from peers import Orthanc, StoreSCP, run_storescu, sop_uids, wait_until
 from router_fixtures import Router, dataset_bytes, tags_of
 
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
 
 
 def test_move_destination_has_orthanc_send_the_study_to_storescp(
@@ -56,7 +53,7 @@ def test_move_destination_has_orthanc_send_the_study_to_storescp(
 
 def test_move_destination_with_the_source_down_retries(tmp_path: Path) -> None:
     study = generate(tmp_path / "study", series=1, instances=2, rows=8, cols=8, seed=62)
-    from dicomrouter.benchmark.procs import free_port
+    from dicomrouter_bench.procs import free_port
 
     source = {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
     with Router(tmp_path / "router", {

@@ -8,39 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import MotoS3, Orthanc, dcmtk, free_port, run_storescu, wait_until
+from peers import DcmQrScp, MotoS3, Orthanc, free_port, run_storescu, wait_until
 from router_fixtures import Router, dicomrouter, tags_of
 
-from dicomrouter.benchmark.procs import Peer, tcp_accepts
 from dicomrouter.destinations.store import status_is_permanent
 from dicomrouter.sample import generate
 
 RETRYING = {"initial": "1s", "max_attempts": 10}
-
-
-class DcmQrScp(Peer):
-    """DCMTK ``dcmqrscp`` with one storage area, AE title ARCHIVE; it rejects associations to
-    any other called AE title (rejected-permanent, called AE title not recognised)."""
-
-    name = "dcmqrscp"
-
-    def __init__(self, work_dir: Path) -> None:
-        super().__init__(work_dir)
-        self.port = free_port()
-        self.db = self.work_dir / "db"
-
-    def prepare(self) -> None:
-        self.db.mkdir(parents=True, exist_ok=True)
-        (self.work_dir / "dcmqrscp.cfg").write_text(
-            f"NetworkTCPPort = {self.port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
-            "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
-            f"AETable BEGIN\nARCHIVE {self.db} RW (100, 1024mb) ANY\nAETable END\n")
-
-    def command(self) -> list[str]:
-        return [dcmtk("dcmqrscp"), "-v", "-c", str(self.work_dir / "dcmqrscp.cfg")]
-
-    def ready(self) -> bool:
-        return tcp_accepts(self.port)
 
 
 def _dead_after_one_attempt(router: Router, uid: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import socket
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from peers import SAMPLE_DIR, StoreSCP, run_storescu, wait_until
 from pydicom import dcmread
 from pynetdicom.transport import AssociationSocket
@@ -16,8 +15,6 @@ from router_fixtures import Router, dicomrouter, tags_of
 
 from dicomrouter.netutil import enable_tcp_nodelay
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
 
 
 def sop(f: Path) -> str:

@@ -92,6 +92,26 @@ CASES: list[tuple[dict[str, Any], set[str]]] = [
     ({"any": [{"Modality": "SR"}, {"StudyDate": {"<": "20040101"}}]}, {"rt", "sr"}),
     ({"all": [{"StudyDate": {">": "2004"}}, {"not": {"Modality": "MR"}}]}, {"ct"}),
     ({"Modality": "CT", "SliceThickness": {"<": 1}}, set()),  # every condition must hold
+    # values match case-sensitively...
+    ({"Modality": "ct"}, set()),
+    ({"Modality": {"equals": "ct"}}, set()),
+    ({"Modality": {"in": ["mr", "sr"]}}, set()),
+    ({"Modality": "/^ct$/"}, set()),
+    ({"PatientName": {"glob": "compressed*"}}, set()),
+    # ... unless the condition ignores case
+    ({"Modality": "/^ct$/i"}, {"ct"}),
+    ({"Modality": ["/^m[rg]$/i", "SR"]}, {"mr", "sr"}),
+    ({"PatientName": "/^compressedsamples\\^/i"}, {"ct", "mr"}),
+    ({"Modality": {"ieq": "ct"}}, {"ct"}),
+    ({"StationName": {"ieq": " ct01_oc0 "}}, {"ct"}),  # padding is stripped on both sides
+    ({"InstitutionName": {"ieq": "jfk imaging"}}, set()),  # the whole value, not a part
+    ({"Modality": {"iin": ["mr", "Sr"]}}, {"mr", "sr"}),
+    ({"not": {"Modality": {"ieq": "ct"}}}, {"mr", "rt", "sr"}),
+    # an empty value is no value (AccessionNumber is empty in every test file)
+    ({"AccessionNumber": {"missing": True}}, {"ct", "mr", "rt", "sr"}),
+    ({"AccessionNumber": {"exists": True}}, set()),
+    ({"AccessionNumber": ""}, {"ct", "mr", "rt", "sr"}),
+    ({"StationName": {"missing": True}}, {"sr"}),  # absent, like empty
 ]
 
 
@@ -133,6 +153,11 @@ def test_first_match_stop_and_fallback(tmp_path: Path, studies: dict[str, Any]) 
     ({"not": {"Bogus": 1}}, "routes[0].when.not.Bogus: not a DICOM keyword"),
     ({"Modality": {"between": [1]}}, "routes[0].when.Modality.between: expected [low, high]"),
     ({"Modality": {"exists": "yes"}}, "routes[0].when.Modality.exists: expected true or false"),
+    ({"Modality": {"iin": "ct"}}, "routes[0].when.Modality.iin: expected a list of values"),
+    ({"Modality": {"ieq": ["ct"]}}, "routes[0].when.Modality.ieq: expected one value"),
+    ({"Modality": "/(/i"}, "routes[0].when.Modality: invalid regular expression /(/i"),
+    ({"Modality": {"ilike": "ct"}}, "routes[0].when.Modality.ilike: unknown operator (one of "
+     "equals, in, ieq, iin,"),
 ])
 def test_bad_conditions_name_the_key(tmp_path: Path, when: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -170,3 +195,76 @@ def test_explain_files_says_which_condition_decided(tmp_path: Path,
     r = dicomrouter("explain", str(ct), "--config", str(p), "--json")
     data = json.loads(r.stdout)
     assert data[0]["destinations"] == ["rest"]
+
+
+def test_case_insensitive_conditions_explained_as_written(tmp_path: Path,
+                                                          studies: dict[str, Any]) -> None:
+    """explain shows /.../i, ieq and iin as written, and that the plain form fails on case."""
+    from router_fixtures import dicomrouter
+
+    p = tmp_path / "r.yml"
+    p.write_text(yaml.safe_dump({
+        "destinations": {n: {"type": "folder", "path": n} for n in ("a", "b", "c", "d")},
+        "routes": [{"name": "exact", "when": {"Modality": "ct"}, "to": "a"},
+                   {"name": "regex i", "when": {"StationName": "/^ct01/i"}, "to": "b"},
+                   {"name": "ieq", "when": {"Modality": {"ieq": "ct"}}, "to": "c"},
+                   {"name": "iin", "when": {"Modality": {"iin": ["mr", "ct"]},
+                                            "PatientName": {"regex": "(?i)samples"}},
+                    "to": "d"}]}))
+    ct = Path(studies["ct"][0].key)
+    r = dicomrouter("explain", str(ct), "--config", str(p))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "route 'exact' → a: not matched" in out, out
+    assert "Modality = ct: fails (study has CT)" in out, out
+    assert "route 'regex i' → b: MATCHED" in out, out
+    assert "StationName = /^ct01/i: holds (study has CT01_OC0)" in out, out
+    assert "Modality ieq 'ct': holds (study has CT)" in out, out
+    assert "Modality iin ('mr', 'ct'): holds (study has CT)" in out, out
+    assert "PatientName regex /(?i)samples/: holds" in out, out
+    assert "destinations: b, c, d" in out, out
+    data = json.loads(dicomrouter("explain", str(ct), "--config", str(p), "--json").stdout)
+    assert data[0]["destinations"] == ["b", "c", "d"]
+
+
+def test_case_insensitive_routes_end_to_end(tmp_path: Path) -> None:
+    """A real router: a study whose Modality and StationName are written in another case than
+    the table reaches only the destinations whose conditions ignore case; its history says
+    which condition decided."""
+    from peers import dcmtk, run_storescu, wait_until
+    from router_fixtures import Router, dicomrouter
+
+    from dicomrouter.sample import generate
+
+    dcmtk("storescu")
+    study = generate(tmp_path / "study", series=1, instances=2, rows=8, cols=8, seed=811)
+    for f in study:
+        ds = dcmread(f)
+        ds.StationName = "ct-Scanner-1"
+        ds.AccessionNumber = ""
+        ds.save_as(f)
+    uid = str(dcmread(study[0]).StudyInstanceUID)
+    dests = ("exact", "regex_i", "ieq", "no_accession")
+    with Router(tmp_path / "r", {
+        "destinations": {n: {"type": "folder", "path": str(tmp_path / n)} for n in dests},
+        "routes": [
+            {"name": "exact", "when": {"StationName": "CT-SCANNER-1"}, "to": "exact"},
+            {"name": "regex i", "when": {"StationName": "/^CT-SCANNER-\\d$/i"},
+             "to": "regex_i"},
+            {"name": "ieq", "when": {"StationName": {"ieq": "CT-SCANNER-1"},
+                                     "Modality": {"iin": ["ct", "mr"]}}, "to": "ieq"},
+            {"name": "no accession", "when": {"AccessionNumber": {"missing": True}},
+             "to": "no_accession"}],
+    }) as router:
+        assert run_storescu(study, router.port).returncode == 0
+        router.wait_state(uid, "delivered")
+        wait_until(lambda: all(len(list((tmp_path / n).rglob("*.dcm"))) == 2
+                               for n in dests[1:]), timeout=30, what="the three deliveries")
+        text = dicomrouter("status", "--study", uid, "--config",
+                           str(router.config_path)).stdout
+    assert not (tmp_path / "exact").exists() or not list((tmp_path / "exact").rglob("*.dcm"))
+    assert "'exact' not matched (StationName = CT-SCANNER-1: fails (study has ct-Scanner-1))" \
+        in text, text
+    assert "StationName = /^CT-SCANNER-\\d$/i: holds" in text, text
+    assert "Modality iin ('ct', 'mr'): holds (study has CT)" in text, text
+    assert "AccessionNumber missing True: holds (study has none)" in text, text

@@ -15,8 +15,6 @@ from router_fixtures import Router, dataset_bytes, tags_of
 from dicomrouter.dicomfile import safe_component
 from dicomrouter.sample import generate
 
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
-
 
 def s3_router(tmp_path: Path, endpoint: str, **options: object) -> Router:
     return Router(tmp_path / "router", {

@@ -11,10 +11,10 @@ import pytest
 from peers import run_storescu, wait_until
 from router_fixtures import dicomrouter, tags_of
 
-from dicomrouter.benchmark.procs import free_port
 from dicomrouter.config import ConfigError, from_dict
 from dicomrouter.sample import generate
 from dicomrouter.schedule import parse_window
+from dicomrouter_bench.procs import free_port
 
 
 def utc(text: str) -> float:

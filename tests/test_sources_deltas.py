@@ -21,15 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import Orthanc, dcmtk, run_storescu, sop_uids, wait_until
+from peers import DcmQrScp, Orthanc, run_storescu, sop_uids, wait_until
 from pydicom import dcmread
 from router_fixtures import Router, dataset_bytes, tags_of
 from test_sources_interop import polled_since, router_history, source_row, tree, upload
 
-from dicomrouter.benchmark.procs import Peer, free_port, tcp_accepts
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
+from dicomrouter_bench.procs import free_port
 
 STABLE = "3s"  # source_stable_age in these tests
 
@@ -162,31 +160,20 @@ def test_dicomweb_source_waits_for_a_stable_study_then_pulls_only_what_it_gained
         assert "Traceback" not in router.log(5000)
 
 
-class QrScp(Peer):
-    """DCMTK ``dcmqrscp`` (AE ARCHIVE): a PACS that stores, finds and moves, but returns no
-    NumberOfStudyRelatedInstances or NumberOfSeriesRelatedInstances."""
-
-    name = "dcmqrscp"
+class QrScp(DcmQrScp):
+    """DCMTK ``dcmqrscp`` (AE ARCHIVE) that may C-MOVE to the router: a PACS that stores, finds
+    and moves, but returns no NumberOfStudyRelatedInstances or NumberOfSeriesRelatedInstances."""
 
     def __init__(self, work_dir: Path, router_port: int) -> None:
         super().__init__(work_dir)
-        self.port = free_port()
         self.router_port = router_port
-        self.db = self.work_dir / "db"
 
     def prepare(self) -> None:
-        self.db.mkdir(parents=True, exist_ok=True)
-        (self.work_dir / "dcmqrscp.cfg").write_text(
-            f"NetworkTCPPort = {self.port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
-            f"HostTable BEGIN\nrouter = (DICOMROUTER, 127.0.0.1, {self.router_port})\n"
-            "HostTable END\nVendorTable BEGIN\nVendorTable END\n"
-            f"AETable BEGIN\nARCHIVE {self.db} RW (100, 1024mb) ANY\nAETable END\n")
-
-    def command(self) -> list[str]:
-        return [dcmtk("dcmqrscp"), "-v", "-c", str(self.work_dir / "dcmqrscp.cfg")]
-
-    def ready(self) -> bool:
-        return tcp_accepts(self.port)
+        super().prepare()
+        cfg = self.work_dir / "dcmqrscp.cfg"
+        cfg.write_text(cfg.read_text().replace(
+            "HostTable BEGIN\n",
+            f"HostTable BEGIN\nrouter = (DICOMROUTER, 127.0.0.1, {self.router_port})\n"))
 
     def store(self, files: list[Path]) -> None:
         r = run_storescu(files, self.port, aet="ARCHIVE")

@@ -11,10 +11,8 @@ import pytest
 from peers import Orthanc, StoreSCP, sop_uids, wait_until
 from router_fixtures import Router, dataset_bytes, tags_of
 
-from dicomrouter.benchmark.procs import free_port
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
+from dicomrouter_bench.procs import free_port
 
 
 def upload(pacs: Orthanc, files: list[Path]) -> None:

@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from peers import wait_until
+from peers import require_peer, wait_until
 
-from dicomrouter.benchmark.procs import Postgres
 from dicomrouter.query import Match, Query
 from dicomrouter.state import State, StateUnavailable
 from dicomrouter.state.postgres import MIGRATIONS, PostgresState
 from dicomrouter.state.sqlite import SQLiteState
+from dicomrouter_bench.procs import Postgres
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -226,7 +226,7 @@ def test_migrations_are_versioned_and_applied_once(pg_dsn: str, tmp_path: Path) 
 
 
 def test_unreachable_postgresql_is_a_clear_error() -> None:
-    from dicomrouter.benchmark.procs import free_port
+    from dicomrouter_bench.procs import free_port
 
     with pytest.raises(StateUnavailable, match="PostgreSQL is not reachable") as err:
         PostgresState(f"postgresql://x:pw1234@127.0.0.1:{free_port()}/x", "n",
@@ -235,8 +235,8 @@ def test_unreachable_postgresql_is_a_clear_error() -> None:
 
 
 def test_the_state_reconnects_after_a_postgresql_restart(tmp_path: Path) -> None:
-    if not Postgres.available():
-        pytest.skip("PostgreSQL not installed")  # the pg_dsn tests fail loudly in CI
+    require_peer("PostgreSQL", Postgres.available(),
+                 "postgresql (apt-get install postgresql) and psycopg (pip install)")
     with Postgres(tmp_path / "pg") as pg:
         state = PostgresState(pg.dsn, "n1", tmp_path, lease=3, connect_timeout=5)
         _record(state, "1.6.1", 2)

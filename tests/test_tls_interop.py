@@ -6,16 +6,13 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import pytest
 from peers import StoreSCP, dcmtk, peer_env, run_storescu, sop_uids, wait_until
 from pydicom import dcmread
 from router_fixtures import Router, dataset_bytes, tags_of
 
-from dicomrouter.benchmark.procs import free_port
-from dicomrouter.benchmark.tlscerts import Certs, make_certs
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
+from dicomrouter_bench.procs import free_port
+from dicomrouter_bench.tlscerts import Certs, make_certs
 
 
 def tls_args(certs: Certs, pair: str | None) -> list[str]:

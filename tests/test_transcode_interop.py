@@ -22,8 +22,6 @@ from router_fixtures import Router
 
 from dicomrouter.sample import generate
 
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
-
 LOSSY = {"jpeg_baseline_gray", "jpeg_baseline_rgb", "jpeg_extended", "jpegls_near", "j2k_lossy"}
 
 

@@ -15,8 +15,6 @@ from router_fixtures import Router
 
 from dicomrouter.config import ConfigError, from_dict
 
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
-
 ROUTE_TRANSFORMS = [
     {"set": {"InstitutionName": "Research", "ClinicalTrialProtocolID": "P-{StudyDate}"}},
     {"delete": ["OtherPatientIDs"]},

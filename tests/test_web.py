@@ -4,22 +4,18 @@ amounts, the REST API, token auth, and the status page in a real headless Chromi
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import StoreSCP, require_peer, run_storescu, sop_uids, wait_until
+from peers import StoreSCP, run_storescu, sop_uids, wait_until
 from router_fixtures import Router, tags_of
 
-from dicomrouter.benchmark.procs import free_port
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
+from dicomrouter_bench.procs import free_port
 
 TOKEN = "t0ken-for-tests"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -138,14 +134,9 @@ def test_web_binds_to_loopback_by_default(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("token_env")
-def test_status_page_in_headless_chromium(tmp_path: Path) -> None:
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    require_peer("Chromium", os.path.exists(chromium), "chromium (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require_peer("playwright", False, "playwright (pip install playwright)")
-        return
+def test_status_page_in_headless_chromium(tmp_path: Path, chromium: str) -> None:
+    from playwright.sync_api import sync_playwright
+
     archive_port = free_port()
     study = generate(tmp_path / "study", series=1, instances=4, rows=16, cols=16, seed=102)
     uid = tags_of(study[0], "StudyInstanceUID")[0]

@@ -21,10 +21,8 @@ import pytest
 from peers import require_peer, run_storescu, wait_until
 from router_fixtures import Router, dicomrouter, tags_of
 
-from dicomrouter.benchmark.procs import free_port
 from dicomrouter.sample import generate
-
-pytestmark = pytest.mark.usefixtures("dcmtk_available")
+from dicomrouter_bench.procs import free_port
 
 TOKEN = "s3cret-web-token"
 CLIENT = r"""
@@ -170,18 +168,13 @@ def test_a_network_bind_without_a_token_does_not_start(tmp_path: Path,
 
 
 @pytest.mark.usefixtures("token_env")
-def test_status_page_login_in_headless_chromium(tmp_path: Path,
+def test_status_page_login_in_headless_chromium(tmp_path: Path, chromium: str,
                                                 other_host: OtherHost) -> None:
     """Chromium gets the login answer without credentials, the page with them (basic auth,
     the token as the password), and the retry button works through that login alone."""
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    require_peer("Chromium", os.path.exists(chromium), "chromium (apt-get install chromium)")
-    try:
-        from playwright.sync_api import Error as PlaywrightError
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require_peer("playwright", False, "playwright (pip install playwright)")
-        return
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import sync_playwright
+
     study = generate(tmp_path / "study", series=1, instances=2, rows=16, cols=16, seed=112)
     uid = tags_of(study[0], "StudyInstanceUID")[0]
     with _router(tmp_path, "r3") as router:

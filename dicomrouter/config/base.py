@@ -222,6 +222,16 @@ class RouteConfig:
             for k in want) + " all in"
 
 
+def regex_literal(text: str) -> tuple[str, int] | None:
+    """``/pattern/`` → (pattern, 0) and ``/pattern/i`` → (pattern, re.IGNORECASE), else None
+    (a plain value)."""
+    if len(text) >= 2 and text.startswith("/") and text.endswith("/"):
+        return text[1:-1], 0
+    if len(text) >= 3 and text.startswith("/") and text.endswith("/i"):
+        return text[1:-2], re.IGNORECASE
+    return None
+
+
 def _matcher(keyword: str, raw: Any, key: str) -> Matcher:
     if keyword not in AE_PSEUDO_KEYS and tag_for_keyword(keyword) is None:
         raise ConfigError(key, "not a DICOM keyword (nor CallingAE / CalledAE / Source / "
@@ -236,9 +246,11 @@ def _matcher(keyword: str, raw: Any, key: str) -> Matcher:
         if isinstance(item, bool) or item is None or isinstance(item, dict | list):
             raise ConfigError(where, f"expected a value or /regex/, got {_show(item)}")
         text = str(item)
-        if len(text) >= 2 and text.startswith("/") and text.endswith("/"):
+        regex = regex_literal(text)
+        if regex is not None:
+            pattern, flags = regex
             try:
-                patterns.append(re.compile(text[1:-1]))
+                patterns.append(re.compile(pattern, flags))
             except re.error as exc:
                 raise ConfigError(where, f"invalid regular expression {text}: {exc}") from None
         else:
@@ -258,7 +270,7 @@ class Limits:
     max_associate_rq_size: int = 65536  # bytes of an A-ASSOCIATE-RQ; larger ones are rejected
     min_free_disk: int = 1_000_000_000  # below it on the spool's disk: 0xA700, associations refused
     max_sequence_depth: int = 32  # nested sequences in a received dataset; deeper: 0xC000
-    max_query_results: int = 10_000  # C-FIND responses to one query; more: the first ones + 0xB000
+    max_query_results: int = 10_000  # C-FIND responses to one query; more: the first ones + 0xA700
 
 
 @dataclass(frozen=True)

@@ -289,6 +289,16 @@ class DicomModel(_Destination):
     tls: TlsClientModel | None = None
     storage_commitment: Bool = False  # delivered only once the peer committed the instances
     commitment_timeout: Duration = 60.0  # how long to wait for the N-EVENT-REPORT
+    # c-find: delivered only once the peer's C-FIND (Study Root, IMAGE level) lists the
+    # instance (a peer may answer success for an instance it did not keep)
+    verify: Choice("none", "c-find") = "none"
+
+    @model_validator(mode="after")
+    def _verify(self) -> DicomModel:
+        if self.verify != "none" and self.storage_commitment:
+            raise ConfigError("verify", "give verify or storage_commitment, not both (storage "
+                              "commitment is the peer's own confirmation)")
+        return self
 
 
 class PeerModel(_Strict):
@@ -350,6 +360,9 @@ class DicomwebModel(_Destination, _HttpPeer):
     type: Literal["dicomweb"]
     batch_size: Int(1, 100_000) = 100
     batch_bytes: Size = 100_000_000
+    # qido: after each batch, an instance counts as delivered only once the server's QIDO-RS
+    # lists it (a server may answer 200 for an instance it did not keep)
+    verify: Choice("none", "qido") = "none"
 
 
 # False while reading a configuration for a command that only reads the state (status, retry,

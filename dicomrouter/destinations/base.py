@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..config import DestinationConfig
@@ -55,10 +56,39 @@ class Session(ABC):
     the destination once it returns (C-STORE success, a file written and synced), False when it
     was only buffered; ``commit`` delivers what was buffered (a zip, a STOW-RS batch, a staged
     folder moved into place, a study-wide C-MOVE) and returns the SOP Instance UIDs now durable
-    there. Only those two answers mark an instance delivered; an exception from ``commit``
-    marks nothing, and the job's retry sends the buffered instances again. ``close`` releases
-    resources and says nothing about delivery.
+    there. A session that learns what became durable batch by batch (each STOW-RS response,
+    each series' C-MOVE) says so at once through :meth:`durable`: the ledger records it then, so
+    a later failure or a crash does not forget it and the retry sends only the rest. Nothing
+    else marks an instance delivered; an exception from ``commit`` marks nothing more, and the
+    job's retry sends the other buffered instances again. ``close`` releases resources and says
+    nothing about delivery.
+
+    The ledger's ``sends`` counts what went on the wire. A session whose ``send`` transmits
+    (``transmits_on_send``) is counted before each ``send``; a buffering one calls
+    :meth:`transmitting` right before a batch leaves, and :meth:`not_transmitted` when the
+    connection could not even be made.
     """
+
+    #: ``send`` puts the instance on the wire (False: it buffers; see :meth:`transmitting`)
+    transmits_on_send = True
+    #: set by the delivery worker; see :meth:`durable`, :meth:`transmitting`
+    on_durable: Callable[[Sequence[str]], None] | None = None
+    on_transmit: Callable[[Sequence[str], int], None] | None = None
+
+    def durable(self, uids: Sequence[str]) -> None:
+        """These instances (as sent) are durable at the destination now."""
+        if self.on_durable is not None and uids:
+            self.on_durable(list(uids))
+
+    def transmitting(self, uids: Sequence[str]) -> None:
+        """These buffered instances (as sent) go on the wire now."""
+        if self.on_transmit is not None and uids:
+            self.on_transmit(list(uids), 1)
+
+    def not_transmitted(self, uids: Sequence[str]) -> None:
+        """The batch announced by :meth:`transmitting` never left (no connection)."""
+        if self.on_transmit is not None and uids:
+            self.on_transmit(list(uids), -1)
 
     @abstractmethod
     def send(self, inst: Instance, data: BinaryIO) -> bool:
@@ -101,8 +131,17 @@ class Destination(ABC):
         """Start a batch for these instances (contexts are negotiated from them up front);
         ``routes`` are the routes that sent the study here (manifests name them)."""
 
+    #: a folder on the spool's disk for the destination's temporary files (a study's zip),
+    #: set by the delivery workers before any session; emptied by :meth:`recover` at start
+    workdir: Path | None = None
+
     def describe(self) -> str:
         return self.cfg.type
+
+    def recover(self) -> list[str]:
+        """Start-up, before any delivery: clean up what a crashed run left behind (temporary
+        files, an unfinished upload); one log line per thing done. Default: nothing."""
+        return []
 
 
 def secret(options: dict[str, Any], name: str) -> str | None:

@@ -34,6 +34,7 @@ class DicomDestination(Destination):
         self.sender = o["sender"]
         self.associations = o["associations"]
         self.commitment = bool(o.get("storage_commitment"))
+        self.verify = o.get("verify", "none")
         self.commitment_timeout = float(o.get("commitment_timeout", 60.0))
         #: the state database (storage commitment reports land there); set by the router
         self.state: State | None = None
@@ -44,6 +45,8 @@ class DicomDestination(Destination):
             extra += ", proposes " + ", ".join(UID(u).name for u in self.peer.transfer_syntaxes)
         if self.commitment:
             extra += f", storage commitment (waits up to {self.commitment_timeout:.0f} s)"
+        if self.verify == "c-find":
+            extra += ", verified by C-FIND"
         return f"dicom {self.peer}{extra}"
 
     def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
@@ -51,6 +54,8 @@ class DicomDestination(Destination):
         assoc = open_association(self.peer, pairs, self.sender)
         if self.commitment:
             return _CommittedSession(self, assoc)
+        if self.verify == "c-find":
+            return _VerifiedSession(self, assoc)
         return _DicomSession(assoc)
 
 
@@ -101,3 +106,51 @@ class _CommittedSession(_DicomSession):
             self.refused[uid] = (f"{peer} did not commit it (storage commitment failure reason "
                                  f"0x{reason:04X})")
         return report.committed
+
+
+class _VerifiedSession(_DicomSession):
+    """C-STORE, then a C-FIND of the study at IMAGE level: delivered means listed by the peer
+    (``verify: c-find``); an instance stored with success but not listed is refused."""
+
+    def __init__(self, dest: DicomDestination,
+                 assoc: StoreAssociation | FastStoreAssociation) -> None:
+        super().__init__(assoc)
+        self.dest = dest
+        self.stored: dict[str, list[str]] = {}  # study (as sent) → SOP Instance UIDs stored
+        self.refused = {}
+
+    def send(self, inst: Instance, data: BinaryIO) -> bool:
+        super().send(inst, data)
+        self.stored.setdefault(inst.study_uid, []).append(inst.sop_uid)
+        return False  # stored, not yet seen in the peer's C-FIND
+
+    def commit(self) -> Sequence[str]:
+        from pydicom.dataset import Dataset
+
+        from ..qrscu import PeerError, Remote, find
+
+        if not self.stored:
+            return ()
+        self.assoc.release()  # the C-FIND goes on its own association
+        peer = self.dest.peer
+        remote = Remote(peer.ae_title, peer.host, peer.port, peer.calling_ae_title, peer.timeout,
+                        peer.tls)
+        listed: set[str] = set()
+        for study, uids in self.stored.items():
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID = study
+            query.SeriesInstanceUID = ""
+            query.SOPInstanceUID = ""
+            try:
+                answers = find(remote, query)
+            except PeerError as exc:
+                raise DeliveryError(f"verify (C-FIND): {exc}") from None
+            found = {str(a.get("SOPInstanceUID", "")) for a in answers}
+            for uid in uids:
+                if uid in found:
+                    listed.add(uid)
+                else:
+                    self.refused[uid] = (f"accepted but not stored: {peer} answered the C-STORE "
+                                         "with success, yet its C-FIND does not list it")
+        return sorted(listed)

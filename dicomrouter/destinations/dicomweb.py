@@ -27,6 +27,7 @@ from .base import DeliveryError, Destination, PermanentFailure, Session
 REFERENCED_SOP_SEQUENCE = "00081199"
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_INSTANCE_UID = "00081155"
+SOP_INSTANCE_UID = "00080018"
 FAILURE_REASON = "00081197"
 WARNING_REASON = "00081196"
 FAILURE_REASONS = {0xA700: "out of resources", 0xA900: "data set does not match SOP class",
@@ -112,8 +113,22 @@ HTTP_ACTIONS = {
 }
 
 
+def _connection_never_made(exc: requests.RequestException) -> bool:
+    """The request failed before a byte of it left: no connection could be made."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    text = str(exc)
+    return isinstance(exc, requests.exceptions.ConnectionError) and (
+        "NewConnectionError" in text or "Failed to establish a new connection" in text
+        or "Failed to resolve" in text or "Name or service not known" in text)
+
+
 class _StowSession(Session):
-    """Buffers instances (their spool readers' ``reopen``) and posts them in bounded batches."""
+    """Buffers instances (their spool readers' ``reopen``) and posts them in bounded batches;
+    what each response confirms is reported durable at once (verified by QIDO-RS first with
+    ``verify: qido``)."""
+
+    transmits_on_send = False
 
     def __init__(self, dest: DicomwebDestination, http: requests.Session) -> None:
         self.dest = dest
@@ -150,15 +165,18 @@ class _StowSession(Session):
         headers = {"Content-Type": f'multipart/related; type="application/dicom"; '
                                    f"boundary={boundary}",
                    "Accept": "application/dicom+json"}
+        uids = [inst.sop_uid for inst, _r, _s in batch]
+        self.transmitting(uids)
         try:
             rsp = self.http.post(url, data=body, headers=headers,
                                  timeout=self.dest.options["timeout"])
         except requests.RequestException as exc:
             from ..httpauth import request_failure  # httpauth imports destinations.base
 
+            if _connection_never_made(exc):
+                self.not_transmitted(uids)
             raise DeliveryError(f"STOW-RS to {request_failure(exc, url)}") from None
         self.requests += 1
-        uids = [inst.sop_uid for inst, _r, _s in batch]
         if rsp.status_code in HTTP_ACTIONS or (
                 400 <= rsp.status_code < 500 and rsp.status_code not in (400, 408, 409, 429)):
             raise PermanentFailure(
@@ -169,12 +187,43 @@ class _StowSession(Session):
             raise DeliveryError(f"STOW-RS to {url}: HTTP {rsp.status_code} {rsp.reason}: "
                                 f"{rsp.text[:300]}")
         delivered, failed = _parse(rsp)
+        accepted = []
         for uid in uids:
             if uid in delivered and uid not in failed:
-                self.confirmed.append(uid)
+                accepted.append(uid)
             else:
                 self.refused[uid] = failed.get(uid) or \
                     f"HTTP {rsp.status_code}: not in the STOW-RS response's referenced instances"
+        if accepted and self.dest.options.get("verify") == "qido":
+            held = self._stored(batch[0][0].study_uid)
+            for uid in [u for u in accepted if u not in held]:
+                self.refused[uid] = ("accepted but not stored: the server answered success, "
+                                     "yet its QIDO-RS does not list the instance")
+            accepted = [u for u in accepted if u in held]
+        self.confirmed += accepted
+        self.durable(accepted)  # recorded now: a later batch failing does not forget them
+
+    def _stored(self, study_uid: str) -> set[str]:
+        """The SOP Instance UIDs the server lists for the study (QIDO-RS, instance level)."""
+        url = f"{self.dest.url}/studies/{study_uid}/instances"
+        try:
+            rsp = self.http.get(url, params={"includefield": SOP_INSTANCE_UID},
+                                headers={"Accept": "application/dicom+json"},
+                                timeout=self.dest.options["timeout"])
+        except requests.RequestException as exc:
+            from ..httpauth import request_failure
+
+            raise DeliveryError(f"QIDO-RS (verify) at {request_failure(exc, url)}") from None
+        if rsp.status_code == 204 or (rsp.status_code == 404 and not rsp.content):
+            return set()
+        if rsp.status_code != 200:
+            raise DeliveryError(f"QIDO-RS (verify) {url}: HTTP {rsp.status_code} {rsp.reason}")
+        try:
+            rows = rsp.json() if rsp.content else []
+        except ValueError:
+            raise DeliveryError(f"QIDO-RS (verify) {url}: not JSON") from None
+        return {str(((r.get(SOP_INSTANCE_UID) or {}).get("Value") or [""])[0])
+                for r in rows if isinstance(r, dict)}
 
 
 def _parse(rsp: requests.Response) -> tuple[set[str], dict[str, str]]:

@@ -95,6 +95,9 @@ class FastStoreAssociation:
         self.rf = self.sock.makefile("rb", buffering=64 * 1024)
         self._message_id = 0
         self.established = False
+        #: (AE title, Message ID) of the C-MOVE these C-STOREs are sub-operations of (PS3.7
+        #: 9.3.1.1: Move Originator AE Title and Message ID); None for a delivery
+        self.move_originator: tuple[str, int] | None = None
         try:
             self._associate(contexts)
         except BaseException:
@@ -167,14 +170,18 @@ class FastStoreAssociation:
             payload = encode(converted(source, transfer_syntax, target, self.peer), target)
         sop_instance = sop_instance or self._sop_instance(source)
         self._message_id = self._message_id % 0xFFFF + 1
-        command = encode_command([
+        elements = [
             (0x0002, text(sop_class, b"\x00")),
             (0x0100, struct.pack("<H", C_STORE_RQ)),
             (0x0110, struct.pack("<H", self._message_id)),
             (0x0700, struct.pack("<H", 0)),
             (0x0800, struct.pack("<H", 0x0000)),
             (0x1000, text(sop_instance, b"\x00")),
-        ])
+        ]
+        if self.move_originator is not None:
+            elements += [(0x1030, text(self.move_originator[0], b" ")),
+                         (0x1031, struct.pack("<H", self.move_originator[1]))]
+        command = encode_command(elements)
         try:
             self._send(pdata(cx_id, 0x03, command))
             if payload is None:

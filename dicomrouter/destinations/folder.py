@@ -218,6 +218,8 @@ def _move_into_place(staged: Path, final: Path) -> None:
 class _ZipSession(Session):
     """One zip per study, built beside its final name and renamed into place at commit."""
 
+    transmits_on_send = False  # the zip appears (is "sent") at commit
+
     def __init__(self, dest: FolderDestination, routes: Sequence[str]) -> None:
         self.dest = dest
         self.routes = routes
@@ -243,6 +245,7 @@ class _ZipSession(Session):
     def commit(self) -> Sequence[str]:
         if self.zip is None or self.target is None:
             return ()
+        self.transmitting(self.uids)
         try:
             self.zip.finish(self.dest.name, self.routes)
             with open(self.zip.path, "rb") as f:

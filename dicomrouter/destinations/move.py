@@ -42,6 +42,11 @@ class MoveDestination(Destination):
 
 
 class _MoveSession(Session):
+    """Collects the instances, then one C-MOVE per identifier (the study, or each series of a
+    late arrival): each one's outcome is reported durable as soon as it is known."""
+
+    transmits_on_send = False
+
     def __init__(self, dest: MoveDestination) -> None:
         self.dest = dest
         self.instances: list[Instance] = []
@@ -86,15 +91,20 @@ class _MoveSession(Session):
             wanted = [i.sop_uid for i in self.instances
                       if identifier.QueryRetrieveLevel == "STUDY"
                       or i.series_uid == identifier.SeriesInstanceUID]
+            self.transmitting(wanted)  # the source sends them now
             try:
                 result = move(dest.remote, identifier, dest.target, dest.model)
             except PeerError as exc:
+                if str(exc).startswith(("cannot reach", "cannot associate")):
+                    self.not_transmitted(wanted)  # no association: the source sent nothing
                 if exc.permanent:
                     raise PermanentFailure(str(exc), "make the source PACS accept the router's "
                                            "calling AE title, or fix the destination's "
                                            "source settings") from None
                 raise DeliveryError(str(exc)) from None
-            delivered += self._outcome(result, wanted)
+            done = self._outcome(result, wanted)
+            self.durable(done)  # recorded now: the next identifier failing does not forget it
+            delivered += done
         return delivered
 
     def _outcome(self, result: RetrieveResult, wanted: list[str]) -> list[str]:

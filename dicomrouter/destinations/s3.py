@@ -12,7 +12,9 @@ study UID, instance count, SHA-256. Credentials: the standard AWS chain, or
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -76,7 +78,6 @@ class S3Destination(Destination):
         self.key = self.options["key"] or (DEFAULT_ZIP_KEY if self.whole_study
                                            else DEFAULT_INSTANCE_KEY)
         self.bucket = self.options["bucket"]
-        self.spool_tmp: Path | None = None  # set by the router: zips are built on its disk
 
     def describe(self) -> str:
         where = self.options.get("endpoint_url") or "AWS"
@@ -92,15 +93,66 @@ class S3Destination(Destination):
         return render_template(self.key, lookup).as_posix()
 
     def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
+        client = self.client()
+        if self.whole_study:
+            return _ZipSession(self, client, routes)
+        return _InstanceSession(self, client)
+
+    def client(self) -> Any:
         try:
-            client = _client(self.options)
+            return _client(self.options)
         except DeliveryError:
             raise
         except Exception as exc:
             raise _s3_error(exc, "client") from None
-        if self.whole_study:
-            return _ZipSession(self, client, routes)
-        return _InstanceSession(self, client)
+
+    def recover(self) -> list[str]:
+        """Remove the zips a crash left half built, and abort the multipart uploads it left
+        open in the bucket (their parts are stored, and billed, until aborted). An upload is
+        recorded in the work folder before it starts, so only this router's are aborted."""
+        done: list[str] = []
+        if self.workdir is None or not self.workdir.is_dir():
+            return done
+        zips = [p for p in self.workdir.glob("*.zip.part") if p.is_file()]
+        for p in zips:
+            p.unlink(missing_ok=True)
+        if zips:
+            done.append(f"removed {len(zips)} study zip(s) an interrupted export to "
+                        f"s3://{self.bucket} left in {self.workdir}")
+        for record in sorted(self.workdir.glob("upload-*.json")):
+            try:
+                key = json.loads(record.read_text())["key"]
+                aborted = self._abort_uploads(key, record.stat().st_mtime)
+            except (OSError, ValueError, KeyError) as exc:
+                done.append(f"cannot read {record}: {exc}")
+                record.unlink(missing_ok=True)
+                continue
+            except DeliveryError as exc:  # the bucket is out of reach: try at the next start
+                done.append(f"could not abort an interrupted upload to s3://{self.bucket}: "
+                            f"{exc}")
+                continue
+            record.unlink(missing_ok=True)
+            if aborted:
+                done.append(f"aborted {aborted} unfinished multipart upload(s) of "
+                            f"s3://{self.bucket}/{key} an interrupted export left open")
+        return done
+
+    def _abort_uploads(self, key: str, not_after: float) -> int:
+        """Abort the multipart uploads of exactly ``key`` begun before ``not_after`` (+1 min
+        of clock skew): the ones the interrupted run began."""
+        client = self.client()
+        aborted = 0
+        try:
+            listing = client.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
+            for up in listing.get("Uploads", []):
+                if up["Key"] != key or up["Initiated"].timestamp() > not_after + 60:
+                    continue
+                client.abort_multipart_upload(Bucket=self.bucket, Key=key,
+                                              UploadId=up["UploadId"])
+                aborted += 1
+        except Exception as exc:
+            raise _s3_error(exc, f"multipart uploads of s3://{self.bucket}/{key}") from None
+        return aborted
 
 
 def _keywords(template: str) -> list[str]:
@@ -130,13 +182,18 @@ class _InstanceSession(Session):
 
 
 class _ZipSession(Session):
-    """Builds the study's zip as instances arrive; uploads it at commit."""
+    """Builds the study's zip as instances arrive (in the destination's work folder on the
+    spool's disk); uploads it at commit."""
+
+    transmits_on_send = False
 
     def __init__(self, dest: S3Destination, client: Any, routes: Sequence[str]) -> None:
         self.dest = dest
         self.client = client
         self.routes = routes
-        self.zip = StudyZip(dest.spool_tmp)
+        if dest.workdir is not None:
+            dest.workdir.mkdir(parents=True, exist_ok=True)
+        self.zip = StudyZip(dest.workdir)
         self.uids: list[str] = []
         self.key: str | None = None
 
@@ -151,14 +208,31 @@ class _ZipSession(Session):
         if not self.uids or self.key is None:
             return ()
         sha256 = self.zip.finish(self.dest.name, self.routes)
+        record = self._record_upload()
+        self.transmitting(self.uids)
         try:
             self.client.upload_file(self.zip.path, self.dest.bucket, self.key, ExtraArgs={
                 "Metadata": {"study-instance-uid": self.zip.study_uid,
                              "instance-count": str(len(self.uids)), "sha256": sha256},
                 "ContentType": "application/zip"})
         except Exception as exc:
+            if "EndpointConnectionError" in f"{type(exc).__name__} {exc}" or \
+                    "Could not connect to the endpoint" in str(exc):
+                self.not_transmitted(self.uids)
             raise _s3_error(exc, f"upload of s3://{self.dest.bucket}/{self.key}") from None
+        finally:
+            if record is not None:  # boto3 aborts a multipart upload that failed itself
+                record.unlink(missing_ok=True)
         return self.uids
+
+    def _record_upload(self) -> Path | None:
+        """Note the key before uploading: if the process dies mid-upload, the next start
+        aborts the multipart upload it left open (S3Destination.recover)."""
+        if self.dest.workdir is None or self.key is None:
+            return None
+        record = self.dest.workdir / f"upload-{uuid.uuid4().hex}.json"
+        record.write_text(json.dumps({"bucket": self.dest.bucket, "key": self.key}))
+        return record
 
     def close(self) -> None:
         self.zip.discard()

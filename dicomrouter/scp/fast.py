@@ -60,7 +60,7 @@ from ..dimse import (
 from ..spool import ReceiveFile, Spool
 from ..tlsctx import describe_error, server_context, subject_of
 from . import ingest
-from .contexts import ACCEPTED_SYNTAXES, STORAGE_SOP_CLASSES, supported_contexts
+from .contexts import STORAGE_SOP_CLASSES, supported_contexts
 from .replay import ReplaySocket
 
 log = logging.getLogger("dicomrouter.scp")
@@ -192,7 +192,7 @@ class FastStorageSCP:
     def _start_services(self) -> None:
         """A pynetdicom AE for the handed-off associations. Its server never accepts: its
         listening socket is closed at once; associations reach it through ``hand_off``."""
-        from .qr import GET_MODELS
+        from .qr import GET_MODELS, GET_STORE_SYNTAXES
         from .server import acceptor_ae
 
         ae = acceptor_ae(self.cfg, self.listener)
@@ -206,7 +206,7 @@ class FastStorageSCP:
         if self._service_syntaxes & GET_MODELS:
             # a C-GET requestor proposes storage contexts in which it is the SCP
             for cx in AllStoragePresentationContexts:
-                ae.add_supported_context(cx.abstract_syntax, ACCEPTED_SYNTAXES,
+                ae.add_supported_context(cx.abstract_syntax, GET_STORE_SYNTAXES,
                                          scu_role=False, scp_role=True)
         server = AssociationServer(ae, ("127.0.0.1", 0), self.listener.ae_title,
                                    ae.supported_contexts, evt_handlers=handlers)

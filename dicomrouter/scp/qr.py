@@ -1,73 +1,73 @@
-"""The router as a Query/Retrieve SCP over what its spool holds: pynetdicom's C-FIND, C-MOVE
-and C-GET service classes with our handlers (PS3.4 annex C), Patient Root and Study Root.
+"""The router as a Query/Retrieve SCP over what its spool holds (PS3.4 annex C), Patient Root
+and Study Root: pynetdicom's C-FIND service with our handler, and C-MOVE / C-GET answered by
+our handlers through ``retrieve.RetrieveServiceClass`` (statuses, counts and sub-operations).
 
-Matching is ``query.parse`` → ``State.qr_rows`` (indexed columns). C-MOVE destinations come
-from ``known_aes``; an unknown one gets 0xA801 from pynetdicom when the handler yields no
-address. Sub-operations, their counts and the failed SOP Instance UID list are pynetdicom's.
+Matching is ``query.parse`` → ``State.qr_rows`` (indexed columns). Before parsing, the raw
+identifier is walked (``walk.check_bytes``): pydicom reads an element whose declared length runs
+past the data as if it were whole. C-MOVE destinations come from ``known_aes``.
+
+Statuses (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4):
+
+* 0xA900 an identifier the information model does not allow: no or unknown level, PATIENT in
+  Study Root, a value its VR does not allow (``notadate``, a range with three ends), a C-MOVE or
+  C-GET without any key value; 0xC000 an identifier that cannot be decoded; no sub-operation
+  counts with either (none was attempted).
+* C-FIND: 0xFF00 per match, 0xFF01 when the identifier has keys the router does not support;
+  past ``max_query_results`` the first matches and a final 0xA700 (Refused: Out of Resources)
+  with a comment: C-FIND has no warning status, and Success would claim every match was sent.
+* C-MOVE: 0xA801 for a destination not in ``known_aes`` or that cannot be reached.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context, evt
+from pydicom.uid import (
+    AllTransferSyntaxes,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, evt
 
 from .. import query
 from ..config import Config
+from ..destinations.base import DeliveryError
+from ..destinations.store import Peer
+from ..netutil import serve_query_retrieve_with, stream_c_store_from_files
 from ..qrscu import MODELS
 from ..spool import Spool
 from ..state import Instance, State
+from ..walk import Malformed, check_bytes
+from .retrieve import GetSender, MoveSender, Responder, RetrieveServiceClass, answers_itself
+from .retrieve import perform as perform_suboperations
 
 log = logging.getLogger("dicomrouter.qr")
 
 PATIENT_ROOT = {str(sop) for sop in MODELS["patient"]}  # (find, move, get) per root
 GET_MODELS = {str(MODELS["patient"][2]), str(MODELS["study"][2])}
-MAX_CONTEXTS = 128
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+                 ExplicitVRBigEndian)
+#: What the router accepts in the storage contexts a C-GET requester proposes (it is the SCP
+#: there, the router sends): per context the first of these the requester lists. Uncompressed
+#: first, unlike a storage association: a requester offering several syntaxes in one context
+#: (DCMTK getscu: one context per SOP class) then gets every instance, whatever its stored
+#: syntax, losslessly; a context with only compressed syntaxes gets those.
+GET_STORE_SYNTAXES = list(_UNCOMPRESSED) + [ts for ts in AllTransferSyntaxes
+                                            if ts not in _UNCOMPRESSED]
 
 
 class ServiceAE(AE):
-    """A pynetdicom AE whose calling AE title for outgoing associations can be set per thread.
-
-    pynetdicom opens the C-MOVE sub-operation association from the handler's thread with the
-    AE's own title; ``known_aes.<AE>.calling_ae`` asks for another one toward that peer.
-    """
-
-    _calling = threading.local()
-
-    @property  # type: ignore[override]
-    def ae_title(self) -> str:
-        return getattr(self._calling, "title", None) or self._ae_title
-
-    @ae_title.setter
-    def ae_title(self, value: str) -> None:
-        AE.ae_title.fset(self, value)  # type: ignore[attr-defined]
-
-    def set_calling(self, title: str | None) -> None:
-        self._calling.title = title
+    """The pynetdicom AE of the listener's Q/R and commitment services (``server.acceptor_ae``)."""
 
 
 def _peer(event: evt.Event) -> str:
     r = event.assoc.requestor
     return f"{r.ae_title} ({r.address}:{r.port})"
-
-
-def store_contexts(instances: list[Instance]) -> list[Any]:
-    """Presentation contexts for sending ``instances``: each SOP class with the stored syntax
-    (as received) and the uncompressed ones pynetdicom can convert between."""
-    by_class: dict[str, list[str]] = {}
-    for inst in instances:
-        syntaxes = by_class.setdefault(inst.sop_class, [])
-        for ts in (inst.transfer_syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if ts and str(ts) not in syntaxes:
-                syntaxes.append(str(ts))
-    contexts = [build_context(sop, syntaxes) for sop, syntaxes in by_class.items()]
-    return contexts[:MAX_CONTEXTS]
 
 
 class QueryRetrieveSCP:
@@ -80,6 +80,8 @@ class QueryRetrieveSCP:
 
     def services(self) -> list[tuple[str, Any, Any]]:
         """(abstract syntax, event, handler) for the listener's ``add_service``."""
+        serve_query_retrieve_with(RetrieveServiceClass)
+        stream_c_store_from_files()  # C-GET sub-operations stream the spool files
         out: list[tuple[str, Any, Any]] = []
         for find, move, get in (MODELS["patient"], MODELS["study"]):
             out += [(str(find), evt.EVT_C_FIND, self.on_find),
@@ -87,114 +89,106 @@ class QueryRetrieveSCP:
                     (str(get), evt.EVT_C_GET, self.on_get)]
         return out
 
-    def _parse(self, event: evt.Event, what: str) -> query.Query:
+    def _parse(self, event: evt.Event) -> query.Query:
         patient_root = str(event.context.abstract_syntax) in PATIENT_ROOT
+        raw = event.request.Identifier
         try:
+            if raw is not None:
+                check_bytes(raw.getvalue(), str(event.context.transfer_syntax),
+                            self.cfg.limits.max_sequence_depth)
             return query.parse(event.identifier, patient_root)
         except query.QueryError:
             raise
+        except Malformed as exc:
+            raise query.QueryError(0xC000, f"the identifier is malformed: {exc}") from None
         except Exception as exc:  # an identifier pydicom cannot decode
-            raise query.QueryError(0xC000 if what != "C-MOVE" else 0xC500,
-                                   f"cannot read the identifier: {type(exc).__name__}: "
+            raise query.QueryError(0xC000, f"cannot read the identifier: {type(exc).__name__}: "
                                    f"{exc}") from None
 
     # ---- C-FIND ----------------------------------------------------------------------------
 
-    def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         try:
-            q = self._parse(event, "C-FIND")
+            q = self._parse(event)
         except query.QueryError as exc:
             log.warning("C-FIND from %s refused with 0x%04X: %s", _peer(event), exc.status, exc)
-            yield exc.status, None
+            yield _status(exc.status, str(exc)), None
             return
         limit = self.cfg.limits.max_query_results
         rows = self.state.qr_rows(q, limit + 1)
-        log.info("C-FIND from %s: %s → %d match(es)%s", _peer(event), query.describe(q),
+        log.info("C-FIND from %s: %s → %d match(es)%s%s", _peer(event), query.describe(q),
                  min(len(rows), limit), " (max_query_results reached)" if len(rows) > limit
-                 else "")
+                 else "", f"; keys not supported: {', '.join(q.unsupported)}"
+                 if q.unsupported else "")
+        pending = 0xFF01 if q.unsupported else 0xFF00
         for row in rows[:limit]:
             if event.is_cancelled:
                 yield 0xFE00, None
                 return
-            yield 0xFF00, query.response(q, row)
+            yield pending, query.response(q, row)
         if len(rows) > limit:
-            # Warning: more matches than max_query_results
-            yield 0xB000, None
+            yield _status(0xA700, f"over max_query_results: only the first {limit} were "
+                          "sent"), None
 
     # ---- C-MOVE and C-GET ------------------------------------------------------------------
 
     def _selected(self, event: evt.Event, what: str) -> tuple[query.Query, list[Instance]]:
-        q = self._parse(event, what)
+        q = self._parse(event)
         if not q.matches:
-            raise query.QueryError(0xA900,
-                                   f"a {what} needs at least one key with a value")
+            raise query.QueryError(0xA900, f"a {what} needs at least one key with a value")
         return q, self.state.qr_instances(q)
 
-    def _dataset(self, inst: Instance) -> Dataset | None:
-        try:
-            with self.spool.open(inst) as f:
-                return dcmread(f)
-        except Exception as exc:  # deleted since the query, unreadable: a failed sub-operation
-            log.error("instance %s of study %s cannot be read from the spool (%s: %s)",
-                      inst.sop_uid, inst.study_uid, type(exc).__name__, exc)
-            return None
-
-    def _send(self, event: evt.Event, instances: list[Instance]
-              ) -> Iterator[tuple[int, Dataset | None]]:
-        for inst in instances:
-            if event.is_cancelled:
-                yield 0xFE00, None
-                return
-            ds = self._dataset(inst)
-            if ds is None:
-                missing = Dataset()  # counted as a failed sub-operation by pynetdicom
-                missing.SOPInstanceUID = inst.sop_uid
-                yield 0xFF00, missing
-                continue
-            yield 0xFF00, ds
-
-    def on_move(self, event: evt.Event) -> Iterator[Any]:
+    @answers_itself
+    def on_move(self, event: evt.Event) -> None:
+        rsp: Responder = event.responder  # type: ignore[attr-defined]
         target = str(event.move_destination or "").strip()
         known = self.cfg.known_aes.get(target)
         if known is None:
             log.warning("C-MOVE from %s to %r refused with 0xA801: move destination unknown "
                         "(not in known_aes: %s)", _peer(event), target,
                         ", ".join(self.cfg.known_aes) or "none configured")
-            yield None, None
+            rsp.refuse(0xA801, "move destination unknown")
             return
         try:
             q, instances = self._selected(event, "C-MOVE")
         except query.QueryError as exc:
             log.warning("C-MOVE from %s refused with 0x%04X: %s", _peer(event), exc.status, exc)
-            yield known.host, known.port  # pynetdicom asks for these before any status
-            yield 1
-            yield exc.status, None
+            rsp.refuse(exc.status, str(exc))
             return
         studies = sorted({i.study_uid for i in instances})
         log.info("C-MOVE from %s: %s → %d instance(s) of %d study(ies) to %s (%s:%d)",
                  _peer(event), query.describe(q), len(instances), len(studies), target,
                  known.host, known.port)
-        ae = event.assoc.ae
-        if known.calling_ae and isinstance(ae, ServiceAE):
-            ae.set_calling(known.calling_ae)
+        requestor = event.assoc.requestor
+        peer = Peer(target, known.host, known.port, known.calling_ae or event.assoc.ae.ae_title,
+                    timeout=self.cfg.limits.dimse_timeout)
+        sender = MoveSender(peer, instances, (requestor.ae_title, event.request.MessageID))
         try:
-            yield known.host, known.port, {"contexts": store_contexts(instances) or
-                                           [build_context(UID("1.2.840.10008.1.1"))]}
-        finally:
-            if isinstance(ae, ServiceAE):
-                ae.set_calling(None)
-        yield len(instances)
-        yield from self._send(event, instances)
+            sender.open()
+        except DeliveryError as exc:
+            log.warning("C-MOVE from %s refused with 0xA801: %s", _peer(event), exc)
+            rsp.refuse(0xA801, "move destination cannot be reached")
+            return
+        perform_suboperations(rsp, instances, sender, self.spool, str(peer))
 
-    def on_get(self, event: evt.Event) -> Iterator[Any]:
+    @answers_itself
+    def on_get(self, event: evt.Event) -> None:
+        rsp: Responder = event.responder  # type: ignore[attr-defined]
         try:
             q, instances = self._selected(event, "C-GET")
         except query.QueryError as exc:
             log.warning("C-GET from %s refused with 0x%04X: %s", _peer(event), exc.status, exc)
-            yield 1  # (zero sub-operations would be answered with success)
-            yield exc.status, None
+            rsp.refuse(exc.status, str(exc))
             return
         log.info("C-GET from %s: %s → %d instance(s)", _peer(event), query.describe(q),
                  len(instances))
-        yield len(instances)
-        yield from self._send(event, instances)
+        sender = GetSender(event.assoc, event.request.MessageID)
+        perform_suboperations(rsp, instances, sender, self.spool, _peer(event))
+
+
+def _status(code: int, comment: str) -> Dataset:
+    """A C-FIND status with its Error Comment (LO: at most 64 characters)."""
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment.encode("ascii", "replace").decode()[:64]
+    return ds

@@ -5,7 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .base import Instance, Job, SourceStudy, State, StateUnavailable, Study
+from .base import (
+    Instance,
+    Job,
+    Reception,
+    Recorded,
+    SourceStudy,
+    State,
+    StateUnavailable,
+    Study,
+)
 
 
 def state_for(cfg: Any, readonly: bool = False, connect_timeout: float | None = None) -> State:
@@ -30,5 +39,5 @@ def open_state(path: Path, readonly: bool = False) -> State:
     return SQLiteState(path, readonly=readonly)
 
 
-__all__ = ["Instance", "Job", "SourceStudy", "State", "StateUnavailable", "Study", "open_state",
-           "state_for"]
+__all__ = ["Instance", "Job", "Reception", "Recorded", "SourceStudy", "State",
+           "StateUnavailable", "Study", "open_state", "state_for"]

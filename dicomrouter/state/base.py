@@ -9,10 +9,10 @@ default.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from ..query import Query
@@ -52,6 +52,28 @@ class Instance:
     node: str = ""  # the node that received it (several routers); "" when unknown
 
 
+class Recorded(NamedTuple):
+    """What recording a received instance did (``State.record_instance``)."""
+
+    replaced: bool  # the SOP Instance UID was there before (a re-send, or a move)
+    generation: int  # the study's generation now
+    replaced_size: int  # bytes of the earlier copy still in the spool (0: none)
+    #: the earlier copy's spool key when it is now superseded by this one under another key
+    #: (a move to another study; in cluster mode every re-send): the caller deletes it
+    superseded: str = ""
+    moved_from: str = ""  # the study the SOP Instance UID was in, when it was another one
+
+
+@dataclass(frozen=True)
+class Reception:
+    """The newest recorded reception of a SOP Instance UID (recovery compares files to it)."""
+
+    study_uid: str
+    key: str
+    received_at: float
+    present: bool
+
+
 @dataclass(frozen=True)
 class Study:
     study_uid: str
@@ -84,9 +106,14 @@ class State(ABC):
     @abstractmethod
     def record_instance(self, tags: dict[str, str], tsuid: str, key: str, size: int,
                         calling_ae: str, called_ae: str,
-                        shared: bool = True) -> tuple[bool, int, int]:
-        """Record a durable instance: (replaced an earlier copy, generation, replaced size).
-        ``shared``: already in the shared store (cluster mode), or there is none."""
+                        shared: bool = True) -> Recorded:
+        """Record a durable instance. ``shared``: already in the shared store (cluster mode),
+        or there is none. A SOP Instance UID lives in one study at a time: received under
+        another study, it moves there (the history of both says so)."""
+
+    @abstractmethod
+    def reception(self, sop_uid: str) -> Reception | None:
+        """The newest recorded reception of a SOP Instance UID, if any."""
 
     @abstractmethod
     def known_keys(self) -> set[str]:
@@ -188,10 +215,23 @@ class State(ABC):
 
     @abstractmethod
     def mark_sending(self, sop_uid: str, destination: str, study_uid: str,
-                     delivered_before: str | None = None) -> None: ...
+                     delivered_before: str | None = None, count: bool = True,
+                     digest: str | None = None) -> None: ...
 
     @abstractmethod
-    def mark_delivered(self, sop_uids: Sequence[str], destination: str) -> None: ...
+    def count_sends(self, sop_uids: Sequence[str], destination: str, study_uid: str,
+                    delta: int = 1) -> None: ...
+
+    @abstractmethod
+    def mark_delivered(self, sop_uids: Sequence[str], destination: str,
+                       digests: Mapping[str, str] | None = None) -> None: ...
+
+    @abstractmethod
+    def delivered_digests(self, study_uid: str, destination: str) -> dict[str, str]: ...
+
+    @abstractmethod
+    def mark_identical(self, sop_uids: Sequence[str], destination: str,
+                       study_uid: str) -> None: ...
 
     @abstractmethod
     def record_sent_uid(self, sop_uid: str, destination: str, sent_uid: str) -> None:
@@ -204,7 +244,13 @@ class State(ABC):
         ``permanent``: waiting cannot heal it); returns the new state."""
 
     @abstractmethod
-    def settle_study(self, study_uid: str) -> bool: ...
+    def settle_study(self, study_uid: str) -> bool:
+        """Mark a routed study delivered once every job is (the history names partial ones)."""
+
+    @abstractmethod
+    def partial_jobs(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """Jobs (study_uid, destination, state, missing) whose destination misses instances
+        deleted from the spool before the study was routed there."""
 
     @abstractmethod
     def forget_spool(self, study_uid: str, why: str) -> None: ...

@@ -4,7 +4,10 @@ Each attribute of ``query.ATTRIBUTES`` that is not already a column is a generat
 ``kw_<Keyword>`` computed from the instance's index tags when the row is written, and the ones
 queries filter on most are indexed, so a C-FIND is an indexed SELECT … GROUP BY, not a scan of
 JSON. Matching follows PS3.4 C.2.2.2: single value, wildcard (``*``/``?`` → GLOB), range
-(dates and times, either end open), list of values; Person Names case-insensitively.
+(dates and times, either end open), list of values; Person Names case-insensitively, with
+Unicode case folding: SQLite's ``upper()`` knows ASCII letters only, so each connection gets
+``dicom_fold`` (Python's ``str.casefold``, ``register_functions``); PostgreSQL's ``lower()``
+folds by the database's LC_CTYPE (every letter in a UTF-8 locale).
 """
 
 from __future__ import annotations
@@ -12,14 +15,13 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from ..query import AGGREGATES, ATTRIBUTES, LEVELS, Match, Query
+from ..query import AGGREGATES, ATTRIBUTES, LEVELS, PERSON_NAMES, Match, Query, fold
 
 _REAL_COLUMNS = {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid",
                  "SOPInstanceUID": "sop_uid", "SOPClassUID": "sop_class"}
 _GENERATED = [kw for kw in ATTRIBUTES if kw not in _REAL_COLUMNS and kw not in AGGREGATES
               and kw != "ModalitiesInStudy"]
 _INDEXED = ("PatientID", "PatientName", "StudyDate", "AccessionNumber", "Modality")
-_PERSON_NAMES = {"PatientName", "ReferringPhysicianName"}
 _GROUP_BY = {"PATIENT": "i.kw_PatientID", "STUDY": "i.study_uid", "SERIES": "i.series_uid",
              "IMAGE": ""}
 
@@ -38,6 +40,15 @@ def qr_columns(db: sqlite3.Connection) -> None:
                        f" (json_extract(tags, '$.{kw}')) VIRTUAL")
     for kw in _INDEXED:
         db.execute(f"CREATE INDEX IF NOT EXISTS instances_{kw} ON instances(kw_{kw})")
+
+
+def _fold(value: object) -> object:
+    return fold(value) if isinstance(value, str) else value
+
+
+def register_functions(db: sqlite3.Connection) -> None:
+    """The SQL functions the Q/R SELECTs call, on one SQLite connection."""
+    db.create_function("dicom_fold", 1, _fold, deterministic=True)
 
 
 def column(keyword: str) -> str:
@@ -60,10 +71,10 @@ def _condition(m: Match, dialect: str = "sqlite") -> tuple[str, list[Any]]:
         return (f"i.study_uid IN (SELECT m.study_uid FROM instances m WHERE m.present=1"
                 f" AND {where})", inner[1])
     col = column(m.keyword)
-    fold = m.keyword in _PERSON_NAMES
-    if fold:
-        col = f"upper({col})"
-    value = "upper(?)" if fold else "?"
+    value = "?"
+    if m.keyword in PERSON_NAMES:
+        func = "lower" if dialect == "postgresql" else "dicom_fold"
+        col, value = f"{func}({col})", f"{func}(?)"
     if m.kind == "single":
         return f"{col} = {value}", [m.values[0]]
     if m.kind == "wildcard" and dialect == "postgresql":  # LIKE is case-sensitive there

@@ -16,13 +16,23 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 from ..query import Query
-from .base import Instance, Job, SourceStudy, State, Study
+from .base import Instance, Job, Reception, Recorded, SourceStudy, State, Study
 from .qr import qr_select
+
+# A ledger row is one (instance, destination). Sent under another study than the row's (the
+# instance moved), it starts over: that study's delivery says nothing about this one's.
+_SAME_STUDY_UPSERT = (
+    " sends=CASE WHEN ledger.study_uid<>excluded.study_uid THEN ?"
+    " WHEN ledger.sends+? < 0 THEN 0 ELSE ledger.sends+? END,"
+    " delivered_at=CASE WHEN ledger.study_uid<>excluded.study_uid THEN NULL"
+    " ELSE ledger.delivered_at END,"
+    " digest=CASE WHEN ledger.study_uid<>excluded.study_uid THEN NULL ELSE ledger.digest END,"
+    " study_uid=excluded.study_uid")
 
 
 class SQLState(State):
@@ -49,17 +59,24 @@ class SQLState(State):
 
     # ---- receiving -------------------------------------------------------------------------
 
+    def _lock_study(self, db: Any, study_uid: str) -> None:
+        """Inside a transaction begun for another study: exclude this one too (PostgreSQL's
+        advisory lock; SQLite's writers are serialised already)."""
+
     def record_instance(self, tags: dict[str, str], tsuid: str, key: str, size: int,
                         calling_ae: str, called_ae: str,
-                        shared: bool = True) -> tuple[bool, int, int]:
-        """Record a durable instance; returns (replaced, study generation, size it replaced).
+                        shared: bool = True) -> Recorded:
+        """Record a durable instance (see ``Recorded`` for what it returns).
 
         ``shared``: the instance is in the shared store already (or there is none); False
         (``ack_after: local``) until the upload behind the acknowledgement is done.
 
         A study that had already been routed is reopened (late arrival): its generation grows and
         only the new instances will be delivered. A re-sent SOP Instance UID replaces the old row
-        and is delivered again (its content may have been corrected at the source).
+        and is delivered again (its content may have been corrected at the source). Received
+        under another study (a PACS reconciliation), it *moves*: the newer reception is the
+        only one (one row, one spool file: the caller deletes the ``superseded`` one), the
+        history of both studies says so and which destinations had it under the old one.
         """
         now = time.time()
         study = tags["StudyInstanceUID"]
@@ -89,9 +106,16 @@ class SQLState(State):
                 generation = row["generation"]
                 db.execute("UPDATE studies SET last_received=?, await_until=NULL WHERE"
                            " study_uid=?", (now, study))
-            old = db.execute("SELECT size, present FROM instances WHERE sop_uid=?",
-                             (sop,)).fetchone()
+            old = db.execute("SELECT study_uid, path, size, present, tags FROM instances"
+                             " WHERE sop_uid=?", (sop,)).fetchone()
             replaced_size = old["size"] if old is not None and old["present"] else 0
+            superseded = old["path"] if old is not None and old["present"] and \
+                old["path"] != key else ""
+            moved_from = old["study_uid"] if old is not None and \
+                old["study_uid"] != study else ""
+            if moved_from:
+                self._move_out(db, sop, moved_from, json.loads(old["tags"] or "{}"), study,
+                               tags, now)
             db.execute(
                 "INSERT INTO instances(sop_uid, study_uid, series_uid, sop_class,"
                 " transfer_syntax, path, size, received_at, generation, calling_ae, called_ae,"
@@ -106,9 +130,91 @@ class SQLState(State):
                 (sop, study, tags.get("SeriesInstanceUID"), tags.get("SOPClassUID"), tsuid,
                  key, size, now, generation, calling_ae, called_ae, json.dumps(tags),
                  self.node_id, int(shared)))
-            if old is not None:
+            if moved_from:  # delivered under its old study: nothing of that counts here
                 db.execute("DELETE FROM ledger WHERE sop_uid=?", (sop,))
-        return old is not None, generation, replaced_size
+            elif old is not None:  # delivered again, unless a destination has these very
+                # bytes (the ledger keeps the digest of what it delivered: delivery compares)
+                db.execute("UPDATE ledger SET delivered_at=NULL, sends=0 WHERE sop_uid=?",
+                           (sop,))
+            if moved_from:
+                self._emptied(db, moved_from, sop, study, now)
+        return Recorded(old is not None, generation, replaced_size, superseded, moved_from)
+
+    def _move_out(self, db: Any, sop: str, old_study: str, old_tags: dict[str, str],
+                  new_study: str, tags: dict[str, str], now: float) -> None:
+        """Record that ``sop`` leaves ``old_study`` for ``new_study`` (before its ledger rows
+        go): a ``moves`` row and an event in both histories naming the destinations that got
+        it under the old study. They keep that copy: DICOM gives a router no way to take an
+        instance back, so the history is where an operator learns what to correct there."""
+        self._lock_study(db, old_study)
+        had = [r[0] for r in db.execute(
+            "SELECT destination FROM ledger WHERE sop_uid=? AND delivered_at IS NOT NULL"
+            " ORDER BY destination", (sop,))]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        old_pid, new_pid = old_tags.get("PatientID", ""), tags.get("PatientID", "")
+        patient = f" (patient {old_pid or '?'} → {new_pid or '?'})" if old_pid != new_pid \
+            else ""
+        got = ", ".join(had) or "none"
+        db.execute("INSERT INTO moves(sop_uid, from_study, to_study, moved_at, from_patient,"
+                   " to_patient, delivered_to) VALUES (?,?,?,?,?,?,?)",
+                   (sop, old_study, new_study, now, old_pid, new_pid, json.dumps(had)))
+        self._event(db, old_study, f"instance {sop} moved to study {new_study}{patient} on "
+                    f"{when}; destinations that received it under this study: {got}"
+                    + (" (they keep that version: the router does not delete at destinations)"
+                       if had else ""), now)
+        self._event(db, new_study, f"instance {sop} moved here from study {old_study}"
+                    f"{patient} on {when}; destinations that had it under that study: {got}; "
+                    "it is delivered under this study like any new instance", now)
+
+    def _emptied(self, db: Any, study: str, sop: str, new_study: str, now: float) -> None:
+        """A study whose last instance moved away: ``moved``, nothing left to deliver (its jobs
+        that had not delivered are dropped; one running finishes with nothing to send)."""
+        if db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=?",
+                      (study,)).fetchone()[0]:
+            return
+        dropped = [r[0] for r in db.execute(
+            "SELECT destination FROM jobs WHERE study_uid=? AND state IN"
+            " ('pending','failed','dead') ORDER BY destination", (study,))]
+        db.execute("DELETE FROM jobs WHERE study_uid=? AND state IN ('pending','failed','dead')",
+                   (study,))
+        db.execute("UPDATE studies SET state='moved', in_spool=0, await_until=NULL"
+                   " WHERE study_uid=?", (study,))
+        self._event(db, study, f"every instance moved to other studies (the last, {sop}, to "
+                    f"{new_study}): nothing left to deliver" +
+                    (f"; deliveries dropped: {', '.join(dropped)}" if dropped else ""), now)
+
+    def reception(self, sop_uid: str) -> Reception | None:
+        rows = self._query("SELECT study_uid, path, received_at, present FROM instances"
+                           " WHERE sop_uid=?", (sop_uid,))
+        if not rows:
+            return None
+        r = rows[0]
+        return Reception(r["study_uid"], r["path"], r["received_at"] or 0.0, bool(r["present"]))
+
+    _moves_table = False
+
+    def _has_moves(self) -> bool:
+        """Whether the ``moves`` table exists (a read-only look at a spool written before it
+        was added has none)."""
+        if not self._moves_table:
+            try:
+                self._query("SELECT 1 FROM moves WHERE 1=0")
+                self._moves_table = True
+            except Exception:
+                return False
+        return True
+
+    def moves(self, study_uid: str) -> list[dict[str, Any]]:
+        """Instances that moved out of or into a study, oldest first."""
+        if not self._has_moves():
+            return []
+        rows = self._query("SELECT sop_uid, from_study, to_study, moved_at, from_patient,"
+                           " to_patient, delivered_to FROM moves WHERE from_study=? OR"
+                           " to_study=? ORDER BY id", (study_uid, study_uid))
+        out = [dict(r) for r in rows]
+        for r in out:
+            r["delivered_to"] = json.loads(r["delivered_to"] or "[]")
+        return out
 
     def mark_shared(self, sop_uid: str, key: str) -> None:
         """The instance recorded under ``key`` is now in the shared store too."""
@@ -291,7 +397,38 @@ class SQLState(State):
                     "  created=excluded.created, updated=excluded.updated,"
                     "  routes=excluded.routes, series_only=NULL",
                     (study_uid, dest, expected_generation, now, now, json.dumps(list(routes))))
+            self._count_missing(db, study_uid, destinations, now)
         return True
+
+    _MISSING = ("SELECT COUNT(*) FROM instances i WHERE i.study_uid=? AND i.present=0 AND"
+                " NOT EXISTS (SELECT 1 FROM ledger l WHERE l.sop_uid=i.sop_uid AND"
+                " l.destination=? AND l.delivered_at IS NOT NULL)")
+
+    def _count_missing(self, db: Any, study_uid: str, destinations: Iterable[str],
+                       now: float, note: bool = True) -> dict[str, int]:
+        """Record on each job how many of the study's instances its destination never got and
+        never can: deleted from the spool (after their delivery elsewhere) before a late
+        arrival made a route send the study there. Such a job delivers what the spool holds
+        and stays *partial*, visibly (status, API, /metrics, the history). Returns those."""
+        out: dict[str, int] = {}
+        gone = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=? AND present=0",
+                          (study_uid,)).fetchone()[0]
+        for dest in destinations:
+            missing = db.execute(self._MISSING, (study_uid, dest)).fetchone()[0] if gone else 0
+            old = db.execute("UPDATE jobs SET missing=? WHERE study_uid=? AND destination=?"
+                             " AND missing!=?", (missing, study_uid, dest, missing)).rowcount
+            if missing:
+                out[dest] = missing
+                if note and old:
+                    total = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=?",
+                                       (study_uid,)).fetchone()[0]
+                    self._event(db, study_uid, f"{dest}: {missing} of {total} instance(s) were "
+                                "deleted from the spool (after their delivery elsewhere) before "
+                                f"the study was routed there: it gets only the "
+                                f"{total - missing} still held, a partial delivery (keep "
+                                "studies for late arrivals with retention to send them whole)",
+                                now)
+        return out
 
     def stable_series(self, age: float, route: str,
                       now: float | None = None) -> list[tuple[str, str, int]]:
@@ -362,6 +499,7 @@ class SQLState(State):
                            " VALUES (?,?,'pending',0,0,?,?,?,?)",
                            (study_uid, dest, row["generation"], now, now,
                             json.dumps(list(routes))))
+            self._count_missing(db, study_uid, new, now)
             db.execute("UPDATE studies SET state='routed', completed_at=COALESCE(completed_at,"
                        " ?) WHERE study_uid=? AND state IN ('delivered','unrouted')",
                        (now, study_uid))
@@ -476,28 +614,48 @@ class SQLState(State):
 
     def undelivered(self, study_uid: str, destination: str) -> list[Instance]:
         rows = self._query(
+            # a ledger row of another study (an instance that moved while a delivery of its
+            # old study ran) does not count for this one
             "SELECT i.* FROM instances i LEFT JOIN ledger l ON l.sop_uid=i.sop_uid AND"
-            " l.destination=? WHERE i.study_uid=? AND i.present=1 AND l.delivered_at IS NULL"
-            " ORDER BY i.series_uid, i.received_at", (destination, study_uid))
+            " l.destination=? AND l.study_uid=i.study_uid WHERE i.study_uid=? AND i.present=1"
+            " AND l.delivered_at IS NULL ORDER BY i.series_uid, i.received_at",
+            (destination, study_uid))
         return [self._instance(r) for r in rows]
 
     def mark_sending(self, sop_uid: str, destination: str, study_uid: str,
-                     delivered_before: str | None = None) -> None:
+                     delivered_before: str | None = None, count: bool = True,
+                     digest: str | None = None) -> None:
         """Count a send before it goes on the wire (and, in the same commit, the previous one
-        as delivered), so re-sends after a crash are visible in the ledger."""
+        as delivered), so re-sends after a crash are visible in the ledger. ``count=False``:
+        only buffered (the session counts it with :meth:`count_sends` when it leaves);
+        ``digest``: the content digest of ``delivered_before``."""
         now = time.time()
         with self._tx(study_uid) as db:
             if delivered_before:
-                self._delivered(db, delivered_before, destination, now)
+                self._delivered(db, delivered_before, destination, now, digest)
             db.execute(
-                "INSERT INTO ledger(sop_uid, destination, study_uid, sends) VALUES (?,?,?,1)"
-                " ON CONFLICT(sop_uid, destination) DO UPDATE SET sends=ledger.sends+1",
-                (sop_uid, destination, study_uid))
+                "INSERT INTO ledger(sop_uid, destination, study_uid, sends) VALUES (?,?,?,?)"
+                " ON CONFLICT(sop_uid, destination) DO UPDATE SET" + _SAME_STUDY_UPSERT,
+                (sop_uid, destination, study_uid, int(count), int(count), int(count),
+                 int(count)))
+
+    def count_sends(self, sop_uids: Sequence[str], destination: str, study_uid: str,
+                    delta: int = 1) -> None:
+        """A buffered batch went on the wire (``delta`` 1), or, announced, never left (-1)."""
+        if not sop_uids:
+            return
+        with self._tx(study_uid) as db:
+            for uid in sop_uids:
+                db.execute(
+                    "INSERT INTO ledger(sop_uid, destination, study_uid, sends) VALUES (?,?,?,?)"
+                    " ON CONFLICT(sop_uid, destination) DO UPDATE SET" + _SAME_STUDY_UPSERT,
+                    (uid, destination, study_uid, max(delta, 0), max(delta, 0), delta, delta))
 
     @staticmethod
-    def _delivered(db: Any, sop_uid: str, destination: str, now: float) -> None:
-        db.execute("UPDATE ledger SET delivered_at=? WHERE sop_uid=? AND destination=?",
-                   (now, sop_uid, destination))
+    def _delivered(db: Any, sop_uid: str, destination: str, now: float,
+                   digest: str | None = None) -> None:
+        db.execute("UPDATE ledger SET delivered_at=?, digest=COALESCE(?, digest) WHERE"
+                   " sop_uid=? AND destination=?", (now, digest, sop_uid, destination))
 
     def record_sent_uid(self, sop_uid: str, destination: str, sent_uid: str) -> None:
         """The SOP Instance UID the destination got for ``sop_uid`` (de-identification)."""
@@ -505,14 +663,37 @@ class SQLState(State):
             db.execute("UPDATE ledger SET sent_uid=? WHERE sop_uid=? AND destination=?",
                        (sent_uid, sop_uid, destination))
 
-    def mark_delivered(self, sop_uids: Sequence[str], destination: str) -> None:
-        """Record instances as delivered (durable at the destination), in one commit."""
+    def mark_delivered(self, sop_uids: Sequence[str], destination: str,
+                       digests: Mapping[str, str] | None = None) -> None:
+        """Record instances as delivered (durable at the destination), in one commit, with
+        the digest of the content delivered (``digests``: SOP Instance UID → digest)."""
         if not sop_uids:
             return
+        digests = digests or {}
         with self._tx() as db:
             now = time.time()
             for uid in sop_uids:
+                self._delivered(db, uid, destination, now, digests.get(uid))
+
+    def delivered_digests(self, study_uid: str, destination: str) -> dict[str, str]:
+        """Instances to deliver again (re-received) whose earlier delivery here has a digest:
+        SOP Instance UID → the digest of the content the destination got."""
+        return {r["sop_uid"]: r["digest"] for r in self._query(
+            "SELECT sop_uid, digest FROM ledger WHERE study_uid=? AND destination=? AND"
+            " delivered_at IS NULL AND digest IS NOT NULL", (study_uid, destination))}
+
+    def mark_identical(self, sop_uids: Sequence[str], destination: str, study_uid: str) -> None:
+        """Re-received instances whose content ``destination`` already has: delivered there
+        without sending them again (a sender retrying after a lost C-STORE response)."""
+        if not sop_uids:
+            return
+        now = time.time()
+        with self._tx(study_uid) as db:
+            for uid in sop_uids:
                 self._delivered(db, uid, destination, now)
+            self._event(db, study_uid, f"{len(sop_uids)} instance(s) received again with "
+                        f"identical content: not sent again to {destination}, which has them",
+                        now)
 
     def finish_job(self, job: Job, error: str | None, max_attempts: int,
                    retry_in: float, permanent: bool = False) -> str:
@@ -570,8 +751,26 @@ class SQLState(State):
                 return False
             db.execute("UPDATE studies SET state='delivered', delivered_at=? WHERE study_uid=?",
                        (now, study_uid))
-            self._event(db, study_uid, "delivered to every destination", now)
+            dests = [r[0] for r in db.execute("SELECT destination FROM jobs WHERE study_uid=?"
+                                              " ORDER BY destination", (study_uid,))]
+            partial = self._count_missing(db, study_uid, dests, now, note=False)
+            if partial:
+                total = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=?",
+                                   (study_uid,)).fetchone()[0]
+                self._event(db, study_uid, "delivered to every destination, partially to " +
+                            ", ".join(f"{d} ({total - n} of {total} instance(s): {n} deleted "
+                                      "from the spool before the study was routed there)"
+                                      for d, n in partial.items()), now)
+            else:
+                self._event(db, study_uid, "delivered to every destination", now)
         return True
+
+    def partial_jobs(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """Jobs whose destination misses instances it can no longer get (``missing``)."""
+        where, args = ("AND study_uid=?", (study_uid,)) if study_uid else ("", ())
+        return [dict(r) for r in self._query(
+            "SELECT study_uid, destination, state, missing FROM jobs WHERE missing>0"
+            f" {where} ORDER BY updated", args)]
 
     def forget_spool(self, study_uid: str, why: str) -> None:
         """The study's spool files are gone: keep its rows (history, ledger), mark them absent."""
@@ -830,7 +1029,8 @@ class SQLState(State):
         if study_uid is not None:
             where, args = " WHERE s.study_uid=?", (study_uid,)
         else:
-            where = "" if with_done else " WHERE s.in_spool=1 OR s.state!='delivered'"
+            where = "" if with_done else \
+                " WHERE s.in_spool=1 OR s.state NOT IN ('delivered','moved')"
             args = ()
         rows = [dict(r) for r in self._query(
             "SELECT s.study_uid, s.patient_id, s.state, s.generation, s.calling_ae,"
@@ -842,7 +1042,10 @@ class SQLState(State):
             " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid)"
             "   AS instances_received,"
             " (SELECT COALESCE(SUM(size),0) FROM instances i WHERE i.study_uid=s.study_uid)"
-            "   AS bytes_received"
+            "   AS bytes_received,"
+            + (" (SELECT COUNT(*) FROM moves m WHERE m.from_study=s.study_uid) AS moved_out,"
+               " (SELECT COUNT(*) FROM moves m WHERE m.to_study=s.study_uid) AS moved_in"
+               if self._has_moves() else " 0 AS moved_out, 0 AS moved_in") +
             f" FROM studies s{where} ORDER BY s.first_received", args)]
         # the node(s) that received each study's instances (several routers on one state)
         by_study: dict[str, dict[str, int]] = {}
@@ -868,7 +1071,12 @@ class SQLState(State):
         failing = [dict(r) for r in self._query(
             "SELECT study_uid, destination, attempts, last_error, next_attempt FROM jobs"
             " WHERE state='failed' ORDER BY next_attempt")]
+        partial: dict[str, dict[str, int]] = {}
+        for r in self._query("SELECT destination, COUNT(*) AS jobs, SUM(missing) AS missing"
+                             " FROM jobs WHERE missing>0 GROUP BY destination"):
+            partial[r["destination"]] = {"jobs": int(r["jobs"]), "missing": int(r["missing"])}
         return {"studies": studies, "queues": queues, "dead": dead, "retrying": failing,
+                "partial": partial,
                 "spool_bytes": self.spool_bytes(), "sources": self.source_rows(),
                 "nodes": self.nodes(), "cluster": self.leases}
 
@@ -914,7 +1122,7 @@ class SQLState(State):
             where.append(f"j.study_uid IN ({','.join('?' * len(study_uids))})")
             args.extend(study_uids)
         sql = ("SELECT j.id, j.study_uid, j.destination, j.state, j.attempts, j.next_attempt,"
-               " j.last_error, j.routes, j.created, j.updated, j.node,"
+               " j.last_error, j.routes, j.created, j.updated, j.node, j.missing,"
                " (SELECT COUNT(*) FROM ledger l WHERE l.study_uid=j.study_uid AND"
                "  l.destination=j.destination AND l.delivered_at IS NOT NULL) AS delivered,"
                " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=j.study_uid) AS total"
@@ -925,6 +1133,7 @@ class SQLState(State):
         rows = [dict(r) for r in self._query(sql, [*args, limit])]
         for r in rows:
             r["routes"] = json.loads(r["routes"] or "[]")
+            r["partial"] = bool(r["missing"])
         return rows
 
     def requeue_job(self, job_id: int) -> dict[str, Any] | None:
@@ -976,11 +1185,13 @@ class SQLState(State):
 
     def ledger_stats(self, destination: str | None = None) -> dict[str, int]:
         sql = ("SELECT COUNT(*) AS entries, COALESCE(SUM(sends),0) AS sends,"
-               " COALESCE(SUM(CASE WHEN delivered_at IS NOT NULL THEN 1 ELSE 0 END),0) AS delivered"
+               " COALESCE(SUM(CASE WHEN delivered_at IS NOT NULL THEN 1 ELSE 0 END),0)"
+               " AS delivered,"
+               " COALESCE(SUM(CASE WHEN sends > 1 THEN sends - 1 ELSE 0 END),0) AS resent"
                " FROM ledger")
         rows = self._query(sql + (" WHERE destination=?" if destination else ""),
                            (destination,) if destination else ())
         r = rows[0]
         return {"entries": r["entries"], "sends": r["sends"], "delivered": r["delivered"],
-                "resent": r["sends"] - r["entries"]}
+                "resent": r["resent"]}
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .qr import qr_columns
+from .qr import qr_columns, register_functions
 from .sql import SQLState
 
 SCHEMA = """
@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS studies (
     study_uid      TEXT PRIMARY KEY,
     patient_id     TEXT, patient_name TEXT, study_date TEXT, accession TEXT, description TEXT,
     calling_ae     TEXT, called_ae TEXT,
-    state          TEXT NOT NULL,           -- receiving | routed | delivered | unrouted | failed
+    state          TEXT NOT NULL,  -- receiving|routed|delivered|unrouted|failed|held|moved|purged
     generation     INTEGER NOT NULL DEFAULT 1,
     first_received REAL, last_received REAL, completed_at REAL, delivered_at REAL,
     in_spool       INTEGER NOT NULL DEFAULT 1
@@ -101,6 +101,16 @@ CREATE TABLE IF NOT EXISTS nodes (          -- the routers on this state (one, e
     started   REAL, heartbeat REAL,
     info      TEXT                         -- JSON: host, pid, version, listeners
 );
+CREATE TABLE IF NOT EXISTS moves (          -- SOP Instance UIDs received under another study
+    id           INTEGER PRIMARY KEY,
+    sop_uid      TEXT NOT NULL,
+    from_study   TEXT NOT NULL, to_study TEXT NOT NULL,
+    moved_at     REAL NOT NULL,
+    from_patient TEXT, to_patient TEXT,
+    delivered_to TEXT                       -- JSON list: destinations that had it before
+);
+CREATE INDEX IF NOT EXISTS moves_from ON moves(from_study);
+CREATE INDEX IF NOT EXISTS moves_to ON moves(to_study);
 CREATE TABLE IF NOT EXISTS source_studies (  -- what each source already pulled
     source      TEXT NOT NULL,
     study_key   TEXT NOT NULL,             -- the source's id of the study (UID, Orthanc id)
@@ -113,7 +123,7 @@ CREATE TABLE IF NOT EXISTS source_studies (  -- what each source already pulled
 """
 
 
-#: pull sources fetch what a study gained at the source since (PostgreSQL: migration 4)
+#: pull sources fetch what a study gained at the source since (PostgreSQL: migration 6)
 SOURCE_DELTAS = (
     # the source's instance count when a pull last left nothing missing
     "ALTER TABLE source_studies ADD COLUMN source_instances INTEGER",
@@ -152,6 +162,7 @@ class SQLiteState(SQLState):
             self._migrate()
             self._lock_fd = os.open(path.parent / "locks", os.O_RDWR | os.O_CREAT, 0o644)
         self._db.row_factory = sqlite3.Row
+        register_functions(self._db)  # Q/R matching (Person Names folded with Unicode rules)
         self._db.execute("PRAGMA busy_timeout=30000")
 
     def _migrate(self) -> None:
@@ -179,6 +190,8 @@ class SQLiteState(SQLState):
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(ledger)")}
             if "sent_uid" not in columns:  # de-identified copies go out under another UID
                 self._db.execute("ALTER TABLE ledger ADD COLUMN sent_uid TEXT")
+            if "digest" not in columns:  # what was delivered (an identical re-send is not)
+                self._db.execute("ALTER TABLE ledger ADD COLUMN digest TEXT")
             # several routers (the same columns as PostgreSQL's; one node here)
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(instances)")}
             if "node" not in columns:
@@ -189,8 +202,11 @@ class SQLiteState(SQLState):
             if "node" not in columns:
                 self._db.execute("ALTER TABLE jobs ADD COLUMN node TEXT")
                 self._db.execute("ALTER TABLE jobs ADD COLUMN lease_until REAL")
+            if "missing" not in columns:  # instances deleted before it was routed (partial)
+                self._db.execute("ALTER TABLE jobs ADD COLUMN missing INTEGER NOT NULL"
+                                 " DEFAULT 0")
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(source_studies)")}
-            if "source_instances" not in columns:  # delta pulls (same as PostgreSQL's v4)
+            if "source_instances" not in columns:  # delta pulls (same as PostgreSQL's v6)
                 for statement in SOURCE_DELTAS:
                     self._db.execute(statement)
             self._db.execute("COMMIT")

@@ -70,7 +70,9 @@ def _progress(job: dict[str, Any]) -> str:
     pct = min(100, int(100 * int(job["delivered"]) / total))
     return (f'<span class="{_state_class(job["state"])}">{escape(job["destination"])}: '
             f'{escape(job["state"])}</span> <span class="bar"><i style="width:{pct}%"></i>'
-            f'</span> {job["delivered"]} of {job["total"]}')
+            f'</span> {job["delivered"]} of {job["total"]}' +
+            (f' <span class="warn">partial: {int(job["missing"])} missing</span>'
+             if job.get("missing") else ""))
 
 
 def _chart(points: list[tuple[float, int]]) -> str:

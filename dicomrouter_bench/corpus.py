@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
 
-from ..sample import generate
+from dicomrouter.sample import generate
 
 BYTES_PER_MB = 1_000_000
 LARGE_ROWS = LARGE_COLS = 512

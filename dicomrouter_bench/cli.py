@@ -1,8 +1,7 @@
 """``dicomrouter bench``: the router against DCMTK storescp and an Orthanc gateway, on loopback.
 
-The command is a plain click command so the CLI can register it (``main.add_command(bench)``);
-``python -m dicomrouter.bench`` runs it on its own. The work lives in :mod:`dicomrouter.benchmark`,
-imported only when the command runs.
+A plain click command: ``dicomrouter bench`` hands its arguments to it (the runtime package
+does not import the benchmark otherwise); ``python -m dicomrouter_bench.cli`` runs it on its own.
 """
 
 from __future__ import annotations
@@ -15,6 +14,14 @@ from pathlib import Path
 from types import FrameType
 
 import click
+
+from dicomrouter.config import DESTINATION_TYPES
+
+from . import machine, report
+from .corpus import make_corpus
+from .procs import BenchError, find_dcmtk, stop_all
+from .profile import profile_receive
+from .scenarios import Bench, Settings
 
 SCENARIO_NAMES = ("P1", "P2", "P3", "P4", "P5", "P7")
 
@@ -89,9 +96,6 @@ def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: 
     """
     import shutil
 
-    from .benchmark import machine, report
-    from .benchmark.procs import BenchError, find_dcmtk, stop_all
-    from .benchmark.scenarios import Bench, Settings
 
     missing = [t for t in ("storescu", "storescp", "echoscu") if find_dcmtk(t) is None]
     if missing:
@@ -118,11 +122,7 @@ def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: 
         runner.prepare()
         runner.run()
         if profile_dir is not None:
-            from .benchmark.profile import profile_receive
-
             if "small" not in runner.corpora:
-                from .benchmark.corpus import make_corpus
-
                 runner.corpora["small"] = make_corpus("small", root / "corpora", small, 64, 64)
             try:
                 profile_text = profile_receive(runner.corpora["small"], root / "profile",
@@ -137,8 +137,6 @@ def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: 
             _progress(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-
-    from .config import DESTINATION_TYPES
 
     rows = report.build_rows(settings, runner.runs,
                              dicomweb_available="dicomweb" in DESTINATION_TYPES)

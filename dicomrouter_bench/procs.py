@@ -33,7 +33,6 @@ import yaml
 
 T = TypeVar("T")
 
-ORTHANC_BINARY = "/usr/sbin/Orthanc"
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
 LOOPBACK = "127.0.0.1"
@@ -85,10 +84,12 @@ def dcmtk(tool: str) -> str:
 
 
 def find_orthanc() -> str | None:
-    """Path of the Orthanc binary or None."""
-    if is_elf(Path(ORTHANC_BINARY)):
-        return ORTHANC_BINARY
-    for d in os.environ.get("PATH", "").split(os.pathsep):
+    """Path of the Orthanc binary or None: ``$ORTHANC_BIN`` when set, else ``Orthanc`` on PATH
+    (Debian installs it in /usr/sbin, which a non-root PATH may lack: searched too)."""
+    named = os.environ.get("ORTHANC_BIN")
+    if named:
+        return named if is_elf(Path(named)) else None
+    for d in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/sbin", "/usr/local/sbin"]:
         candidate = Path(d or ".") / "Orthanc"
         if is_elf(candidate):
             return str(candidate)
@@ -451,8 +452,9 @@ DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
 
 
 def find_dicomweb_plugin() -> str | None:
-    """Path of the Orthanc DICOMweb plugin, or None."""
-    for d in ORTHANC_PLUGIN_DIRS:
+    """Path of the Orthanc DICOMweb plugin, or None (``$ORTHANC_PLUGINS``, a folder, first)."""
+    named = os.environ.get("ORTHANC_PLUGINS")
+    for d in ([named] if named else []) + list(ORTHANC_PLUGIN_DIRS):
         candidate = Path(d) / DICOMWEB_PLUGIN
         if candidate.is_file():
             return str(candidate)
