@@ -105,6 +105,13 @@ def test_only_instances_delivered_everywhere_may_be_deleted(backend: tuple[str, 
             state.mark_sending(sop, dest, study, None)
         state.mark_delivered(sops, dest)
     assert state.source_delivered(study) == {f"{study}.0"}
+    state.source_deleted("pacs", study, study, 1, 2)
+    state.source_deleted("pacs", study, study, 0, 2)
+    assert [e for _ts, e in state.history(study) if "at source" in e] == [
+        "1 instance(s) deleted at source pacs (delivered everywhere); 2 instance(s) there not "
+        "delivered yet stay for the next pull",
+        "nothing deleted at source pacs: 2 instance(s) there not delivered yet stay for the "
+        "next pull"]
 
 
 def test_sqlite_spools_from_before_deltas_are_migrated(tmp_path: Path) -> None:

@@ -973,7 +973,8 @@ class SQLState(State):
             what = f"{deleted} instance(s) " if deleted else ""
             text = f"{what}deleted at source {name} (delivered everywhere)"
             if left:
-                text += f"; {left} instance(s) stored there since stay for the next pull"
+                text = (text + "; " if deleted else f"nothing deleted at source {name}: ") + \
+                    f"{left} instance(s) there not delivered yet stay for the next pull"
             self._event(db, study_uid, text, now)
 
     # ---- storage commitment --------------------------------------------------------------------
