@@ -128,28 +128,103 @@ def _check_context(assoc: Association, model: Any, remote: Remote, what: str) ->
         raise PeerError(f"{remote} does not support {what} ({model.name})")
 
 
+class FindTruncated(PeerError):
+    """The peer stopped answering a C-FIND before every match: 0xFE00 (Orthanc's
+    ``LimitFindResults``), a warning, or 0xA700 after some answers (a PACS or router that caps
+    its answers). ``answers`` holds what it did send: a caller narrows its query and keeps them."""
+
+    def __init__(self, message: str, answers: list[Dataset], status: int) -> None:
+        super().__init__(message)
+        self.answers = answers
+        self.status = status
+
+
+def _truncates(code: int, answers: int) -> bool:
+    """Whether a final C-FIND status means "these are not all the matches"."""
+    return code == 0xFE00 or 0xB000 <= code <= 0xBFFF or (code == 0xA700 and answers > 0)
+
+
+def _find_on(assoc: Association, sop: Any, identifier: Dataset, remote: Remote,
+             limit: int = 0) -> list[Dataset]:
+    answers: list[Dataset] = []
+    for status, ds in assoc.send_c_find(identifier, sop):
+        if not status:
+            raise no_response(assoc, remote, "C-FIND")
+        code = int(status.Status)
+        if code in (0xFF00, 0xFF01):
+            if ds is not None:
+                answers.append(ds)
+            if limit and len(answers) >= limit:
+                assoc.send_c_cancel(1, None, sop)  # best effort; the rest are dropped
+                break
+        elif code != 0x0000:
+            comment = str(status.get("ErrorComment", ""))
+            text = f"0x{code:04X}" + (f" ({comment})" if comment else "")
+            if _truncates(code, len(answers)):
+                raise FindTruncated(f"{remote} ended the C-FIND with {text} after "
+                                    f"{len(answers)} answer(s)", answers, code)
+            raise PeerError(f"{remote} answered C-FIND with {text}")
+    return answers
+
+
 def find(remote: Remote, identifier: Dataset, model: str = "study",
          limit: int = 0) -> list[Dataset]:
-    """The C-FIND answers (identifiers) of ``identifier``; raises PeerError on failure."""
+    """The C-FIND answers (identifiers) of ``identifier``; raises PeerError on failure
+    (FindTruncated, with the answers received, when the peer capped them)."""
     sop = MODELS[model][0]
-    answers: list[Dataset] = []
     with associate(remote, [build_context(sop)]) as assoc:
         _check_context(assoc, sop, remote, "C-FIND")
-        for status, ds in assoc.send_c_find(identifier, sop):
-            if not status:
-                raise no_response(assoc, remote, "C-FIND")
-            code = int(status.Status)
-            if code in (0xFF00, 0xFF01):
-                if ds is not None:
-                    answers.append(ds)
-                if limit and len(answers) >= limit:
-                    assoc.send_c_cancel(1, None, sop)  # best effort; the rest are dropped
-                    break
-            elif code != 0x0000:
-                comment = str(status.get("ErrorComment", ""))
-                raise PeerError(f"{remote} answered C-FIND with 0x{code:04X}"
-                                + (f" ({comment})" if comment else ""))
-    return answers
+        return _find_on(assoc, sop, identifier, remote, limit)
+
+
+class Finder:
+    """Several C-FINDs over one association (opened at the first, opened again if the peer
+    closed it meanwhile): a pull source's study, series and image queries of one poll."""
+
+    def __init__(self, remote: Remote, model: str = "study") -> None:
+        self.remote = remote
+        self.sop = MODELS[model][0]
+        self.queries = 0
+        self._cm: Any = None
+        self._assoc: Association | None = None
+
+    def __enter__(self) -> Finder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        cm, self._cm, self._assoc = self._cm, None, None
+        if cm is not None:
+            cm.__exit__(None, None, None)
+
+    def find(self, identifier: Dataset) -> list[Dataset]:
+        self.queries += 1
+        for attempt in range(2):
+            fresh = self._assoc is None or not self._assoc.is_established
+            if fresh:
+                self._open()
+            assert self._assoc is not None
+            try:
+                return _find_on(self._assoc, self.sop, identifier, self.remote)
+            except FindTruncated:
+                raise
+            except PeerError:
+                self.close()
+                if fresh or attempt:  # an idle association the peer had closed: once more
+                    raise
+        raise AssertionError("not reached")
+
+    def _open(self) -> None:
+        self.close()
+        self._cm = associate(self.remote, [build_context(self.sop)])
+        self._assoc = self._cm.__enter__()
+        try:
+            _check_context(self._assoc, self.sop, self.remote, "C-FIND")
+        except PeerError:
+            self.close()
+            raise
 
 
 def no_response(assoc: Association, remote: Remote, what: str) -> PeerError:

@@ -41,7 +41,7 @@ def dicom_source_router(tmp: Path, pacs: Orthanc, port: int, **extra: Any) -> Ro
         "port": port,
         "sources": {"pacs": {"type": "dicom", "ae_title": pacs.aet, "host": "127.0.0.1",
                              "port": pacs.dicom_port, "interval": "1s", "lookback": "all",
-                             **extra}},
+                             "source_stable_age": "1s", **extra}},
         "destinations": {"tree": {"type": "folder", "path": str(tmp / "tree")}},
         "routes": [{"when": {"Source": "pacs"}, "to": "tree"}],
     })
@@ -129,7 +129,7 @@ def test_dicomweb_source_pulls_through_qido_and_wado(tmp_path: Path, orthanc) ->
     upload(pacs, study)  # already there: lookback "all" finds it
     with Router(tmp_path / "router", {
         "sources": {"web": {"type": "dicomweb", "url": f"{pacs.url}/dicom-web",
-                            "interval": "1s", "lookback": "all"}},
+                            "interval": "1s", "lookback": "all", "source_stable_age": "1s"}},
         "destinations": {"tree": {"type": "folder", "path": str(tmp_path / "tree")}},
         "routes": [{"when": {"Source": "web"}, "to": "tree"}],
     }) as router:

@@ -424,6 +424,11 @@ AnyDestination = Annotated[
 ]
 
 
+#: a study's instance count at a dicom/dicomweb source must stay the same this long before
+#: it is pulled (Orthanc's own StableAge default)
+DEFAULT_SOURCE_STABLE_AGE = 60.0
+
+
 class _Source(_Strict):
     interval: Duration = 30.0  # between two polls
 
@@ -455,6 +460,7 @@ class DicomSourceModel(_Source):
     retrieve: Choice("move", "get") = "move"
     move_destination: AETitle | None = None  # default: the router's own ae_title
     lookback: Annotated[float, _v(_lookback)] = 7 * 86400.0
+    source_stable_age: Duration = DEFAULT_SOURCE_STABLE_AGE
     query_model: Choice("study", "patient") = "study"
     timeout: Duration = 600.0
     tls: TlsClientModel | None = None
@@ -467,12 +473,22 @@ class _HttpSource(_Source, _HttpPeer):
 class DicomwebSourceModel(_HttpSource):
     type: Literal["dicomweb"]
     lookback: Annotated[float, _v(_lookback)] = 7 * 86400.0
+    source_stable_age: Duration = DEFAULT_SOURCE_STABLE_AGE
 
 
 class OrthancSourceModel(_HttpSource):
     type: Literal["orthanc"]
     delete_after_pull: Bool = False
     batch: Int(1, 10_000) = 100  # changes read per request
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_stable_age(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "source_stable_age" in data:
+            raise ConfigError("source_stable_age", "not for an orthanc source: it pulls a "
+                              "study at Orthanc's StableStudy event (Orthanc's StableAge "
+                              "setting says when a study is stable there)")
+        return data
 
 
 SOURCE_MODELS: dict[str, type[_Source]] = {

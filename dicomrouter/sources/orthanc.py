@@ -2,11 +2,12 @@
 retrieved instance by instance over the REST API (``/instances/{id}/file``, streamed to disk).
 
 The last change index read is kept in the state database, so a restart resumes where it
-stopped; instances the router already holds are not fetched again. With
-``delete_after_pull: true`` (move semantics) a study is deleted in Orthanc only once the
-router delivered it to every destination, and only if every instance Orthanc has of it is
-one the router holds (nothing that arrived there since is lost); a failing destination keeps
-it in Orthanc.
+stopped; instances the router already holds are not fetched again, so a study that gained
+instances in Orthanc (a new StableStudy) brings only those. Orthanc's own stability
+(``StableAge``) decides when a study is pulled. With ``delete_after_pull: true`` (move
+semantics) a study's instances are deleted in Orthanc once the router delivered the study to
+every destination, instance by instance and only those delivered: an instance stored there
+since stays (and is pulled at its StableStudy); a failing destination keeps them all there.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import requests
 
 from ..httpauth import http_session, request_failure
-from .base import PullError, Source
+from .base import PullError, Source, describe_pull
 
 log = logging.getLogger("dicomrouter.sources")
 
@@ -89,24 +90,22 @@ class OrthancSource(Source):
             return 0
         uid = study["MainDicomTags"]["StudyInstanceUID"]
         instances = self._json(f"/studies/{study_id}/instances") or []
-        new = 0
-        for inst in instances:
-            if self.stopping.is_set():
-                raise PullError("stopping")
-            sop = inst.get("MainDicomTags", {}).get("SOPInstanceUID", "")
-            if sop and self.state.has_instance(sop):
-                continue
-            r = self._get(f"/instances/{inst['ID']}/file", stream=True)
-            if r.status_code == 404:
-                continue  # deleted in between
-            with r:
-                self.store(r.iter_content(CHUNK))
-            new += 1
-        delete_after = bool(self.cfg.options["delete_after_pull"])
-        self.state.source_pulled(self.name, study_id, uid, new, delete_after)
-        log.info("source %s: study %s pulled (%d new of %d instance(s))", self.name, uid, new,
-                 len(instances))
-        return 1 if new else 0
+        held = self.state.source_held(uid)
+        missing = [i for i in instances
+                   if i.get("MainDicomTags", {}).get("SOPInstanceUID", "") not in held]
+        with self.pulling(study_id, uid, bool(self.cfg.options["delete_after_pull"])) as pull:
+            for inst in missing:
+                if self.stopping.is_set():
+                    raise PullError("stopping")
+                r = self._get(f"/instances/{inst['ID']}/file", stream=True)
+                if r.status_code == 404:
+                    continue  # deleted in between
+                with r:
+                    self.store(r.iter_content(CHUNK))
+            pull.source_instances = len(instances)
+        log.info("source %s: study %s pulled (%s)", self.name, uid,
+                 describe_pull(pull, len(missing), len(instances)))
+        return 1 if pull.brought else 0
 
     def housekeeping(self) -> None:
         if not self.cfg.options["delete_after_pull"]:
@@ -116,20 +115,22 @@ class OrthancSource(Source):
             if instances is None:  # already gone there
                 self.state.source_deleted(self.name, study_id, uid)
                 continue
-            unknown = [i for i in instances
-                       if not self.state.has_instance(i["MainDicomTags"]["SOPInstanceUID"])]
-            if unknown:
-                log.info("source %s: study %s has %d instance(s) in Orthanc the router has not "
-                         "pulled yet; not deleted there", self.name, uid, len(unknown))
-                continue
-            try:
-                r = self._http().delete(self._url(f"/studies/{study_id}"),
-                                        timeout=self.cfg.options["timeout"])
-            except requests.RequestException as exc:
-                raise PullError(f"DELETE study {uid} in Orthanc at "
-                                f"{request_failure(exc, self._url('/'))}") from None
-            if r.status_code >= 400 and r.status_code != 404:
-                raise PullError(f"DELETE study {uid} in Orthanc: HTTP {r.status_code}")
-            self.state.source_deleted(self.name, study_id, uid)
-            log.info("source %s: study %s deleted in Orthanc (delivered to every destination)",
-                     self.name, uid)
+            delivered = self.state.source_delivered(uid)
+            done = [i for i in instances
+                    if i.get("MainDicomTags", {}).get("SOPInstanceUID") in delivered]
+            for inst in done:  # never the study: what was stored since is not ours to delete
+                path = f"/instances/{inst['ID']}"
+                try:
+                    r = self._http().delete(self._url(path),
+                                            timeout=self.cfg.options["timeout"])
+                except requests.RequestException as exc:
+                    raise PullError(f"DELETE an instance of study {uid} in Orthanc at "
+                                    f"{request_failure(exc, self._url(path))}") from None
+                if r.status_code >= 400 and r.status_code != 404:
+                    raise PullError(f"DELETE {path} (study {uid}) in Orthanc: "
+                                    f"HTTP {r.status_code}")
+            left = len(instances) - len(done)
+            self.state.source_deleted(self.name, study_id, uid, len(done), left)
+            log.info("source %s: study %s: %d instance(s) deleted in Orthanc (delivered to "
+                     "every destination)%s", self.name, uid, len(done),
+                     f"; {left} not delivered yet stay there" if left else "")

@@ -26,7 +26,7 @@ class SourcePollers:
 
     def start(self) -> None:
         for src in self.sources:
-            log.info("source %s: %s, every %.0f s", src.name, src.describe(), src.cfg.interval)
+            log.info("source %s: %s, every %g s", src.name, src.describe(), src.cfg.interval)
             t = threading.Thread(target=self._run, args=(src,), name=f"source-{src.name}",
                                  daemon=True)
             t.start()
@@ -38,6 +38,14 @@ class SourcePollers:
             src.stopping.set()
         for t in self._threads:
             t.join(30)
+
+    @staticmethod
+    def _next_wait(src: Source) -> float:
+        """The interval, or less when a study waiting to be stable at the source is due
+        before it."""
+        if src.wake_at is None:
+            return src.cfg.interval
+        return min(src.cfg.interval, max(0.2, src.wake_at - time.time() + 0.05))
 
     def _run(self, src: Source) -> None:
         failing = False
@@ -60,7 +68,7 @@ class SourcePollers:
                 # our errors are sentences; a library's gets its type name
                 error = str(exc) if type(exc).__module__.startswith("dicomrouter") else \
                     f"{type(exc).__name__}: {exc}"
-                log.warning("source %s: poll failed (next in %.0f s): %s", src.name,
+                log.warning("source %s: poll failed (next in %g s): %s", src.name,
                             src.cfg.interval, error)
                 failing = True
                 metrics.POLLS.labels(src.name, "error").inc()
@@ -74,10 +82,10 @@ class SourcePollers:
                     log.info("source %s: polling again", src.name)
                 failing = False
                 if pulled:
-                    log.info("source %s: pulled %d new study(ies) in %.1f s", src.name, pulled,
-                             time.monotonic() - started)
+                    log.info("source %s: pulled from %d study(ies) in %.1f s", src.name,
+                             pulled, time.monotonic() - started)
                 try:
                     self.state.source_polled(src.name, None)
                 except Exception as db_exc:
                     log.error("source %s: cannot record the poll: %s", src.name, db_exc)
-            self._stop.wait(src.cfg.interval)
+            self._stop.wait(self._next_wait(src))

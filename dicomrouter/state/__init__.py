@@ -5,7 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .base import Instance, Job, Reception, Recorded, State, StateUnavailable, Study
+from .base import (
+    Instance,
+    Job,
+    Reception,
+    Recorded,
+    SourceStudy,
+    State,
+    StateUnavailable,
+    Study,
+)
 from .sqlite import DATABASE_ERRORS as _SQLITE_ERRORS
 from .sqlite import SQLiteState
 
@@ -35,5 +44,5 @@ def open_state(path: Path, readonly: bool = False) -> State:
     return SQLiteState(path, readonly=readonly)
 
 
-__all__ = ["STATE_ERRORS", "Instance", "Job", "Reception", "Recorded", "State",
+__all__ = ["STATE_ERRORS", "Instance", "Job", "Reception", "Recorded", "SourceStudy", "State",
            "StateUnavailable", "Study", "open_state", "state_for"]

@@ -85,6 +85,17 @@ class Study:
     in_spool: bool
 
 
+@dataclass(frozen=True)
+class SourceStudy:
+    """What a pull source remembers of one study it pulled (or began to pull)."""
+
+    key: str  # the source's id of the study (Study Instance UID, Orthanc's id)
+    study_uid: str
+    pulled_at: float | None  # the last pull that finished (None: none finished yet)
+    source_instances: int | None  # the source's count when a pull last left nothing missing
+    instances: int  # instances this source brought into the router for it, so far
+
+
 class State(ABC):
     """The state of one spool: studies, instances, jobs, the ledger, history."""
 
@@ -272,18 +283,40 @@ class State(ABC):
         """Record a poll (its error, or success) and, if given, the new cursor."""
 
     @abstractmethod
-    def source_seen(self, name: str, study_key: str) -> bool: ...
+    def source_studies(self, name: str, keys: Sequence[str]) -> dict[str, SourceStudy]:
+        """The rows of those of ``keys`` the source ``name`` has pulled or begun to pull."""
 
     @abstractmethod
-    def source_pulled(self, name: str, study_key: str, study_uid: str, instances: int,
-                      delete_after: bool) -> None: ...
+    def source_held(self, study_uid: str) -> dict[str, str]:
+        """SOP Instance UID → Series Instance UID of every instance of the study the router
+        holds or held (present in the spool or delivered and removed): what a pull skips."""
+
+    @abstractmethod
+    def source_pull_started(self, name: str, study_key: str, study_uid: str) -> None:
+        """A pull of the study begins: the router's instance count of the study is kept as the
+        baseline of what this pull brings (unless an interrupted pull left one)."""
+
+    @abstractmethod
+    def source_pulled(self, name: str, study_key: str, study_uid: str,
+                      source_instances: int | None, delete_after: bool) -> tuple[bool, int]:
+        """A pull ended (``source_instances``: the source's count when nothing is missing any
+        more, None when the pull failed or left some). Counts what it brought since its
+        baseline: (the study's first instances from this source, instances brought)."""
 
     @abstractmethod
     def source_deletable(self, name: str) -> list[tuple[str, str]]:
         """Studies pulled with move semantics that are now delivered to every destination."""
 
     @abstractmethod
-    def source_deleted(self, name: str, study_key: str, study_uid: str) -> None: ...
+    def source_delivered(self, study_uid: str) -> set[str]:
+        """SOP Instance UIDs of the study's instances delivered to every destination it has a
+        job for (what move semantics may delete at the source)."""
+
+    @abstractmethod
+    def source_deleted(self, name: str, study_key: str, study_uid: str, deleted: int = 0,
+                       left: int = 0) -> None:
+        """The study's delivered instances were deleted at the source (``deleted`` of them;
+        ``left``: instances stored there since, kept for the next pull)."""
 
     @abstractmethod
     def has_instance(self, sop_uid: str) -> bool: ...

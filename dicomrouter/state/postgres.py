@@ -33,7 +33,7 @@ from typing import Any
 from .base import StateUnavailable
 from .qr import generated_columns
 from .sql import SQLState
-from .sqlite import _StudyLock
+from .sqlite import SOURCE_DELTAS, _StudyLock
 
 log = logging.getLogger("dicomrouter.state")
 
@@ -181,7 +181,8 @@ ALTER TABLE jobs ADD COLUMN missing INTEGER NOT NULL DEFAULT 0;
 
 #: (version, statements): append, never edit one that has shipped
 MIGRATIONS: list[tuple[int, str]] = [(1, SCHEMA_V1), (2, _qr_migration()), (3, LEASES_V3),
-                                     (4, LEDGER_DIGEST_V4), (5, MOVES_V5)]
+                                     (4, LEDGER_DIGEST_V4), (5, MOVES_V5),
+                                     (6, ";\n".join(SOURCE_DELTAS))]
 
 
 class Row:

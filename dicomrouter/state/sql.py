@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from ..query import Query
-from .base import Instance, Job, Reception, Recorded, State, Study
+from .base import Instance, Job, Reception, Recorded, SourceStudy, State, Study
 from .qr import qr_select
 
 # A ledger row is one (instance, destination). Sent under another study than the row's (the
@@ -885,27 +885,68 @@ class SQLState(State):
                 db.execute("UPDATE sources SET last_poll=?, last_error=?,"
                            " cursor=COALESCE(?, cursor) WHERE name=?", (now, error, cursor, name))
 
-    def source_seen(self, name: str, study_key: str) -> bool:
-        return bool(self._query("SELECT 1 FROM source_studies WHERE source=? AND study_key=?",
-                                (name, study_key)))
+    def source_studies(self, name: str, keys: Sequence[str]) -> dict[str, SourceStudy]:
+        out: dict[str, SourceStudy] = {}
+        keys = list(keys)
+        for i in range(0, len(keys), 500):
+            part = keys[i:i + 500]
+            for r in self._query(
+                    "SELECT study_key, study_uid, pulled_at, source_instances, instances_pulled"
+                    " FROM source_studies WHERE source=? AND study_key IN"
+                    f" ({','.join('?' * len(part))})", [name, *part]):
+                out[r["study_key"]] = SourceStudy(r["study_key"], r["study_uid"] or "",
+                                                  r["pulled_at"], r["source_instances"],
+                                                  int(r["instances_pulled"] or 0))
+        return out
 
-    def source_pulled(self, name: str, study_key: str, study_uid: str, instances: int,
-                      delete_after: bool) -> None:
-        now = time.time()
-        with self._tx() as db:
+    def source_held(self, study_uid: str) -> dict[str, str]:
+        return {r["sop_uid"]: r["series_uid"] or "" for r in self._query(
+            "SELECT sop_uid, series_uid FROM instances WHERE study_uid=?", (study_uid,))}
+
+    def source_pull_started(self, name: str, study_key: str, study_uid: str) -> None:
+        with self._tx(study_uid) as db:
             db.execute("INSERT INTO sources(name) VALUES (?) ON CONFLICT(name) DO NOTHING",
                        (name,))
-            new = db.execute(
+            held = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=?",
+                              (study_uid,)).fetchone()[0]
+            # an interrupted pull (kill -9) left its baseline: what it stored counts too
+            db.execute("INSERT INTO source_studies(source, study_key, study_uid, held_before)"
+                       " VALUES (?,?,?,?) ON CONFLICT(source, study_key) DO UPDATE SET"
+                       " study_uid=excluded.study_uid, held_before=COALESCE("
+                       "source_studies.held_before, excluded.held_before)",
+                       (name, study_key, study_uid, held))
+
+    def source_pulled(self, name: str, study_key: str, study_uid: str,
+                      source_instances: int | None, delete_after: bool) -> tuple[bool, int]:
+        now = time.time()
+        with self._tx(study_uid) as db:
+            db.execute("INSERT INTO sources(name) VALUES (?) ON CONFLICT(name) DO NOTHING",
+                       (name,))
+            held = int(db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=?",
+                                  (study_uid,)).fetchone()[0])
+            row = db.execute("SELECT held_before, instances_pulled FROM source_studies WHERE"
+                             " source=? AND study_key=?", (name, study_key)).fetchone()
+            before = row["held_before"] if row is not None else None
+            n = max(0, held - (held if before is None else int(before)))
+            first = n > 0 and (row is None or not row["instances_pulled"])
+            db.execute(
                 "INSERT INTO source_studies(source, study_key, study_uid, pulled_at,"
-                " delete_after) VALUES (?,?,?,?,?) ON CONFLICT(source, study_key) DO UPDATE"
-                " SET pulled_at=excluded.pulled_at, delete_after=excluded.delete_after,"
-                " deleted_at=NULL", (name, study_key, study_uid, now, int(delete_after))).rowcount
+                " delete_after, source_instances, instances_pulled) VALUES (?,?,?,?,?,?,?)"
+                " ON CONFLICT(source, study_key) DO UPDATE SET study_uid=excluded.study_uid,"
+                " pulled_at=excluded.pulled_at, delete_after=excluded.delete_after,"
+                " deleted_at=NULL, held_before=NULL,"
+                " source_instances=excluded.source_instances,"
+                " instances_pulled=source_studies.instances_pulled+excluded.instances_pulled",
+                (name, study_key, study_uid, now, int(delete_after), source_instances, n))
             db.execute("UPDATE sources SET studies_pulled=studies_pulled+?,"
                        " instances_pulled=instances_pulled+? WHERE name=?",
-                       (1 if new else 0, instances, name))
-            if instances:
-                self._event(db, study_uid, f"pulled {instances} instance(s) from source {name}",
-                            now)
+                       (1 if first else 0, n, name))
+            if n:
+                text = f"pulled {n} {'' if first else 'more '}instance(s) from source {name}"
+                if source_instances is None:
+                    text += " (the pull did not finish: the rest at the next poll)"
+                self._event(db, study_uid, text, now)
+        return first, n
 
     def source_deletable(self, name: str) -> list[tuple[str, str]]:
         """(study key, study UID) pulled with delete_after whose study is delivered everywhere."""
@@ -915,12 +956,26 @@ class SQLState(State):
             " p.deleted_at IS NULL AND s.state='delivered'", (name,))
         return [(r["study_key"], r["study_uid"]) for r in rows]
 
-    def source_deleted(self, name: str, study_key: str, study_uid: str) -> None:
+    def source_delivered(self, study_uid: str) -> set[str]:
+        return {r[0] for r in self._query(
+            "SELECT i.sop_uid FROM instances i WHERE i.study_uid=? AND EXISTS (SELECT 1 FROM"
+            " jobs j WHERE j.study_uid=i.study_uid) AND NOT EXISTS (SELECT 1 FROM jobs j WHERE"
+            " j.study_uid=i.study_uid AND NOT EXISTS (SELECT 1 FROM ledger l WHERE"
+            " l.sop_uid=i.sop_uid AND l.destination=j.destination AND l.delivered_at IS NOT"
+            " NULL))", (study_uid,))}
+
+    def source_deleted(self, name: str, study_key: str, study_uid: str, deleted: int = 0,
+                       left: int = 0) -> None:
         now = time.time()
         with self._tx() as db:
             db.execute("UPDATE source_studies SET deleted_at=? WHERE source=? AND study_key=?",
                        (now, name, study_key))
-            self._event(db, study_uid, f"deleted at source {name} (delivered everywhere)", now)
+            what = f"{deleted} instance(s) " if deleted else ""
+            text = f"{what}deleted at source {name} (delivered everywhere)"
+            if left:
+                text = (text + "; " if deleted else f"nothing deleted at source {name}: ") + \
+                    f"{left} instance(s) there not delivered yet stay for the next pull"
+            self._event(db, study_uid, text, now)
 
     # ---- storage commitment --------------------------------------------------------------------
 

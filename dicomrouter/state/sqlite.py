@@ -123,6 +123,18 @@ CREATE TABLE IF NOT EXISTS source_studies (  -- what each source already pulled
 """
 
 
+#: pull sources fetch what a study gained at the source since (PostgreSQL: migration 6)
+SOURCE_DELTAS = (
+    # the source's instance count when a pull last left nothing missing
+    "ALTER TABLE source_studies ADD COLUMN source_instances INTEGER",
+    # what the source brought into the router for the study, and the router's count of the
+    # study when an unfinished pull began (its baseline: a kill -9 loses no count)
+    "ALTER TABLE source_studies ADD COLUMN instances_pulled INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE source_studies ADD COLUMN held_before INTEGER",
+    "UPDATE source_studies SET instances_pulled=(SELECT COUNT(*) FROM instances i WHERE"
+    " i.study_uid=source_studies.study_uid) WHERE pulled_at IS NOT NULL",
+)
+
 
 #: the errors this backend raises for a locked, full or broken database (state.STATE_ERRORS)
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,)
@@ -196,6 +208,10 @@ class SQLiteState(SQLState):
             if "missing" not in columns:  # instances deleted before it was routed (partial)
                 self._db.execute("ALTER TABLE jobs ADD COLUMN missing INTEGER NOT NULL"
                                  " DEFAULT 0")
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(source_studies)")}
+            if "source_instances" not in columns:  # delta pulls (same as PostgreSQL's v6)
+                for statement in SOURCE_DELTAS:
+                    self._db.execute(statement)
             self._db.execute("COMMIT")
         self.migrated = n
 
