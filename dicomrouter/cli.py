@@ -615,8 +615,11 @@ def explain(paths: tuple[str, ...], study: str | None, config_path: str | None,
     cfg = _load_config(config_path)
     results = []
     if study:
+        from .spool import Spool, spool_for
+
         state, root = _state_for(config_path, spool)
-        found = ex.explain_spooled(cfg, state, root, study)
+        reader = Spool(Path(root), state) if spool else spool_for(cfg, state)
+        found = ex.explain_spooled(cfg, state, reader, study)
         if found is None:
             raise click.ClickException(f"no study {study} in {root}")
         results.append(found)

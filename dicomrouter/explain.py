@@ -8,7 +8,6 @@ deployed. Nothing is sent, nothing in the spool or the state database changes.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -17,7 +16,7 @@ from .config import Config
 from .dicomfile import UnreadableDataset, identify
 from .routing import Decision, route
 from .sources import source_names
-from .spool import SpoolReader
+from .spool import Spool
 from .state import Instance, State
 
 
@@ -43,12 +42,6 @@ def instances_from_files(paths: Iterable[str]) -> tuple[dict[str, list[Instance]
 
 def open_file(inst: Instance) -> BinaryIO:
     return open(inst.key, "rb")  # noqa: SIM115 - the caller closes it
-
-
-def spool_opener(root: Path) -> Any:
-    def open_spooled(inst: Instance) -> BinaryIO:
-        return SpoolReader(os.path.join(root, inst.key))  # type: ignore[return-value]
-    return open_spooled
 
 
 def explain(cfg: Config, instances: list[Instance], opener: Any) -> Decision:
@@ -110,9 +103,11 @@ def render(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def explain_spooled(cfg: Config, state: State, spool_root: Path,
+def explain_spooled(cfg: Config, state: State, spool: Spool,
                     study_uid: str) -> dict[str, Any] | None:
+    """The routing table on a study the spool holds (read through ``Spool.open``: a key is an
+    object key in cluster mode, not a path under the spool's root)."""
     instances = state.instances(study_uid, present_only=False)
     if not instances:
         return None
-    return as_dict(study_uid, instances, explain(cfg, instances, spool_opener(spool_root)), cfg)
+    return as_dict(study_uid, instances, explain(cfg, instances, spool.open), cfg)
