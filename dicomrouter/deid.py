@@ -39,10 +39,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
-from .config.base import ConfigError
 from .deid_table import (
     CLASS_UIDS,
     CODE_MEANING,
@@ -57,11 +57,14 @@ from .deid_table import (
     STRUCTURAL_TEXT,
     TEXT_VALUE,
     TEXT_VRS,
+    DeidentifyModel,
     action,
     code_meaning,
     is_overlay,
     table,
 )
+from .schema import keyed_error
+from .values import ConfigError
 
 __all__ = ["RETAIN", "SOURCE_AE", "Deidentifier", "from_options"]
 
@@ -307,12 +310,8 @@ def _shifted(value: Any, days: int) -> Any:
 
 def from_options(options: dict[str, Any] | None,
                  where: str = "deidentify") -> Deidentifier:
-    """A Deidentifier from a ``deidentify:`` entry (``config.models.DeidentifyModel``); the
+    """A Deidentifier from a ``deidentify:`` entry (``deid_table.DeidentifyModel``); the
     secret from its environment variable."""
-    from pydantic import ValidationError
-
-    from .config.models import DeidentifyModel, keyed_error
-
     env = (options or {}).get("uid_secret_env") or "DEID_SECRET"
     secret = os.environ.get(env) if isinstance(env, str) else None
     if isinstance(env, str) and not secret:  # first: without it nothing else matters

@@ -25,11 +25,13 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import model_validator
 from pydicom.datadict import tag_for_keyword
 
-from .config.base import ConfigError, _show
+from .schema import Bool, Choice, Strict, Text, parsed
+from .values import ConfigError, show
 
 # Retain options (PS3.15 E.3): attributes a switch keeps
 RETAIN = ("dates", "device", "patient_characteristics", "descriptors")
@@ -178,7 +180,7 @@ def parse_keep(names: Any, key: str = "keep") -> frozenset[int]:
         return frozenset()
     if not isinstance(names, list):
         raise ConfigError(key, f"expected a list of DICOM keywords or (gggg,eeee) tags, got "
-                          f"{_show(names)}")
+                          f"{show(names)}")
     out = set()
     for i, name in enumerate(names):
         where = f"[{i}]"
@@ -186,12 +188,12 @@ def parse_keep(names: Any, key: str = "keep") -> frozenset[int]:
         tag = (int(m.group(1), 16) << 16 | int(m.group(2), 16)) if m else \
             _keyword_tag(name) if isinstance(name, str) else None
         if tag is None:
-            raise ConfigError(where, f"{_show(name)} is not a DICOM keyword or (gggg,eeee) tag")
+            raise ConfigError(where, f"{show(name)} is not a DICOM keyword or (gggg,eeee) tag")
         if tag >> 16 <= 0x0002 or tag >= 0x7FE00000:
-            raise ConfigError(where, f"{_show(name)}: the file meta information and the pixel "
+            raise ConfigError(where, f"{show(name)}: the file meta information and the pixel "
                               "data are not the profile's to keep")
         if (tag >> 16) & 1:
-            raise ConfigError(where, f"{_show(name)} is a private tag (keep_private: true keeps "
+            raise ConfigError(where, f"{show(name)} is a private tag (keep_private: true keeps "
                               "private tags)")
         out.add(overlay_base(tag))
     return frozenset(out)
@@ -220,3 +222,35 @@ def keywords(tags: Iterable[int]) -> list[str]:
 
     return sorted(keyword_for_tag(t) or f"({t >> 16:04X},{t & 0xFFFF:04X})" for t in tags)
 
+
+def _deid_retain(value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or any(r not in RETAIN for r in value):
+        raise ConfigError(key, f"a list of {', '.join(RETAIN)}; got {show(value)}")
+    return tuple(value)
+
+
+def _deid_keep(value: Any, key: str) -> frozenset[int]:
+    return parse_keep(value, key)
+
+
+class DeidentifyModel(Strict):
+    """A ``deidentify:`` transform (PS3.15 basic profile; read by ``deid.from_options``)."""
+
+    profile: Choice("basic") = "basic"
+    retain: Annotated[tuple[str, ...], parsed(_deid_retain)] = ()
+    shift_dates: Bool = False
+    keep: Annotated[frozenset[int], parsed(_deid_keep)] = frozenset()  # tags, kept as they are
+    keep_private: Bool = False
+    burned_in: Choice("refuse", "allow") = "refuse"
+    patient_id: Text | None = None  # default ANON-{hash:12}
+    patient_name: Text | None = None  # default ANON^{hash:12}
+    patient_map: Text | None = None  # a CSV of original,pseudonym
+    uid_secret_env: Text | None = None  # default DEID_SECRET
+
+    @model_validator(mode="after")
+    def _dates(self) -> DeidentifyModel:
+        if "dates" in self.retain and self.shift_dates:
+            raise ConfigError("shift_dates", "either retain dates or shift them")
+        return self

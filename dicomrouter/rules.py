@@ -30,7 +30,7 @@ from typing import Any
 
 from pydicom.datadict import tag_for_keyword
 
-from .config.base import AE_PSEUDO_KEYS, ConfigError, Matcher, _matcher
+from .values import AE_PSEUDO_KEYS, ConfigError, Matcher, parse_matcher
 
 AGGREGATES = ("ModalitiesInStudy", "NumberOfStudyRelatedInstances",
               "NumberOfStudyRelatedSeries", "SeriesDescriptions")
@@ -153,7 +153,7 @@ def parse_when(raw: Any, where: str = "when") -> tuple[Condition, ...]:
                 out.append(_operator(key, value, at))
             else:
                 plain = key.isidentifier() and "." not in key
-                m = _matcher(key if plain else "PatientID", value, at)  # parses values only
+                m = parse_matcher(key if plain else "PatientID", value, at)  # parses values only
                 out.append(Condition("match", key, matcher=Matcher(key, m.values, m.patterns)))
     return tuple(out)
 

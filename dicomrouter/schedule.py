@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .config.base import ConfigError, _show
+from .values import ConfigError, show
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
@@ -77,7 +77,7 @@ def parse_window(between: str | None, days: list[str] | None, tz: str | None,
     if not m or int(m.group(1)) > 23 or int(m.group(3)) > 23 or int(m.group(2)) > 59 \
             or int(m.group(4)) > 59:
         raise ConfigError("deliver_between", f"expected HH:MM-HH:MM (e.g. 20:00-06:00), got "
-                          f"{_show(between)}")
+                          f"{show(between)}")
     start = dt.time(int(m.group(1)), int(m.group(2)))
     end = dt.time(int(m.group(3)), int(m.group(4)))
     if start == end:
@@ -90,12 +90,12 @@ def parse_window(between: str | None, days: list[str] | None, tz: str | None,
         for i, d in enumerate(days):
             name = str(d).strip().lower()[:3]
             if name not in DAYS:
-                raise ConfigError(f"days[{i}]", f"{_show(d)} is not one of {', '.join(DAYS)}")
+                raise ConfigError(f"days[{i}]", f"{show(d)} is not one of {', '.join(DAYS)}")
             wanted.add(DAYS.index(name))
     if tz is not None:
         try:
             ZoneInfo(tz)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ConfigError("timezone", f"unknown time zone {_show(tz)} (e.g. "
+            raise ConfigError("timezone", f"unknown time zone {show(tz)} (e.g. "
                               "Europe/Brussels, America/New_York, UTC)") from None
     return Window(start, end, frozenset(wanted), tz)

@@ -14,7 +14,7 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 
-from .config.base import ConfigError, _show, parse_duration
+from .values import ConfigError, parse_duration, show
 
 _AT = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*$")
 
@@ -53,5 +53,5 @@ def parse(raw: object, key: str = "sweep") -> SweepPlan | None:
         return SweepPlan(every=seconds)
     m = _AT.match(str(value))
     if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
-        raise ConfigError(at, f"expected HH:MM, got {_show(value)}")
+        raise ConfigError(at, f"expected HH:MM, got {show(value)}")
     return SweepPlan(at=dt.time(int(m.group(1)), int(m.group(2))))

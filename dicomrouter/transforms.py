@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from .config.base import ConfigError, _show
+from .values import ConfigError, show
 
 KINDS = ("deidentify", "set", "delete", "copy", "regex-replace")
 _TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
@@ -80,16 +80,16 @@ def _tag(name: Any, where: str) -> int:
     m = _TAG.match(str(name))
     tag = (int(m.group(1), 16) << 16 | int(m.group(2), 16)) if m else tag_for_keyword(str(name))
     if tag is None:
-        raise ConfigError(where, f"{_show(name)} is not a DICOM keyword or (gggg,eeee) tag")
+        raise ConfigError(where, f"{show(name)} is not a DICOM keyword or (gggg,eeee) tag")
     if tag >> 16 <= 0x0002 or tag >= 0x7FE00000:
-        raise ConfigError(where, f"{_show(name)}: the file meta information and the pixel data "
+        raise ConfigError(where, f"{show(name)}: the file meta information and the pixel data "
                           "are not transform targets")
     try:
         vr = dictionary_VR(tag)
     except KeyError:
         vr = ""
     if vr in _PROTECTED_VR:
-        raise ConfigError(where, f"{_show(name)} is a UID: morphing does not change UIDs "
+        raise ConfigError(where, f"{show(name)} is a UID: morphing does not change UIDs "
                           "(de-identification remaps them consistently)")
     return int(tag)
 
@@ -137,7 +137,7 @@ def parse(raw: Any, where: str = "transforms") -> tuple[Op, ...]:
                 ops.append(Op("set", tag, _template(value, key)))
             elif kind == "copy":
                 if tag_for_keyword(str(value)) is None:
-                    raise ConfigError(key, f"{_show(value)} is not a DICOM keyword")
+                    raise ConfigError(key, f"{show(value)} is not a DICOM keyword")
                 ops.append(Op("copy", tag, str(value)))
             else:
                 if not isinstance(value, dict) or set(value) != {"pattern", "replace"}:

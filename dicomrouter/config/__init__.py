@@ -23,6 +23,7 @@ from .base import (
     WebConfig,
     parse_duration,
     parse_size,
+    study_level,
     template_keywords,
 )
 from .load import embedded_default, load, replace_port
@@ -37,5 +38,5 @@ __all__ = [
     "TlsConfig",
     "WebConfig",
     "embedded_default", "from_dict", "load", "parse_duration", "parse_size", "replace_port",
-    "template_keywords",
+    "study_level", "template_keywords",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from .base import CONFIG_ENV, Config, ConfigError, _int, _show
+from .base import CONFIG_ENV, Config, ConfigError, parse_int, show
 from .models import from_dict
 
 
@@ -28,7 +28,7 @@ class _DuplicateKey(yaml.YAMLError):
     def __init__(self, key: Any, first: int, second: int) -> None:
         super().__init__(f"{key}: given twice in one mapping (lines {first} and {second}); "
                          "keep one")
-        self.key = key if isinstance(key, str) else _show(key)
+        self.key = key if isinstance(key, str) else show(key)
         self.lines = (first, second)
 
 
@@ -165,7 +165,7 @@ def replace_port(cfg: Config, port: int) -> Config:
     """The same configuration listening on another port (``serve --port``)."""
     from dataclasses import replace
 
-    port = _int(port, "--port", 1, 65535)
+    port = parse_int(port, "--port", 1, 65535)
     listeners = cfg.listeners
     if listeners:
         listeners = (replace(listeners[0], port=port), *listeners[1:])

@@ -10,22 +10,36 @@ A new destination type is one model here (``DESTINATION_MODELS``) and one class 
 
 from __future__ import annotations
 
-import difflib
 import os
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Discriminator,
     Tag,
     ValidationError,
     model_validator,
 )
 
+from ..rules import literal_values, parse_when
+from ..schedule import parse_window
+from ..schema import (
+    CHECK_SECRETS,
+    AETitle,
+    Bool,
+    Choice,
+    Duration,
+    Int,
+    Size,
+    Strict,
+    Text,
+    env_set,
+    parsed,
+    readable,
+)
+from ..schema import keyed_error as generic_keyed_error
+from ..sweep import parse as parse_sweep
+from ..transforms import parse as parse_transforms
 from .base import (
     DEFAULT_AE_TITLE,
     DEFAULT_FOLDER_TEMPLATE,
@@ -42,47 +56,31 @@ from .base import (
     StateConfig,
     TlsConfig,
     WebConfig,
-    _ae_title,
-    _bool,
-    _choice,
-    _int,
-    _show,
-    _str,
-    _transfer_syntaxes,
     is_loopback,
+    parse_ae_title,
+    parse_choice,
     parse_duration,
+    parse_int,
     parse_size,
+    parse_str,
+    parse_transfer_syntaxes,
+    show,
+    study_level,
     template_keywords,
 )
 
-
-def _v(parser: Any, *args: Any) -> BeforeValidator:
-    """One of base.py's parsers as a pydantic validator (the key is added from the location)."""
-    return BeforeValidator(lambda value: parser(value, "", *args))
-
-
-Duration = Annotated[float, _v(parse_duration)]
-Size = Annotated[int, _v(parse_size)]
-AETitle = Annotated[str, _v(_ae_title)]
-Text = Annotated[str, _v(_str)]
-Bool = Annotated[bool, _v(_bool)]
-
-
-def Int(lo: int, hi: int) -> Any:  # noqa: N802 - reads like a type in the models
-    return Annotated[int, _v(_int, lo, hi)]
-
-
-def Choice(*options: str) -> Any:  # noqa: N802
-    return Annotated[str, _v(_choice, options)]
+_v = parsed
+_Strict = Strict
+_readable = readable
+_env_set = env_set
 
 
 def _template(value: Any, key: str) -> str:
-    template_keywords(_str(value, key), key)
+    template_keywords(parse_str(value, key), key)
     return str(value)
 
 
 def _when(value: Any, key: str) -> tuple[Any, ...]:
-    from ..rules import parse_when  # rules imports config.base: import it when validating
 
     if value is None:
         return ()
@@ -104,22 +102,18 @@ def _expect(value: Any, key: str) -> dict[str, Any] | None:
                 raise ConfigError("series", "expected a list of SeriesDescription values")
             out[k] = tuple(v)
         elif k in ("series_count", "instances"):
-            out[k] = _int(v, k, 1, 10_000_000)
+            out[k] = parse_int(v, k, 1, 10_000_000)
         else:
             raise ConfigError(str(k), "unknown key (series, series_count, instances)")
     return out
 
 
 def _sweep(value: Any, key: str) -> Any:
-    from ..sweep import parse
-
-    return parse(value, "")
+    return parse_sweep(value, "")
 
 
 def _transforms(value: Any, key: str) -> tuple[Any, ...]:
-    from ..transforms import parse
-
-    return parse(value, "")
+    return parse_transforms(value, "")
 
 
 def _to(value: Any, key: str) -> tuple[str, ...]:
@@ -130,7 +124,7 @@ def _to(value: Any, key: str) -> tuple[str, ...]:
         raise ConfigError(key, "needs at least one destination")
     for i, item in enumerate(items):
         if not isinstance(item, str):
-            raise ConfigError(f"[{i}]", f"expected a destination name, got {_show(item)}")
+            raise ConfigError(f"[{i}]", f"expected a destination name, got {show(item)}")
     return tuple(dict.fromkeys(items))
 
 
@@ -139,44 +133,17 @@ def _ae_list(value: Any, key: str) -> tuple[str, ...]:
         return ()
     if not isinstance(value, list):
         raise ConfigError(key, "expected a list of AE titles")
-    return tuple(_ae_title(a, f"[{i}]") for i, a in enumerate(value))
+    return tuple(parse_ae_title(a, f"[{i}]") for i, a in enumerate(value))
 
 
 def _log_level(value: Any, key: str) -> str:
     level = value.upper() if isinstance(value, str) else value
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(key, f"one of DEBUG, INFO, WARNING, ERROR; got {_show(level)}")
+        raise ConfigError(key, f"one of DEBUG, INFO, WARNING, ERROR; got {show(level)}")
     return str(level)
 
 
-class _Strict(BaseModel):
-    """A YAML mapping: unknown keys are refused with a 'did you mean'."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if data is None:
-            return {}
-        if not isinstance(data, dict):
-            raise ConfigError("", f"expected a mapping, got {type(data).__name__}")
-        known = set(cls.model_fields)
-        for k in data:
-            if k not in known:
-                close = difflib.get_close_matches(k, known, n=1) if isinstance(k, str) else []
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                raise ConfigError(k[:80] if isinstance(k, str) else _show(k),
-                                  f"unknown key ({hint}known keys: {', '.join(sorted(known))})")
-        return data
-
-
-TlsVersion = Annotated[str, _v(_choice, ("TLSv1.2", "TLSv1.3"))]
-
-
-def _readable(path: str | None, key: str) -> None:
-    if path and not os.access(os.path.expanduser(path), os.R_OK):
-        raise ConfigError(key, f"cannot read {path}")
+TlsVersion = Annotated[str, _v(parse_choice, ("TLSv1.2", "TLSv1.3"))]
 
 
 class TlsServerModel(_Strict):
@@ -241,14 +208,10 @@ class _Destination(_Strict):
 
     @model_validator(mode="after")
     def _window(self) -> _Destination:
-        from ..schedule import parse_window
-
         parse_window(self.deliver_between, self.days, self.timezone)
         return self
 
     def window(self) -> Any:
-        from ..schedule import parse_window
-
         return parse_window(self.deliver_between, self.days, self.timezone)
 
     def _env_set(self, *keys: str) -> None:
@@ -266,8 +229,6 @@ class FolderModel(_Destination):
 
     @model_validator(mode="after")
     def _staging_needs_a_study_folder(self) -> FolderModel:
-        from ..destinations.folder import study_level
-
         template = self.template or DEFAULT_FOLDER_TEMPLATE
         if self.staging and not self.zip and study_level(template) is None:
             raise ConfigError("staging", "needs a folder level of template holding "
@@ -285,7 +246,7 @@ class DicomModel(_Destination):
     timeout: Duration = 60.0
     sender: Choice("fast", "pynetdicom") = "fast"
     associations: Int(1, 16) = 1
-    transfer_syntaxes: Annotated[tuple[str, ...], _v(_transfer_syntaxes)] = ()
+    transfer_syntaxes: Annotated[tuple[str, ...], _v(parse_transfer_syntaxes)] = ()
     tls: TlsClientModel | None = None
     storage_commitment: Bool = False  # delivered only once the peer committed the instances
     commitment_timeout: Duration = 60.0  # how long to wait for the N-EVENT-REPORT
@@ -323,13 +284,13 @@ def _tls(value: Any, key: str) -> bool | str:
     """``verify_tls``: true / false, or the path of a CA bundle."""
     if isinstance(value, bool):
         return value
-    return _str(value, key)
+    return parse_str(value, key)
 
 
 def _http_credentials(model: Any) -> None:
     """An HTTP peer's URL and credentials (a DICOMweb destination, an HTTP source)."""
     if not model.url.startswith(("http://", "https://")):
-        raise ConfigError("url", f"expected an http:// or https:// URL, got {_show(model.url)}")
+        raise ConfigError("url", f"expected an http:// or https:// URL, got {show(model.url)}")
     if model.username and not (model.password_env or model.password_file):
         raise ConfigError("username", "needs password_env or password_file (a password is "
                           "never written in the configuration)")
@@ -363,20 +324,6 @@ class DicomwebModel(_Destination, _HttpPeer):
     # qido: after each batch, an instance counts as delivered only once the server's QIDO-RS
     # lists it (a server may answer 200 for an instance it did not keep)
     verify: Choice("none", "qido") = "none"
-
-
-# False while reading a configuration for a command that only reads the state (status, retry,
-# audit...): the destinations' secrets are not needed there, and an operator's shell seldom has
-# them. The state's own DSN is always checked.
-CHECK_SECRETS: ContextVar[bool] = ContextVar("CHECK_SECRETS", default=True)
-
-
-def _env_set(key: str, env: str | None) -> None:
-    """A secret named by environment variable: the named one must be set now."""
-    if key != "dsn_env" and not CHECK_SECRETS.get():
-        return
-    if env and env not in os.environ:
-        raise ConfigError(key, f"environment variable {env} is not set")
 
 
 class _S3Access(_Strict):
@@ -413,7 +360,7 @@ DESTINATION_TYPES = tuple(DESTINATION_MODELS)
 
 def _destination_type(value: Any) -> str | None:
     kind = value.get("type") if isinstance(value, dict) else None
-    return kind if isinstance(kind, str) or kind is None else _show(kind)
+    return kind if isinstance(kind, str) or kind is None else show(kind)
 
 
 AnyDestination = Annotated[
@@ -549,11 +496,11 @@ class SharedSpoolModel(_S3Access):
 
 
 def _node_id(value: Any, key: str) -> str:
-    text = _str(value, key)
+    text = parse_str(value, key)
     import re
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
-        raise ConfigError(key, f"{_show(text)} is not a node id (letters, digits, '.', '_', "
+        raise ConfigError(key, f"{show(text)} is not a node id (letters, digits, '.', '_', "
                           "'-'; at most 64)")
     return text
 
@@ -608,43 +555,6 @@ class KnownAEModel(_Strict):
     count_query: Bool = False
 
 
-def _deid_retain(value: Any, key: str) -> tuple[str, ...]:
-    from ..deid_table import RETAIN
-
-    if value is None:
-        return ()
-    if not isinstance(value, list) or any(r not in RETAIN for r in value):
-        raise ConfigError(key, f"a list of {', '.join(RETAIN)}; got {_show(value)}")
-    return tuple(value)
-
-
-def _deid_keep(value: Any, key: str) -> frozenset[int]:
-    from ..deid_table import parse_keep
-
-    return parse_keep(value, key)
-
-
-class DeidentifyModel(_Strict):
-    """A ``deidentify:`` transform (PS3.15 basic profile; read by ``deid.from_options``)."""
-
-    profile: Choice("basic") = "basic"
-    retain: Annotated[tuple[str, ...], _v(_deid_retain)] = ()
-    shift_dates: Bool = False
-    keep: Annotated[frozenset[int], _v(_deid_keep)] = frozenset()  # tags, kept as they are
-    keep_private: Bool = False
-    burned_in: Choice("refuse", "allow") = "refuse"
-    patient_id: Text | None = None  # default ANON-{hash:12}
-    patient_name: Text | None = None  # default ANON^{hash:12}
-    patient_map: Text | None = None  # a CSV of original,pseudonym
-    uid_secret_env: Text | None = None  # default DEID_SECRET
-
-    @model_validator(mode="after")
-    def _dates(self) -> DeidentifyModel:
-        if "dates" in self.retain and self.shift_dates:
-            raise ConfigError("shift_dates", "either retain dates or shift them")
-        return self
-
-
 class RouteModel(_Strict):
     name: Text | None = None
     when: Annotated[tuple[Any, ...], _v(_when)] = ()
@@ -660,8 +570,6 @@ class RouteModel(_Strict):
     timezone: Text | None = None
 
     def window(self) -> Any:
-        from ..schedule import parse_window
-
         return parse_window(self.deliver_between, self.days, self.timezone)
 
     @model_validator(mode="after")
@@ -761,20 +669,18 @@ class ConfigModel(_Strict):
         known = list(self.destinations or {})
         sources = list(self.sources or {})
         for i, route in enumerate(self.routes or []):
-            from ..rules import literal_values
-
             wrong = [v for v in literal_values(route.when, "Listener") if v not in names]
             if wrong:
                 raise ConfigError(f"routes[{i}].when.Listener", f"unknown listener "
-                                  f"{_show(wrong[0])} (listeners: {', '.join(sorted(names))})")
+                                  f"{show(wrong[0])} (listeners: {', '.join(sorted(names))})")
             unknown = [v for v in literal_values(route.when, "Source") if v not in sources]
             if unknown:
                 raise ConfigError(f"routes[{i}].when.Source", f"unknown source "
-                                  f"{_show(unknown[0])} (sources: "
+                                  f"{show(unknown[0])} (sources: "
                                   f"{', '.join(sources) or 'none defined'})")
             for dest in route.to:
                 if dest not in known:
-                    raise ConfigError(f"routes[{i}].to", f"unknown destination {_show(dest)} "
+                    raise ConfigError(f"routes[{i}].to", f"unknown destination {show(dest)} "
                                       f"(known: {', '.join(known) or 'none defined'})")
         return self
 
@@ -888,48 +794,10 @@ def _tls_client(options: dict[str, Any], path: Any, key: str) -> None:
 
 
 def keyed_error(err: ValidationError, data: Any) -> ConfigError:
-    """The first error of a ValidationError, as ``key.path: problem``."""
-    e = err.errors(include_url=False)[0]
-    loc = list(e["loc"])
-    # a tagged union puts the tag into the location: destinations.<name>.<tag>.<key>
-    unions = {"destinations": ("destination", DESTINATION_TYPES),
-              "sources": ("source", SOURCE_TYPES)}
-    what, types = unions.get(str(loc[0]) if loc else "", ("destination", DESTINATION_TYPES))
-    if len(loc) >= 3 and loc[0] in unions and loc[2] in types:
-        del loc[2]
-    cause = (e.get("ctx") or {}).get("error")
-    kind = e["type"]
-    if isinstance(cause, ConfigError):
-        if cause.key:
-            loc.append(cause.key)
-        problem = cause.problem
-    elif kind == "missing" and loc[:1] in (["destinations"], ["sources"]) and len(loc) == 3:
-        dest = (data or {}).get(loc[0], {}).get(loc[1], {})
-        problem = f"required for a {dest.get('type')} {what}"
-    elif kind == "missing":
-        problem = "required"
-    elif kind == "union_tag_not_found" and not isinstance(e["input"], dict):
-        problem = f"expected a mapping, got {type(e['input']).__name__}"
-    elif kind == "union_tag_not_found":
-        loc.append("type")
-        problem = f"required; one of {', '.join(types)}"
-    elif kind == "union_tag_invalid":
-        loc.append("type")
-        problem = f"unknown {what} type {e['ctx']['tag']}; one of {', '.join(types)}"
-    elif kind in ("dict_type", "model_type", "model_attributes_type"):
-        problem = f"expected a mapping, got {type(e['input']).__name__}"
-    elif kind == "list_type":
-        problem = f"expected a list, got {type(e['input']).__name__}"
-    else:
-        problem = e["msg"]
-    key = ""
-    loc = [p for p in loc if p != "[key]"]  # a dict key that failed: its name says it
-    for part in loc:
-        if isinstance(part, int) or str(part).startswith("["):
-            key += f"[{part}]" if isinstance(part, int) else str(part)
-        else:
-            key += f".{part}" if key else str(part)
-    return ConfigError(key, problem)
+    """The first error of a ValidationError, as ``key.path: problem`` (the destination and
+    source unions named by their ``type``)."""
+    return generic_keyed_error(err, data, {"destinations": ("destination", DESTINATION_TYPES),
+                                          "sources": ("source", SOURCE_TYPES)})
 
 
 def from_dict(raw: Any, base_dir: Path, source: str, secrets: bool = True) -> Config:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..config import DEFAULT_FOLDER_TEMPLATE, template_keywords
+from ..config import DEFAULT_FOLDER_TEMPLATE, study_level, template_keywords
 from ..dicomfile import read_header, render_template, text
 from ..slots import fsync_dir
 from ..state import Instance
@@ -28,15 +28,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ZIP_TEMPLATE = "{PatientID}/{StudyInstanceUID}.zip"
 MANIFEST = "manifest.json"
-
-
-def study_level(template: str) -> int | None:
-    """Index of the template's folder level that names the study (holds {StudyInstanceUID})."""
-    levels = [p for p in template.split("/") if p]
-    for i, level in enumerate(levels[:-1]):
-        if "{StudyInstanceUID}" in level:
-            return i
-    return None
 
 
 class FolderDestination(Destination):
