@@ -243,8 +243,7 @@ def test_an_object_no_node_recorded_is_adopted_from_the_shared_store(
     """A node acknowledged an instance (it is in the bucket) and died with its disk before
     recording it: housekeeping on any node records it from the object; reading it gives the
     stored bytes."""
-    from dicomrouter.shared_spool import ClusterSpool, SharedStore
-    from dicomrouter.spool import SpoolReader
+    from dicomrouter.spool import ClusterSpool, SharedStore, SpoolReader
     from dicomrouter.state.postgres import PostgresState
 
     (f,) = generate(tmp_path / "study", series=1, instances=1, rows=16, cols=16, seed=77)

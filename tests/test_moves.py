@@ -197,7 +197,7 @@ def test_cluster_spool_drops_superseded_copies_and_objects(tmp_path: Path, moto_
     the earlier object behind. The shared-orphan scan deletes such an object instead of
     adopting it as an unrecorded instance (which brought the old version back before), and a
     move removes the node's local copy under the old study at once."""
-    from dicomrouter.shared_spool import ClusterSpool, SharedStore
+    from dicomrouter.spool import ClusterSpool, SharedStore
     from dicomrouter.state.postgres import PostgresState
 
     monkeypatch.setenv("BENCH_S3_KEY", "bench")

@@ -8,8 +8,8 @@ from pydicom import dcmread
 from router_fixtures import dataset_bytes
 
 from dicomrouter.sample import generate
-from dicomrouter.slots import is_complete
 from dicomrouter.spool import Spool
+from dicomrouter.spool.slots import is_complete
 from dicomrouter.state import open_state
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from ..config import DestinationConfig
 from ..state import Instance
@@ -142,21 +141,3 @@ class Destination(ABC):
         """Start-up, before any delivery: clean up what a crashed run left behind (temporary
         files, an unfinished upload); one log line per thing done. Default: nothing."""
         return []
-
-
-def secret(options: dict[str, Any], name: str) -> str | None:
-    """The secret ``name`` from the environment variable ``<name>_env`` or the file
-    ``<name>_file`` (first line, stripped); None if neither is configured."""
-    env, path = options.get(f"{name}_env"), options.get(f"{name}_file")
-    if env:
-        value = os.environ.get(env)
-        if value is None:
-            raise DeliveryError(f"environment variable {env} ({name}) is not set")
-        return value
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.readline().strip()
-        except OSError as exc:
-            raise DeliveryError(f"cannot read {name}_file {path}: {exc.strerror}") from None
-    return None

@@ -93,7 +93,7 @@ class DicomwebDestination(Destination):
                 f"{self.options['batch_size']} instances / {self.options['batch_bytes']} bytes")
 
     def session(self) -> requests.Session:
-        from ..httpauth import http_session
+        from ..common.http import http_session
 
         return http_session(self.options)
 
@@ -171,7 +171,7 @@ class _StowSession(Session):
             rsp = self.http.post(url, data=body, headers=headers,
                                  timeout=self.dest.options["timeout"])
         except requests.RequestException as exc:
-            from ..httpauth import request_failure  # httpauth imports destinations.base
+            from ..common.http import request_failure  # httpauth imports destinations.base
 
             if _connection_never_made(exc):
                 self.not_transmitted(uids)
@@ -211,7 +211,7 @@ class _StowSession(Session):
                                 headers={"Accept": "application/dicom+json"},
                                 timeout=self.dest.options["timeout"])
         except requests.RequestException as exc:
-            from ..httpauth import request_failure
+            from ..common.http import request_failure
 
             raise DeliveryError(f"QIDO-RS (verify) at {request_failure(exc, url)}") from None
         if rsp.status_code == 204 or (rsp.status_code == 404 and not rsp.content):

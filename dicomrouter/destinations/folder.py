@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 from ..config import DEFAULT_FOLDER_TEMPLATE, study_level, template_keywords
 from ..dicomfile import read_header, render_template, text
-from ..slots import fsync_dir
+from ..spool.slots import fsync_dir
 from ..state import Instance
 from .base import DeliveryError, Destination, Session
 from .export import StudyZip, copy_hashed, entry, manifest

@@ -19,28 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ..common.s3 import s3_client
 from ..dicomfile import read_header, render_template, text
 from ..state import Instance
-from .base import DeliveryError, Destination, PermanentFailure, Session, secret
+from .base import DeliveryError, Destination, PermanentFailure, Session
 from .export import StudyZip
 
 DEFAULT_ZIP_KEY = "{PatientID}/{StudyInstanceUID}.zip"
 DEFAULT_INSTANCE_KEY = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
-
-
-def _client(options: dict[str, Any]) -> Any:
-    import boto3
-    from botocore.config import Config as BotoConfig
-
-    kwargs: dict[str, Any] = {}
-    if options.get("access_key_env"):  # else the standard AWS credential chain
-        kwargs = {"aws_access_key_id": secret(options, "access_key"),
-                  "aws_secret_access_key": secret(options, "secret_key")}
-    return boto3.client(
-        "s3", endpoint_url=options.get("endpoint_url"), region_name=options.get("region"),
-        verify=options.get("verify_tls", True),  # false, or a CA bundle for a private CA
-        config=BotoConfig(connect_timeout=options["timeout"], read_timeout=options["timeout"],
-                          retries={"max_attempts": 2}), **kwargs)
 
 
 # S3 error codes waiting does not change, with what the operator can do about each
@@ -100,7 +86,7 @@ class S3Destination(Destination):
 
     def client(self) -> Any:
         try:
-            return _client(self.options)
+            return s3_client(self.options)
         except DeliveryError:
             raise
         except Exception as exc:

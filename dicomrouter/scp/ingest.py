@@ -23,8 +23,14 @@ from collections.abc import Iterable
 from .. import metrics
 from ..dicomfile import UnreadableDataset
 from ..dimse import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS
-from ..shared_spool import SharedStoreUnavailable
-from ..spool import Accepted, DatasetMismatch, ReceiveFile, Spool, SpoolFull
+from ..spool import (
+    Accepted,
+    DatasetMismatch,
+    ReceiveFile,
+    SharedStoreUnavailable,
+    Spool,
+    SpoolFull,
+)
 from ..state import StateUnavailable
 
 log = logging.getLogger("dicomrouter.scp")

@@ -18,7 +18,7 @@ from typing import Any
 import requests
 from dicomweb_client.api import DICOMwebClient
 
-from ..httpauth import http_session, request_failure
+from ..common.http import http_session, request_failure
 from .base import PullError, Source, describe_pull
 from .multipart import MultipartError, MultipartReader, boundary_of
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import requests
 
-from ..httpauth import http_session, request_failure
+from ..common.http import http_session, request_failure
 from .base import PullError, Source, describe_pull
 
 log = logging.getLogger("dicomrouter.sources")

@@ -23,10 +23,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .dicomfile import UnreadableDataset, identify, source_ae
+from ..dicomfile import UnreadableDataset, identify, source_ae
+from ..state import Instance, Reception, State, StateUnavailable
+from ..walk import Malformed, check_file
 from .slots import MAGIC, MARKER, MARKER_SIZE, Checksum, SlotPool, is_complete
-from .state import Instance, Reception, State, StateUnavailable
-from .walk import Malformed, check_file
 
 log = logging.getLogger("dicomrouter.spool")
 
@@ -221,7 +221,7 @@ class Spool:
                 continue  # not a name the spool gives: leave it alone
             if self._superseded(path, tags) is not None:  # an older version: removed
                 with self.study_lock(tags["StudyInstanceUID"]):
-                    _unlink_quietly(path)
+                    unlink_quietly(path)
                     with contextlib.suppress(OSError):  # its study's last file
                         path.parent.rmdir()
                 continue
@@ -323,7 +323,7 @@ class Spool:
                 _match_command(tags, command)
             rx.file.drop_cache()
         except BaseException:
-            _unlink_quietly(src)
+            unlink_quietly(src)
             raise
         return Accepted(src, tags, tsuid, size, calling_ae, called_ae)
 
@@ -372,7 +372,7 @@ class Spool:
                 newer = self._superseded(accepted.path, accepted.tags)
                 if newer is not None:  # received again since: nothing to record
                     if self.path(newer.key) != accepted.path:  # not the newer one's file
-                        _unlink_quietly(accepted.path)
+                        unlink_quietly(accepted.path)
                     continue
                 self._place(accepted.path, accepted.tags, accepted.tsuid, accepted.calling_ae,
                             accepted.called_ae, accepted.size, accepted.key or None,
@@ -445,7 +445,7 @@ class Spool:
             now = self.state.reception(sop_uid)
             if now is not None and now.key == old_key:
                 return
-            _unlink_quietly(self.path(old_key))
+            unlink_quietly(self.path(old_key))
             with contextlib.suppress(OSError):  # the old study's last file
                 os.rmdir(os.path.dirname(self.path(old_key)))
 
@@ -482,18 +482,6 @@ class Spool:
         with self._bytes_lock:
             self._bytes = max(0, self._bytes - freed)
         return freed
-
-
-def spool_for(cfg: Any, state: State, receiver_process: bool = False) -> Spool:
-    """The spool a configuration names: local, or local in front of the shared store."""
-    kwargs: dict[str, Any] = {"max_depth": cfg.limits.max_sequence_depth,
-                              "min_free": cfg.limits.min_free_disk}
-    if cfg.shared_spool:
-        from .shared_spool import ClusterSpool, SharedStore
-
-        return ClusterSpool(cfg.spool, state, SharedStore(cfg.shared_spool), cfg.ack_after,
-                            cfg.node_id, max_bytes=cfg.max_spool_size, **kwargs)
-    return Spool(cfg.spool, state, cfg.max_spool_size, shared=receiver_process, **kwargs)
 
 
 class SpoolReader(io.RawIOBase):
@@ -564,6 +552,6 @@ def _mtime(p: Path) -> float:
         return 0.0
 
 
-def _unlink_quietly(p: str | Path) -> None:
+def unlink_quietly(p: str | Path) -> None:
     with contextlib.suppress(OSError):
         os.unlink(p)

@@ -33,9 +33,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .dicomfile import UnreadableDataset, identify, source_ae
-from .spool import Accepted, ReceiveFile, Spool, SpoolReader, _unlink_quietly
-from .state import Instance, State
+from ..common.s3 import s3_client
+from ..dicomfile import UnreadableDataset, identify, source_ae
+from ..state import Instance, State
+from .local import Accepted, ReceiveFile, Spool, SpoolReader, unlink_quietly
 
 log = logging.getLogger("dicomrouter.spool")
 
@@ -50,14 +51,14 @@ class SharedStore:
     """One bucket and prefix (boto3)."""
 
     def __init__(self, options: dict[str, Any]) -> None:
-        from .destinations.s3 import _client
+
 
         self.options = options
         self.bucket = options["bucket"]
         self.prefix = options.get("prefix") or ""
         if self.prefix and not self.prefix.endswith("/"):
             self.prefix += "/"
-        self._client = _client(options)
+        self._client = s3_client(options)
 
     def describe(self) -> str:
         where = self.options.get("endpoint_url") or "AWS"
@@ -82,7 +83,7 @@ class SharedStore:
                 self._client.download_fileobj(self.bucket, self.prefix + key, out)
             os.replace(part, dest)
         except Exception as exc:
-            _unlink_quietly(part)
+            unlink_quietly(part)
             if _not_found(exc):
                 raise FileNotFoundError(errno.ENOENT, f"not in the shared store: {key}") \
                     from None
@@ -171,7 +172,7 @@ class ClusterSpool(Spool):
         try:
             self.store.put(key, accepted.path, accepted.size)
         except BaseException:
-            _unlink_quietly(accepted.path)  # not acknowledged: the sender sends it again
+            unlink_quietly(accepted.path)  # not acknowledged: the sender sends it again
             raise
         return Accepted(accepted.path, accepted.tags, accepted.tsuid, accepted.size,
                         calling_ae, called_ae, key, shared=True)
@@ -200,7 +201,7 @@ class ClusterSpool(Spool):
             now = self.state.reception(sop_uid)
             if now is not None and now.study_uid == old_study:
                 return  # received there again meanwhile: its local copy is that one
-            _unlink_quietly(self._local(old_study, sop_uid))
+            unlink_quietly(self._local(old_study, sop_uid))
 
     def start(self) -> None:
         super().start()

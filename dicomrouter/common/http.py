@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import requests
 from dicomweb_client.session_utils import create_session, create_session_from_user_pass
 
-from .destinations.base import secret
+from .secrets import secret
 
 
 def http_session(options: dict[str, Any]) -> requests.Session:

@@ -1,0 +1,30 @@
+"""Secrets are never in the configuration: it names an environment variable (``<name>_env``)
+or a file (``<name>_file``) that holds each one."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+class SecretUnavailable(OSError):
+    """A secret the configuration names is not there (the variable unset, the file
+    unreadable): the destination or source that needs it cannot work now."""
+
+
+def secret(options: dict[str, Any], name: str) -> str | None:
+    """The secret ``name`` from the environment variable ``<name>_env`` or the file
+    ``<name>_file`` (first line, stripped); None if neither is configured."""
+    env, path = options.get(f"{name}_env"), options.get(f"{name}_file")
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise SecretUnavailable(f"environment variable {env} ({name}) is not set")
+        return value
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.readline().strip()
+        except OSError as exc:
+            raise SecretUnavailable(f"cannot read {name}_file {path}: {exc.strerror}") from None
+    return None
