@@ -9,7 +9,13 @@ import click
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
-from .query import LEVELS
+from ..qrscu import PeerError, Remote, find, move
+from ..query import LEVELS
+from .common import (
+    check_ae,
+    load_config,
+    setup_logging,
+)
 
 DEFAULT_KEYS = {
     "PATIENT": ("PatientID", "PatientName", "PatientBirthDate", "NumberOfPatientRelatedStudies"),
@@ -19,14 +25,6 @@ DEFAULT_KEYS = {
                "NumberOfSeriesRelatedInstances"),
     "IMAGE": ("SOPInstanceUID", "SOPClassUID", "InstanceNumber"),
 }
-
-
-def _ae(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is None:
-        return value
-    if not 0 < len(value.strip()) <= 16 or "\\" in value or not value.isascii():
-        raise click.BadParameter(f"an AE title is 1-16 ASCII characters, got {value!r}")
-    return value.strip()
 
 
 def _keys(ctx: click.Context, param: click.Parameter,
@@ -81,9 +79,9 @@ port_type = click.IntRange(1, 65535)
 @click.command("find")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=port_type, default=11112, show_default=True)
-@click.option("--aet", default="DICOMROUTER", show_default=True, callback=_ae,
+@click.option("--aet", default="DICOMROUTER", show_default=True, callback=check_ae,
               help="The called AE title (the peer's).")
-@click.option("--calling-aet", default="DICOMFIND", show_default=True, callback=_ae)
+@click.option("--calling-aet", default="DICOMFIND", show_default=True, callback=check_ae)
 @click.option("--level", type=click.Choice(LEVELS, case_sensitive=False), default="STUDY",
               show_default=True)
 @click.option("--model", type=click.Choice(["study", "patient"]), default="study",
@@ -98,10 +96,7 @@ def find_command(host: str, port: int, aet: str, calling_aet: str, level: str, m
                  keys: list[tuple[str, str | None]], as_json: bool, timeout: float,
                  limit: int) -> None:
     """C-FIND a DICOM peer and print the answers as a table (or JSON)."""
-    from .cli import _setup_logging
-    from .qrscu import PeerError, Remote, find
-
-    _setup_logging("WARNING", quiet_pynetdicom=True)
+    setup_logging("WARNING", quiet_pynetdicom=True)
     level = level.upper()
     if level == "PATIENT" and model != "patient":
         model = "patient"
@@ -124,14 +119,14 @@ def find_command(host: str, port: int, aet: str, calling_aet: str, level: str, m
 
 @click.command("move")
 @click.argument("study_uid")
-@click.option("--from", "source", required=True, callback=_ae,
+@click.option("--from", "source", required=True, callback=check_ae,
               help="AE title of the peer holding the study (host and port from the "
                    "configuration's known_aes, or --host/--port).")
-@click.option("--to", "target", required=True, callback=_ae,
+@click.option("--to", "target", required=True, callback=check_ae,
               help="AE title the peer sends the study to (it must know it).")
 @click.option("--host", default=None, help="The peer's host (default: known_aes).")
 @click.option("--port", type=port_type, default=None, help="The peer's port (default: known_aes).")
-@click.option("--calling-aet", default=None, callback=_ae,
+@click.option("--calling-aet", default=None, callback=check_ae,
               help="Our AE title (default: known_aes calling_ae, else the router's).")
 @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Router configuration with known_aes (default: $DICOMROUTER_CONFIG or the "
@@ -141,11 +136,8 @@ def find_command(host: str, port: int, aet: str, calling_aet: str, level: str, m
 def move_command(study_uid: str, source: str, target: str, host: str | None, port: int | None,
                  calling_aet: str | None, config_path: str | None, timeout: float) -> None:
     """Ask a peer to C-MOVE one study to an AE title; print the outcome."""
-    from .cli import _load_config, _setup_logging
-    from .qrscu import PeerError, Remote, move
-
-    _setup_logging("WARNING", quiet_pynetdicom=True)
-    cfg = _load_config(config_path)
+    setup_logging("WARNING", quiet_pynetdicom=True)
+    cfg = load_config(config_path)
     known = cfg.known_aes.get(source)
     if host is None or port is None:
         if known is None:

@@ -1,0 +1,248 @@
+"""``dicomrouter status``, ``audit``, ``retry`` and ``purge``: the state, while serve runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import time
+from typing import Any
+
+import click
+
+from .. import config as config_mod
+from ..config import ConfigError
+from ..spool import Spool, spool_for
+from .common import (
+    config_option,
+    load_config,
+    open_state,
+    size_text,
+    spool_option,
+    when,
+)
+
+RECENT_HOURS = 24  # status lists the studies delivered this recently by default
+RECENT_LIMIT = 50
+
+
+def job_progress(job: dict[str, Any]) -> str:
+    """``pacs: running 1200 of 3000`` (instances confirmed delivered there); a failed or dead
+    job says why."""
+    line = f"{job['destination']}: {job['state']} {job['delivered']} of {job['total']}"
+    if job.get("missing"):
+        line += (f", partial: {job['missing']} instance(s) missing (deleted from the spool "
+                 "before the study was routed there)")
+    if job["state"] in ("failed", "dead") and job.get("last_error"):
+        line += f" ({job['attempts']} attempt(s)): {job['last_error']}"
+    return line
+
+
+def since_time(value: str) -> float:
+    """``24h`` / ``7d`` (that long ago) or an ISO date or date-time → Unix time."""
+    try:
+        return time.time() - config_mod.parse_duration(value, "--since")
+    except ConfigError:
+        pass
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise click.BadParameter(f"expected a duration (24h, 7d) or a date (2026-11-24, "
+                                 f"2026-11-24T08:00), got {value!r}",
+                                 param_hint="'--since'") from None
+
+
+@click.command()
+@config_option
+@spool_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--all", "show_all", is_flag=True, help="Include delivered studies already "
+              "removed from the spool.")
+@click.option("--study", default=None, help="The history of one study.")
+def status(config_path: str | None, spool: str | None, as_json: bool, show_all: bool,
+           study: str | None) -> None:
+    """Studies in the spool, delivery queues and dead letters (works while serve runs)."""
+    state, root = open_state(config_path, spool)
+    if study:
+        row = state.study(study)
+        if row is None:
+            raise click.ClickException(f"no study {study} in {root}")
+        history = state.history(study)
+        if as_json:
+            click.echo(json.dumps({"study": dataclasses.asdict(row), "history": history,
+                                   "summary": state.study_rows(study_uid=study),
+                                   "jobs": state.jobs(study_uids=[study])}, indent=2))
+            return
+        click.echo(f"study {study}: {row.state}, generation {row.generation}, patient "
+                   f"{row.patient_id}, from {row.calling_ae}")
+        by = next(iter(state.study_rows(study_uid=study)), {}).get("received_by") or {}
+        if len(by) > 1 or (by and getattr(state, "leases", False)):
+            click.echo("  received by " + ", ".join(f"{k} ({v} instance(s))"
+                                                     for k, v in sorted(by.items())))
+        for j in state.jobs(study_uids=[study]):
+            click.echo(f"  {job_progress(j)}")
+        for ts, event in history:
+            click.echo(f"  {when(ts)}  {event}")
+        return
+    data = state.summary(with_done=show_all)
+    data["ledger"] = state.ledger_stats()
+    if not show_all:  # what a user who just sent studies looks for
+        since = time.time() - RECENT_HOURS * 3600
+        in_list = {s["study_uid"] for s in data["studies"]}
+        recent = [s for s in state.recent_studies(RECENT_LIMIT, state="delivered", since=since)
+                  if s["study_uid"] not in in_list]
+        delivered_to: dict[str, list[str]] = {}
+        for j in state.jobs(study_uids=[s["study_uid"] for s in recent]):
+            if j["state"] == "delivered":
+                delivered_to.setdefault(j["study_uid"], []).append(j["destination"])
+        data["recently_delivered"] = [
+            {"study_uid": s["study_uid"], "patient_id": s["patient_id"],
+             "instances": s["instances"], "calling_ae": s["calling_ae"],
+             "delivered_at": s["delivered_at"],
+             "destinations": sorted(delivered_to.get(s["study_uid"], []))} for s in recent]
+        data["delivered_earlier"] = state.count_studies("delivered", since)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"spool {root}: {len(data['studies'])} study(ies), {size_text(data['spool_bytes'])}")
+    click.echo("queues:")
+    if not data["queues"]:
+        click.echo("  (no delivery jobs yet)")
+    windows = {}
+    if spool is None:  # the configuration says which destinations have a delivery window
+        windows = {n: d.schedule for n, d in load_config(config_path).destinations.items()
+                   if d.schedule is not None}
+    for dest, counts in sorted(data["queues"].items()):
+        parts = "  ".join(f"{s} {counts.get(s, 0)}" for s in
+                          ("pending", "running", "failed", "dead", "delivered"))
+        held = [j for j in state.jobs("pending", dest) if not j["attempts"]
+                and (j["next_attempt"] or 0) > time.time()]
+        if held:
+            parts += f"  ({len(held)} scheduled, the first until " \
+                     f"{when(min(j['next_attempt'] for j in held))})"
+        if (part := data["partial"].get(dest)) is not None:
+            parts += f"  ({part['jobs']} partial: {part['missing']} instance(s) missing)"
+        window = windows.get(dest)
+        if window is not None and counts.get("pending") and not window.is_open(time.time()):
+            parts += f"  (scheduled until {when(window.next_open(time.time()))}, " \
+                     f"window {window.describe()})"
+        click.echo(f"  {dest:<16} {parts}")
+    if data.get("sources"):
+        click.echo("sources:")
+        for src in data["sources"]:
+            health = f"failing: {src['last_error']}" if src["last_error"] else "ok"
+            click.echo(f"  {src['name']:<16} {health}; last poll {when(src['last_poll'])}, "
+                       f"last success {when(src['last_success'])}; {src['studies_pulled']} "
+                       f"study(ies), {src['instances_pulled']} instance(s) pulled")
+    if data["retrying"]:
+        click.echo("retrying:")
+        for j in data["retrying"]:
+            click.echo(f"  {j['study_uid']} → {j['destination']}: failed {j['attempts']} "
+                       f"time(s), next attempt at {when(j['next_attempt'])}: "
+                       f"{j['last_error']}")
+    if data["dead"]:
+        click.echo("dead letters ('dicomrouter retry --dead' requeues them):")
+        for j in data["dead"]:
+            click.echo(f"  {j['study_uid']} → {j['destination']}: {j['attempts']} attempts, "
+                       f"last error: {j['last_error']}")
+    if data.get("cluster"):
+        click.echo("nodes:")
+        for n in data["nodes"]:
+            info = n["info"]
+            click.echo(f"  {n['node_id']:<16} {'alive' if n['alive'] else 'gone':<6} last "
+                       f"heartbeat {when(n['heartbeat'])}, started {when(n['started'])}; "
+                       f"{n['running_jobs']} job(s) running, {n['instances_in_spool']} "
+                       f"instance(s) received in the spool; {', '.join(info.get('listeners', []))}"
+                       f" (ack_after {info.get('ack_after', '?')})")
+    recent = data.get("recently_delivered") or []
+    if recent:
+        click.echo(f"delivered in the last {RECENT_HOURS} h (newest first):")
+        for s in recent:
+            click.echo(f"  {s['study_uid']}  patient {s['patient_id'] or '-':<12} "
+                       f"{s['instances']:>5} instance(s) from {s['calling_ae'] or '-'} → "
+                       f"{', '.join(s['destinations']) or '-'} at {when(s['delivered_at'])}")
+    if data.get("delivered_earlier"):
+        click.echo(f"  ... and {data['delivered_earlier']} study(ies) delivered earlier "
+                   "(status --all lists them)")
+    click.echo("studies:" if show_all else "studies in the spool:")
+    if not data["studies"]:
+        click.echo("  (none)")
+    jobs: dict[str, list[dict[str, Any]]] = {}
+    for j in state.jobs(study_uids=[s["study_uid"] for s in data["studies"]]):
+        jobs.setdefault(j["study_uid"], []).append(j)
+    for s in data["studies"]:
+        where = "in the spool" if s["in_spool"] else "received, deleted from the spool"
+        n, size = (s["instances_in_spool"], s["bytes_in_spool"]) if s["in_spool"] else \
+            (s["instances_received"], s["bytes_received"])
+        click.echo(f"  {s['study_uid']}  {s['state']:<10} patient {s['patient_id'] or '-':<12}"
+                   f" {n:>5} instance(s) {size_text(size):>9} {where}"
+                   f"  from {s['calling_ae'] or '-'}  last received {when(s['last_received'])}"
+                   + (f"  received by {', '.join(f'{k} ({v})' for k, v in by.items())}"
+                      if data.get("cluster") and (by := s.get("received_by")) else "")
+                   + (f"  {s['moved_out']} instance(s) moved to another study"
+                      if s.get("moved_out") else "")
+                   + (f"  {s['moved_in']} instance(s) moved here from another study"
+                      if s.get("moved_in") else ""))
+        for j in jobs.get(s["study_uid"], []):
+            click.echo(f"      {job_progress(j)}")
+
+
+@click.command()
+@config_option
+@spool_option
+@click.option("--since", default="24h", show_default=True,
+              help="A duration (24h, 7d) or an ISO date/date-time.")
+@click.option("--study", default=None, help="Only this Study Instance UID.")
+def audit(config_path: str | None, spool: str | None, since: str, study: str | None) -> None:
+    """The audit trail as JSON lines: every study event (received from whom, routed where,
+    delivered, failed, deleted, purged) since a time, oldest first."""
+    start = since_time(since)
+    state, _root = open_state(config_path, spool)
+    for e in state.events_since(start, study):
+        e["time"] = dt.datetime.fromtimestamp(e["ts"]).astimezone().isoformat(
+            timespec="milliseconds")
+        click.echo(json.dumps(e, ensure_ascii=False))
+
+
+@click.command()
+@config_option
+@spool_option
+@click.option("--dead", is_flag=True, help="Only dead-lettered jobs.")
+@click.option("--study", default=None, help="Only this Study Instance UID.")
+@click.option("--destination", default=None, help="Only this destination.")
+def retry(config_path: str | None, spool: str | None, dead: bool, study: str | None,
+          destination: str | None) -> None:
+    """Requeue failed or dead deliveries now (the running router picks them up)."""
+    state, _root = open_state(config_path, spool, readonly=False)
+    if destination is not None:
+        known = set(state.summary()["queues"])
+        if spool is None:
+            known |= set(load_config(config_path).destinations)
+        if destination not in known:
+            raise click.ClickException(f"no destination {destination!r} (known: "
+                                       f"{', '.join(sorted(known)) or 'none'})")
+    if study is not None and state.study(study) is None:
+        raise click.ClickException(f"no study {study} in the state database")
+    n = state.requeue(dead, study, destination)
+    what = "dead" if dead else "failed or dead"
+    click.echo(f"requeued {n} job(s)" if n else f"nothing to requeue: no {what} job"
+               + (f" for {destination}" if destination else "")
+               + (f" of study {study}" if study else ""))
+
+
+@click.command()
+@config_option
+@spool_option
+@click.option("--study", required=True, help="Study Instance UID to remove.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def purge(config_path: str | None, spool: str | None, study: str, yes: bool) -> None:
+    """Remove a study from the spool and the state database, on purpose."""
+    state, root = open_state(config_path, spool, readonly=False)
+    if state.study(study) is None:
+        raise click.ClickException(f"no study {study} in {root}")
+    if not yes:
+        click.confirm(f"remove study {study} and its files from {root}?", abort=True)
+    cfg = load_config(config_path) if spool is None else None
+    store = spool_for(cfg, state) if cfg is not None and cfg.shared_spool else Spool(root, state)
+    freed = store.purge(study)
+    click.echo(f"purged study {study} ({size_text(freed)} freed)")
