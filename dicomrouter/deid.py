@@ -63,6 +63,7 @@ from .deid_table import (
     is_overlay,
     table,
 )
+from .dimse import IMPLEMENTATION_VERSION
 from .schema import keyed_error
 from .values import ConfigError
 
@@ -175,8 +176,6 @@ class Deidentifier:
         """New File Meta Information: the de-identifier's, none of the source's (Source,
         Sending and Receiving AE titles, the sender's implementation, private information)."""
         from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
-
-        from .dimse import IMPLEMENTATION_VERSION
 
         meta = FileMetaDataset()
         meta.FileMetaInformationVersion = b"\x00\x01"

@@ -24,8 +24,9 @@ from . import metrics
 from .config import Config
 from .destinations import DeliveryError, Destination, InstanceRejected
 from .destinations.base import PermanentFailure
-from .spool import Spool
+from .spool import Spool, SpoolReader
 from .state import Instance, Job, State
+from .transforms import TransformError, transform_file
 
 log = logging.getLogger("dicomrouter.delivery")
 
@@ -380,9 +381,6 @@ class DeliveryWorkers:
                           temps: list[str], alias: dict[str, str], destination: str) -> bool:
         """Send a transformed copy of ``inst`` (``data``: its spool reader; the copy is written
         next to the spool, streamed)."""
-        from .spool import SpoolReader
-        from .transforms import TransformError, transform_file
-
         folder = os.path.join(self.spool.root, "transforms")  # same disk; emptied at start
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{inst.sop_uid}-{uuid.uuid4().hex[:8]}.dcm")

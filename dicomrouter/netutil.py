@@ -21,6 +21,8 @@ from typing import Any
 
 from pynetdicom import _config, dimse_messages, evt, transport
 
+from .tlsctx import describe_error
+
 _patched = False
 
 
@@ -75,8 +77,6 @@ def association_failure(assoc: Any, host: str, port: int, tls: Any = None) -> st
                 with tls.wrap_socket(sock, server_hostname=host):
                     pass
     except ssl.SSLError as exc:
-        from .tlsctx import describe_error
-
         return f"TLS handshake failed: {describe_error(exc)}"
     except OSError as exc:
         return f"no connection ({exc.strerror or exc}): is the peer up and listening?"

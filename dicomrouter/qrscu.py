@@ -31,7 +31,7 @@ from .netutil import (
     enable_tcp_nodelay,
     rejected_permanently,
 )
-from .scp.contexts import ACCEPTED_SYNTAXES
+from .storage_contexts import ACCEPTED_SYNTAXES
 
 log = logging.getLogger("dicomrouter.qrscu")
 

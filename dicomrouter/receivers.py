@@ -18,6 +18,10 @@ import threading
 
 from . import logsafe
 from .config import Config
+from .scp import services
+from .scp.listener import FastStorageSCP
+from .spool import spool_for
+from .state import state_for
 
 log = logging.getLogger("dicomrouter")
 
@@ -29,11 +33,6 @@ def run_receiver(cfg: Config, parent_pid: int) -> None:
                                "%(message)s")
     logsafe.install()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    from .scp import services
-    from .scp.listener import FastStorageSCP
-    from .spool import spool_for
-    from .state import state_for
-
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process; it stops us

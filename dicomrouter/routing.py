@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from .config import RouteConfig
 from .dicomfile import read_header, text
-from .rules import AGGREGATES, all_hold, keys_of
+from .rules import AGGREGATES, STEP, TAG, all_hold, keys_of
 from .state import Instance
 
 log = logging.getLogger("dicomrouter.routing")
@@ -59,16 +59,14 @@ class Decision:
 
 def resolve(ds: Dataset, path: str) -> list[str]:
     """The values at a keyword, ``(gggg,eeee)`` tag or sequence path (``A[0].B[*].C``)."""
-    from .rules import _STEP, _TAG
-
     current = [ds]
     steps = path.split(".")
     for n, step in enumerate(steps):
-        m = _STEP.match(step)
+        m = STEP.match(step)
         if m is None:
             return []
         name, index = m.group("name"), m.group("index")
-        tm = _TAG.match(name)
+        tm = TAG.match(name)
         tag: Any = (int(tm.group(1), 16) << 16 | int(tm.group(2), 16)) if tm else name
         nxt: list[Any] = []
         for item in current:

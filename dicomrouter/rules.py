@@ -37,8 +37,8 @@ AGGREGATES = ("ModalitiesInStudy", "NumberOfStudyRelatedInstances",
 OPERATORS = ("equals", "in", "ieq", "iin", "regex", "glob", ">", ">=", "<", "<=", "between",
              "exists", "missing")
 GROUPS = ("not", "any", "all")
-_TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
-_STEP = re.compile(r"^(?P<name>\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)|[A-Za-z][A-Za-z0-9]*)"
+TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
+STEP = re.compile(r"^(?P<name>\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)|[A-Za-z][A-Za-z0-9]*)"
                    r"(?:\[(?P<index>\d+|\*)\])?$")
 
 
@@ -89,8 +89,8 @@ def _check_key(key: str, where: str) -> None:
     if key in AE_PSEUDO_KEYS or key in AGGREGATES:
         return
     for step in key.split("."):
-        m = _STEP.match(step)
-        if m is None or (not _TAG.match(m.group("name"))
+        m = STEP.match(step)
+        if m is None or (not TAG.match(m.group("name"))
                          and tag_for_keyword(m.group("name")) is None):
             import difflib
 

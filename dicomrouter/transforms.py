@@ -32,6 +32,9 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from .deid import from_options
+from .deid_table import keywords
+from .dicomfile import INDEX_KEYWORDS, text
 from .values import ConfigError, show
 
 KINDS = ("deidentify", "set", "delete", "copy", "regex-replace")
@@ -60,8 +63,6 @@ class Op:
             extra += ["dates shifted"] if d.shift_dates else []
             extra += ["private tags kept"] if d.keep_private else []
             if d.keep:
-                from .deid_table import keywords
-
                 extra += [f"keep {', '.join(keywords(d.keep))}"]
             return "deidentify (PS3.15 basic profile" + \
                 "".join(f"; {e}" for e in extra) + ")"
@@ -116,8 +117,6 @@ def parse(raw: Any, where: str = "transforms") -> tuple[Op, ...]:
             raise ConfigError(at, f"one operation per entry, one of {', '.join(KINDS)}")
         kind, arg = next(iter(item.items()))
         if kind == "deidentify":
-            from .deid import from_options
-
             if arg is not None and not isinstance(arg, dict):
                 raise ConfigError(f"{at}.deidentify", "expected a mapping of options (or none)")
             ops.append(Op("deidentify", 0, deid=from_options(arg or {}, f"{at}.deidentify")))
@@ -296,6 +295,4 @@ def transform_file(src: BinaryIO, ops: Sequence[Op], dst: str) -> tuple[int, dic
                 src.seek(pixel_offset)
                 _copy(src, out, end - pixel_offset)
         size = out.tell()
-    from .dicomfile import INDEX_KEYWORDS, text
-
     return size, {kw: text(ds.get(kw)) for kw in INDEX_KEYWORDS}

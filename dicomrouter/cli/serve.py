@@ -10,6 +10,7 @@ import click
 from .. import config as config_mod
 from .. import preflight
 from ..app import ListenError, Router
+from ..state import StateUnavailable
 from .common import (
     config_option,
     load_config,
@@ -42,8 +43,6 @@ def serve(config_path: str | None, port: int | None, check: bool) -> None:
         log.warning("%s", line)
     log.info("dicomrouter starting with %s; spool %s; stable age %.1f s", cfg.source,
              cfg.spool, cfg.stable_age)
-    from ..state import StateUnavailable
-
     try:
         router = Router(cfg)
     except ListenError as exc:

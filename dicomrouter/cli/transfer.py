@@ -15,7 +15,9 @@ from pynetdicom import AE
 
 from .. import config as config_mod
 from ..destinations import DeliveryError, InstanceRejected
+from ..destinations.base import PermanentFailure
 from ..destinations.dicom import open_association
+from ..destinations.store import Peer, batches
 from ..netutil import association_failure, enable_tcp_nodelay
 from .common import (
     check_ae,
@@ -70,9 +72,6 @@ def collect_files(paths: tuple[str, ...]) -> tuple[list[tuple[Path, str, str]], 
 def send(paths: tuple[str, ...], host: str, port: int, aet: str, calling_aet: str,
          max_pdu: int) -> None:
     """Send DICOM files and folders (recursively) with C-STORE, over one association."""
-    from ..destinations.base import PermanentFailure
-    from ..destinations.store import Peer, batches
-
     setup_logging("WARNING", quiet_pynetdicom=True)
     files, skipped = collect_files(paths)
     if not files:

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from ..commitment import request
 from ..config import DestinationConfig
+from ..qrscu import PeerError, Remote, find
 from ..state import Instance, State
 from ..tlsctx import client_context
 from .base import DeliveryError, Destination, Session
@@ -87,9 +90,6 @@ class _CommittedSession(_DicomSession):
         return False  # stored, not yet committed
 
     def commit(self) -> Sequence[str]:
-        from ..commitment import request
-        from ..qrscu import PeerError, Remote
-
         if not self.stored:
             return ()
         self.assoc.release()  # the N-ACTION goes on its own (pynetdicom) association
@@ -125,10 +125,6 @@ class _VerifiedSession(_DicomSession):
         return False  # stored, not yet seen in the peer's C-FIND
 
     def commit(self) -> Sequence[str]:
-        from pydicom.dataset import Dataset
-
-        from ..qrscu import PeerError, Remote, find
-
         if not self.stored:
             return ()
         self.assoc.release()  # the C-FIND goes on its own association

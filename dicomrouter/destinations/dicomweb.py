@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 import requests
 
+from ..common.http import http_session, request_failure
 from ..state import Instance
 from .base import DeliveryError, Destination, PermanentFailure, Session
 
@@ -93,8 +94,6 @@ class DicomwebDestination(Destination):
                 f"{self.options['batch_size']} instances / {self.options['batch_bytes']} bytes")
 
     def session(self) -> requests.Session:
-        from ..common.http import http_session
-
         return http_session(self.options)
 
     def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
@@ -171,8 +170,6 @@ class _StowSession(Session):
             rsp = self.http.post(url, data=body, headers=headers,
                                  timeout=self.dest.options["timeout"])
         except requests.RequestException as exc:
-            from ..common.http import request_failure  # httpauth imports destinations.base
-
             if _connection_never_made(exc):
                 self.not_transmitted(uids)
             raise DeliveryError(f"STOW-RS to {request_failure(exc, url)}") from None
@@ -211,8 +208,6 @@ class _StowSession(Session):
                                 headers={"Accept": "application/dicom+json"},
                                 timeout=self.dest.options["timeout"])
         except requests.RequestException as exc:
-            from ..common.http import request_failure
-
             raise DeliveryError(f"QIDO-RS (verify) at {request_failure(exc, url)}") from None
         if rsp.status_code == 204 or (rsp.status_code == 404 and not rsp.content):
             return set()

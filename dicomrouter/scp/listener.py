@@ -32,10 +32,10 @@ from pynetdicom.transport import AssociationServer
 from .. import metrics
 from ..config import Config, ListenerConfig
 from ..spool import Spool
+from ..storage_contexts import STORAGE_SOP_CLASSES, supported_contexts
 from ..tlsctx import describe_error, server_context, subject_of
 from .association import StorageAssociation
 from .connection import Connection
-from .contexts import STORAGE_SOP_CLASSES, supported_contexts
 from .qr import GET_MODELS, GET_STORE_SYNTAXES
 from .replay import ReplaySocket
 from .server import acceptor_ae

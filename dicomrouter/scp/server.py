@@ -21,8 +21,9 @@ from ..config import Config, ListenerConfig
 from ..dimse import error_comment
 from ..netutil import enable_tcp_nodelay, receive_c_store_into
 from ..spool import ReceiveFile, Spool
+from ..storage_contexts import ACCEPTED_SYNTAXES
 from . import ingest
-from .contexts import ACCEPTED_SYNTAXES
+from .qr import ServiceAE
 
 log = logging.getLogger("dicomrouter.scp")
 
@@ -37,8 +38,6 @@ def _failure(status: int, comment: str) -> Dataset:
 
 def acceptor_ae(cfg: Config, listener: ListenerConfig | None = None) -> AE:
     """A pynetdicom AE that accepts like our listener: limits, AE checks, Verification."""
-    from .qr import ServiceAE
-
     lst = listener or cfg.listener
     enable_tcp_nodelay()
     ae = ServiceAE(ae_title=lst.ae_title)

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..commitment import CommitmentSCP
 from ..config import Config
 from ..spool import Spool
 from ..state import State
+from .qr import QueryRetrieveSCP
 
 
 def register(scp: Any, cfg: Config, state: State, spool: Spool) -> None:
     """Query/Retrieve (``query_retrieve``) and Storage Commitment (``commitment_scp``) on the
     listener ``scp`` (FastStorageSCP or StorageSCP), through pynetdicom's service classes."""
-    from ..commitment import CommitmentSCP
-    from .qr import QueryRetrieveSCP
-
     if cfg.query_retrieve:
         for syntax, event, handler in QueryRetrieveSCP(cfg, state, spool).services():
             scp.add_service(syntax, event, handler)

@@ -15,6 +15,7 @@ from .base import (
     StateUnavailable,
     Study,
 )
+from .postgres import PostgresState
 from .sqlite import DATABASE_ERRORS as _SQLITE_ERRORS
 from .sqlite import SQLiteState
 
@@ -28,8 +29,6 @@ def state_for(cfg: Any, readonly: bool = False, connect_timeout: float | None = 
     """The state a configuration names: SQLite in its spool, or the shared PostgreSQL
     (``connect_timeout`` overrides the configured one: a CLI command fails fast)."""
     if cfg.state.type == "postgresql":
-        from .postgres import PostgresState
-
         return PostgresState(cfg.state.dsn, cfg.node_id, lock_dir=None if readonly else
                              cfg.spool, lease=cfg.state.lease, pool_size=cfg.state.pool_size,
                              connect_timeout=connect_timeout or cfg.state.connect_timeout,

@@ -33,7 +33,7 @@ from typing import Any
 from .base import StateUnavailable
 from .qr import generated_columns
 from .sql import SQLState
-from .sqlite import SOURCE_DELTAS, _StudyLock
+from .sqlite import SOURCE_DELTAS, StudyLock
 
 log = logging.getLogger("dicomrouter.state")
 
@@ -370,11 +370,11 @@ class PostgresState(SQLState):
     def _lock_study(self, db: Any, study_uid: str) -> None:
         db.execute("SELECT pg_advisory_xact_lock(?)", (_study_key(study_uid),))
 
-    def study_lock(self, study_uid: str) -> _StudyLock:
+    def study_lock(self, study_uid: str) -> StudyLock:
         """This node's receivers and its cleanup of the same study; across nodes, the
         transactions' advisory locks and per-reception object keys keep them apart."""
         i = zlib.crc32(study_uid.encode()) % len(self._study_locks)
-        return _StudyLock(self._study_locks[i], self._lock_fd, i)
+        return StudyLock(self._study_locks[i], self._lock_fd, i)
 
     def _migrate(self) -> None:
         """Apply the migrations this database lacks, one transaction each, under a lock."""

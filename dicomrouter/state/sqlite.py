@@ -222,9 +222,9 @@ class SQLiteState(SQLState):
             os.close(self._lock_fd)
             self._lock_fd = -1
 
-    def study_lock(self, study_uid: str) -> _StudyLock:
+    def study_lock(self, study_uid: str) -> StudyLock:
         i = zlib.crc32(study_uid.encode()) % len(self._study_locks)
-        return _StudyLock(self._study_locks[i], self._lock_fd, i)
+        return StudyLock(self._study_locks[i], self._lock_fd, i)
 
     @contextmanager
     def _tx(self, study: str | None = None) -> Iterator[sqlite3.Connection]:
@@ -246,7 +246,7 @@ class SQLiteState(SQLState):
             return self._db.execute(sql, args).fetchall()
 
 
-class _StudyLock:
+class StudyLock:
     """One stripe: a thread lock, then the same stripe as a byte-range lock (other processes)."""
 
     __slots__ = ("_thread_lock", "_fd", "_index")
