@@ -25,7 +25,7 @@ from .scp.listener import FastStorageSCP
 from .scp.server import StorageSCP
 from .sources.runner import SourcePollers
 from .spool import spool_for
-from .state import Job, state_for
+from .state import Job, JobState, StudyState, state_for
 from .web.api import create_app
 from .web.server import WebServer
 
@@ -52,7 +52,7 @@ class Router:
         self.clock = clock  # injectable (tests move it): delivery windows
         # Bind first: a port in use fails here, before the spool or state.db is created.
         self._dicom_socks = []
-        for i, lst in enumerate(cfg.listeners or (cfg.listener,)):
+        for i, lst in enumerate(cfg.all_listeners):
             sock = _bind(f"DICOM (listener {lst.name})", lst.bind, lst.port,
                          reuse_port=cfg.receivers > 1 and i == 0)
             if cfg.receiver != "fast":  # pynetdicom binds its own socket at start
@@ -69,11 +69,9 @@ class Router:
                           "/metrics (set web.port, or web.enabled: false)", exc.strerror)
         self.state = state_for(cfg)  # SQLite in the spool, or the cluster's PostgreSQL
         self.spool = spool_for(cfg, self.state)
-        self.destinations = {name: destinations.build(d, cfg.ae_title)
+        context = destinations.Context(cfg.ae_title, self.state, self.spool, cfg, clock)
+        self.destinations = {name: destinations.build(d, context)
                              for name, d in cfg.destinations.items()}
-        for dest in self.destinations.values():
-            if hasattr(dest, "state"):  # storage commitment reports are kept there
-                dest.state = self.state
         self.housekeeping = Housekeeping(cfg, self.state, self.spool)
         self.workers = DeliveryWorkers(cfg, self.state, self.spool, self.destinations,
                                        self._job_finished, clock)
@@ -125,8 +123,8 @@ class Router:
             self.tracker.complete(study)
         summary = self.state.summary()
         pending = sum(n for q in summary["queues"].values()
-                      for s, n in q.items() if s in ("pending", "failed"))
-        receiving = sum(1 for s in summary["studies"] if s["state"] == "receiving")
+                      for s, n in q.items() if s in (JobState.PENDING, JobState.FAILED))
+        receiving = sum(1 for s in summary["studies"] if s["state"] == StudyState.RECEIVING)
         log.info("state %s: %d study(ies) in the spool (%d receiving), %d job(s) to deliver, "
                  "%d dead", "PostgreSQL" if self.cfg.cluster else self.cfg.state_db,
                  len(summary["studies"]), receiving, pending,
@@ -217,6 +215,6 @@ class Router:
         return health.readiness(self.cfg, self.state, self.spool, self._listening)
 
     def _job_finished(self, job: Job, outcome: str) -> None:
-        if outcome == "pending":  # requeued while it ran: at it again
+        if outcome == JobState.PENDING:  # requeued while it ran: at it again
             self.workers.notify([job.destination])
         self.housekeeping.job_finished(job, outcome)

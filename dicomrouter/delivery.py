@@ -25,7 +25,7 @@ from .config import Config
 from .destinations import DeliveryError, Destination, InstanceRejected
 from .destinations.base import PermanentFailure
 from .spool import Spool, SpoolReader
-from .state import Instance, Job, State
+from .state import Instance, Job, JobState, State
 from .transforms import TransformError, transform_file
 
 log = logging.getLogger("dicomrouter.delivery")
@@ -135,7 +135,7 @@ class DeliveryWorkers:
         """Claim and run jobs until stopped; survives any error (a full disk, a locked or broken
         database, a bug): it logs one line, waits (1 s doubling to 30 s) and carries on, first
         recording the end of the job it was running, so delivery resumes by itself."""
-        policy = self.cfg.destinations[dest.name].retry
+        policy = self.cfg.destinations[dest.name].retry_policy
         unfinished: tuple[Job, str] | None = None  # a run that raised; its end is not recorded
         unsettled: tuple[Job, str] | None = None  # recorded; on_finished not yet done
         delay = 0.0
@@ -177,7 +177,7 @@ class DeliveryWorkers:
 
     def run(self, job: Job, dest: Destination) -> str:
         """One attempt at a job; returns the job's new state ('' if interrupted by shutdown)."""
-        policy = self.cfg.destinations[dest.name].retry
+        policy = self.cfg.destinations[dest.name].retry_policy
         todo = self.state.instances(job.study_uid) if dest.whole_study else \
             self.state.undelivered(job.study_uid, dest.name)
         if job.series_only is not None:  # level: series, the study is still receiving
@@ -210,7 +210,7 @@ class DeliveryWorkers:
         outcome = self.state.finish_job(job, error, policy.max_attempts,
                                         policy.delay(attempt), permanent=result.permanent)
         took = time.monotonic() - started
-        metrics.DELIVERIES.labels(dest.name, outcome if outcome != "pending" else
+        metrics.DELIVERIES.labels(dest.name, outcome if outcome != JobState.PENDING else
                                   ("delivered" if error is None else "failed")).inc()
         metrics.DELIVERY_TIME.labels(dest.name).observe(took)
         if attempt > 1:
@@ -218,11 +218,11 @@ class DeliveryWorkers:
         if error is None:
             log.info("study %s → %s: delivered %d instance(s) in %.2f s", job.study_uid,
                      dest.name, sent, took)
-        elif outcome == "dead" and result.permanent:
+        elif outcome == JobState.DEAD and result.permanent:
             log.error("study %s → %s: attempt %d failed permanently, dead-lettered without "
                       "retrying (study kept in the spool; 'dicomrouter retry --dead' requeues "
                       "it): %s", job.study_uid, dest.name, attempt, error)
-        elif outcome == "dead":
+        elif outcome == JobState.DEAD:
             log.error("study %s → %s: attempt %d/%d failed, dead-lettered (study kept in the "
                       "spool; 'dicomrouter retry --dead' requeues it): %s", job.study_uid,
                       dest.name, attempt, policy.max_attempts, error)

@@ -53,10 +53,10 @@ def check(cfg: Config) -> tuple[list[str], list[str]]:
     for name, dest in cfg.destinations.items():
         if dest.type != "folder":
             continue
-        root = Path(dest.options["path"])
+        root = Path(dest.path)
         folders = [("path", root)]
-        if dest.options.get("staging"):
-            folders.append(("staging", root / dest.options["staging"]))
+        if dest.staging:
+            folders.append(("staging", root / dest.staging))
         for key, folder in folders:
             e, w = folder_problems(f"destinations.{name}.{key}", folder)
             errors += e

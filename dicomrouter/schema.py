@@ -12,9 +12,17 @@ from __future__ import annotations
 import difflib
 import os
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from .values import (
     ConfigError,
@@ -39,6 +47,32 @@ Size = Annotated[int, parsed(parse_size)]
 AETitle = Annotated[str, parsed(parse_ae_title)]
 Text = Annotated[str, parsed(parse_str)]
 Bool = Annotated[bool, parsed(parse_bool)]
+
+
+def _base_dir(info: ValidationInfo) -> Path | None:
+    context = info.context if isinstance(info.context, dict) else {}
+    base = context.get("base_dir")
+    return Path(base) if base is not None else None
+
+
+def _folder(value: Any, info: ValidationInfo) -> Path:
+    """A folder: relative to the configuration file's folder (the validation context's
+    ``base_dir``), ``~`` expanded."""
+    p = Path(os.path.expanduser(parse_str(value, "")))
+    base = _base_dir(info)
+    return p if p.is_absolute() or base is None else base / p
+
+
+def _file(value: Any, info: ValidationInfo) -> str:
+    """A file the router reads (a certificate, a key, a CA): resolved like a folder (its
+    model checks it is readable, once the keys around it are right)."""
+    return str(_folder(value, info))
+
+
+#: a folder; relative paths are taken from the configuration file's folder
+Folder = Annotated[Path, BeforeValidator(_folder)]
+#: a file the router reads, as a path string; relative like Folder
+ReadableFile = Annotated[str, BeforeValidator(_file)]
 
 
 def Int(lo: int, hi: int) -> Any:  # noqa: N802 - reads like a type in the models
@@ -122,7 +156,7 @@ def keyed_error(err: ValidationError, data: Any,
         problem = f"unknown {what} type {e['ctx']['tag']}; one of {', '.join(types)}"
     elif kind in ("dict_type", "model_type", "model_attributes_type"):
         problem = f"expected a mapping, got {type(e['input']).__name__}"
-    elif kind == "list_type":
+    elif kind in ("list_type", "tuple_type"):
         problem = f"expected a list, got {type(e['input']).__name__}"
     else:
         problem = e["msg"]

@@ -28,15 +28,16 @@ def server_context(tls: Any) -> ssl.SSLContext:
     return ctx
 
 
-def client_context(tls: dict[str, Any]) -> ssl.SSLContext:
-    """For a destination or source: verify the peer against ``ca`` (or the system's CAs),
-    check its name unless ``check_hostname: false``, present ``cert``/``key`` if given."""
-    ctx = ssl.create_default_context(cafile=tls.get("ca") or None)
-    ctx.minimum_version = VERSIONS[tls.get("min_version") or "TLSv1.2"]
+def client_context(tls: Any) -> ssl.SSLContext:
+    """For a destination or source (its ``tls:`` model): verify the peer against ``ca`` (or
+    the system's CAs), check its name unless ``check_hostname: false``, present ``cert``/``key``
+    if given."""
+    ctx = ssl.create_default_context(cafile=tls.ca or None)
+    ctx.minimum_version = VERSIONS[tls.min_version or "TLSv1.2"]
     ctx.set_ciphers(BCP195_TLS12)
-    ctx.check_hostname = bool(tls.get("check_hostname", True))
-    if tls.get("cert"):
-        ctx.load_cert_chain(tls["cert"], tls.get("key") or None)
+    ctx.check_hostname = bool(tls.check_hostname)
+    if tls.cert:
+        ctx.load_cert_chain(tls.cert, tls.key or None)
     return ctx
 
 

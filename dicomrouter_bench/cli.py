@@ -15,7 +15,7 @@ from types import FrameType
 
 import click
 
-from dicomrouter.config import DESTINATION_TYPES
+from dicomrouter.config import destination_types
 
 from . import machine, report
 from .corpus import make_corpus
@@ -139,7 +139,7 @@ def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: 
             shutil.rmtree(root, ignore_errors=True)
 
     rows = report.build_rows(settings, runner.runs,
-                             dicomweb_available="dicomweb" in DESTINATION_TYPES)
+                             dicomweb_available="dicomweb" in destination_types())
     extra = report.notes(runner.runs)
     data = report.as_json(settings, runner.corpora, runner.runs, rows, info, extra)
     if json_out is not None:

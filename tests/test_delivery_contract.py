@@ -15,7 +15,7 @@ from router_fixtures import Router, tags_of
 
 from dicomrouter.config import from_dict
 from dicomrouter.delivery import DeliveryWorkers
-from dicomrouter.destinations.base import DeliveryError, Destination, Session
+from dicomrouter.destinations.base import Context, DeliveryError, Destination, Session
 from dicomrouter.dicomfile import identify
 from dicomrouter.sample import generate
 from dicomrouter.spool import Spool
@@ -26,7 +26,7 @@ class CommitStyle(Destination):
     """Buffers every instance and delivers them all at commit (like one zip per study)."""
 
     def __init__(self, cfg, fail_commit: bool) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(cfg)
+        super().__init__(cfg, Context())
         self.fail_commit = fail_commit
         self.delivered: list[str] = []
         self.received: list[bytes] = []

@@ -124,7 +124,8 @@ def test_sqlite_spools_from_before_deltas_are_migrated(tmp_path: Path) -> None:
         "DROP TABLE source_studies; CREATE TABLE source_studies (source TEXT NOT NULL,"
         " study_key TEXT NOT NULL, study_uid TEXT, pulled_at REAL, delete_after INTEGER NOT"
         " NULL DEFAULT 0, deleted_at REAL, PRIMARY KEY (source, study_key));"
-        " INSERT INTO source_studies VALUES ('pacs', '7.7', '7.7', 1.0, 0, NULL);")
+        " INSERT INTO source_studies VALUES ('pacs', '7.7', '7.7', 1.0, 0, NULL);"
+        " PRAGMA user_version = 0;")  # spools of then did not count schema versions
     con.close()
     state = SQLiteState(db)
     try:

@@ -80,3 +80,28 @@ def test_an_acknowledged_instance_not_yet_placed_is_adopted_at_startup(tmp_path:
     placed = root / "data" / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
     assert dataset_bytes(placed) == dataset_bytes(a)
     assert [i.sop_uid for i in again.state.instances(ds.StudyInstanceUID)] == [ds.SOPInstanceUID]
+
+
+def test_sqlite_schema_versions_are_counted_and_applied_once(tmp_path: Path) -> None:
+    """The SQLite state counts its migrations like PostgreSQL's schema_migrations: a new
+    database is at the last version, and a spool from before versions were counted (user
+    version 0, some columns there already, some not) is brought up to it."""
+    import sqlite3
+
+    from dicomrouter.state.sqlite import MIGRATIONS, SQLiteState
+
+    db = tmp_path / "state.db"
+    SQLiteState(db).close()
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == MIGRATIONS[-1][0]
+    con.executescript("ALTER TABLE ledger DROP COLUMN digest; PRAGMA user_version = 0;")
+    con.close()
+    state = SQLiteState(db)  # an old spool: every step runs, each adds only what is missing
+    try:
+        assert state.delivered_digests("1.2", "x") == {}  # the digest column is back
+    finally:
+        state.close()
+    con = sqlite3.connect(db)
+    assert "digest" in {r[1] for r in con.execute("PRAGMA table_info(ledger)")}
+    assert con.execute("PRAGMA user_version").fetchone()[0] == MIGRATIONS[-1][0]
+    con.close()

@@ -81,7 +81,7 @@ def open_state(config_path: str | None, spool: str | None, readonly: bool = True
             try:
                 state = state_for(cfg, readonly=readonly,
                                   connect_timeout=min(CLI_DB_TIMEOUT, cfg.state.connect_timeout))
-                if readonly and not state.schema_version():  # type: ignore[attr-defined]
+                if readonly and not state.schema_version():
                     raise click.ClickException("no router has run on this PostgreSQL database "
                                                "yet (its schema is made at the first start)")
                 return state, cfg.spool

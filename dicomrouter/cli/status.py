@@ -13,6 +13,7 @@ import click
 from .. import config as config_mod
 from ..config import ConfigError
 from ..spool import Spool, spool_for
+from ..state import JobState
 from .common import (
     config_option,
     load_config,
@@ -33,7 +34,7 @@ def job_progress(job: dict[str, Any]) -> str:
     if job.get("missing"):
         line += (f", partial: {job['missing']} instance(s) missing (deleted from the spool "
                  "before the study was routed there)")
-    if job["state"] in ("failed", "dead") and job.get("last_error"):
+    if job["state"] in (JobState.FAILED, JobState.DEAD) and job.get("last_error"):
         line += f" ({job['attempts']} attempt(s)): {job['last_error']}"
     return line
 
@@ -93,7 +94,7 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
                   if s["study_uid"] not in in_list]
         delivered_to: dict[str, list[str]] = {}
         for j in state.jobs(study_uids=[s["study_uid"] for s in recent]):
-            if j["state"] == "delivered":
+            if j["state"] == JobState.DELIVERED:
                 delivered_to.setdefault(j["study_uid"], []).append(j["destination"])
         data["recently_delivered"] = [
             {"study_uid": s["study_uid"], "patient_id": s["patient_id"],

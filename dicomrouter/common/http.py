@@ -13,18 +13,18 @@ from dicomweb_client.session_utils import create_session, create_session_from_us
 from .secrets import secret
 
 
-def http_session(options: dict[str, Any]) -> requests.Session:
-    """A requests session for ``options`` (``username`` + ``password_env``/``password_file``,
-    or ``token_env``/``token_file``, and ``verify_tls``)."""
-    if options.get("username"):
-        password = secret(options, "password")
-        session = create_session_from_user_pass(options["username"], password or "")
+def http_session(peer: Any) -> requests.Session:
+    """A requests session for an HTTP peer's model (``config.peers.HttpPeer``: ``username`` +
+    ``password_env``/``password_file``, or ``token_env``/``token_file``, and ``verify_tls``)."""
+    if peer.username:
+        password = secret(peer, "password")
+        session = create_session_from_user_pass(peer.username, password or "")
     else:
         session = create_session()
-        token = secret(options, "token")
+        token = secret(peer, "token")
         if token:
             session.headers["Authorization"] = f"Bearer {token}"
-    session.verify = options.get("verify_tls", True)
+    session.verify = peer.verify_tls
     return session
 
 

@@ -12,10 +12,11 @@ class SecretUnavailable(OSError):
     unreadable): the destination or source that needs it cannot work now."""
 
 
-def secret(options: dict[str, Any], name: str) -> str | None:
-    """The secret ``name`` from the environment variable ``<name>_env`` or the file
-    ``<name>_file`` (first line, stripped); None if neither is configured."""
-    env, path = options.get(f"{name}_env"), options.get(f"{name}_file")
+def secret(model: Any, name: str) -> str | None:
+    """The secret ``name`` of a configuration model: from the environment variable its
+    ``<name>_env`` names or the file its ``<name>_file`` names (first line, stripped); None
+    if neither is configured."""
+    env, path = getattr(model, f"{name}_env", None), getattr(model, f"{name}_file", None)
     if env:
         value = os.environ.get(env)
         if value is None:

@@ -11,7 +11,7 @@ import time
 
 from ..config import Config
 from ..spool import Spool
-from ..state import Job, State
+from ..state import Job, JobState, State
 
 log = logging.getLogger("dicomrouter")
 
@@ -37,7 +37,7 @@ class Housekeeping:
 
     def job_finished(self, job: Job, outcome: str) -> None:
         """A delivery job ended ``delivered``: the study may be delivered everywhere now."""
-        if outcome == "delivered" and self.state.settle_study(job.study_uid):
+        if outcome == JobState.DELIVERED and self.state.settle_study(job.study_uid):
             self.settled(job.study_uid)
 
     def settled(self, study_uid: str) -> None:

@@ -20,7 +20,7 @@ from ..config import Config
 from ..routing import Decision, route
 from ..sources import source_names
 from ..spool import Spool
-from ..state import STATE_ERRORS, Instance, State
+from ..state import STATE_ERRORS, Instance, State, StudyState
 from .counts import ask_counts
 
 log = logging.getLogger("dicomrouter")
@@ -134,7 +134,7 @@ class StudyTracker:
                 f"route {name!r} waits for its stable age ({age:g} s)"
                 for name, age in waiting.items()))
         self._hold_for_windows(study_uid, ready_routes, ready)
-        if seen.state != "unrouted" or ready:
+        if seen.state != StudyState.UNROUTED or ready:
             metrics.STUDIES.labels("routed" if ready else "unrouted").inc()
         self._log_routed(study_uid, seen, instances, ready_routes, ready, waiting)
 
@@ -154,14 +154,14 @@ class StudyTracker:
                                 "(partial)", study_uid, j["destination"], j["missing"],
                                 len(instances))
             self.notify(ready)
-        elif seen.state != "unrouted":
+        elif seen.state != StudyState.UNROUTED:
             log.warning("study %s complete (%s): %d instance(s) matched no route; kept in the "
                         "spool as unrouted", study_uid, who, new)
 
     def _forced(self, seen: Any, counted: bool) -> str:
         """Why a study still receiving is completed anyway (force_complete_after), or ''."""
         after = self.cfg.force_complete_after
-        if not after or counted or seen.state != "receiving":
+        if not after or counted or seen.state != StudyState.RECEIVING:
             return ""
         if self.clock() - seen.last_received >= self.min_stable_age:
             return ""  # stable by the timer

@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from .base import CONFIG_ENV, Config, ConfigError, parse_int, show
+from .base import CONFIG_ENV, ConfigError, parse_int, show
+from .models import ConfigModel as Config
 from .models import from_dict
 
 
@@ -163,10 +164,4 @@ def load(path: str | os.PathLike[str] | None = None, secrets: bool = True) -> Co
 
 def replace_port(cfg: Config, port: int) -> Config:
     """The same configuration listening on another port (``serve --port``)."""
-    from dataclasses import replace
-
-    port = parse_int(port, "--port", 1, 65535)
-    listeners = cfg.listeners
-    if listeners:
-        listeners = (replace(listeners[0], port=port), *listeners[1:])
-    return replace(cfg, port=port, listeners=listeners)
+    return cfg.with_port(parse_int(port, "--port", 1, 65535))

@@ -1,23 +1,27 @@
-"""The configuration schema: pydantic models of the YAML file, and their keyed error messages.
+"""The configuration: pydantic models of the YAML file, the only declaration of each key (its
+type, default and checks), and the router reads them as they are (frozen).
 
-Every value goes through the parsers of ``base.py`` (strict: ``"5"`` is not a port, ``yes`` is
+Every value goes through the strict parsers of ``values.py`` (``"5"`` is not a port, ``yes`` is
 not a boolean) and every mapping refuses unknown keys with a "did you mean". A
 ``ValidationError`` becomes one ConfigError whose key is the path as the user wrote it
 (``destinations.pacs.port``, ``routes[1].to``), never pydantic's wording or a traceback.
-A new destination type is one model here (``DESTINATION_MODELS``) and one class in
-``destinations/registry.py``.
+Relative paths are taken from the configuration file's folder (the validation context's
+``base_dir``). What the file does not say directly is resolved once, after validation, into
+private attributes read through properties: each route's name, each destination's retry policy
+over the global one, the listeners with what they inherit, the DSN and the node id.
+Destination and source types are registered with their models (``peers.py``).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    ValidationError,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 
 from ..rules import literal_values
 from ..schedule import parse_window
@@ -27,7 +31,9 @@ from ..schema import (
     Bool,
     Choice,
     Duration,
+    Folder,
     Int,
+    ReadableFile,
     Size,
     Strict,
     Text,
@@ -39,18 +45,7 @@ from ..schema import keyed_error as generic_keyed_error
 from .base import (
     DEFAULT_AE_TITLE,
     DEFAULT_PORT,
-    Config,
     ConfigError,
-    DestinationConfig,
-    KnownAE,
-    Limits,
-    ListenerConfig,
-    RetryPolicy,
-    RouteConfig,
-    SourceConfig,
-    StateConfig,
-    TlsConfig,
-    WebConfig,
     is_loopback,
     parse_size,
     parse_str,
@@ -58,14 +53,13 @@ from .base import (
 )
 from .peers import (
     DESTINATION_MODELS,
-    DESTINATION_TYPES,
     SOURCE_MODELS,
-    SOURCE_TYPES,
-    AnyDestination,
-    AnySource,
+    DestinationBase,
     RetryModel,
     S3Access,
+    SourceBase,
     TlsServerModel,
+    validate_entries,
 )
 from .validators import (
     ae_list,
@@ -77,26 +71,28 @@ from .validators import (
     when_value,
 )
 
-_v = parsed
-_Strict = Strict
-_readable = readable
-_env_set = env_set
 
-
-class StateModel(_Strict):
+class StateModel(Strict):
     """``state:``: where the router keeps its state. ``sqlite`` (the embedded default: a file
     in the spool) or ``postgresql`` (several routers share it; the DSN comes from an
     environment variable or a file, never from the YAML)."""
 
     type: Choice("sqlite", "postgresql") = "sqlite"
     dsn_env: Text | None = None
-    dsn_file: Text | None = None
+    dsn_file: ReadableFile | None = None
     lease: Duration = 30.0  # a node that stops heartbeating this long is gone; its jobs resume
     pool_size: Int(2, 500) = 8
     connect_timeout: Duration = 10.0
 
+    _dsn: str = PrivateAttr("")
+
+    @property
+    def dsn(self) -> str:
+        """The PostgreSQL connection string (a secret: from dsn_env or dsn_file)."""
+        return self._dsn
+
     @model_validator(mode="after")
-    def _dsn(self) -> StateModel:
+    def _check_dsn(self) -> StateModel:
         if self.type == "sqlite":
             for key in ("dsn_env", "dsn_file"):
                 if getattr(self, key):
@@ -107,11 +103,16 @@ class StateModel(_Strict):
                               "variable holding the connection string, e.g. DICOMROUTER_DSN)")
         if self.dsn_env and self.dsn_file:
             raise ConfigError("dsn_file", "give dsn_env or dsn_file, not both")
-        _env_set("dsn_env", self.dsn_env)
-        _readable(self.dsn_file, "dsn_file")
+        env_set("dsn_env", self.dsn_env)
+        readable(self.dsn_file, "dsn_file")
         if self.lease < 3:
             raise ConfigError("lease", "must be at least 3 s (heartbeats renew it every "
                               "third of it)")
+        if self.dsn_env:
+            self._dsn = os.environ[self.dsn_env]
+        elif self.dsn_file:
+            with open(self.dsn_file, encoding="utf-8") as f:
+                self._dsn = f.readline().strip()
         return self
 
 
@@ -131,23 +132,31 @@ class SharedSpoolModel(S3Access):
 
 def _node_id(value: Any, key: str) -> str:
     text = parse_str(value, key)
-    import re
-
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
         raise ConfigError(key, f"{show(text)} is not a node id (letters, digits, '.', '_', "
                           "'-'; at most 64)")
     return text
 
 
-class WebModel(_Strict):
+def _default_node_id() -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64].strip("-.")
+    return name or "node"
+
+
+class WebModel(Strict):
     """``web:``. Off loopback, every endpoint but /health (and /metrics with
     ``metrics_public``) needs the token: the pages list patients and their studies."""
 
     enabled: Bool = True
     bind: Text = "127.0.0.1"
     port: Int(1, 65535) = 8080
-    token_env: Text | None = None
+    token_env: Text | None = None  # the bearer token for state-changing calls
     metrics_public: Bool = False  # /metrics without the token off loopback (a scraper)
+
+    @property
+    def protected(self) -> bool:
+        """Every endpoint but /health needs the token (not bound to loopback only)."""
+        return not is_loopback(self.bind)
 
     @model_validator(mode="after")
     def _token(self) -> WebModel:
@@ -163,14 +172,15 @@ class WebModel(_Strict):
         return self
 
 
-class ListenerModel(_Strict):
-    """One more port (``listeners:``); unset keys are taken from the top level."""
+class ListenerModel(Strict):
+    """One more port (``listeners:``); unset keys are taken from the top level (the resolved
+    listeners, ``ConfigModel.all_listeners``, have every key set)."""
 
     name: Text | None = None
     ae_title: AETitle | None = None
     bind: Text | None = None
     port: Int(1, 65535)
-    allowed_calling_aes: Annotated[tuple[str, ...], _v(ae_list)] | None = None
+    allowed_calling_aes: Annotated[tuple[str, ...], parsed(ae_list)] | None = None
     check_called_ae: Bool | None = None
     tls: TlsServerModel | None = None
 
@@ -182,33 +192,66 @@ class ListenerModel(_Strict):
         return data
 
 
-class KnownAEModel(_Strict):
+class KnownAEModel(Strict):
+    """``known_aes.<AE title>``: a peer the router opens associations to."""
+
     host: Text
     port: Int(1, 65535)
-    calling_ae: AETitle | None = None
-    count_query: Bool = False
+    calling_ae: AETitle | None = None  # the router's AE title toward it (default: ae_title)
+    count_query: Bool = False  # ask it (C-FIND) how many instances a study it sends has
+
+    _ae_title: str = PrivateAttr("")
+
+    @property
+    def ae_title(self) -> str:
+        return self._ae_title
 
 
-class RouteModel(_Strict):
+class RouteModel(Strict):
     name: Text | None = None
-    when: Annotated[tuple[Any, ...], _v(when_value)] = ()
-    to: Annotated[tuple[str, ...], _v(to_value)] = None  # type: ignore[assignment]
+    when: Annotated[tuple[Any, ...], parsed(when_value)] = ()
+    to: Annotated[tuple[str, ...], parsed(to_value)] = None  # type: ignore[assignment]
     stop: Bool = False
     fallback: Bool = False
-    transforms: Annotated[tuple[Any, ...], _v(transforms_value)] = ()
+    transforms: Annotated[tuple[Any, ...], parsed(transforms_value)] = ()
     stable_age: Duration | None = None  # overrides the global one for this route
-    expect: Annotated[dict[str, Any] | None, _v(expect_value)] = None  # complete when all are in
+    # complete early once every expected instance is in
+    expect: Annotated[dict[str, Any] | None, parsed(expect_value)] = None
     level: Choice("study", "series") = "study"  # series: each series sent once it is stable
     deliver_between: Text | None = None  # jobs this route creates wait for the window
     days: list[Any] | None = None
     timezone: Text | None = None
 
+    _schedule: Any = PrivateAttr(None)
+
+    @property
+    def schedule(self) -> Any:
+        """schedule.Window: the jobs this route creates wait for it (None: any time)."""
+        return self._schedule
+
     def window(self) -> Any:
-        return parse_window(self.deliver_between, self.days, self.timezone)
+        return self._schedule
+
+    def expectation_met(self, instances: Sequence[Any]) -> str:
+        """Why this route's ``expect`` is met by ``instances`` ('' if not, or none)."""
+        if not self.expect or not instances:
+            return ""
+        series = {i.series_uid for i in instances}
+        descriptions = {i.tags.get("SeriesDescription", "") for i in instances}
+        want = self.expect
+        if "series" in want and not set(want["series"]) <= descriptions:
+            return ""
+        if "series_count" in want and len(series) < want["series_count"]:
+            return ""
+        if "instances" in want and len(instances) < want["instances"]:
+            return ""
+        return "expected " + ", ".join(
+            f"series {', '.join(want['series'])}" if k == "series" else f"{k} {want[k]}"
+            for k in want) + " all in"
 
     @model_validator(mode="after")
     def _fallback_has_no_conditions(self) -> RouteModel:
-        self.window()  # a bad window is a keyed error
+        self._schedule = parse_window(self.deliver_between, self.days, self.timezone)
         if self.fallback and self.when:
             raise ConfigError("fallback", "a fallback route fires when no other route "
                               "matched: it takes no when")
@@ -224,7 +267,7 @@ class RouteModel(_Strict):
         return data
 
 
-class ConfigModel(_Strict):
+class ConfigModel(Strict):
     """The whole file; the defaults are the router's defaults."""
 
     ae_title: AETitle = DEFAULT_AE_TITLE
@@ -233,43 +276,67 @@ class ConfigModel(_Strict):
     max_pdu: Int(0, 2**32 - 1) = 0
     receiver: Choice("fast", "pynetdicom") = "fast"
     receivers: Int(1, 16) = 1
-    allowed_calling_aes: Annotated[tuple[str, ...], _v(ae_list)] = ()
+    allowed_calling_aes: Annotated[tuple[str, ...], parsed(ae_list)] = ()
     check_called_ae: Bool = False
-    spool: Text = "spool"
+    spool: Folder = Field("spool", validate_default=True)  # instances and state.db
     stable_age: Duration = 3.0
     keep_after_delivery: Bool = False
     retention: Duration = 0.0
     max_spool_size: Size = 0
     retry: RetryModel = RetryModel()
-    destinations: dict[str, AnyDestination] | None = None
-    routes: list[RouteModel] | None = None
-    log_level: Annotated[str, _v(log_level_value)] = "INFO"
-    query_retrieve: Bool = True
-    commitment_scp: Bool = True
-    known_aes: dict[AETitle, KnownAEModel] | None = None
-    sources: dict[str, AnySource] | None = None
+    destinations: dict[str, DestinationBase] = {}
+    routes: tuple[RouteModel, ...] = ()
+    log_level: Annotated[str, parsed(log_level_value)] = "INFO"
+    query_retrieve: Bool = True  # answer C-FIND / C-MOVE / C-GET over the spool
+    commitment_scp: Bool = True  # answer storage commitment for what the spool holds
+    known_aes: dict[AETitle, KnownAEModel] = {}
+    sources: dict[str, SourceBase] = {}
     web: WebModel = WebModel()
     tls: TlsServerModel | None = None  # DICOM TLS on the top-level listener
-    listeners: list[ListenerModel] | None = None
-    sweep: Annotated[Any, _v(lambda v, k: sweep_value(v, k))] = None
+    listeners: tuple[ListenerModel, ...] = ()  # more ports (see all_listeners)
+    sweep: Annotated[Any, parsed(lambda v, k: sweep_value(v, k))] = None
     force_complete_after: Duration = 0.0  # a study receiving this long completes anyway
     force_complete: Choice("route", "hold") = "route"  # ... or is held for an operator
     # several routers (docs/scale-out.md)
     state: StateModel = StateModel()
     shared_spool: SharedSpoolModel | None = None
     ack_after: Choice("shared", "local") | None = None  # default: shared (with shared_spool)
-    node_id: Annotated[str, _v(_node_id)] | None = None  # default: the host name
-    max_query_results: Int(1, 10_000_000) = Limits.max_query_results
+    node_id: Annotated[str, parsed(_node_id)] | None = None  # default: the host name
+    max_query_results: Int(1, 10_000_000) = 10_000  # C-FIND answers to one query
     # listener limits (docs/security.md)
-    acse_timeout: Duration = Limits.acse_timeout
-    network_timeout: Duration = Limits.network_timeout
-    dimse_timeout: Duration = Limits.dimse_timeout
-    max_associations: Int(1, 10_000) = Limits.max_associations
-    max_pending_connections: Int(1, 10_000) = Limits.max_pending_connections
-    max_associate_rq_size: Annotated[int, _v(parse_size, 1024, 16 * 2**20)] = \
-        Limits.max_associate_rq_size
-    min_free_disk: Size = Limits.min_free_disk
-    max_sequence_depth: Int(1, 100) = Limits.max_sequence_depth
+    acse_timeout: Duration = 30.0  # TCP connect → complete A-ASSOCIATE-RQ (ARTIM)
+    network_timeout: Duration = 60.0  # one PDU, once its header arrived (+ per MiB of it)
+    dimse_timeout: Duration = 60.0  # an association with no message this long is aborted
+    max_associations: Int(1, 10_000) = 64  # established at once
+    max_pending_connections: Int(1, 10_000) = 32  # not yet associated; the oldest is dropped
+    max_associate_rq_size: Annotated[int, parsed(parse_size, 1024, 16 * 2**20)] = 65536
+    min_free_disk: Size = 1_000_000_000  # below it on the spool's disk: 0xA700
+    max_sequence_depth: Int(1, 100) = 32  # deeper nesting in a received dataset: 0xC000
+
+    _source: str = PrivateAttr("embedded defaults")
+    _listeners: tuple[ListenerModel, ...] = PrivateAttr(())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _entries(cls, data: Any, info: ValidationInfo) -> Any:
+        """``destinations`` and ``sources`` through their type registries; empty mappings and
+        lists for absent ones."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key, registry, what in (("destinations", DESTINATION_MODELS, "destination"),
+                                    ("sources", SOURCE_MODELS, "source")):
+            try:
+                data[key] = validate_entries(data.get(key), info, registry, what)
+            except ConfigError as exc:
+                raise ConfigError(f"{key}.{exc.key}" if exc.key else key, exc.problem) \
+                    from None
+        for key in ("routes", "listeners"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        if data.get("known_aes") is None:
+            data.pop("known_aes", None)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> ConfigModel:
@@ -318,136 +385,97 @@ class ConfigModel(_Strict):
                                       f"(known: {', '.join(known) or 'none defined'})")
         return self
 
-    @staticmethod
-    def _source_options(name: str, model: Any, path: Any) -> dict[str, Any]:
-        options = model.options()
-        _tls_client(options, path, f"sources.{name}")
-        return dict(options)
+    @model_validator(mode="after")
+    def _resolve(self) -> ConfigModel:
+        """What the file leaves to defaults or inheritance, filled in once (these objects
+        were made by this validation: nothing else holds them yet)."""
+        retry = self.retry.policy()
+        fields = {"retry": retry, "ack_after": self.ack_after or
+                  ("shared" if self.shared_spool else "local"),
+                  "node_id": self.node_id or _default_node_id(),
+                  "routes": tuple(r if r.name else r.model_copy(update={"name": f"route {i + 1}"})
+                                  for i, r in enumerate(self.routes))}
+        for key, value in fields.items():
+            object.__setattr__(self, key, value)
+        for d in self.destinations.values():
+            d._retry_policy = d.retry.policy(retry)
+        for ae, known in self.known_aes.items():
+            known._ae_title = str(ae)
+        self._listeners = self.resolve_listeners()
+        return self
 
-    def _listeners(self, path: Any) -> tuple[ListenerConfig, ...]:
-        out = [ListenerConfig("main", self.ae_title, self.bind, self.port,
-                              self.allowed_calling_aes, self.check_called_ae,
-                              _tls_server(self.tls, path, "tls"))]
-        for i, lst in enumerate(self.listeners or []):
-            out.append(ListenerConfig(
-                lst.name or f"listener{i + 2}", lst.ae_title or self.ae_title,
-                lst.bind or self.bind, lst.port,
-                self.allowed_calling_aes if lst.allowed_calling_aes is None
+    def resolve_listeners(self) -> tuple[ListenerModel, ...]:
+        """Every port: the top-level one (``main``), then ``listeners`` with what each does
+        not set taken from the top level."""
+        out = [ListenerModel.model_construct(
+            name="main", ae_title=self.ae_title, bind=self.bind, port=self.port,
+            allowed_calling_aes=self.allowed_calling_aes,
+            check_called_ae=self.check_called_ae, tls=self.tls)]
+        for i, lst in enumerate(self.listeners):
+            out.append(ListenerModel.model_construct(
+                name=lst.name or f"listener{i + 2}", ae_title=lst.ae_title or self.ae_title,
+                bind=lst.bind or self.bind, port=lst.port,
+                allowed_calling_aes=self.allowed_calling_aes if lst.allowed_calling_aes is None
                 else lst.allowed_calling_aes,
-                self.check_called_ae if lst.check_called_ae is None else lst.check_called_ae,
-                _tls_server(lst.tls, path, f"listeners[{i}].tls")))
+                check_called_ae=self.check_called_ae if lst.check_called_ae is None
+                else lst.check_called_ae, tls=lst.tls))
         return tuple(out)
 
-    def build(self, base_dir: Path, source: str) -> Config:
-        """The router's Config: relative paths taken from ``base_dir``."""
-        def path(value: str) -> Path:
-            p = Path(os.path.expanduser(value))
-            return p if p.is_absolute() else base_dir / p
+    def with_port(self, port: int) -> ConfigModel:
+        """The same configuration listening on another port (``serve --port``)."""
+        copy = self.model_copy(update={"port": port})
+        copy._listeners = copy.resolve_listeners()
+        return copy
 
-        retry = self.retry.policy(RetryPolicy())
-        destinations = {}
-        for name, d in (self.destinations or {}).items():
-            options = d.options()
-            if d.type == "folder":
-                options["path"] = str(path(options["path"]))
-            _tls_client(options, path, f"destinations.{name}")
-            destinations[str(name)] = DestinationConfig(
-                name=str(name), type=d.type, options=options, concurrency=d.concurrency,
-                retry=d.retry.policy(retry), schedule=d.window(), transforms=d.transforms)
-        routes = tuple(RouteConfig(name=r.name or f"route {i + 1}", when=r.when, to=r.to,
-                                   stop=r.stop, fallback=r.fallback, transforms=r.transforms,
-                                   stable_age=r.stable_age, schedule=r.window(),
-                                   expect=r.expect, level=r.level)
-                       for i, r in enumerate(self.routes or []))
-        limits = Limits(**{k: getattr(self, k) for k in Limits.__dataclass_fields__})
-        return Config(
-            ae_title=self.ae_title, bind=self.bind, port=self.port, max_pdu=self.max_pdu,
-            allowed_calling_aes=self.allowed_calling_aes, spool=path(self.spool),
-            stable_age=self.stable_age, keep_after_delivery=self.keep_after_delivery,
-            retention=self.retention, max_spool_size=self.max_spool_size, retry=retry,
-            destinations=destinations, routes=routes, log_level=self.log_level,
-            receiver=self.receiver, receivers=self.receivers, limits=limits,
-            check_called_ae=self.check_called_ae, query_retrieve=self.query_retrieve,
-            commitment_scp=self.commitment_scp,
-            known_aes={str(k): KnownAE(str(k), v.host, v.port, v.calling_ae, v.count_query)
-                       for k, v in (self.known_aes or {}).items()},
-            sources={str(k): SourceConfig(str(k), v.type, v.interval,
-                                          self._source_options(k, v, path))
-                     for k, v in (self.sources or {}).items()},
-            web=WebConfig(**self.web.model_dump()),
-            listeners=self._listeners(path),
-            sweep=self.sweep, force_complete_after=self.force_complete_after,
-            force_complete=self.force_complete,
-            state=StateConfig(self.state.type, _dsn(self.state, path), self.state.lease,
-                              self.state.pool_size, self.state.connect_timeout),
-            shared_spool=self.shared_spool.model_dump() if self.shared_spool else None,
-            ack_after=self.ack_after or ("shared" if self.shared_spool else "local"),
-            node_id=self.node_id or _default_node_id(),
-            source=source)
+    @property
+    def source(self) -> str:
+        """Where the configuration came from (a file, or the embedded defaults)."""
+        return self._source
 
+    @property
+    def all_listeners(self) -> tuple[ListenerModel, ...]:
+        return self._listeners
 
-def _dsn(model: StateModel, path: Any) -> str:
-    """The PostgreSQL connection string (from its environment variable or file)."""
-    if model.dsn_env:
-        return os.environ[model.dsn_env]
-    if model.dsn_file:
-        with open(path(model.dsn_file), encoding="utf-8") as f:
-            return f.readline().strip()
-    return ""
+    @property
+    def listener(self) -> ListenerModel:
+        """The first listener (top-level ``ae_title``/``bind``/``port``/... and ``tls``)."""
+        return self._listeners[0]
 
+    @property
+    def limits(self) -> ConfigModel:
+        """The listener limits (top-level keys: acse_timeout, max_associations, ...)."""
+        return self
 
-def _default_node_id() -> str:
-    import re
-    import socket
+    @property
+    def cluster(self) -> bool:
+        """Several routers on one PostgreSQL state (and, usually, one shared spool)."""
+        return self.state.type == "postgresql"
 
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64].strip("-.")
-    return name or "node"
-
-
-def _tls_server(model: TlsServerModel | None, path: Any, key: str) -> TlsConfig | None:
-    if model is None:
-        return None
-    files = {k: str(path(getattr(model, k))) if getattr(model, k) else None
-             for k in ("cert", "key", "ca")}
-    for k, f in files.items():
-        _readable(f, f"{key}.{k}")
-    return TlsConfig(cert=files["cert"] or "", key=files["key"] or "", ca=files["ca"],
-                     verify_client=model.verify_client, min_version=model.min_version,
-                     subject_aes={str(k): tuple(v) for k, v in (model.subject_aes or {}).items()})
-
-
-def _tls_client(options: dict[str, Any], path: Any, key: str) -> None:
-    """Make a destination's or source's ``tls`` file paths absolute (and check them)."""
-    tls = options.get("tls")
-    if not tls:
-        return
-    for k in ("ca", "cert", "key"):
-        if tls.get(k):
-            tls[k] = str(path(tls[k]))
-            _readable(tls[k], f"{key}.tls.{k}")
+    @property
+    def state_db(self) -> Path:
+        return self.spool / "state.db"
 
 
 def keyed_error(err: ValidationError, data: Any) -> ConfigError:
-    """The first error of a ValidationError, as ``key.path: problem`` (the destination and
-    source unions named by their ``type``)."""
-    return generic_keyed_error(err, data, {"destinations": ("destination", DESTINATION_TYPES),
-                                          "sources": ("source", SOURCE_TYPES)})
+    """The first error of a ValidationError, as ``key.path: problem``."""
+    return generic_keyed_error(err, data)
 
 
-def from_dict(raw: Any, base_dir: Path, source: str, secrets: bool = True) -> Config:
+def from_dict(raw: Any, base_dir: Path, source: str, secrets: bool = True) -> ConfigModel:
     """Validate a parsed YAML document; relative paths are taken from ``base_dir``.
     ``secrets=False``: the environment variables naming destinations' and sources' secrets
     need not be set (for commands that only read the state)."""
     token = CHECK_SECRETS.set(secrets)
     try:
-        model = ConfigModel.model_validate({} if raw is None else raw)
-        return model.build(base_dir, source)
+        cfg = ConfigModel.model_validate({} if raw is None else raw,
+                                         context={"base_dir": base_dir})
     except ValidationError as err:
         raise keyed_error(err, raw) from None
     finally:
         CHECK_SECRETS.reset(token)
+    cfg._source = source
+    return cfg
 
 
-__all__ = ["DESTINATION_MODELS", "DESTINATION_TYPES", "SOURCE_MODELS", "SOURCE_TYPES",
-           "ConfigModel",
-           "from_dict", "keyed_error"]
+__all__ = ["ConfigModel", "KnownAEModel", "ListenerModel", "RouteModel", "StateModel",
+           "WebModel", "from_dict", "keyed_error"]

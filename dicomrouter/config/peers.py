@@ -1,15 +1,19 @@
-"""The models of the peers the router talks to: destinations (one model per type, and the tagged
-union they form), pull sources, TLS on a connection, the retry policy."""
+"""The models of the peers the router talks to: destinations and pull sources (one model per
+type, each registered under its ``type`` by a decorator: the configuration's ``destinations`` and
+``sources`` are validated through these registries), TLS on a connection, the retry policy.
+
+A model is the only declaration of its keys: their types, defaults and checks. The router reads
+the validated (frozen) models; what a model cannot know from its own mapping (its name, the
+global retry policy it inherits from, its parsed delivery window) is filled in once by
+``ConfigModel`` and read through properties.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import (
-    Discriminator,
-    Tag,
-    model_validator,
-)
+from pydantic import PrivateAttr, ValidationError, ValidationInfo, model_validator
 
 from ..schedule import parse_window
 from ..schema import (
@@ -17,17 +21,20 @@ from ..schema import (
     Bool,
     Choice,
     Duration,
+    Folder,
     Int,
+    ReadableFile,
     Size,
     Strict,
     Text,
     env_set,
+    keyed_error,
     parsed,
+    readable,
 )
 from .base import (
     DEFAULT_FOLDER_TEMPLATE,
     ConfigError,
-    RetryPolicy,
     parse_choice,
     parse_duration,
     parse_str,
@@ -37,23 +44,19 @@ from .base import (
 )
 from .validators import ae_list, template_value, transforms_value
 
-_v = parsed
-_Strict = Strict
-_env_set = env_set
+TlsVersion = Annotated[str, parsed(parse_choice, ("TLSv1.2", "TLSv1.3"))]
 
 
-TlsVersion = Annotated[str, _v(parse_choice, ("TLSv1.2", "TLSv1.3"))]
-
-
-class TlsServerModel(_Strict):
+class TlsServerModel(Strict):
     """A listener's ``tls:`` (PS3.15 Secure Transport Connection Profiles)."""
 
-    cert: Text
-    key: Text
-    ca: Text | None = None
+    cert: ReadableFile
+    key: ReadableFile
+    ca: ReadableFile | None = None
     verify_client: Bool = False
     min_version: TlsVersion = "TLSv1.2"
-    subject_aes: dict[str, Annotated[tuple[str, ...], _v(ae_list)]] | None = None
+    #: client certificate subject ("CN=...") → the calling AE titles it may use
+    subject_aes: dict[str, Annotated[tuple[str, ...], parsed(ae_list)]] | None = None
 
     @model_validator(mode="after")
     def _files(self) -> TlsServerModel:
@@ -61,15 +64,17 @@ class TlsServerModel(_Strict):
             raise ConfigError("ca", "verify_client needs the CA that signs client certificates")
         if self.subject_aes and not self.verify_client:
             raise ConfigError("subject_aes", "needs verify_client: true")
+        for key in ("cert", "key", "ca"):
+            readable(getattr(self, key), key)
         return self
 
 
-class TlsClientModel(_Strict):
+class TlsClientModel(Strict):
     """``tls:`` of a dicom/move destination or a dicom source."""
 
-    ca: Text | None = None  # default: the system's CAs
-    cert: Text | None = None  # our client certificate (with key)
-    key: Text | None = None
+    ca: ReadableFile | None = None  # default: the system's CAs
+    cert: ReadableFile | None = None  # our client certificate (with key)
+    key: ReadableFile | None = None
     check_hostname: Bool = True
     min_version: TlsVersion = "TLSv1.2"
 
@@ -77,52 +82,162 @@ class TlsClientModel(_Strict):
     def _pair(self) -> TlsClientModel:
         if bool(self.key) and not self.cert:
             raise ConfigError("key", "needs cert")
+        for key in ("ca", "cert", "key"):
+            readable(getattr(self, key), key)
         return self
 
 
-class RetryModel(_Strict):
+class RetryModel(Strict):
+    """``retry:``: exponential backoff for failed deliveries; a destination's own block only
+    overrides what it sets (``policy``)."""
+
     initial: Duration | None = None
     max_delay: Duration | None = None
     max_attempts: Int(1, 1_000_000) | None = None
 
-    def policy(self, base: RetryPolicy) -> RetryPolicy:
-        """This retry block over ``base`` (the global policy, for a destination's own)."""
-        return RetryPolicy(
-            initial=base.initial if self.initial is None else self.initial,
-            max_delay=base.max_delay if self.max_delay is None else self.max_delay,
-            max_attempts=base.max_attempts if self.max_attempts is None else self.max_attempts)
+    DEFAULTS: ClassVar[dict[str, float]] = {"initial": 5.0, "max_delay": 600.0,
+                                            "max_attempts": 10}
+
+    def policy(self, base: RetryModel | None = None) -> RetryModel:
+        """This block over ``base`` (the global policy), every value filled in."""
+        values = {k: getattr(self, k) if getattr(self, k) is not None else
+                  (getattr(base, k) if base is not None else None) for k in self.DEFAULTS}
+        return RetryModel.model_construct(**{k: self.DEFAULTS[k] if v is None else v
+                                             for k, v in values.items()})
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt + 1`` after ``attempt`` failures."""
+        initial = self.initial if self.initial is not None else self.DEFAULTS["initial"]
+        cap = self.max_delay if self.max_delay is not None else self.DEFAULTS["max_delay"]
+        return min(cap, initial * (2 ** max(0, attempt - 1)))
 
 
-class DestinationBase(_Strict):
+class Named(Strict):
+    """A model that is one entry of a mapping (``destinations.<name>``): the name is set by
+    the mapping that holds it."""
+
+    _name: str = PrivateAttr("")
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+
+def secrets_set(model: Any, *keys: str) -> None:
+    """Secrets are named by environment variable: each named one must be set now."""
+    for key in keys:
+        env_set(key, getattr(model, key))
+
+
+class DestinationBase(Named):
+    """What every destination has: how many studies at once, retries, transforms, a window."""
+
+    type: str
     concurrency: Int(1, 64) = 1
     retry: RetryModel = RetryModel()
-    transforms: Annotated[tuple[Any, ...], _v(transforms_value)] = ()  # tag morphing on the copies
+    transforms: Annotated[tuple[Any, ...], parsed(transforms_value)] = ()  # tag morphing
     deliver_between: Text | None = None  # "20:00-06:00": deliveries wait outside it
     days: list[Any] | None = None  # [mon, tue, ...]: the days the window opens on
     timezone: Text | None = None  # default: the router's local time zone
 
-    def options(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"type", "concurrency", "retry", "deliver_between",
-                                        "days", "timezone", "transforms"})
+    _retry_policy: RetryModel = PrivateAttr(default_factory=lambda: RetryModel().policy())
+    _schedule: Any = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _window(self) -> DestinationBase:
-        parse_window(self.deliver_between, self.days, self.timezone)
+        self._schedule = parse_window(self.deliver_between, self.days, self.timezone)
         return self
 
+    @property
+    def retry_policy(self) -> RetryModel:
+        """``retry`` over the global policy."""
+        return self._retry_policy
+
+    @property
+    def schedule(self) -> Any:
+        """schedule.Window: deliveries only inside it (None: any time)."""
+        return self._schedule
+
     def window(self) -> Any:
-        return parse_window(self.deliver_between, self.days, self.timezone)
-
-    def _env_set(self, *keys: str) -> None:
-        """Secrets are named by environment variable: each named one must be set now."""
-        for key in keys:
-            _env_set(key, getattr(self, key))
+        return self._schedule
 
 
+class SourceBase(Named):
+    """What every pull source has: its type and how often it is polled."""
+
+    type: str
+    interval: Duration = 30.0  # between two polls
+
+    @model_validator(mode="after")
+    def _positive_interval(self) -> SourceBase:
+        if self.interval < 0.1:
+            raise ConfigError("interval", "must be at least 100ms")
+        return self
+
+
+D = TypeVar("D", bound=DestinationBase)
+S = TypeVar("S", bound=SourceBase)
+
+#: ``type`` → model: every destination and source type, registered by ``destination_type`` /
+#: ``source_type`` (the built-in ones below; a new type registers its model in its own module)
+DESTINATION_MODELS: dict[str, type[DestinationBase]] = {}
+SOURCE_MODELS: dict[str, type[SourceBase]] = {}
+
+
+def destination_type(name: str) -> Callable[[type[D]], type[D]]:
+    """Register a destination model under its ``type``."""
+    def register(model: type[D]) -> type[D]:
+        DESTINATION_MODELS[name] = model
+        return model
+    return register
+
+
+def source_type(name: str) -> Callable[[type[S]], type[S]]:
+    """Register a source model under its ``type``."""
+    def register(model: type[S]) -> type[S]:
+        SOURCE_MODELS[name] = model
+        return model
+    return register
+
+
+def validate_entries(raw: Any, info: ValidationInfo, registry: dict[str, Any],
+                     what: str) -> dict[str, Any]:
+    """A ``destinations:`` / ``sources:`` mapping: each entry validated by the model its
+    ``type`` names; errors keyed ``<name>.<key>``."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"expected a mapping of names to {what}s, got "
+                          f"{type(raw).__name__}")
+    out = {}
+    types = ", ".join(registry)
+    for name, entry in raw.items():
+        key = str(name)
+        if not isinstance(entry, dict):
+            raise ConfigError(key, f"expected a mapping, got {type(entry).__name__}")
+        kind = entry.get("type")
+        if kind is None:
+            raise ConfigError(f"{key}.type", f"required; one of {types}")
+        model = registry.get(kind) if isinstance(kind, str) else None
+        if model is None:
+            shown = kind if isinstance(kind, str) else show(kind)
+            raise ConfigError(f"{key}.type", f"unknown {what} type {shown}; one of {types}")
+        try:
+            value = model.model_validate(entry, context=info.context)
+        except ValidationError as err:
+            inner = keyed_error(err, entry)
+            problem = f"required for a {kind} {what}" if inner.problem == "required" \
+                else inner.problem
+            raise ConfigError(f"{key}.{inner.key}" if inner.key else key, problem) from None
+        value._name = key
+        out[key] = value
+    return out
+
+
+@destination_type("folder")
 class FolderModel(DestinationBase):
-    type: Literal["folder"]
-    path: Text
-    template: Annotated[str, _v(template_value)] | None = None  # default: the tree, or a zip name
+    path: Folder
+    template: Annotated[str, parsed(template_value)] | None = None  # default: tree/zip name
     staging: Text | None = None  # a folder (relative to path) the study is written in first
     zip: Bool = False  # one zip per study instead of a tree
 
@@ -135,8 +250,8 @@ class FolderModel(DestinationBase):
         return self
 
 
+@destination_type("dicom")
 class DicomModel(DestinationBase):
-    type: Literal["dicom"]
     ae_title: AETitle
     host: Text
     port: Int(1, 65535)
@@ -145,7 +260,7 @@ class DicomModel(DestinationBase):
     timeout: Duration = 60.0
     sender: Choice("fast", "pynetdicom") = "fast"
     associations: Int(1, 16) = 1
-    transfer_syntaxes: Annotated[tuple[str, ...], _v(parse_transfer_syntaxes)] = ()
+    transfer_syntaxes: Annotated[tuple[str, ...], parsed(parse_transfer_syntaxes)] = ()
     tls: TlsClientModel | None = None
     storage_commitment: Bool = False  # delivered only once the peer committed the instances
     commitment_timeout: Duration = 60.0  # how long to wait for the N-EVENT-REPORT
@@ -161,7 +276,7 @@ class DicomModel(DestinationBase):
         return self
 
 
-class PeerModel(_Strict):
+class PeerModel(Strict):
     """A DICOM peer: ``{ae_title, host, port}``."""
 
     ae_title: AETitle
@@ -169,8 +284,8 @@ class PeerModel(_Strict):
     port: Int(1, 65535)
 
 
+@destination_type("move")
 class MoveModel(DestinationBase):
-    type: Literal["move"]
     source: PeerModel  # the peer that holds the studies and performs the C-MOVE
     move_destination: AETitle  # where it sends them (an AE title the source knows)
     calling_ae_title: AETitle | None = None
@@ -186,19 +301,7 @@ def _tls(value: Any, key: str) -> bool | str:
     return parse_str(value, key)
 
 
-def _http_credentials(model: Any) -> None:
-    """An HTTP peer's URL and credentials (a DICOMweb destination, an HTTP source)."""
-    if not model.url.startswith(("http://", "https://")):
-        raise ConfigError("url", f"expected an http:// or https:// URL, got {show(model.url)}")
-    if model.username and not (model.password_env or model.password_file):
-        raise ConfigError("username", "needs password_env or password_file (a password is "
-                          "never written in the configuration)")
-    if model.username and (model.token_env or model.token_file):
-        raise ConfigError("token_env", "either username/password or a token, not both")
-    model._env_set("password_env", "token_env")
-
-
-class _HttpPeer(_Strict):
+class HttpPeer(Strict):
     """An HTTP peer's keys: a DICOMweb destination, an HTTP source."""
 
     url: Text
@@ -207,17 +310,25 @@ class _HttpPeer(_Strict):
     password_file: Text | None = None
     token_env: Text | None = None
     token_file: Text | None = None
-    verify_tls: Annotated[bool | str, _v(_tls)] = True
+    verify_tls: Annotated[bool | str, parsed(_tls)] = True
     timeout: Duration = 120.0
 
     @model_validator(mode="after")
-    def _credentials(self) -> _HttpPeer:
-        _http_credentials(self)
+    def _credentials(self) -> HttpPeer:
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError("url", f"expected an http:// or https:// URL, got "
+                              f"{show(self.url)}")
+        if self.username and not (self.password_env or self.password_file):
+            raise ConfigError("username", "needs password_env or password_file (a password "
+                              "is never written in the configuration)")
+        if self.username and (self.token_env or self.token_file):
+            raise ConfigError("token_env", "either username/password or a token, not both")
+        secrets_set(self, "password_env", "token_env")
         return self
 
 
-class DicomwebModel(DestinationBase, _HttpPeer):
-    type: Literal["dicomweb"]
+@destination_type("dicomweb")
+class DicomwebModel(DestinationBase, HttpPeer):
     batch_size: Int(1, 100_000) = 100
     batch_bytes: Size = 100_000_000
     # qido: after each batch, an instance counts as delivered only once the server's QIDO-RS
@@ -225,7 +336,7 @@ class DicomwebModel(DestinationBase, _HttpPeer):
     verify: Choice("none", "qido") = "none"
 
 
-class S3Access(_Strict):
+class S3Access(Strict):
     """The keys of one S3 bucket (the s3 destination, the shared spool); secrets by name."""
 
     bucket: Text
@@ -233,61 +344,26 @@ class S3Access(_Strict):
     region: Text | None = None
     access_key_env: Text | None = None  # default: the standard AWS credential chain
     secret_key_env: Text | None = None
-    verify_tls: Annotated[bool | str, _v(lambda v, k: _tls(v, k))] = True
+    verify_tls: Annotated[bool | str, parsed(_tls)] = True
 
     @model_validator(mode="after")
     def _s3_credentials(self) -> S3Access:
         if bool(self.access_key_env) != bool(self.secret_key_env):
             raise ConfigError("access_key_env", "access_key_env and secret_key_env go together")
-        _env_set("access_key_env", self.access_key_env)
-        _env_set("secret_key_env", self.secret_key_env)
+        secrets_set(self, "access_key_env", "secret_key_env")
         return self
 
 
+@destination_type("s3")
 class S3Model(DestinationBase, S3Access):
-    type: Literal["s3"]
     mode: Choice("zip", "instances") = "zip"
-    key: Annotated[str, _v(template_value)] | None = None  # default depends on mode (s3.py)
+    key: Annotated[str, parsed(template_value)] | None = None  # default depends on mode (s3.py)
     timeout: Duration = 60.0
-
-
-DESTINATION_MODELS: dict[str, type[DestinationBase]] = {
-    "folder": FolderModel, "dicom": DicomModel, "dicomweb": DicomwebModel, "s3": S3Model,
-    "move": MoveModel}
-DESTINATION_TYPES = tuple(DESTINATION_MODELS)
-
-
-def _destination_type(value: Any) -> str | None:
-    kind = value.get("type") if isinstance(value, dict) else None
-    return kind if isinstance(kind, str) or kind is None else show(kind)
-
-
-AnyDestination = Annotated[
-    Annotated[FolderModel, Tag("folder")] | Annotated[DicomModel, Tag("dicom")]
-    | Annotated[DicomwebModel, Tag("dicomweb")] | Annotated[S3Model, Tag("s3")]
-    | Annotated[MoveModel, Tag("move")],
-    Discriminator(_destination_type),
-]
 
 
 #: a study's instance count at a dicom/dicomweb source must stay the same this long before
 #: it is pulled (Orthanc's own StableAge default)
 DEFAULT_SOURCE_STABLE_AGE = 60.0
-
-
-class _Source(_Strict):
-    interval: Duration = 30.0  # between two polls
-
-    def options(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"type", "interval"})
-
-    _env_set = DestinationBase._env_set
-
-    @model_validator(mode="after")
-    def _positive_interval(self) -> _Source:
-        if self.interval < 0.1:
-            raise ConfigError("interval", "must be at least 100ms")
-        return self
 
 
 def _lookback(value: Any, key: str) -> float:
@@ -297,33 +373,33 @@ def _lookback(value: Any, key: str) -> float:
     return parse_duration(value, key)
 
 
-class DicomSourceModel(_Source):
-    type: Literal["dicom"]
+@source_type("dicom")
+class DicomSourceModel(SourceBase):
     ae_title: AETitle
     host: Text
     port: Int(1, 65535)
     calling_ae_title: AETitle | None = None
     retrieve: Choice("move", "get") = "move"
     move_destination: AETitle | None = None  # default: the router's own ae_title
-    lookback: Annotated[float, _v(_lookback)] = 7 * 86400.0
+    lookback: Annotated[float, parsed(_lookback)] = 7 * 86400.0
     source_stable_age: Duration = DEFAULT_SOURCE_STABLE_AGE
     query_model: Choice("study", "patient") = "study"
     timeout: Duration = 600.0
     tls: TlsClientModel | None = None
 
 
-class _HttpSource(_Source, _HttpPeer):
-    pass
+class HttpSource(SourceBase, HttpPeer):
+    """An HTTP pull source (DICOMweb, Orthanc's REST API)."""
 
 
-class DicomwebSourceModel(_HttpSource):
-    type: Literal["dicomweb"]
-    lookback: Annotated[float, _v(_lookback)] = 7 * 86400.0
+@source_type("dicomweb")
+class DicomwebSourceModel(HttpSource):
+    lookback: Annotated[float, parsed(_lookback)] = 7 * 86400.0
     source_stable_age: Duration = DEFAULT_SOURCE_STABLE_AGE
 
 
-class OrthancSourceModel(_HttpSource):
-    type: Literal["orthanc"]
+@source_type("orthanc")
+class OrthancSourceModel(HttpSource):
     delete_after_pull: Bool = False
     batch: Int(1, 10_000) = 100  # changes read per request
 
@@ -337,12 +413,9 @@ class OrthancSourceModel(_HttpSource):
         return data
 
 
-SOURCE_MODELS: dict[str, type[_Source]] = {
-    "dicom": DicomSourceModel, "dicomweb": DicomwebSourceModel, "orthanc": OrthancSourceModel}
-SOURCE_TYPES = tuple(SOURCE_MODELS)
+def destination_types() -> tuple[str, ...]:
+    return tuple(DESTINATION_MODELS)
 
-AnySource = Annotated[
-    Annotated[DicomSourceModel, Tag("dicom")] | Annotated[DicomwebSourceModel, Tag("dicomweb")]
-    | Annotated[OrthancSourceModel, Tag("orthanc")],
-    Discriminator(lambda v: _destination_type(v)),
-]
+
+def source_types() -> tuple[str, ...]:
+    return tuple(SOURCE_MODELS)

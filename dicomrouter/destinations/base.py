@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..config import DestinationConfig
-from ..state import Instance
+from ..state import Instance, State
 
 
 class DeliveryError(Exception):
@@ -112,8 +114,24 @@ class Session(ABC):
         self.close()
 
 
+@dataclass(frozen=True)
+class Context:
+    """What every destination and pull source is built with, besides its own validated model:
+    the router's AE title (the default calling AE), the state (storage commitment reports,
+    sources' cursors), the spool (where pulled instances go), the router's configuration, and
+    the clock."""
+
+    router_ae: str = "DICOMROUTER"
+    state: State | None = None
+    spool: Any = None
+    config: Any = None
+    clock: Callable[[], float] = time.time
+
+
 class Destination(ABC):
-    """A place studies are delivered to; built from its validated config."""
+    """A place studies are delivered to; built from its validated model and the context.
+    A destination type is one module: its model (registered with ``config.destination_type``)
+    and its class (registered with ``registry.implements``)."""
 
     #: how many sessions may send parts of one study at the same time (dicom: ``associations``)
     associations: int = 1
@@ -121,8 +139,9 @@ class Destination(ABC):
     #: study: a late arrival re-sends it whole)
     whole_study: bool = False
 
-    def __init__(self, cfg: DestinationConfig) -> None:
+    def __init__(self, cfg: DestinationConfig, ctx: Context) -> None:
         self.cfg = cfg
+        self.ctx = ctx
         self.name = cfg.name
 
     @abstractmethod

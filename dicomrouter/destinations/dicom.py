@@ -9,12 +9,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from ..commitment import request
-from ..config import DestinationConfig
+from ..config.peers import DicomModel
 from ..qrscu import PeerError, Remote, find
 from ..state import Instance, State
 from ..tlsctx import client_context
-from .base import DeliveryError, Destination, Session
+from .base import Context, DeliveryError, Destination, Session
 from .fastsend import FastStoreAssociation
+from .registry import implements
 from .store import Peer, StoreAssociation
 
 
@@ -26,21 +27,21 @@ def open_association(peer: Peer, pairs: Iterable[tuple[str, str]],
     return FastStoreAssociation(peer, pairs)
 
 
+@implements(DicomModel)
 class DicomDestination(Destination):
-    def __init__(self, cfg: DestinationConfig, default_calling_ae: str = "DICOMROUTER") -> None:
-        super().__init__(cfg)
-        o = cfg.options
-        tls = client_context(o["tls"]) if o.get("tls") else None
-        self.peer = Peer(o["ae_title"], o["host"], o["port"],
-                         o["calling_ae_title"] or default_calling_ae, o["max_pdu"], o["timeout"],
-                         o["transfer_syntaxes"], tls)
-        self.sender = o["sender"]
-        self.associations = o["associations"]
-        self.commitment = bool(o.get("storage_commitment"))
-        self.verify = o.get("verify", "none")
-        self.commitment_timeout = float(o.get("commitment_timeout", 60.0))
-        #: the state database (storage commitment reports land there); set by the router
-        self.state: State | None = None
+    def __init__(self, cfg: DicomModel, ctx: Context) -> None:
+        super().__init__(cfg, ctx)
+        tls = client_context(cfg.tls) if cfg.tls else None
+        self.peer = Peer(cfg.ae_title, cfg.host, cfg.port,
+                         cfg.calling_ae_title or ctx.router_ae, cfg.max_pdu, cfg.timeout,
+                         cfg.transfer_syntaxes, tls)
+        self.sender = cfg.sender
+        self.associations = cfg.associations
+        self.commitment = cfg.storage_commitment
+        self.verify = cfg.verify
+        self.commitment_timeout = cfg.commitment_timeout
+        #: the state database (storage commitment reports land there)
+        self.state: State | None = ctx.state
 
     def describe(self) -> str:
         extra = f", {self.associations} associations per study" if self.associations > 1 else ""

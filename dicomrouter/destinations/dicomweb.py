@@ -22,8 +22,11 @@ from typing import Any, BinaryIO
 import requests
 
 from ..common.http import http_session, request_failure
+from ..common.secrets import SecretUnavailable
+from ..config.peers import DicomwebModel
 from ..state import Instance
-from .base import DeliveryError, Destination, PermanentFailure, Session
+from .base import Context, DeliveryError, Destination, PermanentFailure, Session
+from .registry import implements
 
 REFERENCED_SOP_SEQUENCE = "00081199"
 FAILED_SOP_SEQUENCE = "00081198"
@@ -79,22 +82,25 @@ class _MultipartBody:
         return out
 
 
+@implements(DicomwebModel)
 class DicomwebDestination(Destination):
-    def __init__(self, cfg, router_ae: str = "") -> None:  # type: ignore[no-untyped-def]
-        super().__init__(cfg)
-        o = cfg.options
-        self.url = o["url"].rstrip("/")
-        self.options = o
+    def __init__(self, cfg: DicomwebModel, ctx: Context) -> None:
+        super().__init__(cfg, ctx)
+        self.url = cfg.url.rstrip("/")
+        self.options = cfg
 
     def describe(self) -> str:
-        auth = " (basic auth)" if self.options.get("username") else \
-            " (bearer token)" if self.options.get("token_env") or \
-            self.options.get("token_file") else ""
+        o = self.options
+        auth = " (basic auth)" if o.username else \
+            " (bearer token)" if o.token_env or o.token_file else ""
         return (f"dicomweb {self.url}{auth}, STOW-RS batches of up to "
-                f"{self.options['batch_size']} instances / {self.options['batch_bytes']} bytes")
+                f"{o.batch_size} instances / {o.batch_bytes} bytes")
 
     def session(self) -> requests.Session:
-        return http_session(self.options)
+        try:
+            return http_session(self.options)
+        except SecretUnavailable as exc:
+            raise DeliveryError(str(exc)) from None
 
     def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
         return _StowSession(self, self.session())
@@ -141,8 +147,8 @@ class _StowSession(Session):
     def send(self, inst: Instance, data: BinaryIO) -> bool:
         size = os.fstat(data.fileno()).st_size
         o = self.dest.options
-        if self.batch and (len(self.batch) >= o["batch_size"]
-                           or self.batch_bytes + size > o["batch_bytes"]):
+        if self.batch and (len(self.batch) >= o.batch_size
+                           or self.batch_bytes + size > o.batch_bytes):
             self._post()
         self.batch.append((inst, data.reopen, size))  # type: ignore[attr-defined]
         self.batch_bytes += size
@@ -168,7 +174,7 @@ class _StowSession(Session):
         self.transmitting(uids)
         try:
             rsp = self.http.post(url, data=body, headers=headers,
-                                 timeout=self.dest.options["timeout"])
+                                 timeout=self.dest.options.timeout)
         except requests.RequestException as exc:
             if _connection_never_made(exc):
                 self.not_transmitted(uids)
@@ -191,7 +197,7 @@ class _StowSession(Session):
             else:
                 self.refused[uid] = failed.get(uid) or \
                     f"HTTP {rsp.status_code}: not in the STOW-RS response's referenced instances"
-        if accepted and self.dest.options.get("verify") == "qido":
+        if accepted and self.dest.options.verify == "qido":
             held = self._stored(batch[0][0].study_uid)
             for uid in [u for u in accepted if u not in held]:
                 self.refused[uid] = ("accepted but not stored: the server answered success, "
@@ -206,7 +212,7 @@ class _StowSession(Session):
         try:
             rsp = self.http.get(url, params={"includefield": SOP_INSTANCE_UID},
                                 headers={"Accept": "application/dicom+json"},
-                                timeout=self.dest.options["timeout"])
+                                timeout=self.dest.options.timeout)
         except requests.RequestException as exc:
             raise DeliveryError(f"QIDO-RS (verify) at {request_failure(exc, url)}") from None
         if rsp.status_code == 204 or (rsp.status_code == 404 and not rsp.content):

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..config import DEFAULT_FOLDER_TEMPLATE, study_level, template_keywords
+from ..config.peers import FolderModel
 from ..dicomfile import read_header, render_template, text
 from ..spool.slots import fsync_dir
 from ..state import Instance
-from .base import DeliveryError, Destination, Session
+from .base import Context, DeliveryError, Destination, Session
 from .export import StudyZip, copy_hashed, entry, manifest
+from .registry import implements
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +32,18 @@ DEFAULT_ZIP_TEMPLATE = "{PatientID}/{StudyInstanceUID}.zip"
 MANIFEST = "manifest.json"
 
 
+@implements(FolderModel)
 class FolderDestination(Destination):
-    def __init__(self, cfg, router_ae: str = "") -> None:  # type: ignore[no-untyped-def]
-        super().__init__(cfg)
-        o = cfg.options
-        self.root = Path(o["path"])
-        self.zip = bool(o.get("zip"))
+    def __init__(self, cfg: FolderModel, ctx: Context) -> None:
+        super().__init__(cfg, ctx)
+        self.root = Path(cfg.path)
+        self.zip = cfg.zip
         self.whole_study = self.zip  # a zip is the study
-        self.template: str = o.get("template") or (
+        self.template: str = cfg.template or (
             DEFAULT_ZIP_TEMPLATE if self.zip else DEFAULT_FOLDER_TEMPLATE)
         self.keywords = template_keywords(self.template, "template")
         self.level = study_level(self.template)
-        staging = o.get("staging")
+        staging = cfg.staging
         self.staging = (self.root / staging).resolve() if staging else None
 
     def describe(self) -> str:

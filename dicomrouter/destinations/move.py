@@ -16,23 +16,24 @@ from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 
-from ..config import DestinationConfig
+from ..config.peers import MoveModel
 from ..qrscu import PeerError, Remote, RetrieveResult, move
 from ..state import Instance
 from ..tlsctx import client_context
-from .base import DeliveryError, Destination, PermanentFailure, Session
+from .base import Context, DeliveryError, Destination, PermanentFailure, Session
+from .registry import implements
 
 
+@implements(MoveModel)
 class MoveDestination(Destination):
-    def __init__(self, cfg: DestinationConfig, default_calling_ae: str = "DICOMROUTER") -> None:
-        super().__init__(cfg)
-        o = cfg.options
-        src = o["source"]
-        tls = client_context(o["tls"]) if o.get("tls") else None
-        self.remote = Remote(src["ae_title"], src["host"], src["port"],
-                             o.get("calling_ae_title") or default_calling_ae, o["timeout"], tls)
-        self.target = o["move_destination"]
-        self.model = o["query_model"]
+    def __init__(self, cfg: MoveModel, ctx: Context) -> None:
+        super().__init__(cfg, ctx)
+        src = cfg.source
+        tls = client_context(cfg.tls) if cfg.tls else None
+        self.remote = Remote(src.ae_title, src.host, src.port,
+                             cfg.calling_ae_title or ctx.router_ae, cfg.timeout, tls)
+        self.target = cfg.move_destination
+        self.model = cfg.query_model
 
     def describe(self) -> str:
         return f"move: asks {self.remote} to C-MOVE studies to {self.target}"

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..common.s3 import s3_client
+from ..config.peers import S3Model
 from ..dicomfile import read_header, render_template, text
 from ..state import Instance
-from .base import DeliveryError, Destination, PermanentFailure, Session
+from .base import Context, DeliveryError, Destination, PermanentFailure, Session
 from .export import StudyZip
+from .registry import implements
 
 DEFAULT_ZIP_KEY = "{PatientID}/{StudyInstanceUID}.zip"
 DEFAULT_INSTANCE_KEY = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
@@ -55,18 +57,18 @@ def _s3_error(exc: Exception, what: str) -> DeliveryError:
     return PermanentFailure(text, action) if action else DeliveryError(text)
 
 
+@implements(S3Model)
 class S3Destination(Destination):
-    def __init__(self, cfg, router_ae: str = "") -> None:  # type: ignore[no-untyped-def]
-        super().__init__(cfg)
-        self.options = cfg.options
-        self.mode = self.options["mode"]
+    def __init__(self, cfg: S3Model, ctx: Context) -> None:
+        super().__init__(cfg, ctx)
+        self.options = cfg
+        self.mode = cfg.mode
         self.whole_study = self.mode == "zip"
-        self.key = self.options["key"] or (DEFAULT_ZIP_KEY if self.whole_study
-                                           else DEFAULT_INSTANCE_KEY)
-        self.bucket = self.options["bucket"]
+        self.key = cfg.key or (DEFAULT_ZIP_KEY if self.whole_study else DEFAULT_INSTANCE_KEY)
+        self.bucket = cfg.bucket
 
     def describe(self) -> str:
-        where = self.options.get("endpoint_url") or "AWS"
+        where = self.options.endpoint_url or "AWS"
         return f"s3 {self.bucket} at {where}, {self.mode}, key {self.key}"
 
     def key_for(self, inst: Instance, data: BinaryIO) -> str:

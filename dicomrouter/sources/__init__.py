@@ -3,29 +3,17 @@
 Each source is one small class behind ``base.Source``; ``runner.SourcePollers`` polls them on
 their ``interval`` and records their health in the state database. Pulled instances take the
 same ingest path as received ones (receive slot, checks, one fsync, place), then the normal
-spool → stable → routes path.
+spool → stable → routes path. A source type is one module (its model and its class,
+registered by ``implements``). Policy: may import the spool, the state, the ways out
+(``qrscu``, ``destinations.base.Context``), config and the leaves.
 """
 
 from __future__ import annotations
 
-import importlib
-
-from ..config import Config, SourceConfig
-from ..spool import Spool
-from ..state import State
+from ..config import Config
+from . import dicom, dicomweb, orthanc  # noqa: F401 - registers the built-in types
 from .base import Source
-
-CLASSES = {
-    "dicom": "dicom:DicomSource",
-    "dicomweb": "dicomweb:DicomwebSource",
-    "orthanc": "orthanc:OrthancSource",
-}
-
-
-def build(cfg: SourceConfig, router: Config, state: State, spool: Spool) -> Source:
-    module, _, name = CLASSES[cfg.type].partition(":")
-    cls = getattr(importlib.import_module(f"{__package__}.{module}"), name)
-    return cls(cfg, router, state, spool)  # type: ignore[no-any-return]
+from .registry import CLASSES, build, implements
 
 
 def source_names(router: Config) -> dict[str, str]:
@@ -35,8 +23,8 @@ def source_names(router: Config) -> dict[str, str]:
     for name, src in router.sources.items():
         out[name] = name
         if src.type == "dicom":
-            out.setdefault(src.options["ae_title"], name)
+            out.setdefault(src.ae_title, name)
     return out
 
 
-__all__ = ["CLASSES", "Source", "build", "source_names"]
+__all__ = ["CLASSES", "Source", "build", "implements", "source_names"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from ..config import Config, SourceConfig
+from ..destinations.base import Context
 from ..scp.ingest import store_file
 from ..spool import Spool
 from ..state import SourceStudy, State
@@ -65,14 +66,19 @@ class Pull:
 
 
 class Source(ABC):
-    def __init__(self, cfg: SourceConfig, router: Config, state: State, spool: Spool) -> None:
+    """A peer the router polls; built from its validated model and the ``Context`` (which
+    brings the router's configuration, the state and the spool). A source type is one module:
+    its model (``config.source_type``) and its class (``sources.implements``)."""
+
+    def __init__(self, cfg: SourceConfig, ctx: Context) -> None:
         self.cfg = cfg
         self.name = cfg.name
-        self.router = router
-        self.state = state
-        self.spool = spool
+        self.ctx = ctx
+        self.router: Config = ctx.config
+        self.state: State = ctx.state  # type: ignore[assignment]
+        self.spool: Spool = ctx.spool
         self.stopping = threading.Event()
-        self.stability = Stability(float(cfg.options.get("source_stable_age") or 0.0))
+        self.stability = Stability(float(getattr(cfg, "source_stable_age", 0.0) or 0.0))
         #: poll again at this time (a waiting study becomes stable) if before the interval
         self.wake_at: float | None = None
 
@@ -118,7 +124,7 @@ class Source(ABC):
 
     def store(self, chunks: Iterable[bytes]) -> dict[str, str]:
         """Ingest one pulled Part 10 file; its index tags. PullError if the spool refused it."""
-        url = self.cfg.options.get("url")
+        url = getattr(self.cfg, "url", None)
         host = urlparse(url).hostname if url else None
         status, comment, tags = store_file(self.spool, chunks, self.name, self.router.ae_title,
                                            {"_SourceHost": host} if host else None)

@@ -27,6 +27,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
+from ..config.peers import DicomSourceModel
+from ..destinations.base import Context
 from ..dimse import error_comment
 from ..netutil import receive_c_store_into
 from ..qrscu import Finder, FindTruncated, PeerError, Remote, RetrieveResult, get, move
@@ -34,6 +36,7 @@ from ..scp import ingest
 from ..spool import ReceiveFile
 from ..tlsctx import client_context
 from .base import PullError, Source, describe_pull
+from .registry import implements
 
 log = logging.getLogger("dicomrouter.sources")
 
@@ -131,31 +134,32 @@ def _count(value: Any) -> int | None:
         return None
 
 
+@implements(DicomSourceModel)
 class DicomSource(Source):
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        o = self.cfg.options
-        tls = client_context(o["tls"]) if o.get("tls") else None
-        self.remote = Remote(o["ae_title"], o["host"], o["port"],
-                             o["calling_ae_title"] or self.router.ae_title, o["timeout"], tls)
-        self.target = o["move_destination"] or self.router.ae_title
-        self.model = o["query_model"]
+    def __init__(self, cfg: DicomSourceModel, ctx: Context) -> None:
+        super().__init__(cfg, ctx)
+        o = self.cfg
+        tls = client_context(o.tls) if o.tls else None
+        self.remote = Remote(o.ae_title, o.host, o.port,
+                             o.calling_ae_title or self.router.ae_title, o.timeout, tls)
+        self.target = o.move_destination or self.router.ae_title
+        self.model = o.query_model
         self._capped_logged = False
-        if o["retrieve"] == "get":
+        if o.retrieve == "get":
             receive_c_store_into(self.spool.new_receive_file)  # C-GET stores stream to slots
 
     def describe(self) -> str:
-        o = self.cfg.options
-        how = f"C-MOVE to {self.target}" if o["retrieve"] == "move" else "C-GET"
-        window = f"studies of the last {o['lookback'] / 86400:g} day(s)" if o["lookback"] \
+        o = self.cfg
+        how = f"C-MOVE to {self.target}" if o.retrieve == "move" else "C-GET"
+        window = f"studies of the last {o.lookback / 86400:g} day(s)" if o.lookback \
             else "all studies"
         return (f"dicom {self.remote}: C-FIND {window}, retrieved by {how} once their count "
-                f"is stable for {o['source_stable_age']:g} s")
+                f"is stable for {o.source_stable_age:g} s")
 
     # ---- finding the studies ------------------------------------------------------------------
 
     def _top(self) -> Window:
-        lookback = self.cfg.options["lookback"]
+        lookback = self.cfg.lookback
         if not lookback:
             return Window(None, None)
         since = dt.datetime.now() - dt.timedelta(seconds=lookback)
@@ -355,7 +359,7 @@ class DicomSource(Source):
                     raise PullError("stopping")
                 results.append(self._retrieve(ident))
             done = sum(r.completed + r.warning for r in results)
-            if plan and self.cfg.options["retrieve"] == "move":
+            if plan and self.cfg.retrieve == "move":
                 self._await_placement(study, min(count, len(held) + done))
             bad = [r for r in results if not r.ok]
             if not bad:
@@ -382,7 +386,7 @@ class DicomSource(Source):
             time.sleep(0.05)
 
     def _retrieve(self, ident: Dataset) -> RetrieveResult:
-        if self.cfg.options["retrieve"] == "move":
+        if self.cfg.retrieve == "move":
             return move(self.remote, ident, self.target, self.model)
         return get(self.remote, ident, self._on_store, model=self.model)
 

@@ -19,8 +19,10 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from ..common.http import http_session, request_failure
+from ..config.peers import DicomwebSourceModel
 from .base import PullError, Source, describe_pull
 from .multipart import MultipartError, MultipartReader, boundary_of
+from .registry import implements
 
 log = logging.getLogger("dicomrouter.sources")
 
@@ -44,18 +46,19 @@ def _count(study: dict[str, Any]) -> int | None:
         return None
 
 
+@implements(DicomwebSourceModel)
 class DicomwebSource(Source):
     def describe(self) -> str:
-        o = self.cfg.options
-        window = f"studies of the last {o['lookback'] / 86400:g} day(s)" if o["lookback"] \
+        o = self.cfg
+        window = f"studies of the last {o.lookback / 86400:g} day(s)" if o.lookback \
             else "all studies"
-        return (f"dicomweb {o['url']}: QIDO-RS {window}, WADO-RS retrieve once their count is "
-                f"stable for {o['source_stable_age']:g} s")
+        return (f"dicomweb {o.url}: QIDO-RS {window}, WADO-RS retrieve once their count is "
+                f"stable for {o.source_stable_age:g} s")
 
     def _client(self) -> DICOMwebClient:
         if not hasattr(self, "_dw"):
-            self._session = http_session(self.cfg.options)
-            self._dw = DICOMwebClient(self.cfg.options["url"].rstrip("/"),
+            self._session = http_session(self.cfg)
+            self._dw = DICOMwebClient(self.cfg.url.rstrip("/"),
                                       session=self._session)
             self._dw.set_http_retry_params(retry=False)
         return self._dw
@@ -64,15 +67,15 @@ class DicomwebSource(Source):
         client = self._client()
         now = time.time()
         filters: dict[str, Any] = {}
-        if self.cfg.options["lookback"]:
-            since = dt.datetime.now() - dt.timedelta(seconds=self.cfg.options["lookback"])
+        if self.cfg.lookback:
+            since = dt.datetime.now() - dt.timedelta(seconds=self.cfg.lookback)
             filters["StudyDate"] = since.strftime("%Y%m%d") + "-"
         try:
             studies = client.search_for_studies(search_filters=filters, get_remaining=True,
                                                 fields=[COUNT])
         except requests.RequestException as exc:
             raise PullError("QIDO-RS studies at "
-                            f"{request_failure(exc, self.cfg.options['url'])}") from None
+                            f"{request_failure(exc, self.cfg.url)}") from None
         except ValueError as exc:
             raise PullError(f"QIDO-RS studies: {type(exc).__name__}: {exc}") from None
         counts = {uid: _count(study) for study in studies if (uid := _value(study, STUDY_UID))}
@@ -100,7 +103,7 @@ class DicomwebSource(Source):
                                                        get_remaining=True)
         except requests.RequestException as exc:
             raise PullError(f"QIDO-RS instances of {study_uid} at "
-                            f"{request_failure(exc, self.cfg.options['url'])}") from None
+                            f"{request_failure(exc, self.cfg.url)}") from None
         except ValueError as exc:
             raise PullError(f"QIDO-RS instances of {study_uid}: {type(exc).__name__}: "
                             f"{exc}") from None
@@ -122,10 +125,10 @@ class DicomwebSource(Source):
         return 1 if pull.brought else 0
 
     def _retrieve(self, study: str, series: str, sop: str) -> None:
-        url = (f"{self.cfg.options['url'].rstrip('/')}/studies/{study}/series/{series}"
+        url = (f"{self.cfg.url.rstrip('/')}/studies/{study}/series/{series}"
                f"/instances/{sop}")
         self._client()
-        timeout = self.cfg.options["timeout"]
+        timeout = self.cfg.timeout
         try:
             r = self._session.get(url, headers={"Accept": ACCEPT_AS_STORED}, stream=True,
                                   timeout=timeout)

@@ -18,30 +18,33 @@ from typing import Any
 import requests
 
 from ..common.http import http_session, request_failure
+from ..config.peers import OrthancSourceModel
 from .base import PullError, Source, describe_pull
+from .registry import implements
 
 log = logging.getLogger("dicomrouter.sources")
 
 CHUNK = 1 << 20
 
 
+@implements(OrthancSourceModel)
 class OrthancSource(Source):
     def describe(self) -> str:
-        o = self.cfg.options
-        return (f"orthanc {o['url']} change feed"
-                + (", deletes studies there once delivered" if o["delete_after_pull"] else ""))
+        o = self.cfg
+        return (f"orthanc {o.url} change feed"
+                + (", deletes studies there once delivered" if o.delete_after_pull else ""))
 
     def _http(self) -> requests.Session:
         if not hasattr(self, "_session"):
-            self._session = http_session(self.cfg.options)
+            self._session = http_session(self.cfg)
         return self._session
 
     def _url(self, path: str) -> str:
-        return self.cfg.options["url"].rstrip("/") + path
+        return self.cfg.url.rstrip("/") + path
 
     def _get(self, path: str, stream: bool = False) -> requests.Response:
         try:
-            r = self._http().get(self._url(path), timeout=self.cfg.options["timeout"],
+            r = self._http().get(self._url(path), timeout=self.cfg.timeout,
                                  stream=stream)
         except requests.RequestException as exc:
             raise PullError(f"GET {path} from {request_failure(exc, self._url(path))}") from None
@@ -69,7 +72,7 @@ class OrthancSource(Source):
         since = int(cursor)
         pulled = 0
         while not self.stopping.is_set():
-            feed = self._json(f"/changes?since={since}&limit={self.cfg.options['batch']}")
+            feed = self._json(f"/changes?since={since}&limit={self.cfg.batch}")
             if not feed:
                 break
             for change in feed.get("Changes", []):
@@ -93,7 +96,7 @@ class OrthancSource(Source):
         held = self.state.source_held(uid)
         missing = [i for i in instances
                    if i.get("MainDicomTags", {}).get("SOPInstanceUID", "") not in held]
-        with self.pulling(study_id, uid, bool(self.cfg.options["delete_after_pull"])) as pull:
+        with self.pulling(study_id, uid, bool(self.cfg.delete_after_pull)) as pull:
             for inst in missing:
                 if self.stopping.is_set():
                     raise PullError("stopping")
@@ -108,7 +111,7 @@ class OrthancSource(Source):
         return 1 if pull.brought else 0
 
     def housekeeping(self) -> None:
-        if not self.cfg.options["delete_after_pull"]:
+        if not self.cfg.delete_after_pull:
             return
         for study_id, uid in self.state.source_deletable(self.name):
             instances = self._json(f"/studies/{study_id}/instances")
@@ -122,7 +125,7 @@ class OrthancSource(Source):
                 path = f"/instances/{inst['ID']}"
                 try:
                     r = self._http().delete(self._url(path),
-                                            timeout=self.cfg.options["timeout"])
+                                            timeout=self.cfg.timeout)
                 except requests.RequestException as exc:
                     raise PullError(f"DELETE an instance of study {uid} in Orthanc at "
                                     f"{request_failure(exc, self._url(path))}") from None

@@ -8,6 +8,7 @@ import time
 
 from .. import metrics
 from ..config import Config
+from ..destinations.base import Context
 from ..spool import Spool
 from ..state import State
 from . import build
@@ -20,7 +21,8 @@ class SourcePollers:
     def __init__(self, cfg: Config, state: State, spool: Spool) -> None:
         self.state = state
         self.lease = cfg.state.lease
-        self.sources: list[Source] = [build(s, cfg, state, spool) for s in cfg.sources.values()]
+        context = Context(cfg.ae_title, state, spool, cfg)
+        self.sources: list[Source] = [build(s, context) for s in cfg.sources.values()]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 

@@ -50,18 +50,17 @@ class SharedStoreUnavailable(OSError):
 class SharedStore:
     """One bucket and prefix (boto3)."""
 
-    def __init__(self, options: dict[str, Any]) -> None:
-
-
-        self.options = options
-        self.bucket = options["bucket"]
-        self.prefix = options.get("prefix") or ""
+    def __init__(self, model: Any) -> None:
+        """``model``: the validated ``shared_spool`` (bucket, prefix, endpoint, keys)."""
+        self.model = model
+        self.bucket = model.bucket
+        self.prefix = model.prefix or ""
         if self.prefix and not self.prefix.endswith("/"):
             self.prefix += "/"
-        self._client = s3_client(options)
+        self._client = s3_client(model)
 
     def describe(self) -> str:
-        where = self.options.get("endpoint_url") or "AWS"
+        where = self.model.endpoint_url or "AWS"
         return f"s3://{self.bucket}/{self.prefix} at {where}"
 
     def put(self, key: str, path: str, size: int) -> None:
@@ -252,7 +251,7 @@ class ClusterSpool(Spool):
         for path in self.data.glob("*/*.dcm"):
             sop = path.name[:-4]
             try:
-                if self.state.instance(sop) is not None:  # type: ignore[attr-defined]
+                if self.state.instance(sop) is not None:
                     continue
                 tags, tsuid = identify(path)
                 if path != self.data / tags["StudyInstanceUID"] / f"{tags['SOPInstanceUID']}.dcm":
@@ -267,7 +266,7 @@ class ClusterSpool(Spool):
         """Objects no row knows, older than ``min_age``: an instance acknowledged (in the
         bucket) by a node that died, with its disk, before recording it. Recorded from the
         object, so it is routed like any other. Returns how many."""
-        known = self.state.all_keys()  # type: ignore[attr-defined]
+        known = self.state.all_keys()
         cutoff = time.time() - min_age
         adopted = 0
         for key, modified, size in self.store.list("data/"):
@@ -320,7 +319,7 @@ class ClusterSpool(Spool):
 
     def delete_delivered(self, study_uid: str, why: str) -> int:
         with self.study_lock(study_uid):
-            instances = self.state.forget_delivered(study_uid, why)  # type: ignore[attr-defined]
+            instances = self.state.forget_delivered(study_uid, why)
             if instances is None:  # not delivered (any more: a late arrival reopened it)
                 return 0
             self._delete_objects([i.key for i in instances])

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..dicomfile import UnreadableDataset, identify, source_ae
-from ..state import Instance, Reception, State, StateUnavailable
+from ..state import Instance, Reception, State, StateUnavailable, StudyState
 from ..walk import Malformed, check_file
 from .slots import MAGIC, MARKER, MARKER_SIZE, Checksum, SlotPool, is_complete
 
@@ -457,7 +457,7 @@ class Spool:
         """
         with self.study_lock(study_uid):
             row = self.state.study(study_uid)
-            if row is None or row.state != "delivered" or not row.in_spool:
+            if row is None or row.state != StudyState.DELIVERED or not row.in_spool:
                 return 0
             freed = self._unlink([i.key for i in self.state.instances(study_uid)], study_uid)
             self.state.forget_spool(study_uid, why)

@@ -8,14 +8,16 @@ from typing import Any
 from .base import (
     Instance,
     Job,
+    JobState,
     Reception,
     Recorded,
     SourceStudy,
-    State,
     StateUnavailable,
     Study,
+    StudyState,
 )
 from .postgres import PostgresState
+from .roles import State
 from .sqlite import DATABASE_ERRORS as _SQLITE_ERRORS
 from .sqlite import SQLiteState
 
@@ -43,5 +45,5 @@ def open_state(path: Path, readonly: bool = False) -> State:
     return SQLiteState(path, readonly=readonly)
 
 
-__all__ = ["STATE_ERRORS", "Instance", "Job", "Reception", "Recorded", "SourceStudy", "State",
-           "StateUnavailable", "Study", "open_state", "state_for"]
+__all__ = ["STATE_ERRORS", "Instance", "Job", "JobState", "Reception", "Recorded", "SourceStudy",
+           "State", "StateUnavailable", "Study", "StudyState", "open_state", "state_for"]

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from .base import StateUnavailable
-from .qr import generated_columns
+from .locks import StudyLock
+from .qr import POSTGRESQL, generated_columns
 from .sql import SQLState
-from .sqlite import SOURCE_DELTAS, StudyLock
+from .sql_sources import SOURCE_DELTAS
 
 log = logging.getLogger("dicomrouter.state")
 
@@ -270,7 +271,7 @@ class PostgresState(SQLState):
 
     leases = True
     _BUCKET = "CAST(FLOOR((received_at-?)/?) AS INTEGER)"
-    _QR_DIALECT = "postgresql"
+    _QR_DIALECT = POSTGRESQL
     _CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, dsn: str, node_id: str, lock_dir: Path | None = None, lease: float = 30.0,

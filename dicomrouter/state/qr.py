@@ -5,17 +5,18 @@ Each attribute of ``query.ATTRIBUTES`` that is not already a column is a generat
 queries filter on most are indexed, so a C-FIND is an indexed SELECT … GROUP BY, not a scan of
 JSON. Matching follows PS3.4 C.2.2.2: single value, wildcard (``*``/``?`` → GLOB), range
 (dates and times, either end open), list of values; Person Names case-insensitively, with
-Unicode case folding: SQLite's ``upper()`` knows ASCII letters only, so each connection gets
-``dicom_fold`` (Python's ``str.casefold``, ``register_functions``); PostgreSQL's ``lower()``
-folds by the database's LC_CTYPE (every letter in a UTF-8 locale).
+Unicode case folding: SQLite's ``upper()`` knows ASCII letters only, so each of its connections
+gets ``dicom_fold`` (Python's ``str.casefold``, in ``sqlite.py``); PostgreSQL's ``lower()``
+folds by the database's LC_CTYPE (every letter in a UTF-8 locale). What differs by backend is a
+``Dialect`` each backend names; this module knows no database driver.
 """
 
 from __future__ import annotations
 
-import sqlite3
+from dataclasses import dataclass
 from typing import Any
 
-from ..query import AGGREGATES, ATTRIBUTES, LEVELS, PERSON_NAMES, Match, Query, fold
+from ..query import AGGREGATES, ATTRIBUTES, LEVELS, PERSON_NAMES, Match, Query
 
 _REAL_COLUMNS = {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid",
                  "SOPInstanceUID": "sop_uid", "SOPClassUID": "sop_class"}
@@ -26,29 +27,27 @@ _GROUP_BY = {"PATIENT": "i.kw_PatientID", "STUDY": "i.study_uid", "SERIES": "i.s
              "IMAGE": ""}
 
 
+@dataclass(frozen=True)
+class Dialect:
+    """What a backend's SQL does differently in Q/R matching (each backend gives its own)."""
+
+    fold: str  # the SQL function folding a Person Name's case
+    like_wildcards: bool  # wildcards as LIKE (GLOB is SQLite's, and case-sensitive there)
+    number: str  # a text column, ``{col}``, as an integer for ordering
+    group_concat: str  # the distinct values of ``{col}`` joined by commas
+
+
+SQLITE = Dialect("dicom_fold", False, "CAST({col} AS INTEGER)",
+                 "GROUP_CONCAT(DISTINCT {col})")
+POSTGRESQL = Dialect(
+    "lower", True,  # lower(): folds by the database's LC_CTYPE; CAST fails on non-numbers
+    "(CASE WHEN {col} ~ '^ *[-+]{{0,1}}[0-9]{{1,9}} *$' THEN CAST(trim({col}) AS INTEGER) END)",
+    "string_agg(DISTINCT {col}, ',')")
+
+
 def generated_columns() -> tuple[list[str], tuple[str, ...]]:
     """The query keywords kept as generated columns, and those indexed."""
     return list(_GENERATED), _INDEXED
-
-
-def qr_columns(db: sqlite3.Connection) -> None:
-    """Add the generated query columns and their indexes (in the caller's transaction)."""
-    have = {r[1] for r in db.execute("PRAGMA table_xinfo(instances)")}
-    for kw in _GENERATED:
-        if f"kw_{kw}" not in have:
-            db.execute(f"ALTER TABLE instances ADD COLUMN kw_{kw} TEXT GENERATED ALWAYS AS"
-                       f" (json_extract(tags, '$.{kw}')) VIRTUAL")
-    for kw in _INDEXED:
-        db.execute(f"CREATE INDEX IF NOT EXISTS instances_{kw} ON instances(kw_{kw})")
-
-
-def _fold(value: object) -> object:
-    return fold(value) if isinstance(value, str) else value
-
-
-def register_functions(db: sqlite3.Connection) -> None:
-    """The SQL functions the Q/R SELECTs call, on one SQLite connection."""
-    db.create_function("dicom_fold", 1, _fold, deterministic=True)
 
 
 def column(keyword: str) -> str:
@@ -64,7 +63,7 @@ def _like(pattern: str) -> str:
     return "".join(out)
 
 
-def _condition(m: Match, dialect: str = "sqlite") -> tuple[str, list[Any]]:
+def _condition(m: Match, dialect: Dialect = SQLITE) -> tuple[str, list[Any]]:
     if m.keyword == "ModalitiesInStudy":
         inner = _condition(Match("Modality", m.kind, m.values), dialect)
         where = inner[0].replace("i.", "m.")
@@ -73,11 +72,10 @@ def _condition(m: Match, dialect: str = "sqlite") -> tuple[str, list[Any]]:
     col = column(m.keyword)
     value = "?"
     if m.keyword in PERSON_NAMES:
-        func = "lower" if dialect == "postgresql" else "dicom_fold"
-        col, value = f"{func}({col})", f"{func}(?)"
+        col, value = f"{dialect.fold}({col})", f"{dialect.fold}(?)"
     if m.kind == "single":
         return f"{col} = {value}", [m.values[0]]
-    if m.kind == "wildcard" and dialect == "postgresql":  # LIKE is case-sensitive there
+    if m.kind == "wildcard" and dialect.like_wildcards:
         return f"{col} LIKE {value} ESCAPE '\\'", [_like(m.values[0])]
     if m.kind == "wildcard":
         return f"{col} GLOB {value}", [m.values[0].replace("[", "[[]")]
@@ -95,20 +93,12 @@ def _condition(m: Match, dialect: str = "sqlite") -> tuple[str, list[Any]]:
     return " AND ".join(parts), args
 
 
-def _number(col: str, dialect: str) -> str:
-    """``col`` (text) as an integer for ordering; PostgreSQL's CAST fails on non-numbers."""
-    if dialect == "postgresql":
-        return f"(CASE WHEN {col} ~ '^ *[-+]{{0,1}}[0-9]{{1,9}} *$' THEN CAST(trim({col}) AS" \
-            " INTEGER) END)"
-    return f"CAST({col} AS INTEGER)"
-
-
 def qr_select(query: Query, limit: int = 0, instances: bool = False,
-              dialect: str = "sqlite") -> tuple[str, list[Any]]:
+              dialect: Dialect = SQLITE) -> tuple[str, list[Any]]:
     """The SELECT answering ``query``: rows keyed by keyword, or instance rows (retrieve).
     Aliases are quoted: PostgreSQL folds unquoted names to lower case."""
     where, args = ["i.present=1"], []
-    number = _number("i.kw_InstanceNumber", dialect)
+    number = dialect.number.format(col="i.kw_InstanceNumber")
     for m in query.matches:
         sql, more = _condition(m, dialect)
         where.append(f"({sql})")
@@ -124,8 +114,7 @@ def qr_select(query: Query, limit: int = 0, instances: bool = False,
         if LEVELS.index(level) > rank or kw in AGGREGATES or kw == "ModalitiesInStudy":
             continue
         fields.append(f'MIN({column(kw)}) AS "{kw}"' if group else f'{column(kw)} AS "{kw}"')
-    concat = "string_agg(DISTINCT i.kw_Modality, ',')" if dialect == "postgresql" else \
-        "GROUP_CONCAT(DISTINCT i.kw_Modality)"
+    concat = dialect.group_concat.format(col="i.kw_Modality")
     if query.level == "PATIENT":
         fields += ['COUNT(DISTINCT i.study_uid) AS "NumberOfPatientRelatedStudies"',
                    'COUNT(DISTINCT i.series_uid) AS "NumberOfPatientRelatedSeries"',

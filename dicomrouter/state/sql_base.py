@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from .base import State
+from .qr import SQLITE
+from .roles import State
 
 # A ledger row is one (instance, destination). Sent under another study than the row's (the
 # instance moved), it starts over: that study's delivery says nothing about this one's.
@@ -40,7 +41,7 @@ class SQLBase(State):
     leases: bool = False
     lease: float = 30.0
     _BUCKET = "CAST((received_at-?)/? AS INTEGER)"  # throughput buckets (truncating)
-    _QR_DIALECT = "sqlite"
+    _QR_DIALECT = SQLITE
 
     def _tx(self, study: str | None = None) -> AbstractContextManager[Any]:
         raise NotImplementedError

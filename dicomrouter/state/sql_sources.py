@@ -11,6 +11,18 @@ from typing import Any
 from .base import SourceStudy
 from .sql_base import SQLBase
 
+#: pull sources fetch what a study gained at the source since (PostgreSQL: migration 6)
+SOURCE_DELTAS = (
+    # the source's instance count when a pull last left nothing missing
+    "ALTER TABLE source_studies ADD COLUMN source_instances INTEGER",
+    # what the source brought into the router for the study, and the router's count of the
+    # study when an unfinished pull began (its baseline: a kill -9 loses no count)
+    "ALTER TABLE source_studies ADD COLUMN instances_pulled INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE source_studies ADD COLUMN held_before INTEGER",
+    "UPDATE source_studies SET instances_pulled=(SELECT COUNT(*) FROM instances i WHERE"
+    " i.study_uid=source_studies.study_uid) WHERE pulled_at IS NOT NULL",
+)
+
 
 class PeersSQL(SQLBase):
     """What the router keeps about its peers: sources, commitments, the other nodes."""

@@ -10,18 +10,20 @@ processes (``dicomrouter status``) see a consistent snapshot thanks to WAL.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .qr import qr_columns, register_functions
+from ..query import fold
+from .locks import StudyLock
+from .qr import generated_columns
 from .sql import SQLState
+from .sql_sources import SOURCE_DELTAS
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -123,21 +125,71 @@ CREATE TABLE IF NOT EXISTS source_studies (  -- what each source already pulled
 """
 
 
-#: pull sources fetch what a study gained at the source since (PostgreSQL: migration 6)
-SOURCE_DELTAS = (
-    # the source's instance count when a pull last left nothing missing
-    "ALTER TABLE source_studies ADD COLUMN source_instances INTEGER",
-    # what the source brought into the router for the study, and the router's count of the
-    # study when an unfinished pull began (its baseline: a kill -9 loses no count)
-    "ALTER TABLE source_studies ADD COLUMN instances_pulled INTEGER NOT NULL DEFAULT 0",
-    "ALTER TABLE source_studies ADD COLUMN held_before INTEGER",
-    "UPDATE source_studies SET instances_pulled=(SELECT COUNT(*) FROM instances i WHERE"
-    " i.study_uid=source_studies.study_uid) WHERE pulled_at IS NOT NULL",
-)
-
-
 #: the errors this backend raises for a locked, full or broken database (state.STATE_ERRORS)
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,)
+
+
+def qr_columns(db: sqlite3.Connection) -> None:
+    """Add the generated query columns and their indexes (in the caller's transaction)."""
+    have = {r[1] for r in db.execute("PRAGMA table_xinfo(instances)")}
+    generated, indexed = generated_columns()
+    for kw in generated:
+        if f"kw_{kw}" not in have:
+            db.execute(f"ALTER TABLE instances ADD COLUMN kw_{kw} TEXT GENERATED ALWAYS AS"
+                       f" (json_extract(tags, '$.{kw}')) VIRTUAL")
+    for kw in indexed:
+        db.execute(f"CREATE INDEX IF NOT EXISTS instances_{kw} ON instances(kw_{kw})")
+
+
+def _fold(value: object) -> object:
+    return fold(value) if isinstance(value, str) else value
+
+
+def register_functions(db: sqlite3.Connection) -> None:
+    """The SQL functions the Q/R SELECTs call, on one SQLite connection."""
+    db.create_function("dicom_fold", 1, _fold, deterministic=True)
+
+
+
+def _add_columns(db: sqlite3.Connection, table: str, *columns: str) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` for each ``"name TYPE ..."`` the table lacks (a spool
+    from before versions were counted may have some already)."""
+    have = {r[1] for r in db.execute(f"PRAGMA table_xinfo({table})")}
+    for column in columns:
+        if column.split()[0] not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+
+
+def _relative_keys(db: sqlite3.Connection) -> int:
+    """Spools written before keys were spool-relative stored absolute paths: make them keys
+    (the spool's layout makes every key ``data/<study>/<sop>.dcm``), so a spool moved to
+    another folder is the same spool."""
+    return int(db.execute("UPDATE instances SET path='data/'||study_uid||'/'||sop_uid||'.dcm'"
+                          " WHERE path LIKE '/%'").rowcount)
+
+
+def _source_deltas(db: sqlite3.Connection) -> None:
+    if "source_instances" not in {r[1] for r in db.execute("PRAGMA table_info(source_studies)")}:
+        for statement in SOURCE_DELTAS:
+            db.execute(statement)
+
+
+#: (version, step): append, never edit one that has shipped. The steps check what they add,
+#: since a spool from before the versions were counted (user_version 0) has some of it.
+MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
+    (1, _relative_keys),
+    (2, lambda db: _add_columns(db, "jobs", "routes TEXT", "series_only TEXT")),
+    (3, qr_columns),
+    (4, lambda db: _add_columns(db, "studies", "await_until REAL",
+                                "expected_instances INTEGER", "receiving_since REAL")),
+    (5, lambda db: _add_columns(db, "ledger", "sent_uid TEXT", "digest TEXT")),
+    (6, lambda db: (_add_columns(db, "instances", "node TEXT",
+                                 "shared INTEGER NOT NULL DEFAULT 1"),
+                    _add_columns(db, "jobs", "node TEXT", "lease_until REAL",
+                                 "missing INTEGER NOT NULL DEFAULT 0"))[0]),
+    (7, _source_deltas),
+]
+
 
 class SQLiteState(SQLState):
     """The state database of one spool in SQLite (WAL); thread-safe."""
@@ -169,49 +221,16 @@ class SQLiteState(SQLState):
         self._db.execute("PRAGMA busy_timeout=30000")
 
     def _migrate(self) -> None:
-        """Spools written before keys were spool-relative stored absolute paths: make them keys,
-        so a spool moved to another folder is the same spool (nothing re-adopted or re-sent).
-        The spool's layout makes the key of every instance ``data/<study>/<sop>.dcm``."""
+        """Bring the schema to the last version of ``MIGRATIONS`` (``PRAGMA user_version``
+        counts them, like PostgreSQL's ``schema_migrations``), in one transaction."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            n = self._db.execute(
-                "UPDATE instances SET path='data/'||study_uid||'/'||sop_uid||'.dcm'"
-                " WHERE path LIKE '/%'").rowcount
-            columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
-            if "routes" not in columns:  # spools from before manifests named the route
-                self._db.execute("ALTER TABLE jobs ADD COLUMN routes TEXT")
-            if "series_only" not in columns:  # level: series, while the study still receives
-                self._db.execute("ALTER TABLE jobs ADD COLUMN series_only TEXT")
-            qr_columns(self._db)
-            study_columns = {r[1] for r in self._db.execute("PRAGMA table_info(studies)")}
-            if "await_until" not in study_columns:
-                self._db.execute("ALTER TABLE studies ADD COLUMN await_until REAL")
-            if "expected_instances" not in study_columns:  # announced by the sender (C-FIND)
-                self._db.execute("ALTER TABLE studies ADD COLUMN expected_instances INTEGER")
-            if "receiving_since" not in study_columns:  # force_complete_after counts from it
-                self._db.execute("ALTER TABLE studies ADD COLUMN receiving_since REAL")
-            columns = {r[1] for r in self._db.execute("PRAGMA table_info(ledger)")}
-            if "sent_uid" not in columns:  # de-identified copies go out under another UID
-                self._db.execute("ALTER TABLE ledger ADD COLUMN sent_uid TEXT")
-            if "digest" not in columns:  # what was delivered (an identical re-send is not)
-                self._db.execute("ALTER TABLE ledger ADD COLUMN digest TEXT")
-            # several routers (the same columns as PostgreSQL's; one node here)
-            columns = {r[1] for r in self._db.execute("PRAGMA table_info(instances)")}
-            if "node" not in columns:
-                self._db.execute("ALTER TABLE instances ADD COLUMN node TEXT")
-                self._db.execute("ALTER TABLE instances ADD COLUMN shared INTEGER NOT NULL"
-                                 " DEFAULT 1")
-            columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
-            if "node" not in columns:
-                self._db.execute("ALTER TABLE jobs ADD COLUMN node TEXT")
-                self._db.execute("ALTER TABLE jobs ADD COLUMN lease_until REAL")
-            if "missing" not in columns:  # instances deleted before it was routed (partial)
-                self._db.execute("ALTER TABLE jobs ADD COLUMN missing INTEGER NOT NULL"
-                                 " DEFAULT 0")
-            columns = {r[1] for r in self._db.execute("PRAGMA table_info(source_studies)")}
-            if "source_instances" not in columns:  # delta pulls (same as PostgreSQL's v6)
-                for statement in SOURCE_DELTAS:
-                    self._db.execute(statement)
+            current = self._db.execute("PRAGMA user_version").fetchone()[0]
+            n = 0
+            for version, step in MIGRATIONS:
+                if version > current:
+                    n += step(self._db) or 0
+            self._db.execute(f"PRAGMA user_version = {MIGRATIONS[-1][0]}")
             self._db.execute("COMMIT")
         self.migrated = n
 
@@ -244,30 +263,3 @@ class SQLiteState(SQLState):
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
-
-
-class StudyLock:
-    """One stripe: a thread lock, then the same stripe as a byte-range lock (other processes)."""
-
-    __slots__ = ("_thread_lock", "_fd", "_index")
-
-    def __init__(self, thread_lock: threading.Lock, fd: int, index: int) -> None:
-        self._thread_lock = thread_lock
-        self._fd = fd
-        self._index = index
-
-    def __enter__(self) -> None:
-        self._thread_lock.acquire()
-        try:
-            if self._fd >= 0:
-                fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, self._index)
-        except BaseException:
-            self._thread_lock.release()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if self._fd >= 0:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._index)
-        finally:
-            self._thread_lock.release()

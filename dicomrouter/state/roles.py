@@ -1,0 +1,361 @@
+"""The state's interface, by role: each part of the router depends on the roles it uses
+(receiving on ``Receptions``, the tracker on ``Studies``, the workers on ``Deliveries``, ...);
+``State`` is all of them, as each backend implements it. Values in and out are the plain
+dataclasses and enums of ``base.py``."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+from ..query import Query
+from .base import Instance, Job, Reception, Recorded, SourceStudy, Study
+
+
+class Receptions(ABC):
+    """Recording what arrives, and finding it again."""
+    @abstractmethod
+    def record_instance(self, tags: dict[str, str], tsuid: str, key: str, size: int,
+                        calling_ae: str, called_ae: str,
+                        shared: bool = True) -> Recorded:
+        """Record a durable instance. ``shared``: already in the shared store (cluster mode),
+        or there is none. A SOP Instance UID lives in one study at a time: received under
+        another study, it moves there (the history of both says so)."""
+
+    @abstractmethod
+    def reception(self, sop_uid: str) -> Reception | None:
+        """The newest recorded reception of a SOP Instance UID, if any."""
+
+    @abstractmethod
+    def known_keys(self) -> set[str]:
+        """Spool keys of every instance present."""
+
+    @abstractmethod
+    def spool_bytes(self) -> int:
+        """Bytes of every instance present."""
+
+    @abstractmethod
+    def study_lock(self, study_uid: str) -> AbstractContextManager[None]:
+        """Exclusion of ingest and deletion of one study, across threads and processes."""
+
+
+    @abstractmethod
+    def instance(self, sop_uid: str) -> Instance | None: ...
+
+    @abstractmethod
+    def all_keys(self) -> set[str]:
+        """The keys of every instance row, present or not (cluster: the objects rows know)."""
+
+    @abstractmethod
+    def mark_shared(self, sop_uid: str, key: str) -> None:
+        """The instance recorded under ``key`` is now in the shared store too."""
+
+    @abstractmethod
+    def moves(self, study_uid: str) -> list[dict[str, Any]]:
+        """Instances that moved out of or into a study, oldest first."""
+
+
+class Studies(ABC):
+    """Completion and routing: stable, held, expected, routed, swept studies."""
+    @abstractmethod
+    def due_studies(self, stable_age: float, now: float | None = None,
+                    force_after: float = 0.0) -> list[str]:
+        """Studies receiving with no arrival for ``stable_age`` seconds (or complete by the
+        announced count, or receiving for ``force_after`` seconds)."""
+
+    @abstractmethod
+    def receiving_for(self, study_uid: str, now: float | None = None) -> float: ...
+
+    @abstractmethod
+    def hold_study(self, study_uid: str, why: str) -> None: ...
+
+    @abstractmethod
+    def note(self, study_uid: str, text: str) -> None:
+        """Append one event to a study's history."""
+
+    @abstractmethod
+    def hold_jobs(self, study_uid: str, destinations: Sequence[str], until: float,
+                  why: str) -> None: ...
+
+    @abstractmethod
+    def studies_in_state(self, state: str) -> list[str]: ...
+
+    @abstractmethod
+    def study(self, study_uid: str) -> Study | None: ...
+
+    @abstractmethod
+    def instances(self, study_uid: str, present_only: bool = True) -> list[Instance]: ...
+
+    @abstractmethod
+    def route_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
+                    seen: Study, explanation: str = "") -> bool:
+        """Routed (a job per destination) or unrouted, unless an instance arrived since
+        ``seen`` (then False)."""
+
+    @abstractmethod
+    def sweepable_studies(self) -> list[str]: ...
+
+    @abstractmethod
+    def stable_series(self, age: float, route: str,
+                      now: float | None = None) -> list[tuple[str, str, int]]: ...
+
+    @abstractmethod
+    def route_series(self, study_uid: str, series_uid: str, generation: int, route: str,
+                     destinations: Sequence[str], why: str) -> None: ...
+
+    @abstractmethod
+    def set_await(self, study_uid: str, until: float | None, why: str = "") -> None:
+        """A route waits for its own stable age until ``until`` (None: none waits)."""
+
+    @abstractmethod
+    def awaiting_studies(self, now: float | None = None) -> list[str]: ...
+
+    @abstractmethod
+    def to_count(self, calling_aes: Sequence[str]) -> list[tuple[str, str]]:
+        """(study, calling AE) of receiving studies whose sender was not asked yet."""
+
+    @abstractmethod
+    def set_expected(self, study_uid: str, count: int, why: str) -> None: ...
+
+    @abstractmethod
+    def all_announced_in(self, study_uid: str) -> bool: ...
+
+    @abstractmethod
+    def sweep_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
+                    explanation: str = "", why: str = "sweep") -> list[str]:
+        """Jobs for the destinations the study has none for yet (the sweep); those added."""
+
+
+class Deliveries(ABC):
+    """Delivery jobs and the per-instance ledger."""
+    @abstractmethod
+    def reset_running_jobs(self) -> tuple[int, int]: ...
+
+    @abstractmethod
+    def claim_job(self, destination: str, now: float | None = None) -> Job | None:
+        """The oldest due job of a destination, now running; None without writing if none."""
+
+    @abstractmethod
+    def release_job(self, job: Job) -> None: ...
+
+    @abstractmethod
+    def next_due(self, destination: str) -> float | None: ...
+
+    @abstractmethod
+    def undelivered(self, study_uid: str, destination: str) -> list[Instance]: ...
+
+    @abstractmethod
+    def mark_sending(self, sop_uid: str, destination: str, study_uid: str,
+                     delivered_before: str | None = None, count: bool = True,
+                     digest: str | None = None) -> None: ...
+
+    @abstractmethod
+    def count_sends(self, sop_uids: Sequence[str], destination: str, study_uid: str,
+                    delta: int = 1) -> None: ...
+
+    @abstractmethod
+    def mark_delivered(self, sop_uids: Sequence[str], destination: str,
+                       digests: Mapping[str, str] | None = None) -> None: ...
+
+    @abstractmethod
+    def delivered_digests(self, study_uid: str, destination: str) -> dict[str, str]: ...
+
+    @abstractmethod
+    def mark_identical(self, sop_uids: Sequence[str], destination: str,
+                       study_uid: str) -> None: ...
+
+    @abstractmethod
+    def record_sent_uid(self, sop_uid: str, destination: str, sent_uid: str) -> None:
+        """The (de-identified) SOP Instance UID the destination got for ``sop_uid``."""
+
+    @abstractmethod
+    def finish_job(self, job: Job, error: str | None, max_attempts: int,
+                   retry_in: float, permanent: bool = False) -> str:
+        """Delivered, failed (retried in ``retry_in`` s) or dead (attempts used up, or
+        ``permanent``: waiting cannot heal it); returns the new state."""
+
+    @abstractmethod
+    def settle_study(self, study_uid: str) -> bool:
+        """Mark a routed study delivered once every job is (the history names partial ones)."""
+
+    @abstractmethod
+    def partial_jobs(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """Jobs (study_uid, destination, state, missing) whose destination misses instances
+        deleted from the spool before the study was routed there."""
+
+    @abstractmethod
+    def forget_spool(self, study_uid: str, why: str) -> None: ...
+
+    @abstractmethod
+    def delivered_in_spool_before(self, cutoff: float) -> list[str]: ...
+
+    @abstractmethod
+    def requeue(self, dead_only: bool, study_uid: str | None,
+                destination: str | None) -> int: ...
+
+    @abstractmethod
+    def purge(self, study_uid: str) -> list[str]: ...
+
+
+    @abstractmethod
+    def forget_delivered(self, study_uid: str, why: str) -> list[Instance] | None:
+        """A delivered study's instances, marked gone from the spool in one step (None: it is
+        not delivered, or something arrived meanwhile)."""
+
+
+class QueryIndex(ABC):
+    """The Q/R index over what the spool holds (the router as a Q/R SCP)."""
+    @abstractmethod
+    def qr_rows(self, query: Query, limit: int = 0) -> list[dict[str, str]]:
+        """C-FIND matches at the query's level: keyword → value, aggregates included."""
+
+    @abstractmethod
+    def qr_instances(self, query: Query) -> list[Instance]:
+        """The instances (present in the spool) a C-MOVE/C-GET identifier selects."""
+
+
+class SourceCursors(ABC):
+    """Pull sources: cursors, health, what was pulled (and deleted at the source)."""
+    @abstractmethod
+    def source_cursor(self, name: str) -> str | None: ...
+
+    @abstractmethod
+    def source_polled(self, name: str, error: str | None, cursor: str | None = None) -> None:
+        """Record a poll (its error, or success) and, if given, the new cursor."""
+
+    @abstractmethod
+    def source_studies(self, name: str, keys: Sequence[str]) -> dict[str, SourceStudy]:
+        """The rows of those of ``keys`` the source ``name`` has pulled or begun to pull."""
+
+    @abstractmethod
+    def source_held(self, study_uid: str) -> dict[str, str]:
+        """SOP Instance UID → Series Instance UID of every instance of the study the router
+        holds or held (present in the spool or delivered and removed): what a pull skips."""
+
+    @abstractmethod
+    def source_pull_started(self, name: str, study_key: str, study_uid: str) -> None:
+        """A pull of the study begins: the router's instance count of the study is kept as the
+        baseline of what this pull brings (unless an interrupted pull left one)."""
+
+    @abstractmethod
+    def source_pulled(self, name: str, study_key: str, study_uid: str,
+                      source_instances: int | None, delete_after: bool) -> tuple[bool, int]:
+        """A pull ended (``source_instances``: the source's count when nothing is missing any
+        more, None when the pull failed or left some). Counts what it brought since its
+        baseline: (the study's first instances from this source, instances brought)."""
+
+    @abstractmethod
+    def source_deletable(self, name: str) -> list[tuple[str, str]]:
+        """Studies pulled with move semantics that are now delivered to every destination."""
+
+    @abstractmethod
+    def source_delivered(self, study_uid: str) -> set[str]:
+        """SOP Instance UIDs of the study's instances delivered to every destination it has a
+        job for (what move semantics may delete at the source)."""
+
+    @abstractmethod
+    def source_deleted(self, name: str, study_key: str, study_uid: str, deleted: int = 0,
+                       left: int = 0) -> None:
+        """The study's delivered instances were deleted at the source (``deleted`` of them;
+        ``left``: instances stored there since, kept for the next pull)."""
+
+    @abstractmethod
+    def has_instance(self, sop_uid: str) -> bool: ...
+
+
+class Commitments(ABC):
+    """Storage commitment transactions (reports may reach any receiver process)."""
+    @abstractmethod
+    def expect_commitment(self, transaction_uid: str, peer: str) -> None: ...
+
+    @abstractmethod
+    def record_commitment(self, transaction_uid: str, committed: Sequence[str],
+                          failed: dict[str, int]) -> None: ...
+
+    @abstractmethod
+    def commitment(self, transaction_uid: str) -> tuple[list[str], dict[str, int]] | None:
+        """(committed, failed) once the report of ``transaction_uid`` arrived, else None."""
+
+    @abstractmethod
+    def held_instances(self, sop_uids: Iterable[str]) -> dict[str, str]:
+        """SOP Instance UID → SOP Class UID of the given instances the spool holds now."""
+
+    @abstractmethod
+    def source_rows(self) -> list[dict[str, Any]]: ...
+
+
+class Reporting(ABC):
+    """What status, the web side and the audit read; the operator's actions."""
+    @abstractmethod
+    def study_rows(self, with_done: bool = False,
+                   study_uid: str | None = None) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def summary(self, with_done: bool = False) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def history(self, study_uid: str) -> list[tuple[float, str]]: ...
+
+    @abstractmethod
+    def count_studies(self, state: str, before: float) -> int:
+        """How many studies in ``state`` were last received before ``before``."""
+
+    @abstractmethod
+    def recent_studies(self, limit: int, offset: int = 0, state: str | None = None,
+                       patient_id: str | None = None,
+                       since: float | None = None) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def jobs(self, state: str | None = None, destination: str | None = None,
+             study_uids: Sequence[str] | None = None,
+             limit: int = 1000) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def requeue_job(self, job_id: int) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def reopen_study(self, study_uid: str) -> bool: ...
+
+    @abstractmethod
+    def throughput(self, since: float, bucket: float) -> list[tuple[float, int]]: ...
+
+    @abstractmethod
+    def events_since(self, since: float, study_uid: str | None = None
+                     ) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def ledger_stats(self, destination: str | None = None) -> dict[str, int]: ...
+
+
+class Nodes(ABC):
+    """The routers sharing this state (several on PostgreSQL; one with SQLite)."""
+    node_id: str = ""
+
+    @abstractmethod
+    def heartbeat(self, info: dict[str, Any] | None = None) -> None:
+        """This node is alive (``info`` at start-up); renews the leases of its running jobs."""
+
+    def hold_lease(self, name: str, ttl: float) -> bool:
+        """Whether this node may do the singleton work ``name`` now (one node: always)."""
+        return True
+
+    @abstractmethod
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node known, with ``alive``, its heartbeat and what it holds and runs."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def schema_version(self) -> int:
+        """The schema's version (0: no router has run on this database yet)."""
+        return 1
+
+
+class State(Receptions, Studies, Deliveries, QueryIndex, SourceCursors, Commitments, Reporting,
+            Nodes):
+    """The state of one spool (or of a cluster): every role."""
+
+    #: write transactions so far (idle workers must not write: tests count them)
+    write_transactions: int = 0
