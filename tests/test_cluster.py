@@ -243,6 +243,7 @@ def test_an_object_no_node_recorded_is_adopted_from_the_shared_store(
     """A node acknowledged an instance (it is in the bucket) and died with its disk before
     recording it: housekeeping on any node records it from the object; reading it gives the
     stored bytes."""
+    from dicomrouter.config.models import SharedSpoolModel
     from dicomrouter.spool import ClusterSpool, SharedStore, SpoolReader
     from dicomrouter.state.postgres import PostgresState
 
@@ -252,10 +253,16 @@ def test_an_object_no_node_recorded_is_adopted_from_the_shared_store(
     s3 = cluster_env.client()
     s3.put_object(Bucket=BUCKET, Key=f"cluster/{key}", Body=f.read_bytes())
     state = PostgresState(pg_dsn, "node2", tmp_path / "spool", lease=3)
-    store = SharedStore({"bucket": BUCKET, "prefix": "cluster",
-                         "endpoint_url": cluster_env.endpoint_url, "region": "us-east-1",
-                         "access_key_env": "BENCH_S3_KEY", "secret_key_env": "BENCH_S3_KEY",
-                         "timeout": 10.0, "verify_tls": True})
+    store = SharedStore(SharedSpoolModel.model_validate({
+        "type": "s3",
+        "bucket": BUCKET,
+        "prefix": "cluster",
+        "endpoint_url": cluster_env.endpoint_url,
+        "region": "us-east-1",
+        "access_key_env": "BENCH_S3_KEY",
+        "secret_key_env": "BENCH_S3_KEY",
+        "timeout": 10.0,
+        "verify_tls": True}))
     spool = ClusterSpool(tmp_path / "spool", state, store, "shared", "node2")
     try:
         assert spool.adopt_shared_orphans(min_age=3600) == 0  # too young: maybe in flight

@@ -121,6 +121,7 @@ def test_long_patient_ids_reach_the_folder_tree(tmp_path: Path) -> None:
     """A 120-character CJK PatientID (360 bytes) is delivered, under a name the file system
     takes, instead of being dead-lettered with 'File name too long'."""
     from dicomrouter.config import from_dict
+    from dicomrouter.destinations import Context
     from dicomrouter.destinations.folder import FolderDestination
     from dicomrouter.spool import Spool
     from dicomrouter.state import open_state
@@ -139,7 +140,7 @@ def test_long_patient_ids_reach_the_folder_tree(tmp_path: Path) -> None:
     tags, ts = identify(f)
     spool._place(str(f), tags, ts, "TEST", "ROUTER")
     inst = state.instances(tags["StudyInstanceUID"])[0]
-    with FolderDestination(cfg.destinations["out"]).open([inst]) as session, \
+    with FolderDestination(cfg.destinations["out"], Context()).open([inst]) as session, \
             spool.open(inst) as data:
         assert session.send(inst, data)
     files = list((tmp_path / "out").rglob("*.dcm"))

@@ -197,6 +197,7 @@ def test_cluster_spool_drops_superseded_copies_and_objects(tmp_path: Path, moto_
     the earlier object behind. The shared-orphan scan deletes such an object instead of
     adopting it as an unrecorded instance (which brought the old version back before), and a
     move removes the node's local copy under the old study at once."""
+    from dicomrouter.config.models import SharedSpoolModel
     from dicomrouter.spool import ClusterSpool, SharedStore
     from dicomrouter.state.postgres import PostgresState
 
@@ -209,9 +210,16 @@ def test_cluster_spool_drops_superseded_copies_and_objects(tmp_path: Path, moto_
     y = generate_uid()
     s_new = _moved_copy(s_old, tmp_path / "y" / "s.dcm", y, "NEW2")
     state = PostgresState(pg_dsn, "node1", tmp_path / "spool", lease=3)
-    store = SharedStore({"bucket": "moves", "prefix": "c", "endpoint_url": moto_s3.endpoint_url,
-                         "region": "us-east-1", "access_key_env": "BENCH_S3_KEY",
-                         "secret_key_env": "BENCH_S3_KEY", "timeout": 10.0, "verify_tls": True})
+    store = SharedStore(SharedSpoolModel.model_validate({
+        "type": "s3",
+        "bucket": "moves",
+        "prefix": "c",
+        "endpoint_url": moto_s3.endpoint_url,
+        "region": "us-east-1",
+        "access_key_env": "BENCH_S3_KEY",
+        "secret_key_env": "BENCH_S3_KEY",
+        "timeout": 10.0,
+        "verify_tls": True}))
     spool = ClusterSpool(tmp_path / "spool", state, store, "shared", "node1")
 
     def objects() -> set[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import signal
 import zipfile
 from pathlib import Path
 
@@ -103,8 +104,15 @@ def test_unreachable_endpoint_fails_clearly_then_delivers(tmp_path: Path, s3_env
                               what="a failed upload")
         error = retrying[0]["last_error"]
         assert "S3 upload" in error and "EndpointConnectionError" in error, error
-        with server:
+        # the router waits (SIGSTOP) while the server starts and gets its bucket: a retry
+        # between the two would meet a missing bucket, which is a permanent failure
+        router.proc.send_signal(signal.SIGSTOP)
+        try:
+            server.start()
             server.client().create_bucket(Bucket="exports")
+        finally:
+            router.proc.send_signal(signal.SIGCONT)
+        with server:
             router.wait_state(uid, "delivered", timeout=120)
             keys = [o["Key"] for o in server.client().list_objects_v2(
                 Bucket="exports")["Contents"]]
