@@ -75,6 +75,7 @@ class DeliveryWorkers:
         self._wake = {name: threading.Condition() for name in destinations}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._waiting: set[str] = set()  # destinations waiting for their window (logged once)
 
     def start(self) -> None:
         # transformed copies left by a crash were never delivered from: remove them
@@ -115,14 +116,14 @@ class DeliveryWorkers:
             return False
         now = self.clock()
         if window.is_open(now):
-            if getattr(dest, "_waiting", False):
-                dest._waiting = False  # type: ignore[attr-defined]
+            if dest.name in self._waiting:
+                self._waiting.discard(dest.name)
                 log.info("destination %s: its delivery window (%s) is open", dest.name,
                          window.describe())
             return False
         due = self.state.next_due(dest.name)
-        if due is not None and not getattr(dest, "_waiting", False):
-            dest._waiting = True  # type: ignore[attr-defined]
+        if due is not None and dest.name not in self._waiting:
+            self._waiting.add(dest.name)
             opens = window.next_open(now)
             log.info("destination %s: outside its delivery window (%s); jobs wait until %s",
                      dest.name, window.describe(),

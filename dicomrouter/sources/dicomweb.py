@@ -55,8 +55,10 @@ class DicomwebSource(Source):
         return (f"dicomweb {o.url}: QIDO-RS {window}, WADO-RS retrieve once their count is "
                 f"stable for {o.source_stable_age:g} s")
 
+    _dw: DICOMwebClient | None = None  # made at the first request
+
     def _client(self) -> DICOMwebClient:
-        if not hasattr(self, "_dw"):
+        if self._dw is None:
             self._session = http_session(self.cfg)
             self._dw = DICOMwebClient(self.cfg.url.rstrip("/"),
                                       session=self._session)

@@ -34,8 +34,10 @@ class OrthancSource(Source):
         return (f"orthanc {o.url} change feed"
                 + (", deletes studies there once delivered" if o.delete_after_pull else ""))
 
+    _session: requests.Session | None = None  # made at the first request
+
     def _http(self) -> requests.Session:
-        if not hasattr(self, "_session"):
+        if self._session is None:
             self._session = http_session(self.cfg)
         return self._session
 
