@@ -164,3 +164,14 @@ def test_every_package_says_what_it_owns() -> None:
               is None]
     assert not silent, f"these packages need a docstring (what they own, what they import): " \
         f"{silent}"
+
+
+@pytest.mark.parametrize("name", ["serve", "send", "echo", "find", "move", "status", "retry",
+                                  "audit", "explain", "purge", "sample", "bench"])
+def test_every_cli_command_resolves(name: str) -> None:
+    """The command line imports its commands by name when they run (see dicomrouter/cli): each
+    name the README uses resolves to the click command of that name, and nothing else is listed."""
+    from dicomrouter.cli import COMMANDS, load_command  # noqa: PLC0415 - the one import by name
+
+    assert load_command(name).name == name
+    assert len(COMMANDS) == 12
