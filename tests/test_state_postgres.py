@@ -234,6 +234,36 @@ def test_unreachable_postgresql_is_a_clear_error() -> None:
     assert "127.0.0.1" in str(err.value) and "pw1234" not in str(err.value)
 
 
+def test_a_broken_or_locked_sqlite_state_is_the_same_clear_error(tmp_path: Path) -> None:
+    """One backend-neutral error type: SQLite's errors for a file that is not a database, a
+    database another process holds locked, or one that is missing, are StateUnavailable (what
+    the tracker and the workers catch to log one line and go on), naming the file."""
+    broken = tmp_path / "broken" / "state.db"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a database " * 512)
+    with pytest.raises(StateUnavailable, match="SQLite state .*broken.*not a database"):
+        SQLiteState(broken)
+    with pytest.raises(StateUnavailable, match="unable to open"):
+        SQLiteState(tmp_path / "missing" / "state.db", readonly=True)
+
+    state = SQLiteState(tmp_path / "ok" / "state.db")
+    _record(state, "1.7.1", 1)
+    state._db.execute("PRAGMA busy_timeout=100")  # not 30 s: the test waits for it
+    import sqlite3
+
+    holder = sqlite3.connect(tmp_path / "ok" / "state.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StateUnavailable, match="locked"):
+            _record(state, "1.7.1", 1, start=2)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    _record(state, "1.7.1", 1, start=3)  # the lock gone, the same state goes on
+    assert sorted(i.sop_uid for i in state.instances("1.7.1")) == ["1.7.1.1", "1.7.1.3"]
+    state.close()
+
+
 def test_the_state_reconnects_after_a_postgresql_restart(tmp_path: Path) -> None:
     require_peer("PostgreSQL", Postgres.available(),
                  "postgresql (apt-get install postgresql) and psycopg (pip install)")

@@ -18,13 +18,13 @@ from .base import (
 )
 from .postgres import PostgresState
 from .roles import State
-from .sqlite import DATABASE_ERRORS as _SQLITE_ERRORS
 from .sqlite import SQLiteState
 
-#: what a state call may raise that is not a bug: the database out of reach or full (OSError,
-#: which StateUnavailable is: PostgreSQL's are translated), a locked or broken SQLite file.
-#: Callers that must go on (the tracker, the delivery workers) catch these and log one line.
-STATE_ERRORS: tuple[type[BaseException], ...] = (OSError, *_SQLITE_ERRORS)
+#: what a state call may raise that is not a bug: ``StateUnavailable`` (both backends translate
+#: their own errors for a database out of reach, locked, full or broken into it), an OSError
+#: like it. Callers that must go on (the tracker, the delivery workers) catch these and log one
+#: line.
+STATE_ERRORS: tuple[type[BaseException], ...] = (OSError,)
 
 
 def state_for(cfg: Any, readonly: bool = False, connect_timeout: float | None = None) -> State:

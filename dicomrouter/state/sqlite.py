@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..query import fold
+from .base import StateUnavailable
 from .locks import StudyLock
 from .qr import generated_columns
 from .sql import SQLState
@@ -125,8 +126,17 @@ CREATE TABLE IF NOT EXISTS source_studies (  -- what each source already pulled
 """
 
 
-#: the errors this backend raises for a locked, full or broken database (state.STATE_ERRORS)
-DATABASE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,)
+@contextmanager
+def unavailable_on_error(path: Path) -> Iterator[None]:
+    """SQLite's errors for a locked, full, unreadable or broken database raised as the one
+    backend-neutral ``StateUnavailable`` (PostgreSQL's backend does the same); errors that are
+    bugs (integrity, programming) go through unchanged."""
+    try:
+        yield
+    except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+        raise
+    except sqlite3.Error as exc:
+        raise StateUnavailable(f"SQLite state {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def qr_columns(db: sqlite3.Connection) -> None:
@@ -203,6 +213,10 @@ class SQLiteState(SQLState):
         # other too (the stripe is a stable hash: it must agree across processes).
         self._study_locks = [threading.Lock() for _ in range(64)]
         self._lock_fd = -1
+        with unavailable_on_error(path):
+            self._open(path, readonly)
+
+    def _open(self, path: Path, readonly: bool) -> None:
         if readonly:
             uri = f"file:{path}?mode=ro"
             self._db = sqlite3.connect(uri, uri=True, isolation_level=None,
@@ -247,13 +261,14 @@ class SQLiteState(SQLState):
 
     @contextmanager
     def _tx(self, study: str | None = None) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, unavailable_on_error(self.path):
             self.write_transactions += 1  # counted: idle workers must not write (tests)
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
 
@@ -261,5 +276,5 @@ class SQLiteState(SQLState):
         return True  # one node per SQLite state: no write for it
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, unavailable_on_error(self.path):
             return self._db.execute(sql, args).fetchall()
