@@ -25,7 +25,7 @@ from .scp.listener import FastStorageSCP
 from .scp.server import StorageSCP
 from .sources.runner import SourcePollers
 from .spool import spool_for
-from .state import Job, JobState, StudyState, state_for
+from .state import Job, JobState, state_for
 from .web.api import create_app
 from .web.server import WebServer
 
@@ -121,14 +121,12 @@ class Router:
         unrouted = self.state.studies_in_state("unrouted")
         for study in unrouted:  # the routing table may have changed since
             self.tracker.complete(study)
-        summary = self.state.summary()
-        pending = sum(n for q in summary["queues"].values()
+        gauges, counts = self.state.gauges(), self.state.study_counts()
+        pending = sum(n for q in gauges["queues"].values()
                       for s, n in q.items() if s in (JobState.PENDING, JobState.FAILED))
-        receiving = sum(1 for s in summary["studies"] if s["state"] == StudyState.RECEIVING)
         log.info("state %s: %d study(ies) in the spool (%d receiving), %d job(s) to deliver, "
                  "%d dead", "PostgreSQL" if self.cfg.cluster else self.cfg.state_db,
-                 len(summary["studies"]), receiving, pending,
-                 len(summary["dead"]))
+                 counts["studies"], counts["receiving"], pending, len(gauges["dead"]))
         for name, dest in self.destinations.items():
             log.info("destination %s: %s", name, dest.describe())
         if self.cfg.sweep is not None:

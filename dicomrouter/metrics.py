@@ -56,7 +56,7 @@ class StateCollector(Collector):
         self.spool_root = spool_root
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        summary = self.state.summary()
+        summary = self.state.gauges()
         jobs = GaugeMetricFamily("dicomrouter_jobs", "Delivery jobs by destination and state "
                                  "(pending and failed: the queue; dead: dead letters)",
                                  labels=["destination", "state"])

@@ -23,7 +23,7 @@ from .procs import BenchError, find_dcmtk, stop_all
 from .profile import profile_receive
 from .scenarios import Bench, Settings
 
-SCENARIO_NAMES = ("P1", "P2", "P3", "P4", "P5", "P7")
+SCENARIO_NAMES = ("P1", "P2", "P3", "P4", "P5", "P7", "P8")
 
 
 def _scenarios(value: str) -> frozenset[str]:
@@ -71,6 +71,10 @@ def _terminated(signum: int, _frame: FrameType | None) -> None:
               "is lowered (storescp's own default is 16384).")
 @click.option("--nodes", type=click.IntRange(1, 64), default=3, show_default=True,
               help="P7: measure 1..N router nodes on one PostgreSQL + S3 (moto).")
+@click.option("--flat-studies", type=click.IntRange(1, 10_000_000), default=20_000,
+              show_default=True, help="P8: studies in the large synthetic state.")
+@click.option("--flat-instances", type=click.IntRange(1, 100_000_000), default=1_000_000,
+              show_default=True, help="P8: instances in the large synthetic state.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results only.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the machine-readable results to this file.")
@@ -84,11 +88,13 @@ def _terminated(signum: int, _frame: FrameType | None) -> None:
 def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: float,
           stable_age: int,
           associations: int, forward_associations: int, storescp_pdu: int | None,
-          nodes: int, as_json: bool, json_out: Path | None, markdown: bool, keep: bool,
+          nodes: int, flat_studies: int, flat_instances: int, as_json: bool,
+          json_out: Path | None, markdown: bool, keep: bool,
           workdir: Path | None, profile_dir: Path | None) -> None:
     """Measure receive throughput (P1), end-to-end time against an Orthanc gateway (P2), peak
-    memory with a large instance and a big study (P4), concurrent associations (P5) and
-    several routers on PostgreSQL + S3 (P7).
+    memory with a large instance and a big study (P4), concurrent associations (P5),
+    several routers on PostgreSQL + S3 (P7) and the cost of everyday operations on a state of
+    a million instances against an empty one (P8).
 
     Starts its own DCMTK storescp, Orthanc and router processes on free loopback ports, and stops
     them all at the end. Progress goes to stderr, the table to stdout. Exits 1 if a measurement
@@ -105,7 +111,8 @@ def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: 
                         large_mb=large_mb, study_mb=study_mb, stable_age=stable_age,
                         associations=associations,
                         forward_associations=forward_associations, storescp_pdu=storescp_pdu,
-                        nodes=nodes, keep=keep)
+                        nodes=nodes, flat_studies=flat_studies,
+                        flat_instances=flat_instances, keep=keep)
     if not settings.orthanc:
         _progress("Orthanc not found (apt-get install orthanc): P2 and the Orthanc column are "
                   "skipped")

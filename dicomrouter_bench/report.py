@@ -252,6 +252,52 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
                 "missing)")
     else:
         skipped("P7", "several routers on PostgreSQL + S3")
+    if "P8" in selected:
+        rows.extend(_flat_rows(runs, settings))
+    else:
+        skipped("P8", "cost flat as the state grows")
+    return rows
+
+
+#: P8: (measurement key, what, unit, absolute limit for the large state or None)
+P8_FIGURES = (
+    ("startup_seconds", "start-up, recovery scan included", "s", 30.0),
+    ("find_patient_ms", "C-FIND STUDY by PatientID", "ms", 50.0),
+    ("find_dates_ms", "C-FIND STUDY by a StudyDate range of two days", "ms", 50.0),
+    ("tick_ms", "one study-tracker tick", "ms", 10.0),
+    ("housekeeping_ms", "one housekeeping pass", "ms", None),
+    ("status_ms", "dicomrouter status (a process)", "ms", 1000.0),
+    ("status_inprocess_ms", "dicomrouter status, its work alone (no interpreter start)", "ms",
+     None),
+    ("metrics_ms", "/metrics scrape", "ms", 100.0),
+)
+
+
+def _flat_rows(runs: Runs, settings: Settings) -> list[Row]:
+    """P8: each figure for the large state, against the empty one; receive throughput too."""
+    rows: list[Row] = []
+    size = f"{settings.flat_instances:,} instances in {settings.flat_studies:,} studies"
+    for key, what, unit, limit in P8_FIGURES:
+        large = median(_series(runs, "P8/large", lambda m, k=key: float(m[k])))
+        empty = median(_series(runs, "P8/empty", lambda m, k=key: float(m[k])))
+        if large is None:
+            rows.append(Row("P8", f"{what}, {size}", _failed(runs, "P8/large") or "-", "-"))
+            continue
+        ratio = median(_ratios(runs, "P8/large", "P8/empty", lambda m, k=key: float(m[k])))
+        target = f"< {limit:g} {unit}" if limit is not None else "-"
+        verdict = "-" if limit is None else "met" if large < limit else "not met"
+        rows.append(Row("P8", f"{what}, {size}", f"{large:.1f} {unit}",
+                        "empty " + (f"{empty:.1f} {unit}" if empty is not None else "-"),
+                        _fmt_ratio(ratio), target, verdict,
+                        values={"large": large, "empty": empty, "ratio": ratio}))
+    receive = median(_series(runs, "P8/large", lambda m: rate(m["receive"])))
+    empty_rate = median(_series(runs, "P8/empty", lambda m: rate(m["receive"])))
+    ratio = median(_ratios(runs, "P8/large", "P8/empty", lambda m: rate(m["receive"])))
+    if receive is not None:
+        rows.append(Row("P8", f"receive small, 1 association, {size}", f"{receive:.0f} inst/s",
+                        f"empty {empty_rate or 0:.0f} inst/s", _fmt_ratio(ratio), "≥ 0.9×",
+                        "n/a" if ratio is None else "met" if ratio >= 0.9 else "not met",
+                        values={"inst_s": receive, "ratio": ratio}))
     return rows
 
 

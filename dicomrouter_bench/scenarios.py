@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from . import flatcost
 from .corpus import LARGE_COLS, LARGE_ROWS, Corpus, large_frames, make_corpus
 from .procs import (
     LOOPBACK,
@@ -36,7 +37,7 @@ from .procs import (
     wait_until,
 )
 
-SCENARIOS = ("P1", "P2", "P3", "P4", "P5", "P7")
+SCENARIOS = ("P1", "P2", "P3", "P4", "P5", "P7", "P8")
 RECEIVE_CORPORA = ("small", "ct")
 P4_CORPORA = ("large", "study")  # one ≥ 500 MB instance; a ~2 GB study
 STUDY_FRAMES = 4  # frames per instance of P4's big study (2.1 MB instances)
@@ -68,6 +69,8 @@ class Settings:
     forward_associations: int = 4  # the router's dicom destination in P2
     storescp_pdu: int | None = None  # storescp's -pdu (None: its default, 16 kB)
     nodes: int = 3  # P7: 1..nodes routers on one PostgreSQL + S3
+    flat_studies: int = 20_000  # P8: the large state (synthetic rows) against the empty one
+    flat_instances: int = 1_000_000
     keep: bool = False
     orthanc: bool = field(default_factory=lambda: find_orthanc() is not None)
 
@@ -79,6 +82,7 @@ class Settings:
                 "associations": self.associations,
                 "forward_associations": self.forward_associations,
                 "storescp_pdu": self.storescp_pdu, "nodes": self.nodes,
+                "flat_studies": self.flat_studies, "flat_instances": self.flat_instances,
                 "orthanc": self.orthanc}
 
 
@@ -119,7 +123,7 @@ class Bench:
         """Generate the corpora the selected scenarios need."""
         s = self.settings
         wanted: list[tuple[str, int, int, int, int]] = []
-        if s.scenarios & {"P1", "P2", "P3", "P5", "P7"}:
+        if s.scenarios & {"P1", "P2", "P3", "P5", "P7", "P8"}:
             wanted.append(("small", s.small, 64, 64, 1))
         if s.scenarios & {"P1", "P2", "P3"}:
             wanted.append(("ct", s.ct, 512, 512, 1))
@@ -180,6 +184,12 @@ class Bench:
                                           parts=s.associations))
             if "P7" in s.scenarios:
                 self._cluster(i, data)
+            if "P8" in s.scenarios:
+                sizes = [("empty", 0, 0), ("large", s.flat_studies, s.flat_instances)]
+                for name, studies, instances in reversed(sizes) if flip else sizes:
+                    self._measure(i, data, f"P8/{name}", partial(
+                        flatcost.measure, corpus=self.corpora["small"], studies=studies,
+                        instances=instances, timeout=_timeout(self.corpora["small"])))
             if "P4" in s.scenarios:  # last: its 2 GB of writes must not slow the others
                 for corpus in P4_CORPORA:
                     self._measure(i, data, f"P4/{corpus}/router",
@@ -442,6 +452,13 @@ def _brief(m: Measurement) -> str:
         return (f"peak RSS {m['peak_rss_mb']:.0f} MB (idle {m['idle_rss_mb']:.0f} MB; sampled max "
                 f"{m['receive_rss_max_mb']:.0f} MB receiving, {m['forward_rss_max_mb']:.0f} MB "
                 f"forwarding), received in {m['receive_seconds']:.2f} s")
+    if "find_patient_ms" in m:
+        r = m["receive"]
+        return (f"{m['instances']} instances: start-up {m['startup_seconds']:.1f} s, C-FIND "
+                f"PatientID {m['find_patient_ms']:.1f} ms, dates {m['find_dates_ms']:.1f} ms, "
+                f"status {m['status_ms']:.0f} ms, /metrics {m['metrics_ms']:.1f} ms, tick "
+                f"{m['tick_ms']:.2f} ms, housekeeping {m['housekeeping_ms']:.1f} ms, receive "
+                f"{r['instances'] / r['seconds']:.0f} instances/s")
     if "total_seconds" in m:
         return (f"{m['seconds']:.2f} s end to end after the stable age (receive "
                 f"{m['receive_seconds']:.2f} s)")

@@ -43,16 +43,23 @@ def test_bench_smoke_tiny_corpora(tmp_path: Path) -> None:
                                                       os.environ.get("PYTHONPATH")]))}
     r = subprocess.run(
         [sys.executable, "-m", "dicomrouter_bench.cli", "--small", "20", "--ct", "4", "--large-mb",
-         "5", "--study-mb", "9", "--runs", "1", "--nodes", "2", "--workdir", str(work),
-         "--json-out", str(out)],
+         "5", "--study-mb", "9", "--runs", "1", "--nodes", "2", "--flat-studies", "40",
+         "--flat-instances", "2000", "--workdir", str(work), "--json-out", str(out)],
         capture_output=True, text=True, timeout=420, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    for scenario in ("P1", "P2", "P3", "P4", "P5", "P7"):
+    for scenario in ("P1", "P2", "P3", "P4", "P5", "P7", "P8"):
         assert re.search(rf"^{scenario}\s", r.stdout, re.MULTILINE), (scenario, r.stdout)
     assert re.search(r"^P3\s+end to end small → Orthanc via STOW-RS.*C-STORE", r.stdout,
                      re.MULTILINE), r.stdout
     data = json.loads(out.read_text())
-    assert {row["id"] for row in data["rows"]} == {"P1", "P2", "P3", "P4", "P5", "P7"}
+    assert {row["id"] for row in data["rows"]} == {"P1", "P2", "P3", "P4", "P5", "P7", "P8"}
+    # P8: the synthetic state is what the router answers from: C-FIND finds its studies
+    large, empty = data["runs"][0]["P8/large"], data["runs"][0]["P8/empty"]
+    assert (large["instances"], empty["instances"]) == (2000, 0)
+    assert large["find_patient_matches"] == 2 and empty["find_patient_matches"] == 0, large
+    assert large["find_dates_matches"] >= 1, large
+    assert large["receive"]["instances"] == 20 and large["tick_ms"] >= 0, large
+    assert len([r for r in data["rows"] if r["id"] == "P8"]) == 9
     # P7: one node in both ack_after modes and two nodes, each with its per-instance costs
     for key in ("nodes1-shared", "nodes1-local", "nodes2-shared"):
         m = data["runs"][0][f"P7/small/{key}"]
@@ -86,7 +93,7 @@ def test_ratios_are_medians_of_per_run_ratios() -> None:
     assert small.values["ratio"] == median([0.5, 1.0])  # the failed run has no pair
     assert small.verdict == "not met"
     assert small.router.startswith("25 inst/s")  # median of 50, 20, 25 inst/s
-    assert {r.id for r in rows} == {"P1", "P2", "P3", "P4", "P5", "P7"}
+    assert {r.id for r in rows} == {"P1", "P2", "P3", "P4", "P5", "P7", "P8"}
     assert next(r for r in rows if r.id == "P3").verdict == "-"  # not selected
     text, md = render_text(rows), render_markdown(rows)
     assert text.splitlines()[0].split()[0] == "measurement"

@@ -79,6 +79,41 @@ def test_receive_route_deliver_settle(state: State) -> None:
     assert any("reopened by a late arrival" in e for e in events)
 
 
+def test_the_spool_total_follows_every_change_of_the_instances(state: State) -> None:
+    """The spool's byte total is kept on the study rows (so /metrics need not sum a million
+    instance rows): it must equal the sum over the instances after receptions, a re-sent
+    instance of another size, a move to another study, a deletion after delivery, a purge."""
+
+    def summed() -> int:
+        return sum(i.size for uid in ("1.3.1", "1.3.2") for i in state.instances(uid))
+
+    _record(state, "1.3.1", 3)
+    _record(state, "1.3.2", 2)
+    assert state.spool_bytes() == summed() == 5000
+    state.record_instance(_tags("1.3.1", "1.9.1", "1.3.1.1"), EXPLICIT,
+                          "data/1.3.1/1.3.1.1.dcm", 2500, "MODALITY", "DICOMROUTER")  # re-sent
+    assert state.spool_bytes() == summed() == 6500
+    state.record_instance(_tags("1.3.2", "1.9.2", "1.3.1.2"), EXPLICIT,
+                          "data/1.3.2/1.3.1.2.dcm", 1200, "MODALITY", "DICOMROUTER")  # moved
+    assert state.spool_bytes() == summed() == 6700
+    assert [(r["bytes_in_spool"], r["instances_in_spool"])
+            for r in state.study_rows(study_uid="1.3.2")] == [(3200, 3)]
+    seen = state.study("1.3.1")
+    assert seen is not None and state.route_study("1.3.1", ["pacs"], ["all"], seen)
+    job = state.claim_job("pacs")
+    assert job is not None
+    state.mark_delivered([i.sop_uid for i in state.undelivered("1.3.1", "pacs")], "pacs")
+    assert state.finish_job(job, None, 3, 1.0) == "delivered"
+    assert state.settle_study("1.3.1")
+    assert state.forget_delivered("1.3.1", "delivered everywhere") is not None
+    assert state.spool_bytes() == summed() == 3200
+    assert [r["study_uid"] for r in state.study_rows(limit=1)] == ["1.3.2"]  # the newest
+    assert state.study_counts() == {"studies": 1, "receiving": 1}  # 1.3.1 is done with
+    assert state.study_counts(with_done=True) == {"studies": 2, "receiving": 1}
+    state.purge("1.3.2")
+    assert state.spool_bytes() == 0
+
+
 def test_failure_retry_dead_and_requeue(state: State) -> None:
     _record(state, "1.2.2", 1)
     seen = state.study("1.2.2")

@@ -25,6 +25,7 @@ from .common import (
 
 RECENT_HOURS = 24  # status lists the studies delivered this recently by default
 RECENT_LIMIT = 50
+DEFAULT_LIMIT = 200  # studies listed; a spool of 20,000 is counted, not printed
 
 
 def job_progress(job: dict[str, Any]) -> str:
@@ -60,8 +61,10 @@ def since_time(value: str) -> float:
 @click.option("--all", "show_all", is_flag=True, help="Include delivered studies already "
               "removed from the spool.")
 @click.option("--study", default=None, help="The history of one study.")
+@click.option("--limit", default=DEFAULT_LIMIT, show_default=True, type=click.IntRange(min=0),
+              help="List the newest N studies (0: all of them); the counts cover them all.")
 def status(config_path: str | None, spool: str | None, as_json: bool, show_all: bool,
-           study: str | None) -> None:
+           study: str | None, limit: int) -> None:
     """Studies in the spool, delivery queues and dead letters (works while serve runs)."""
     state, root = open_state(config_path, spool)
     if study:
@@ -85,8 +88,9 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         for ts, event in history:
             click.echo(f"  {when(ts)}  {event}")
         return
-    data = state.summary(with_done=show_all)
-    data["ledger"] = state.ledger_stats()
+    data = state.summary(with_done=show_all, limit=limit)
+    if as_json:  # a sum over the whole ledger: only what the JSON carries pays for it
+        data["ledger"] = state.ledger_stats()
     if not show_all:  # what a user who just sent studies looks for
         since = time.time() - RECENT_HOURS * 3600
         in_list = {s["study_uid"] for s in data["studies"]}
@@ -105,7 +109,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    click.echo(f"spool {root}: {len(data['studies'])} study(ies), {size_text(data['spool_bytes'])}")
+    click.echo(f"spool {root}: {data['studies_total']} study(ies), "
+               f"{size_text(data['spool_bytes'])}")
     click.echo("queues:")
     if not data["queues"]:
         click.echo("  (no delivery jobs yet)")
@@ -168,6 +173,10 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
     click.echo("studies:" if show_all else "studies in the spool:")
     if not data["studies"]:
         click.echo("  (none)")
+    elif data["studies_total"] > len(data["studies"]):
+        click.echo(f"  ... {data['studies_total'] - len(data['studies'])} older study(ies) "
+                   f"not listed (the newest {len(data['studies'])} follow; --limit 0 lists "
+                   "them all)")
     jobs: dict[str, list[dict[str, Any]]] = {}
     for j in state.jobs(study_uids=[s["study_uid"] for s in data["studies"]]):
         jobs.setdefault(j["study_uid"], []).append(j)

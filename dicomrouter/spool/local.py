@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -206,10 +207,9 @@ class Spool:
         reception of its SOP Instance UID superseded (moved to another study, or delivered
         and deleted) is removed instead: recovery never resurrects an older version.
         Returns how many were recorded."""
-        known = self.state.known_keys()
         adopted = 0
-        for path in list(self.data.glob("*/*.dcm")):
-            if f"data/{path.parent.name}/{path.name}" in known or not path.exists():
+        for path in self._unknown_files():
+            if not path.exists():
                 continue  # (gone: an adoption before it superseded it)
             try:
                 tags, tsuid = identify(path)
@@ -228,6 +228,16 @@ class Spool:
             self._place(path, tags, tsuid, source_ae(path), "")  # already in place: records it
             adopted += 1
         return adopted
+
+    def _unknown_files(self) -> Iterator[Path]:
+        """Spool files no row knows, study folder by study folder (the rows of one study at a
+        time: memory stays flat however many instances the spool holds)."""
+        for folder in sorted(self.data.iterdir()) if self.data.is_dir() else ():
+            files = sorted(folder.glob("*.dcm")) if folder.is_dir() else []
+            if not files:
+                continue
+            known = self.state.known_keys(folder.name)
+            yield from (p for p in files if f"data/{folder.name}/{p.name}" not in known)
 
     def _superseded(self, path: str | Path, tags: dict[str, str]) -> Reception | None:
         """The recorded reception of this file's SOP Instance UID if it was made after the

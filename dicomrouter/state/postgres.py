@@ -181,9 +181,38 @@ ALTER TABLE jobs ADD COLUMN missing INTEGER NOT NULL DEFAULT 0;
 """
 
 #: (version, statements): append, never edit one that has shipped
-MIGRATIONS: list[tuple[int, str]] = [(1, SCHEMA_V1), (2, _qr_migration()), (3, LEASES_V3),
-                                     (4, LEDGER_DIGEST_V4), (5, MOVES_V5),
-                                     (6, ";\n".join(SOURCE_DELTAS))]
+# Each study's bytes in the spool kept on its row (as in SQLite's migration 8): the spool's
+# total sums the study rows. The study row is the one record_instance updates anyway, under the
+# study's lock, so the trigger adds no new point of contention between nodes.
+STUDY_TOTALS_V7 = [
+    "ALTER TABLE studies ADD COLUMN IF NOT EXISTS bytes_present BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE studies ADD COLUMN IF NOT EXISTS instances_present BIGINT NOT NULL DEFAULT 0",
+    "UPDATE studies SET bytes_present = (SELECT COALESCE(SUM(size * present), 0)"
+    " FROM instances i WHERE i.study_uid = studies.study_uid), instances_present ="
+    " (SELECT COALESCE(SUM(present), 0) FROM instances i WHERE i.study_uid = studies.study_uid)",
+    """CREATE OR REPLACE FUNCTION dicomrouter_study_totals() RETURNS trigger AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        UPDATE studies SET bytes_present = bytes_present - OLD.size * OLD.present,
+            instances_present = instances_present - OLD.present
+        WHERE study_uid = OLD.study_uid;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        UPDATE studies SET bytes_present = bytes_present + NEW.size * NEW.present,
+            instances_present = instances_present + NEW.present
+        WHERE study_uid = NEW.study_uid;
+    END IF;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql""",
+    "CREATE TRIGGER instances_totals AFTER INSERT OR DELETE OR UPDATE OF size, present,"
+    " study_uid ON instances FOR EACH ROW EXECUTE FUNCTION dicomrouter_study_totals()",
+]
+
+#: (version, SQL): a string of statements separated by ";", or a list of statements (for
+#: statements that contain ";" themselves). Append, never edit one that has shipped.
+MIGRATIONS: list[tuple[int, str | list[str]]] = [
+    (1, SCHEMA_V1), (2, _qr_migration()), (3, LEASES_V3), (4, LEDGER_DIGEST_V4), (5, MOVES_V5),
+    (6, ";\n".join(SOURCE_DELTAS)), (7, STUDY_TOTALS_V7)]
 
 
 class Row:
@@ -389,7 +418,8 @@ class PostgresState(SQLState):
                     if version in done:
                         continue
                     with conn.transaction():
-                        for statement in filter(None, (s.strip() for s in sql.split(";"))):
+                        statements = sql if isinstance(sql, list) else sql.split(";")
+                        for statement in filter(None, (s.strip() for s in statements)):
                             conn.execute(statement)
                         conn.execute("INSERT INTO schema_migrations VALUES (%s, %s)",
                                      (version, time.time()))

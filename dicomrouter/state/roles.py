@@ -29,8 +29,8 @@ class Receptions(ABC):
         """The newest recorded reception of a SOP Instance UID, if any."""
 
     @abstractmethod
-    def known_keys(self) -> set[str]:
-        """Spool keys of every instance present."""
+    def known_keys(self, study_uid: str | None = None) -> set[str]:
+        """Spool keys of every instance present (of one study)."""
 
     @abstractmethod
     def spool_bytes(self) -> int:
@@ -289,11 +289,19 @@ class Commitments(ABC):
 class Reporting(ABC):
     """What status, the web side and the audit read; the operator's actions."""
     @abstractmethod
-    def study_rows(self, with_done: bool = False,
-                   study_uid: str | None = None) -> list[dict[str, Any]]: ...
+    def study_rows(self, with_done: bool = False, study_uid: str | None = None,
+                   limit: int = 0) -> list[dict[str, Any]]: ...
 
     @abstractmethod
-    def summary(self, with_done: bool = False) -> dict[str, Any]: ...
+    def study_counts(self, with_done: bool = False) -> dict[str, int]: ...
+
+    @abstractmethod
+    def gauges(self) -> dict[str, Any]:
+        """Queues, retrying and dead jobs, partial jobs, spool bytes, sources: what /metrics
+        and the destinations' health read on every scrape (no cost per instance)."""
+
+    @abstractmethod
+    def summary(self, with_done: bool = False, limit: int = 0) -> dict[str, Any]: ...
 
     @abstractmethod
     def history(self, study_uid: str) -> list[tuple[float, str]]: ...

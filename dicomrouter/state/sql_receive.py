@@ -186,9 +186,13 @@ class ReceivingSQL(SQLBase):
         """The keys of every instance row, present or not (cluster: the objects rows know)."""
         return {r["path"] for r in self._query("SELECT path FROM instances")}
 
-    def known_keys(self) -> set[str]:
-        return {r["path"] for r in self._query("SELECT path FROM instances WHERE present=1")}
+    def known_keys(self, study_uid: str | None = None) -> set[str]:
+        if study_uid is None:
+            return {r["path"] for r in self._query("SELECT path FROM instances WHERE present=1")}
+        return {r["path"] for r in self._query(
+            "SELECT path FROM instances WHERE study_uid=? AND present=1", (study_uid,))}
 
     def spool_bytes(self) -> int:
-        rows = self._query("SELECT COALESCE(SUM(size),0) AS n FROM instances WHERE present=1")
+        # the studies' totals, kept by triggers (a sum over the instances grows with them)
+        rows = self._query("SELECT COALESCE(SUM(bytes_present),0) AS n FROM studies")
         return int(rows[0]["n"])

@@ -16,22 +16,25 @@ class ReportingSQL(SQLBase):
 
     # ---- reporting -------------------------------------------------------------------------
 
-    def study_rows(self, with_done: bool = False,
-                   study_uid: str | None = None) -> list[dict[str, Any]]:
-        """The studies `status` lists (all of them, or one), with their spool counts."""
+    def study_rows(self, with_done: bool = False, study_uid: str | None = None,
+                   limit: int = 0) -> list[dict[str, Any]]:
+        """The studies `status` lists (all of them, the newest ``limit`` of them, or one), with
+        their spool counts, oldest first. Each row's counts read the instances of that study
+        only (by index): the cost follows the studies listed, not the spool's size."""
         if study_uid is not None:
-            where, args = " WHERE s.study_uid=?", (study_uid,)
+            where, args = " WHERE s.study_uid=?", [study_uid]
         else:
-            where = "" if with_done else \
-                " WHERE s.in_spool=1 OR s.state NOT IN ('delivered','moved')"
-            args = ()
+            where, args = ("" if with_done else f" WHERE {self.LISTED}"), []
+        order = " ORDER BY s.first_received"
+        if limit > 0 and study_uid is None:
+            order += " DESC LIMIT ?"
+            args.append(limit)
+        # the studies chosen (and limited) first: the counts below are computed for them only
+        chosen = f"(SELECT * FROM studies s{where}{order})"
         rows = [dict(r) for r in self._query(
             "SELECT s.study_uid, s.patient_id, s.state, s.generation, s.calling_ae,"
             " s.first_received, s.last_received, s.completed_at, s.delivered_at, s.in_spool,"
-            " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid AND i.present=1)"
-            "   AS instances_in_spool,"
-            " (SELECT COALESCE(SUM(size),0) FROM instances i WHERE i.study_uid=s.study_uid"
-            "   AND i.present=1) AS bytes_in_spool,"
+            " s.instances_present AS instances_in_spool, s.bytes_present AS bytes_in_spool,"
             " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid)"
             "   AS instances_received,"
             " (SELECT COALESCE(SUM(size),0) FROM instances i WHERE i.study_uid=s.study_uid)"
@@ -39,21 +42,37 @@ class ReportingSQL(SQLBase):
             + (" (SELECT COUNT(*) FROM moves m WHERE m.from_study=s.study_uid) AS moved_out,"
                " (SELECT COUNT(*) FROM moves m WHERE m.to_study=s.study_uid) AS moved_in"
                if self._has_moves() else " 0 AS moved_out, 0 AS moved_in") +
-            f" FROM studies s{where} ORDER BY s.first_received", args)]
-        # the node(s) that received each study's instances (several routers on one state)
+            f" FROM {chosen} s ORDER BY s.first_received"
+            + (" DESC" if limit > 0 and study_uid is None else ""), args)]
+        if limit > 0 and study_uid is None:
+            rows.reverse()
+        # the node(s) that received each listed study's instances (several routers, one state)
         by_study: dict[str, dict[str, int]] = {}
-        node_where = " WHERE study_uid=?" if study_uid is not None else ""
-        for r in self._query("SELECT study_uid, node, COUNT(*) AS n FROM instances"
-                             f"{node_where} GROUP BY study_uid, node",
-                             (study_uid,) if study_uid is not None else ()):
-            by_study.setdefault(r["study_uid"], {})[r["node"] or "?"] = r["n"]
+        uids = [r["study_uid"] for r in rows]
+        for first in range(0, len(uids), 500):
+            chunk = uids[first:first + 500]
+            for r in self._query("SELECT study_uid, node, COUNT(*) AS n FROM instances WHERE"
+                                 f" study_uid IN ({','.join('?' * len(chunk))})"
+                                 " GROUP BY study_uid, node", chunk):
+                by_study.setdefault(r["study_uid"], {})[r["node"] or "?"] = r["n"]
         for row in rows:
             row["received_by"] = by_study.get(row["study_uid"], {})
         return rows
 
-    def summary(self, with_done: bool = False) -> dict[str, Any]:
-        """Everything `status` shows, as plain data."""
-        studies = self.study_rows(with_done)
+    #: the studies ``status`` lists without ``--all``: in the spool, or not done with
+    LISTED = "(s.in_spool=1 OR s.state NOT IN ('delivered','moved'))"
+
+    def study_counts(self, with_done: bool = False) -> dict[str, int]:
+        """How many studies ``status`` would list, and how many of them are receiving."""
+        where = "" if with_done else f" WHERE {self.LISTED}"
+        row = self._query("SELECT COUNT(*) AS n, COALESCE(SUM(CASE WHEN s.state='receiving'"
+                          f" THEN 1 ELSE 0 END),0) AS receiving FROM studies s{where}")[0]
+        return {"studies": int(row["n"]), "receiving": int(row["receiving"])}
+
+    def gauges(self) -> dict[str, Any]:
+        """What the metrics and the destinations' health read: the queues by destination and
+        state, retrying and dead jobs, partial jobs, the spool's bytes, the sources. Nothing
+        here grows with the number of instances (the spool total is kept on the studies)."""
         queues: dict[str, dict[str, int]] = {}
         for r in self._query("SELECT destination, state, COUNT(*) AS n FROM jobs"
                              " GROUP BY destination, state"):
@@ -68,10 +87,16 @@ class ReportingSQL(SQLBase):
         for r in self._query("SELECT destination, COUNT(*) AS jobs, SUM(missing) AS missing"
                              " FROM jobs WHERE missing>0 GROUP BY destination"):
             partial[r["destination"]] = {"jobs": int(r["jobs"]), "missing": int(r["missing"])}
-        return {"studies": studies, "queues": queues, "dead": dead, "retrying": failing,
-                "partial": partial,
-                "spool_bytes": self.spool_bytes(), "sources": self.source_rows(),
-                "nodes": self.nodes(), "cluster": self.leases}
+        return {"queues": queues, "dead": dead, "retrying": failing, "partial": partial,
+                "spool_bytes": self.spool_bytes(), "sources": self.source_rows()}
+
+    def summary(self, with_done: bool = False, limit: int = 0) -> dict[str, Any]:
+        """Everything `status` shows, as plain data: ``studies`` lists the newest ``limit``
+        (0: all), ``studies_total`` how many there are."""
+        counts = self.study_counts(with_done)
+        return {"studies": self.study_rows(with_done, limit=limit),
+                "studies_total": counts["studies"], "studies_receiving": counts["receiving"],
+                **self.gauges(), "nodes": self.nodes(), "cluster": self.leases}
 
     def count_studies(self, state: str, before: float) -> int:
         row = self._query("SELECT COUNT(*) AS n FROM studies WHERE state=? AND last_received<?",

@@ -59,11 +59,15 @@ class PeersSQL(SQLBase):
         """Every node that ever ran on this state, with ``alive`` (heartbeat within the lease)."""
         now = time.time()
         try:
+            # One node (embedded): every instance is its own, counted on the studies' rows.
+            # Several: counted by node (PostgreSQL indexes instances by node).
+            mine = "(SELECT COUNT(*) FROM instances i WHERE i.node=n.node_id AND" \
+                " i.present=1)" if self.leases else \
+                "(SELECT COALESCE(SUM(instances_present),0) FROM studies)"
             found = self._query(
-                "SELECT node_id, started, heartbeat, info, (SELECT COUNT(*) FROM instances i WHERE"
-            " i.node=n.node_id AND i.present=1) AS instances_in_spool, (SELECT COUNT(*) FROM"
-            " jobs j WHERE j.node=n.node_id AND j.state='running') AS running_jobs"
-                " FROM nodes n ORDER BY node_id")
+                f"SELECT node_id, started, heartbeat, info, {mine} AS instances_in_spool,"
+                " (SELECT COUNT(*) FROM jobs j WHERE j.node=n.node_id AND j.state='running')"
+                " AS running_jobs FROM nodes n ORDER BY node_id")
         except Exception:  # a read-only look at a spool from before nodes were recorded
             return []
         rows = [dict(r) for r in found]

@@ -164,7 +164,7 @@ def create_app(router: RouterView) -> FastAPI:
 
 
 def destination_rows(router: RouterView) -> list[dict[str, Any]]:
-    summary = router.state.summary()
+    summary = router.state.gauges()
     failing = {j["destination"]: j for j in summary["retrying"]}
     dead = {j["destination"]: j for j in summary["dead"]}
     out = []
