@@ -12,6 +12,7 @@ and the receive throughput of the small corpus (storescu, one association).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -35,8 +36,16 @@ from dicomrouter.spool import spool_for
 from dicomrouter.state import state_for
 
 from .corpus import Corpus
-from .procs import BenchError, RouterServer, StoreSCU, free_port, router_env, storescu_argv
-from .synthetic import build_sqlite, patient_id, study_date
+from .procs import (
+    BenchError,
+    Postgres,
+    RouterServer,
+    StoreSCU,
+    free_port,
+    router_env,
+    storescu_argv,
+)
+from .synthetic import build_postgres, build_sqlite, patient_id, study_date
 
 REPEAT = 7  # each timed operation: the median of this many
 
@@ -69,21 +78,42 @@ def _find(assoc: Any, **keys: str) -> int:
     return n
 
 
-def measure(work: Path, corpus: Corpus, studies: int, instances: int,
-            timeout: float) -> dict[str, Any]:
-    """Every P8 figure for one size of state (``studies`` 0: empty)."""
-    router = RouterServer(work / "router", {
-        "stable_age": "1h",  # nothing completes during the measurement
-        "query_retrieve": True,
-        "web": {"enabled": True, "bind": "127.0.0.1", "port": free_port()},
-        "destinations": {"archive": {"type": "folder", "path": str(work / "out")}},
-        "routes": [{"to": "archive"}],
-        "retention": "3650d",  # the synthetic studies are kept: Q/R finds them
-    })
-    result: dict[str, Any] = {"studies": studies, "instances": instances}
-    if studies:
-        router.spool.mkdir(parents=True, exist_ok=True)
-        result["build_seconds"] = build_sqlite(router.spool / "state.db", studies, instances)
+def measure(work: Path, corpus: Corpus, studies: int, instances: int, timeout: float,
+            backend: str = "sqlite") -> dict[str, Any]:
+    """Every P8 figure for one size of state (``studies`` 0: empty) on ``backend``
+    (``sqlite``, or ``postgresql``: a server of its own, fsync on)."""
+    with contextlib.ExitStack() as stack:
+        config: dict[str, Any] = {
+            "stable_age": "1h",  # nothing completes during the measurement
+            "query_retrieve": True,
+            "web": {"enabled": True, "bind": "127.0.0.1", "port": free_port()},
+            "destinations": {"archive": {"type": "folder", "path": str(work / "out")}},
+            "routes": [{"to": "archive"}],
+            "retention": "3650d",  # the synthetic studies are kept: Q/R finds them
+        }
+        dsn = ""
+        if backend == "postgresql":
+            dsn = stack.enter_context(Postgres(work / "pg", fsync=True)).dsn
+            (work / "dsn").write_text(dsn + "\n")
+            config["state"] = {"type": "postgresql", "dsn_file": str(work / "dsn")}
+        router = RouterServer(work / "router", config)
+        result: dict[str, Any] = {"studies": studies, "instances": instances,
+                                  "backend": backend}
+        if studies and dsn:
+            result["build_seconds"] = build_postgres(dsn, studies, instances)
+        elif studies:
+            router.spool.mkdir(parents=True, exist_ok=True)
+            result["build_seconds"] = build_sqlite(router.spool / "state.db", studies,
+                                                   instances)
+        result.update(_with_router(work, router, corpus, studies, timeout))
+        result.update(_in_process(router.config_path))
+        return result
+
+
+def _with_router(work: Path, router: RouterServer, corpus: Corpus, studies: int,
+                 timeout: float) -> dict[str, Any]:
+    """What is measured from outside, the router running."""
+    result: dict[str, Any] = {}
     started = time.perf_counter()
     with router:
         result["startup_seconds"] = time.perf_counter() - started
@@ -115,7 +145,6 @@ def measure(work: Path, corpus: Corpus, studies: int, instances: int,
         seconds = StoreSCU(work / "storescu").run(argvs, timeout=timeout)
         result["receive"] = {"seconds": seconds, "instances": corpus.count,
                              "bytes": corpus.size}
-    result.update(_in_process(router.config_path))
     return result
 
 

@@ -253,7 +253,9 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
     else:
         skipped("P7", "several routers on PostgreSQL + S3")
     if "P8" in selected:
-        rows.extend(_flat_rows(runs, settings))
+        rows.extend(_flat_rows(runs, settings, "P8", "SQLite"))
+        if any("P8/pg/large" in r for r in runs):
+            rows.extend(_flat_rows(runs, settings, "P8/pg", "PostgreSQL"))
     else:
         skipped("P8", "cost flat as the state grows")
     return rows
@@ -273,26 +275,30 @@ P8_FIGURES = (
 )
 
 
-def _flat_rows(runs: Runs, settings: Settings) -> list[Row]:
+def _flat_rows(runs: Runs, settings: Settings, prefix: str, backend: str) -> list[Row]:
     """P8: each figure for the large state, against the empty one; receive throughput too."""
     rows: list[Row] = []
-    size = f"{settings.flat_instances:,} instances in {settings.flat_studies:,} studies"
+    size = f"{backend}, {settings.flat_instances:,} instances in {settings.flat_studies:,} " \
+        "studies"
     for key, what, unit, limit in P8_FIGURES:
-        large = median(_series(runs, "P8/large", lambda m, k=key: float(m[k])))
-        empty = median(_series(runs, "P8/empty", lambda m, k=key: float(m[k])))
+        large = median(_series(runs, f"{prefix}/large", lambda m, k=key: float(m[k])))
+        empty = median(_series(runs, f"{prefix}/empty", lambda m, k=key: float(m[k])))
         if large is None:
-            rows.append(Row("P8", f"{what}, {size}", _failed(runs, "P8/large") or "-", "-"))
+            rows.append(Row("P8", f"{what}, {size}", _failed(runs, f"{prefix}/large") or "-",
+                            "-"))
             continue
-        ratio = median(_ratios(runs, "P8/large", "P8/empty", lambda m, k=key: float(m[k])))
+        ratio = median(_ratios(runs, f"{prefix}/large", f"{prefix}/empty",
+                               lambda m, k=key: float(m[k])))
         target = f"< {limit:g} {unit}" if limit is not None else "-"
         verdict = "-" if limit is None else "met" if large < limit else "not met"
         rows.append(Row("P8", f"{what}, {size}", f"{large:.1f} {unit}",
                         "empty " + (f"{empty:.1f} {unit}" if empty is not None else "-"),
                         _fmt_ratio(ratio), target, verdict,
                         values={"large": large, "empty": empty, "ratio": ratio}))
-    receive = median(_series(runs, "P8/large", lambda m: rate(m["receive"])))
-    empty_rate = median(_series(runs, "P8/empty", lambda m: rate(m["receive"])))
-    ratio = median(_ratios(runs, "P8/large", "P8/empty", lambda m: rate(m["receive"])))
+    receive = median(_series(runs, f"{prefix}/large", lambda m: rate(m["receive"])))
+    empty_rate = median(_series(runs, f"{prefix}/empty", lambda m: rate(m["receive"])))
+    ratio = median(_ratios(runs, f"{prefix}/large", f"{prefix}/empty",
+                           lambda m: rate(m["receive"])))
     if receive is not None:
         rows.append(Row("P8", f"receive small, 1 association, {size}", f"{receive:.0f} inst/s",
                         f"empty {empty_rate or 0:.0f} inst/s", _fmt_ratio(ratio), "≥ 0.9×",

@@ -26,6 +26,7 @@ from .procs import (
     MotoServer,
     Orthanc,
     Peer,
+    Postgres,
     RouterServer,
     StoreSCP,
     StoreSCU,
@@ -185,11 +186,7 @@ class Bench:
             if "P7" in s.scenarios:
                 self._cluster(i, data)
             if "P8" in s.scenarios:
-                sizes = [("empty", 0, 0), ("large", s.flat_studies, s.flat_instances)]
-                for name, studies, instances in reversed(sizes) if flip else sizes:
-                    self._measure(i, data, f"P8/{name}", partial(
-                        flatcost.measure, corpus=self.corpora["small"], studies=studies,
-                        instances=instances, timeout=_timeout(self.corpora["small"])))
+                self._flat(i, data, flip)
             if "P4" in s.scenarios:  # last: its 2 GB of writes must not slow the others
                 for corpus in P4_CORPORA:
                     self._measure(i, data, f"P4/{corpus}/router",
@@ -222,6 +219,21 @@ class Bench:
             self._measure(i, data, f"P7/small/nodes{nodes}-{ack}", partial(
                 cluster.receive, corpus=corpus, nodes=nodes, ack=ack,
                 stable_age=LONG_STABLE_AGE, timeout=_timeout(corpus)))
+
+    def _flat(self, i: int, data: dict[str, Measurement], flip: bool) -> None:
+        """P8: the empty and the large state, on SQLite and (if here) on PostgreSQL."""
+        s = self.settings
+        backends = ["sqlite", "postgresql"] if Postgres.available() else ["sqlite"]
+        if len(backends) == 1 and i == 0:
+            self.progress("P8 on PostgreSQL skipped: PostgreSQL or psycopg not available")
+        sizes = [("empty", 0, 0), ("large", s.flat_studies, s.flat_instances)]
+        for backend in backends:
+            prefix = "P8" if backend == "sqlite" else "P8/pg"
+            for name, studies, instances in reversed(sizes) if flip else sizes:
+                self._measure(i, data, f"{prefix}/{name}", partial(
+                    flatcost.measure, corpus=self.corpora["small"], studies=studies,
+                    instances=instances, timeout=_timeout(self.corpora["small"]),
+                    backend=backend))
 
     def _measure(self, i: int, data: dict[str, Measurement], key: str,
                  fn: Callable[[Path], Measurement]) -> None:

@@ -16,6 +16,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from dicomrouter.state.postgres import PostgresState
 from dicomrouter.state.sqlite import SQLiteState
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -108,4 +109,83 @@ def build_sqlite(db_path: Path, studies: int, instances: int, receiving: int = 5
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         db.close()
+    return time.perf_counter() - start
+
+
+def build_postgres(dsn: str, studies: int, instances: int, receiving: int = 5) -> float:
+    """The same rows in a (new) PostgreSQL state; returns the seconds it took. The totals'
+    trigger is off during the load and the totals set once after (a million row triggers would
+    each rewrite a study row)."""
+    import psycopg  # the cluster extra: only P8's PostgreSQL half needs it
+
+    start = time.perf_counter()
+    PostgresState(dsn, "bench-builder").close()  # the router's schema and migrations
+    per = max(1, instances // studies)
+    half = max(1, studies // 2)
+    now = time.time()
+
+    def pid(n: str) -> str:
+        return f"'PAT' || lpad((({n}) % {half})::text, 7, '0')"
+
+    def name(n: str) -> str:
+        return f"'DOE^P' || lpad((({n}) % {half})::text, 7, '0')"
+
+    def date(n: str) -> str:
+        return f"to_char(date '2016-01-01' + (({n}) % 3650)::int, 'YYYYMMDD')"
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET synchronous_commit = off")
+        with conn.transaction():
+            conn.execute("ALTER TABLE instances DISABLE TRIGGER instances_totals")
+            conn.execute(f"""
+                INSERT INTO studies(study_uid, patient_id, patient_name, study_date, accession,
+                                    description, calling_ae, called_ae, state, generation,
+                                    first_received, last_received, completed_at, delivered_at,
+                                    in_spool)
+                SELECT '{ROOT}.' || i, {pid('i')}, {name('i')}, {date('i')},
+                       'ACC' || lpad(i::text, 8, '0'), 'SYNTHETIC', 'MODALITY', 'DICOMROUTER',
+                       CASE WHEN i >= {studies - receiving} THEN 'receiving' ELSE 'delivered'
+                       END, 1, {now} - ({studies} - i) * 60.0, {now} - ({studies} - i) * 60.0
+                       + 30, {now} - ({studies} - i) * 60.0 + 31,
+                       {now} - ({studies} - i) * 60.0 + 40, 1
+                FROM generate_series(0, {studies - 1}) AS i""")
+            conn.execute(f"""
+                INSERT INTO instances(sop_uid, study_uid, series_uid, sop_class,
+                                      transfer_syntax, path, size, received_at, generation,
+                                      calling_ae, called_ae, tags, present)
+                SELECT s || '.' || (j % {per}), s, s || '.' || ((j % {per}) * 2 / {per}), '{CT}',
+                       '{EXPLICIT}', 'data/' || s || '/' || s || '.' || (j % {per}) || '.dcm',
+                       526000, {now} - ({studies} - j / {per}) * 60.0, 1, 'MODALITY',
+                       'DICOMROUTER',
+                       json_build_object(
+                           'PatientID', {pid(f'j / {per}')},
+                           'PatientName', {name(f'j / {per}')},
+                           'StudyInstanceUID', s, 'StudyDate', {date(f'j / {per}')},
+                           'AccessionNumber', 'ACC' || lpad((j / {per})::text, 8, '0'),
+                           'Modality', 'CT',
+                           'SeriesInstanceUID', s || '.' || ((j % {per}) * 2 / {per}),
+                           'SeriesNumber', ((j % {per}) * 2 / {per} + 1)::text,
+                           'SOPInstanceUID', s || '.' || (j % {per}), 'SOPClassUID', '{CT}',
+                           'InstanceNumber', (j % {per} + 1)::text)::text, 1
+                FROM (SELECT j, '{ROOT}.' || (j / {per}) AS s
+                      FROM generate_series(0, {studies * per - 1}) AS j) AS n""")
+            conn.execute("UPDATE studies SET bytes_present = t.b, instances_present = t.n FROM"
+                         " (SELECT study_uid, SUM(size * present) AS b, SUM(present) AS n FROM"
+                         " instances GROUP BY study_uid) t WHERE t.study_uid = studies.study_uid")
+            conn.execute("ALTER TABLE instances ENABLE TRIGGER instances_totals")
+            conn.execute("""
+                INSERT INTO jobs(study_uid, destination, state, attempts, next_attempt,
+                                 generation, routes, created, updated)
+                SELECT study_uid, 'archive', 'delivered', 1, 0, 1, '["all"]', completed_at,
+                       delivered_at FROM studies WHERE state = 'delivered'""")
+            conn.execute("""
+                INSERT INTO ledger(sop_uid, destination, study_uid, sends, delivered_at)
+                SELECT i.sop_uid, 'archive', i.study_uid, 1, s.delivered_at FROM instances i
+                JOIN studies s ON s.study_uid = i.study_uid WHERE s.state = 'delivered'""")
+            for event, at in (("received from MODALITY", "first_received"),
+                              ("complete: routes: all; destinations: archive", "completed_at"),
+                              ("delivered to archive", "delivered_at")):
+                conn.execute(f"INSERT INTO events(study_uid, ts, event) SELECT study_uid, {at},"
+                             f" '{event}' FROM studies WHERE {at} IS NOT NULL")
+        conn.execute("VACUUM ANALYZE")
     return time.perf_counter() - start

@@ -54,12 +54,15 @@ def test_bench_smoke_tiny_corpora(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert {row["id"] for row in data["rows"]} == {"P1", "P2", "P3", "P4", "P5", "P7", "P8"}
     # P8: the synthetic state is what the router answers from: C-FIND finds its studies
-    large, empty = data["runs"][0]["P8/large"], data["runs"][0]["P8/empty"]
-    assert (large["instances"], empty["instances"]) == (2000, 0)
-    assert large["find_patient_matches"] == 2 and empty["find_patient_matches"] == 0, large
-    assert large["find_dates_matches"] >= 1, large
-    assert large["receive"]["instances"] == 20 and large["tick_ms"] >= 0, large
-    assert len([r for r in data["rows"] if r["id"] == "P8"]) == 9
+    for prefix in ("P8", "P8/pg"):  # SQLite, and PostgreSQL (a server of its own)
+        large, empty = data["runs"][0][f"{prefix}/large"], data["runs"][0][f"{prefix}/empty"]
+        assert (large["instances"], empty["instances"]) == (2000, 0)
+        assert large["find_patient_matches"] == 2 and empty["find_patient_matches"] == 0, large
+        assert large["find_dates_matches"] >= 1, large
+        assert large["receive"]["instances"] == 20 and large["tick_ms"] >= 0, large
+    p8 = [r["measurement"] for r in data["rows"] if r["id"] == "P8"]
+    assert len([m for m in p8 if "SQLite" in m]) == len([m for m in p8 if "PostgreSQL" in m]) \
+        == 9, p8
     # P7: one node in both ack_after modes and two nodes, each with its per-instance costs
     for key in ("nodes1-shared", "nodes1-local", "nodes2-shared"):
         m = data["runs"][0][f"P7/small/{key}"]
