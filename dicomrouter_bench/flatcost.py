@@ -13,6 +13,7 @@ and the receive throughput of the small corpus (storescu, one association).
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def measure(work: Path, corpus: Corpus, studies: int, instances: int, timeout: f
             router.spool.mkdir(parents=True, exist_ok=True)
             result["build_seconds"] = build_sqlite(router.spool / "state.db", studies,
                                                    instances)
+        os.sync()  # the build's writes on disk now, not during the measurements
         result.update(_with_router(work, router, corpus, studies, timeout))
         result.update(_in_process(router.config_path))
         return result
