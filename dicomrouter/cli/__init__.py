@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retry": ("status", "retry"),
     "audit": ("status", "audit"),
     "explain": ("tools", "explain"),
-    "purge": ("status", "purge"),
+    "purge": ("purge", "purge"),
     "sample": ("tools", "sample"),
     "bench": ("tools", "bench"),
 }

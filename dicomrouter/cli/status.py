@@ -1,4 +1,5 @@
-"""``dicomrouter status``, ``audit``, ``retry`` and ``purge``: the state, while serve runs."""
+"""``dicomrouter status``, ``audit`` and ``retry``: the state, while serve runs. (They do not
+import the spool: ``status`` is run in loops, and the spool brings the DICOM and S3 stacks.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import click
 
 from .. import config as config_mod
 from ..config import ConfigError
-from ..spool import Spool, spool_for
 from ..state import JobState
 from .common import (
     config_option,
@@ -238,21 +238,3 @@ def retry(config_path: str | None, spool: str | None, dead: bool, study: str | N
     click.echo(f"requeued {n} job(s)" if n else f"nothing to requeue: no {what} job"
                + (f" for {destination}" if destination else "")
                + (f" of study {study}" if study else ""))
-
-
-@click.command()
-@config_option
-@spool_option
-@click.option("--study", required=True, help="Study Instance UID to remove.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def purge(config_path: str | None, spool: str | None, study: str, yes: bool) -> None:
-    """Remove a study from the spool and the state database, on purpose."""
-    state, root = open_state(config_path, spool, readonly=False)
-    if state.study(study) is None:
-        raise click.ClickException(f"no study {study} in {root}")
-    if not yes:
-        click.confirm(f"remove study {study} and its files from {root}?", abort=True)
-    cfg = load_config(config_path) if spool is None else None
-    store = spool_for(cfg, state) if cfg is not None and cfg.shared_spool else Spool(root, state)
-    freed = store.purge(study)
-    click.echo(f"purged study {study} ({size_text(freed)} freed)")
