@@ -43,8 +43,10 @@ def available() -> str:
     return ""
 
 
-def cpu_seconds(pid: int, with_children: bool = False) -> float:
-    """utime + stime of a process (and, for PostgreSQL, of every backend it forked)."""
+def cpu_seconds(pid: int, with_children: bool = False, reaped: bool = False) -> float:
+    """utime + stime of a process (and, for PostgreSQL, of every backend it forked; with
+    ``reaped``, also of the children it has waited for: cutime + cstime, e.g. the processes
+    ``storescp --fork`` forks per association)."""
     pids = [pid]
     if with_children:
         for entry in os.listdir("/proc"):
@@ -60,6 +62,8 @@ def cpu_seconds(pid: int, with_children: bool = False) -> float:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
+            if reaped:
+                total += int(fields[13]) + int(fields[14])
         except (OSError, IndexError, ValueError):
             continue
     return total / _TICK

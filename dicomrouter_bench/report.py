@@ -78,6 +78,15 @@ def _failed(runs: Runs, key: str) -> str | None:
     return None
 
 
+def _cpu_per_1000(m: Measurement) -> float:
+    """CPU seconds of the receiver (and its processes) per 1000 instances received."""
+    return float(m["cpu_seconds"]) * 1000.0 / float(m["instances"])
+
+
+def _series_cpu(runs: Runs, key: str) -> list[float]:
+    return [_cpu_per_1000(r[key]) for r in runs if _ok(r.get(key)) and "cpu_seconds" in r[key]]
+
+
 def _throughput(runs: Runs, key: str) -> tuple[str, float | None]:
     inst = median(_series(runs, key, rate))
     if inst is None:
@@ -212,7 +221,14 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
             many, m_val = _throughput(runs, f"P5/small/{kind}")
             one, _ = _throughput(runs, f"P1/small/{single}")
             ratio = median(_ratios(runs, f"P5/small/{kind}", f"P1/small/{single}", rate))
-            values = {"inst_s": m_val, "ratio": ratio}
+            per_1000 = median(_series_cpu(runs, f"P5/small/{kind}"))
+            one_cpu = median(_series_cpu(runs, f"P1/small/{single}"))
+            values = {"inst_s": m_val, "ratio": ratio, "cpu_s_per_1000": per_1000,
+                      "cpu_s_per_1000_one": one_cpu}
+            if per_1000 is not None:  # what decides the scaling on a machine with more cores
+                many += f", {per_1000:.2f} CPU s/1000"
+            if one_cpu is not None:
+                one += f", {one_cpu:.2f} CPU s/1000"
             if kind.startswith("router"):
                 target, verdict = _verdict("P5", ratio)
                 what = f"receive small, {n} associations vs 1" + (

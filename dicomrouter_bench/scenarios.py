@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import flatcost
+from .cluster import cpu_seconds
 from .corpus import LARGE_COLS, LARGE_ROWS, Corpus, large_frames, make_corpus
 from .procs import (
     LOOPBACK,
@@ -324,10 +325,14 @@ class Bench:
         """P1 / P5: wall time of storescu (``parts`` associations at once) into ``kind``."""
         corpus = self.corpora[corpus_name]
         with self._receiver(work, kind) as peer:
+            # CPU of the receiver, its receiver processes and forked children: on a 2-core box
+            # concurrency cannot show as speed, the CPU per instance says what more cores buy
+            cpu0 = cpu_seconds(peer.pid, with_children=True, reaped=True)
             seconds = self._send(work, peer, corpus, parts, secure=kind.endswith("-tls"))
             self._expect(peer, corpus.count, kind)
+            cpu = cpu_seconds(peer.pid, with_children=True, reaped=True) - cpu0
         return {"seconds": seconds, "instances": corpus.count, "bytes": corpus.size,
-                "associations": parts}
+                "associations": parts, "cpu_seconds": cpu}
 
     def end_to_end(self, work: Path, mode: str, corpus_name: str) -> Measurement:
         """P2: storescu start → every instance in the target Orthanc, minus the stable age.

@@ -69,6 +69,11 @@ def test_bench_smoke_tiny_corpora(tmp_path: Path) -> None:
         assert m["instances"] == 20 and m["s3_objects"] == 1.0, m
         assert m["pg_transactions"] >= 1.0 and m["router_cpu_ms"] > 0, m
     assert not any("error" in m for m in data["runs"][0].values())
+    # P5: the CPU the receivers spent (what more cores would buy), router and storescp --fork
+    for kind in ("router", "router-2", "storescp-fork"):
+        assert data["runs"][0][f"P5/small/{kind}"]["cpu_seconds"] > 0, kind
+    assert all("CPU s/1000" in r["router"] for r in data["rows"]
+               if r["id"] == "P5" and r["measurement"].startswith("receive")), data["rows"]
     assert data["runs"][0]["P4/study/router"]["instances"] == 5  # 9 MB of 2.1 MB instances
     for mode in ("stow", "cstore"):  # P3: both paths into the DICOMweb-enabled Orthanc
         assert data["runs"][0][f"P3/small/{mode}"]["instances"] == 20
