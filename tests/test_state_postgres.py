@@ -108,6 +108,8 @@ def test_the_spool_total_follows_every_change_of_the_instances(state: State) -> 
     assert state.forget_delivered("1.3.1", "delivered everywhere") is not None
     assert state.spool_bytes() == summed() == 3200
     assert [r["study_uid"] for r in state.study_rows(limit=1)] == ["1.3.2"]  # the newest
+    assert [r["study_uid"] for r in state.study_rows(with_done=True, limit=2)] == \
+        ["1.3.1", "1.3.2"]  # the newest N, listed oldest first
     assert state.study_counts() == {"studies": 1, "receiving": 1}  # 1.3.1 is done with
     assert state.study_counts(with_done=True) == {"studies": 2, "receiving": 1}
     state.purge("1.3.2")

@@ -25,12 +25,12 @@ class ReportingSQL(SQLBase):
             where, args = " WHERE s.study_uid=?", [study_uid]
         else:
             where, args = ("" if with_done else f" WHERE {self.LISTED}"), []
-        order = " ORDER BY s.first_received"
+        newest = ""
         if limit > 0 and study_uid is None:
-            order += " DESC LIMIT ?"
+            newest = " ORDER BY s.first_received DESC LIMIT ?"
             args.append(limit)
         # the studies chosen (and limited) first: the counts below are computed for them only
-        chosen = f"(SELECT * FROM studies s{where}{order})"
+        chosen = f"(SELECT * FROM studies s{where}{newest})"
         rows = [dict(r) for r in self._query(
             "SELECT s.study_uid, s.patient_id, s.state, s.generation, s.calling_ae,"
             " s.first_received, s.last_received, s.completed_at, s.delivered_at, s.in_spool,"
@@ -42,10 +42,7 @@ class ReportingSQL(SQLBase):
             + (" (SELECT COUNT(*) FROM moves m WHERE m.from_study=s.study_uid) AS moved_out,"
                " (SELECT COUNT(*) FROM moves m WHERE m.to_study=s.study_uid) AS moved_in"
                if self._has_moves() else " 0 AS moved_out, 0 AS moved_in") +
-            f" FROM {chosen} s ORDER BY s.first_received"
-            + (" DESC" if limit > 0 and study_uid is None else ""), args)]
-        if limit > 0 and study_uid is None:
-            rows.reverse()
+            f" FROM {chosen} s ORDER BY s.first_received", args)]
         # the node(s) that received each listed study's instances (several routers, one state)
         by_study: dict[str, dict[str, int]] = {}
         uids = [r["study_uid"] for r in rows]
