@@ -237,7 +237,7 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
                     _add_columns(db, "jobs", "node TEXT", "lease_until REAL",
                                  "missing INTEGER NOT NULL DEFAULT 0"))[0]),
     (7, _source_deltas),
-    (8, lambda db: _study_totals(db)),
+    (8, _study_totals),
 ]
 
 
