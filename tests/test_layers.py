@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dicomrouter"
-MAX_LINES = 650
+MAX_LINES = 600  # issue 24: "no module over ~600 lines"
 
 # Top to bottom; a module may import from its own layer (without a cycle) or any layer below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
