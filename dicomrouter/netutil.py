@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import _config, dimse_messages, evt, transport
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from .tlsctx import describe_error
 
@@ -44,19 +45,26 @@ def rejection_is_permanent(result: int, source: int, reason: int) -> bool:
 
 
 def _remember_rejection(event: Any) -> None:
-    prim = event.primitive
-    if getattr(prim, "result", None) in (1, 2):
-        event.assoc.dicomrouter_rejection = prim
+    if isinstance(event.pdu, A_ASSOCIATE_RJ):
+        event.assoc.dicomrouter_rejection = event.pdu.to_primitive()
 
 
 #: pass to ``AE.associate(evt_handlers=...)`` so ``association_failure`` and
-#: ``rejected_permanently`` can tell what an A-ASSOCIATE-RJ said (pynetdicom only logs it)
-REJECTION_HANDLERS = [(evt.EVT_ACSE_RECV, _remember_rejection)]
+#: ``rejected_permanently`` can tell what an A-ASSOCIATE-RJ said (pynetdicom only logs it).
+#: The PDU is caught as it is decoded: a peer that closes the connection right after its
+#: rejection (DCMTK does) can make pynetdicom report an abort, the rejection never reaching
+#: its ACSE; what the peer said is what counts.
+REJECTION_HANDLERS = [(evt.EVT_PDU_RECV, _remember_rejection)]
+
+
+def rejection_of(assoc: Any) -> Any:
+    """The A-ASSOCIATE-RJ the peer sent on this association (a primitive), if it sent one."""
+    return getattr(assoc, "dicomrouter_rejection", None)
 
 
 def rejected_permanently(assoc: Any) -> bool:
-    prim = getattr(assoc, "dicomrouter_rejection", None)
-    return bool(assoc.is_rejected and prim is not None and rejection_is_permanent(
+    prim = rejection_of(assoc)
+    return bool(prim is not None and rejection_is_permanent(
         prim.result, prim.result_source, prim.diagnostic))
 
 
@@ -66,8 +74,8 @@ def association_failure(assoc: Any, host: str, port: int, tls: Any = None) -> st
     pynetdicom reports a refused TCP connection (or a failed TLS handshake) as an abort; a
     quick connect (and handshake) tells them apart.
     """
-    if assoc.is_rejected:
-        prim = getattr(assoc, "dicomrouter_rejection", None)
+    prim = rejection_of(assoc)
+    if assoc.is_rejected or prim is not None:
         said = f" ({prim.result_str}, {prim.source_str}: {prim.reason_str})" if prim else ""
         return (f"association rejected{said}: check the called/calling AE titles and the "
                 "peer's allow-list")
