@@ -15,7 +15,7 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from . import destinations, health, metrics
+from . import conversion, destinations, health, metrics
 from .completion import Housekeeping, StudyTracker
 from .config import Config
 from .delivery import DeliveryWorkers
@@ -26,8 +26,6 @@ from .scp.server import StorageSCP
 from .sources.runner import SourcePollers
 from .spool import spool_for
 from .state import Job, JobState, state_for
-from .web.api import create_app
-from .web.server import WebServer
 
 log = logging.getLogger("dicomrouter")
 
@@ -49,6 +47,8 @@ def _bind(what: str, bind: str, port: int, reuse_port: bool = False) -> socket.s
 class Router:
     def __init__(self, cfg: Config, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
+        conversion.POOL.configure(cfg.conversion_processes, cfg.conversion_timeout,
+                                  cfg.conversion_idle)
         self.clock = clock  # injectable (tests move it): delivery windows
         # Bind first: a port in use fails here, before the spool or state.db is created.
         self._dicom_socks = []
@@ -141,6 +141,10 @@ class Router:
         self.sources.start()
         if self._web_sock is not None:
             metrics.watch_state(self.state, self.cfg.spool)
+            # imported only when enabled: FastAPI and uvicorn are ~13 MB of an idle router
+            from .web.api import create_app
+            from .web.server import WebServer
+
             self.web = WebServer(create_app(self), self._web_sock)
             self.web.start()
         self._listening = True
@@ -183,6 +187,7 @@ class Router:
         self._stop.set()
         self.tracker.stop()
         self.workers.stop()
+        conversion.POOL.close()
         self.housekeeping.stop()
         self.spool.stop()
         self.state.close()

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
 import threading
 
 from . import logsafe
+from .common import nocodecs
 from .config import Config
 from .scp import services
 from .scp.listener import FastStorageSCP
@@ -61,7 +63,8 @@ class ReceiverProcesses:
     def start(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter, no inherited threads
         for i in range(1, self.cfg.receivers):
-            p = ctx.Process(target=run_receiver, args=(self.cfg, os.getpid()),
+            args = pickle.dumps((self.cfg, os.getpid()))
+            p = ctx.Process(target=nocodecs.run_lean, args=(f"{__name__}:run_receiver", args),
                             name=f"receiver-{i}", daemon=True)
             p.start()
             self.procs.append(p)

@@ -21,7 +21,6 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -58,7 +57,18 @@ _SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 
 
 class ConversionError(Exception):
-    """The instance cannot be converted to the syntax asked for (the reason says why)."""
+    """The instance cannot be converted to the syntax asked for (the reason says why).
+
+    ``permanent``: the same bytes would fail again (False when the conversion process died or
+    timed out, which a retry may not repeat)."""
+
+    def __init__(self, reason: str, permanent: bool = True) -> None:
+        super().__init__(reason, permanent)
+        self.reason = reason
+        self.permanent = permanent
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 def is_lossy(ts: str) -> bool:
@@ -72,6 +82,8 @@ def swap_to_little_endian(ds: Dataset) -> None:
     byte order written. Pixel Data is swapped by its Bits Allocated when over 8 (whatever its
     VR says), by 2 when it is OW (8-bit data in OW words are word-swapped in Big Endian).
     """
+    import numpy as np  # here: conversions run in their own process (conversion.py)
+
     bits = int(ds.get("BitsAllocated", 0) or 0)
     for elem in ds:  # iterating converts raw elements with the dataset's own (BE) encoding
         if elem.VR == "SQ":
@@ -149,6 +161,25 @@ def encode(ds: Dataset, target_ts: str) -> bytes:
         if len(data) % 2:
             data += b"\x00"
     return data
+
+
+def convert_to_file(source: str, source_ts: str, target_ts: str, out: str,
+                    part10: bool = True) -> None:
+    """Convert the file ``source`` and write the result at ``out``: a Part 10 file, or
+    (``part10=False``) the dataset's bytes only. Run in a conversion process (conversion.py)."""
+    ds = convert(source, source_ts, target_ts)
+    try:
+        header = part10_header(ds) if part10 else b""
+        data = encode(ds, target_ts)
+    except Exception as exc:  # a value that cannot be written (e.g. a File Meta missing)
+        raise ConversionError(f"encoding: {type(exc).__name__}: {str(exc)[:300]}") from None
+    try:
+        with open(out, "wb") as f:
+            f.write(header)
+            f.write(data)
+    except OSError as exc:  # a full disk heals: not permanent
+        raise ConversionError(f"cannot write the converted file: {exc}",
+                              permanent=False) from None
 
 
 def part10_header(ds: Dataset) -> bytes:

@@ -81,6 +81,12 @@ def test_sizes(value: object, size: int) -> None:
     ({"destinations": {"x": {"type": "dicom", "ae_title": "A", "host": "h", "port": 1,
                              "associations": 0}}},
      "destinations.x.associations: expected a whole number from 1 to 16"),
+    ({"destinations": {"x": {"type": "s3", "bucket": "b", "part_size": "1MB"}}},
+     "destinations.x.part_size: must be between 5MiB and 5GiB"),
+    ({"destinations": {"x": {"type": "s3", "bucket": "b", "transfer_threads": 0}}},
+     "destinations.x.transfer_threads: expected a whole number from 1 to 64"),
+    ({"conversion_timeout": "never"}, "conversion_timeout: expected a duration"),
+    ({"conversion_processes": 0}, "conversion_processes: expected a whole number from 1 to 64"),
 ])
 def test_invalid_config_names_the_key(tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -24,11 +24,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("durable storage", ("spool", "state", "query")),
     ("leaves", ("config", "common", "values", "schema", "rules", "schedule", "sweep",
                 "transforms", "deid", "deid_table", "dicomfile", "dimse", "walk", "transcode",
+                "conversion",
                 "logsafe", "tlsctx", "netutil", "metrics", "sample", "storage_contexts")),
 ]
 LAYER_OF = {name: i for i, (_title, names) in enumerate(LAYERS) for name in names}
-# Lazy on purpose: an optional package the runtime does not depend on.
-LAZY_ALLOWED = {("dicomrouter.cli.tools", "dicomrouter_bench.cli")}
+# Lazy on purpose: an optional package the runtime does not depend on; the web stack, imported
+# only when the web server is enabled (issue 25: idle memory).
+LAZY_ALLOWED = {("dicomrouter.cli.tools", "dicomrouter_bench.cli"),
+                ("dicomrouter.app", "dicomrouter.web.api"),
+                ("dicomrouter.app", "dicomrouter.web.server")}
 
 
 def _module_name(path: Path) -> str:

@@ -22,6 +22,8 @@ from router_fixtures import Router
 
 from dicomrouter.sample import generate
 
+#: shared objects of the pixel codecs and numpy (as named in /proc/PID/maps)
+CODEC_LIBRARIES = ("/numpy/", "gdcm", "openjpeg", "libjpeg", "/PIL/", "charls", "jpeg_ls")
 LOSSY = {"jpeg_baseline_gray", "jpeg_baseline_rgb", "jpeg_extended", "jpegls_near", "j2k_lossy"}
 
 
@@ -88,6 +90,18 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
+def _codec_libraries(pid: int) -> set[str]:
+    """The codec libraries mapped into a process."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {line.split()[-1] for line in maps.splitlines()
+            if any(name in line.lower() for name in CODEC_LIBRARIES)}
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
+
 def _check_arrived(corpus: dict[str, Path], arrived: dict[str, Path]) -> None:
     """Every file arrived uncompressed Little Endian with the source's decoded pixels."""
     for name, src in corpus.items():
@@ -128,6 +142,11 @@ def test_conversions_to_storescp_implicit_only(tmp_path: Path, corpus: dict[str,
         _check_arrived(corpus, arrived)
         assert "converted from Explicit VR Big Endian" in router.log(4000)
         assert "Traceback" not in router.log(10000)
+        # the conversions ran in a process of their own (issue 25): the codecs and numpy are
+        # loaded there, never in the router process
+        assert not _codec_libraries(router.pid), _codec_libraries(router.pid)
+        converters = [c for c in _children(router.pid) if _codec_libraries(c)]
+        assert converters, "no conversion process with the codecs loaded"
 
 
 def test_conversions_to_orthanc_little_endian_only(tmp_path: Path, corpus: dict[str, Path],

@@ -14,6 +14,8 @@ import importlib
 
 import click
 
+from ..common import nocodecs
+
 #: command name -> (module in this package, attribute): the order ``--help`` lists them in
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "serve"),
@@ -31,9 +33,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: commands that become the router process: pydicom is imported without its pixel codecs
+#: (common/nocodecs.py; conversions run in a process of their own)
+ROUTER_PROCESS = frozenset({"serve"})
+
+
 def load_command(name: str) -> click.Command:
     """The click command ``name`` is bound to, imported now."""
     module, attr = COMMANDS[name]
+    if name in ROUTER_PROCESS:
+        nocodecs.import_pydicom_without_codecs()
     command = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
     if not isinstance(command, click.Command):
         raise TypeError(f"{module}.{attr} is not a click command")

@@ -8,7 +8,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from dicomweb_client.session_utils import create_session, create_session_from_user_pass
 
 from .secrets import secret
 
@@ -16,6 +15,9 @@ from .secrets import secret
 def http_session(peer: Any) -> requests.Session:
     """A requests session for an HTTP peer's model (``config.peers.HttpPeer``: ``username`` +
     ``password_env``/``password_file``, or ``token_env``/``token_file``, and ``verify_tls``)."""
+    # imported here: dicomweb_client imports numpy and Pillow, kept out of an idle router
+    from dicomweb_client.session_utils import create_session, create_session_from_user_pass
+
     if peer.username:
         password = secret(peer, "password")
         session = create_session_from_user_pass(peer.username, password or "")

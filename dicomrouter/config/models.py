@@ -312,6 +312,10 @@ class ConfigModel(Strict):
     max_associate_rq_size: Annotated[int, parsed(parse_size, 1024, 16 * 2**20)] = 65536
     min_free_disk: Size = 1_000_000_000  # below it on the spool's disk: 0xA700
     max_sequence_depth: Int(1, 100) = 32  # deeper nesting in a received dataset: 0xC000
+    # conversions (transcoding) run in processes of their own (conversion.py)
+    conversion_processes: Int(1, 64) = 1  # at most this many conversions at once
+    conversion_timeout: Duration = 600.0  # a longer conversion is stopped (its process killed)
+    conversion_idle: Duration = 60.0  # the processes stop after this long without a conversion
 
     _source: str = PrivateAttr("embedded defaults")
     _listeners: tuple[ListenerModel, ...] = PrivateAttr(())

@@ -345,9 +345,14 @@ class S3Access(Strict):
     access_key_env: Text | None = None  # default: the standard AWS credential chain
     secret_key_env: Text | None = None
     verify_tls: Annotated[bool | str, parsed(_tls)] = True
+    # a multipart transfer: this many parts in flight (and in memory) at once, of this size
+    transfer_threads: Int(1, 64) = 4
+    part_size: Size = 8 * 2**20
 
     @model_validator(mode="after")
     def _s3_credentials(self) -> S3Access:
+        if not 5 * 2**20 <= self.part_size <= 5 * 2**30:
+            raise ConfigError("part_size", "must be between 5MiB and 5GiB (S3's part sizes)")
         if bool(self.access_key_env) != bool(self.secret_key_env):
             raise ConfigError("access_key_env", "access_key_env and secret_key_env go together")
         secrets_set(self, "access_key_env", "secret_key_env")

@@ -15,6 +15,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Iterable
+from pathlib import Path
 from typing import BinaryIO
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -41,13 +42,12 @@ from ..dimse import (
 )
 from ..netutil import describe_non_dicom, rejection_is_permanent
 from ..tlsctx import describe_error
-from ..transcode import encode
 from .base import DeliveryError, InstanceRejected, PermanentFailure
 from .store import (
     REJECTED_ACTION,
     Peer,
     Source,
-    converted,
+    converted_file,
     no_syntax,
     open_source,
     plan_contexts,
@@ -167,7 +167,8 @@ class FastStoreAssociation:
         cx_id = self.accepted[(sop_class, target)]
         payload: bytes | None = None
         if target != transfer_syntax:
-            payload = encode(converted(source, transfer_syntax, target, self.peer), target)
+            with converted_file(source, transfer_syntax, target, self.peer, part10=False) as path:
+                payload = Path(path).read_bytes()
         sop_instance = sop_instance or self._sop_instance(source)
         self._message_id = self._message_id % 0xFFFF + 1
         elements = [

@@ -11,6 +11,7 @@ study UID, instance count, SHA-256. Credentials: the standard AWS chain, or
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..common.s3 import s3_client
+from ..common.s3 import s3_client, transfer_config
 from ..config.peers import S3Model
 from ..dicomfile import read_header, render_template, text
 from ..state import Instance
@@ -66,6 +67,11 @@ class S3Destination(Destination):
         self.whole_study = self.mode == "zip"
         self.key = cfg.key or (DEFAULT_ZIP_KEY if self.whole_study else DEFAULT_INSTANCE_KEY)
         self.bucket = cfg.bucket
+
+    @functools.cached_property
+    def transfer(self) -> Any:
+        """boto3's transfer settings, bounded (``transfer_threads``, ``part_size``)."""
+        return transfer_config(self.options)
 
     def describe(self) -> str:
         where = self.options.endpoint_url or "AWS"
@@ -163,7 +169,7 @@ class _InstanceSession(Session):
         try:
             self.client.upload_fileobj(data, self.dest.bucket, key, ExtraArgs={"Metadata": {
                 "study-instance-uid": inst.study_uid, "sop-instance-uid": inst.sop_uid,
-                "sha256": digest.hexdigest()}})
+                "sha256": digest.hexdigest()}}, Config=self.dest.transfer)
         except Exception as exc:
             raise _s3_error(exc, f"upload of s3://{self.dest.bucket}/{key}") from None
         return True
@@ -202,7 +208,7 @@ class _ZipSession(Session):
             self.client.upload_file(self.zip.path, self.dest.bucket, self.key, ExtraArgs={
                 "Metadata": {"study-instance-uid": self.zip.study_uid,
                              "instance-count": str(len(self.uids)), "sha256": sha256},
-                "ContentType": "application/zip"})
+                "ContentType": "application/zip"}, Config=self.dest.transfer)
         except Exception as exc:
             if "EndpointConnectionError" in f"{type(exc).__name__} {exc}" or \
                     "Could not connect to the endpoint" in str(exc):

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
+from ..conversion import POOL
 from ..netutil import (
     REJECTION_HANDLERS,
     association_failure,
@@ -29,7 +29,7 @@ from ..netutil import (
     rejected_permanently,
     stream_c_store_from_files,
 )
-from ..transcode import ConversionError, convert, encode, part10_header
+from ..transcode import ConversionError
 from .base import DeliveryError, InstanceRejected, PermanentFailure
 
 log = logging.getLogger("dicomrouter.scu")  # the name operators grep for: kept
@@ -158,17 +158,22 @@ def open_source(source: Source) -> Iterator[BinaryIO]:
         yield source
 
 
-def converted(source: Source, ts: str, target: str, peer: Peer) -> Dataset:
-    """The file converted to ``target``; InstanceRejected with the reason when it cannot be."""
-    try:
-        with open_source(source) as f:
-            ds = convert(f, ts, target)
-    except ConversionError as exc:
-        raise InstanceRejected(f"{peer} takes {UID(target).name}, not {UID(ts).name}, and the "
-                               f"conversion failed: {exc}", permanent=True) from exc
-    log.info("%s: sending it to %s converted from %s to %s", source_name(source), peer,
-             UID(ts).name, UID(target).name)
-    return ds
+@contextlib.contextmanager
+def converted_file(source: Source, ts: str, target: str, peer: Peer,
+                   part10: bool = True) -> Iterator[str]:
+    """A temporary file holding the source converted to ``target`` (by a conversion process,
+    conversion.py): a Part 10 file, or with ``part10=False`` the dataset's bytes only.
+    InstanceRejected with the reason when it cannot be converted."""
+    with tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
+        try:
+            POOL.to_file(source_path(source), ts, target, tmp.name, part10)
+        except ConversionError as exc:
+            raise InstanceRejected(f"{peer} takes {UID(target).name}, not {UID(ts).name}, and "
+                                   f"the conversion failed: {exc}",
+                                   permanent=exc.permanent) from exc
+        log.info("%s: sending it to %s converted from %s to %s", source_name(source), peer,
+                 UID(ts).name, UID(target).name)
+        yield tmp.name
 
 
 def no_syntax(peer: Peer, sop_class: str, ts: str) -> InstanceRejected:
@@ -216,11 +221,8 @@ class StoreAssociation:
             # pynetdicom's chunked send wants a file name (the spool reader's)
             rsp = self.assoc.send_c_store(source_path(source))
         else:  # the same bytes the fast sender sends, from a temporary Part 10 file
-            ds = converted(source, transfer_syntax, target, self.peer)
-            with tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
-                tmp.write(part10_header(ds) + encode(ds, target))
-                tmp.flush()
-                rsp = self.assoc.send_c_store(tmp.name)
+            with converted_file(source, transfer_syntax, target, self.peer) as path:
+                rsp = self.assoc.send_c_store(path)
         if not rsp or "Status" not in rsp:
             raise DeliveryError(f"no C-STORE response from {self.peer} (timeout or connection "
                                 "lost)")

@@ -29,7 +29,6 @@ in the log; the others go on.
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -46,15 +45,14 @@ from ..destinations.fastsend import FastStoreAssociation
 from ..destinations.store import (
     Peer,
     batches,
-    converted,
+    converted_file,
     no_syntax,
     source_path,
     store_outcome,
 )
 from ..spool import Spool
 from ..state import Instance
-from ..transcode import TARGETS, part10_header
-from ..transcode import encode as encode_dataset
+from ..transcode import TARGETS
 
 log = logging.getLogger("dicomrouter.qr")
 
@@ -318,11 +316,8 @@ class GetSender:
         if target == ts:  # streamed from the spool file (pynetdicom's chunked send)
             rsp = self.assoc.send_c_store(source_path(source), msg_id=self._message_id)
         else:
-            ds = converted(source, ts, target, self.peer)
-            with tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
-                tmp.write(part10_header(ds) + encode_dataset(ds, target))
-                tmp.flush()
-                rsp = self.assoc.send_c_store(tmp.name, msg_id=self._message_id)
+            with converted_file(source, ts, target, self.peer) as path:
+                rsp = self.assoc.send_c_store(path, msg_id=self._message_id)
         if not rsp or "Status" not in rsp:
             raise DeliveryError(f"no C-STORE response from {self.peer} (timeout or connection "
                                 "lost)")

@@ -13,16 +13,18 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
-from dicomweb_client.api import DICOMwebClient
 
 from ..common.http import http_session, request_failure
 from ..config.peers import DicomwebSourceModel
 from .base import PullError, Source, describe_pull
 from .multipart import MultipartError, MultipartReader, boundary_of
 from .registry import implements
+
+if TYPE_CHECKING:  # imported when first used: it imports numpy and Pillow (nocodecs.py)
+    from dicomweb_client.api import DICOMwebClient
 
 log = logging.getLogger("dicomrouter.sources")
 
@@ -59,6 +61,8 @@ class DicomwebSource(Source):
 
     def _client(self) -> DICOMwebClient:
         if self._dw is None:
+            from dicomweb_client.api import DICOMwebClient
+
             self._session = http_session(self.cfg)
             self._dw = DICOMwebClient(self.cfg.url.rstrip("/"),
                                       session=self._session)

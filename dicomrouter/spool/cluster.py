@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..common.s3 import s3_client
+from ..common.s3 import s3_client, transfer_config
 from ..dicomfile import UnreadableDataset, identify, source_ae
 from ..state import Instance, State
 from .local import Accepted, ReceiveFile, Spool, SpoolReader, unlink_quietly
@@ -58,6 +58,7 @@ class SharedStore:
         if self.prefix and not self.prefix.endswith("/"):
             self.prefix += "/"
         self._client = s3_client(model)
+        self._transfer = transfer_config(model)
 
     def describe(self) -> str:
         where = self.model.endpoint_url or "AWS"
@@ -79,7 +80,8 @@ class SharedStore:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         try:
             with open(part, "wb") as out:
-                self._client.download_fileobj(self.bucket, self.prefix + key, out)
+                self._client.download_fileobj(self.bucket, self.prefix + key, out,
+                                              Config=self._transfer)
             os.replace(part, dest)
         except Exception as exc:
             unlink_quietly(part)
