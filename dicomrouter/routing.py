@@ -98,12 +98,13 @@ class _StudyView:
 
     def __init__(self, instances: Sequence[Instance], keys: set[str],
                  open_instance: Callable[[Instance], BinaryIO] | None,
-                 sources: Mapping[str, str] | None = None) -> None:
+                 sources: Mapping[str, str] | None = None,
+                 headers: dict[str, dict[str, list[str]]] | None = None) -> None:
         self.instances = instances
         self._open = open_instance
         self._keys = keys
         self._sources = sources or {}
-        self._headers: dict[str, dict[str, list[str]]] = {}
+        self._headers: dict[str, dict[str, list[str]]] = {} if headers is None else headers
 
     def study_values(self, key: str) -> list[str]:
         """Every value the study has for ``key`` (aggregates computed over the instances)."""
@@ -155,16 +156,18 @@ class _StudyView:
 
 def route(routes: Sequence[RouteConfig], instances: Sequence[Instance],
           open_instance: Callable[[Instance], BinaryIO] | None = None,
-          sources: Mapping[str, str] | None = None) -> Decision:
+          sources: Mapping[str, str] | None = None,
+          headers: dict[str, dict[str, list[str]]] | None = None) -> Decision:
     """Evaluate the routing table for one study; ``open_instance`` (``Spool.open``) reads the
     keys the index does not hold; ``sources`` maps a calling AE title to the pull source it
-    stands for (the ``Source`` key)."""
+    stands for (the ``Source`` key); ``headers``, kept by the caller between evaluations of
+    a growing study, holds what was read from each file (each is read once)."""
     keys = set().union(*(keys_of(r.when) for r in routes)) if routes else set()
     if "ModalitiesInStudy" in keys:
         keys.add("Modality")
     if "SeriesDescriptions" in keys:
         keys.add("SeriesDescription")
-    view = _StudyView(instances, keys, open_instance, sources)
+    view = _StudyView(instances, keys, open_instance, sources, headers)
     matched: list[str] = []
     dests: dict[str, None] = {}
     results: list[RouteResult] = []

@@ -18,6 +18,7 @@ P3_NOT_IMPLEMENTED = "n/a (DICOMweb destination not implemented yet)"
 TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "P1": ("≥ 1.0×", lambda r: r >= 1.0),
     "P2": ("≤ 0.5×", lambda r: r <= 0.5),
+    "P2i": ("≤ 0.3×", lambda r: r <= 0.3),  # issue 25: forward while receiving
     "P3": ("≥ 1.0×", lambda r: r >= 1.0),
     "P4": ("≤ 200 MB", lambda v: v <= 200.0),
     "P5": ("≥ 1.8×", lambda r: r >= 1.8),
@@ -164,6 +165,15 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
                             f"{settings.forward_associations} association(s))", router,
                             f"Orthanc gateway {base}", _fmt_ratio(ratio), target, verdict,
                             {"router_s": r_val, "gateway_s": b_val, "ratio": ratio}))
+            if not any(f"P2/{c}/router-immediate" in r for r in runs):
+                continue
+            now, n_val = _seconds(runs, f"P2/{c}/router-immediate")
+            ratio = median(_ratios(runs, f"P2/{c}/router-immediate", f"P2/{c}/gateway", sec))
+            target, verdict = _verdict("P2i", ratio)
+            rows.append(Row("P2", f"end to end {c} → Orthanc, forward: immediate (router: "
+                            "nothing subtracted; gateway: minus stable age)", now,
+                            f"Orthanc gateway {base}", _fmt_ratio(ratio), target, verdict,
+                            {"router_s": n_val, "gateway_s": b_val, "ratio": ratio}))
     else:
         skipped("P2", "end to end into Orthanc")
 

@@ -162,7 +162,7 @@ class Bench:
                     self._measure(i, data, f"P1/small/{kind}",
                                   partial(self.receive, kind=kind, corpus_name="small"))
             if "P2" in s.scenarios and s.orthanc:
-                modes = ["router", "gateway"]
+                modes = ["router", "gateway", "router-immediate"]
                 for corpus in RECEIVE_CORPORA:
                     for mode in reversed(modes) if flip else modes:
                         self._measure(i, data, f"P2/{corpus}/{mode}",
@@ -338,21 +338,24 @@ class Bench:
         """P2: storescu start → every instance in the target Orthanc, minus the stable age.
 
         ``mode`` is ``router`` (dicomrouter with a dicom destination) or ``gateway`` (an Orthanc
-        whose Lua ``OnStableStudy`` forwards the study), both with the same stable age.
+        whose Lua ``OnStableStudy`` forwards the study), both with the same stable age, or
+        ``router-immediate``: the router's route with ``forward: immediate``, which does not
+        wait for the stable age, so nothing is subtracted from its time.
         """
         corpus = self.corpora[corpus_name]
         age = self.settings.stable_age
         with running() as start:
             target = start(Orthanc(work / "target", aet="TARGET"))
             sender: Peer
-            if mode == "router":
+            if mode in ("router", "router-immediate"):
+                forward = "immediate" if mode == "router-immediate" else "complete"
                 sender = RouterServer(work / "router", {
                     "stable_age": f"{age}s",
                     "destinations": {"target": {
                         "type": "dicom", "ae_title": target.aet, "host": LOOPBACK,
                         "port": target.dicom_port,
                         "associations": self.settings.forward_associations}},
-                    "routes": [{"name": "everything", "to": ["target"]}],
+                    "routes": [{"name": "everything", "to": ["target"], "forward": forward}],
                 })
             elif mode == "gateway":
                 lua = work / "gateway.lua"
@@ -363,13 +366,14 @@ class Bench:
             else:
                 raise ValueError(mode)
             start(sender)
-            return self._through(work, sender, target, corpus, mode)
+            return self._through(work, sender, target, corpus, mode,
+                                 waits=mode != "router-immediate")
 
     def _through(self, work: Path, sender: Peer, target: Orthanc, corpus: Corpus,
-                 via: str) -> Measurement:
+                 via: str, waits: bool = True) -> Measurement:
         """storescu → ``sender`` → every instance in ``target``: seconds from storescu's start,
-        minus the stable age (P2, P3)."""
-        age = self.settings.stable_age
+        minus the stable age when the sender ``waits`` for it (P2, P3)."""
+        age = self.settings.stable_age if waits else 0
         started = time.perf_counter()
         receive = self._send(work, sender, corpus)
 

@@ -4,7 +4,8 @@ A study is complete when nothing arrived for it for the stable age (the shortest
 one and the routes' own), when every instance its sender announced is in (``count_query``),
 when a route's ``expect`` is met, or, still receiving, after ``force_complete_after``. Each
 matched route fires once its own stable age is over; ``level: series`` routes send each series
-once it is stable on its own; route delivery windows hold the jobs they create.
+once it is stable on its own; route delivery windows hold the jobs they create;
+``forward: immediate`` routes send instances as they arrive (forward.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..sources import source_names
 from ..spool import Spool
 from ..state import STATE_ERRORS, Instance, State, StudyState
 from .counts import ask_counts
+from .forward import ImmediateForwarder
 
 log = logging.getLogger("dicomrouter")
 
@@ -53,6 +55,8 @@ class StudyTracker:
         self.counted = [ae for ae, k in cfg.known_aes.items() if k.count_query]
         self.expecting = [r for r in cfg.routes if r.expect]  # expect: complete early
         self.per_series = [r for r in cfg.routes if r.level == "series"]
+        self.forwarder = ImmediateForwarder(cfg, state, spool, notify, self.source_names) \
+            if any(r.forward == "immediate" for r in cfg.routes) else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -93,7 +97,10 @@ class StudyTracker:
                 log.exception("study tracker error (will try again)")
 
     def tick(self) -> None:
-        """Complete what became stable; route what a route's own stable age now lets go."""
+        """Complete what became stable; route what a route's own stable age now lets go;
+        forward what arrived for ``forward: immediate`` routes."""
+        if self.forwarder is not None:
+            self.forwarder.tick()
         for study in self.state.due_studies(self.min_stable_age,
                                             force_after=self.cfg.force_complete_after):
             self.complete(study)

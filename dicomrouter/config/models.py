@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 
-from ..rules import literal_values
+from ..rules import AGGREGATES, keys_of, literal_values
 from ..schedule import parse_window
 from ..schema import (
     CHECK_SECRETS,
@@ -218,6 +218,8 @@ class RouteModel(Strict):
     # complete early once every expected instance is in
     expect: Annotated[dict[str, Any] | None, parsed(expect_value)] = None
     level: Choice("study", "series") = "study"  # series: each series sent once it is stable
+    # immediate: instances go as they arrive, the study still completes by its stable age
+    forward: Choice("complete", "immediate") = "complete"
     deliver_between: Text | None = None  # jobs this route creates wait for the window
     days: list[Any] | None = None
     timezone: Text | None = None
@@ -257,7 +259,26 @@ class RouteModel(Strict):
                               "matched: it takes no when")
         if self.fallback and self.stop:
             raise ConfigError("stop", "a fallback route is always the last one to fire")
+        if self.forward == "immediate":
+            self._forward_immediate()
         return self
+
+    def _forward_immediate(self) -> None:
+        """What ``forward: immediate`` cannot be combined with, and why."""
+        needs_whole = {"fallback": "a fallback route fires only once no other route matched "
+                                   "the complete study",
+                       "expect": "it sends instances as they arrive, before any expectation",
+                       "stable_age": "it sends instances as they arrive, without a stable age",
+                       "deliver_between": "it sends instances as they arrive",
+                       "level": "it sends instances as they arrive, not series"}
+        for key, why in needs_whole.items():
+            value = getattr(self, key)
+            if value not in (None, False, "study"):
+                raise ConfigError(key, f"not with forward: immediate ({why})")
+        whole = sorted(set(keys_of(self.when)) & set(AGGREGATES))
+        if whole:
+            raise ConfigError("forward", f"immediate needs conditions on instance attributes; "
+                              f"{whole[0]} is known only once the study is complete")
 
     @model_validator(mode="before")
     @classmethod
@@ -387,6 +408,11 @@ class ConfigModel(Strict):
                 if dest not in known:
                     raise ConfigError(f"routes[{i}].to", f"unknown destination {show(dest)} "
                                       f"(known: {', '.join(known) or 'none defined'})")
+                why = self.destinations[dest].whole_study() if route.forward == "immediate" \
+                    else ""
+                if why:
+                    raise ConfigError(f"routes[{i}].forward", f"immediate cannot send to "
+                                      f"{show(dest)}: {why}")
         return self
 
     @model_validator(mode="after")

@@ -161,6 +161,11 @@ class DestinationBase(Named):
     def window(self) -> Any:
         return self._schedule
 
+    def whole_study(self) -> str:
+        """Why this destination takes only whole studies ('' when instances may go one run
+        at a time, as ``forward: immediate`` sends them)."""
+        return ""
+
 
 class SourceBase(Named):
     """What every pull source has: its type and how often it is polled."""
@@ -249,6 +254,10 @@ class FolderModel(DestinationBase):
                               "{StudyInstanceUID} (that folder is moved into place whole)")
         return self
 
+    def whole_study(self) -> str:
+        return "it writes one zip per study" if self.zip else \
+            "it moves a staged study folder into place" if self.staging else ""
+
 
 @destination_type("dicom")
 class DicomModel(DestinationBase):
@@ -292,6 +301,9 @@ class MoveModel(DestinationBase):
     query_model: Choice("study", "patient") = "study"
     timeout: Duration = 600.0  # association set-up, and between two C-MOVE responses
     tls: TlsClientModel | None = None
+
+    def whole_study(self) -> str:
+        return "it moves studies with C-MOVE"
 
 
 def _tls(value: Any, key: str) -> bool | str:
@@ -364,6 +376,9 @@ class S3Model(DestinationBase, S3Access):
     mode: Choice("zip", "instances") = "zip"
     key: Annotated[str, parsed(template_value)] | None = None  # default depends on mode (s3.py)
     timeout: Duration = 60.0
+
+    def whole_study(self) -> str:
+        return "it uploads one zip per study (mode: zip)" if self.mode == "zip" else ""
 
 
 #: a study's instance count at a dicom/dicomweb source must stay the same this long before

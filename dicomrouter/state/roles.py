@@ -106,6 +106,17 @@ class Studies(ABC):
                      destinations: Sequence[str], why: str) -> None: ...
 
     @abstractmethod
+    def receiving_studies(self) -> list[tuple[str, int, float]]:
+        """(study, generation, last arrival) of the studies still receiving."""
+
+    @abstractmethod
+    def forward_now(self, study_uid: str, generation: int, route: str,
+                    destinations: Sequence[str], why: str) -> list[str]:
+        """``forward: immediate``: the destinations' jobs take what the study holds now; the
+        destinations whose job is due now (``why`` is noted once per new job, ``{dest}``
+        filled in)."""
+
+    @abstractmethod
     def set_await(self, study_uid: str, until: float | None, why: str = "") -> None:
         """A route waits for its own stable age until ``until`` (None: none waits)."""
 

@@ -253,6 +253,48 @@ class StudiesSQL(SQLBase):
                             else None, study_uid, dest))
             self._event(db, study_uid, why, now)
 
+    def receiving_studies(self) -> list[tuple[str, int, float]]:
+        """(study, generation, last arrival) of every study still receiving."""
+        return [(r["study_uid"], r["generation"], r["last_received"]) for r in self._query(
+            "SELECT study_uid, generation, last_received FROM studies WHERE state='receiving'")]
+
+    def forward_now(self, study_uid: str, generation: int, route: str,
+                    destinations: Sequence[str], why: str) -> list[str]:
+        """``forward: immediate``: the jobs of ``destinations`` take what the receiving study
+        holds now (created, or requeued when delivered or running; a job waiting for its retry
+        or dead keeps waiting). The destinations whose job is due now."""
+        now = time.time()
+        due: list[str] = []
+        with self._tx(study_uid) as db:
+            row = db.execute("SELECT state, generation FROM studies WHERE study_uid=?",
+                             (study_uid,)).fetchone()
+            if row is None or row["state"] != "receiving" or row["generation"] != generation:
+                return []
+            for dest in destinations:
+                job = db.execute("SELECT state, routes FROM jobs WHERE study_uid=? AND"
+                                 " destination=?", (study_uid, dest)).fetchone()
+                if job is None:
+                    db.execute("INSERT INTO jobs(study_uid, destination, state, attempts,"
+                               " next_attempt, generation, created, updated, routes)"
+                               " VALUES (?,?,'pending',0,0,?,?,?,?)",
+                               (study_uid, dest, generation, now, now, json.dumps([route])))
+                    self._event(db, study_uid, why.replace("{dest}", dest), now)
+                    due.append(dest)
+                    continue
+                routes = json.loads(job["routes"] or "[]")
+                if route not in routes:
+                    routes.append(route)
+                if job["state"] == "running":
+                    db.execute("UPDATE jobs SET requeue=1, routes=? WHERE study_uid=? AND"
+                               " destination=?", (json.dumps(routes), study_uid, dest))
+                elif job["state"] in ("delivered", "pending"):
+                    db.execute("UPDATE jobs SET state='pending', attempts=0, next_attempt=0,"
+                               " generation=?, updated=?, routes=?, series_only=NULL WHERE"
+                               " study_uid=? AND destination=?",
+                               (generation, now, json.dumps(routes), study_uid, dest))
+                    due.append(dest)
+        return due
+
     def sweepable_studies(self) -> list[str]:
         """Studies the spool holds that are not receiving (the sweep re-evaluates them)."""
         return [r["study_uid"] for r in self._query(
