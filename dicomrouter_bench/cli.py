@@ -64,6 +64,9 @@ def _terminated(signum: int, _frame: FrameType | None) -> None:
               show_default=True,
               help="The router's `associations` towards the target Orthanc in P2 (the Orthanc "
               "gateway always uses one).")
+@click.option("--stow-concurrency", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="The router's `parallel_requests` (STOW-RS requests in flight per study) "
+              "towards the target Orthanc in P3 (its C-STORE baseline uses one association).")
 @click.option("--storescp-pdu", type=click.IntRange(4096, 131072), default=131072,
               show_default=True,
               help="storescp's maximum receive PDU in P1/P5. The router accepts any size, so "
@@ -87,7 +90,8 @@ def _terminated(signum: int, _frame: FrameType | None) -> None:
               "into this directory (collapsed stacks + summary.txt).")
 def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: float,
           stable_age: int,
-          associations: int, forward_associations: int, storescp_pdu: int | None,
+          associations: int, forward_associations: int, stow_concurrency: int,
+          storescp_pdu: int | None,
           nodes: int, flat_studies: int, flat_instances: int, as_json: bool,
           json_out: Path | None, markdown: bool, keep: bool,
           workdir: Path | None, profile_dir: Path | None) -> None:
@@ -110,7 +114,8 @@ def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: 
     settings = Settings(runs=runs, scenarios=_scenarios(only), small=small, ct=ct,
                         large_mb=large_mb, study_mb=study_mb, stable_age=stable_age,
                         associations=associations,
-                        forward_associations=forward_associations, storescp_pdu=storescp_pdu,
+                        forward_associations=forward_associations,
+                        stow_concurrency=stow_concurrency, storescp_pdu=storescp_pdu,
                         nodes=nodes, flat_studies=flat_studies,
                         flat_instances=flat_instances, keep=keep)
     if not settings.orthanc:

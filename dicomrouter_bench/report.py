@@ -189,7 +189,8 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
             cstore, c_val = _throughput(runs, f"P3/{c}/cstore")
             ratio = median(_ratios(runs, f"P3/{c}/stow", f"P3/{c}/cstore", mbps))
             target, verdict = _verdict("P3", ratio)
-            rows.append(Row("P3", f"end to end {c} → Orthanc via STOW-RS (minus stable age)",
+            rows.append(Row("P3", f"end to end {c} → Orthanc via STOW-RS (minus stable age; "
+                            f"router: {settings.stow_concurrency} request(s) in flight)",
                             stow, f"C-STORE {cstore}", _fmt_ratio(ratio), target, verdict,
                             {"stow_inst_s": s_val, "cstore_inst_s": c_val, "ratio": ratio}))
     else:

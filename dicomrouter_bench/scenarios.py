@@ -69,6 +69,7 @@ class Settings:
     stable_age: int = 1
     associations: int = 8
     forward_associations: int = 4  # the router's dicom destination in P2
+    stow_concurrency: int = 4  # P3: the router's dicomweb destination's parallel_requests
     storescp_pdu: int | None = None  # storescp's -pdu (None: its default, 16 kB)
     nodes: int = 3  # P7: 1..nodes routers on one PostgreSQL + S3
     flat_studies: int = 20_000  # P8: the large state (synthetic rows) against the empty one
@@ -83,6 +84,7 @@ class Settings:
                 "stable_age": self.stable_age,
                 "associations": self.associations,
                 "forward_associations": self.forward_associations,
+                "stow_concurrency": self.stow_concurrency,
                 "storescp_pdu": self.storescp_pdu, "nodes": self.nodes,
                 "flat_studies": self.flat_studies, "flat_instances": self.flat_instances,
                 "orthanc": self.orthanc}
@@ -390,16 +392,18 @@ class Bench:
                 "stable_age": age, "instances": corpus.count, "bytes": corpus.size}
 
     def dicomweb(self, work: Path, mode: str, corpus_name: str) -> Measurement:
-        """P3: storescu → router → the same Orthanc through STOW-RS (its DICOMweb plugin) or
-        C-STORE (one association, like STOW's one request at a time); seconds from storescu's
-        start to every instance in Orthanc, minus the stable age."""
+        """P3: storescu → router → the same Orthanc through STOW-RS (its DICOMweb plugin;
+        ``stow_concurrency`` requests in flight per study) or C-STORE (one association, the
+        destination's default); seconds from storescu's start to every instance in Orthanc,
+        minus the stable age."""
         corpus = self.corpora[corpus_name]
         age = self.settings.stable_age
         with running() as start:
             target = start(Orthanc(work / "target", aet="TARGET", dicomweb=True))
             if mode == "stow":
-                destination: dict[str, Any] = {"type": "dicomweb",
-                                               "url": f"{target.url}/dicom-web"}
+                destination: dict[str, Any] = {
+                    "type": "dicomweb", "url": f"{target.url}/dicom-web",
+                    "parallel_requests": self.settings.stow_concurrency}
             elif mode == "cstore":
                 destination = {"type": "dicom", "ae_title": target.aet, "host": LOOPBACK,
                                "port": target.dicom_port}

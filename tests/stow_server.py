@@ -3,7 +3,9 @@ made to produce on demand: a 503 on the Nth request, a request that hangs until 
 success answer for an instance it then does not keep.
 
 It parses each multipart/related request into its DICOM parts (pydicom), records every part it
-received, and answers with a PS3.18 response that references what it "stored".
+received, and answers with a PS3.18 response that references what it "stored". It counts the
+requests in flight (``max_in_flight``); with ``gate=N`` each request waits (up to a minute)
+until N are in flight at once, so a test sees N concurrent requests or times out.
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ Plan = Callable[[int], str]
 
 
 class StowServer:
-    def __init__(self, plan: Plan | None = None) -> None:
+    def __init__(self, plan: Plan | None = None, gate: int = 0) -> None:
         self.plan: Plan = plan or (lambda n: "ok")
         self.received: list[str] = []  # SOP Instance UIDs of every part, in order (re-sends too)
         self.stored: dict[str, str] = {}  # SOP Instance UID → Study Instance UID (QIDO lists)
+        self.parts: dict[str, bytes] = {}  # SOP Instance UID → the part's bytes, as stored
+        self.in_flight = 0  # POSTs being handled now
+        self.max_in_flight = 0
+        self.gate = gate
+        self._gate_open = gate <= 1
+        self._flight = threading.Condition()
         self.posts = 0
         self.release = threading.Event()  # a "hang" request answers once this is set
         self.hanging = threading.Event()  # set while a request hangs
@@ -37,7 +45,12 @@ class StowServer:
                 pass
 
             def do_POST(self) -> None:  # noqa: N802
-                server._post(self)
+                server._enter()
+                try:
+                    server._post(self)
+                finally:
+                    with server._flight:
+                        server.in_flight -= 1
 
             def do_GET(self) -> None:  # noqa: N802
                 server._get(self)
@@ -56,6 +69,17 @@ class StowServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
+    def _enter(self) -> None:
+        """Count a request in flight; with a gate, wait until ``gate`` are in flight at once
+        (then the gate stays open)."""
+        with self._flight:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            if self.in_flight >= self.gate:
+                self._gate_open = True
+            self._flight.notify_all()
+            self._flight.wait_for(lambda: self._gate_open, timeout=60)
+
     @staticmethod
     def _parts(body: bytes, content_type: str) -> list[bytes]:
         boundary = content_type.split("boundary=", 1)[1].split(";")[0].strip('"')
@@ -69,7 +93,8 @@ class StowServer:
 
     def _post(self, h: BaseHTTPRequestHandler) -> None:
         body = h.rfile.read(int(h.headers.get("Content-Length", "0")))
-        datasets = [dcmread(io.BytesIO(p)) for p in self._parts(body, h.headers["Content-Type"])]
+        parts = self._parts(body, h.headers["Content-Type"])
+        datasets = [dcmread(io.BytesIO(p)) for p in parts]
         with self._lock:
             self.posts += 1
             n = self.posts
@@ -86,10 +111,11 @@ class StowServer:
             return
         dropped = action[5:] if action.startswith("drop:") else ""
         refs = []
-        for ds in datasets:
+        for ds, part in zip(datasets, parts, strict=True):
             uid = str(ds.SOPInstanceUID)
             if uid != dropped:
                 self.stored[uid] = str(ds.StudyInstanceUID)
+                self.parts[uid] = part
             refs.append({"00081150": {"vr": "UI", "Value": [str(ds.SOPClassUID)]},
                          "00081155": {"vr": "UI", "Value": [uid]}})
         payload = json.dumps({"00081199": {"vr": "SQ", "Value": refs}}).encode()

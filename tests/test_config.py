@@ -293,6 +293,8 @@ def test_every_destination_and_source_type_has_its_class() -> None:
      "sources.p.url: expected an http:// or https:// URL"),
     ({"sources": {"p": {"type": "dicomweb", "url": "http://x", "lookback": "forever"}}},
      "sources.p.lookback: expected a duration"),
+    ({"destinations": {"w": {"type": "dicomweb", "url": "http://x", "parallel_requests": 17}}},
+     "destinations.w.parallel_requests: expected a whole number from 1 to 16, got 17"),
     ({"sources": {"p": {"type": "orthanc", "url": "http://x", "interval": 0}}},
      "sources.p.interval: must be at least 100ms"),
     ({"routes": [{"to": "a", "when": {"Source": "pcas"}}],

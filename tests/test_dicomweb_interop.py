@@ -1,12 +1,17 @@
-"""STOW-RS into a real Orthanc with its DICOMweb plugin and HTTP basic auth switched on."""
+"""STOW-RS into a real Orthanc with its DICOMweb plugin and HTTP basic auth switched on, and
+into the tests' own STOW-RS server for what Orthanc cannot be made to do on demand (hold
+requests until several are in flight, answer 503 to one of them)."""
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
+from typing import Any
 
 from peers import Orthanc, run_storescu
 from pydicom import dcmread
-from router_fixtures import Router, dataset_bytes, tags_of
+from router_fixtures import Router, dataset_bytes, dicomrouter, tags_of
+from stow_server import StowServer
 
 from dicomrouter.sample import generate
 
@@ -107,3 +112,81 @@ def test_stow_response_is_read_instance_by_instance() -> None:
     assert delivered == {"1.2.3"}
     assert failed == {"1.2.4": "HTTP 202: STOW-RS failure reason 0xA900 (data set does not "
                                 "match SOP class)"}
+
+
+def test_parallel_requests_into_orthanc_deliver_each_instance_once(
+        tmp_path: Path, orthanc, monkeypatch) -> None:
+    """``parallel_requests: 4``: the study goes in 4 parts of 10, each its own session of two
+    batches; Orthanc ends up with every instance, as sent, each sent once (verified by QIDO)."""
+    monkeypatch.setenv("STOW_PASSWORD", USERS["router"])
+    pacs: Orthanc = orthanc(aet="CLOUD", dicomweb=True, users=USERS)
+    study = generate(tmp_path / "study", series=2, instances=20, rows=32, cols=32, seed=54)
+    with stow_router(tmp_path, pacs, parallel_requests=4, batch_size=5,
+                     verify="qido") as router:
+        assert run_storescu(study, router.port).returncode == 0
+        router.wait_state(tags_of(study[0], "StudyInstanceUID")[0], "delivered", timeout=180)
+        uids = {tags_of(f, "SOPInstanceUID")[0]: f for f in study}
+        assert pacs.instance_sop_uids() == set(uids)
+        for uid, f in uids.items():
+            got = tmp_path / "got.dcm"
+            got.write_bytes(pacs.instance_file(uid))
+            assert dataset_bytes(got) == dataset_bytes(f), uid
+        assert pacs.log(100000).count("POST /dicom-web/studies") == 8  # 4 parts × 2 batches
+        ledger = router.status()["ledger"]
+        assert (ledger["sends"], ledger["delivered"], ledger["resent"]) == (40, 40, 0), ledger
+        assert "4 requests in flight per study" in router.log(5000)
+
+
+FAST_RETRY = {"initial": "1s", "max_delay": "2s", "max_attempts": 6}
+
+
+def _own_server_router(tmp_path: Path, server: StowServer, **options: Any) -> Router:
+    return Router(tmp_path / "router", {
+        "destinations": {"cloud": {"type": "dicomweb", "url": server.url, "batch_size": 8,
+                                   "parallel_requests": 4, "retry": FAST_RETRY, **options}},
+        "routes": [{"to": "cloud"}],
+    })
+
+
+def _send_study(tmp_path: Path, router: Router, seed: int) -> tuple[dict[str, Path], str]:
+    """32 instances (4 parts of 8: one request each) sent to the router; (SOP UID → file,
+    Study Instance UID)."""
+    files = generate(tmp_path / "study", series=2, instances=16, rows=8, cols=8, seed=seed)
+    r = dicomrouter("send", str(tmp_path / "study"), "--port", str(router.port))
+    assert r.returncode == 0, r.stderr
+    return {tags_of(f, "SOPInstanceUID")[0]: f for f in files}, \
+        tags_of(files[0], "StudyInstanceUID")[0]
+
+
+def test_parallel_requests_are_in_flight_at_once(tmp_path: Path) -> None:
+    """The server holds each request until 4 are in flight (it would give up after a minute
+    and see only one): 4 requests overlap, never more, and each part arrives once, as sent."""
+    with StowServer(gate=4) as server, \
+            _own_server_router(tmp_path, server, verify="qido") as router:
+        files, study_uid = _send_study(tmp_path, router, seed=55)
+        router.wait_state(study_uid, "delivered", timeout=180)
+        assert server.max_in_flight == 4 and server.posts == 4
+        assert sorted(server.received) == sorted(files), "each instance sent exactly once"
+        for uid, f in files.items():
+            sent = tmp_path / "sent.dcm"
+            sent.write_bytes(server.parts[uid])
+            assert dataset_bytes(sent) == dataset_bytes(f), uid
+        ledger = router.status()["ledger"]
+        assert (ledger["sends"], ledger["delivered"], ledger["resent"]) == (32, 32, 0), ledger
+
+
+def test_one_failed_parallel_request_keeps_the_others_delivered(tmp_path: Path) -> None:
+    """Of 4 requests in flight, the second answers 503: the job fails with the 24 the others
+    confirmed recorded, and its retry sends only that request's 8 instances."""
+    with StowServer(lambda n: "503" if n == 2 else "ok", gate=4) as server, \
+            _own_server_router(tmp_path, server) as router:
+        files, study_uid = _send_study(tmp_path, router, seed=56)
+        router.wait_state(study_uid, "delivered", timeout=180)
+        assert server.max_in_flight == 4
+        assert set(server.stored) == set(files)
+        times = collections.Counter(server.received)
+        assert sorted(times.values()) == [1] * 24 + [2] * 8, "only the refused batch twice"
+        assert server.posts == 5, "4 at once, then the retry's one request"
+        ledger = router.status()["ledger"]
+        assert (ledger["sends"], ledger["delivered"], ledger["resent"]) == (40, 32, 8), ledger
+        assert "failed after 24 delivered" in router.log(5000)

@@ -343,6 +343,10 @@ class HttpPeer(Strict):
 class DicomwebModel(DestinationBase, HttpPeer):
     batch_size: Int(1, 100_000) = 100
     batch_bytes: Size = 100_000_000
+    # STOW-RS requests one study is split over, in flight at once (each with its own HTTP
+    # session and batches); not ``concurrency``, which every destination has already: how many
+    # studies are delivered to it at the same time
+    parallel_requests: Int(1, 16) = 1
     # qido: after each batch, an instance counts as delivered only once the server's QIDO-RS
     # lists it (a server may answer 200 for an instance it did not keep)
     verify: Choice("none", "qido") = "none"

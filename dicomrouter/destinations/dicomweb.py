@@ -10,6 +10,13 @@ The response is read instance by instance (PS3.18 10.5.3): ReferencedSOPSequence
 delivered; FailedSOPSequence items are refused with their Failure Reason; a 409 refuses the
 batch's instances with the server's reasons; 401/403, 5xx and connection errors fail the job
 (retried with backoff). Secrets come from the environment or a file, are never logged.
+
+``parallel_requests: N`` sets ``associations``: the delivery worker splits a study into N
+contiguous parts, each sent by a session of its own (its own ``requests.Session``, which is not
+thread-safe, and its own batches), so N requests are in flight at once and at most N bodies are
+being streamed. Each session reports what its responses confirm through ``durable`` as they
+come, so when one request fails the others' instances stay recorded and the retry sends only
+the rest.
 """
 
 from __future__ import annotations
@@ -88,13 +95,16 @@ class DicomwebDestination(Destination):
         super().__init__(cfg, ctx)
         self.url = cfg.url.rstrip("/")
         self.options = cfg
+        self.associations = cfg.parallel_requests
 
     def describe(self) -> str:
         o = self.options
         auth = " (basic auth)" if o.username else \
             " (bearer token)" if o.token_env or o.token_file else ""
+        parallel = f", {self.associations} requests in flight per study" \
+            if self.associations > 1 else ""
         return (f"dicomweb {self.url}{auth}, STOW-RS batches of up to "
-                f"{o.batch_size} instances / {o.batch_bytes} bytes")
+                f"{o.batch_size} instances / {o.batch_bytes} bytes{parallel}")
 
     def session(self) -> requests.Session:
         try:
@@ -103,6 +113,7 @@ class DicomwebDestination(Destination):
             raise DeliveryError(str(exc)) from None
 
     def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
+        # a new HTTP session each time: the parts of a study are sent from several threads
         return _StowSession(self, self.session())
 
 
