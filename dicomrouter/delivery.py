@@ -24,6 +24,7 @@ from . import metrics
 from .config import Config
 from .destinations import DeliveryError, Destination, InstanceRejected
 from .destinations.base import PermanentFailure
+from .feed import ForwardFeed
 from .spool import Spool, SpoolReader
 from .state import Instance, Job, JobState, State
 from .transforms import TransformError, transform_file
@@ -238,16 +239,24 @@ class DeliveryWorkers:
         series mostly travels in order on one association)."""
         if not todo:
             return RunResult()
-        n = min(dest.associations, max(1, len(todo) // MIN_PER_ASSOCIATION))
-        if n <= 1:
-            return self._send_part(job, dest, todo)
-        size = -(-len(todo) // n)
-        parts = [todo[i:i + size] for i in range(0, len(todo), size)]
+        keep_open = self._keep_open(job, dest)
+        feed: ForwardFeed | None = None
+        if keep_open:  # forwarding while receiving: the sessions take what arrives
+            feed = ForwardFeed(self.state, job.study_uid, dest.name, todo, keep_open,
+                               self._stop, lambda t: self._sleep(dest.name, t))
+            n = dest.associations
+            parts = [todo] * n  # each session negotiates for all, takes from the feed
+        else:
+            n = min(dest.associations, max(1, len(todo) // MIN_PER_ASSOCIATION))
+            if n <= 1:
+                return self._send_part(job, dest, todo)
+            size = -(-len(todo) // n)
+            parts = [todo[i:i + size] for i in range(0, len(todo), size)]
         results = [RunResult() for _ in parts]
 
         def part(i: int) -> None:
             try:
-                results[i] = self._send_part(job, dest, parts[i])
+                results[i] = self._send_part(job, dest, parts[i], feed)
             except Exception as exc:  # reported as the job's error, never a dead thread
                 error = f"internal error: {type(exc).__name__}: {exc}"
                 log.error("study %s → %s: association %d of %d failed: %s", job.study_uid,
@@ -267,11 +276,29 @@ class DeliveryWorkers:
             total.add(r)
         return total
 
-    def _send_part(self, job: Job, dest: Destination, todo: list[Instance]) -> RunResult:
-        """Send ``todo`` in one session. The ledger counts each send when it goes on the wire and
-        records as delivered only what the session confirms: ``send`` → True (recorded with the
-        next count, in the same commit), what it reports durable as it goes, or the UIDs
-        ``commit`` returns."""
+    def _sleep(self, destination: str, seconds: float) -> None:
+        """Wait up to ``seconds``; the tracker's notify (an arrival) wakes it early."""
+        with self._wake[destination]:
+            self._wake[destination].wait(seconds)
+
+    def _keep_open(self, job: Job, dest: Destination) -> float:
+        """How long the run's sessions wait for the next arrival (``forward_keep_open``): a
+        job of a ``forward: immediate`` route, of a study still receiving, to a destination
+        whose session is an association (feed.py). 0: the run ends with its list."""
+        wait = self.cfg.forward_keep_open
+        if not wait or not dest.holds_connection or not any(
+                r.forward == "immediate" and r.name in job.routes for r in self.cfg.routes):
+            return 0.0
+        study = self.state.study(job.study_uid)
+        return wait if study is not None and study.state == "receiving" else 0.0
+
+    def _send_part(self, job: Job, dest: Destination, todo: list[Instance],
+                   feed: ForwardFeed | None = None) -> RunResult:
+        """Send ``todo`` in one session (with a ``feed``: this session's share of it and of
+        what arrives meanwhile; ``todo`` only negotiates).
+        The ledger counts each send when it goes on the wire and records as delivered only
+        what the session confirms: ``send`` → True (recorded with the next count, in the same
+        commit), what it reports durable as it goes, or the UIDs ``commit`` returns."""
         result = RunResult()
         rejected = result.rejected
         previous: str | None = None  # delivered, not yet recorded
@@ -296,11 +323,17 @@ class DeliveryWorkers:
             self.state.count_sends([alias.get(u, u) for u in uids], dest.name, job.study_uid,
                                    delta)
 
+        def flush() -> None:
+            nonlocal previous
+            if previous:
+                self.state.mark_delivered([previous], dest.name, digests)
+                previous = None
+
         try:
             with dest.open(todo, job.routes) as session:
                 session.on_durable, session.on_transmit = durable, transmitted
                 counted = session.transmits_on_send
-                for inst in todo:
+                for inst in todo if feed is None else feed.instances(flush):
                     if self._stop.is_set():
                         break
                     if inst.sop_uid in before and self._same_content(inst, before):

@@ -123,3 +123,36 @@ def test_a_destination_down_gets_everything_once_it_is_back(tmp_path: Path) -> N
             assert _stores(scp) == 6
             _same_bytes(files, scp)
             assert router.study_state(study) == "receiving"
+
+
+def test_one_association_stays_open_while_the_study_arrives(tmp_path: Path) -> None:
+    """Three sending associations, one forwarding association: it waits for the next arrival
+    (``forward_keep_open``) instead of being released after each run."""
+    files = generate(tmp_path / "study", series=1, instances=9, seed=15)
+    with StoreSCP(tmp_path / "scp") as scp, \
+            Router(tmp_path / "router", {**_route(scp.port), "stable_age": "1h",
+                                         "forward_keep_open": "60s"}) as router:
+        for part in (files[:3], files[3:6], files[6:]):
+            assert run_storescu(part, router.port, aet=router.aet).returncode == 0
+            wait_until(lambda part=part: sop_uids(scp.files()) >= sop_uids(part), timeout=60,
+                       what="this association's instances forwarded")
+        assert _stores(scp) == 9
+        log = scp.log(100_000)  # (the harness's readiness check is one C-ECHO association)
+        assert log.count("Association Received") - log.count("Received Echo Request") == 1, log
+        _same_bytes(files, scp)
+
+
+def test_an_open_forwarding_association_does_not_hold_up_another_study(tmp_path: Path) -> None:
+    """The worker keeping an association open for study A lets it go as soon as study B has
+    a job due for the same destination (one worker: ``concurrency: 1``)."""
+    a = generate(tmp_path / "a", series=1, instances=2, seed=16)
+    b = generate(tmp_path / "b", series=1, instances=2, seed=17)
+    with StoreSCP(tmp_path / "scp") as scp, \
+            Router(tmp_path / "router", {**_route(scp.port), "stable_age": "1h",
+                                         "forward_keep_open": "10m"}) as router:
+        assert run_storescu(a, router.port, aet=router.aet).returncode == 0
+        wait_until(lambda: sop_uids(scp.files()) == sop_uids(a), timeout=60,
+                   what="study A forwarded")
+        assert run_storescu(b, router.port, aet=router.aet).returncode == 0
+        wait_until(lambda: sop_uids(scp.files()) == sop_uids(a + b), timeout=60,
+                   what="study B forwarded while A's association was open")

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("faces", ("cli", "__main__")),
     ("composition root", ("app",)),
     ("operations", ("web", "health", "preflight", "receivers")),
-    ("policy", ("completion", "routing", "explain", "delivery", "sources", "scp")),
+    ("policy", ("completion", "routing", "explain", "delivery", "feed", "sources", "scp")),
     ("ways out", ("destinations", "qrscu", "commitment")),
     ("durable storage", ("spool", "state", "query")),
     ("leaves", ("config", "common", "values", "schema", "rules", "schedule", "sweep",

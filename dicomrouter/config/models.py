@@ -318,6 +318,9 @@ class ConfigModel(Strict):
     sweep: Annotated[Any, parsed(lambda v, k: sweep_value(v, k))] = None
     force_complete_after: Duration = 0.0  # a study receiving this long completes anyway
     force_complete: Choice("route", "hold") = "route"  # ... or is held for an operator
+    # forward: immediate: an association to a dicom destination waits this long for the next
+    # arrival before it is released (0: released after each run)
+    forward_keep_open: Duration = 2.0
     # several routers (docs/scale-out.md)
     state: StateModel = StateModel()
     shared_spool: SharedSpoolModel | None = None

@@ -138,6 +138,9 @@ class Destination(ABC):
     #: a session gets every instance of the study, not only the undelivered ones (a zip is the
     #: study: a late arrival re-sends it whole)
     whole_study: bool = False
+    #: a session is a connection worth keeping open for the next arrival (an association):
+    #: ``forward: immediate`` runs wait ``forward_keep_open`` on it for more instances
+    holds_connection: bool = False
 
     def __init__(self, cfg: DestinationConfig, ctx: Context) -> None:
         self.cfg = cfg

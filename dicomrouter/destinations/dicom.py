@@ -37,6 +37,7 @@ class DicomDestination(Destination):
                          cfg.transfer_syntaxes, tls)
         self.sender = cfg.sender
         self.associations = cfg.associations
+        self.holds_connection = True
         self.commitment = cfg.storage_commitment
         self.verify = cfg.verify
         self.commitment_timeout = cfg.commitment_timeout
