@@ -201,6 +201,8 @@ class Bench:
                 if MotoServer.available():
                     self._measure(i, data, "P4/study/s3zip",
                                   partial(self.large, corpus_name="study", via="s3zip"))
+                self._measure(i, data, "P4/study/folderzip",
+                              partial(self.large, corpus_name="study", via="folderzip"))
 
     def _cluster(self, i: int, data: dict[str, Measurement]) -> None:
         """P7: the embedded default, one cluster node in both ack_after modes, then 2..N
@@ -417,15 +419,19 @@ class Bench:
     def large(self, work: Path, corpus_name: str, via: str = "router") -> Measurement:
         """P4: peak RSS (VmHWM) of the router receiving and forwarding a corpus (the large
         instance, or the big study): by C-STORE to storescp (``router``), by STOW-RS to
-        Orthanc's DICOMweb plugin (``stow``), or as one zip to an S3 server (``s3zip``, moto)."""
+        Orthanc's DICOMweb plugin (``stow``), as one zip to an S3 server (``s3zip``, moto) or
+        into a folder (``folderzip``)."""
         corpus = self.corpora[corpus_name]
         age = self.settings.stable_age
         with running() as start:
-            sink: Peer
-            if via == "router":
+            sink: Peer | None = None
+            if via == "folderzip":
+                destination: dict[str, Any] = {"type": "folder", "path": str(work / "zips"),
+                                               "zip": True}
+            elif via == "router":
                 sink = start(StoreSCP(work / "sink", aet="SINK"))
-                destination: dict[str, Any] = {"type": "dicom", "ae_title": sink.aet,
-                                               "host": LOOPBACK, "port": sink.port}
+                destination = {"type": "dicom", "ae_title": sink.aet, "host": LOOPBACK,
+                               "port": sink.port}
             elif via == "stow":
                 sink = start(Orthanc(work / "sink", aet="SINK", dicomweb=True))
                 destination = {"type": "dicomweb", "url": f"{sink.url}/dicom-web"}
@@ -461,7 +467,10 @@ class Bench:
                        what=f"the {corpus_name} corpus delivered ({via})")
             total = time.perf_counter() - started
             peak_kb = router.peak_rss_kb()
-            self._expect(sink, 1 if via == "s3zip" else corpus.count, f"the sink ({via})")
+            if sink is not None:
+                self._expect(sink, 1 if via == "s3zip" else corpus.count, f"the sink ({via})")
+            elif len(list((work / "zips").rglob("*.zip"))) != 1:
+                raise BenchError(f"no zip of the study in {work / 'zips'}")
         if peak_kb is None or idle_kb is None:
             raise BenchError("cannot read VmHWM/VmRSS from /proc (not Linux?)")
         return {"peak_rss_mb": peak_kb * 1024 / 1e6, "idle_rss_mb": idle_kb * 1024 / 1e6,

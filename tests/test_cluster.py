@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from peers import MotoS3, Orthanc, run_storescu, sop_uids, wait_until
-from router_fixtures import Router, dicomrouter, tags_of
+from router_fixtures import Router, dataset_bytes, dicomrouter, tags_of
 
 from dicomrouter.sample import generate
 from dicomrouter_bench.procs import Postgres, free_port, stop_together
@@ -232,6 +232,48 @@ def test_ack_after_local_acknowledges_first_and_uploads_behind(
     keys = [o["Key"] for o in cluster_env.client().list_objects_v2(Bucket=BUCKET)["Contents"]]
     assert len(keys) == 4 and all(k.startswith("cluster/data/") for k in keys)
     assert pacs.wait_for_instances(sop_uids(study), timeout=120) == sop_uids(study)
+
+
+def test_ack_after_local_uploads_in_batches_and_retries_while_s3_is_away(
+        tmp_path: Path, pg_dsn: str, pg_server: Postgres,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The uploader takes what is queued in batches (several puts at once, one transaction to
+    record them); with S3 away the instances are still acknowledged, and once it is back every
+    one is uploaded and recorded, none lost."""
+    monkeypatch.setenv("BENCH_S3_KEY", "bench")
+    s3 = MotoS3(tmp_path / "moto")
+    study = generate(tmp_path / "study", series=2, instances=40, rows=16, cols=16, seed=78)
+    with s3:
+        s3.client().create_bucket(Bucket=BUCKET)
+        router = Router(tmp_path / "node1", node_config(
+            tmp_path, "node1", pg_dsn, s3.endpoint_url, None, ack_after="local",
+            shared_spool={"type": "s3", "bucket": BUCKET, "prefix": "cluster",
+                          "endpoint_url": s3.endpoint_url, "region": "us-east-1",
+                          "access_key_env": "BENCH_S3_KEY", "secret_key_env": "BENCH_S3_KEY",
+                          "transfer_threads": 3, "timeout": "2s"}))
+        with router:
+            s3.stop()
+            r = run_storescu(study, router.port)
+            assert r.returncode == 0 and "Refused" not in r.stdout + r.stderr, r.stdout
+            wait_until(lambda: "failed" in router.log(3000) and "will retry" in
+                       router.log(3000), timeout=60, what="an upload failing while S3 is away")
+            assert pg_server.sql("SELECT COUNT(*) FROM instances WHERE shared=1",
+                                 dsn=pg_dsn)[0][0] == 0
+            s3.start()
+            s3.client().create_bucket(Bucket=BUCKET)
+            wait_until(lambda: pg_server.sql("SELECT COUNT(*) FROM instances WHERE shared=1",
+                                             dsn=pg_dsn)[0][0] == 80, timeout=120,
+                       what="every instance uploaded once S3 is back")
+            objects = s3.client().list_objects_v2(Bucket=BUCKET)["Contents"]
+            assert len(objects) == 80
+            for obj in objects[:5]:  # the bytes the sender sent
+                sop = obj["Key"].rsplit("/", 1)[-1].split("~", 1)[0]
+                src = next(f for f in study if tags_of(f, "SOPInstanceUID")[0] == sop)
+                got = tmp_path / f"{sop}.dcm"
+                got.write_bytes(
+                    s3.client().get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read())
+                assert dataset_bytes(got) == dataset_bytes(src), sop
+            assert "Traceback" not in router.log(10000)
 
 
 def history(router: Router, uid: str) -> list[str]:

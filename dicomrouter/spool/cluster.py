@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ log = logging.getLogger("dicomrouter.spool")
 
 
 ORPHAN_SCAN_EVERY = 600.0  # objects in the shared store no row knows: looked for this often
+UPLOAD_BATCH = 64  # ack_after: local: uploads recorded as shared in one transaction
 
 class SharedStoreUnavailable(OSError):
     """The shared store (S3) cannot be reached or refused a write: 0xA700 in ack_after: shared."""
@@ -222,30 +224,82 @@ class ClusterSpool(Spool):
         super().stop()
 
     def _upload_loop(self) -> None:
-        """ack_after: local: upload what was acknowledged, in order; retry until it works."""
+        """ack_after: local: upload what was acknowledged, ``transfer_threads`` objects at a
+        time, and record a batch of them as shared in one transaction; retry until it works."""
         delay = 0.0
-        while True:
-            item = self._uploads.get()
+        with ThreadPoolExecutor(max_workers=self.store.model.transfer_threads,
+                                thread_name_prefix="shared-put") as pool:
+            while True:
+                batch, stop = self._next_uploads()
+                if batch:
+                    failed = self._upload(batch, pool)
+                    if failed:
+                        delay = min(30.0, max(0.5, delay * 2))
+                        for item in failed:
+                            self._uploads.put(item)
+                        if self._stopping.wait(delay):
+                            return
+                    else:
+                        delay = 0.0
+                if stop:
+                    return
+
+    def _next_uploads(self) -> tuple[list[tuple[str, str, str, int]], bool]:
+        """The next batch (waits for its first item); True once the spool stops."""
+        item = self._uploads.get()
+        if item is None:
+            return [], True
+        batch = [item]
+        while len(batch) < UPLOAD_BATCH:
+            try:
+                item = self._uploads.get_nowait()
+            except queue.Empty:
+                break
             if item is None:
-                return
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _upload(self, batch: list[tuple[str, str, str, int]],
+                pool: ThreadPoolExecutor) -> list[tuple[str, str, str, int]]:
+        """Upload a batch; the items to try again."""
+        try:
+            current = self.state.current_keys([sop for sop, _k, _l, _s in batch])
+        except Exception as exc:
+            log.error("uploads to the shared store wait: the state is unavailable (%s: %s)",
+                      type(exc).__name__, exc)
+            return batch
+        # received again (or purged) meanwhile: that reception is superseded, not uploaded
+        todo = [b for b in batch if current.get(b[0]) == b[1]]
+
+        def put(item: tuple[str, str, str, int]) -> BaseException | None:
             sop, key, local, size = item
             try:
-                now = self.state.reception(sop)
-                if now is None or now.key != key:  # received again (or purged) meanwhile:
-                    continue  # this reception is superseded, its object never needed
                 self.store.put(key, local, size)
-                self.state.mark_shared(sop, key)
-                delay = 0.0
             except FileNotFoundError:
                 log.warning("instance %s: local file gone before its upload (replaced or "
                             "purged)", sop)
-            except Exception as exc:  # S3 or PostgreSQL away: never a dead uploader
-                delay = min(30.0, max(0.5, delay * 2))
-                log.error("upload of instance %s to the shared store failed (%s: %s); retrying "
-                          "in %.0f s", sop, type(exc).__name__, exc, delay)
-                self._uploads.put(item)
-                if self._stopping.wait(delay):
-                    return
+                return None
+            except Exception as exc:  # S3 away: retried
+                return exc
+            return None
+
+        done: list[tuple[str, str]] = []
+        failed: list[tuple[str, str, str, int]] = []
+        for item, exc in zip(todo, pool.map(put, todo), strict=True):
+            if exc is None:
+                done.append((item[0], item[1]))
+                continue
+            failed.append(item)
+            log.error("upload of instance %s to the shared store failed (%s: %s); will retry",
+                      item[0], type(exc).__name__, exc)
+        try:
+            self.state.mark_shared(done)
+        except Exception as exc:  # PostgreSQL away: the objects are there, record them again
+            log.error("recording %d upload(s) failed (%s: %s); will retry", len(done),
+                      type(exc).__name__, exc)
+            failed += [item for item in todo if (item[0], item[1]) in set(done)]
+        return failed
 
     def adopt_orphans(self) -> int:
         """Local files this node has no row for (a crash between rename and record)."""

@@ -49,8 +49,13 @@ class Receptions(ABC):
         """The keys of every instance row, present or not (cluster: the objects rows know)."""
 
     @abstractmethod
-    def mark_shared(self, sop_uid: str, key: str) -> None:
-        """The instance recorded under ``key`` is now in the shared store too."""
+    def mark_shared(self, uploaded: Sequence[tuple[str, str]]) -> None:
+        """These (SOP Instance UID, key) receptions are now in the shared store too (one
+        transaction)."""
+
+    @abstractmethod
+    def current_keys(self, sop_uids: Sequence[str]) -> dict[str, str]:
+        """SOP Instance UID → the key of its current reception."""
 
     @abstractmethod
     def moves(self, study_uid: str) -> list[dict[str, Any]]:

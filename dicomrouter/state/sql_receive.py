@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from .base import Instance, Reception, Recorded
@@ -172,11 +173,25 @@ class ReceivingSQL(SQLBase):
             r["delivered_to"] = json.loads(r["delivered_to"] or "[]")
         return out
 
-    def mark_shared(self, sop_uid: str, key: str) -> None:
-        """The instance recorded under ``key`` is now in the shared store too."""
+    def mark_shared(self, uploaded: Sequence[tuple[str, str]]) -> None:
+        """These instances ((SOP Instance UID, key) of their reception) are now in the shared
+        store too: one transaction for a batch."""
+        if not uploaded:
+            return
         with self._tx() as db:
-            db.execute("UPDATE instances SET shared=1 WHERE sop_uid=? AND path=?",
-                       (sop_uid, key))
+            for sop_uid, key in uploaded:
+                db.execute("UPDATE instances SET shared=1 WHERE sop_uid=? AND path=?",
+                           (sop_uid, key))
+
+    def current_keys(self, sop_uids: Sequence[str]) -> dict[str, str]:
+        """SOP Instance UID → the key of its current reception (absent: no row)."""
+        found: dict[str, str] = {}
+        for i in range(0, len(sop_uids), 500):
+            chunk = list(sop_uids[i:i + 500])
+            found.update((r["sop_uid"], r["path"]) for r in self._query(
+                f"SELECT sop_uid, path FROM instances WHERE sop_uid IN"
+                f" ({','.join('?' * len(chunk))})", chunk))
+        return found
 
     def instance(self, sop_uid: str) -> Instance | None:
         rows = self._query("SELECT * FROM instances WHERE sop_uid=?", (sop_uid,))
