@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..common.s3 import s3_client, transfer_config
+from ..common.s3 import fast_store, s3_client, transfer_config
 from ..dicomfile import UnreadableDataset, identify, source_ae
 from ..state import Instance, State
 from .local import Accepted, ReceiveFile, Spool, SpoolReader, unlink_quietly
@@ -50,7 +50,8 @@ class SharedStoreUnavailable(OSError):
 
 
 class SharedStore:
-    """One bucket and prefix (boto3)."""
+    """One bucket and prefix: boto3, and obstore for the puts when it is installed (the
+    ``cluster`` extra) and the keys are configured (``common.s3.fast_store``)."""
 
     def __init__(self, model: Any) -> None:
         """``model``: the validated ``shared_spool`` (bucket, prefix, endpoint, keys)."""
@@ -61,6 +62,7 @@ class SharedStore:
             self.prefix += "/"
         self._client = s3_client(model)
         self._transfer = transfer_config(model)
+        self._fast = fast_store(model)  # puts (one per instance) through obstore, if it can
 
     def describe(self) -> str:
         where = self.model.endpoint_url or "AWS"
@@ -70,8 +72,18 @@ class SharedStore:
         """Upload a spool file (its slot marker read as zeros) under ``key``."""
         try:
             with SpoolReader(path) as body:
-                self._client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=body,
-                                        ContentLength=size)
+                if self._fast is not None:
+                    import obstore  # installed: fast_store made the store with it
+                if self._fast is None:
+                    self._client.put_object(Bucket=self.bucket, Key=self.prefix + key,
+                                            Body=body, ContentLength=size)
+                elif size <= self.model.part_size:  # one request, from memory
+                    obstore.put(self._fast, self.prefix + key, body.read(),
+                                use_multipart=False)
+                else:
+                    obstore.put(self._fast, self.prefix + key, body, use_multipart=True,
+                                chunk_size=self.model.part_size,
+                                max_concurrency=self.model.transfer_threads)
         except Exception as exc:
             raise SharedStoreUnavailable(errno.EIO, f"shared store {self.describe()}: "
                                          f"{type(exc).__name__}: {str(exc)[:200]}") from None
