@@ -102,15 +102,31 @@ def node_config(work: Path, n: int, pg: Postgres, s3: MotoServer, ack: str,
             "ack_after": ack}
 
 
+class PinnedRouter(RouterServer):
+    """A router node run under ``taskset -c CPU``: the nodes of the pinned P7 row each get a
+    CPU of their own, so their scaling is not that of the cores they share."""
+
+    def __init__(self, work_dir: Path, config: dict[str, Any], cpu: int) -> None:
+        super().__init__(work_dir, config)
+        self.cpu = cpu
+
+    def command(self) -> list[str]:
+        return ["taskset", "-c", str(self.cpu), *super().command()]
+
+
 def receive(work: Path, corpus: Corpus, nodes: int, ack: str, stable_age: str,
-            timeout: float) -> dict[str, Any]:
-    """storescu → ``nodes`` routers at once (one association each); wall time and costs."""
+            timeout: float, pinned: bool = False) -> dict[str, Any]:
+    """storescu → ``nodes`` routers at once (one association each); wall time and costs.
+    ``pinned``: node *n* runs on CPU *n-1* (modulo the CPUs there are)."""
+    cpus = os.cpu_count() or 1
     with running() as start:
         pg = start(Postgres(work / "postgres", fsync=True))
         s3 = start(MotoServer(work / "moto"))
         s3.create_bucket(BUCKET)
-        routers = [start(RouterServer(work / f"node{n}", node_config(
-            work, n, pg, s3, ack, stable_age))) for n in range(1, nodes + 1)]
+        routers = [start(PinnedRouter(work / f"node{n}", node_config(
+            work, n, pg, s3, ack, stable_age), (n - 1) % cpus) if pinned else
+            RouterServer(work / f"node{n}", node_config(work, n, pg, s3, ack, stable_age)))
+            for n in range(1, nodes + 1)]
         parts = corpus.parts(nodes)
         argvs = [storescu_argv(files, r.port, r.aet, corpus.transfer_syntax,
                                calling=f"BENCHSCU{n}")
@@ -136,7 +152,7 @@ def receive(work: Path, corpus: Corpus, nodes: int, ack: str, stable_age: str,
     shutil.rmtree(pg.data_dir, ignore_errors=True)  # stopped with the others: its data goes
     n = corpus.count
     return {"seconds": seconds, "instances": n, "bytes": corpus.size, "nodes": nodes,
-            "ack_after": ack,
+            "ack_after": ack, "pinned": pinned,
             "router_cpu_ms": 1000 * sum(b - a for a, b in zip(cpu0[0], cpu1[0], strict=True))
             / n,
             "postgres_cpu_ms": 1000 * (cpu1[1] - cpu0[1]) / n,

@@ -264,7 +264,9 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
                  "P1/small/router", f"embedded {embedded}"),
                 *((f"nodes{n}-shared", f"receive small, {n} nodes vs 1 (ack_after shared)",
                    "P7/small/nodes1-shared", f"1 node {one}")
-                  for n in range(2, settings.nodes + 1))):
+                  for n in range(2, settings.nodes + 1)),
+                ("nodes2-shared-pinned", "receive small, 2 nodes each on its own CPU "
+                 "(taskset) vs 1", "P7/small/nodes1-shared", f"1 node {one}")):
             name = f"P7/small/{key}"
             if not any(name in r for r in runs):
                 continue

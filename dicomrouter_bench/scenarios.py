@@ -218,12 +218,15 @@ class Bench:
         if "P1/small/router" not in data:
             self._measure(i, data, "P1/small/router",
                           partial(self.receive, kind="router", corpus_name="small"))
-        variants = [(1, "shared"), (1, "local"),
-                    *((n, "shared") for n in range(2, self.settings.nodes + 1))]
-        for nodes, ack in variants:
-            self._measure(i, data, f"P7/small/nodes{nodes}-{ack}", partial(
-                cluster.receive, corpus=corpus, nodes=nodes, ack=ack,
-                stable_age=LONG_STABLE_AGE, timeout=_timeout(corpus)))
+        variants = [(1, "shared", False), (1, "local", False),
+                    *((n, "shared", False) for n in range(2, self.settings.nodes + 1))]
+        if self.settings.nodes >= 2 and shutil.which("taskset"):
+            variants.append((2, "shared", True))  # each node on a CPU of its own
+        for nodes, ack, pinned in variants:
+            self._measure(i, data, f"P7/small/nodes{nodes}-{ack}" + ("-pinned" * pinned),
+                          partial(cluster.receive, corpus=corpus, nodes=nodes, ack=ack,
+                                  stable_age=LONG_STABLE_AGE, timeout=_timeout(corpus),
+                                  pinned=pinned))
 
     def _flat(self, i: int, data: dict[str, Measurement], flip: bool) -> None:
         """P8: the empty and the large state, on SQLite and (if here) on PostgreSQL."""
