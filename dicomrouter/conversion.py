@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -103,7 +104,7 @@ class ConversionPool:
                 self._idle_timer = None
             if self._executor is None:
                 self._executor = ProcessPoolExecutor(
-                    max_workers=self.processes,
+                    max_workers=self.processes, initializer=_worker_signals,
                     mp_context=multiprocessing.get_context("spawn"))  # no inherited threads
             self._busy += 1
             return self._executor
@@ -133,6 +134,12 @@ class ConversionPool:
                 if process.is_alive():
                     process.kill()
         executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _worker_signals() -> None:
+    """A conversion process ignores Ctrl-C (sent to the whole process group): the router
+    stops it, without a KeyboardInterrupt traceback on the operator's terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 #: the router's pool (configured by ``app`` at start)
