@@ -362,7 +362,7 @@ class S3Access(Strict):
     secret_key_env: Text | None = None
     verify_tls: Annotated[bool | str, parsed(_tls)] = True
     # a multipart transfer: this many parts in flight (and in memory) at once, of this size
-    transfer_threads: Int(1, 64) = 4
+    transfer_threads: Int(1, 64) = 2
     part_size: Size = 8 * 2**20
 
     @model_validator(mode="after")
