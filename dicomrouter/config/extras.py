@@ -34,8 +34,6 @@ class Needs:
 OPTIONAL_MODULES: dict[str, str] = {
     "psycopg": "cluster",
     "psycopg_pool": "cluster",
-    # the shared spool's puts; without it they go through boto3 (common/s3.py fast_store)
-    "obstore": "cluster",
 }
 
 

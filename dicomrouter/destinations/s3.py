@@ -1,26 +1,38 @@
-"""S3 destination (boto3): one zip per study, or one object per instance, at templated keys.
+"""S3 destination: one zip per study, or one object per instance, at templated keys.
 
 ``mode: zip`` (the default) writes the study into a zip in the spool's ``tmp`` folder as the
 instances are read (each member's SHA-256 computed while it is copied, for ``manifest.json``),
-then uploads it with boto3's managed (multipart) transfer at commit. A zip is the study: the
-session gets every instance of the study, also after a late arrival, and the same key is
-overwritten. ``mode: instances`` uploads each instance as it comes. Objects carry metadata:
-study UID, instance count, SHA-256. Credentials: the standard AWS chain, or
-``access_key_env``/``secret_key_env``.
+then uploads it at commit (a multipart upload above ``part_size``). Uploads go through obstore
+when the keys are configured (``access_key_env``), else through boto3's managed transfer (the
+standard AWS credential chain); boto3 also aborts the multipart uploads a crash left open.
+A zip is the study: the session gets every instance of the study, also after a late arrival,
+and the same key is overwritten. ``mode: instances`` uploads each instance as it comes.
+Objects carry metadata: study UID, instance count, SHA-256. Credentials: the standard AWS
+chain, or ``access_key_env``/``secret_key_env``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import os
 import re
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..common.s3 import s3_client, transfer_config
+from ..common.s3 import (
+    describe_failure,
+    fast_put,
+    fast_store,
+    never_connected,
+    s3_client,
+    transfer_config,
+)
 from ..config.peers import S3Model
 from ..dicomfile import read_header, render_template, text
 from ..state import Instance
@@ -43,17 +55,18 @@ S3_ACTIONS = {
 
 
 def _error_code(exc: Exception) -> str:
-    """The S3 error code of a ClientError, or of one wrapped by the managed transfer (which
-    only keeps its text: "An error occurred (NoSuchBucket) when calling ...")."""
+    """The S3 error code of a ClientError, of one wrapped by the managed transfer (which only
+    keeps its text: "An error occurred (NoSuchBucket) when calling ..."), or of an obstore
+    error (which quotes the response: "<Code>NoSuchBucket</Code>")."""
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         return str(response.get("Error", {}).get("Code", ""))
-    m = re.search(r"An error occurred \((\w+)\)", str(exc))
-    return m.group(1) if m else ""
+    m = re.search(r"An error occurred \((\w+)\)|<Code>(\w+)</Code>", str(exc))
+    return (m.group(1) or m.group(2)) if m else ""
 
 
 def _s3_error(exc: Exception, what: str) -> DeliveryError:
-    text = f"S3 {what}: {type(exc).__name__}: {str(exc)[:300]}"
+    text = f"S3 {what}: {describe_failure(exc)}"
     action = S3_ACTIONS.get(_error_code(exc))
     return PermanentFailure(text, action) if action else DeliveryError(text)
 
@@ -87,10 +100,44 @@ class S3Destination(Destination):
         return render_template(self.key, lookup).as_posix()
 
     def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
-        client = self.client()
         if self.whole_study:
-            return _ZipSession(self, client, routes)
-        return _InstanceSession(self, client)
+            return _ZipSession(self, routes)
+        return _InstanceSession(self)
+
+    def upload(self, key: str, body: str | BinaryIO, size: int,
+               metadata: dict[str, str], content_type: str | None = None) -> None:
+        """Put ``body`` (a path, or a spool reader at its start) at ``key``; DeliveryError
+        (PermanentFailure for what waiting cannot heal) when it fails."""
+        try:
+            store = self.fast
+            if store is not None:
+                attributes = dict(metadata)
+                if content_type:
+                    attributes["Content-Type"] = content_type
+                fast_put(store, key, body, size, self.options, attributes)
+                return
+            extra: dict[str, Any] = {"Metadata": metadata}
+            if content_type:
+                extra["ContentType"] = content_type
+            client = self.client()
+            if isinstance(body, str):
+                client.upload_file(body, self.bucket, key, ExtraArgs=extra,
+                                   Config=self.transfer)
+            else:
+                client.upload_fileobj(body, self.bucket, key, ExtraArgs=extra,
+                                      Config=self.transfer)
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            raise _s3_error(exc, f"upload of s3://{self.bucket}/{key}") from exc
+
+    @functools.cached_property
+    def fast(self) -> Any:
+        """The obstore store uploads go through (None: boto3's)."""
+        try:
+            return fast_store(self.options)
+        except Exception as exc:  # a secret not set, a CA bundle unreadable
+            raise _s3_error(exc, "client") from None
 
     def client(self) -> Any:
         try:
@@ -156,22 +203,20 @@ def _keywords(template: str) -> list[str]:
 
 
 class _InstanceSession(Session):
-    def __init__(self, dest: S3Destination, client: Any) -> None:
+    def __init__(self, dest: S3Destination) -> None:
         self.dest = dest
-        self.client = client
 
     def send(self, inst: Instance, data: BinaryIO) -> bool:
         key = self.dest.key_for(inst, data)
         digest = hashlib.sha256()  # metadata goes first: this mode reads the file twice
+        size = 0
         while chunk := data.read(1 << 20):
             digest.update(chunk)
+            size += len(chunk)
         data.seek(0)
-        try:
-            self.client.upload_fileobj(data, self.dest.bucket, key, ExtraArgs={"Metadata": {
-                "study-instance-uid": inst.study_uid, "sop-instance-uid": inst.sop_uid,
-                "sha256": digest.hexdigest()}}, Config=self.dest.transfer)
-        except Exception as exc:
-            raise _s3_error(exc, f"upload of s3://{self.dest.bucket}/{key}") from None
+        self.dest.upload(key, data, size, {
+            "study-instance-uid": inst.study_uid, "sop-instance-uid": inst.sop_uid,
+            "sha256": digest.hexdigest()})
         return True
 
 
@@ -181,9 +226,8 @@ class _ZipSession(Session):
 
     transmits_on_send = False
 
-    def __init__(self, dest: S3Destination, client: Any, routes: Sequence[str]) -> None:
+    def __init__(self, dest: S3Destination, routes: Sequence[str]) -> None:
         self.dest = dest
-        self.client = client
         self.routes = routes
         if dest.workdir is not None:
             dest.workdir.mkdir(parents=True, exist_ok=True)
@@ -204,19 +248,27 @@ class _ZipSession(Session):
         sha256 = self.zip.finish(self.dest.name, self.routes)
         record = self._record_upload()
         self.transmitting(self.uids)
+        started = time.time()
+        failed = True
         try:
-            self.client.upload_file(self.zip.path, self.dest.bucket, self.key, ExtraArgs={
-                "Metadata": {"study-instance-uid": self.zip.study_uid,
-                             "instance-count": str(len(self.uids)), "sha256": sha256},
-                "ContentType": "application/zip"}, Config=self.dest.transfer)
-        except Exception as exc:
-            if "EndpointConnectionError" in f"{type(exc).__name__} {exc}" or \
-                    "Could not connect to the endpoint" in str(exc):
+            self.dest.upload(self.key, str(self.zip.path), os.path.getsize(self.zip.path), {
+                "study-instance-uid": self.zip.study_uid,
+                "instance-count": str(len(self.uids)), "sha256": sha256}, "application/zip")
+            failed = False
+        except DeliveryError as exc:
+            if exc.__cause__ is not None and never_connected(exc.__cause__):
                 self.not_transmitted(self.uids)
-            raise _s3_error(exc, f"upload of s3://{self.dest.bucket}/{self.key}") from None
+            raise
         finally:
-            if record is not None:  # boto3 aborts a multipart upload that failed itself
-                record.unlink(missing_ok=True)
+            if record is not None:
+                if failed and self.dest.fast is not None:
+                    # boto3 aborts a multipart upload that failed itself; obstore may leave
+                    # its parts: abort them now (the record stays for the next start if not)
+                    with contextlib.suppress(DeliveryError):
+                        self.dest._abort_uploads(self.key, started)
+                        record.unlink(missing_ok=True)
+                else:
+                    record.unlink(missing_ok=True)
         return self.uids
 
     def _record_upload(self) -> Path | None:

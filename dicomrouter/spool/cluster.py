@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..common.s3 import fast_store, s3_client, transfer_config
+from ..common.s3 import describe_failure, fast_put, fast_store, s3_client, transfer_config
 from ..dicomfile import UnreadableDataset, identify, source_ae
 from ..state import Instance, State
 from .local import Accepted, ReceiveFile, Spool, SpoolReader, unlink_quietly
@@ -50,8 +50,8 @@ class SharedStoreUnavailable(OSError):
 
 
 class SharedStore:
-    """One bucket and prefix: boto3, and obstore for the puts when it is installed (the
-    ``cluster`` extra) and the keys are configured (``common.s3.fast_store``)."""
+    """One bucket and prefix: obstore for the puts when the keys are configured
+    (``common.s3.fast_store``), boto3 for the rest."""
 
     def __init__(self, model: Any) -> None:
         """``model``: the validated ``shared_spool`` (bucket, prefix, endpoint, keys)."""
@@ -73,20 +73,13 @@ class SharedStore:
         try:
             with SpoolReader(path) as body:
                 if self._fast is not None:
-                    import obstore  # installed: fast_store made the store with it
-                if self._fast is None:
+                    fast_put(self._fast, self.prefix + key, body, size, self.model)
+                else:
                     self._client.put_object(Bucket=self.bucket, Key=self.prefix + key,
                                             Body=body, ContentLength=size)
-                elif size <= self.model.part_size:  # one request, from memory
-                    obstore.put(self._fast, self.prefix + key, body.read(),
-                                use_multipart=False)
-                else:
-                    obstore.put(self._fast, self.prefix + key, body, use_multipart=True,
-                                chunk_size=self.model.part_size,
-                                max_concurrency=self.model.transfer_threads)
         except Exception as exc:
             raise SharedStoreUnavailable(errno.EIO, f"shared store {self.describe()}: "
-                                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
+                                         f"{describe_failure(exc)}") from None
 
     def download(self, key: str, dest: str) -> None:
         """Stream the object ``key`` into the file ``dest`` (written whole, then renamed)."""
@@ -103,7 +96,7 @@ class SharedStore:
                 raise FileNotFoundError(errno.ENOENT, f"not in the shared store: {key}") \
                     from None
             raise SharedStoreUnavailable(errno.EIO, f"shared store {self.describe()}: "
-                                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
+                                         f"{describe_failure(exc)}") from None
 
     def delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
