@@ -64,7 +64,7 @@ def test_bench_smoke_tiny_corpora(tmp_path: Path) -> None:
     assert len([m for m in p8 if "SQLite" in m]) == len([m for m in p8 if "PostgreSQL" in m]) \
         == 9, p8
     # P7: one node in both ack_after modes and two nodes, each with its per-instance costs
-    for key in ("nodes1-shared", "nodes1-local", "nodes2-shared"):
+    for key in ("nodes1-shared", "nodes1-local", "nodes2-shared", "nodes2-shared-pinned"):
         m = data["runs"][0][f"P7/small/{key}"]
         assert m["instances"] == 20 and m["s3_objects"] == 1.0, m
         assert m["pg_transactions"] >= 1.0 and m["router_cpu_ms"] > 0, m
@@ -81,7 +81,14 @@ def test_bench_smoke_tiny_corpora(tmp_path: Path) -> None:
         "peak RSS, large instance (5 MB) in + out",
         "peak RSS, big study (5 × 2.1 MB) in + out",
         "peak RSS, big study via STOW-RS (5 × 2.1 MB) in + out",
-        "peak RSS, big study as an S3 zip (5 × 2.1 MB) in + out"]
+        "peak RSS, big study as an S3 zip (5 × 2.1 MB) in + out",
+        "peak RSS, big study as a folder zip (5 × 2.1 MB) in + out"]
+    # P2: forwarding while receiving, beside the stable-age router, for both corpora
+    p2 = [r["measurement"] for r in data["rows"] if r["id"] == "P2"]
+    assert len([m for m in p2 if "forward: immediate" in m]) == 2, p2
+    for corpus in ("small", "ct"):
+        m = data["runs"][0][f"P2/{corpus}/router-immediate"]
+        assert m["stable_age"] == 0 and m["seconds"] == m["total_seconds"], m
     # everything it started is gone, and so is its temporary directory
     assert _leftover_processes(str(work)) == []
     assert list(work.iterdir()) == []
