@@ -26,7 +26,7 @@ import multiprocessing
 import signal
 import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -48,11 +48,15 @@ class ConversionPool:
         self._executor: ProcessPoolExecutor | None = None
         self._busy = 0
         self._idle_timer: threading.Timer | None = None
+        # one caller per process at a time: the timeout then measures a conversion, not the
+        # wait for a free process (a queued one timing out would kill a healthy neighbour)
+        self._slots = threading.BoundedSemaphore(processes)
 
     def configure(self, processes: int, timeout: float, idle: float) -> None:
         """Apply the configuration (``conversion_processes``, ``conversion_timeout``,
-        ``conversion_idle``); a running pool is replaced at its next idle stop."""
+        ``conversion_idle``), before the first conversion."""
         self.processes, self.timeout, self.idle = processes, timeout, idle
+        self._slots = threading.BoundedSemaphore(processes)
 
     def to_file(self, source: str, source_ts: str, target_ts: str, out: str,
                 part10: bool = True) -> None:
@@ -62,6 +66,10 @@ class ConversionPool:
 
     def call(self, function: Callable[..., Any], *args: Any) -> Any:
         """``function(*args)`` in a conversion process (a module-level function)."""
+        with self._slots:
+            return self._call(function, *args)
+
+    def _call(self, function: Callable[..., Any], *args: Any) -> Any:
         executor = self._acquire()
         try:
             future = executor.submit(function, *args)
@@ -79,18 +87,23 @@ class ConversionPool:
             raise ConversionError("the conversion process died while converting (a codec "
                                   "crash on this or a concurrent instance)",
                                   permanent=False) from None
+        except (CancelledError, RuntimeError, AssertionError, OSError) as exc:
+            # the pool was stopped or discarded meanwhile, or no process could be started
+            raise ConversionError(f"no conversion process: {type(exc).__name__}: {exc}",
+                                  permanent=False) from None
         finally:
             self._release()
 
     def close(self) -> None:
-        """Stop the processes (the router is stopping)."""
+        """Stop the processes (the router is stopping): killed, not waited for, since a
+        conversion that hangs is what they exist for."""
         with self._lock:
-            executor, self._executor = self._executor, None
+            executor = self._executor
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
                 self._idle_timer = None
         if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+            self._discard(executor, kill=True)
 
     @property
     def running(self) -> bool:

@@ -43,6 +43,7 @@ class RunResult:
     error: str | None = None  # the destination failed as a whole
     error_permanent: bool = False  # ... and waiting will not heal it
     rejected_permanent: int = 0  # how many of ``rejected`` will be refused again
+    interrupted: bool = False  # the workers stopped before every instance was sent
 
     @property
     def permanent(self) -> bool:
@@ -55,6 +56,7 @@ class RunResult:
         self.sent += other.sent
         self.rejected += other.rejected
         self.rejected_permanent += other.rejected_permanent
+        self.interrupted = self.interrupted or other.interrupted
         if self.error is None and other.error is not None:
             self.error, self.error_permanent = other.error, other.error_permanent
 
@@ -199,7 +201,8 @@ class DeliveryWorkers:
         else:
             result = self._send(job, dest, todo)
         sent, rejected, error = result.sent, result.rejected, result.error
-        if self._stop.is_set() and error is None and sent + len(rejected) < len(todo):
+        if self._stop.is_set() and error is None and (
+                result.interrupted or sent + len(rejected) < len(todo)):
             self.state.release_job(job)
             log.info("study %s → %s: interrupted by shutdown after %d instance(s); will resume",
                      job.study_uid, dest.name, sent)
@@ -271,6 +274,15 @@ class DeliveryWorkers:
         part(0)
         for t in threads:
             t.join()
+        if feed is not None and any(r.error is None for r in results):
+            # a forwarding run's extra association that could not even start (a peer that
+            # limits associations per AE) sent nothing: the others took its share
+            for i, r in enumerate(results):
+                if r.error is not None and not r.sent and not r.rejected and \
+                        not r.interrupted:
+                    log.warning("study %s → %s: association %d of %d not used: %s",
+                                job.study_uid, dest.name, i + 1, len(results), r.error)
+                    results[i] = RunResult()
         total = RunResult()
         for r in results:
             total.add(r)
@@ -335,6 +347,7 @@ class DeliveryWorkers:
                 counted = session.transmits_on_send
                 for inst in todo if feed is None else feed.instances(flush):
                     if self._stop.is_set():
+                        result.interrupted = True
                         break
                     if inst.sop_uid in before and self._same_content(inst, before):
                         identical.append(inst.sop_uid)  # the sender's retry: already there

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 
-from . import logsafe
+from . import conversion, logsafe
 from .common import nocodecs
 from .config import Config
 from .scp import services
@@ -38,6 +38,8 @@ def run_receiver(cfg: Config, parent_pid: int) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process; it stops us
+    conversion.POOL.configure(cfg.conversion_processes, cfg.conversion_timeout,
+                              cfg.conversion_idle)
     state = state_for(cfg)
     spool = spool_for(cfg, state, receiver_process=True)
     spool.start()
@@ -49,6 +51,7 @@ def run_receiver(cfg: Config, parent_pid: int) -> None:
             log.warning("main process gone: receiver stops")
             break
     scp.stop()
+    conversion.POOL.close()
     spool.stop()
     state.close()
 
@@ -64,8 +67,11 @@ class ReceiverProcesses:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter, no inherited threads
         for i in range(1, self.cfg.receivers):
             args = pickle.dumps((self.cfg, os.getpid()))
+            # not daemonic: a C-GET/C-MOVE landing here may start conversion processes
+            # (a daemonic process may not have children); stop() and the parent-pid watch
+            # end it
             p = ctx.Process(target=nocodecs.run_lean, args=(f"{__name__}:run_receiver", args),
-                            name=f"receiver-{i}", daemon=True)
+                            name=f"receiver-{i}", daemon=False)
             p.start()
             self.procs.append(p)
         if self.procs:

@@ -105,6 +105,7 @@ class _StudyView:
         self._keys = keys
         self._sources = sources or {}
         self._headers: dict[str, dict[str, list[str]]] = {} if headers is None else headers
+        self._unreadable: set[str] = set()  # this evaluation only
 
     def study_values(self, key: str) -> list[str]:
         """Every value the study has for ``key`` (aggregates computed over the instances)."""
@@ -138,19 +139,26 @@ class _StudyView:
     def _read(self, inst: Instance, key: str) -> list[str]:
         cache = self._headers.get(inst.sop_uid)
         if cache is None:
-            cache = self._headers[inst.sop_uid] = {}
+            if inst.sop_uid in self._unreadable:
+                return [""]
             try:
-                if self._open is not None:
-                    with self._open(inst) as f:
-                        ds = read_header(f)
-                    wanted = self._keys - set(AGGREGATES) - {"CallingAE", "CalledAE", "Source",
-                                                             "Listener", "SourceHost"}
-                    cache.update({k: resolve(ds, k) for k in wanted})
+                if self._open is None:
+                    return [""]
+                with self._open(inst) as f:
+                    ds = read_header(f)
+                wanted = self._keys - set(AGGREGATES) - {"CallingAE", "CalledAE", "Source",
+                                                         "Listener", "SourceHost"}
+                # only what was read is kept (``headers`` may outlive this evaluation: a file
+                # not readable now, e.g. not yet in a cluster's shared store, is read again)
+                cache = self._headers[inst.sop_uid] = {k: resolve(ds, k) for k in wanted}
             except FileNotFoundError:
-                pass  # an earlier generation, delivered and deleted
+                self._unreadable.add(inst.sop_uid)  # an earlier generation, delivered, deleted
+                return [""]
             except Exception as exc:  # a file we stored and parsed once: log, don't crash
+                self._unreadable.add(inst.sop_uid)
                 log.warning("cannot read %s from %s: %s: %s", ", ".join(sorted(self._keys)),
                             inst.key, type(exc).__name__, exc)
+                return [""]
         return cache.get(key) or [""]
 
 

@@ -257,3 +257,25 @@ def keys_of(conditions: Iterable[Condition]) -> set[str]:
             out.add(c.key)
         out |= keys_of(c.children)
     return out
+
+
+def non_monotonic(conditions: Iterable[Condition]) -> str:
+    """The first condition that can hold for part of a study and fail once more instances
+    are in ('' when there is none): a ``not`` group, ``missing``, ``exists: false``, or a
+    value test that holds when the study has no value (it is tested against "" then).
+    ``forward: immediate`` routes need conditions that, once held, hold for good."""
+    for c in conditions:
+        if c.op == "not":
+            return "not"
+        if c.op in ("any", "all"):
+            found = non_monotonic(c.children)
+            if found:
+                return found
+            continue
+        if c.op == "missing" and c.operand:
+            return f"{c.key}: missing"
+        if c.op == "exists" and not c.operand:
+            return f"{c.key}: exists: false"
+        if c.op not in ("exists", "missing") and value_holds(c, ""):
+            return f"{c.text()} (holds while the study has no {c.key})"
+    return ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,12 @@ def fast_store(model: Any) -> Any | None:
     shared spool): 0.3 ms of client CPU per small object where boto3 takes 1.9 ms (request
     signing and its HTTP stack, measured against the same moto server), and 6 MB of memory
     where boto3 and a client take 36 MB (docs/performance.md). None when the credentials come
-    from AWS's standard chain, which boto3 resolves (or obstore cannot be imported): the
-    caller then uses boto3."""
-    if not model.access_key_env:
-        return None
+    from AWS's standard chain, which boto3 resolves, or for AWS itself with no region known
+    (boto3 finds the bucket's region), or obstore cannot be imported: the caller then uses
+    boto3."""
+    region = model.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not model.access_key_env or (region is None and not model.endpoint_url):
+        return None  # boto3 finds the credentials, or the bucket's region (and follows it)
     try:
         from obstore.store import S3Store
     except ImportError:
@@ -65,7 +68,7 @@ def fast_store(model: Any) -> Any | None:
             options["root_certificate"] = f.read()
     config: dict[str, Any] = {"access_key_id": secret(model, "access_key"),
                               "secret_access_key": secret(model, "secret_key"),
-                              "region": model.region or "us-east-1"}
+                              "region": region or "us-east-1"}  # an S3-compatible store
     if model.endpoint_url:
         config["endpoint"] = model.endpoint_url
     return S3Store(model.bucket, config=config, client_options=options,

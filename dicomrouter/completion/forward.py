@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from ..config import Config
 from ..routing import route
 from ..spool import Spool
-from ..state import State
+from ..state import STATE_ERRORS, State
 
 log = logging.getLogger("dicomrouter")
 
@@ -50,7 +50,15 @@ class ImmediateForwarder:
         for study_uid, generation, last in receiving:
             if self._seen.get(study_uid) == (generation, last):
                 continue
-            self._forward(study_uid, generation)
+            try:
+                self._forward(study_uid, generation)
+            except STATE_ERRORS as exc:  # the state is away: every study waits, next tick
+                log.error("forwarding while receiving: %s: %s (will try again)",
+                          type(exc).__name__, exc)
+                return
+            except Exception as exc:  # one study's problem: the others go on
+                log.error("study %s: forwarding while receiving failed (%s: %s); it is "
+                          "delivered when complete", study_uid, type(exc).__name__, exc)
             self._seen[study_uid] = (generation, last)
         live = {uid for uid, _g, _l in receiving}
         for memo in (self._seen, self._matched, self._headers):

@@ -99,8 +99,6 @@ class StudyTracker:
     def tick(self) -> None:
         """Complete what became stable; route what a route's own stable age now lets go;
         forward what arrived for ``forward: immediate`` routes."""
-        if self.forwarder is not None:
-            self.forwarder.tick()
         for study in self.state.due_studies(self.min_stable_age,
                                             force_after=self.cfg.force_complete_after):
             self.complete(study)
@@ -109,6 +107,8 @@ class StudyTracker:
                 self.complete_waiting(study)
         if self.counted and self.state.hold_lease("count-queries", 10.0):
             ask_counts(self.cfg, self.state, self.counted)
+        if self.forwarder is not None:  # after the completions: its errors are its own
+            self.forwarder.tick()
 
     def complete(self, study_uid: str) -> None:
         """Route a stable study: create its delivery jobs, or keep it as unrouted."""

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 
-from ..rules import AGGREGATES, keys_of, literal_values
+from ..rules import AGGREGATES, keys_of, literal_values, non_monotonic
 from ..schedule import parse_window
 from ..schema import (
     CHECK_SECRETS,
@@ -279,6 +279,11 @@ class RouteModel(Strict):
         if whole:
             raise ConfigError("forward", f"immediate needs conditions on instance attributes; "
                               f"{whole[0]} is known only once the study is complete")
+        undone = non_monotonic(self.when)
+        if undone:
+            raise ConfigError("forward", f"immediate needs conditions that, once they hold, "
+                              f"hold for the rest of the study; {undone} can stop holding "
+                              "when a later instance arrives")
 
     @model_validator(mode="before")
     @classmethod

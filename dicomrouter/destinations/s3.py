@@ -178,15 +178,18 @@ class S3Destination(Destination):
                             f"s3://{self.bucket}/{key} an interrupted export left open")
         return done
 
-    def _abort_uploads(self, key: str, not_after: float) -> int:
+    def _abort_uploads(self, key: str, not_after: float, not_before: float | None = None) -> int:
         """Abort the multipart uploads of exactly ``key`` begun before ``not_after`` (+1 min
-        of clock skew): the ones the interrupted run began."""
+        of clock skew; and with ``not_before``, not before it): the ones the interrupted run
+        began."""
         client = self.client()
         aborted = 0
         try:
             listing = client.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
             for up in listing.get("Uploads", []):
-                if up["Key"] != key or up["Initiated"].timestamp() > not_after + 60:
+                began = up["Initiated"].timestamp()
+                if up["Key"] != key or began > not_after + 60 or (
+                        not_before is not None and began < not_before):
                     continue
                 client.abort_multipart_upload(Bucket=self.bucket, Key=key,
                                               UploadId=up["UploadId"])
@@ -264,8 +267,8 @@ class _ZipSession(Session):
                 if failed and self.dest.fast is not None:
                     # boto3 aborts a multipart upload that failed itself; obstore may leave
                     # its parts: abort them now (the record stays for the next start if not)
-                    with contextlib.suppress(DeliveryError):
-                        self.dest._abort_uploads(self.key, started)
+                    with contextlib.suppress(DeliveryError):  # this run's upload only
+                        self.dest._abort_uploads(self.key, time.time(), not_before=started - 5)
                         record.unlink(missing_ok=True)
                 else:
                     record.unlink(missing_ok=True)

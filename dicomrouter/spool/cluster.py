@@ -373,7 +373,18 @@ class ClusterSpool(Spool):
                 return SpoolReader(local)
         cached = os.path.join(self.cache, inst.key)
         if not os.path.exists(cached):
-            self.store.download(inst.key, cached)
+            try:
+                self.store.download(inst.key, cached)
+            except FileNotFoundError:
+                now = self.state.reception(inst.sop_uid)
+                if now is not None and now.key == inst.key and now.present and \
+                        inst.node and inst.node != self.node_id:
+                    # acknowledged by its node (ack_after: local), not uploaded yet: a retry
+                    # finds it, this is not a lost instance
+                    raise SharedStoreUnavailable(
+                        errno.EAGAIN, f"instance {inst.sop_uid} is not in the shared store yet "
+                        f"(node {inst.node} uploads it behind its acknowledgement)") from None
+                raise
         return SpoolReader(cached)
 
     # ---- deleting ----------------------------------------------------------------------------

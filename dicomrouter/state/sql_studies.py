@@ -261,8 +261,9 @@ class StudiesSQL(SQLBase):
     def forward_now(self, study_uid: str, generation: int, route: str,
                     destinations: Sequence[str], why: str) -> list[str]:
         """``forward: immediate``: the jobs of ``destinations`` take what the receiving study
-        holds now (created, or requeued when delivered or running; a job waiting for its retry
-        or dead keeps waiting). The destinations whose job is due now."""
+        holds now (created, pending again when delivered, ``requeue`` when running; a job
+        waiting for its retry, or dead, keeps waiting with its attempts). The destinations
+        whose job is due now."""
         now = time.time()
         due: list[str] = []
         with self._tx(study_uid) as db:
@@ -284,14 +285,22 @@ class StudiesSQL(SQLBase):
                 routes = json.loads(job["routes"] or "[]")
                 if route not in routes:
                     routes.append(route)
-                if job["state"] == "running":
-                    db.execute("UPDATE jobs SET requeue=1, routes=? WHERE study_uid=? AND"
-                               " destination=?", (json.dumps(routes), study_uid, dest))
-                elif job["state"] in ("delivered", "pending"):
-                    db.execute("UPDATE jobs SET state='pending', attempts=0, next_attempt=0,"
-                               " generation=?, updated=?, routes=?, series_only=NULL WHERE"
-                               " study_uid=? AND destination=?",
-                               (generation, now, json.dumps(routes), study_uid, dest))
+                # one statement decides on the row as it is when written (a claim may commit
+                # between the read above and here: a running job is only marked requeue); a
+                # job that failed keeps its attempts and its backoff
+                db.execute("UPDATE jobs SET"
+                           " requeue=CASE WHEN state='running' THEN 1 ELSE requeue END,"
+                           " attempts=CASE WHEN state='delivered' THEN 0 ELSE attempts END,"
+                           " next_attempt=CASE WHEN state='delivered' THEN 0"
+                           "  ELSE next_attempt END,"
+                           " generation=CASE WHEN state IN ('delivered','pending') THEN ?"
+                           "  ELSE generation END,"
+                           " series_only=CASE WHEN state IN ('delivered','pending') THEN NULL"
+                           "  ELSE series_only END,"
+                           " state=CASE WHEN state='delivered' THEN 'pending' ELSE state END,"
+                           " updated=?, routes=? WHERE study_uid=? AND destination=?",
+                           (generation, now, json.dumps(routes), study_uid, dest))
+                if job["state"] in ("delivered", "pending"):
                     due.append(dest)
         return due
 
