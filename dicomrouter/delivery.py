@@ -44,6 +44,7 @@ class RunResult:
     error_permanent: bool = False  # ... and waiting will not heal it
     rejected_permanent: int = 0  # how many of ``rejected`` will be refused again
     interrupted: bool = False  # the workers stopped before every instance was sent
+    taken: int = 0  # instances the session started on (a forwarding run's share)
 
     @property
     def permanent(self) -> bool:
@@ -57,6 +58,7 @@ class RunResult:
         self.rejected += other.rejected
         self.rejected_permanent += other.rejected_permanent
         self.interrupted = self.interrupted or other.interrupted
+        self.taken += other.taken
         if self.error is None and other.error is not None:
             self.error, self.error_permanent = other.error, other.error_permanent
 
@@ -278,8 +280,7 @@ class DeliveryWorkers:
             # a forwarding run's extra association that could not even start (a peer that
             # limits associations per AE) sent nothing: the others took its share
             for i, r in enumerate(results):
-                if r.error is not None and not r.sent and not r.rejected and \
-                        not r.interrupted:
+                if r.error is not None and not r.taken:
                     log.warning("study %s → %s: association %d of %d not used: %s",
                                 job.study_uid, dest.name, i + 1, len(results), r.error)
                     results[i] = RunResult()
@@ -346,6 +347,7 @@ class DeliveryWorkers:
                 session.on_durable, session.on_transmit = durable, transmitted
                 counted = session.transmits_on_send
                 for inst in todo if feed is None else feed.instances(flush):
+                    result.taken += 1
                     if self._stop.is_set():
                         result.interrupted = True
                         break
@@ -383,9 +385,7 @@ class DeliveryWorkers:
                         result.sent += 1
                     else:
                         buffered.append(inst.sop_uid)
-                if previous:
-                    self.state.mark_delivered([previous], dest.name, digests)
-                    previous = None
+                flush()
                 durable(list(session.commit()))  # also when nothing is buffered
                 refused = {alias.get(u, u): why for u, why in session.refused.items()}
                 rejected += [f"{uid}: " + refused.get(
