@@ -6,7 +6,7 @@ instance says (``Modality: CT``, ``CalledAE: AI``; config validation refuses agg
 last arrival changed are evaluated with the whole routing table on what they hold so far; each
 ``forward: immediate`` route that matches has its destinations' jobs (re)queued
 (``State.forward_now``), and a delivery run sends what the ledger does not show as delivered
-there. Several arrivals between two ticks go in one run, over one association.
+there, over associations that stay open for the next arrivals (``feed.py``).
 
 The study still completes by its stable age (or count, or force) as before: its jobs are then
 queued once more, and the ledger makes that run send only what is left (nothing, usually).

@@ -289,21 +289,21 @@ class ClusterSpool(Spool):
                 return exc
             return None
 
-        done: list[tuple[str, str]] = []
+        uploaded: list[tuple[str, str, str, int]] = []
         failed: list[tuple[str, str, str, int]] = []
         for item, exc in zip(todo, pool.map(put, todo), strict=True):
             if exc is None:
-                done.append((item[0], item[1]))
+                uploaded.append(item)
                 continue
             failed.append(item)
             log.error("upload of instance %s to the shared store failed (%s: %s); will retry",
                       item[0], type(exc).__name__, exc)
         try:
-            self.state.mark_shared(done)
+            self.state.mark_shared([(sop, key) for sop, key, _l, _s in uploaded])
         except Exception as exc:  # PostgreSQL away: the objects are there, record them again
-            log.error("recording %d upload(s) failed (%s: %s); will retry", len(done),
+            log.error("recording %d upload(s) failed (%s: %s); will retry", len(uploaded),
                       type(exc).__name__, exc)
-            failed += [item for item in todo if (item[0], item[1]) in set(done)]
+            failed += uploaded
         return failed
 
     def adopt_orphans(self) -> int:
