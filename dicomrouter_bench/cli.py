@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
@@ -22,16 +23,18 @@ from .corpus import make_corpus
 from .procs import BenchError, find_dcmtk, stop_all
 from .profile import profile_receive
 from .scenarios import Bench, Settings
+from .soak import SoakSettings, render, run_soak
 
 SCENARIO_NAMES = ("P1", "P2", "P3", "P4", "P5", "P7", "P8")
+OPT_IN = ("SOAK",)  # long: only when named in --only
 
 
 def _scenarios(value: str) -> frozenset[str]:
     chosen = {v.strip().upper() for v in value.split(",") if v.strip()}
-    unknown = chosen - set(SCENARIO_NAMES)
+    unknown = chosen - set(SCENARIO_NAMES) - set(OPT_IN)
     if unknown or not chosen:
-        raise click.BadParameter(f"a comma-separated list of {', '.join(SCENARIO_NAMES)}",
-                                 param_hint="--only")
+        raise click.BadParameter(f"a comma-separated list of {', '.join(SCENARIO_NAMES)} "
+                                 "or soak", param_hint="--only")
     return frozenset(chosen)
 
 
@@ -78,6 +81,13 @@ def _terminated(signum: int, _frame: FrameType | None) -> None:
               show_default=True, help="P8: studies in the large synthetic state.")
 @click.option("--flat-instances", type=click.IntRange(1, 100_000_000), default=1_000_000,
               show_default=True, help="P8: instances in the large synthetic state.")
+@click.option("--minutes", type=click.FloatRange(0.5, 24 * 60), default=30.0,
+              show_default=True, help="soak: how long the senders send while faults are injected.")
+@click.option("--soak-senders", type=click.IntRange(1, 32), default=3, show_default=True,
+              help="soak: concurrent sending modalities.")
+@click.option("--soak-cluster", is_flag=True,
+              help="soak: two router nodes on PostgreSQL + the S3 shared spool (PostgreSQL is "
+              "stopped and restarted too).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results only.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the machine-readable results to this file.")
@@ -92,13 +102,15 @@ def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: 
           stable_age: int,
           associations: int, forward_associations: int, stow_concurrency: int,
           storescp_pdu: int | None,
-          nodes: int, flat_studies: int, flat_instances: int, as_json: bool,
+          nodes: int, flat_studies: int, flat_instances: int, minutes: float,
+          soak_senders: int, soak_cluster: bool, as_json: bool,
           json_out: Path | None, markdown: bool, keep: bool,
           workdir: Path | None, profile_dir: Path | None) -> None:
     """Measure receive throughput (P1), end-to-end time against an Orthanc gateway (P2), peak
     memory with a large instance and a big study (P4), concurrent associations (P5),
     several routers on PostgreSQL + S3 (P7) and the cost of everyday operations on a state of
-    a million instances against an empty one (P8).
+    a million instances against an empty one (P8). ``--only soak`` runs the chaos soak
+    (soak.py): senders while destinations, the router and the spool's disk fail in turn.
 
     Starts its own DCMTK storescp, Orthanc and router processes on free loopback ports, and stops
     them all at the end. Progress goes to stderr, the table to stdout. Exits 1 if a measurement
@@ -130,9 +142,18 @@ def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: 
     previous = signal.signal(signal.SIGTERM, _terminated)
     runner = Bench(settings, root, _progress)
     profile_text = ""
+    soak: dict[str, Any] | None = None
     try:
         runner.prepare()
         runner.run()
+        if "SOAK" in settings.scenarios:
+            try:
+                soak = run_soak(SoakSettings(minutes=minutes, senders=soak_senders,
+                                             cluster=soak_cluster), root / "soak", _progress)
+            except BenchError as exc:
+                soak = {"ok": False, "problems": [str(exc)], "error": str(exc)}
+            if not soak["ok"]:
+                runner.errors += 1
         if profile_dir is not None:
             if "small" not in runner.corpora:
                 runner.corpora["small"] = make_corpus("small", root / "corpora", small, 64, 64)
@@ -154,6 +175,11 @@ def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: 
                              dicomweb_available="dicomweb" in destination_types())
     extra = report.notes(runner.runs)
     data = report.as_json(settings, runner.corpora, runner.runs, rows, info, extra)
+    soak_lines: list[str] = []
+    if soak is not None:
+        data["soak"] = soak
+        soak_lines = render(soak) if "error" not in soak else [f"soak: FAILED: {soak['error']}"]
+    table = bool(settings.scenarios - set(OPT_IN))
     if json_out is not None:
         json_out.write_text(json.dumps(data, indent=2) + "\n")
     if as_json:
@@ -164,9 +190,14 @@ def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: 
                    "medians of per-run ratios")
         click.echo(f"machine: {machine.describe(info)}")
         click.echo(f"corpora: {corpora}")
-        click.echo("")
-        click.echo(report.render_markdown(rows) if markdown else report.render_text(rows))
-        for line in extra:
+        if table:
+            click.echo("")
+            click.echo(report.render_markdown(rows) if markdown else report.render_text(rows))
+            for line in extra:
+                click.echo(line)
+        if soak_lines:
+            click.echo("")
+        for line in soak_lines:
             click.echo(line)
         if profile_text:
             click.echo("")
