@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from router_fixtures import Router
+from stow_server import StowServer
 
 from dicomrouter.sample import generate
 
@@ -320,3 +321,63 @@ def test_series_go_out_series_by_series(tmp_path: Path) -> None:
             assert series == sorted(series)
         finally:
             router.stop()
+
+
+def test_a_session_that_confirms_at_its_end_sends_the_references_in_a_second_round(
+        tmp_path: Path) -> None:
+    """DICOMweb: the STOW-RS batch is confirmed only when it is posted, so the referencing
+    objects cannot go in the batch of what they reference: they go in the next request, once
+    the ledger shows their targets delivered (and every instance once)."""
+    files, images, objects = _study(tmp_path, seed=64)
+    every = {str(ds.SOPInstanceUID) for ds in images} | {
+        str(dcmread(p).SOPInstanceUID) for p in objects.values()}
+    with StowServer() as server:
+        router = Router(tmp_path / "router", {
+            "destinations": {"web": {"type": "dicomweb", "url": server.url, "timeout": "30s"}},
+            "routes": [{"name": "ordered", "to": ["web"], "order": "references"}]})
+        router.start()
+        try:
+            assert run_storescu(files, router.port, aet=router.aet).returncode == 0
+            router.wait_state(str(images[0].StudyInstanceUID), "delivered", timeout=120)
+            received = list(server.received)
+            assert sorted(received) == sorted(every)  # each once
+            position = {uid: n for n, uid in enumerate(received)}
+            for name, path in objects.items():
+                uid = str(dcmread(path).SOPInstanceUID)
+                assert all(position[t] < position[uid] for t in _targets(path) & every), name
+            assert server.posts == 2  # the images; then the objects referencing them
+        finally:
+            router.stop()
+
+
+def test_instances_that_reference_each_other_are_all_sent(tmp_path: Path) -> None:
+    """Two reports referencing each other (and an image each): neither waits forever."""
+    files = generate(tmp_path / "images", series=1, instances=10, rows=16, cols=16, seed=65)
+    images = [dcmread(p, stop_before_pixels=True) for p in files]
+    first, second = sr(images[0], [images[3]]), sr(images[0], [images[5]])
+    first.ContentSequence[0].ContentSequence.append(_item(second))
+    second.ContentSequence[0].ContentSequence.append(_item(first))
+    reports = [_write(tmp_path / "refs" / "a.dcm", first, SR),
+               _write(tmp_path / "refs" / "b.dcm", second, SR)]
+    with RecordingSCP() as scp:
+        router = _router(tmp_path, scp, "references", associations=1)
+        router.start()
+        try:
+            assert run_storescu([*reports, *files], router.port, aet=router.aet).returncode == 0
+            router.wait_state(str(images[0].StudyInstanceUID), "delivered", timeout=120)
+            arrived = scp.snapshot()
+            assert len(arrived) == 12 and len(set(arrived)) == 12
+            position = {uid: n for n, uid in enumerate(arrived)}
+            assert position[str(first.SOPInstanceUID)] > position[str(images[3].SOPInstanceUID)]
+            assert position[str(second.SOPInstanceUID)] > position[str(images[5].SOPInstanceUID)]
+            assert "instances reference each other" in router.log_path.read_text()
+        finally:
+            router.stop()
+
+
+def _item(report: Dataset) -> Dataset:
+    content = Dataset()
+    content.RelationshipType = "INFERRED FROM"
+    content.ValueType = "COMPOSITE"
+    content.ReferencedSOPSequence = [_ref(report.SOPInstanceUID, SR)]
+    return content
