@@ -282,6 +282,7 @@ class OrderedFeed:
             self.held.setdefault(uid, f"held back: it references {blocking[0]}, not "
                                       f"delivered to {self.job.destination}")
         self._waiting.clear()
+        self._cond.notify_all()  # the other sessions end too
 
 
 class OrderedRun:

@@ -122,6 +122,9 @@ def test_sizes(value: object, size: int) -> None:
     ({"destinations": {"z": {"type": "folder", "path": "p", "zip": True}},
       "routes": [{"to": "z", "order": "references"}]},
      "routes[0].order: references does not apply to 'z': it writes one zip per study"),
+    ({"routes": [{"to": "pacs", "order": "series"},
+                 {"name": "ai", "to": "pacs", "forward": "immediate"}]},
+     "routes[0].order: series cannot hold for 'pacs': route 'ai' forwards studies there"),
 ])
 def test_invalid_config_names_the_key(tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -433,6 +433,13 @@ class ConfigModel(Strict):
                 if why:
                     raise ConfigError(f"routes[{i}].order", f"{route.order} does not apply to "
                                       f"{show(dest)}: {why}, not instances one by one")
+                forwarding = next((r.name or f"route {n + 1}" for n, r in enumerate(self.routes)
+                                   if r.forward == "immediate" and dest in r.to), None)
+                if route.order and forwarding:
+                    raise ConfigError(f"routes[{i}].order", f"{route.order} cannot hold for "
+                                      f"{show(dest)}: route {forwarding!r} forwards studies "
+                                      "there as they arrive (forward: immediate), in arrival "
+                                      "order")
         return self
 
     @model_validator(mode="after")
