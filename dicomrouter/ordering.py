@@ -216,8 +216,13 @@ class OrderedFeed:
 
     def _finished(self, inst: Instance, flush: Callable[[], None]) -> None:
         waiting = self._dependents.get(inst.sop_uid)
-        if waiting:
-            flush()  # the ledger shows it delivered before its dependents are looked at
+        try:
+            if waiting:
+                flush()  # the ledger shows it delivered before its dependents are looked at
+        finally:  # (if the ledger could not be written, they find it undelivered)
+            self._count_finished(inst, waiting)
+
+    def _count_finished(self, inst: Instance, waiting: list[str] | None) -> None:
         with self._cond:
             self._in_flight -= 1
             self._done.add(inst.sop_uid)
@@ -263,13 +268,26 @@ class OrderedFeed:
                     self._waiting.discard(self.todo[n].sop_uid)
                     heapq.heappush(self._ready, n)
             return True
-        # a cycle: instances that wait only for instances that wait (none finished unsent)
+        # a cycle: instances that wait only for instances that wait or were delivered (none
+        # that was refused, none held back)
+        delivered = self._done & self.state.delivered_uids(self.job.study_uid,
+                                                           self.job.destination)
+        doomed = (self._done - delivered) | self.held.keys()
+        changed = True
+        while changed:  # what waits, however indirectly, for one of those stays held
+            changed = False
+            for uid in self._waiting - doomed:
+                if self._deps.get(uid, set()) & doomed:
+                    doomed.add(uid)
+                    changed = True
+        free = self._waiting - doomed
         for n in waiting:
             uid = self.todo[n].sop_uid
-            if self._deps.get(uid, set()) <= self._done | self._waiting:
+            if uid in free and self._deps.get(uid, set()) <= delivered | free:
+                other = sorted(self._deps.get(uid, set()) & free) or ["?"]
                 log.warning("study %s → %s: instances reference each other (%s and %s); "
                             "%s is sent first", self.job.study_uid, self.job.destination, uid,
-                            sorted(self._deps[uid] & self._waiting)[0], uid)
+                            other[0], uid)
                 self._waiting.discard(uid)
                 self._last.discard(uid)
                 heapq.heappush(self._ready, n)
@@ -310,7 +328,7 @@ class OrderedRun:
             self.feed = self._plan(todo)
             if len(self.feed.held) == len(todo):
                 return  # every one waits for a target that was not delivered
-            yield todo, self.feed
+            yield self.feed.todo, self.feed
             held = set(self.feed.held)
             if not held or not self.feed.finished:
                 return  # all sent, or no progress: what is held stays held

@@ -381,3 +381,33 @@ def _item(report: Dataset) -> Dataset:
     content.ValueType = "COMPOSITE"
     content.ReferencedSOPSequence = [_ref(report.SOPInstanceUID, SR)]
     return content
+
+
+def test_a_cycle_waiting_for_a_refused_image_is_held_back_whole(tmp_path: Path) -> None:
+    """Report A references an image the destination refuses and report B; B references A.
+    Breaking their cycle must not send B while A cannot go: both wait for the image."""
+    files = generate(tmp_path / "images", series=1, instances=10, rows=16, cols=16, seed=66)
+    images = [dcmread(p, stop_before_pixels=True) for p in files]
+    first, second = sr(images[0], [images[4]]), sr(images[0], [])
+    first.ContentSequence[0].ContentSequence.append(_item(second))
+    second.ContentSequence[0].ContentSequence.append(_item(first))
+    reports = [_write(tmp_path / "refs" / "a.dcm", first, SR),
+               _write(tmp_path / "refs" / "b.dcm", second, SR)]
+    image = str(images[4].SOPInstanceUID)
+    a, b = str(first.SOPInstanceUID), str(second.SOPInstanceUID)
+    with RecordingSCP() as scp:
+        scp.refuse = {image}
+        router = _router(tmp_path, scp, "references", associations=1)
+        router.start()
+        try:
+            assert run_storescu([*reports, *files], router.port, aet=router.aet).returncode == 0
+            wait_until(lambda: len(scp.refused) >= 2 and len(scp.snapshot()) >= 9, timeout=120,
+                       what=f"two attempts refused (log: {router.log_path})")
+            assert not {a, b} & set(scp.snapshot())
+            scp.refuse = set()
+            router.wait_state(str(images[0].StudyInstanceUID), "delivered", timeout=120)
+            arrived = scp.snapshot()
+            assert len(arrived) == 12 and len(set(arrived)) == 12
+            assert arrived.index(image) < min(arrived.index(a), arrived.index(b))
+        finally:
+            router.stop()
