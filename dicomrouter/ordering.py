@@ -40,6 +40,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from . import metrics
 from .state import Instance, Job, State
 
 log = logging.getLogger("dicomrouter.delivery")
@@ -342,6 +343,7 @@ class OrderedRun:
         if self.feed is None or not self.feed.held:
             return []
         held = self.feed.held
+        metrics.HELD_BACK.labels(self.job.destination).inc(len(held))
         first = next(iter(held))
         log.warning("study %s → %s: %d instance(s) held back until what they reference is "
                     "delivered there; first: %s: %s", self.job.study_uid, self.job.destination,

@@ -10,8 +10,10 @@ whose numbers come first; the router delivers over three associations.
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +263,8 @@ def test_a_refused_reference_holds_the_key_object_back(tmp_path: Path) -> None:
     with RecordingSCP() as scp:
         scp.refuse = {refused}
         router = _router(tmp_path, scp, "references")
+        web = free_port()
+        router.config["web"] = {"enabled": True, "bind": "127.0.0.1", "port": web}
         router.start()
         try:
             assert run_storescu(files, router.port, aet=router.aet).returncode == 0
@@ -271,6 +275,10 @@ def test_a_refused_reference_holds_the_key_object_back(tmp_path: Path) -> None:
                        len(scp.refused) >= 2, timeout=60,
                        what="a retry refused again, the KOS held back")
             assert kos_uid not in scp.snapshot()  # never sent while its target is refused
+            with urllib.request.urlopen(f"http://127.0.0.1:{web}/metrics", timeout=30) as rsp:
+                text = rsp.read().decode()
+            assert re.search(r'^dicomrouter_instances_held_back_total\{destination="viewer"\} '
+                             r'([2-9]|\d\d)', text, re.M), "held back once per attempt"
             scp.refuse = set()  # the destination accepts it now: the retry sends both
             wait_until(lambda: kos_uid in scp.snapshot(), timeout=60,
                        what=f"the KOS once its image is delivered (log: {router.log_path})")
