@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from . import metrics
+from . import metrics, ordering
 from .config import Config
 from .destinations import DeliveryError, Destination, InstanceRejected
 from .destinations.base import PermanentFailure
@@ -245,6 +245,9 @@ class DeliveryWorkers:
         if not todo:
             return RunResult()
         keep_open = self._keep_open(job, dest)
+        order = ordering.order_of(self.cfg, job, dest.name)
+        if order and not keep_open:
+            return self._send_ordered(job, dest, todo, order)
         feed: ForwardFeed | None = None
         if keep_open:  # forwarding while receiving: the sessions take what arrives
             feed = ForwardFeed(self.state, job.study_uid, dest.name, todo, keep_open,
@@ -257,6 +260,27 @@ class DeliveryWorkers:
                 return self._send_part(job, dest, todo)
             size = -(-len(todo) // n)
             parts = [todo[i:i + size] for i in range(0, len(todo), size)]
+        return self._sessions(job, dest, parts, feed)
+
+    def _send_ordered(self, job: Job, dest: Destination, todo: list[Instance],
+                      order: str) -> RunResult:
+        """Route key ``order``: the sessions take ``todo`` in order from a feed, in rounds
+        (ordering.py); what waits for a target not delivered is reported refused."""
+        run = ordering.OrderedRun(order, self.state, self.spool, job, todo, self._stop)
+        total = RunResult()
+        for part, feed in run.rounds():
+            n = min(dest.associations, max(1, len(part) // MIN_PER_ASSOCIATION))
+            result = self._sessions(job, dest, [part] * n, feed)
+            total.add(result)
+            if result.error is not None:
+                break
+        if not self._stop.is_set():
+            total.rejected += run.held()
+        return total
+
+    def _sessions(self, job: Job, dest: Destination, parts: list[list[Instance]],
+                  feed: ForwardFeed | ordering.OrderedFeed | None) -> RunResult:
+        """One session per part, at once (with a feed each takes its share from it)."""
         results = [RunResult() for _ in parts]
 
         def part(i: int) -> None:
@@ -306,7 +330,7 @@ class DeliveryWorkers:
         return wait if study is not None and study.state == "receiving" else 0.0
 
     def _send_part(self, job: Job, dest: Destination, todo: list[Instance],
-                   feed: ForwardFeed | None = None) -> RunResult:
+                   feed: ForwardFeed | ordering.OrderedFeed | None = None) -> RunResult:
         """Send ``todo`` in one session (with a ``feed``: this session's share of it and of
         what arrives meanwhile; ``todo`` only negotiates).
         The ledger counts each send when it goes on the wire and records as delivered only

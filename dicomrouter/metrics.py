@@ -34,6 +34,9 @@ STUDIES = Counter("dicomrouter_studies_completed", "Studies completed and routed
                   ["outcome"], registry=REGISTRY)
 DELIVERIES = Counter("dicomrouter_deliveries", "Delivery attempts by destination and outcome "
                      "(delivered, failed, dead)", ["destination", "outcome"], registry=REGISTRY)
+HELD_BACK = Counter("dicomrouter_instances_held_back", "Instances not sent in a delivery run "
+                    "because an instance they reference was not delivered there (route key "
+                    "order: references), by destination", ["destination"], registry=REGISTRY)
 RETRIES = Counter("dicomrouter_delivery_retries", "Attempts after a failed one, by destination",
                   ["destination"], registry=REGISTRY)
 STORE_LATENCY = Histogram("dicomrouter_c_store_seconds", "From a C-STORE's last fragment to its "

@@ -113,6 +113,18 @@ def test_sizes(value: object, size: int) -> None:
       "routes": [{"to": "b", "forward": "immediate"}]},
      "routes[0].forward: immediate cannot send to 'b': it uploads one zip per study"),
     ({"conversion_processes": 0}, "conversion_processes: expected a whole number from 1 to 64"),
+    ({"routes": [{"to": "pacs", "order": "time"}]},
+     "routes[0].order: one of series, references"),
+    ({"routes": [{"to": "pacs", "order": "series", "forward": "immediate"}]},
+     "routes[0].order: not with forward: immediate"),
+    ({"routes": [{"to": "pacs", "order": "references", "level": "series"}]},
+     "routes[0].order: references is not with level: series"),
+    ({"destinations": {"z": {"type": "folder", "path": "p", "zip": True}},
+      "routes": [{"to": "z", "order": "references"}]},
+     "routes[0].order: references does not apply to 'z': it writes one zip per study"),
+    ({"routes": [{"to": "pacs", "order": "series"},
+                 {"name": "ai", "to": "pacs", "forward": "immediate"}]},
+     "routes[0].order: series cannot hold for 'pacs': route 'ai' forwards studies there"),
 ])
 def test_invalid_config_names_the_key(tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -79,6 +79,22 @@ def test_receive_route_deliver_settle(state: State) -> None:
     assert any("reopened by a late arrival" in e for e in events)
 
 
+def test_delivered_uids_follow_the_ledger(state: State) -> None:
+    """What ordered delivery waits on (order: references): the ledger's delivered instances of
+    one study at one destination, not another's, not those only being sent."""
+    _record(state, "1.2.7", 3)
+    _record(state, "1.2.8", 1)
+    assert state.delivered_uids("1.2.7", "pacs") == set()
+    state.mark_sending("1.2.7.1", "pacs", "1.2.7")
+    state.mark_sending("1.2.7.2", "pacs", "1.2.7", "1.2.7.1")  # 1 delivered, 2 on the wire
+    state.mark_sending("1.2.8.1", "pacs", "1.2.8")
+    state.mark_delivered(["1.2.8.1"], "pacs")
+    state.mark_sending("1.2.7.3", "viewer", "1.2.7")
+    state.mark_delivered(["1.2.7.3"], "viewer")
+    assert state.delivered_uids("1.2.7", "pacs") == {"1.2.7.1"}
+    assert state.delivered_uids("1.2.7", "viewer") == {"1.2.7.3"}
+
+
 def test_the_spool_total_follows_every_change_of_the_instances(state: State) -> None:
     """The spool's byte total is kept on the study rows (so /metrics need not sum a million
     instance rows): it must equal the sum over the instances after receptions, a re-sent

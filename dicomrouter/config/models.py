@@ -220,6 +220,9 @@ class RouteModel(Strict):
     level: Choice("study", "series") = "study"  # series: each series sent once it is stable
     # immediate: instances go as they arrive, the study still completes by its stable age
     forward: Choice("complete", "immediate") = "complete"
+    # inside a study, per destination: series by series, or what references others last
+    # (ordering.py); None: as the ledger lists them
+    order: Choice("series", "references") | None = None
     deliver_between: Text | None = None  # jobs this route creates wait for the window
     days: list[Any] | None = None
     timezone: Text | None = None
@@ -261,6 +264,10 @@ class RouteModel(Strict):
             raise ConfigError("stop", "a fallback route is always the last one to fire")
         if self.forward == "immediate":
             self._forward_immediate()
+        if self.order == "references" and self.level == "series":
+            raise ConfigError("order", "references is not with level: series (a series sent "
+                              "alone cannot wait for the delivery of another series it "
+                              "references); use level: study, or order: series")
         return self
 
     def _forward_immediate(self) -> None:
@@ -270,7 +277,8 @@ class RouteModel(Strict):
                        "expect": "it sends instances as they arrive, before any expectation",
                        "stable_age": "it sends instances as they arrive, without a stable age",
                        "deliver_between": "it sends instances as they arrive",
-                       "level": "it sends instances as they arrive, not series"}
+                       "level": "it sends instances as they arrive, not series",
+                       "order": "it sends instances as they arrive, in arrival order"}
         for key, why in needs_whole.items():
             value = getattr(self, key)
             if value not in (None, False, "study"):
@@ -421,6 +429,17 @@ class ConfigModel(Strict):
                 if why:
                     raise ConfigError(f"routes[{i}].forward", f"immediate cannot send to "
                                       f"{show(dest)}: {why}")
+                why = self.destinations[dest].whole_study() if route.order else ""
+                if why:
+                    raise ConfigError(f"routes[{i}].order", f"{route.order} does not apply to "
+                                      f"{show(dest)}: {why}, not instances one by one")
+                forwarding = next((r.name or f"route {n + 1}" for n, r in enumerate(self.routes)
+                                   if r.forward == "immediate" and dest in r.to), None)
+                if route.order and forwarding:
+                    raise ConfigError(f"routes[{i}].order", f"{route.order} cannot hold for "
+                                      f"{show(dest)}: route {forwarding!r} forwards studies "
+                                      "there as they arrive (forward: immediate), in arrival "
+                                      "order")
         return self
 
     @model_validator(mode="after")

@@ -179,6 +179,11 @@ class Deliveries(ABC):
     def delivered_digests(self, study_uid: str, destination: str) -> dict[str, str]: ...
 
     @abstractmethod
+    def delivered_uids(self, study_uid: str, destination: str) -> set[str]:
+        """The SOP Instance UIDs of the study the ledger shows as delivered to ``destination``
+        (ordered delivery waits on it, ``ordering.py``)."""
+
+    @abstractmethod
     def mark_identical(self, sop_uids: Sequence[str], destination: str,
                        study_uid: str) -> None: ...
 

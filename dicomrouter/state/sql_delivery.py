@@ -144,6 +144,11 @@ class DeliverySQL(SQLBase):
             "SELECT sop_uid, digest FROM ledger WHERE study_uid=? AND destination=? AND"
             " delivered_at IS NULL AND digest IS NOT NULL", (study_uid, destination))}
 
+    def delivered_uids(self, study_uid: str, destination: str) -> set[str]:
+        return {r["sop_uid"] for r in self._query(
+            "SELECT sop_uid FROM ledger WHERE study_uid=? AND destination=? AND"
+            " delivered_at IS NOT NULL", (study_uid, destination))}
+
     def mark_identical(self, sop_uids: Sequence[str], destination: str, study_uid: str) -> None:
         """Re-received instances whose content ``destination`` already has: delivered there
         without sending them again (a sender retrying after a lost C-STORE response)."""
