@@ -1,0 +1,136 @@
+"""Priorities and held jobs in the state (issue 26, items 1 and 5), on SQLite and on a real
+PostgreSQL: claims by priority then age, the yield test a running job makes, release and
+reject with their audit, and what status reads."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicomrouter.state import Placement, State
+from dicomrouter.state.postgres import PostgresState
+from dicomrouter.state.sqlite import SQLiteState
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+STAT, HIGH, ROUTINE, LOW = range(4)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
+    if request.param == "sqlite":
+        s: State = SQLiteState(tmp_path / "state.db")
+    else:
+        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=30)
+    yield s
+    s.close()
+
+
+def _routed(state: State, study: str, dests: list[str], placement: Placement | None = None,
+            n: int = 2) -> None:
+    for i in range(n):
+        state.record_instance({"StudyInstanceUID": study, "SeriesInstanceUID": f"{study}.1",
+                               "SOPInstanceUID": f"{study}.1.{i}", "SOPClassUID": CT,
+                               "PatientID": "P1", "Modality": "CT"}, EXPLICIT,
+                              f"data/{study}/{study}.1.{i}.dcm", 100, "MOD", "ROUTER")
+    seen = state.study(study)
+    assert seen is not None
+    assert state.route_study(study, dests, ["r"], seen, "test", placement)
+
+
+def test_claims_take_the_most_urgent_then_the_oldest(state: State) -> None:
+    _routed(state, "1.1", ["pacs"])  # routine, oldest
+    _routed(state, "1.2", ["pacs"], Placement({"pacs": LOW}))
+    _routed(state, "1.3", ["pacs"], Placement({"pacs": HIGH}))
+    _routed(state, "1.4", ["pacs"], Placement({"pacs": STAT}))
+    _routed(state, "1.5", ["pacs"], Placement({"pacs": STAT}))
+    order = []
+    while (job := state.claim_job("pacs")) is not None:
+        order.append((job.study_uid, job.priority))
+        state.finish_job(job, None, 3, 1.0)
+    assert order == [("1.4", STAT), ("1.5", STAT), ("1.3", HIGH), ("1.1", ROUTINE),
+                     ("1.2", LOW)]
+
+
+def test_a_running_job_sees_a_more_urgent_one_and_resumes_after_it(state: State) -> None:
+    _routed(state, "2.1", ["pacs"])
+    running = state.claim_job("pacs")
+    assert running is not None and running.priority == ROUTINE
+    assert not state.urgent_due("pacs", running.priority)
+    _routed(state, "2.2", ["pacs"], Placement({"pacs": ROUTINE}))  # same priority: no yield
+    assert not state.urgent_due("pacs", running.priority)
+    _routed(state, "2.3", ["other"], Placement({"other": STAT}))  # another destination's
+    assert not state.urgent_due("pacs", running.priority)
+    _routed(state, "2.4", ["pacs"], Placement({"pacs": STAT}))
+    assert state.urgent_due("pacs", running.priority)
+    assert not state.urgent_due("pacs", STAT)  # nothing overtakes stat
+    state.release_job(running)  # the worker yields after its chunk
+    stat = state.claim_job("pacs")
+    assert stat is not None and stat.study_uid == "2.4"
+    state.finish_job(stat, None, 3, 1.0)
+    again = state.claim_job("pacs")
+    assert again is not None and again.study_uid == "2.1"  # older than 2.2: resumes first
+    jobs = {j["study_uid"]: j for j in state.jobs()}
+    assert jobs["2.4"]["priority"] == "stat" and jobs["2.1"]["priority"] == "routine"
+    by = state.gauges()["by_priority"]
+    assert by["pacs"] == {"routine": 2} and by["other"] == {"stat": 1}
+
+
+def test_a_held_study_waits_until_released_and_the_audit_says_who_and_why(
+        state: State) -> None:
+    _routed(state, "3.1", ["pacs", "research"], Placement(held=frozenset({"research"})))
+    first = state.claim_job("research")
+    assert first is None  # held: never claimable
+    assert state.next_due("research") is None  # and no worker wakes for it
+    pacs = state.claim_job("pacs")
+    assert pacs is not None
+    state.finish_job(pacs, None, 3, 1.0)
+    assert not state.settle_study("3.1")  # the held job keeps the study open
+    assert [h["destinations"] for h in state.held_studies()] == [["research"]]
+    assert state.gauges()["queues"]["research"] == {"held": 1}
+    assert state.release_study("3.1", "alice (command line)", "consent checked") == \
+        ["research"]
+    assert state.release_study("3.1", "alice", "twice") == []  # nothing held any more
+    job = state.claim_job("research")
+    assert job is not None and job.attempts == 0
+    state.finish_job(job, None, 3, 1.0)
+    assert state.settle_study("3.1")
+    events = [e["event"] for e in state.events_since(0, "3.1")]
+    assert any(e.startswith("held for research") for e in events), events
+    assert "released by alice (command line) for research: consent checked" in events
+
+
+def test_a_rejected_study_is_never_delivered_and_kept(state: State) -> None:
+    _routed(state, "4.1", ["research"], Placement(held=frozenset({"research"})))
+    assert state.reject_study("4.1", "bob (command line)", "no consent") == ["research"]
+    assert state.claim_job("research") is None
+    assert state.release_study("4.1", "bob", "too late") == []  # rejected stays rejected
+    study = state.study("4.1")
+    assert study is not None and study.state == "rejected" and study.in_spool
+    assert state.held_studies() == []
+    events = [e["event"] for e in state.events_since(0, "4.1")]
+    assert "rejected (not delivered) by bob (command line) for research: no consent" in events
+    # beside a delivered destination, the study settles as delivered (there)
+    _routed(state, "4.2", ["pacs", "research"], Placement(held=frozenset({"research"})))
+    job = state.claim_job("pacs")
+    assert job is not None
+    state.finish_job(job, None, 3, 1.0)
+    state.reject_study("4.2", "bob", "no consent")
+    again = state.study("4.2")
+    assert again is not None and again.state == "delivered"
+
+
+def test_a_late_arrival_to_a_held_study_is_held_again(state: State) -> None:
+    _routed(state, "5.1", ["research"], Placement({"research": HIGH},
+                                                  frozenset({"research"})))
+    state.release_study("5.1", "carol", "ok")
+    job = state.claim_job("research")
+    assert job is not None and job.priority == HIGH
+    state.finish_job(job, None, 3, 1.0)
+    time.sleep(0.01)
+    _routed(state, "5.1", ["research"], Placement(held=frozenset({"research"})), n=3)
+    assert state.claim_job("research") is None  # the new generation waits again
+    assert [j["state"] for j in state.jobs(study_uids=["5.1"])] == ["held"]
