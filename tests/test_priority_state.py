@@ -7,9 +7,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from dicomrouter.config import ConfigError, from_dict
+from dicomrouter.priority import placement
 from dicomrouter.state import Placement, State
 from dicomrouter.state.postgres import PostgresState
 from dicomrouter.state.sqlite import SQLiteState
@@ -134,3 +137,45 @@ def test_a_late_arrival_to_a_held_study_is_held_again(state: State) -> None:
     _routed(state, "5.1", ["research"], Placement(held=frozenset({"research"})), n=3)
     assert state.claim_job("research") is None  # the new generation waits again
     assert [j["state"] for j in state.jobs(study_uids=["5.1"])] == ["held"]
+
+
+# ---- the configuration and the routing's placement ------------------------------------------
+
+def _cfg(routes: list[dict[str, Any]], **extra: Any) -> Any:
+    return from_dict({"destinations": {
+        "pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+        "research": {"type": "dicom", "ae_title": "RES", "host": "127.0.0.1", "port": 105}},
+        "routes": routes, **extra}, Path("."), "test")
+
+
+def test_the_most_urgent_route_decides_and_a_hold_is_never_bypassed() -> None:
+    cfg = _cfg([{"name": "stat", "priority": "stat", "to": ["pacs"]},
+                {"name": "low", "priority": "low", "to": ["pacs", "research"]},
+                {"name": "quarantine", "hold": True, "to": ["research"]},
+                {"name": "plain", "to": ["research"]}])
+    assert cfg.chunk_instances == 200 and cfg.routes[3].priority == "routine"
+    both = placement(cfg.routes, ["stat", "low", "quarantine", "plain"], ["pacs", "research"])
+    assert both.priority("pacs") == STAT and both.priority("research") == ROUTINE
+    assert both.held == {"research"}
+    only = placement(cfg.routes, ["low", "plain"], ["pacs", "research"])
+    assert only.priority("pacs") == LOW and only.held == frozenset()
+    # a destination not routed now (its route waits for its stable age) is not placed
+    assert placement(cfg.routes, ["stat"], ["research"]).priorities == {}
+
+
+@pytest.mark.parametrize(("routes", "extra", "key", "problem"), [
+    ([{"priority": "urgent", "to": ["pacs"]}], {}, "routes[0].priority", "stat"),
+    ([{"hold": "yes", "to": ["pacs"]}], {}, "routes[0].hold", "true or false"),
+    ([{"hold": True, "level": "series", "to": ["pacs"]}], {}, "routes[0].hold",
+     "level: series"),
+    ([{"hold": True, "to": ["research"]},
+      {"forward": "immediate", "when": {"Modality": "CT"}, "to": ["research"]}], {},
+     "routes[0].hold", "before they complete (routes[1]"),
+    ([{"to": ["pacs"]}], {"chunk_instances": 0}, "chunk_instances", ""),
+])
+def test_invalid_priority_and_hold_settings_name_the_key(
+        routes: list[dict[str, Any]], extra: dict[str, Any], key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        _cfg(routes, **extra)
+    assert err.value.key == key, str(err.value)
+    assert problem in str(err.value)
