@@ -168,4 +168,5 @@ def test_held_studies_wait_for_release_and_a_rejected_one_never_goes(tmp_path: P
            "duplicate of an earlier study" in said[held["rest_reject"][1]]
     assert not any("no token" in e for x in said.values() for e in x)
     assert all(isinstance(e["ts"], float) for e in events)
+    assert f"study {rest_uid}: held for pacs (a route with hold: true)" in log
     assert "Traceback" not in log

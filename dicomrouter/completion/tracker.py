@@ -130,9 +130,13 @@ class StudyTracker:
         if waiting and not ready:  # every matching route has a longer stable age: not yet
             self.state.set_await(study_uid, seen.last_received + min(waiting.values()))
             return
+        placed = placement(self.cfg.routes, ready_routes, ready)
         if not self.state.route_study(study_uid, ready, ready_routes, seen, decision.summary(),
-                                      placement(self.cfg.routes, ready_routes, ready)):
+                                      placed):
             return  # an instance arrived meanwhile; it completes later
+        if placed.held:
+            log.info("study %s: held for %s (a route with hold: true) until 'dicomrouter "
+                     "release' or 'reject'", study_uid, ", ".join(sorted(placed.held)))
         for name, why in met.items():
             self.state.note(study_uid, f"route {name!r}: {why}, before its stable age")
         if forced:
