@@ -97,6 +97,10 @@ def test_held_studies_wait_for_release_and_a_rejected_one_never_goes(tmp_path: P
                 base + "/")
             for _f, uid, _s in held.values():
                 assert router.study_state(uid) == "routed"
+            assert 'dicomrouter_jobs{destination="pacs",state="held"} 4.0' in get(
+                base + "/metrics")
+            jobs = json.loads(get(f"{base}/api/studies/{held['cli_release'][1]}"))["jobs"]
+            assert [(j["state"], j["priority"]) for j in jobs] == [("held", "routine")]
 
             # REST without the token (or with a wrong one) is refused and changes nothing
             rest_uid = held["rest_release"][1]

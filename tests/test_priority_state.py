@@ -4,14 +4,17 @@ reject with their audit, and what status reads."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from router_fixtures import dicomrouter
 
 from dicomrouter.config import ConfigError, from_dict
+from dicomrouter.metrics import StateCollector
 from dicomrouter.priority import placement
 from dicomrouter.state import Placement, State
 from dicomrouter.state.postgres import PostgresState
@@ -80,6 +83,11 @@ def test_a_running_job_sees_a_more_urgent_one_and_resumes_after_it(state: State)
     assert jobs["2.4"]["priority"] == "stat" and jobs["2.1"]["priority"] == "routine"
     by = state.gauges()["by_priority"]
     assert by["pacs"] == {"routine": 2} and by["other"] == {"stat": 1}
+    samples = {(s.labels["destination"], s.labels["priority"]): s.value
+               for family in StateCollector(state, Path(".")).collect()
+               if family.name == "dicomrouter_jobs_queued_by_priority"
+               for s in family.samples}
+    assert samples == {("pacs", "routine"): 2, ("other", "stat"): 1}
 
 
 def test_a_held_study_waits_until_released_and_the_audit_says_who_and_why(
@@ -179,3 +187,24 @@ def test_invalid_priority_and_hold_settings_name_the_key(
         _cfg(routes, **extra)
     assert err.value.key == key, str(err.value)
     assert problem in str(err.value)
+
+
+def test_status_shows_priorities_and_held_studies(tmp_path: Path) -> None:
+    state = SQLiteState(tmp_path / "state.db")
+    try:
+        _routed(state, "6.1", ["pacs"], Placement({"pacs": STAT}))
+        _routed(state, "6.2", ["pacs"])
+        _routed(state, "6.3", ["research"], Placement(held=frozenset({"research"})))
+    finally:
+        state.close()
+    text = dicomrouter("status", "--spool", str(tmp_path))
+    assert text.returncode == 0, text.stderr
+    out = text.stdout
+    assert "pacs: pending 0 of 2 [priority stat]" in out, out
+    assert "(by priority: stat 1, routine 1)" in out, out
+    assert "research: held 0 of 2 [priority" not in out  # routine is not repeated
+    assert "held (a route with hold: true;" in out and "6.3  patient P1 → research" in out
+    data = json.loads(dicomrouter("status", "--spool", str(tmp_path), "--json").stdout)
+    assert data["by_priority"]["pacs"] == {"stat": 1, "routine": 1}
+    assert [h["study_uid"] for h in data["held"]] == ["6.3"]
+    assert data["queues"]["research"] == {"held": 1}
