@@ -208,3 +208,15 @@ def test_status_shows_priorities_and_held_studies(tmp_path: Path) -> None:
     assert data["by_priority"]["pacs"] == {"stat": 1, "routine": 1}
     assert [h["study_uid"] for h in data["held"]] == ["6.3"]
     assert data["queues"]["research"] == {"held": 1}
+
+
+def test_a_held_study_whose_instances_all_moved_holds_nothing(state: State) -> None:
+    _routed(state, "7.1", ["research"], Placement(held=frozenset({"research"})), n=1)
+    state.record_instance({"StudyInstanceUID": "7.2", "SeriesInstanceUID": "7.2.1",
+                           "SOPInstanceUID": "7.1.1.0", "SOPClassUID": CT, "PatientID": "P2",
+                           "Modality": "CT"}, EXPLICIT, "data/7.2/7.1.1.0.dcm", 100, "MOD",
+                          "ROUTER")
+    moved = state.study("7.1")
+    assert moved is not None and moved.state == "moved"
+    assert state.held_studies() == [] and state.jobs(study_uids=["7.1"]) == []
+    assert state.release_study("7.1", "dave", "late") == []
