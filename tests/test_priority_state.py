@@ -16,6 +16,7 @@ from router_fixtures import dicomrouter
 from dicomrouter.config import ConfigError, from_dict
 from dicomrouter.metrics import StateCollector
 from dicomrouter.priority import placement
+from dicomrouter.sample import generate
 from dicomrouter.state import Placement, State
 from dicomrouter.state.postgres import PostgresState
 from dicomrouter.state.sqlite import SQLiteState
@@ -220,3 +221,22 @@ def test_a_held_study_whose_instances_all_moved_holds_nothing(state: State) -> N
     assert moved is not None and moved.state == "moved"
     assert state.held_studies() == [] and state.jobs(study_uids=["7.1"]) == []
     assert state.release_study("7.1", "dave", "late") == []
+
+
+def test_explain_says_the_priority_and_the_hold(tmp_path: Path) -> None:
+    files = generate(tmp_path / "in", series=1, instances=1, rows=8, cols=8, seed=263)
+    cfg = tmp_path / "r.yml"
+    cfg.write_text(json.dumps({
+        "destinations": {"pacs": {"type": "folder", "path": "pacs"},
+                         "research": {"type": "folder", "path": "research"}},
+        "routes": [{"name": "ct first", "when": {"Modality": "CT"}, "priority": "high",
+                    "to": ["pacs"]},
+                   {"name": "quarantine", "hold": True, "to": ["research", "pacs"]}]}))
+    r = dicomrouter("explain", str(files[0]), "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "  priority: pacs high" in r.stdout, r.stdout
+    assert "  held for pacs, research (hold: true)" in r.stdout, r.stdout
+    data = json.loads(dicomrouter("explain", str(files[0]), "--config", str(cfg),
+                                  "--json").stdout)
+    assert data[0]["priorities"] == {"pacs": "high", "research": "routine"}
+    assert data[0]["held"] == ["pacs", "research"]
