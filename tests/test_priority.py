@@ -120,7 +120,7 @@ def test_a_stat_study_overtakes_2000_routine_instances_being_delivered(tmp_path:
                  u in routine_uids)
     print(f"STAT waited {waited:.2f} s after its routing, behind {before} routine "
           f"instance(s); overtook {sum(1 for u in order[last + 1:] if u in routine_uids)}")
-    assert waited < 5.0, waited
+    assert waited < 6.0, waited
     assert before <= CHUNK + 1, before
     job = shown["jobs"][0]
     assert job["priority"] == "stat" and job["routes"] == ["stat", "everything"]
