@@ -155,7 +155,8 @@ class Deliveries(ABC):
 
     @abstractmethod
     def claim_job(self, destination: str, now: float | None = None) -> Job | None:
-        """The oldest due job of a destination, now running; None without writing if none."""
+        """The most urgent due job of a destination (then the oldest), now running; None
+        without writing if none. Held jobs are never due."""
 
     @abstractmethod
     def release_job(self, job: Job) -> None: ...
