@@ -25,6 +25,7 @@ from .config import Config
 from .destinations import DeliveryError, Destination, InstanceRejected
 from .destinations.base import PermanentFailure
 from .feed import ForwardFeed
+from .priority import chunks
 from .spool import Spool, SpoolReader
 from .state import Instance, Job, JobState, State
 from .transforms import TransformError, transform_file
@@ -45,6 +46,7 @@ class RunResult:
     rejected_permanent: int = 0  # how many of ``rejected`` will be refused again
     interrupted: bool = False  # the workers stopped before every instance was sent
     taken: int = 0  # instances the session started on (a forwarding run's share)
+    yielded: bool = False  # stopped after a chunk: a more urgent job of the destination is due
 
     @property
     def permanent(self) -> bool:
@@ -201,8 +203,13 @@ class DeliveryWorkers:
                 "again (purge it first)")
             result = RunResult(error=str(gone), error_permanent=True)
         else:
-            result = self._send(job, dest, todo)
+            result = self._send_chunks(job, dest, todo)
         sent, rejected, error = result.sent, result.rejected, result.error
+        if result.yielded:  # back to pending, not an attempt: the next run sends the rest
+            self.state.release_job(job)
+            log.info("study %s → %s: %d instance(s) sent, %d left; a more urgent job of the "
+                     "destination goes first", job.study_uid, dest.name, sent, len(todo) - sent)
+            return ""
         if self._stop.is_set() and error is None and (
                 result.interrupted or sent + len(rejected) < len(todo)):
             self.state.release_job(job)
@@ -238,6 +245,26 @@ class DeliveryWorkers:
                         " %s", job.study_uid, dest.name, attempt, policy.max_attempts, sent,
                         policy.delay(attempt), error)
         return outcome
+
+    def _send_chunks(self, job: Job, dest: Destination, todo: list[Instance]) -> RunResult:
+        """Send ``todo`` ``chunk_instances`` at a time; after a chunk, stop (``yielded``) if a
+        more urgent job of the destination is due (priority.py). Whole-study destinations,
+        forwarding runs and ordered runs (a chunk would be ordered only within itself) go in
+        one piece."""
+        whole = dest.whole_study or bool(self.cfg.destinations[dest.name].whole_study())
+        parts = [todo] if whole or self._keep_open(job, dest) or \
+            ordering.order_of(self.cfg, job, dest.name) else \
+            chunks(todo, self.cfg.chunk_instances)
+        total = RunResult()
+        for n, part in enumerate(parts):
+            total.add(self._send(job, dest, list(part)))
+            if total.error is not None or total.interrupted or self._stop.is_set():
+                break
+            if n + 1 < len(parts) and not total.rejected and \
+                    self.state.urgent_due(dest.name, job.priority, self.clock()):
+                total.yielded = True
+                break
+        return total
 
     def _send(self, job: Job, dest: Destination, todo: list[Instance]) -> RunResult:
         """Send ``todo`` over ``dest.associations`` sessions at once (contiguous parts, so each

@@ -14,10 +14,12 @@ from typing import Any, BinaryIO
 
 from .config import Config
 from .dicomfile import UnreadableDataset, identify
+from .priority import placement
 from .routing import Decision, route
 from .sources import source_names
 from .spool import Spool
 from .state import Instance, State
+from .values import PRIORITIES
 
 
 def instances_from_files(paths: Iterable[str]) -> tuple[dict[str, list[Instance]], list[str]]:
@@ -51,6 +53,7 @@ def explain(cfg: Config, instances: list[Instance], opener: Any) -> Decision:
 def as_dict(study_uid: str, instances: list[Instance], decision: Decision,
             cfg: Config) -> dict[str, Any]:
     modalities = sorted({i.tags.get("Modality", "") for i in instances} - {""})
+    placed = placement(cfg.routes, decision.routes, decision.destinations)
     return {
         "study_uid": study_uid,
         "instances": len(instances),
@@ -64,6 +67,8 @@ def as_dict(study_uid: str, instances: list[Instance], decision: Decision,
         "schedules": {d: cfg.destinations[d].schedule.describe()
                       for d in decision.destinations
                       if d in cfg.destinations and cfg.destinations[d].schedule is not None},
+        "priorities": {d: PRIORITIES[placed.priority(d)] for d in decision.destinations},
+        "held": sorted(placed.held),
         "completion": f"stable_age {cfg.stable_age:g} s after the last instance" + "".join(
             f"; route {r.name!r}: {r.stable_age:g} s" for r in cfg.routes
             if r.stable_age is not None and r.name in decision.routes),
@@ -99,6 +104,12 @@ def render(d: dict[str, Any]) -> str:
         lines.append(f"  transforms for {dest}: {'; '.join(ops)}")
     for dest, window in d["schedules"].items():
         lines.append(f"  {dest} delivers only {window}")
+    urgent = [f"{dest} {p}" for dest, p in d.get("priorities", {}).items() if p != "routine"]
+    if urgent:
+        lines.append(f"  priority: {', '.join(urgent)}")
+    if d.get("held"):
+        lines.append(f"  held for {', '.join(d['held'])} (hold: true): waits for "
+                     "'dicomrouter release' or 'reject'")
     lines.append(f"  completion: {d['completion']}")
     return "\n".join(lines)
 

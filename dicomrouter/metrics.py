@@ -67,6 +67,13 @@ class StateCollector(Collector):
             for state, n in counts.items():
                 jobs.add_metric([dest, state], n)
         yield jobs
+        queued = GaugeMetricFamily("dicomrouter_jobs_queued_by_priority", "Delivery jobs "
+                                   "waiting or running (pending, failed, running) by "
+                                   "destination and priority", labels=["destination", "priority"])
+        for dest, by in summary.get("by_priority", {}).items():
+            for priority, n in by.items():
+                queued.add_metric([dest, priority], n)
+        yield queued
         partial = GaugeMetricFamily("dicomrouter_jobs_partial", "Delivery jobs whose destination "
                                     "misses instances deleted from the spool before a late "
                                     "arrival routed the study there", labels=["destination"])

@@ -23,6 +23,8 @@ from pydicom.uid import UID
 from .transcode import TARGETS
 
 AE_PSEUDO_KEYS = ("CallingAE", "CalledAE", "Source", "Listener", "SourceHost")
+#: a route's ``priority``, most urgent first; jobs store the index (0: stat)
+PRIORITIES = ("stat", "high", "routine", "low")
 
 
 _REPR = reprlib.Repr()

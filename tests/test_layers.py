@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("composition root", ("app",)),
     ("operations", ("web", "health", "preflight", "receivers")),
     ("policy", ("completion", "routing", "explain", "delivery", "feed", "ordering", "sources",
-                "scp")),
+                "scp", "priority")),
     ("ways out", ("destinations", "qrscu", "commitment")),
     ("durable storage", ("spool", "state", "query")),
     ("leaves", ("config", "common", "values", "schema", "rules", "schedule", "sweep",
@@ -172,11 +172,12 @@ def test_every_package_says_what_it_owns() -> None:
 
 
 @pytest.mark.parametrize("name", ["serve", "send", "echo", "find", "move", "status", "retry",
-                                  "audit", "explain", "purge", "sample", "bench"])
+                                  "release", "reject", "audit", "explain", "purge", "sample",
+                                  "bench"])
 def test_every_cli_command_resolves(name: str) -> None:
     """The command line imports its commands by name when they run (see dicomrouter/cli): each
     name the README uses resolves to the click command of that name, and nothing else is listed."""
     from dicomrouter.cli import COMMANDS, load_command  # noqa: PLC0415 - the one import by name
 
     assert load_command(name).name == name
-    assert len(COMMANDS) == 12
+    assert len(COMMANDS) == 14

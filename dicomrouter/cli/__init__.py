@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "move": ("qr", "move_command"),
     "status": ("status", "status"),
     "retry": ("status", "retry"),
+    "release": ("hold", "release"),
+    "reject": ("hold", "reject"),
     "audit": ("status", "audit"),
     "explain": ("tools", "explain"),
     "purge": ("purge", "purge"),

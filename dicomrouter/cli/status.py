@@ -14,6 +14,7 @@ import click
 from .. import config as config_mod
 from ..config import ConfigError
 from ..state import JobState
+from ..values import PRIORITIES
 from .common import (
     config_option,
     load_config,
@@ -37,6 +38,10 @@ def job_progress(job: dict[str, Any]) -> str:
                  "before the study was routed there)")
     if job["state"] in (JobState.FAILED, JobState.DEAD) and job.get("last_error"):
         line += f" ({job['attempts']} attempt(s)): {job['last_error']}"
+    if job.get("priority", "routine") != "routine":
+        line += f" [priority {job['priority']}]"
+    if job["state"] == JobState.HELD:
+        line += f" (held: 'dicomrouter release {job['study_uid']} --reason ...' delivers it)"
     return line
 
 
@@ -89,6 +94,7 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
             click.echo(f"  {when(ts)}  {event}")
         return
     data = state.summary(with_done=show_all, limit=limit)
+    data["held"] = state.held_studies()
     if as_json:  # a sum over the whole ledger: only what the JSON carries pays for it
         data["ledger"] = state.ledger_stats()
     if not show_all:  # what a user who just sent studies looks for
@@ -121,6 +127,10 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
     for dest, counts in sorted(data["queues"].items()):
         parts = "  ".join(f"{s} {counts.get(s, 0)}" for s in
                           ("pending", "running", "failed", "dead", "delivered"))
+        parts += "".join(f"  {s} {counts[s]}" for s in ("held", "rejected") if counts.get(s))
+        if by := data["by_priority"].get(dest):
+            parts += "  (by priority: " + ", ".join(f"{p} {by[p]}" for p in PRIORITIES
+                                                     if by.get(p)) + ")"
         held = [j for j in state.jobs("pending", dest) if not j["attempts"]
                 and (j["next_attempt"] or 0) > time.time()]
         if held:
@@ -140,6 +150,12 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
             click.echo(f"  {src['name']:<16} {health}; last poll {when(src['last_poll'])}, "
                        f"last success {when(src['last_success'])}; {src['studies_pulled']} "
                        f"study(ies), {src['instances_pulled']} instance(s) pulled")
+    if data["held"]:
+        click.echo("held (a route with hold: true; 'dicomrouter release STUDY --reason ...' "
+                   "delivers, 'dicomrouter reject' drops):")
+        for h in data["held"]:
+            click.echo(f"  {h['study_uid']}  patient {h['patient_id'] or '-'} → "
+                       f"{', '.join(h['destinations'])}, held since {when(h['since'])}")
     if data["retrying"]:
         click.echo("retrying:")
         for j in data["retrying"]:

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 
 from ..config import Config
+from ..priority import route_priority
 from ..routing import route
 from ..spool import Spool
 from ..state import STATE_ERRORS, State
@@ -88,6 +89,6 @@ class ImmediateForwarder:
                 due += self.state.forward_now(
                     study_uid, generation, r.name, r.to,
                     f"route {r.name!r} (forward: immediate) sends the study to "
-                    "{dest} as its instances arrive")
+                    "{dest} as its instances arrive", route_priority(r))
         if due:
             self.notify(list(dict.fromkeys(due)))

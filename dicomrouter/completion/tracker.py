@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import metrics
 from ..config import Config
+from ..priority import placement, route_priority
 from ..routing import Decision, route
 from ..sources import source_names
 from ..spool import Spool
@@ -129,8 +130,13 @@ class StudyTracker:
         if waiting and not ready:  # every matching route has a longer stable age: not yet
             self.state.set_await(study_uid, seen.last_received + min(waiting.values()))
             return
-        if not self.state.route_study(study_uid, ready, ready_routes, seen, decision.summary()):
+        placed = placement(self.cfg.routes, ready_routes, ready)
+        if not self.state.route_study(study_uid, ready, ready_routes, seen, decision.summary(),
+                                      placed):
             return  # an instance arrived meanwhile; it completes later
+        if placed.held:
+            log.info("study %s: held for %s (a route with hold: true) until 'dicomrouter "
+                     "release' or 'reject'", study_uid, ", ".join(sorted(placed.held)))
         for name, why in met.items():
             self.state.note(study_uid, f"route {name!r}: {why}, before its stable age")
         if forced:
@@ -209,7 +215,8 @@ class StudyTracker:
                        f" stable for {age:g} s: " +
                        (f"route {r.name!r} sends it to {', '.join(dests)}" if dests else
                         f"route {r.name!r} does not match it ({decision.summary()})"))
-                self.state.route_series(study_uid, series_uid, generation, r.name, dests, why)
+                self.state.route_series(study_uid, series_uid, generation, r.name, dests, why,
+                                        route_priority(r))
                 if dests:
                     log.info("study %s: %s", study_uid, why)
                     self.notify(dests)
@@ -263,8 +270,9 @@ class StudyTracker:
         instances = self.state.instances(study_uid, present_only=False)
         decision = route(self.cfg.routes, instances, self.spool.open, self.source_names)
         ready_routes, ready, waiting, _met = self._ready(decision, seen.last_received)
-        new = self.state.sweep_study(study_uid, ready, ready_routes,
-                                     why="stable age over") if ready else []
+        new = self.state.sweep_study(study_uid, ready, ready_routes, why="stable age over",
+                                     placement=placement(self.cfg.routes, ready_routes, ready)
+                                     ) if ready else []
         self.state.set_await(study_uid, seen.last_received + min(waiting.values())
                              if waiting else None)
         if new:
@@ -287,7 +295,9 @@ class StudyTracker:
             checked += 1
             decision = route(self.cfg.routes, instances, self.spool.open, self.source_names)
             new = self.state.sweep_study(uid, decision.destinations, decision.routes,
-                                         decision.summary())
+                                         decision.summary(), placement=placement(
+                                             self.cfg.routes, decision.routes,
+                                             decision.destinations))
             if new:
                 changed += 1
                 log.info("sweep: study %s now also goes to %s (%s)", uid, ", ".join(new),

@@ -42,6 +42,7 @@ from ..schema import (
     readable,
 )
 from ..schema import keyed_error as generic_keyed_error
+from ..values import PRIORITIES
 from .base import (
     DEFAULT_AE_TITLE,
     DEFAULT_PORT,
@@ -226,6 +227,10 @@ class RouteModel(Strict):
     deliver_between: Text | None = None  # jobs this route creates wait for the window
     days: list[Any] | None = None
     timezone: Text | None = None
+    # the jobs' priority (the most urgent matching route's, per destination): claims take
+    # stat, high, routine, low in that order, then the oldest
+    priority: Choice(*PRIORITIES) = "routine"
+    hold: Bool = False  # quarantine: the jobs wait for `dicomrouter release` (or reject)
 
     _schedule: Any = PrivateAttr(None)
 
@@ -268,6 +273,9 @@ class RouteModel(Strict):
             raise ConfigError("order", "references is not with level: series (a series sent "
                               "alone cannot wait for the delivery of another series it "
                               "references); use level: study, or order: series")
+        if self.hold and self.level == "series":
+            raise ConfigError("hold", "not with level: series (a held study is released "
+                              "whole: hold the study)")
         return self
 
     def _forward_immediate(self) -> None:
@@ -334,6 +342,9 @@ class ConfigModel(Strict):
     # forward: immediate: an association to a dicom destination waits this long for the next
     # arrival before it is released (0: released after each run)
     forward_keep_open: Duration = 2.0
+    # a delivery run sends at most this many instances, then lets a more urgent job of the
+    # destination go first (priority: stat overtakes a long routine study)
+    chunk_instances: Int(1, 1_000_000) = 200
     # several routers (docs/scale-out.md)
     state: StateModel = StateModel()
     shared_spool: SharedSpoolModel | None = None
@@ -424,6 +435,12 @@ class ConfigModel(Strict):
                 if dest not in known:
                     raise ConfigError(f"routes[{i}].to", f"unknown destination {show(dest)} "
                                       f"(known: {', '.join(known) or 'none defined'})")
+                early = [j for j, r in enumerate(self.routes) if dest in r.to and
+                         (r.forward == "immediate" or r.level == "series")]
+                if route.hold and early:
+                    raise ConfigError(f"routes[{i}].hold", f"{show(dest)} also gets studies "
+                                      f"before they complete (routes[{early[0]}]: forward: "
+                                      "immediate or level: series), so it cannot hold them")
                 why = self.destinations[dest].whole_study() if route.forward == "immediate" \
                     else ""
                 if why:

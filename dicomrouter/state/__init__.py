@@ -9,12 +9,14 @@ from .base import (
     Instance,
     Job,
     JobState,
+    Placement,
     Reception,
     Recorded,
     SourceStudy,
     StateUnavailable,
     Study,
     StudyState,
+    priority_name,
 )
 from .postgres import PostgresState
 from .roles import State
@@ -45,5 +47,6 @@ def open_state(path: Path, readonly: bool = False) -> State:
     return SQLiteState(path, readonly=readonly)
 
 
-__all__ = ["STATE_ERRORS", "Instance", "Job", "JobState", "Reception", "Recorded", "SourceStudy",
-           "State", "StateUnavailable", "Study", "StudyState", "open_state", "state_for"]
+__all__ = ["STATE_ERRORS", "Instance", "Job", "JobState", "Placement", "Reception", "Recorded",
+           "SourceStudy", "State", "StateUnavailable", "Study", "StudyState", "open_state",
+           "priority_name", "state_for"]

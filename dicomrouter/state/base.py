@@ -8,9 +8,15 @@ default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NamedTuple
+
+from ..values import PRIORITIES
+
+#: a job's priority as stored (the index in ``PRIORITIES``: 0 is stat, the most urgent)
+ROUTINE = PRIORITIES.index("routine")
 
 
 class StudyState(StrEnum):
@@ -23,6 +29,7 @@ class StudyState(StrEnum):
     FAILED = "failed"  # a job is dead-lettered
     HELD = "held"  # force_complete: hold; waits for an operator's reroute
     MOVED = "moved"  # every instance moved to other studies
+    REJECTED = "rejected"  # every job of it rejected by an operator (hold: true); kept
 
 
 class JobState(StrEnum):
@@ -33,6 +40,26 @@ class JobState(StrEnum):
     FAILED = "failed"  # retried at next_attempt
     DEAD = "dead"  # dead-lettered
     DELIVERED = "delivered"
+    HELD = "held"  # a route with hold: true: waits for release or reject by an operator
+    REJECTED = "rejected"  # held, then rejected: never delivered
+
+
+def priority_name(value: int | None) -> str:
+    """``stat`` for 0, ...; an unknown stored value reads as routine."""
+    return PRIORITIES[value] if value is not None and 0 <= value < len(PRIORITIES) \
+        else "routine"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How the jobs a routing creates are queued: each destination's priority (index in
+    ``PRIORITIES``; routine when not named) and the destinations whose jobs are held."""
+
+    priorities: Mapping[str, int] = field(default_factory=dict)
+    held: frozenset[str] = frozenset()
+
+    def priority(self, destination: str) -> int:
+        return self.priorities.get(destination, ROUTINE)
 
 
 class StateUnavailable(OSError):
@@ -51,6 +78,7 @@ class Job:
     generation: int
     routes: tuple[str, ...] = ()  # the routes that sent the study there (for manifests)
     series_only: tuple[str, ...] | None = None  # level: series, study still receiving
+    priority: int = ROUTINE  # index in PRIORITIES (0: stat)
 
 
 @dataclass(frozen=True)

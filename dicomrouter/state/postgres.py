@@ -212,7 +212,9 @@ END $$ LANGUAGE plpgsql""",
 #: statements that contain ";" themselves). Append, never edit one that has shipped.
 MIGRATIONS: list[tuple[int, str | list[str]]] = [
     (1, SCHEMA_V1), (2, _qr_migration()), (3, LEASES_V3), (4, LEDGER_DIGEST_V4), (5, MOVES_V5),
-    (6, ";\n".join(SOURCE_DELTAS)), (7, STUDY_TOTALS_V7)]
+    (6, ";\n".join(SOURCE_DELTAS)), (7, STUDY_TOTALS_V7),
+    # issue 26: a job's priority (0 stat ... 3 low; claims take the most urgent first)
+    (8, "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS priority INTEGER NOT NULL DEFAULT 2")]
 
 
 class Row:

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from ..query import Query
-from .base import Instance, Job, Reception, Recorded, SourceStudy, Study
+from .base import Instance, Job, Placement, Reception, Recorded, SourceStudy, Study
 
 
 class Receptions(ABC):
@@ -95,9 +95,10 @@ class Studies(ABC):
 
     @abstractmethod
     def route_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
-                    seen: Study, explanation: str = "") -> bool:
-        """Routed (a job per destination) or unrouted, unless an instance arrived since
-        ``seen`` (then False)."""
+                    seen: Study, explanation: str = "",
+                    placement: Placement | None = None) -> bool:
+        """Routed (a job per destination, queued as ``placement`` says: priorities, held
+        jobs) or unrouted, unless an instance arrived since ``seen`` (then False)."""
 
     @abstractmethod
     def sweepable_studies(self) -> list[str]: ...
@@ -108,7 +109,8 @@ class Studies(ABC):
 
     @abstractmethod
     def route_series(self, study_uid: str, series_uid: str, generation: int, route: str,
-                     destinations: Sequence[str], why: str) -> None: ...
+                     destinations: Sequence[str], why: str,
+                     priority: int | None = None) -> None: ...
 
     @abstractmethod
     def receiving_studies(self) -> list[tuple[str, int, float]]:
@@ -116,7 +118,8 @@ class Studies(ABC):
 
     @abstractmethod
     def forward_now(self, study_uid: str, generation: int, route: str,
-                    destinations: Sequence[str], why: str) -> list[str]:
+                    destinations: Sequence[str], why: str,
+                    priority: int | None = None) -> list[str]:
         """``forward: immediate``: the destinations' jobs take what the study holds now; the
         destinations whose job is due now (``why`` is noted once per new job, ``{dest}``
         filled in)."""
@@ -140,7 +143,8 @@ class Studies(ABC):
 
     @abstractmethod
     def sweep_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
-                    explanation: str = "", why: str = "sweep") -> list[str]:
+                    explanation: str = "", why: str = "sweep",
+                    placement: Placement | None = None) -> list[str]:
         """Jobs for the destinations the study has none for yet (the sweep); those added."""
 
 
@@ -151,7 +155,8 @@ class Deliveries(ABC):
 
     @abstractmethod
     def claim_job(self, destination: str, now: float | None = None) -> Job | None:
-        """The oldest due job of a destination, now running; None without writing if none."""
+        """The most urgent due job of a destination (then the oldest), now running; None
+        without writing if none. Held jobs are never due."""
 
     @abstractmethod
     def release_job(self, job: Job) -> None: ...
@@ -224,6 +229,32 @@ class Deliveries(ABC):
     def forget_delivered(self, study_uid: str, why: str) -> list[Instance] | None:
         """A delivered study's instances, marked gone from the spool in one step (None: it is
         not delivered, or something arrived meanwhile)."""
+
+
+class Holds(ABC):
+    """Priorities and held jobs (issue 26): what a worker yields to, what an operator
+    releases or rejects."""
+    @abstractmethod
+    def urgent_due(self, destination: str, priority: int, now: float | None = None) -> bool:
+        """Whether a job more urgent than ``priority`` is due for ``destination`` (a read)."""
+
+    @abstractmethod
+    def release_study(self, study_uid: str, who: str, why: str) -> list[str]:
+        """The study's held jobs become pending now; the audit trail says who and why. The
+        destinations released (none: nothing was held)."""
+
+    @abstractmethod
+    def reject_study(self, study_uid: str, who: str, why: str) -> list[str]:
+        """The study's held jobs are dropped (``rejected``, never delivered); audited like
+        a release. The destinations rejected."""
+
+    @abstractmethod
+    def queued_by_priority(self) -> dict[str, dict[str, int]]:
+        """Jobs waiting (pending, failed, running) per destination and priority name."""
+
+    @abstractmethod
+    def held_studies(self) -> list[dict[str, Any]]:
+        """Studies with held jobs, oldest first (study_uid, patient_id, destinations, since)."""
 
 
 class QueryIndex(ABC):
@@ -382,8 +413,8 @@ class Nodes(ABC):
         return 1
 
 
-class State(Receptions, Studies, Deliveries, QueryIndex, SourceCursors, Commitments, Reporting,
-            Nodes):
+class State(Receptions, Studies, Deliveries, Holds, QueryIndex, SourceCursors, Commitments,
+            Reporting, Nodes):
     """The state of one spool (or of a cluster): every role."""
 
     #: write transactions so far (idle workers must not write: tests count them)

@@ -34,15 +34,16 @@ class DeliverySQL(SQLBase):
     _CLAIM_LOCK = ""  # PostgreSQL: FOR UPDATE SKIP LOCKED (nodes claim different jobs)
 
     def claim_job(self, destination: str, now: float | None = None) -> Job | None:
-        """Take the oldest due job of a destination (pending, or failed and due for retry; with
-        leases also running on a node whose lease ran out: it resumes from the ledger)."""
+        """Take the most urgent due job of a destination, the oldest of that priority (pending,
+        or failed and due for retry; with leases also running on a node whose lease ran out: it
+        resumes from the ledger). Held jobs wait for release."""
         now = now or time.time()
         expired = " OR (state='running' AND lease_until < ?)" if self.leases else ""
         args: tuple[Any, ...] = (destination, now, time.time()) if self.leases else \
             (destination, now)
-        due = ("SELECT id, study_uid, attempts, generation, routes, series_only, state, node"
-               " FROM jobs WHERE destination=? AND ((state IN ('pending','failed') AND"
-               f" next_attempt <= ?){expired}) ORDER BY created, id LIMIT 1")
+        due = ("SELECT id, study_uid, attempts, generation, routes, series_only, state, node,"
+               " priority FROM jobs WHERE destination=? AND ((state IN ('pending','failed') AND"
+               f" next_attempt <= ?){expired}) ORDER BY priority, created, id LIMIT 1")
         if not self._query(due, args):
             return None  # nothing due: a read, no write transaction
         with self._tx() as db:
@@ -59,7 +60,7 @@ class DeliverySQL(SQLBase):
         series = row["series_only"]
         return Job(row["id"], row["study_uid"], destination, row["attempts"], row["generation"],
                    tuple(json.loads(row["routes"] or "[]")),
-                   tuple(json.loads(series)) if series else None)
+                   tuple(json.loads(series)) if series else None, row["priority"])
 
     def release_job(self, job: Job) -> None:
         """A run cut short by shutdown: back to pending, not counted as an attempt."""
@@ -213,13 +214,23 @@ class DeliverySQL(SQLBase):
                     row["await_until"] is not None:  # a route still waits for its stable age
                 return False
             open_jobs = db.execute("SELECT COUNT(*) FROM jobs WHERE study_uid=? AND"
-                                   " state!='delivered'", (study_uid,)).fetchone()[0]
+                                   " state NOT IN ('delivered','rejected')",
+                                   (study_uid,)).fetchone()[0]
             if open_jobs:
+                return False
+            if not db.execute("SELECT COUNT(*) FROM jobs WHERE study_uid=? AND"
+                              " state='delivered'", (study_uid,)).fetchone()[0] and \
+                    db.execute("SELECT COUNT(*) FROM jobs WHERE study_uid=?",
+                               (study_uid,)).fetchone()[0]:
+                # every job rejected by an operator: kept in the spool, delivered nowhere
+                db.execute("UPDATE studies SET state='rejected' WHERE study_uid=?",
+                           (study_uid,))
                 return False
             db.execute("UPDATE studies SET state='delivered', delivered_at=? WHERE study_uid=?",
                        (now, study_uid))
             dests = [r[0] for r in db.execute("SELECT destination FROM jobs WHERE study_uid=?"
-                                              " ORDER BY destination", (study_uid,))]
+                                              " AND state='delivered' ORDER BY destination",
+                                              (study_uid,))]
             partial = self._count_missing(db, study_uid, dests, now, note=False)
             if partial:
                 total = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=?",

@@ -131,9 +131,9 @@ class ReceivingSQL(SQLBase):
             return
         dropped = [r[0] for r in db.execute(
             "SELECT destination FROM jobs WHERE study_uid=? AND state IN"
-            " ('pending','failed','dead') ORDER BY destination", (study,))]
-        db.execute("DELETE FROM jobs WHERE study_uid=? AND state IN ('pending','failed','dead')",
-                   (study,))
+            " ('pending','failed','dead','held') ORDER BY destination", (study,))]
+        db.execute("DELETE FROM jobs WHERE study_uid=? AND state IN"
+                   " ('pending','failed','dead','held')", (study,))
         db.execute("UPDATE studies SET state='moved', in_spool=0, await_until=NULL"
                    " WHERE study_uid=?", (study,))
         self._event(db, study, f"every instance moved to other studies (the last, {sop}, to "

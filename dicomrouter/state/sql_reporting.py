@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .base import priority_name
 from .sql_base import SQLBase
 
 
@@ -85,7 +86,8 @@ class ReportingSQL(SQLBase):
                              " FROM jobs WHERE missing>0 GROUP BY destination"):
             partial[r["destination"]] = {"jobs": int(r["jobs"]), "missing": int(r["missing"])}
         return {"queues": queues, "dead": dead, "retrying": failing, "partial": partial,
-                "spool_bytes": self.spool_bytes(), "sources": self.source_rows()}
+                "spool_bytes": self.spool_bytes(), "sources": self.source_rows(),
+                "by_priority": self.queued_by_priority()}
 
     def summary(self, with_done: bool = False, limit: int = 0) -> dict[str, Any]:
         """Everything `status` shows, as plain data: ``studies`` lists the newest ``limit``
@@ -137,7 +139,7 @@ class ReportingSQL(SQLBase):
             where.append(f"j.study_uid IN ({','.join('?' * len(study_uids))})")
             args.extend(study_uids)
         sql = ("SELECT j.id, j.study_uid, j.destination, j.state, j.attempts, j.next_attempt,"
-               " j.last_error, j.routes, j.created, j.updated, j.node, j.missing,"
+               " j.last_error, j.routes, j.created, j.updated, j.node, j.missing, j.priority,"
                " (SELECT COUNT(*) FROM ledger l WHERE l.study_uid=j.study_uid AND"
                "  l.destination=j.destination AND l.delivered_at IS NOT NULL) AS delivered,"
                " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=j.study_uid) AS total"
@@ -149,6 +151,7 @@ class ReportingSQL(SQLBase):
         for r in rows:
             r["routes"] = json.loads(r["routes"] or "[]")
             r["partial"] = bool(r["missing"])
+            r["priority"] = priority_name(r["priority"])
         return rows
 
     def requeue_job(self, job_id: int) -> dict[str, Any] | None:
@@ -172,7 +175,8 @@ class ReportingSQL(SQLBase):
         now = time.time()
         with self._tx() as db:
             n = db.execute("UPDATE studies SET state='unrouted' WHERE study_uid=? AND in_spool=1"
-                           " AND state IN ('routed','delivered','failed','unrouted','held')",
+                           " AND state IN ('routed','delivered','failed','unrouted','held',"
+                           " 'rejected')",
                            (study_uid,)).rowcount
             if n:
                 self._event(db, study_uid, "rerouted by hand", now)

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..query import Query
-from .base import Instance, Study
+from .base import Instance, Placement, Study, priority_name
 from .qr import qr_select
 from .sql_base import SQLBase
 
@@ -126,12 +126,16 @@ class StudiesSQL(SQLBase):
                         (r["node"] or "") if "node" in r.keys() else "")  # noqa: SIM118
 
     def route_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
-                    seen: Study, explanation: str = "") -> bool:
+                    seen: Study, explanation: str = "",
+                    placement: Placement | None = None) -> bool:
         """Mark a stable study routed (one job per destination) or unrouted, atomically.
 
         ``seen`` is the study row the decision was made on; if an instance arrived since, nothing
         is changed and False is returned (the study stays receiving and completes later).
+        ``placement``: the jobs' priorities and the destinations whose jobs are held (in the
+        same transaction: a held job is never claimable, not even for an instant).
         """
+        placement = placement or Placement()
         now = time.time()
         expected_generation = seen.generation
         with self._tx(study_uid) as db:
@@ -169,16 +173,33 @@ class StudiesSQL(SQLBase):
             for dest in destinations:
                 db.execute(
                     "INSERT INTO jobs(study_uid, destination, state, attempts, next_attempt,"
-                    " generation, created, updated, routes) VALUES (?,?,'pending',0,0,?,?,?,?)"
+                    " generation, created, updated, routes, priority)"
+                    " VALUES (?,?,?,0,0,?,?,?,?,?)"
                     " ON CONFLICT(study_uid, destination) DO UPDATE SET"
-                    "  state=CASE WHEN jobs.state='running' THEN 'running' ELSE 'pending' END,"
-                    "  requeue=CASE WHEN jobs.state='running' THEN 1 ELSE 0 END,"
+                    "  state=CASE WHEN jobs.state='running' THEN 'running' ELSE excluded.state"
+                    "  END, requeue=CASE WHEN jobs.state='running' THEN 1 ELSE 0 END,"
                     "  attempts=0, next_attempt=0, generation=excluded.generation,"
                     "  created=excluded.created, updated=excluded.updated,"
-                    "  routes=excluded.routes, series_only=NULL",
-                    (study_uid, dest, expected_generation, now, now, json.dumps(list(routes))))
+                    "  routes=excluded.routes, series_only=NULL, priority=excluded.priority",
+                    (study_uid, dest, "held" if dest in placement.held else "pending",
+                     expected_generation, now, now, json.dumps(list(routes)),
+                     placement.priority(dest)))
+            self._note_placement(db, study_uid, destinations, placement, now)
             self._count_missing(db, study_uid, destinations, now)
         return True
+
+    def _note_placement(self, db: Any, study_uid: str, destinations: Sequence[str],
+                        placement: Placement, now: float) -> None:
+        """The history says which jobs are held, and which are not routine."""
+        urgent = [f"{d} {priority_name(placement.priority(d))}" for d in destinations
+                  if placement.priority(d) != Placement().priority(d)]
+        if urgent:
+            self._event(db, study_uid, "priority: " + ", ".join(urgent), now)
+        held = [d for d in destinations if d in placement.held]
+        if held:
+            self._event(db, study_uid, f"held for {', '.join(held)} (a route with hold: true):"
+                        f" waits for 'dicomrouter release {study_uid} --reason ...' or"
+                        " 'dicomrouter reject'", now)
 
     _MISSING = ("SELECT COUNT(*) FROM instances i WHERE i.study_uid=? AND i.present=0 AND"
                 " NOT EXISTS (SELECT 1 FROM ledger l WHERE l.sop_uid=i.sop_uid AND"
@@ -225,9 +246,10 @@ class StudiesSQL(SQLBase):
         return [(r["study_uid"], r["series_uid"], r["generation"]) for r in rows]
 
     def route_series(self, study_uid: str, series_uid: str, generation: int, route: str,
-                     destinations: Sequence[str], why: str) -> None:
+                     destinations: Sequence[str], why: str, priority: int | None = None) -> None:
         """Deliver one stable series now: the jobs of ``destinations`` take it (only the
-        series routed this way while the study still receives)."""
+        series routed this way while the study still receives), at ``priority`` (routine)."""
+        priority = Placement().priority("") if priority is None else priority
         now = time.time()
         with self._tx(study_uid) as db:
             db.execute("INSERT INTO series_routed VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
@@ -238,9 +260,9 @@ class StudiesSQL(SQLBase):
                 if row is None:
                     db.execute("INSERT INTO jobs(study_uid, destination, state, attempts,"
                                " next_attempt, generation, created, updated, routes,"
-                               " series_only) VALUES (?,?,'pending',0,0,?,?,?,?,?)",
+                               " series_only, priority) VALUES (?,?,'pending',0,0,?,?,?,?,?,?)",
                                (study_uid, dest, generation, now, now, json.dumps([route]),
-                                json.dumps([series_uid])))
+                                json.dumps([series_uid]), priority))
                     continue
                 series = json.loads(row["series_only"]) if row["series_only"] else []
                 if row["series_only"] is not None and series_uid not in series:
@@ -248,9 +270,10 @@ class StudiesSQL(SQLBase):
                 db.execute("UPDATE jobs SET state=CASE WHEN state='running' THEN 'running'"
                            " ELSE 'pending' END, requeue=CASE WHEN state='running' THEN 1"
                            " ELSE 0 END, attempts=0, next_attempt=0, updated=?,"
-                           " series_only=? WHERE study_uid=? AND destination=?",
+                           " series_only=?, priority=CASE WHEN priority < ? THEN priority"
+                           " ELSE ? END WHERE study_uid=? AND destination=?",
                            (now, json.dumps(series) if row["series_only"] is not None
-                            else None, study_uid, dest))
+                            else None, priority, priority, study_uid, dest))
             self._event(db, study_uid, why, now)
 
     def receiving_studies(self) -> list[tuple[str, int, float]]:
@@ -259,11 +282,13 @@ class StudiesSQL(SQLBase):
             "SELECT study_uid, generation, last_received FROM studies WHERE state='receiving'")]
 
     def forward_now(self, study_uid: str, generation: int, route: str,
-                    destinations: Sequence[str], why: str) -> list[str]:
+                    destinations: Sequence[str], why: str,
+                    priority: int | None = None) -> list[str]:
         """``forward: immediate``: the jobs of ``destinations`` take what the receiving study
         holds now (created, pending again when delivered, ``requeue`` when running; a job
         waiting for its retry, or dead, keeps waiting with its attempts). The destinations
-        whose job is due now."""
+        whose job is due now. ``priority``: the route's (routine when None)."""
+        priority = Placement().priority("") if priority is None else priority
         now = time.time()
         due: list[str] = []
         with self._tx(study_uid) as db:
@@ -276,9 +301,10 @@ class StudiesSQL(SQLBase):
                                  " destination=?", (study_uid, dest)).fetchone()
                 if job is None:
                     db.execute("INSERT INTO jobs(study_uid, destination, state, attempts,"
-                               " next_attempt, generation, created, updated, routes)"
-                               " VALUES (?,?,'pending',0,0,?,?,?,?)",
-                               (study_uid, dest, generation, now, now, json.dumps([route])))
+                               " next_attempt, generation, created, updated, routes, priority)"
+                               " VALUES (?,?,'pending',0,0,?,?,?,?,?)",
+                               (study_uid, dest, generation, now, now, json.dumps([route]),
+                                priority))
                     self._event(db, study_uid, why.replace("{dest}", dest), now)
                     due.append(dest)
                     continue
@@ -298,8 +324,10 @@ class StudiesSQL(SQLBase):
                            " series_only=CASE WHEN state IN ('delivered','pending') THEN NULL"
                            "  ELSE series_only END,"
                            " state=CASE WHEN state='delivered' THEN 'pending' ELSE state END,"
-                           " updated=?, routes=? WHERE study_uid=? AND destination=?",
-                           (generation, now, json.dumps(routes), study_uid, dest))
+                           " updated=?, routes=?, priority=CASE WHEN priority < ? THEN"
+                           "  priority ELSE ? END WHERE study_uid=? AND destination=?",
+                           (generation, now, json.dumps(routes), priority, priority,
+                            study_uid, dest))
                 if job["state"] in ("delivered", "pending"):
                     due.append(dest)
         return due
@@ -311,8 +339,11 @@ class StudiesSQL(SQLBase):
             " ('routed','delivered','failed','unrouted') ORDER BY first_received")]
 
     def sweep_study(self, study_uid: str, destinations: Sequence[str], routes: Sequence[str],
-                    explanation: str = "", why: str = "sweep") -> list[str]:
-        """Add jobs for the destinations the study has none for yet; the ones added."""
+                    explanation: str = "", why: str = "sweep",
+                    placement: Placement | None = None) -> list[str]:
+        """Add jobs for the destinations the study has none for yet; the ones added
+        (``placement``: their priorities, those held)."""
+        placement = placement or Placement()
         now = time.time()
         with self._tx(study_uid) as db:
             row = db.execute("SELECT state, generation, in_spool FROM studies WHERE"
@@ -326,10 +357,11 @@ class StudiesSQL(SQLBase):
                 return []
             for dest in new:
                 db.execute("INSERT INTO jobs(study_uid, destination, state, attempts,"
-                           " next_attempt, generation, created, updated, routes)"
-                           " VALUES (?,?,'pending',0,0,?,?,?,?)",
-                           (study_uid, dest, row["generation"], now, now,
-                            json.dumps(list(routes))))
+                           " next_attempt, generation, created, updated, routes, priority)"
+                           " VALUES (?,?,?,0,0,?,?,?,?,?)",
+                           (study_uid, dest, "held" if dest in placement.held else "pending",
+                            row["generation"], now, now, json.dumps(list(routes)),
+                            placement.priority(dest)))
             self._count_missing(db, study_uid, new, now)
             db.execute("UPDATE studies SET state='routed', completed_at=COALESCE(completed_at,"
                        " ?) WHERE study_uid=? AND state IN ('delivered','unrouted')",
@@ -337,6 +369,7 @@ class StudiesSQL(SQLBase):
             self._event(db, study_uid, f"{why}: now also to {', '.join(new)} (routes: "
                         f"{', '.join(routes)})" + (f"; routing: {explanation}"
                                                    if explanation else ""), now)
+            self._note_placement(db, study_uid, new, placement, now)
         return new
 
     # ---- query/retrieve ----------------------------------------------------------------------

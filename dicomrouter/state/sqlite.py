@@ -238,6 +238,8 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
                                  "missing INTEGER NOT NULL DEFAULT 0"))[0]),
     (7, _source_deltas),
     (8, _study_totals),
+    # issue 26: a job's priority (0 stat ... 3 low; claims take the most urgent first)
+    (9, lambda db: _add_columns(db, "jobs", "priority INTEGER NOT NULL DEFAULT 2")),
 ]
 
 

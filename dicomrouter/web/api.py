@@ -1,6 +1,7 @@
 """The HTTP API (FastAPI): health, readiness, Prometheus metrics, the REST API and the status
-page. Reads go to the state database; the two state-changing calls (retry a job, reroute a
-study) need the bearer token named by ``web.token_env`` and are refused (401) without it.
+page. Reads go to the state database; the state-changing calls (retry a job, reroute, release
+or reject a study) need the bearer token named by ``web.token_env`` and are refused (401)
+without it.
 Bound to anything but loopback (``web.protected``), every endpoint but ``/health`` needs the
 token too (``/metrics`` unless ``web.metrics_public``), the way Orthanc refuses remote access
 without credentials: the pages list patient IDs and their studies. A browser logs in with HTTP
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel
 
 from .. import metrics
 from ..config import Config
@@ -37,6 +39,12 @@ class RouterView(Protocol):
     def notify_destination(self, destination: str) -> None: ...
 
     def readiness(self) -> dict[str, str]: ...
+
+
+class HoldDecision(BaseModel):
+    """The body of a release or a reject: why (recorded in the audit trail)."""
+
+    reason: str
 
 
 def create_app(router: RouterView) -> FastAPI:
@@ -155,6 +163,36 @@ def create_app(router: RouterView) -> FastAPI:
         if outcome == "unknown":
             raise HTTPException(404, f"no study {study_uid} in the spool")
         return {"study_uid": study_uid, "outcome": outcome}
+
+    def decide(study_uid: str, body: HoldDecision, request: Request, release: bool
+               ) -> dict[str, Any]:
+        """Release or reject a held study; the audit trail names the token and the peer."""
+        if not body.reason.strip():
+            raise HTTPException(422, "reason: say why (it goes into the audit trail)")
+        if state.study(study_uid) is None:
+            raise HTTPException(404, f"no study {study_uid}")
+        peer = request.client.host if request.client else "?"
+        who = f"the web token holder at {peer} (REST)"
+        act = state.release_study if release else state.reject_study
+        dests = act(study_uid, who, body.reason.strip())
+        if not dests:
+            raise HTTPException(409, f"study {study_uid} has no held delivery")
+        if release:
+            for dest in dests:
+                router.notify_destination(dest)
+        return {"study_uid": study_uid, "released" if release else "rejected": dests}
+
+    @app.post("/api/studies/{study_uid}/release", summary="Deliver a held study (a route "
+              "with hold: true) now; body {\"reason\": \"...\"}",
+              dependencies=[Depends(require_token)])
+    def release(study_uid: str, body: HoldDecision, request: Request) -> dict[str, Any]:
+        return decide(study_uid, body, request, True)
+
+    @app.post("/api/studies/{study_uid}/reject", summary="Drop a held study's deliveries "
+              "(never delivered there); body {\"reason\": \"...\"}",
+              dependencies=[Depends(require_token)])
+    def reject(study_uid: str, body: HoldDecision, request: Request) -> dict[str, Any]:
+        return decide(study_uid, body, request, False)
 
     @app.get("/", response_class=HTMLResponse, summary="The status page")
     def status_page() -> HTMLResponse:

@@ -62,7 +62,8 @@ def _when(ts: float | None) -> str:
 
 
 def _state_class(state: str) -> str:
-    return {"delivered": "ok", "dead": "bad", "failed": "warn", "unrouted": "warn"}.get(state, "")
+    return {"delivered": "ok", "dead": "bad", "failed": "warn", "unrouted": "warn",
+            "held": "warn", "rejected": "bad"}.get(state, "")
 
 
 def _progress(job: dict[str, Any]) -> str:
@@ -72,7 +73,9 @@ def _progress(job: dict[str, Any]) -> str:
             f'{escape(job["state"])}</span> <span class="bar"><i style="width:{pct}%"></i>'
             f'</span> {job["delivered"]} of {job["total"]}' +
             (f' <span class="warn">partial: {int(job["missing"])} missing</span>'
-             if job.get("missing") else ""))
+             if job.get("missing") else "") +
+            (f' <span class="warn">priority {escape(job["priority"])}</span>'
+             if job.get("priority", "routine") != "routine" else ""))
 
 
 def _chart(points: list[tuple[float, int]]) -> str:
@@ -127,6 +130,10 @@ def render(router: Any, destinations: list[dict[str, Any]]) -> str:
         f'</button></td><td>{escape(j["destination"])}</td>'
         f'<td class="uid">{escape(j["study_uid"][-24:])}</td><td>{j["attempts"]}</td>'
         f'<td>{escape((j["last_error"] or "")[:200])}</td></tr>' for j in dead]
+    held_rows = [
+        f'<tr><td class="uid">{escape(h["study_uid"])}</td><td>{escape(h["patient_id"] or "-")}'
+        f'</td><td>{escape(", ".join(h["destinations"]))}</td><td>{_when(h["since"])}</td></tr>'
+        for h in state.held_studies()]
     source_rows = [
         f'<tr><td>{escape(r["name"])}</td><td class="{"bad" if r["last_error"] else "ok"}">'
         f'{escape(r["last_error"] or "ok")}</td><td>{_when(r["last_poll"])}</td>'
@@ -145,6 +152,10 @@ def render(router: Any, destinations: list[dict[str, Any]]) -> str:
 <h2>Dead jobs</h2><div class="card" id="dead">{'<table><tr><th></th><th>destination</th>'
 '<th>study</th><th>attempts</th><th>error</th></tr>' + "".join(dead_rows) + '</table>' if dead_rows
 else '<p class="muted">none</p>'}</div>
+<h2>Held</h2><div class="card" id="held">{'<table><tr><th>study</th><th>patient</th>'
+'<th>held for</th><th>since</th></tr>' + "".join(held_rows) + '</table><p class="muted">'
+'dicomrouter release STUDY --reason ... (or POST /api/studies/{uid}/release) delivers; reject'
+' drops</p>' if held_rows else '<p class="muted">none</p>'}</div>
 {'<h2>Sources</h2><div class="card"><table><tr><th>name</th><th>health</th><th>last poll</th>'
  '<th>studies pulled</th></tr>' + "".join(source_rows) + '</table></div>' if source_rows else ''}
 <h2>Studies, last {HOURS} hours</h2><div class="card" id="studies"><table><tr><th>received</th>
