@@ -275,3 +275,46 @@ def test_invalid_notifications_name_the_key(entry: dict[str, Any], key: str,
     with pytest.raises(ConfigError) as err:
         _config(entry)
     assert err.value.key == key and words in err.value.problem, err.value
+
+
+@pytest.mark.usefixtures("dcmtk_available")
+def test_an_email_on_dead(tmp_path: Path, storescp: StoreSCP) -> None:
+    """Against a real SMTP server (aiosmtpd) on a free port: the mail has the rendered
+    subject, the recipients, and the JSON payload as its text without PHI."""
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.handlers import Message
+
+    mails: list[Any] = []
+
+    class Keep(Message):
+        def handle_message(self, message: Any) -> None:
+            mails.append(message)
+
+    files, tags = _study(tmp_path, 340, instances=1)
+    port = free_port()
+    smtpd = Controller(Keep(), hostname="127.0.0.1", port=port)
+    smtpd.start()
+    try:
+        with Router(tmp_path / "router", {
+            "destinations": {"down": {"type": "dicom", "ae_title": "NOBODY",
+                                      "host": "127.0.0.1", "port": free_port(),
+                                      "retry": {"max_attempts": 1}}},
+            "routes": [{"to": "down"}],
+            "notifications": [{"name": "mail", "events": ["dead"],
+                               "smtp": {"host": "127.0.0.1", "port": port,
+                                        "sender": "router@example.org",
+                                        "to": ["pacs-admin@example.org", "oncall@example.org"],
+                                        "subject": "{{ destination }}: {{ event }}"}}],
+        }) as router:
+            assert run_storescu(files, router.port).returncode == 0
+            (mail,) = wait_until(lambda: mails or None, timeout=90, what="the e-mail")
+            assert mail["Subject"] == "down: dead"
+            assert mail["From"] == "router@example.org"
+            assert mail["To"] == "pacs-admin@example.org, oncall@example.org"
+            body = json.loads(mail.get_payload(decode=True))
+            assert body["event"] == "dead" and body["destination"] == "down"
+            assert body["study_instance_uid"] == tags["StudyInstanceUID"]
+            assert PATIENT_ID not in mail.as_string()
+            assert "notification mail: smtp://127.0.0.1" in router.log(20000)
+    finally:
+        smtpd.stop()

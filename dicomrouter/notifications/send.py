@@ -37,6 +37,10 @@ class Refused(Exception):
     request would be refused again, so it is not retried."""
 
 
+class Transient(OSError):
+    """The receiver failed in a way that may heal (HTTP 5xx, 408, 425, 429): retried."""
+
+
 @dataclasses.dataclass
 class Pending:
     """A notification on its way: the event, its payload, its rendered body once rendered."""
@@ -183,7 +187,8 @@ class Target:
             return None
         except (OSError, requests.RequestException, smtplib.SMTPException) as exc:
             why = request_failure(exc, self.where) if isinstance(
-                exc, requests.RequestException) else f"{type(exc).__name__}: {exc}"
+                exc, requests.RequestException) else str(exc) if isinstance(
+                exc, Transient) else f"{type(exc).__name__}: {exc}"
             if item.attempt >= self.policy.max_attempts:
                 log.warning("notification %s: %s event of study %s given up after %d "
                             "attempt(s): %s", self.name, event.name, event.study_uid,
@@ -233,14 +238,14 @@ class Target:
         try:
             headers = self._headers()
         except SecretUnavailable as exc:
-            raise OSError(str(exc)) from None  # may be set later: retried
+            raise Transient(str(exc)) from None  # may be set later: retried
         r = self._session.post(str(self.model.url), data=(item.body or "").encode("utf-8"),
                                headers=headers, timeout=self.model.timeout)
         r.close()
         if 200 <= r.status_code < 300:
             return
         if r.status_code in (408, 425, 429) or r.status_code >= 500:
-            raise OSError(f"HTTP {r.status_code} {r.reason or ''}".strip())
+            raise Transient(f"HTTP {r.status_code} {r.reason or ''}".strip())
         raise Refused(f"HTTP {r.status_code} {r.reason or ''}".strip())
 
     def _mail(self, item: Pending) -> None:
@@ -254,7 +259,7 @@ class Target:
         try:
             password = secret(smtp, "password") if smtp.username else None
         except SecretUnavailable as exc:
-            raise OSError(str(exc)) from None
+            raise Transient(str(exc)) from None
         try:
             with smtplib.SMTP(smtp.host, smtp.port, timeout=self.model.timeout) as client:
                 if smtp.starttls:
