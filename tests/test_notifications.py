@@ -16,6 +16,7 @@ import pytest
 from peers import StoreSCP, free_port, run_storescu, wait_until
 from pydicom import dcmread
 from router_fixtures import Router, tags_of
+from test_cluster import cluster_env, nodes  # noqa: F401 - the cluster's fixtures
 from webhook_server import WebhookServer
 
 from dicomrouter.config import ConfigError, from_dict
@@ -318,3 +319,76 @@ def test_an_email_on_dead(tmp_path: Path, storescp: StoreSCP) -> None:
             assert "notification mail: smtp://127.0.0.1" in router.log(20000)
     finally:
         smtpd.stop()
+
+
+@pytest.mark.usefixtures("dcmtk_available")
+def test_two_nodes_notify_each_event_once(tmp_path: Path, storescp: StoreSCP,
+                                          nodes: Any) -> None:  # noqa: F811
+    """Two routers on one PostgreSQL and S3 spool, a study split over both: one ``received``
+    (one node announces it), one ``completed``, ``routed``, ``delivered``."""
+    study = generate(tmp_path / "study", series=2, instances=3, rows=16, cols=16, seed=350,
+                     patient_id=PATIENT_ID)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    by_series: dict[str, list[Path]] = {}
+    for f in study:
+        by_series.setdefault(tags_of(f, "SeriesInstanceUID")[0], []).append(f)
+    with WebhookServer() as hook:
+        routers = nodes(2, None, destinations={
+            "pacs": {"type": "dicom", "ae_title": storescp.aet, "host": "127.0.0.1",
+                     "port": storescp.port}}, routes=[{"name": "all", "to": "pacs"}],
+            notifications=[{"url": hook.url, "events": ["received", "completed", "routed",
+                                                        "delivered"]}])
+        for router, files in zip(routers, by_series.values(), strict=True):
+            assert run_storescu(files, router.port).returncode == 0
+        routers[0].wait_state(uid, "delivered", timeout=120)
+        wait_until(lambda: hook.events("delivered"), timeout=60, what="the delivered event")
+        time.sleep(2.0)  # a duplicate from the other node would come within a poll or two
+        assert sorted(e["event"] for e in hook.events()) == \
+            ["completed", "delivered", "received", "routed"], hook.events()
+        assert {e["router"]["node"] for e in hook.events()} <= {"node1", "node2"}
+        assert len(storescp.sop_uids()) == len(study)
+
+
+@pytest.mark.usefixtures("dcmtk_available")
+def test_a_template_cannot_leave_its_sandbox(tmp_path: Path, storescp: StoreSCP) -> None:
+    """A template reaching for Python internals fails to render (logged, counted as failed),
+    the other notifications and the delivery go on."""
+    files, tags = _study(tmp_path, 360, instances=1)
+    evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with WebhookServer() as hook, _router(tmp_path, storescp, [
+            {"name": "evil", "url": hook.url, "events": ["delivered"], "template": evil},
+            {"name": "plain", "url": hook.url, "events": ["delivered"],
+             "template": "{{ event }} {{ study.NoSuchKeyword }}|{{ destination }}"}]) as router:
+        assert run_storescu(files, router.port).returncode == 0
+        wait_until(lambda: hook.answered, timeout=60, what="the plain notification")
+        wait_until(lambda: "template error" in router.log(20000), timeout=30,
+                   what="the evil template's failure")
+        assert [r.body for r in hook.requests] == [b"delivered |pacs"]
+        log = router.log(20000)
+        assert "notification evil: delivered event of study " + tags["StudyInstanceUID"] + \
+            " not sent: template error (SecurityError" in log, log
+        assert "Traceback" not in log
+        text = _metrics(router)
+        assert _metric(text, "dicomrouter_notifications_failed_total", notification="evil") == 1
+        assert _metric(text, "dicomrouter_notifications_sent_total", notification="plain") == 1
+        router.wait_state(tags["StudyInstanceUID"], "delivered")
+
+
+@pytest.mark.usefixtures("dcmtk_available")
+def test_received_is_not_announced_again_after_a_restart(tmp_path: Path,
+                                                        storescp: StoreSCP) -> None:
+    """At most once: a study still receiving when the router restarts was announced by the
+    run before; a new study after the restart is announced."""
+    first, tags = _study(tmp_path, 370, instances=1)
+    second, tags2 = _study(tmp_path, 371, instances=1)
+    with WebhookServer() as hook:
+        for run, files in enumerate((first, second), start=1):
+            with _router(tmp_path, storescp, [{"url": hook.url, "events": ["received"]}],
+                         stable_age="10m") as router:
+                assert run_storescu(files, router.port).returncode == 0
+                wait_until(lambda want=run: len(hook.events()) >= want, timeout=60,
+                           what="the received event")
+                time.sleep(1.0)  # several polls (0.25 s each): no second one
+        assert [e["study_instance_uid"] for e in hook.events()] == \
+            [tags["StudyInstanceUID"], tags2["StudyInstanceUID"]]
+        assert router.study_state(tags["StudyInstanceUID"]) == "receiving"
