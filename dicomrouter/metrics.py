@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -54,6 +54,9 @@ NOTIFICATIONS_FAILED = Counter("dicomrouter_notifications_failed", "Notification
 NOTIFICATIONS_DROPPED = Counter("dicomrouter_notifications_dropped", "Notifications dropped "
                                 "unsent because their queue was full (or at stop), by "
                                 "notification", ["notification"], registry=REGISTRY)
+NOTIFICATIONS_QUEUED = Gauge("dicomrouter_notifications_queued", "Notifications waiting, "
+                             "retrying or being sent, by notification", ["notification"],
+                             registry=REGISTRY)
 
 
 class StateCollector(Collector):

@@ -197,6 +197,7 @@ def test_a_hanging_receiver_delays_no_delivery_and_a_full_queue_drops(
         assert _metric(text, "dicomrouter_notifications_dropped_total",
                        notification="healthy") == 0
         assert router.log(50000).count("notification stuck: queue full") == 1
+        assert _metric(text, "dicomrouter_notifications_queued", notification="stuck") == 3
         stuck.release.set()
         wait_until(lambda: len(stuck.answered) == 3, timeout=60, what="the queue to drain")
 

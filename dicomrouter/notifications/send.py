@@ -117,6 +117,7 @@ class Target:
         return self._count
 
     def start(self) -> None:
+        metrics.NOTIFICATIONS_QUEUED.labels(self.name).set_function(lambda: self._count)
         self._thread = threading.Thread(target=self._run, name=f"notify-{self.name}",
                                         daemon=True)
         self._thread.start()
