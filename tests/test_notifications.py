@@ -6,9 +6,11 @@ delays no delivery; a full queue drops with one log line and a metric."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,13 @@ def _router(tmp_path: Path, scp: StoreSCP, notifications: list[dict[str, Any]],
         "routes": [{"name": "all", "to": "pacs"}],
         "web": {"enabled": True, "port": free_port()},
         "notifications": notifications, **extra})
+
+
+@contextlib.contextmanager
+def _set_env(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> Iterator[None]:
+    """An environment variable set for the router started inside (its secrets)."""
+    monkeypatch.setenv(name, value)
+    yield
 
 
 def _metrics(router: Router) -> str:
@@ -111,11 +120,14 @@ def test_a_template_that_asks_for_the_patient_id_gets_it(tmp_path: Path, storesc
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOOK_SECRET", "s3cret-value")
     files, tags = _study(tmp_path, 303)
+    secret_path = "/hooks/T0KEN-IN-THE-PATH"
     template = ('{"what": "{{ event }}", "to": "{{ destination }}", '
                 '"patient": {{ study.PatientID | tojson }}, "n": {{ instances }}, '
                 '"all": {{ payload | tojson }}}')
-    with WebhookServer() as hook, _router(tmp_path, storescp, [
-            {"url": hook.url, "events": ["delivered"], "template": template,
+    with WebhookServer() as hook, _set_env(monkeypatch, "HOOK_URL",
+                                           hook.url.replace("/hook", secret_path)), \
+            _router(tmp_path, storescp, [
+            {"url_env": "HOOK_URL", "events": ["delivered"], "template": template,
              "headers": {"X-Hook-Token": {"value_env": "HOOK_SECRET"},
                          "X-Source": "router-test"}}]) as router:
         assert run_storescu(files, router.port).returncode == 0
@@ -124,9 +136,12 @@ def test_a_template_that_asks_for_the_patient_id_gets_it(tmp_path: Path, storesc
         assert body["patient"] == PATIENT_ID and body["n"] == len(files)
         assert body["all"]["study_instance_uid"] == tags["StudyInstanceUID"]
         (req,) = hook.requests
+        assert req.path == secret_path
         assert req.headers["X-Hook-Token"] == "s3cret-value"
         assert req.headers["X-Source"] == "router-test"
-        assert "s3cret-value" not in router.log(20000)
+        log = router.log(20000)
+        assert "s3cret-value" not in log and "T0KEN" not in log, log
+        assert f"notification #1: http://127.0.0.1:{hook.port} on delivered" in log
 
 
 @pytest.mark.usefixtures("dcmtk_available")
@@ -253,7 +268,13 @@ def _config(notification: dict[str, Any]) -> Any:
 @pytest.mark.parametrize(("entry", "key", "words"), [
     ({"url": "http://h/", "events": ["delivred"]}, "notifications[0].events", "unknown event"),
     ({"url": "http://h/", "events": []}, "notifications[0].events", "list of events"),
-    ({"events": ["dead"]}, "notifications[0].url", "one of them"),
+    ({"events": ["dead"]}, "notifications[0].url", "give one of url, url_env, url_file"),
+    ({"url": "http://h/", "url_env": "HOME", "events": ["dead"]}, "notifications[0].url_env",
+     "give one of"),
+    ({"url": "http://h/", "smtp": {"host": "h", "sender": "a@b", "to": ["c@d"]},
+      "events": ["dead"]}, "notifications[0].url", "or smtp"),
+    ({"url_env": "HOME", "events": ["dead"]}, "notifications[0].url_env",
+     "expected an http:// or https:// URL"),
     ({"url": "ftp://h/", "events": ["dead"]}, "notifications[0].url", "http://"),
     ({"url": "http://h/", "events": ["dead"], "template": "{{ x"},
      "notifications[0].template", "template error on line 1"),

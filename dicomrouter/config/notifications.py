@@ -4,13 +4,25 @@ configuration error (``notifications[0].template: ...``), not a failure at the f
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import model_validator
 
-from ..schema import Bool, Duration, Int, ReadableFile, Strict, Text, env_set, parsed, readable
+from ..schema import (
+    CHECK_SECRETS,
+    Bool,
+    Duration,
+    Int,
+    ReadableFile,
+    Strict,
+    Text,
+    env_set,
+    parsed,
+    readable,
+)
 from .base import ConfigError, parse_str, show
 from .peers import RetryModel
 
@@ -48,6 +60,13 @@ def _events(value: Any, key: str) -> tuple[str, ...]:
 def _verify(value: Any, key: str) -> bool | str:
     """``verify_tls``: true / false, or the path of a CA bundle."""
     return value if isinstance(value, bool) else parse_str(value, key)
+
+
+def http_url(value: str, key: str, secret: bool = False) -> None:
+    """An http:// or https:// URL (a secret one is not shown in the error)."""
+    if not value.strip().startswith(("http://", "https://")):
+        raise ConfigError(key, "expected an http:// or https:// URL" +
+                          ("" if secret else f", got {show(value)}"))
 
 
 def _names(value: Any, key: str) -> tuple[str, ...]:
@@ -106,6 +125,8 @@ class NotificationModel(Strict):
 
     name: Text | None = None  # in logs and metrics; default "notification N"
     url: Text | None = None  # HTTP(S) POST
+    url_env: Text | None = None  # ... or a URL that is a secret (a chat webhook's)
+    url_file: ReadableFile | None = None
     smtp: SmtpModel | None = None  # ... or e-mail
     events: Annotated[tuple[str, ...], parsed(_events)]
     routes: Annotated[tuple[str, ...], parsed(_names)] | None = None
@@ -130,11 +151,16 @@ class NotificationModel(Strict):
 
     @model_validator(mode="after")
     def _checks(self) -> NotificationModel:
-        if (self.url is None) == (self.smtp is None):
-            raise ConfigError("url", "give url (a webhook) or smtp (e-mail), one of them")
-        if self.url is not None and not self.url.startswith(("http://", "https://")):
-            raise ConfigError("url", f"expected an http:// or https:// URL, got "
-                              f"{show(self.url)}")
+        urls = [k for k in ("url", "url_env", "url_file") if getattr(self, k) is not None]
+        if len(urls) + (self.smtp is not None) != 1:
+            raise ConfigError(urls[1] if len(urls) > 1 else "url", "give one of url, url_env, "
+                              "url_file (a webhook) or smtp (e-mail)")
+        if self.url is not None:
+            http_url(self.url, "url")
+        env_set("url_env", self.url_env)
+        if self.url_env and CHECK_SECRETS.get():
+            http_url(os.environ[self.url_env], "url_env", secret=True)
+        readable(self.url_file, "url_file")
         if self.template is not None and self.template_file is not None:
             raise ConfigError("template_file", "give template or template_file, not both")
         if self.timeout <= 0:

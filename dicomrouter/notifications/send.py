@@ -20,6 +20,7 @@ import threading
 import time
 from email.message import EmailMessage
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -81,7 +82,14 @@ class Target:
     def where(self) -> str:
         if self.model.smtp is not None:
             return f"smtp://{self.model.smtp.host}:{self.model.smtp.port}"
-        return str(self.model.url)
+        try:
+            url = self.model.url or secret(self.model, "url") or ""
+        except SecretUnavailable:
+            url = ""
+        parts = urlsplit(url.strip())  # the path may hold a secret (chat webhooks): not logged
+        if not parts.scheme or not parts.netloc:
+            return f"the URL of {self.model.url_env or self.model.url_file}"
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
     # ---- queue ------------------------------------------------------------------------------
 
@@ -238,9 +246,13 @@ class Target:
             self._session.verify = self.model.verify_tls
         try:
             headers = self._headers()
+            url = self.model.url or (secret(self.model, "url") or "").strip()
         except SecretUnavailable as exc:
             raise Transient(str(exc)) from None  # may be set later: retried
-        r = self._session.post(str(self.model.url), data=(item.body or "").encode("utf-8"),
+        if not url.startswith(("http://", "https://")):
+            raise Refused(f"the URL read from {self.model.url_env or self.model.url_file} is "
+                          "not an http:// or https:// URL")
+        r = self._session.post(url, data=(item.body or "").encode("utf-8"),
                                headers=headers, timeout=self.model.timeout)
         r.close()
         if 200 <= r.status_code < 300:
@@ -277,5 +289,5 @@ class Target:
 
 
 def build_targets(models: tuple[NotificationModel, ...]) -> list[Target]:
-    """One Target per configured notification, named by ``name`` or its position."""
-    return [Target(m, m.name or f"notification {i + 1}") for i, m in enumerate(models)]
+    """One Target per configured notification, named by ``name`` or its position (``#1``)."""
+    return [Target(m, m.name or f"#{i + 1}") for i, m in enumerate(models)]
