@@ -414,3 +414,29 @@ def test_received_is_not_announced_again_after_a_restart(tmp_path: Path,
         assert [e["study_instance_uid"] for e in hook.events()] == \
             [tags["StudyInstanceUID"], tags2["StudyInstanceUID"]]
         assert router.study_state(tags["StudyInstanceUID"]) == "receiving"
+
+
+@pytest.mark.usefixtures("dcmtk_available")
+def test_a_hanging_receiver_does_not_hold_up_the_stop(tmp_path: Path,
+                                                       storescp: StoreSCP) -> None:
+    """What is queued at a stop is not sent, and said so; the stop does not wait for the
+    receiver's timeout (5 minutes here)."""
+    files, _tags = _study(tmp_path, 380, instances=1)
+    with WebhookServer(hang=True) as stuck:
+        router = _router(tmp_path, storescp, [
+            {"name": "stuck", "url": stuck.url, "events": ["routed", "delivered"],
+             "timeout": "5m"}])
+        with router:
+            assert run_storescu(files, router.port).returncode == 0
+            wait_until(lambda: stuck.hanging and
+                       "dicomrouter_notifications_queued" in _metrics(router) and
+                       _metric(_metrics(router), "dicomrouter_notifications_queued",
+                               notification="stuck") == 2,
+                       timeout=60, what="one notification stuck and one queued behind it")
+            started = time.monotonic()
+            router.stop()
+            took = time.monotonic() - started
+        log = router.log(200)
+        assert took < 20, took
+        assert "notification stuck: 2 notification(s) not sent at stop" in log, log
+        assert "Traceback" not in log

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 from ..config import Config
@@ -80,10 +81,13 @@ class Notifier:
         self._stop.set()
         with contextlib.suppress(queue.Full):
             self._inbox.put_nowait(None)
+        for target in self.targets:  # all at once: each may be waiting for a receiver
+            target.request_stop()
+        deadline = time.monotonic() + 2.0
         for t in self._threads:
-            t.join(2.0)
+            t.join(max(0.0, deadline - time.monotonic()))
         for target in self.targets:
-            target.stop()
+            target.stop(max(0.0, deadline - time.monotonic()))
 
     # ---- events in --------------------------------------------------------------------------
 

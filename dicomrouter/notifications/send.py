@@ -130,12 +130,16 @@ class Target:
                                         daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop after the attempt under way (waiting at most ``timeout``); what is still
-        queued is dropped (nothing is persisted)."""
+    def request_stop(self) -> None:
+        """No attempt after the one under way."""
         with self._cond:
             self._stop = True
             self._cond.notify()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop after the attempt under way (waiting at most ``timeout``); what is still
+        queued is dropped (nothing is persisted)."""
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
         left = self._count
