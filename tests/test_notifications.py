@@ -70,7 +70,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 @pytest.mark.usefixtures("dcmtk_available")
 def test_events_arrive_with_their_fields_and_no_phi(tmp_path: Path, storescp: StoreSCP) -> None:
-    files, tags = _study(tmp_path, 301)
+    files, tags = _study(tmp_path, 301, instances=12)  # one received, not one per instance
     uid = tags["StudyInstanceUID"]
     with WebhookServer() as hook, _router(tmp_path, storescp, [
             {"name": "ops", "url": hook.url,
