@@ -223,8 +223,12 @@ class Router:
 
     def _job_finished(self, job: Job, outcome: str) -> None:
         if outcome in (JobState.DELIVERED, JobState.FAILED, JobState.DEAD):
-            self.notifier.emit(str(outcome), job.study_uid, destination=job.destination,
-                               routes=list(job.routes), attempt=job.attempts + 1)
+            facts: dict[str, Any] = {"destination": job.destination, "routes": list(job.routes),
+                                     "attempt": job.attempts + 1}
+            dest = self.cfg.destinations.get(job.destination)
+            if outcome == JobState.FAILED and dest is not None:
+                facts["retry_in"] = dest.retry_policy.delay(job.attempts + 1)
+            self.notifier.emit(str(outcome), job.study_uid, **facts)
         if outcome == JobState.PENDING:  # requeued while it ran: at it again
             self.workers.notify([job.destination])
         self.housekeeping.job_finished(job, outcome)

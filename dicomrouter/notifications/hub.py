@@ -157,8 +157,8 @@ class Notifier:
                     dest = self.cfg.destinations.get(facts["destination"])
                     facts["max_attempts"] = dest.retry_policy.max_attempts if dest else None
                     facts["error"] = job["last_error"]
-                    if event.name == "failed":
-                        facts["next_attempt"] = iso(job["next_attempt"])
+                    if event.name == "failed":  # when it failed, not when this reads it
+                        facts["next_attempt"] = iso(event.at + facts.pop("retry_in", 0.0))
         elif event.name in ("received", "completed") and "instances" not in facts:
             rows = self.state.study_rows(study_uid=event.study_uid)
             if rows:
