@@ -153,6 +153,9 @@ class Notifier:
                 facts.setdefault("routes", job["routes"])
                 facts["instances"] = job["delivered"]
                 facts["instances_in_study"] = job["total"]
+                study = self.state.study(event.study_uid)
+                # receiving: a forward: immediate or level: series run; more may follow
+                facts["study_state"] = str(study.state) if study is not None else None
                 if event.name != "delivered":
                     dest = self.cfg.destinations.get(facts["destination"])
                     facts["max_attempts"] = dest.retry_policy.max_attempts if dest else None
