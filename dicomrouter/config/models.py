@@ -423,6 +423,11 @@ class ConfigModel(Strict):
                 if why:
                     raise ConfigError(f"routes[{i}].forward", f"immediate cannot send to "
                                       f"{show(dest)}: {why}")
+        return self
+
+    @model_validator(mode="after")
+    def _notifications_name_what_exists(self) -> ConfigModel:
+        known = list(self.destinations or {})
         route_names = {r.name or f"route {i + 1}" for i, r in enumerate(self.routes)}
         for i, note in enumerate(self.notifications):
             for d in note.destinations or ():
