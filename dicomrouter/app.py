@@ -19,6 +19,7 @@ from . import conversion, destinations, health, metrics
 from .completion import Housekeeping, StudyTracker
 from .config import Config
 from .delivery import DeliveryWorkers
+from .notifications import Notifier
 from .receivers import ReceiverProcesses
 from .scp import services
 from .scp.listener import FastStorageSCP
@@ -73,10 +74,11 @@ class Router:
         self.destinations = {name: destinations.build(d, context)
                              for name, d in cfg.destinations.items()}
         self.housekeeping = Housekeeping(cfg, self.state, self.spool)
+        self.notifier = Notifier(cfg, self.state)  # notifications: (inert without)
         self.workers = DeliveryWorkers(cfg, self.state, self.spool, self.destinations,
                                        self._job_finished, clock)
         self.tracker = StudyTracker(cfg, self.state, self.spool, self.workers.notify,
-                                    self.housekeeping.settled, clock)
+                                    self.housekeeping.settled, clock, self.notifier.emit)
         self.scps: list[StorageSCP | FastStorageSCP] = [
             FastStorageSCP(cfg, self.spool, sock, lst) if cfg.receiver == "fast"
             else StorageSCP(cfg, self.spool, lst) for lst, sock in self._dicom_socks]
@@ -131,6 +133,7 @@ class Router:
             log.info("destination %s: %s", name, dest.describe())
         if self.cfg.sweep is not None:
             log.info("sweep of the spooled studies: %s", self.cfg.sweep.describe())
+        self.notifier.start()  # before the listeners: the studies receiving now are known
         self.spool.start()
         self.housekeeping.start()
         self.workers.start()
@@ -187,6 +190,7 @@ class Router:
         self._stop.set()
         self.tracker.stop()
         self.workers.stop()
+        self.notifier.stop()
         conversion.POOL.close()
         self.housekeeping.stop()
         self.spool.stop()
@@ -218,6 +222,13 @@ class Router:
         return health.readiness(self.cfg, self.state, self.spool, self._listening)
 
     def _job_finished(self, job: Job, outcome: str) -> None:
+        if outcome in (JobState.DELIVERED, JobState.FAILED, JobState.DEAD):
+            facts: dict[str, Any] = {"destination": job.destination, "routes": list(job.routes),
+                                     "attempt": job.attempts + 1}
+            dest = self.cfg.destinations.get(job.destination)
+            if outcome == JobState.FAILED and dest is not None:
+                facts["retry_in"] = dest.retry_policy.delay(job.attempts + 1)
+            self.notifier.emit(str(outcome), job.study_uid, **facts)
         if outcome == JobState.PENDING:  # requeued while it ran: at it again
             self.workers.notify([job.destination])
         self.housekeeping.job_finished(job, outcome)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -48,6 +48,18 @@ DELIVERY_TIME = Histogram("dicomrouter_delivery_seconds", "Duration of one deliv
                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
 POLLS = Counter("dicomrouter_source_polls", "Polls of each pull source by outcome",
                 ["source", "outcome"], registry=REGISTRY)
+NOTIFICATIONS_SENT = Counter("dicomrouter_notifications_sent", "Notifications the receiver "
+                             "accepted, by notification and event", ["notification", "event"],
+                             registry=REGISTRY)
+NOTIFICATIONS_FAILED = Counter("dicomrouter_notifications_failed", "Notifications given up "
+                               "after their last attempt (or refused for good), by notification "
+                               "and event", ["notification", "event"], registry=REGISTRY)
+NOTIFICATIONS_DROPPED = Counter("dicomrouter_notifications_dropped", "Notifications dropped "
+                                "unsent because their queue was full (or at stop), by "
+                                "notification", ["notification"], registry=REGISTRY)
+NOTIFICATIONS_QUEUED = Gauge("dicomrouter_notifications_queued", "Notifications waiting, "
+                             "retrying or being sent, by notification", ["notification"],
+                             registry=REGISTRY)
 
 
 class StateCollector(Collector):

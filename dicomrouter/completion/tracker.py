@@ -39,13 +39,16 @@ class StudyTracker:
     def __init__(self, cfg: Config, state: State, spool: Spool,
                  notify: Callable[[Sequence[str]], None],
                  settled: Callable[[str], None],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 events: Callable[..., None] | None = None) -> None:
         self.cfg = cfg
         self.state = state
         self.spool = spool
         self.notify = notify  # wake the delivery workers of these destinations
         self.settled = settled  # a study turned out delivered everywhere already
         self.clock = clock
+        # notifications: events(name, study_uid, **facts) (never blocks; see notifications/)
+        self.events = events or (lambda *_args, **_facts: None)
         self.source_names = source_names(cfg)
         # routes with their own stable age: studies are looked at after the shortest one
         # (a series-level route's stable age is its series', not the study's)
@@ -124,6 +127,8 @@ class StudyTracker:
             self.state.hold_study(study_uid, forced + "; held (force_complete: hold): reroute "
                                   "it by hand when it is complete")
             log.warning("study %s: %s; held for an operator", study_uid, forced)
+            self.events("held", study_uid, reason=forced + " (force_complete: hold)",
+                        routes=list(decision.routes), destinations=list(decision.destinations))
             return
         ready_routes, ready, waiting, met = self._ready(decision, seen.last_received,
                                                         counted or bool(forced), instances)
@@ -149,6 +154,13 @@ class StudyTracker:
         self._hold_for_windows(study_uid, ready_routes, ready)
         if seen.state != StudyState.UNROUTED or ready:
             metrics.STUDIES.labels("routed" if ready else "unrouted").inc()
+            facts = {"routes": ready_routes, "destinations": ready, "generation": seen.generation,
+                     "calling_ae": seen.calling_ae, "instances": len(instances),
+                     "new_instances": sum(1 for i in instances
+                                          if i.generation == seen.generation)}
+            self.events("completed", study_uid, **facts, waiting_routes=list(waiting))
+            if ready:
+                self.events("routed", study_uid, **facts)
         self._log_routed(study_uid, seen, instances, ready_routes, ready, waiting)
 
     def _log_routed(self, study_uid: str, seen: Any, instances: Sequence[Instance],
@@ -220,6 +232,8 @@ class StudyTracker:
                 if dests:
                     log.info("study %s: %s", study_uid, why)
                     self.notify(dests)
+                    self.events("routed", study_uid, routes=[r.name], destinations=dests,
+                                series_instance_uid=series_uid, instances=len(series))
 
     def check_expectations(self) -> None:
         """Receiving studies a route with ``expect`` now matches and finds complete: route
@@ -279,6 +293,8 @@ class StudyTracker:
             log.info("study %s: the stable age of %s is over → %s", study_uid,
                      ", ".join(repr(r) for r in ready_routes), ", ".join(new))
             self.notify(new)
+            self.events("routed", study_uid, routes=ready_routes, destinations=new,
+                        instances=len(instances))
         elif not waiting and self.state.settle_study(study_uid):  # all were delivered already
             self.settled(study_uid)
 
@@ -303,6 +319,8 @@ class StudyTracker:
                 log.info("sweep: study %s now also goes to %s (%s)", uid, ", ".join(new),
                          ", ".join(repr(r) for r in decision.routes))
                 self.notify(new)
+                self.events("routed", uid, routes=list(decision.routes), destinations=new,
+                            instances=len(instances))
         log.info("sweep: %d study(ies) in the spool checked against the routing table, %d "
                  "routed to new destinations", checked, changed)
         return changed

@@ -52,6 +52,7 @@ from .base import (
     parse_str,
     show,
 )
+from .notifications import NotificationModel
 from .peers import (
     DESTINATION_MODELS,
     SOURCE_MODELS,
@@ -364,6 +365,7 @@ class ConfigModel(Strict):
     conversion_processes: Int(1, 64) = 1  # at most this many conversions at once
     conversion_timeout: Duration = 600.0  # a longer conversion is stopped (its process killed)
     conversion_idle: Duration = 60.0  # the processes stop after this long without a conversion
+    notifications: tuple[NotificationModel, ...] = ()  # webhooks / e-mail on events
 
     _source: str = PrivateAttr("embedded defaults")
     _listeners: tuple[ListenerModel, ...] = PrivateAttr(())
@@ -383,7 +385,7 @@ class ConfigModel(Strict):
             except ConfigError as exc:
                 raise ConfigError(f"{key}.{exc.key}" if exc.key else key, exc.problem) \
                     from None
-        for key in ("routes", "listeners"):
+        for key in ("routes", "listeners", "notifications"):
             if data.get(key) is None:
                 data.pop(key, None)
         if data.get("known_aes") is None:
@@ -457,6 +459,21 @@ class ConfigModel(Strict):
                                       f"{show(dest)}: route {forwarding!r} forwards studies "
                                       "there as they arrive (forward: immediate), in arrival "
                                       "order")
+        return self
+
+    @model_validator(mode="after")
+    def _notifications_name_what_exists(self) -> ConfigModel:
+        known = list(self.destinations or {})
+        route_names = {r.name or f"route {i + 1}" for i, r in enumerate(self.routes)}
+        for i, note in enumerate(self.notifications):
+            for d in note.destinations or ():
+                if d not in known:
+                    raise ConfigError(f"notifications[{i}].destinations", f"unknown destination "
+                                      f"{show(d)} (known: {', '.join(known) or 'none defined'})")
+            for r in note.routes or ():
+                if r not in route_names:
+                    raise ConfigError(f"notifications[{i}].routes", f"unknown route {show(r)} "
+                                      f"(routes: {', '.join(sorted(route_names)) or 'none'})")
         return self
 
     @model_validator(mode="after")
