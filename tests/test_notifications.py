@@ -262,6 +262,20 @@ def test_held_by_force_complete_hold(tmp_path: Path, storescp: StoreSCP) -> None
         assert PATIENT_ID not in raw
 
 
+def test_held_by_a_route_with_hold(tmp_path: Path, storescp: StoreSCP) -> None:
+    files, tags = _study(tmp_path, 331, instances=1)
+    with WebhookServer() as hook, _router(tmp_path, storescp, [
+            {"url": hook.url, "events": ["held", "delivered"]}],
+            routes=[{"name": "quarantine", "to": "pacs", "hold": True}],
+            stable_age="1s") as router:
+        assert run_storescu(files, router.port).returncode == 0
+        (held,) = wait_until(lambda: hook.events("held"), timeout=60, what="the held event")
+        assert held["study_instance_uid"] == tags["StudyInstanceUID"]
+        assert "hold: true" in held["reason"] and held["destinations"] == ["pacs"]
+        assert held["routes"] == ["quarantine"] and PATIENT_ID not in json.dumps(held)
+        assert not hook.events("delivered") and storescp.count() == 0
+
+
 def _config(notification: dict[str, Any]) -> Any:
     return from_dict({"destinations": {"pacs": {"type": "folder", "path": "/tmp/x"}},
                       "routes": [{"name": "r", "to": "pacs"}],

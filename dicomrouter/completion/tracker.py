@@ -142,6 +142,8 @@ class StudyTracker:
         if placed.held:
             log.info("study %s: held for %s (a route with hold: true) until 'dicomrouter "
                      "release' or 'reject'", study_uid, ", ".join(sorted(placed.held)))
+            self.events("held", study_uid, reason="a route with hold: true",
+                        routes=list(ready_routes), destinations=sorted(placed.held))
         for name, why in met.items():
             self.state.note(study_uid, f"route {name!r}: {why}, before its stable age")
         if forced:
