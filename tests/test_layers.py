@@ -19,12 +19,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("faces", ("cli", "__main__")),
     ("composition root", ("app",)),
     ("operations", ("web", "health", "preflight", "receivers")),
-    ("policy", ("completion", "routing", "explain", "delivery", "feed", "sources", "scp")),
+    ("policy", ("completion", "routing", "explain", "delivery", "feed", "breaker", "sources",
+                "scp")),
     ("ways out", ("destinations", "qrscu", "commitment")),
     ("durable storage", ("spool", "state", "query")),
     ("leaves", ("config", "common", "values", "schema", "rules", "schedule", "sweep",
                 "transforms", "deid", "deid_table", "dicomfile", "dimse", "walk", "transcode",
-                "conversion",
+                "conversion", "ratelimit",
                 "logsafe", "tlsctx", "netutil", "metrics", "sample", "storage_contexts")),
 ]
 LAYER_OF = {name: i for i, (_title, names) in enumerate(LAYERS) for name in names}
