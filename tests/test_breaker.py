@@ -1,0 +1,165 @@
+"""The circuit breaker per destination (issue 26, item 3), against real peers.
+
+A destination nobody listens on opens its breaker after ``breaker_failures`` connection
+failures: attempts stop increasing (a study routed meanwhile uses none), no job is
+dead-lettered, the log says "open" once, and ``status``, the web page and ``/metrics`` show it.
+A DCMTK storescp started on that port is found by the next probe (C-ECHO): the breaker closes
+within ``probe_every`` and every instance arrives once. A peer that refuses every instance
+(a C-STORE failure status) answers: its breaker never opens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from peers import StoreSCP, free_port, run_storescu, sop_uids, wait_until
+from pydicom import dcmread
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from router_fixtures import Router, dicomrouter
+
+from dicomrouter.sample import generate
+
+PROBE_EVERY = 3.0
+
+
+def _dicom(aet: str, port: int, **extra: Any) -> dict[str, Any]:
+    return {"type": "dicom", "ae_title": aet, "host": "127.0.0.1", "port": port,
+            "timeout": "10s", "retry": {"initial": "1s", "max_delay": "1s",
+                                        "max_attempts": 50}, **extra}
+
+
+def _jobs(router: Router, study: str) -> list[dict[str, Any]]:
+    r = dicomrouter("status", "--json", "--study", study, "--config", str(router.config_path))
+    assert r.returncode == 0, r.stderr
+    return list(json.loads(r.stdout)["jobs"])
+
+
+def _metric(base: str, destination: str) -> float | None:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as rsp:
+        text = rsp.read().decode()
+    m = re.search(rf'^dicomrouter_breaker_open{{destination="{destination}"}} (\S+)$', text,
+                  re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_breaker_opens_stops_attempts_and_closes_when_the_peer_is_back(tmp_path: Path) -> None:
+    port = free_port()
+    web_port = free_port()
+    first = generate(tmp_path / "a", series=2, instances=5, rows=16, cols=16, seed=261)
+    second = generate(tmp_path / "b", series=1, instances=4, rows=16, cols=16, seed=262)
+    study1 = str(dcmread(first[0]).StudyInstanceUID)
+    study2 = str(dcmread(second[0]).StudyInstanceUID)
+    router = Router(tmp_path / "router", {
+        "web": {"port": web_port},
+        "destinations": {"pacs": _dicom("PACS", port, breaker_failures=3,
+                                         probe_every=f"{PROBE_EVERY}s")},
+        "routes": [{"name": "all", "to": ["pacs"]}]})
+    base = f"http://127.0.0.1:{web_port}"
+    with router:
+        assert run_storescu(first, router.port, aet=router.aet).returncode == 0
+        wait_until(lambda: "circuit breaker open" in router.log(50000), timeout=90,
+                   what="the breaker to open")
+        assert re.search(r"destination pacs: circuit breaker open after 3 consecutive "
+                         r"connection failures \(last: .*no connection", router.log(50000))
+        attempts = _jobs(router, study1)[0]["attempts"]
+        assert attempts == 3, attempts
+        # routed while open: waits with no attempt
+        assert run_storescu(second, router.port, aet=router.aet).returncode == 0
+        wait_until(lambda: router.study_state(study2) == "routed", timeout=60,
+                   what="the second study routed")
+        # several probe periods: no attempt, no dead letter, one "open" line
+        deadline = time.monotonic() + 2.5 * PROBE_EVERY
+        while time.monotonic() < deadline:
+            assert _jobs(router, study1)[0]["attempts"] == 3
+            assert _jobs(router, study2)[0]["attempts"] == 0
+            time.sleep(0.5)
+        assert _jobs(router, study1)[0]["state"] in ("failed", "pending")
+        log = router.log(50000)
+        assert log.count("circuit breaker open") == 1, log
+        assert "dead-lettered" not in log
+        # status (JSON and text), the web page, /metrics
+        status = router.status()
+        breaker = status["breakers"]["pacs"]
+        assert breaker["state"] == "open" and "no connection" in breaker["reason"]
+        assert breaker["failed_probes"] >= 1, breaker
+        text = dicomrouter("status", "--config", str(router.config_path)).stdout
+        assert re.search(r"pacs .*circuit breaker OPEN since .*no connection", text), text
+        with urllib.request.urlopen(base + "/", timeout=10) as rsp:
+            assert "breaker open" in rsp.read().decode()
+        assert _metric(base, "pacs") == 1.0
+
+        # the peer comes back: the next probe closes the breaker, everything arrives once
+        with StoreSCP(tmp_path / "pacs", aet="PACS", port=port) as pacs:
+            back = time.monotonic()
+            wait_until(lambda: "circuit breaker closed" in router.log(50000),
+                       timeout=PROBE_EVERY + 10, what="the breaker to close")
+            assert time.monotonic() - back <= PROBE_EVERY + 3
+            wait_until(lambda: sop_uids(pacs.files()) >= sop_uids(first + second), timeout=60,
+                       what="both studies delivered")
+            router.wait_state(study1, "delivered")
+            router.wait_state(study2, "delivered")
+            log = router.log(50000)
+            assert log.count("circuit breaker closed") == 1
+            assert log.count("circuit breaker open") == 1
+            assert "C-ECHO reached it" in log
+            assert len(pacs.files()) == len(first) + len(second)
+            status = router.status()
+            assert status["ledger"]["resent"] == 0, status["ledger"]
+            assert status["ledger"]["delivered"] == len(first) + len(second)
+            assert status["breakers"]["pacs"]["state"] == "closed"
+            assert _metric(base, "pacs") == 0.0
+            assert [j["state"] for j in _jobs(router, study2)] == ["delivered"]
+        assert "Traceback" not in router.log(50000)
+
+
+class RefusingSCP:
+    """A Storage SCP (pynetdicom) that answers every C-STORE with 0xA700 (out of resources):
+    the peer is reachable; each instance is refused."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    def _store(self, event: Any) -> int:
+        with self._lock:
+            self.refused += 1
+        return 0xA700
+
+    def __enter__(self) -> RefusingSCP:
+        ae = AE(ae_title="FULL")
+        ae.supported_contexts = AllStoragePresentationContexts
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+
+
+def test_refused_instances_are_not_connection_failures(tmp_path: Path) -> None:
+    files = generate(tmp_path / "a", series=1, instances=3, rows=16, cols=16, seed=263)
+    study = str(dcmread(files[0]).StudyInstanceUID)
+    with RefusingSCP() as full:
+        router = Router(tmp_path / "router", {
+            "destinations": {"full": _dicom("FULL", full.port, breaker_failures=2,
+                                            probe_every="1s")},
+            "routes": [{"name": "all", "to": ["full"]}]})
+        with router:
+            assert run_storescu(files, router.port, aet=router.aet).returncode == 0
+            # four refused attempts in a row: twice the threshold, and still closed
+            wait_until(lambda: max([j["attempts"] for j in _jobs(router, study)] or [0]) >= 4,
+                       timeout=90,
+                       what="four refused attempts")
+            assert full.refused >= 4 * len(files)
+            log = router.log(50000)
+            assert "refused" in log
+            assert "circuit breaker" not in log, log
+            assert router.status()["breakers"] == {}  # nothing recorded: never opened
