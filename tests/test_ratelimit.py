@@ -186,3 +186,13 @@ def test_bucket_is_shared_and_fair_across_threads() -> None:
     rate = sum(sent) / (time.monotonic() - started)
     assert 0.9e6 <= rate <= 1.1e6, rate
     assert min(sent) >= 0.7 * max(sent), sent
+
+
+def test_a_move_destination_takes_no_cap(tmp_path: Path) -> None:
+    p = tmp_path / "router.yml"
+    p.write_text(yaml.safe_dump({"destinations": {"m": {
+        "type": "move", "source": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+        "move_destination": "VIEWER", "max_rate": "5MB/s"}}}))
+    with pytest.raises(ConfigError, match="destinations.m.max_rate: a move destination sends "
+                       "no bytes itself"):
+        cfgmod.load(p)

@@ -311,6 +311,13 @@ class MoveModel(DestinationBase):
     timeout: Duration = 600.0  # association set-up, and between two C-MOVE responses
     tls: TlsClientModel | None = None
 
+    @model_validator(mode="after")
+    def _no_rate(self) -> MoveModel:
+        if self.max_rate is not None:
+            raise ConfigError("max_rate", "a move destination sends no bytes itself (the source "
+                              "PACS does): cap the link there")
+        return self
+
     def whole_study(self) -> str:
         return "it moves studies with C-MOVE"
 
