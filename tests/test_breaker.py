@@ -15,17 +15,24 @@ import re
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from peers import StoreSCP, free_port, run_storescu, sop_uids, wait_until
 from pydicom import dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from router_fixtures import Router, dicomrouter
 
 from dicomrouter.sample import generate
+from dicomrouter.state import State
+from dicomrouter.state.postgres import PostgresState
+from dicomrouter.state.sqlite import SQLiteState
 
 PROBE_EVERY = 3.0
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
 
 
 def _dicom(aet: str, port: int, **extra: Any) -> dict[str, Any]:
@@ -163,3 +170,44 @@ def test_refused_instances_are_not_connection_failures(tmp_path: Path) -> None:
             assert "refused" in log
             assert "circuit breaker" not in log, log
             assert router.status()["breakers"] == {}  # nothing recorded: never opened
+
+
+# ---- the state methods, on both backends ---------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
+    if request.param == "sqlite":
+        s: State = SQLiteState(tmp_path / "state.db")
+    else:
+        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
+    yield s
+    s.close()
+
+
+def test_retry_now_and_published_breakers_on_both_backends(state: State) -> None:
+    state.record_instance({"StudyInstanceUID": "1.2.9", "SeriesInstanceUID": "1.2.9.1",
+                           "SOPInstanceUID": "1.2.9.1.1", "SOPClassUID": CT},
+                          EXPLICIT, "data/1.2.9/1.2.9.1.1.dcm", 1000, "MODALITY", "ROUTER")
+    seen = state.study("1.2.9")
+    assert seen is not None
+    state.route_study("1.2.9", ["pacs", "other"], ["all"], seen)
+    for dest in ("pacs", "other"):
+        job = state.claim_job(dest)
+        assert job is not None
+        assert state.finish_job(job, "no connection", 10, 600.0) == "failed"
+    assert state.claim_job("pacs") is None  # waiting ten minutes for its retry
+    assert state.retry_now("pacs") == 1  # the breaker closed: due now, attempts kept
+    job = state.claim_job("pacs")
+    assert job is not None and job.attempts == 1
+    assert state.claim_job("other") is None  # another destination's job keeps waiting
+    assert state.retry_now("pacs") == 0  # nothing failed any more
+
+    state.heartbeat({"host": "h1", "pid": 1})
+    state.publish_breakers({"pacs": {"state": "open", "reason": "no connection"}})
+    state.heartbeat()  # the periodic heartbeat keeps them
+    (node,) = state.nodes()
+    assert node["info"]["host"] == "h1"
+    assert node["info"]["breakers"]["pacs"] == {"state": "open", "reason": "no connection"}
+    state.heartbeat({"host": "h1", "pid": 2})  # a restart: every breaker starts closed
+    assert "breakers" not in state.nodes()[0]["info"]
