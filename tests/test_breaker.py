@@ -24,6 +24,7 @@ from peers import StoreSCP, free_port, run_storescu, sop_uids, wait_until
 from pydicom import dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from router_fixtures import Router, dicomrouter
+from stow_server import StowServer
 
 from dicomrouter.sample import generate
 from dicomrouter.state import State
@@ -211,3 +212,36 @@ def test_retry_now_and_published_breakers_on_both_backends(state: State) -> None
     assert node["info"]["breakers"]["pacs"] == {"state": "open", "reason": "no connection"}
     state.heartbeat({"host": "h1", "pid": 2})  # a restart: every breaker starts closed
     assert "breakers" not in state.nodes()[0]["info"]
+
+
+def test_dicomweb_breaker_opens_on_a_dead_server_and_closes_when_it_answers(
+        tmp_path: Path) -> None:
+    port = free_port()
+    files = generate(tmp_path / "a", series=1, instances=6, rows=16, cols=16, seed=265)
+    study = str(dcmread(files[0]).StudyInstanceUID)
+    router = Router(tmp_path / "router", {
+        "destinations": {"web": {"type": "dicomweb", "url": f"http://127.0.0.1:{port}/dicom-web",
+                                 "timeout": "10s", "batch_size": 4,
+                                 "retry": {"initial": "1s", "max_delay": "1s",
+                                           "max_attempts": 50},
+                                 "breaker_failures": 2, "probe_every": "2s"}},
+        "routes": [{"name": "all", "to": ["web"]}]})
+    with router:
+        assert run_storescu(files, router.port, aet=router.aet).returncode == 0
+        wait_until(lambda: "circuit breaker open" in router.log(50000), timeout=90,
+                   what="the breaker to open")
+        deadline = time.monotonic() + 5.0  # two and a half probe periods: no attempt
+        while time.monotonic() < deadline:
+            assert _jobs(router, study)[0]["attempts"] == 2
+            time.sleep(0.5)
+        assert router.status()["breakers"]["web"]["probe"] == "HTTP HEAD"
+        with StowServer(port=port) as server:
+            wait_until(lambda: set(server.received) >= sop_uids(files), timeout=30,
+                       what="the study stored over STOW-RS")
+            router.wait_state(study, "delivered")
+            assert sorted(server.received) == sorted(sop_uids(files))  # each once
+        log = router.log(50000)
+        assert log.count("circuit breaker open") == 1
+        assert log.count("circuit breaker closed") == 1
+        assert "HTTP HEAD reached it" in log
+        assert "Traceback" not in log

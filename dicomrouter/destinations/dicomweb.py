@@ -118,13 +118,14 @@ class DicomwebDestination(Destination):
     probe_kind = "HTTP HEAD"
 
     def probe(self) -> None:
-        """Any HTTP answer under 500 to a HEAD of the DICOMweb root: the server is back."""
+        """Any HTTP answer to a HEAD of the DICOMweb root but a server error is the server
+        back (501 and 405 too: it answers, it just has no HEAD there)."""
         with self.session() as http:
             try:
                 rsp = http.head(self.url, timeout=self.options.timeout)
             except requests.RequestException as exc:
                 raise DeliveryError(f"HEAD {request_failure(exc, self.url)}") from None
-        if rsp.status_code >= 500:
+        if rsp.status_code >= 500 and rsp.status_code != 501:
             raise DeliveryError(f"HEAD {self.url}: HTTP {rsp.status_code} {rsp.reason}")
 
     def session(self) -> requests.Session:
