@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import StoreSCP, free_port, run_storescu, sop_uids, wait_until
+from peers import (
+    MotoS3,
+    StoreSCP,
+    free_port,
+    moto_available,
+    require_peer,
+    run_storescu,
+    sop_uids,
+    wait_until,
+)
 from pydicom import dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from router_fixtures import Router, dicomrouter
@@ -244,4 +253,43 @@ def test_dicomweb_breaker_opens_on_a_dead_server_and_closes_when_it_answers(
         assert log.count("circuit breaker open") == 1
         assert log.count("circuit breaker closed") == 1
         assert "HTTP HEAD reached it" in log
+        assert "Traceback" not in log
+
+
+def test_s3_breaker_probes_head_bucket_until_the_bucket_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require_peer("moto server", moto_available(), "moto[server] boto3 (pip install)")
+    monkeypatch.setenv("S3_KEY", MotoS3.access_key)
+    monkeypatch.setenv("S3_SECRET", MotoS3.secret_key)
+    server = MotoS3(tmp_path / "moto")  # not started yet: its port refuses connections
+    files = generate(tmp_path / "a", series=1, instances=3, rows=16, cols=16, seed=266)
+    study = str(dcmread(files[0]).StudyInstanceUID)
+    router = Router(tmp_path / "router", {
+        "destinations": {"bucket": {
+            "type": "s3", "bucket": "exports", "endpoint_url": server.endpoint_url,
+            "region": "us-east-1", "access_key_env": "S3_KEY", "secret_key_env": "S3_SECRET",
+            "mode": "instances", "timeout": "5s",
+            "retry": {"initial": "1s", "max_delay": "1s", "max_attempts": 50},
+            "breaker_failures": 2, "probe_every": "1s"}},
+        "routes": [{"name": "all", "to": ["bucket"]}]})
+    with router:
+        assert run_storescu(files, router.port, aet=router.aet).returncode == 0
+        wait_until(lambda: "circuit breaker open" in router.log(50000), timeout=120,
+                   what="the breaker to open")
+        assert _jobs(router, study)[0]["attempts"] == 2
+        with server:
+            # up, but without the bucket: head-bucket fails, the breaker stays open
+            wait_until(lambda: router.status()["breakers"]["bucket"].get(
+                "failed_probes", 0) >= 2 and "head-bucket" in router.status()["breakers"][
+                    "bucket"].get("last_probe_error", ""), timeout=60,
+                what="probes that reach the server but not the bucket")
+            assert "circuit breaker closed" not in router.log(50000)
+            assert _jobs(router, study)[0]["attempts"] == 2
+            server.client().create_bucket(Bucket="exports")
+            router.wait_state(study, "delivered", timeout=60)
+            objects = server.client().list_objects_v2(Bucket="exports")["Contents"]
+            assert len(objects) == len(files)
+        log = router.log(50000)
+        assert log.count("circuit breaker open") == 1
+        assert "S3 head-bucket reached it" in log
         assert "Traceback" not in log

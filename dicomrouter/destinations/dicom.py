@@ -15,19 +15,24 @@ from ..config.peers import DicomModel
 from ..qrscu import PeerError, Remote, associate, find
 from ..state import Instance, State
 from ..tlsctx import client_context
-from .base import Context, DeliveryError, Destination, Session
+from .base import Context, DeliveryError, Destination, PermanentFailure, Session
 from .fastsend import FastStoreAssociation
 from .registry import implements
-from .store import Peer, StoreAssociation
+from .store import REJECTED_ACTION, Peer, StoreAssociation
 
 
 def c_echo(remote: Remote) -> None:
-    """A C-ECHO (a circuit breaker's probe): DeliveryError unless it is answered with
-    success."""
+    """A C-ECHO (a circuit breaker's probe): DeliveryError unless the peer answers. An
+    association rejected for good (our AE title) or without the Verification service is an
+    answer too: the peer is up, and the next delivery will say what is wrong."""
     try:
         with associate(remote, [build_context(Verification)]) as assoc:
+            if not any(cx.abstract_syntax == Verification for cx in assoc.accepted_contexts):
+                return  # up, but it does not do C-ECHO
             rsp = assoc.send_c_echo()
     except PeerError as exc:
+        if exc.permanent:
+            raise PermanentFailure(f"C-ECHO: {exc}", REJECTED_ACTION) from None
         raise DeliveryError(f"C-ECHO: {exc}") from None
     status = getattr(rsp, "Status", None)
     if status != 0x0000:
