@@ -99,8 +99,8 @@ class TokenBucket:
 
 
 class ThrottledReader:
-    """A binary file read through a bucket (an S3 upload's body, a copied file): each read
-    asks the bucket for its bytes first; reads are cut to ``CHUNK`` so pauses stay short."""
+    """A binary file read through a bucket (a copied file): each read waits for the bytes it
+    read before handing them on; reads are cut to ``CHUNK`` so pauses stay short."""
 
     def __init__(self, f: BinaryIO, bucket: TokenBucket) -> None:
         self._f = f
@@ -112,14 +112,14 @@ class ThrottledReader:
             while chunk := self.read(CHUNK):
                 out += chunk
             return bytes(out)
-        self._bucket.take(min(n, CHUNK))
         data = self._f.read(min(n, CHUNK))
+        self._bucket.take(len(data))  # what was read, handed on once the bucket allows it
         return data
 
     def readinto(self, buf: Any) -> int:
-        view = memoryview(buf)[:CHUNK]
-        self._bucket.take(len(view))
-        return self._f.readinto(view)  # type: ignore[attr-defined]
+        n = self._f.readinto(memoryview(buf)[:CHUNK])  # type: ignore[attr-defined]
+        self._bucket.take(n or 0)
+        return n
 
     def __getattr__(self, name: str) -> Any:  # seek, tell, fileno, name, close...
         return getattr(self._f, name)

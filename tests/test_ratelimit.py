@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import yaml
 from peers import StoreSCP, run_storescu, sop_uids, wait_until
 from pydicom.errors import InvalidDicomError
 from router_fixtures import Router
+from stow_server import StowServer
 
 from dicomrouter import config as cfgmod
 from dicomrouter.config import ConfigError
@@ -31,17 +33,22 @@ CAP = 2_000_000  # bytes per second: "2MB/s"
 
 
 class Arrivals:
-    """Bytes in a storescp output folder over time, sampled every 20 ms by a thread."""
+    """Bytes arrived at a peer over time (in an output folder and its subfolders, or what
+    ``total`` says), sampled every 20 ms by a thread."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path | None = None,
+                 total: Callable[[], int] | None = None) -> None:
         self.folder = folder
+        if total is not None:
+            self._total = total  # type: ignore[method-assign]
         self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _total(self) -> int:
         total = 0
-        for p in self.folder.glob("*"):
+        assert self.folder is not None
+        for p in self.folder.rglob("*"):
             with contextlib.suppress(OSError):  # renamed or removed meanwhile
                 total += p.stat().st_size
         return total
@@ -120,6 +127,36 @@ def test_capped_destination_sends_at_its_rate_and_the_other_is_unaffected(
         assert lan_done < wan_done - 2.0, (lan_done, wan_done)
         assert lan_rate > 2 * CAP, lan_rate
         assert len(wan.files()) == len(files) == len(lan.files())
+
+
+def test_every_sender_is_paced(tmp_path: Path) -> None:
+    """The pynetdicom sender (per instance), STOW-RS (as the body is read) and folder copies
+    (per read) each keep to a 500kB/s cap, measured where the bytes arrive (per instance
+    here, so within 10 %)."""
+    cap = 500_000
+    files = generate(tmp_path / "study", series=1, instances=16, rows=256, cols=256, seed=267)
+    size = sum(p.stat().st_size for p in files)
+    assert size > 4 * cap
+    capped = {"max_rate": "500kB/s"}
+    with StoreSCP(tmp_path / "scp", aet="SCP") as scp, StowServer() as web:
+        router = Router(tmp_path / "router", {"destinations": {
+            "scp": {"type": "dicom", "ae_title": "SCP", "host": "127.0.0.1", "port": scp.port,
+                    "sender": "pynetdicom", **capped},
+            "web": {"type": "dicomweb", "url": web.url, "batch_size": 1, **capped},
+            "folder": {"type": "folder", "path": str(tmp_path / "out"), **capped}},
+            "routes": [{"name": "all", "to": ["scp", "web", "folder"]}]})
+        with router, Arrivals(scp.out_dir) as at_scp, \
+                Arrivals(total=lambda: sum(len(p) for p in list(web.parts.values()))) as at_web, \
+                Arrivals(tmp_path / "out") as at_folder:
+            assert run_storescu(files, router.port, aet=router.aet).returncode == 0
+            wait_until(lambda: _served(scp, files) and len(web.stored) == len(files)
+                       and len(list((tmp_path / "out").rglob("*.dcm"))) == len(files),
+                       timeout=120, what="every destination served")
+            time.sleep(0.1)  # one more sample of the finished transfers
+        for name, arrivals in (("scp", at_scp), ("web", at_web), ("folder", at_folder)):
+            rate, window = arrivals.rate_between(0.15, 0.85)
+            assert window >= 2.0, (name, window)
+            assert abs(rate - cap) <= 0.10 * cap, (name, rate, window)
 
 
 @pytest.mark.parametrize(("value", "rate"), [
