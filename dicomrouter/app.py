@@ -217,6 +217,10 @@ class Router:
     def notify_destination(self, destination: str) -> None:
         self.workers.notify([destination])
 
+    def breakers(self) -> dict[str, dict[str, Any]]:
+        """Each destination's circuit breaker on this node (breaker.py)."""
+        return self.workers.breakers.views()
+
     def readiness(self) -> dict[str, str]:
         """What keeps the router from doing its job now (empty: ready)."""
         return health.readiness(self.cfg, self.state, self.spool, self._listening)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics, ordering
+from .breaker import Breakers
 from .config import Config
 from .destinations import DeliveryError, Destination, InstanceRejected
 from .destinations.base import PermanentFailure
@@ -47,6 +48,7 @@ class RunResult:
     interrupted: bool = False  # the workers stopped before every instance was sent
     taken: int = 0  # instances the session started on (a forwarding run's share)
     yielded: bool = False  # stopped after a chunk: a more urgent job of the destination is due
+    unreachable: bool = False  # a transient DeliveryError: counts for the circuit breaker
 
     @property
     def permanent(self) -> bool:
@@ -61,6 +63,7 @@ class RunResult:
         self.rejected_permanent += other.rejected_permanent
         self.interrupted = self.interrupted or other.interrupted
         self.taken += other.taken
+        self.unreachable = self.unreachable or other.unreachable
         if self.error is None and other.error is not None:
             self.error, self.error_permanent = other.error, other.error_permanent
 
@@ -83,6 +86,7 @@ class DeliveryWorkers:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._waiting: set[str] = set()  # destinations waiting for their window (logged once)
+        self.breakers = Breakers(cfg, state, destinations, self.notify)
 
     def start(self) -> None:
         # transformed copies left by a crash were never delivered from: remove them
@@ -159,8 +163,9 @@ class DeliveryWorkers:
                     if outcome:
                         self.on_finished(job, outcome)
                     unsettled = None
-                if self._outside_window(dest):
-                    continue
+                if self._outside_window(dest) or not self.breakers.admits(
+                        dest.name, lambda t: self._sleep(dest.name, t)):
+                    continue  # outside its window, or its circuit breaker is open
                 job = self.state.claim_job(dest.name, self.clock())
                 if job is None:
                     # Idle: sleep until woken, this destination's next retry, or 1 s (a
@@ -216,6 +221,7 @@ class DeliveryWorkers:
             log.info("study %s → %s: interrupted by shutdown after %d instance(s); will resume",
                      job.study_uid, dest.name, sent)
             return ""
+        self.breakers.observe(dest.name, result.unreachable, result.error)
         if error is None and rejected:
             error = f"{len(rejected)} of {len(todo)} instance(s) refused; first: {rejected[0]}"
             if result.permanent:
@@ -444,6 +450,7 @@ class DeliveryWorkers:
                              for uid in buffered if uid not in recorded]
         except DeliveryError as exc:
             result.error, result.error_permanent = str(exc), exc.permanent
+            result.unreachable = not exc.permanent
         finally:
             if previous:  # a success status came back before the failure
                 self.state.mark_delivered([previous], dest.name, digests)

@@ -46,6 +46,9 @@ STORE_LATENCY = Histogram("dicomrouter_c_store_seconds", "From a C-STORE's last 
 DELIVERY_TIME = Histogram("dicomrouter_delivery_seconds", "Duration of one delivery attempt",
                           ["destination"], registry=REGISTRY,
                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+BREAKER_OPEN = Gauge("dicomrouter_breaker_open", "Circuit breaker of each destination on this "
+                     "node: 1 open (its jobs wait, probed every probe_every), 0 closed",
+                     ["destination"], registry=REGISTRY)
 POLLS = Counter("dicomrouter_source_polls", "Polls of each pull source by outcome",
                 ["source", "outcome"], registry=REGISTRY)
 NOTIFICATIONS_SENT = Counter("dicomrouter_notifications_sent", "Notifications the receiver "

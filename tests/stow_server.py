@@ -24,7 +24,7 @@ Plan = Callable[[int], str]
 
 
 class StowServer:
-    def __init__(self, plan: Plan | None = None, gate: int = 0) -> None:
+    def __init__(self, plan: Plan | None = None, gate: int = 0, port: int = 0) -> None:
         self.plan: Plan = plan or (lambda n: "ok")
         self.received: list[str] = []  # SOP Instance UIDs of every part, in order (re-sends too)
         self.stored: dict[str, str] = {}  # SOP Instance UID → Study Instance UID (QIDO lists)
@@ -55,7 +55,7 @@ class StowServer:
             def do_GET(self) -> None:  # noqa: N802
                 server._get(self)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/dicom-web"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -19,13 +19,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("faces", ("cli", "__main__")),
     ("composition root", ("app",)),
     ("operations", ("web", "health", "preflight", "receivers", "notifications")),
-    ("policy", ("completion", "routing", "explain", "delivery", "feed", "ordering", "sources",
-                "scp", "priority")),
+    ("policy", ("completion", "routing", "explain", "delivery", "feed", "ordering", "breaker",
+                "sources", "scp", "priority")),
     ("ways out", ("destinations", "qrscu", "commitment")),
     ("durable storage", ("spool", "state", "query")),
     ("leaves", ("config", "common", "values", "schema", "rules", "schedule", "sweep",
                 "transforms", "deid", "deid_table", "dicomfile", "dimse", "walk", "transcode",
-                "conversion",
+                "conversion", "ratelimit",
                 "logsafe", "tlsctx", "netutil", "metrics", "sample", "storage_contexts")),
 ]
 LAYER_OF = {name: i for i, (_title, names) in enumerate(LAYERS) for name in names}

@@ -45,6 +45,31 @@ def job_progress(job: dict[str, Any]) -> str:
     return line
 
 
+def breakers(state: Any) -> dict[str, dict[str, Any]]:
+    """Each destination's circuit breaker as the running router(s) last recorded it
+    (breaker.py): destination → its view, with ``node`` and ``open_on`` (the nodes where it
+    is open; each node of a cluster has its own). Nodes that stopped are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for node in state.nodes():
+        if not node["alive"]:
+            continue
+        for dest, view in (node["info"].get("breakers") or {}).items():
+            entry = out.setdefault(dest, {"open_on": []})
+            if view.get("state") == "open":
+                entry["open_on"].append(node["node_id"])
+            if len(entry) == 1 or view.get("state") == "open":
+                entry.update(view, node=node["node_id"])
+    return out
+
+
+def breaker_text(view: dict[str, Any], cluster: bool = False) -> str:
+    """``circuit breaker OPEN since 11:02: why; 3 failed probe(s) (C-ECHO), next at 11:04``."""
+    where = f" on node(s) {', '.join(view.get('open_on') or [])}" if cluster else ""
+    return (f"circuit breaker OPEN{where} since {when(view.get('since'))}: "
+            f"{view.get('reason') or '?'}; {view.get('failed_probes', 0)} failed probe(s) "
+            f"({view.get('probe', '?')}), next at {when(view.get('next_probe'))}; its jobs wait")
+
+
 def since_time(value: str) -> float:
     """``24h`` / ``7d`` (that long ago) or an ISO date or date-time → Unix time."""
     try:
@@ -95,6 +120,7 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         return
     data = state.summary(with_done=show_all, limit=limit)
     data["held"] = state.held_studies()
+    data["breakers"] = breakers(state)
     if as_json:  # a sum over the whole ledger: only what the JSON carries pays for it
         data["ledger"] = state.ledger_stats()
     if not show_all:  # what a user who just sent studies looks for
@@ -142,6 +168,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         if window is not None and counts.get("pending") and not window.is_open(time.time()):
             parts += f"  (scheduled until {when(window.next_open(time.time()))}, " \
                      f"window {window.describe()})"
+        if (breaker := data["breakers"].get(dest, {})).get("state") == "open":
+            parts += f"  ({breaker_text(breaker, bool(data.get('cluster')))})"
         click.echo(f"  {dest:<16} {parts}")
     if data.get("sources"):
         click.echo("sources:")

@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import PrivateAttr, ValidationError, ValidationInfo, model_validator
 
+from ..ratelimit import parse_rate
 from ..schedule import parse_window
 from ..schema import (
     AETitle,
@@ -45,6 +46,7 @@ from .base import (
 from .validators import ae_list, template_value, transforms_value
 
 TlsVersion = Annotated[str, parsed(parse_choice, ("TLSv1.2", "TLSv1.3"))]
+Rate = Annotated[float, parsed(parse_rate)]  # bytes per second
 
 
 class TlsServerModel(Strict):
@@ -130,7 +132,8 @@ def secrets_set(model: Any, *keys: str) -> None:
 
 
 class DestinationBase(Named):
-    """What every destination has: how many studies at once, retries, transforms, a window."""
+    """What every destination has: how many studies at once, retries, transforms, a window,
+    its circuit breaker and bandwidth cap."""
 
     type: str
     concurrency: Int(1, 64) = 1
@@ -139,12 +142,18 @@ class DestinationBase(Named):
     deliver_between: Text | None = None  # "20:00-06:00": deliveries wait outside it
     days: list[Any] | None = None  # [mon, tue, ...]: the days the window opens on
     timezone: Text | None = None  # default: the router's local time zone
+    #: consecutive connection-level failures that open the circuit breaker (0: never opens)
+    breaker_failures: Int(0, 1_000_000) = 5
+    probe_every: Duration = 30.0  # an open breaker probes the destination this often
+    max_rate: Rate | None = None  # bandwidth cap (bytes/s) over all its sessions
 
     _retry_policy: RetryModel = PrivateAttr(default_factory=lambda: RetryModel().policy())
     _schedule: Any = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _window(self) -> DestinationBase:
+        if self.probe_every < 0.1:
+            raise ConfigError("probe_every", "must be at least 100ms")
         self._schedule = parse_window(self.deliver_between, self.days, self.timezone)
         return self
 
@@ -301,6 +310,13 @@ class MoveModel(DestinationBase):
     query_model: Choice("study", "patient") = "study"
     timeout: Duration = 600.0  # association set-up, and between two C-MOVE responses
     tls: TlsClientModel | None = None
+
+    @model_validator(mode="after")
+    def _no_rate(self) -> MoveModel:
+        if self.max_rate is not None:
+            raise ConfigError("max_rate", "a move destination sends no bytes itself (the source "
+                              "PACS does): cap the link there")
+        return self
 
     def whole_study(self) -> str:
         return "it moves studies with C-MOVE"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..config import DestinationConfig
+from ..ratelimit import TokenBucket
 from ..state import Instance, State
 
 
@@ -146,6 +147,10 @@ class Destination(ABC):
         self.cfg = cfg
         self.ctx = ctx
         self.name = cfg.name
+        #: ``max_rate``: one bucket for every session of this destination, whatever thread;
+        #: each type asks it for its bytes where they leave (None: no cap)
+        rate = getattr(cfg, "max_rate", None)
+        self.limiter: TokenBucket | None = TokenBucket(rate) if rate else None
 
     @abstractmethod
     def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
@@ -158,6 +163,15 @@ class Destination(ABC):
 
     def describe(self) -> str:
         return self.cfg.type
+
+    #: what :meth:`probe` does, for the log ("C-ECHO", "HTTP HEAD"...)
+    probe_kind = "the next delivery"
+
+    def probe(self) -> None:  # noqa: B027 - optional hook
+        """Is the destination reachable again? Called while its circuit breaker is open
+        (breaker.py); raises DeliveryError (or OSError) with why not. Cheap and sending no
+        study: a C-ECHO, an HTTP request, an S3 head-bucket, a test file. The default finds
+        nothing wrong, so the breaker lets the next job try (and opens again if it fails)."""
 
     def recover(self) -> list[str]:
         """Start-up, before any delivery: clean up what a crashed run left behind (temporary

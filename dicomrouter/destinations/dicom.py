@@ -7,16 +7,37 @@ from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from pynetdicom import build_context
+from pynetdicom.sop_class import Verification
 
 from ..commitment import request
 from ..config.peers import DicomModel
-from ..qrscu import PeerError, Remote, find
+from ..qrscu import PeerError, Remote, associate, find
 from ..state import Instance, State
 from ..tlsctx import client_context
-from .base import Context, DeliveryError, Destination, Session
+from .base import Context, DeliveryError, Destination, PermanentFailure, Session
 from .fastsend import FastStoreAssociation
 from .registry import implements
-from .store import Peer, StoreAssociation
+from .store import REJECTED_ACTION, Peer, StoreAssociation
+
+
+def c_echo(remote: Remote) -> None:
+    """A C-ECHO (a circuit breaker's probe): DeliveryError unless the peer answers. An
+    association rejected for good (our AE title) or without the Verification service is an
+    answer too: the peer is up, and the next delivery will say what is wrong."""
+    try:
+        with associate(remote, [build_context(Verification)]) as assoc:
+            if not any(cx.abstract_syntax == Verification for cx in assoc.accepted_contexts):
+                return  # up, but it does not do C-ECHO
+            rsp = assoc.send_c_echo()
+    except PeerError as exc:
+        if exc.permanent:
+            raise PermanentFailure(f"C-ECHO: {exc}", REJECTED_ACTION) from None
+        raise DeliveryError(f"C-ECHO: {exc}") from None
+    status = getattr(rsp, "Status", None)
+    if status != 0x0000:
+        raise DeliveryError(f"C-ECHO to {remote}: " + (
+            "no response" if status is None else f"status 0x{int(status):04X}"))
 
 
 def open_association(peer: Peer, pairs: Iterable[tuple[str, str]],
@@ -34,7 +55,7 @@ class DicomDestination(Destination):
         tls = client_context(cfg.tls) if cfg.tls else None
         self.peer = Peer(cfg.ae_title, cfg.host, cfg.port,
                          cfg.calling_ae_title or ctx.router_ae, cfg.max_pdu, cfg.timeout,
-                         cfg.transfer_syntaxes, tls)
+                         cfg.transfer_syntaxes, tls, self.limiter)
         self.sender = cfg.sender
         self.associations = cfg.associations
         self.holds_connection = True
@@ -43,6 +64,13 @@ class DicomDestination(Destination):
         self.commitment_timeout = cfg.commitment_timeout
         #: the state database (storage commitment reports land there)
         self.state: State | None = ctx.state
+
+    probe_kind = "C-ECHO"
+
+    def probe(self) -> None:
+        peer = self.peer
+        c_echo(Remote(peer.ae_title, peer.host, peer.port, peer.calling_ae_title, peer.timeout,
+                      peer.tls))
 
     def describe(self) -> str:
         extra = f", {self.associations} associations per study" if self.associations > 1 else ""

@@ -31,6 +31,7 @@ import requests
 from ..common.http import http_session, request_failure
 from ..common.secrets import SecretUnavailable
 from ..config.peers import DicomwebModel
+from ..ratelimit import TokenBucket
 from ..state import Instance
 from .base import Context, DeliveryError, Destination, PermanentFailure, Session
 from .registry import implements
@@ -51,8 +52,10 @@ class _MultipartBody:
     """A ``multipart/related; type="application/dicom"`` body read part by part from the
     spool, with its length known up front (requests sends it with a Content-Length)."""
 
-    def __init__(self, parts: Sequence[tuple[Callable[[], BinaryIO], int]], boundary: str) -> None:
+    def __init__(self, parts: Sequence[tuple[Callable[[], BinaryIO], int]], boundary: str,
+                 limiter: TokenBucket | None = None) -> None:
         self._parts = list(parts)
+        self._limiter = limiter  # the destination's max_rate: paced as requests reads
         self._head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
         self._tail = f"--{boundary}--\r\n".encode()
         self.len = sum(len(self._head) + size + 2 for _open, size in self._parts) + \
@@ -79,13 +82,19 @@ class _MultipartBody:
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
-            return self._pending + b"".join(self._chunks)
+            out = self._pending + b"".join(self._chunks)
+            self._pending = b""
+            if self._limiter is not None:
+                self._limiter.take(len(out))
+            return out
         while len(self._pending) < n:
             try:
                 self._pending += next(self._chunks)
             except StopIteration:
                 break
         out, self._pending = self._pending[:n], self._pending[n:]
+        if self._limiter is not None:
+            self._limiter.take(len(out))
         return out
 
 
@@ -105,6 +114,19 @@ class DicomwebDestination(Destination):
             if self.associations > 1 else ""
         return (f"dicomweb {self.url}{auth}, STOW-RS batches of up to "
                 f"{o.batch_size} instances / {o.batch_bytes} bytes{parallel}")
+
+    probe_kind = "HTTP HEAD"
+
+    def probe(self) -> None:
+        """Any HTTP answer to a HEAD of the DICOMweb root but a server error is the server
+        back (501 and 405 too: it answers, it just has no HEAD there)."""
+        with self.session() as http:
+            try:
+                rsp = http.head(self.url, timeout=self.options.timeout)
+            except requests.RequestException as exc:
+                raise DeliveryError(f"HEAD {request_failure(exc, self.url)}") from None
+        if rsp.status_code >= 500 and rsp.status_code != 501:
+            raise DeliveryError(f"HEAD {self.url}: HTTP {rsp.status_code} {rsp.reason}")
 
     def session(self) -> requests.Session:
         try:
@@ -176,7 +198,8 @@ class _StowSession(Session):
     def _post(self) -> None:
         batch, self.batch, self.batch_bytes = self.batch, [], 0
         boundary = uuid.uuid4().hex
-        body = _MultipartBody([(reopen, size) for _inst, reopen, size in batch], boundary)
+        body = _MultipartBody([(reopen, size) for _inst, reopen, size in batch], boundary,
+                              self.dest.limiter)
         url = f"{self.dest.url}/studies"
         headers = {"Content-Type": f'multipart/related; type="application/dicom"; '
                                    f"boundary={boundary}",

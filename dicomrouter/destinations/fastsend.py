@@ -246,7 +246,10 @@ class FastStoreAssociation:
                     return parse_command(bytes(command))
 
     def _send(self, buffers: list) -> None:  # type: ignore[type-arg]
-        """One PDU from its buffers: gathered by sendmsg, or joined for TLS (no sendmsg)."""
+        """One PDU from its buffers: gathered by sendmsg, or joined for TLS (no sendmsg);
+        paced by the destination's ``max_rate`` bucket, PDU by PDU."""
+        if self.peer.limiter is not None:
+            self.peer.limiter.take(sum(len(b) for b in buffers))
         if self.peer.tls is not None:
             self.sock.sendall(b"".join(buffers))
         else:

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 from ..config import DEFAULT_FOLDER_TEMPLATE, study_level, template_keywords
 from ..config.peers import FolderModel
 from ..dicomfile import read_header, render_template, text
+from ..ratelimit import throttled
 from ..spool.slots import fsync_dir
 from ..state import Instance
 from .base import Context, DeliveryError, Destination, Session
@@ -50,6 +51,20 @@ class FolderDestination(Destination):
         how = "zip per study" if self.zip else "tree"
         staged = f", staged in {self.staging}" if self.staging else ""
         return f"folder {self.root} ({how}{staged})"
+
+    probe_kind = "a test file"
+
+    def probe(self) -> None:
+        """The folder (created if need be) takes a file again: one written and removed."""
+        test = self.root / f".dicomrouter-probe-{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(test, "wb") as f:
+                f.write(b"probe")
+                os.fsync(f.fileno())
+            test.unlink()
+        except OSError as exc:
+            raise DeliveryError(f"cannot write in {self.root}: {exc.strerror or exc}") from None
 
     def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
         try:
@@ -138,7 +153,8 @@ class _TreeSession(Session):
             self._clean(self.study_dir)
         write_to = dest.staging / target.relative_to(root) if dest.staging else target
         try:
-            size, sha = _write_atomically(write_to, lambda out: copy_hashed(data, out.write))
+            size, sha = _write_atomically(write_to, lambda out: copy_hashed(
+                throttled(data, dest.limiter), out.write))
         except OSError as exc:
             raise DeliveryError(f"cannot write {write_to}: {exc}") from exc
         if self.study_dir is not None:
@@ -229,7 +245,7 @@ class _ZipSession(Session):
             except OSError as exc:
                 raise DeliveryError(f"cannot write {self.target}: {exc}") from exc
         try:
-            self.zip.add(inst, data)
+            self.zip.add(inst, throttled(data, self.dest.limiter))
         except OSError as exc:
             raise DeliveryError(f"cannot write {self.target}: {exc}") from exc
         self.uids.append(inst.sop_uid)

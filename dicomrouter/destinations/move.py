@@ -21,6 +21,7 @@ from ..qrscu import PeerError, Remote, RetrieveResult, move
 from ..state import Instance
 from ..tlsctx import client_context
 from .base import Context, DeliveryError, Destination, PermanentFailure, Session
+from .dicom import c_echo
 from .registry import implements
 
 
@@ -34,6 +35,11 @@ class MoveDestination(Destination):
                              cfg.calling_ae_title or ctx.router_ae, cfg.timeout, tls)
         self.target = cfg.move_destination
         self.model = cfg.query_model
+
+    probe_kind = "C-ECHO"
+
+    def probe(self) -> None:
+        c_echo(self.remote)
 
     def describe(self) -> str:
         return f"move: asks {self.remote} to C-MOVE studies to {self.target}"

@@ -99,6 +99,16 @@ class S3Destination(Destination):
             lookup.update({k: text(ds.get(k)) for k in missing})
         return render_template(self.key, lookup).as_posix()
 
+    probe_kind = "S3 head-bucket"
+
+    def probe(self) -> None:
+        try:
+            self.client().head_bucket(Bucket=self.bucket)
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            raise _s3_error(exc, f"head-bucket s3://{self.bucket}") from None
+
     def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
         if self.whole_study:
             return _ZipSession(self, routes)
@@ -107,7 +117,11 @@ class S3Destination(Destination):
     def upload(self, key: str, body: str | BinaryIO, size: int,
                metadata: dict[str, str], content_type: str | None = None) -> None:
         """Put ``body`` (a path, or a spool reader at its start) at ``key``; DeliveryError
-        (PermanentFailure for what waiting cannot heal) when it fails."""
+        (PermanentFailure for what waiting cannot heal) when it fails. With ``max_rate``
+        each object waits for its bytes in the destination's bucket first (paced object by
+        object: the clients stream a body themselves)."""
+        if self.limiter is not None:
+            self.limiter.take(size)
         try:
             store = self.fast
             if store is not None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Container, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -50,6 +51,9 @@ class Peer:
     #: syntaxes to propose, in order of preference (empty: each file's own, plus uncompressed)
     transfer_syntaxes: tuple[str, ...] = ()
     tls: Any = None  # an ssl.SSLContext (tlsctx.client_context) for DICOM TLS
+    #: the destination's ``max_rate`` bucket (ratelimit.TokenBucket), shared by its
+    #: associations; None: no cap
+    limiter: Any = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
@@ -217,6 +221,8 @@ class StoreAssociation:
                                self.peer.transfer_syntaxes)
         if target is None:
             raise no_syntax(self.peer, sop_class, transfer_syntax)
+        if self.peer.limiter is not None:  # pynetdicom streams the file: paced per instance
+            self.peer.limiter.take(os.path.getsize(source_path(source)))
         if target == transfer_syntax:
             # pynetdicom's chunked send wants a file name (the spool reader's)
             rsp = self.assoc.send_c_store(source_path(source))

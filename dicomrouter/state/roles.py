@@ -165,6 +165,11 @@ class Deliveries(ABC):
     def next_due(self, destination: str) -> float | None: ...
 
     @abstractmethod
+    def retry_now(self, destination: str) -> int:
+        """The destination's failed jobs waiting for their retry become due now (attempts
+        kept): its circuit breaker closed. Returns how many."""
+
+    @abstractmethod
     def undelivered(self, study_uid: str, destination: str) -> list[Instance]: ...
 
     @abstractmethod
@@ -404,6 +409,11 @@ class Nodes(ABC):
     @abstractmethod
     def nodes(self) -> list[dict[str, Any]]:
         """Every node known, with ``alive``, its heartbeat and what it holds and runs."""
+
+    @abstractmethod
+    def publish_breakers(self, breakers: dict[str, dict[str, Any]]) -> None:
+        """This node's circuit breakers (destination → its view), kept in its row's ``info``
+        under ``breakers`` for ``status`` (breaker.py; replaced at the node's next start)."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -62,6 +62,13 @@ class DeliverySQL(SQLBase):
                    tuple(json.loads(row["routes"] or "[]")),
                    tuple(json.loads(series)) if series else None, row["priority"])
 
+    def retry_now(self, destination: str) -> int:
+        now = time.time()
+        with self._tx() as db:
+            return int(db.execute("UPDATE jobs SET next_attempt=?, updated=? WHERE"
+                                  " destination=? AND state='failed' AND next_attempt > ?",
+                                  (now, now, destination, now)).rowcount)
+
     def release_job(self, job: Job) -> None:
         """A run cut short by shutdown: back to pending, not counted as an attempt."""
         with self._tx() as db:

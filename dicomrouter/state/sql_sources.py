@@ -76,6 +76,19 @@ class PeersSQL(SQLBase):
             r["alive"] = (r["heartbeat"] or 0) > now - self.lease
         return rows
 
+    def publish_breakers(self, breakers: dict[str, dict[str, Any]]) -> None:
+        with self._tx() as db:
+            row = db.execute("SELECT info FROM nodes WHERE node_id=?", (self.node_id,)).fetchone()
+            info = json.loads(row["info"] or "{}") if row is not None else {}
+            info["breakers"] = breakers
+            if row is None:
+                now = time.time()
+                db.execute("INSERT INTO nodes(node_id, started, heartbeat, info) VALUES"
+                           " (?,?,?,?)", (self.node_id, now, now, json.dumps(info)))
+            else:
+                db.execute("UPDATE nodes SET info=? WHERE node_id=?",
+                           (json.dumps(info), self.node_id))
+
     # ---- pull sources ------------------------------------------------------------------------
 
     def source_cursor(self, name: str) -> str | None:

@@ -40,6 +40,8 @@ class RouterView(Protocol):
 
     def readiness(self) -> dict[str, str]: ...
 
+    def breakers(self) -> dict[str, dict[str, Any]]: ...
+
 
 class HoldDecision(BaseModel):
     """The body of a release or a reject: why (recorded in the audit trail)."""
@@ -205,13 +207,18 @@ def destination_rows(router: RouterView) -> list[dict[str, Any]]:
     summary = router.state.gauges()
     failing = {j["destination"]: j for j in summary["retrying"]}
     dead = {j["destination"]: j for j in summary["dead"]}
+    breakers = router.breakers()
     out = []
     for name, d in router.cfg.destinations.items():
         queue = summary["queues"].get(name, {})
-        health = "failing" if name in failing else "dead letters" if name in dead else "ok"
+        breaker = breakers.get(name) or {"state": "closed"}
+        health = "breaker open" if breaker["state"] == "open" else \
+            "failing" if name in failing else "dead letters" if name in dead else "ok"
         last = failing.get(name) or dead.get(name)
         out.append({"name": name, "type": d.type, "queue": queue,
                     "depth": queue.get("pending", 0) + queue.get("failed", 0)
                     + queue.get("running", 0),
-                    "health": health, "last_error": last["last_error"] if last else None})
+                    "health": health, "breaker": breaker,
+                    "last_error": breaker.get("reason") or (last["last_error"] if last
+                                                            else None)})
     return out

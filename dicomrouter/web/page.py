@@ -99,6 +99,15 @@ def _chart(points: list[tuple[float, int]]) -> str:
             f'<text x="{w - 120}" y="10" font-size="10">max {top}/min</text></svg>')
 
 
+def _breaker_note(breaker: dict[str, Any]) -> str:
+    """Under an open breaker's health: since when, the probes, the next one."""
+    if breaker.get("state") != "open":
+        return ""
+    return (f'<br><span class="muted">since {_when(breaker["since"])}, '
+            f'{breaker["failed_probes"]} failed probe(s) ({escape(breaker["probe"])}), next at '
+            f'{_when(breaker["next_probe"])}</span>')
+
+
 def render(router: Any, destinations: list[dict[str, Any]]) -> str:
     state = router.state
     since = time.time() - HOURS * 3600
@@ -122,7 +131,8 @@ def render(router: Any, destinations: list[dict[str, Any]]) -> str:
             f'<td>{escape(s["calling_ae"] or "-")}</td><td>{s["instances"]}</td></tr>')
     dest_rows = [
         f'<tr><td>{escape(d["name"])}</td><td>{escape(d["type"])}</td>'
-        f'<td class="{"ok" if d["health"] == "ok" else "bad"}">{escape(d["health"])}</td>'
+        f'<td class="{"ok" if d["health"] == "ok" else "bad"}">{escape(d["health"])}'
+        f'{_breaker_note(d["breaker"])}</td>'
         f'<td>{d["depth"]}</td><td>{d["queue"].get("dead", 0)}</td>'
         f'<td>{escape((d["last_error"] or "")[:160])}</td></tr>' for d in destinations]
     dead_rows = [
