@@ -244,10 +244,13 @@ def meta_end_and_syntax(f: BinaryIO) -> tuple[int, str]:
     return meta_end, ts
 
 
-def check_file(path: str, max_depth: int = 32) -> None:
-    """Raise Malformed unless the dataset of the Part 10 file at ``path`` ends exactly at the end
-    of the file, every element, item and sequence whole."""
-    with open(path, "rb") as f:
+def check_file(path: str | bytes | bytearray, max_depth: int = 32) -> None:
+    """Raise Malformed unless the dataset of the Part 10 file at ``path`` (or the file's bytes,
+    held in memory by the receive log) ends exactly at the end of the file, every element, item
+    and sequence whole."""
+    opened = io.BytesIO(path) if isinstance(path, bytes | bytearray) else \
+        open(path, "rb")  # noqa: SIM115
+    with opened as f:
         meta_end, ts = meta_end_and_syntax(f)
         size = f.seek(0, 2)
         src: _FileSource | _InflateSource

@@ -16,6 +16,7 @@ from .cluster import ClusterSpool, SharedStore, SharedStoreUnavailable
 from .local import (
     Accepted,
     DatasetMismatch,
+    LogReceiveFile,
     ReceiveFile,
     Spool,
     SpoolFull,
@@ -30,8 +31,12 @@ def spool_for(cfg: Any, state: State, receiver_process: bool = False) -> Spool:
     if cfg.shared_spool:
         return ClusterSpool(cfg.spool, state, SharedStore(cfg.shared_spool), cfg.ack_after,
                             cfg.node_id, max_bytes=cfg.max_spool_size, **kwargs)
-    return Spool(cfg.spool, state, cfg.max_spool_size, shared=receiver_process, **kwargs)
+    return Spool(cfg.spool, state, cfg.max_spool_size, shared=receiver_process,
+                 receive_log=cfg.receive_log, log_size=cfg.receive_log_size,
+                 log_max_record=cfg.receive_log_max_record, log_wait=cfg.receive_log_wait,
+                 **kwargs)
 
 
-__all__ = ["Accepted", "ClusterSpool", "DatasetMismatch", "ReceiveFile", "SharedStore",
-           "SharedStoreUnavailable", "Spool", "SpoolFull", "SpoolReader", "spool_for"]
+__all__ = ["Accepted", "ClusterSpool", "DatasetMismatch", "LogReceiveFile", "ReceiveFile",
+           "SharedStore", "SharedStoreUnavailable", "Spool", "SpoolFull", "SpoolReader",
+           "spool_for"]

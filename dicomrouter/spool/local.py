@@ -27,7 +27,9 @@ from typing import Any
 from ..dicomfile import UnreadableDataset, identify, source_ae
 from ..state import Instance, Reception, State, StateUnavailable, StudyState
 from ..walk import Malformed, check_file
-from .slots import MAGIC, MARKER, MARKER_SIZE, Checksum, SlotPool, is_complete
+from . import recvlog
+from .faults import POWERCUT, crash_point
+from .slots import MAGIC, MARKER, MARKER_SIZE, Checksum, SlotPool, fsync_dir, is_complete
 
 log = logging.getLogger("dicomrouter.spool")
 
@@ -125,9 +127,51 @@ class _GuardedWriter:
                 self._owner.error = exc
 
 
+class LogReceiveFile:
+    """A dataset received for the receive log: held in memory (its preamble left for the
+    completion marker), or, past ``limit`` bytes (receive_log_max_record), spilled into a
+    receive slot (``slot``) and received on the slot path from there on. Write errors (the
+    quota) are remembered as ReceiveFile's are, never raised into the association."""
+
+    def __init__(self, spool: Spool, limit: int, room: int | None) -> None:
+        self.name = ""  # no file (yet): the association's clean-up unlinks nothing
+        self.error: OSError | None = None
+        self.room = room
+        self.buf: bytearray | None = bytearray()
+        self.slot: ReceiveFile | None = None
+        self._spool = spool
+        self._limit = limit
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self.slot is not None:
+            return self.slot.write(data)
+        buf = self.buf
+        assert buf is not None
+        if len(buf) + len(data) > self._limit:  # too large for a record: a receive slot
+            self.slot = ReceiveFile(self._spool.slots.take(), self.room)
+            self.name = self.slot.name
+            self.slot.write(buf)
+            self.buf = None
+            return self.slot.write(data)
+        if self.error is None:
+            if self.room is not None and len(buf) + len(data) > self.room:
+                self.error = SpoolFull(errno.ENOSPC, "spool quota (max_spool_size) or "
+                                       f"min_free_disk reached: {self.room} bytes were left "
+                                       "for this instance")
+                self.buf = buf = bytearray()
+            else:
+                buf += data
+        return len(data)
+
+    def close(self) -> None:
+        if self.slot is not None:
+            self.slot.close()
+
+
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """A received instance, durable in its receive slot, not yet in the spool's tree."""
+    """A received instance, durable in its receive slot (or its receive log record), not yet in
+    the spool's tree."""
 
     path: str
     tags: dict[str, str]
@@ -137,13 +181,18 @@ class Accepted:
     called_ae: str
     key: str = ""  # cluster mode: its object key in the shared store (one per reception)
     shared: bool = True  # ... and whether it is there already (ack_after: shared)
+    # receive log: the file's bytes, written to ``path`` after the answer (None once written)
+    data: bytearray | None = None
+    record: recvlog.Record | None = None  # its log record (the flusher syncs the file)
 
 
 class Spool:
     """Puts received files in place durably and records them in the state database."""
 
     def __init__(self, root: Path, state: State, max_bytes: int = 0,
-                 shared: bool = False, max_depth: int = 32, min_free: int = 0) -> None:
+                 shared: bool = False, max_depth: int = 32, min_free: int = 0,
+                 receive_log: bool = False, log_size: int = 256 << 20,
+                 log_max_record: int = 4 << 20, log_wait: float = 10.0) -> None:
         self.root = root
         self._root = str(root)
         self.max_depth = max_depth
@@ -161,13 +210,39 @@ class Spool:
         self.shared = shared
         self._bytes_read_at = time.monotonic()
         self._unplaced: list[Accepted] = []
+        self.receive_log = receive_log
+        self.log_dir = root / recvlog.LOG_DIR
+        self._log_size = log_size
+        self._log_max_record = log_max_record
+        self._log_wait = log_wait
+        self.rxlog: recvlog.ReceiveLog | None = None
 
     def start(self) -> None:
-        """Start preparing receive slots in the background."""
+        """Start preparing receive slots in the background; with the receive log, claim a log
+        file of this process's own (replaying what an earlier run left in it first)."""
         self.slots.start()
+        if self.receive_log:
+            rxlog = recvlog.ReceiveLog.claim(self.log_dir, self._log_size, self._log_wait)
+            try:
+                replayed = self._replay_log(rxlog.path)
+                rxlog.reset(replayed)
+            except BaseException:
+                rxlog.close()
+                raise
+            if POWERCUT is not None:
+                with contextlib.suppress(ValueError):  # not the main thread: no power cuts
+                    POWERCUT.install()
+            rxlog.start()
+            self.rxlog = rxlog
+            log.info("receive log %s: %d MB, records up to %d bytes, checkpoint %d",
+                     rxlog.path, rxlog.size >> 20, self._log_max_record, rxlog.checkpoint)
 
     def stop(self) -> None:
         self.slots.stop()
+        if self.rxlog is not None:
+            self.retry_placements()
+            self.rxlog.stop()
+            self.rxlog = None
 
     def study_lock(self, study_uid: str) -> AbstractContextManager[None]:
         """Ingest and deletion of the same study never interleave (a late arrival must not land
@@ -199,7 +274,86 @@ class Spool:
                 if p.stat().st_size:
                     removed += 1
                 p.unlink()
-        return adopted, removed
+        return adopted + self.replay_receive_logs(), removed
+
+    # ---- the receive log's recovery --------------------------------------------------------
+
+    def replay_receive_logs(self) -> int:
+        """Start-up: replay the receive log files no running process holds (every process
+        replays the one it claims as well); returns how many instances came back."""
+        total = 0
+        for path in recvlog.log_files(self.log_dir):
+            held = recvlog.ReceiveLog.lock(path)
+            if held is None:
+                log.info("receive log %s is in use by another process: not replayed here", path)
+                continue
+            try:
+                replayed, upto = self._replay_records(path)
+                held.reset(upto, prepare=False)
+            finally:
+                held.close()
+            total += replayed
+        return total
+
+    def _replay_log(self, path: Path) -> int:
+        """Replay a log file this process claimed; returns the sequence number replayed to."""
+        replayed, upto = self._replay_records(path)
+        if replayed:
+            log.info("receive log %s: %d acknowledged instance(s) replayed", path, replayed)
+        return upto
+
+    def _replay_records(self, path: Path) -> tuple[int, int]:
+        """Every valid record newer than the checkpoint whose spool file is missing or not
+        whole goes into the spool like an adopted receive slot; the files it writes are synced
+        (files and directories) before the caller moves the checkpoint past them.
+        Returns (instances replayed, last sequence number seen)."""
+        checkpoint, found = recvlog.scan(path)
+        upto, replayed = checkpoint, 0
+        dirs: set[str] = set()
+        for rec in found:
+            data = recvlog.read(path, rec)
+            try:
+                where = self._replay_one(rec, data)
+            except (OSError, UnreadableDataset, StateUnavailable) as exc:
+                aside = self.root / f"unreplayed-{path.stem}-{rec.seq}.dcm"
+                write_file(str(aside), data, sync=True)
+                fsync_dir(self.root)
+                log.error("receive log %s: record %d (%s) cannot be replayed (%s: %s); its "
+                          "instance is kept as %s", path, rec.seq, rec.name, type(exc).__name__,
+                          exc, aside)
+                where = None
+            if where is not None:
+                dirs.add(where)
+                replayed += 1
+            upto = rec.seq
+        for d in dirs:
+            with contextlib.suppress(FileNotFoundError):
+                fsync_dir(Path(d))
+        return replayed, upto
+
+    def _replay_one(self, rec: recvlog.Found, data: bytes) -> str | None:
+        """Put one record's instance in the spool unless its spool file is whole, or a newer
+        reception of it exists; returns the directory it went to (None: nothing to do)."""
+        final = self.path(rec.name)
+        with contextlib.suppress(FileNotFoundError):
+            newer = os.stat(final).st_mtime_ns > rec.time_ns
+            if is_complete(Path(final)):
+                with open(final, "rb") as f:
+                    if f.read(MARKER_SIZE) == data[:MARKER_SIZE] or newer:
+                        return None  # whole: this reception, or a newer one
+        tags, tsuid = identify(data)
+        found = self.state.reception(tags["SOPInstanceUID"])
+        if found is not None and found.received_at * 1e9 > rec.time_ns and \
+                not (found.present and found.key == rec.name):
+            log.info("receive log record %d (%s) not replayed: instance received again since "
+                     "(study %s%s)", rec.seq, rec.name, found.study_uid,
+                     "" if found.present else ", delivered and deleted")
+            return None
+        tmp = os.path.join(self.tmp, f"rl-replay-{os.getpid()}-{rec.seq}.dcm")
+        write_file(tmp, data, sync=True)
+        os.utime(tmp, ns=(rec.time_ns, rec.time_ns))
+        self._place(tmp, tags, tsuid, source_ae(tmp), "")
+        return os.path.dirname(final)
 
     def adopt_orphans(self) -> int:
         """Record spool files that have no row (the index lost its last transactions in a power
@@ -259,7 +413,12 @@ class Spool:
                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.received_at)), where)
         return found
 
-    def new_receive_file(self) -> ReceiveFile:
+    def new_receive_file(self, logged: bool = False) -> ReceiveFile | LogReceiveFile:
+        """Where a dataset is received: a receive slot, or (``logged``, the lean receiver, with
+        the receive log on and usable) memory, for a receive log record."""
+        rxlog = self.rxlog
+        if logged and rxlog is not None and not rxlog.broken:
+            return LogReceiveFile(self, self._log_max_record, self.room())
         return ReceiveFile(self.slots.take(), self.room())
 
     def free_disk(self) -> int:
@@ -296,7 +455,7 @@ class Spool:
     def over_quota(self) -> bool:
         return bool(self.max_bytes) and self._bytes >= self.max_bytes
 
-    def accept(self, rx: ReceiveFile, calling_ae: str, called_ae: str,
+    def accept(self, rx: ReceiveFile | LogReceiveFile, calling_ae: str, called_ae: str,
                command: tuple[str, str] | None = None) -> Accepted:
         """Make a received file durable in its slot, check it is whole, read its index tags.
 
@@ -306,24 +465,17 @@ class Spool:
         Raises SpoolFull (→ 0xA700), dicomfile.UnreadableDataset (→ 0xC000) or DatasetMismatch
         (→ 0xA900); the receive slot is then removed.
         """
+        if isinstance(rx, LogReceiveFile):
+            if rx.slot is None:
+                return self._accept_logged(rx, calling_ae, called_ae, command)
+            rx = rx.slot  # larger than a log record: the slot path
         src = rx.name  # plain strings on this path: pathlib was a third of its interpreter time
         try:
             rx.file.sync()
             if rx.error is not None:
                 raise SpoolFull(rx.error.errno or errno.ENOSPC, f"write failed: {rx.error}")
             size = os.stat(src).st_size
-            if self.shared and self.max_bytes:
-                self._refresh_bytes()  # other receiver processes fill the same spool
-            if self.min_free and self.free_disk() < self.min_free:
-                raise SpoolFull(errno.ENOSPC, f"less than min_free_disk ({self.min_free} bytes) "
-                                "free on the spool's disk")
-            if self.max_bytes and self._bytes + size > self.max_bytes:
-                # The counter may be stale: `dicomrouter purge` frees space from another process.
-                with self._bytes_lock:
-                    self._bytes = self.state.spool_bytes()
-                if self._bytes + size > self.max_bytes:
-                    raise SpoolFull(errno.ENOSPC, f"spool quota of {self.max_bytes} bytes "
-                                    f"reached ({self._bytes} used)")
+            self._check_room(size)
             try:
                 check_file(src, self.max_depth)
             except Malformed as exc:
@@ -337,6 +489,70 @@ class Spool:
             raise
         return Accepted(src, tags, tsuid, size, calling_ae, called_ae)
 
+    def _check_room(self, size: int) -> None:
+        """Raise SpoolFull if ``size`` more bytes would pass the quota or min_free_disk."""
+        if self.shared and self.max_bytes:
+            self._refresh_bytes()  # other receiver processes fill the same spool
+        if self.min_free and self.free_disk() < self.min_free:
+            raise SpoolFull(errno.ENOSPC, f"less than min_free_disk ({self.min_free} bytes) "
+                            "free on the spool's disk")
+        if self.max_bytes and self._bytes + size > self.max_bytes:
+            # The counter may be stale: `dicomrouter purge` frees space from another process.
+            with self._bytes_lock:
+                self._bytes = self.state.spool_bytes()
+            if self._bytes + size > self.max_bytes:
+                raise SpoolFull(errno.ENOSPC, f"spool quota of {self.max_bytes} bytes "
+                                f"reached ({self._bytes} used)")
+
+    def _accept_logged(self, rx: LogReceiveFile, calling_ae: str, called_ae: str,
+                       command: tuple[str, str] | None) -> Accepted:
+        """``accept`` on the receive log: checked and identified in memory (the header is read
+        from the received bytes, no file read at all), then one log record, synced (shared with
+        the other associations' records), makes it durable. Its spool file is written by
+        ``place``, after the answer."""
+        data = rx.buf
+        rx.buf = None
+        if rx.error is not None:
+            raise SpoolFull(rx.error.errno or errno.ENOSPC, f"write failed: {rx.error}")
+        assert data is not None
+        size = len(data)
+        self._check_room(size)
+        try:
+            check_file(data, self.max_depth)
+        except Malformed as exc:
+            raise UnreadableDataset(f"malformed dataset: {exc}") from None
+        tags, tsuid = identify(data)
+        if command is not None:
+            _match_command(tags, command)
+        checksum = Checksum()
+        checksum.update(data)
+        data[:MARKER_SIZE] = checksum.marker()
+        name = f"data/{tags['StudyInstanceUID']}/{tags['SOPInstanceUID']}.dcm"
+        rxlog = self.rxlog
+        try:
+            if rxlog is None:
+                raise recvlog.LogBroken(errno.EIO, "receive log stopped")
+            rec = rxlog.append(name, data, time.time_ns())
+        except recvlog.LogFull as exc:
+            raise SpoolFull(exc.errno or errno.ENOSPC, str(exc)) from None
+        except recvlog.LogBroken:  # the slot path, as if the log were off
+            path = self.slots.take()
+            write_file(path, data, sync=True)
+            return Accepted(path, tags, tsuid, size, calling_ae, called_ae)
+        path = os.path.join(self.tmp, f"rl-{os.getpid()}-{rec.seq}.dcm")
+        return Accepted(path, tags, tsuid, size, calling_ae, called_ae, data=data, record=rec)
+
+    def _write_behind(self, accepted: Accepted) -> Accepted:
+        """Write the spool file of an instance the receive log holds (no sync: the flusher)."""
+        assert accepted.data is not None
+        if POWERCUT is None:
+            write_file(accepted.path, accepted.data)
+        else:  # the crash tests: what a power cut would lose is known
+            with POWERCUT.lock:
+                POWERCUT.written(accepted.path, self.path(_spool_name(accepted.tags)))
+                write_file(accepted.path, accepted.data)
+        return replace(accepted, data=None)
+
     def place(self, accepted: Accepted) -> bool:
         """Rename an accepted (already acknowledged) instance into the spool and record it.
 
@@ -344,7 +560,16 @@ class Spool:
         instance stays durable where it is and ``retry_placements`` (housekeeping) tries again;
         the error is logged here.
         """
+        rec = accepted.record
         try:
+            if accepted.data is not None:
+                crash_point("acked")
+                accepted = self._write_behind(accepted)
+            if POWERCUT is not None and rec is not None:
+                with POWERCUT.lock:  # the rename and the record, consistent with a cut
+                    return self._place(accepted.path, accepted.tags, accepted.tsuid,
+                                       accepted.calling_ae, accepted.called_ae, accepted.size,
+                                       accepted.key or None, accepted.shared)
             return self._place(accepted.path, accepted.tags, accepted.tsuid,
                                accepted.calling_ae, accepted.called_ae, accepted.size,
                                accepted.key or None, accepted.shared)
@@ -356,6 +581,15 @@ class Spool:
             with self._bytes_lock:
                 self._unplaced.append(accepted)
             return False
+        finally:
+            self._written(accepted)
+
+    def _written(self, accepted: Accepted) -> None:
+        """Its spool file exists (renamed or not): the log's flusher may make it durable."""
+        if accepted.record is not None and accepted.data is None and self.rxlog is not None:
+            self.rxlog.placed(accepted.record, accepted.path,
+                              self.path(_spool_name(accepted.tags)))
+            crash_point("spool-written")
 
     def describe(self) -> str:
         return f"local spool {self.root}"
@@ -374,6 +608,14 @@ class Spool:
             todo, self._unplaced = self._unplaced, []
         done = 0
         for accepted in todo:
+            if accepted.data is not None:  # its spool file is still to be written
+                try:
+                    accepted = self._write_behind(accepted)
+                except OSError:
+                    with self._bytes_lock:
+                        self._unplaced.append(accepted)
+                    continue
+                self._written(accepted)
             if not os.path.exists(accepted.path):  # renamed before the commit failed
                 accepted = replace(accepted, path=os.path.join(
                     self._data_dir, accepted.tags["StudyInstanceUID"],
@@ -553,6 +795,23 @@ def _match_command(tags: dict[str, str], command: tuple[str, str]) -> None:
         if tags.get(kw, "") != expected:
             raise DatasetMismatch(f"dataset {kw} {tags.get(kw, '')[:64]!r} is not the "
                                   f"command's {expected[:64]!r}")
+
+
+def _spool_name(tags: dict[str, str]) -> str:
+    return f"data/{tags['StudyInstanceUID']}/{tags['SOPInstanceUID']}.dcm"
+
+
+def write_file(path: str, data: bytes | bytearray, sync: bool = False) -> None:
+    """Write a whole file (``sync``: and fsync it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _mtime(p: Path) -> float:
