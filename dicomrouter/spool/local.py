@@ -292,6 +292,8 @@ class Spool:
                 held.reset(upto, prepare=False)
             finally:
                 held.close()
+            if replayed:
+                log.info("receive log %s: %d acknowledged instance(s) replayed", path, replayed)
             total += replayed
         return total
 
@@ -468,6 +470,8 @@ class Spool:
         if isinstance(rx, LogReceiveFile):
             if rx.slot is None:
                 return self._accept_logged(rx, calling_ae, called_ae, command)
+            log.debug("instance over receive_log_max_record (%d bytes): received into a "
+                      "receive slot", self._log_max_record)
             rx = rx.slot  # larger than a log record: the slot path
         src = rx.name  # plain strings on this path: pathlib was a third of its interpreter time
         try:
