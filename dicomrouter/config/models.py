@@ -311,7 +311,7 @@ class ConfigModel(Strict):
     max_spool_size: Size = 0
     # the receive log (docs/architecture.md "Ack after durability"): one synced record write
     # per instance before the answer, the spool files written behind it and synced in batches
-    receive_log: Bool = False
+    receive_log: Bool = True
     receive_log_size: Annotated[int, parsed(parse_size, 1 << 18, 1 << 40)] = 256 << 20
     receive_log_max_record: Annotated[int, parsed(parse_size, 4096, 1 << 30)] = 4 << 20
     receive_log_wait: Duration = 10.0  # no room in the log this long: 0xA700

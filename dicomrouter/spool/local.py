@@ -225,10 +225,18 @@ class Spool:
             rxlog = recvlog.ReceiveLog.claim(self.log_dir, self._log_size, self._log_wait)
             try:
                 replayed = self._replay_log(rxlog.path)
-                rxlog.reset(replayed)
             except BaseException:
                 rxlog.close()
                 raise
+            try:
+                rxlog.reset(replayed)
+            except OSError as exc:  # e.g. no room for it on the disk: the slot path
+                with contextlib.suppress(OSError):
+                    os.ftruncate(rxlog.fd, 0)  # (its records were replayed just now)
+                rxlog.close()
+                log.error("receive log %s cannot be prepared (%s); receptions take the "
+                          "receive slots", rxlog.path, exc)
+                return
             if POWERCUT is not None:
                 with contextlib.suppress(ValueError):  # not the main thread: no power cuts
                     POWERCUT.install()
@@ -352,8 +360,7 @@ class Spool:
                      "" if found.present else ", delivered and deleted")
             return None
         tmp = os.path.join(self.tmp, f"rl-replay-{os.getpid()}-{rec.seq}.dcm")
-        write_file(tmp, data, sync=True)
-        os.utime(tmp, ns=(rec.time_ns, rec.time_ns))
+        write_file(tmp, data, sync=True, mtime_ns=rec.time_ns)
         self._place(tmp, tags, tsuid, source_ae(tmp), "")
         return os.path.dirname(final)
 
@@ -548,13 +555,14 @@ class Spool:
 
     def _write_behind(self, accepted: Accepted) -> Accepted:
         """Write the spool file of an instance the receive log holds (no sync: the flusher)."""
-        assert accepted.data is not None
+        assert accepted.data is not None and accepted.record is not None
+        when = accepted.record.time_ns  # mtime = reception time, as a slot's (_superseded)
         if POWERCUT is None:
-            write_file(accepted.path, accepted.data)
+            write_file(accepted.path, accepted.data, mtime_ns=when)
         else:  # the crash tests: what a power cut would lose is known
             with POWERCUT.lock:
                 POWERCUT.written(accepted.path, self.path(_spool_name(accepted.tags)))
-                write_file(accepted.path, accepted.data)
+                write_file(accepted.path, accepted.data, mtime_ns=when)
         return replace(accepted, data=None)
 
     def place(self, accepted: Accepted) -> bool:
@@ -805,13 +813,16 @@ def _spool_name(tags: dict[str, str]) -> str:
     return f"data/{tags['StudyInstanceUID']}/{tags['SOPInstanceUID']}.dcm"
 
 
-def write_file(path: str, data: bytes | bytearray, sync: bool = False) -> None:
-    """Write a whole file (``sync``: and fsync it)."""
+def write_file(path: str, data: bytes | bytearray, sync: bool = False,
+               mtime_ns: int | None = None) -> None:
+    """Write a whole file (``sync``: and fsync it; ``mtime_ns``: with that mtime)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if mtime_ns is not None:
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
         if sync:
             os.fsync(fd)
     finally:

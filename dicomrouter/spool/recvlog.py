@@ -73,6 +73,7 @@ class Record:
     seq: int
     offset: int
     size: int  # bytes it takes in the log (a multiple of BLOCK)
+    time_ns: int = 0  # when it was received (its spool file's mtime)
     synced: bool = False
     error: OSError | None = None
     paths: tuple[str, ...] = ()  # where its spool file was written (set once it was)
@@ -314,7 +315,7 @@ class ReceiveLog:
             wrapped = bool(self._live) and offset < self._live[-1].offset
             seq = self._next_seq
             self._next_seq += 1
-            rec = Record(seq, offset, need)
+            rec = Record(seq, offset, need, time_ns)
             self._live.append(rec)
             if self._used() > self.size // 2:
                 self._wake.set()
@@ -457,9 +458,9 @@ class ReceiveLog:
                 break
             upto = r.seq
         if upto > self.checkpoint:
+            if self._broken is None:  # (receptions go on meanwhile: only this thread writes it)
+                self._write_checkpoint(upto)
             with self._cv:
-                if self._broken is None:
-                    self._write_checkpoint(upto)
                 while self._live and self._live[0].seq <= upto:
                     gone = self._live.popleft()
                     self._head = gone.offset + gone.size
