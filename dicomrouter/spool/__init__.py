@@ -2,9 +2,10 @@
 (durable before the answer), ``place``, ``open`` (a reader hiding the receive marker),
 ``delete``; ``describe``, ``health`` and ``housekeeping`` for the router. Keys are
 spool-relative (object keys in cluster mode): no other module opens spool files by path.
-``local.py`` is a spool on this machine's disk (receive slots in ``slots.py``); ``cluster.py``
-puts a node's local spool in front of a shared S3 store. May import the state, config and the
-leaves; never a destination, the policy or the faces.
+``local.py`` is a spool on this machine's disk (receive slots in ``slots.py``, the receive
+log in ``recvlog.py`` and ``logged.py``, what a reception is written into in ``receive.py``);
+``cluster.py`` puts a node's local spool in front of a shared S3 store. May import the state,
+config and the leaves; never a destination, the policy or the faces.
 """
 
 from __future__ import annotations
@@ -13,15 +14,8 @@ from typing import Any
 
 from ..state import State
 from .cluster import ClusterSpool, SharedStore, SharedStoreUnavailable
-from .local import (
-    Accepted,
-    DatasetMismatch,
-    LogReceiveFile,
-    ReceiveFile,
-    Spool,
-    SpoolFull,
-    SpoolReader,
-)
+from .local import Spool, SpoolReader
+from .receive import Accepted, DatasetMismatch, LogReceiveFile, ReceiveFile, SpoolFull
 
 
 def spool_for(cfg: Any, state: State, receiver_process: bool = False) -> Spool:

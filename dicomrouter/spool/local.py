@@ -20,173 +20,29 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..dicomfile import UnreadableDataset, identify, source_ae
 from ..state import Instance, Reception, State, StateUnavailable, StudyState
 from ..walk import Malformed, check_file
-from . import recvlog
 from .faults import POWERCUT, crash_point
-from .slots import MAGIC, MARKER, MARKER_SIZE, Checksum, SlotPool, fsync_dir, is_complete
+from .logged import ReceiveLogSpool
+from .receive import (
+    Accepted,
+    LogReceiveFile,
+    ReceiveFile,
+    SpoolFull,
+    match_command,
+)
+from .recvlog import LOG_DIR, ReceiveLog
+from .slots import MAGIC, MARKER, MARKER_SIZE, SlotPool, is_complete
 
 log = logging.getLogger("dicomrouter.spool")
 
 
-class SpoolFull(OSError):
-    """The spool quota or the disk is full: the sender gets 0xA700 (out of resources)."""
-
-
-class DatasetMismatch(ValueError):
-    """The dataset's SOP Class/Instance UID is not the C-STORE command's: 0xA900, not stored."""
-
-
-class ReceiveFile:
-    """Stands in for the NamedTemporaryFile pynetdicom writes a chunked C-STORE dataset to.
-
-    It is a receive slot (slots.py) in the spool's own tmp directory, so its name is already
-    durable and the final rename never crosses file systems. A write error such as ENOSPC does not
-    escape into pynetdicom's reader thread (which would abort the association): it is remembered,
-    later writes are dropped, and the handler answers 0xA700 for this one instance while the
-    association goes on.
-    """
-
-    def __init__(self, path: str | Path, room: int | None = None) -> None:
-        self.name = str(path)
-        self.error: OSError | None = None
-        #: bytes this reception may take (spool quota and min_free_disk, when it started): past
-        #: it the rest is dropped as it arrives and the instance is refused with 0xA700
-        self.room = room
-        self.file = _GuardedWriter(open(path, "wb", buffering=1 << 20), self)  # noqa: SIM115
-
-    def write(self, data: bytes | memoryview) -> int:
-        return self.file.write(data)
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class _GuardedWriter:
-    """The ``.file`` pynetdicom flushes after every fragment; errors are caught, not raised."""
-
-    def __init__(self, raw: Any, owner: ReceiveFile) -> None:
-        self._raw = raw
-        self._owner = owner
-        self._sum = Checksum()
-
-    def write(self, data: bytes | memoryview) -> int:
-        owner = self._owner
-        if owner.error is None:
-            try:
-                if owner.room is not None and self._sum.length + len(data) > owner.room:
-                    raise SpoolFull(errno.ENOSPC, "spool quota (max_spool_size) or "
-                                    f"min_free_disk reached: {owner.room} bytes were left for "
-                                    "this instance")
-                self._raw.write(data)
-                self._sum.update(data)
-            except OSError as exc:
-                owner.error = exc
-                with contextlib.suppress(OSError):  # give the space back while the rest drains
-                    self._raw.truncate(0)
-        return len(data)
-
-    def flush(self) -> None:
-        """pynetdicom flushes after every fragment; we flush once, in sync()."""
-
-    def sync(self) -> None:
-        """Mark the file complete (in its preamble) and fsync it: one sync makes it durable."""
-        if self._owner.error is None:
-            try:
-                self._raw.flush()
-                os.pwrite(self._raw.fileno(), self._sum.marker(), 0)
-                os.fsync(self._raw.fileno())
-            except OSError as exc:
-                self._owner.error = exc
-
-    def drop_cache(self) -> None:
-        """Give the file's page-cache pages back now that they are on disk (after sync()).
-
-        The spool is written once and read back later, if at all (delivery comes after the
-        stable age). Keeping every received byte cached made each new instance take never-used
-        pages, which on this VM cost ~12 µs a page (1.4 ms of a 526 kB CT instance, more than the
-        fsync); freed pages are reused at once. Delivery re-reads the file from disk (~1 GB/s).
-        """
-        if self._owner.error is None:
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(self._raw.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-    def fileno(self) -> int:
-        return self._raw.fileno()
-
-    def close(self) -> None:
-        try:
-            self._raw.close()
-        except OSError as exc:
-            if self._owner.error is None:
-                self._owner.error = exc
-
-
-class LogReceiveFile:
-    """A dataset received for the receive log: held in memory (its preamble left for the
-    completion marker), or, past ``limit`` bytes (receive_log_max_record), spilled into a
-    receive slot (``slot``) and received on the slot path from there on. Write errors (the
-    quota) are remembered as ReceiveFile's are, never raised into the association."""
-
-    def __init__(self, spool: Spool, limit: int, room: int | None) -> None:
-        self.name = ""  # no file (yet): the association's clean-up unlinks nothing
-        self.error: OSError | None = None
-        self.room = room
-        self.buf: bytearray | None = bytearray()
-        self.slot: ReceiveFile | None = None
-        self._spool = spool
-        self._limit = limit
-
-    def write(self, data: bytes | memoryview) -> int:
-        if self.slot is not None:
-            return self.slot.write(data)
-        buf = self.buf
-        assert buf is not None
-        if len(buf) + len(data) > self._limit:  # too large for a record: a receive slot
-            self.slot = ReceiveFile(self._spool.slots.take(), self.room)
-            self.name = self.slot.name
-            self.slot.write(buf)
-            self.buf = None
-            return self.slot.write(data)
-        if self.error is None:
-            if self.room is not None and len(buf) + len(data) > self.room:
-                self.error = SpoolFull(errno.ENOSPC, "spool quota (max_spool_size) or "
-                                       f"min_free_disk reached: {self.room} bytes were left "
-                                       "for this instance")
-                self.buf = buf = bytearray()
-            else:
-                buf += data
-        return len(data)
-
-    def close(self) -> None:
-        if self.slot is not None:
-            self.slot.close()
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    """A received instance, durable in its receive slot (or its receive log record), not yet in
-    the spool's tree."""
-
-    path: str
-    tags: dict[str, str]
-    tsuid: str
-    size: int
-    calling_ae: str
-    called_ae: str
-    key: str = ""  # cluster mode: its object key in the shared store (one per reception)
-    shared: bool = True  # ... and whether it is there already (ack_after: shared)
-    # receive log: the file's bytes, written to ``path`` after the answer (None once written)
-    data: bytearray | None = None
-    record: recvlog.Record | None = None  # its log record (the flusher syncs the file)
-
-
-class Spool:
+class Spool(ReceiveLogSpool):
     """Puts received files in place durably and records them in the state database."""
 
     def __init__(self, root: Path, state: State, max_bytes: int = 0,
@@ -211,39 +67,18 @@ class Spool:
         self._bytes_read_at = time.monotonic()
         self._unplaced: list[Accepted] = []
         self.receive_log = receive_log
-        self.log_dir = root / recvlog.LOG_DIR
+        self.log_dir = root / LOG_DIR
         self._log_size = log_size
         self._log_max_record = log_max_record
         self._log_wait = log_wait
-        self.rxlog: recvlog.ReceiveLog | None = None
+        self.rxlog: ReceiveLog | None = None
 
     def start(self) -> None:
         """Start preparing receive slots in the background; with the receive log, claim a log
         file of this process's own (replaying what an earlier run left in it first)."""
         self.slots.start()
         if self.receive_log:
-            rxlog = recvlog.ReceiveLog.claim(self.log_dir, self._log_size, self._log_wait)
-            try:
-                replayed = self._replay_log(rxlog.path)
-            except BaseException:
-                rxlog.close()
-                raise
-            try:
-                rxlog.reset(replayed)
-            except OSError as exc:  # e.g. no room for it on the disk: the slot path
-                with contextlib.suppress(OSError):
-                    os.ftruncate(rxlog.fd, 0)  # (its records were replayed just now)
-                rxlog.close()
-                log.error("receive log %s cannot be prepared (%s); receptions take the "
-                          "receive slots", rxlog.path, exc)
-                return
-            if POWERCUT is not None:
-                with contextlib.suppress(ValueError):  # not the main thread: no power cuts
-                    POWERCUT.install()
-            rxlog.start()
-            self.rxlog = rxlog
-            log.info("receive log %s: %d MB, records up to %d bytes, checkpoint %d",
-                     rxlog.path, rxlog.size >> 20, self._log_max_record, rxlog.checkpoint)
+            self.start_receive_log()
 
     def stop(self) -> None:
         self.slots.stop()
@@ -283,86 +118,6 @@ class Spool:
                     removed += 1
                 p.unlink()
         return adopted + self.replay_receive_logs(), removed
-
-    # ---- the receive log's recovery --------------------------------------------------------
-
-    def replay_receive_logs(self) -> int:
-        """Start-up: replay the receive log files no running process holds (every process
-        replays the one it claims as well); returns how many instances came back."""
-        total = 0
-        for path in recvlog.log_files(self.log_dir):
-            held = recvlog.ReceiveLog.lock(path)
-            if held is None:
-                log.info("receive log %s is in use by another process: not replayed here", path)
-                continue
-            try:
-                replayed, upto = self._replay_records(path)
-                held.reset(upto, prepare=False)
-            finally:
-                held.close()
-            if replayed:
-                log.info("receive log %s: %d acknowledged instance(s) replayed", path, replayed)
-            total += replayed
-        return total
-
-    def _replay_log(self, path: Path) -> int:
-        """Replay a log file this process claimed; returns the sequence number replayed to."""
-        replayed, upto = self._replay_records(path)
-        if replayed:
-            log.info("receive log %s: %d acknowledged instance(s) replayed", path, replayed)
-        return upto
-
-    def _replay_records(self, path: Path) -> tuple[int, int]:
-        """Every valid record newer than the checkpoint whose spool file is missing or not
-        whole goes into the spool like an adopted receive slot; the files it writes are synced
-        (files and directories) before the caller moves the checkpoint past them.
-        Returns (instances replayed, last sequence number seen)."""
-        checkpoint, found = recvlog.scan(path)
-        upto, replayed = checkpoint, 0
-        dirs: set[str] = set()
-        for rec in found:
-            data = recvlog.read(path, rec)
-            try:
-                where = self._replay_one(rec, data)
-            except (OSError, UnreadableDataset, StateUnavailable) as exc:
-                aside = self.root / f"unreplayed-{path.stem}-{rec.seq}.dcm"
-                write_file(str(aside), data, sync=True)
-                fsync_dir(self.root)
-                log.error("receive log %s: record %d (%s) cannot be replayed (%s: %s); its "
-                          "instance is kept as %s", path, rec.seq, rec.name, type(exc).__name__,
-                          exc, aside)
-                where = None
-            if where is not None:
-                dirs.add(where)
-                replayed += 1
-            upto = rec.seq
-        for d in dirs:
-            with contextlib.suppress(FileNotFoundError):
-                fsync_dir(Path(d))
-        return replayed, upto
-
-    def _replay_one(self, rec: recvlog.Found, data: bytes) -> str | None:
-        """Put one record's instance in the spool unless its spool file is whole, or a newer
-        reception of it exists; returns the directory it went to (None: nothing to do)."""
-        final = self.path(rec.name)
-        with contextlib.suppress(FileNotFoundError):
-            newer = os.stat(final).st_mtime_ns > rec.time_ns
-            if is_complete(Path(final)):
-                with open(final, "rb") as f:
-                    if f.read(MARKER_SIZE) == data[:MARKER_SIZE] or newer:
-                        return None  # whole: this reception, or a newer one
-        tags, tsuid = identify(data)
-        found = self.state.reception(tags["SOPInstanceUID"])
-        if found is not None and found.received_at * 1e9 > rec.time_ns and \
-                not (found.present and found.key == rec.name):
-            log.info("receive log record %d (%s) not replayed: instance received again since "
-                     "(study %s%s)", rec.seq, rec.name, found.study_uid,
-                     "" if found.present else ", delivered and deleted")
-            return None
-        tmp = os.path.join(self.tmp, f"rl-replay-{os.getpid()}-{rec.seq}.dcm")
-        write_file(tmp, data, sync=True, mtime_ns=rec.time_ns)
-        self._place(tmp, tags, tsuid, source_ae(tmp), "")
-        return os.path.dirname(final)
 
     def adopt_orphans(self) -> int:
         """Record spool files that have no row (the index lost its last transactions in a power
@@ -427,7 +182,7 @@ class Spool:
         the receive log on and usable) memory, for a receive log record."""
         rxlog = self.rxlog
         if logged and rxlog is not None and not rxlog.broken:
-            return LogReceiveFile(self, self._log_max_record, self.room())
+            return LogReceiveFile(self.slots, self._log_max_record, self.room())
         return ReceiveFile(self.slots.take(), self.room())
 
     def free_disk(self) -> int:
@@ -493,7 +248,7 @@ class Spool:
                 raise UnreadableDataset(f"malformed dataset: {exc}") from None
             tags, tsuid = identify(src)
             if command is not None:
-                _match_command(tags, command)
+                match_command(tags, command)
             rx.file.drop_cache()
         except BaseException:
             unlink_quietly(src)
@@ -514,56 +269,6 @@ class Spool:
             if self._bytes + size > self.max_bytes:
                 raise SpoolFull(errno.ENOSPC, f"spool quota of {self.max_bytes} bytes "
                                 f"reached ({self._bytes} used)")
-
-    def _accept_logged(self, rx: LogReceiveFile, calling_ae: str, called_ae: str,
-                       command: tuple[str, str] | None) -> Accepted:
-        """``accept`` on the receive log: checked and identified in memory (the header is read
-        from the received bytes, no file read at all), then one log record, synced (shared with
-        the other associations' records), makes it durable. Its spool file is written by
-        ``place``, after the answer."""
-        data = rx.buf
-        rx.buf = None
-        if rx.error is not None:
-            raise SpoolFull(rx.error.errno or errno.ENOSPC, f"write failed: {rx.error}")
-        assert data is not None
-        size = len(data)
-        self._check_room(size)
-        try:
-            check_file(data, self.max_depth)
-        except Malformed as exc:
-            raise UnreadableDataset(f"malformed dataset: {exc}") from None
-        tags, tsuid = identify(data)
-        if command is not None:
-            _match_command(tags, command)
-        checksum = Checksum()
-        checksum.update(data)
-        data[:MARKER_SIZE] = checksum.marker()
-        name = f"data/{tags['StudyInstanceUID']}/{tags['SOPInstanceUID']}.dcm"
-        rxlog = self.rxlog
-        try:
-            if rxlog is None:
-                raise recvlog.LogBroken(errno.EIO, "receive log stopped")
-            rec = rxlog.append(name, data, time.time_ns())
-        except recvlog.LogFull as exc:
-            raise SpoolFull(exc.errno or errno.ENOSPC, str(exc)) from None
-        except recvlog.LogBroken:  # the slot path, as if the log were off
-            path = self.slots.take()
-            write_file(path, data, sync=True)
-            return Accepted(path, tags, tsuid, size, calling_ae, called_ae)
-        path = os.path.join(self.tmp, f"rl-{os.getpid()}-{rec.seq}.dcm")
-        return Accepted(path, tags, tsuid, size, calling_ae, called_ae, data=data, record=rec)
-
-    def _write_behind(self, accepted: Accepted) -> Accepted:
-        """Write the spool file of an instance the receive log holds (no sync: the flusher)."""
-        assert accepted.data is not None and accepted.record is not None
-        when = accepted.record.time_ns  # mtime = reception time, as a slot's (_superseded)
-        if POWERCUT is None:
-            write_file(accepted.path, accepted.data, mtime_ns=when)
-        else:  # the crash tests: what a power cut would lose is known
-            with POWERCUT.lock:
-                POWERCUT.written(accepted.path, self.path(_spool_name(accepted.tags)))
-                write_file(accepted.path, accepted.data, mtime_ns=when)
-        return replace(accepted, data=None)
 
     def place(self, accepted: Accepted) -> bool:
         """Rename an accepted (already acknowledged) instance into the spool and record it.
@@ -595,13 +300,6 @@ class Spool:
             return False
         finally:
             self._written(accepted)
-
-    def _written(self, accepted: Accepted) -> None:
-        """Its spool file exists (renamed or not): the log's flusher may make it durable."""
-        if accepted.record is not None and accepted.data is None and self.rxlog is not None:
-            self.rxlog.placed(accepted.record, accepted.path,
-                              self.path(_spool_name(accepted.tags)))
-            crash_point("spool-written")
 
     def describe(self) -> str:
         return f"local spool {self.root}"
@@ -799,34 +497,6 @@ class SpoolReader(io.RawIOBase):
     def close(self) -> None:
         self._f.close()
         super().close()
-
-
-def _match_command(tags: dict[str, str], command: tuple[str, str]) -> None:
-    sop_class, sop_instance = command
-    for kw, expected in (("SOPInstanceUID", sop_instance), ("SOPClassUID", sop_class)):
-        if tags.get(kw, "") != expected:
-            raise DatasetMismatch(f"dataset {kw} {tags.get(kw, '')[:64]!r} is not the "
-                                  f"command's {expected[:64]!r}")
-
-
-def _spool_name(tags: dict[str, str]) -> str:
-    return f"data/{tags['StudyInstanceUID']}/{tags['SOPInstanceUID']}.dcm"
-
-
-def write_file(path: str, data: bytes | bytearray, sync: bool = False,
-               mtime_ns: int | None = None) -> None:
-    """Write a whole file (``sync``: and fsync it; ``mtime_ns``: with that mtime)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if mtime_ns is not None:
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _mtime(p: Path) -> float:

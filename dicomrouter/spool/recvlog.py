@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .faults import POWERCUT, crash_point
-from .slots import MARKER_SIZE, fsync_dir
+from .slots import MAGIC, MARKER, MARKER_SIZE, fsync_dir
 
 log = logging.getLogger("dicomrouter.spool")
 
@@ -124,8 +124,6 @@ def _record_crc(salt: bytes, seq: int, time_ns: int, length: int, name: bytes,
 
 def _data_whole(data: bytes | memoryview) -> bool:
     """The completion marker in the data's preamble matches the rest of the data."""
-    from .slots import MAGIC, MARKER
-
     if len(data) < MARKER_SIZE:
         return False
     magic, crc, length = MARKER.unpack(bytes(data[:MARKER_SIZE]))
