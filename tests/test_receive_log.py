@@ -234,3 +234,59 @@ def test_config_checks_the_record_limit_against_the_log_size(tmp_path: Path) -> 
     p.write_text("receive_log: true\nreceive_log_size: 1MiB\nreceive_log_max_record: 512KiB\n")
     r = dicomrouter("serve", "--check", "--config", str(p))
     assert r.returncode != 0 and "receive_log_max_record" in r.stderr
+
+
+def _part10(size: int) -> bytearray:
+    """A buffer shaped like what the receive log holds: the completion marker, then data."""
+    from dicomrouter.spool.slots import Checksum
+
+    data = bytearray(os.urandom(size))
+    data[:24] = bytes(24)
+    checksum = Checksum()
+    checksum.update(data)
+    data[:24] = checksum.marker()
+    return data
+
+
+def test_a_full_log_waits_for_the_flusher_then_refuses(tmp_path: Path) -> None:
+    """No room within receive_log_wait: LogFull (the spool answers 0xA700 for it); once the
+    spool files of the records are written and synced by the flusher, there is room again."""
+    rl = recvlog.ReceiveLog.claim(tmp_path / "receive-log", 256 * 1024, wait=0.5)
+    rl.reset(0)
+    rl.start()
+    try:
+        data = _part10(40_000)
+        # 40 kB records take 40 KiB each: six fill the 252 KiB after the log's head
+        recs = [rl.append(f"data/s/{i}.dcm", data, 1) for i in range(6)]
+        with pytest.raises(recvlog.LogFull, match="receive_log_wait"):
+            rl.append("data/s/6.dcm", data, 1)
+        for i, rec in enumerate(recs):  # the spool files, written behind
+            (tmp_path / f"{i}.dcm").write_bytes(data)
+            rl.placed(rec, str(tmp_path / f"{i}.dcm"))
+        rec = rl.append("data/s/6.dcm", data, 1)  # waits for the flusher, then fits
+        assert rec.seq == 7 and rl.checkpoint == 6  # (the refused one took no number)
+    finally:
+        rl.stop()
+
+
+def test_a_record_hidden_in_received_data_is_not_replayed(tmp_path: Path) -> None:
+    """A sender cannot plant a record: a record's CRC covers the log's random salt."""
+    rl = recvlog.ReceiveLog.claim(tmp_path / "receive-log", 256 * 1024, wait=0.5)
+    rl.reset(0)
+    data = _part10(20_000)
+    fake = bytearray(_part10(2_000))
+    name = b"data/evil/evil.dcm"
+    crc = recvlog._record_crc(b"", 99, 1, len(fake), name, fake[:24])  # no salt to know
+    planted = recvlog.REC.pack(recvlog.REC_MAGIC, 99, 1, len(fake), crc, len(name)) + name + fake
+    head = recvlog.REC.size + len(b"data/s/0.dcm")
+    data[8192 - head:8192 - head + len(planted)] = planted  # on a block boundary of the log
+    from dicomrouter.spool.slots import Checksum
+
+    data[:24] = bytes(24)  # the marker again, over the data with the planted record
+    checksum = Checksum()
+    checksum.update(data)
+    data[:24] = checksum.marker()
+    rl.append("data/s/0.dcm", data, 1)
+    rl.stop()
+    checkpoint, found = recvlog.scan(tmp_path / "receive-log" / "0.log")
+    assert checkpoint == 0 and [(f.seq, f.name) for f in found] == [(1, "data/s/0.dcm")]

@@ -437,6 +437,9 @@ class ReceiveLog:
                         continue
                     try:
                         os.fsync(fd)
+                        # on disk now: its page-cache pages can be reused at once (see
+                        # ReceiveFile's drop_cache: new pages are what a reception pays for)
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                     finally:
                         os.close(fd)
                     dirs.add(os.path.dirname(p))
