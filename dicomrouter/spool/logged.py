@@ -114,7 +114,8 @@ class ReceiveLogSpool:
             path = self.slots.take()
             write_file(path, data, sync=True)
             return Accepted(path, tags, tsuid, size, calling_ae, called_ae)
-        path = os.path.join(self.tmp, f"rl-{os.getpid()}-{rec.seq}.dcm")
+        # its spool file goes into a pre-created slot: no file creation after the answer either
+        path = self.slots.take()
         return Accepted(path, tags, tsuid, size, calling_ae, called_ae, data=data, record=rec)
 
     def _write_behind(self, accepted: Accepted) -> Accepted:

@@ -57,7 +57,10 @@ LOG_MAGIC = b"DRRXLOG1"
 REC_MAGIC = b"DRRXREC1"
 CKPT = struct.Struct("<8sQQQ16sI")  # magic, size, checkpoint, counter, salt, crc
 REC = struct.Struct("<8sQQQIH")  # magic, seq, time_ns, data length, crc, name length
-FLUSH_EVERY = 0.5  # seconds between the flusher's batches (sooner when the log fills up)
+# seconds between the flusher's batches (sooner when the log fills up): small batches keep its
+# fsyncs from queueing in front of the log's own syncs (measured: 0.5 s doubled the time to
+# accept a CT instance while a batch was written)
+FLUSH_EVERY = 0.1
 
 
 class LogFull(OSError):
