@@ -421,8 +421,16 @@ class ReceiveLog:
             try:
                 self.flush()
             except OSError as exc:
-                log.error("receive log %s: flushing spool files failed (%s); tried again "
-                          "shortly", self.path, exc)
+                # A failed sync may have dropped pages a retry would call synced (fsyncgate):
+                # the checkpoint stays where it is (start-up replays what lies past it) and
+                # receptions take the receive slots from now on.
+                with self._cv:
+                    first = self._broken is None
+                    self._broken = self._broken or exc
+                if first:
+                    log.error("receive log %s: syncing the spool files failed (%s); the "
+                              "records stay for the next start to replay, receptions take "
+                              "the receive slots", self.path, exc)
                 self._stop.wait(1.0)
 
     def flush(self) -> int:
