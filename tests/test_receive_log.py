@@ -235,6 +235,13 @@ def test_config_checks_the_record_limit_against_the_log_size(tmp_path: Path) -> 
     p.write_text("receive_log: true\nreceive_log_size: 1MiB\nreceive_log_max_record: 512KiB\n")
     r = dicomrouter("serve", "--check", "--config", str(p))
     assert r.returncode != 0 and "receive_log_max_record" in r.stderr
+    # cluster mode keeps the receive slots: the key is accepted there all the same
+    (tmp_path / "dsn").write_text("postgresql://u@127.0.0.1:9/db\n")
+    p.write_text("receive_log: true\nstate: {type: postgresql, dsn_file: dsn}\n"
+                 "shared_spool: {type: s3, bucket: b}\nack_after: local\n"
+                 "destinations: {a: {type: folder, path: out}}\nroutes: [{to: a}]\n")
+    r = dicomrouter("serve", "--check", "--config", str(p))
+    assert r.returncode == 0, r.stderr
 
 
 def _part10(size: int) -> bytearray:
