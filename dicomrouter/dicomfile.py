@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import struct
 import unicodedata
@@ -61,7 +62,7 @@ def read_header(path: str | Path | BinaryIO) -> Dataset:
     return dcmread(path, stop_before_pixels=True)
 
 
-def identify(path: str | Path) -> tuple[dict[str, str], str]:
+def identify(path: str | Path | bytes | bytearray) -> tuple[dict[str, str], str]:
     """Index tags and transfer syntax of a received Part 10 file.
 
     The lean scanner below reads the common cases (Little Endian datasets, ASCII/Latin-1/UTF-8
@@ -75,7 +76,8 @@ def identify(path: str | Path) -> tuple[dict[str, str], str]:
         found = None
     if found is None:
         try:
-            ds = dcmread(path, stop_before_pixels=True, specific_tags=list(INDEX_KEYWORDS))
+            src = io.BytesIO(path) if isinstance(path, bytes | bytearray) else path
+            ds = dcmread(src, stop_before_pixels=True, specific_tags=list(INDEX_KEYWORDS))
             tags = {kw: text(ds.get(kw)) for kw in INDEX_KEYWORDS}
             tsuid = str(ds.file_meta.TransferSyntaxUID)
         except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, AttributeError,
@@ -143,10 +145,14 @@ def _skip_undefined(buf: bytes, o: int, implicit: bool, depth: int = 0) -> int:
                 else o + length
 
 
-def scan_header(path: str | Path) -> tuple[dict[str, str], str] | None:
-    """The index tags from the start of a Little Endian Part 10 file, or None (use pydicom)."""
-    with open(path, "rb") as f:
-        buf = f.read(_SCAN_BYTES)
+def scan_header(path: str | Path | bytes | bytearray) -> tuple[dict[str, str], str] | None:
+    """The index tags from the start of a Little Endian Part 10 file (or its bytes), or None
+    (use pydicom)."""
+    if isinstance(path, bytes | bytearray):
+        buf = bytes(memoryview(path)[:_SCAN_BYTES])
+    else:
+        with open(path, "rb") as f:
+            buf = f.read(_SCAN_BYTES)
     if buf[128:132] != b"DICM" or buf[132:136] != b"\x02\x00\x00\x00":
         return None
     meta_end = 144 + struct.unpack_from("<I", buf, 140)[0]

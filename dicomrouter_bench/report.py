@@ -132,6 +132,15 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
             rows.append(Row("P1", f"receive {c}, 1 association", router,
                             f"storescp {base}", _fmt_ratio(ratio), target, verdict,
                             {"router_inst_s": r_val, "ratio": ratio}))
+        if any("P1/small/router-slots" in run for run in runs):
+            for c in ("small", "ct"):
+                router, r_val = _throughput(runs, f"P1/{c}/router-slots")
+                base, _ = _throughput(runs, f"P1/{c}/storescp")
+                ratio = median(_ratios(runs, f"P1/{c}/router-slots", f"P1/{c}/storescp", rate))
+                target, verdict = _verdict("P1", ratio)
+                rows.append(Row("P1", f"receive {c}, 1 association, receive_log: false (slots)",
+                                router, f"storescp {base}", _fmt_ratio(ratio), target, verdict,
+                                {"router_inst_s": r_val, "ratio": ratio}))
         if any("P1/small/router-tls" in run for run in runs):
             router, r_val = _throughput(runs, "P1/small/router-tls")
             base, _ = _throughput(runs, "P1/small/storescp-tls")

@@ -43,7 +43,8 @@ SCENARIOS = ("P1", "P2", "P3", "P4", "P5", "P7", "P8")
 RECEIVE_CORPORA = ("small", "ct")
 P4_CORPORA = ("large", "study")  # one ≥ 500 MB instance; a ~2 GB study
 STUDY_FRAMES = 4  # frames per instance of P4's big study (2.1 MB instances)
-P1_RECEIVERS = ("storescp", "router", "orthanc")
+# router: the receive log (receive_log: true); router-slots: the fsync'd receive slots
+P1_RECEIVERS = ("storescp", "router", "router-slots", "orthanc")
 P5_RECEIVERS = ("storescp", "storescp-fork", "router", "router-2")
 LONG_STABLE_AGE = "1h"  # P1/P5: the router only receives, no study completes during the run
 # The Orthanc gateway P2 compares with: forward every stable study to the modality "target".
@@ -289,7 +290,11 @@ class Bench:
         elif kind == "storescp-fork":
             peer = StoreSCP(work / "storescp", extra=["--fork", *pdu])
         elif kind == "router":
-            peer = RouterServer(work / "router", {"stable_age": LONG_STABLE_AGE})
+            peer = RouterServer(work / "router", {"stable_age": LONG_STABLE_AGE,
+                                                  "receive_log": True})
+        elif kind == "router-slots":  # the slot path: one fsync of a new file per instance
+            peer = RouterServer(work / "router", {"stable_age": LONG_STABLE_AGE,
+                                                  "receive_log": False})
         elif kind == "router-2":  # two receiver processes on the port (receivers: 2)
             peer = RouterServer(work / "router", {"stable_age": LONG_STABLE_AGE, "receivers": 2})
         elif kind == "orthanc":

@@ -30,11 +30,13 @@ def dicomrouter(*args: str, cwd: Path | None = None, check: bool = False,
 
 
 class Router(RouterServer):
-    """The benchmark's router peer, with the tests' defaults (stable age 1 s, DEBUG log) and
-    helpers; ``spool`` and ``port`` default to fresh ones."""
+    """The benchmark's router peer, with the tests' defaults (stable age 1 s, DEBUG log, a
+    16 MiB receive log: the default 256 MB, written once at creation, in every test's spool
+    would fill the disk) and helpers; ``spool`` and ``port`` default to fresh ones."""
 
     def __init__(self, work_dir: Path, config: dict[str, Any] | None = None) -> None:
-        super().__init__(work_dir, {"stable_age": "1s", "log_level": "DEBUG", **(config or {})})
+        super().__init__(work_dir, {"stable_age": "1s", "log_level": "DEBUG",
+                                    "receive_log_size": "16MiB", **(config or {})})
 
     def kill(self) -> None:
         """SIGKILL: a crash, no chance to clean up."""

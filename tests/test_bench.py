@@ -83,6 +83,9 @@ def test_bench_smoke_tiny_corpora(tmp_path: Path) -> None:
         "peak RSS, big study via STOW-RS (5 × 2.1 MB) in + out",
         "peak RSS, big study as an S3 zip (5 × 2.1 MB) in + out",
         "peak RSS, big study as a folder zip (5 × 2.1 MB) in + out"]
+    # P1: the receive log (the default) and the slot path (receive_log: false) side by side
+    p1 = [r["measurement"] for r in data["rows"] if r["id"] == "P1"]
+    assert len([m for m in p1 if "receive_log: false" in m]) == 2, p1
     # P2: forwarding while receiving, beside the stable-age router, for both corpora
     p2 = [r["measurement"] for r in data["rows"] if r["id"] == "P2"]
     assert len([m for m in p2 if "forward: immediate" in m]) == 2, p2

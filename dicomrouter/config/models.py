@@ -326,6 +326,12 @@ class ConfigModel(Strict):
     keep_after_delivery: Bool = False
     retention: Duration = 0.0
     max_spool_size: Size = 0
+    # the receive log (docs/architecture.md "Ack after durability"): one synced record write
+    # per instance before the answer, the spool files written behind it and synced in batches
+    receive_log: Bool = True
+    receive_log_size: Annotated[int, parsed(parse_size, 1 << 18, 1 << 40)] = 256 << 20
+    receive_log_max_record: Annotated[int, parsed(parse_size, 4096, 1 << 30)] = 4 << 20
+    receive_log_wait: Duration = 10.0  # no room in the log this long: 0xA700
     retry: RetryModel = RetryModel()
     destinations: dict[str, DestinationBase] = {}
     routes: tuple[RouteModel, ...] = ()
@@ -419,6 +425,12 @@ class ConfigModel(Strict):
         if self.ack_after is not None and self.shared_spool is None:
             raise ConfigError("ack_after", "only with shared_spool (without it an instance "
                               "is acknowledged once fsync'd in the local spool)")
+        if self.receive_log and self.receive_log_max_record * 4 > self.receive_log_size:
+            raise ConfigError("receive_log_max_record", f"{self.receive_log_max_record} bytes "
+                              f"is more than a quarter of receive_log_size "
+                              f"({self.receive_log_size}): make the log larger")
+        if self.receive_log_wait <= 0:
+            raise ConfigError("receive_log_wait", "must be more than 0")
         if self.receivers > 1 and self.receiver != "fast":
             raise ConfigError("receivers", "several receiver processes need 'receiver: fast'")
         known = list(self.destinations or {})

@@ -44,7 +44,7 @@ from ..dimse import (
     us,
     user_information,
 )
-from ..spool import ReceiveFile, Spool
+from ..spool import LogReceiveFile, ReceiveFile, Spool
 from . import ingest
 from .connection import Connection, peer_closed
 
@@ -118,7 +118,7 @@ class StorageAssociation:
         self._command = bytearray()
         self._cmd: dict[int, bytes] | None = None
         self._cx = 0
-        self._rx: ReceiveFile | None = None
+        self._rx: ReceiveFile | LogReceiveFile | None = None
         self._network = limits.network_timeout
         self._dimse = limits.dimse_timeout
         self._idle_why = f"no DIMSE message within dimse_timeout ({limits.dimse_timeout:g} s)"
@@ -359,7 +359,7 @@ class StorageAssociation:
         if self._cmd is None or cx_id != self._cx:
             raise ProtocolError("dataset fragment without its C-STORE-RQ")
         if self._rx is None:
-            self._rx = self.spool.new_receive_file()
+            self._rx = self.spool.new_receive_file(logged=True)
             self._rx.write(file_meta(ui(self._cmd, 0x0002), ui(self._cmd, 0x1000),
                                      self.contexts[cx_id][1], self.calling))
         if self._buf is None:

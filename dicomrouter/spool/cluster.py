@@ -37,7 +37,8 @@ from typing import Any
 from ..common.s3 import describe_failure, fast_put, fast_store, s3_client, transfer_config
 from ..dicomfile import UnreadableDataset, identify, source_ae
 from ..state import Instance, State
-from .local import Accepted, ReceiveFile, Spool, SpoolReader, unlink_quietly
+from .local import Spool, SpoolReader, unlink_quietly
+from .receive import Accepted, ReceiveFile
 
 log = logging.getLogger("dicomrouter.spool")
 

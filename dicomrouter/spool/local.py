@@ -20,130 +20,35 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..dicomfile import UnreadableDataset, identify, source_ae
 from ..state import Instance, Reception, State, StateUnavailable, StudyState
 from ..walk import Malformed, check_file
-from .slots import MAGIC, MARKER, MARKER_SIZE, Checksum, SlotPool, is_complete
+from .faults import POWERCUT, crash_point
+from .logged import ReceiveLogSpool
+from .receive import (
+    Accepted,
+    LogReceiveFile,
+    ReceiveFile,
+    SpoolFull,
+    match_command,
+)
+from .recvlog import LOG_DIR, ReceiveLog
+from .slots import MAGIC, MARKER, MARKER_SIZE, SlotPool, is_complete
 
 log = logging.getLogger("dicomrouter.spool")
 
 
-class SpoolFull(OSError):
-    """The spool quota or the disk is full: the sender gets 0xA700 (out of resources)."""
-
-
-class DatasetMismatch(ValueError):
-    """The dataset's SOP Class/Instance UID is not the C-STORE command's: 0xA900, not stored."""
-
-
-class ReceiveFile:
-    """Stands in for the NamedTemporaryFile pynetdicom writes a chunked C-STORE dataset to.
-
-    It is a receive slot (slots.py) in the spool's own tmp directory, so its name is already
-    durable and the final rename never crosses file systems. A write error such as ENOSPC does not
-    escape into pynetdicom's reader thread (which would abort the association): it is remembered,
-    later writes are dropped, and the handler answers 0xA700 for this one instance while the
-    association goes on.
-    """
-
-    def __init__(self, path: str | Path, room: int | None = None) -> None:
-        self.name = str(path)
-        self.error: OSError | None = None
-        #: bytes this reception may take (spool quota and min_free_disk, when it started): past
-        #: it the rest is dropped as it arrives and the instance is refused with 0xA700
-        self.room = room
-        self.file = _GuardedWriter(open(path, "wb", buffering=1 << 20), self)  # noqa: SIM115
-
-    def write(self, data: bytes | memoryview) -> int:
-        return self.file.write(data)
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class _GuardedWriter:
-    """The ``.file`` pynetdicom flushes after every fragment; errors are caught, not raised."""
-
-    def __init__(self, raw: Any, owner: ReceiveFile) -> None:
-        self._raw = raw
-        self._owner = owner
-        self._sum = Checksum()
-
-    def write(self, data: bytes | memoryview) -> int:
-        owner = self._owner
-        if owner.error is None:
-            try:
-                if owner.room is not None and self._sum.length + len(data) > owner.room:
-                    raise SpoolFull(errno.ENOSPC, "spool quota (max_spool_size) or "
-                                    f"min_free_disk reached: {owner.room} bytes were left for "
-                                    "this instance")
-                self._raw.write(data)
-                self._sum.update(data)
-            except OSError as exc:
-                owner.error = exc
-                with contextlib.suppress(OSError):  # give the space back while the rest drains
-                    self._raw.truncate(0)
-        return len(data)
-
-    def flush(self) -> None:
-        """pynetdicom flushes after every fragment; we flush once, in sync()."""
-
-    def sync(self) -> None:
-        """Mark the file complete (in its preamble) and fsync it: one sync makes it durable."""
-        if self._owner.error is None:
-            try:
-                self._raw.flush()
-                os.pwrite(self._raw.fileno(), self._sum.marker(), 0)
-                os.fsync(self._raw.fileno())
-            except OSError as exc:
-                self._owner.error = exc
-
-    def drop_cache(self) -> None:
-        """Give the file's page-cache pages back now that they are on disk (after sync()).
-
-        The spool is written once and read back later, if at all (delivery comes after the
-        stable age). Keeping every received byte cached made each new instance take never-used
-        pages, which on this VM cost ~12 µs a page (1.4 ms of a 526 kB CT instance, more than the
-        fsync); freed pages are reused at once. Delivery re-reads the file from disk (~1 GB/s).
-        """
-        if self._owner.error is None:
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(self._raw.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-    def fileno(self) -> int:
-        return self._raw.fileno()
-
-    def close(self) -> None:
-        try:
-            self._raw.close()
-        except OSError as exc:
-            if self._owner.error is None:
-                self._owner.error = exc
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    """A received instance, durable in its receive slot, not yet in the spool's tree."""
-
-    path: str
-    tags: dict[str, str]
-    tsuid: str
-    size: int
-    calling_ae: str
-    called_ae: str
-    key: str = ""  # cluster mode: its object key in the shared store (one per reception)
-    shared: bool = True  # ... and whether it is there already (ack_after: shared)
-
-
-class Spool:
+class Spool(ReceiveLogSpool):
     """Puts received files in place durably and records them in the state database."""
 
     def __init__(self, root: Path, state: State, max_bytes: int = 0,
-                 shared: bool = False, max_depth: int = 32, min_free: int = 0) -> None:
+                 shared: bool = False, max_depth: int = 32, min_free: int = 0,
+                 receive_log: bool = False, log_size: int = 256 << 20,
+                 log_max_record: int = 4 << 20, log_wait: float = 10.0) -> None:
         self.root = root
         self._root = str(root)
         self.max_depth = max_depth
@@ -161,13 +66,26 @@ class Spool:
         self.shared = shared
         self._bytes_read_at = time.monotonic()
         self._unplaced: list[Accepted] = []
+        self.receive_log = receive_log
+        self.log_dir = root / LOG_DIR
+        self._log_size = log_size
+        self._log_max_record = log_max_record
+        self._log_wait = log_wait
+        self.rxlog: ReceiveLog | None = None
 
     def start(self) -> None:
-        """Start preparing receive slots in the background."""
+        """Start preparing receive slots in the background; with the receive log, claim a log
+        file of this process's own (replaying what an earlier run left in it first)."""
         self.slots.start()
+        if self.receive_log:
+            self.start_receive_log()
 
     def stop(self) -> None:
         self.slots.stop()
+        if self.rxlog is not None:
+            self.retry_placements()
+            self.rxlog.stop()
+            self.rxlog = None
 
     def study_lock(self, study_uid: str) -> AbstractContextManager[None]:
         """Ingest and deletion of the same study never interleave (a late arrival must not land
@@ -199,7 +117,7 @@ class Spool:
                 if p.stat().st_size:
                     removed += 1
                 p.unlink()
-        return adopted, removed
+        return adopted + self.replay_receive_logs(), removed
 
     def adopt_orphans(self) -> int:
         """Record spool files that have no row (the index lost its last transactions in a power
@@ -259,7 +177,12 @@ class Spool:
                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.received_at)), where)
         return found
 
-    def new_receive_file(self) -> ReceiveFile:
+    def new_receive_file(self, logged: bool = False) -> ReceiveFile | LogReceiveFile:
+        """Where a dataset is received: a receive slot, or (``logged``, the lean receiver, with
+        the receive log on and usable) memory, for a receive log record."""
+        rxlog = self.rxlog
+        if logged and rxlog is not None and not rxlog.broken:
+            return LogReceiveFile(self.slots, self._log_max_record, self.room())
         return ReceiveFile(self.slots.take(), self.room())
 
     def free_disk(self) -> int:
@@ -296,7 +219,7 @@ class Spool:
     def over_quota(self) -> bool:
         return bool(self.max_bytes) and self._bytes >= self.max_bytes
 
-    def accept(self, rx: ReceiveFile, calling_ae: str, called_ae: str,
+    def accept(self, rx: ReceiveFile | LogReceiveFile, calling_ae: str, called_ae: str,
                command: tuple[str, str] | None = None) -> Accepted:
         """Make a received file durable in its slot, check it is whole, read its index tags.
 
@@ -306,36 +229,46 @@ class Spool:
         Raises SpoolFull (→ 0xA700), dicomfile.UnreadableDataset (→ 0xC000) or DatasetMismatch
         (→ 0xA900); the receive slot is then removed.
         """
+        if isinstance(rx, LogReceiveFile):
+            if rx.slot is None:
+                return self._accept_logged(rx, calling_ae, called_ae, command)
+            log.debug("instance over receive_log_max_record (%d bytes): received into a "
+                      "receive slot", self._log_max_record)
+            rx = rx.slot  # larger than a log record: the slot path
         src = rx.name  # plain strings on this path: pathlib was a third of its interpreter time
         try:
             rx.file.sync()
             if rx.error is not None:
                 raise SpoolFull(rx.error.errno or errno.ENOSPC, f"write failed: {rx.error}")
             size = os.stat(src).st_size
-            if self.shared and self.max_bytes:
-                self._refresh_bytes()  # other receiver processes fill the same spool
-            if self.min_free and self.free_disk() < self.min_free:
-                raise SpoolFull(errno.ENOSPC, f"less than min_free_disk ({self.min_free} bytes) "
-                                "free on the spool's disk")
-            if self.max_bytes and self._bytes + size > self.max_bytes:
-                # The counter may be stale: `dicomrouter purge` frees space from another process.
-                with self._bytes_lock:
-                    self._bytes = self.state.spool_bytes()
-                if self._bytes + size > self.max_bytes:
-                    raise SpoolFull(errno.ENOSPC, f"spool quota of {self.max_bytes} bytes "
-                                    f"reached ({self._bytes} used)")
+            self._check_room(size)
             try:
                 check_file(src, self.max_depth)
             except Malformed as exc:
                 raise UnreadableDataset(f"malformed dataset: {exc}") from None
             tags, tsuid = identify(src)
             if command is not None:
-                _match_command(tags, command)
+                match_command(tags, command)
             rx.file.drop_cache()
         except BaseException:
             unlink_quietly(src)
             raise
         return Accepted(src, tags, tsuid, size, calling_ae, called_ae)
+
+    def _check_room(self, size: int) -> None:
+        """Raise SpoolFull if ``size`` more bytes would pass the quota or min_free_disk."""
+        if self.shared and self.max_bytes:
+            self._refresh_bytes()  # other receiver processes fill the same spool
+        if self.min_free and self.free_disk() < self.min_free:
+            raise SpoolFull(errno.ENOSPC, f"less than min_free_disk ({self.min_free} bytes) "
+                            "free on the spool's disk")
+        if self.max_bytes and self._bytes + size > self.max_bytes:
+            # The counter may be stale: `dicomrouter purge` frees space from another process.
+            with self._bytes_lock:
+                self._bytes = self.state.spool_bytes()
+            if self._bytes + size > self.max_bytes:
+                raise SpoolFull(errno.ENOSPC, f"spool quota of {self.max_bytes} bytes "
+                                f"reached ({self._bytes} used)")
 
     def place(self, accepted: Accepted) -> bool:
         """Rename an accepted (already acknowledged) instance into the spool and record it.
@@ -344,7 +277,16 @@ class Spool:
         instance stays durable where it is and ``retry_placements`` (housekeeping) tries again;
         the error is logged here.
         """
+        rec = accepted.record
         try:
+            if accepted.data is not None:
+                crash_point("acked")
+                accepted = self._write_behind(accepted)
+            if POWERCUT is not None and rec is not None:
+                with POWERCUT.lock:  # the rename and the record, consistent with a cut
+                    return self._place(accepted.path, accepted.tags, accepted.tsuid,
+                                       accepted.calling_ae, accepted.called_ae, accepted.size,
+                                       accepted.key or None, accepted.shared)
             return self._place(accepted.path, accepted.tags, accepted.tsuid,
                                accepted.calling_ae, accepted.called_ae, accepted.size,
                                accepted.key or None, accepted.shared)
@@ -356,6 +298,8 @@ class Spool:
             with self._bytes_lock:
                 self._unplaced.append(accepted)
             return False
+        finally:
+            self._written(accepted)
 
     def describe(self) -> str:
         return f"local spool {self.root}"
@@ -374,6 +318,14 @@ class Spool:
             todo, self._unplaced = self._unplaced, []
         done = 0
         for accepted in todo:
+            if accepted.data is not None:  # its spool file is still to be written
+                try:
+                    accepted = self._write_behind(accepted)
+                except OSError:
+                    with self._bytes_lock:
+                        self._unplaced.append(accepted)
+                    continue
+                self._written(accepted)
             if not os.path.exists(accepted.path):  # renamed before the commit failed
                 accepted = replace(accepted, path=os.path.join(
                     self._data_dir, accepted.tags["StudyInstanceUID"],
@@ -545,14 +497,6 @@ class SpoolReader(io.RawIOBase):
     def close(self) -> None:
         self._f.close()
         super().close()
-
-
-def _match_command(tags: dict[str, str], command: tuple[str, str]) -> None:
-    sop_class, sop_instance = command
-    for kw, expected in (("SOPInstanceUID", sop_instance), ("SOPClassUID", sop_class)):
-        if tags.get(kw, "") != expected:
-            raise DatasetMismatch(f"dataset {kw} {tags.get(kw, '')[:64]!r} is not the "
-                                  f"command's {expected[:64]!r}")
 
 
 def _mtime(p: Path) -> float:
