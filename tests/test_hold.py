@@ -174,3 +174,50 @@ def test_held_studies_wait_for_release_and_a_rejected_one_never_goes(tmp_path: P
     assert all(isinstance(e["ts"], float) for e in events)
     assert f"study {rest_uid}: held for pacs (a route with hold: true)" in log
     assert "Traceback" not in log
+
+
+def test_a_hold_whose_route_waits_longer_is_not_bypassed_by_a_route_ready_first(
+        tmp_path: Path) -> None:
+    """The quarantine route has its own, longer stable age; the route beside it, to the same
+    storescp, is ready after the global one (1 s). The study is held from the first routing
+    on, stays held after the quarantine route's stable age too, and arrives when released."""
+    normal, normal_uid, normal_sops = _study(tmp_path, "normal", 81)
+    files, uid, sops = _study(tmp_path, "held", 82)
+    with StoreSCP(tmp_path / "pacs", aet="PACS") as pacs:
+        router = Router(tmp_path / "router", {
+            "destinations": {"pacs": {"type": "dicom", "ae_title": "PACS",
+                                      "host": "127.0.0.1", "port": pacs.port}},
+            "routes": [{"name": "quarantine", "when": {"CalledAE": "QUARANTINE"},
+                        "hold": True, "stable_age": "6s", "to": ["pacs"]},
+                       {"name": "everything", "to": ["pacs"]}]})
+        router.start()
+        config = ["--config", str(router.config_path)]
+        try:
+            started = time.monotonic()
+            assert run_storescu(files, router.port, aet="QUARANTINE").returncode == 0
+            assert run_storescu(normal, router.port).returncode == 0
+            wait_until(lambda: normal_sops <= sop_uids(pacs.files()), timeout=120,
+                       what="the normal study delivered")
+            router.wait_state(normal_uid, "delivered")
+            took = time.monotonic() - started
+            wait_until(lambda: [h["study_uid"] for h in router.status()["held"]] == [uid],
+                       timeout=60, what="the study held")
+            # past the quarantine route's own stable age, and as long again as the normal
+            # study took: nothing of the held one arrives
+            deadline = started + max(6.0 + 3.0, 2 * took)
+            while time.monotonic() < deadline:
+                assert not sops & sop_uids(pacs.files()), "the held study was delivered"
+                time.sleep(0.2)
+            status = router.status()
+            assert [h["study_uid"] for h in status["held"]] == [uid]
+            assert status["queues"]["pacs"].get("held") == 1
+            r = dicomrouter("release", uid, "--reason", "checked", *config)
+            assert r.returncode == 0, r.stderr
+            wait_until(lambda: sops <= sop_uids(pacs.files()), timeout=60,
+                       what="the released study at storescp")
+            router.wait_state(uid, "delivered")
+            log = router.log(100_000)
+        finally:
+            router.stop()
+    assert f"study {uid}: held for pacs (a route with hold: true)" in log
+    assert "Traceback" not in log
