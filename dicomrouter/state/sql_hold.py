@@ -39,6 +39,13 @@ class HoldSQL(SQLBase):
         matched: pending or failed ones are held now (unless an operator released this
         generation) and get the placement's priority if it is more urgent. Running and
         delivered jobs are left alone. The destinations held now."""
+        rows = self._query("SELECT destination, state, priority, released FROM jobs WHERE"
+                           " study_uid=?", (study_uid,))
+        if not any(r["state"] in ("pending", "failed", "held") and
+                   r["priority"] > placement.priorities.get(r["destination"], r["priority"]) or
+                   r["state"] in ("pending", "failed") and r["released"] is None and
+                   r["destination"] in placement.held for r in rows):
+            return []  # the usual case (the sweep asks for every study): no write
         now = time.time()
         held: list[str] = []
         with self._tx(study_uid) as db:
