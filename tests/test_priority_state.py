@@ -300,6 +300,9 @@ def test_a_late_arrival_to_a_released_study_still_running_is_held_again(
     else:
         state.reset_running_jobs()  # the node crashed during the run and started again
     assert _jobs(state, "9.1") == {"research": "held"}
+    if end == "failed":
+        assert "delivery to research failed (attempt 1/3, held: its new generation waits for " \
+            "release): reset by peer" in [e["event"] for e in state.events_since(0, "9.1")]
     assert state.claim_job("research") is None
     assert [h["study_uid"] for h in state.held_studies()] == ["9.1"]
     assert state.release_study("9.1", "frank", "the late series too") == ["research"]

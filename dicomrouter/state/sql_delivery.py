@@ -215,7 +215,8 @@ class DeliverySQL(SQLBase):
             db.execute("UPDATE jobs SET state=?, attempts=?, next_attempt=?, last_error=?,"
                        " requeue=0, updated=? WHERE id=?",
                        (state, attempts, next_attempt, error, now, job.id))
-            what = "will retry" if state != "dead" else \
+            what = "held: its new generation waits for release" if state == "held" else \
+                "will retry" if state != "dead" else \
                 "dead-lettered, not retried: permanent" if permanent else "dead-lettered"
             self._event(db, job.study_uid, f"delivery to {job.destination} failed (attempt "
                         f"{attempts}/{max_attempts}, {what}): {error}", now)
