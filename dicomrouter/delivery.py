@@ -230,8 +230,9 @@ class DeliveryWorkers:
         outcome = self.state.finish_job(job, error, policy.max_attempts,
                                         policy.delay(attempt), permanent=result.permanent)
         took = time.monotonic() - started
-        metrics.DELIVERIES.labels(dest.name, outcome if outcome != JobState.PENDING else
-                                  ("delivered" if error is None else "failed")).inc()
+        metrics.DELIVERIES.labels(dest.name, outcome if outcome not in (
+            JobState.PENDING, JobState.HELD) else ("delivered" if error is None else "failed")
+        ).inc()
         metrics.DELIVERY_TIME.labels(dest.name).observe(took)
         if attempt > 1:
             metrics.RETRIES.labels(dest.name).inc()
@@ -246,10 +247,16 @@ class DeliveryWorkers:
             log.error("study %s → %s: attempt %d/%d failed, dead-lettered (study kept in the "
                       "spool; 'dicomrouter retry --dead' requeues it): %s", job.study_uid,
                       dest.name, attempt, policy.max_attempts, error)
+        elif outcome == JobState.HELD:
+            log.warning("study %s → %s: attempt %d/%d failed after %d delivered: %s",
+                        job.study_uid, dest.name, attempt, policy.max_attempts, sent, error)
         else:
             log.warning("study %s → %s: attempt %d/%d failed after %d delivered, retry in %.0f s:"
                         " %s", job.study_uid, dest.name, attempt, policy.max_attempts, sent,
                         policy.delay(attempt), error)
+        if outcome == JobState.HELD:  # a late arrival came meanwhile, and a route holds it
+            log.info("study %s → %s: its new generation is held (a route with hold: true) "
+                     "until 'dicomrouter release' or 'reject'", job.study_uid, dest.name)
         return outcome
 
     def _send_chunks(self, job: Job, dest: Destination, todo: list[Instance]) -> RunResult:

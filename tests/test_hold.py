@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from peers import StoreSCP, run_storescu, sop_uids, wait_until
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 from router_fixtures import Router, dataset_bytes, dicomrouter
 
 from dicomrouter.sample import generate
@@ -173,4 +174,110 @@ def test_held_studies_wait_for_release_and_a_rejected_one_never_goes(tmp_path: P
     assert not any("no token" in e for x in said.values() for e in x)
     assert all(isinstance(e["ts"], float) for e in events)
     assert f"study {rest_uid}: held for pacs (a route with hold: true)" in log
+    assert "Traceback" not in log
+
+
+def test_a_hold_whose_route_waits_longer_is_not_bypassed_by_a_route_ready_first(
+        tmp_path: Path) -> None:
+    """The quarantine route has its own, longer stable age; the route beside it, to the same
+    storescp, is ready after the global one (1 s). The study is held from the first routing
+    on, stays held after the quarantine route's stable age too, and arrives when released."""
+    normal, normal_uid, normal_sops = _study(tmp_path, "normal", 81)
+    files, uid, sops = _study(tmp_path, "held", 82)
+    with StoreSCP(tmp_path / "pacs", aet="PACS") as pacs:
+        router = Router(tmp_path / "router", {
+            "destinations": {"pacs": {"type": "dicom", "ae_title": "PACS",
+                                      "host": "127.0.0.1", "port": pacs.port}},
+            "routes": [{"name": "quarantine", "when": {"CalledAE": "QUARANTINE"},
+                        "hold": True, "stable_age": "6s", "to": ["pacs"]},
+                       {"name": "everything", "to": ["pacs"]}]})
+        router.start()
+        config = ["--config", str(router.config_path)]
+        try:
+            started = time.monotonic()
+            assert run_storescu(files, router.port, aet="QUARANTINE").returncode == 0
+            assert run_storescu(normal, router.port).returncode == 0
+            wait_until(lambda: normal_sops <= sop_uids(pacs.files()), timeout=120,
+                       what="the normal study delivered")
+            router.wait_state(normal_uid, "delivered")
+            took = time.monotonic() - started
+            wait_until(lambda: [h["study_uid"] for h in router.status()["held"]] == [uid],
+                       timeout=60, what="the study held")
+            # past the quarantine route's own stable age, and as long again as the normal
+            # study took: nothing of the held one arrives
+            deadline = started + max(6.0 + 3.0, 2 * took)
+            while time.monotonic() < deadline:
+                assert not sops & sop_uids(pacs.files()), "the held study was delivered"
+                time.sleep(0.2)
+            status = router.status()
+            assert [h["study_uid"] for h in status["held"]] == [uid]
+            assert status["queues"]["pacs"].get("held") == 1
+            r = dicomrouter("release", uid, "--reason", "checked", *config)
+            assert r.returncode == 0, r.stderr
+            wait_until(lambda: sops <= sop_uids(pacs.files()), timeout=60,
+                       what="the released study at storescp")
+            router.wait_state(uid, "delivered")
+            log = router.log(100_000)
+        finally:
+            router.stop()
+    assert f"study {uid}: held for pacs (a route with hold: true)" in log
+    assert "Traceback" not in log
+
+
+def test_a_late_arrival_to_a_released_study_being_delivered_is_held_again(
+        tmp_path: Path) -> None:
+    """Released, the study goes to storescp slowly (``max_rate``); an instance arriving for it
+    meanwhile is a new generation the quarantine route holds: the run in progress sends the
+    released instances, and then the job is held, not pending: the late instance waits for
+    its own release."""
+    files, uid, sops = _study(tmp_path, "held", 91)
+    files += generate(tmp_path / "more", series=1, instances=7, rows=64, cols=64, seed=91)
+    ds = dcmread(files[0])
+    for f in files[3:]:  # the same study (generate gives each call its own)
+        more = dcmread(f)
+        more.StudyInstanceUID, more.PatientID = ds.StudyInstanceUID, ds.PatientID
+        more.save_as(f)
+    sops = sop_uids(files)
+    late = tmp_path / "late.dcm"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.save_as(late)
+    with StoreSCP(tmp_path / "pacs", aet="PACS") as pacs:
+        router = Router(tmp_path / "router", {
+            "destinations": {"pacs": {"type": "dicom", "ae_title": "PACS", "max_rate": "8kB/s",
+                                      "host": "127.0.0.1", "port": pacs.port}},
+            "routes": [{"name": "quarantine", "hold": True, "to": ["pacs"]}]})
+        router.start()
+        config = ["--config", str(router.config_path)]
+        try:
+            assert run_storescu(files, router.port).returncode == 0
+            wait_until(lambda: [h["study_uid"] for h in router.status()["held"]] == [uid],
+                       timeout=60, what="the study held")
+            r = dicomrouter("release", uid, "--reason", "checked", *config)
+            assert r.returncode == 0, r.stderr
+            wait_until(lambda: sop_uids(pacs.files()), timeout=60, what="the first instance")
+            assert run_storescu([late], router.port).returncode == 0
+            said = f"study {uid}: held for pacs (a route with hold: true)"
+            wait_until(lambda: router.log(1_000_000).count(said) == 2, timeout=60,
+                       what="the late arrival routed (held)")
+            assert len(sop_uids(pacs.files())) < len(sops), \
+                "the run ended before the late arrival was routed: nothing tested"
+            wait_until(lambda: sops <= sop_uids(pacs.files()), timeout=120,
+                       what="the released instances delivered")
+            wait_until(lambda: router.status()["queues"]["pacs"].get("held") == 1,
+                       timeout=60, what="the job held again")
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                assert ds.SOPInstanceUID not in sop_uids(pacs.files()), \
+                    "the late arrival was delivered without a release"
+                time.sleep(0.2)
+            r = dicomrouter("release", uid, "--reason", "the late series too", *config)
+            assert r.returncode == 0, r.stderr
+            wait_until(lambda: ds.SOPInstanceUID in sop_uids(pacs.files()), timeout=60,
+                       what="the late instance released")
+            router.wait_state(uid, "delivered")
+            log = router.log(100_000)
+        finally:
+            router.stop()
+    assert f"study {uid} → pacs: its new generation is held" in log, log[-3000:]
     assert "Traceback" not in log

@@ -240,3 +240,125 @@ def test_explain_says_the_priority_and_the_hold(tmp_path: Path) -> None:
                                   "--json").stdout)
     assert data[0]["priorities"] == {"pacs": "high", "research": "routine"}
     assert data[0]["held"] == ["pacs", "research"]
+
+
+# ---- review fixes: a hold never bypassed, a running job's new generation held again ---------
+
+def _jobs(state: State, study: str) -> dict[str, str]:
+    return {j["destination"]: j["state"] for j in state.jobs(study_uids=[study])}
+
+
+def test_a_job_queued_before_a_holding_route_matched_is_held_then(state: State) -> None:
+    # pacs pending, research failed (waiting for its retry), other delivered, run running
+    _routed(state, "8.1", ["pacs", "research", "other", "run"])
+    failed = state.claim_job("research")
+    assert failed is not None
+    state.finish_job(failed, "refused", 3, 60.0)
+    done = state.claim_job("other")
+    assert done is not None
+    state.finish_job(done, None, 3, 1.0)
+    running = state.claim_job("run")
+    assert running is not None
+    held = state.hold_placed("8.1", Placement({"pacs": STAT},
+                                              frozenset({"pacs", "research", "other", "run"})))
+    assert held == ["pacs", "research"]
+    assert _jobs(state, "8.1") == {"pacs": "held", "research": "held", "other": "delivered",
+                                   "run": "running"}  # delivered and running: left alone
+    assert state.claim_job("pacs") is None and state.claim_job("research") is None
+    assert {j["destination"]: j["priority"] for j in state.jobs(study_uids=["8.1"])}["pacs"] \
+        == "stat"
+    events = [e["event"] for e in state.events_since(0, "8.1")]
+    assert any(e.startswith("held for pacs, research (a route with hold: true matched after")
+               for e in events), events
+    # released by an operator, the same placement does not hold them again
+    assert state.release_study("8.1", "erin", "checked") == ["pacs", "research"]
+    assert state.hold_placed("8.1", Placement(held=frozenset({"pacs", "research"}))) == []
+    assert _jobs(state, "8.1")["pacs"] == "pending"
+    # a new generation is held again by route_study, and its release mark is gone
+    time.sleep(0.01)
+    _routed(state, "8.1", ["pacs"], Placement(held=frozenset({"pacs"})), n=3)
+    assert _jobs(state, "8.1")["pacs"] == "held"
+
+
+@pytest.mark.parametrize("end", ["finished", "failed", "yielded", "restarted"])
+def test_a_late_arrival_to_a_released_study_still_running_is_held_again(
+        state: State, end: str) -> None:
+    _routed(state, "9.1", ["research"], Placement(held=frozenset({"research"})))
+    state.release_study("9.1", "frank", "ok")
+    job = state.claim_job("research")
+    assert job is not None
+    time.sleep(0.01)
+    # a late arrival while the released generation is still being delivered
+    _routed(state, "9.1", ["research"], Placement(held=frozenset({"research"})), n=3)
+    assert _jobs(state, "9.1") == {"research": "running"}  # the run goes on (its chunk)
+    if end == "finished":
+        assert state.finish_job(job, None, 3, 1.0) == "held"
+    elif end == "failed":
+        assert state.finish_job(job, "reset by peer", 3, 1.0) == "held"
+    elif end == "yielded":
+        state.release_job(job)  # after a chunk, or at shutdown
+    else:
+        state.reset_running_jobs()  # the node crashed during the run and started again
+    assert _jobs(state, "9.1") == {"research": "held"}
+    if end == "failed":
+        assert "delivery to research failed (attempt 1/3, held: its new generation waits for " \
+            "release): reset by peer" in [e["event"] for e in state.events_since(0, "9.1")]
+    assert state.claim_job("research") is None
+    assert [h["study_uid"] for h in state.held_studies()] == ["9.1"]
+    assert state.release_study("9.1", "frank", "the late series too") == ["research"]
+    again = state.claim_job("research")
+    assert again is not None and again.study_uid == "9.1"
+    # a late arrival that no route holds still just runs again
+    time.sleep(0.01)
+    _routed(state, "9.1", ["research"], n=4)
+    assert state.finish_job(again, None, 3, 1.0) == "pending"
+
+
+def test_a_run_whose_node_died_is_held_not_resumed_when_a_held_generation_came(
+        pg_dsn: str, tmp_path: Path) -> None:
+    a = PostgresState(pg_dsn, "node-a", tmp_path / "a", lease=0.2)
+    b = PostgresState(pg_dsn, "node-b", tmp_path / "b", lease=30)
+    try:
+        _routed(a, "10.1", ["research"], Placement(held=frozenset({"research"})))
+        a.release_study("10.1", "gina", "ok")
+        assert a.claim_job("research") is not None  # node a runs it, then stops renewing
+        time.sleep(0.01)
+        _routed(a, "10.1", ["research"], Placement(held=frozenset({"research"})), n=3)
+        time.sleep(0.3)
+        assert b.claim_job("research") is None  # not resumed on node b: held
+        assert _jobs(b, "10.1") == {"research": "held"}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_status_on_a_spool_from_before_the_priorities_says_to_start_the_router(
+        tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicomrouter.state.sqlite import MIGRATIONS
+
+    state = SQLiteState(tmp_path / "state.db")
+    try:
+        _routed(state, "11.1", ["pacs"])
+    finally:
+        state.close()
+    # the schema of the version before issue 26 (user_version 8: no jobs.priority)
+    con = sqlite3.connect(tmp_path / "state.db")
+    for column in {r[1] for r in con.execute("PRAGMA table_info(jobs)")} & {"priority",
+                                                                             "released"}:
+        con.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+    con.execute("PRAGMA user_version = 8")
+    con.close()
+    for args in (["status"], ["status", "--json"], ["status", "--study", "11.1"]):
+        r = dicomrouter(*args, "--spool", str(tmp_path))
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert r.stderr.strip() == "Error: the state database is from an older version; " \
+            "start the router once to upgrade it", r.stderr
+        assert "Traceback" not in r.stderr + r.stdout
+    SQLiteState(tmp_path / "state.db").close()  # what the router does when it starts
+    con = sqlite3.connect(tmp_path / "state.db")
+    assert con.execute("PRAGMA user_version").fetchone()[0] == MIGRATIONS[-1][0]
+    con.close()
+    r = dicomrouter("status", "--spool", str(tmp_path))
+    assert r.returncode == 0 and "pacs: pending 0 of 2" in r.stdout, (r.stdout, r.stderr)

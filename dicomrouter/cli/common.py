@@ -84,6 +84,8 @@ def open_state(config_path: str | None, spool: str | None, readonly: bool = True
                 if readonly and not state.schema_version():
                     raise click.ClickException("no router has run on this PostgreSQL database "
                                                "yet (its schema is made at the first start)")
+                if readonly and state.schema_behind():
+                    raise click.ClickException(OLDER_SCHEMA)
                 return state, cfg.spool
             except StateUnavailable as exc:
                 raise click.ClickException(str(exc)) from None
@@ -92,9 +94,19 @@ def open_state(config_path: str | None, spool: str | None, readonly: bool = True
     if not db.exists():
         raise click.ClickException(f"no state database at {db} (has the router run with this "
                                    "spool? use --config or --spool)")
-    return open_sqlite_state(db, readonly=readonly), root
+    try:
+        state = open_sqlite_state(db, readonly=readonly)
+        if readonly and state.schema_behind():  # the router migrates it when it opens it
+            state.close()
+            raise click.ClickException(OLDER_SCHEMA)
+    except StateUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    return state, root
 
 
+#: a read-only command on a state database the router (of this version) has not migrated yet
+OLDER_SCHEMA = ("the state database is from an older version; start the router once to "
+                "upgrade it")
 CLI_DB_TIMEOUT = 3.0  # a command waits this long for PostgreSQL, not the server's timeout
 
 

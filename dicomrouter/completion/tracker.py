@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .. import metrics
@@ -135,15 +135,13 @@ class StudyTracker:
         if waiting and not ready:  # every matching route has a longer stable age: not yet
             self.state.set_await(study_uid, seen.last_received + min(waiting.values()))
             return
-        placed = placement(self.cfg.routes, ready_routes, ready)
+        # every matching route places the jobs, also one still waiting for its stable age:
+        # a hold (or a priority) is never bypassed by another route being ready first
+        placed = placement(self.cfg.routes, decision.routes, ready)
         if not self.state.route_study(study_uid, ready, ready_routes, seen, decision.summary(),
                                       placed):
             return  # an instance arrived meanwhile; it completes later
-        if placed.held:
-            log.info("study %s: held for %s (a route with hold: true) until 'dicomrouter "
-                     "release' or 'reject'", study_uid, ", ".join(sorted(placed.held)))
-            self.events("held", study_uid, reason="a route with hold: true",
-                        routes=list(ready_routes), destinations=sorted(placed.held))
+        self._say_held(study_uid, decision.routes, placed.held)
         for name, why in met.items():
             self.state.note(study_uid, f"route {name!r}: {why}, before its stable age")
         if forced:
@@ -286,9 +284,7 @@ class StudyTracker:
         instances = self.state.instances(study_uid, present_only=False)
         decision = route(self.cfg.routes, instances, self.spool.open, self.source_names)
         ready_routes, ready, waiting, _met = self._ready(decision, seen.last_received)
-        new = self.state.sweep_study(study_uid, ready, ready_routes, why="stable age over",
-                                     placement=placement(self.cfg.routes, ready_routes, ready)
-                                     ) if ready else []
+        new = self._add_jobs(study_uid, decision, ready, ready_routes, "stable age over")
         self.state.set_await(study_uid, seen.last_received + min(waiting.values())
                              if waiting else None)
         if new:
@@ -299,6 +295,30 @@ class StudyTracker:
                         instances=len(instances))
         elif not waiting and self.state.settle_study(study_uid):  # all were delivered already
             self.settled(study_uid)
+
+    def _add_jobs(self, study_uid: str, decision: Decision, dests: Sequence[str],
+                  routes: Sequence[str], why: str, explanation: str = "") -> list[str]:
+        """Jobs for ``dests`` the study has none for yet (those are returned), placed by every
+        matching route; jobs already queued there that a matching route holds are held now
+        (or get its priority). Says which were held."""
+        if not dests:
+            return []
+        placed = placement(self.cfg.routes, decision.routes, dests)
+        held = self.state.hold_placed(study_uid, placed)
+        new = self.state.sweep_study(study_uid, dests, routes, explanation, why, placed)
+        self._say_held(study_uid, decision.routes,
+                       set(held).union(d for d in new if d in placed.held))
+        return new
+
+    def _say_held(self, study_uid: str, routes: Sequence[str], held: Iterable[str]) -> None:
+        """The log line and the ``held`` notification for jobs a hold: true route held."""
+        dests = sorted(held)
+        if not dests:
+            return
+        log.info("study %s: held for %s (a route with hold: true) until 'dicomrouter "
+                 "release' or 'reject'", study_uid, ", ".join(dests))
+        self.events("held", study_uid, reason="a route with hold: true", routes=list(routes),
+                    destinations=dests)
 
     def sweep(self) -> int:
         """Route the spooled studies to what the current table sends them to and they have no
@@ -312,10 +332,8 @@ class StudyTracker:
                 continue
             checked += 1
             decision = route(self.cfg.routes, instances, self.spool.open, self.source_names)
-            new = self.state.sweep_study(uid, decision.destinations, decision.routes,
-                                         decision.summary(), placement=placement(
-                                             self.cfg.routes, decision.routes,
-                                             decision.destinations))
+            new = self._add_jobs(uid, decision, decision.destinations, decision.routes,
+                                 "sweep", decision.summary())
             if new:
                 changed += 1
                 log.info("sweep: study %s now also goes to %s (%s)", uid, ", ".join(new),

@@ -62,6 +62,11 @@ class Placement:
         return self.priorities.get(destination, ROUTINE)
 
 
+#: ``jobs.requeue`` of a running job: what becomes of it when its run ends (0: it ends as the
+#: run says). New instances arrived meanwhile: pending again; and a route holds them: held.
+REQUEUE, REQUEUE_HELD = 1, 2
+
+
 class StateUnavailable(OSError):
     """The state database cannot be reached now (PostgreSQL down or restarting): an OSError,
     so every "one log line, try again" path (ingest → 0xA700, tracker, workers) handles it."""

@@ -214,7 +214,10 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
     (1, SCHEMA_V1), (2, _qr_migration()), (3, LEASES_V3), (4, LEDGER_DIGEST_V4), (5, MOVES_V5),
     (6, ";\n".join(SOURCE_DELTAS)), (7, STUDY_TOTALS_V7),
     # issue 26: a job's priority (0 stat ... 3 low; claims take the most urgent first)
-    (8, "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS priority INTEGER NOT NULL DEFAULT 2")]
+    (8, "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS priority INTEGER NOT NULL DEFAULT 2"),
+    # when an operator released the job's held generation (a later route does not hold it
+    # again; a new generation clears it)
+    (9, "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS released DOUBLE PRECISION")]
 
 
 class Row:
@@ -436,6 +439,9 @@ class PostgresState(SQLState):
             return 0
         rows = self._query("SELECT MAX(version) FROM schema_migrations")
         return int(rows[0][0] or 0)
+
+    def schema_behind(self) -> bool:
+        return self.schema_version() < MIGRATIONS[-1][0]
 
     def close(self) -> None:
         self.pool.close()

@@ -244,6 +244,12 @@ class Holds(ABC):
         """Whether a job more urgent than ``priority`` is due for ``destination`` (a read)."""
 
     @abstractmethod
+    def hold_placed(self, study_uid: str, placement: Placement) -> list[str]:
+        """Pending or failed jobs of the placement's held destinations are held now (not
+        those an operator released this generation), more urgent ones get its priority; the
+        destinations held now."""
+
+    @abstractmethod
     def release_study(self, study_uid: str, who: str, why: str) -> list[str]:
         """The study's held jobs become pending now; the audit trail says who and why. The
         destinations released (none: nothing was held)."""
@@ -421,6 +427,11 @@ class Nodes(ABC):
     def schema_version(self) -> int:
         """The schema's version (0: no router has run on this database yet)."""
         return 1
+
+    def schema_behind(self) -> bool:
+        """Whether the database lacks migrations this version applies when the router starts
+        (a read-only command cannot read it then)."""
+        return False
 
 
 class State(Receptions, Studies, Deliveries, Holds, QueryIndex, SourceCursors, Commitments,

@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .base import Instance, Job
+from .base import REQUEUE_HELD, Instance, Job
 from .sql_base import SAME_STUDY_UPSERT, SQLBase
 
 
@@ -24,9 +24,11 @@ class DeliverySQL(SQLBase):
         now = time.time()
         mine = " AND node=?" if self.leases else ""
         with self._tx() as db:
-            reset = db.execute("UPDATE jobs SET state='pending', next_attempt=0, updated=?"
+            reset = db.execute("UPDATE jobs SET state=CASE WHEN requeue=? THEN 'held' ELSE"
+                               " 'pending' END, requeue=0, next_attempt=0, updated=?"
                                " WHERE state='running'" + mine,
-                               (now, self.node_id) if self.leases else (now,)).rowcount
+                               (REQUEUE_HELD, now, self.node_id) if self.leases else
+                               (REQUEUE_HELD, now)).rowcount
             due = db.execute("UPDATE jobs SET next_attempt=0 WHERE state='failed' AND"
                              " next_attempt > ?", (now,)).rowcount
             return reset, due
@@ -42,13 +44,19 @@ class DeliverySQL(SQLBase):
         args: tuple[Any, ...] = (destination, now, time.time()) if self.leases else \
             (destination, now)
         due = ("SELECT id, study_uid, attempts, generation, routes, series_only, state, node,"
-               " priority FROM jobs WHERE destination=? AND ((state IN ('pending','failed') AND"
-               f" next_attempt <= ?){expired}) ORDER BY priority, created, id LIMIT 1")
+               " priority, requeue FROM jobs WHERE destination=? AND"
+               f" ((state IN ('pending','failed') AND next_attempt <= ?){expired})"
+               " ORDER BY priority, created, id LIMIT 1")
         if not self._query(due, args):
             return None  # nothing due: a read, no write transaction
         with self._tx() as db:
             row = db.execute(due + self._CLAIM_LOCK, args).fetchone()
             if row is None:
+                return None
+            if row["state"] == "running" and row["requeue"] == REQUEUE_HELD:
+                # its node stopped while a held generation arrived: held, not resumed
+                db.execute("UPDATE jobs SET state='held', requeue=0, updated=? WHERE id=?",
+                           (time.time(), row["id"]))
                 return None
             db.execute("UPDATE jobs SET state='running', requeue=0, updated=?, node=?,"
                        " lease_until=? WHERE id=?",
@@ -70,10 +78,13 @@ class DeliverySQL(SQLBase):
                                   (now, now, destination, now)).rowcount)
 
     def release_job(self, job: Job) -> None:
-        """A run cut short by shutdown: back to pending, not counted as an attempt."""
+        """A run cut short by shutdown (or yielding to a more urgent job): back to pending, not
+        counted as an attempt; held if a held generation arrived while it ran."""
         with self._tx() as db:
-            db.execute("UPDATE jobs SET state='pending', updated=? WHERE id=? AND state='running'"
-                       " AND node=?", (time.time(), job.id, self.node_id))
+            db.execute("UPDATE jobs SET state=CASE WHEN requeue=? THEN 'held' ELSE 'pending'"
+                       " END, requeue=CASE WHEN requeue=? THEN 0 ELSE requeue END, updated=?"
+                       " WHERE id=? AND state='running' AND node=?",
+                       (REQUEUE_HELD, REQUEUE_HELD, time.time(), job.id, self.node_id))
 
     def next_due(self, destination: str) -> float | None:
         """When the destination's next pending or failed job is due (None: it has none)."""
@@ -185,8 +196,10 @@ class DeliverySQL(SQLBase):
                             f"run of node {row['node']} decides", now)
                 return ""
             requeue = bool(row and row["requeue"])
+            # new instances arrived while it ran: pending again, or held (a route holds them)
+            again = "held" if row and row["requeue"] == REQUEUE_HELD else "pending"
             if error is None:
-                state = "pending" if requeue else "delivered"
+                state = again if requeue else "delivered"
                 db.execute("UPDATE jobs SET state=?, attempts=0, next_attempt=0, last_error=NULL,"
                            " requeue=0, updated=? WHERE id=?", (state, now, job.id))
                 if not requeue:
@@ -194,7 +207,7 @@ class DeliverySQL(SQLBase):
                 return state
             attempts = job.attempts + 1
             if requeue:
-                state, next_attempt = "pending", now
+                state, next_attempt = again, now
             elif attempts >= max_attempts or permanent:
                 state, next_attempt = "dead", 0.0
             else:
@@ -202,7 +215,8 @@ class DeliverySQL(SQLBase):
             db.execute("UPDATE jobs SET state=?, attempts=?, next_attempt=?, last_error=?,"
                        " requeue=0, updated=? WHERE id=?",
                        (state, attempts, next_attempt, error, now, job.id))
-            what = "will retry" if state != "dead" else \
+            what = "held: its new generation waits for release" if state == "held" else \
+                "will retry" if state != "dead" else \
                 "dead-lettered, not retried: permanent" if permanent else "dead-lettered"
             self._event(db, job.study_uid, f"delivery to {job.destination} failed (attempt "
                         f"{attempts}/{max_attempts}, {what}): {error}", now)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .base import priority_name
+from .base import Placement, priority_name
 from .sql_base import SQLBase
 
 
@@ -28,10 +28,45 @@ class HoldSQL(SQLBase):
                 " ORDER BY destination", (study_uid,))]
             if not dests:
                 return []
-            db.execute("UPDATE jobs SET state=?, next_attempt=0, updated=? WHERE study_uid=?"
-                       " AND state='held'", (to, now, study_uid))
+            db.execute("UPDATE jobs SET state=?, next_attempt=0, updated=?, released=? WHERE"
+                       " study_uid=? AND state='held'",
+                       (to, now, now if to == "pending" else None, study_uid))
             self._event(db, study_uid, f"{verb} by {who} for {', '.join(dests)}: {why}", now)
         return dests
+
+    def hold_placed(self, study_uid: str, placement: Placement) -> list[str]:
+        """Jobs queued before a route that holds (or is more urgent for) their destination
+        matched: pending or failed ones are held now (unless an operator released this
+        generation) and get the placement's priority if it is more urgent. Running and
+        delivered jobs are left alone. The destinations held now."""
+        rows = self._query("SELECT destination, state, priority, released FROM jobs WHERE"
+                           " study_uid=?", (study_uid,))
+        if not any(r["state"] in ("pending", "failed", "held") and
+                   r["priority"] > placement.priorities.get(r["destination"], r["priority"]) or
+                   r["state"] in ("pending", "failed") and r["released"] is None and
+                   r["destination"] in placement.held for r in rows):
+            return []  # the usual case (the sweep asks for every study): no write
+        now = time.time()
+        held: list[str] = []
+        with self._tx(study_uid) as db:
+            raised = []
+            for dest, rank in sorted(placement.priorities.items()):
+                if db.execute("UPDATE jobs SET priority=? WHERE study_uid=? AND destination=?"
+                              " AND state IN ('pending','failed','held') AND priority>?",
+                              (rank, study_uid, dest, rank)).rowcount:
+                    raised.append(f"{dest} {priority_name(rank)}")
+            for dest in sorted(placement.held):
+                if db.execute("UPDATE jobs SET state='held', next_attempt=0, updated=? WHERE"
+                              " study_uid=? AND destination=? AND state IN ('pending','failed')"
+                              " AND released IS NULL", (now, study_uid, dest)).rowcount:
+                    held.append(dest)
+            if raised:
+                self._event(db, study_uid, "priority raised: " + ", ".join(raised), now)
+            if held:
+                self._event(db, study_uid, f"held for {', '.join(held)} (a route with hold: "
+                            "true matched after the job was queued): waits for 'dicomrouter "
+                            f"release {study_uid} --reason ...' or 'dicomrouter reject'", now)
+        return held
 
     def release_study(self, study_uid: str, who: str, why: str) -> list[str]:
         return self._decide(study_uid, who, why, "pending", "released")

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..query import Query
-from .base import Instance, Placement, Study, priority_name
+from .base import REQUEUE, REQUEUE_HELD, Instance, Placement, Study, priority_name
 from .qr import qr_select
 from .sql_base import SQLBase
 
@@ -177,13 +177,15 @@ class StudiesSQL(SQLBase):
                     " VALUES (?,?,?,0,0,?,?,?,?,?)"
                     " ON CONFLICT(study_uid, destination) DO UPDATE SET"
                     "  state=CASE WHEN jobs.state='running' THEN 'running' ELSE excluded.state"
-                    "  END, requeue=CASE WHEN jobs.state='running' THEN 1 ELSE 0 END,"
+                    "  END, requeue=CASE WHEN jobs.state='running' THEN ? ELSE 0 END,"
                     "  attempts=0, next_attempt=0, generation=excluded.generation,"
-                    "  created=excluded.created, updated=excluded.updated,"
+                    "  created=excluded.created, updated=excluded.updated, released=NULL,"
                     "  routes=excluded.routes, series_only=NULL, priority=excluded.priority",
                     (study_uid, dest, "held" if dest in placement.held else "pending",
                      expected_generation, now, now, json.dumps(list(routes)),
-                     placement.priority(dest)))
+                     placement.priority(dest),
+                     # a run still going when a held generation arrives: held once it ends
+                     REQUEUE_HELD if dest in placement.held else REQUEUE))
             self._note_placement(db, study_uid, destinations, placement, now)
             self._count_missing(db, study_uid, destinations, now)
         return True
@@ -268,10 +270,10 @@ class StudiesSQL(SQLBase):
                 if row["series_only"] is not None and series_uid not in series:
                     series.append(series_uid)
                 db.execute("UPDATE jobs SET state=CASE WHEN state='running' THEN 'running'"
-                           " ELSE 'pending' END, requeue=CASE WHEN state='running' THEN 1"
-                           " ELSE 0 END, attempts=0, next_attempt=0, updated=?,"
-                           " series_only=?, priority=CASE WHEN priority < ? THEN priority"
-                           " ELSE ? END WHERE study_uid=? AND destination=?",
+                           " ELSE 'pending' END, requeue=CASE WHEN state!='running' THEN 0"
+                           " WHEN requeue=2 THEN 2 ELSE 1 END, attempts=0, next_attempt=0,"
+                           " updated=?, series_only=?, priority=CASE WHEN priority < ?"
+                           " THEN priority ELSE ? END WHERE study_uid=? AND destination=?",
                            (now, json.dumps(series) if row["series_only"] is not None
                             else None, priority, priority, study_uid, dest))
             self._event(db, study_uid, why, now)
@@ -315,7 +317,8 @@ class StudiesSQL(SQLBase):
                 # between the read above and here: a running job is only marked requeue); a
                 # job that failed keeps its attempts and its backoff
                 db.execute("UPDATE jobs SET"
-                           " requeue=CASE WHEN state='running' THEN 1 ELSE requeue END,"
+                           " requeue=CASE WHEN state='running' AND requeue=0 THEN 1"
+                           "  ELSE requeue END,"
                            " attempts=CASE WHEN state='delivered' THEN 0 ELSE attempts END,"
                            " next_attempt=CASE WHEN state='delivered' THEN 0"
                            "  ELSE next_attempt END,"

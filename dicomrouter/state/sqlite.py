@@ -240,6 +240,9 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
     (8, _study_totals),
     # issue 26: a job's priority (0 stat ... 3 low; claims take the most urgent first)
     (9, lambda db: _add_columns(db, "jobs", "priority INTEGER NOT NULL DEFAULT 2")),
+    # when an operator released the job's held generation (a later route does not hold it
+    # again; a new generation clears it)
+    (10, lambda db: _add_columns(db, "jobs", "released REAL")),
 ]
 
 
@@ -289,6 +292,15 @@ class SQLiteState(SQLState):
             self._db.execute(f"PRAGMA user_version = {MIGRATIONS[-1][0]}")
             self._db.execute("COMMIT")
         self.migrated = n
+
+    def schema_version(self) -> int:
+        """``PRAGMA user_version``: the last migration applied (0: from before they were
+        counted)."""
+        with self._lock, unavailable_on_error(self.path):
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def schema_behind(self) -> bool:
+        return self.schema_version() < MIGRATIONS[-1][0]
 
     def close(self) -> None:
         with self._lock:
