@@ -114,6 +114,9 @@ class DeliveryWorkers:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
+        for dest in self.destinations.values():  # a max_rate wait ends now (ratelimit.py)
+            if getattr(dest, "limiter", None) is not None:
+                dest.limiter.interrupt()
         self.notify()
         deadline = time.monotonic() + timeout
         for t in self._threads:
