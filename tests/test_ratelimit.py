@@ -204,6 +204,31 @@ def test_breaker_keys_are_checked(tmp_path: Path) -> None:
     assert (d.breaker_failures, d.probe_every, d.max_rate) == (5, 30.0, None)
 
 
+def test_breaker_failures_below_max_attempts(tmp_path: Path) -> None:
+    """Each of the first ``breaker_failures`` failed runs uses an attempt: set at or above the
+    destination's effective ``retry.max_attempts`` (its own, else the global one), a job
+    would be dead-lettered before the breaker opens. 0 (off) is allowed, and so is the
+    default with a low max_attempts (configs written before the breaker)."""
+    base = {"type": "folder", "path": str(tmp_path / "out")}
+    p = tmp_path / "router.yml"
+    for top, change in (({}, {"breaker_failures": 10}),
+                        ({"retry": {"max_attempts": 3}}, {"breaker_failures": 3}),
+                        ({"retry": {"max_attempts": 20}},
+                         {"breaker_failures": 4, "retry": {"max_attempts": 4}})):
+        p.write_text(yaml.safe_dump({**top, "destinations": {"f": {**base, **change}}}))
+        with pytest.raises(ConfigError) as err:
+            cfgmod.load(p)
+        assert str(err.value).startswith("destinations.f.breaker_failures: "), str(err.value)
+        assert "must be less than the destination's retry.max_attempts" in str(err.value)
+    for top, change in (({}, {"breaker_failures": 9}),
+                        ({"retry": {"max_attempts": 1}}, {"breaker_failures": 0}),
+                        ({"retry": {"max_attempts": 2}}, {}),
+                        ({"retry": {"max_attempts": 3}},
+                         {"breaker_failures": 5, "retry": {"max_attempts": 6}})):
+        p.write_text(yaml.safe_dump({**top, "destinations": {"f": {**base, **change}}}))
+        cfgmod.load(p)
+
+
 def test_bucket_is_shared_and_fair_across_threads() -> None:
     """Four threads taking 10 kB pieces from one 1 MB/s bucket: together 1 MB/s (not 4), and
     each gets about a quarter."""
