@@ -36,6 +36,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from router_fixtures import Router, dicomrouter
 from stow_server import StowServer
 
+from dicomrouter.breaker import Breaker
 from dicomrouter.config import from_dict
 from dicomrouter.delivery import DeliveryWorkers
 from dicomrouter.destinations.base import Context
@@ -337,3 +338,40 @@ def test_a_run_that_yields_after_a_chunk_counts_as_a_success(tmp_path: Path) -> 
     assert workers.run(job, dest) == ""  # yielded: back to pending, not an attempt
     assert len(state.undelivered(routine, "f")) == 4  # one chunk went
     assert (breaker.failures, breaker.half_open) == (0, False)
+
+
+def test_half_open_admits_only_the_prober_until_a_run_outcome(tmp_path: Path) -> None:
+    """Closed by a probe, the breaker lets only the worker that probed run jobs until a run's
+    outcome is known: a peer that answers the probe but not the delivery costs one attempt
+    per probe, not one per worker (``concurrency``). (A folder destination: its probe, a
+    test file written and removed, succeeds.)"""
+    (tmp_path / "out").mkdir()
+    cfg = from_dict({"destinations": {"f": {"type": "folder", "path": str(tmp_path / "out"),
+                                            "concurrency": 2}},
+                     "routes": [{"to": ["f"]}]}, tmp_path, "test")
+    dest = FolderDestination(cfg.destinations["f"], Context())
+    now = [0.0]
+    breaker = Breaker(dest, 1, 30.0, lambda b: None, clock=lambda: now[0])
+    breaker.observe(True, "no connection")
+    assert breaker.state == "open"
+    now[0] = 31.0  # a probe is due
+
+    def admits_in_thread() -> bool:
+        out: list[bool] = []
+        t = threading.Thread(target=lambda: out.append(breaker.admits(lambda s: None)))
+        t.start()
+        t.join()
+        return out[0]
+
+    assert breaker.admits(lambda s: None)  # this thread probed: closed, half-open
+    assert breaker.state == "closed" and breaker.half_open
+    assert not admits_in_thread()  # the other worker waits for the first run's outcome
+    assert breaker.admits(lambda s: None)  # the prober again (it found no job, say)
+    breaker.observe(True, "association aborted")  # its run failed: open again at once
+    assert breaker.state == "open"
+    now[0] = 62.0
+    assert admits_in_thread()  # a probe by the other worker closes it; it runs the trial
+    assert not breaker.admits(lambda s: None)
+    breaker.observe(False, None)  # a run succeeded: closed for good, everyone runs
+    assert not breaker.half_open
+    assert breaker.admits(lambda s: None) and admits_in_thread()
