@@ -3,13 +3,15 @@
 After ``breaker_failures`` consecutive runs that failed at the connection level (a transient
 ``DeliveryError``: no connection, association refused or lost, timeout, HTTP 5xx, S3
 unreachable) the destination's breaker *opens*: its workers stop claiming jobs, so jobs wait
-without using attempts and are never dead-lettered for the outage, and one worker probes the
-destination (``Destination.probe``: C-ECHO, HTTP HEAD, S3 head-bucket, a test file) every
-``probe_every``. The first probe that reaches it *closes* the breaker: the destination's failed
-jobs are made due at once and its workers woken. Until a run succeeds after that, one more
-connection failure opens it again (half-open), and only one worker (the prober) runs jobs
-until a run's outcome is known, so a peer that answers the probe but not the delivery costs
-one attempt per probe, not ``breaker_failures`` nor one per worker.
+without using attempts, and one worker probes the destination (``Destination.probe``: C-ECHO,
+HTTP HEAD, S3 head-bucket, a test file) every ``probe_every``. The runs before it opens are
+attempts: config refuses a ``breaker_failures`` at or above the destination's
+``retry.max_attempts`` (then no job dies of an outage). The first probe that reaches it
+*closes* the breaker: the destination's failed jobs are made due at once and its workers
+woken. Until a run succeeds after that, one more connection failure opens it again
+(half-open), and only one worker (the prober) runs jobs until a run's outcome is known, so a
+peer that answers the probe but not the delivery costs one attempt per probe, not
+``breaker_failures`` nor one per worker.
 
 An instance refused by the peer (a C-STORE failure status, a STOW-RS failure reason) is the
 peer answering: it is not a connection failure and resets the count.
