@@ -132,7 +132,7 @@ def test_capped_destination_sends_at_its_rate_and_the_other_is_unaffected(
 
 
 def test_every_sender_is_paced(tmp_path: Path) -> None:
-    """The pynetdicom sender (per instance), STOW-RS (as the body is read) and folder copies
+    """The pynetdicom sender (per PDU), STOW-RS (as the body is read) and folder copies
     (per read) each keep to a 500kB/s cap, measured where the bytes arrive (per instance
     here, so within 10 %)."""
     cap = 500_000
