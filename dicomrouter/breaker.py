@@ -3,12 +3,15 @@
 After ``breaker_failures`` consecutive runs that failed at the connection level (a transient
 ``DeliveryError``: no connection, association refused or lost, timeout, HTTP 5xx, S3
 unreachable) the destination's breaker *opens*: its workers stop claiming jobs, so jobs wait
-without using attempts and are never dead-lettered for the outage, and one worker probes the
-destination (``Destination.probe``: C-ECHO, HTTP HEAD, S3 head-bucket, a test file) every
-``probe_every``. The first probe that reaches it *closes* the breaker: the destination's failed
-jobs are made due at once and its workers woken. Until a run succeeds after that, one more
-connection failure opens it again (half-open), so a peer that answers the probe but not the
-delivery costs one attempt per probe, not ``breaker_failures``.
+without using attempts, and one worker probes the destination (``Destination.probe``: C-ECHO,
+HTTP HEAD, S3 head-bucket, a test file) every ``probe_every``. The runs before it opens are
+attempts: config refuses a ``breaker_failures`` at or above the destination's
+``retry.max_attempts`` (then no job dies of an outage). The first probe that reaches it
+*closes* the breaker: the destination's failed jobs are made due at once and its workers
+woken. Until a run succeeds after that, one more connection failure opens it again
+(half-open), and only one worker (the prober) runs jobs until a run's outcome is known, so a
+peer that answers the probe but not the delivery costs one attempt per probe, not
+``breaker_failures`` nor one per worker.
 
 An instance refused by the peer (a C-STORE failure status, a STOW-RS failure reason) is the
 peer answering: it is not a connection failure and resets the count.
@@ -59,10 +62,12 @@ class Breaker:
         self.last_probe = ""  # why the last probe failed
         self._next_probe = 0.0
         self._probing = False
+        self._trial: int | None = None  # half-open: the one worker (thread) admitted
 
     def observe(self, unreachable: bool, error: str | None) -> None:
         """The outcome of one run: ``unreachable``, it failed at the connection level."""
         with self._lock:
+            self._trial = None  # an outcome: half-open, the others may run again (or wait)
             if not unreachable:
                 self.failures, self.half_open = 0, False
                 return
@@ -83,10 +88,22 @@ class Breaker:
 
     def admits(self, wait: Callable[[float], None]) -> bool:
         """Whether a worker may claim a job now. While open: probe if one is due and no other
-        worker is probing (True if the probe closed it), else ``wait`` a little (False)."""
+        worker is probing (True if the probe closed it), else ``wait`` a little (False).
+        Half-open (closed by a probe, no run outcome since): only the worker that probed."""
         with self._lock:
             if self.state == CLOSED:
-                return True
+                me = threading.get_ident()
+                if not self.half_open or self._trial in (None, me):
+                    if self.half_open:
+                        self._trial = me
+                    return True
+                trying = True
+            else:
+                trying = False
+        if trying:  # another worker runs the first job since the probe: wait for its outcome
+            wait(0.2)
+            return False
+        with self._lock:
             now = self._clock()
             probe = not self._probing and now >= self._next_probe
             if probe:
@@ -119,6 +136,7 @@ class Breaker:
             return False
         with self._lock:
             self.state, self.failures, self.half_open = CLOSED, 0, True
+            self._trial = threading.get_ident()  # this worker tries the first job
             self.since = time.time()
             took = self._clock() - self._opened
             probes = self.probes

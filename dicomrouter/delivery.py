@@ -114,6 +114,9 @@ class DeliveryWorkers:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
+        for dest in self.destinations.values():  # a max_rate wait ends now (ratelimit.py)
+            if getattr(dest, "limiter", None) is not None:
+                dest.limiter.interrupt()
         self.notify()
         deadline = time.monotonic() + timeout
         for t in self._threads:
@@ -211,6 +214,8 @@ class DeliveryWorkers:
             result = self._send_chunks(job, dest, todo)
         sent, rejected, error = result.sent, result.rejected, result.error
         if result.yielded:  # back to pending, not an attempt: the next run sends the rest
+            if sent:  # its chunks reached the destination: a success for the breaker
+                self.breakers.observe(dest.name, False, None)
             self.state.release_job(job)
             log.info("study %s → %s: %d instance(s) sent, %d left; a more urgent job of the "
                      "destination goes first", job.study_uid, dest.name, sent, len(todo) - sent)

@@ -69,33 +69,49 @@ def describe_rate(rate: float) -> str:
 
 
 class TokenBucket:
-    """``rate`` bytes per second across every thread that calls :meth:`take`."""
+    """``rate`` bytes per second across every thread that calls :meth:`take`.
+
+    A wait can be cut short by :meth:`interrupt` (the delivery workers' stop): from then on
+    nothing waits, so a shutdown finishes the instance on the wire at full speed instead of
+    keeping the process for minutes of pacing."""
 
     def __init__(self, rate: float, burst: float = BURST_SECONDS,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] | None = None) -> None:
         self.rate = rate
         self.burst = burst  # seconds of credit
         self._clock = clock
-        self._sleep = sleep
+        self._interrupted = threading.Event()
+        self._sleep = sleep or self._interrupted.wait
         self._lock = threading.Lock()
         self._next = 0.0  # when the bytes reserved so far will have gone out at the rate
         self.taken = 0  # bytes paced so far (tests, status)
 
-    def take(self, n: int) -> float:
-        """Wait until ``n`` more bytes may go; returns the seconds waited."""
-        if n <= 0:
+    def reserve(self, n: int) -> float:
+        """Reserve ``n`` bytes; returns the seconds to :meth:`wait` before they may go."""
+        if n <= 0 or self._interrupted.is_set():
             return 0.0
         with self._lock:
             now = self._clock()
             start = max(self._next, now - self.burst)
             self._next = start + n / self.rate
             self.taken += n
-            wait = start - now
-        if wait > 0:
-            self._sleep(wait)
-            return wait
-        return 0.0
+            return max(0.0, start - now)
+
+    def wait(self, seconds: float) -> None:
+        """Wait what :meth:`reserve` said (at once after :meth:`interrupt`)."""
+        if seconds > 0 and not self._interrupted.is_set():
+            self._sleep(seconds)
+
+    def take(self, n: int) -> float:
+        """Wait until ``n`` more bytes may go; returns the seconds waited."""
+        wait = self.reserve(n)
+        self.wait(wait)
+        return wait
+
+    def interrupt(self) -> None:
+        """Stop pacing: every wait, current and future, ends now (at shutdown)."""
+        self._interrupted.set()
 
 
 class ThrottledReader:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import threading
 import time
 import urllib.request
@@ -35,10 +36,19 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from router_fixtures import Router, dicomrouter
 from stow_server import StowServer
 
+from dicomrouter.breaker import Breaker
+from dicomrouter.config import from_dict
+from dicomrouter.delivery import DeliveryWorkers
+from dicomrouter.destinations.base import Context
+from dicomrouter.destinations.folder import FolderDestination
+from dicomrouter.dicomfile import identify
 from dicomrouter.sample import generate
-from dicomrouter.state import State
+from dicomrouter.spool import Spool
+from dicomrouter.state import State, open_state
+from dicomrouter.state.base import Placement
 from dicomrouter.state.postgres import PostgresState
 from dicomrouter.state.sqlite import SQLiteState
+from dicomrouter.values import PRIORITIES
 
 PROBE_EVERY = 3.0
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -293,3 +303,75 @@ def test_s3_breaker_probes_head_bucket_until_the_bucket_answers(
         assert log.count("circuit breaker open") == 1
         assert "S3 head-bucket reached it" in log
         assert "Traceback" not in log
+
+
+def test_a_run_that_yields_after_a_chunk_counts_as_a_success(tmp_path: Path) -> None:
+    """A routine study is sent in chunks; after its first chunk a STAT study of the same
+    destination is due, so the run yields. The chunk it sent reached the destination: the
+    breaker's count of consecutive failures restarts and a half-open breaker is closed for
+    good (else the next failure would open it as if the chunk had failed)."""
+    cfg = from_dict({"chunk_instances": 2,
+                     "destinations": {"f": {"type": "folder", "path": str(tmp_path / "out")}},
+                     "routes": [{"to": ["f"]}]}, tmp_path, "test")
+    state = open_state(tmp_path / "spool" / "state.db")
+    spool = Spool(tmp_path / "spool", state)
+
+    def study(n: int, seed: int) -> str:
+        for f in generate(tmp_path / f"s{seed}", series=1, instances=n, rows=8, cols=8,
+                          seed=seed):
+            tags, ts = identify(f)
+            shutil.copy(f, tmp_path / "copy.dcm")
+            spool._place(str(tmp_path / "copy.dcm"), tags, ts, "TEST", "ROUTER")
+        return str(tags["StudyInstanceUID"])
+
+    routine = study(6, 271)
+    assert state.route_study(routine, ["f"], ["all"], state.study(routine))
+    dest = FolderDestination(cfg.destinations["f"], Context())
+    workers = DeliveryWorkers(cfg, state, spool, {"f": dest}, lambda job, outcome: None)
+    job = state.claim_job("f")
+    assert job is not None and job.study_uid == routine
+    stat = study(1, 272)  # arrives while the routine study is being sent
+    assert state.route_study(stat, ["f"], ["all"], state.study(stat),
+                             placement=Placement({"f": PRIORITIES.index("stat")}))
+    breaker = workers.breakers.by_name["f"]
+    breaker.failures, breaker.half_open = 1, True  # closed by a probe, one failure before
+    assert workers.run(job, dest) == ""  # yielded: back to pending, not an attempt
+    assert len(state.undelivered(routine, "f")) == 4  # one chunk went
+    assert (breaker.failures, breaker.half_open) == (0, False)
+
+
+def test_half_open_admits_only_the_prober_until_a_run_outcome(tmp_path: Path) -> None:
+    """Closed by a probe, the breaker lets only the worker that probed run jobs until a run's
+    outcome is known: a peer that answers the probe but not the delivery costs one attempt
+    per probe, not one per worker (``concurrency``). (A folder destination: its probe, a
+    test file written and removed, succeeds.)"""
+    (tmp_path / "out").mkdir()
+    cfg = from_dict({"destinations": {"f": {"type": "folder", "path": str(tmp_path / "out"),
+                                            "concurrency": 2}},
+                     "routes": [{"to": ["f"]}]}, tmp_path, "test")
+    dest = FolderDestination(cfg.destinations["f"], Context())
+    now = [0.0]
+    breaker = Breaker(dest, 1, 30.0, lambda b: None, clock=lambda: now[0])
+    breaker.observe(True, "no connection")
+    assert breaker.state == "open"
+    now[0] = 31.0  # a probe is due
+
+    def admits_in_thread() -> bool:
+        out: list[bool] = []
+        t = threading.Thread(target=lambda: out.append(breaker.admits(lambda s: None)))
+        t.start()
+        t.join()
+        return out[0]
+
+    assert breaker.admits(lambda s: None)  # this thread probed: closed, half-open
+    assert breaker.state == "closed" and breaker.half_open
+    assert not admits_in_thread()  # the other worker waits for the first run's outcome
+    assert breaker.admits(lambda s: None)  # the prober again (it found no job, say)
+    breaker.observe(True, "association aborted")  # its run failed: open again at once
+    assert breaker.state == "open"
+    now[0] = 62.0
+    assert admits_in_thread()  # a probe by the other worker closes it; it runs the trial
+    assert not breaker.admits(lambda s: None)
+    breaker.observe(False, None)  # a run succeeded: closed for good, everyone runs
+    assert not breaker.half_open
+    assert breaker.admits(lambda s: None) and admits_in_thread()

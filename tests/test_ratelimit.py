@@ -132,7 +132,7 @@ def test_capped_destination_sends_at_its_rate_and_the_other_is_unaffected(
 
 
 def test_every_sender_is_paced(tmp_path: Path) -> None:
-    """The pynetdicom sender (per instance), STOW-RS (as the body is read) and folder copies
+    """The pynetdicom sender (per PDU), STOW-RS (as the body is read) and folder copies
     (per read) each keep to a 500kB/s cap, measured where the bytes arrive (per instance
     here, so within 10 %)."""
     cap = 500_000
@@ -204,6 +204,31 @@ def test_breaker_keys_are_checked(tmp_path: Path) -> None:
     assert (d.breaker_failures, d.probe_every, d.max_rate) == (5, 30.0, None)
 
 
+def test_breaker_failures_below_max_attempts(tmp_path: Path) -> None:
+    """Each of the first ``breaker_failures`` failed runs uses an attempt: set at or above the
+    destination's effective ``retry.max_attempts`` (its own, else the global one), a job
+    would be dead-lettered before the breaker opens. 0 (off) is allowed, and so is the
+    default with a low max_attempts (configs written before the breaker)."""
+    base = {"type": "folder", "path": str(tmp_path / "out")}
+    p = tmp_path / "router.yml"
+    for top, change in (({}, {"breaker_failures": 10}),
+                        ({"retry": {"max_attempts": 3}}, {"breaker_failures": 3}),
+                        ({"retry": {"max_attempts": 20}},
+                         {"breaker_failures": 4, "retry": {"max_attempts": 4}})):
+        p.write_text(yaml.safe_dump({**top, "destinations": {"f": {**base, **change}}}))
+        with pytest.raises(ConfigError) as err:
+            cfgmod.load(p)
+        assert str(err.value).startswith("destinations.f.breaker_failures: "), str(err.value)
+        assert "must be less than the destination's retry.max_attempts" in str(err.value)
+    for top, change in (({}, {"breaker_failures": 9}),
+                        ({"retry": {"max_attempts": 1}}, {"breaker_failures": 0}),
+                        ({"retry": {"max_attempts": 2}}, {}),
+                        ({"retry": {"max_attempts": 3}},
+                         {"breaker_failures": 5, "retry": {"max_attempts": 6}})):
+        p.write_text(yaml.safe_dump({**top, "destinations": {"f": {**base, **change}}}))
+        cfgmod.load(p)
+
+
 def test_bucket_is_shared_and_fair_across_threads() -> None:
     """Four threads taking 10 kB pieces from one 1 MB/s bucket: together 1 MB/s (not 4), and
     each gets about a quarter."""
@@ -235,3 +260,64 @@ def test_a_move_destination_takes_no_cap(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="destinations.m.max_rate: a move destination sends "
                        "no bytes itself"):
         cfgmod.load(p)
+
+
+def test_pynetdicom_sender_under_a_tight_cap_keeps_its_associations(tmp_path: Path) -> None:
+    """``sender: pynetdicom`` with a cap so tight that an instance's share of it (2
+    associations, ~130 kB instances at 200kB/s: 1.3 s each) is longer than the peer's
+    ``timeout`` (1 s): the bytes are paced as they stream, so no association sits idle past
+    pynetdicom's network timeout; every instance arrives in the first attempt, at the cap."""
+    cap = 200_000
+    files = generate(tmp_path / "study", series=1, instances=16, rows=256, cols=256, seed=268)
+    size = sum(p.stat().st_size for p in files)
+    assert size / len(files) * 2 / cap > 1.2  # each instance's share: longer than the timeout
+    with StoreSCP(tmp_path / "scp", aet="SCP", extra=["--fork", "+B"]) as scp:
+        router = Router(tmp_path / "router", {"destinations": {
+            "scp": {"type": "dicom", "ae_title": "SCP", "host": "127.0.0.1", "port": scp.port,
+                    "sender": "pynetdicom", "associations": 2, "timeout": "1s",
+                    "max_rate": "200kB/s", "retry": {"initial": "1s", "max_attempts": 3}}},
+            "routes": [{"name": "all", "to": ["scp"]}]})
+        with router, Arrivals(scp.out_dir) as at_scp:
+            assert run_storescu(files, router.port, aet=router.aet).returncode == 0
+            wait_until(lambda: _served(scp, files) and "delivered 16 instance(s)" in
+                       router.log(2000), timeout=120, what="the destination served")
+            time.sleep(0.1)  # one more sample of the finished transfer
+            log = router.log(50000)
+        assert "2 associations per study" in log
+        assert "Network timeout" not in log, log[-3000:]
+        assert "failed" not in log and "refused:" not in log, log[-3000:]
+        rate, window = at_scp.rate_between(0.15, 0.85)
+        assert window >= 3.0, window
+        assert abs(rate - cap) <= 0.10 * cap, (rate, window)
+
+
+def test_a_paced_wait_ends_at_shutdown(tmp_path: Path) -> None:
+    """A folder copy at 1kB/s waits minutes for its second file: the router stops at SIGTERM
+    in seconds (the bucket's wait is woken by the workers' stop), not after the workers'
+    30 s grace."""
+    files = generate(tmp_path / "study", series=1, instances=4, rows=256, cols=256, seed=269)
+    router = Router(tmp_path / "router", {"destinations": {
+        "slow": {"type": "folder", "path": str(tmp_path / "out"), "max_rate": "1kB/s"}},
+        "routes": [{"name": "all", "to": ["slow"]}]})
+    with router:
+        assert run_storescu(files, router.port, aet=router.aet).returncode == 0
+        wait_until(lambda: "sending 4 instance(s)" in router.log(2000), timeout=60,
+                   what="the paced delivery started")
+        time.sleep(0.5)  # into the bucket's wait
+        assert router.proc is not None
+        started = time.monotonic()
+        router.proc.terminate()
+        router.proc.wait(60)
+        took = time.monotonic() - started
+        assert took < 10, took
+        # the instance on the wire went at full speed; the rest waits for the next start
+        assert "interrupted by shutdown after 2 instance(s); will resume" in router.log(2000)
+
+
+def test_an_interrupted_bucket_stops_waiting() -> None:
+    bucket = TokenBucket(1000)
+    bucket.take(1000)  # the next take waits about 1 s...
+    threading.Timer(0.2, bucket.interrupt).start()
+    started = time.monotonic()
+    bucket.take(100_000)  # ...this one 100 s, unless interrupted
+    assert time.monotonic() - started < 5

@@ -500,8 +500,17 @@ class ConfigModel(Strict):
                                   for i, r in enumerate(self.routes))}
         for key, value in fields.items():
             object.__setattr__(self, key, value)
-        for d in self.destinations.values():
+        for name, d in self.destinations.items():
             d._retry_policy = d.retry.policy(retry)
+            attempts = int(d._retry_policy.max_attempts)
+            if "breaker_failures" in d.model_fields_set and d.breaker_failures >= attempts:
+                # the default (5) is not refused: configs with a low max_attempts predate it
+                raise ConfigError(
+                    f"destinations.{name}.breaker_failures",
+                    f"{d.breaker_failures} must be less than the destination's "
+                    f"retry.max_attempts ({attempts}): each of the first breaker_failures "
+                    "failed runs uses an attempt, so a job failing them all would be "
+                    "dead-lettered before the breaker opens (0 turns the breaker off)")
         for ae, known in self.known_aes.items():
             known._ae_title = str(ae)
         self._listeners = self.resolve_listeners()

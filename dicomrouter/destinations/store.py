@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any, BinaryIO
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
@@ -211,6 +211,28 @@ class StoreAssociation:
             raise DeliveryError(f"{peer}: {why}")
         self._accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                           for cx in self.assoc.accepted_contexts}
+        if peer.limiter is not None:
+            self._pace(peer.limiter)
+
+    def _pace(self, limiter: Any) -> None:
+        """``max_rate``: each P-DATA PDU waits for its bytes in the bucket as pynetdicom makes
+        it from the file (in ``send_c_store``, this thread), before it is queued for the
+        socket. Paced while it streams, not before: pynetdicom's association reactor, which
+        aborts after ``network_timeout`` without incoming data, is paused during a C-STORE,
+        while a wait before ``send_c_store`` would count as idle (an instance's share of a
+        tight cap longer than the peer's ``timeout`` failed every attempt). Nothing is
+        raised in here: an exception would leave pynetdicom's reactor paused; a lost
+        association shows as no C-STORE response."""
+        dul = self.assoc.dul
+        send_pdu = dul.send_pdu
+
+        def paced(primitive: Any) -> None:
+            if isinstance(primitive, P_DATA) and self.assoc.is_established:
+                pdvs = primitive.presentation_data_value_list
+                limiter.take(6 + sum(6 + len(value) for _, value in pdvs))  # PDU, PDV headers
+            send_pdu(primitive)
+
+        dul.send_pdu = paced  # type: ignore[method-assign]
 
     def store(self, source: Source, sop_class: str, transfer_syntax: str,
               sop_instance: str | None = None) -> int:
@@ -221,14 +243,17 @@ class StoreAssociation:
                                self.peer.transfer_syntaxes)
         if target is None:
             raise no_syntax(self.peer, sop_class, transfer_syntax)
-        if self.peer.limiter is not None:  # pynetdicom streams the file: paced per instance
-            self.peer.limiter.take(os.path.getsize(source_path(source)))
-        if target == transfer_syntax:
-            # pynetdicom's chunked send wants a file name (the spool reader's)
-            rsp = self.assoc.send_c_store(source_path(source))
-        else:  # the same bytes the fast sender sends, from a temporary Part 10 file
-            with converted_file(source, transfer_syntax, target, self.peer) as path:
-                rsp = self.assoc.send_c_store(path)
+        try:
+            if target == transfer_syntax:
+                # pynetdicom's chunked send wants a file name (the spool reader's)
+                rsp = self.assoc.send_c_store(source_path(source))
+            else:  # the same bytes the fast sender sends, from a temporary Part 10 file
+                with converted_file(source, transfer_syntax, target, self.peer) as path:
+                    rsp = self.assoc.send_c_store(path)
+        except RuntimeError as exc:  # pynetdicom: the association ended meanwhile
+            if self.assoc.is_established:
+                raise
+            raise DeliveryError(f"association with {self.peer} was lost: {exc}") from exc
         if not rsp or "Status" not in rsp:
             raise DeliveryError(f"no C-STORE response from {self.peer} (timeout or connection "
                                 "lost)")
