@@ -264,22 +264,22 @@ def test_a_move_destination_takes_no_cap(tmp_path: Path) -> None:
 
 def test_pynetdicom_sender_under_a_tight_cap_keeps_its_associations(tmp_path: Path) -> None:
     """``sender: pynetdicom`` with a cap so tight that an instance's share of it (2
-    associations, ~130 kB instances at 200kB/s: 1.3 s each) is longer than the peer's
-    ``timeout`` (1 s): the bytes are paced as they stream, so no association sits idle past
+    associations, ~295 kB instances at 200kB/s: ~3 s each) is longer than the peer's
+    ``timeout`` (2 s, some room for a loaded machine): the bytes are paced as they stream, so no association sits idle past
     pynetdicom's network timeout; every instance arrives in the first attempt, at the cap."""
     cap = 200_000
-    files = generate(tmp_path / "study", series=1, instances=16, rows=256, cols=256, seed=268)
+    files = generate(tmp_path / "study", series=1, instances=10, rows=384, cols=384, seed=268)
     size = sum(p.stat().st_size for p in files)
-    assert size / len(files) * 2 / cap > 1.2  # each instance's share: longer than the timeout
+    assert size / len(files) * 2 / cap > 2 * 1.2  # each instance's share: beyond the timeout
     with StoreSCP(tmp_path / "scp", aet="SCP", extra=["--fork", "+B"]) as scp:
         router = Router(tmp_path / "router", {"destinations": {
             "scp": {"type": "dicom", "ae_title": "SCP", "host": "127.0.0.1", "port": scp.port,
-                    "sender": "pynetdicom", "associations": 2, "timeout": "1s",
+                    "sender": "pynetdicom", "associations": 2, "timeout": "2s",
                     "max_rate": "200kB/s", "retry": {"initial": "1s", "max_attempts": 3}}},
             "routes": [{"name": "all", "to": ["scp"]}]})
         with router, Arrivals(scp.out_dir) as at_scp:
             assert run_storescu(files, router.port, aet=router.aet).returncode == 0
-            wait_until(lambda: _served(scp, files) and "delivered 16 instance(s)" in
+            wait_until(lambda: _served(scp, files) and "delivered 10 instance(s)" in
                        router.log(2000), timeout=120, what="the destination served")
             time.sleep(0.1)  # one more sample of the finished transfer
             log = router.log(50000)
