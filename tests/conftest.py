@@ -24,13 +24,6 @@ from dicomrouter.sample import generate
 from dicomrouter_bench.procs import Postgres
 
 DCMTK_TOOLS = ("storescu", "storescp", "echoscu")
-# minutes each: started first, so the two xdist workers do not end on them one after the other
-LONG_FILES = ("test_soak.py", "test_bench.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long files first (a stable sort: the rest keeps its order)."""
-    items.sort(key=lambda item: item.path.name not in LONG_FILES)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
