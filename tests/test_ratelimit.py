@@ -265,8 +265,9 @@ def test_a_move_destination_takes_no_cap(tmp_path: Path) -> None:
 def test_pynetdicom_sender_under_a_tight_cap_keeps_its_associations(tmp_path: Path) -> None:
     """``sender: pynetdicom`` with a cap so tight that an instance's share of it (2
     associations, ~295 kB instances at 200kB/s: ~3 s each) is longer than the peer's
-    ``timeout`` (2 s, some room for a loaded machine): the bytes are paced as they stream, so no association sits idle past
-    pynetdicom's network timeout; every instance arrives in the first attempt, at the cap."""
+    ``timeout`` (2 s, some room for a loaded machine): the bytes are paced as they stream, so
+    no association sits idle past pynetdicom's network timeout; every instance arrives in the
+    first attempt, at the cap."""
     cap = 200_000
     files = generate(tmp_path / "study", series=1, instances=10, rows=384, cols=384, seed=268)
     size = sum(p.stat().st_size for p in files)
