@@ -22,6 +22,7 @@ from typing import Any
 
 from . import metrics, ordering
 from .breaker import Breakers
+from .coerce import Coercer
 from .config import Config
 from .destinations import DeliveryError, Destination, InstanceRejected
 from .destinations.base import PermanentFailure
@@ -87,6 +88,8 @@ class DeliveryWorkers:
         self._threads: list[threading.Thread] = []
         self._waiting: set[str] = set()  # destinations waiting for their window (logged once)
         self.breakers = Breakers(cfg, state, destinations, self.notify)
+        self.coercer = Coercer(cfg, state)  # coerce: lookups before the transforms
+        self._coercions: dict[int, tuple[Any, ...]] = {}  # job id → this run's coercions
 
     def start(self) -> None:
         # transformed copies left by a crash were never delivered from: remove them
@@ -211,7 +214,14 @@ class DeliveryWorkers:
                 "again (purge it first)")
             result = RunResult(error=str(gone), error_permanent=True)
         else:
-            result = self._send_chunks(job, dest, todo)
+            try:  # coerce: the study's lookups first (a source that is down fails the run)
+                self._coercions[job.id] = self.coercer.prepare(job, dest.name, todo,
+                                                               self.spool.open)
+                result = self._send_chunks(job, dest, todo)
+            except DeliveryError as exc:
+                result = RunResult(error=str(exc), error_permanent=exc.permanent)
+            finally:
+                self._coercions.pop(job.id, None)
         sent, rejected, error = result.sent, result.rejected, result.error
         if result.yielded:  # back to pending, not an attempt: the next run sends the rest
             if sent:  # its chunks reached the destination: a success for the breaker
@@ -478,8 +488,8 @@ class DeliveryWorkers:
 
     def transforms_for(self, job: Job, destination: str) -> tuple[Any, ...]:
         """The transforms of the routes that sent the study to ``destination``, then the
-        destination's own, in that order."""
-        ops: list[Any] = []
+        destination's own, in that order; this run's coercions (coerce.py) before them all."""
+        ops: list[Any] = list(self._coercions.get(job.id, ()))  # coerce runs first
         for route in self.cfg.routes:
             if route.name in job.routes and destination in route.to:
                 ops += route.transforms

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .coerce import specs as coerce_specs
 from .config import Config
 from .dicomfile import UnreadableDataset, identify
 from .priority import placement
@@ -64,6 +65,8 @@ def as_dict(study_uid: str, instances: list[Instance], decision: Decision,
         "destinations": list(decision.destinations),
         "transforms": {d: [op.describe() for op in _ops(cfg, decision, d)]
                        for d in decision.destinations if _ops(cfg, decision, d)},
+        "coerce": {d: [f"{where}: {spec.describe()}" for where, spec in _coerce(cfg, decision, d)]
+                   for d in decision.destinations if _coerce(cfg, decision, d)},
         "schedules": {d: cfg.destinations[d].schedule.describe()
                       for d in decision.destinations
                       if d in cfg.destinations and cfg.destinations[d].schedule is not None},
@@ -85,6 +88,13 @@ def _ops(cfg: Config, decision: Decision, destination: str) -> list[Any]:
     return ops
 
 
+def _coerce(cfg: Config, decision: Decision, destination: str) -> list[tuple[str, Any]]:
+    """The ``coerce`` blocks that apply to ``destination`` (coerce.Coercer.specs)."""
+    if destination not in cfg.destinations:
+        return []
+    return coerce_specs(cfg, decision.routes, destination)
+
+
 def render(d: dict[str, Any]) -> str:
     lines = [f"study {d['study_uid']}: {d['instances']} instance(s) in {d['series']} "
              f"series, {', '.join(d['modalities']) or 'no modality'}"
@@ -102,6 +112,11 @@ def render(d: dict[str, Any]) -> str:
     lines.append(f"  destinations: {', '.join(d['destinations']) or 'none (kept as unrouted)'}")
     for dest, ops in d["transforms"].items():
         lines.append(f"  transforms for {dest}: {'; '.join(ops)}")
+    for dest, coercions in d.get("coerce", {}).items():
+        for c in coercions:
+            lines.append(f"  before the transforms for {dest}: {c}")
+    for line in d.get("coerced", []):
+        lines.append(f"  done: {line}")
     for dest, window in d["schedules"].items():
         lines.append(f"  {dest} delivers only {window}")
     urgent = [f"{dest} {p}" for dest, p in d.get("priorities", {}).items() if p != "routine"]
@@ -121,4 +136,8 @@ def explain_spooled(cfg: Config, state: State, spool: Spool,
     instances = state.instances(study_uid, present_only=False)
     if not instances:
         return None
-    return as_dict(study_uid, instances, explain(cfg, instances, spool.open), cfg)
+    out = as_dict(study_uid, instances, explain(cfg, instances, spool.open), cfg)
+    # what coerce changed (or why it did not), as the study's history recorded it
+    out["coerced"] = [event for _ts, event in state.history(study_uid)
+                      if event.startswith("coerce for ")]
+    return out

@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, build_context, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -42,6 +43,7 @@ MODELS = {
     "patient": (PatientRootQueryRetrieveInformationModelFind,
                 PatientRootQueryRetrieveInformationModelMove,
                 PatientRootQueryRetrieveInformationModelGet),
+    "worklist": (ModalityWorklistInformationFind, None, None),  # C-FIND only (coerce)
 }
 
 

@@ -177,6 +177,9 @@ def _put(ds: Dataset, tag: int, value: str) -> None:
 def apply(ds: Dataset, ops: Sequence[Op]) -> None:
     """Apply ``ops`` in order; each sees the dataset as the operations before it left it."""
     for op in ops:
+        if op.kind == "coerce":  # coerce.CoerceRun: looked-up values, first of all
+            op.apply(ds)
+            continue
         if op.kind == "deidentify":
             try:
                 op.deid.apply(ds)

@@ -52,6 +52,7 @@ from .base import (
     parse_str,
     show,
 )
+from .coerce import CoerceModel, check_known_aes
 from .notifications import NotificationModel
 from .peers import (
     DESTINATION_MODELS,
@@ -232,6 +233,7 @@ class RouteModel(Strict):
     # stat, high, routine, low in that order, then the oldest
     priority: Choice(*PRIORITIES) = "routine"
     hold: Bool = False  # quarantine: the jobs wait for `dicomrouter release` (or reject)
+    coerce: CoerceModel | None = None  # reconcile patient/order attributes (config/coerce.py)
 
     _schedule: Any = PrivateAttr(None)
 
@@ -487,6 +489,10 @@ class ConfigModel(Strict):
                     raise ConfigError(f"notifications[{i}].routes", f"unknown route {show(r)} "
                                       f"(routes: {', '.join(sorted(route_names)) or 'none'})")
         return self
+
+    @model_validator(mode="after")
+    def _coerce_peers_known(self) -> ConfigModel:
+        return check_known_aes(self)
 
     @model_validator(mode="after")
     def _resolve(self) -> ConfigModel:

@@ -43,6 +43,7 @@ from .base import (
     show,
     study_level,
 )
+from .coerce import CoerceModel
 from .validators import ae_list, template_value, transforms_value
 
 TlsVersion = Annotated[str, parsed(parse_choice, ("TLSv1.2", "TLSv1.3"))]
@@ -146,6 +147,7 @@ class DestinationBase(Named):
     breaker_failures: Int(0, 1_000_000) = 5
     probe_every: Duration = 30.0  # an open breaker probes the destination this often
     max_rate: Rate | None = None  # bandwidth cap (bytes/s) over all its sessions
+    coerce: CoerceModel | None = None  # reconcile patient/order attributes (config/coerce.py)
 
     _retry_policy: RetryModel = PrivateAttr(default_factory=lambda: RetryModel().policy())
     _schedule: Any = PrivateAttr(None)
