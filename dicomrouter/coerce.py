@@ -28,6 +28,7 @@ from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
+from . import metrics
 from .config import Config
 from .config.coerce import CoerceModel
 from .destinations import DeliveryError
@@ -127,11 +128,13 @@ class CoerceRun:
             try:
                 answer: Answer | None = self.lookups.ask(source, current, self.spec.attributes)
             except Unavailable as exc:
+                metrics.COERCIONS.labels(self.destination, "unavailable").inc()
                 return self._unavailable(str(exc))
             if answer is None:
                 hows.append(f"{source.describe()}: no match")
                 continue
             if answer.several:
+                metrics.COERCIONS.labels(self.destination, "ambiguous").inc()
                 self._record(f"{answer.how}: {answer.several} different entries; not guessed, "
                              "sent unchanged", warn=True)
                 return {}
@@ -141,6 +144,8 @@ class CoerceRun:
         changes = [(kw, current.get(kw, ""), v) for kw, v in merged.items()
                    if current.get(kw, "") != v and
                    (self.spec.mode == "overwrite" or not current.get(kw, ""))]
+        metrics.COERCIONS.labels(self.destination, "no_match" if not merged else
+                                 "changed" if changes else "unchanged").inc()
         if not merged:
             self._record(f"no match ({'; '.join(hows)}): sent unchanged", warn=True)
         elif not changes:

@@ -37,6 +37,9 @@ DELIVERIES = Counter("dicomrouter_deliveries", "Delivery attempts by destination
 HELD_BACK = Counter("dicomrouter_instances_held_back", "Instances not sent in a delivery run "
                     "because an instance they reference was not delivered there (route key "
                     "order: references), by destination", ["destination"], registry=REGISTRY)
+COERCIONS = Counter("dicomrouter_coercions", "coerce lookups (once per study identity and "
+                    "delivery run) by destination and outcome: changed, unchanged, no_match, "
+                    "ambiguous, unavailable", ["destination", "outcome"], registry=REGISTRY)
 RETRIES = Counter("dicomrouter_delivery_retries", "Attempts after a failed one, by destination",
                   ["destination"], registry=REGISTRY)
 STORE_LATENCY = Histogram("dicomrouter_c_store_seconds", "From a C-STORE's last fragment to its "

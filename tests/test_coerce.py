@@ -399,12 +399,17 @@ def test_hl7_source_and_sources_in_order(tmp_path: Path) -> None:
      "routes[0].coerce.sources[0].table: gives StudyDescription, which is not in attributes"),
     ({"sources": [{"worklist": {"ae": "WL"}, "hl7": {}}]},
      "routes[0].coerce.sources[0]: one lookup per entry"),
+    ({"sources": ["hl7"], "to": "mv"}, "routes[0].coerce: mv is a move destination"),
 ])
 def test_bad_coerce_names_the_key(tmp_path: Path, coerce: dict[str, Any], message: str) -> None:
+    to = coerce.pop("to", "a")
     with pytest.raises(ConfigError) as err:
         from_dict({"known_aes": {"WL": {"host": "127.0.0.1", "port": 104}},
-                   "destinations": {"a": {"type": "folder", "path": "x"}},
-                   "routes": [{"to": "a", "coerce": coerce}]}, tmp_path, "t")
+                   "destinations": {"a": {"type": "folder", "path": "x"},
+                                    "mv": {"type": "move", "move_destination": "X",
+                                           "source": {"ae_title": "P", "host": "h",
+                                                      "port": 104}}},
+                   "routes": [{"to": to, "coerce": coerce}]}, tmp_path, "t")
     assert str(err.value).startswith(message), str(err.value)
 
 
@@ -417,3 +422,35 @@ def test_bad_csv_names_the_line(tmp_path: Path) -> None:
     assert str(err.value) == (f"destinations.a.coerce.sources[0].table.file: {table} line 3: "
                               f"the same values as {table} line 2 (a table gives one answer "
                               "per key: remove one of them)"), str(err.value)
+
+
+def test_character_set_switch_keeps_the_other_text(tmp_path: Path) -> None:
+    """A looked-up name the dataset's character set (ISO_IR 100) cannot hold switches the
+    copy to UTF-8; the Latin-1 text already there is re-encoded, not garbled; the pixel data
+    is the same bytes; the lookup is counted in /metrics."""
+    from dicomrouter.coerce import CoerceRun
+    from dicomrouter.lookups import Lookups
+    from dicomrouter.metrics import REGISTRY
+    from dicomrouter.transforms import transform_file
+
+    src = study(tmp_path, "s", n=1, SpecificCharacterSet="ISO_IR 100",
+                InstitutionName="Hôpital Saint-Éloi", PatientID="A-1", PatientName="Dupont^Zoé")[0]
+    cfg = from_dict({"destinations": {"d": {"type": "folder", "path": str(tmp_path / "d")}},
+                     "routes": [{"to": "d", "coerce": {"mode": "overwrite", "sources": [
+                         {"table": {"rows": [{"from": {"PatientID": "A-1"},
+                                              "to": {"PatientName": "Παπαδόπουλος^Νίκος"}}]}}
+                     ]}}]}, tmp_path, "t")
+    state = FakeState({})
+    labels = {"destination": "d", "outcome": "changed"}
+    before = REGISTRY.get_sample_value("dicomrouter_coercions_total", labels) or 0
+    run = CoerceRun(cfg.routes[0].coerce, "r", Lookups(cfg, state), state, "1.2", "d")
+    out = tmp_path / "out.dcm"
+    with open(src, "rb") as f:
+        transform_file(f, [run], str(out))
+    got, orig = dcmread(out), dcmread(src)
+    assert got.SpecificCharacterSet == "ISO_IR 192"
+    assert str(got.PatientName) == "Παπαδόπουλος^Νίκος"
+    assert got.InstitutionName == "Hôpital Saint-Éloi"
+    assert got.PixelData == orig.PixelData
+    assert "Παπαδόπουλος".encode() in out.read_bytes()
+    assert REGISTRY.get_sample_value("dicomrouter_coercions_total", labels) == before + 1

@@ -267,8 +267,19 @@ class CoerceModel(Strict):
 
 
 def check_known_aes(cfg: Any) -> Any:
-    """Every worklist lookup names a ``known_aes`` entry (its address); returns ``cfg``."""
+    """Every worklist lookup names a ``known_aes`` entry (its address), and nothing coerces
+    what a ``move`` destination sends (the source PACS sends it, not the router); returns
+    ``cfg``."""
     known = set(cfg.known_aes)
+    moves = {n for n, d in cfg.destinations.items() if d.type == "move"}
+    for where, to, model in [(f"routes[{i}].coerce", r.to, r.coerce) for i, r in
+                             enumerate(cfg.routes)] + [(f"destinations.{n}.coerce", (n,),
+                                                        d.coerce)
+                                                       for n, d in cfg.destinations.items()]:
+        if model is not None and moves.intersection(to):
+            raise ConfigError(where, f"{sorted(moves.intersection(to))[0]} is a move "
+                              "destination: the source PACS sends the study, the router "
+                              "has no copy to correct")
     for where, model in [(f"routes[{i}].coerce", r.coerce) for i, r in enumerate(cfg.routes)] \
             + [(f"destinations.{n}.coerce", d.coerce) for n, d in cfg.destinations.items()]:
         for i, src in enumerate(model.sources if model is not None else ()):
