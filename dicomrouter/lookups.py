@@ -161,11 +161,14 @@ class Lookups:
                 asked = f"PatientID {current['PatientID']!r} on {current['StudyDate']}"
             query.ScheduledProcedureStepSequence = [step]
             try:
-                found = qrscu.find(remote, query, model="worklist")
+                found = [_values(ds, attributes)
+                         for ds in qrscu.find(remote, query, model="worklist")]
             except qrscu.PeerError as exc:
                 raise Unavailable(f"worklist {model.ae}: {exc}") from None
-            answer = _one(f"worklist {model.ae} by {asked}",
-                          [_values(ds, attributes) for ds in found])
+            except Exception as exc:  # noqa: BLE001 - an answer pydicom cannot read
+                raise Unavailable(f"worklist {model.ae}: its answer could not be read: "
+                                  f"{type(exc).__name__}: {exc}") from None
+            answer = _one(f"worklist {model.ae} by {asked}", found)
             if answer is not None:
                 return answer
         return None

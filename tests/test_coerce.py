@@ -454,3 +454,28 @@ def test_character_set_switch_keeps_the_other_text(tmp_path: Path) -> None:
     assert got.PixelData == orig.PixelData
     assert "Παπαδόπουλος".encode() in out.read_bytes()
     assert REGISTRY.get_sample_value("dicomrouter_coercions_total", labels) == before + 1
+
+
+def test_table_file_changes(tmp_path: Path) -> None:
+    """A changed CSV is read again; one that no longer parses keeps the previous rows; a
+    file that is gone makes the source unavailable (on_unavailable decides)."""
+    import os
+
+    from dicomrouter.lookups import Table, Unavailable
+
+    path = tmp_path / "t.csv"
+    path.write_text("from.PatientID,to.PatientID\nA,B\n", encoding="utf-8")
+    cfg = from_dict({"destinations": {"d": {"type": "folder", "path": "x", "coerce": {
+        "sources": [{"table": {"file": str(path)}}]}}}}, tmp_path, "t")
+    table = Table(cfg.destinations["d"].coerce.sources[0].table)
+    assert table.ask({"PatientID": "A"}, ("PatientID",)).values == {"PatientID": "B"}
+    path.write_text("from.PatientID,to.PatientID\nA,C\nZ,Y\n", encoding="utf-8")
+    os.utime(path, ns=(1, 10**18))  # a new modification time whatever the clock's resolution
+    assert table.ask({"PatientID": "A"}, ("PatientID",)).values == {"PatientID": "C"}
+    path.write_text("from.PatientID,to.PatientID\nA,D\nA,E\n", encoding="utf-8")  # duplicate
+    os.utime(path, ns=(1, 2 * 10**18))
+    assert table.ask({"PatientID": "A"}, ("PatientID",)).values == {"PatientID": "C"}
+    assert table.ask({"PatientID": "Q"}, ("PatientID",)) is None
+    path.unlink()
+    with pytest.raises(Unavailable):
+        table.ask({"PatientID": "A"}, ("PatientID",))
