@@ -147,7 +147,9 @@ class CoerceRun:
         metrics.COERCIONS.labels(self.destination, "no_match" if not merged else
                                  "changed" if changes else "unchanged").inc()
         if not merged:
-            self._record(f"no match ({'; '.join(hows)}): sent unchanged", warn=True)
+            asked = ", ".join(f"{k} {_show(current[k])}" for k in self.keys if current[k])
+            self._record(f"no match for {asked or 'an instance without identifiers'} "
+                         f"({'; '.join(hows)}): sent unchanged", warn=True)
         elif not changes:
             self._record(f"{'; '.join(hows)}: nothing to change ({self.spec.mode})")
         else:

@@ -224,6 +224,9 @@ def test_worklist_fill_and_overwrite(tmp_path: Path, storescp: StoreSCP) -> None
         "'ACC-1' (fill): IssuerOfPatientID '' → 'HOSP'; PatientBirthDate '' → '19700101'; "
         "RequestedProcedureID '' → 'RP1'"]
     assert any("2 different entries; not guessed, sent unchanged" in e for e in hist[uids[2]])
+    assert [e for e in hist[uids[1]] if e.startswith("coerce for archive")] == [
+        "coerce for archive (destination 'archive'): no match for PatientID 'P-300', "
+        "StudyDate '20250505' (worklist WLSCP (by accession): no match): sent unchanged"]
     assert explained.returncode == 0, explained.stderr
     assert "coerce (overwrite;" in explained.stdout
     assert "done: coerce for pacs (destination 'pacs'): worklist WLSCP" in explained.stdout
