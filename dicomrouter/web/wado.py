@@ -66,6 +66,16 @@ def select(router_view: Any, study: str, series: str | None = None, sop: str | N
     return found
 
 
+def _guarded(chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
+    """A response body that stops, with one log line, where reading the spool or a conversion
+    fails once the answer has begun (its status is sent): the multipart body then lacks its
+    closing delimiter, which a client sees as a cut answer; no traceback in the log."""
+    try:
+        yield from chunks
+    except Exception as exc:  # noqa: BLE001 - the answer is under way: end it, say why
+        log.warning("WADO-RS %s cut short: %s: %s", what, type(exc).__name__, exc)
+
+
 def _stored(router_view: Any, inst: Instance) -> Iterator[bytes]:
     with router_view.spool.open(inst) as reader:
         while chunk := reader.read(_CHUNK):
@@ -79,10 +89,9 @@ def _converted(router_view: Any, inst: Instance, target: str) -> Iterator[bytes]
         try:
             POOL.to_file(reader.name, inst.transfer_syntax, target, tmp.name)
         except ConversionError as exc:
-            log.warning("WADO-RS: instance %s cannot be converted from %s to %s: %s; the "
-                        "response is cut short", inst.sop_uid, UID(inst.transfer_syntax).name,
-                        UID(target).name, exc)
-            raise
+            raise ConversionError(f"instance {inst.sop_uid} cannot be converted from "
+                                  f"{UID(inst.transfer_syntax).name} to {UID(target).name}: "
+                                  f"{exc}") from None
         with open(tmp.name, "rb") as f:
             while chunk := f.read(_CHUNK):
                 yield chunk
@@ -109,7 +118,7 @@ def retrieve(router_view: Any, request: Request, instances: list[Instance]
             yield f"application/dicom; transfer-syntax={target}", body
 
     log.info("WADO-RS to %s: %d instance(s)", _client(request), len(plan))
-    return StreamingResponse(media.multipart(parts(), mark),
+    return StreamingResponse(_guarded(media.multipart(parts(), mark), "retrieve"),
                              media_type=media.related("application/dicom", mark))
 
 
@@ -130,7 +139,7 @@ def metadata(router_view: Any, request: Request, instances: list[Instance]
         yield b"]"
 
     log.info("WADO-RS metadata to %s: %d instance(s)", _client(request), len(instances))
-    return StreamingResponse(body(), media_type="application/dicom+json")
+    return StreamingResponse(_guarded(body(), "metadata"), media_type="application/dicom+json")
 
 
 def frame_numbers(text: str) -> list[int]:
@@ -170,8 +179,8 @@ def frames(router_view: Any, request: Request, inst: Instance, numbers: list[int
 
     log.info("WADO-RS frames to %s: instance %s, frame(s) %s", _client(request), inst.sop_uid,
              ",".join(map(str, numbers)))
-    return StreamingResponse(body(), media_type=media.related(content_type.split(";")[0],
-                                                              mark))
+    return StreamingResponse(_guarded(body(), "frames"),
+                             media_type=media.related(content_type.split(";")[0], mark))
 
 
 def _client(request: Request) -> str:
