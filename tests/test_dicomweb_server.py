@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from peers import Orthanc, find_dcmtk, find_orthanc, require_peer, run_storescu
+from peers import Orthanc, find_dcmtk, find_orthanc, require_peer, run_storescu, wait_until
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
@@ -44,6 +44,7 @@ STUDIES = {  # name → (patient name, patient id, study date, modality, charset
     "jls": ("ROE^RICHARD", "DW5", "20230711", "OT", "", 3, JPEGLSLossless),
     "j2k": ("Ström^Åsa", "DW6", "20230712", "OT", "ISO_IR 100", 1, JPEG2000Lossless),
     "mf": ("ROE^MULTI", "DW7", "20230713", "OT", "", 4, ""),
+    "cut": ("CUT^SHORT", "DW9", "20220101", "OT", "", 1, ""),
 }
 MANY = 130  # instances of one series: more than max_query_results (100)
 ANY_SYNTAX = (("application/dicom", "*"),)
@@ -267,6 +268,30 @@ def test_wado_default_syntax_is_explicit_little_endian(site: Site) -> None:
         assert np.array_equal(ds.pixel_array, src.pixel_array)
 
 
+def test_wado_accept_negotiation(site: Site) -> None:
+    """The first acceptable range wins; the stored syntax named is sent as stored; a lossless
+    syntax the router can encode is produced (decoded pixels equal); lossy never."""
+    dicom = 'multipart/related; type="application/dicom"; transfer-syntax='
+    status, headers, body = get(f"{site.base}/studies/{site.uid['jls']}",
+                                f"{dicom}{JPEGBaseline8Bit}, {dicom}{JPEGLSLossless}")
+    assert status == 200
+    for kind, data in parts(headers, body):
+        assert kind.endswith(JPEGLSLossless)
+        src = site.source(str(dcmread(io.BytesIO(data)).SOPInstanceUID))
+        assert data.endswith(dataset_bytes(src))
+    status, headers, body = get(f"{site.base}/studies/{site.uid['a']}",
+                                f"{dicom}{JPEG2000Lossless}")
+    assert status == 200
+    got = parts(headers, body)
+    assert len(got) == 4
+    for kind, data in got:
+        ds = dcmread(io.BytesIO(data))
+        assert kind.endswith(JPEG2000Lossless) and ds.file_meta.TransferSyntaxUID == \
+            JPEG2000Lossless
+        assert np.array_equal(ds.pixel_array,
+                              dcmread(site.source(str(ds.SOPInstanceUID))).pixel_array)
+
+
 def test_wado_series_and_instance(site: Site) -> None:
     client = site.client()
     files = site.files["a"]
@@ -368,6 +393,23 @@ def test_metadata(site: Site) -> None:
     series = client.retrieve_series_metadata(site.uid["a"], str(first.SeriesInstanceUID))
     assert len(series) == 2
     assert get(f"{site.base}/studies/1.2.3.999/metadata")[0] == 404
+
+
+def test_a_spool_file_gone_mid_answer_cuts_it_short(site: Site) -> None:
+    """The status is sent with the first part: a file that cannot be read later ends the body
+    without its closing delimiter, with one line in the log and no traceback."""
+    assert site.router is not None
+    files = sorted(site.files["cut"], key=lambda f: int(dcmread(f).InstanceNumber))
+    second = dcmread(files[1], stop_before_pixels=True)
+    (site.router.spool / "data" / site.uid["cut"] / f"{second.SOPInstanceUID}.dcm").unlink()
+    status, headers, body = get(f"{site.base}/studies/{site.uid['cut']}",
+                                'multipart/related; type="application/dicom"; '
+                                'transfer-syntax=*')
+    assert status == 200
+    mark = re.search(r"boundary=([^;]+)", headers["content-type"]).group(1)  # type: ignore[union-attr]
+    assert body.endswith(dataset_bytes(files[0]) + b"\r\n")
+    assert f"--{mark}--".encode() not in body
+    wait_until(lambda: "WADO-RS retrieve cut short" in site.router.log(2000), 30)
 
 
 # ---- Orthanc as the client ------------------------------------------------------------------

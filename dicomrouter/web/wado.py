@@ -77,24 +77,39 @@ def _guarded(chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
 
 
 def _stored(router_view: Any, inst: Instance) -> Iterator[bytes]:
-    with router_view.spool.open(inst) as reader:
-        while chunk := reader.read(_CHUNK):
-            yield chunk
+    """The stored bytes; the file is opened now, before the part's header is written."""
+    reader = router_view.spool.open(inst)
+
+    def chunks() -> Iterator[bytes]:
+        with reader:
+            while chunk := reader.read(_CHUNK):
+                yield chunk
+
+    return chunks()
 
 
 def _converted(router_view: Any, inst: Instance, target: str) -> Iterator[bytes]:
-    """The instance converted to ``target`` by a conversion process (a temporary file)."""
-    with router_view.spool.open(inst) as reader, \
-            tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
-        try:
+    """The instance converted to ``target`` by a conversion process, into a temporary file
+    (converted now, before the part's header is written; the file goes once it was sent)."""
+    tmp = tempfile.NamedTemporaryFile(suffix=".dcm")  # noqa: SIM115 - closed by chunks()
+    try:
+        with router_view.spool.open(inst) as reader:
             POOL.to_file(reader.name, inst.transfer_syntax, target, tmp.name)
-        except ConversionError as exc:
-            raise ConversionError(f"instance {inst.sop_uid} cannot be converted from "
-                                  f"{UID(inst.transfer_syntax).name} to {UID(target).name}: "
-                                  f"{exc}") from None
-        with open(tmp.name, "rb") as f:
+    except ConversionError as exc:
+        tmp.close()
+        raise ConversionError(f"instance {inst.sop_uid} cannot be converted from "
+                              f"{UID(inst.transfer_syntax).name} to {UID(target).name}: "
+                              f"{exc}") from None
+    except BaseException:
+        tmp.close()
+        raise
+
+    def chunks() -> Iterator[bytes]:
+        with tmp, open(tmp.name, "rb") as f:
             while chunk := f.read(_CHUNK):
                 yield chunk
+
+    return chunks()
 
 
 def retrieve(router_view: Any, request: Request, instances: list[Instance]
