@@ -48,6 +48,7 @@ STUDIES = {  # name → (patient name, patient id, study date, modality, charset
 }
 MANY = 130  # instances of one series: more than max_query_results (100)
 ANY_SYNTAX = (("application/dicom", "*"),)
+BIG_FRAMES = 100  # one 50 MiB instance: streamed, never whole in the router's memory
 ROWS, COLS = 48, 64  # JPEG 2000 needs room for its resolutions
 
 
@@ -83,6 +84,9 @@ class Site:
                     ds.compress(syntax, generate_instance_uid=False)
                 ds.save_as(f, enforce_file_format=True)
             self.files[name] = files
+        self.files["big"] = generate(self.root / "study_big", series=1, instances=1,
+                                     rows=512, cols=512, frames=BIG_FRAMES, patient_id="DW10",
+                                     seed=10)
         self.files["many"] = generate(self.root / "study_many", series=1, instances=MANY,
                                       rows=2, cols=2, patient_id="DW8", seed=8)
         for name, files in self.files.items():
@@ -212,6 +216,12 @@ def test_qido_refusals(site: Site, query: str, why: str) -> None:
     status, headers, body = get(f"{site.base}/studies?{query}")
     assert status == 400, body
     assert why in json.loads(body)["detail"]
+
+
+def test_qido_answers_json_only(site: Site) -> None:
+    assert get(f"{site.base}/studies", 'multipart/related; type="application/dicom+xml"'
+               )[0] == 406
+    assert get(f"{site.base}/studies", "application/json")[0] == 200
 
 
 def test_qido_paging_past_max_query_results(site: Site) -> None:
@@ -393,6 +403,30 @@ def test_metadata(site: Site) -> None:
     series = client.retrieve_series_metadata(site.uid["a"], str(first.SeriesInstanceUID))
     assert len(series) == 2
     assert get(f"{site.base}/studies/1.2.3.999/metadata")[0] == 404
+
+
+def test_a_large_instance_is_streamed(site: Site) -> None:
+    """The router's memory does not grow by the instance while it sends it (sampled after
+    every MiB the client reads), and the last frame is cut from it exactly."""
+    assert site.router is not None
+    path = site.files["big"][0]
+    ds = dcmread(path, stop_before_pixels=True)
+    req = urllib.request.Request(f"{site.base}/studies/{site.uid['big']}")
+    base = site.router.rss_kb() or 0
+    peak, total = base, 0
+    with urllib.request.urlopen(req, timeout=120) as r:
+        while chunk := r.read(1 << 20):
+            total += len(chunk)
+            peak = max(peak, site.router.rss_kb() or 0)
+    assert total > path.stat().st_size
+    assert peak - base < 20_000, f"RSS grew by {(peak - base) // 1024} MiB while sending"
+    size = 512 * 512 * 2
+    status, headers, body = get(_frame_url(site, path, str(BIG_FRAMES)))
+    [(_, frame)] = parts(headers, body)
+    with open(path, "rb") as f:
+        f.seek(path.stat().st_size - size)
+        assert frame == f.read(size)
+    assert str(ds.NumberOfFrames) == str(BIG_FRAMES)
 
 
 def test_a_spool_file_gone_mid_answer_cuts_it_short(site: Site) -> None:

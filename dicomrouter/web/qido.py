@@ -39,6 +39,7 @@ DEFAULTS = {
                "NumberOfSeriesRelatedInstances"),
     "IMAGE": ("SOPClassUID", "SOPInstanceUID", "InstanceNumber"),
 }
+_JSON_TYPES = frozenset({DICOM_JSON, "application/json", "*/*", "application/*"})
 _CONTROL = frozenset({"includefield", "limit", "offset", "fuzzymatching"})
 _AT_LEVEL = {"STUDY": ("STUDY",), "SERIES": ("STUDY", "SERIES"),
              "IMAGE": ("STUDY", "SERIES", "IMAGE")}
@@ -104,6 +105,11 @@ def identifier(level: str, params: list[tuple[str, str]], fixed: dict[str, str])
 def search(router_view: Any, request: Request, level: str, fixed: dict[str, str]
            ) -> JSONResponse:
     """Answer one QIDO-RS request at ``level`` (``fixed``: UIDs of the path)."""
+    accept = request.headers.get("accept", "")
+    if accept and not any(t.split(";")[0].strip().lower() in _JSON_TYPES
+                          for t in accept.split(",")):
+        raise HTTPException(406, f"QIDO-RS answers in {DICOM_JSON} only (asked: "
+                            f"{accept[:200]})")
     params = [(k, v) for k, v in request.query_params.multi_items()]
     limit, offset = _number(params, "limit"), _number(params, "offset")
     ds = identifier(level, params, fixed)
