@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.uid import (
     UID,
@@ -112,9 +113,9 @@ def locate(f: BinaryIO, transfer_syntax: str) -> Frames:
     return Frames(transfer_syntax, number, False, start, 0, extended)
 
 
-def _native(ds: object, start: int, length: int, ts: str, inline: bytes | None = None
+def _native(ds: Dataset, start: int, length: int, ts: str, inline: bytes | None = None
             ) -> Frames:
-    get = ds.get  # type: ignore[attr-defined]
+    get = ds.get
     rows, cols = int(get("Rows", 0) or 0), int(get("Columns", 0) or 0)
     samples, bits = int(get("SamplesPerPixel", 1) or 1), int(get("BitsAllocated", 0) or 0)
     number = int(get("NumberOfFrames", 1) or 1)

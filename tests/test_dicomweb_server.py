@@ -45,6 +45,7 @@ STUDIES = {  # name → (patient name, patient id, study date, modality, charset
     "j2k": ("Ström^Åsa", "DW6", "20230712", "OT", "ISO_IR 100", 1, JPEG2000Lossless),
     "mf": ("ROE^MULTI", "DW7", "20230713", "OT", "", 4, ""),
     "cut": ("CUT^SHORT", "DW9", "20220101", "OT", "", 1, ""),
+    "defl": ("DEFLATED^DORA", "DW11", "20220102", "OT", "", 3, "deflated"),
 }
 MANY = 130  # instances of one series: more than max_query_results (100)
 ANY_SYNTAX = (("application/dicom", "*"),)
@@ -74,13 +75,14 @@ class Site:
         for name, (patient, pid, date, modality, charset, frames, syntax) in STUDIES.items():
             files = generate(self.root / f"study_{name}", series=2 if name == "a" else 1,
                              instances=2, rows=ROWS, cols=COLS, frames=frames, modality=modality,
-                             patient_id=pid, seed=len(name) + ord(name[0]))
+                             patient_id=pid, seed=len(name) + ord(name[0]),
+                             transfer_syntax=syntax if syntax == "deflated" else "explicit")
             for f in files:
                 ds = dcmread(f)
                 if charset:
                     ds.SpecificCharacterSet = charset
                 ds.PatientName, ds.StudyDate = patient, date
-                if syntax:
+                if syntax and syntax != "deflated":
                     ds.compress(syntax, generate_instance_uid=False)
                 ds.save_as(f, enforce_file_format=True)
             self.files[name] = files
@@ -243,7 +245,7 @@ def test_qido_paging_past_max_query_results(site: Site) -> None:
 
 # ---- WADO-RS --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["a", "jls", "j2k", "mf"])
+@pytest.mark.parametrize("name", ["a", "jls", "j2k", "mf", "defl"])
 def test_wado_study_as_stored(site: Site, name: str) -> None:
     """transfer-syntax=*: each part is the stored file, its dataset byte for byte."""
     status, headers, body = get(f"{site.base}/studies/{site.uid[name]}",
@@ -352,6 +354,13 @@ def test_frames_uncompressed(site: Site) -> None:
     assert kind.startswith("application/octet-stream") and data == src.PixelData[size:2 * size]
     for bad in ("0", "5", "x", "1,,2"):
         assert get(_frame_url(site, site.files["mf"][0], bad))[0] == 400, bad
+    # Deflated: the body is inflated to find the frames
+    deflated = dcmread(site.files["defl"][0])
+    assert deflated.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
+    got = client.retrieve_instance_frames(
+        deflated.StudyInstanceUID, deflated.SeriesInstanceUID, deflated.SOPInstanceUID, [3, 1],
+        media_types=("application/octet-stream",))
+    assert got == [deflated.PixelData[2 * size:3 * size], deflated.PixelData[:size]]
 
 
 @pytest.mark.parametrize("name, kind", [("jls", "image/jls"), ("j2k", "image/jp2")])
