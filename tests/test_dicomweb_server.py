@@ -393,6 +393,10 @@ def test_frames_compressed_as_stored(site: Site, name: str, kind: str) -> None:
         src.StudyInstanceUID, src.SeriesInstanceUID, src.SOPInstanceUID, [1],
         media_types=((kind, str(src.file_meta.TransferSyntaxUID)),))
     assert via_client[0].rstrip(b"\x00") == stored[0].rstrip(b"\x00")
+    # dicomweb-client's default (type="*/*"): as stored too
+    default = client.retrieve_instance_frames(
+        src.StudyInstanceUID, src.SeriesInstanceUID, src.SOPInstanceUID, [count])
+    assert default[0].rstrip(b"\x00") == stored[count - 1].rstrip(b"\x00")
 
 
 def test_metadata(site: Site) -> None:

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from .. import metrics
 from ..config import Config
+from ..spool import Spool
 from ..state import State
 from . import page, qido, wado
 
@@ -33,6 +34,7 @@ class RouterView(Protocol):
 
     cfg: Config
     state: State
+    spool: Spool  # WADO-RS reads the instances through it
 
     def reroute(self, study_uid: str) -> str: ...
 
