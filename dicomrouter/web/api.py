@@ -7,6 +7,8 @@ token too (``/metrics`` unless ``web.metrics_public``), the way Orthanc refuses 
 without credentials: the pages list patient IDs and their studies. A browser logs in with HTTP
 basic auth (any user name, the token as the password); clients send ``Authorization: Bearer``.
 The OpenAPI schema is at ``/openapi.json`` (no Swagger UI: it would load scripts from a CDN).
+QIDO-RS and WADO-RS (``qido.py``, ``wado.py``) are mounted under ``/dicom-web`` with the same
+read protection as the GETs here.
 """
 
 from __future__ import annotations
