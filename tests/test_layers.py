@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("durable storage", ("spool", "state", "query")),
     ("leaves", ("config", "common", "values", "schema", "rules", "schedule", "sweep",
                 "transforms", "deid", "deid_table", "dicomfile", "dimse", "walk", "transcode",
-                "conversion", "ratelimit",
+                "conversion", "ratelimit", "pixelframes",
                 "logsafe", "tlsctx", "netutil", "metrics", "sample", "storage_contexts")),
 ]
 LAYER_OF = {name: i for i, (_title, names) in enumerate(LAYERS) for name in names}

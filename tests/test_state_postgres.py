@@ -178,6 +178,16 @@ def test_query_retrieve_matching(state: State) -> None:
     images = state.qr_instances(Query("IMAGE", (Match("StudyInstanceUID", "single",
                                                       ("1.3.1",)),), ()))
     assert [i.sop_uid for i in images] == ["1.3.1.1.1", "1.3.1.2.1"]  # "x" is no number
+    # QIDO-RS paging: limit and offset over one order, on the unique key at the end
+    every = [r["SOPInstanceUID"] for r in find("IMAGE")]
+    assert len(every) == 3
+    assert [r["SOPInstanceUID"] for r in state.qr_rows(Query("IMAGE", (), ()), 2, 1)] == \
+        every[1:]
+    assert [r["SOPInstanceUID"] for r in state.qr_rows(Query("IMAGE", (), ()), 0, 2)] == \
+        every[2:]
+    studies = [r["StudyInstanceUID"] for r in find("STUDY")]
+    assert [r["StudyInstanceUID"] for r in state.qr_rows(Query("STUDY", (), ()), 1, 1)] == \
+        studies[1:]
 
 
 def test_nodes_heartbeat(state: State) -> None:

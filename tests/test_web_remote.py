@@ -124,13 +124,19 @@ def test_a_second_machine_sees_nothing_without_the_token(tmp_path: Path,
         router.wait_state(uid, "failed", timeout=120)  # tree delivered, down dead
         assert other_host.get(base + "/health")[0] == 200
         for path in ("/", "/api/studies", f"/api/studies/{uid}", "/api/audit", "/api/jobs",
-                     "/api/destinations", "/api/nodes", "/metrics", "/openapi.json", "/ready"):
+                     "/api/destinations", "/api/nodes", "/metrics", "/openapi.json", "/ready",
+                     "/dicom-web/studies", f"/dicom-web/studies/{uid}",
+                     f"/dicom-web/studies/{uid}/metadata", "/dicom-web/instances"):
             status, body = other_host.get(base + path)
             assert status == 401, (path, body)
             assert "PATIENT-SECRET-111" not in body and uid not in body, path
         for wrong in ("Bearer nope", "Basic " + _basic("admin", "nope"), TOKEN):
             assert other_host.get(base + "/api/studies", wrong)[0] == 401
         status, body = other_host.get(base + "/api/studies", f"Bearer {TOKEN}")
+        assert status == 200 and "PATIENT-SECRET-111" in body
+        for wrong in ("Bearer nope", TOKEN):  # DICOMweb: the same token
+            assert other_host.get(base + "/dicom-web/studies", wrong)[0] == 401
+        status, body = other_host.get(base + "/dicom-web/studies", f"Bearer {TOKEN}")
         assert status == 200 and "PATIENT-SECRET-111" in body
         status, body = other_host.get(base + "/", "Basic " + _basic("anyone", TOKEN))
         assert status == 200 and uid[-24:] in body

@@ -360,6 +360,8 @@ class ConfigModel(Strict):
     ack_after: Choice("shared", "local") | None = None  # default: shared (with shared_spool)
     node_id: Annotated[str, parsed(_node_id)] | None = None  # default: the host name
     max_query_results: Int(1, 10_000_000) = 10_000  # C-FIND answers to one query
+    # WADO-RS of a study not in the spool waits this long for the Q/R proxy to fetch it
+    wado_proxy_timeout: Duration = 300.0
     # listener limits (docs/security.md)
     acse_timeout: Duration = 30.0  # TCP connect → complete A-ASSOCIATE-RQ (ARTIM)
     network_timeout: Duration = 60.0  # one PDU, once its header arrived (+ per MiB of it)

@@ -94,9 +94,10 @@ def _condition(m: Match, dialect: Dialect = SQLITE) -> tuple[str, list[Any]]:
 
 
 def qr_select(query: Query, limit: int = 0, instances: bool = False,
-              dialect: Dialect = SQLITE) -> tuple[str, list[Any]]:
+              dialect: Dialect = SQLITE, offset: int = 0) -> tuple[str, list[Any]]:
     """The SELECT answering ``query``: rows keyed by keyword, or instance rows (retrieve).
-    Aliases are quoted: PostgreSQL folds unquoted names to lower case."""
+    Aliases are quoted: PostgreSQL folds unquoted names to lower case. ``offset`` skips the
+    first matches (QIDO-RS paging); the order ends on the unique key, so pages do not overlap."""
     where, args = ["i.present=1"], []
     number = dialect.number.format(col="i.kw_InstanceNumber")
     for m in query.matches:
@@ -104,6 +105,8 @@ def qr_select(query: Query, limit: int = 0, instances: bool = False,
         where.append(f"({sql})")
         args.extend(more)
     tail = f" LIMIT {int(limit)}" if limit > 0 else ""
+    if offset > 0:
+        tail = (tail or f" LIMIT {2**62}") + f" OFFSET {int(offset)}"
     if instances:
         return (f"SELECT i.* FROM instances i WHERE {' AND '.join(where)}"
                 f" ORDER BY i.study_uid, i.series_uid, {number}, i.received_at{tail}", args)
@@ -127,7 +130,7 @@ def qr_select(query: Query, limit: int = 0, instances: bool = False,
         fields += ['COUNT(*) AS "NumberOfSeriesRelatedInstances"']
     sql = f"SELECT {', '.join(fields)} FROM instances i WHERE {' AND '.join(where)}"
     if group:
-        sql += f" GROUP BY {group} ORDER BY MIN(i.received_at)"
+        sql += f" GROUP BY {group} ORDER BY MIN(i.received_at), {group}"
     else:
-        sql += f" ORDER BY i.study_uid, i.series_uid, {number}"
+        sql += f" ORDER BY i.study_uid, i.series_uid, {number}, i.sop_uid"
     return sql + tail, args

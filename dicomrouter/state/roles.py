@@ -271,8 +271,9 @@ class Holds(ABC):
 class QueryIndex(ABC):
     """The Q/R index over what the spool holds (the router as a Q/R SCP)."""
     @abstractmethod
-    def qr_rows(self, query: Query, limit: int = 0) -> list[dict[str, str]]:
-        """C-FIND matches at the query's level: keyword → value, aggregates included."""
+    def qr_rows(self, query: Query, limit: int = 0, offset: int = 0) -> list[dict[str, str]]:
+        """C-FIND (and QIDO-RS) matches at the query's level: keyword → value, aggregates
+        included; at most ``limit`` (0: all) after skipping ``offset``."""
 
     @abstractmethod
     def qr_instances(self, query: Query) -> list[Instance]:

@@ -377,8 +377,8 @@ class StudiesSQL(SQLBase):
 
     # ---- query/retrieve ----------------------------------------------------------------------
 
-    def qr_rows(self, query: Query, limit: int = 0) -> list[dict[str, str]]:
-        sql, args = qr_select(query, limit, dialect=self._QR_DIALECT)
+    def qr_rows(self, query: Query, limit: int = 0, offset: int = 0) -> list[dict[str, str]]:
+        sql, args = qr_select(query, limit, dialect=self._QR_DIALECT, offset=offset)
         rows = [{k: "" if v is None else str(v) for k, v in dict(r).items()}
                 for r in self._query(sql, args)]
         for row in rows:
