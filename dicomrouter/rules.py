@@ -127,8 +127,12 @@ def _operator(key: str, raw: Mapping[str, Any], where: str) -> Condition:
     return Condition(op, key, tuple(operand) if isinstance(operand, list) else operand)
 
 
-def parse_when(raw: Any, where: str = "when") -> tuple[Condition, ...]:
-    """The conditions of a ``when`` mapping; ConfigError names the key that is wrong."""
+def parse_when(raw: Any, where: str = "when",
+               check_key: Callable[[str, str], None] | None = None) -> tuple[Condition, ...]:
+    """The conditions of a ``when`` mapping; ConfigError names the key that is wrong.
+    ``check_key(key, where)`` validates a key (default: a DICOM keyword, tag, sequence path
+    or pseudo-key; ``hl7_rules`` passes its own for HL7 fields)."""
+    check = check_key or _check_key
     if raw is None:
         return ()
     if not isinstance(raw, dict):
@@ -139,20 +143,20 @@ def parse_when(raw: Any, where: str = "when") -> tuple[Condition, ...]:
         at = f"{where}.{key}" if where else key
         if key == "not":
             out.append(Condition("not", children=(Condition("all", children=parse_when(
-                value, at)),)))
+                value, at, check)),)))
         elif key in ("any", "all"):
             items = value if isinstance(value, list) else None
             if not items:
                 raise ConfigError(at, "expected a list of condition mappings")
             out.append(Condition(key, children=tuple(
-                Condition("all", children=parse_when(item, f"{at}[{i}]"))
+                Condition("all", children=parse_when(item, f"{at}[{i}]", check))
                 for i, item in enumerate(items))))
         else:
-            _check_key(key, at)
+            check(key, at)
             if isinstance(value, dict):
                 out.append(_operator(key, value, at))
             else:
-                plain = key.isidentifier() and "." not in key
+                plain = check is _check_key and key.isidentifier() and "." not in key
                 m = parse_matcher(key if plain else "PatientID", value, at)  # parses values only
                 out.append(Condition("match", key, matcher=Matcher(key, m.values, m.patterns)))
     return tuple(out)
