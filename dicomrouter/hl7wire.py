@@ -34,7 +34,7 @@ PID|1||{{ study.PatientID|hl7 }}{% if study.IssuerOfPatientID %}^^^\
 ORC|{{ 'SC' if message_type == 'ORU^R01' else 'XO' }}||{{ study.AccessionNumber|hl7 }}||CM
 OBR|1||\
 {{ study.AccessionNumber|hl7 }}|{{ study.StudyDescription|hl7 }}|||\
-{{ study.StudyDate|hl7 }}{{ study.StudyTime|hl7 }}||||||||\
+{{ study.StudyDate|hl7 }}{{ study.StudyTime|hl7 }}|||||||||||\
 {{ study.AccessionNumber|hl7 }}|{{ study.RequestedProcedureID|hl7 }}|||||\
 {{ study.Modality|hl7 }}|{{ 'F' if event in ('delivered', 'completed') else 'I' }}
 OBX|1|ST|StudyInstanceUID||{{ study_instance_uid|hl7 }}||||||F
