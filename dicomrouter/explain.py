@@ -46,8 +46,10 @@ def open_file(inst: Instance) -> BinaryIO:
     return open(inst.key, "rb")  # noqa: SIM115 - the caller closes it
 
 
-def explain(cfg: Config, instances: list[Instance], opener: Any) -> Decision:
-    return route(cfg.routes, instances, opener, source_names(cfg))
+def explain(cfg: Config, instances: list[Instance], opener: Any,
+            orders: Any = None) -> Decision:
+    """``orders``: ``State.hl7_order``, for the ``Order*`` keys of the HL7 order."""
+    return route(cfg.routes, instances, opener, source_names(cfg), orders=orders)
 
 
 def as_dict(study_uid: str, instances: list[Instance], decision: Decision,
@@ -110,6 +112,15 @@ def render(d: dict[str, Any]) -> str:
     if d.get("held"):
         lines.append(f"  held for {', '.join(d['held'])} (hold: true): waits for "
                      "'dicomrouter release' or 'reject'")
+    order = d.get("hl7_order")
+    if order:
+        lines.append(f"  expected by HL7 order {order.get('control_id', '')} "
+                     f"({order.get('message_type', '')} from "
+                     f"{order.get('sending_application', '')}/"
+                     f"{order.get('sending_facility', '')}): accession "
+                     f"{order.get('accession', '')}, modality {order.get('modality') or '?'}, "
+                     f"scheduled {order.get('scheduled') or '?'}, priority "
+                     f"{order.get('priority') or '?'}")
     lines.append(f"  completion: {d['completion']}")
     return "\n".join(lines)
 
@@ -121,4 +132,8 @@ def explain_spooled(cfg: Config, state: State, spool: Spool,
     instances = state.instances(study_uid, present_only=False)
     if not instances:
         return None
-    return as_dict(study_uid, instances, explain(cfg, instances, spool.open), cfg)
+    out = as_dict(study_uid, instances, explain(cfg, instances, spool.open,
+                                                state.hl7_order), cfg)
+    accession = instances[0].tags.get("AccessionNumber", "")
+    out["hl7_order"] = state.hl7_order(accession) if accession else None  # the expected study
+    return out

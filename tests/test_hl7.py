@@ -10,13 +10,14 @@ with the receiver's reason."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hl7_peer import Hl7Receiver, fields, message, mllp_send, msa, msh
 from peers import free_port, run_storescu, wait_until
-from router_fixtures import Router, tags_of
+from router_fixtures import Router, dicomrouter, tags_of
 
 from dicomrouter.config import load
 from dicomrouter.sample import generate
@@ -238,3 +239,47 @@ def test_hl7_notification_on_delivered(tmp_path: Path, storescp: Any) -> None:
         assert obx["StudyInstanceUID"] == tags["StudyInstanceUID"]
         assert obx["NumberOfStudyRelatedInstances"] == "2" and obx["Destination"] == "pacs"
         assert str(msg.extract_field("OBR", 1, 18)) == tags["AccessionNumber"]
+
+
+def _delivered_studies(folder: Path) -> set[str]:
+    return {tags_of(f, "StudyInstanceUID")[0] for f in folder.rglob("*.dcm")}
+
+
+@pytest.mark.usefixtures("dcmtk_available")
+def test_an_order_gives_its_study_pseudo_keys_for_routes(tmp_path: Path) -> None:
+    """Two studies, two orders: only the STAT one from the right facility goes to 'urgent'; a
+    third study without any order goes the fallback way too (no order: no value)."""
+    (stat_files, stat), (routine_files, routine), (none_files, none) = (
+        _study(tmp_path, seed, 2) for seed in (601, 602, 603))
+    assert len({stat["AccessionNumber"], routine["AccessionNumber"],
+                none["AccessionNumber"]}) == 3
+    with _router(tmp_path, destinations={
+            "urgent": {"type": "folder", "path": str(tmp_path / "urgent")},
+            "routine": {"type": "folder", "path": str(tmp_path / "routine")}},
+            routes=[{"name": "stat", "to": "urgent",
+                     "when": {"OrderPriority": "S", "OrderingFacility": "/elsewhere/i"}},
+                    {"name": "rest", "to": "routine", "fallback": True}]) as router:
+        port = router.config["hl7"]["port"]
+        for control, tags, priority in (("O1", stat, "S"), ("O2", routine, "R")):
+            ack = mllp_send(port, orm(control, tags["AccessionNumber"], priority=priority),
+                            tmp_path, f"{control}.hl7")
+            assert msa(ack)[0] == "AA"
+        wait_until(lambda: _handled(router, 2), timeout=30, what="both orders handled")
+        for files in (stat_files, routine_files, none_files):
+            assert run_storescu(files, router.port).returncode == 0
+        for tags in (stat, routine, none):
+            router.wait_state(tags["StudyInstanceUID"], "delivered")
+        assert _delivered_studies(tmp_path / "urgent") == {stat["StudyInstanceUID"]}
+        assert _delivered_studies(tmp_path / "routine") == {routine["StudyInstanceUID"],
+                                                            none["StudyInstanceUID"]}
+        r = dicomrouter("explain", "--study", stat["StudyInstanceUID"], "--json", "--config",
+                        str(router.config_path))
+        assert r.returncode == 0, r.stderr
+        found = json.loads(r.stdout)[0]
+        assert found["hl7_order"]["accession"] == stat["AccessionNumber"]
+        assert found["hl7_order"]["priority"] == "S"
+        stat_route = next(x for x in found["routes"] if x["name"] == "stat")
+        assert stat_route["matched"] and "OrderPriority" in stat_route["why"]
+        text = dicomrouter("explain", "--study", stat["StudyInstanceUID"], "--config",
+                           str(router.config_path)).stdout
+        assert "expected by HL7 order O1" in text
