@@ -26,7 +26,7 @@ from hl7.mllp import InvalidBlockError, start_hl7_server
 from ..config.hl7 import Hl7ListenerModel
 from ..logsafe import escape
 from ..tlsctx import describe_error, server_context
-from . import message
+from .message import INTERNAL, SEGMENT_SEQUENCE, ack
 
 log = logging.getLogger("dicomrouter.hl7")
 
@@ -141,28 +141,28 @@ class Hl7Listener:
             except ValueError:  # the stream limit: larger than max_message_size
                 log.warning("HL7 message from %s refused (AR): larger than max_message_size "
                             "(%d bytes); connection closed", peer, self.cfg.max_message_size)
-                await self._answer(writer, message.ack(
+                await self._answer(writer, ack(
                     None, "AR", f"message larger than {self.cfg.max_message_size} bytes",
-                    message.INTERNAL, self.application))
+                    INTERNAL, self.application))
                 return
             except InvalidBlockError:
                 log.warning("HL7 data from %s refused (AR): not an MLLP block (no <VT> "
                             "start); connection closed", peer)
-                await self._answer(writer, message.ack(
-                    None, "AR", "not an MLLP block", message.SEGMENT_SEQUENCE,
+                await self._answer(writer, ack(
+                    None, "AR", "not an MLLP block", SEGMENT_SEQUENCE,
                     self.application))
                 return
             try:
-                ack = await asyncio.wait_for(
+                answer = await asyncio.wait_for(
                     loop.run_in_executor(self._pool, self.receive, block, peer),
                     self.cfg.ack_timeout)
             except TimeoutError:
                 log.error("HL7 message from %s answered AE: not stored within ack_timeout "
                           "(%g s); the sender should send it again", peer,
                           self.cfg.ack_timeout)
-                ack = message.ack(None, "AE", "not stored in time, send again",
-                                  message.INTERNAL, self.application)
-            await self._answer(writer, ack)
+                answer = ack(None, "AE", "not stored in time, send again", INTERNAL,
+                             self.application)
+            await self._answer(writer, answer)
 
     async def _answer(self, writer: Any, ack: str) -> None:
         writer.writeblock(ack.encode(self.cfg.encoding, "replace"))

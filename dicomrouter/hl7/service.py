@@ -25,9 +25,21 @@ from ..config import Config
 from ..logsafe import escape
 from ..rules import all_hold
 from ..state import STATE_ERRORS, State, StateUnavailable
-from . import message
 from .listener import Hl7Listener
-from .message import Inbound, Malformed
+from .message import (
+    INTERNAL,
+    REQUIRED_MISSING,
+    SEGMENT_SEQUENCE,
+    SUPPORTED,
+    UNSUPPORTED_TYPE,
+    Inbound,
+    Malformed,
+    ack,
+    missing,
+    order_of,
+    parse,
+    values,
+)
 from .orders import OrderHub
 
 log = logging.getLogger("dicomrouter.hl7")
@@ -75,34 +87,34 @@ class Hl7Service:
             text = block.decode(self.model.encoding)
         except UnicodeDecodeError as exc:
             return self._refuse(None, peer, "AR", f"not {self.model.encoding} text ({exc.reason} "
-                                f"at byte {exc.start})", message.INTERNAL)
+                                f"at byte {exc.start})", INTERNAL)
         try:
-            inbound = message.parse(text)
+            inbound = parse(text)
         except Malformed as exc:
-            return self._refuse(None, peer, "AR", f"malformed: {exc}", message.SEGMENT_SEQUENCE)
+            return self._refuse(None, peer, "AR", f"malformed: {exc}", SEGMENT_SEQUENCE)
         if not self.model.allows(inbound.sending_application, inbound.sending_facility):
             return self._refuse(inbound, peer, "AR", f"sender {inbound.sending_application}/"
                                 f"{inbound.sending_facility} is not in allowed_senders",
-                                message.INTERNAL)
+                                INTERNAL)
         if not inbound.kind:
             return self._refuse(inbound, peer, "AR", f"unsupported message type "
                                 f"{inbound.message_type} (supported: "
-                                f"{', '.join(message.SUPPORTED)})", message.UNSUPPORTED_TYPE)
-        lacking = message.missing(inbound)
+                                f"{', '.join(SUPPORTED)})", UNSUPPORTED_TYPE)
+        lacking = missing(inbound)
         if lacking:
-            return self._refuse(inbound, peer, "AE", lacking, message.REQUIRED_MISSING)
+            return self._refuse(inbound, peer, "AE", lacking, REQUIRED_MISSING)
         try:
             stored = self.state.store_hl7_message(
                 inbound.raw, inbound.message_type, inbound.control_id,
                 inbound.sending_application, inbound.sending_facility, peer)
         except (*STATE_ERRORS, StateUnavailable) as exc:
             return self._refuse(inbound, peer, "AE", f"not stored ({type(exc).__name__}: "
-                                f"{exc}); send it again", message.INTERNAL)
+                                f"{exc}); send it again", INTERNAL)
         log.info("HL7 %s %s from %s/%s (%s) stored as #%d: AA", escape(inbound.message_type),
                  escape(inbound.control_id), escape(inbound.sending_application),
                  escape(inbound.sending_facility), peer, stored)
         self._wake.set()
-        return message.ack(inbound, "AA", application=app)
+        return ack(inbound, "AA", application=app)
 
     def _refuse(self, inbound: Inbound | None, peer: str, code: str, reason: str,
                 error: str) -> str:
@@ -110,7 +122,7 @@ class Hl7Service:
                f"{escape(inbound.sending_application)}/{escape(inbound.sending_facility)}" \
             if inbound is not None else "HL7 message"
         log.warning("%s (%s) refused (%s): %s", what, peer, code, escape(reason))
-        return message.ack(inbound, code, reason, error, self.cfg.ae_title)
+        return ack(inbound, code, reason, error, self.cfg.ae_title)
 
     # ---- handling ---------------------------------------------------------------------------
 
@@ -145,7 +157,7 @@ class Hl7Service:
         record = prefetch = False
         matched = []
         for i, rule in enumerate(rules):
-            held, _why = all_hold(rule.when, lambda key: message.values(inbound, order, key)) \
+            held, _why = all_hold(rule.when, lambda key: values(inbound, order, key)) \
                 if rule.when else (True, "")
             if held:
                 matched.append(rule.name or f"hl7_rules[{i}]")
@@ -158,8 +170,8 @@ class Hl7Service:
     def handle(self, row: dict[str, Any]) -> str:
         """Handle one stored message (idempotent: its upserts take the latest); the outcome."""
         try:
-            inbound = message.parse(row["raw"])
-            order = message.order_of(inbound)
+            inbound = parse(row["raw"])
+            order = order_of(inbound)
             record, prefetch, why = self.actions(inbound, order)
         except Exception as exc:  # stored, so it parsed once: a bug, recorded, not looped on
             outcome = f"not handled: {type(exc).__name__}: {exc}"
@@ -168,7 +180,8 @@ class Hl7Service:
             return outcome
         did = []
         if prefetch:
-            did.append(f"prefetch ({self.orders.publish(order)} subscriber(s))")
+            total = self.orders.subscribers
+            did.append(f"prefetch: {self.orders.publish(order)}/{total} subscriber(s)")
         merge = None
         if record:
             if inbound.kind == "merge":
