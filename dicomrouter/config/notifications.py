@@ -159,7 +159,7 @@ class NotificationModel(Strict):
         urls = [k for k in ("url", "url_env", "url_file") if getattr(self, k) is not None]
         if len(urls) + (self.smtp is not None) + (self.hl7 is not None) != 1:
             raise ConfigError(urls[1] if len(urls) > 1 else "url", "give one of url, url_env, "
-                              "url_file (a webhook), smtp (e-mail) or hl7 (MLLP)")
+                              "url_file (a webhook), hl7 (MLLP) or smtp (e-mail)")
         if self.url is not None:
             http_url(self.url, "url")
         env_set("url_env", self.url_env)
