@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 
 from .config import Config
 from .dicomfile import UnreadableDataset, identify
+from .hl7wire import describe_order
 from .priority import placement
 from .routing import Decision, route
 from .sources import source_names
@@ -112,15 +113,8 @@ def render(d: dict[str, Any]) -> str:
     if d.get("held"):
         lines.append(f"  held for {', '.join(d['held'])} (hold: true): waits for "
                      "'dicomrouter release' or 'reject'")
-    order = d.get("hl7_order")
-    if order:
-        lines.append(f"  expected by HL7 order {order.get('control_id', '')} "
-                     f"({order.get('message_type', '')} from "
-                     f"{order.get('sending_application', '')}/"
-                     f"{order.get('sending_facility', '')}): accession "
-                     f"{order.get('accession', '')}, modality {order.get('modality') or '?'}, "
-                     f"scheduled {order.get('scheduled') or '?'}, priority "
-                     f"{order.get('priority') or '?'}")
+    if d.get("hl7_order"):
+        lines.append(f"  {describe_order(d['hl7_order'])}")
     lines.append(f"  completion: {d['completion']}")
     return "\n".join(lines)
 
@@ -134,6 +128,5 @@ def explain_spooled(cfg: Config, state: State, spool: Spool,
         return None
     out = as_dict(study_uid, instances, explain(cfg, instances, spool.open,
                                                 state.hl7_order), cfg)
-    accession = instances[0].tags.get("AccessionNumber", "")
-    out["hl7_order"] = state.hl7_order(accession) if accession else None  # the expected study
+    out["hl7_order"] = state.study_hl7_order(study_uid)  # the expected study (issue 27)
     return out

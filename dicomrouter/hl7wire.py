@@ -86,6 +86,15 @@ def control_id() -> str:
     return f"{int(time.time() * 1000):x}{os.getpid() % 65536:04x}{next(_SEQ):04x}"
 
 
+def describe_order(order: dict[str, Any]) -> str:
+    """The HL7 order a study was expected by, in one line (explain, status --study)."""
+    return (f"expected by HL7 order {order.get('control_id', '')} "
+            f"({order.get('message_type', '')} from {order.get('sending_application', '')}/"
+            f"{order.get('sending_facility', '')}): accession {order.get('accession', '')}, "
+            f"modality {order.get('modality') or '?'}, scheduled "
+            f"{order.get('scheduled') or '?'}, priority {order.get('priority') or '?'}")
+
+
 def environment() -> Any:
     """The Jinja2 sandbox of HL7 templates (the notifications' environment) with the ``hl7``
     and ``hl7_name`` filters; ``Undefined`` renders empty (a study without a tag)."""

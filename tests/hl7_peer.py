@@ -68,8 +68,9 @@ def msa(ack: str) -> tuple[str, str, str]:
 class Hl7Receiver:
     """An MLLP receiver on 127.0.0.1 that records what it gets and answers ``code``."""
 
-    def __init__(self, code: str = "AA", reason: str = "") -> None:
+    def __init__(self, code: str = "AA", reason: str = "", tls: Any = None) -> None:
         self.port = free_port()
+        self.tls = tls  # an ssl.SSLContext: MLLP over TLS
         self.code = code
         self.reason = reason
         self.messages: list[Any] = []  # hl7.Message
@@ -96,7 +97,8 @@ class Hl7Receiver:
     def __enter__(self) -> Hl7Receiver:
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(
-            start_hl7_server(self._client, "127.0.0.1", self.port), self._loop).result(10)
+            start_hl7_server(self._client, "127.0.0.1", self.port, ssl=self.tls),
+            self._loop).result(10)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,6 +11,8 @@ with the receiver's reason."""
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from router_fixtures import Router, dicomrouter, tags_of
 from dicomrouter.config import load
 from dicomrouter.sample import generate
 from dicomrouter.state import State, state_for
+from dicomrouter_bench.tlscerts import make_certs
 
 FAST_RETRY = {"initial": "200ms", "max_delay": "500ms", "max_attempts": 3}
 
@@ -283,3 +286,77 @@ def test_an_order_gives_its_study_pseudo_keys_for_routes(tmp_path: Path) -> None
         text = dicomrouter("explain", "--study", stat["StudyInstanceUID"], "--config",
                            str(router.config_path)).stdout
         assert "expected by HL7 order O1" in text
+        for args in ((), ("--json",)):
+            st = dicomrouter("status", "--study", stat["StudyInstanceUID"], *args, "--config",
+                             str(router.config_path))
+            assert st.returncode == 0 and "O1" in st.stdout, st.stderr
+
+
+def _mllp_over(sock: Any, text: str) -> str:
+    """One message over an already open (TLS) socket; the ACK."""
+    sock.sendall(b"\x0b" + text.encode() + b"\x1c\r")
+    buf = b""
+    while b"\x1c\r" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode().strip("\x0b\x1c\r")
+
+
+def test_tls_listener_needs_a_client_certificate_and_limits_hold(tmp_path: Path) -> None:
+    """HL7 over TLS with client certificates (Python's ssl as the sender), a connection past
+    max_connections closed at once, an idle one closed after idle_timeout."""
+    certs = make_certs(tmp_path / "certs")
+    with _router(tmp_path, hl7={"tls": {"cert": str(certs.server.cert),
+                                        "key": str(certs.server.key), "ca": str(certs.ca),
+                                        "verify_client": True},
+                                "max_connections": 2, "idle_timeout": "2s"}) as router:
+        port = router.config["hl7"]["port"]
+        ctx = ssl.create_default_context(cafile=str(certs.ca))
+        ctx.check_hostname = False
+        ctx.load_cert_chain(str(certs.client.cert), str(certs.client.key))
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+                ctx.wrap_socket(raw) as tls:
+            assert msa(_mllp_over(tls, orm("T1", "ACC-TLS")))[0] == "AA"
+        anonymous = ssl.create_default_context(cafile=str(certs.ca))
+        anonymous.check_hostname = False
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+            try:
+                with anonymous.wrap_socket(raw) as tls:  # TLS 1.3: refused after the handshake
+                    tls.sendall(b"\x0b" + orm("T2", "ACC-NO").encode() + b"\x1c\r")
+                    assert tls.recv(100) == b""
+            except (ssl.SSLError, ConnectionError):
+                pass
+        wait_until(lambda: "HL7 TLS handshake with" in router.log(200), timeout=30,
+                   what="the failed handshake logged")
+        held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
+        try:
+            wait_until(lambda: "more than max_connections" not in router.log(200), timeout=5)
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as third:
+                assert third.recv(100) == b""  # closed at once, before any TLS
+            wait_until(lambda: "more than max_connections (2)" in router.log(200), timeout=30)
+        finally:
+            for s in held:
+                s.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as idle, \
+                ctx.wrap_socket(idle) as tls:
+            assert tls.recv(100) == b""  # closed after idle_timeout
+        wait_until(lambda: "within idle_timeout (2 s)" in router.log(200), timeout=30)
+        assert _read(router, lambda s: [r["control_id"] for r in s.hl7_messages()]) == ["T1"]
+        assert "Traceback" not in router.log(400)
+
+
+@pytest.mark.usefixtures("dcmtk_available")
+def test_hl7_destination_over_tls(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(str(certs.server.cert), str(certs.server.key))
+    files, tags = _study(tmp_path, 504, instances=1)
+    with Hl7Receiver(tls=server) as ris, _router(tmp_path, destinations={
+            "ris": {"type": "hl7", "host": "127.0.0.1", "port": ris.port,
+                    "tls": {"ca": str(certs.ca)}, "retry": FAST_RETRY}},
+            routes=[{"to": "ris"}]) as router:
+        assert run_storescu(files, router.port).returncode == 0
+        router.wait_state(tags["StudyInstanceUID"], "delivered")
+        assert len(ris.messages) == 1

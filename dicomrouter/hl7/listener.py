@@ -50,6 +50,7 @@ class Hl7Listener:
         self._ready = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hl7-store")
         self._writers: set[Any] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="hl7-listener", daemon=True)
@@ -67,9 +68,8 @@ class Hl7Listener:
         loop.set_exception_handler(self._loop_error)
         try:
             self._server = loop.run_until_complete(start_hl7_server(
-                self._client, sock=self.sock, limit=self.cfg.max_message_size,
-                encoding="latin-1", ssl=self.tls,
-                ssl_handshake_timeout=self.cfg.idle_timeout if self.tls else None))
+                self._connected, sock=self.sock, limit=self.cfg.max_message_size,
+                encoding="latin-1"))
         finally:
             self._ready.set()
         loop.run_forever()
@@ -101,6 +101,16 @@ class Hl7Listener:
             self._thread.join(5)
         self._pool.shutdown(wait=True, cancel_futures=False)
 
+    def _connected(self, reader: Any, writer: Any) -> None:
+        """A new connection (called from ``connection_made``, before any byte is read): with
+        TLS, reading waits for ``start_tls`` (else the ClientHello would land in the MLLP
+        reader's buffer)."""
+        if self.tls is not None:
+            writer.transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(self._client(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _client(self, reader: Any, writer: Any) -> None:
         peername = writer.get_extra_info("peername") or ("?", 0)
         peer = f"{peername[0]}:{peername[1]}"
@@ -112,6 +122,14 @@ class Hl7Listener:
         self.connections += 1
         self._writers.add(writer)
         try:
+            if self.tls is not None:  # here, not in the server: a failed handshake is logged
+                try:
+                    await asyncio.wait_for(writer.start_tls(self.tls), self.cfg.idle_timeout)
+                except (ssl.SSLError, OSError, TimeoutError) as exc:
+                    why = describe_error(exc) if isinstance(exc, ssl.SSLError) else \
+                        f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    log.warning("HL7 TLS handshake with %s failed: %s", peer, escape(why))
+                    return
             await self._serve(reader, writer, peer)
         except (ConnectionError, OSError) as exc:
             log.info("HL7 connection from %s ended: %s", peer, escape(str(exc) or

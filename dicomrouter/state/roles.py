@@ -462,6 +462,9 @@ class Hl7Orders(ABC):
     def merged_patient_id(self, patient_id: str) -> str: ...
 
     @abstractmethod
+    def study_hl7_order(self, study_uid: str) -> dict[str, str] | None: ...
+
+    @abstractmethod
     def latest_hl7_order(self, accession: str | None = None,
                          patient_id: str | None = None) -> dict[str, str] | None:
         """The latest order (or ADT for a patient) as DICOM keywords → values."""

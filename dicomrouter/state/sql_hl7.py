@@ -121,6 +121,11 @@ class Hl7SQL(SQLBase):
         had: priority, ordering facility, scheduled time...)."""
         return self._order_row("accession", accession) if accession else None
 
+    def study_hl7_order(self, study_uid: str) -> dict[str, str] | None:
+        """The latest order for the study's AccessionNumber (its expected study)."""
+        rows = self._query("SELECT accession FROM studies WHERE study_uid=?", (study_uid,))
+        return self.hl7_order(rows[0][0]) if rows and rows[0][0] else None
+
     def latest_hl7_order(self, accession: str | None = None,
                          patient_id: str | None = None) -> dict[str, str] | None:
         """The latest order for ``accession`` (else the latest ADT/order demographics of
