@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,8 @@ def test_each_message_type_is_acked_and_stored(tmp_path: Path) -> None:
 
 def test_what_cannot_be_taken_is_refused_with_the_reason(tmp_path: Path) -> None:
     with _router(tmp_path, hl7={"allowed_senders": [{"application": "RIS"}],
-                                "max_message_size": "4KiB"}) as router:
+                                "max_message_size": "4KiB"},
+                 web={"enabled": True, "port": free_port()}) as router:
         port = router.config["hl7"]["port"]
         cases = [
             ("garbage", "this is not HL7 at all\rPID|1||x", "AR", "malformed"),
@@ -152,6 +154,19 @@ def test_what_cannot_be_taken_is_refused_with_the_reason(tmp_path: Path) -> None
         assert log.count("refused (A") == len(cases) + 2  # one line per message
         assert "larger than max_message_size" in log
         assert "Traceback" not in log
+        web = router.config["web"]["port"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{web}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        counts = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                  if line.startswith("dicomrouter_hl7_messages_total{")}
+        assert counts == {
+            'dicomrouter_hl7_messages_total{ack="AR",message_type="unreadable"}': 4.0,
+            'dicomrouter_hl7_messages_total{ack="AR",message_type="other"}': 1.0,
+            'dicomrouter_hl7_messages_total{ack="AR",message_type="ORM^O01"}': 1.0,
+            'dicomrouter_hl7_messages_total{ack="AE",message_type="ADT^A08"}': 1.0,
+            'dicomrouter_hl7_messages_total{ack="AE",message_type="ORM^O01"}': 1.0,
+            'dicomrouter_hl7_messages_total{ack="AE",message_type="ADT^A40"}': 1.0,
+            'dicomrouter_hl7_messages_total{ack="AA",message_type="ORM^O01"}': 1.0}, counts
 
 
 def test_an_acked_message_survives_kill_9_and_is_handled_after_restart(tmp_path: Path) -> None:

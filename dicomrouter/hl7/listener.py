@@ -23,6 +23,7 @@ from typing import Any
 
 from hl7.mllp import InvalidBlockError, start_hl7_server
 
+from .. import metrics
 from ..config.hl7 import Hl7ListenerModel
 from ..logsafe import escape
 from ..tlsctx import describe_error, server_context
@@ -159,6 +160,7 @@ class Hl7Listener:
             except ValueError:  # the stream limit: larger than max_message_size
                 log.warning("HL7 message from %s refused (AR): larger than max_message_size "
                             "(%d bytes); connection closed", peer, self.cfg.max_message_size)
+                metrics.HL7_MESSAGES.labels("unreadable", "AR").inc()
                 await self._answer(writer, ack(
                     None, "AR", f"message larger than {self.cfg.max_message_size} bytes",
                     INTERNAL, self.application))
@@ -166,6 +168,7 @@ class Hl7Listener:
             except InvalidBlockError:
                 log.warning("HL7 data from %s refused (AR): not an MLLP block (no <VT> "
                             "start); connection closed", peer)
+                metrics.HL7_MESSAGES.labels("unreadable", "AR").inc()
                 await self._answer(writer, ack(
                     None, "AR", "not an MLLP block", SEGMENT_SEQUENCE,
                     self.application))
@@ -178,6 +181,7 @@ class Hl7Listener:
                 log.error("HL7 message from %s answered AE: not stored within ack_timeout "
                           "(%g s); the sender should send it again", peer,
                           self.cfg.ack_timeout)
+                metrics.HL7_MESSAGES.labels("unknown", "AE").inc()
                 answer = ack(None, "AE", "not stored in time, send again", INTERNAL,
                              self.application)
             await self._answer(writer, answer)

@@ -21,6 +21,7 @@ import socket
 import threading
 from typing import Any
 
+from .. import metrics
 from ..config import Config
 from ..logsafe import escape
 from ..rules import all_hold
@@ -110,6 +111,7 @@ class Hl7Service:
         except (*STATE_ERRORS, StateUnavailable) as exc:
             return self._refuse(inbound, peer, "AE", f"not stored ({type(exc).__name__}: "
                                 f"{exc}); send it again", INTERNAL)
+        metrics.HL7_MESSAGES.labels(inbound.message_type, "AA").inc()
         log.info("HL7 %s %s from %s/%s (%s) stored as #%d: AA", escape(inbound.message_type),
                  escape(inbound.control_id), escape(inbound.sending_application),
                  escape(inbound.sending_facility), peer, stored)
@@ -122,6 +124,9 @@ class Hl7Service:
                f"{escape(inbound.sending_application)}/{escape(inbound.sending_facility)}" \
             if inbound is not None else "HL7 message"
         log.warning("%s (%s) refused (%s): %s", what, peer, code, escape(reason))
+        kind = inbound.message_type if inbound is not None and inbound.kind else \
+            "other" if inbound is not None else "unreadable"  # bounded label values
+        metrics.HL7_MESSAGES.labels(kind, code).inc()
         return ack(inbound, code, reason, error, self.cfg.ae_title)
 
     # ---- handling ---------------------------------------------------------------------------
@@ -130,6 +135,11 @@ class Hl7Service:
         failing = False
         while not self._stop.is_set():
             try:
+                # several routers on one state: one node handles (the others store and ACK)
+                if self.cfg.cluster and not self.state.hold_lease("hl7-handler", 30.0):
+                    self._wake.wait(2.0)
+                    self._wake.clear()
+                    continue
                 rows = self.state.hl7_unhandled(BATCH)
                 for row in rows:
                     if self._stop.is_set():
@@ -145,7 +155,11 @@ class Hl7Service:
                     log.warning("HL7: cannot handle stored messages now (%s: %s); will try "
                                 "again", type(exc).__name__, exc)
                 failing = True
-            self._wake.wait(1.0 if failing else 5.0)
+            except Exception as exc:  # a bug: one line, the thread goes on
+                log.error("HL7: handling stopped by an internal error %s: %s; will try again",
+                          type(exc).__name__, escape(str(exc)))
+                failing = True
+            self._wake.wait(1.0 if failing else 2.0 if self.cfg.cluster else 5.0)
             self._wake.clear()
 
     def actions(self, inbound: Inbound, order: dict[str, str]) -> tuple[bool, bool, str]:
