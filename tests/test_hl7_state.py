@@ -4,6 +4,7 @@ demographics over an order's, ADT^A40 merges followed (chains, cycles)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +96,12 @@ def test_merges_map_the_old_patient_id(state: State) -> None:
                       _order(message_type="ADT^A40", patient_id="OLD", accession=""),
                       merge=("NEWER", "OLD"))
     assert state.merged_patient_id("OLD") in ("OLD", "NEW", "NEWER")  # terminates
+
+
+def test_purge_keeps_unhandled_messages_and_the_orders(state: State) -> None:
+    handled, pending = _store(state, control="C1"), _store(state, control="C2")
+    state.hl7_handled(handled, "ok", _order())
+    assert state.purge_hl7_messages(before=0.0) == 0
+    assert state.purge_hl7_messages(before=time.time() + 1) == 1
+    assert [r["id"] for r in state.hl7_messages()] == [pending]
+    assert state.latest_hl7_order(accession="ACC1") is not None

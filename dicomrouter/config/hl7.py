@@ -85,9 +85,12 @@ class Hl7ListenerModel(Strict):
     max_connections: Int(1, 10_000) = 32  # at once; more are closed at once
     encoding: Text = "utf-8"  # of the bytes on the wire (MSH-18 is not read)
     ack_timeout: Duration = 30.0  # storing a message before its ACK: longer answers AE
+    keep_messages: Duration = 30 * 86400.0  # handled messages' text kept this long (0: forever)
 
     @model_validator(mode="after")
     def _checks(self) -> Hl7ListenerModel:
+        if self.keep_messages < 0:
+            raise ConfigError("keep_messages", "must be 0 (forever) or more")
         for key in ("idle_timeout", "ack_timeout"):
             if getattr(self, key) <= 0:
                 raise ConfigError(key, "must be more than 0")

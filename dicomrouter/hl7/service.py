@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from typing import Any
 
 from .. import metrics
@@ -46,6 +47,7 @@ from .orders import OrderHub
 log = logging.getLogger("dicomrouter.hl7")
 
 BATCH = 200  # unhandled messages read at once
+PURGE_EVERY = 3600.0  # s between two deletions of messages older than keep_messages
 
 
 class Hl7Service:
@@ -63,6 +65,7 @@ class Hl7Service:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._purged = 0.0  # monotonic time of the last purge
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._handle_loop, name="hl7-handler",
@@ -150,6 +153,7 @@ class Hl7Service:
                 failing = False
                 if len(rows) == BATCH:
                     continue
+                self._purge()
             except (*STATE_ERRORS, StateUnavailable) as exc:
                 if not failing:
                     log.warning("HL7: cannot handle stored messages now (%s: %s); will try "
@@ -161,6 +165,16 @@ class Hl7Service:
                 failing = True
             self._wake.wait(1.0 if failing else 2.0 if self.cfg.cluster else 5.0)
             self._wake.clear()
+
+    def _purge(self) -> None:
+        """Delete handled messages older than ``keep_messages`` (hourly; 0 keeps them)."""
+        if not self.model.keep_messages or time.monotonic() - self._purged < PURGE_EVERY \
+                and self._purged:
+            return
+        self._purged = time.monotonic()
+        n = self.state.purge_hl7_messages(time.time() - self.model.keep_messages)
+        if n:
+            log.info("HL7: %d handled message(s) older than keep_messages deleted", n)
 
     def actions(self, inbound: Inbound, order: dict[str, str]) -> tuple[bool, bool, str]:
         """(record, prefetch, why) by ``hl7_rules``: every matching rule's actions; none

@@ -465,6 +465,9 @@ class Hl7Orders(ABC):
     def study_hl7_order(self, study_uid: str) -> dict[str, str] | None: ...
 
     @abstractmethod
+    def purge_hl7_messages(self, before: float) -> int: ...
+
+    @abstractmethod
     def latest_hl7_order(self, accession: str | None = None,
                          patient_id: str | None = None) -> dict[str, str] | None:
         """The latest order (or ADT for a patient) as DICOM keywords → values."""

@@ -60,6 +60,13 @@ class Hl7SQL(SQLBase):
             " sending_facility, peer, handled_at, outcome FROM hl7_messages"
             " ORDER BY id DESC LIMIT ?", (limit,))]
 
+    def purge_hl7_messages(self, before: float) -> int:
+        """Delete the messages handled before ``before`` (the latest orders, demographics and
+        merges they recorded stay); how many."""
+        with self._tx() as db:
+            return int(db.execute("DELETE FROM hl7_messages WHERE handled_at IS NOT NULL AND"
+                                  " handled_at < ?", (before,)).rowcount)
+
     def hl7_handled(self, message_id: int, outcome: str,
                     order: Mapping[str, str] | None = None,
                     merge: tuple[str, str] | None = None) -> None:
