@@ -201,13 +201,26 @@ def _study(tmp_path: Path, seed: int, instances: int = 3) -> tuple[list[Path], d
 @pytest.mark.usefixtures("dcmtk_available")
 def test_hl7_destination_sends_oru_with_the_study(tmp_path: Path) -> None:
     files, tags = _study(tmp_path, 501)
-    with Hl7Receiver() as ris, _router(tmp_path, destinations={
+    template = ("MSH|^~\\&|ME||{{ receiving_application|hl7 }}||{{ now }}||{{ message_type }}|"
+                "{{ control_id }}|P|2.5.1\n"
+                "PID|1||{{ study.PatientID|hl7 }}||{{ study.PatientName|hl7_name }}\n\n"
+                "ZXX|{{ routes|join('~')|hl7 }}|{{ instances }}|{{ study.Nothing }}\n")
+    with Hl7Receiver() as ris, Hl7Receiver() as other, _router(tmp_path, destinations={
             "ris": {"type": "hl7", "host": "127.0.0.1", "port": ris.port,
-                    "receiving_application": "RIS", "retry": FAST_RETRY}},
-            routes=[{"name": "tell-ris", "to": "ris"}]) as router:
+                    "receiving_application": "RIS", "retry": FAST_RETRY},
+            "custom": {"type": "hl7", "host": "127.0.0.1", "port": other.port,
+                       "message_type": "OMG^O19", "receiving_application": "R|S",
+                       "template": template}},
+            routes=[{"name": "tell-ris", "to": ["ris", "custom"]}]) as router:
         assert run_storescu(files, router.port).returncode == 0
         router.wait_state(tags["StudyInstanceUID"], "delivered")
-        assert len(ris.messages) == 1
+        assert len(ris.messages) == 1 and len(other.messages) == 1
+        custom = other.messages[0]  # the template's segments, blank lines dropped, escaped
+        assert [str(s[0]) for s in custom] == ["MSH", "PID", "ZXX"]
+        assert str(custom.segment("MSH")[5]) == "R\\F\\S"
+        assert str(custom.segment("MSH")[9]) == "OMG^O19"
+        assert custom.unescape(str(custom.segment("PID")[3])) == tags["PatientID"]
+        assert [str(custom.segment("ZXX")[i]) for i in (1, 2, 3)] == ["tell-ris", "3", ""]
         msg = ris.messages[0]
         assert str(msg.segment("MSH")[9]) == "ORU^R01"
         assert str(msg.segment("MSH")[5]) == "RIS"
