@@ -67,6 +67,11 @@ def test_latest_order_by_accession_and_by_patient(state: State) -> None:
     assert by_acc is not None
     assert (by_acc["PatientName"], by_acc["PatientBirthDate"], by_acc["AccessionNumber"],
             by_acc["RequestedProcedureID"]) == ("Doe^Johnny", "19700102", "ACC1", "RP1")
+    # both asked, the accession has no order: the patient's demographics, no accession
+    both = state.latest_hl7_order(accession="UNKNOWN", patient_id="P1")
+    assert both is not None and (both["PatientName"], both["AccessionNumber"]) == (
+        "Doe^Johnny", "")
+    assert state.latest_hl7_order(accession="UNKNOWN", patient_id="NOBODY") is None
     by_pid = state.latest_hl7_order(patient_id="P1")
     assert by_pid is not None and by_pid["PatientName"] == "Doe^Johnny"
     assert by_pid["AccessionNumber"] == ""

@@ -135,17 +135,14 @@ class Hl7SQL(SQLBase):
 
     def latest_hl7_order(self, accession: str | None = None,
                          patient_id: str | None = None) -> dict[str, str] | None:
-        """The latest order for ``accession`` (else the latest ADT/order demographics of
-        ``patient_id``) as DICOM keywords → values (PatientID, IssuerOfPatientID,
-        PatientName in DICOM PN form, PatientBirthDate, PatientSex, AccessionNumber,
-        RequestedProcedureID). A merged patient answers with the PatientID it was merged
-        into, and the newest demographics known for that patient win over the order's."""
-        order: dict[str, str] | None = None
-        if accession:
-            order = self._order_row("accession", accession)
-            patient = order.get("patient_id", "") if order else ""
-        else:
-            patient = patient_id or ""
+        """The latest order for ``accession`` (no order for it, or none asked: the latest
+        ADT/order demographics of ``patient_id``, without accession) as DICOM keywords →
+        values (PatientID, IssuerOfPatientID, PatientName in DICOM PN form, PatientBirthDate,
+        PatientSex, AccessionNumber, RequestedProcedureID). A merged patient answers with the
+        PatientID it was merged into, and the newest demographics known for that patient win
+        over the order's."""
+        order = self._order_row("accession", accession) if accession else None
+        patient = order.get("patient_id", "") if order else (patient_id or "")
         if not order and not patient:
             return None
         if patient:
