@@ -19,6 +19,7 @@ from . import conversion, destinations, health, metrics
 from .completion import Housekeeping, StudyTracker
 from .config import Config
 from .delivery import DeliveryWorkers
+from .hl7 import Hl7Service
 from .notifications import Notifier
 from .receivers import ReceiverProcesses
 from .scp import services
@@ -68,7 +69,9 @@ class Router:
             except ListenError as exc:  # the router's job is DICOM: it goes on without pages
                 log.error("%s; the router runs without its status page, REST API and "
                           "/metrics (set web.port, or web.enabled: false)", exc.strerror)
+        hl7_sock = _bind("HL7 (hl7.port)", cfg.hl7.bind, cfg.hl7.port) if cfg.hl7 else None
         self.state = state_for(cfg)  # SQLite in the spool, or the cluster's PostgreSQL
+        self.hl7 = Hl7Service(cfg, self.state, hl7_sock) if cfg.hl7 else None  # issue 27
         self.spool = spool_for(cfg, self.state)
         context = destinations.Context(cfg.ae_title, self.state, self.spool, cfg, clock)
         self.destinations = {name: destinations.build(d, context)
@@ -134,6 +137,8 @@ class Router:
         if self.cfg.sweep is not None:
             log.info("sweep of the spooled studies: %s", self.cfg.sweep.describe())
         self.notifier.start()  # before the listeners: the studies receiving now are known
+        if self.hl7 is not None:
+            self.hl7.start()
         self.spool.start()
         self.housekeeping.start()
         self.workers.start()
@@ -187,6 +192,8 @@ class Router:
         self.receivers.stop()
         for scp in self.scps:
             scp.stop()
+        if self.hl7 is not None:
+            self.hl7.stop()
         self._stop.set()
         self.tracker.stop()
         self.workers.stop()

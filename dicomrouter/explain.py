@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 from .coerce import specs as coerce_specs
 from .config import Config
 from .dicomfile import UnreadableDataset, identify
+from .hl7wire import describe_order
 from .priority import placement
 from .routing import Decision, route
 from .sources import source_names
@@ -47,8 +48,10 @@ def open_file(inst: Instance) -> BinaryIO:
     return open(inst.key, "rb")  # noqa: SIM115 - the caller closes it
 
 
-def explain(cfg: Config, instances: list[Instance], opener: Any) -> Decision:
-    return route(cfg.routes, instances, opener, source_names(cfg))
+def explain(cfg: Config, instances: list[Instance], opener: Any,
+            orders: Any = None) -> Decision:
+    """``orders``: ``State.hl7_order``, for the ``Order*`` keys of the HL7 order."""
+    return route(cfg.routes, instances, opener, source_names(cfg), orders=orders)
 
 
 def as_dict(study_uid: str, instances: list[Instance], decision: Decision,
@@ -125,6 +128,8 @@ def render(d: dict[str, Any]) -> str:
     if d.get("held"):
         lines.append(f"  held for {', '.join(d['held'])} (hold: true): waits for "
                      "'dicomrouter release' or 'reject'")
+    if d.get("hl7_order"):
+        lines.append(f"  {describe_order(d['hl7_order'])}")
     lines.append(f"  completion: {d['completion']}")
     return "\n".join(lines)
 
@@ -136,8 +141,10 @@ def explain_spooled(cfg: Config, state: State, spool: Spool,
     instances = state.instances(study_uid, present_only=False)
     if not instances:
         return None
-    out = as_dict(study_uid, instances, explain(cfg, instances, spool.open), cfg)
+    out = as_dict(study_uid, instances, explain(cfg, instances, spool.open,
+                                                state.hl7_order), cfg)
     # what coerce changed (or why it did not), as the study's history recorded it
     out["coerced"] = [event for _ts, event in state.history(study_uid)
                       if event.startswith("coerce for ")]
+    out["hl7_order"] = state.study_hl7_order(study_uid)  # the expected study (issue 27)
     return out

@@ -66,6 +66,9 @@ NOTIFICATIONS_DROPPED = Counter("dicomrouter_notifications_dropped", "Notificati
 NOTIFICATIONS_QUEUED = Gauge("dicomrouter_notifications_queued", "Notifications waiting, "
                              "retrying or being sent, by notification", ["notification"],
                              registry=REGISTRY)
+HL7_MESSAGES = Counter("dicomrouter_hl7_messages", "HL7 v2 messages received, by message type "
+                       "(MSH-9; 'unreadable' when there is none) and the ACK code answered",
+                       ["message_type", "ack"], registry=REGISTRY)
 
 
 class StateCollector(Collector):

@@ -19,10 +19,12 @@ from pydicom.dataset import Dataset
 
 from .config import RouteConfig
 from .dicomfile import read_header, text
-from .rules import AGGREGATES, STEP, TAG, all_hold, keys_of
+from .rules import AGGREGATES, ORDER_KEYS, STEP, TAG, all_hold, keys_of
 from .state import Instance
 
 log = logging.getLogger("dicomrouter.routing")
+
+Orders = Callable[[str], Mapping[str, str] | None]  # accession → the latest HL7 order
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,11 @@ class _StudyView:
     def __init__(self, instances: Sequence[Instance], keys: set[str],
                  open_instance: Callable[[Instance], BinaryIO] | None,
                  sources: Mapping[str, str] | None = None,
-                 headers: dict[str, dict[str, list[str]]] | None = None) -> None:
+                 headers: dict[str, dict[str, list[str]]] | None = None,
+                 orders: Orders | None = None) -> None:
         self.instances = instances
+        self._orders = orders
+        self._order_of: dict[str, Mapping[str, str]] = {}
         self._open = open_instance
         self._keys = keys
         self._sources = sources or {}
@@ -131,10 +136,26 @@ class _StudyView:
             return [inst.tags.get("_Listener", "")]
         if key == "SourceHost":  # the sender's IP address
             return [inst.tags.get("_SourceHost", "")]
+        if key in ORDER_KEYS:
+            return [self._order(inst.tags.get("AccessionNumber", "")).get(ORDER_KEYS[key], "")]
         if key in inst.tags:
             raw = inst.tags[key]
             return raw.split("\\") if raw else [""]
         return self._read(inst, key)
+
+    def _order(self, accession: str) -> Mapping[str, str]:
+        """The latest HL7 order for an accession (read once per evaluation; none: {})."""
+        accession = accession.strip()
+        if not accession or self._orders is None:
+            return {}
+        if accession not in self._order_of:
+            try:
+                self._order_of[accession] = self._orders(accession) or {}
+            except Exception as exc:  # the state out of reach: routed as without an order
+                log.warning("cannot read the HL7 order of accession %s: %s: %s", accession,
+                            type(exc).__name__, exc)
+                self._order_of[accession] = {}
+        return self._order_of[accession]
 
     def _read(self, inst: Instance, key: str) -> list[str]:
         cache = self._headers.get(inst.sop_uid)
@@ -146,8 +167,8 @@ class _StudyView:
                     return [""]
                 with self._open(inst) as f:
                     ds = read_header(f)
-                wanted = self._keys - set(AGGREGATES) - {"CallingAE", "CalledAE", "Source",
-                                                         "Listener", "SourceHost"}
+                wanted = self._keys - set(AGGREGATES) - set(ORDER_KEYS) - {
+                    "CallingAE", "CalledAE", "Source", "Listener", "SourceHost"}
                 # only what was read is kept (``headers`` may outlive this evaluation: a file
                 # not readable now, e.g. not yet in a cluster's shared store, is read again)
                 cache = self._headers[inst.sop_uid] = {k: resolve(ds, k) for k in wanted}
@@ -165,17 +186,19 @@ class _StudyView:
 def route(routes: Sequence[RouteConfig], instances: Sequence[Instance],
           open_instance: Callable[[Instance], BinaryIO] | None = None,
           sources: Mapping[str, str] | None = None,
-          headers: dict[str, dict[str, list[str]]] | None = None) -> Decision:
+          headers: dict[str, dict[str, list[str]]] | None = None,
+          orders: Orders | None = None) -> Decision:
     """Evaluate the routing table for one study; ``open_instance`` (``Spool.open``) reads the
     keys the index does not hold; ``sources`` maps a calling AE title to the pull source it
     stands for (the ``Source`` key); ``headers``, kept by the caller between evaluations of
-    a growing study, holds what was read from each file (each is read once)."""
+    a growing study, holds what was read from each file (each is read once); ``orders``
+    (``State.hl7_order``) gives the latest HL7 order of an accession (the ``Order*`` keys)."""
     keys = set().union(*(keys_of(r.when) for r in routes)) if routes else set()
     if "ModalitiesInStudy" in keys:
         keys.add("Modality")
     if "SeriesDescriptions" in keys:
         keys.add("SeriesDescription")
-    view = _StudyView(instances, keys, open_instance, sources, headers)
+    view = _StudyView(instances, keys, open_instance, sources, headers, orders)
     matched: list[str] = []
     dests: dict[str, None] = {}
     results: list[RouteResult] = []

@@ -4,9 +4,9 @@ A condition on a key holds when *any* instance of the study has a matching value
 ``Modality: CT`` reads "the study contains CT"); the conditions of a ``when`` must all hold.
 Keys: any DICOM keyword or ``(gggg,eeee)`` tag, a sequence path
 (``ReferringPhysicianIdentificationSequence[0].PersonIdentificationCodeSequence[0].CodeValue``;
-``[*]`` or no index: any item), ``CallingAE``, ``CalledAE``, ``Source``, ``Listener``, and the
+``[*]`` or no index: any item), ``CallingAE``, ``CalledAE``, ``Source``, ``Listener``, the
 study-level aggregates ``ModalitiesInStudy``, ``NumberOfStudyRelatedInstances``,
-``NumberOfStudyRelatedSeries``, ``SeriesDescriptions``.
+``NumberOfStudyRelatedSeries``, ``SeriesDescriptions``, and the HL7 order's ``ORDER_KEYS``.
 
 Values: a value, a list of values (any of), ``/regex/`` (``/regex/i``: ignoring case), or a
 mapping of operators: ``equals``, ``in``, ``ieq`` and ``iin`` (the same, ignoring case),
@@ -32,6 +32,11 @@ from pydicom.datadict import tag_for_keyword
 
 from .values import AE_PSEUDO_KEYS, ConfigError, Matcher, parse_matcher
 
+#: values of the latest HL7 order for the study's AccessionNumber (issue 27, ``hl7:``)
+ORDER_KEYS = {"OrderPriority": "priority", "OrderingFacility": "ordering_facility",
+              "OrderModality": "modality", "OrderProcedureCode": "procedure_code",
+              "OrderRequestedProcedureID": "requested_procedure_id",
+              "OrderSendingApplication": "sending_application"}
 AGGREGATES = ("ModalitiesInStudy", "NumberOfStudyRelatedInstances",
               "NumberOfStudyRelatedSeries", "SeriesDescriptions")
 OPERATORS = ("equals", "in", "ieq", "iin", "regex", "glob", ">", ">=", "<", "<=", "between",
@@ -86,7 +91,7 @@ class Condition:
 # ---- parsing -----------------------------------------------------------------------------------
 
 def _check_key(key: str, where: str) -> None:
-    if key in AE_PSEUDO_KEYS or key in AGGREGATES:
+    if key in AE_PSEUDO_KEYS or key in AGGREGATES or key in ORDER_KEYS:
         return
     for step in key.split("."):
         m = STEP.match(step)
@@ -97,11 +102,11 @@ def _check_key(key: str, where: str) -> None:
             from pydicom.datadict import keyword_dict
 
             close = difflib.get_close_matches(key, [*keyword_dict, *AE_PSEUDO_KEYS,
-                                                    *AGGREGATES], n=1)
+                                                    *AGGREGATES, *ORDER_KEYS], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(where, f"not a DICOM keyword{hint}, (gggg,eeee) tag or sequence "
                               f"path, nor one of {', '.join(AE_PSEUDO_KEYS)}, "
-                              f"{', '.join(AGGREGATES)}")
+                              f"{', '.join(AGGREGATES)}, {', '.join(ORDER_KEYS)}")
 
 
 def _operator(key: str, raw: Mapping[str, Any], where: str) -> Condition:
@@ -127,8 +132,12 @@ def _operator(key: str, raw: Mapping[str, Any], where: str) -> Condition:
     return Condition(op, key, tuple(operand) if isinstance(operand, list) else operand)
 
 
-def parse_when(raw: Any, where: str = "when") -> tuple[Condition, ...]:
-    """The conditions of a ``when`` mapping; ConfigError names the key that is wrong."""
+def parse_when(raw: Any, where: str = "when",
+               check_key: Callable[[str, str], None] | None = None) -> tuple[Condition, ...]:
+    """The conditions of a ``when`` mapping; ConfigError names the key that is wrong.
+    ``check_key(key, where)`` validates a key (default: a DICOM keyword, tag, sequence path
+    or pseudo-key; ``hl7_rules`` passes its own for HL7 fields)."""
+    check = check_key or _check_key
     if raw is None:
         return ()
     if not isinstance(raw, dict):
@@ -139,20 +148,21 @@ def parse_when(raw: Any, where: str = "when") -> tuple[Condition, ...]:
         at = f"{where}.{key}" if where else key
         if key == "not":
             out.append(Condition("not", children=(Condition("all", children=parse_when(
-                value, at)),)))
+                value, at, check)),)))
         elif key in ("any", "all"):
             items = value if isinstance(value, list) else None
             if not items:
                 raise ConfigError(at, "expected a list of condition mappings")
             out.append(Condition(key, children=tuple(
-                Condition("all", children=parse_when(item, f"{at}[{i}]"))
+                Condition("all", children=parse_when(item, f"{at}[{i}]", check))
                 for i, item in enumerate(items))))
         else:
-            _check_key(key, at)
+            check(key, at)
             if isinstance(value, dict):
                 out.append(_operator(key, value, at))
             else:
-                plain = key.isidentifier() and "." not in key
+                plain = check is _check_key and key.isidentifier() and "." not in key \
+                    and key not in ORDER_KEYS
                 m = parse_matcher(key if plain else "PatientID", value, at)  # parses values only
                 out.append(Condition("match", key, matcher=Matcher(key, m.values, m.patterns)))
     return tuple(out)

@@ -20,13 +20,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("composition root", ("app",)),
     ("operations", ("web", "health", "preflight", "receivers", "notifications")),
     ("policy", ("completion", "routing", "explain", "delivery", "feed", "ordering", "breaker",
-                "sources", "scp", "priority", "coerce")),
+                "sources", "scp", "priority", "coerce", "hl7")),
     ("ways out", ("destinations", "qrscu", "commitment", "lookups")),
     ("durable storage", ("spool", "state", "query")),
     ("leaves", ("config", "common", "values", "schema", "rules", "schedule", "sweep",
                 "transforms", "deid", "deid_table", "dicomfile", "dimse", "walk", "transcode",
                 "conversion", "ratelimit", "pixelframes",
-                "logsafe", "tlsctx", "netutil", "metrics", "sample", "storage_contexts")),
+                "logsafe", "tlsctx", "netutil", "metrics", "sample", "storage_contexts",
+                "hl7wire")),
 ]
 LAYER_OF = {name: i for i, (_title, names) in enumerate(LAYERS) for name in names}
 # Lazy on purpose: an optional package the runtime does not depend on; the web stack, imported

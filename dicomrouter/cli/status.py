@@ -13,6 +13,7 @@ import click
 
 from .. import config as config_mod
 from ..config import ConfigError
+from ..hl7wire import describe_order
 from ..state import JobState
 from ..values import PRIORITIES
 from .common import (
@@ -105,7 +106,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         if as_json:
             click.echo(json.dumps({"study": dataclasses.asdict(row), "history": history,
                                    "summary": state.study_rows(study_uid=study),
-                                   "jobs": state.jobs(study_uids=[study])}, indent=2))
+                                   "jobs": state.jobs(study_uids=[study]),
+                                   "hl7_order": state.study_hl7_order(study)}, indent=2))
             return
         click.echo(f"study {study}: {row.state}, generation {row.generation}, patient "
                    f"{row.patient_id}, from {row.calling_ae}")
@@ -113,6 +115,9 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         if len(by) > 1 or (by and getattr(state, "leases", False)):
             click.echo("  received by " + ", ".join(f"{k} ({v} instance(s))"
                                                      for k, v in sorted(by.items())))
+        order = state.study_hl7_order(study)
+        if order:
+            click.echo(f"  {describe_order(order)}")
         for j in state.jobs(study_uids=[study]):
             click.echo(f"  {job_progress(j)}")
         for ts, event in history:

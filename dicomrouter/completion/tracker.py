@@ -120,7 +120,8 @@ class StudyTracker:
         if seen is None:
             return
         instances = self.state.instances(study_uid, present_only=False)
-        decision = route(self.cfg.routes, instances, self.spool.open, self.source_names)
+        decision = route(self.cfg.routes, instances, self.spool.open, self.source_names,
+                         orders=self.state.hl7_order)
         counted = bool(self.counted) and self.state.all_announced_in(study_uid)
         forced = self._forced(seen, counted)
         if forced and self.cfg.force_complete == "hold":
@@ -220,7 +221,8 @@ class StudyTracker:
                     age, r.name, self.clock()):
                 series = [i for i in self.state.instances(study_uid)
                           if i.series_uid == series_uid and i.generation == generation]
-                decision = route([r], series, self.spool.open, self.source_names)
+                decision = route([r], series, self.spool.open, self.source_names,
+                                 orders=self.state.hl7_order)
                 desc = series[0].tags.get("SeriesDescription", "") if series else ""
                 dests = list(decision.destinations)
                 why = (f"series {series_uid}" + (f" ({desc})" if desc else "") +
@@ -243,7 +245,8 @@ class StudyTracker:
             if not instances:
                 continue
             current = [i for i in instances if i.generation == instances[-1].generation]
-            decision = route(self.expecting, current, self.spool.open, self.source_names)
+            decision = route(self.expecting, current, self.spool.open, self.source_names,
+                             orders=self.state.hl7_order)
             by_name = {r.name: r for r in self.expecting}
             if any(by_name[n].expectation_met(current) for n in decision.routes):
                 self.complete(uid)
@@ -282,7 +285,8 @@ class StudyTracker:
         if seen is None:
             return
         instances = self.state.instances(study_uid, present_only=False)
-        decision = route(self.cfg.routes, instances, self.spool.open, self.source_names)
+        decision = route(self.cfg.routes, instances, self.spool.open, self.source_names,
+                         orders=self.state.hl7_order)
         ready_routes, ready, waiting, _met = self._ready(decision, seen.last_received)
         new = self._add_jobs(study_uid, decision, ready, ready_routes, "stable age over")
         self.state.set_await(study_uid, seen.last_received + min(waiting.values())
@@ -331,7 +335,8 @@ class StudyTracker:
             if not instances:
                 continue
             checked += 1
-            decision = route(self.cfg.routes, instances, self.spool.open, self.source_names)
+            decision = route(self.cfg.routes, instances, self.spool.open, self.source_names,
+                             orders=self.state.hl7_order)
             new = self._add_jobs(uid, decision, decision.destinations, decision.routes,
                                  "sweep", decision.summary())
             if new:

@@ -53,6 +53,7 @@ from .base import (
     show,
 )
 from .coerce import CoerceModel, check_known_aes
+from .hl7 import Hl7ListenerModel, Hl7RuleModel
 from .notifications import NotificationModel
 from .peers import (
     DESTINATION_MODELS,
@@ -376,6 +377,8 @@ class ConfigModel(Strict):
     conversion_timeout: Duration = 600.0  # a longer conversion is stopped (its process killed)
     conversion_idle: Duration = 60.0  # the processes stop after this long without a conversion
     notifications: tuple[NotificationModel, ...] = ()  # webhooks / e-mail on events
+    hl7: Hl7ListenerModel | None = None  # the HL7 v2 (MLLP) listener (issue 27)
+    hl7_rules: tuple[Hl7RuleModel, ...] = ()  # what HL7 orders / ADT do (default: record)
 
     _source: str = PrivateAttr("embedded defaults")
     _listeners: tuple[ListenerModel, ...] = PrivateAttr(())
@@ -395,7 +398,7 @@ class ConfigModel(Strict):
             except ConfigError as exc:
                 raise ConfigError(f"{key}.{exc.key}" if exc.key else key, exc.problem) \
                     from None
-        for key in ("routes", "listeners", "notifications"):
+        for key in ("routes", "listeners", "notifications", "hl7_rules"):
             if data.get(key) is None:
                 data.pop(key, None)
         if data.get("known_aes") is None:
@@ -420,6 +423,10 @@ class ConfigModel(Strict):
             if name in names:
                 raise ConfigError(f"listeners[{i}].name", f"{name!r} is used twice")
             names.add(name)
+        if self.hl7 is not None and (self.hl7.port in ports or
+                                     (self.web.enabled and self.hl7.port == self.web.port)):
+            raise ConfigError("hl7.port", f"{self.hl7.port} is already used by "
+                              f"{ports.get(self.hl7.port, 'web.port')}")
         if (self.tls or any(lst.tls for lst in self.listeners or [])) and \
                 self.receiver != "fast":
             raise ConfigError("tls", "DICOM TLS needs 'receiver: fast'")

@@ -22,6 +22,7 @@ from ..schema import (
     readable,
 )
 from .base import ConfigError, parse_str, show
+from .hl7 import Hl7PeerModel
 from .peers import RetryModel
 
 #: the events a notification may subscribe to (docs: README "Notifications")
@@ -131,6 +132,7 @@ class NotificationModel(Strict):
     url_env: Text | None = None  # ... or a URL that is a secret (a chat webhook's)
     url_file: ReadableFile | None = None
     smtp: SmtpModel | None = None  # ... or e-mail
+    hl7: Hl7PeerModel | None = None  # ... or an HL7 v2 message over MLLP (ORU^R01 / OMG^O19)
     events: Annotated[tuple[str, ...], parsed(_events)]
     routes: Annotated[tuple[str, ...], parsed(_names)] | None = None
     destinations: Annotated[tuple[str, ...], parsed(_names)] | None = None
@@ -155,9 +157,9 @@ class NotificationModel(Strict):
     @model_validator(mode="after")
     def _checks(self) -> NotificationModel:
         urls = [k for k in ("url", "url_env", "url_file") if getattr(self, k) is not None]
-        if len(urls) + (self.smtp is not None) != 1:
+        if len(urls) + (self.smtp is not None) + (self.hl7 is not None) != 1:
             raise ConfigError(urls[1] if len(urls) > 1 else "url", "give one of url, url_env, "
-                              "url_file (a webhook) or smtp (e-mail)")
+                              "url_file (a webhook), hl7 (MLLP) or smtp (e-mail)")
         if self.url is not None:
             http_url(self.url, "url")
         env_set("url_env", self.url_env)

@@ -24,10 +24,11 @@ from urllib.parse import urlsplit
 
 import requests
 
-from .. import metrics
+from .. import hl7wire, metrics
 from ..common.http import request_failure
 from ..common.secrets import SecretUnavailable, secret
 from ..config.notifications import NotificationModel, template_environment
+from ..tlsctx import client_context
 from .events import Event
 
 log = logging.getLogger("dicomrouter.notifications")
@@ -61,11 +62,14 @@ class Target:
         self.model = model
         self.name = name
         self.policy = model.policy
-        env = template_environment()
+        env = template_environment() if model.hl7 is None else hl7wire.environment()
         text = model.template
         if model.template_file is not None:
             with open(model.template_file, encoding="utf-8") as f:
                 text = f.read()
+        if model.hl7 is not None and text is None:  # an HL7 message needs one: built in
+            text = hl7wire.DEFAULT_TEMPLATE
+        self._hl7_tls = client_context(model.hl7.tls) if model.hl7 and model.hl7.tls else None
         self._template = env.from_string(text) if text is not None else None
         self._subject = env.from_string(model.smtp.subject) if model.smtp is not None else None
         self._heap: list[tuple[float, int, Pending]] = []
@@ -80,6 +84,8 @@ class Target:
 
     @property
     def where(self) -> str:
+        if self.model.hl7 is not None:
+            return f"mllp://{self.model.hl7.host}:{self.model.hl7.port}"
         if self.model.smtp is not None:
             return f"smtp://{self.model.smtp.host}:{self.model.smtp.port}"
         try:
@@ -191,6 +197,8 @@ class Target:
         try:
             if self.model.smtp is not None:
                 self._mail(item)
+            elif self.model.hl7 is not None:
+                self._hl7(item)
             else:
                 self._post(item)
         except Refused as exc:
@@ -231,6 +239,9 @@ class Target:
         and ``study`` (the tags, PHI: read only if the template uses them); without a template
         the payload as JSON."""
         context = {**item.payload, "payload": item.payload, "study": item.study}
+        if self.model.hl7 is not None:
+            context = {**hl7_context(self.model.hl7, item), **context}
+            return hl7wire.segments(self._template.render(context)), ""
         body = self._template.render(context) if self._template is not None else \
             json.dumps(item.payload, indent=None if self.model.smtp is None else 2)
         subject = self._subject.render(context) if self._subject is not None else ""
@@ -265,6 +276,18 @@ class Target:
             raise Transient(f"HTTP {r.status_code} {r.reason or ''}".strip())
         raise Refused(f"HTTP {r.status_code} {r.reason or ''}".strip())
 
+    def _hl7(self, item: Pending) -> None:
+        """One MLLP exchange; AR (or CR) is refused for good, AE (CE) retried."""
+        peer = self.model.hl7
+        assert peer is not None
+        try:
+            hl7wire.exchange(peer.host, peer.port, item.body or "", self.model.timeout,
+                             self._hl7_tls, peer.encoding)
+        except hl7wire.Hl7Refused as exc:
+            if exc.code in ("AR", "CR"):
+                raise Refused(f"answered {exc}") from None
+            raise Transient(f"answered {exc}") from None
+
     def _mail(self, item: Pending) -> None:
         smtp = self.model.smtp
         assert smtp is not None
@@ -290,6 +313,21 @@ class Target:
             raise
         except smtplib.SMTPRecipientsRefused as exc:
             raise Refused(f"every recipient refused: {exc.recipients}") from None
+
+
+def hl7_context(peer: Any, item: Pending) -> dict[str, Any]:
+    """What the HL7 template sees besides the payload: the MSH values, the destinations and
+    the instance count under the names the built-in template uses."""
+    facts = item.payload
+    return {"message_type": peer.message_type, "control_id": hl7wire.control_id(),
+            "now": hl7wire.timestamp(item.event.at),
+            "sending_application": peer.sending_application,
+            "sending_facility": peer.sending_facility or "",
+            "receiving_application": peer.receiving_application or "",
+            "receiving_facility": peer.receiving_facility or "",
+            "destinations": item.event.destinations,
+            "instances": facts.get("instances", ""),
+            "router_ae": facts.get("router", {}).get("ae_title", "")}
 
 
 def build_targets(models: tuple[NotificationModel, ...]) -> list[Target]:

@@ -435,8 +435,47 @@ class Nodes(ABC):
         return False
 
 
+class Hl7Orders(ABC):
+    """HL7 v2 (issue 27): messages stored before their ACK, handled once, and the latest
+    order / demographics / merges they told (``sql_hl7``)."""
+
+    @abstractmethod
+    def store_hl7_message(self, raw: str, message_type: str, control_id: str,
+                          sending_application: str, sending_facility: str,
+                          peer: str) -> int:
+        """Store a received message durably (committed and on disk); its id."""
+
+    @abstractmethod
+    def hl7_unhandled(self, limit: int = 1000) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def hl7_messages(self, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def hl7_handled(self, message_id: int, outcome: str,
+                    order: Mapping[str, str] | None = None,
+                    merge: tuple[str, str] | None = None) -> None: ...
+
+    @abstractmethod
+    def hl7_order(self, accession: str) -> dict[str, str] | None: ...
+
+    @abstractmethod
+    def merged_patient_id(self, patient_id: str) -> str: ...
+
+    @abstractmethod
+    def study_hl7_order(self, study_uid: str) -> dict[str, str] | None: ...
+
+    @abstractmethod
+    def purge_hl7_messages(self, before: float) -> int: ...
+
+    @abstractmethod
+    def latest_hl7_order(self, accession: str | None = None,
+                         patient_id: str | None = None) -> dict[str, str] | None:
+        """The latest order (or ADT for a patient) as DICOM keywords → values."""
+
+
 class State(Receptions, Studies, Deliveries, Holds, QueryIndex, SourceCursors, Commitments,
-            Reporting, Nodes):
+            Reporting, Nodes, Hl7Orders):
     """The state of one spool (or of a cluster): every role."""
 
     #: write transactions so far (idle workers must not write: tests count them)

@@ -184,6 +184,25 @@ def _source_deltas(db: sqlite3.Connection) -> None:
             db.execute(statement)
 
 
+HL7_TABLES = """
+CREATE TABLE IF NOT EXISTS hl7_messages (   -- HL7 v2 messages accepted (stored before the ACK)
+    id INTEGER PRIMARY KEY, received_at REAL NOT NULL, control_id TEXT, message_type TEXT,
+    sending_application TEXT, sending_facility TEXT, peer TEXT, raw TEXT NOT NULL,
+    handled_at REAL, outcome TEXT              -- NULL: to handle (again, after a restart)
+);
+CREATE INDEX IF NOT EXISTS hl7_messages_unhandled ON hl7_messages(handled_at, id);
+CREATE TABLE IF NOT EXISTS hl7_orders (     -- the latest order by accession, ADT by patient
+    kind TEXT NOT NULL, okey TEXT NOT NULL,    -- accession | patient, its value
+    message_id INTEGER, updated REAL, fields TEXT,  -- JSON of the order dict
+    PRIMARY KEY (kind, okey)
+);
+CREATE TABLE IF NOT EXISTS hl7_merges (     -- ADT^A40: old PatientID → new
+    old_patient_id TEXT PRIMARY KEY, new_patient_id TEXT NOT NULL, message_id INTEGER,
+    merged_at REAL
+);
+"""
+
+
 STUDY_TOTALS_TRIGGERS = """
 CREATE TRIGGER IF NOT EXISTS instances_totals_insert AFTER INSERT ON instances BEGIN
     UPDATE studies SET bytes_present = bytes_present + NEW.size * NEW.present,
@@ -243,6 +262,8 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
     # when an operator released the job's held generation (a later route does not hold it
     # again; a new generation clears it)
     (10, lambda db: _add_columns(db, "jobs", "released REAL")),
+    # issue 27, HL7 v2: messages stored before their ACK, the latest orders, patient merges
+    (14, lambda db: [db.execute(x) for x in HL7_TABLES.split(";") if x.strip()] and 0),
 ]
 
 
@@ -325,6 +346,19 @@ class SQLiteState(SQLState):
                     self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    @contextmanager
+    def _durable_tx(self) -> Iterator[sqlite3.Connection]:
+        """A transaction on disk once committed: the WAL is fsync'd at this commit
+        (synchronous=FULL for it; NORMAL's commits survive a crash of the process, not a
+        power cut), for what is acknowledged on the strength of it (an HL7 ACK)."""
+        with self._lock, unavailable_on_error(self.path):
+            self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                with self._tx() as db:
+                    yield db
+            finally:
+                self._db.execute("PRAGMA synchronous=NORMAL")
 
     def hold_lease(self, name: str, ttl: float) -> bool:
         return True  # one node per SQLite state: no write for it
