@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +85,11 @@ class Condition:
 
 # ---- parsing -----------------------------------------------------------------------------------
 
-def _check_key(key: str, where: str) -> None:
+def _check_key(key: str, where: str, keys: Collection[str] | None = None) -> None:
+    if keys is not None:  # conditions on other values than a study's (an HL7 order's fields)
+        if key not in keys:
+            raise ConfigError(where, f"unknown key (one of {', '.join(keys)})")
+        return
     if key in AE_PSEUDO_KEYS or key in AGGREGATES:
         return
     for step in key.split("."):
@@ -127,8 +131,10 @@ def _operator(key: str, raw: Mapping[str, Any], where: str) -> Condition:
     return Condition(op, key, tuple(operand) if isinstance(operand, list) else operand)
 
 
-def parse_when(raw: Any, where: str = "when") -> tuple[Condition, ...]:
-    """The conditions of a ``when`` mapping; ConfigError names the key that is wrong."""
+def parse_when(raw: Any, where: str = "when",
+               keys: Collection[str] | None = None) -> tuple[Condition, ...]:
+    """The conditions of a ``when`` mapping; ConfigError names the key that is wrong.
+    ``keys``: the only keys allowed (instead of DICOM keywords, tags and the pseudo-keys)."""
     if raw is None:
         return ()
     if not isinstance(raw, dict):
@@ -139,20 +145,20 @@ def parse_when(raw: Any, where: str = "when") -> tuple[Condition, ...]:
         at = f"{where}.{key}" if where else key
         if key == "not":
             out.append(Condition("not", children=(Condition("all", children=parse_when(
-                value, at)),)))
+                value, at, keys)),)))
         elif key in ("any", "all"):
             items = value if isinstance(value, list) else None
             if not items:
                 raise ConfigError(at, "expected a list of condition mappings")
             out.append(Condition(key, children=tuple(
-                Condition("all", children=parse_when(item, f"{at}[{i}]"))
+                Condition("all", children=parse_when(item, f"{at}[{i}]", keys))
                 for i, item in enumerate(items))))
         else:
-            _check_key(key, at)
+            _check_key(key, at, keys)
             if isinstance(value, dict):
                 out.append(_operator(key, value, at))
             else:
-                plain = key.isidentifier() and "." not in key
+                plain = key.isidentifier() and "." not in key and keys is None
                 m = parse_matcher(key if plain else "PatientID", value, at)  # parses values only
                 out.append(Condition("match", key, matcher=Matcher(key, m.values, m.patterns)))
     return tuple(out)

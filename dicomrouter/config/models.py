@@ -63,6 +63,7 @@ from .peers import (
     TlsServerModel,
     validate_entries,
 )
+from .prefetch import PrefetchModel, resolve_prefetch
 from .validators import (
     ae_list,
     expect_value,
@@ -372,6 +373,8 @@ class ConfigModel(Strict):
     conversion_timeout: Duration = 600.0  # a longer conversion is stopped (its process killed)
     conversion_idle: Duration = 60.0  # the processes stop after this long without a conversion
     notifications: tuple[NotificationModel, ...] = ()  # webhooks / e-mail on events
+    prefetch: tuple[PrefetchModel, ...] = ()  # prior prefetch rules (config/prefetch.py)
+    prefetch_workers: Int(1, 64) = 2  # prefetches (queries and retrieves) run at once
 
     _source: str = PrivateAttr("embedded defaults")
     _listeners: tuple[ListenerModel, ...] = PrivateAttr(())
@@ -391,7 +394,7 @@ class ConfigModel(Strict):
             except ConfigError as exc:
                 raise ConfigError(f"{key}.{exc.key}" if exc.key else key, exc.problem) \
                     from None
-        for key in ("routes", "listeners", "notifications"):
+        for key in ("routes", "listeners", "notifications", "prefetch"):
             if data.get(key) is None:
                 data.pop(key, None)
         if data.get("known_aes") is None:
@@ -515,6 +518,10 @@ class ConfigModel(Strict):
             known._ae_title = str(ae)
         self._listeners = self.resolve_listeners()
         return self
+
+    @model_validator(mode="after")
+    def _prefetch(self) -> ConfigModel:  # rules name what exists; their routes come first
+        return resolve_prefetch(self, RouteModel)
 
     def resolve_listeners(self) -> tuple[ListenerModel, ...]:
         """Every port: the top-level one (``main``), then ``listeners`` with what each does

@@ -24,6 +24,7 @@ from .base import StateUnavailable
 from .locks import StudyLock
 from .qr import generated_columns
 from .sql import SQLState
+from .sql_prefetch import PREFETCH_TABLES
 from .sql_sources import SOURCE_DELTAS
 
 SCHEMA = """
@@ -243,6 +244,8 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
     # when an operator released the job's held generation (a later route does not hold it
     # again; a new generation clears it)
     (10, lambda db: _add_columns(db, "jobs", "released REAL")),
+    # issue 27, item 3 (prior prefetch): the trigger queue and the priors it fetched
+    (16, lambda db: [db.execute(statement) for statement in PREFETCH_TABLES] and 0),
 ]
 
 
