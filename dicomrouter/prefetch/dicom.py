@@ -68,14 +68,14 @@ class DicomPriors:
         ds.StudyInstanceUID = study
         return ds
 
-    def studies(self, patient_id: str, oldest: str, modalities: tuple[str, ...]
-                ) -> list[Candidate]:
-        """The patient's studies there (StudyDate from ``oldest`` on, when given; the
-        modality when there is one to ask for: a PACS that ignores it is filtered after)."""
+    def studies(self, patient_id: str) -> list[Candidate]:
+        """Every study of the patient there. The filters (date, modality, body part) are the
+        router's, after the query: a patient has a few dozen studies at most, every PACS
+        filters the same way then, and each candidate's verdict is in the history."""
         q = self._ident("STUDY", patient_id)
-        q.StudyDate = f"{oldest}-" if oldest else ""
+        q.StudyDate = ""
         q.StudyTime = ""
-        q.ModalitiesInStudy = modalities[0] if len(modalities) == 1 else ""
+        q.ModalitiesInStudy = ""
         q.NumberOfStudyRelatedInstances = ""
         q.AccessionNumber = ""
         q.StudyDescription = ""

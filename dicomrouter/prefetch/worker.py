@@ -30,6 +30,7 @@ from ..routing import conditions_hold
 from ..rules import all_hold
 from ..sources import source_names
 from ..spool import Spool
+from ..spool.faults import crash_point
 from ..state import STATE_ERRORS, State
 from .dicom import DicomPriors, held_count, tls_for
 from .priors import CHOSEN, Candidate, choose, cutoff
@@ -283,7 +284,7 @@ class Prefetcher:
         trigger_study = detail.get("study_uid", "")
         peer = self._peer(rule)
         oldest = cutoff(rule, self.clock())
-        candidates = peer.studies(patient, oldest, rule.modalities)
+        candidates = peer.studies(patient)
         verdicts = choose(rule, candidates, trigger_study,
                           detail.get("accession", "") if key.startswith("order:") else "",
                           oldest, lambda c: peer.series(patient, c.uid))
@@ -324,6 +325,7 @@ class Prefetcher:
         if rule.retrieve == "move" and c.count is not None:
             self._await_placement(c.uid, min(c.count, len(held) + done))
         brought = len(self.state.source_held(c.uid)) - len(held)
+        crash_point("prefetch-retrieved")  # the crash tests: after a retrieve, before its end
         bad = [r for r in results if not r.ok]
         text = (f"prior {c.uid}: retrieved {brought} instance(s) "
                 f"({len(results)} retrieve(s); routed as PrefetchRule {rule.name!r} → "
