@@ -210,7 +210,7 @@ def test_on_order_triggers_a_c_get_of_the_priors(tmp_path: Path, orthanc) -> Non
         upload(pacs, files)
     raw = router_config(tmp_path, pacs, free_port(), {"type": "folder",
                                                        "path": str(tmp_path / "viewer")},
-                        name="orders", on="order", when={"modality": "CT"}, retrieve="get")
+                        name="orders", trigger="order", when={"modality": "CT"}, retrieve="get")
     raw.update({"spool": str(tmp_path / "spool"), "web": {"enabled": False}})
     cfg = from_dict(raw, tmp_path, "test")
     state = state_for(cfg)

@@ -18,7 +18,7 @@ from .base import ConfigError, parse_duration, show
 from .peers import RetryModel
 from .validators import to_value
 
-#: the keys of an HL7 order (``Prefetcher.on_order``), what ``when`` of an ``on: order`` rule
+#: the keys of an HL7 order (``Prefetcher.on_order``), what ``when`` of a ``trigger: order`` rule
 #: may test
 ORDER_FIELDS = ("message_type", "patient_id", "issuer", "patient_name", "birth_date", "sex",
                 "accession", "requested_procedure_id", "modality", "scheduled", "study_uid",
@@ -59,7 +59,7 @@ class PrefetchModel(Strict):
     """One entry of ``prefetch:``."""
 
     name: Text
-    on: Choice("study", "order") = "study"  # the trigger: a new study, or an HL7 order
+    trigger: Choice("study", "order") = "study"  # a new study, or an HL7 order
     when: Annotated[Any, parsed(_when)] = None
     from_: Text = Field(alias="from")  # a known_aes AE title, or a dicom/dicomweb source
     to: Annotated[tuple[str, ...], parsed(to_value)]
@@ -76,7 +76,7 @@ class PrefetchModel(Strict):
 
     @model_validator(mode="after")
     def _conditions(self) -> PrefetchModel:
-        keys = ORDER_FIELDS if self.on == "order" else None
+        keys = ORDER_FIELDS if self.trigger == "order" else None
         object.__setattr__(self, "when", parse_when(self.when, "when", keys))
         if self.timeout <= 0:
             raise ConfigError("timeout", "must be more than 0")
@@ -96,7 +96,7 @@ class PrefetchModel(Strict):
         text = " ".join(which) + " prior(s)"
         if self.max_age is not None:
             text += f" of the last {self.max_age / 86400:g} day(s)"
-        return f"on a new {self.on}: {text} from {self.from_} → {', '.join(self.to)}"
+        return f"on a new {self.trigger}: {text} from {self.from_} → {', '.join(self.to)}"
 
 
 def check_prefetch(rules: tuple[PrefetchModel, ...], known_aes: dict[str, Any],

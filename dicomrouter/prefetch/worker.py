@@ -3,8 +3,8 @@ thread.
 
 A watcher thread looks at the receiving studies (every 0.5 s, like the ``received``
 notification): a study it has not seen, not itself a prior, is evaluated against the
-``on: study`` rules on its first instance. ``on_order`` (the HL7 listener calls it) does the
-same for ``on: order`` rules. A trigger is a row in the state (``prefetch_triggers``): the same
+``trigger: study`` rules on its first instance. ``on_order`` (the HL7 listener calls it) does the
+same for ``trigger: order`` rules. A trigger is a row in the state (``prefetch_triggers``): the same
 trigger again is nothing, a trigger of the rule for the same patient inside ``suppress_for`` is
 recorded as suppressed; both survive a restart. ``prefetch_workers`` threads run the queue:
 query the peer, choose the priors, skip what the destinations hold, mark each prior
@@ -55,8 +55,8 @@ class Prefetcher:
         self.spool = spool
         self.clock = clock
         self.rules = {r.name: r for r in cfg.prefetch}
-        self.on_study = [r for r in cfg.prefetch if r.on == "study"]
-        self.on_orders = [r for r in cfg.prefetch if r.on == "order"]
+        self.on_study = [r for r in cfg.prefetch if r.trigger == "study"]
+        self.on_orders = [r for r in cfg.prefetch if r.trigger == "order"]
         self.sources = source_names(cfg)
         self._seen: set[str] = set()
         self._stop = threading.Event()
@@ -116,7 +116,7 @@ class Prefetcher:
         self._seen = receiving | (self._seen & receiving)
 
     def study_arrived(self, study_uid: str) -> None:
-        """A new study: the ``on: study`` rules whose ``when`` holds on its first instance
+        """A new study: the ``trigger: study`` rules whose ``when`` holds on its first instance
         trigger (a prior a prefetch brought triggers nothing)."""
         if self.state.prefetch_prior(study_uid) is not None:
             return
@@ -137,7 +137,7 @@ class Prefetcher:
             self._trigger(rule, study_uid, patient, study_uid, detail, f"new study ({why})")
 
     def on_order(self, order: dict[str, Any]) -> None:
-        """An HL7 order (ORM^O01 / OMI^O23, parsed by the HL7 listener): the ``on: order``
+        """An HL7 order (ORM^O01 / OMI^O23, parsed by the HL7 listener): the ``trigger: order``
         rules whose ``when`` holds on its fields trigger. Returns at once: the queries and
         retrieves run on the prefetch workers."""
         def values(key: str) -> list[str]:
