@@ -113,7 +113,7 @@ class Prefetcher:
         receiving = {uid for uid, _gen, _last in self.state.receiving_studies()}
         for uid in sorted(receiving - self._seen):
             self.study_arrived(uid)
-        self._seen = receiving | (self._seen & receiving)
+        self._seen = receiving
 
     def study_arrived(self, study_uid: str) -> None:
         """A new study: the ``trigger: study`` rules whose ``when`` holds on its first instance
@@ -311,8 +311,13 @@ class Prefetcher:
             text = f"prior {c.uid}: skipped: held by {holders}"
             self._note(trigger_study, f"{head}: {text}")
             return text
-        self.state.prefetch_mark_prior(c.uid, rule.name, key)
         held = self.state.source_held(c.uid)
+        if held and self.state.prefetch_prior(c.uid) is None:
+            text = (f"prior {c.uid}: skipped: the router received it otherwise "
+                    f"({len(held)} instance(s)); its routing stands")
+            self._note(trigger_study, f"{head}: {text}")
+            return text
+        self.state.prefetch_mark_prior(c.uid, rule.name, key)
         why = f"for {'study ' + trigger_study if trigger_study else key}"
         self.state.note(c.uid, f"{head}: prefetched {why} (patient {esc(patient)}) from "
                         f"{peer.describe()}")

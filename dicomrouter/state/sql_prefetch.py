@@ -51,7 +51,8 @@ class PrefetchSQL(SQLBase):
         recorded before (a restart, a re-sent order); ('suppressed', earlier) a trigger of
         the rule for the same patient was accepted less than ``window`` s ago."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        # PostgreSQL: nodes deciding for the same rule and patient take turns
+        with self._tx(f"prefetch {rule} {patient_id}") as db:
             seen = db.execute(f"SELECT {_COLUMNS} FROM prefetch_triggers WHERE rule=? AND"
                               " trigger_key=?", (rule, trigger_key)).fetchall()
             if seen:
