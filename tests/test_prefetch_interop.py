@@ -248,3 +248,35 @@ def test_on_order_triggers_a_c_get_of_the_priors(tmp_path: Path, orthanc) -> Non
         prefetcher.stop()
         spool.stop()
         state.close()
+
+
+def test_priors_from_a_dicomweb_source_that_is_not_polled(tmp_path: Path, orthanc,
+                                                          storescp: StoreSCP) -> None:
+    pacs: Orthanc = orthanc(aet="PACS", dicomweb=True)
+    old = priors(tmp_path / "priors")
+    for files in old.values():
+        upload(pacs, files)
+    trigger = study(tmp_path, "ct-chest-today", "CT", 0, "CHEST")
+    upload(pacs, trigger)  # a polled source would pull this one (and the priors) by itself
+    port = free_port()
+    viewer = {"type": "dicom", "ae_title": storescp.aet, "host": "127.0.0.1",
+              "port": storescp.port}
+    config = router_config(tmp_path, pacs, port, viewer, **{"from": "web"})
+    config["sources"] = {"web": {"type": "dicomweb", "url": f"{pacs.url}/dicom-web",
+                                 "poll": False, "lookback": "all", "interval": "1s"}}
+    want = sop_uids(old["ct-chest-30d"]) | sop_uids(old["ct-chest-400d"])
+    with Router(tmp_path / "router", config) as router:
+        assert run_storescu([tmp_path / "ct-chest-today"], port).returncode == 0
+        wait_until(lambda: storescp.sop_uids() >= want, timeout=120,
+                   what="the two chosen priors at the viewer, over WADO-RS")
+        for name in ("ct-chest-30d", "ct-chest-400d"):
+            router.wait_state(uid(old[name]), "delivered")
+        router.wait_state(uid(trigger), "delivered")
+        text = explain(router, uid(trigger))
+        assert "(QIDO-RS, WADO-RS)" in text, text
+        assert "filtered (body part HEAD, not CHEST)" in text
+        assert "too old" in text and "the triggering study itself" in text
+        assert router.status()["sources"] == [] or all(
+            not s.get("last_poll") for s in router.status()["sources"])
+    assert storescp.sop_uids() == want
+    assert sop_uids((tmp_path / "archive").rglob("*.dcm")) == sop_uids(trigger)

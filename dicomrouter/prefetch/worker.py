@@ -24,15 +24,19 @@ from typing import Any
 
 from ..config import Config
 from ..config.prefetch import PrefetchModel
+from ..destinations.base import Context
 from ..logsafe import escape as esc
 from ..qrscu import PeerError, Remote
 from ..routing import conditions_hold
 from ..rules import all_hold
+from ..sources import build as build_source
 from ..sources import source_names
+from ..sources.base import PullError
 from ..spool import Spool
 from ..spool.faults import crash_point
 from ..state import STATE_ERRORS, State
 from .dicom import DicomPriors, held_count, tls_for
+from .dicomweb import WebPriors
 from .priors import CHOSEN, Candidate, choose, cutoff
 
 log = logging.getLogger("dicomrouter.prefetch")
@@ -62,6 +66,7 @@ class Prefetcher:
         self._stop = threading.Event()
         self._wake = threading.Condition()
         self._threads: list[threading.Thread] = []
+        self._web: dict[str, WebPriors] = {}  # dicomweb sources (their HTTP sessions)
 
     @property
     def enabled(self) -> bool:
@@ -234,7 +239,7 @@ class Prefetcher:
         detail = row["detail"]
         try:
             outcome = self._prefetch(rule, row["trigger_key"], detail)
-        except (PrefetchError, PeerError) as exc:
+        except (PrefetchError, PeerError, PullError) as exc:
             self._failed(row, str(exc))
             return
         self.state.prefetch_finished(rule.name, row["trigger_key"], "done", outcome,
@@ -263,16 +268,21 @@ class Prefetcher:
 
     # ---- one run -------------------------------------------------------------------------------
 
-    def _peer(self, rule: PrefetchModel) -> DicomPriors:
+    def _peer(self, rule: PrefetchModel) -> Any:
+        """The peer of ``from``: DicomPriors (a known AE, a dicom source) or WebPriors (a
+        dicomweb source: its timeout is the source's own)."""
         known = self.cfg.known_aes.get(rule.source)
         if known is not None:
             remote = Remote(rule.source, known.host, known.port,
                             known.calling_ae or self.cfg.ae_title, rule.timeout)
         else:
             src: Any = self.cfg.sources[rule.source]
-            if src.type != "dicom":
-                raise PrefetchError(f"source {rule.source} is a {src.type} source: only DICOM "
-                                    "peers are queried for priors")
+            if src.type == "dicomweb":
+                if rule.source not in self._web:
+                    context = Context(self.cfg.ae_title, self.state, self.spool, self.cfg,
+                                      self.clock)
+                    self._web[rule.source] = WebPriors(build_source(src, context))
+                return self._web[rule.source]
             remote = Remote(src.ae_title, src.host, src.port,
                             src.calling_ae_title or self.cfg.ae_title, rule.timeout,
                             tls_for(src.tls))
@@ -302,7 +312,7 @@ class Prefetcher:
         return (f"{len(candidates)} candidate(s), {len(chosen)} chosen"
                 + (": " + "; ".join(done) if done else ""))
 
-    def _one(self, rule: PrefetchModel, key: str, peer: DicomPriors, patient: str,
+    def _one(self, rule: PrefetchModel, key: str, peer: Any, patient: str,
              trigger_study: str, c: Candidate) -> str:
         """Skip a prior the destinations hold, else mark it and retrieve what is missing."""
         head = f"prefetch rule {rule.name!r}"
@@ -327,7 +337,7 @@ class Prefetcher:
             return text
         results = peer.fetch(patient, c.uid, held)
         done = sum(r.completed + r.warning for r in results)
-        if rule.retrieve == "move" and c.count is not None:
+        if peer.retrieve_by == "move" and c.count is not None:
             self._await_placement(c.uid, min(c.count, len(held) + done))
         brought = len(self.state.source_held(c.uid)) - len(held)
         crash_point("prefetch-retrieved")  # the crash tests: after a retrieve, before its end
