@@ -177,3 +177,46 @@ def test_triggers_are_kept_suppressed_claimed_and_retried(state: State) -> None:
                            "PatientID": "P1", "Modality": "CT"}, "1.2.840.10008.1.2.1",
                           "data/9.9/9.9.1.1.dcm", 10, "PACS", "DICOMROUTER")
     assert [i.tags["_PrefetchRule"] for i in state.instances("9.9")] == ["r"]
+
+
+def test_a_peer_that_is_down_is_retried_with_backoff_then_given_up(tmp_path: Path) -> None:
+    from dicomrouter.prefetch import Prefetcher
+    from dicomrouter.spool import spool_for
+    from dicomrouter.state import state_for
+    from dicomrouter_bench.procs import free_port
+
+    cfg = from_dict({**BASE, "spool": str(tmp_path / "spool"), "web": {"enabled": False},
+                     "known_aes": {"PACS": {"host": "127.0.0.1", "port": free_port()}},
+                     "prefetch": [{**RULE, "trigger": "order", "when": {"modality": "CT"},
+                                   "timeout": "5s",
+                                   "retry": {"initial": "30s", "max_attempts": 2}}]},
+                    tmp_path, "test")
+    state = state_for(cfg)
+    spool = spool_for(cfg, state)
+    now = [1_000_000.0]
+    prefetcher = Prefetcher(cfg, state, spool, clock=lambda: now[0])
+    try:
+        prefetcher.on_order({"patient_id": "P1", "modality": "CT", "control_id": "M1",
+                             "study_uid": "1.2.3", "message_type": "OMI^O23"})
+        row = state.prefetch_claim(now[0])
+        assert row is not None
+        prefetcher.run(row)  # nothing listens on the port
+        (failed,) = state.prefetch_queue()
+        assert failed["state"] == "failed" and failed["attempts"] == 1
+        assert failed["next_attempt"] == now[0] + 30 and "cannot associate" in \
+            failed["last_error"]
+        assert state.prefetch_claim(now[0] + 29) is None  # its backoff
+        now[0] += 30
+        row = state.prefetch_claim(now[0])
+        assert row is not None
+        prefetcher.run(row)
+        (dead,) = state.prefetch_queue()
+        assert dead["state"] == "dead" and dead["attempts"] == 2
+        history = [t for _ts, t in state.history("1.2.3")]
+        assert any("attempt 1 failed: cannot associate" in t and "retried in 30 s" in t
+                   for t in history), history
+        assert any("failed 2 time(s), gave up" in t for t in history), history
+    finally:
+        prefetcher.stop()
+        spool.stop()
+        state.close()

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .. import metrics
 from ..config import Config
 from ..config.prefetch import PrefetchModel
 from ..destinations.base import Context
@@ -186,6 +187,7 @@ class Prefetcher:
                     "retrieve")
             log.info("%s", text)
             self._note(study_uid, text)
+            metrics.PREFETCH_RUNS.labels(rule.name, "suppressed").inc()
             return
         text = (f"prefetch rule {rule.name!r}: triggered by {what}: priors of patient "
                 f"{esc(patient)} to be queried at {rule.source}")
@@ -244,6 +246,7 @@ class Prefetcher:
             return
         self.state.prefetch_finished(rule.name, row["trigger_key"], "done", outcome,
                                      attempts=row["attempts"] + 1)
+        metrics.PREFETCH_RUNS.labels(rule.name, "done").inc()
         log.info("prefetch rule %s for %s: %s", rule.name, esc(row["trigger_key"]), outcome)
 
     def _failed(self, row: dict[str, Any], error: str) -> None:
@@ -254,6 +257,7 @@ class Prefetcher:
         if policy is None or attempts >= int(policy.max_attempts):
             self.state.prefetch_finished(row["rule"], row["trigger_key"], "dead",
                                          "gave up", error, attempts=attempts)
+            metrics.PREFETCH_RUNS.labels(row["rule"], "dead").inc()
             text = (f"prefetch rule {row['rule']!r}: failed {attempts} time(s), gave up: "
                     f"{error}")
             log.error("%s (trigger %s)", text, esc(row["trigger_key"]))
@@ -261,6 +265,7 @@ class Prefetcher:
             delay = policy.delay(attempts)
             self.state.prefetch_finished(row["rule"], row["trigger_key"], "failed", "",
                                          error, self.clock() + delay, attempts)
+            metrics.PREFETCH_RUNS.labels(row["rule"], "failed").inc()
             text = (f"prefetch rule {row['rule']!r}: attempt {attempts} failed: {error}; "
                     f"retried in {delay:g} s")
             log.warning("%s (trigger %s)", text, esc(row["trigger_key"]))
@@ -340,6 +345,7 @@ class Prefetcher:
         if peer.retrieve_by == "move" and c.count is not None:
             self._await_placement(c.uid, min(c.count, len(held) + done))
         brought = len(self.state.source_held(c.uid)) - len(held)
+        metrics.PREFETCH_INSTANCES.labels(rule.name).inc(max(0, brought))
         crash_point("prefetch-retrieved")  # the crash tests: after a retrieve, before its end
         bad = [r for r in results if not r.ok]
         text = (f"prior {c.uid}: retrieved {brought} instance(s) "
