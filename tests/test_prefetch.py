@@ -68,6 +68,12 @@ def test_a_wrong_rule_names_the_key(change: dict[str, Any], expected: str) -> No
     assert expected in problem({**RULE, **change})
 
 
+def test_a_route_on_prefetch_rule_names_a_rule() -> None:
+    assert "routes[0].when.PrefetchRule: unknown prefetch rule 'ct'" in problem(
+        RULE, routes=[{"when": {"PrefetchRule": "ct"}, "to": "archive"}])
+    config(RULE, routes=[{"when": {"PrefetchRule": "ct-chest"}, "to": "archive"}])
+
+
 def test_rule_names_are_unique_and_from_may_be_a_dicom_source() -> None:
     assert "prefetch[1].name: 'ct-chest' is used twice" in problem(RULE, RULE)
     cfg = config({**RULE, "from": "pacs"}, sources={"pacs": {

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
-from ..rules import parse_when
+from ..rules import literal_values, parse_when
 from ..schema import Bool, Choice, Duration, Int, Strict, Text, parsed
 from .base import ConfigError, parse_duration, show
 from .peers import RetryModel
@@ -132,6 +132,12 @@ def resolve_prefetch(cfg: Any, route_model: Any) -> Any:
     """The whole configuration's check of its ``prefetch`` rules, and their routes put in
     front of the routing table (``cfg`` was just made by this validation)."""
     check_prefetch(cfg.prefetch, cfg.known_aes, cfg.sources, cfg.destinations)
+    names = {r.name for r in cfg.prefetch}
+    for i, route in enumerate(cfg.routes):
+        wrong = [v for v in literal_values(route.when, "PrefetchRule") if v not in names]
+        if wrong:
+            raise ConfigError(f"routes[{i}].when.PrefetchRule", f"unknown prefetch rule "
+                              f"{show(wrong[0])} (rules: {', '.join(sorted(names)) or 'none'})")
     object.__setattr__(cfg, "routes", (*prefetch_routes(cfg.prefetch, route_model),
                                        *cfg.routes))
     return cfg
