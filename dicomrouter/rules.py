@@ -5,7 +5,8 @@ A condition on a key holds when *any* instance of the study has a matching value
 Keys: any DICOM keyword or ``(gggg,eeee)`` tag, a sequence path
 (``ReferringPhysicianIdentificationSequence[0].PersonIdentificationCodeSequence[0].CodeValue``;
 ``[*]`` or no index: any item), ``CallingAE``, ``CalledAE``, ``Source``, ``Listener``,
-``Prefetch`` and ``PrefetchRule`` (a prior a prefetch rule brought), and the study-level aggregates ``ModalitiesInStudy``, ``NumberOfStudyRelatedInstances``,
+``Prefetch`` and ``PrefetchRule`` (a prior a prefetch rule brought), and the study-level
+aggregates ``ModalitiesInStudy``, ``NumberOfStudyRelatedInstances``,
 ``NumberOfStudyRelatedSeries``, ``SeriesDescriptions``.
 
 Values: a value, a list of values (any of), ``/regex/`` (``/regex/i``: ignoring case), or a
