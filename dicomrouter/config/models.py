@@ -517,11 +517,7 @@ class ConfigModel(Strict):
         for ae, known in self.known_aes.items():
             known._ae_title = str(ae)
         self._listeners = self.resolve_listeners()
-        return self
-
-    @model_validator(mode="after")
-    def _prefetch(self) -> ConfigModel:  # rules name what exists; their routes come first
-        return resolve_prefetch(self, RouteModel)
+        return resolve_prefetch(self, RouteModel)  # checked; their routes in front
 
     def resolve_listeners(self) -> tuple[ListenerModel, ...]:
         """Every port: the top-level one (``main``), then ``listeners`` with what each does
