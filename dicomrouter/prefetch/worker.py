@@ -15,7 +15,6 @@ prior."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -205,8 +204,11 @@ class Prefetcher:
         backoff = 1.0
         while not self._stop.is_set():
             try:
-                row = self.state.prefetch_claim(self.clock()) \
-                    if self.state.hold_lease("prefetch", 30.0) else None
+                due = self.state.prefetch_next_due()  # a read: an idle worker writes nothing
+                row = None
+                if due is not None and due <= self.clock() and \
+                        self.state.hold_lease("prefetch", 30.0):  # one node runs the queue
+                    row = self.state.prefetch_claim(self.clock())
                 backoff = 1.0
             except STATE_ERRORS as exc:
                 log.error("prefetch: %s: %s (will try again)", type(exc).__name__, exc)
@@ -214,7 +216,9 @@ class Prefetcher:
                 backoff = min(30.0, backoff * 2)
                 continue
             if row is None:
-                self._idle()
+                wait = 1.0 if due is None else max(0.05, min(1.0, due - self.clock()))
+                with self._wake:
+                    self._wake.wait(wait)
                 continue
             try:
                 self.run(row)
@@ -222,14 +226,6 @@ class Prefetcher:
                 log.exception("prefetch rule %s: run for %s failed", row["rule"],
                               row["trigger_key"])
                 self._failed(row, f"{type(exc).__name__}: {exc}")
-
-    def _idle(self) -> None:
-        due = None
-        with contextlib.suppress(STATE_ERRORS):
-            due = self.state.prefetch_next_due()
-        wait = 1.0 if due is None else max(0.05, min(1.0, due - self.clock()))
-        with self._wake:
-            self._wake.wait(wait)
 
     def run(self, row: dict[str, Any]) -> None:
         """One trigger: query, choose, skip what is held, retrieve; the outcome recorded."""
