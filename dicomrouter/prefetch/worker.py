@@ -184,13 +184,13 @@ class Prefetcher:
                     f"{esc(patient)}, but {esc(earlier['trigger_key'])} triggered it "
                     f"{ago:.0f} s ago (suppress_for {rule.suppress_for:g} s): no second "
                     "retrieve")
-            log.info("%s", text)
+            log.info("%s", esc(text))
             self._note(study_uid, text)
             metrics.PREFETCH_RUNS.labels(rule.name, "suppressed").inc()
             return
         text = (f"prefetch rule {rule.name!r}: triggered by {what}: priors of patient "
                 f"{esc(patient)} to be queried at {rule.source}")
-        log.info("%s", text)
+        log.info("%s", esc(text))
         self._note(study_uid, text)
         self.wake()
 
@@ -243,7 +243,7 @@ class Prefetcher:
         self.state.prefetch_finished(rule.name, row["trigger_key"], "done", outcome,
                                      attempts=row["attempts"] + 1)
         metrics.PREFETCH_RUNS.labels(rule.name, "done").inc()
-        log.info("prefetch rule %s for %s: %s", rule.name, esc(row["trigger_key"]), outcome)
+        log.info("prefetch rule %s for %s: %s", rule.name, esc(row["trigger_key"]), esc(outcome))
 
     def _failed(self, row: dict[str, Any], error: str) -> None:
         rule = self.rules.get(row["rule"])
@@ -256,7 +256,7 @@ class Prefetcher:
             metrics.PREFETCH_RUNS.labels(row["rule"], "dead").inc()
             text = (f"prefetch rule {row['rule']!r}: failed {attempts} time(s), gave up: "
                     f"{error}")
-            log.error("%s (trigger %s)", text, esc(row["trigger_key"]))
+            log.error("%s (trigger %s)", esc(text), esc(row["trigger_key"]))
         else:
             delay = policy.delay(attempts)
             self.state.prefetch_finished(row["rule"], row["trigger_key"], "failed", "",
@@ -264,7 +264,7 @@ class Prefetcher:
             metrics.PREFETCH_RUNS.labels(row["rule"], "failed").inc()
             text = (f"prefetch rule {row['rule']!r}: attempt {attempts} failed: {error}; "
                     f"retried in {delay:g} s")
-            log.warning("%s (trigger %s)", text, esc(row["trigger_key"]))
+            log.warning("%s (trigger %s)", esc(text), esc(row["trigger_key"]))
         self._note(study_uid, text)
 
     # ---- one run -------------------------------------------------------------------------------
