@@ -226,3 +226,43 @@ def test_a_peer_that_is_down_is_retried_with_backoff_then_given_up(tmp_path: Pat
         prefetcher.stop()
         spool.stop()
         state.close()
+
+
+def test_new_studies_trigger_once_and_priors_or_studies_without_patient_id_do_not(
+        tmp_path: Path) -> None:
+    from dicomrouter.prefetch import Prefetcher
+    from dicomrouter.spool import spool_for
+    from dicomrouter.state import state_for
+
+    cfg = from_dict({**BASE, "spool": str(tmp_path / "spool"), "web": {"enabled": False},
+                     "prefetch": [RULE]}, tmp_path, "test")
+    state = state_for(cfg)
+    spool = spool_for(cfg, state)
+    prefetcher = Prefetcher(cfg, state, spool)
+
+    def receive(study: str, **tags: str) -> None:
+        state.record_instance({"StudyInstanceUID": study, "SeriesInstanceUID": f"{study}.1",
+                               "SOPInstanceUID": f"{study}.1.1", "SOPClassUID":
+                               "1.2.840.10008.5.1.4.1.1.2", "Modality": "CT", **tags},
+                              "1.2.840.10008.1.2.1", f"data/{study}/{study}.1.1.dcm", 10,
+                              "CT_SCANNER", "DICOMROUTER")
+    try:
+        receive("1.1", PatientID="P1")
+        receive("1.2")  # no PatientID
+        receive("1.3", PatientID="P2", Modality="MR")  # when: Modality CT fails
+        state.prefetch_mark_prior("1.4", "ct-chest", "1.0")
+        receive("1.4", PatientID="P3")  # a prior a prefetch brought
+        prefetcher.look()
+        prefetcher.look()  # seen already: nothing twice
+        queued = state.prefetch_queue()
+        assert [(r["trigger_key"], r["patient_id"]) for r in queued] == [("1.1", "P1")]
+        assert any("no PatientID" in t for _ts, t in state.history("1.2"))
+        assert not any("prefetch" in t for _ts, t in state.history("1.3"))
+        assert state.prefetch_runs("1.4") == []
+        fresh = Prefetcher(cfg, state, spool)  # a restart: the same studies, nothing new
+        fresh.look()
+        assert len(state.prefetch_queue()) == 1
+        assert sum("triggered by new study" in t for _ts, t in state.history("1.1")) == 1
+    finally:
+        spool.stop()
+        state.close()
