@@ -21,6 +21,7 @@ from .config import Config
 from .delivery import DeliveryWorkers
 from .hl7 import Hl7Service
 from .notifications import Notifier
+from .prefetch import Prefetcher
 from .receivers import ReceiverProcesses
 from .scp import services
 from .scp.listener import FastStorageSCP
@@ -89,6 +90,9 @@ class Router:
             services.register(scp, cfg, self.state, self.spool)
         self.receivers = ReceiverProcesses(cfg)
         self.sources = SourcePollers(cfg, self.state, self.spool)
+        self.prefetcher = Prefetcher(cfg, self.state, self.spool, clock)  # prefetch: rules
+        if self.hl7 is not None:  # orders that hl7_rules hand on (prefetch: true)
+            self.hl7.orders.subscribe(self.prefetcher.on_order)
         self._stop = threading.Event()
         self._heart: threading.Thread | None = None
         self._listening = False
@@ -147,6 +151,7 @@ class Router:
             scp.start()
         self.receivers.start()
         self.sources.start()
+        self.prefetcher.start()
         if self._web_sock is not None:
             metrics.watch_state(self.state, self.cfg.spool)
             # imported only when enabled: FastAPI and uvicorn are ~13 MB of an idle router
@@ -189,6 +194,7 @@ class Router:
         if self.web is not None:
             self.web.stop()
         self.sources.stop()
+        self.prefetcher.stop()
         self.receivers.stop()
         for scp in self.scps:
             scp.stop()

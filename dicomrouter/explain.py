@@ -131,6 +131,17 @@ def render(d: dict[str, Any]) -> str:
     if d.get("hl7_order"):
         lines.append(f"  {describe_order(d['hl7_order'])}")
     lines.append(f"  completion: {d['completion']}")
+    pf = d.get("prefetch") or {}
+    if pf.get("brought_by"):
+        b = pf["brought_by"]
+        lines.append(f"  prefetch: a prior, brought by rule {b['rule']!r} for {b['trigger_key']}"
+                     " (routing key Prefetch: true, PrefetchRule: " + repr(b["rule"]) + ")")
+    for r in pf.get("runs", []):
+        lines.append(f"  prefetch rule {r['rule']!r} triggered: {r['state']}"
+                     + (f", {r['outcome']}" if r["outcome"] else "")
+                     + (f" (last error: {r['last_error']})" if r["last_error"] else ""))
+    for text in pf.get("decisions", []):
+        lines.append(f"    {text}")
     return "\n".join(lines)
 
 
@@ -147,4 +158,16 @@ def explain_spooled(cfg: Config, state: State, spool: Spool,
     out["coerced"] = [event for _ts, event in state.history(study_uid)
                       if event.startswith("coerce for ")]
     out["hl7_order"] = state.study_hl7_order(study_uid)  # the expected study (issue 27)
+    out["prefetch"] = prefetch_story(state, study_uid)
     return out
+
+
+def prefetch_story(state: State, study_uid: str) -> dict[str, Any]:
+    """Prior prefetch around a study: the rule and trigger that brought it (a prior), the
+    runs it triggered with their state, and every decision from its history."""
+    prior = state.prefetch_prior(study_uid)
+    runs = [{k: r[k] for k in ("rule", "trigger_key", "state", "attempts", "outcome",
+                               "last_error")} for r in state.prefetch_runs(study_uid)]
+    decisions = [text for _ts, text in state.history(study_uid)
+                 if text.startswith("prefetch rule ")]
+    return {"brought_by": prior, "runs": runs, "decisions": decisions}

@@ -58,6 +58,7 @@ def readiness(cfg: Config, state: State, spool: Any, listening: bool) -> dict[st
         problems["spool"] = p
     if not listening:
         problems["listener"] = "the DICOM listener is not started"
-    for name, p in source_problems(rows, {n: s.interval for n, s in cfg.sources.items()}).items():
+    polled = {n: s.interval for n, s in cfg.sources.items() if s.poll}  # not prefetch-only
+    for name, p in source_problems(rows, polled).items():
         problems[f"source {name}"] = p
     return problems

@@ -54,6 +54,11 @@ BREAKER_OPEN = Gauge("dicomrouter_breaker_open", "Circuit breaker of each destin
                      ["destination"], registry=REGISTRY)
 POLLS = Counter("dicomrouter_source_polls", "Polls of each pull source by outcome",
                 ["source", "outcome"], registry=REGISTRY)
+PREFETCH_RUNS = Counter("dicomrouter_prefetch_runs", "Prefetch triggers by rule and outcome "
+                        "(done, failed: retried, dead: given up, suppressed)",
+                        ["rule", "outcome"], registry=REGISTRY)
+PREFETCH_INSTANCES = Counter("dicomrouter_prefetch_instances", "Instances of priors a prefetch "
+                             "retrieved, by rule", ["rule"], registry=REGISTRY)
 NOTIFICATIONS_SENT = Counter("dicomrouter_notifications_sent", "Notifications the receiver "
                              "accepted, by notification and event", ["notification", "event"],
                              registry=REGISTRY)

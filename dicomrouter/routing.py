@@ -21,6 +21,7 @@ from .config import RouteConfig
 from .dicomfile import read_header, text
 from .rules import AGGREGATES, ORDER_KEYS, STEP, TAG, all_hold, keys_of
 from .state import Instance
+from .values import AE_PSEUDO_KEYS
 
 log = logging.getLogger("dicomrouter.routing")
 
@@ -138,6 +139,10 @@ class _StudyView:
             return [inst.tags.get("_SourceHost", "")]
         if key in ORDER_KEYS:
             return [self._order(inst.tags.get("AccessionNumber", "")).get(ORDER_KEYS[key], "")]
+        if key == "Prefetch":  # a prior a prefetch rule brought (state: prefetch_studies)
+            return ["true" if inst.tags.get("_PrefetchRule") else "false"]
+        if key == "PrefetchRule":
+            return [inst.tags.get("_PrefetchRule", "")]
         if key in inst.tags:
             raw = inst.tags[key]
             return raw.split("\\") if raw else [""]
@@ -167,8 +172,7 @@ class _StudyView:
                     return [""]
                 with self._open(inst) as f:
                     ds = read_header(f)
-                wanted = self._keys - set(AGGREGATES) - set(ORDER_KEYS) - {
-                    "CallingAE", "CalledAE", "Source", "Listener", "SourceHost"}
+                wanted = self._keys - set(AGGREGATES) - set(ORDER_KEYS) - set(AE_PSEUDO_KEYS)
                 # only what was read is kept (``headers`` may outlive this evaluation: a file
                 # not readable now, e.g. not yet in a cluster's shared store, is read again)
                 cache = self._headers[inst.sop_uid] = {k: resolve(ds, k) for k in wanted}
@@ -181,6 +185,20 @@ class _StudyView:
                             inst.key, type(exc).__name__, exc)
                 return [""]
         return cache.get(key) or [""]
+
+
+def conditions_hold(when: Sequence[Any], instances: Sequence[Instance],
+                    open_instance: Callable[[Instance], BinaryIO] | None = None,
+                    sources: Mapping[str, str] | None = None) -> tuple[bool, str]:
+    """Whether a ``when`` (of a prefetch rule) holds for these instances, and why: the same
+    evaluation as a route's."""
+    if not when:
+        return True, "no conditions"
+    keys = keys_of(when)
+    if "ModalitiesInStudy" in keys:
+        keys.add("Modality")
+    view = _StudyView(instances, keys, open_instance, sources)
+    return all_hold(when, view.study_values)
 
 
 def route(routes: Sequence[RouteConfig], instances: Sequence[Instance],

@@ -4,8 +4,9 @@ A condition on a key holds when *any* instance of the study has a matching value
 ``Modality: CT`` reads "the study contains CT"); the conditions of a ``when`` must all hold.
 Keys: any DICOM keyword or ``(gggg,eeee)`` tag, a sequence path
 (``ReferringPhysicianIdentificationSequence[0].PersonIdentificationCodeSequence[0].CodeValue``;
-``[*]`` or no index: any item), ``CallingAE``, ``CalledAE``, ``Source``, ``Listener``, the
-study-level aggregates ``ModalitiesInStudy``, ``NumberOfStudyRelatedInstances``,
+``[*]`` or no index: any item), ``CallingAE``, ``CalledAE``, ``Source``, ``Listener``,
+``Prefetch`` and ``PrefetchRule`` (a prior a prefetch rule brought), the study-level
+aggregates ``ModalitiesInStudy``, ``NumberOfStudyRelatedInstances``,
 ``NumberOfStudyRelatedSeries``, ``SeriesDescriptions``, and the HL7 order's ``ORDER_KEYS``.
 
 Values: a value, a list of values (any of), ``/regex/`` (``/regex/i``: ignoring case), or a
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +91,11 @@ class Condition:
 
 # ---- parsing -----------------------------------------------------------------------------------
 
-def _check_key(key: str, where: str) -> None:
+def _check_key(key: str, where: str, keys: Collection[str] | None = None) -> None:
+    if keys is not None:  # conditions on other values than a study's (an HL7 order's fields)
+        if key not in keys:
+            raise ConfigError(where, f"unknown key (one of {', '.join(keys)})")
+        return
     if key in AE_PSEUDO_KEYS or key in AGGREGATES or key in ORDER_KEYS:
         return
     for step in key.split("."):
@@ -133,11 +138,17 @@ def _operator(key: str, raw: Mapping[str, Any], where: str) -> Condition:
 
 
 def parse_when(raw: Any, where: str = "when",
-               check_key: Callable[[str, str], None] | None = None) -> tuple[Condition, ...]:
+               check_key: Callable[[str, str], None] | None = None,
+               keys: Collection[str] | None = None) -> tuple[Condition, ...]:
     """The conditions of a ``when`` mapping; ConfigError names the key that is wrong.
     ``check_key(key, where)`` validates a key (default: a DICOM keyword, tag, sequence path
-    or pseudo-key; ``hl7_rules`` passes its own for HL7 fields)."""
-    check = check_key or _check_key
+    or pseudo-key; ``hl7_rules`` passes its own for HL7 fields); ``keys``: the only keys
+    allowed (a prefetch rule's order fields)."""
+    if check_key is None:
+        def check(key: str, at: str) -> None:
+            _check_key(key, at, keys)
+    else:
+        check = check_key
     if raw is None:
         return ()
     if not isinstance(raw, dict):
@@ -148,21 +159,21 @@ def parse_when(raw: Any, where: str = "when",
         at = f"{where}.{key}" if where else key
         if key == "not":
             out.append(Condition("not", children=(Condition("all", children=parse_when(
-                value, at, check)),)))
+                value, at, check_key, keys)),)))
         elif key in ("any", "all"):
             items = value if isinstance(value, list) else None
             if not items:
                 raise ConfigError(at, "expected a list of condition mappings")
             out.append(Condition(key, children=tuple(
-                Condition("all", children=parse_when(item, f"{at}[{i}]", check))
+                Condition("all", children=parse_when(item, f"{at}[{i}]", check_key, keys))
                 for i, item in enumerate(items))))
         else:
             check(key, at)
             if isinstance(value, dict):
                 out.append(_operator(key, value, at))
             else:
-                plain = check is _check_key and key.isidentifier() and "." not in key \
-                    and key not in ORDER_KEYS
+                plain = check_key is None and keys is None and key.isidentifier() \
+                    and "." not in key and key not in ORDER_KEYS
                 m = parse_matcher(key if plain else "PatientID", value, at)  # parses values only
                 out.append(Condition("match", key, matcher=Matcher(key, m.values, m.patterns)))
     return tuple(out)

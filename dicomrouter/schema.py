@@ -95,7 +95,7 @@ class Strict(BaseModel):
             return {}
         if not isinstance(data, dict):
             raise ConfigError("", f"expected a mapping, got {type(data).__name__}")
-        known = set(cls.model_fields)
+        known = {f.alias or name for name, f in cls.model_fields.items()}
         for k in data:
             if k not in known:
                 close = difflib.get_close_matches(k, known, n=1) if isinstance(k, str) else []

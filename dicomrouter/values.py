@@ -22,7 +22,10 @@ from pydicom.uid import UID
 
 from .transcode import TARGETS
 
-AE_PSEUDO_KEYS = ("CallingAE", "CalledAE", "Source", "Listener", "SourceHost")
+AE_PSEUDO_KEYS = ("CallingAE", "CalledAE", "Source", "Listener", "SourceHost", "Prefetch",
+                  "PrefetchRule")
+#: pseudo-keys whose values are true / false (``Prefetch: true``: a prior a prefetch brought)
+BOOLEAN_PSEUDO_KEYS = ("Prefetch",)
 #: a route's ``priority``, most urgent first; jobs store the index (0: stat)
 PRIORITIES = ("stat", "high", "routine", "low")
 
@@ -188,7 +191,7 @@ def regex_literal(text: str) -> tuple[str, int] | None:
 def parse_matcher(keyword: str, raw: Any, key: str) -> Matcher:
     if keyword not in AE_PSEUDO_KEYS and tag_for_keyword(keyword) is None:
         raise ConfigError(key, "not a DICOM keyword (nor CallingAE / CalledAE / Source / "
-                          "Listener / SourceHost)")
+                          "Listener / SourceHost / Prefetch / PrefetchRule)")
     items = raw if isinstance(raw, list) else [raw]
     if not items:
         raise ConfigError(key, "needs at least one value")
@@ -196,6 +199,8 @@ def parse_matcher(keyword: str, raw: Any, key: str) -> Matcher:
     patterns: list[re.Pattern[str]] = []
     for i, item in enumerate(items):
         where = f"{key}[{i}]" if isinstance(raw, list) else key
+        if isinstance(item, bool) and keyword in BOOLEAN_PSEUDO_KEYS:
+            item = "true" if item else "false"
         if isinstance(item, bool) or item is None or isinstance(item, dict | list):
             raise ConfigError(where, f"expected a value or /regex/, got {show(item)}")
         text = str(item)

@@ -36,6 +36,7 @@ def every_key() -> list[str]:
             return
         seen.add(model)
         for name, field in model.model_fields.items():
+            name = field.alias or name  # the key as written (prefetch's ``from``)
             keys.append(f"{where}.{name}" if where else name)
             for sub in _models_in(field.annotation):
                 walk(sub, f"{where}.{name}" if where else name)

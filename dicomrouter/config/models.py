@@ -65,6 +65,7 @@ from .peers import (
     TlsServerModel,
     validate_entries,
 )
+from .prefetch import PrefetchModel, resolve_prefetch
 from .validators import (
     ae_list,
     expect_value,
@@ -379,6 +380,8 @@ class ConfigModel(Strict):
     notifications: tuple[NotificationModel, ...] = ()  # webhooks / e-mail on events
     hl7: Hl7ListenerModel | None = None  # the HL7 v2 (MLLP) listener (issue 27)
     hl7_rules: tuple[Hl7RuleModel, ...] = ()  # what HL7 orders / ADT do (default: record)
+    prefetch: tuple[PrefetchModel, ...] = ()  # prior prefetch rules (config/prefetch.py)
+    prefetch_workers: Int(1, 64) = 2  # prefetches (queries and retrieves) run at once
 
     _source: str = PrivateAttr("embedded defaults")
     _listeners: tuple[ListenerModel, ...] = PrivateAttr(())
@@ -398,7 +401,7 @@ class ConfigModel(Strict):
             except ConfigError as exc:
                 raise ConfigError(f"{key}.{exc.key}" if exc.key else key, exc.problem) \
                     from None
-        for key in ("routes", "listeners", "notifications", "hl7_rules"):
+        for key in ("routes", "listeners", "notifications", "hl7_rules", "prefetch"):
             if data.get(key) is None:
                 data.pop(key, None)
         if data.get("known_aes") is None:
@@ -529,7 +532,7 @@ class ConfigModel(Strict):
         for ae, known in self.known_aes.items():
             known._ae_title = str(ae)
         self._listeners = self.resolve_listeners()
-        return self
+        return resolve_prefetch(self, RouteModel)  # checked; their routes in front
 
     def resolve_listeners(self) -> tuple[ListenerModel, ...]:
         """Every port: the top-level one (``main``), then ``listeners`` with what each does

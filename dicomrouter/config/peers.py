@@ -183,6 +183,7 @@ class SourceBase(Named):
 
     type: str
     interval: Duration = 30.0  # between two polls
+    poll: Bool = True  # false: never polled, only queried by prefetch rules (from:)
 
     @model_validator(mode="after")
     def _positive_interval(self) -> SourceBase:

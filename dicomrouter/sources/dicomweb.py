@@ -59,7 +59,7 @@ class DicomwebSource(Source):
 
     _dw: DICOMwebClient | None = None  # made at the first request
 
-    def _client(self) -> DICOMwebClient:
+    def client(self) -> DICOMwebClient:
         if self._dw is None:
             from dicomweb_client.api import DICOMwebClient
 
@@ -70,7 +70,7 @@ class DicomwebSource(Source):
         return self._dw
 
     def poll(self) -> int:
-        client = self._client()
+        client = self.client()
         now = time.time()
         filters: dict[str, Any] = {}
         if self.cfg.lookback:
@@ -90,7 +90,7 @@ class DicomwebSource(Source):
         for uid, count in counts.items():
             listing = None
             if count is None:  # the server does not count: list the study's instances
-                listing = self._instances(uid)
+                listing = self.instances(uid)
                 count = len(listing)
             if self.due(rows.get(uid), uid, count, now):
                 due.append((uid, count, listing))
@@ -103,9 +103,9 @@ class DicomwebSource(Source):
         self.wake_at = self.stability.next_ready()
         return pulled
 
-    def _instances(self, study_uid: str) -> list[dict[str, Any]]:
+    def instances(self, study_uid: str) -> list[dict[str, Any]]:
         try:
-            return self._client().search_for_instances(study_instance_uid=study_uid,
+            return self.client().search_for_instances(study_instance_uid=study_uid,
                                                        get_remaining=True)
         except requests.RequestException as exc:
             raise PullError(f"QIDO-RS instances of {study_uid} at "
@@ -116,7 +116,7 @@ class DicomwebSource(Source):
 
     def _pull(self, study_uid: str, count: int, listing: list[dict[str, Any]] | None) -> int:
         """Retrieve the instances of the study the router does not hold; 1 if any came."""
-        instances = listing if listing is not None else self._instances(study_uid)
+        instances = listing if listing is not None else self.instances(study_uid)
         held = self.state.source_held(study_uid)
         missing = [(_value(i, SERIES_UID), sop) for i in instances
                    if (sop := _value(i, SOP_UID)) and sop not in held]
@@ -124,16 +124,16 @@ class DicomwebSource(Source):
             for series, sop in missing:
                 if self.stopping.is_set():
                     raise PullError("stopping")
-                self._retrieve(study_uid, series, sop)
+                self.retrieve(study_uid, series, sop)
             pull.source_instances = count
         log.info("source %s: study %s pulled (%s)", self.name, study_uid,
                  describe_pull(pull, len(missing), count))
         return 1 if pull.brought else 0
 
-    def _retrieve(self, study: str, series: str, sop: str) -> None:
+    def retrieve(self, study: str, series: str, sop: str) -> None:
         url = (f"{self.cfg.url.rstrip('/')}/studies/{study}/series/{series}"
                f"/instances/{sop}")
-        self._client()
+        self.client()
         timeout = self.cfg.timeout
         try:
             r = self._session.get(url, headers={"Accept": ACCEPT_AS_STORED}, stream=True,

@@ -28,6 +28,9 @@ class SourcePollers:
 
     def start(self) -> None:
         for src in self.sources:
+            if not src.cfg.poll:  # a peer only prefetch rules query (prefetch/)
+                log.info("source %s: %s, not polled (poll: false)", src.name, src.describe())
+                continue
             log.info("source %s: %s, every %g s", src.name, src.describe(), src.cfg.interval)
             t = threading.Thread(target=self._run, args=(src,), name=f"source-{src.name}",
                                  daemon=True)

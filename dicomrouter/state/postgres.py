@@ -34,6 +34,7 @@ from .base import StateUnavailable
 from .locks import StudyLock
 from .qr import POSTGRESQL, generated_columns
 from .sql import SQLState
+from .sql_prefetch import PREFETCH_TABLES
 from .sql_sources import SOURCE_DELTAS
 
 log = logging.getLogger("dicomrouter.state")
@@ -230,7 +231,9 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
     # again; a new generation clears it)
     (9, "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS released DOUBLE PRECISION"),
     # issue 27, HL7 v2: messages stored before their ACK, the latest orders, patient merges
-    (13, HL7_V13)]
+    (13, HL7_V13),
+    # issue 27, item 3 (prior prefetch): the trigger queue and the priors it fetched
+    (15, list(PREFETCH_TABLES))]
 
 
 class Row:

@@ -401,6 +401,42 @@ class Reporting(ABC):
     def ledger_stats(self, destination: str | None = None) -> dict[str, int]: ...
 
 
+class Prefetches(ABC):
+    """Prior prefetch (issue 27): triggers, their suppression window, the priors fetched."""
+    @abstractmethod
+    def prefetch_trigger(self, rule: str, trigger_key: str, patient_id: str, study_uid: str,
+                         detail: dict[str, Any], window: float,
+                         now: float | None = None) -> tuple[str, dict[str, Any] | None]:
+        """Record a trigger: ('new', None), ('seen', its row) or ('suppressed', the earlier
+        trigger of the rule for the patient inside ``window``)."""
+
+    @abstractmethod
+    def prefetch_claim(self, now: float | None = None) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def prefetch_next_due(self) -> float | None: ...
+
+    @abstractmethod
+    def prefetch_finished(self, rule: str, trigger_key: str, state: str, outcome: str,
+                          error: str | None = None, next_attempt: float = 0.0,
+                          attempts: int | None = None) -> None: ...
+
+    @abstractmethod
+    def prefetch_reset_running(self) -> int: ...
+
+    @abstractmethod
+    def prefetch_mark_prior(self, study_uid: str, rule: str, trigger_key: str) -> None: ...
+
+    @abstractmethod
+    def prefetch_prior(self, study_uid: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def prefetch_runs(self, study_uid: str) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def prefetch_queue(self) -> list[dict[str, Any]]: ...
+
+
 class Nodes(ABC):
     """The routers sharing this state (several on PostgreSQL; one with SQLite)."""
     node_id: str = ""
@@ -475,7 +511,7 @@ class Hl7Orders(ABC):
 
 
 class State(Receptions, Studies, Deliveries, Holds, QueryIndex, SourceCursors, Commitments,
-            Reporting, Nodes, Hl7Orders):
+            Reporting, Prefetches, Nodes, Hl7Orders):
     """The state of one spool (or of a cluster): every role."""
 
     #: write transactions so far (idle workers must not write: tests count them)

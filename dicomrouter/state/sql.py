@@ -2,7 +2,7 @@
 per role: receptions (``sql_receive``), completion and routing (``sql_studies``), delivery jobs
 and the ledger (``sql_delivery``), sources, commitments and nodes (``sql_sources``), reporting
 (``sql_reporting``), priorities and held jobs (``sql_hold``), HL7 messages and orders
-(``sql_hl7``), on the hooks of ``sql_base``.
+(``sql_hl7``), prior prefetch (``sql_prefetch``), on the hooks of ``sql_base``.
 See ``sql_base`` for what a backend provides.
 """
 
@@ -11,14 +11,15 @@ from __future__ import annotations
 from .sql_delivery import DeliverySQL
 from .sql_hl7 import Hl7SQL
 from .sql_hold import HoldSQL
+from .sql_prefetch import PrefetchSQL
 from .sql_receive import ReceivingSQL
 from .sql_reporting import ReportingSQL
 from .sql_sources import PeersSQL
 from .sql_studies import StudiesSQL
 
 
-class SQLState(ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL, PeersSQL, ReportingSQL,
-               Hl7SQL):
+class SQLState(PrefetchSQL, ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL, PeersSQL,
+               ReportingSQL, Hl7SQL):
     """Everything the router asks of its state, in portable SQL."""
 
 

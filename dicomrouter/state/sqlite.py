@@ -24,6 +24,7 @@ from .base import StateUnavailable
 from .locks import StudyLock
 from .qr import generated_columns
 from .sql import SQLState
+from .sql_prefetch import PREFETCH_TABLES
 from .sql_sources import SOURCE_DELTAS
 
 SCHEMA = """
@@ -264,6 +265,8 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
     (10, lambda db: _add_columns(db, "jobs", "released REAL")),
     # issue 27, HL7 v2: messages stored before their ACK, the latest orders, patient merges
     (14, lambda db: [db.execute(x) for x in HL7_TABLES.split(";") if x.strip()] and 0),
+    # issue 27, item 3 (prior prefetch): the trigger queue and the priors it fetched
+    (16, lambda db: [db.execute(statement) for statement in PREFETCH_TABLES] and 0),
 ]
 
 
