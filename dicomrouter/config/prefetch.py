@@ -77,7 +77,7 @@ class PrefetchModel(Strict):
     @model_validator(mode="after")
     def _conditions(self) -> PrefetchModel:
         keys = ORDER_FIELDS if self.trigger == "order" else None
-        object.__setattr__(self, "when", parse_when(self.when, "when", keys))
+        object.__setattr__(self, "when", parse_when(self.when, "when", keys=keys))
         if self.timeout <= 0:
             raise ConfigError("timeout", "must be more than 0")
         return self
