@@ -68,6 +68,10 @@ class Router:
             except ListenError as exc:  # the router's job is DICOM: it goes on without pages
                 log.error("%s; the router runs without its status page, REST API and "
                           "/metrics (set web.port, or web.enabled: false)", exc.strerror)
+        self.dicomweb = None  # the DICOMweb server's own listener (dicomweb.port)
+        self._dicomweb_sock = _bind("the DICOMweb server (dicomweb.port)", cfg.dicomweb.bind,
+                                    cfg.dicomweb.port) \
+            if cfg.dicomweb.enabled and cfg.dicomweb.port else None
         self.state = state_for(cfg)  # SQLite in the spool, or the cluster's PostgreSQL
         self.spool = spool_for(cfg, self.state)
         context = destinations.Context(cfg.ae_title, self.state, self.spool, cfg, clock)
@@ -146,10 +150,22 @@ class Router:
             metrics.watch_state(self.state, self.cfg.spool)
             # imported only when enabled: FastAPI and uvicorn are ~13 MB of an idle router
             from .web.api import create_app
+            from .web.dicomweb import attach
             from .web.server import WebServer
 
-            self.web = WebServer(create_app(self), self._web_sock)
+            app = create_app(self)
+            if self.cfg.dicomweb.enabled:
+                attach(app, self)  # STOW-RS on the web port (/dicom-web/)
+            self.web = WebServer(app, self._web_sock)
             self.web.start()
+        if self._dicomweb_sock is not None:
+            from .web.dicomweb import dicomweb_app
+            from .web.server import WebServer
+
+            tls = self.cfg.dicomweb.tls
+            self.dicomweb = WebServer(dicomweb_app(self), self._dicomweb_sock, "DICOMweb "
+                                      "server", (tls.cert, tls.key) if tls else None)
+            self.dicomweb.start()
         self._listening = True
 
     def _node_info(self) -> dict[str, Any]:
@@ -183,6 +199,8 @@ class Router:
         log.info("stopping")
         if self.web is not None:
             self.web.stop()
+        if self.dicomweb is not None:
+            self.dicomweb.stop()
         self.sources.stop()
         self.receivers.stop()
         for scp in self.scps:

@@ -131,6 +131,8 @@ class _StudyView:
             return [inst.tags.get("_Listener", "")]
         if key == "SourceHost":  # the sender's IP address
             return [inst.tags.get("_SourceHost", "")]
+        if key == "Endpoint":  # the DICOMweb endpoint it was posted to (STOW-RS)
+            return [inst.tags.get("_Endpoint", "")]
         if key in inst.tags:
             raw = inst.tags[key]
             return raw.split("\\") if raw else [""]
@@ -147,7 +149,8 @@ class _StudyView:
                 with self._open(inst) as f:
                     ds = read_header(f)
                 wanted = self._keys - set(AGGREGATES) - {"CallingAE", "CalledAE", "Source",
-                                                         "Listener", "SourceHost"}
+                                                         "Listener", "SourceHost",
+                                                         "Endpoint"}
                 # only what was read is kept (``headers`` may outlive this evaluation: a file
                 # not readable now, e.g. not yet in a cluster's shared store, is read again)
                 cache = self._headers[inst.sop_uid] = {k: resolve(ds, k) for k in wanted}

@@ -22,7 +22,7 @@ from pydicom.uid import UID
 
 from .transcode import TARGETS
 
-AE_PSEUDO_KEYS = ("CallingAE", "CalledAE", "Source", "Listener", "SourceHost")
+AE_PSEUDO_KEYS = ("CallingAE", "CalledAE", "Source", "Listener", "SourceHost", "Endpoint")
 #: a route's ``priority``, most urgent first; jobs store the index (0: stat)
 PRIORITIES = ("stat", "high", "routine", "low")
 

@@ -85,7 +85,8 @@ def create_app(router: RouterView) -> FastAPI:
     @app.middleware("http")
     async def remote_access(request: Request, call_next: Any) -> Response:
         """Off loopback, nothing but /health (and public /metrics) without the token."""
-        if not web.protected or request.url.path in open_paths or authorised(request):
+        if not web.protected or request.url.path in open_paths or authorised(request) \
+                or request.url.path.startswith("/dicom-web/"):  # its own auth (web/dicomweb)
             return await call_next(request)
         if request.url.path.startswith("/api/") or request.url.path == "/metrics":
             return JSONResponse({"detail": "this router is reachable from the network: send "
