@@ -352,3 +352,39 @@ def test_kill_in_the_middle_of_a_streamed_request(tmp_path: Path) -> None:
     assert "Traceback" not in log
     for p in out.rglob("*.dcm"):  # whatever of the cut request came through is whole
         assert dataset_bytes(p) == dataset_bytes(sop_files(files)[p.stem])
+
+
+def test_orthanc_pushes_a_study_to_the_router_over_dicomweb(tmp_path: Path, orthanc,
+                                                            storescp: StoreSCP,
+                                                            monkeypatch) -> None:
+    """Orthanc's DICOMweb plugin with the router as one of its ``DicomWeb.Servers`` (basic auth):
+    ``POST /dicom-web/servers/router/stow`` pushes a mixed-syntax study, which a route delivers
+    to storescp byte for byte."""
+    monkeypatch.setenv("STOW_PASSWORD", PASSWORD)
+    study = syntax_variants(generate(tmp_path / "a", series=1, instances=4, rows=32, cols=32,
+                                     seed=289), tmp_path / "mixed")
+    port = free_port()
+    pacs = orthanc(aet="PUSHER", dicomweb=True, extra_config={"DicomWeb": {
+        "Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
+        "Host": "127.0.0.1", "Ssl": False,
+        "Servers": {"router": {"Url": f"http://127.0.0.1:{port}/dicom-web/partner-a/",
+                               "Username": "orthanc", "Password": PASSWORD}}}})
+    ids = {pacs.post("/instances", f.read_bytes())["ParentStudy"] for f in study}
+    assert len(ids) == 1
+    cfg = {"stable_age": "1s", "keep_after_delivery": True,
+           "dicomweb": {"port": port, "endpoints": ["partner-a"],
+                        "auth": {"user": "orthanc", "password_env": "STOW_PASSWORD"}},
+           "destinations": {"pacs": {"type": "dicom", "ae_title": storescp.aet,
+                                     "host": "127.0.0.1", "port": storescp.port}},
+           "routes": [{"when": {"Endpoint": "partner-a"}, "to": ["pacs"]}]}
+    with Router(tmp_path / "router", cfg) as router:
+        pacs.post("/dicom-web/servers/router/stow", {"Resources": sorted(ids)})
+        wait_until(lambda: storescp.sop_uids() == {sop(f) for f in study}, timeout=90,
+                   what="Orthanc's study delivered to storescp")
+        for f in study:
+            assert dataset_bytes(spooled(router, f)) == dataset_bytes(f)  # as Orthanc had it
+            got = next(p for p in storescp.files() if tags_of(p, "SOPInstanceUID")[0] == sop(f))
+            assert dcmread(got) == dcmread(f)  # every element (storescp re-deflates)
+        assert calling_ae(router, study_of(study[0])) == "STOW-RS:partner-a"
+        log = router.log(5000)
+    assert "(endpoint partner-a): 4 stored, 0 failed" in log
