@@ -388,3 +388,45 @@ def test_orthanc_pushes_a_study_to_the_router_over_dicomweb(tmp_path: Path, orth
         assert calling_ae(router, study_of(study[0])) == "STOW-RS:partner-a"
         log = router.log(5000)
     assert "(endpoint partner-a): 4 stored, 0 failed" in log
+
+
+def test_a_large_request_is_streamed_within_the_memory_bound(tmp_path: Path) -> None:
+    """A few hundred MB in one request (150 instances of 2 MB, sent as generated, never held
+    whole by the client either): the router's peak RSS stays under P4's 200 MB bound and every
+    instance is stored whole."""
+    template = generate(tmp_path / "t", series=1, instances=1, rows=1024, cols=1024,
+                        seed=290)[0].read_bytes()
+    base = tags_of(next((tmp_path / "t").rglob("*.dcm")), "SOPInstanceUID")[0]
+    count, boundary = 150, uuid.uuid4().hex.encode()
+
+    def sop_uid(i: int) -> str:
+        return f"{base[:-6]}{100000 + i:06d}"  # same length: the file's lengths stay right
+
+    def body() -> Iterator[bytes]:
+        for i in range(count):
+            data = template.replace(base.encode(), sop_uid(i).encode())
+            yield b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n"
+            for j in range(0, len(data), 1 << 20):
+                yield data[j:j + (1 << 20)]
+            yield b"\r\n"
+        yield b"--" + boundary + b"--"
+
+    with stow_router(tmp_path, receive_log_size="64MiB") as router:
+        rss_idle = router.rss_kb()
+        url = router.dicomweb_url  # type: ignore[attr-defined]
+        r = requests.post(f"{url}/studies", data=body(),
+                          headers={"Content-Type": 'multipart/related; type="application/dicom"; '
+                                   f"boundary={boundary.decode()}"}, timeout=600)
+        assert r.status_code == 200, r.text
+        assert referenced(r) == {sop_uid(i) for i in range(count)}
+        peak = router.peak_rss_kb()
+        study = tags_of(next((tmp_path / "t").rglob("*.dcm")), "StudyInstanceUID")[0]
+        stored = list((router.spool / "data" / study).glob("*.dcm"))
+        assert len(stored) == count
+        assert all(p.stat().st_size == len(template) for p in stored)
+        last = router.spool / "data" / study / f"{sop_uid(count - 1)}.dcm"
+        assert dataset_bytes(last)[-4096:] == template[-4096:]
+    total_mb = count * len(template) / 1e6
+    assert total_mb > 250
+    assert peak is not None and peak < 200 * 1024, \
+        f"peak RSS {peak // 1024} MB (idle {rss_idle} kB) for a {total_mb:.0f} MB request"
