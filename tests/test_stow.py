@@ -430,3 +430,31 @@ def test_a_large_request_is_streamed_within_the_memory_bound(tmp_path: Path) -> 
     assert total_mb > 250
     assert peak is not None and peak < 200 * 1024, \
         f"peak RSS {peak // 1024} MB (idle {rss_idle} kB) for a {total_mb:.0f} MB request"
+
+
+def test_own_listener_over_https(tmp_path: Path, monkeypatch) -> None:
+    """``dicomweb.tls``: the own listener speaks HTTPS only, with the configured certificate."""
+    from dicomrouter_bench.tlscerts import make_certs
+
+    monkeypatch.setenv("STOW_TOKEN", TOKEN)
+    certs = make_certs(tmp_path / "certs")
+    files = generate(tmp_path / "a", series=1, instances=2, rows=16, cols=16, seed=291)
+    with stow_router(tmp_path, dicomweb={
+            "tls": {"cert": str(certs.server.cert), "key": str(certs.server.key)},
+            "auth": {"token_env": "STOW_TOKEN"}}) as router:
+        https = router.dicomweb_url.replace("http://", "https://")  # type: ignore[attr-defined]
+        wait_until(lambda: requests.get(https, verify=str(certs.ca), timeout=5) is not None,
+                   timeout=30, what="the HTTPS listener", ignore=(requests.ConnectionError,))
+        body, ctype = multipart([(f.read_bytes(), "application/dicom") for f in files])
+        r = requests.post(f"{https}/studies", data=body, verify=str(certs.ca), timeout=60,
+                          headers={"Content-Type": ctype, "Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200 and referenced(r) == {sop(f) for f in files}
+        assert r.json()["00081199"]["Value"][0]["00081190"]["Value"][0].startswith("https://")
+        with pytest.raises(requests.exceptions.SSLError):  # our CA, not the system's
+            requests.post(f"{https}/studies", data=body, timeout=60,
+                          headers={"Content-Type": ctype, "Authorization": f"Bearer {TOKEN}"})
+        with pytest.raises(requests.ConnectionError):  # plain HTTP is not served there
+            post(f"{router.dicomweb_url}/studies", files,  # type: ignore[attr-defined]
+                 Authorization=f"Bearer {TOKEN}")
+        for f in files:
+            assert dataset_bytes(spooled(router, f)) == dataset_bytes(f)

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pydicom import dcmread
+
 from ...config import Config
 from ...dimse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from ...scp.ingest import accept
@@ -164,8 +166,6 @@ def uids_of(head: bytes | bytearray) -> tuple[str, str]:
     """(SOP Class UID, SOP Instance UID) from the start of a refused part, or '' for what
     cannot be read there (a part that is not DICOM at all)."""
     try:
-        from pydicom import dcmread  # already imported by the router (dicomfile)
-
         ds = dcmread(io.BytesIO(bytes(head)), force=True, stop_before_pixels=True,
                      specific_tags=["SOPClassUID", "SOPInstanceUID"])
         return str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
