@@ -147,13 +147,14 @@ def test_dicomweb_client_stores_and_an_endpoint_route_delivers_to_storescp(
     assert "Traceback" not in log
 
 
-def test_each_part_gets_its_own_failure_reason(tmp_path: Path) -> None:
+@pytest.mark.parametrize("receive_log", [True, False], ids=["receive-log", "slots"])
+def test_each_part_gets_its_own_failure_reason(tmp_path: Path, receive_log: bool) -> None:
     study = syntax_variants(generate(tmp_path / "a", series=1, instances=4, rows=32, cols=32,
                                      seed=283), tmp_path / "mixed")
     stranger = generate(tmp_path / "b", series=1, instances=1, rows=16, cols=16, seed=284)[0]
     whole = study[0].read_bytes()
     uid = study_of(study[0])
-    with stow_router(tmp_path) as router:
+    with stow_router(tmp_path, receive_log=receive_log) as router:
         url = router.dicomweb_url  # type: ignore[attr-defined]
         body, ctype = multipart([
             (study[0].read_bytes(), "application/dicom"),
@@ -458,3 +459,43 @@ def test_own_listener_over_https(tmp_path: Path, monkeypatch) -> None:
                  Authorization=f"Bearer {TOKEN}")
         for f in files:
             assert dataset_bytes(spooled(router, f)) == dataset_bytes(f)
+
+
+def test_limits_refuse_what_is_too_large(tmp_path: Path) -> None:
+    """``max_instance_size``: that part fails with 0xA700, the others are stored;
+    ``max_request_size``: 413, declared up front or found while streaming (what was stored
+    before is listed)."""
+    small = generate(tmp_path / "s", series=1, instances=3, rows=16, cols=16, seed=292)
+    big = generate(tmp_path / "b", series=1, instances=1, rows=256, cols=256, seed=293)[0]
+    limit = 40_000
+    assert max(f.stat().st_size for f in small) < limit < big.stat().st_size
+    with stow_router(tmp_path, dicomweb={"max_instance_size": limit,
+                                         "max_request_size": 200_000}) as router:
+        url = f"{router.dicomweb_url}/studies"  # type: ignore[attr-defined]
+        r = post(url, [small[0], big, small[1]])
+        assert r.status_code == 202, r.text
+        assert referenced(r) == {sop(small[0]), sop(small[1])}
+        assert failed(r) == {sop(big): 0xA700}
+        assert not spooled(router, big).exists()
+
+        body, ctype = multipart([(f.read_bytes(), "application/dicom")
+                                 for f in [small[2], *[big] * 4]])
+        assert len(body) > 200_000
+        r = requests.post(url, data=body, headers={"Content-Type": ctype}, timeout=60)
+        assert r.status_code == 413 and not referenced(r)  # Content-Length: refused at once
+        assert not spooled(router, small[2]).exists()
+
+        def chunked() -> Iterator[bytes]:
+            for i in range(0, len(body), 8192):
+                yield body[i:i + 8192]
+
+        r = requests.post(url, data=chunked(), headers={"Content-Type": ctype}, timeout=60)
+        assert r.status_code == 413, r.text
+        assert referenced(r) == {sop(small[2])}  # stored before the limit was reached
+        assert dataset_bytes(spooled(router, small[2])) == dataset_bytes(small[2])
+        wait_until(lambda: not router.partial_receptions(), timeout=10,
+                   what="no refused reception left in a receive slot")
+        log = router.log(5000)
+    assert "more than dicomweb.max_instance_size" in log
+    assert "larger than dicomweb.max_request_size" in log
+    assert "Traceback" not in log
