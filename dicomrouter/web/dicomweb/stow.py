@@ -106,6 +106,10 @@ def ingest_request(view: StowView, chunks: Iterator[bytes], content_type: str,
         out.error = exc
     except TimeoutError:
         out.error = BodyError(408, f"no data for dicomweb.read_timeout ({dw.read_timeout:g} s)")
+    except Exception as exc:  # e.g. the server stopping: one line, what was stored is listed
+        log.error("STOW-RS request from %s (endpoint %s) stopped: %s: %s", host, endpoint,
+                  type(exc).__name__, exc)
+        out.error = BodyError(500, f"the request stopped: {type(exc).__name__}")
     return out
 
 
