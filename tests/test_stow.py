@@ -499,3 +499,29 @@ def test_limits_refuse_what_is_too_large(tmp_path: Path) -> None:
     assert "more than dicomweb.max_instance_size" in log
     assert "larger than dicomweb.max_request_size" in log
     assert "Traceback" not in log
+
+
+def test_more_dicomweb_routes_share_the_router_and_its_auth(tmp_path: Path) -> None:
+    """QIDO-RS/WADO-RS plug into ``dicomweb_router`` as ``add(api, router_view, auth)``: their
+    routes sit under /dicom-web on both servers, behind ``require_dicomweb_auth``."""
+    from fastapi import APIRouter
+
+    from dicomrouter.web.dicomweb import dicomweb_app, dicomweb_router, require_dicomweb_auth
+
+    seen: list[Any] = []
+
+    def add(api: APIRouter, view: Any, auth: Any) -> None:
+        seen.append((view, auth))
+        api.add_api_route("/studies/{study_uid}/metadata", lambda study_uid: {}, methods=["GET"])
+
+    view = type("View", (), {"cfg": from_dict({"dicomweb": {"endpoints": ["partner-a"]}},
+                                              tmp_path, "test"), "spool": None})()
+    dicomweb_app(view, add)  # the own listener's server builds with it
+    api = dicomweb_router(view, add)
+    assert seen == [(view, require_dicomweb_auth)] * 2
+    routes = {r.path: r for r in api.routes if hasattr(r, "dependant")}
+    assert {"/dicom-web/studies", "/dicom-web/studies/{study_uid}",
+            "/dicom-web/partner-a/studies", "/dicom-web/partner-a/studies/{study_uid}",
+            "/dicom-web/studies/{study_uid}/metadata"} <= set(routes)
+    for route in routes.values():
+        assert require_dicomweb_auth in [d.call for d in route.dependant.dependencies]

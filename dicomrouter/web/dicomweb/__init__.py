@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -41,10 +42,15 @@ PREFIX = "/dicom-web"
 DICOM_JSON = "application/dicom+json"
 
 
-def dicomweb_router(router_view: StowView) -> APIRouter:
+#: adds more DICOMweb routes (QIDO-RS, WADO-RS) to the router: (api, router_view, auth)
+RouteAdder = Callable[[APIRouter, Any, Callable[..., None]], None]
+
+
+def dicomweb_router(router_view: StowView, *more: RouteAdder) -> APIRouter:
     """The DICOMweb routes: ``POST /dicom-web/studies[/{uid}]`` and, per named endpoint,
-    ``POST /dicom-web/<endpoint>/studies[/{uid}]``; every route needs the server's
-    credentials (``require_dicomweb_auth``)."""
+    ``POST /dicom-web/<endpoint>/studies[/{uid}]``, then whatever each of ``more`` adds
+    (called as ``add(api, router_view, require_dicomweb_auth)``); every route needs the
+    server's credentials (``require_dicomweb_auth``, a dependency of the whole router)."""
     api = APIRouter(prefix=PREFIX, dependencies=[Depends(require_dicomweb_auth)],
                     tags=["DICOMweb"])
     cfg = router_view.cfg.dicomweb
@@ -102,6 +108,8 @@ def dicomweb_router(router_view: StowView) -> APIRouter:
     register("", DEFAULT_ENDPOINT)
     for name in cfg.endpoints:
         register(f"/{name}", name)
+    for add in more:
+        add(api, router_view, require_dicomweb_auth)
     return api
 
 
@@ -116,18 +124,19 @@ def _pulled(next_chunk: Callable[[], Awaitable[bytes | None]]) -> Iterator[bytes
             yield chunk
 
 
-def attach(app: FastAPI, router_view: StowView) -> None:
+def attach(app: FastAPI, router_view: StowView, *more: RouteAdder) -> None:
     """Serve the DICOMweb routes on the web port's app too."""
     app.state.dicomweb_auth = credentials(router_view.cfg, own_listener=False)
-    app.include_router(dicomweb_router(router_view))
+    app.include_router(dicomweb_router(router_view, *more))
 
 
-def dicomweb_app(router_view: StowView) -> FastAPI:
+def dicomweb_app(router_view: StowView, *more: RouteAdder) -> FastAPI:
     """The app of the DICOMweb server's own listener (``dicomweb.port``): its routes only."""
     app = FastAPI(title="dicomrouter DICOMweb", docs_url=None, redoc_url=None)
     app.state.dicomweb_auth = credentials(router_view.cfg, own_listener=True)
-    app.include_router(dicomweb_router(router_view))
+    app.include_router(dicomweb_router(router_view, *more))
     return app
 
 
-__all__ = ["Credentials", "attach", "dicomweb_app", "dicomweb_router", "require_dicomweb_auth"]
+__all__ = ["Credentials", "RouteAdder", "attach", "dicomweb_app", "dicomweb_router",
+           "require_dicomweb_auth"]
