@@ -71,6 +71,10 @@ class Router:
                 log.error("%s; the router runs without its status page, REST API and "
                           "/metrics (set web.port, or web.enabled: false)", exc.strerror)
         hl7_sock = _bind("HL7 (hl7.port)", cfg.hl7.bind, cfg.hl7.port) if cfg.hl7 else None
+        self.dicomweb = None  # the DICOMweb server's own listener (dicomweb.port)
+        self._dicomweb_sock = _bind("the DICOMweb server (dicomweb.port)", cfg.dicomweb.bind,
+                                    cfg.dicomweb.port) \
+            if cfg.dicomweb.enabled and cfg.dicomweb.port else None
         self.state = state_for(cfg)  # SQLite in the spool, or the cluster's PostgreSQL
         self.hl7 = Hl7Service(cfg, self.state, hl7_sock) if cfg.hl7 else None  # issue 27
         self.spool = spool_for(cfg, self.state)
@@ -155,11 +159,26 @@ class Router:
         if self._web_sock is not None:
             metrics.watch_state(self.state, self.cfg.spool)
             # imported only when enabled: FastAPI and uvicorn are ~13 MB of an idle router
+            from .web import qido, wado
             from .web.api import create_app
+            from .web.dicomweb import attach
             from .web.server import WebServer
 
-            self.web = WebServer(create_app(self), self._web_sock)
+            app = create_app(self)
+            if self.cfg.dicomweb.enabled:
+                attach(app, self, qido.add_routes, wado.add_routes)  # /dicom-web/
+            self.web = WebServer(app, self._web_sock)
             self.web.start()
+        if self._dicomweb_sock is not None:
+            from .web import qido, wado
+            from .web.dicomweb import dicomweb_app
+            from .web.server import WebServer
+
+            tls = self.cfg.dicomweb.tls
+            self.dicomweb = WebServer(dicomweb_app(self, qido.add_routes, wado.add_routes),
+                                      self._dicomweb_sock, "DICOMweb server",
+                                      (tls.cert, tls.key) if tls else None)
+            self.dicomweb.start()
         self._listening = True
 
     def _node_info(self) -> dict[str, Any]:
@@ -193,6 +212,8 @@ class Router:
         log.info("stopping")
         if self.web is not None:
             self.web.stop()
+        if self.dicomweb is not None:
+            self.dicomweb.stop()
         self.sources.stop()
         self.prefetcher.stop()
         self.receivers.stop()

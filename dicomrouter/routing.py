@@ -143,6 +143,8 @@ class _StudyView:
             return ["true" if inst.tags.get("_PrefetchRule") else "false"]
         if key == "PrefetchRule":
             return [inst.tags.get("_PrefetchRule", "")]
+        if key == "Endpoint":  # the DICOMweb endpoint it was posted to (STOW-RS)
+            return [inst.tags.get("_Endpoint", "")]
         if key in inst.tags:
             raw = inst.tags[key]
             return raw.split("\\") if raw else [""]

@@ -186,8 +186,19 @@ def build_rows(settings: Settings, runs: Runs, dicomweb_available: bool = False)
     else:
         skipped("P2", "end to end into Orthanc")
 
+    # P3: STOW-RS ingest against C-STORE ingest into the router, MB/s
+    if "P3" in selected and any("P3/ct/stow-in" in r for r in runs):
+        stow, s_val = _throughput(runs, "P3/ct/stow-in")
+        cstore, c_val = _throughput(runs, "P3/ct/cstore-in")
+        ratio = median(_ratios(runs, "P3/ct/stow-in", "P3/ct/cstore-in", mbps))
+        target, verdict = _verdict("P3", ratio)
+        rows.append(Row("P3", "STOW-RS ingest vs C-STORE ingest (ct, one request vs one "
+                        "association, MB/s)", stow, f"C-STORE {cstore}", _fmt_ratio(ratio),
+                        target, verdict, {"stow_in_inst_s": s_val, "cstore_in_inst_s": c_val,
+                                          "ratio": ratio}))
     # P3: DICOMweb (STOW-RS) against C-STORE into the same Orthanc, MB/s
-    if "P3" in selected and not any(k.startswith("P3/") for r in runs for k in r):
+    if "P3" in selected and not any(k.startswith("P3/") and not k.endswith("-in")
+                                    for r in runs for k in r):
         why = P3_NOT_IMPLEMENTED if not dicomweb_available else \
             "n/a (needs Orthanc and its DICOMweb plugin)"
         rows.append(Row("P3", "end to end via DICOMweb (STOW-RS)", why, "-",

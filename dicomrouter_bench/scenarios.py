@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from . import flatcost
+from . import flatcost, stowin
 from .cluster import cpu_seconds
 from .corpus import LARGE_COLS, LARGE_ROWS, Corpus, large_frames, make_corpus
 from .procs import (
@@ -33,6 +33,7 @@ from .procs import (
     StoreSCU,
     find_dicomweb_plugin,
     find_orthanc,
+    free_port,
     log_tail,
     running,
     storescu_argv,
@@ -170,6 +171,11 @@ class Bench:
                     for mode in reversed(modes) if flip else modes:
                         self._measure(i, data, f"P2/{corpus}/{mode}",
                                       partial(self.end_to_end, mode=mode, corpus_name=corpus))
+            if "P3" in s.scenarios:  # ingest only: STOW-RS in against C-STORE in
+                modes = ["stow-in", "cstore-in"]
+                for mode in reversed(modes) if flip else modes:
+                    self._measure(i, data, f"P3/ct/{mode}",
+                                  partial(self.ingest, mode=mode, corpus_name="ct"))
             if "P3" in s.scenarios and s.orthanc and find_dicomweb_plugin():
                 modes = ["stow", "cstore"]
                 for corpus in RECEIVE_CORPORA:
@@ -423,6 +429,25 @@ class Bench:
                 "stable_age": f"{age}s", "destinations": {"target": destination},
                 "routes": [{"name": "everything", "to": ["target"]}]}))
             return self._through(work, router, target, corpus, mode)
+
+    def ingest(self, work: Path, mode: str, corpus_name: str) -> Measurement:
+        """P3 ingest: wall time of the corpus into the router (receive log on, nothing
+        forwarded) by STOW-RS (one streamed request, ``stow-in``) or by storescu (one
+        association, ``cstore-in``), until the response; then every instance recorded."""
+        corpus = self.corpora[corpus_name]
+        port = free_port()
+        with running() as start:
+            router = start(RouterServer(work / "router", {
+                "stable_age": LONG_STABLE_AGE, "receive_log": True,
+                "dicomweb": {"port": port}}))
+            if mode == "stow-in":
+                seconds = stowin.post_corpus(LOOPBACK, port, corpus.files, _timeout(corpus))
+            elif mode == "cstore-in":
+                seconds = self._send(work, router, corpus)
+            else:
+                raise ValueError(mode)
+            self._expect(router, corpus.count, f"the router ({mode})")
+        return {"seconds": seconds, "instances": corpus.count, "bytes": corpus.size}
 
     def large(self, work: Path, corpus_name: str, via: str = "router") -> Measurement:
         """P4: peak RSS (VmHWM) of the router receiving and forwarding a corpus (the large

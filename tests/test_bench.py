@@ -77,6 +77,10 @@ def test_bench_smoke_tiny_corpora(tmp_path: Path) -> None:
     assert data["runs"][0]["P4/study/router"]["instances"] == 5  # 9 MB of 2.1 MB instances
     for mode in ("stow", "cstore"):  # P3: both paths into the DICOMweb-enabled Orthanc
         assert data["runs"][0][f"P3/small/{mode}"]["instances"] == 20
+    for mode in ("stow-in", "cstore-in"):  # P3: STOW-RS ingest against C-STORE ingest
+        assert data["runs"][0][f"P3/ct/{mode}"]["instances"] == 4
+    assert re.search(r"^P3\s+STOW-RS ingest vs C-STORE ingest.*C-STORE", r.stdout,
+                     re.MULTILINE), r.stdout
     assert [r["measurement"] for r in data["rows"] if r["id"] == "P4"] == [
         "peak RSS, large instance (5 MB) in + out",
         "peak RSS, big study (5 × 2.1 MB) in + out",

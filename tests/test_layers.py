@@ -34,7 +34,8 @@ LAYER_OF = {name: i for i, (_title, names) in enumerate(LAYERS) for name in name
 # only when the web server is enabled (issue 25: idle memory).
 LAZY_ALLOWED = {("dicomrouter.cli.tools", "dicomrouter_bench.cli"),
                 ("dicomrouter.app", "dicomrouter.web.api"),
-                ("dicomrouter.app", "dicomrouter.web.server")}
+                ("dicomrouter.app", "dicomrouter.web.server"),
+                ("dicomrouter.app", "dicomrouter.web.dicomweb")}
 
 
 def _module_name(path: Path) -> str:

@@ -53,6 +53,7 @@ from .base import (
     show,
 )
 from .coerce import CoerceModel, check_known_aes
+from .dicomweb import DicomwebModel, check_dicomweb
 from .hl7 import Hl7ListenerModel, Hl7RuleModel
 from .notifications import NotificationModel
 from .peers import (
@@ -345,6 +346,7 @@ class ConfigModel(Strict):
     known_aes: dict[AETitle, KnownAEModel] = {}
     sources: dict[str, SourceBase] = {}
     web: WebModel = WebModel()
+    dicomweb: DicomwebModel = DicomwebModel()  # STOW-RS in (config/dicomweb.py)
     tls: TlsServerModel | None = None  # DICOM TLS on the top-level listener
     listeners: tuple[ListenerModel, ...] = ()  # more ports (see all_listeners)
     sweep: Annotated[Any, parsed(lambda v, k: sweep_value(v, k))] = None
@@ -447,6 +449,8 @@ class ConfigModel(Strict):
             raise ConfigError("receive_log_wait", "must be more than 0")
         if self.receivers > 1 and self.receiver != "fast":
             raise ConfigError("receivers", "several receiver processes need 'receiver: fast'")
+        check_dicomweb(self.dicomweb, self.web.port if self.web.enabled else None, ports,
+                       self.routes or ())
         known = list(self.destinations or {})
         sources = list(self.sources or {})
         for i, route in enumerate(self.routes or []):

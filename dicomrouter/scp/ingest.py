@@ -26,6 +26,7 @@ from ..dimse import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCE
 from ..spool import (
     Accepted,
     DatasetMismatch,
+    Expected,
     ReceiveFile,
     SharedStoreUnavailable,
     Spool,
@@ -38,14 +39,15 @@ log = logging.getLogger("dicomrouter.scp")
 
 
 def accept(spool: Spool, rx: ReceiveFile, calling: str, called: str,
-           command: tuple[str, str] | None,
+           command: Expected | None,
            how: str = "C-STORE") -> tuple[int, str, Accepted | None]:
     """(status, error comment, accepted instance or None) for one received dataset.
 
-    ``command`` is (Affected SOP Class UID, Affected SOP Instance UID) of the C-STORE-RQ; None
-    for an instance pulled over HTTP (``how`` names the way it came in the log line).
+    ``command`` is (Affected SOP Class UID, Affected SOP Instance UID) of the C-STORE-RQ, or
+    the keywords and values a STOW-RS request's path names (its study); None for an instance
+    pulled over HTTP (``how`` names the way it came in the log line).
     """
-    sop = command[1] if command else "instance"
+    sop = command[1] if isinstance(command, tuple) else "instance"
     try:
         accepted = spool.accept(rx, calling, called, command)
         metrics.INSTANCES.labels(calling).inc()

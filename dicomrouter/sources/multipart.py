@@ -1,4 +1,5 @@
-"""A streaming reader of ``multipart/related`` bodies (WADO-RS responses), part by part.
+"""A streaming reader of ``multipart/related`` bodies (WADO-RS responses, STOW-RS requests),
+part by part.
 
 dicomweb-client decodes a whole part in memory before handing it over; a 2 GB multi-frame
 instance would be held whole. This reader yields each part's body in chunks as they arrive,
@@ -8,6 +9,9 @@ keeping only a boundary's length back, so a pulled instance goes to disk with fl
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+
+#: a part's headers may take this many bytes (a body without a blank line is not held whole)
+MAX_HEADERS = 64 << 10
 
 
 class MultipartError(ValueError):
@@ -36,6 +40,8 @@ class MultipartReader:
         self._delim = b"\r\n" + self._marker
         self._started = False
         self._done = False
+        #: the current part's headers (names in lower case)
+        self.headers: dict[str, str] = {}
 
     def _fill(self) -> bool:
         for chunk in self._it:
@@ -49,6 +55,8 @@ class MultipartReader:
             return None
         if not self._started:  # skip the preamble up to the first boundary
             while (i := self._buf.find(self._marker)) < 0:
+                if len(self._buf) > MAX_HEADERS:
+                    raise MultipartError(f"no boundary in the first {MAX_HEADERS} bytes")
                 if not self._fill():
                     raise MultipartError("no boundary in the body")
             del self._buf[:i + len(self._marker)]
@@ -60,8 +68,15 @@ class MultipartReader:
             self._done = True
             return None
         while (j := self._buf.find(b"\r\n\r\n")) < 0:  # the part's headers
+            if len(self._buf) > MAX_HEADERS:
+                raise MultipartError(f"part headers longer than {MAX_HEADERS} bytes")
             if not self._fill():
                 raise MultipartError("truncated part headers")
+        self.headers = {}
+        for line in bytes(self._buf[:j]).decode("latin-1").split("\r\n"):
+            name, sep, value = line.partition(":")
+            if sep:
+                self.headers[name.strip().lower()] = value.strip()
         del self._buf[:j + 4]
         return self._body()
 

@@ -15,7 +15,7 @@ from typing import Any
 from ..state import State
 from .cluster import ClusterSpool, SharedStore, SharedStoreUnavailable
 from .local import Spool, SpoolReader
-from .receive import Accepted, DatasetMismatch, LogReceiveFile, ReceiveFile, SpoolFull
+from .receive import Accepted, DatasetMismatch, Expected, LogReceiveFile, ReceiveFile, SpoolFull
 
 
 def spool_for(cfg: Any, state: State, receiver_process: bool = False) -> Spool:
@@ -31,6 +31,6 @@ def spool_for(cfg: Any, state: State, receiver_process: bool = False) -> Spool:
                  **kwargs)
 
 
-__all__ = ["Accepted", "ClusterSpool", "DatasetMismatch", "LogReceiveFile", "ReceiveFile",
-           "SharedStore", "SharedStoreUnavailable", "Spool", "SpoolFull", "SpoolReader",
-           "spool_for"]
+__all__ = ["Accepted", "ClusterSpool", "DatasetMismatch", "Expected", "LogReceiveFile",
+           "ReceiveFile", "SharedStore", "SharedStoreUnavailable", "Spool", "SpoolFull",
+           "SpoolReader", "spool_for"]

@@ -38,7 +38,7 @@ from ..common.s3 import describe_failure, fast_put, fast_store, s3_client, trans
 from ..dicomfile import UnreadableDataset, identify, source_ae
 from ..state import Instance, State
 from .local import Spool, SpoolReader, unlink_quietly
-from .receive import Accepted, ReceiveFile
+from .receive import Accepted, Expected, ReceiveFile
 
 log = logging.getLogger("dicomrouter.spool")
 
@@ -172,7 +172,7 @@ class ClusterSpool(Spool):
                 f"~{self.node_id}-{uuid.uuid4().hex[:12]}.dcm")
 
     def accept(self, rx: ReceiveFile, calling_ae: str, called_ae: str,
-               command: tuple[str, str] | None = None) -> Accepted:
+               command: Expected | None = None) -> Accepted:
         accepted = super().accept(rx, calling_ae, called_ae, command)
         key = self.new_key(accepted.tags)
         if self.ack_after != "shared":

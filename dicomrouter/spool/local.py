@@ -31,6 +31,7 @@ from .faults import POWERCUT, crash_point
 from .logged import ReceiveLogSpool
 from .receive import (
     Accepted,
+    Expected,
     LogReceiveFile,
     ReceiveFile,
     SpoolFull,
@@ -220,7 +221,7 @@ class Spool(ReceiveLogSpool):
         return bool(self.max_bytes) and self._bytes >= self.max_bytes
 
     def accept(self, rx: ReceiveFile | LogReceiveFile, calling_ae: str, called_ae: str,
-               command: tuple[str, str] | None = None) -> Accepted:
+               command: Expected | None = None) -> Accepted:
         """Make a received file durable in its slot, check it is whole, read its index tags.
 
         From here on the instance may be acknowledged: start-up adopts a slot with a valid

@@ -18,7 +18,15 @@ from ..dicomfile import UnreadableDataset, identify, source_ae
 from ..state import State, StateUnavailable
 from ..walk import Malformed, check_file
 from .faults import POWERCUT, crash_point
-from .receive import Accepted, LogReceiveFile, SpoolFull, match_command, spool_name, write_file
+from .receive import (
+    Accepted,
+    Expected,
+    LogReceiveFile,
+    SpoolFull,
+    match_command,
+    spool_name,
+    write_file,
+)
 from .recvlog import (
     Found,
     LogBroken,
@@ -80,7 +88,7 @@ class ReceiveLogSpool:
                  rxlog.path, rxlog.size >> 20, self._log_max_record, rxlog.checkpoint)
 
     def _accept_logged(self, rx: LogReceiveFile, calling_ae: str, called_ae: str,
-                       command: tuple[str, str] | None) -> Accepted:
+                       command: Expected | None) -> Accepted:
         """``accept`` on the receive log: checked and identified in memory (the header is read
         from the received bytes, no file read at all), then one log record, synced (shared with
         the other associations' records), makes it durable. Its spool file is written by

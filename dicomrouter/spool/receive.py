@@ -170,12 +170,23 @@ class Accepted:
     record: Record | None = None  # its log record (the flusher syncs the file)
 
 
-def match_command(tags: dict[str, str], command: tuple[str, str]) -> None:
-    sop_class, sop_instance = command
-    for kw, expected in (("SOPInstanceUID", sop_instance), ("SOPClassUID", sop_class)):
+#: what a received dataset must carry: a C-STORE's (Affected SOP Class UID, Affected SOP
+#: Instance UID), or index keywords → values (a STOW-RS request's study UID in its path)
+Expected = tuple[str, str] | dict[str, str]
+
+
+def match_command(tags: dict[str, str], command: Expected) -> None:
+    """DatasetMismatch (0xA900) unless the dataset carries what the request says."""
+    if isinstance(command, dict):
+        pairs, whose = list(command.items()), "request's"
+    else:
+        sop_class, sop_instance = command
+        pairs, whose = [("SOPInstanceUID", sop_instance), ("SOPClassUID", sop_class)], \
+            "command's"
+    for kw, expected in pairs:
         if tags.get(kw, "") != expected:
             raise DatasetMismatch(f"dataset {kw} {tags.get(kw, '')[:64]!r} is not the "
-                                  f"command's {expected[:64]!r}")
+                                  f"{whose} {expected[:64]!r}")
 
 
 def spool_name(tags: dict[str, str]) -> str:

@@ -7,8 +7,8 @@ token too (``/metrics`` unless ``web.metrics_public``), the way Orthanc refuses 
 without credentials: the pages list patient IDs and their studies. A browser logs in with HTTP
 basic auth (any user name, the token as the password); clients send ``Authorization: Bearer``.
 The OpenAPI schema is at ``/openapi.json`` (no Swagger UI: it would load scripts from a CDN).
-QIDO-RS and WADO-RS (``qido.py``, ``wado.py``) are mounted under ``/dicom-web`` with the same
-read protection as the GETs here.
+The DICOMweb server (STOW-RS, QIDO-RS, WADO-RS under ``/dicom-web``) is added to this app by
+``web.dicomweb.attach``, with its own credentials (``dicomweb.auth``; off loopback the web token).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 from dataclasses import asdict
 from typing import Any, Protocol
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
@@ -28,7 +28,7 @@ from .. import metrics
 from ..config import Config
 from ..spool import Spool
 from ..state import State
-from . import page, qido, wado
+from . import page
 
 
 class RouterView(Protocol):
@@ -89,7 +89,8 @@ def create_app(router: RouterView) -> FastAPI:
     @app.middleware("http")
     async def remote_access(request: Request, call_next: Any) -> Response:
         """Off loopback, nothing but /health (and public /metrics) without the token."""
-        if not web.protected or request.url.path in open_paths or authorised(request):
+        if not web.protected or request.url.path in open_paths or authorised(request) \
+                or request.url.path.startswith("/dicom-web/"):  # its own auth (web/dicomweb)
             return await call_next(request)
         if request.url.path.startswith(("/api/", "/dicom-web/")) or \
                 request.url.path == "/metrics":
@@ -200,19 +201,6 @@ def create_app(router: RouterView) -> FastAPI:
               dependencies=[Depends(require_token)])
     def reject(study_uid: str, body: HoldDecision, request: Request) -> dict[str, Any]:
         return decide(study_uid, body, request, False)
-
-    def read_access(request: Request) -> None:
-        """What every GET of this API needs: the token when the router is reachable from
-        the network (``web.protected``)."""
-        if web.protected and not authorised(request):
-            raise HTTPException(401, "this router is reachable from the network: send the "
-                                "token (Authorization: Bearer)",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    dicomweb = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
-    qido.add_routes(dicomweb, router, read_access)
-    wado.add_routes(dicomweb, router, read_access)
-    app.include_router(dicomweb)
 
     @app.get("/", response_class=HTMLResponse, summary="The status page")
     def status_page() -> HTMLResponse:
