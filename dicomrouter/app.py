@@ -159,24 +159,22 @@ class Router:
         if self._web_sock is not None:
             metrics.watch_state(self.state, self.cfg.spool)
             # imported only when enabled: FastAPI and uvicorn are ~13 MB of an idle router
-            from .web import qido, wado
             from .web.api import create_app
             from .web.dicomweb import attach
             from .web.server import WebServer
 
             app = create_app(self)
             if self.cfg.dicomweb.enabled:
-                attach(app, self, qido.add_routes, wado.add_routes)  # /dicom-web/
+                attach(app, self)  # STOW-RS, QIDO-RS, WADO-RS on the web port (/dicom-web/)
             self.web = WebServer(app, self._web_sock)
             self.web.start()
         if self._dicomweb_sock is not None:
-            from .web import qido, wado
             from .web.dicomweb import dicomweb_app
             from .web.server import WebServer
 
             tls = self.cfg.dicomweb.tls
-            self.dicomweb = WebServer(dicomweb_app(self, qido.add_routes, wado.add_routes),
-                                      self._dicomweb_sock, "DICOMweb server",
+            self.dicomweb = WebServer(dicomweb_app(self), self._dicomweb_sock,
+                                      "DICOMweb server",
                                       (tls.cert, tls.key) if tls else None)
             self.dicomweb.start()
         self._listening = True

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from ...config.dicomweb import DEFAULT_ENDPOINT
+from .. import qido, wado
 from .auth import Credentials, credentials, require_dicomweb_auth
 from .stow import (
     BodyError,
@@ -48,9 +49,9 @@ RouteAdder = Callable[[APIRouter, Any, Callable[..., None]], None]
 
 def dicomweb_router(router_view: StowView, *more: RouteAdder) -> APIRouter:
     """The DICOMweb routes: ``POST /dicom-web/studies[/{uid}]`` and, per named endpoint,
-    ``POST /dicom-web/<endpoint>/studies[/{uid}]``, then whatever each of ``more`` adds
-    (called as ``add(api, router_view, require_dicomweb_auth)``); every route needs the
-    server's credentials (``require_dicomweb_auth``, a dependency of the whole router)."""
+    ``POST /dicom-web/<endpoint>/studies[/{uid}]``, then QIDO-RS, WADO-RS and whatever each of
+    ``more`` adds (called as ``add(api, router_view, require_dicomweb_auth)``); every route needs
+    the server's credentials (``require_dicomweb_auth``, a dependency of the whole router)."""
     api = APIRouter(prefix=PREFIX, dependencies=[Depends(require_dicomweb_auth)],
                     tags=["DICOMweb"])
     cfg = router_view.cfg.dicomweb
@@ -108,7 +109,7 @@ def dicomweb_router(router_view: StowView, *more: RouteAdder) -> APIRouter:
     register("", DEFAULT_ENDPOINT)
     for name in cfg.endpoints:
         register(f"/{name}", name)
-    for add in more:
+    for add in (qido.add_routes, wado.add_routes, *more):  # QIDO-RS, WADO-RS
         add(api, router_view, require_dicomweb_auth)
     return api
 
