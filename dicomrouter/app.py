@@ -20,6 +20,7 @@ from .completion import Housekeeping, StudyTracker
 from .config import Config
 from .delivery import DeliveryWorkers
 from .notifications import Notifier
+from .proxy import QueryRetrieveProxy
 from .receivers import ReceiverProcesses
 from .scp import services
 from .scp.listener import FastStorageSCP
@@ -82,8 +83,11 @@ class Router:
         self.scps: list[StorageSCP | FastStorageSCP] = [
             FastStorageSCP(cfg, self.spool, sock, lst) if cfg.receiver == "fast"
             else StorageSCP(cfg, self.spool, lst) for lst, sock in self._dicom_socks]
+        #: the Q/R proxy (None without query_retrieve_proxy); also the WADO-RS hook
+        self.proxy_fetcher = QueryRetrieveProxy(cfg, self.state, self.spool) \
+            if cfg.query_retrieve and cfg.query_retrieve_proxy else None
         for scp in self.scps:
-            services.register(scp, cfg, self.state, self.spool)
+            services.register(scp, cfg, self.state, self.spool, self.proxy_fetcher)
         self.receivers = ReceiverProcesses(cfg)
         self.sources = SourcePollers(cfg, self.state, self.spool)
         self._stop = threading.Event()
@@ -142,6 +146,10 @@ class Router:
             scp.start()
         self.receivers.start()
         self.sources.start()
+        if self.proxy_fetcher is not None:
+            log.info("%s; fetched studies are kept %g s after their last use",
+                     self.proxy_fetcher.describe(), self.cfg.query_retrieve_proxy_cache)
+            self.proxy_fetcher.start()
         if self._web_sock is not None:
             metrics.watch_state(self.state, self.cfg.spool)
             # imported only when enabled: FastAPI and uvicorn are ~13 MB of an idle router
@@ -184,6 +192,8 @@ class Router:
         if self.web is not None:
             self.web.stop()
         self.sources.stop()
+        if self.proxy_fetcher is not None:
+            self.proxy_fetcher.stop()
         self.receivers.stop()
         for scp in self.scps:
             scp.stop()

@@ -21,6 +21,7 @@ from .config import RouteConfig
 from .dicomfile import read_header, text
 from .rules import AGGREGATES, STEP, TAG, all_hold, keys_of
 from .state import Instance
+from .values import PROXIED_TAG
 
 log = logging.getLogger("dicomrouter.routing")
 
@@ -131,6 +132,8 @@ class _StudyView:
             return [inst.tags.get("_Listener", "")]
         if key == "SourceHost":  # the sender's IP address
             return [inst.tags.get("_SourceHost", "")]
+        if key == "Proxied":  # fetched from the PACS by the Q/R proxy (a cache)
+            return ["true" if inst.tags.get(PROXIED_TAG) else "false"]
         if key in inst.tags:
             raw = inst.tags[key]
             return raw.split("\\") if raw else [""]
@@ -147,7 +150,8 @@ class _StudyView:
                 with self._open(inst) as f:
                     ds = read_header(f)
                 wanted = self._keys - set(AGGREGATES) - {"CallingAE", "CalledAE", "Source",
-                                                         "Listener", "SourceHost"}
+                                                         "Listener", "SourceHost",
+                                                         "Proxied"}
                 # only what was read is kept (``headers`` may outlive this evaluation: a file
                 # not readable now, e.g. not yet in a cluster's shared store, is read again)
                 cache = self._headers[inst.sop_uid] = {k: resolve(ds, k) for k in wanted}
@@ -180,7 +184,15 @@ def route(routes: Sequence[RouteConfig], instances: Sequence[Instance],
     dests: dict[str, None] = {}
     results: list[RouteResult] = []
     stopped = ""
+    # a study the Q/R proxy fetched is a cache, not a new arrival: only routes that name
+    # Proxied see it (README "Q/R proxy")
+    proxied = any(i.tags.get(PROXIED_TAG) for i in instances)
     for r in routes:
+        if proxied and "Proxied" not in keys_of(r.when):
+            results.append(RouteResult(r.name, r.to, False, "", r.stop, r.fallback,
+                                       "fetched by the Q/R proxy (only routes naming "
+                                       "Proxied see it)"))
+            continue
         if r.fallback:
             continue
         if stopped:
@@ -195,7 +207,7 @@ def route(routes: Sequence[RouteConfig], instances: Sequence[Instance],
             if r.stop:
                 stopped = r.name
     for r in routes:
-        if not r.fallback:
+        if not r.fallback or (proxied and "Proxied" not in keys_of(r.when)):
             continue
         if matched:
             results.append(RouteResult(r.name, r.to, False, "", False, True,
@@ -203,5 +215,6 @@ def route(routes: Sequence[RouteConfig], instances: Sequence[Instance],
             continue
         results.append(RouteResult(r.name, r.to, True, "no other route matched", False, True))
         dests.update(dict.fromkeys(r.to))
-    fallback_used = [r.name for r in routes if r.fallback and not matched]
+    fallback_used = [r.name for r in routes if r.fallback and not matched
+                     and not (proxied and "Proxied" not in keys_of(r.when))]
     return Decision(tuple(matched + fallback_used), tuple(dests), tuple(results))

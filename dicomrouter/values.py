@@ -22,7 +22,9 @@ from pydicom.uid import UID
 
 from .transcode import TARGETS
 
-AE_PSEUDO_KEYS = ("CallingAE", "CalledAE", "Source", "Listener", "SourceHost")
+AE_PSEUDO_KEYS = ("CallingAE", "CalledAE", "Source", "Listener", "SourceHost", "Proxied")
+#: the index tag marking an instance the Q/R proxy fetched from the PACS (the Proxied key)
+PROXIED_TAG = "_Proxied"
 #: a route's ``priority``, most urgent first; jobs store the index (0: stat)
 PRIORITIES = ("stat", "high", "routine", "low")
 

@@ -66,6 +66,7 @@ from .peers import (
 )
 from .validators import (
     ae_list,
+    check_proxy,
     expect_value,
     log_level_value,
     sweep_value,
@@ -342,6 +343,11 @@ class ConfigModel(Strict):
     commitment_scp: Bool = True  # answer storage commitment for what the spool holds
     known_aes: dict[AETitle, KnownAEModel] = {}
     sources: dict[str, SourceBase] = {}
+    # the Q/R proxy (README "Q/R proxy"): a known_aes entry or a dicomweb source's name
+    query_retrieve_proxy: Text | None = None
+    query_retrieve_proxy_timeout: Duration = 30.0  # association / response / HTTP at the PACS
+    query_retrieve_proxy_max_answers: Int(1, 10_000_000) = 10_000  # C-FIND answers taken
+    query_retrieve_proxy_cache: Duration = 86400.0  # a fetched study stays this long unused
     web: WebModel = WebModel()
     tls: TlsServerModel | None = None  # DICOM TLS on the top-level listener
     listeners: tuple[ListenerModel, ...] = ()  # more ports (see all_listeners)
@@ -521,6 +527,7 @@ class ConfigModel(Strict):
                     "dead-lettered before the breaker opens (0 turns the breaker off)")
         for ae, known in self.known_aes.items():
             known._ae_title = str(ae)
+        check_proxy(self)
         self._listeners = self.resolve_listeners()
         return self
 

@@ -34,6 +34,7 @@ from .base import StateUnavailable
 from .locks import StudyLock
 from .qr import POSTGRESQL, generated_columns
 from .sql import SQLState
+from .sql_proxy import PROXY_CACHE
 from .sql_sources import SOURCE_DELTAS
 
 log = logging.getLogger("dicomrouter.state")
@@ -217,7 +218,9 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
     (8, "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS priority INTEGER NOT NULL DEFAULT 2"),
     # when an operator released the job's held generation (a later route does not hold it
     # again; a new generation clears it)
-    (9, "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS released DOUBLE PRECISION")]
+    (9, "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS released DOUBLE PRECISION"),
+    # issue 28 (the Q/R proxy): when each study fetched from the PACS was last used
+    (12, PROXY_CACHE.format(real="DOUBLE PRECISION"))]
 
 
 class Row:

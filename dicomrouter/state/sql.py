@@ -1,7 +1,8 @@
 """The state's SQL, shared by the SQLite (embedded default) and PostgreSQL backends, one module
 per role: receptions (``sql_receive``), completion and routing (``sql_studies``), delivery jobs
 and the ledger (``sql_delivery``), sources, commitments and nodes (``sql_sources``), reporting
-(``sql_reporting``), priorities and held jobs (``sql_hold``), on the hooks of ``sql_base``.
+(``sql_reporting``), priorities and held jobs (``sql_hold``), the Q/R proxy's cache
+(``sql_proxy``), on the hooks of ``sql_base``.
 See ``sql_base`` for what a backend provides.
 """
 
@@ -9,13 +10,15 @@ from __future__ import annotations
 
 from .sql_delivery import DeliverySQL
 from .sql_hold import HoldSQL
+from .sql_proxy import ProxySQL
 from .sql_receive import ReceivingSQL
 from .sql_reporting import ReportingSQL
 from .sql_sources import PeersSQL
 from .sql_studies import StudiesSQL
 
 
-class SQLState(ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL, PeersSQL, ReportingSQL):
+class SQLState(ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL, PeersSQL, ReportingSQL,
+               ProxySQL):
     """Everything the router asks of its state, in portable SQL."""
 
 

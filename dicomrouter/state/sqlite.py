@@ -24,6 +24,7 @@ from .base import StateUnavailable
 from .locks import StudyLock
 from .qr import generated_columns
 from .sql import SQLState
+from .sql_proxy import PROXY_CACHE
 from .sql_sources import SOURCE_DELTAS
 
 SCHEMA = """
@@ -243,6 +244,8 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
     # when an operator released the job's held generation (a later route does not hold it
     # again; a new generation clears it)
     (10, lambda db: _add_columns(db, "jobs", "released REAL")),
+    # issue 28 (the Q/R proxy): when each study fetched from the PACS was last used
+    (13, lambda db: db.execute(PROXY_CACHE.format(real="REAL")) and None),
 ]
 
 
