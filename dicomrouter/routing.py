@@ -119,6 +119,8 @@ class _StudyView:
             return sorted({v for i in insts for v in self.values("Modality", i)} - {""})
         if key == "SeriesDescriptions":
             return sorted({v for i in insts for v in self.values("SeriesDescription", i)} - {""})
+        if key == "Proxied":  # one value per study: true once the Q/R proxy fetched any of it
+            return ["true" if any(i.tags.get(PROXIED_TAG) for i in insts) else "false"]
         return [v for i in insts for v in self.values(key, i)]
 
     def values(self, key: str, inst: Instance) -> list[str]:

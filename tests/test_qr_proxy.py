@@ -259,3 +259,82 @@ def getscu_at(port: int, study: str, out: Path) -> str:
          "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
          "127.0.0.1", str(port)], capture_output=True, text=True, env=peer_env(), timeout=300)
     return r.stdout + r.stderr
+
+
+def test_a_study_partly_in_the_spool_gets_the_rest_from_the_pacs(tmp_path: Path,
+                                                                  orthanc) -> None:
+    port = free_port()
+    pacs: Orthanc = orthanc(aet="PACS", modalities={"router": ["DICOMROUTER", "127.0.0.1",
+                                                               port]})
+    study = generate(tmp_path / "study", series=2, instances=3, rows=16, cols=16, seed=286)
+    upload(pacs, study)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    pushed = study[:2]
+    with Router(tmp_path / "router", {
+            "port": port, "query_retrieve_proxy": "PACS",
+            "known_aes": {"PACS": {"host": "127.0.0.1", "port": pacs.dicom_port}},
+            "keep_after_delivery": True,
+            "destinations": {"archive": {"type": "folder", "path": str(tmp_path / "out")}},
+            "routes": [{"to": "archive"}]}) as router:
+        assert run_storescu(pushed, router.port).returncode == 0
+        router.wait_state(uid, "delivered")
+        out = getscu_at(router.port, uid, tmp_path / "get")
+        same_instances(list((tmp_path / "get").iterdir()), study)
+        assert "4 more fetched from the PACS" in router.log(20_000), out
+        # what was pushed went to the archive; what the proxy fetched did not
+        wait_until(lambda: router.study_state(uid) not in (None, "receiving"), timeout=60,
+                   what="the study out of receiving")
+        archived = {tags_of(p, "SOPInstanceUID")[0] for p in (tmp_path / "out").rglob("*.dcm")}
+        assert archived == sop_uids(pushed)
+
+
+def test_a_pacs_refusing_the_retrieve_fails_the_suboperations(tmp_path: Path,
+                                                              orthanc) -> None:
+    pacs: Orthanc = orthanc(aet="PACS", extra_config={"DicomAlwaysAllowFind": True,
+                                                      "DicomAlwaysAllowGet": False})
+    study = generate(tmp_path / "study", series=1, instances=2, rows=16, cols=16, seed=287)
+    upload(pacs, study)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    with Router(tmp_path / "router", {
+            "query_retrieve_proxy": "PACS",
+            "known_aes": {"PACS": {"host": "127.0.0.1", "port": pacs.dicom_port}}}) as router:
+        (tmp_path / "get").mkdir()
+        r = subprocess.run(
+            [dcmtk("getscu"), "-d", "-S", "-aet", "GETSCU", "-aec", "DICOMROUTER", "-od",
+             str(tmp_path / "get"), "-k", "QueryRetrieveLevel=STUDY", "-k",
+             f"StudyInstanceUID={uid}", "127.0.0.1", str(router.port)],
+            capture_output=True, text=True, env=peer_env(), timeout=300)
+        out = r.stdout + r.stderr
+        final = out[out.rindex("C-GET-RSP"):] if "C-GET-RSP" in out else out
+        assert re.search(r"Failed Suboperations\s*:\s*2\b", final), out
+        assert re.search(r"Status\s*:\s*0xa702", final, re.I), out
+        assert not list((tmp_path / "get").iterdir())
+        assert "Traceback" not in router.log(50_000)
+
+
+def test_dicomweb_pacs_behind_the_proxy(tmp_path: Path, orthanc) -> None:
+    pacs: Orthanc = orthanc(aet="WEBPACS", dicomweb=True)
+    study = generate(tmp_path / "study", series=2, instances=2, rows=16, cols=16, seed=288)
+    upload(pacs, study)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    with Router(tmp_path / "router", {
+            "query_retrieve_proxy": "web",
+            "sources": {"web": {"type": "dicomweb", "url": f"{pacs.url}/dicom-web",
+                                "interval": "1s"}},
+            "destinations": {"archive": {"type": "folder", "path": str(tmp_path / "out")}},
+            "routes": [{"to": "archive"}]}) as router:
+        (tmp_path / "find").mkdir()
+        r = subprocess.run(
+            [dcmtk("findscu"), "-S", "-aet", "FINDSCU", "-aec", "DICOMROUTER", "-X", "-od",
+             str(tmp_path / "find"), "-k", "QueryRetrieveLevel=STUDY", "-k",
+             "StudyInstanceUID", "-k", "PatientID", "-k", "RetrieveAETitle",
+             "127.0.0.1", str(router.port)],
+            capture_output=True, text=True, env=peer_env(), timeout=120)
+        found = [dcmread(p) for p in (tmp_path / "find").glob("rsp*.dcm")]
+        assert [str(d.StudyInstanceUID) for d in found] == [uid], r.stdout + r.stderr
+        assert str(found[0].RetrieveAETitle) == "DICOMROUTER"
+        out = getscu_at(router.port, uid, tmp_path / "get")
+        same_instances(list((tmp_path / "get").iterdir()), study)
+        assert "4 more fetched from the PACS" in router.log(20_000), out
+        assert "source web" not in router.log(50_000)  # the PACS's address: not polled
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.dcm"))
