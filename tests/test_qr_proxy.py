@@ -67,6 +67,8 @@ class Site:
                                patient_id="PX2", seed=282),
             "other": generate(root / "other", series=1, instances=2, rows=16, cols=16,
                               patient_id="PX3", seed=283),
+            "getonly": generate(root / "getonly", series=2, instances=4, rows=64, cols=64,
+                                patient_id="PX4", seed=289),
         }
         self.uid = {k: tags_of(v[0], "StudyInstanceUID")[0] for k, v in self.files.items()}
 
@@ -77,7 +79,7 @@ class Site:
         r = run_storescu(self.files["local"], self.router.port)
         assert r.returncode == 0, r.stderr
         self.router.wait_state(self.uid["local"], "delivered")
-        for name in ("local", "remote", "other"):
+        for name in ("local", "remote", "other", "getonly"):
             upload(self.pacs, self.files[name])
 
     def stop(self) -> None:
@@ -100,9 +102,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         s.stop()
 
 
-def findscu(site: Site, out: Path, *keys: str) -> tuple[list[Any], str]:
+def findscu(site: Site, out: Path, *keys: str, root: str = "-S") -> tuple[list[Any], str]:
     out.mkdir(parents=True, exist_ok=True)
-    args = [dcmtk("findscu"), "-v", "-S", "-aet", "FINDSCU", "-aec", "DICOMROUTER", "-X",
+    args = [dcmtk("findscu"), "-v", root, "-aet", "FINDSCU", "-aec", "DICOMROUTER", "-X",
             "-od", str(out)]
     for k in keys:
         args += ["-k", k]
@@ -146,6 +148,15 @@ def test_find_merges_the_spool_and_the_pacs(site: Site, tmp_path: Path) -> None:
     series, _out = findscu(site, tmp_path / "series", "QueryRetrieveLevel=SERIES",
                            f"StudyInstanceUID={site.uid['remote']}", "SeriesInstanceUID")
     assert len({str(ds.SeriesInstanceUID) for ds in series}) == 2
+    patients, out = findscu(site, tmp_path / "patients", "QueryRetrieveLevel=PATIENT",
+                            "PatientID=PX*", root="-P")
+    assert sorted(str(ds.PatientID) for ds in patients) == ["PX1", "PX2", "PX3", "PX4"], out
+
+
+def test_get_of_a_study_only_the_pacs_holds(site: Site, tmp_path: Path) -> None:
+    out = getscu(site, site.uid["getonly"], tmp_path / "get")
+    same_instances(list((tmp_path / "get").iterdir()), site.files["getonly"])
+    assert "8 more fetched from the PACS" in site.router.log(50_000), out
 
 
 def test_move_of_a_study_only_the_pacs_holds_streams_it(site: Site) -> None:
@@ -186,8 +197,9 @@ def test_get_is_served_from_the_cache_with_the_pacs_stopped(site: Site, tmp_path
         # C-FIND with the PACS down: the spool's matches, then 0xC001
         found, fout = findscu(site, tmp_path / "find", "QueryRetrieveLevel=STUDY",
                               "PatientID=PX*", "StudyInstanceUID")
-        assert {str(ds.StudyInstanceUID) for ds in found} == {site.uid["local"],
-                                                             site.uid["remote"]}, fout
+        got = {str(ds.StudyInstanceUID) for ds in found}
+        assert got >= {site.uid["local"], site.uid["remote"]}, fout  # the spool's
+        assert site.uid["other"] not in got, fout  # only at the PACS
         assert "Final Find Response (Failed: UnableToProcess)" in fout, fout  # 0xC001
         # a study only the PACS holds, the PACS down: 0xA701, no sub-operations
         mout = movescu(site, site.uid["other"])
@@ -273,7 +285,7 @@ def test_a_study_partly_in_the_spool_gets_the_rest_from_the_pacs(tmp_path: Path,
     with Router(tmp_path / "router", {
             "port": port, "query_retrieve_proxy": "PACS",
             "known_aes": {"PACS": {"host": "127.0.0.1", "port": pacs.dicom_port}},
-            "keep_after_delivery": True,
+            "keep_after_delivery": True, "query_retrieve_proxy_cache": "2s",
             "destinations": {"archive": {"type": "folder", "path": str(tmp_path / "out")}},
             "routes": [{"to": "archive"}]}) as router:
         assert run_storescu(pushed, router.port).returncode == 0
@@ -286,6 +298,11 @@ def test_a_study_partly_in_the_spool_gets_the_rest_from_the_pacs(tmp_path: Path,
                    what="the study out of receiving")
         archived = {tags_of(p, "SOPInstanceUID")[0] for p in (tmp_path / "out").rglob("*.dcm")}
         assert archived == sop_uids(pushed)
+        # past query_retrieve_proxy_cache: a study with pushed instances is not purged
+        wait_until(lambda: "stays in the spool" in router.log(20_000), timeout=60,
+                   what="the mixed study leaving the cache")
+        assert len(list((router.spool / "data" / uid).glob("*.dcm"))) == 6
+        assert router.study_state(uid) != "purged"
 
 
 def test_a_pacs_refusing_the_retrieve_fails_the_suboperations(tmp_path: Path,

@@ -88,9 +88,10 @@ class DicomPacs:
     def describe(self) -> str:
         return f"DICOM {self.remote} (C-FIND, C-GET)"
 
-    def find(self, identifier: Dataset, limit: int) -> tuple[list[Dataset], bool]:
+    def find(self, identifier: Dataset, limit: int,
+             model: str = "study") -> tuple[list[Dataset], bool]:
         try:
-            answers = find(self.remote, identifier, "study", limit)
+            answers = find(self.remote, identifier, model, limit)
         except FindTruncated as exc:
             return exc.answers, True
         except PeerError as exc:
@@ -247,8 +248,11 @@ class DicomwebPacs:
         except ValueError as exc:
             raise PacsError(f"QIDO-RS: {type(exc).__name__}: {exc}") from None
 
-    def find(self, identifier: Dataset, limit: int) -> tuple[list[Dataset], bool]:
+    def find(self, identifier: Dataset, limit: int,
+             model: str = "study") -> tuple[list[Dataset], bool]:
         level = _text(identifier.get("QueryRetrieveLevel")).upper()
+        if level == "PATIENT":  # QIDO-RS has no patient level: the spool answers alone
+            return [], False
         if level not in _QIDO_LEVEL:
             raise PacsError(f"QIDO-RS has no {level or 'empty'} level")
         filters: dict[str, Any] = {}

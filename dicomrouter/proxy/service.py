@@ -29,6 +29,7 @@ from ..config import Config
 from ..scp.retrieve import Missing
 from ..spool import Spool
 from ..state import Instance, State
+from ..values import PROXIED_TAG
 from .pacs import Listed, Pacs, PacsError, pacs_for
 
 log = logging.getLogger("dicomrouter.proxy")
@@ -60,8 +61,8 @@ class QueryRetrieveProxy:
 
     # ---- C-FIND ------------------------------------------------------------------------------
 
-    def merge(self, local: list[Dataset], identifier: Dataset, level: str,
-              ae_title: str) -> tuple[list[Dataset], str]:
+    def merge(self, local: list[Dataset], identifier: Dataset, level: str, ae_title: str,
+              model: str = "study") -> tuple[list[Dataset], str]:
         """The spool's answers and the PACS's, deduplicated by the level's unique key, each
         with RetrieveAETitle ``ae_title``; and what went wrong at the PACS ("": nothing; the
         spool's answers are still all there)."""
@@ -70,7 +71,7 @@ class QueryRetrieveProxy:
         problem = ""
         limit = self.cfg.query_retrieve_proxy_max_answers
         try:
-            remote, capped = self.pacs.find(identifier, limit)
+            remote, capped = self.pacs.find(identifier, limit, model)
             if capped:
                 problem = f"the PACS has more than {limit} matches " \
                           "(query_retrieve_proxy_max_answers)"
@@ -202,7 +203,12 @@ class QueryRetrieveProxy:
             row = self.state.study(study)
             if row is not None and row.state not in ("unrouted", "delivered", "purged"):
                 continue  # still receiving, or a route that names Proxied is sending it
-            if row is not None and row.state != "purged":
+            if row is not None and row.state != "purged" and not all(
+                    i.tags.get(PROXIED_TAG) for i in self.state.instances(study)):
+                # pushed instances too: the study is the router's, kept as any other
+                log.info("Q/R proxy: study %s leaves the cache but stays in the spool (it "
+                         "holds instances that were sent to the router)", study)
+            elif row is not None and row.state != "purged":
                 freed = self.spool.purge(study)
                 log.info("Q/R proxy: study %s left the cache (unused for %g s; %d bytes)",
                          study, self.cfg.query_retrieve_proxy_cache, freed)

@@ -139,8 +139,10 @@ class QueryRetrieveSCP:
         answers = [query.response(q, row) for row in rows[:limit]]
         problem = ""
         if self.proxy is not None:
+            model = "patient" if str(event.context.abstract_syntax) in PATIENT_ROOT \
+                else "study"
             answers, problem = self.proxy.merge(answers, event.identifier, q.level,
-                                                event.assoc.ae.ae_title)
+                                                event.assoc.ae.ae_title, model)
         for ds in answers:
             if event.is_cancelled:
                 yield 0xFE00, None
