@@ -64,9 +64,9 @@ from .peers import (
     TlsServerModel,
     validate_entries,
 )
+from .proxy import ProxyKeys
 from .validators import (
     ae_list,
-    check_proxy,
     expect_value,
     log_level_value,
     sweep_value,
@@ -313,8 +313,8 @@ class RouteModel(Strict):
         return data
 
 
-class ConfigModel(Strict):
-    """The whole file; the defaults are the router's defaults."""
+class ConfigModel(ProxyKeys):
+    """The whole file; the defaults are the router's defaults (the Q/R proxy's: ``proxy.py``)."""
 
     ae_title: AETitle = DEFAULT_AE_TITLE
     bind: Text = "0.0.0.0"
@@ -343,11 +343,6 @@ class ConfigModel(Strict):
     commitment_scp: Bool = True  # answer storage commitment for what the spool holds
     known_aes: dict[AETitle, KnownAEModel] = {}
     sources: dict[str, SourceBase] = {}
-    # the Q/R proxy (README "Q/R proxy"): a known_aes entry or a dicomweb source's name
-    query_retrieve_proxy: Text | None = None
-    query_retrieve_proxy_timeout: Duration = 30.0  # association / response / HTTP at the PACS
-    query_retrieve_proxy_max_answers: Int(1, 10_000_000) = 10_000  # C-FIND answers taken
-    query_retrieve_proxy_cache: Duration = 86400.0  # a fetched study stays this long unused
     web: WebModel = WebModel()
     tls: TlsServerModel | None = None  # DICOM TLS on the top-level listener
     listeners: tuple[ListenerModel, ...] = ()  # more ports (see all_listeners)
@@ -401,11 +396,9 @@ class ConfigModel(Strict):
             except ConfigError as exc:
                 raise ConfigError(f"{key}.{exc.key}" if exc.key else key, exc.problem) \
                     from None
-        for key in ("routes", "listeners", "notifications"):
+        for key in ("routes", "listeners", "notifications", "known_aes"):
             if data.get(key) is None:
                 data.pop(key, None)
-        if data.get("known_aes") is None:
-            data.pop("known_aes", None)
         return data
 
     @model_validator(mode="after")
@@ -527,7 +520,6 @@ class ConfigModel(Strict):
                     "dead-lettered before the breaker opens (0 turns the breaker off)")
         for ae, known in self.known_aes.items():
             known._ae_title = str(ae)
-        check_proxy(self)
         self._listeners = self.resolve_listeners()
         return self
 

@@ -89,22 +89,3 @@ def log_level_value(value: Any, key: str) -> str:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(key, f"one of DEBUG, INFO, WARNING, ERROR; got {show(level)}")
     return str(level)
-
-
-def check_proxy(cfg: Any) -> None:
-    """``query_retrieve_proxy`` names a ``known_aes`` entry (a DICOM Q/R PACS) or a
-    ``dicomweb`` source (QIDO-RS / WADO-RS)."""
-    name = cfg.query_retrieve_proxy
-    if name is None:
-        return
-    if name in cfg.known_aes:
-        return
-    source = cfg.sources.get(name)
-    if source is not None and source.type == "dicomweb":
-        return
-    if source is not None:
-        raise ConfigError("query_retrieve_proxy", f"source {name!r} is of type {source.type}: "
-                          "only a dicomweb source (or a known_aes entry) can be the PACS")
-    known = [*cfg.known_aes, *(n for n, s in cfg.sources.items() if s.type == "dicomweb")]
-    raise ConfigError("query_retrieve_proxy", f"{name!r} is neither in known_aes nor a dicomweb "
-                      f"source (known: {', '.join(known) or 'none'})")
