@@ -355,3 +355,27 @@ def test_dicomweb_pacs_behind_the_proxy(tmp_path: Path, orthanc) -> None:
         assert "4 more fetched from the PACS" in router.log(20_000), out
         assert "source web" not in router.log(50_000)  # the PACS's address: not polled
         assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.dcm"))
+
+
+def test_wado_rs_of_a_study_only_the_pacs_holds(tmp_path: Path, orthanc) -> None:
+    """The DICOMweb server (issue 28, item 2) asks ``Router.proxy_fetcher`` for a study the
+    spool lacks: dicomweb-client retrieves it through the router, decoded pixels compared."""
+    from dicomweb_client.api import DICOMwebClient
+
+    port, web_port = free_port(), free_port()
+    pacs: Orthanc = orthanc(aet="PACS", modalities={"router": ["DICOMROUTER", "127.0.0.1",
+                                                               port]})
+    study = generate(tmp_path / "study", series=2, instances=2, rows=32, cols=32, seed=290)
+    upload(pacs, study)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    with Router(tmp_path / "router", {
+            "port": port, "web": {"port": web_port}, "query_retrieve_proxy": "PACS",
+            "known_aes": {"PACS": {"host": "127.0.0.1", "port": pacs.dicom_port}}}) as router:
+        client = DICOMwebClient(url=f"http://127.0.0.1:{web_port}/dicom-web")
+        got = client.retrieve_study(uid)
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in got}
+        assert set(by_uid) == sop_uids(study)
+        for f in study:
+            src = dcmread(f)
+            assert (by_uid[str(src.SOPInstanceUID)].pixel_array == src.pixel_array).all()
+        assert "for WADO-RS: 4 of 4 instance(s) in the spool" in router.log(20_000)
