@@ -83,9 +83,10 @@ class Router:
         self.scps: list[StorageSCP | FastStorageSCP] = [
             FastStorageSCP(cfg, self.spool, sock, lst) if cfg.receiver == "fast"
             else StorageSCP(cfg, self.spool, lst) for lst, sock in self._dicom_socks]
-        #: the Q/R proxy (None without query_retrieve_proxy); also the WADO-RS hook
+        #: the Q/R proxy (None without query_retrieve_proxy): C-FIND/C-MOVE/C-GET when
+        #: query_retrieve is on, and the WADO-RS hook of the DICOMweb server either way
         self.proxy_fetcher = QueryRetrieveProxy(cfg, self.state, self.spool) \
-            if cfg.query_retrieve and cfg.query_retrieve_proxy else None
+            if cfg.query_retrieve_proxy else None
         for scp in self.scps:
             services.register(scp, cfg, self.state, self.spool, self.proxy_fetcher)
         self.receivers = ReceiverProcesses(cfg)
