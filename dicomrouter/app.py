@@ -22,6 +22,7 @@ from .delivery import DeliveryWorkers
 from .hl7 import Hl7Service
 from .notifications import Notifier
 from .prefetch import Prefetcher
+from .proxy import QueryRetrieveProxy
 from .receivers import ReceiverProcesses
 from .scp import services
 from .scp.listener import FastStorageSCP
@@ -90,8 +91,12 @@ class Router:
         self.scps: list[StorageSCP | FastStorageSCP] = [
             FastStorageSCP(cfg, self.spool, sock, lst) if cfg.receiver == "fast"
             else StorageSCP(cfg, self.spool, lst) for lst, sock in self._dicom_socks]
+        #: the Q/R proxy (None without query_retrieve_proxy): C-FIND/C-MOVE/C-GET when
+        #: query_retrieve is on, and the WADO-RS hook of the DICOMweb server either way
+        self.proxy_fetcher = QueryRetrieveProxy(cfg, self.state, self.spool) \
+            if cfg.query_retrieve_proxy else None
         for scp in self.scps:
-            services.register(scp, cfg, self.state, self.spool)
+            services.register(scp, cfg, self.state, self.spool, self.proxy_fetcher)
         self.receivers = ReceiverProcesses(cfg)
         self.sources = SourcePollers(cfg, self.state, self.spool)
         self.prefetcher = Prefetcher(cfg, self.state, self.spool, clock)  # prefetch: rules
@@ -156,6 +161,10 @@ class Router:
         self.receivers.start()
         self.sources.start()
         self.prefetcher.start()
+        if self.proxy_fetcher is not None:
+            log.info("%s; fetched studies are kept %g s after their last use",
+                     self.proxy_fetcher.describe(), self.cfg.query_retrieve_proxy_cache)
+            self.proxy_fetcher.start()
         if self._web_sock is not None:
             metrics.watch_state(self.state, self.cfg.spool)
             # imported only when enabled: FastAPI and uvicorn are ~13 MB of an idle router
@@ -214,6 +223,8 @@ class Router:
             self.dicomweb.stop()
         self.sources.stop()
         self.prefetcher.stop()
+        if self.proxy_fetcher is not None:
+            self.proxy_fetcher.stop()
         self.receivers.stop()
         for scp in self.scps:
             scp.stop()

@@ -21,7 +21,7 @@ from .config import RouteConfig
 from .dicomfile import read_header, text
 from .rules import AGGREGATES, ORDER_KEYS, STEP, TAG, all_hold, keys_of
 from .state import Instance
-from .values import AE_PSEUDO_KEYS
+from .values import AE_PSEUDO_KEYS, PROXIED_TAG
 
 log = logging.getLogger("dicomrouter.routing")
 
@@ -124,6 +124,8 @@ class _StudyView:
             return sorted({v for i in insts for v in self.values("Modality", i)} - {""})
         if key == "SeriesDescriptions":
             return sorted({v for i in insts for v in self.values("SeriesDescription", i)} - {""})
+        if key == "Proxied":  # one value per study: true once the Q/R proxy fetched any of it
+            return ["true" if any(i.tags.get(PROXIED_TAG) for i in insts) else "false"]
         return [v for i in insts for v in self.values(key, i)]
 
     def values(self, key: str, inst: Instance) -> list[str]:
@@ -145,6 +147,8 @@ class _StudyView:
             return [inst.tags.get("_PrefetchRule", "")]
         if key == "Endpoint":  # the DICOMweb endpoint it was posted to (STOW-RS)
             return [inst.tags.get("_Endpoint", "")]
+        if key == "Proxied":  # fetched from the PACS by the Q/R proxy (a cache)
+            return ["true" if inst.tags.get(PROXIED_TAG) else "false"]
         if key in inst.tags:
             raw = inst.tags[key]
             return raw.split("\\") if raw else [""]
@@ -223,7 +227,15 @@ def route(routes: Sequence[RouteConfig], instances: Sequence[Instance],
     dests: dict[str, None] = {}
     results: list[RouteResult] = []
     stopped = ""
+    # a study the Q/R proxy fetched is a cache, not a new arrival: only routes that name
+    # Proxied see it (README "Q/R proxy")
+    proxied = any(i.tags.get(PROXIED_TAG) for i in instances)
     for r in routes:
+        if proxied and "Proxied" not in keys_of(r.when):
+            results.append(RouteResult(r.name, r.to, False, "", r.stop, r.fallback,
+                                       "fetched by the Q/R proxy (only routes naming "
+                                       "Proxied see it)"))
+            continue
         if r.fallback:
             continue
         if stopped:
@@ -238,7 +250,7 @@ def route(routes: Sequence[RouteConfig], instances: Sequence[Instance],
             if r.stop:
                 stopped = r.name
     for r in routes:
-        if not r.fallback:
+        if not r.fallback or (proxied and "Proxied" not in keys_of(r.when)):
             continue
         if matched:
             results.append(RouteResult(r.name, r.to, False, "", False, True,
@@ -246,5 +258,6 @@ def route(routes: Sequence[RouteConfig], instances: Sequence[Instance],
             continue
         results.append(RouteResult(r.name, r.to, True, "no other route matched", False, True))
         dests.update(dict.fromkeys(r.to))
-    fallback_used = [r.name for r in routes if r.fallback and not matched]
+    fallback_used = [r.name for r in routes if r.fallback and not matched
+                     and not (proxied and "Proxied" not in keys_of(r.when))]
     return Decision(tuple(matched + fallback_used), tuple(dests), tuple(results))

@@ -23,9 +23,11 @@ from pydicom.uid import UID
 from .transcode import TARGETS
 
 AE_PSEUDO_KEYS = ("CallingAE", "CalledAE", "Source", "Listener", "SourceHost", "Prefetch",
-                  "PrefetchRule", "Endpoint")
+                  "PrefetchRule", "Endpoint", "Proxied")
 #: pseudo-keys whose values are true / false (``Prefetch: true``: a prior a prefetch brought)
-BOOLEAN_PSEUDO_KEYS = ("Prefetch",)
+BOOLEAN_PSEUDO_KEYS = ("Prefetch", "Proxied")
+#: the index tag marking an instance the Q/R proxy fetched from the PACS (the Proxied key)
+PROXIED_TAG = "_Proxied"
 #: a route's ``priority``, most urgent first; jobs store the index (0: stat)
 PRIORITIES = ("stat", "high", "routine", "low")
 
@@ -191,7 +193,7 @@ def regex_literal(text: str) -> tuple[str, int] | None:
 def parse_matcher(keyword: str, raw: Any, key: str) -> Matcher:
     if keyword not in AE_PSEUDO_KEYS and tag_for_keyword(keyword) is None:
         raise ConfigError(key, "not a DICOM keyword (nor CallingAE / CalledAE / Source / "
-                          "Listener / SourceHost / Prefetch / PrefetchRule / Endpoint)")
+                          "Listener / SourceHost / Prefetch / PrefetchRule / Endpoint / Proxied)")
     items = raw if isinstance(raw, list) else [raw]
     if not items:
         raise ConfigError(key, "needs at least one value")

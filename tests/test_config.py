@@ -338,6 +338,12 @@ def test_every_destination_and_source_type_has_its_class() -> None:
       "destinations": {"a": {"type": "folder", "path": "x"}},
       "listeners": [{"name": "wan", "port": 2762}]},
      "routes[0].when.Listener: unknown listener 'wna' (listeners: main, wan)"),
+    ({"query_retrieve_proxy": "PAC", "known_aes": {"PACS": {"host": "h", "port": 104}}},
+     "query_retrieve_proxy: 'PAC' is neither in known_aes nor a dicomweb source (known: PACS)"),
+    ({"query_retrieve_proxy": "o", "sources": {"o": {"type": "orthanc", "url": "http://h"}}},
+     "query_retrieve_proxy: source 'o' is of type orthanc: only a dicomweb source"),
+    ({"query_retrieve_proxy_cache": "soon"}, "query_retrieve_proxy_cache:"),
+    ({"query_retrieve_proxy_max_answers": 0}, "query_retrieve_proxy_max_answers:"),
 ])
 def test_schema_errors_are_keyed_and_strict(tmp_path: Path, data: dict, message: str) -> None:
     """The pydantic schema is strict ("11112" is not a port) and speaks in YAML key paths."""

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("composition root", ("app",)),
     ("operations", ("web", "health", "preflight", "receivers", "notifications")),
     ("policy", ("completion", "routing", "explain", "delivery", "feed", "ordering", "breaker",
-                "sources", "scp", "priority", "coerce", "hl7", "prefetch")),
+                "sources", "scp", "priority", "coerce", "hl7", "prefetch", "proxy")),
     ("ways out", ("destinations", "qrscu", "commitment", "lookups")),
     ("durable storage", ("spool", "state", "query")),
     ("leaves", ("config", "common", "values", "schema", "rules", "schedule", "sweep",

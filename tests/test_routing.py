@@ -80,3 +80,23 @@ def test_tag_values_never_escape_the_folder() -> None:
     assert "/" not in p.parts[2] and "\x00" not in p.parts[2]
     assert safe_component("") == "UNKNOWN"
     assert safe_component("C:\\Windows") == "C__Windows"
+
+
+def test_a_study_the_qr_proxy_fetched_is_seen_only_by_routes_naming_proxied(
+        tmp_path: Path) -> None:
+    cfg = routes(tmp_path, [
+        {"name": "all", "to": ["a"]},
+        {"name": "cached-ct", "when": {"Proxied": "true", "Modality": "CT"}, "to": ["b"]},
+        {"name": "fresh", "when": {"Proxied": "false"}, "to": ["c"]},
+        {"name": "else", "fallback": True, "to": ["c"]},
+    ])
+    fetched = route(cfg.routes, [inst(Modality="CT", _Proxied="1")])
+    assert fetched.destinations == ("b",)
+    assert "Q/R proxy" in fetched.explanation[0].skipped
+    assert len(fetched.explanation) == 4
+    # one fetched instance makes the study the proxy's (its other instances were pushed)
+    mixed = route(cfg.routes, [inst(Modality="MR"), inst(Modality="MR", _Proxied="1",
+                                                         SOPInstanceUID="1.2.4")])
+    assert mixed.destinations == () and mixed.routes == ()
+    pushed = route(cfg.routes, [inst(Modality="CT")])
+    assert pushed.destinations == ("a", "c") and pushed.routes == ("all", "fresh")

@@ -196,6 +196,18 @@ def test_nodes_heartbeat(state: State) -> None:
     assert node["node_id"] == state.node_id and node["alive"] and node["info"]["host"] == "h1"
 
 
+def test_the_qr_proxy_cache_clock(state: State) -> None:
+    """``proxy_cache`` (issue 28): a study's last use moves on, the unused ones are found
+    oldest first, forgotten ones are gone."""
+    state.proxy_used("1.2.1", 100.0)
+    state.proxy_used("1.2.2", 150.0)
+    state.proxy_used("1.2.1", 200.0)  # retrieved again: its clock starts again
+    assert state.proxy_unused_since(180.0) == ["1.2.2"]
+    assert state.proxy_unused_since(300.0) == ["1.2.2", "1.2.1"]
+    state.proxy_forget("1.2.2")
+    assert state.proxy_unused_since(300.0) == ["1.2.1"]
+
+
 # ---- only PostgreSQL: several nodes on one database -------------------------------------------
 
 

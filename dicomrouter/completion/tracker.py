@@ -23,6 +23,7 @@ from ..routing import Decision, route
 from ..sources import source_names
 from ..spool import Spool
 from ..state import STATE_ERRORS, Instance, State, StudyState
+from ..values import PROXIED_TAG
 from .counts import ask_counts
 from .forward import ImmediateForwarder
 
@@ -180,6 +181,11 @@ class StudyTracker:
                                 "(partial)", study_uid, j["destination"], j["missing"],
                                 len(instances))
             self.notify(ready)
+        elif seen.state != StudyState.UNROUTED and any(i.tags.get(PROXIED_TAG)
+                                                        for i in instances):
+            log.info("study %s complete (%s): fetched by the Q/R proxy, so only routes naming "
+                     "Proxied see it and none matched; kept in the spool as a cache", study_uid,
+                     who)
         elif seen.state != StudyState.UNROUTED:
             log.warning("study %s complete (%s): %d instance(s) matched no route; kept in the "
                         "spool as unrouted", study_uid, who, new)

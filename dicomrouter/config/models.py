@@ -67,6 +67,7 @@ from .peers import (
     validate_entries,
 )
 from .prefetch import PrefetchModel, resolve_prefetch
+from .proxy import ProxyKeys
 from .validators import (
     ae_list,
     expect_value,
@@ -315,8 +316,8 @@ class RouteModel(Strict):
         return data
 
 
-class ConfigModel(Strict):
-    """The whole file; the defaults are the router's defaults."""
+class ConfigModel(ProxyKeys):
+    """The whole file; the defaults are the router's defaults (the Q/R proxy's: ``proxy.py``)."""
 
     ae_title: AETitle = DEFAULT_AE_TITLE
     bind: Text = "0.0.0.0"
@@ -403,11 +404,10 @@ class ConfigModel(Strict):
             except ConfigError as exc:
                 raise ConfigError(f"{key}.{exc.key}" if exc.key else key, exc.problem) \
                     from None
-        for key in ("routes", "listeners", "notifications", "hl7_rules", "prefetch"):
+        for key in ("routes", "listeners", "notifications", "hl7_rules", "prefetch",
+                    "known_aes"):
             if data.get(key) is None:
                 data.pop(key, None)
-        if data.get("known_aes") is None:
-            data.pop("known_aes", None)
         return data
 
     @model_validator(mode="after")

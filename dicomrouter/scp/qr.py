@@ -16,6 +16,10 @@ Statuses (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4):
   past ``max_query_results`` the first matches and a final 0xA700 (Refused: Out of Resources)
   with a comment: C-FIND has no warning status, and Success would claim every match was sent.
 * C-MOVE: 0xA801 for a destination not in ``known_aes`` or that cannot be reached.
+* With ``query_retrieve_proxy`` (``proxy/``): C-FIND answers merged with the PACS's, a final
+  0xC001 when the PACS cannot be asked (the spool's matches were sent); C-MOVE/C-GET fetch
+  what the spool lacks and send it on as it arrives, 0xA701 when the PACS cannot be asked and
+  the spool holds nothing of the request.
 """
 
 from __future__ import annotations
@@ -39,11 +43,20 @@ from ..config import Config
 from ..destinations.base import DeliveryError
 from ..destinations.store import Peer
 from ..netutil import serve_query_retrieve_with, stream_c_store_from_files
+from ..proxy import Listed, QueryRetrieveProxy
 from ..qrscu import MODELS
 from ..spool import Spool
 from ..state import Instance, State
 from ..walk import Malformed, check_bytes
-from .retrieve import GetSender, MoveSender, Responder, RetrieveServiceClass, answers_itself
+from .retrieve import (
+    GetSender,
+    Missing,
+    MoveSender,
+    Responder,
+    RetrieveServiceClass,
+    StreamingMoveSender,
+    answers_itself,
+)
 from .retrieve import perform as perform_suboperations
 
 log = logging.getLogger("dicomrouter.qr")
@@ -73,10 +86,12 @@ def _peer(event: evt.Event) -> str:
 class QueryRetrieveSCP:
     """C-FIND / C-MOVE / C-GET handlers bound to the router's state and spool."""
 
-    def __init__(self, cfg: Config, state: State, spool: Spool) -> None:
+    def __init__(self, cfg: Config, state: State, spool: Spool,
+                 proxy: QueryRetrieveProxy | None = None) -> None:
         self.cfg = cfg
         self.state = state
         self.spool = spool
+        self.proxy = proxy  # query_retrieve_proxy: the PACS behind the router
 
     def services(self) -> list[tuple[str, Any, Any]]:
         """(abstract syntax, event, handler) for the listener's ``add_service``."""
@@ -121,14 +136,26 @@ class QueryRetrieveSCP:
                  else "", f"; keys not supported: {', '.join(q.unsupported)}"
                  if q.unsupported else "")
         pending = 0xFF01 if q.unsupported else 0xFF00
-        for row in rows[:limit]:
+        answers = [query.response(q, row) for row in rows[:limit]]
+        problem = ""
+        if self.proxy is not None:
+            model = "patient" if str(event.context.abstract_syntax) in PATIENT_ROOT \
+                else "study"
+            answers, problem = self.proxy.merge(answers, event.identifier, q.level,
+                                                event.assoc.ae.ae_title, model)
+        for ds in answers:
             if event.is_cancelled:
                 yield 0xFE00, None
                 return
-            yield pending, query.response(q, row)
+            yield pending, ds
         if len(rows) > limit:
             yield _status(0xA700, f"over max_query_results: only the first {limit} were "
                           "sent"), None
+        elif problem.startswith("PACS not reachable"):
+            # not Success: a study the PACS holds may be missing from these answers
+            yield _status(0xC001, "PACS not reachable: the router's own matches only"), None
+        elif problem:
+            yield _status(0xA700, "PACS over query_retrieve_proxy_max_answers"), None
 
     # ---- C-MOVE and C-GET ------------------------------------------------------------------
 
@@ -155,21 +182,31 @@ class QueryRetrieveSCP:
             log.warning("C-MOVE from %s refused with 0x%04X: %s", _peer(event), exc.status, exc)
             rsp.refuse(exc.status, str(exc))
             return
+        missing, problem = self._missing(event, q, instances, "C-MOVE")
+        if missing is None:
+            rsp.refuse(0xA701, problem[:64])
+            return
         studies = sorted({i.study_uid for i in instances})
-        log.info("C-MOVE from %s: %s → %d instance(s) of %d study(ies) to %s (%s:%d)",
+        log.info("C-MOVE from %s: %s → %d instance(s) of %d study(ies) to %s (%s:%d)%s",
                  _peer(event), query.describe(q), len(instances), len(studies), target,
-                 known.host, known.port)
+                 known.host, known.port,
+                 f", {len(missing)} more fetched from the PACS" if missing else "")
         requestor = event.assoc.requestor
         peer = Peer(target, known.host, known.port, known.calling_ae or event.assoc.ae.ae_title,
                     timeout=self.cfg.limits.dimse_timeout)
-        sender = MoveSender(peer, instances, (requestor.ae_title, event.request.MessageID))
+        originator = (requestor.ae_title, event.request.MessageID)
+        sender: MoveSender = MoveSender(peer, instances, originator) if self.proxy is None \
+            else StreamingMoveSender(peer, {(i.sop_class, i.transfer_syntax) for i in instances}
+                                     | {(m.sop_class, ExplicitVRLittleEndian) for m in missing
+                                        if m.sop_class}, originator)
         try:
             sender.open()
         except DeliveryError as exc:
             log.warning("C-MOVE from %s refused with 0xA801: %s", _peer(event), exc)
             rsp.refuse(0xA801, "move destination cannot be reached")
             return
-        perform_suboperations(rsp, instances, sender, self.spool, str(peer))
+        perform_suboperations(rsp, self._stream(instances, missing), sender, self.spool,
+                              str(peer), len(instances) + len(missing))
 
     @answers_itself
     def on_get(self, event: evt.Event) -> None:
@@ -180,10 +217,40 @@ class QueryRetrieveSCP:
             log.warning("C-GET from %s refused with 0x%04X: %s", _peer(event), exc.status, exc)
             rsp.refuse(exc.status, str(exc))
             return
-        log.info("C-GET from %s: %s → %d instance(s)", _peer(event), query.describe(q),
-                 len(instances))
+        missing, problem = self._missing(event, q, instances, "C-GET")
+        if missing is None:
+            rsp.refuse(0xA701, problem[:64])
+            return
+        log.info("C-GET from %s: %s → %d instance(s)%s", _peer(event), query.describe(q),
+                 len(instances),
+                 f", {len(missing)} more fetched from the PACS" if missing else "")
         sender = GetSender(event.assoc, event.request.MessageID)
-        perform_suboperations(rsp, instances, sender, self.spool, _peer(event))
+        perform_suboperations(rsp, self._stream(instances, missing), sender, self.spool,
+                              _peer(event), len(instances) + len(missing))
+
+    # ---- the Q/R proxy -----------------------------------------------------------------------
+
+    def _missing(self, event: evt.Event, q: query.Query, instances: list[Instance],
+                 what: str) -> tuple[list[Listed] | None, str]:
+        """What the PACS must bring (empty without a proxy); None when nothing can be sent
+        (the PACS cannot be asked and the spool holds nothing of it), with why."""
+        if self.proxy is None:
+            return [], ""
+        missing, problem = self.proxy.plan(event.identifier, q, instances)
+        if problem and not instances:
+            log.warning("%s from %s refused with 0xA701: %s", what, _peer(event), problem)
+            return None, problem
+        if problem:
+            log.warning("%s from %s: %s; sending the %d instance(s) the spool holds", what,
+                        _peer(event), problem, len(instances))
+        self.proxy.served(instances)
+        return missing, ""
+
+    def _stream(self, instances: list[Instance],
+                missing: list[Listed]) -> Iterator[Instance | Missing]:
+        yield from instances
+        if missing and self.proxy is not None:
+            yield from self.proxy.stream(missing)
 
 
 def _status(code: int, comment: str) -> Dataset:

@@ -29,7 +29,7 @@ in the log; the others go on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, BinaryIO, Protocol, TypeVar
@@ -182,6 +182,16 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
                 responder.refuse(0xC000, f"{type(exc).__name__} in the router")
 
 
+@dataclass(frozen=True)
+class Missing:
+    """An instance a retrieve meant to send that never reached the spool (the Q/R proxy: the
+    PACS did not send it): a failed sub-operation."""
+
+    sop_uid: str
+    study_uid: str
+    reason: str
+
+
 class Sender(Protocol):
     def store(self, index: int, inst: Instance, source: BinaryIO) -> int:
         """Send instance ``index``; its success or warning status, else InstanceRejected
@@ -190,11 +200,12 @@ class Sender(Protocol):
     def close(self) -> None: ...
 
 
-def perform(responder: Responder, instances: Sequence[Instance], sender: Sender, spool: Spool,
-            where: str) -> Counts:
+def perform(responder: Responder, instances: Iterable[Instance | Missing], sender: Sender,
+            spool: Spool, where: str, total: int | None = None) -> Counts:
     """Send every instance as a sub-operation, with a pending response after each but the last
-    and the final one (or Cancel); ``where`` names the receiver in log lines."""
-    counts = Counts(len(instances))
+    and the final one (or Cancel); ``where`` names the receiver in log lines. ``instances``
+    may be a stream (the Q/R proxy's, as they arrive from the PACS) of ``total`` items."""
+    counts = Counts(total if total is not None else len(instances))  # type: ignore[arg-type]
     try:
         for index, inst in enumerate(instances):
             if responder.cancelled:
@@ -202,7 +213,12 @@ def perform(responder: Responder, instances: Sequence[Instance], sender: Sender,
                 log.info("%s to %s cancelled by the requester: %d completed, %d remaining",
                          responder.what, where, counts.completed, counts.remaining)
                 return counts
-            status = _one(index, inst, sender, spool, where, responder.what)
+            if isinstance(inst, Missing):
+                log.warning("%s to %s: instance %s of study %s failed: %s", responder.what,
+                            where, inst.sop_uid, inst.study_uid, inst.reason)
+                status = None
+            else:
+                status = _one(index, inst, sender, spool, where, responder.what)
             if status is None:
                 counts.failed += 1
                 counts.failed_uids.append(inst.sop_uid)
@@ -289,6 +305,44 @@ class MoveSender:
         if self._assoc is not None:
             assoc, self._assoc = self._assoc, None
             assoc.release()
+
+
+class StreamingMoveSender(MoveSender):
+    """The C-MOVE sub-operations of a retrieve whose instances are not all known when it starts
+    (the Q/R proxy streams them from the PACS): the association proposes the (SOP class,
+    syntax) pairs known so far, and is opened again with the new pair when one comes that it
+    lacks (at most ``MAX_PAIRS``; past that, what it has: an uncompressed conversion)."""
+
+    MAX_PAIRS = 60
+
+    def __init__(self, peer: Peer, pairs: Iterable[tuple[str, str]],
+                 originator: tuple[str, int]) -> None:
+        super().__init__(peer, [], originator)
+        self.pairs = set(pairs)
+        self._proposed: set[tuple[str, str]] = set()
+
+    def open(self) -> None:
+        if self.pairs:
+            self._open_with()
+
+    def _open_with(self) -> None:
+        self.close()
+        self._proposed = set(self.pairs)
+        self._assoc = FastStoreAssociation(self.peer, self._proposed)
+        self._assoc.move_originator = self.originator
+
+    def store(self, index: int, inst: Instance, source: BinaryIO) -> int:
+        pair = (inst.sop_class, inst.transfer_syntax)
+        if pair not in self.pairs and len(self.pairs) < self.MAX_PAIRS:
+            self.pairs.add(pair)
+        if self._assoc is None or (pair not in self._proposed and pair in self.pairs):
+            self._open_with()
+        assert self._assoc is not None
+        try:
+            return self._assoc.store(source, inst.sop_class, inst.transfer_syntax, inst.sop_uid)
+        except DeliveryError:
+            self.close()
+            raise
 
 
 class GetSender:

@@ -7,16 +7,22 @@ from typing import Any
 
 from ..commitment import CommitmentSCP
 from ..config import Config
+from ..proxy import QueryRetrieveProxy
 from ..spool import Spool
 from ..state import State
 from .qr import QueryRetrieveSCP
 
 
-def register(scp: Any, cfg: Config, state: State, spool: Spool) -> None:
-    """Query/Retrieve (``query_retrieve``) and Storage Commitment (``commitment_scp``) on the
-    listener ``scp`` (FastStorageSCP or StorageSCP), through pynetdicom's service classes."""
+def register(scp: Any, cfg: Config, state: State, spool: Spool,
+             proxy: QueryRetrieveProxy | None = None) -> None:
+    """Query/Retrieve (``query_retrieve``, with the Q/R proxy ``proxy`` when
+    ``query_retrieve_proxy`` is set: one is made if not given) and Storage Commitment
+    (``commitment_scp``) on the listener ``scp`` (FastStorageSCP or StorageSCP), through
+    pynetdicom's service classes."""
     if cfg.query_retrieve:
-        for syntax, event, handler in QueryRetrieveSCP(cfg, state, spool).services():
+        if proxy is None and cfg.query_retrieve_proxy:
+            proxy = QueryRetrieveProxy(cfg, state, spool)
+        for syntax, event, handler in QueryRetrieveSCP(cfg, state, spool, proxy).services():
             scp.add_service(syntax, event, handler)
     if cfg.commitment_scp:
         for syntax, event, handler in CommitmentSCP(cfg, state).services():

@@ -22,7 +22,9 @@ class SourcePollers:
         self.state = state
         self.lease = cfg.state.lease
         context = Context(cfg.ae_title, state, spool, cfg)
-        self.sources: list[Source] = [build(s, context) for s in cfg.sources.values()]
+        # the dicomweb source query_retrieve_proxy names is the PACS's address, not polled
+        self.sources: list[Source] = [build(s, context) for name, s in cfg.sources.items()
+                                      if name != cfg.query_retrieve_proxy]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 

@@ -35,6 +35,7 @@ from .locks import StudyLock
 from .qr import POSTGRESQL, generated_columns
 from .sql import SQLState
 from .sql_prefetch import PREFETCH_TABLES
+from .sql_proxy import PROXY_CACHE
 from .sql_sources import SOURCE_DELTAS
 
 log = logging.getLogger("dicomrouter.state")
@@ -230,6 +231,8 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
     # when an operator released the job's held generation (a later route does not hold it
     # again; a new generation clears it)
     (9, "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS released DOUBLE PRECISION"),
+    # issue 28 (the Q/R proxy): when each study fetched from the PACS was last used
+    (12, PROXY_CACHE.format(real="DOUBLE PRECISION")),
     # issue 27, HL7 v2: messages stored before their ACK, the latest orders, patient merges
     (13, HL7_V13),
     # issue 27, item 3 (prior prefetch): the trigger queue and the priors it fetched

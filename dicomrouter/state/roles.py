@@ -279,6 +279,18 @@ class QueryIndex(ABC):
     def qr_instances(self, query: Query) -> list[Instance]:
         """The instances (present in the spool) a C-MOVE/C-GET identifier selects."""
 
+    @abstractmethod
+    def proxy_used(self, study_uid: str, now: float) -> None:
+        """The Q/R proxy fetched or served the study now (its cache clock starts again)."""
+
+    @abstractmethod
+    def proxy_unused_since(self, before: float) -> list[str]:
+        """Studies the Q/R proxy fetched and nobody retrieved since ``before``."""
+
+    @abstractmethod
+    def proxy_forget(self, study_uid: str) -> None:
+        """The study left the proxy's cache."""
+
 
 class SourceCursors(ABC):
     """Pull sources: cursors, health, what was pulled (and deleted at the source)."""

@@ -25,6 +25,7 @@ from .locks import StudyLock
 from .qr import generated_columns
 from .sql import SQLState
 from .sql_prefetch import PREFETCH_TABLES
+from .sql_proxy import PROXY_CACHE
 from .sql_sources import SOURCE_DELTAS
 
 SCHEMA = """
@@ -263,6 +264,8 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
     # when an operator released the job's held generation (a later route does not hold it
     # again; a new generation clears it)
     (10, lambda db: _add_columns(db, "jobs", "released REAL")),
+    # issue 28 (the Q/R proxy): when each study fetched from the PACS was last used
+    (13, lambda db: db.execute(PROXY_CACHE.format(real="REAL")) and None),
     # issue 27, HL7 v2: messages stored before their ACK, the latest orders, patient merges
     (14, lambda db: [db.execute(x) for x in HL7_TABLES.split(";") if x.strip()] and 0),
     # issue 27, item 3 (prior prefetch): the trigger queue and the priors it fetched
