@@ -14,12 +14,9 @@ Destination and source types are registered with their models (``peers.py``).
 
 from __future__ import annotations
 
-import os
-import re
-import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 
@@ -33,13 +30,10 @@ from ..schema import (
     Duration,
     Folder,
     Int,
-    ReadableFile,
     Size,
     Strict,
     Text,
-    env_set,
     parsed,
-    readable,
 )
 from ..schema import keyed_error as generic_keyed_error
 from ..values import PRIORITIES
@@ -47,9 +41,7 @@ from .base import (
     DEFAULT_AE_TITLE,
     DEFAULT_PORT,
     ConfigError,
-    is_loopback,
     parse_size,
-    parse_str,
     show,
 )
 from .coerce import CoerceModel, check_known_aes
@@ -61,13 +53,13 @@ from .peers import (
     SOURCE_MODELS,
     DestinationBase,
     RetryModel,
-    S3Access,
     SourceBase,
     TlsServerModel,
     validate_entries,
 )
 from .prefetch import PrefetchModel, resolve_prefetch
 from .proxy import ProxyKeys
+from .runtime import SharedSpoolModel, StateModel, WebModel, default_node_id, node_id_value
 from .validators import (
     ae_list,
     expect_value,
@@ -77,106 +69,6 @@ from .validators import (
     transforms_value,
     when_value,
 )
-
-
-class StateModel(Strict):
-    """``state:``: where the router keeps its state. ``sqlite`` (the embedded default: a file
-    in the spool) or ``postgresql`` (several routers share it; the DSN comes from an
-    environment variable or a file, never from the YAML)."""
-
-    type: Choice("sqlite", "postgresql") = "sqlite"
-    dsn_env: Text | None = None
-    dsn_file: ReadableFile | None = None
-    lease: Duration = 30.0  # a node that stops heartbeating this long is gone; its jobs resume
-    pool_size: Int(2, 500) = 8
-    connect_timeout: Duration = 10.0
-
-    _dsn: str = PrivateAttr("")
-
-    @property
-    def dsn(self) -> str:
-        """The PostgreSQL connection string (a secret: from dsn_env or dsn_file)."""
-        return self._dsn
-
-    @model_validator(mode="after")
-    def _check_dsn(self) -> StateModel:
-        if self.type == "sqlite":
-            for key in ("dsn_env", "dsn_file"):
-                if getattr(self, key):
-                    raise ConfigError(key, "only for type: postgresql")
-            return self
-        if not self.dsn_env and not self.dsn_file:
-            raise ConfigError("dsn_env", "required for type: postgresql (the environment "
-                              "variable holding the connection string, e.g. DICOMROUTER_DSN)")
-        if self.dsn_env and self.dsn_file:
-            raise ConfigError("dsn_file", "give dsn_env or dsn_file, not both")
-        env_set("dsn_env", self.dsn_env)
-        readable(self.dsn_file, "dsn_file")
-        if self.lease < 3:
-            raise ConfigError("lease", "must be at least 3 s (heartbeats renew it every "
-                              "third of it)")
-        if self.dsn_env:
-            self._dsn = os.environ[self.dsn_env]
-        elif self.dsn_file:
-            with open(self.dsn_file, encoding="utf-8") as f:
-                self._dsn = f.readline().strip()
-        return self
-
-
-class SharedSpoolModel(S3Access):
-    """``shared_spool:``: the instances of every node in one S3 bucket (cluster mode)."""
-
-    type: Literal["s3"]
-    prefix: Text = ""
-    timeout: Duration = 10.0  # per S3 request: a C-STORE waits for it in ack_after: shared
-
-    @model_validator(mode="after")
-    def _prefix(self) -> SharedSpoolModel:
-        if self.prefix.startswith("/") or ".." in self.prefix.split("/"):
-            raise ConfigError("prefix", "must be a relative key prefix (no leading /, no ..)")
-        return self
-
-
-def _node_id(value: Any, key: str) -> str:
-    text = parse_str(value, key)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
-        raise ConfigError(key, f"{show(text)} is not a node id (letters, digits, '.', '_', "
-                          "'-'; at most 64)")
-    return text
-
-
-def _default_node_id() -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64].strip("-.")
-    return name or "node"
-
-
-class WebModel(Strict):
-    """``web:``. Off loopback, every endpoint but /health (and /metrics with
-    ``metrics_public``) needs the token: the pages list patients and their studies."""
-
-    enabled: Bool = True
-    bind: Text = "127.0.0.1"
-    port: Int(1, 65535) = 8080
-    token_env: Text | None = None  # the bearer token for state-changing calls
-    metrics_public: Bool = False  # /metrics without the token off loopback (a scraper)
-
-    @property
-    def protected(self) -> bool:
-        """Every endpoint but /health needs the token (not bound to loopback only)."""
-        return not is_loopback(self.bind)
-
-    @model_validator(mode="after")
-    def _token(self) -> WebModel:
-        env_set("token_env", self.token_env)
-        if self.token_env and CHECK_SECRETS.get() and \
-                not os.environ.get(self.token_env, "").strip():
-            raise ConfigError("token_env", f"environment variable {self.token_env} is empty")
-        if self.enabled and not is_loopback(self.bind) and not self.token_env:
-            raise ConfigError("token_env", f"required with web.bind {self.bind}, which is not "
-                              "a loopback address: the status page and the REST API list "
-                              "patients and their studies; name an environment variable "
-                              "holding a token (or bind 127.0.0.1)")
-        return self
 
 
 class ListenerModel(Strict):
@@ -363,7 +255,7 @@ class ConfigModel(ProxyKeys):
     state: StateModel = StateModel()
     shared_spool: SharedSpoolModel | None = None
     ack_after: Choice("shared", "local") | None = None  # default: shared (with shared_spool)
-    node_id: Annotated[str, parsed(_node_id)] | None = None  # default: the host name
+    node_id: Annotated[str, parsed(node_id_value)] | None = None  # default: the host name
     max_query_results: Int(1, 10_000_000) = 10_000  # C-FIND answers to one query
     # WADO-RS of a study not in the spool waits this long for the Q/R proxy to fetch it
     wado_proxy_timeout: Duration = 300.0
@@ -517,7 +409,7 @@ class ConfigModel(ProxyKeys):
         retry = self.retry.policy()
         fields = {"retry": retry, "ack_after": self.ack_after or
                   ("shared" if self.shared_spool else "local"),
-                  "node_id": self.node_id or _default_node_id(),
+                  "node_id": self.node_id or default_node_id(),
                   "routes": tuple(r if r.name else r.model_copy(update={"name": f"route {i + 1}"})
                                   for i, r in enumerate(self.routes))}
         for key, value in fields.items():
