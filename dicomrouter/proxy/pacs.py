@@ -218,10 +218,7 @@ class _Wado(DicomwebSource):
         return tags
 
     def fetch_one(self, study: str, series: str, sop: str) -> None:
-        self._retrieve(study, series, sop)
-
-    def client(self) -> Any:
-        return self._client()
+        self.retrieve(study, series, sop)
 
 
 _QIDO_LEVEL = {"STUDY": "search_for_studies", "SERIES": "search_for_series",
