@@ -9,6 +9,7 @@ from ..commitment import CommitmentSCP
 from ..config import Config
 from ..spool import Spool
 from ..state import State
+from .mpps import MppsSCP
 from .qr import QueryRetrieveSCP
 
 
@@ -17,6 +18,9 @@ def register(scp: Any, cfg: Config, state: State, spool: Spool) -> None:
     listener ``scp`` (FastStorageSCP or StorageSCP), through pynetdicom's service classes."""
     if cfg.query_retrieve:
         for syntax, event, handler in QueryRetrieveSCP(cfg, state, spool).services():
+            scp.add_service(syntax, event, handler)
+    if cfg.mpps:  # Modality Performed Procedure Step (N-CREATE / N-SET)
+        for syntax, event, handler in MppsSCP(cfg, state).services():
             scp.add_service(syntax, event, handler)
     if cfg.commitment_scp:
         for syntax, event, handler in CommitmentSCP(cfg, state).services():

@@ -34,6 +34,7 @@ from .base import StateUnavailable
 from .locks import StudyLock
 from .qr import POSTGRESQL, generated_columns
 from .sql import SQLState
+from .sql_mpps import POSTGRES_SCHEMA as MPPS_SCHEMA
 from .sql_sources import SOURCE_DELTAS
 
 log = logging.getLogger("dicomrouter.state")
@@ -217,7 +218,10 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
     (8, "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS priority INTEGER NOT NULL DEFAULT 2"),
     # when an operator released the job's held generation (a later route does not hold it
     # again; a new generation clears it)
-    (9, "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS released DOUBLE PRECISION")]
+    (9, "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS released DOUBLE PRECISION"),
+    # issue 27 item 4, MPPS: the procedure steps, their studies, the DIMSE outbox (forwarded
+    # MPPS, Instance Availability Notifications) and a study's incomplete flag
+    (14, MPPS_SCHEMA)]
 
 
 class Row:

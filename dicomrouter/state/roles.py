@@ -12,6 +12,7 @@ from typing import Any
 
 from ..query import Query
 from .base import Instance, Job, Placement, Reception, Recorded, SourceStudy, Study
+from .roles_mpps import ProcedureSteps
 
 
 class Receptions(ABC):
@@ -435,7 +436,7 @@ class Nodes(ABC):
 
 
 class State(Receptions, Studies, Deliveries, Holds, QueryIndex, SourceCursors, Commitments,
-            Reporting, Nodes):
+            Reporting, Nodes, ProcedureSteps):
     """The state of one spool (or of a cluster): every role."""
 
     #: write transactions so far (idle workers must not write: tests count them)

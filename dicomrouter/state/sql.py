@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from .sql_delivery import DeliverySQL
 from .sql_hold import HoldSQL
+from .sql_mpps import ProcedureStepsSQL
 from .sql_receive import ReceivingSQL
 from .sql_reporting import ReportingSQL
 from .sql_sources import PeersSQL
 from .sql_studies import StudiesSQL
 
 
-class SQLState(ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL, PeersSQL, ReportingSQL):
+class SQLState(ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL, PeersSQL, ReportingSQL,
+               ProcedureStepsSQL):
     """Everything the router asks of its state, in portable SQL."""
 
 

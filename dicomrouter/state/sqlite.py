@@ -24,6 +24,7 @@ from .base import StateUnavailable
 from .locks import StudyLock
 from .qr import generated_columns
 from .sql import SQLState
+from .sql_mpps import SQLITE_SCHEMA as MPPS_SCHEMA
 from .sql_sources import SOURCE_DELTAS
 
 SCHEMA = """
@@ -223,6 +224,12 @@ def _study_totals(db: sqlite3.Connection) -> int:
     return 0
 
 
+def _mpps_tables(db: sqlite3.Connection) -> None:
+    for statement in MPPS_SCHEMA:
+        db.execute(statement)
+    _add_columns(db, "studies", "incomplete TEXT")
+
+
 #: (version, step): append, never edit one that has shipped. The steps check what they add,
 #: since a spool from before the versions were counted (user_version 0) has some of it.
 MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
@@ -243,6 +250,9 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
     # when an operator released the job's held generation (a later route does not hold it
     # again; a new generation clears it)
     (10, lambda db: _add_columns(db, "jobs", "released REAL")),
+    # issue 27 item 4, MPPS: the procedure steps, their studies, the DIMSE outbox (forwarded
+    # MPPS, Instance Availability Notifications) and a study's incomplete flag
+    (15, _mpps_tables),
 ]
 
 
