@@ -20,6 +20,7 @@ from .completion import Housekeeping, StudyTracker
 from .config import Config
 from .delivery import DeliveryWorkers
 from .notifications import Notifier
+from .outbox import Outbox
 from .receivers import ReceiverProcesses
 from .scp import services
 from .scp.listener import FastStorageSCP
@@ -86,6 +87,7 @@ class Router:
             services.register(scp, cfg, self.state, self.spool)
         self.receivers = ReceiverProcesses(cfg)
         self.sources = SourcePollers(cfg, self.state, self.spool)
+        self.outbox = Outbox(cfg, self.state)  # forward_mpps, ian (issue 27)
         self._stop = threading.Event()
         self._heart: threading.Thread | None = None
         self._listening = False
@@ -142,6 +144,7 @@ class Router:
             scp.start()
         self.receivers.start()
         self.sources.start()
+        self.outbox.start()
         if self._web_sock is not None:
             metrics.watch_state(self.state, self.cfg.spool)
             # imported only when enabled: FastAPI and uvicorn are ~13 MB of an idle router
@@ -184,6 +187,7 @@ class Router:
         if self.web is not None:
             self.web.stop()
         self.sources.stop()
+        self.outbox.stop()
         self.receivers.stop()
         for scp in self.scps:
             scp.stop()

@@ -21,12 +21,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("operations", ("web", "health", "preflight", "receivers", "notifications")),
     ("policy", ("completion", "routing", "explain", "delivery", "feed", "ordering", "breaker",
                 "sources", "scp", "priority")),
-    ("ways out", ("destinations", "qrscu", "commitment")),
+    ("ways out", ("destinations", "qrscu", "commitment", "outbox")),
     ("durable storage", ("spool", "state", "query")),
     ("leaves", ("config", "common", "values", "schema", "rules", "schedule", "sweep",
                 "transforms", "deid", "deid_table", "dicomfile", "dimse", "walk", "transcode",
                 "conversion", "ratelimit",
-                "logsafe", "tlsctx", "netutil", "metrics", "sample", "storage_contexts")),
+                "logsafe", "tlsctx", "netutil", "metrics", "sample", "storage_contexts",
+                "mpps_data")),
 ]
 LAYER_OF = {name: i for i, (_title, names) in enumerate(LAYERS) for name in names}
 # Lazy on purpose: an optional package the runtime does not depend on; the web stack, imported

@@ -52,6 +52,7 @@ from .base import (
     parse_str,
     show,
 )
+from .mpps import MppsKeys
 from .notifications import NotificationModel
 from .peers import (
     DESTINATION_MODELS,
@@ -67,7 +68,6 @@ from .validators import (
     ae_list,
     expect_value,
     log_level_value,
-    peer_names,
     sweep_value,
     to_value,
     transforms_value,
@@ -311,7 +311,7 @@ class RouteModel(Strict):
         return data
 
 
-class ConfigModel(Strict):
+class ConfigModel(MppsKeys):  # the MPPS keys: config/mpps.py
     """The whole file; the defaults are the router's defaults."""
 
     ae_title: AETitle = DEFAULT_AE_TITLE
@@ -373,11 +373,6 @@ class ConfigModel(Strict):
     conversion_timeout: Duration = 600.0  # a longer conversion is stopped (its process killed)
     conversion_idle: Duration = 60.0  # the processes stop after this long without a conversion
     notifications: tuple[NotificationModel, ...] = ()  # webhooks / e-mail on events
-    # MPPS (issue 27): the SCP on the listeners' ports, forwarding, MPPS-driven completion
-    mpps: Bool = True  # answer MPPS N-CREATE / N-SET (false: not negotiated)
-    forward_mpps: Annotated[tuple[str, ...], parsed(peer_names)] = ()  # known_aes / dicom dests
-    mpps_timeout: Duration = 600.0  # COMPLETED, listed instances missing this long: incomplete
-    ian: Annotated[tuple[str, ...], parsed(peer_names)] = ()  # IAN to these once complete
 
     _source: str = PrivateAttr("embedded defaults")
     _listeners: tuple[ListenerModel, ...] = PrivateAttr(())
@@ -477,17 +472,6 @@ class ConfigModel(Strict):
                                       f"{show(dest)}: route {forwarding!r} forwards studies "
                                       "there as they arrive (forward: immediate), in arrival "
                                       "order")
-        return self
-
-    @model_validator(mode="after")
-    def _mpps_peers_exist(self) -> ConfigModel:
-        for key in ("forward_mpps", "ian"):
-            for name in getattr(self, key):
-                if name in self.known_aes or getattr(self.destinations.get(name), "type",
-                                                     None) == "dicom":
-                    continue
-                raise ConfigError(key, f"unknown peer {show(name)}: a known_aes AE title or "
-                                  "a destination of type dicom")
         return self
 
     @model_validator(mode="after")

@@ -25,7 +25,8 @@ from .base import ConfigError, parse_str, show
 from .peers import RetryModel
 
 #: the events a notification may subscribe to (docs: README "Notifications")
-EVENTS = ("received", "completed", "routed", "delivered", "failed", "dead", "held")
+EVENTS = ("received", "completed", "routed", "delivered", "failed", "dead", "held",
+          "incomplete")
 
 
 def template_environment() -> Any:
