@@ -121,4 +121,10 @@ def explain_spooled(cfg: Config, state: State, spool: Spool,
     instances = state.instances(study_uid, present_only=False)
     if not instances:
         return None
-    return as_dict(study_uid, instances, explain(cfg, instances, spool.open), cfg)
+    out = as_dict(study_uid, instances, explain(cfg, instances, spool.open), cfg)
+    steps = [str(step) for step in state.mpps_reports(study_uid)]
+    if steps:  # a COMPLETED one that lists them all completes the study (completion/mpps.py)
+        out["mpps"] = steps
+        out["completion"] += "; or when a COMPLETED MPPS's instances are all in: " + \
+            "; ".join(steps)
+    return out

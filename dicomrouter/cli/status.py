@@ -105,6 +105,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         if as_json:
             click.echo(json.dumps({"study": dataclasses.asdict(row), "history": history,
                                    "summary": state.study_rows(study_uid=study),
+                                   "mpps": [dataclasses.asdict(m)
+                                            for m in state.mpps_reports(study)],
                                    "jobs": state.jobs(study_uids=[study])}, indent=2))
             return
         click.echo(f"study {study}: {row.state}, generation {row.generation}, patient "
@@ -115,6 +117,11 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
                                                      for k, v in sorted(by.items())))
         for j in state.jobs(study_uids=[study]):
             click.echo(f"  {job_progress(j)}")
+        for step in state.mpps_reports(study):
+            click.echo(f"  {step}")
+        incomplete = next(iter(state.study_rows(study_uid=study)), {}).get("incomplete")
+        if incomplete:
+            click.echo(f"  INCOMPLETE: {incomplete}")
         for ts, event in history:
             click.echo(f"  {when(ts)}  {event}")
         return

@@ -33,22 +33,6 @@ log = logging.getLogger("dicomrouter")
 EVERY = 1.0  # the open steps are looked at this often (seconds)
 
 
-def summary(state: State, step: Mpps) -> str:
-    """``MPPS 1.2.3 COMPLETED: 12/12 instances`` (IN PROGRESS: without counts)."""
-    if step.status == IN_PROGRESS and not step.listed:
-        return f"MPPS {step.uid} IN PROGRESS"
-    have = len(state.arrived_in(step.listed))
-    text = f"MPPS {step.uid} {step.status}: {have}/{len(step.listed)} instances"
-    if step.outcome == "incomplete":
-        text += " (flagged incomplete)"
-    return text
-
-
-def study_lines(state: State, study_uid: str) -> list[str]:
-    """What ``status --study`` and ``explain`` say about the study's procedure steps."""
-    return [summary(state, step) for step in state.mpps_for_study(study_uid)]
-
-
 class MppsCompletion:
     """Decides the open steps (see the module) and queues the IAN of completed studies."""
 

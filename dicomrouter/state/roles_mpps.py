@@ -26,6 +26,24 @@ class Mpps:
 
 
 @dataclass(frozen=True)
+class StepReport:
+    """What ``status --study`` and ``explain`` say about one procedure step of a study."""
+
+    uid: str
+    status: str
+    listed: int
+    arrived: int
+    outcome: str | None
+
+    def __str__(self) -> str:
+        """``MPPS 1.2.3 COMPLETED: 12/12 instances``."""
+        if self.status == "IN PROGRESS" and not self.listed:
+            return f"MPPS {self.uid} IN PROGRESS"
+        return (f"MPPS {self.uid} {self.status}: {self.arrived}/{self.listed} instances"
+                + (" (flagged incomplete)" if self.outcome == "incomplete" else ""))
+
+
+@dataclass(frozen=True)
 class Outgoing:
     """A message queued for a peer (``dimse_outbox``): sent in ``id`` order per destination."""
 
@@ -59,6 +77,10 @@ class ProcedureSteps(ABC):
 
     @abstractmethod
     def mpps_for_study(self, study_uid: str) -> list[Mpps]: ...
+
+    @abstractmethod
+    def mpps_reports(self, study_uid: str) -> list[StepReport]:
+        """The study's steps, with how many of their listed instances arrived."""
 
     @abstractmethod
     def mpps_open(self) -> list[Mpps]:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .roles_mpps import Mpps, Outgoing
+from .roles_mpps import Mpps, Outgoing, StepReport
 from .sql_base import SQLBase
 
 SQLITE_SCHEMA = [
@@ -90,6 +90,10 @@ class ProcedureStepsSQL(SQLBase):
         return [self._mpps(r) for r in self._query(
             "SELECT m.* FROM mpps m JOIN mpps_studies s ON s.mpps_uid=m.sop_uid WHERE"
             " s.study_uid=? ORDER BY m.created", (study_uid,))]
+
+    def mpps_reports(self, study_uid: str) -> list[StepReport]:
+        return [StepReport(m.uid, m.status, len(m.listed), len(self.arrived_in(m.listed)),
+                           m.outcome) for m in self.mpps_for_study(study_uid)]
 
     def mpps_open(self) -> list[Mpps]:
         return [self._mpps(r) for r in self._query(
