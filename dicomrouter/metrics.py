@@ -116,6 +116,13 @@ class StateCollector(Collector):
         for src in summary.get("sources", []):
             last.add_metric([src["name"]], src["last_success"] or 0)
         yield last
+        outbox = GaugeMetricFamily("dicomrouter_dimse_outbox", "MPPS forwarded (forward_mpps) "
+                                   "and IAN (ian) messages by peer and state (pending, sent, "
+                                   "refused)", labels=["destination", "state"])
+        for dest, counts in self.state.outbox_counts().items():
+            for state, n in counts.items():
+                outbox.add_metric([dest, state], n)
+        yield outbox
 
 
 def exposition() -> bytes:

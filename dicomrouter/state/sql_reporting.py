@@ -116,7 +116,7 @@ class ReportingSQL(SQLBase):
         sql = ("SELECT s.study_uid, s.patient_id, s.patient_name, s.study_date, s.accession,"
                " s.description, s.calling_ae, s.called_ae, s.state, s.generation,"
                " s.first_received, s.last_received, s.completed_at, s.delivered_at, s.in_spool,"
-            " s.incomplete,"
+               " s.incomplete,"
                " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid) AS instances,"
                " (SELECT COALESCE(SUM(size),0) FROM instances i WHERE i.study_uid=s.study_uid)"
                " AS bytes FROM studies s")
