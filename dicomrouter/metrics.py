@@ -52,9 +52,10 @@ BREAKER_OPEN = Gauge("dicomrouter_breaker_open", "Circuit breaker of each destin
 POLLS = Counter("dicomrouter_source_polls", "Polls of each pull source by outcome",
                 ["source", "outcome"], registry=REGISTRY)
 MPPS = Counter("dicomrouter_mpps_messages", "MPPS N-CREATE / N-SET answered, by operation and "
-               "outcome (accepted, refused)", ["operation", "outcome"])
+               "outcome (accepted, refused)", ["operation", "outcome"], registry=REGISTRY)
 INCOMPLETE = Counter("dicomrouter_studies_incomplete", "Studies flagged incomplete: a COMPLETED "
-                     "MPPS listed instances that did not arrive within mpps_timeout")
+                     "MPPS listed instances that did not arrive within mpps_timeout",
+                     registry=REGISTRY)
 NOTIFICATIONS_SENT = Counter("dicomrouter_notifications_sent", "Notifications the receiver "
                              "accepted, by notification and event", ["notification", "event"],
                              registry=REGISTRY)

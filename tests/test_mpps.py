@@ -4,7 +4,6 @@ and notifies (IAN). The router runs as ``dicomrouter serve``."""
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import evt
 from router_fixtures import Router, dicomrouter, tags_of
+from webhook_server import WebhookServer
 
 from dicomrouter.sample import generate
 from dicomrouter_bench.procs import free_port
@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("dcmtk_available")
 LONG = "1h"  # a stable age no test waits for
 
 
-def _study(tmp_path: Path, seed: int, instances: int = 4, series: int = 2) -> tuple[list[Path], str]:
+def _study(tmp_path: Path, seed: int, instances: int = 4,
+           series: int = 2) -> tuple[list[Path], str]:
     files = generate(tmp_path / f"study{seed}", series=series, instances=instances // series,
                      rows=16, cols=16, seed=seed)
     return files, tags_of(files[0], "StudyInstanceUID")[0]
@@ -135,3 +136,145 @@ def test_mpps_false_is_not_negotiated(tmp_path: Path, storescp: StoreSCP,
             if assoc.is_established:
                 assoc.release()
     assert accepted == []
+
+
+def _metrics(router: Router) -> str:
+    port = router.config["web"]["port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        return str(r.read().decode())
+
+
+def _page(router: Router) -> str:
+    port = router.config["web"]["port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
+        return str(r.read().decode())
+
+
+def test_missing_instance_flags_incomplete_and_the_stable_age_routes_it(
+        tmp_path: Path, storescp: StoreSCP) -> None:
+    files, uid = _study(tmp_path, 2703)
+    step = generate_uid()
+    stable = 12.0
+    with WebhookServer() as hook, _router(
+            tmp_path, storescp, stable_age=f"{stable:g}s", mpps_timeout="2s",
+            web={"enabled": True, "port": free_port()},
+            notifications=[{"name": "ops", "url": hook.url, "events": ["incomplete"]}]
+    ) as router:
+        m = Modality(router.port)
+        assert m.create(create_attributes(uid), step) == 0x0000
+        m.store(files[:-1])  # one listed instance never comes
+        last = time.monotonic()
+        assert m.set(final_attributes(files), step) == 0x0000
+        event = wait_until(lambda: next(iter(hook.events("incomplete")), None), timeout=60,
+                           what="the incomplete notification")
+        flagged = time.monotonic() - last
+        assert router.study_state(uid) == "receiving"  # flagged, not routed: stable age
+        rows = router.status()["studies"]
+        assert "3/4 instances" in next(r["incomplete"] for r in rows if r["study_uid"] == uid)
+        assert "incomplete" in _page(router)
+        assert "dicomrouter_studies_incomplete_total 1.0" in _metrics(router)
+        router.wait_state(uid, "delivered", timeout=90)
+        routed = time.monotonic() - last
+        text = _study_status(router, uid)
+        log = router.log(3000)
+    assert flagged < stable, flagged  # the timeout, before the stable age
+    assert routed >= stable - 1, routed  # the route fired at the stable age, not before
+    assert event["study_instance_uid"] == uid and event["mpps"] == step, event
+    assert event["listed"] == 4 and event["arrived"] == 3 and event["missing"] == 1, event
+    assert storescp.sop_uids() == {tags_of(f, "SOPInstanceUID")[0] for f in files[:-1]}
+    assert "INCOMPLETE" in text and tags_of(files[-1], "SOPInstanceUID")[0] in text, text
+    assert f"MPPS {step} COMPLETED: 3/4 instances (flagged incomplete)" in text, text
+    assert "Traceback" not in log
+
+
+def test_discontinued_marks_the_study(tmp_path: Path, storescp: StoreSCP) -> None:
+    files, uid = _study(tmp_path, 2704)
+    step = generate_uid()
+    with _router(tmp_path, storescp, stable_age="3s") as router:
+        m = Modality(router.port)
+        assert m.create(create_attributes(uid), step) == 0x0000
+        m.store(files[:2])
+        assert m.set(final_attributes(files[:2], status="DISCONTINUED"), step) == 0x0000
+        router.wait_state(uid, "delivered", timeout=60)
+        wait_until(lambda: "DISCONTINUED: 2/2" in _study_status(router, uid), timeout=30,
+                   what="the history to say DISCONTINUED")
+        text = _study_status(router, uid)
+    assert "reason: Incorrect worklist entry selected" in text, text
+    assert f"MPPS {step} DISCONTINUED: 2/2 instances" in text, text
+    assert storescp.sop_uids() == {tags_of(f, "SOPInstanceUID")[0] for f in files[:2]}
+
+
+def test_forwarded_in_order_to_a_peer_that_comes_up_later(tmp_path: Path,
+                                                          storescp: StoreSCP) -> None:
+    files, uid = _study(tmp_path, 2705)
+    pacs_port = free_port()
+    steps = [generate_uid(), generate_uid()]
+    with _router(tmp_path, storescp, stable_age=LONG, forward_mpps=["RIS"],
+                 retry={"initial": "1s", "max_delay": "2s"},
+                 known_aes={"RIS": {"host": "127.0.0.1", "port": pacs_port}}) as router:
+        m = Modality(router.port)
+        for step in steps:
+            assert m.create(create_attributes(uid), step) == 0x0000
+        assert m.set(final_attributes(files[:2], status="IN PROGRESS"), steps[0]) == 0x0000
+        assert m.set(final_attributes(files[2:], status="DISCONTINUED"), steps[1]) == 0x0000
+        assert m.set(final_attributes(files[:2]), steps[0]) == 0x0000
+        # the peer is down: everything waits, in order, visibly
+        waiting = wait_until(lambda: router.status()["dimse_outbox_waiting"], timeout=60,
+                             what="a failed attempt to forward")
+        assert waiting[0]["what"] == f"MPPS {steps[0]} N-CREATE (IN PROGRESS)", waiting
+        assert router.status()["dimse_outbox"]["RIS"] == {"pending": 5}
+        with RecordingSCP(pacs_port, "RIS") as ris:
+            wait_until(lambda: len(ris.snapshot()) == 5, timeout=60, what="5 messages")
+            got = [(op, u, str(ds.get("PerformedProcedureStepStatus", "")))
+                   for op, _c, u, ds in ris.snapshot()]
+            wait_until(lambda: router.status()["dimse_outbox"]["RIS"] == {"sent": 5},
+                       timeout=30, what="the outbox to say sent")
+            created = ris.snapshot()[0][3]
+    assert got == [("N-CREATE", steps[0], "IN PROGRESS"), ("N-CREATE", steps[1], "IN PROGRESS"),
+                   ("N-SET", steps[0], "IN PROGRESS"), ("N-SET", steps[1], "DISCONTINUED"),
+                   ("N-SET", steps[0], "COMPLETED")], got
+    assert created.PatientID == "MPPS1"
+    assert created.ScheduledStepAttributesSequence[0].StudyInstanceUID == uid
+
+
+def test_kill_after_n_create_keeps_the_step(tmp_path: Path, storescp: StoreSCP) -> None:
+    files, uid = _study(tmp_path, 2706)
+    step = generate_uid()
+    router = _router(tmp_path, storescp, stable_age=LONG)
+    with router:
+        assert Modality(router.port).create(create_attributes(uid), step) == 0x0000
+        router.kill()  # SIGKILL right after the response
+        router.start()
+        m = Modality(router.port)
+        assert m.create(create_attributes(uid), step) == 0x0111  # it is there
+        m.store(files)
+        assert m.set(final_attributes(files), step) == 0x0000
+        router.wait_state(uid, "delivered", timeout=60)
+        text = _study_status(router, uid)
+    assert f"MPPS {step} COMPLETED: 4/4 instances" in text, text
+    assert storescp.sop_uids() == {tags_of(f, "SOPInstanceUID")[0] for f in files}
+
+
+def test_instance_availability_notification(tmp_path: Path, storescp: StoreSCP) -> None:
+    files, uid = _study(tmp_path, 2707)
+    step = generate_uid()
+    port = free_port()
+    with RecordingSCP(port, "IANSCP") as ian, _router(
+            tmp_path, storescp, stable_age=LONG, ian=["IANSCP"],
+            known_aes={"IANSCP": {"host": "127.0.0.1", "port": port}}) as router:
+        m = Modality(router.port)
+        assert m.create(create_attributes(uid), step) == 0x0000
+        m.store(files)
+        assert m.set(final_attributes(files), step) == 0x0000
+        wait_until(lambda: ian.snapshot(), timeout=60, what="the IAN")
+        got = ian.snapshot()
+    assert len(got) == 1
+    op, sop_class, _uid, ds = got[0]
+    assert (op, sop_class) == ("N-CREATE", "1.2.840.10008.5.1.4.33")
+    assert ds.StudyInstanceUID == uid
+    assert [r.ReferencedSOPInstanceUID for r in ds.ReferencedPerformedProcedureStepSequence] == \
+        [step]
+    listed = {i.ReferencedSOPInstanceUID: (i.InstanceAvailability, i.RetrieveAETitle)
+              for s in ds.ReferencedSeriesSequence for i in s.ReferencedSOPSequence}
+    assert listed == {tags_of(f, "SOPInstanceUID")[0]: ("ONLINE", "DICOMROUTER")
+                      for f in files}

@@ -49,6 +49,8 @@ class MppsCompletion:
         if not self.cfg.mpps or time.monotonic() - self._last < EVERY:
             return
         self._last = time.monotonic()
+        if not self.state.hold_lease("mpps-completion", 10.0):
+            return  # another node decides (several routers on one PostgreSQL)
         for step in self.state.mpps_open():
             try:
                 self._decide(step)
