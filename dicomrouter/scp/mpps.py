@@ -142,7 +142,7 @@ class MppsSCP:
             raise Refused(RESOURCES, f"the state is out of reach ({exc})") from None
         metrics.MPPS.labels("N-CREATE", "accepted").inc()
         log.info("MPPS N-CREATE %s from %s: IN PROGRESS, study %s%s", uid, _peer(event),
-                 ", ".join(studies) or "(not named)", f"; forwarded to "
+                 ", ".join(studies) or "(not named)", f"; queued for "
                  f"{', '.join(self.cfg.forward_mpps)}" if self.cfg.forward_mpps else "")
         return 0x0000, answer
 
