@@ -4,17 +4,18 @@ and notifies (IAN). The router runs as ``dicomrouter serve``."""
 
 from __future__ import annotations
 
+import struct
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mpps_peers import Modality, RecordingSCP, create_attributes, final_attributes
+from mpps_peers import MPPS, Modality, RecordingSCP, create_attributes, final_attributes
 from peers import StoreSCP, wait_until
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
-from pynetdicom import evt
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
 from router_fixtures import Router, dicomrouter, tags_of
 from webhook_server import WebhookServer
 
@@ -278,3 +279,33 @@ def test_instance_availability_notification(tmp_path: Path, storescp: StoreSCP) 
               for s in ds.ReferencedSeriesSequence for i in s.ReferencedSOPSequence}
     assert listed == {tags_of(f, "SOPInstanceUID")[0]: ("ONLINE", "DICOMROUTER")
                       for f in files}
+
+
+def test_a_malformed_attribute_list_is_refused_without_a_traceback(
+        tmp_path: Path, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch) -> None:
+    _files, uid = _study(tmp_path, 2708)
+    bodies = [
+        # Performed Procedure Step Status claiming 256 bytes, 11 there
+        struct.pack("<HHI", 0x0040, 0x0252, 256) + b"IN PROGRESS",
+        # a sequence item whose length runs past the data
+        struct.pack("<HHI", 0x0040, 0x0270, 0xFFFFFFFF)
+        + struct.pack("<HHI", 0xFFFE, 0xE000, 4000) + b"\x00" * 8]
+    with _router(tmp_path, storescp, stable_age=LONG) as router:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(MPPS, ImplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", router.port, ae_title="DICOMROUTER")
+        assert assoc.is_established
+        statuses = []
+        with monkeypatch.context() as patch:  # the modality's encoder sends these bytes
+            for body in bodies:
+                patch.setattr("pynetdicom.association.encode", lambda *_a, b=body: b)
+                status, _ = assoc.send_n_create(Dataset(), MPPS, generate_uid())
+                statuses.append(int(status.Status))
+        # the association goes on: a well-formed N-CREATE after them succeeds
+        status, _ = assoc.send_n_create(create_attributes(uid), MPPS, generate_uid())
+        assoc.release()
+        log = router.log(3000)
+    assert statuses == [0x0110, 0x0110], statuses
+    assert int(status.Status) == 0x0000
+    assert log.count("refused with 0x0110: cannot read") == 2, log
+    assert "Traceback" not in log
