@@ -82,9 +82,13 @@ def test_completed_mpps_completes_the_study_without_the_stable_age(
     assert "Traceback" not in log
 
 
-def test_ps34_statuses_and_no_traceback(tmp_path: Path, storescp: StoreSCP) -> None:
+@pytest.mark.parametrize("receivers", [1, 2])
+def test_ps34_statuses_and_no_traceback(tmp_path: Path, storescp: StoreSCP,
+                                        receivers: int) -> None:
+    """Also with two receiver processes: each association may land on either, the steps are
+    in the one state."""
     _files, uid = _study(tmp_path, 2702)
-    with _router(tmp_path, storescp, stable_age=LONG) as router:
+    with _router(tmp_path, storescp, stable_age=LONG, receivers=receivers) as router:
         m = Modality(router.port)
         done = create_attributes(uid, status="COMPLETED")
         assert m.create(done, generate_uid()) == 0x0106  # an N-CREATE must be IN PROGRESS
@@ -177,14 +181,24 @@ def test_missing_instance_flags_incomplete_and_the_stable_age_routes_it(
         router.wait_state(uid, "delivered", timeout=90)
         routed = time.monotonic() - last
         text = _study_status(router, uid)
+        assert storescp.sop_uids() == {tags_of(f, "SOPInstanceUID")[0] for f in files[:-1]}
+        # the missing instance comes after all: the flag goes, no stable age to wait for
+        late = time.monotonic()
+        m.store(files[-1:])
+        wait_until(lambda: len(storescp.sop_uids()) == 4, timeout=60, what="the late one")
+        late = time.monotonic() - late
+        router.wait_state(uid, "delivered", timeout=30)
+        later = _study_status(router, uid)
         log = router.log(3000)
     assert flagged < stable, flagged  # the timeout, before the stable age
     assert routed >= stable - 1, routed  # the route fired at the stable age, not before
+    assert late < stable - 1, late
     assert event["study_instance_uid"] == uid and event["mpps"] == step, event
     assert event["listed"] == 4 and event["arrived"] == 3 and event["missing"] == 1, event
-    assert storescp.sop_uids() == {tags_of(f, "SOPInstanceUID")[0] for f in files[:-1]}
     assert "INCOMPLETE" in text and tags_of(files[-1], "SOPInstanceUID")[0] in text, text
     assert f"MPPS {step} COMPLETED: 3/4 instances (flagged incomplete)" in text, text
+    assert "INCOMPLETE" not in later and "no longer incomplete" in later, later
+    assert f"MPPS {step} COMPLETED: 4/4 instances" in later, later
     assert "Traceback" not in log
 
 

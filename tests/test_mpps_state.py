@@ -56,6 +56,7 @@ def test_steps_are_kept_once_and_end_once(state: State) -> None:
     state.flag_incomplete("1.2.3", "1 missing")
     state.mpps_resolve("9.1", "incomplete", {"1.2.3": "decided"})
     assert state.mpps_open() == []
+    assert [m.outcome for m in state.mpps_open(incomplete_since=0)] == ["incomplete"]
     assert state.study_rows(study_uid="1.2.3")[0]["incomplete"] == "1 missing"
     assert [str(r) for r in state.mpps_reports("1.2.3")] == \
         ["MPPS 9.1 COMPLETED: 1/2 instances (flagged incomplete)"]

@@ -10,7 +10,8 @@ Every tick, the steps COMPLETED or DISCONTINUED and not decided yet (``State.mpp
   It does not matter whether the MPPS came before or after the images.
 * COMPLETED, instances missing ``mpps_timeout`` seconds after the N-SET: the studies are
   flagged incomplete (status, web page, ``dicomrouter_studies_incomplete_total``, the
-  ``incomplete`` notification); the stable age routes them as usual.
+  ``incomplete`` notification); the stable age routes them as usual. Should the missing ones
+  arrive later (within a day), the flag goes and the late generation completes at once.
 * DISCONTINUED: the studies' history says so (and how many of the listed instances arrived);
   the stable age routes them as usual.
 * A COMPLETED step that lists nothing changes nothing: the stable age decides.
@@ -31,6 +32,7 @@ from ..state import Instance, Mpps, State, StudyState
 log = logging.getLogger("dicomrouter")
 
 EVERY = 1.0  # the open steps are looked at this often (seconds)
+LATE = 86400.0  # instances of a step flagged incomplete may still come this long after it
 
 
 class MppsCompletion:
@@ -51,7 +53,7 @@ class MppsCompletion:
         self._last = time.monotonic()
         if not self.state.hold_lease("mpps-completion", 10.0):
             return  # another node decides (several routers on one PostgreSQL)
-        for step in self.state.mpps_open():
+        for step in self.state.mpps_open(incomplete_since=self.clock() - LATE):
             try:
                 self._decide(step)
             except Exception as exc:  # one step's problem: the others go on
@@ -77,6 +79,14 @@ class MppsCompletion:
             self.state.mpps_resolve(step.uid, "complete", dict.fromkeys(
                 studies, f"MPPS {step.uid} COMPLETED without listing instances: the stable "
                 "age completes the study"))
+            return
+        if step.outcome == "incomplete":
+            if have >= want:  # the missing ones came after all: the flag goes
+                why = f"MPPS {step.uid} COMPLETED: {have}/{want} instances, the last ones late"
+                for uid in studies:
+                    self.state.flag_incomplete(uid, why, clear=True)
+                log.info("study %s no longer incomplete: %s", ", ".join(studies), why)
+                self._complete(step, studies, why)
             return
         if have >= want:
             self._complete(step, studies, f"MPPS {step.uid} COMPLETED: {have}/{want} instances")

@@ -83,8 +83,10 @@ class ProcedureSteps(ABC):
         """The study's steps, with how many of their listed instances arrived."""
 
     @abstractmethod
-    def mpps_open(self) -> list[Mpps]:
-        """Steps COMPLETED or DISCONTINUED whose effect on their studies is not decided."""
+    def mpps_open(self, incomplete_since: float | None = None) -> list[Mpps]:
+        """Steps COMPLETED or DISCONTINUED whose effect on their studies is not decided (and
+        those decided incomplete, ended since ``incomplete_since``: their instances may come
+        late)."""
 
     @abstractmethod
     def mpps_resolve(self, uid: str, outcome: str, notes: dict[str, str]) -> None:
@@ -95,8 +97,9 @@ class ProcedureSteps(ABC):
         """SOP Instance UID → study, for those of ``sop_uids`` the router received."""
 
     @abstractmethod
-    def flag_incomplete(self, study_uid: str, why: str) -> None:
-        """Flag a study incomplete (status, web) and say why in its history."""
+    def flag_incomplete(self, study_uid: str, why: str, clear: bool = False) -> None:
+        """Flag a study incomplete (status, web) and say why in its history (``clear``: the
+        flag goes, ``why`` says why)."""
 
     @abstractmethod
     def outbox_add(self, destinations: Sequence[str], operation: str, sop_class: str,

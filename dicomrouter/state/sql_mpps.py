@@ -95,10 +95,11 @@ class ProcedureStepsSQL(SQLBase):
         return [StepReport(m.uid, m.status, len(m.listed), len(self.arrived_in(m.listed)),
                            m.outcome) for m in self.mpps_for_study(study_uid)]
 
-    def mpps_open(self) -> list[Mpps]:
+    def mpps_open(self, incomplete_since: float | None = None) -> list[Mpps]:
         return [self._mpps(r) for r in self._query(
-            "SELECT * FROM mpps WHERE status IN ('COMPLETED','DISCONTINUED') AND outcome IS NULL"
-            " ORDER BY updated")]
+            "SELECT * FROM mpps WHERE status IN ('COMPLETED','DISCONTINUED') AND (outcome IS NULL"
+            " OR (outcome='incomplete' AND updated >= ?)) ORDER BY updated",
+            (float("inf") if incomplete_since is None else incomplete_since,))]
 
     def mpps_resolve(self, uid: str, outcome: str, notes: dict[str, str]) -> None:
         now = time.time()
@@ -120,10 +121,12 @@ class ProcedureStepsSQL(SQLBase):
                 out[r["sop_uid"]] = r["study_uid"]
         return out
 
-    def flag_incomplete(self, study_uid: str, why: str) -> None:
+    def flag_incomplete(self, study_uid: str, why: str, clear: bool = False) -> None:
         with self._tx(study_uid) as db:
-            db.execute("UPDATE studies SET incomplete=? WHERE study_uid=?", (why, study_uid))
-            self._event(db, study_uid, f"flagged incomplete: {why}", time.time())
+            db.execute("UPDATE studies SET incomplete=? WHERE study_uid=?",
+                       (None if clear else why, study_uid))
+            self._event(db, study_uid, f"{'no longer' if clear else 'flagged'} incomplete: "
+                        f"{why}", time.time())
 
     def outbox_add(self, destinations: Sequence[str], operation: str, sop_class: str,
                    sop_uid: str, dataset: str, what: str, study_uid: str = "") -> None:
