@@ -96,6 +96,9 @@ class Outbox:
         except PeerError as exc:
             if msg is not None:
                 self._retry(msg, str(exc))
+        except Exception as exc:  # the peer aborted mid-message, or an answer pynetdicom refused
+            if msg is not None:
+                self._retry(msg, f"{type(exc).__name__}: {exc}")
 
     def _retry(self, msg: Outgoing, error: str) -> None:
         delay = self.cfg.retry.delay(msg.attempts + 1)

@@ -4,6 +4,7 @@ and notifies (IAN). The router runs as ``dicomrouter serve``."""
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 import urllib.request
@@ -149,6 +150,12 @@ def _metrics(router: Router) -> str:
         return str(r.read().decode())
 
 
+def _get(router: Router, path: str) -> Any:
+    port = router.config["web"]["port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+        return json.loads(r.read())
+
+
 def _page(router: Router) -> str:
     port = router.config["web"]["port"]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
@@ -177,6 +184,10 @@ def test_missing_instance_flags_incomplete_and_the_stable_age_routes_it(
         rows = router.status()["studies"]
         assert "3/4 instances" in next(r["incomplete"] for r in rows if r["study_uid"] == uid)
         assert "incomplete" in _page(router)
+        api = _get(router, f"/api/studies/{uid}")
+        assert api["mpps"][0]["summary"] == f"MPPS {step} COMPLETED: 3/4 instances (flagged " \
+            "incomplete)", api["mpps"]
+        assert api["summary"][0]["incomplete"].startswith(f"MPPS {step} COMPLETED: 3/4"), api
         assert "dicomrouter_studies_incomplete_total 1.0" in _metrics(router)
         router.wait_state(uid, "delivered", timeout=90)
         routed = time.monotonic() - last
