@@ -67,9 +67,10 @@ class Outbox:
     def _run(self) -> None:
         while not self._stop.wait(POLL):
             try:
-                if not self.state.hold_lease("dimse-outbox", 10.0):
-                    continue
-                for dest in self.state.outbox_destinations(time.time()):
+                due = self.state.outbox_destinations(time.time())
+                if not due or not self.state.hold_lease("dimse-outbox", 10.0):
+                    continue  # nothing due, or another node sends (several routers)
+                for dest in due:
                     if self._stop.is_set():
                         return
                     self.drain(dest)

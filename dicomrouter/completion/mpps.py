@@ -51,9 +51,10 @@ class MppsCompletion:
         if not self.cfg.mpps or time.monotonic() - self._last < EVERY:
             return
         self._last = time.monotonic()
-        if not self.state.hold_lease("mpps-completion", 10.0):
-            return  # another node decides (several routers on one PostgreSQL)
-        for step in self.state.mpps_open(incomplete_since=self.clock() - LATE):
+        steps = self.state.mpps_open(incomplete_since=self.clock() - LATE)
+        if not steps or not self.state.hold_lease("mpps-completion", 10.0):
+            return  # nothing to decide, or another node decides (several routers)
+        for step in steps:
             try:
                 self._decide(step)
             except Exception as exc:  # one step's problem: the others go on
