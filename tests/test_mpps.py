@@ -334,3 +334,27 @@ def test_a_malformed_attribute_list_is_refused_without_a_traceback(
     assert int(status.Status) == 0x0000
     assert log.count("refused with 0x0110: cannot read") == 2, log
     assert "Traceback" not in log
+
+
+def test_on_a_postgresql_state(tmp_path: Path, storescp: StoreSCP, pg_dsn: str) -> None:
+    """The steps, their completion and the incomplete flag with the cluster's state."""
+    files, uid = _study(tmp_path, 2709)
+    other, other_uid = _study(tmp_path, 2710)
+    dsn_file = tmp_path / "pg.dsn"
+    dsn_file.write_text(pg_dsn + "\n")
+    steps = [generate_uid(), generate_uid()]
+    with _router(tmp_path, storescp, stable_age=LONG, mpps_timeout="1s",
+                 state={"type": "postgresql", "dsn_file": str(dsn_file)}) as router:
+        m = Modality(router.port)
+        m.store(files)
+        m.store(other[:1])
+        for step, study in zip(steps, (uid, other_uid), strict=True):
+            assert m.create(create_attributes(study), step) == 0x0000
+        assert m.set(final_attributes(files), steps[0]) == 0x0000
+        assert m.set(final_attributes(other), steps[1]) == 0x0000
+        router.wait_state(uid, "delivered", timeout=60)
+        wait_until(lambda: "INCOMPLETE" in _study_status(router, other_uid), timeout=60,
+                   what="the other study flagged incomplete")
+        text = _study_status(router, uid)
+        assert router.study_state(other_uid) == "receiving"  # the stable age is an hour
+    assert f"MPPS {steps[0]} COMPLETED: 4/4 instances" in text, text
