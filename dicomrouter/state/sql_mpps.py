@@ -49,7 +49,7 @@ class ProcedureStepsSQL(SQLBase):
                        (dest, operation, sop_class, sop_uid, dataset, what, study_uid, now, now))
 
     def mpps_create(self, mpps: Mpps, forward: Sequence[str], why: str) -> bool:
-        with self._tx() as db:
+        with self._durable(), self._tx() as db:  # answered on the strength of this commit
             if db.execute("SELECT 1 FROM mpps WHERE sop_uid=?", (mpps.uid,)).fetchone():
                 return False
             db.execute("INSERT INTO mpps(sop_uid, status, calling_ae, created, updated,"
@@ -72,7 +72,7 @@ class ProcedureStepsSQL(SQLBase):
 
     def mpps_set(self, mpps: Mpps, modification: str, forward: Sequence[str],
                  why: str) -> bool:
-        with self._tx() as db:
+        with self._durable(), self._tx() as db:
             n = db.execute("UPDATE mpps SET status=?, updated=?, listed=?, dataset=? WHERE"
                            " sop_uid=? AND status='IN PROGRESS'",
                            (mpps.status, mpps.updated, json.dumps(list(mpps.listed)),

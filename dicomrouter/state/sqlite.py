@@ -336,6 +336,17 @@ class SQLiteState(SQLState):
                 raise
             self._db.execute("COMMIT")
 
+    @contextmanager
+    def _durable(self) -> Iterator[None]:
+        """``synchronous=FULL`` for what is answered on the strength of its commit alone (an
+        MPPS): the WAL is fsync'd at commit, so a power cut after the answer loses nothing."""
+        with self._lock, unavailable_on_error(self.path):
+            self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                yield
+            finally:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+
     def hold_lease(self, name: str, ttl: float) -> bool:
         return True  # one node per SQLite state: no write for it
 
