@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from mpps_peers import MPPS, Modality, RecordingSCP, create_attributes, final_attributes
 from peers import StoreSCP, wait_until
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
@@ -358,3 +359,28 @@ def test_on_a_postgresql_state(tmp_path: Path, storescp: StoreSCP, pg_dsn: str) 
         text = _study_status(router, uid)
         assert router.study_state(other_uid) == "receiving"  # the stable age is an hour
     assert f"MPPS {steps[0]} COMPLETED: 4/4 instances" in text, text
+
+
+def test_one_association_for_mpps_and_images_with_the_pynetdicom_receiver(
+        tmp_path: Path, storescp: StoreSCP) -> None:
+    """``receiver: pynetdicom`` serves storage and MPPS on one association (the fast receiver
+    hands an association to pynetdicom only when it proposes no storage class)."""
+    files, uid = _study(tmp_path, 2711)
+    step = generate_uid()
+    with _router(tmp_path, storescp, stable_age=LONG, receiver="pynetdicom") as router:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(MPPS)
+        datasets = [dcmread(f) for f in files]
+        ae.add_requested_context(datasets[0].SOPClassUID,
+                                 datasets[0].file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", router.port, ae_title="DICOMROUTER")
+        assert assoc.is_established
+        status, _ = assoc.send_n_create(create_attributes(uid), MPPS, step)
+        assert int(status.Status) == 0x0000
+        for ds in datasets:
+            assert int(assoc.send_c_store(ds).Status) == 0x0000
+        status, _ = assoc.send_n_set(final_attributes(files), MPPS, step)
+        assert int(status.Status) == 0x0000
+        assoc.release()
+        router.wait_state(uid, "delivered", timeout=60)
+    assert storescp.sop_uids() == {str(d.SOPInstanceUID) for d in datasets}
