@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any
 
 from .qr import SQLITE
@@ -48,11 +48,6 @@ class SQLBase(State):
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         raise NotImplementedError
-
-    def _durable(self) -> AbstractContextManager[Any]:
-        """Transactions inside it are on disk at commit, not only safe from a crash (the
-        backend's default when it is not already so: SQLite's ``synchronous=FULL``)."""
-        return nullcontext()
 
     @staticmethod
     def _event(db: Any, study_uid: str, text: str, now: float) -> None:

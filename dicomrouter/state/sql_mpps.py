@@ -34,6 +34,11 @@ POSTGRES_SCHEMA = [s.replace(" REAL", " DOUBLE PRECISION").replace(
 class ProcedureStepsSQL(SQLBase):
     """MPPS and the outbox."""
 
+    def _durable_tx(self) -> Any:
+        """A write transaction that is on disk once committed (SQLite: synchronous=FULL for
+        it); PostgreSQL's commit is durable already."""
+        return self._tx()
+
     @staticmethod
     def _mpps(r: Any) -> Mpps:
         return Mpps(r["sop_uid"], r["status"], r["calling_ae"] or "", r["created"] or 0.0,
@@ -49,7 +54,7 @@ class ProcedureStepsSQL(SQLBase):
                        (dest, operation, sop_class, sop_uid, dataset, what, study_uid, now, now))
 
     def mpps_create(self, mpps: Mpps, forward: Sequence[str], why: str) -> bool:
-        with self._durable(), self._tx() as db:  # answered on the strength of this commit
+        with self._durable_tx() as db:  # answered on the strength of this commit
             if db.execute("SELECT 1 FROM mpps WHERE sop_uid=?", (mpps.uid,)).fetchone():
                 return False
             db.execute("INSERT INTO mpps(sop_uid, status, calling_ae, created, updated,"
@@ -72,7 +77,7 @@ class ProcedureStepsSQL(SQLBase):
 
     def mpps_set(self, mpps: Mpps, modification: str, forward: Sequence[str],
                  why: str) -> bool:
-        with self._durable(), self._tx() as db:
+        with self._durable_tx() as db:
             n = db.execute("UPDATE mpps SET status=?, updated=?, listed=?, dataset=? WHERE"
                            " sop_uid=? AND status='IN PROGRESS'",
                            (mpps.status, mpps.updated, json.dumps(list(mpps.listed)),

@@ -337,13 +337,15 @@ class SQLiteState(SQLState):
             self._db.execute("COMMIT")
 
     @contextmanager
-    def _durable(self) -> Iterator[None]:
-        """``synchronous=FULL`` for what is answered on the strength of its commit alone (an
-        MPPS): the WAL is fsync'd at commit, so a power cut after the answer loses nothing."""
+    def _durable_tx(self) -> Iterator[sqlite3.Connection]:
+        """A transaction on disk once committed: the WAL is fsync'd at this commit
+        (synchronous=FULL for it; NORMAL's commits survive a crash of the process, not a
+        power cut), for what is acknowledged on the strength of it (an MPPS response)."""
         with self._lock, unavailable_on_error(self.path):
             self._db.execute("PRAGMA synchronous=FULL")
             try:
-                yield
+                with self._tx() as db:
+                    yield db
             finally:
                 self._db.execute("PRAGMA synchronous=NORMAL")
 
