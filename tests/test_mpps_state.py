@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from dicomrouter.config import ConfigError, from_dict
 from dicomrouter.state import Mpps, State
 from dicomrouter.state.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
 from dicomrouter.state.postgres import PostgresState
@@ -94,3 +95,30 @@ def test_the_outbox_keeps_order_per_peer(state: State) -> None:
 def test_migration_versions() -> None:
     assert 15 in [v for v, _ in SQLITE_MIGRATIONS]
     assert 14 in [v for v, _ in POSTGRES_MIGRATIONS]
+
+
+@pytest.mark.parametrize(("config", "error"), [
+    ({"forward_mpps": ["RIS"]}, "forward_mpps: unknown peer 'RIS': a known_aes AE title or a "
+                                "destination of type dicom"),
+    ({"ian": ["out"], "destinations": {"out": {"type": "folder", "path": "out"}}},
+     "ian: unknown peer 'out'"),
+    ({"ian": [3]}, "ian[0]: expected a peer name, got 3"),
+    ({"mpps": False, "forward_mpps": ["RIS"], "known_aes": {"RIS": {"host": "h", "port": 1}}},
+     "forward_mpps: needs 'mpps: true'"),
+    ({"mpps_timeout": "0s"}, "mpps_timeout: must be more than 0"),
+    ({"mpps": "sometimes"}, "mpps: expected true or false"),
+])
+def test_config_names_the_key(tmp_path: Path, config: dict[str, object], error: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        from_dict(config, tmp_path, "test")
+    assert str(exc.value).startswith(error), str(exc.value)
+
+
+def test_config_accepts_known_aes_and_dicom_destinations(tmp_path: Path) -> None:
+    cfg = from_dict({"forward_mpps": ["RIS", "pacs"], "ian": ["pacs"], "mpps_timeout": "5m",
+                     "known_aes": {"RIS": {"host": "ris", "port": 104}},
+                     "destinations": {"pacs": {"type": "dicom", "ae_title": "PACS",
+                                               "host": "pacs", "port": 104}}},
+                    tmp_path, "test")
+    assert (cfg.mpps, cfg.forward_mpps, cfg.ian, cfg.mpps_timeout) == \
+        (True, ("RIS", "pacs"), ("pacs",), 300.0)

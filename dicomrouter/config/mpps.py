@@ -25,6 +25,11 @@ class MppsKeys(Strict):
 
     @model_validator(mode="after")
     def _mpps_peers_exist(self) -> Any:
+        if self.forward_mpps and not self.mpps:
+            raise ConfigError("forward_mpps", "needs 'mpps: true': with mpps off the router "
+                              "receives no MPPS to forward")
+        if self.mpps_timeout <= 0:
+            raise ConfigError("mpps_timeout", "must be more than 0")
         known = getattr(self, "known_aes", {})
         destinations = getattr(self, "destinations", {})
         for key in ("forward_mpps", "ian"):
