@@ -21,6 +21,7 @@ from .config import Config
 from .delivery import DeliveryWorkers
 from .hl7 import Hl7Service
 from .notifications import Notifier
+from .outbox import Outbox
 from .prefetch import Prefetcher
 from .proxy import QueryRetrieveProxy
 from .receivers import ReceiverProcesses
@@ -102,6 +103,7 @@ class Router:
         self.prefetcher = Prefetcher(cfg, self.state, self.spool, clock)  # prefetch: rules
         if self.hl7 is not None:  # orders that hl7_rules hand on (prefetch: true)
             self.hl7.orders.subscribe(self.prefetcher.on_order)
+        self.outbox = Outbox(cfg, self.state)  # forward_mpps, ian (issue 27)
         self._stop = threading.Event()
         self._heart: threading.Thread | None = None
         self._listening = False
@@ -161,6 +163,7 @@ class Router:
         self.receivers.start()
         self.sources.start()
         self.prefetcher.start()
+        self.outbox.start()
         if self.proxy_fetcher is not None:
             log.info("%s; fetched studies are kept %g s after their last use",
                      self.proxy_fetcher.describe(), self.cfg.query_retrieve_proxy_cache)
@@ -223,6 +226,7 @@ class Router:
             self.dicomweb.stop()
         self.sources.stop()
         self.prefetcher.stop()
+        self.outbox.stop()
         if self.proxy_fetcher is not None:
             self.proxy_fetcher.stop()
         self.receivers.stop()

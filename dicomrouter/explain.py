@@ -159,6 +159,11 @@ def explain_spooled(cfg: Config, state: State, spool: Spool,
                       if event.startswith("coerce for ")]
     out["hl7_order"] = state.study_hl7_order(study_uid)  # the expected study (issue 27)
     out["prefetch"] = prefetch_story(state, study_uid)
+    steps = [str(step) for step in state.mpps_reports(study_uid)]
+    if steps:  # a COMPLETED one that lists them all completes the study (completion/mpps.py)
+        out["mpps"] = steps
+        out["completion"] += "; or when a COMPLETED MPPS's instances are all in: " + \
+            "; ".join(steps)
     return out
 
 

@@ -59,6 +59,11 @@ PREFETCH_RUNS = Counter("dicomrouter_prefetch_runs", "Prefetch triggers by rule 
                         ["rule", "outcome"], registry=REGISTRY)
 PREFETCH_INSTANCES = Counter("dicomrouter_prefetch_instances", "Instances of priors a prefetch "
                              "retrieved, by rule", ["rule"], registry=REGISTRY)
+MPPS = Counter("dicomrouter_mpps_messages", "MPPS N-CREATE / N-SET answered, by operation and "
+               "outcome (accepted, refused)", ["operation", "outcome"], registry=REGISTRY)
+INCOMPLETE = Counter("dicomrouter_studies_incomplete", "Studies flagged incomplete: a COMPLETED "
+                     "MPPS listed instances that did not arrive within mpps_timeout",
+                     registry=REGISTRY)
 NOTIFICATIONS_SENT = Counter("dicomrouter_notifications_sent", "Notifications the receiver "
                              "accepted, by notification and event", ["notification", "event"],
                              registry=REGISTRY)
@@ -123,6 +128,13 @@ class StateCollector(Collector):
         for src in summary.get("sources", []):
             last.add_metric([src["name"]], src["last_success"] or 0)
         yield last
+        outbox = GaugeMetricFamily("dicomrouter_dimse_outbox", "MPPS forwarded (forward_mpps) "
+                                   "and IAN (ian) messages by peer and state (pending, sent, "
+                                   "refused)", labels=["destination", "state"])
+        for dest, counts in self.state.outbox_counts().items():
+            for state, n in counts.items():
+                outbox.add_metric([dest, state], n)
+        yield outbox
 
 
 def exposition() -> bytes:

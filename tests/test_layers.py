@@ -21,13 +21,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("operations", ("web", "health", "preflight", "receivers", "notifications")),
     ("policy", ("completion", "routing", "explain", "delivery", "feed", "ordering", "breaker",
                 "sources", "scp", "priority", "coerce", "hl7", "prefetch", "proxy")),
-    ("ways out", ("destinations", "qrscu", "commitment", "lookups")),
+    ("ways out", ("destinations", "qrscu", "commitment", "lookups", "outbox")),
     ("durable storage", ("spool", "state", "query")),
     ("leaves", ("config", "common", "values", "schema", "rules", "schedule", "sweep",
                 "transforms", "deid", "deid_table", "dicomfile", "dimse", "walk", "transcode",
                 "conversion", "ratelimit", "pixelframes",
                 "logsafe", "tlsctx", "netutil", "metrics", "sample", "storage_contexts",
-                "hl7wire")),
+                "hl7wire", "mpps_data")),
 ]
 LAYER_OF = {name: i for i, (_title, names) in enumerate(LAYERS) for name in names}
 # Lazy on purpose: an optional package the runtime does not depend on; the web stack, imported

@@ -85,6 +85,19 @@ def since_time(value: str) -> float:
                                  param_hint="'--since'") from None
 
 
+def _outbox(data: dict[str, Any]) -> None:
+    """MPPS forwarded (forward_mpps) and IAN sent (ian), per peer; what waits for a retry."""
+    if not data["dimse_outbox"]:
+        return
+    click.echo("MPPS / IAN outbox:")
+    for dest, counts in sorted(data["dimse_outbox"].items()):
+        click.echo(f"  {dest:<16} " + "  ".join(f"{s} {counts.get(s, 0)}"
+                                                for s in ("pending", "sent", "refused")))
+    for m in data["dimse_outbox_waiting"]:
+        click.echo(f"  {m['what']} → {m['destination']}: failed {m['attempts']} time(s), "
+                   f"next attempt at {when(m['next_attempt'])}: {m['last_error']}")
+
+
 @click.command()
 @config_option
 @spool_option
@@ -106,6 +119,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         if as_json:
             click.echo(json.dumps({"study": dataclasses.asdict(row), "history": history,
                                    "summary": state.study_rows(study_uid=study),
+                                   "mpps": [dataclasses.asdict(m)
+                                            for m in state.mpps_reports(study)],
                                    "jobs": state.jobs(study_uids=[study]),
                                    "hl7_order": state.study_hl7_order(study)}, indent=2))
             return
@@ -120,6 +135,11 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
             click.echo(f"  {describe_order(order)}")
         for j in state.jobs(study_uids=[study]):
             click.echo(f"  {job_progress(j)}")
+        for step in state.mpps_reports(study):
+            click.echo(f"  {step}")
+        incomplete = next(iter(state.study_rows(study_uid=study)), {}).get("incomplete")
+        if incomplete:
+            click.echo(f"  INCOMPLETE: {incomplete}")
         for ts, event in history:
             click.echo(f"  {when(ts)}  {event}")
         return
@@ -143,6 +163,9 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
              "delivered_at": s["delivered_at"],
              "destinations": sorted(delivered_to.get(s["study_uid"], []))} for s in recent]
         data["delivered_earlier"] = state.count_studies("delivered", since)
+    data["dimse_outbox"] = state.outbox_counts()  # forward_mpps, ian (issue 27)
+    data["dimse_outbox_waiting"] = [m for m in state.outbox_rows(200)
+                                    if m["state"] == "pending" and m["attempts"]]
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -183,6 +206,7 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
             click.echo(f"  {src['name']:<16} {health}; last poll {when(src['last_poll'])}, "
                        f"last success {when(src['last_success'])}; {src['studies_pulled']} "
                        f"study(ies), {src['instances_pulled']} instance(s) pulled")
+    _outbox(data)
     if data["held"]:
         click.echo("held (a route with hold: true; 'dicomrouter release STUDY --reason ...' "
                    "delivers, 'dicomrouter reject' drops):")
@@ -241,7 +265,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
                    + (f"  {s['moved_out']} instance(s) moved to another study"
                       if s.get("moved_out") else "")
                    + (f"  {s['moved_in']} instance(s) moved here from another study"
-                      if s.get("moved_in") else ""))
+                      if s.get("moved_in") else "")
+                   + (f"  INCOMPLETE ({s['incomplete']})" if s.get("incomplete") else ""))
         for j in jobs.get(s["study_uid"], []):
             click.echo(f"      {job_progress(j)}")
 

@@ -26,6 +26,7 @@ from ..state import STATE_ERRORS, Instance, State, StudyState
 from ..values import PROXIED_TAG
 from .counts import ask_counts
 from .forward import ImmediateForwarder
+from .mpps import MppsCompletion
 
 log = logging.getLogger("dicomrouter")
 
@@ -62,6 +63,8 @@ class StudyTracker:
         self.per_series = [r for r in cfg.routes if r.level == "series"]
         self.forwarder = ImmediateForwarder(cfg, state, spool, notify, self.source_names) \
             if any(r.forward == "immediate" for r in cfg.routes) else None
+        # MPPS: complete when the listed instances are in; flag incomplete; IAN (mpps.py)
+        self.mpps = MppsCompletion(cfg, state, self.complete, self.events, clock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -114,16 +117,20 @@ class StudyTracker:
             ask_counts(self.cfg, self.state, self.counted)
         if self.forwarder is not None:  # after the completions: its errors are its own
             self.forwarder.tick()
+        self.mpps.tick()
 
-    def complete(self, study_uid: str) -> None:
-        """Route a stable study: create its delivery jobs, or keep it as unrouted."""
+    def complete(self, study_uid: str, known_complete: str = "") -> None:
+        """Route a stable study: create its delivery jobs, or keep it as unrouted.
+        ``known_complete``: why every instance is known to be in (a COMPLETED MPPS), so no
+        stable age needs to pass."""
         seen = self.state.study(study_uid)
         if seen is None:
             return
         instances = self.state.instances(study_uid, present_only=False)
         decision = route(self.cfg.routes, instances, self.spool.open, self.source_names,
                          orders=self.state.hl7_order)
-        counted = bool(self.counted) and self.state.all_announced_in(study_uid)
+        counted = bool(known_complete) or (bool(self.counted) and
+                                           self.state.all_announced_in(study_uid))
         forced = self._forced(seen, counted)
         if forced and self.cfg.force_complete == "hold":
             self.state.hold_study(study_uid, forced + "; held (force_complete: hold): reroute "
@@ -161,6 +168,7 @@ class StudyTracker:
                      "new_instances": sum(1 for i in instances
                                           if i.generation == seen.generation)}
             self.events("completed", study_uid, **facts, waiting_routes=list(waiting))
+            self.mpps.completed(study_uid, instances)
             if ready:
                 self.events("routed", study_uid, **facts)
         self._log_routed(study_uid, seen, instances, ready_routes, ready, waiting)

@@ -47,6 +47,7 @@ from .base import (
 from .coerce import CoerceModel, check_known_aes
 from .dicomweb import DicomwebModel, check_dicomweb
 from .hl7 import Hl7ListenerModel, Hl7RuleModel
+from .mpps import MppsKeys
 from .notifications import NotificationModel
 from .peers import (
     DESTINATION_MODELS,
@@ -208,8 +209,9 @@ class RouteModel(Strict):
         return data
 
 
-class ConfigModel(ProxyKeys):
-    """The whole file; the defaults are the router's defaults (the Q/R proxy's: ``proxy.py``)."""
+class ConfigModel(ProxyKeys, MppsKeys):
+    """The whole file; the defaults are the router's defaults (the Q/R proxy's keys:
+    ``proxy.py``; the MPPS keys: ``mpps.py``)."""
 
     ae_title: AETitle = DEFAULT_AE_TITLE
     bind: Text = "0.0.0.0"

@@ -26,7 +26,8 @@ from .hl7 import Hl7PeerModel
 from .peers import RetryModel
 
 #: the events a notification may subscribe to (docs: README "Notifications")
-EVENTS = ("received", "completed", "routed", "delivered", "failed", "dead", "held")
+EVENTS = ("received", "completed", "routed", "delivered", "failed", "dead", "held",
+          "incomplete")
 
 
 def template_environment() -> Any:

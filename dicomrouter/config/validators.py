@@ -84,6 +84,17 @@ def ae_list(value: Any, key: str) -> tuple[str, ...]:
     return tuple(parse_ae_title(a, f"[{i}]") for i, a in enumerate(value))
 
 
+def peer_names(value: Any, key: str) -> tuple[str, ...]:
+    """``forward_mpps`` / ``ian``: names of DICOM peers (known_aes or dicom destinations)."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigError(f"[{i}]", f"expected a peer name, got {show(item)}")
+    return tuple(dict.fromkeys(items))
+
+
 def log_level_value(value: Any, key: str) -> str:
     level = value.upper() if isinstance(value, str) else value
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -10,6 +10,7 @@ from ..config import Config
 from ..proxy import QueryRetrieveProxy
 from ..spool import Spool
 from ..state import State
+from .mpps import MppsSCP
 from .qr import QueryRetrieveSCP
 
 
@@ -23,6 +24,9 @@ def register(scp: Any, cfg: Config, state: State, spool: Spool,
         if proxy is None and cfg.query_retrieve_proxy:
             proxy = QueryRetrieveProxy(cfg, state, spool)
         for syntax, event, handler in QueryRetrieveSCP(cfg, state, spool, proxy).services():
+            scp.add_service(syntax, event, handler)
+    if cfg.mpps:  # Modality Performed Procedure Step (N-CREATE / N-SET)
+        for syntax, event, handler in MppsSCP(cfg, state).services():
             scp.add_service(syntax, event, handler)
     if cfg.commitment_scp:
         for syntax, event, handler in CommitmentSCP(cfg, state).services():

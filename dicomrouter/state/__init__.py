@@ -20,6 +20,7 @@ from .base import (
 )
 from .postgres import PostgresState
 from .roles import State
+from .roles_mpps import Mpps, Outgoing
 from .sqlite import SQLiteState
 
 #: what a state call may raise that is not a bug: ``StateUnavailable`` (both backends translate
@@ -47,6 +48,6 @@ def open_state(path: Path, readonly: bool = False) -> State:
     return SQLiteState(path, readonly=readonly)
 
 
-__all__ = ["STATE_ERRORS", "Instance", "Job", "JobState", "Placement", "Reception", "Recorded",
-           "SourceStudy", "State", "StateUnavailable", "Study", "StudyState", "open_state",
-           "priority_name", "state_for"]
+__all__ = ["STATE_ERRORS", "Instance", "Job", "JobState", "Mpps", "Outgoing", "Placement",
+           "Reception", "Recorded", "SourceStudy", "State", "StateUnavailable", "Study",
+           "StudyState", "open_state", "priority_name", "state_for"]

@@ -34,6 +34,7 @@ from .base import StateUnavailable
 from .locks import StudyLock
 from .qr import POSTGRESQL, generated_columns
 from .sql import SQLState
+from .sql_mpps import POSTGRES_SCHEMA as MPPS_SCHEMA
 from .sql_prefetch import PREFETCH_TABLES
 from .sql_proxy import PROXY_CACHE
 from .sql_sources import SOURCE_DELTAS
@@ -235,6 +236,9 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
     (12, PROXY_CACHE.format(real="DOUBLE PRECISION")),
     # issue 27, HL7 v2: messages stored before their ACK, the latest orders, patient merges
     (13, HL7_V13),
+    # issue 27 item 4, MPPS: the procedure steps, their studies, the DIMSE outbox (forwarded
+    # MPPS, Instance Availability Notifications) and a study's incomplete flag
+    (14, MPPS_SCHEMA),
     # issue 27, item 3 (prior prefetch): the trigger queue and the priors it fetched
     (15, list(PREFETCH_TABLES))]
 

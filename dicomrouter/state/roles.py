@@ -12,6 +12,7 @@ from typing import Any
 
 from ..query import Query
 from .base import Instance, Job, Placement, Reception, Recorded, SourceStudy, Study
+from .roles_mpps import ProcedureSteps
 
 
 class Receptions(ABC):
@@ -523,7 +524,7 @@ class Hl7Orders(ABC):
 
 
 class State(Receptions, Studies, Deliveries, Holds, QueryIndex, SourceCursors, Commitments,
-            Reporting, Prefetches, Nodes, Hl7Orders):
+            Reporting, Prefetches, Nodes, Hl7Orders, ProcedureSteps):
     """The state of one spool (or of a cluster): every role."""
 
     #: write transactions so far (idle workers must not write: tests count them)

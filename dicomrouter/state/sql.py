@@ -12,6 +12,7 @@ from __future__ import annotations
 from .sql_delivery import DeliverySQL
 from .sql_hl7 import Hl7SQL
 from .sql_hold import HoldSQL
+from .sql_mpps import ProcedureStepsSQL
 from .sql_prefetch import PrefetchSQL
 from .sql_proxy import ProxySQL
 from .sql_receive import ReceivingSQL
@@ -21,7 +22,7 @@ from .sql_studies import StudiesSQL
 
 
 class SQLState(PrefetchSQL, ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL, PeersSQL,
-               ReportingSQL, Hl7SQL, ProxySQL):
+               ReportingSQL, Hl7SQL, ProxySQL, ProcedureStepsSQL):
     """Everything the router asks of its state, in portable SQL."""
 
 

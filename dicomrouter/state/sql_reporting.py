@@ -35,6 +35,7 @@ class ReportingSQL(SQLBase):
         rows = [dict(r) for r in self._query(
             "SELECT s.study_uid, s.patient_id, s.state, s.generation, s.calling_ae,"
             " s.first_received, s.last_received, s.completed_at, s.delivered_at, s.in_spool,"
+            " s.incomplete,"
             " s.instances_present AS instances_in_spool, s.bytes_present AS bytes_in_spool,"
             " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid)"
             "   AS instances_received,"
@@ -115,6 +116,7 @@ class ReportingSQL(SQLBase):
         sql = ("SELECT s.study_uid, s.patient_id, s.patient_name, s.study_date, s.accession,"
                " s.description, s.calling_ae, s.called_ae, s.state, s.generation,"
                " s.first_received, s.last_received, s.completed_at, s.delivered_at, s.in_spool,"
+               " s.incomplete,"
                " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid) AS instances,"
                " (SELECT COALESCE(SUM(size),0) FROM instances i WHERE i.study_uid=s.study_uid)"
                " AS bytes FROM studies s")

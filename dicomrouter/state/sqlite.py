@@ -24,6 +24,7 @@ from .base import StateUnavailable
 from .locks import StudyLock
 from .qr import generated_columns
 from .sql import SQLState
+from .sql_mpps import SQLITE_SCHEMA as MPPS_SCHEMA
 from .sql_prefetch import PREFETCH_TABLES
 from .sql_proxy import PROXY_CACHE
 from .sql_sources import SOURCE_DELTAS
@@ -244,6 +245,12 @@ def _study_totals(db: sqlite3.Connection) -> int:
     return 0
 
 
+def _mpps_tables(db: sqlite3.Connection) -> None:
+    for statement in MPPS_SCHEMA:
+        db.execute(statement)
+    _add_columns(db, "studies", "incomplete TEXT")
+
+
 #: (version, step): append, never edit one that has shipped. The steps check what they add,
 #: since a spool from before the versions were counted (user_version 0) has some of it.
 MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
@@ -268,6 +275,9 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
     (13, lambda db: db.execute(PROXY_CACHE.format(real="REAL")) and None),
     # issue 27, HL7 v2: messages stored before their ACK, the latest orders, patient merges
     (14, lambda db: [db.execute(x) for x in HL7_TABLES.split(";") if x.strip()] and 0),
+    # issue 27 item 4, MPPS: the procedure steps, their studies, the DIMSE outbox (forwarded
+    # MPPS, Instance Availability Notifications) and a study's incomplete flag
+    (15, _mpps_tables),
     # issue 27, item 3 (prior prefetch): the trigger queue and the priors it fetched
     (16, lambda db: [db.execute(statement) for statement in PREFETCH_TABLES] and 0),
 ]
@@ -357,7 +367,8 @@ class SQLiteState(SQLState):
     def _durable_tx(self) -> Iterator[sqlite3.Connection]:
         """A transaction on disk once committed: the WAL is fsync'd at this commit
         (synchronous=FULL for it; NORMAL's commits survive a crash of the process, not a
-        power cut), for what is acknowledged on the strength of it (an HL7 ACK)."""
+        power cut), for what is acknowledged on the strength of it (an HL7 ACK, an MPPS
+        response)."""
         with self._lock, unavailable_on_error(self.path):
             self._db.execute("PRAGMA synchronous=FULL")
             try:

@@ -134,6 +134,8 @@ def create_app(router: RouterView) -> FastAPI:
             raise HTTPException(404, f"no study {study_uid}")
         return {"study": asdict(row), "summary": state.study_rows(study_uid=study_uid),
                 "jobs": state.jobs(study_uids=[study_uid]),
+                "mpps": [asdict(m) | {"summary": str(m)}
+                         for m in state.mpps_reports(study_uid)],
                 "history": [{"ts": ts, "event": e} for ts, e in state.history(study_uid)]}
 
     @app.get("/api/audit", summary="The audit trail: study events since a Unix time")

@@ -124,7 +124,9 @@ def render(router: Any, destinations: list[dict[str, Any]]) -> str:
             '<span class="muted">-</span>'
         rows.append(
             f'<tr><td>{_when(s["first_received"])}</td>'
-            f'<td class="{_state_class(s["state"])}">{escape(s["state"])}</td>'
+            f'<td class="{_state_class(s["state"])}">{escape(s["state"])}'
+            + (f' <span class="warn" title="{escape(s["incomplete"])}">incomplete</span>'
+               if s.get("incomplete") else "") + '</td>'
             f'<td>{progress}</td>'
             f'<td class="uid" title="{escape(s["study_uid"])}">{escape(s["study_uid"][-24:])}'
             f'</td><td>{escape(s["patient_id"] or "-")}</td>'
