@@ -25,6 +25,7 @@ from ..spool import Spool
 from ..state import STATE_ERRORS, Instance, State, StudyState
 from .counts import ask_counts
 from .forward import ImmediateForwarder
+from .iocm import Corrections
 
 log = logging.getLogger("dicomrouter")
 
@@ -61,6 +62,7 @@ class StudyTracker:
         self.per_series = [r for r in cfg.routes if r.level == "series"]
         self.forwarder = ImmediateForwarder(cfg, state, spool, notify, self.source_names) \
             if any(r.forward == "immediate" for r in cfg.routes) else None
+        self.corrections = Corrections(state, spool, notify)  # IOCM: follow the ledger
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -103,6 +105,7 @@ class StudyTracker:
     def tick(self) -> None:
         """Complete what became stable; route what a route's own stable age now lets go;
         forward what arrived for ``forward: immediate`` routes."""
+        self.corrections.tick()  # rejection notes first: their cancellations come at once
         for study in self.state.due_studies(self.min_stable_age,
                                             force_after=self.cfg.force_complete_after):
             self.complete(study)
@@ -142,6 +145,7 @@ class StudyTracker:
         if not self.state.route_study(study_uid, ready, ready_routes, seen, decision.summary(),
                                       placed):
             return  # an instance arrived meanwhile; it completes later
+        self.corrections.after_routing(study_uid, seen.generation, ready)
         self._say_held(study_uid, decision.routes, placed.held)
         for name, why in met.items():
             self.state.note(study_uid, f"route {name!r}: {why}, before its stable age")

@@ -2,7 +2,8 @@
 per role: receptions (``sql_receive``), completion and routing (``sql_studies``), delivery jobs
 and the ledger (``sql_delivery``), sources, commitments and nodes (``sql_sources``), reporting
 (``sql_reporting``), priorities and held jobs (``sql_hold``), HL7 messages and orders
-(``sql_hl7``), prior prefetch (``sql_prefetch``), on the hooks of ``sql_base``.
+(``sql_hl7``), prior prefetch (``sql_prefetch``), corrections (``sql_iocm``), on the hooks of
+``sql_base``.
 See ``sql_base`` for what a backend provides.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from .sql_delivery import DeliverySQL
 from .sql_hl7 import Hl7SQL
 from .sql_hold import HoldSQL
+from .sql_iocm import IocmSQL
 from .sql_prefetch import PrefetchSQL
 from .sql_receive import ReceivingSQL
 from .sql_reporting import ReportingSQL
@@ -19,7 +21,7 @@ from .sql_studies import StudiesSQL
 
 
 class SQLState(PrefetchSQL, ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL, PeersSQL,
-               ReportingSQL, Hl7SQL):
+               ReportingSQL, Hl7SQL, IocmSQL):
     """Everything the router asks of its state, in portable SQL."""
 
 
