@@ -138,6 +138,11 @@ def test_a_rejection_note_goes_where_the_rejected_instances_went(tmp_path: Path)
             for scp in (pacs, archive):  # each instance and the note exactly once
                 assert sorted(_uids(scp)) == sorted(every | {str(note.SOPInstanceUID)})
             assert sorted(_uids(late)) == sorted(kept)  # it never had a rejected instance
+            explained = dicomrouter("explain", "--study", study, "--config",
+                                    str(router.config_path))
+            assert explained.returncode == 0, explained.stderr
+            assert f"correction: rejection note {note.SOPInstanceUID} (113001" in \
+                explained.stdout, explained.stdout
         finally:
             router.stop()
 

@@ -72,6 +72,7 @@ def test_a_rejection_note_in_the_ledger(state: State) -> None:
                             "instance(s) → pacs; 2 pending send(s) to cold cancelled (1 "
                             "referenced instance(s) not held here)")
     assert state.unexamined_notes(KOS) == []
+    assert state.rejected_uids(STUDY) == set(images[:2])
     # cold never gets a rejected instance nor the note; pacs gets the note; a destination
     # routed later gets the rest only
     assert _undelivered(state, "cold") == images[2:]

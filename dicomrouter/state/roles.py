@@ -528,6 +528,10 @@ class Corrections(ABC):
         only where one of them was delivered; what happened, for the log."""
 
     @abstractmethod
+    def rejected_uids(self, study_uid: str) -> set[str]:
+        """The study's instances a rejection note rejected (never sent again)."""
+
+    @abstractmethod
     def directed_instances(self, study_uid: str, generation: int) -> dict[str, list[str]]:
         """destination → series of this generation's notes that go only there."""
 

@@ -96,6 +96,11 @@ class IocmSQL(SQLBase):
                 self._event(db, study, text, now)
         return {"rejected": held, "to": to, "cancelled": cancelled, "text": text}
 
+    def rejected_uids(self, study_uid: str) -> set[str]:
+        return {r["sop_uid"] for r in self._query(
+            "SELECT sop_uid FROM instances WHERE study_uid=? AND rejected_by IS NOT NULL",
+            (study_uid,))}
+
     def directed_instances(self, study_uid: str, generation: int) -> dict[str, list[str]]:
         """Series of this generation's instances that go only to some destinations (rejection
         notes), and where: destination → series, for the destinations of those notes."""
