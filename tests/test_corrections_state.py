@@ -62,6 +62,7 @@ def test_a_rejection_note_in_the_ledger(state: State) -> None:
     note = f"{STUDY}.9.1"
     _record(state, note, KOS, series=f"{STUDY}.9")
     assert [i.sop_uid for i in state.unexamined_notes(KOS)] == [note]
+    assert _undelivered(state, "pacs") == []  # not before it was examined
     inst = state.instance(note)
     assert inst is not None
     done = state.reject_instances(inst, "113001", "Rejected for Quality Reasons",
@@ -80,6 +81,15 @@ def test_a_rejection_note_in_the_ledger(state: State) -> None:
     assert _undelivered(state, "late") == images[2:]
     assert state.directed_instances(STUDY, 2) == {"pacs": [f"{STUDY}.9"]}
     assert any(done["text"] == text for _ts, text in state.history(STUDY))
+
+
+def test_a_key_object_that_is_no_rejection_note_is_an_ordinary_instance(state: State) -> None:
+    _record(state, f"{STUDY}.1.1")
+    _record(state, f"{STUDY}.9.1", KOS, series=f"{STUDY}.9")
+    assert _undelivered(state, "pacs") == [f"{STUDY}.1.1"]
+    state.note_examined(f"{STUDY}.9.1")
+    assert state.unexamined_notes(KOS) == []
+    assert sorted(_undelivered(state, "pacs")) == [f"{STUDY}.1.1", f"{STUDY}.9.1"]
 
 
 def test_a_re_received_instance_remembers_who_had_the_old_version(state: State) -> None:

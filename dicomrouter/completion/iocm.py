@@ -24,10 +24,10 @@ from pydicom import dcmread
 
 from ..spool import Spool
 from ..state import Instance, State
+from ..state.sql_iocm import KOS
 
 log = logging.getLogger("dicomrouter")
 
-KOS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document Storage
 #: DICOM PS3.16 CID 7011 "Rejected for Quality Reasons" and its kin (scheme DCM)
 REJECTION_CODES = {
     "113001": "Rejected for Quality Reasons",

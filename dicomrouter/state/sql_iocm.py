@@ -19,6 +19,7 @@ from typing import Any
 from .base import Instance
 from .sql_base import SQLBase
 
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document Storage
 IOCM_INSTANCE_COLUMNS = ("rejected_by TEXT", "only_to TEXT", "iocm TEXT")
 IOCM_LEDGER_COLUMNS = ("cancelled_at REAL", "replaced_at REAL")
 # the tracker's look for notes not examined yet: by SOP class, among the unexamined only
