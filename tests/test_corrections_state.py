@@ -73,6 +73,8 @@ def test_a_rejection_note_in_the_ledger(state: State) -> None:
                             "instance(s) → pacs; 2 pending send(s) to cold cancelled (1 "
                             "referenced instance(s) not held here)")
     assert state.unexamined_notes(KOS) == []
+    again = state.reject_instances(inst, "113001", "Rejected for Quality Reasons", images)
+    assert again["text"] == "" and again["rejected"] == 0  # examined once (several nodes)
     assert state.rejected_uids(STUDY) == set(images[:2])
     # cold never gets a rejected instance nor the note; pacs gets the note; a destination
     # routed later gets the rest only

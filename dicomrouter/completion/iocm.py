@@ -88,6 +88,8 @@ class Corrections:
             return
         code, uids = found
         done = self.state.reject_instances(note, code, REJECTION_CODES[code], uids)
+        if not done["text"]:
+            return  # examined meanwhile by another node's tracker
         log.info("study %s: %s", note.study_uid, done["text"])
         if done["cancelled"]:
             self.notify(list(done["cancelled"]))  # their runs now have less (or nothing) to do

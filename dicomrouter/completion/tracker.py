@@ -296,6 +296,7 @@ class StudyTracker:
         self.state.set_await(study_uid, seen.last_received + min(waiting.values())
                              if waiting else None)
         if new:
+            self.corrections.after_routing(study_uid, seen.generation, ready)
             log.info("study %s: the stable age of %s is over → %s", study_uid,
                      ", ".join(repr(r) for r in ready_routes), ", ".join(new))
             self.notify(new)

@@ -57,6 +57,10 @@ class IocmSQL(SQLBase):
         studies: set[str] = set()
         held = 0
         with self._tx(note.study_uid) as db:
+            if not db.execute("UPDATE instances SET iocm=? WHERE sop_uid=? AND iocm IS NULL",
+                              (code, note.sop_uid)).rowcount:
+                # examined already (another node's tracker): once
+                return {"rejected": 0, "to": {}, "cancelled": {}, "text": ""}
             for sop in dict.fromkeys(rejected):
                 row = db.execute("SELECT study_uid FROM instances WHERE sop_uid=?",
                                  (sop,)).fetchone()
@@ -83,8 +87,8 @@ class IocmSQL(SQLBase):
                         (sop, r[0], study, now))
                 db.execute("UPDATE instances SET rejected_by=? WHERE sop_uid=?",
                            (note.sop_uid, sop))
-            db.execute("UPDATE instances SET iocm=?, only_to=? WHERE sop_uid=?",
-                       (code, json.dumps(sorted(to)), note.sop_uid))
+            db.execute("UPDATE instances SET only_to=? WHERE sop_uid=?",
+                       (json.dumps(sorted(to)), note.sop_uid))
             text = (f"rejection note {note.sop_uid} ({code} {meaning}): {held} instance(s)"
                     + (f" → {', '.join(sorted(to))}" if to else
                        ": no destination received them, the note goes nowhere"))
@@ -145,7 +149,9 @@ class IocmSQL(SQLBase):
                     " generation, created, updated, routes, series_only)"
                     " VALUES (?,?,'pending',0,0,?,?,?,'[]',?)"
                     " ON CONFLICT(study_uid, destination) DO UPDATE SET"
-                    "  state=CASE WHEN jobs.state='running' THEN 'running' ELSE 'pending' END,"
+                    # held and rejected jobs wait for their operator, as routed ones do
+                    "  state=CASE WHEN jobs.state IN ('running','held','rejected')"
+                    "  THEN jobs.state ELSE 'pending' END,"
                     "  requeue=CASE WHEN jobs.state='running' THEN 1 ELSE 0 END, attempts=0,"
                     "  next_attempt=0, generation=excluded.generation, updated=excluded.updated,"
                     "  series_only=excluded.series_only",
