@@ -210,3 +210,37 @@ def test_a_corrected_instance_goes_where_the_old_version_went(tmp_path: Path) ->
             got = [dcmread(p) for p in scp.files()]
             assert all(ds.PixelData == images[1].PixelData for ds in got
                        if str(ds.SOPInstanceUID) == uid)
+
+
+def test_a_correction_nobody_received_yet_simply_replaces_it(tmp_path: Path) -> None:
+    files = generate(tmp_path / "images", series=1, instances=3, rows=16, cols=16, seed=293)
+    images = [dcmread(p) for p in files]
+    study = str(images[0].StudyInstanceUID)
+    every = {str(ds.SOPInstanceUID) for ds in images}
+    fixed = dcmread(files[0])
+    fixed.ImageComments = "second version"
+    fixed_file = _save(fixed, tmp_path / "fixed" / "fixed.dcm")
+    uid = str(fixed.SOPInstanceUID)
+    with StoreSCP(tmp_path / "pacs", aet="PACS") as pacs:
+        router = Router(tmp_path / "router", {
+            "destinations": {"pacs": _dest("PACS", pacs.port)},
+            "routes": [{"name": "checked", "hold": True, "to": ["pacs"]}]})
+        router.start()
+        try:
+            assert run_storescu(files, router.port, aet=router.aet).returncode == 0
+            wait_until(lambda: "held for pacs" in _history(router, study), timeout=60,
+                       what=f"the study held (log: {router.log_path})")
+            assert run_storescu([fixed_file], router.port, aet=router.aet).returncode == 0
+            wait_until(lambda: _history(router, study).count("held for pacs") >= 2,
+                       timeout=60, what=f"the new generation held (log: {router.log_path})")
+            r = dicomrouter("release", study, "--reason", "checked", "--config",
+                            str(router.config_path))
+            assert r.returncode == 0, r.stderr
+            wait_until(lambda: set(_uids(pacs)) == every, timeout=90,
+                       what=f"the study at pacs (log: {router.log_path})")
+            router.wait_state(study, "delivered")
+            assert sorted(_uids(pacs)) == sorted(every)  # each once: the new version only
+            assert _comments(pacs, uid) == ["second version"]
+            assert "corrected instance" not in _history(router, study)
+        finally:
+            router.stop()
