@@ -8,6 +8,8 @@ back and after a restart of the router."""
 
 from __future__ import annotations
 
+import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -244,3 +246,29 @@ def test_a_correction_nobody_received_yet_simply_replaces_it(tmp_path: Path) -> 
             assert "corrected instance" not in _history(router, study)
         finally:
             router.stop()
+
+
+def test_a_zip_export_leaves_rejected_instances_out(tmp_path: Path) -> None:
+    files = generate(tmp_path / "images", series=1, instances=4, rows=16, cols=16, seed=294)
+    images = [dcmread(p, stop_before_pixels=True) for p in files]
+    study = str(images[0].StudyInstanceUID)
+    note = rejection_note(images[:1], "113039", "Data Retention Policy Expired")
+    note_file = _save(note, tmp_path / "note" / "kos.dcm")
+    out = tmp_path / "zips"
+    with Router(tmp_path / "router", {
+            "retention": "1h",  # the study stays in the spool to be exported whole again
+            "destinations": {"out": {"type": "folder", "path": str(out), "zip": True}},
+            "routes": [{"name": "all", "to": ["out"]}]}) as router:
+        assert run_storescu(files, router.port, aet=router.aet).returncode == 0
+        router.wait_state(study, "delivered")
+        assert run_storescu([note_file], router.port, aet=router.aet).returncode == 0
+        wait_until(lambda: "rejection note" in _history(router, study) and
+                   router.study_state(study) == "delivered" and
+                   _history(router, study).count("delivered to out") >= 2, timeout=90,
+                   what=f"the study exported again (log: {router.log_path})")
+    zips = sorted(out.rglob("*.zip"))
+    assert len(zips) == 1
+    with zipfile.ZipFile(zips[0]) as archive:
+        m = json.loads(archive.read("manifest.json"))
+    inside = {e["sop_instance_uid"] for e in m["files"]}
+    assert inside == {str(ds.SOPInstanceUID) for ds in images[1:]} | {str(note.SOPInstanceUID)}
