@@ -197,15 +197,18 @@ class DeliveryWorkers:
     def run(self, job: Job, dest: Destination) -> str:
         """One attempt at a job; returns the job's new state ('' if interrupted by shutdown)."""
         policy = self.cfg.destinations[dest.name].retry_policy
-        todo = self.state.instances(job.study_uid) if dest.whole_study else \
-            self.state.undelivered(job.study_uid, dest.name)
+        # a whole-study export leaves out what a rejection note rejected (IOCM)
+        rejected = self.state.rejected_uids(job.study_uid) if dest.whole_study else set()
+        todo = [i for i in self.state.instances(job.study_uid) if i.sop_uid not in rejected] \
+            if dest.whole_study else self.state.undelivered(job.study_uid, dest.name)
         if job.series_only is not None:  # level: series, the study is still receiving
             todo = [i for i in todo if i.series_uid in job.series_only]
         attempt = job.attempts + 1
         started = time.monotonic()
         log.info("study %s → %s (%s): sending %d instance(s), attempt %d/%d", job.study_uid,
                  dest.name, dest.describe(), len(todo), attempt, policy.max_attempts)
-        if dest.whole_study and len(todo) < len(self.state.instances(job.study_uid, False)):
+        if dest.whole_study and len(todo) < len(self.state.instances(job.study_uid, False)) \
+                - len(rejected):
             # never overwrite a whole-study export (a zip) with part of the study
             gone = PermanentFailure(
                 "part of the study was deleted from the spool after an earlier export, so the "

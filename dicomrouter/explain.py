@@ -120,6 +120,8 @@ def render(d: dict[str, Any]) -> str:
             lines.append(f"  before the transforms for {dest}: {c}")
     for line in d.get("coerced", []):
         lines.append(f"  done: {line}")
+    for line in d.get("corrections", []):
+        lines.append(f"  correction: {line}")
     for dest, window in d["schedules"].items():
         lines.append(f"  {dest} delivers only {window}")
     urgent = [f"{dest} {p}" for dest, p in d.get("priorities", {}).items() if p != "routine"]
@@ -157,6 +159,9 @@ def explain_spooled(cfg: Config, state: State, spool: Spool,
     # what coerce changed (or why it did not), as the study's history recorded it
     out["coerced"] = [event for _ts, event in state.history(study_uid)
                       if event.startswith("coerce for ")]
+    # corrections that followed the ledger (IOCM rejection notes, corrected instances)
+    out["corrections"] = [event for _ts, event in state.history(study_uid)
+                          if event.startswith(("rejection note ", "corrected instance "))]
     out["hl7_order"] = state.study_hl7_order(study_uid)  # the expected study (issue 27)
     out["prefetch"] = prefetch_story(state, study_uid)
     steps = [str(step) for step in state.mpps_reports(study_uid)]

@@ -314,7 +314,9 @@ class OrderedRun:
         self.spool = spool
         self.job = job
         self.stop = stop
-        study = state.instances(job.study_uid)
+        # a rejected instance (IOCM) is never sent: a reference to it holds nothing back
+        rejected = state.rejected_uids(job.study_uid)
+        study = [i for i in state.instances(job.study_uid) if i.sop_uid not in rejected]
         self.arrival = {inst.sop_uid: n for n, inst in enumerate(study)}
         self.todo = series_order(todo, self.arrival)
         self.feed: OrderedFeed | None = None

@@ -26,6 +26,7 @@ from ..state import STATE_ERRORS, Instance, State, StudyState
 from ..values import PROXIED_TAG
 from .counts import ask_counts
 from .forward import ImmediateForwarder
+from .iocm import Corrections
 from .mpps import MppsCompletion
 
 log = logging.getLogger("dicomrouter")
@@ -65,6 +66,7 @@ class StudyTracker:
             if any(r.forward == "immediate" for r in cfg.routes) else None
         # MPPS: complete when the listed instances are in; flag incomplete; IAN (mpps.py)
         self.mpps = MppsCompletion(cfg, state, self.complete, self.events, clock)
+        self.corrections = Corrections(state, spool, notify)  # IOCM: follow the ledger
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -107,6 +109,7 @@ class StudyTracker:
     def tick(self) -> None:
         """Complete what became stable; route what a route's own stable age now lets go;
         forward what arrived for ``forward: immediate`` routes."""
+        self.corrections.tick()  # rejection notes first: their cancellations come at once
         for study in self.state.due_studies(self.min_stable_age,
                                             force_after=self.cfg.force_complete_after):
             self.complete(study)
@@ -150,6 +153,7 @@ class StudyTracker:
         if not self.state.route_study(study_uid, ready, ready_routes, seen, decision.summary(),
                                       placed):
             return  # an instance arrived meanwhile; it completes later
+        self.corrections.after_routing(study_uid, seen.generation, ready)
         self._say_held(study_uid, decision.routes, placed.held)
         for name, why in met.items():
             self.state.note(study_uid, f"route {name!r}: {why}, before its stable age")
@@ -306,6 +310,7 @@ class StudyTracker:
         self.state.set_await(study_uid, seen.last_received + min(waiting.values())
                              if waiting else None)
         if new:
+            self.corrections.after_routing(study_uid, seen.generation, ready)
             log.info("study %s: the stable age of %s is over → %s", study_uid,
                      ", ".join(repr(r) for r in ready_routes), ", ".join(new))
             self.notify(new)

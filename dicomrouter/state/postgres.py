@@ -34,6 +34,7 @@ from .base import StateUnavailable
 from .locks import StudyLock
 from .qr import POSTGRESQL, generated_columns
 from .sql import SQLState
+from .sql_iocm import IOCM_INDEX, IOCM_INSTANCE_COLUMNS, IOCM_LEDGER_COLUMNS
 from .sql_mpps import POSTGRES_SCHEMA as MPPS_SCHEMA
 from .sql_prefetch import PREFETCH_TABLES
 from .sql_proxy import PROXY_CACHE
@@ -240,7 +241,13 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
     # MPPS, Instance Availability Notifications) and a study's incomplete flag
     (14, MPPS_SCHEMA),
     # issue 27, item 3 (prior prefetch): the trigger queue and the priors it fetched
-    (15, list(PREFETCH_TABLES))]
+    (15, list(PREFETCH_TABLES)),
+    # issue 29, item 5 (corrections follow the ledger): rejected instances, where a rejection
+    # note may go, which notes were examined; cancelled sends and earlier deliveries
+    (19, [*(f"ALTER TABLE instances ADD COLUMN IF NOT EXISTS {c}"
+            for c in IOCM_INSTANCE_COLUMNS),
+          *(f"ALTER TABLE ledger ADD COLUMN IF NOT EXISTS {c.replace('REAL', 'DOUBLE PRECISION')}"
+            for c in IOCM_LEDGER_COLUMNS), IOCM_INDEX])]
 
 
 class Row:

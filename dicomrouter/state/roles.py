@@ -523,8 +523,44 @@ class Hl7Orders(ABC):
         """The latest order (or ADT for a patient) as DICOM keywords → values."""
 
 
+class Corrections(ABC):
+    """IOCM rejection notes and corrected instances follow the ledger (issue 29, item 5;
+    ``sql_iocm``)."""
+
+    @abstractmethod
+    def unexamined_notes(self, sop_class: str, limit: int = 100) -> list[Instance]:
+        """Instances of ``sop_class`` (Key Object Selection) not examined yet."""
+
+    @abstractmethod
+    def note_examined(self, sop_uid: str) -> None: ...
+
+    @abstractmethod
+    def reject_instances(self, note: Instance, code: str, meaning: str,
+                         rejected: Sequence[str]) -> dict[str, Any]:
+        """Reject these instances (never sent again), cancel their due sends, send the note
+        only where one of them was delivered; what happened, for the log."""
+
+    @abstractmethod
+    def rejected_uids(self, study_uid: str) -> set[str]:
+        """The study's instances a rejection note rejected (never sent again)."""
+
+    @abstractmethod
+    def directed_instances(self, study_uid: str, generation: int) -> dict[str, list[str]]:
+        """destination → series of this generation's notes that go only there."""
+
+    @abstractmethod
+    def replaced_deliveries(self, study_uid: str,
+                            generation: int) -> dict[str, dict[str, str | None]]:
+        """Re-received instances: SOP UID → {destination that had the earlier version: its
+        digest}."""
+
+    @abstractmethod
+    def send_also(self, study_uid: str, series: Mapping[str, Sequence[str]], why: str) -> None:
+        """Jobs (limited to these series) for destinations routing did not pick."""
+
+
 class State(Receptions, Studies, Deliveries, Holds, QueryIndex, SourceCursors, Commitments,
-            Reporting, Prefetches, Nodes, Hl7Orders, ProcedureSteps):
+            Reporting, Prefetches, Nodes, Hl7Orders, ProcedureSteps, Corrections):
     """The state of one spool (or of a cluster): every role."""
 
     #: write transactions so far (idle workers must not write: tests count them)

@@ -10,6 +10,7 @@ from typing import Any
 
 from .base import REQUEUE_HELD, Instance, Job
 from .sql_base import SAME_STUDY_UPSERT, SQLBase
+from .sql_iocm import KOS, allowed
 
 
 class DeliverySQL(SQLBase):
@@ -99,9 +100,12 @@ class DeliverySQL(SQLBase):
             # old study ran) does not count for this one
             "SELECT i.* FROM instances i LEFT JOIN ledger l ON l.sop_uid=i.sop_uid AND"
             " l.destination=? AND l.study_uid=i.study_uid WHERE i.study_uid=? AND i.present=1"
-            " AND l.delivered_at IS NULL ORDER BY i.series_uid, i.received_at",
-            (destination, study_uid))
-        return [self._instance(r) for r in rows]
+            " AND l.delivered_at IS NULL AND i.rejected_by IS NULL AND NOT"
+            # a key object selection waits until the tracker examined it (a rejection note?)
+            f" (i.sop_class='{KOS}' AND i.iocm IS NULL)"
+            " ORDER BY i.series_uid, i.received_at", (destination, study_uid))
+        # a rejection note goes only where a rejected instance went (sql_iocm)
+        return [self._instance(r) for r in rows if allowed(r["only_to"], destination)]
 
     def mark_sending(self, sop_uid: str, destination: str, study_uid: str,
                      delivered_before: str | None = None, count: bool = True,

@@ -91,8 +91,9 @@ class ReceivingSQL(SQLBase):
                 db.execute("DELETE FROM ledger WHERE sop_uid=?", (sop,))
             elif old is not None:  # delivered again, unless a destination has these very
                 # bytes (the ledger keeps the digest of what it delivered: delivery compares)
-                db.execute("UPDATE ledger SET delivered_at=NULL, sends=0 WHERE sop_uid=?",
-                           (sop,))
+                # (when each had the earlier version: a changed one is a correction, sql_iocm)
+                db.execute("UPDATE ledger SET replaced_at=COALESCE(delivered_at, replaced_at),"
+                           " delivered_at=NULL, sends=0 WHERE sop_uid=?", (sop,))
             if moved_from:
                 self._emptied(db, moved_from, sop, study, now)
         return Recorded(old is not None, generation, replaced_size, superseded, moved_from)
