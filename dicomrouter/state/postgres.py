@@ -34,6 +34,7 @@ from .base import StateUnavailable
 from .locks import StudyLock
 from .qr import POSTGRESQL, generated_columns
 from .sql import SQLState
+from .sql_groups import GROUP_TABLES
 from .sql_mpps import POSTGRES_SCHEMA as MPPS_SCHEMA
 from .sql_prefetch import PREFETCH_TABLES
 from .sql_proxy import PROXY_CACHE
@@ -240,7 +241,9 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
     # MPPS, Instance Availability Notifications) and a study's incomplete flag
     (14, MPPS_SCHEMA),
     # issue 27, item 3 (prior prefetch): the trigger queue and the priors it fetched
-    (15, list(PREFETCH_TABLES))]
+    (15, list(PREFETCH_TABLES)),
+    # issue 29, item 4 (destination groups): the member each study of a group goes to
+    (18, list(GROUP_TABLES))]
 
 
 class Row:

@@ -2,14 +2,15 @@
 per role: receptions (``sql_receive``), completion and routing (``sql_studies``), delivery jobs
 and the ledger (``sql_delivery``), sources, commitments and nodes (``sql_sources``), reporting
 (``sql_reporting``), priorities and held jobs (``sql_hold``), HL7 messages and orders
-(``sql_hl7``), prior prefetch (``sql_prefetch``), the Q/R proxy's cache (``sql_proxy``), on
-the hooks of ``sql_base``.
+(``sql_hl7``), prior prefetch (``sql_prefetch``), the Q/R proxy's cache (``sql_proxy``),
+destination groups (``sql_groups``), on the hooks of ``sql_base``.
 See ``sql_base`` for what a backend provides.
 """
 
 from __future__ import annotations
 
 from .sql_delivery import DeliverySQL
+from .sql_groups import GroupsSQL
 from .sql_hl7 import Hl7SQL
 from .sql_hold import HoldSQL
 from .sql_mpps import ProcedureStepsSQL
@@ -22,7 +23,8 @@ from .sql_studies import StudiesSQL
 
 
 class SQLState(PrefetchSQL, ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL, PeersSQL,
-               ReportingSQL, Hl7SQL, ProxySQL, ProcedureStepsSQL):
+               ReportingSQL, Hl7SQL, ProxySQL, ProcedureStepsSQL,
+               GroupsSQL):
     """Everything the router asks of its state, in portable SQL."""
 
 
