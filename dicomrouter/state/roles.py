@@ -548,6 +548,10 @@ class GroupAssignments(ABC):
     def group_spread(self, group: str, pending_limit: int = 50) -> dict[str, Any]:
         """Studies per member, how many moved, the member of each queued study."""
 
+    @abstractmethod
+    def group_spreads(self, pending_limit: int = 50) -> dict[str, dict[str, Any]]:
+        """``group_spread`` of every group that has given out a study."""
+
 
 class State(Receptions, Studies, Deliveries, Holds, QueryIndex, SourceCursors, Commitments,
             Reporting, Prefetches, Nodes, Hl7Orders, ProcedureSteps,

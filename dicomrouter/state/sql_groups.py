@@ -104,3 +104,8 @@ class GroupsSQL(SQLBase):
             f" AND j.state IN {_QUEUED} ORDER BY g.assigned_at LIMIT ?",
             (group, pending_limit))]
         return {"studies": spread, "moved": moved, "pending": pending}
+
+    def group_spreads(self, pending_limit: int = 50) -> dict[str, dict[str, Any]]:
+        """``group_spread`` of every group that has given out a study."""
+        return {r[0]: self.group_spread(r[0], pending_limit) for r in self._query(
+            "SELECT DISTINCT group_name FROM group_assignments ORDER BY group_name")}
