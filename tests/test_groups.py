@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from peers import StoreSCP, free_port, run_storescu, sop_uids, wait_until
 from pydicom import dcmread
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, VerificationPresentationContexts, evt
 from router_fixtures import Router, dicomrouter
 
 from dicomrouter.config import ConfigError, from_dict
@@ -80,7 +80,7 @@ class Recorder:
 
     def start(self) -> Recorder:
         ae = AE(ae_title="AI1")
-        ae.supported_contexts = AllStoragePresentationContexts
+        ae.supported_contexts = AllStoragePresentationContexts + VerificationPresentationContexts
         self.dead.clear()
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._store)])
@@ -210,6 +210,7 @@ def test_failover_moves_an_undelivered_study_whole_and_never_twice(
             assert sop_uids(later) <= sop_uids(members["ai2"].files())
             assert "group ai → ai2 (failover)" in _history(router, study2)
             # ai1 comes back: its breaker closes; the moved study is not sent to it again
+            ai1.die_after = 0  # healthy from now on
             ai1.start()
             wait_until(lambda: "destination ai1: circuit breaker closed" in router.log(50000),
                        timeout=30, what="ai1's breaker to close")
