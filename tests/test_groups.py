@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -27,7 +28,12 @@ from router_fixtures import Router, dicomrouter
 
 from dicomrouter.config import ConfigError, from_dict
 from dicomrouter.sample import generate
+from dicomrouter.state import State
+from dicomrouter.state.postgres import PostgresState
+from dicomrouter.state.sqlite import SQLiteState
 
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
 RETRY = {"initial": "1s", "max_delay": "1s", "max_attempts": 50}
 
 
@@ -321,3 +327,54 @@ def test_a_group_takes_no_forwarding_while_receiving() -> None:
                                     "ai": {"type": "group", "members": ["ai1", "ai2"]}},
                    "routes": [{"to": ["ai"], "forward": "immediate"}]}, Path("."), "test")
     assert err.value.key == "routes[0].forward" and "whole" in err.value.problem
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """The group state on both backends (PostgreSQL: a real server, as test_state_postgres)."""
+    if request.param == "sqlite":
+        s: State = SQLiteState(tmp_path / "state.db")
+    else:
+        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
+    yield s
+    s.close()
+
+
+def _study(state: State, study: str, patient: str) -> None:
+    state.record_instance({"StudyInstanceUID": study, "SeriesInstanceUID": f"{study}.1",
+                           "SOPInstanceUID": f"{study}.1.1", "SOPClassUID": CT,
+                           "PatientID": patient, "Modality": "CT"}, EXPLICIT,
+                          f"data/{study}/{study}.1.1.dcm", 100, "MOD", "DICOMROUTER")
+    seen = state.study(study)
+    assert seen is not None and state.route_study(study, ["ai"], ["r"], seen)
+
+
+def test_group_assignments_on_both_backends(state: State) -> None:
+    _study(state, "1.29.1", "P1")
+    _study(state, "1.29.2", "P2")
+    assert state.group_member("ai", "1.29.1") is None
+    assert state.group_assign("ai", "1.29.1", "ai1", "round_robin", "P1") == "ai1"
+    # another process decided first: its member stays, nothing written
+    assert state.group_assign("ai", "1.29.1", "ai2", "round_robin", "P1") == "ai1"
+    time.sleep(0.01)
+    assert state.group_assign("ai", "1.29.2", "ai2", "round_robin", "P2") == "ai2"
+    assert state.group_last_member("ai") == "ai2"
+    assert state.group_patient_member("ai", "P1") == "ai1"
+    assert state.group_load("ai", ["ai1", "ai2", "ai3"]) == {"ai1": 1, "ai2": 1, "ai3": 0}
+    # a move: only from the member it has
+    assert state.group_assign("ai", "1.29.1", "ai3", "failover", "P1", replaces="ai1",
+                              note="ai1 down") == "ai3"
+    assert state.group_assign("ai", "1.29.1", "ai2", "failover", "P1", replaces="ai1") == "ai3"
+    assert state.group_last_member("ai") == "ai2"  # a move is no new study for round_robin
+    spread = state.group_spread("ai")
+    assert spread["studies"] == {"ai2": 1, "ai3": 1} and spread["moved"] == 1
+    assert {(p["study_uid"], p["member"]) for p in spread["pending"]} == {
+        ("1.29.1", "ai3"), ("1.29.2", "ai2")}
+    assert list(state.group_spreads()) == ["ai"]
+    events = [e for _ts, e in state.history("1.29.1")]
+    assert "group ai → ai1 (round_robin)" in events
+    assert "group ai → ai3 (failover), moved from ai1: ai1 down" in events
+    # a delivered job is no load
+    job = state.claim_job("ai")
+    assert job is not None and state.finish_job(job, None, 3, 1.0) == "delivered"
+    assert sum(state.group_load("ai", ["ai1", "ai2", "ai3"]).values()) == 1
