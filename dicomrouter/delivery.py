@@ -245,6 +245,13 @@ class DeliveryWorkers:
                      job.study_uid, dest.name, sent)
             return ""
         self.breakers.observe(dest.name, result.unreachable, result.error)
+        if job.destination in self.groups and result.unreachable and \
+                not self.groups.healthy(dest.name):  # this run opened the member's breaker
+            self.state.release_job(job)  # not an attempt: the study moves at its next run
+            log.warning("study %s → group %s: %s is down (circuit open) after %d instance(s); "
+                        "the study moves to another member", job.study_uid, job.destination,
+                        dest.name, sent)
+            return ""
         if error is None and rejected:
             error = f"{len(rejected)} of {len(todo)} instance(s) refused; first: {rejected[0]}"
             if result.permanent:
