@@ -73,7 +73,7 @@ class Groups:
         with self._lock:
             current = self.state.group_member(group.name, job.study_uid)
             healthy = [m for m in group.members if self.healthy(m)]
-            if current is not None and (current in healthy or not healthy):
+            if current in group.members and (current in healthy or not healthy):
                 return self.destinations[current]
             study = self.state.study(job.study_uid)
             patient = study.patient_id if study is not None else ""
@@ -81,8 +81,10 @@ class Groups:
             note = ""
             if current is not None:
                 had = len(self.state.delivered_uids(job.study_uid, current))
-                note = (f"{current}'s circuit breaker is open; the whole study goes to "
-                        f"{choice} ({current} had acknowledged {had} instance(s) of it)")
+                why = f"{current}'s circuit breaker is open" if current in group.members \
+                    else f"{current} is no longer a member"
+                note = (f"{why}; the whole study goes to {choice} ({current} had "
+                        f"acknowledged {had} instance(s) of it)")
             member = self.state.group_assign(group.name, job.study_uid, choice, how,
                                              patient or "", current, note)
         if member == choice:
