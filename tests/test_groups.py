@@ -263,6 +263,18 @@ def test_patient_affinity_and_a_restart_keep_the_member(tmp_path: Path,
         assert where[p1_studies[1][0]] == ["ai1"], where
         assert "group ai → ai1 (round_robin, same patient)" in _history(router,
                                                                         p1_studies[1][0])
+        # a late arrival of the first study goes to its member (only the new instance)
+        late = dcmread(first[0])
+        late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.29.99"
+        late.save_as(tmp_path / "late.dcm")
+        before = len(members["ai1"].files())
+        assert run_storescu([tmp_path / "late.dcm"], router.port,
+                            aet=router.aet).returncode == 0
+        wait_until(lambda: "1.2.826.0.1.29.99" in sop_uids(members["ai1"].files()),
+                   timeout=60, what="the late arrival at ai1")
+        router.wait_state(p1_studies[0][0], "delivered")
+        assert len(members["ai1"].files()) == before + 1
+        assert not any(m.files() for m in (members["ai3"],))
 
 
 def test_a_restart_keeps_an_undelivered_study_at_its_member(tmp_path: Path,
