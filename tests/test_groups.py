@@ -168,8 +168,9 @@ def test_least_loaded_prefers_the_member_with_fewer_queued(tmp_path: Path,
     with Router(tmp_path / "router", cfg) as router:
         assert run_storescu(busy, router.port, aet=router.aet).returncode == 0
         held = _by_study(busy)
-        wait_until(lambda: len(router.status()["held"]) == len(held), timeout=60,
+        wait_until(lambda: router.log(50000).count("held for ai1") == len(held), timeout=90,
                    what="ai1's two studies held")
+        assert len(router.status()["held"]) == len(held)
         studies = _by_study(ai)
         assert run_storescu(ai, router.port, aet=router.aet).returncode == 0
         for study in studies:
