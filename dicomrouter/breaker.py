@@ -177,6 +177,8 @@ class Breakers:
             for name, dest in destinations.items()}
         for name in self.by_name:
             metrics.BREAKER_OPEN.labels(name).set(0)
+        #: called with (destination, state) after each transition (groups.py moves studies)
+        self.listeners: list[Callable[[str, str], None]] = []
 
     def observe(self, destination: str, unreachable: bool, error: str | None) -> None:
         self.by_name[destination].observe(unreachable, error)
@@ -200,3 +202,5 @@ class Breakers:
                       "%s: %s", name, type(exc).__name__, exc)
         if breaker.state == CLOSED:
             self.notify([name])
+        for listener in self.listeners:
+            listener(name, breaker.state)

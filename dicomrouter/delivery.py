@@ -27,6 +27,7 @@ from .config import Config
 from .destinations import DeliveryError, Destination, InstanceRejected
 from .destinations.base import PermanentFailure
 from .feed import ForwardFeed
+from .groups import Groups
 from .priority import chunks
 from .spool import Spool, SpoolReader
 from .state import Instance, Job, JobState, State
@@ -88,6 +89,7 @@ class DeliveryWorkers:
         self._threads: list[threading.Thread] = []
         self._waiting: set[str] = set()  # destinations waiting for their window (logged once)
         self.breakers = Breakers(cfg, state, destinations, self.notify)
+        self.groups = Groups(state, destinations, self.breakers, self.notify)  # type: group
         self.coercer = Coercer(cfg, state)  # coerce: lookups before the transforms
         self._coercions: dict[int, tuple[Any, ...]] = {}  # job id → this run's coercions
 
@@ -169,7 +171,9 @@ class DeliveryWorkers:
                     if outcome:
                         self.on_finished(job, outcome)
                     unsettled = None
-                if self._outside_window(dest) or not self.breakers.admits(
+                admits = self.groups.admits if dest.name in self.groups else \
+                    self.breakers.admits
+                if self._outside_window(dest) or not admits(
                         dest.name, lambda t: self._sleep(dest.name, t)):
                     continue  # outside its window, or its circuit breaker is open
                 job = self.state.claim_job(dest.name, self.clock())
@@ -195,8 +199,12 @@ class DeliveryWorkers:
                 self._stop.wait(delay)
 
     def run(self, job: Job, dest: Destination) -> str:
-        """One attempt at a job; returns the job's new state ('' if interrupted by shutdown)."""
-        policy = self.cfg.destinations[dest.name].retry_policy
+        """One attempt at a job; returns the job's new state ('' if interrupted by shutdown).
+        A group's job is sent by the member chosen for its study, under the member's ledger
+        and breaker (groups.py)."""
+        policy = self.cfg.destinations[job.destination].retry_policy
+        if job.destination in self.groups:
+            dest = self.groups.member_for(job, self.groups.by_name[job.destination])
         # a whole-study export leaves out what a rejection note rejected (IOCM)
         rejected = self.state.rejected_uids(job.study_uid) if dest.whole_study else set()
         todo = [i for i in self.state.instances(job.study_uid) if i.sop_uid not in rejected] \
@@ -240,6 +248,13 @@ class DeliveryWorkers:
                      job.study_uid, dest.name, sent)
             return ""
         self.breakers.observe(dest.name, result.unreachable, result.error)
+        if job.destination in self.groups and result.unreachable and \
+                not self.groups.healthy(dest.name):  # this run opened the member's breaker
+            self.state.release_job(job)  # not an attempt: the study moves at its next run
+            log.warning("study %s → group %s: %s is down (circuit open) after %d instance(s); "
+                        "the study moves to another member", job.study_uid, job.destination,
+                        dest.name, sent)
+            return ""
         if error is None and rejected:
             error = f"{len(rejected)} of {len(todo)} instance(s) refused; first: {rejected[0]}"
             if result.permanent:
@@ -494,7 +509,8 @@ class DeliveryWorkers:
         destination's own, in that order; this run's coercions (coerce.py) before them all."""
         ops: list[Any] = list(self._coercions.get(job.id, ()))  # coerce runs first
         for route in self.cfg.routes:
-            if route.name in job.routes and destination in route.to:
+            if route.name in job.routes and (destination in route.to or
+                                             job.destination in route.to):
                 ops += route.transforms
         return (*ops, *self.cfg.destinations[destination].transforms)
 

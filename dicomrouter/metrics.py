@@ -52,6 +52,12 @@ DELIVERY_TIME = Histogram("dicomrouter_delivery_seconds", "Duration of one deliv
 BREAKER_OPEN = Gauge("dicomrouter_breaker_open", "Circuit breaker of each destination on this "
                      "node: 1 open (its jobs wait, probed every probe_every), 0 closed",
                      ["destination"], registry=REGISTRY)
+GROUP_STUDIES = Counter("dicomrouter_group_studies", "Studies a destination group gave to each "
+                        "member (a study moved from a member whose circuit opened counts "
+                        "again, for its new member)", ["group", "member"], registry=REGISTRY)
+GROUP_MOVES = Counter("dicomrouter_group_moves", "Studies of a destination group moved away "
+                      "from a member whose circuit breaker opened", ["group", "member"],
+                      registry=REGISTRY)
 POLLS = Counter("dicomrouter_source_polls", "Polls of each pull source by outcome",
                 ["source", "outcome"], registry=REGISTRY)
 PREFETCH_RUNS = Counter("dicomrouter_prefetch_runs", "Prefetch triggers by rule and outcome "

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("composition root", ("app",)),
     ("operations", ("web", "health", "preflight", "receivers", "notifications")),
     ("policy", ("completion", "routing", "explain", "delivery", "feed", "ordering", "breaker",
-                "sources", "scp", "priority", "coerce", "hl7", "prefetch", "proxy")),
+                "sources", "scp", "priority", "coerce", "hl7", "prefetch", "proxy", "groups")),
     ("ways out", ("destinations", "qrscu", "commitment", "lookups", "outbox")),
     ("durable storage", ("spool", "state", "query")),
     ("leaves", ("config", "common", "values", "schema", "rules", "schedule", "sweep",

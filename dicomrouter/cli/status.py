@@ -71,6 +71,20 @@ def breaker_text(view: dict[str, Any], cluster: bool = False) -> str:
             f"({view.get('probe', '?')}), next at {when(view.get('next_probe'))}; its jobs wait")
 
 
+def group_lines(groups: dict[str, dict[str, Any]]) -> list[str]:
+    """``groups:`` then per group its spread (studies per member) and each queued study's
+    member."""
+    out = ["groups (studies per member):"] if groups else []
+    for name, spread in sorted(groups.items()):
+        moved = f"; {spread['moved']} moved after a member's breaker opened" \
+            if spread["moved"] else ""
+        out.append(f"  {name:<16} " + ", ".join(
+            f"{m} {n}" for m, n in sorted(spread["studies"].items())) + moved)
+        out += [f"    {p['study_uid']} → {p['member']} ({p['state']})"
+                for p in spread["pending"]]
+    return out
+
+
 def since_time(value: str) -> float:
     """``24h`` / ``7d`` (that long ago) or an ISO date or date-time → Unix time."""
     try:
@@ -146,6 +160,7 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
     data = state.summary(with_done=show_all, limit=limit)
     data["held"] = state.held_studies()
     data["breakers"] = breakers(state)
+    data["groups"] = state.group_spreads()  # destination groups: studies per member
     if as_json:  # a sum over the whole ledger: only what the JSON carries pays for it
         data["ledger"] = state.ledger_stats()
     if not show_all:  # what a user who just sent studies looks for
@@ -199,6 +214,8 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         if (breaker := data["breakers"].get(dest, {})).get("state") == "open":
             parts += f"  ({breaker_text(breaker, bool(data.get('cluster')))})"
         click.echo(f"  {dest:<16} {parts}")
+    for line in group_lines(data["groups"]):
+        click.echo(line)
     if data.get("sources"):
         click.echo("sources:")
         for src in data["sources"]:

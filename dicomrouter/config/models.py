@@ -46,6 +46,7 @@ from .base import (
 )
 from .coerce import CoerceModel, check_known_aes
 from .dicomweb import DicomwebModel, check_dicomweb
+from .groups import check_groups
 from .hl7 import Hl7ListenerModel, Hl7RuleModel
 from .mpps import MppsKeys
 from .notifications import NotificationModel
@@ -403,6 +404,10 @@ class ConfigModel(ProxyKeys, MppsKeys):
     @model_validator(mode="after")
     def _coerce_peers_known(self) -> ConfigModel:
         return check_known_aes(self)
+
+    @model_validator(mode="after")
+    def _group_members_known(self) -> ConfigModel:
+        return check_groups(self)  # destination groups (issue 29, item 4)
 
     @model_validator(mode="after")
     def _resolve(self) -> ConfigModel:

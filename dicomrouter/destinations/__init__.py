@@ -5,7 +5,7 @@ leaves; never delivery, completion or the faces."""
 
 from __future__ import annotations
 
-from . import dicom, dicomweb, folder, hl7, move, s3  # noqa: F401 - registers the built-in types
+from . import dicom, dicomweb, folder, group, hl7, move, s3  # noqa: F401 - registers the built-in types
 from .base import Context, DeliveryError, Destination, InstanceRejected, Session
 from .registry import build, implements
 

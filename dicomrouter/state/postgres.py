@@ -34,6 +34,7 @@ from .base import StateUnavailable
 from .locks import StudyLock
 from .qr import POSTGRESQL, generated_columns
 from .sql import SQLState
+from .sql_groups import GROUP_TABLES
 from .sql_iocm import IOCM_INDEX, IOCM_INSTANCE_COLUMNS, IOCM_LEDGER_COLUMNS
 from .sql_mpps import POSTGRES_SCHEMA as MPPS_SCHEMA
 from .sql_prefetch import PREFETCH_TABLES
@@ -242,6 +243,8 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
     (14, MPPS_SCHEMA),
     # issue 27, item 3 (prior prefetch): the trigger queue and the priors it fetched
     (15, list(PREFETCH_TABLES)),
+    # issue 29, item 4 (destination groups): the member each study of a group goes to
+    (18, list(GROUP_TABLES)),
     # issue 29, item 5 (corrections follow the ledger): rejected instances, where a rejection
     # note may go, which notes were examined; cancelled sends and earlier deliveries
     (19, [*(f"ALTER TABLE instances ADD COLUMN IF NOT EXISTS {c}"

@@ -3,13 +3,15 @@ per role: receptions (``sql_receive``), completion and routing (``sql_studies``)
 and the ledger (``sql_delivery``), sources, commitments and nodes (``sql_sources``), reporting
 (``sql_reporting``), priorities and held jobs (``sql_hold``), HL7 messages and orders
 (``sql_hl7``), prior prefetch (``sql_prefetch``), the Q/R proxy's cache (``sql_proxy``),
-corrections (``sql_iocm``), on the hooks of ``sql_base``.
+corrections (``sql_iocm``), destination groups (``sql_groups``), on the hooks of
+``sql_base``.
 See ``sql_base`` for what a backend provides.
 """
 
 from __future__ import annotations
 
 from .sql_delivery import DeliverySQL
+from .sql_groups import GroupsSQL
 from .sql_hl7 import Hl7SQL
 from .sql_hold import HoldSQL
 from .sql_iocm import IocmSQL
@@ -23,7 +25,7 @@ from .sql_studies import StudiesSQL
 
 
 class SQLState(PrefetchSQL, ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL, PeersSQL,
-               ReportingSQL, Hl7SQL, ProxySQL, ProcedureStepsSQL, IocmSQL):
+               ReportingSQL, Hl7SQL, ProxySQL, ProcedureStepsSQL, IocmSQL, GroupsSQL):
     """Everything the router asks of its state, in portable SQL."""
 
 

@@ -24,6 +24,7 @@ from .base import StateUnavailable
 from .locks import StudyLock
 from .qr import generated_columns
 from .sql import SQLState
+from .sql_groups import GROUP_TABLES
 from .sql_iocm import IOCM_INDEX, IOCM_INSTANCE_COLUMNS, IOCM_LEDGER_COLUMNS
 from .sql_mpps import SQLITE_SCHEMA as MPPS_SCHEMA
 from .sql_prefetch import PREFETCH_TABLES
@@ -281,6 +282,8 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
     (15, _mpps_tables),
     # issue 27, item 3 (prior prefetch): the trigger queue and the priors it fetched
     (16, lambda db: [db.execute(statement) for statement in PREFETCH_TABLES] and 0),
+    # issue 29, item 4 (destination groups): the member each study of a group goes to
+    (19, lambda db: [db.execute(statement) for statement in GROUP_TABLES] and 0),
     # issue 29, item 5 (corrections follow the ledger): rejected instances, where a rejection
     # note may go, which notes were examined; cancelled sends and earlier deliveries
     (20, lambda db: (_add_columns(db, "instances", *IOCM_INSTANCE_COLUMNS),

@@ -229,4 +229,6 @@ def destination_rows(router: RouterView) -> list[dict[str, Any]]:
                     "health": health, "breaker": breaker,
                     "last_error": breaker.get("reason") or (last["last_error"] if last
                                                             else None)})
+        if d.type == "group":  # destination groups: studies per member, queued studies' member
+            out[-1]["group"] = router.state.group_spread(name)
     return out

@@ -108,6 +108,16 @@ def _breaker_note(breaker: dict[str, Any]) -> str:
             f'{_when(breaker["next_probe"])}</span>')
 
 
+def _spread(dest: dict[str, Any]) -> str:
+    """Under a group's type: studies per member (destination groups)."""
+    spread = dest.get("group")
+    if not spread:
+        return ""
+    return '<br><span class="muted">' + escape(", ".join(
+        f"{m} {n}" for m, n in sorted(spread["studies"].items())) or "no study yet") + \
+        (f', {spread["moved"]} moved' if spread["moved"] else "") + "</span>"
+
+
 def render(router: Any, destinations: list[dict[str, Any]]) -> str:
     state = router.state
     since = time.time() - HOURS * 3600
@@ -132,7 +142,7 @@ def render(router: Any, destinations: list[dict[str, Any]]) -> str:
             f'</td><td>{escape(s["patient_id"] or "-")}</td>'
             f'<td>{escape(s["calling_ae"] or "-")}</td><td>{s["instances"]}</td></tr>')
     dest_rows = [
-        f'<tr><td>{escape(d["name"])}</td><td>{escape(d["type"])}</td>'
+        f'<tr><td>{escape(d["name"])}</td><td>{escape(d["type"])}{_spread(d)}</td>'
         f'<td class="{"ok" if d["health"] == "ok" else "bad"}">{escape(d["health"])}'
         f'{_breaker_note(d["breaker"])}</td>'
         f'<td>{d["depth"]}</td><td>{d["queue"].get("dead", 0)}</td>'
