@@ -266,3 +266,18 @@ def test_new_studies_trigger_once_and_priors_or_studies_without_patient_id_do_no
     finally:
         spool.stop()
         state.close()
+
+
+def test_runs_of_an_order_without_a_study_uid_are_found_by_its_trigger_key(
+        state: State) -> None:
+    """An ORM without a Study Instance UID is stored with study_uid '': the study that arrives
+    with its accession finds the run by the order's trigger key, never every UID-less order."""
+    t0 = 1_000_000.0
+    for key in ("order:C1", "order:C2"):
+        assert state.prefetch_trigger("r", key, "P" + key, "", {}, 0, t0)[0] == "new"
+    assert state.prefetch_trigger("r", "1.9", "P9", "1.9", {}, 0, t0)[0] == "new"
+    assert [r["trigger_key"] for r in state.prefetch_runs("", ("order:C1",))] == ["order:C1"]
+    assert state.prefetch_runs("") == []
+    assert sorted(r["trigger_key"] for r in state.prefetch_runs("1.9", ("order:C2", ""))) \
+        == ["1.9", "order:C2"]
+    assert [r["trigger_key"] for r in state.prefetch_runs("1.8")] == []
