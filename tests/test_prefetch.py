@@ -13,7 +13,7 @@ import pytest
 
 from dicomrouter.config import ConfigError, from_dict
 from dicomrouter.prefetch.priors import CHOSEN, Candidate, Series, choose, cutoff
-from dicomrouter.routing import route
+from dicomrouter.routing import conditions_hold, route
 from dicomrouter.state import Instance, State
 from dicomrouter.state.postgres import PostgresState
 from dicomrouter.state.sqlite import SQLiteState
@@ -102,6 +102,18 @@ def test_the_routing_keys_tell_a_prior_from_other_studies() -> None:
     other = route(cfg.routes, [_inst("1.2")])
     assert other.destinations == ()
     assert "PrefetchRule = ct-chest: fails (study has none)" in other.summary()
+
+
+def test_a_study_rule_may_test_the_studys_hl7_order() -> None:
+    """``when: {OrderPriority: S}`` on a ``trigger: study`` rule reads the study's HL7 order
+    (the same Order* keys routes have; no order: no value)."""
+    rule = config({**RULE, "when": {"Modality": "CT", "OrderPriority": "S"}}).prefetch[0]
+    orders = {"ACC-S": {"priority": "S"}, "ACC-R": {"priority": "R"}}
+    assert conditions_hold(rule.when, [_inst("1.1", AccessionNumber="ACC-S")],
+                           orders=orders.get)[0]
+    for acc in ("ACC-R", "ACC-NONE"):
+        assert not conditions_hold(rule.when, [_inst("1.2", AccessionNumber=acc)],
+                                   orders=orders.get)[0]
 
 
 def cand(uid: str, date: str, mods: tuple[str, ...] = ("CT",), accession: str = "") -> Candidate:

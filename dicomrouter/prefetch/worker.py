@@ -142,7 +142,8 @@ class Prefetcher:
         tags = first[0].tags
         patient = (tags.get("PatientID") or "").strip()
         for rule in self.on_study:
-            held, why = conditions_hold(rule.when, first, self.spool.open, self.sources)
+            held, why = conditions_hold(rule.when, first, self.spool.open, self.sources,
+                                        orders=self.state.hl7_order)
             if not held:
                 log.debug("prefetch rule %s: study %s does not trigger it (%s)", rule.name,
                           study_uid, why)
