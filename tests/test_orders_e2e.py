@@ -377,3 +377,22 @@ def test_priors_arrive_once_after_a_kill_right_after_the_ack(tmp_path: Path, ort
         assert router.status()["ledger"]["resent"] == 0
     received = [tags_of(f, "SOPInstanceUID")[0] for f in storescp.files()]
     assert sorted(received) == sorted(want)  # each once
+
+
+def test_an_order_rule_nothing_hands_orders_to_is_said_at_start(tmp_path: Path,
+                                                                 storescp: StoreSCP) -> None:
+    """hl7_rules that record but never hand on (no ``prefetch: true``): the order rule would
+    wait forever in silence; the start says so, and an order queues nothing."""
+    port = free_port()
+    config = router_config(tmp_path, port, None, storescp,
+                           known_aes={"PACS": {"host": "127.0.0.1", "port": free_port()}},
+                           hl7_rules=[{"name": "record only",
+                                       "when": {"MessageType": "ORM^O01"}}])
+    with Router(tmp_path / "router", config) as router:
+        wait_until(lambda: "no HL7 order reaches them" in router.log(400), timeout=30,
+                   what="the warning")
+        assert "prefetch rule(s) ordered-ct: trigger: order, but no hl7_rules rule has " \
+               "prefetch: true" in router.log(400)
+        send(router, orm("N-1", "ACC-N-1"), tmp_path, "n.hl7")
+        wait_until(lambda: handled(router, 1), timeout=30, what="the order handled")
+        assert read(router, lambda s: s.prefetch_runs("", ("order:N-1",))) == []

@@ -92,6 +92,11 @@ class Prefetcher:
             log.info("prefetch: %d run(s) interrupted by an earlier stop are due again", reset)
         for r in self.cfg.prefetch:
             log.info("prefetch rule %s: %s", r.name, r.describe())
+        if self.on_orders and not (self.cfg.hl7 and any(h.prefetch for h in self.cfg.hl7_rules)):
+            log.warning("prefetch rule(s) %s: trigger: order, but %s: no HL7 order reaches "
+                        "them", ", ".join(r.name for r in self.on_orders),
+                        "no hl7: listener" if not self.cfg.hl7 else
+                        "no hl7_rules rule has prefetch: true")
         if self.on_study:
             self._spawn(self._watch, "prefetch-watch")
         for i in range(self.cfg.prefetch_workers):
