@@ -14,9 +14,9 @@ from typing import Any, BinaryIO
 
 from .coerce import specs as coerce_specs
 from .config import Config
+from .config.prefetch import order_trigger_key
 from .dicomfile import UnreadableDataset, identify
 from .hl7wire import describe_order
-from .prefetch import order_trigger_key
 from .priority import placement
 from .routing import Decision, route
 from .sources import source_names

@@ -225,6 +225,10 @@ def test_an_hl7_order_prefetches_the_chosen_priors_once(tmp_path: Path, orthanc,
         assert "max_studies (2) more recent priors already chosen" in text
         for name in CHOSEN:
             assert f"prior {uid(old[name])}: retrieved 4 instance(s)" in text, text
+        st = dicomrouter("status", "--study", uid(ordered), "--config", str(router.config_path))
+        assert st.returncode == 0, st.stderr
+        assert "expected by HL7 order CT-1" in st.stdout
+        assert "prefetch rule 'ordered-ct': triggered by order CT-1" in st.stdout, st.stdout
         assert len(storescp.files()) == before
         assert router.status()["ledger"]["resent"] == 0
         assert "Traceback" not in router.log(5000)

@@ -7,6 +7,6 @@ the spool, the state, the ways out (``qrscu``), routing, sources (their names) a
 
 from __future__ import annotations
 
-from .worker import Prefetcher, PrefetchError, order_trigger_key
+from .worker import Prefetcher, PrefetchError
 
-__all__ = ["PrefetchError", "Prefetcher", "order_trigger_key"]
+__all__ = ["PrefetchError", "Prefetcher"]

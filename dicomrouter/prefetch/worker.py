@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import metrics
 from ..config import Config
-from ..config.prefetch import PrefetchModel
+from ..config.prefetch import PrefetchModel, order_trigger_key
 from ..destinations.base import Context
 from ..logsafe import escape as esc
 from ..qrscu import PeerError, Remote
@@ -43,16 +43,6 @@ log = logging.getLogger("dicomrouter.prefetch")
 
 WATCH_EVERY = 0.5  # new studies are looked for this often
 PLACED_WAIT = 10.0  # C-MOVE sub-operations are answered before the router records them
-
-
-def order_trigger_key(order: dict[str, Any]) -> str:
-    """The trigger key of an HL7 order: its control id (MSH-10), else its accession. It is
-    also the history key of the order's prefetch decisions when the order names no Study
-    Instance UID (``explain --study`` of the study that arrives with the accession reads it)."""
-    control = str(order.get("control_id") or "").strip()
-    accession = str(order.get("accession") or "").strip()
-    patient = str(order.get("patient_id") or "").strip()
-    return "order:" + (control or accession or f"{patient}/{order.get('scheduled', '')}")
 
 
 class PrefetchError(Exception):
