@@ -29,7 +29,7 @@ from router_fixtures import Router, dataset_bytes, dicomrouter, tags_of
 from dicomrouter.config import load
 from dicomrouter.sample import generate
 from dicomrouter.state import State, state_for
-from dicomrouter_bench.procs import free_port
+from dicomrouter_bench.procs import free_port, router_env
 
 PATIENT = "E2E-0001"
 TODAY = dt.date.today()
@@ -379,6 +379,62 @@ def test_priors_arrive_once_after_a_kill_right_after_the_ack(tmp_path: Path, ort
         send(router, orm("K-1", "ACC-K-1"), tmp_path, "k-again.hl7")
         wait_until(lambda: handled(router, 2), timeout=30, what="the resent order handled")
         assert router.status()["ledger"]["resent"] == 0
+    received = [tags_of(f, "SOPInstanceUID")[0] for f in storescp.files()]
+    assert sorted(received) == sorted(want)  # each once
+
+
+class CrashingRouter(Router):
+    """Dies (SIGKILL) right after handing its first order to the prefetch, before the message
+    is marked handled: the next start hands the same order over again."""
+
+    def env(self) -> dict[str, str]:
+        return {**router_env(), "DICOMROUTER_CRASH_AT": "hl7-handed-on"}
+
+
+def test_an_order_handed_on_twice_by_a_crash_prefetches_once(tmp_path: Path, orthanc,
+                                                             storescp: StoreSCP) -> None:
+    """The HL7 handler hands the order on before it marks the message handled (at least
+    once); a kill -9 in between makes the restart hand it on again: the prefetch's trigger
+    row (by control id) makes it once."""
+    port = free_port()
+    pacs: Orthanc = orthanc(aet="PACS", modalities={"router": ["DICOMROUTER", "127.0.0.1",
+                                                               port]})
+    old = priors(tmp_path / "priors")
+    for name in CHOSEN:
+        upload(pacs, old[name])
+    want = sop_uids(old["ct-chest-30d"]) | sop_uids(old["ct-chest-400d"])
+    config = router_config(tmp_path, port, pacs, storescp)
+    crashing = CrashingRouter(tmp_path / "router", config)
+    crashing.start()
+    try:
+        hl7_port = config["hl7"]["port"]
+        # the ACK leaves before the handler's crash (the store answers first); should the kill
+        # win the race, the RIS sends the message again after the restart, as a RIS does
+        acked = True
+        try:
+            acked = msa(mllp_send(hl7_port, orm("H-1", "ACC-H-1"), tmp_path, "h.hl7"))[0] \
+                == "AA"
+        except AssertionError:
+            acked = False
+        wait_until(lambda: crashing.proc is not None and crashing.proc.poll() is not None,
+                   timeout=60, what="the router killed after handing the order on")
+    finally:
+        crashing.kill()
+    rows = read(crashing, lambda s: s.hl7_messages())
+    assert [(r["control_id"], r["handled_at"]) for r in rows] == [("H-1", None)]
+    with Router(tmp_path / "router", config) as router:
+        if not acked:
+            send(router, orm("H-1", "ACC-H-1"), tmp_path, "h-again.hl7")
+        wait_until(lambda: storescp.sop_uids() >= want, timeout=120,
+                   what="both priors at the viewer after the restart")
+        for name in CHOSEN:
+            router.wait_state(uid(old[name]), "delivered")
+        wait_until(lambda: [r["state"] for r in read(
+            router, lambda s: s.prefetch_runs("", ("order:H-1",)))] == ["done"], timeout=60,
+            what="the prefetch run done")
+        assert all(r["handled_at"] for r in read(router, lambda s: s.hl7_messages()))
+        assert router.status()["ledger"]["resent"] == 0
+        assert router.log(5000).count("prefetch rule ordered-ct for order:H-1") == 1
     received = [tags_of(f, "SOPInstanceUID")[0] for f in storescp.files()]
     assert sorted(received) == sorted(want)  # each once
 
