@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 
 from .coerce import specs as coerce_specs
 from .config import Config
+from .config.prefetch import order_trigger_key
 from .dicomfile import UnreadableDataset, identify
 from .hl7wire import describe_order
 from .priority import placement
@@ -163,7 +164,7 @@ def explain_spooled(cfg: Config, state: State, spool: Spool,
     out["corrections"] = [event for _ts, event in state.history(study_uid)
                           if event.startswith(("rejection note ", "corrected instance "))]
     out["hl7_order"] = state.study_hl7_order(study_uid)  # the expected study (issue 27)
-    out["prefetch"] = prefetch_story(state, study_uid)
+    out["prefetch"] = prefetch_story(state, study_uid, out["hl7_order"])
     steps = [str(step) for step in state.mpps_reports(study_uid)]
     if steps:  # a COMPLETED one that lists them all completes the study (completion/mpps.py)
         out["mpps"] = steps
@@ -172,12 +173,17 @@ def explain_spooled(cfg: Config, state: State, spool: Spool,
     return out
 
 
-def prefetch_story(state: State, study_uid: str) -> dict[str, Any]:
+def prefetch_story(state: State, study_uid: str,
+                   order: dict[str, Any] | None = None) -> dict[str, Any]:
     """Prior prefetch around a study: the rule and trigger that brought it (a prior), the
-    runs it triggered with their state, and every decision from its history."""
+    runs it or its HL7 ``order`` triggered with their state, and every decision from its
+    history (an order without a Study Instance UID keeps them under its trigger key)."""
     prior = state.prefetch_prior(study_uid)
+    by_order = order_trigger_key(order) if order else ""
     runs = [{k: r[k] for k in ("rule", "trigger_key", "state", "attempts", "outcome",
-                               "last_error")} for r in state.prefetch_runs(study_uid)]
-    decisions = [text for _ts, text in state.history(study_uid)
+                               "last_error")}
+            for r in state.prefetch_runs(study_uid, (by_order,) if by_order else ())]
+    events = state.history(study_uid) + (state.history(by_order) if by_order else [])
+    decisions = [text for _ts, text in sorted(events, key=lambda e: e[0])
                  if text.startswith("prefetch rule ")]
     return {"brought_by": prior, "runs": runs, "decisions": decisions}

@@ -195,15 +195,16 @@ class _StudyView:
 
 def conditions_hold(when: Sequence[Any], instances: Sequence[Instance],
                     open_instance: Callable[[Instance], BinaryIO] | None = None,
-                    sources: Mapping[str, str] | None = None) -> tuple[bool, str]:
+                    sources: Mapping[str, str] | None = None,
+                    orders: Orders | None = None) -> tuple[bool, str]:
     """Whether a ``when`` (of a prefetch rule) holds for these instances, and why: the same
-    evaluation as a route's."""
+    evaluation as a route's (``orders``: the ``Order*`` keys, as in ``route``)."""
     if not when:
         return True, "no conditions"
     keys = keys_of(when)
     if "ModalitiesInStudy" in keys:
         keys.add("Modality")
-    view = _StudyView(instances, keys, open_instance, sources)
+    view = _StudyView(instances, keys, open_instance, sources, orders=orders)
     return all_hold(when, view.study_values)
 
 

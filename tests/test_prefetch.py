@@ -13,7 +13,7 @@ import pytest
 
 from dicomrouter.config import ConfigError, from_dict
 from dicomrouter.prefetch.priors import CHOSEN, Candidate, Series, choose, cutoff
-from dicomrouter.routing import route
+from dicomrouter.routing import conditions_hold, route
 from dicomrouter.state import Instance, State
 from dicomrouter.state.postgres import PostgresState
 from dicomrouter.state.sqlite import SQLiteState
@@ -102,6 +102,18 @@ def test_the_routing_keys_tell_a_prior_from_other_studies() -> None:
     other = route(cfg.routes, [_inst("1.2")])
     assert other.destinations == ()
     assert "PrefetchRule = ct-chest: fails (study has none)" in other.summary()
+
+
+def test_a_study_rule_may_test_the_studys_hl7_order() -> None:
+    """``when: {OrderPriority: S}`` on a ``trigger: study`` rule reads the study's HL7 order
+    (the same Order* keys routes have; no order: no value)."""
+    rule = config({**RULE, "when": {"Modality": "CT", "OrderPriority": "S"}}).prefetch[0]
+    orders = {"ACC-S": {"priority": "S"}, "ACC-R": {"priority": "R"}}
+    assert conditions_hold(rule.when, [_inst("1.1", AccessionNumber="ACC-S")],
+                           orders=orders.get)[0]
+    for acc in ("ACC-R", "ACC-NONE"):
+        assert not conditions_hold(rule.when, [_inst("1.2", AccessionNumber=acc)],
+                                   orders=orders.get)[0]
 
 
 def cand(uid: str, date: str, mods: tuple[str, ...] = ("CT",), accession: str = "") -> Candidate:
@@ -266,3 +278,18 @@ def test_new_studies_trigger_once_and_priors_or_studies_without_patient_id_do_no
     finally:
         spool.stop()
         state.close()
+
+
+def test_runs_of_an_order_without_a_study_uid_are_found_by_its_trigger_key(
+        state: State) -> None:
+    """An ORM without a Study Instance UID is stored with study_uid '': the study that arrives
+    with its accession finds the run by the order's trigger key, never every UID-less order."""
+    t0 = 1_000_000.0
+    for key in ("order:C1", "order:C2"):
+        assert state.prefetch_trigger("r", key, "P" + key, "", {}, 0, t0)[0] == "new"
+    assert state.prefetch_trigger("r", "1.9", "P9", "1.9", {}, 0, t0)[0] == "new"
+    assert [r["trigger_key"] for r in state.prefetch_runs("", ("order:C1",))] == ["order:C1"]
+    assert state.prefetch_runs("") == []
+    assert sorted(r["trigger_key"] for r in state.prefetch_runs("1.9", ("order:C2", ""))) \
+        == ["1.9", "order:C2"]
+    assert [r["trigger_key"] for r in state.prefetch_runs("1.8")] == []

@@ -13,6 +13,7 @@ import click
 
 from .. import config as config_mod
 from ..config import ConfigError
+from ..config.prefetch import order_trigger_key
 from ..hl7wire import describe_order
 from ..state import JobState
 from ..values import PRIORITIES
@@ -129,14 +130,18 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         row = state.study(study)
         if row is None:
             raise click.ClickException(f"no study {study} in {root}")
+        order = state.study_hl7_order(study)
         history = state.history(study)
+        if order:  # its order's prefetch decisions (kept under order:<control id>, issue 27)
+            history = sorted(history + state.history(order_trigger_key(order)),
+                             key=lambda e: e[0])
         if as_json:
             click.echo(json.dumps({"study": dataclasses.asdict(row), "history": history,
                                    "summary": state.study_rows(study_uid=study),
                                    "mpps": [dataclasses.asdict(m)
                                             for m in state.mpps_reports(study)],
                                    "jobs": state.jobs(study_uids=[study]),
-                                   "hl7_order": state.study_hl7_order(study)}, indent=2))
+                                   "hl7_order": order}, indent=2))
             return
         click.echo(f"study {study}: {row.state}, generation {row.generation}, patient "
                    f"{row.patient_id}, from {row.calling_ae}")
@@ -144,7 +149,6 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         if len(by) > 1 or (by and getattr(state, "leases", False)):
             click.echo("  received by " + ", ".join(f"{k} ({v} instance(s))"
                                                      for k, v in sorted(by.items())))
-        order = state.study_hl7_order(study)
         if order:
             click.echo(f"  {describe_order(order)}")
         for j in state.jobs(study_uids=[study]):

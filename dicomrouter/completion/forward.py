@@ -74,7 +74,8 @@ class ImmediateForwarder:
         if unmatched:
             instances = self.state.instances(study_uid, present_only=False)
             decision = route(self.cfg.routes, instances, self.spool.open, self.sources,
-                             self._headers.setdefault(study_uid, {}))
+                             self._headers.setdefault(study_uid, {}),
+                             orders=self.state.hl7_order)  # Order* keys, as the tracker
             for r in unmatched:
                 if r.name in decision.routes:
                     matched.add(r.name)

@@ -8,6 +8,7 @@ are routed like any study, beside the table's own routes)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import Field, model_validator
@@ -99,6 +100,16 @@ class PrefetchModel(Strict):
         return f"on a new {self.trigger}: {text} from {self.from_} → {', '.join(self.to)}"
 
 
+def order_trigger_key(order: Mapping[str, Any]) -> str:
+    """The trigger key of an HL7 order: its control id (MSH-10), else its accession. It is
+    also the history key of the order's prefetch decisions when the order names no Study
+    Instance UID (``explain --study`` of the study that arrives with the accession reads it)."""
+    control = str(order.get("control_id") or "").strip()
+    accession = str(order.get("accession") or "").strip()
+    patient = str(order.get("patient_id") or "").strip()
+    return "order:" + (control or accession or f"{patient}/{order.get('scheduled', '')}")
+
+
 def check_prefetch(rules: tuple[PrefetchModel, ...], known_aes: dict[str, Any],
                    sources: dict[str, Any], destinations: dict[str, Any]) -> None:
     """Names unique, ``from`` and ``to`` name what the configuration defines."""
@@ -143,5 +154,5 @@ def resolve_prefetch(cfg: Any, route_model: Any) -> Any:
     return cfg
 
 
-__all__ = ["ORDER_FIELDS", "PrefetchModel", "age_value", "check_prefetch", "prefetch_routes",
-           "resolve_prefetch"]
+__all__ = ["ORDER_FIELDS", "PrefetchModel", "age_value", "check_prefetch", "order_trigger_key",
+           "prefetch_routes", "resolve_prefetch"]

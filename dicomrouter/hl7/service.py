@@ -26,6 +26,7 @@ from .. import metrics
 from ..config import Config
 from ..logsafe import escape
 from ..rules import all_hold
+from ..spool.faults import crash_point
 from ..state import STATE_ERRORS, State, StateUnavailable
 from .listener import Hl7Listener
 from .message import (
@@ -210,6 +211,7 @@ class Hl7Service:
         if prefetch:
             total = self.orders.subscribers
             did.append(f"prefetch: {self.orders.publish(order)}/{total} subscriber(s)")
+            crash_point("hl7-handed-on")  # the crash tests: handed on, not marked handled
         merge = None
         if record:
             if inbound.kind == "merge":

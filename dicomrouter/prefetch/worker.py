@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import metrics
 from ..config import Config
-from ..config.prefetch import PrefetchModel
+from ..config.prefetch import PrefetchModel, order_trigger_key
 from ..destinations.base import Context
 from ..logsafe import escape as esc
 from ..qrscu import PeerError, Remote
@@ -82,6 +82,11 @@ class Prefetcher:
             log.info("prefetch: %d run(s) interrupted by an earlier stop are due again", reset)
         for r in self.cfg.prefetch:
             log.info("prefetch rule %s: %s", r.name, r.describe())
+        if self.on_orders and not (self.cfg.hl7 and any(h.prefetch for h in self.cfg.hl7_rules)):
+            log.warning("prefetch rule(s) %s: trigger: order, but %s: no HL7 order reaches "
+                        "them", ", ".join(r.name for r in self.on_orders),
+                        "no hl7: listener" if not self.cfg.hl7 else
+                        "no hl7_rules rule has prefetch: true")
         if self.on_study:
             self._spawn(self._watch, "prefetch-watch")
         for i in range(self.cfg.prefetch_workers):
@@ -132,7 +137,8 @@ class Prefetcher:
         tags = first[0].tags
         patient = (tags.get("PatientID") or "").strip()
         for rule in self.on_study:
-            held, why = conditions_hold(rule.when, first, self.spool.open, self.sources)
+            held, why = conditions_hold(rule.when, first, self.spool.open, self.sources,
+                                        orders=self.state.hl7_order)
             if not held:
                 log.debug("prefetch rule %s: study %s does not trigger it (%s)", rule.name,
                           study_uid, why)
@@ -153,7 +159,7 @@ class Prefetcher:
         study_uid = str(order.get("study_uid") or "").strip()
         control = str(order.get("control_id") or "").strip()
         accession = str(order.get("accession") or "").strip()
-        key = "order:" + (control or accession or f"{patient}/{order.get('scheduled', '')}")
+        key = order_trigger_key(order)
         for rule in self.on_orders:
             held, why = all_hold(rule.when, values) if rule.when else (True, "no conditions")
             if not held:
@@ -169,8 +175,9 @@ class Prefetcher:
 
     def _trigger(self, rule: PrefetchModel, key: str, patient: str, study_uid: str,
                  detail: dict[str, Any], what: str) -> None:
+        story = study_uid or key  # an order without a Study Instance UID: its own history
         if not patient:
-            self._note(study_uid, f"prefetch rule {rule.name!r}: not triggered by {what}: "
+            self._note(story, f"prefetch rule {rule.name!r}: not triggered by {what}: "
                        "no PatientID")
             return
         outcome, earlier = self.state.prefetch_trigger(rule.name, key, patient, study_uid,
@@ -185,13 +192,13 @@ class Prefetcher:
                     f"{ago:.0f} s ago (suppress_for {rule.suppress_for:g} s): no second "
                     "retrieve")
             log.info("%s", esc(text))
-            self._note(study_uid, text)
+            self._note(story, text)
             metrics.PREFETCH_RUNS.labels(rule.name, "suppressed").inc()
             return
         text = (f"prefetch rule {rule.name!r}: triggered by {what}: priors of patient "
                 f"{esc(patient)} to be queried at {rule.source}")
         log.info("%s", esc(text))
-        self._note(study_uid, text)
+        self._note(story, text)
         self.wake()
 
     def _note(self, study_uid: str, text: str) -> None:
@@ -249,7 +256,7 @@ class Prefetcher:
         rule = self.rules.get(row["rule"])
         attempts = row["attempts"] + 1
         policy = rule.retry.policy(self.cfg.retry) if rule is not None else None
-        study_uid = row["detail"].get("study_uid", "")
+        study_uid = row["detail"].get("study_uid", "") or row["trigger_key"]
         if policy is None or attempts >= int(policy.max_attempts):
             self.state.prefetch_finished(row["rule"], row["trigger_key"], "dead",
                                          "gave up", error, attempts=attempts)
@@ -293,6 +300,7 @@ class Prefetcher:
     def _prefetch(self, rule: PrefetchModel, key: str, detail: dict[str, Any]) -> str:
         patient = detail["patient_id"]
         trigger_study = detail.get("study_uid", "")
+        story = trigger_study or key  # where the decisions go (see order_trigger_key)
         peer = self._peer(rule)
         oldest = cutoff(rule, self.clock())
         candidates = peer.studies(patient)
@@ -300,33 +308,34 @@ class Prefetcher:
                           detail.get("accession", "") if key.startswith("order:") else "",
                           oldest, lambda c: peer.series(patient, c.uid))
         head = f"prefetch rule {rule.name!r}"
-        self._note(trigger_study, f"{head}: {len(candidates)} candidate(s) for patient "
+        self._note(story, f"{head}: {len(candidates)} candidate(s) for patient "
                    f"{esc(patient)} at {peer.describe()}")
         for c, verdict in verdicts:
-            self._note(trigger_study, f"{head}: prior {c.describe()}: {verdict}")
+            self._note(story, f"{head}: prior {c.describe()}: {verdict}")
         chosen = [c for c, verdict in verdicts if verdict == CHOSEN]
         done: list[str] = []
         for c in chosen:
             if self._stop.is_set():
                 raise PrefetchError("stopping")
-            done.append(self._one(rule, key, peer, patient, trigger_study, c))
+            done.append(self._one(rule, key, peer, patient, trigger_study, c, story))
         return (f"{len(candidates)} candidate(s), {len(chosen)} chosen"
                 + (": " + "; ".join(done) if done else ""))
 
     def _one(self, rule: PrefetchModel, key: str, peer: Any, patient: str,
-             trigger_study: str, c: Candidate) -> str:
-        """Skip a prior the destinations hold, else mark it and retrieve what is missing."""
+             trigger_study: str, c: Candidate, story: str) -> str:
+        """Skip a prior the destinations hold, else mark it and retrieve what is missing;
+        ``story``: the history the trigger's decisions go to."""
         head = f"prefetch rule {rule.name!r}"
         holders = self._held(rule, c)
         if holders is not None:
             text = f"prior {c.uid}: skipped: held by {holders}"
-            self._note(trigger_study, f"{head}: {text}")
+            self._note(story, f"{head}: {text}")
             return text
         held = self.state.source_held(c.uid)
         if held and self.state.prefetch_prior(c.uid) is None:
             text = (f"prior {c.uid}: skipped: the router received it otherwise "
                     f"({len(held)} instance(s)); its routing stands")
-            self._note(trigger_study, f"{head}: {text}")
+            self._note(story, f"{head}: {text}")
             return text
         self.state.prefetch_mark_prior(c.uid, rule.name, key)
         why = f"for {'study ' + trigger_study if trigger_study else key}"
@@ -334,7 +343,7 @@ class Prefetcher:
                         f"{peer.describe()}")
         if c.count is not None and len(held) >= c.count:
             text = f"prior {c.uid}: already in the router ({len(held)} instance(s))"
-            self._note(trigger_study, f"{head}: {text}")
+            self._note(story, f"{head}: {text}")
             return text
         results = peer.fetch(patient, c.uid, held)
         done = sum(r.completed + r.warning for r in results)
@@ -348,7 +357,7 @@ class Prefetcher:
                 f"({len(results)} retrieve(s); routed as PrefetchRule {rule.name!r} → "
                 f"{', '.join(rule.to)})")
         self.state.note(c.uid, f"{head}: {text.split(': ', 1)[1]}")
-        self._note(trigger_study, f"{head}: {text}")
+        self._note(story, f"{head}: {text}")
         if bad:
             raise PrefetchError(f"prior {c.uid}: {len(bad)} of {len(results)} retrieve(s) "
                                 f"failed, first: {bad[0].describe()}")

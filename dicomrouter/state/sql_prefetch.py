@@ -124,11 +124,20 @@ class PrefetchSQL(SQLBase):
                            " WHERE study_uid=?", (study_uid,))
         return dict(rows[0]) if rows else None
 
-    def prefetch_runs(self, study_uid: str) -> list[dict[str, Any]]:
-        """The triggers a study (or an order for it) caused, oldest first."""
+    def prefetch_runs(self, study_uid: str,
+                      trigger_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """The triggers a study (or an order naming its Study Instance UID) caused, and those
+        with one of ``trigger_keys`` (the study's HL7 order, ``order:<control id>``, when the
+        order did not name the UID), oldest first."""
+        keys = [k for k in trigger_keys if k]
+        where = "study_uid=?" + "".join(" OR trigger_key=?" for _ in keys) if study_uid else \
+            " OR ".join("trigger_key=?" for _ in keys)
+        if not where:
+            return []
+        params = ([study_uid] if study_uid else []) + keys
         return [_trigger(r) for r in self._query(
-            f"SELECT {_COLUMNS} FROM prefetch_triggers WHERE study_uid=? ORDER BY created",
-            (study_uid,))]
+            f"SELECT {_COLUMNS} FROM prefetch_triggers WHERE {where} ORDER BY created",
+            tuple(params))]
 
     def prefetch_queue(self) -> list[dict[str, Any]]:
         """Triggers not done yet (pending, running, failed, dead), oldest first."""
