@@ -259,6 +259,58 @@ def test_web_port_serves_stow_with_the_web_token_off_loopback(tmp_path: Path,
         assert dataset_bytes(spooled(router, files[0])) == dataset_bytes(files[0])
 
 
+def test_every_dicomweb_path_needs_credentials_on_both_servers(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """Both servers bound off loopback, dicomweb.auth set: on the web port and on the own
+    listener every QIDO-RS and WADO-RS GET, not only STOW-RS, is 401 without dicomweb.auth's
+    token, with a wrong one or with the web token (that one opens the status page only); with
+    it the data comes back."""
+    monkeypatch.setenv("WEB_TOKEN", TOKEN)
+    monkeypatch.setenv("DW_TOKEN", TOKEN + "-dw")
+    files = generate(tmp_path / "a", series=1, instances=2, rows=16, cols=16, seed=287)
+    web_port, dw_port = free_port(), free_port()
+    study, series = study_of(files[0]), tags_of(files[0], "SeriesInstanceUID")[0]
+    paths = ["/studies", "/series", "/instances", f"/studies?StudyInstanceUID={study}",
+             f"/studies/{study}/series", f"/studies/{study}/instances",
+             f"/studies/{study}/series/{series}/instances", f"/studies/{study}",
+             f"/studies/{study}/metadata", f"/studies/{study}/series/{series}",
+             f"/studies/{study}/series/{series}/metadata",
+             f"/studies/{study}/series/{series}/instances/{sop(files[0])}",
+             f"/studies/{study}/series/{series}/instances/{sop(files[0])}/metadata",
+             f"/studies/{study}/series/{series}/instances/{sop(files[0])}/frames/1"]
+    with Router(tmp_path / "router", {
+            "stable_age": "1h",
+            "web": {"enabled": True, "bind": "0.0.0.0", "port": web_port,
+                    "token_env": "WEB_TOKEN"},
+            "dicomweb": {"bind": "0.0.0.0", "port": dw_port,
+                         "auth": {"token_env": "DW_TOKEN"}}}):
+        servers = [f"http://127.0.0.1:{web_port}/dicom-web",
+                   f"http://127.0.0.1:{dw_port}/dicom-web"]
+        token = TOKEN + "-dw"
+        for base in servers:
+            wait_until(lambda base=base: requests.get(base + "/studies", timeout=5)
+                       .status_code == 401, timeout=30, what=f"{base} answering",
+                       ignore=(OSError,))
+        assert post(servers[1] + "/studies", files,
+                    Authorization=f"Bearer {token}").status_code == 200
+        for base in servers:
+            for path in paths:
+                for headers in ({}, {"Authorization": f"Bearer {TOKEN}"},
+                                {"Authorization": basic("any", TOKEN)},
+                                {"Authorization": f"Bearer {token}x"}):
+                    r = requests.get(base + path, headers=headers, timeout=30)
+                    assert r.status_code == 401, (base, path, headers, r.status_code)
+                    assert "WWW-Authenticate" in r.headers
+                r = requests.get(base + path, headers={"Authorization": f"Bearer {token}"},
+                                 timeout=60)
+                assert r.status_code == 200, (base, path, r.status_code, r.text[:300])
+            r = requests.get(f"{base}/studies/{study}", timeout=60, headers={
+                "Authorization": f"Bearer {token}",
+                "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+            assert all(dataset_bytes(f) in r.content for f in files)
+            assert post(base + "/studies", files).status_code == 401
+
+
 def test_configuration_of_the_dicomweb_server(tmp_path: Path) -> None:
     def parse(**cfg: Any) -> Any:
         return from_dict(cfg, tmp_path, "test")
