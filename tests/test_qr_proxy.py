@@ -379,3 +379,61 @@ def test_wado_rs_of_a_study_only_the_pacs_holds(tmp_path: Path, orthanc) -> None
             src = dcmread(f)
             assert (by_uid[str(src.SOPInstanceUID)].pixel_array == src.pixel_array).all()
         assert "for WADO-RS: 4 of 4 instance(s) in the spool" in router.log(20_000)
+
+
+def test_stow_into_a_cached_study_is_routed_and_kept(tmp_path: Path, orthanc,
+                                                      storescp: StoreSCP, monkeypatch) -> None:
+    """The AI-node round trip on the DICOMweb server's own listener (with credentials): WADO-RS
+    of a study only the PACS holds fills the cache (no route sees it), then a result series is
+    STOW-RS'd into the same study: the route (no ``Proxied``) delivers the pushed instances and
+    not the cached ones, and the study (kept after delivery) outlives
+    ``query_retrieve_proxy_cache``: it holds instances that were sent to the router."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+    from test_stow import multipart, referenced
+
+    monkeypatch.setenv("DW_TOKEN", "proxy-T0ken")
+    port, dw_port = free_port(), free_port()
+    pacs: Orthanc = orthanc(aet="PACS", modalities={"router": ["DICOMROUTER", "127.0.0.1",
+                                                               port]})
+    study = generate(tmp_path / "study", series=1, instances=3, rows=32, cols=32, seed=291)
+    upload(pacs, study)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    result = []
+    for f in generate(tmp_path / "result", series=1, instances=2, rows=16, cols=16, seed=292):
+        ds = dcmread(f)  # an AI result: a new series of the cached study
+        ds.StudyInstanceUID = uid
+        ds.save_as(f, enforce_file_format=True)
+        result.append(f)
+    with Router(tmp_path / "router", {
+            "port": port, "stable_age": "1s", "keep_after_delivery": True,
+            "query_retrieve_proxy": "PACS", "query_retrieve_proxy_cache": "15s",
+            "dicomweb": {"bind": "0.0.0.0", "port": dw_port, "auth": {"token_env": "DW_TOKEN"}},
+            "known_aes": {"PACS": {"host": "127.0.0.1", "port": pacs.dicom_port}},
+            "destinations": {"pacs": {"type": "dicom", "ae_title": storescp.aet,
+                                      "host": "127.0.0.1", "port": storescp.port}},
+            "routes": [{"to": "pacs"}]}) as router:
+        base = f"http://127.0.0.1:{dw_port}/dicom-web"
+        wait_until(lambda: requests.get(base + "/studies", timeout=5).status_code == 401,
+                   timeout=30, what="the DICOMweb listener", ignore=(OSError,))
+        client = DICOMwebClient(url=base, headers={"Authorization": "Bearer proxy-T0ken"})
+        got = {str(ds.SOPInstanceUID): ds for ds in client.retrieve_study(uid)}
+        assert set(got) == sop_uids(study)
+        for f in study:
+            assert (got[tags_of(f, "SOPInstanceUID")[0]].pixel_array ==
+                    dcmread(f).pixel_array).all()
+        router.wait_state(uid, "unrouted")  # the cache: no route sees it
+        body, ctype = multipart([(f.read_bytes(), "application/dicom") for f in result])
+        r = requests.post(f"{base}/studies/{uid}", data=body, timeout=60, headers={
+            "Content-Type": ctype, "Authorization": "Bearer proxy-T0ken"})
+        assert r.status_code == 200 and referenced(r) == sop_uids(result), r.text
+        wait_until(lambda: storescp.sop_uids() == sop_uids(result), timeout=60,
+                   what="the STOW-RS'd result series delivered")
+        router.wait_state(uid, "delivered")
+        wait_until(lambda: "leaves the cache but stays in the spool" in router.log(50_000),
+                   timeout=60, what="the cache let go of the study")
+        assert storescp.sop_uids() == sop_uids(result)  # never the PACS's own instances
+        assert router.study_state(uid) == "delivered"
+        assert {p.stem for p in (router.spool / "data" / uid).glob("*.dcm")} == \
+            sop_uids(study) | sop_uids(result)
+        assert "Traceback" not in router.log(50_000)
