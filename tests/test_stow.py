@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import os
 import signal
 import threading
@@ -441,6 +442,66 @@ def test_orthanc_pushes_a_study_to_the_router_over_dicomweb(tmp_path: Path, orth
         assert calling_ae(router, study_of(study[0])) == "STOW-RS:partner-a"
         log = router.log(5000)
     assert "(endpoint partner-a): 4 stored, 0 failed" in log
+
+
+def test_orthanc_pushes_queries_and_retrieves_through_one_server_entry(
+        tmp_path: Path, orthanc, monkeypatch) -> None:
+    """Issue 28's "Done when": ONE Orthanc with the router as ``DicomWeb.Servers.router`` (basic
+    auth, the router's own listener bound off loopback) stores a mixed-syntax study there
+    (``/stow``), finds it and a study the router got by C-STORE (``/qido``), and, after
+    deleting its own copy, retrieves both (``/retrieve``): tags and decoded pixels equal the
+    sources'. The same Orthanc with a wrong password gets nothing."""
+    import urllib.error
+
+    import numpy as np
+    from peers import run_storescu
+
+    monkeypatch.setenv("DW_PASSWORD", PASSWORD)
+    pushed = syntax_variants(generate(tmp_path / "a", series=1, instances=4, rows=32, cols=32,
+                                      patient_id="ORTH1", seed=293), tmp_path / "mixed")
+    stored = generate(tmp_path / "b", series=2, instances=2, rows=24, cols=24,
+                      patient_id="ORTH2", seed=294)
+    port, dw_port = free_port(), free_port()
+    root = f"http://127.0.0.1:{dw_port}/dicom-web/"
+    viewer = orthanc(aet="VIEWER", dicomweb=True, extra_config={"DicomWeb": {
+        "Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
+        "Servers": {"router": {"Url": root, "Username": "orthanc", "Password": PASSWORD},
+                    "wrong": {"Url": root, "Username": "orthanc", "Password": "nope"}}}})
+    ids = {viewer.post("/instances", f.read_bytes())["ParentStudy"] for f in pushed}
+    with Router(tmp_path / "router", {
+            "port": port, "keep_after_delivery": True,
+            "dicomweb": {"bind": "0.0.0.0", "port": dw_port,
+                         "auth": {"user": "orthanc", "password_env": "DW_PASSWORD"}},
+            "destinations": {"archive": {"type": "folder", "path": str(tmp_path / "out")}},
+            "routes": [{"to": "archive"}]}) as router:
+        assert run_storescu(stored, router.port).returncode == 0
+        viewer.post("/dicom-web/servers/router/stow", {"Resources": sorted(ids)})
+        for study_id in ids:
+            viewer.delete(f"/studies/{study_id}")
+        assert viewer.count() == 0
+        found = viewer.post("/dicom-web/servers/router/qido",
+                            {"Uri": "/studies", "Arguments": {"PatientID": "ORTH*"}})
+        # (Orthanc's flavour of JSON drops the counts, which the router sends as numbers)
+        assert sorted((f["00100020"]["Value"], f["0020000D"]["Value"], f["00100010"]["Value"],
+                       f["00080020"]["Value"], f["00080061"]["Value"]) for f in found) == \
+            sorted(tags_of(f, "PatientID", "StudyInstanceUID", "PatientName", "StudyDate",
+                           "Modality") for f in (pushed[0], stored[0]))
+        with pytest.raises(urllib.error.HTTPError):
+            viewer.post("/dicom-web/servers/wrong/qido", {"Uri": "/studies"})
+        for f in (pushed[0], stored[0]):
+            viewer.post("/dicom-web/servers/router/retrieve",
+                        {"Resources": [{"Study": study_of(f)}]})
+        sources = {sop(f): f for f in pushed + stored}
+        viewer.wait_for_instances(sources, timeout=90)
+        for uid, path in sources.items():
+            got, src = dcmread(io.BytesIO(viewer.instance_file(uid))), dcmread(path)
+            assert np.array_equal(got.pixel_array, src.pixel_array), uid
+            for kw in ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
+                       "SOPClassUID", "Rows", "Columns", "StudyDate"):
+                assert got.get(kw) == src.get(kw), (uid, kw)
+        assert calling_ae(router, study_of(pushed[0])) == "STOW-RS"
+        log = router.log(20_000)
+    assert PASSWORD not in log and "Traceback" not in log
 
 
 def test_a_large_request_is_streamed_within_the_memory_bound(tmp_path: Path) -> None:
