@@ -437,3 +437,70 @@ def test_stow_into_a_cached_study_is_routed_and_kept(tmp_path: Path, orthanc,
         assert {p.stem for p in (router.spool / "data" / uid).glob("*.dcm")} == \
             sop_uids(study) | sop_uids(result)
         assert "Traceback" not in router.log(50_000)
+
+
+def test_a_pacs_answering_nonsense_costs_one_log_line(tmp_path: Path) -> None:
+    """A DICOMweb PACS whose study searches are JSON but not DICOM JSON (values where objects
+    belong), whose instance search ignores ``offset`` (the same page again and again) and whose
+    WADO-RS answers JSON: C-FIND still gets the spool's matches and 0xC001; WADO-RS of a study
+    the spool lacks is a 404 in seconds (the listing stops when a page brings nothing new),
+    C-GET of it one failed sub-operation; a line each in the log, no traceback."""
+    import http.server
+    import json
+    import threading
+    import time
+
+    import requests
+    from pydicom.uid import CTImageStorage as CT
+
+    class Nonsense(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = b'[{"0020000D": "1.2.3", "0020000E": ["x"], "00080018": 7}, 5]'
+            if "/instances?" in self.path or self.path.endswith("/instances"):
+                study = self.path.split("/studies/")[1].split("/")[0]
+                body = json.dumps([{"0020000D": {"vr": "UI", "Value": [study]},
+                                    "0020000E": {"vr": "UI", "Value": ["1.2.3.4"]},
+                                    "00080018": {"vr": "UI", "Value": ["1.2.3.4.5"]},
+                                    "00080016": {"vr": "UI", "Value": [CT]}}]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Nonsense)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    local = generate(tmp_path / "local", series=1, instances=2, rows=16, cols=16, seed=295)
+    web_port = free_port()
+    try:
+        with Router(tmp_path / "router", {
+                "web": {"port": web_port}, "query_retrieve_proxy": "web",
+                "sources": {"web": {"type": "dicomweb",
+                                    "url": f"http://127.0.0.1:{server.server_port}/dicom-web",
+                                    "interval": "1h"}}}) as router:
+            assert run_storescu(local, router.port).returncode == 0
+            (tmp_path / "find").mkdir()
+            r = subprocess.run(
+                [dcmtk("findscu"), "-v", "-S", "-aet", "FINDSCU", "-aec", "DICOMROUTER", "-X",
+                 "-od", str(tmp_path / "find"), "-k", "QueryRetrieveLevel=STUDY", "-k",
+                 "StudyInstanceUID", "127.0.0.1", str(router.port)],
+                capture_output=True, text=True, env=peer_env(), timeout=120)
+            found = [dcmread(p) for p in (tmp_path / "find").glob("rsp*.dcm")]
+            assert [str(d.StudyInstanceUID) for d in found] == \
+                [tags_of(local[0], "StudyInstanceUID")[0]], r.stdout + r.stderr
+            assert "failed: unabletoprocess" in (r.stdout + r.stderr).lower(), r.stdout  # 0xC001
+            missing = "1.2.826.0.1.3680043.8.498.999"
+            started = time.monotonic()
+            wado = requests.get(f"http://127.0.0.1:{web_port}/dicom-web/studies/{missing}",
+                                timeout=60)
+            assert wado.status_code == 404 and time.monotonic() - started < 30, wado.text
+            out = getscu_at(router.port, missing, tmp_path / "get")
+            assert "number of failed suboperations    : 1" in out.lower(), out
+            log = router.log(20_000)
+    finally:
+        server.shutdown()
+    assert "its answer cannot be read" in log and "WADO-RS of instance 1.2.3.4.5" in log, log
+    assert "Traceback" not in log and "Exception in" not in log

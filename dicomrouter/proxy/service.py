@@ -77,6 +77,9 @@ class QueryRetrieveProxy:
                           "(query_retrieve_proxy_max_answers)"
         except PacsError as exc:
             remote, problem = [], f"PACS not reachable: {exc}"
+        except Exception as exc:  # noqa: BLE001 - answers the PACS sent that make no sense
+            remote, problem = [], f"PACS not reachable: its answer cannot be read: " \
+                f"{type(exc).__name__}: {exc}"
         out = list(local)
         for ds in remote:
             uid = str(ds.get(key, "") or "")
@@ -105,6 +108,9 @@ class QueryRetrieveProxy:
                                        _values(q, "SOPInstanceUID"))
         except PacsError as exc:
             return [], f"PACS not reachable: {exc}"
+        except Exception as exc:  # noqa: BLE001 - answers that make no sense: the spool's go
+            return [], f"PACS not reachable: its answer cannot be read: " \
+                f"{type(exc).__name__}: {exc}"
         have = {i.sop_uid for i in held}
         present = self.state.held_instances([i.sop for i in listed])
         return [i for i in listed if i.sop not in have and i.sop not in present], ""
@@ -164,8 +170,12 @@ class QueryRetrieveProxy:
         series = [series_uid] if series_uid else []
         try:
             listed = self.pacs.listing([study_uid], series)
-        except PacsError as exc:
-            log.warning("Q/R proxy: fetching study %s: %s", study_uid, exc)
+        except Exception as exc:  # noqa: BLE001 - PacsError, or answers that make no sense:
+            # one line, and the DICOMweb client gets its 404 rather than a 500
+            why = str(exc) if isinstance(exc, PacsError) else \
+                f"its answer cannot be read: {type(exc).__name__}: {exc}"
+            log.warning("Q/R proxy: fetching study %s from %s: %s", study_uid,
+                        self.pacs.describe(), why)
             return False
         if not listed:
             return False
