@@ -263,7 +263,8 @@ def test_web_port_serves_stow_with_the_web_token_off_loopback(tmp_path: Path,
 def test_every_dicomweb_path_needs_credentials_on_both_servers(tmp_path: Path,
                                                                 monkeypatch) -> None:
     """Both servers bound off loopback, dicomweb.auth set: on the web port and on the own
-    listener every QIDO-RS and WADO-RS GET, not only STOW-RS, is 401 without dicomweb.auth's
+    listener (at its root and a named endpoint's, which serves QIDO-RS and WADO-RS as well)
+    every QIDO-RS and WADO-RS GET, not only STOW-RS, is 401 without dicomweb.auth's
     token, with a wrong one or with the web token (that one opens the status page only); with
     it the data comes back."""
     monkeypatch.setenv("WEB_TOKEN", TOKEN)
@@ -283,10 +284,11 @@ def test_every_dicomweb_path_needs_credentials_on_both_servers(tmp_path: Path,
             "stable_age": "1h",
             "web": {"enabled": True, "bind": "0.0.0.0", "port": web_port,
                     "token_env": "WEB_TOKEN"},
-            "dicomweb": {"bind": "0.0.0.0", "port": dw_port,
+            "dicomweb": {"bind": "0.0.0.0", "port": dw_port, "endpoints": ["partner-a"],
                          "auth": {"token_env": "DW_TOKEN"}}}):
         servers = [f"http://127.0.0.1:{web_port}/dicom-web",
-                   f"http://127.0.0.1:{dw_port}/dicom-web"]
+                   f"http://127.0.0.1:{dw_port}/dicom-web",
+                   f"http://127.0.0.1:{dw_port}/dicom-web/partner-a"]  # a whole service root
         token = TOKEN + "-dw"
         for base in servers:
             wait_until(lambda base=base: requests.get(base + "/studies", timeout=5)
@@ -310,6 +312,9 @@ def test_every_dicomweb_path_needs_credentials_on_both_servers(tmp_path: Path,
                 "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
             assert all(dataset_bytes(f) in r.content for f in files)
             assert post(base + "/studies", files).status_code == 401
+            found = requests.get(base + "/studies", timeout=30,
+                                 headers={"Authorization": f"Bearer {token}"}).json()
+            assert found[0]["00081190"]["Value"] == [f"{base}/studies/{study}"]
 
 
 def test_configuration_of_the_dicomweb_server(tmp_path: Path) -> None:
@@ -631,10 +636,11 @@ def test_more_dicomweb_routes_share_the_router_and_its_auth(tmp_path: Path) -> N
                                               tmp_path, "test"), "spool": None})()
     dicomweb_app(view, add)  # the own listener's server builds with it
     api = dicomweb_router(view, add)
-    assert seen == [(view, require_dicomweb_auth)] * 2
+    assert seen == [(view, require_dicomweb_auth)] * 4  # two servers: root and partner-a
     routes = {r.path: r for r in api.routes if hasattr(r, "dependant")}
     assert {"/dicom-web/studies", "/dicom-web/studies/{study_uid}",
             "/dicom-web/partner-a/studies", "/dicom-web/partner-a/studies/{study_uid}",
-            "/dicom-web/studies/{study_uid}/metadata"} <= set(routes)
+            "/dicom-web/studies/{study_uid}/metadata",
+            "/dicom-web/partner-a/studies/{study_uid}/metadata"} <= set(routes)
     for route in routes.values():
         assert require_dicomweb_auth in [d.call for d in route.dependant.dependencies]
