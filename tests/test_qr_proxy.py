@@ -260,7 +260,8 @@ def test_cache_retention_removes_an_unused_fetched_study(tmp_path: Path, orthanc
         wait_until(lambda: router.study_state(uid) == "purged", timeout=60,
                    what="the fetched study removed after query_retrieve_proxy_cache")
         assert not (router.spool / "data" / uid).exists()
-        assert "left the cache" in router.log(20_000)
+        wait_until(lambda: "left the cache" in router.log(20_000), timeout=30,
+                   what="the log line, written once the purge returned")
         assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.dcm"))
 
 
