@@ -505,3 +505,71 @@ def test_a_pacs_answering_nonsense_costs_one_log_line(tmp_path: Path) -> None:
         server.shutdown()
     assert "its answer cannot be read" in log and "WADO-RS of instance 1.2.3.4.5" in log, log
     assert "Traceback" not in log and "Exception in" not in log
+
+
+def test_wado_rs_of_a_study_the_pacs_is_slow_to_send_is_503(tmp_path: Path) -> None:
+    """A DICOMweb PACS that lists the study's instance at once and takes longer than
+    ``wado_proxy_timeout`` to send it: WADO-RS answers 503 with Retry-After (the study exists,
+    it is on its way), not 404; once it came, the same request is served from the cache."""
+    import http.server
+    import json
+    import threading
+    import time
+
+    import requests
+
+    src = generate(tmp_path / "study", series=1, instances=1, rows=16, cols=16, seed=296)[0]
+    ds = dcmread(src)
+    study, series, sop = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                          str(ds.SOPInstanceUID))
+    release = threading.Event()
+
+    class SlowPacs(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if "/instances/" in self.path:  # WADO-RS of the instance: slow
+                release.wait(60)
+                body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + src.read_bytes() \
+                    + b"\r\n--b--"
+                ctype = 'multipart/related; type="application/dicom"; boundary=b'
+            else:
+                body = json.dumps([] if "offset=" in self.path else [{
+                    "0020000D": {"vr": "UI", "Value": [study]},
+                    "0020000E": {"vr": "UI", "Value": [series]},
+                    "00080018": {"vr": "UI", "Value": [sop]},
+                    "00080016": {"vr": "UI", "Value": [str(ds.SOPClassUID)]}}]).encode()
+                ctype = "application/dicom+json"
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowPacs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    web_port = free_port()
+    try:
+        with Router(tmp_path / "router", {
+                "web": {"port": web_port}, "query_retrieve_proxy": "web",
+                "wado_proxy_timeout": "2s",
+                "sources": {"web": {"type": "dicomweb",
+                                    "url": f"http://127.0.0.1:{server.server_port}/dicom-web",
+                                    "interval": "1h"}}}) as router:
+            url = f"http://127.0.0.1:{web_port}/dicom-web/studies/{study}"
+            started = time.monotonic()
+            r = requests.get(url, timeout=60)
+            assert r.status_code == 503 and r.headers.get("Retry-After") == "30", r.text
+            assert "still coming" in r.text and time.monotonic() - started < 20
+            release.set()
+            wait_until(lambda: requests.get(url, timeout=60).status_code == 200, timeout=60,
+                       what="the study served from the cache")
+            r = requests.get(url, timeout=60, headers={
+                "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+            assert dcmread(src).PixelData in r.content
+            log = router.log(20_000)
+    finally:
+        release.set()
+        server.shutdown()
+    assert "the PACS is still sending" in log and "Traceback" not in log

@@ -37,6 +37,11 @@ log = logging.getLogger("dicomrouter.proxy")
 _DONE = object()
 
 
+class StillFetching(Exception):
+    """``fetch`` gave up waiting while the PACS was still sending the study (the fetch goes on:
+    asked again later, the study is served from the cache)."""
+
+
 def _values(q: query.Query, keyword: str) -> list[str]:
     """The values a single-value or list match of ``keyword`` asks for (none: any)."""
     for m in q.matches:
@@ -194,12 +199,16 @@ class QueryRetrieveProxy:
                 done.set()
 
         threading.Thread(target=run, name="qr-proxy-wado", daemon=True).start()
-        done.wait(max(0.0, deadline - time.monotonic()))
+        finished = done.wait(max(0.0, deadline - time.monotonic()))
         held = self.state.held_instances([i.sop for i in listed])
         ok = all(i.sop in held for i in listed)
-        log.info("Q/R proxy: study %s%s for WADO-RS: %d of %d instance(s) in the spool",
-                 study_uid, f" series {series_uid}" if series_uid else "",
-                 sum(1 for i in listed if i.sop in held), len(listed))
+        count = f"{sum(1 for i in listed if i.sop in held)} of {len(listed)} instance(s)"
+        log.info("Q/R proxy: study %s%s for WADO-RS: %s in the spool%s", study_uid,
+                 f" series {series_uid}" if series_uid else "", count,
+                 "" if ok or finished else "; the PACS is still sending")
+        if not ok and not finished:
+            raise StillFetching(f"{count} of study {study_uid} came from the PACS within "
+                                "wado_proxy_timeout; the rest is still coming")
         return ok
 
     # ---- the cache ---------------------------------------------------------------------------
