@@ -29,9 +29,11 @@ from .destinations.base import PermanentFailure
 from .feed import ForwardFeed
 from .groups import Groups
 from .priority import chunks
+from .rules import keys_of
 from .spool import Spool, SpoolReader
 from .state import Instance, Job, JobState, State
 from .transforms import TransformError, transform_file
+from .values import PROXIED_TAG
 
 log = logging.getLogger("dicomrouter.delivery")
 
@@ -211,6 +213,8 @@ class DeliveryWorkers:
             if dest.whole_study else self.state.undelivered(job.study_uid, dest.name)
         if job.series_only is not None:  # level: series, the study is still receiving
             todo = [i for i in todo if i.series_uid in job.series_only]
+        if not dest.whole_study:
+            todo = self._without_cached(job, todo)
         attempt = job.attempts + 1
         started = time.monotonic()
         log.info("study %s → %s (%s): sending %d instance(s), attempt %d/%d", job.study_uid,
@@ -291,6 +295,18 @@ class DeliveryWorkers:
             log.info("study %s → %s: its new generation is held (a route with hold: true) "
                      "until 'dicomrouter release' or 'reject'", job.study_uid, dest.name)
         return outcome
+
+    def _without_cached(self, job: Job, todo: list[Instance]) -> list[Instance]:
+        """What the Q/R proxy fetched into a study (marked Proxied) goes only where a route
+        naming ``Proxied`` sends it: an instance pushed into a cached study is sent on without
+        the PACS's own instances around it (README "Q/R proxy"). A job without routes (sent
+        by hand) takes everything."""
+        if not job.routes or not any(i.tags.get(PROXIED_TAG) for i in todo):
+            return todo
+        by_name = {r.name: r for r in self.cfg.routes}
+        if any(n not in by_name or "Proxied" in keys_of(by_name[n].when) for n in job.routes):
+            return todo
+        return [i for i in todo if not i.tags.get(PROXIED_TAG)]
 
     def _send_chunks(self, job: Job, dest: Destination, todo: list[Instance]) -> RunResult:
         """Send ``todo`` ``chunk_instances`` at a time; after a chunk, stop (``yielded``) if a

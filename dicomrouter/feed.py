@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
 from .state import Instance, State
+from .values import PROXIED_TAG
 
 REFRESH = 0.05  # seconds between two looks for new arrivals
 
@@ -65,8 +66,10 @@ class ForwardFeed:
             if time.monotonic() - self._looked < REFRESH:
                 return None
             self._looked = time.monotonic()
+            # not what the Q/R proxy fetches meanwhile: that is a cache fill, which only a
+            # route naming Proxied sends, once it is routed (delivery._without_cached)
             new = [i for i in self.state.undelivered(self.study_uid, self.destination)
-                   if i.sop_uid not in self._taken and
+                   if i.sop_uid not in self._taken and not i.tags.get(PROXIED_TAG) and
                    (i.sop_class, i.transfer_syntax) in self.pairs]
             if new:
                 self._taken.update(i.sop_uid for i in new)

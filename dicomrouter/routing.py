@@ -208,6 +208,16 @@ def conditions_hold(when: Sequence[Any], instances: Sequence[Instance],
     return all_hold(when, view.study_values)
 
 
+def cache_fill(instances: Sequence[Instance]) -> bool:
+    """The study's newest generation came from the Q/R proxy only (every instance of it is
+    marked Proxied): a cache fill, which only routes naming ``Proxied`` see. An instance pushed
+    into a cached study (C-STORE, STOW-RS: an AI result in the study it read) starts a
+    generation of its own that every route sees."""
+    newest = max((i.generation for i in instances), default=0)
+    return bool(instances) and all(i.tags.get(PROXIED_TAG) for i in instances
+                                   if i.generation == newest)
+
+
 def route(routes: Sequence[RouteConfig], instances: Sequence[Instance],
           open_instance: Callable[[Instance], BinaryIO] | None = None,
           sources: Mapping[str, str] | None = None,
@@ -229,8 +239,8 @@ def route(routes: Sequence[RouteConfig], instances: Sequence[Instance],
     results: list[RouteResult] = []
     stopped = ""
     # a study the Q/R proxy fetched is a cache, not a new arrival: only routes that name
-    # Proxied see it (README "Q/R proxy")
-    proxied = any(i.tags.get(PROXIED_TAG) for i in instances)
+    # Proxied see it (README "Q/R proxy"); instances pushed into it later are seen by all
+    proxied = cache_fill(instances)
     for r in routes:
         if proxied and "Proxied" not in keys_of(r.when):
             results.append(RouteResult(r.name, r.to, False, "", r.stop, r.fallback,

@@ -260,7 +260,8 @@ def test_cache_retention_removes_an_unused_fetched_study(tmp_path: Path, orthanc
         wait_until(lambda: router.study_state(uid) == "purged", timeout=60,
                    what="the fetched study removed after query_retrieve_proxy_cache")
         assert not (router.spool / "data" / uid).exists()
-        assert "left the cache" in router.log(20_000)
+        wait_until(lambda: "left the cache" in router.log(20_000), timeout=30,
+                   what="the log line, written once the purge returned")
         assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.dcm"))
 
 
@@ -379,3 +380,196 @@ def test_wado_rs_of_a_study_only_the_pacs_holds(tmp_path: Path, orthanc) -> None
             src = dcmread(f)
             assert (by_uid[str(src.SOPInstanceUID)].pixel_array == src.pixel_array).all()
         assert "for WADO-RS: 4 of 4 instance(s) in the spool" in router.log(20_000)
+
+
+def test_stow_into_a_cached_study_is_routed_and_kept(tmp_path: Path, orthanc,
+                                                      storescp: StoreSCP, monkeypatch) -> None:
+    """The AI-node round trip on the DICOMweb server's own listener (with credentials): WADO-RS
+    of a study only the PACS holds fills the cache (no route sees it), then a result series is
+    STOW-RS'd into the same study: the route (no ``Proxied``) delivers the pushed instances and
+    not the cached ones, and the study (kept after delivery) outlives
+    ``query_retrieve_proxy_cache``: it holds instances that were sent to the router."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+    from test_stow import multipart, referenced
+
+    monkeypatch.setenv("DW_TOKEN", "proxy-T0ken")
+    port, dw_port = free_port(), free_port()
+    pacs: Orthanc = orthanc(aet="PACS", modalities={"router": ["DICOMROUTER", "127.0.0.1",
+                                                               port]})
+    study = generate(tmp_path / "study", series=1, instances=3, rows=32, cols=32, seed=291)
+    upload(pacs, study)
+    uid = tags_of(study[0], "StudyInstanceUID")[0]
+    result = []
+    for f in generate(tmp_path / "result", series=1, instances=2, rows=16, cols=16, seed=292):
+        ds = dcmread(f)  # an AI result: a new series of the cached study
+        ds.StudyInstanceUID = uid
+        ds.save_as(f, enforce_file_format=True)
+        result.append(f)
+    with Router(tmp_path / "router", {
+            "port": port, "stable_age": "1s", "keep_after_delivery": True,
+            "query_retrieve_proxy": "PACS", "query_retrieve_proxy_cache": "15s",
+            "dicomweb": {"bind": "0.0.0.0", "port": dw_port, "auth": {"token_env": "DW_TOKEN"}},
+            "known_aes": {"PACS": {"host": "127.0.0.1", "port": pacs.dicom_port}},
+            "destinations": {"pacs": {"type": "dicom", "ae_title": storescp.aet,
+                                      "host": "127.0.0.1", "port": storescp.port}},
+            "routes": [{"to": "pacs"}]}) as router:
+        base = f"http://127.0.0.1:{dw_port}/dicom-web"
+        wait_until(lambda: requests.get(base + "/studies", timeout=5).status_code == 401,
+                   timeout=30, what="the DICOMweb listener", ignore=(OSError,))
+        client = DICOMwebClient(url=base, headers={"Authorization": "Bearer proxy-T0ken"})
+        got = {str(ds.SOPInstanceUID): ds for ds in client.retrieve_study(uid)}
+        assert set(got) == sop_uids(study)
+        for f in study:
+            assert (got[tags_of(f, "SOPInstanceUID")[0]].pixel_array ==
+                    dcmread(f).pixel_array).all()
+        router.wait_state(uid, "unrouted")  # the cache: no route sees it
+        body, ctype = multipart([(f.read_bytes(), "application/dicom") for f in result])
+        r = requests.post(f"{base}/studies/{uid}", data=body, timeout=60, headers={
+            "Content-Type": ctype, "Authorization": "Bearer proxy-T0ken"})
+        assert r.status_code == 200 and referenced(r) == sop_uids(result), r.text
+        wait_until(lambda: storescp.sop_uids() == sop_uids(result), timeout=60,
+                   what="the STOW-RS'd result series delivered")
+        router.wait_state(uid, "delivered")
+        wait_until(lambda: "leaves the cache but stays in the spool" in router.log(50_000),
+                   timeout=60, what="the cache let go of the study")
+        assert storescp.sop_uids() == sop_uids(result)  # never the PACS's own instances
+        assert router.study_state(uid) == "delivered"
+        assert {p.stem for p in (router.spool / "data" / uid).glob("*.dcm")} == \
+            sop_uids(study) | sop_uids(result)
+        assert "Traceback" not in router.log(50_000)
+
+
+def test_a_pacs_answering_nonsense_costs_one_log_line(tmp_path: Path) -> None:
+    """A DICOMweb PACS whose study searches are JSON but not DICOM JSON (values where objects
+    belong), whose instance search ignores ``offset`` (the same page again and again) and whose
+    WADO-RS answers JSON: C-FIND still gets the spool's matches and 0xC001; WADO-RS of a study
+    the spool lacks is a 404 in seconds (the listing stops when a page brings nothing new),
+    C-GET of it one failed sub-operation; a line each in the log, no traceback."""
+    import http.server
+    import json
+    import threading
+    import time
+
+    import requests
+    from pydicom.uid import CTImageStorage as CT
+
+    class Nonsense(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = b'[{"0020000D": "1.2.3", "0020000E": ["x"], "00080018": 7}, 5]'
+            if "/instances?" in self.path or self.path.endswith("/instances"):
+                study = self.path.split("/studies/")[1].split("/")[0]
+                body = json.dumps([{"0020000D": {"vr": "UI", "Value": [study]},
+                                    "0020000E": {"vr": "UI", "Value": ["1.2.3.4"]},
+                                    "00080018": {"vr": "UI", "Value": ["1.2.3.4.5"]},
+                                    "00080016": {"vr": "UI", "Value": [CT]}}]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Nonsense)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    local = generate(tmp_path / "local", series=1, instances=2, rows=16, cols=16, seed=295)
+    web_port = free_port()
+    try:
+        with Router(tmp_path / "router", {
+                "web": {"port": web_port}, "query_retrieve_proxy": "web",
+                "sources": {"web": {"type": "dicomweb",
+                                    "url": f"http://127.0.0.1:{server.server_port}/dicom-web",
+                                    "interval": "1h"}}}) as router:
+            assert run_storescu(local, router.port).returncode == 0
+            (tmp_path / "find").mkdir()
+            r = subprocess.run(
+                [dcmtk("findscu"), "-v", "-S", "-aet", "FINDSCU", "-aec", "DICOMROUTER", "-X",
+                 "-od", str(tmp_path / "find"), "-k", "QueryRetrieveLevel=STUDY", "-k",
+                 "StudyInstanceUID", "127.0.0.1", str(router.port)],
+                capture_output=True, text=True, env=peer_env(), timeout=120)
+            found = [dcmread(p) for p in (tmp_path / "find").glob("rsp*.dcm")]
+            assert [str(d.StudyInstanceUID) for d in found] == \
+                [tags_of(local[0], "StudyInstanceUID")[0]], r.stdout + r.stderr
+            assert "failed: unabletoprocess" in (r.stdout + r.stderr).lower(), r.stdout  # 0xC001
+            missing = "1.2.826.0.1.3680043.8.498.999"
+            started = time.monotonic()
+            wado = requests.get(f"http://127.0.0.1:{web_port}/dicom-web/studies/{missing}",
+                                timeout=60)
+            assert wado.status_code == 404 and time.monotonic() - started < 30, wado.text
+            out = getscu_at(router.port, missing, tmp_path / "get")
+            assert "number of failed suboperations    : 1" in out.lower(), out
+            log = router.log(20_000)
+    finally:
+        server.shutdown()
+    assert "its answer cannot be read" in log and "WADO-RS of instance 1.2.3.4.5" in log, log
+    assert "Traceback" not in log and "Exception in" not in log
+
+
+def test_wado_rs_of_a_study_the_pacs_is_slow_to_send_is_503(tmp_path: Path) -> None:
+    """A DICOMweb PACS that lists the study's instance at once and takes longer than
+    ``wado_proxy_timeout`` to send it: WADO-RS answers 503 with Retry-After (the study exists,
+    it is on its way), not 404; once it came, the same request is served from the cache."""
+    import http.server
+    import json
+    import threading
+    import time
+
+    import requests
+
+    src = generate(tmp_path / "study", series=1, instances=1, rows=16, cols=16, seed=296)[0]
+    ds = dcmread(src)
+    study, series, sop = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                          str(ds.SOPInstanceUID))
+    release = threading.Event()
+
+    class SlowPacs(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if "/instances/" in self.path:  # WADO-RS of the instance: slow
+                release.wait(60)
+                body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + src.read_bytes() \
+                    + b"\r\n--b--"
+                ctype = 'multipart/related; type="application/dicom"; boundary=b'
+            else:
+                body = json.dumps([] if "offset=" in self.path else [{
+                    "0020000D": {"vr": "UI", "Value": [study]},
+                    "0020000E": {"vr": "UI", "Value": [series]},
+                    "00080018": {"vr": "UI", "Value": [sop]},
+                    "00080016": {"vr": "UI", "Value": [str(ds.SOPClassUID)]}}]).encode()
+                ctype = "application/dicom+json"
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowPacs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    web_port = free_port()
+    try:
+        with Router(tmp_path / "router", {
+                "web": {"port": web_port}, "query_retrieve_proxy": "web",
+                "wado_proxy_timeout": "2s",
+                "sources": {"web": {"type": "dicomweb",
+                                    "url": f"http://127.0.0.1:{server.server_port}/dicom-web",
+                                    "interval": "1h"}}}) as router:
+            url = f"http://127.0.0.1:{web_port}/dicom-web/studies/{study}"
+            started = time.monotonic()
+            r = requests.get(url, timeout=60)
+            assert r.status_code == 503 and r.headers.get("Retry-After") == "30", r.text
+            assert "still coming" in r.text and time.monotonic() - started < 20
+            release.set()
+            wait_until(lambda: requests.get(url, timeout=60).status_code == 200, timeout=60,
+                       what="the study served from the cache")
+            r = requests.get(url, timeout=60, headers={
+                "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+            assert dcmread(src).PixelData in r.content
+            log = router.log(20_000)
+    finally:
+        release.set()
+        server.shutdown()
+    assert "the PACS is still sending" in log and "Traceback" not in log

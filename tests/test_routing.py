@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import yaml
@@ -94,9 +95,16 @@ def test_a_study_the_qr_proxy_fetched_is_seen_only_by_routes_naming_proxied(
     assert fetched.destinations == ("b",)
     assert "Q/R proxy" in fetched.explanation[0].skipped
     assert len(fetched.explanation) == 4
-    # one fetched instance makes the study the proxy's (its other instances were pushed)
+    # an instance pushed into a cached study (an AI result in the study it read): every route
+    # sees that generation (the study-level Proxied is still true: one was fetched)
     mixed = route(cfg.routes, [inst(Modality="MR"), inst(Modality="MR", _Proxied="1",
                                                          SOPInstanceUID="1.2.4")])
-    assert mixed.destinations == () and mixed.routes == ()
+    assert mixed.destinations == ("a",) and mixed.routes == ("all",)
+    cached = inst(Modality="MR", _Proxied="1", SOPInstanceUID="1.2.4")
+    ai_result = dataclasses.replace(inst(Modality="SEG", SOPInstanceUID="1.2.5"), generation=2)
+    assert route(cfg.routes, [cached, ai_result]).destinations == ("a",)
+    # a pushed study the proxy later completed from the PACS: that generation is a cache fill
+    refill = dataclasses.replace(cached, generation=2)
+    assert route(cfg.routes, [inst(Modality="MR"), refill]).destinations == ()
     pushed = route(cfg.routes, [inst(Modality="CT")])
     assert pushed.destinations == ("a", "c") and pushed.routes == ("all", "fresh")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import os
 import signal
 import threading
@@ -259,6 +260,63 @@ def test_web_port_serves_stow_with_the_web_token_off_loopback(tmp_path: Path,
         assert dataset_bytes(spooled(router, files[0])) == dataset_bytes(files[0])
 
 
+def test_every_dicomweb_path_needs_credentials_on_both_servers(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """Both servers bound off loopback, dicomweb.auth set: on the web port and on the own
+    listener (at its root and a named endpoint's, which serves QIDO-RS and WADO-RS as well)
+    every QIDO-RS and WADO-RS GET, not only STOW-RS, is 401 without dicomweb.auth's
+    token, with a wrong one or with the web token (that one opens the status page only); with
+    it the data comes back."""
+    monkeypatch.setenv("WEB_TOKEN", TOKEN)
+    monkeypatch.setenv("DW_TOKEN", TOKEN + "-dw")
+    files = generate(tmp_path / "a", series=1, instances=2, rows=16, cols=16, seed=287)
+    web_port, dw_port = free_port(), free_port()
+    study, series = study_of(files[0]), tags_of(files[0], "SeriesInstanceUID")[0]
+    paths = ["/studies", "/series", "/instances", f"/studies?StudyInstanceUID={study}",
+             f"/studies/{study}/series", f"/studies/{study}/instances",
+             f"/studies/{study}/series/{series}/instances", f"/studies/{study}",
+             f"/studies/{study}/metadata", f"/studies/{study}/series/{series}",
+             f"/studies/{study}/series/{series}/metadata",
+             f"/studies/{study}/series/{series}/instances/{sop(files[0])}",
+             f"/studies/{study}/series/{series}/instances/{sop(files[0])}/metadata",
+             f"/studies/{study}/series/{series}/instances/{sop(files[0])}/frames/1"]
+    with Router(tmp_path / "router", {
+            "stable_age": "1h",
+            "web": {"enabled": True, "bind": "0.0.0.0", "port": web_port,
+                    "token_env": "WEB_TOKEN"},
+            "dicomweb": {"bind": "0.0.0.0", "port": dw_port, "endpoints": ["partner-a"],
+                         "auth": {"token_env": "DW_TOKEN"}}}):
+        servers = [f"http://127.0.0.1:{web_port}/dicom-web",
+                   f"http://127.0.0.1:{dw_port}/dicom-web",
+                   f"http://127.0.0.1:{dw_port}/dicom-web/partner-a"]  # a whole service root
+        token = TOKEN + "-dw"
+        for base in servers:
+            wait_until(lambda base=base: requests.get(base + "/studies", timeout=5)
+                       .status_code == 401, timeout=30, what=f"{base} answering",
+                       ignore=(OSError,))
+        assert post(servers[1] + "/studies", files,
+                    Authorization=f"Bearer {token}").status_code == 200
+        for base in servers:
+            for path in paths:
+                for headers in ({}, {"Authorization": f"Bearer {TOKEN}"},
+                                {"Authorization": basic("any", TOKEN)},
+                                {"Authorization": f"Bearer {token}x"}):
+                    r = requests.get(base + path, headers=headers, timeout=30)
+                    assert r.status_code == 401, (base, path, headers, r.status_code)
+                    assert "WWW-Authenticate" in r.headers
+                r = requests.get(base + path, headers={"Authorization": f"Bearer {token}"},
+                                 timeout=60)
+                assert r.status_code == 200, (base, path, r.status_code, r.text[:300])
+            r = requests.get(f"{base}/studies/{study}", timeout=60, headers={
+                "Authorization": f"Bearer {token}",
+                "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+            assert all(dataset_bytes(f) in r.content for f in files)
+            assert post(base + "/studies", files).status_code == 401
+            found = requests.get(base + "/studies", timeout=30,
+                                 headers={"Authorization": f"Bearer {token}"}).json()
+            assert found[0]["00081190"]["Value"] == [f"{base}/studies/{study}"]
+
+
 def test_configuration_of_the_dicomweb_server(tmp_path: Path) -> None:
     def parse(**cfg: Any) -> Any:
         return from_dict(cfg, tmp_path, "test")
@@ -391,6 +449,66 @@ def test_orthanc_pushes_a_study_to_the_router_over_dicomweb(tmp_path: Path, orth
     assert "(endpoint partner-a): 4 stored, 0 failed" in log
 
 
+def test_orthanc_pushes_queries_and_retrieves_through_one_server_entry(
+        tmp_path: Path, orthanc, monkeypatch) -> None:
+    """Issue 28's "Done when": ONE Orthanc with the router as ``DicomWeb.Servers.router`` (basic
+    auth, the router's own listener bound off loopback) stores a mixed-syntax study there
+    (``/stow``), finds it and a study the router got by C-STORE (``/qido``), and, after
+    deleting its own copy, retrieves both (``/retrieve``): tags and decoded pixels equal the
+    sources'. The same Orthanc with a wrong password gets nothing."""
+    import urllib.error
+
+    import numpy as np
+    from peers import run_storescu
+
+    monkeypatch.setenv("DW_PASSWORD", PASSWORD)
+    pushed = syntax_variants(generate(tmp_path / "a", series=1, instances=4, rows=32, cols=32,
+                                      patient_id="ORTH1", seed=293), tmp_path / "mixed")
+    stored = generate(tmp_path / "b", series=2, instances=2, rows=24, cols=24,
+                      patient_id="ORTH2", seed=294)
+    port, dw_port = free_port(), free_port()
+    root = f"http://127.0.0.1:{dw_port}/dicom-web/"
+    viewer = orthanc(aet="VIEWER", dicomweb=True, extra_config={"DicomWeb": {
+        "Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
+        "Servers": {"router": {"Url": root, "Username": "orthanc", "Password": PASSWORD},
+                    "wrong": {"Url": root, "Username": "orthanc", "Password": "nope"}}}})
+    ids = {viewer.post("/instances", f.read_bytes())["ParentStudy"] for f in pushed}
+    with Router(tmp_path / "router", {
+            "port": port, "keep_after_delivery": True,
+            "dicomweb": {"bind": "0.0.0.0", "port": dw_port,
+                         "auth": {"user": "orthanc", "password_env": "DW_PASSWORD"}},
+            "destinations": {"archive": {"type": "folder", "path": str(tmp_path / "out")}},
+            "routes": [{"to": "archive"}]}) as router:
+        assert run_storescu(stored, router.port).returncode == 0
+        viewer.post("/dicom-web/servers/router/stow", {"Resources": sorted(ids)})
+        for study_id in ids:
+            viewer.delete(f"/studies/{study_id}")
+        assert viewer.count() == 0
+        found = viewer.post("/dicom-web/servers/router/qido",
+                            {"Uri": "/studies", "Arguments": {"PatientID": "ORTH*"}})
+        # (Orthanc's flavour of JSON drops the counts, which the router sends as numbers)
+        assert sorted((f["00100020"]["Value"], f["0020000D"]["Value"], f["00100010"]["Value"],
+                       f["00080020"]["Value"], f["00080061"]["Value"]) for f in found) == \
+            sorted(tags_of(f, "PatientID", "StudyInstanceUID", "PatientName", "StudyDate",
+                           "Modality") for f in (pushed[0], stored[0]))
+        with pytest.raises(urllib.error.HTTPError):
+            viewer.post("/dicom-web/servers/wrong/qido", {"Uri": "/studies"})
+        for f in (pushed[0], stored[0]):
+            viewer.post("/dicom-web/servers/router/retrieve",
+                        {"Resources": [{"Study": study_of(f)}]})
+        sources = {sop(f): f for f in pushed + stored}
+        viewer.wait_for_instances(sources, timeout=90)
+        for uid, path in sources.items():
+            got, src = dcmread(io.BytesIO(viewer.instance_file(uid))), dcmread(path)
+            assert np.array_equal(got.pixel_array, src.pixel_array), uid
+            for kw in ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
+                       "SOPClassUID", "Rows", "Columns", "StudyDate"):
+                assert got.get(kw) == src.get(kw), (uid, kw)
+        assert calling_ae(router, study_of(pushed[0])) == "STOW-RS"
+        log = router.log(20_000)
+    assert PASSWORD not in log and "Traceback" not in log
+
+
 def test_a_large_request_is_streamed_within_the_memory_bound(tmp_path: Path) -> None:
     """A few hundred MB in one request (150 instances of 2 MB, sent as generated, never held
     whole by the client either): the router's peak RSS stays under P4's 200 MB bound and every
@@ -518,10 +636,11 @@ def test_more_dicomweb_routes_share_the_router_and_its_auth(tmp_path: Path) -> N
                                               tmp_path, "test"), "spool": None})()
     dicomweb_app(view, add)  # the own listener's server builds with it
     api = dicomweb_router(view, add)
-    assert seen == [(view, require_dicomweb_auth)] * 2
+    assert seen == [(view, require_dicomweb_auth)] * 4  # two servers: root and partner-a
     routes = {r.path: r for r in api.routes if hasattr(r, "dependant")}
     assert {"/dicom-web/studies", "/dicom-web/studies/{study_uid}",
             "/dicom-web/partner-a/studies", "/dicom-web/partner-a/studies/{study_uid}",
-            "/dicom-web/studies/{study_uid}/metadata"} <= set(routes)
+            "/dicom-web/studies/{study_uid}/metadata",
+            "/dicom-web/partner-a/studies/{study_uid}/metadata"} <= set(routes)
     for route in routes.values():
         assert require_dicomweb_auth in [d.call for d in route.dependant.dependencies]

@@ -19,11 +19,10 @@ from typing import Any
 from .. import metrics
 from ..config import Config
 from ..priority import placement, route_priority
-from ..routing import Decision, route
+from ..routing import Decision, cache_fill, route
 from ..sources import source_names
 from ..spool import Spool
 from ..state import STATE_ERRORS, Instance, State, StudyState
-from ..values import PROXIED_TAG
 from .counts import ask_counts
 from .forward import ImmediateForwarder
 from .iocm import Corrections
@@ -193,8 +192,7 @@ class StudyTracker:
                                 "(partial)", study_uid, j["destination"], j["missing"],
                                 len(instances))
             self.notify(ready)
-        elif seen.state != StudyState.UNROUTED and any(i.tags.get(PROXIED_TAG)
-                                                        for i in instances):
+        elif seen.state != StudyState.UNROUTED and cache_fill(instances):
             log.info("study %s complete (%s): fetched by the Q/R proxy, so only routes naming "
                      "Proxied see it and none matched; kept in the spool as a cache", study_uid,
                      who)

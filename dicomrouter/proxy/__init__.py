@@ -9,6 +9,6 @@ the spool, the state and the leaves.
 """
 
 from .pacs import Listed, PacsError
-from .service import QueryRetrieveProxy
+from .service import QueryRetrieveProxy, StillFetching
 
-__all__ = ["Listed", "PacsError", "QueryRetrieveProxy"]
+__all__ = ["Listed", "PacsError", "QueryRetrieveProxy", "StillFetching"]

@@ -292,17 +292,31 @@ class DicomwebPacs:
                 sops: Sequence[str] = ()) -> list[Listed]:
         out = []
         for study in studies:
-            for item in self._call("search_for_instances", study_instance_uid=study,
-                                   fields=["SOPClassUID"], get_remaining=True):
-                def value(tag: str, item: dict[str, Any] = item) -> str:
-                    return _text((item.get(tag, {}).get("Value") or [""])[0])
-                listed = Listed(study, value(SERIES_UID), value(SOP_UID), value(SOP_CLASS))
-                if value(STUDY_UID) not in ("", study) or not listed.sop:
-                    continue
+            for listed in self._study_instances(study):
                 if (series and listed.series not in series) or (sops and listed.sop not in sops):
                     continue
                 out.append(listed)
         return out
+
+    def _study_instances(self, study: str) -> list[Listed]:
+        """Every instance QIDO-RS lists of ``study``, page by page (``offset``), until a page
+        brings nothing new: a server that ignores ``offset`` answers the same page again, and
+        dicomweb-client's ``get_remaining`` would ask forever (and hold every answer)."""
+        found: dict[str, Listed] = {}
+        offset = 0
+        while True:
+            page = self._call("search_for_instances", study_instance_uid=study,
+                              fields=["SOPClassUID"], **({"offset": offset} if offset else {}))
+            before = len(found)
+            for item in page:
+                def value(tag: str, item: dict[str, Any] = item) -> str:
+                    return _text((item.get(tag, {}).get("Value") or [""])[0])
+                listed = Listed(study, value(SERIES_UID), value(SOP_UID), value(SOP_CLASS))
+                if value(STUDY_UID) in ("", study) and listed.sop:
+                    found.setdefault(listed.sop, listed)
+            if not page or len(found) == before:
+                return list(found.values())
+            offset += len(page)
 
     def retrieve(self, missing: Sequence[Listed], arrived: Arrived) -> None:
         with self._lock:

@@ -37,6 +37,11 @@ log = logging.getLogger("dicomrouter.proxy")
 _DONE = object()
 
 
+class StillFetching(Exception):
+    """``fetch`` gave up waiting while the PACS was still sending the study (the fetch goes on:
+    asked again later, the study is served from the cache)."""
+
+
 def _values(q: query.Query, keyword: str) -> list[str]:
     """The values a single-value or list match of ``keyword`` asks for (none: any)."""
     for m in q.matches:
@@ -77,6 +82,9 @@ class QueryRetrieveProxy:
                           "(query_retrieve_proxy_max_answers)"
         except PacsError as exc:
             remote, problem = [], f"PACS not reachable: {exc}"
+        except Exception as exc:  # noqa: BLE001 - answers the PACS sent that make no sense
+            remote, problem = [], f"PACS not reachable: its answer cannot be read: " \
+                f"{type(exc).__name__}: {exc}"
         out = list(local)
         for ds in remote:
             uid = str(ds.get(key, "") or "")
@@ -105,6 +113,9 @@ class QueryRetrieveProxy:
                                        _values(q, "SOPInstanceUID"))
         except PacsError as exc:
             return [], f"PACS not reachable: {exc}"
+        except Exception as exc:  # noqa: BLE001 - answers that make no sense: the spool's go
+            return [], f"PACS not reachable: its answer cannot be read: " \
+                f"{type(exc).__name__}: {exc}"
         have = {i.sop_uid for i in held}
         present = self.state.held_instances([i.sop for i in listed])
         return [i for i in listed if i.sop not in have and i.sop not in present], ""
@@ -164,8 +175,12 @@ class QueryRetrieveProxy:
         series = [series_uid] if series_uid else []
         try:
             listed = self.pacs.listing([study_uid], series)
-        except PacsError as exc:
-            log.warning("Q/R proxy: fetching study %s: %s", study_uid, exc)
+        except Exception as exc:  # noqa: BLE001 - PacsError, or answers that make no sense:
+            # one line, and the DICOMweb client gets its 404 rather than a 500
+            why = str(exc) if isinstance(exc, PacsError) else \
+                f"its answer cannot be read: {type(exc).__name__}: {exc}"
+            log.warning("Q/R proxy: fetching study %s from %s: %s", study_uid,
+                        self.pacs.describe(), why)
             return False
         if not listed:
             return False
@@ -184,12 +199,16 @@ class QueryRetrieveProxy:
                 done.set()
 
         threading.Thread(target=run, name="qr-proxy-wado", daemon=True).start()
-        done.wait(max(0.0, deadline - time.monotonic()))
+        finished = done.wait(max(0.0, deadline - time.monotonic()))
         held = self.state.held_instances([i.sop for i in listed])
         ok = all(i.sop in held for i in listed)
-        log.info("Q/R proxy: study %s%s for WADO-RS: %d of %d instance(s) in the spool",
-                 study_uid, f" series {series_uid}" if series_uid else "",
-                 sum(1 for i in listed if i.sop in held), len(listed))
+        count = f"{sum(1 for i in listed if i.sop in held)} of {len(listed)} instance(s)"
+        log.info("Q/R proxy: study %s%s for WADO-RS: %s in the spool%s", study_uid,
+                 f" series {series_uid}" if series_uid else "", count,
+                 "" if ok or finished else "; the PACS is still sending")
+        if not ok and not finished:
+            raise StillFetching(f"{count} of study {study_uid} came from the PACS within "
+                                "wado_proxy_timeout; the rest is still coming")
         return ok
 
     # ---- the cache ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from .. import query
 from ..conversion import POOL
 from ..dicomfile import valid_uid
 from ..pixelframes import FrameError, check, locate, read_frame
+from ..proxy import StillFetching
 from ..state import Instance
 from ..transcode import ConversionError
 from . import media
@@ -58,8 +59,12 @@ def select(router_view: Any, study: str, series: str | None = None, sop: str | N
         timeout = router_view.cfg.wado_proxy_timeout
         log.info("WADO-RS: study %s is not in the spool: fetching it through the Q/R proxy "
                  "(at most %g s)", study, timeout)
-        if fetcher.fetch(study, series_uid=series, timeout=timeout):
-            found = router_view.state.qr_instances(q)
+        try:
+            if fetcher.fetch(study, series_uid=series, timeout=timeout):
+                found = router_view.state.qr_instances(q)
+        except StillFetching as exc:  # not a 404: the study exists and is on its way
+            raise HTTPException(503, f"{exc}: ask again later",
+                                headers={"Retry-After": "30"}) from None
     if not found:
         what = "instance" if sop else "series" if series else "study"
         raise HTTPException(404, f"no {what} {sop or series or study} in the spool")

@@ -50,8 +50,10 @@ RouteAdder = Callable[[APIRouter, Any, Callable[..., None]], None]
 def dicomweb_router(router_view: StowView, *more: RouteAdder) -> APIRouter:
     """The DICOMweb routes: ``POST /dicom-web/studies[/{uid}]`` and, per named endpoint,
     ``POST /dicom-web/<endpoint>/studies[/{uid}]``, then QIDO-RS, WADO-RS and whatever each of
-    ``more`` adds (called as ``add(api, router_view, require_dicomweb_auth)``); every route needs
-    the server's credentials (``require_dicomweb_auth``, a dependency of the whole router)."""
+    ``more`` adds (called as ``add(api, router_view, require_dicomweb_auth)``), at the root and
+    under each named endpoint (the same spool: an endpoint names where instances came in, it
+    is no partition); every route needs the server's credentials (``require_dicomweb_auth``,
+    a dependency of the whole router)."""
     api = APIRouter(prefix=PREFIX, dependencies=[Depends(require_dicomweb_auth)],
                     tags=["DICOMweb"])
     cfg = router_view.cfg.dicomweb
@@ -111,6 +113,12 @@ def dicomweb_router(router_view: StowView, *more: RouteAdder) -> APIRouter:
         register(f"/{name}", name)
     for add in (qido.add_routes, wado.add_routes, *more):  # QIDO-RS, WADO-RS
         add(api, router_view, require_dicomweb_auth)
+    for name in cfg.endpoints:  # a named endpoint is a whole service root: a partner's one
+        # DICOMweb server entry searches and retrieves there too
+        sub = APIRouter(prefix=f"{PREFIX}/{name}", dependencies=[Depends(require_dicomweb_auth)])
+        for add in (qido.add_routes, wado.add_routes, *more):
+            add(sub, router_view, require_dicomweb_auth)
+        api.routes.extend(sub.routes)  # full paths already, the same dependency
     return api
 
 
