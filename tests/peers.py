@@ -74,8 +74,13 @@ def wait_until(
 ) -> T:
     """The benchmark's poll loop, failing the test (AssertionError) on timeout.
 
-    Returns the predicate's first truthy value; exceptions in ``ignore`` count as "not yet".
+    Returns the predicate's first truthy value; exceptions in ``ignore`` count as "not yet",
+    and so does a DICOM file a peer is still writing (a predicate reading a storescp's files
+    may meet one half-written: InvalidDicomError, EOFError).
     """
+    from pydicom.errors import InvalidDicomError
+
+    ignore = (*ignore, InvalidDicomError, EOFError)
     try:
         return _wait_until(predicate, timeout, interval, what or str(predicate), ignore)
     except BenchError as exc:

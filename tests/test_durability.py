@@ -183,8 +183,9 @@ def test_disk_full_answers_out_of_resources_and_leaves_nothing_partial(
         files = {p.stem for p in (router.spool / "data").rglob("*.dcm")}
         assert files == {sop(Path(f)) for f in ok}
         assert not router.partial_receptions()
-        st = router.status()
-        assert sum(s["instances_in_spool"] for s in st["studies"]) == len(ok)
+        # indexed after the answer (ack after durability, index behind it): poll for it
+        wait_until(lambda: sum(s["instances_in_spool"] for s in router.status()["studies"])
+                   == len(ok), timeout=60, what="every acknowledged instance indexed")
         assert "0xA700" in router.log(5000)
 
 
