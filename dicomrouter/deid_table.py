@@ -248,6 +248,9 @@ class DeidentifyModel(Strict):
     patient_name: Text | None = None  # default ANON^{hash:12}
     patient_map: Text | None = None  # a CSV of original,pseudonym
     uid_secret_env: Text | None = None  # default DEID_SECRET
+    # reversible pseudonymization (pseudonym.py): the mapping kept, encrypted, in the state
+    reversible: Bool = False
+    key_env: Text | None = None  # default PSEUDONYM_KEY (only with reversible)
 
     @model_validator(mode="after")
     def _dates(self) -> DeidentifyModel:

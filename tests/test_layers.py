@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("ways out", ("destinations", "qrscu", "commitment", "lookups", "outbox")),
     ("durable storage", ("spool", "state", "query")),
     ("leaves", ("config", "common", "values", "schema", "rules", "schedule", "sweep",
-                "transforms", "deid", "deid_table", "dicomfile", "dimse", "walk", "transcode",
+                "transforms", "deid", "deid_table", "pseudonym", "dicomfile", "dimse", "walk", "transcode",
                 "conversion", "ratelimit", "pixelframes",
                 "logsafe", "tlsctx", "netutil", "metrics", "sample", "storage_contexts",
                 "hl7wire", "mpps_data")),
