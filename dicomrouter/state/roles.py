@@ -13,6 +13,7 @@ from typing import Any
 from ..query import Query
 from .base import Instance, Job, Placement, Reception, Recorded, SourceStudy, Study
 from .roles_mpps import ProcedureSteps
+from .roles_pseudonyms import Pseudonyms
 
 
 class Receptions(ABC):
@@ -588,27 +589,6 @@ class GroupAssignments(ABC):
     @abstractmethod
     def group_spreads(self, pending_limit: int = 50) -> dict[str, dict[str, Any]]:
         """``group_spread`` of every group that has given out a study."""
-
-
-class Pseudonyms(ABC):
-    """Reversible pseudonymization (issue 29, item 3): sealed mappings (pseudonym.py seals)."""
-
-    @abstractmethod
-    def pseudonym_save(self, route: str, study_uid: str, pseudo_study_uid: str, sealed: str,
-                       uids: Mapping[str, str]) -> None:
-        """Keep one instance's part of the mapping (the first identity written stays)."""
-
-    @abstractmethod
-    def pseudonym_find(self, pseudo_study_uid: str) -> dict[str, Any] | None:
-        """route, study_uid, sealed identity and uids (new → sealed original), or None."""
-
-    @abstractmethod
-    def pseudonym_purge(self, study_uid: str, why: str) -> int:
-        """Forget the mappings of an original study."""
-
-    @abstractmethod
-    def pseudonym_studies_before(self, cutoff: float) -> list[str]:
-        """Original studies with a mapping, delivered or purged by ``cutoff``."""
 
 
 class State(Receptions, Studies, Deliveries, Holds, QueryIndex, SourceCursors, Commitments,
