@@ -8,8 +8,10 @@ keeps the mapping original ↔ pseudonymized in the state, encrypted; results th
   (original Study Instance UID, PatientID, PatientName, AccessionNumber, study dates, the day
   shift, and the pseudonyms they became) and every UID the de-identification replaced.
 * Sealed with Fernet (AES-128-CBC + HMAC-SHA256, ``cryptography``) under a key derived from an
-  environment variable (``key_env``, default ``PSEUDONYM_KEY``, at least 32 characters): the
-  state holds the pseudonymized UIDs in the clear (to find a mapping) and no original value.
+  environment variable (``key_env``, default ``PSEUDONYM_KEY``, at least 32 characters). The
+  state finds a mapping by a keyed hash of the pseudonymized Study Instance UID and purges it
+  by the original one (which the state holds for the study anyway): no original value and no
+  pseudonym is in the clear, so the state alone does not link one to the other.
 * :func:`reidentify` puts the originals back in a result: every UID of the mapping wherever it
   occurs (references nested at any depth), the patient's pseudonyms wherever they occur, the
   study's identity and dates; UIDs the mapping does not know (the result's own SOP Instance
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -32,7 +35,7 @@ from pydicom.dataset import Dataset
 from .deid import Deidentifier
 from .values import ConfigError
 
-__all__ = ["DEFAULT_KEY_ENV", "MIN_KEY_LENGTH", "PseudonymKeyError", "load_key",
+__all__ = ["DEFAULT_KEY_ENV", "MIN_KEY_LENGTH", "PseudonymKey", "PseudonymKeyError", "load_key",
            "pseudonymize", "reidentify"]
 
 DEFAULT_KEY_ENV = "PSEUDONYM_KEY"
@@ -46,9 +49,26 @@ class PseudonymKeyError(Exception):
     """The mapping cannot be opened with this key (another key sealed it)."""
 
 
-def load_key(env: str | None, where: str) -> Fernet:
-    """The Fernet of the key in environment variable ``env``; ConfigError naming ``where``
-    when it is missing, empty or too short."""
+@dataclass(frozen=True)
+class PseudonymKey:
+    """The two keys derived from the configured one: Fernet seals, ``tag`` names a
+    pseudonymized UID in the state without showing it."""
+
+    fernet: Fernet
+    lookup: bytes
+
+    def tag(self, text: str) -> str:
+        return hmac.new(self.lookup, text.encode(), hashlib.sha256).hexdigest()
+
+    @property
+    def check(self) -> str:
+        """The key's fingerprint (a wrong key is told from a study without a mapping)."""
+        return self.tag("\x00key check")[:16]
+
+
+def load_key(env: str | None, where: str) -> PseudonymKey:
+    """The keys from environment variable ``env``; ConfigError naming ``where`` when it is
+    missing, empty or too short."""
     name = env or DEFAULT_KEY_ENV
     value = os.environ.get(name, "")
     if not value:
@@ -57,16 +77,19 @@ def load_key(env: str | None, where: str) -> Fernet:
     if len(value) < MIN_KEY_LENGTH:
         raise ConfigError(where, f"environment variable {name} is too short: at least "
                           f"{MIN_KEY_LENGTH} characters (e.g. openssl rand -base64 32)")
-    return Fernet(base64.urlsafe_b64encode(hashlib.sha256(value.encode()).digest()))
+    raw = value.encode()
+    return PseudonymKey(
+        Fernet(base64.urlsafe_b64encode(hmac.new(raw, b"seal", hashlib.sha256).digest())),
+        hmac.new(raw, b"lookup", hashlib.sha256).digest())
 
 
-def _seal(key: Fernet, value: Any) -> str:
-    return key.encrypt(json.dumps(value).encode()).decode()
+def _seal(key: PseudonymKey, value: Any) -> str:
+    return key.fernet.encrypt(json.dumps(value).encode()).decode()
 
 
-def _open(key: Fernet, token: str) -> Any:
+def _open(key: PseudonymKey, token: str) -> Any:
     try:
-        return json.loads(key.decrypt(token.encode()))
+        return json.loads(key.fernet.decrypt(token.encode()))
     except InvalidToken:
         raise PseudonymKeyError("the pseudonymization mapping cannot be decrypted with this "
                                 "key (key_env names another key than the one that sealed "
@@ -86,7 +109,7 @@ class _Recording(Deidentifier):
         return new
 
 
-def pseudonymize(ds: Dataset, deid: Deidentifier, key: Fernet, state: Any,
+def pseudonymize(ds: Dataset, deid: Deidentifier, key: PseudonymKey, state: Any,
                  scope: str) -> None:
     """De-identify ``ds`` with ``deid`` and keep its mapping (``scope``: the route) in the
     state, sealed with ``key``; the mapping is written before the copy can leave."""
@@ -101,19 +124,26 @@ def pseudonymize(ds: Dataset, deid: Deidentifier, key: Fernet, state: Any,
     pseudo = {kw: str(ds.get(kw, "") or "") for kw in IDENTITY}
     shift = deid.day_shift(original["PatientID"]) if deid.shift_dates else 0
     identity = {"study_uid": study, "original": original, "pseudo": pseudo, "shift": shift}
-    state.pseudonym_save(scope, study, deid.uid(study), _seal(key, identity),
-                         {new: _seal(key, old) for new, old in recorder.seen.items()})
+    state.pseudonym_save(scope, study, key.tag(deid.uid(study)), _seal(key, identity),
+                         {key.tag(new): _seal(key, [new, old])
+                          for new, old in recorder.seen.items()}, key.check)
 
 
-def reidentify(ds: Dataset, state: Any, key: Fernet) -> bool:
+def reidentify(ds: Dataset, state: Any, key: PseudonymKey) -> bool:
     """Restore the originals in ``ds`` (a result referencing a pseudonymized study), in place;
     True if a mapping matched (False: ``ds`` is left as it is). Raises PseudonymKeyError
     (``ds`` untouched) when ``key`` cannot open the mapping."""
-    found = state.pseudonym_find(str(ds.get("StudyInstanceUID", "") or ""))
+    found = state.pseudonym_find(key.tag(str(ds.get("StudyInstanceUID", "") or "")))
     if found is None:
+        others = state.pseudonym_key_checks() - {key.check}
+        if others and key.check not in state.pseudonym_key_checks():
+            raise PseudonymKeyError(f"no pseudonymization mapping can be decrypted with this "
+                                    f"key ({len(others)} other key(s) sealed the ones kept: "
+                                    "key_env names another key than the one that "
+                                    "pseudonymized)")
         return False
     identity = _open(key, found["sealed"])  # first: a wrong key changes nothing
-    uids = {new: _open(key, sealed) for new, sealed in found["uids"].items()}
+    uids = dict(_open(key, sealed) for sealed in found["uids"].values())
     uids[str(ds.StudyInstanceUID)] = identity["study_uid"]
     original, pseudo = identity["original"], identity["pseudo"]
     patients = {pseudo[kw]: original[kw] for kw in ("PatientID", "PatientName")
