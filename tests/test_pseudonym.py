@@ -6,6 +6,7 @@ instances at several depths) comes back and is re-identified on its way to a "PA
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import sqlite3
 from pathlib import Path
@@ -277,3 +278,81 @@ def test_the_same_original_always_maps_to_the_same_pseudonyms(tmp_path: Path) ->
     assert {key.tag(str(d.SOPInstanceUID)) for d in datasets} <= set(found["uids"])
     assert state.pseudonym_purge("1.2.3.4", "test") == 1
     state.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_state(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """The state part on both backends."""
+    if request.param == "sqlite":
+        s: Any = SQLiteState(tmp_path / "state.db")
+    else:
+        from dicomrouter.state.postgres import PostgresState
+        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
+    yield s
+    s.close()
+
+
+def _instance(study: str, n: int) -> Dataset:
+    ds = Dataset()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, f"{study}.1"
+    ds.SOPInstanceUID = f"{study}.1.{n}"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.PatientID, ds.PatientName = "PID-SECRET-77", "SECRETNAME^JANE"
+    ds.AccessionNumber, ds.StudyDate = "ACC-SECRET-9", "20200101"
+    return ds
+
+
+def test_mapping_kept_found_and_purged_with_its_study_on_both_backends(any_state: Any) -> None:
+    import time
+
+    from dicomrouter.pseudonym import pseudonymize
+    key = load_key(None, "k")
+    deid = Deidentifier(SECRET.encode(), shift_dates=True)
+    pseudo: dict[str, Dataset] = {}
+    for study in ("1.2.51", "1.2.52"):
+        any_state.record_instance({"StudyInstanceUID": study, "SeriesInstanceUID": f"{study}.1",
+                                   "SOPInstanceUID": f"{study}.1.1", "SOPClassUID": "1.2.3",
+                                   "PatientID": "P", "Modality": "OT"}, "1.2.840.10008.1.2.1",
+                                  f"data/{study}/a.dcm", 10, "M", "R")
+        for n in (1, 2):
+            ds = _instance(study, n)
+            pseudonymize(ds, deid, key, any_state, "route ai")
+            pseudo[f"{study}.{n}"] = ds
+    ds = _instance("1.2.51", 1)
+    pseudonymize(ds, deid, key, any_state, "route ai")  # sent again: the same pseudonyms
+    assert ds.SOPInstanceUID == pseudo["1.2.51.1"].SOPInstanceUID
+    assert any_state.pseudonym_key_checks() == {key.check}
+    result = Dataset()
+    result.StudyInstanceUID = pseudo["1.2.51.2"].StudyInstanceUID
+    result.PatientID = pseudo["1.2.51.2"].PatientID
+    result.StudyDate = pseudo["1.2.51.2"].StudyDate
+    result.ReferencedSeriesSequence = [Dataset()]
+    result.ReferencedSeriesSequence[0].SeriesInstanceUID = pseudo["1.2.51.2"].SeriesInstanceUID
+    result.ReferencedSeriesSequence[0].ReferencedInstanceSequence = [
+        _ref("1.2.840.10008.5.1.4.1.1.7", str(pseudo["1.2.51.2"].SOPInstanceUID))]
+    fresh = copy.deepcopy(result)
+    assert reidentify(result, any_state, key)
+    assert (result.StudyInstanceUID, result.PatientID, result.AccessionNumber,
+            result.StudyDate) == ("1.2.51", "PID-SECRET-77", "ACC-SECRET-9", "20200101")
+    ref = result.ReferencedSeriesSequence[0]
+    assert ref.SeriesInstanceUID == "1.2.51.1"
+    assert ref.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == "1.2.51.1.2"
+    # retention: only delivered (or purged) studies are due; the purge takes the study's
+    assert any_state.pseudonym_studies_before(time.time() + 10) == []
+    seen = any_state.study("1.2.51")
+    assert any_state.route_study("1.2.51", ["pacs"], ["all"], seen, "matched all")
+    job = any_state.claim_job("pacs")
+    any_state.mark_sending("1.2.51.1.1", "pacs", "1.2.51")
+    any_state.mark_delivered(["1.2.51.1.1"], "pacs")
+    assert any_state.finish_job(job, None, 1, 1.0) == "delivered"
+    assert any_state.settle_study("1.2.51")
+    assert any_state.pseudonym_studies_before(time.time() - 60) == []  # retention not over
+    assert any_state.pseudonym_studies_before(time.time() + 1) == ["1.2.51"]
+    any_state.purge("1.2.52")
+    assert any_state.pseudonym_find(key.tag(str(pseudo["1.2.52.1"].StudyInstanceUID))) is None
+    assert any_state.pseudonym_find(key.tag(str(pseudo["1.2.51.1"].StudyInstanceUID)))
+    assert any(" mapping deleted (the study was purged)" in e
+               for _ts, e in any_state.history("1.2.52"))
+    assert any_state.pseudonym_purge("1.2.51", "retention period over") == 1
+    assert not reidentify(fresh, any_state, key)
+    assert fresh.PatientID == pseudo["1.2.51.2"].PatientID  # left as it came
