@@ -356,3 +356,51 @@ def test_mapping_kept_found_and_purged_with_its_study_on_both_backends(any_state
     assert any_state.pseudonym_purge("1.2.51", "retention period over") == 1
     assert not reidentify(fresh, any_state, key)
     assert fresh.PatientID == pseudo["1.2.51.2"].PatientID  # left as it came
+
+
+def test_a_wrong_key_sends_nothing_and_retention_removes_the_mapping(
+        tmp_path: Path, dcmtk_available: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The results route has another key: the result is refused there (the history says why),
+    nothing reaches the PACS; once the original study's retention is over, its mapping goes."""
+    from dicomrouter.sample import generate
+    monkeypatch.setenv("RESULTS_KEY", "another-key-of-enough-length-0123456789")
+    files = generate(tmp_path / "images", series=1, instances=2, rows=16, cols=16, seed=2903)
+    original = dcmread(files[0], stop_before_pixels=True)
+    with StoreSCP(tmp_path / "ai", aet="AI") as ai, \
+            StoreSCP(tmp_path / "pacs", aet="PACS") as pacs, \
+            Router(tmp_path / "router", {
+                "retention": "4s",
+                "destinations": {
+                    "ai": {"type": "dicom", "ae_title": "AI", "host": "127.0.0.1",
+                           "port": ai.port},
+                    "pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                             "port": pacs.port, "retry": {"max_attempts": 1}}},
+                "routes": [
+                    {"name": "to ai", "when": {"CallingAE": "MODALITY"}, "to": ["ai"],
+                     "transforms": [{"deidentify": {"reversible": True}}]},
+                    {"name": "results", "when": {"CallingAE": AI_AE}, "to": ["pacs"],
+                     "transforms": [{"reidentify": {"key_env": "RESULTS_KEY"}}]}],
+            }) as router:
+        assert run_storescu(files, router.port, calling="MODALITY").returncode == 0
+        router.wait_state(str(original.StudyInstanceUID), "delivered", timeout=120)
+        received = [dcmread(p, stop_before_pixels=True) for p in sorted(ai.files())]
+        assert len(received) == 2
+        build_result(received, tmp_path / "result.dcm")
+        assert run_storescu([tmp_path / "result.dcm"], router.port,
+                            calling=AI_AE).returncode == 0
+        pseudo_study = str(received[0].StudyInstanceUID)
+        wait_until(lambda: router.study_state(pseudo_study) in ("failed", "dead"),
+                   timeout=90, what="the result refused at the PACS")
+        assert pacs.files() == []
+        wait_until(lambda: "mapping deleted (retention period over)" in dicomrouter(
+            "status", "--config", str(router.config_path), "--study",
+            str(original.StudyInstanceUID)).stdout, timeout=90, interval=2,
+                   what="the mapping deleted with the study's retention")
+        history = dicomrouter("status", "--config", str(router.config_path), "--study",
+                              pseudo_study).stdout
+        log = router.log(3000)
+    assert "decrypted with this key" in history + log, history
+    assert "Traceback" not in log
+    state = SQLiteState(router.spool / "state.db", readonly=True)
+    assert state.pseudonym_key_checks() == set()
+    state.close()
