@@ -256,4 +256,7 @@ class DeidentifyModel(Strict):
     def _dates(self) -> DeidentifyModel:
         if "dates" in self.retain and self.shift_dates:
             raise ConfigError("shift_dates", "either retain dates or shift them")
+        if self.key_env and not self.reversible:
+            raise ConfigError("key_env", "only with reversible: true (the key encrypts the "
+                              "mapping a reversible de-identification keeps)")
         return self

@@ -240,6 +240,8 @@ def test_the_key_is_a_config_error_naming_key_env(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ConfigError, match=r"reidentify\.key_env"):
         parse([{"reidentify": True}], "routes[0].transforms")
     parse([{"deidentify": {}}], "t")  # not reversible: no key needed
+    with pytest.raises(ConfigError, match=r"deidentify\.key_env.*only with reversible"):
+        parse([{"deidentify": {"key_env": "PSEUDONYM_KEY"}}], "t")
 
 
 def test_the_same_original_always_maps_to_the_same_pseudonyms(tmp_path: Path) -> None:
