@@ -36,7 +36,7 @@ from .deid import Deidentifier
 from .values import ConfigError
 
 __all__ = ["DEFAULT_KEY_ENV", "MIN_KEY_LENGTH", "PseudonymKey", "PseudonymKeyError", "load_key",
-           "pseudonymize", "reidentify"]
+           "original_study", "pseudonymize", "reidentify"]
 
 DEFAULT_KEY_ENV = "PSEUDONYM_KEY"
 MIN_KEY_LENGTH = 32
@@ -127,6 +127,13 @@ def pseudonymize(ds: Dataset, deid: Deidentifier, key: PseudonymKey, state: Any,
     state.pseudonym_save(scope, study, key.tag(deid.uid(study)), _seal(key, identity),
                          {key.tag(new): _seal(key, [new, old])
                           for new, old in recorder.seen.items()}, key.check)
+
+
+def original_study(state: Any, key: PseudonymKey, pseudo_study_uid: str) -> str | None:
+    """The original Study Instance UID a pseudonymized one stands for (None: no mapping), for
+    matching results that come back to the study that went out."""
+    found = state.pseudonym_find(key.tag(pseudo_study_uid))
+    return None if found is None else str(_open(key, found["sealed"])["study_uid"])
 
 
 def reidentify(ds: Dataset, state: Any, key: PseudonymKey) -> bool:

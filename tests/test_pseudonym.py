@@ -332,6 +332,9 @@ def test_mapping_kept_found_and_purged_with_its_study_on_both_backends(any_state
     result.ReferencedSeriesSequence[0].SeriesInstanceUID = pseudo["1.2.51.2"].SeriesInstanceUID
     result.ReferencedSeriesSequence[0].ReferencedInstanceSequence = [
         _ref("1.2.840.10008.5.1.4.1.1.7", str(pseudo["1.2.51.2"].SOPInstanceUID))]
+    from dicomrouter.pseudonym import original_study
+    assert original_study(any_state, key, str(result.StudyInstanceUID)) == "1.2.51"
+    assert original_study(any_state, key, "2.25.1") is None
     fresh = copy.deepcopy(result)
     assert reidentify(result, any_state, key)
     assert (result.StudyInstanceUID, result.PatientID, result.AccessionNumber,
