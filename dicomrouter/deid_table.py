@@ -248,9 +248,15 @@ class DeidentifyModel(Strict):
     patient_name: Text | None = None  # default ANON^{hash:12}
     patient_map: Text | None = None  # a CSV of original,pseudonym
     uid_secret_env: Text | None = None  # default DEID_SECRET
+    # reversible pseudonymization (pseudonym.py): the mapping kept, encrypted, in the state
+    reversible: Bool = False
+    key_env: Text | None = None  # default PSEUDONYM_KEY (only with reversible)
 
     @model_validator(mode="after")
     def _dates(self) -> DeidentifyModel:
         if "dates" in self.retain and self.shift_dates:
             raise ConfigError("shift_dates", "either retain dates or shift them")
+        if self.key_env and not self.reversible:
+            raise ConfigError("key_env", "only with reversible: true (the key encrypts the "
+                              "mapping a reversible de-identification keeps)")
         return self

@@ -32,7 +32,7 @@ from .priority import chunks
 from .rules import keys_of
 from .spool import Spool, SpoolReader
 from .state import Instance, Job, JobState, State
-from .transforms import TransformError, transform_file
+from .transforms import TransformError, bind, transform_file
 from .values import PROXIED_TAG
 
 log = logging.getLogger("dicomrouter.delivery")
@@ -527,8 +527,9 @@ class DeliveryWorkers:
         for route in self.cfg.routes:
             if route.name in job.routes and (destination in route.to or
                                              job.destination in route.to):
-                ops += route.transforms
-        return (*ops, *self.cfg.destinations[destination].transforms)
+                ops += bind(route.transforms, self.state, f"route {route.name}")
+        return (*ops, *bind(self.cfg.destinations[destination].transforms, self.state,
+                            f"destination {destination}"))
 
     def _same_content(self, inst: Instance, before: dict[str, str]) -> bool:
         """The spool's copy of a re-received instance has the digest of what the destination

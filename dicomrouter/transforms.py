@@ -9,6 +9,8 @@ runs: ``"P-{StudyDate}"``; after a ``deidentify``, those are the de-identified v
     - delete: [OtherPatientIDs, "(0010,1000)"]
     - copy: {StudyID: AccessionNumber}          # target: source
     - regex-replace: {AccessionNumber: {pattern: "^", replace: "EXT-"}}
+    - deidentify: {reversible: true, key_env: PSEUDONYM_KEY}   # mapping kept (pseudonym.py)
+    - reidentify: true                          # or {key_env: NAME}: results coming back
 
 Streamed: the header (everything before Pixel Data) is read, changed and written by pydicom;
 the pixel data element and whatever follows it are copied as bytes, so memory stays flat for
@@ -19,6 +21,7 @@ the pixel data are not targets (they would break the ledger, the file or the ima
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import struct
@@ -33,11 +36,12 @@ from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from .deid import from_options
-from .deid_table import keywords
+from .deid_table import DeidentifyModel, keywords
 from .dicomfile import INDEX_KEYWORDS, text
+from .pseudonym import PseudonymKeyError, load_key, pseudonymize, reidentify
 from .values import ConfigError, show
 
-KINDS = ("deidentify", "set", "delete", "copy", "regex-replace")
+KINDS = ("deidentify", "set", "delete", "copy", "regex-replace", "reidentify")
 _TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
 _FIELD = re.compile(r"\{([A-Za-z][A-Za-z0-9]*)\}")
 _PROTECTED_VR = {"UI"}
@@ -55,6 +59,9 @@ class Op:
     pattern: re.Pattern[str] | None = None
     replace: str = ""
     deid: Any = None  # deid.Deidentifier
+    key: Any = None  # reversible deidentify, reidentify: the mapping's key (a Fernet)
+    state: Any = None  # ... and the state that keeps the mapping (bound at delivery: bind)
+    scope: str = ""  # ... the route whose mapping it is
 
     def describe(self) -> str:
         if self.kind == "deidentify":
@@ -64,8 +71,11 @@ class Op:
             extra += ["private tags kept"] if d.keep_private else []
             if d.keep:
                 extra += [f"keep {', '.join(keywords(d.keep))}"]
+            extra += ["reversible"] if self.key is not None else []
             return "deidentify (PS3.15 basic profile" + \
                 "".join(f"; {e}" for e in extra) + ")"
+        if self.kind == "reidentify":
+            return "reidentify (the pseudonymization mapping)"
         name = keyword_for_tag(self.tag) or f"({self.tag >> 16:04X},{self.tag & 0xFFFF:04X})"
         if self.kind == "set":
             return f"set {name} = {self.value!r}"
@@ -119,7 +129,13 @@ def parse(raw: Any, where: str = "transforms") -> tuple[Op, ...]:
         if kind == "deidentify":
             if arg is not None and not isinstance(arg, dict):
                 raise ConfigError(f"{at}.deidentify", "expected a mapping of options (or none)")
-            ops.append(Op("deidentify", 0, deid=from_options(arg or {}, f"{at}.deidentify")))
+            deid = from_options(arg or {}, f"{at}.deidentify")
+            m = DeidentifyModel.model_validate(arg or {})  # valid: from_options said so
+            key = load_key(m.key_env, f"{at}.deidentify.key_env") if m.reversible else None
+            ops.append(Op("deidentify", 0, deid=deid, key=key))
+            continue
+        if kind == "reidentify":
+            ops.append(Op("reidentify", 0, key=_reidentify_key(arg, f"{at}.reidentify")))
             continue
         if kind not in KINDS:
             raise ConfigError(f"{at}.{kind}", f"unknown operation (one of {', '.join(KINDS)})")
@@ -149,6 +165,23 @@ def parse(raw: Any, where: str = "transforms") -> tuple[Op, ...]:
                 ops.append(Op("regex-replace", tag, pattern=pattern,
                               replace=str(value["replace"])))
     return tuple(ops)
+
+
+def _reidentify_key(arg: Any, where: str) -> Any:
+    """``reidentify: true`` (the key in PSEUDONYM_KEY) or ``reidentify: {key_env: NAME}``."""
+    if arg is True:
+        return load_key(None, f"{where}.key_env")
+    if isinstance(arg, dict) and set(arg) <= {"key_env"}:
+        return load_key(str(arg["key_env"]) if arg.get("key_env") else None,
+                        f"{where}.key_env")
+    raise ConfigError(where, "expected true or {key_env: NAME}")
+
+
+def bind(ops: Sequence[Any], state: Any, scope: str) -> list[Any]:
+    """``ops`` with the state (and the route, ``scope``) that reversible de-identification and
+    re-identification keep and read their mapping in; other operations as they are."""
+    return [dataclasses.replace(op, state=state, scope=scope)
+            if isinstance(op, Op) and op.key is not None else op for op in ops]
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -182,9 +215,22 @@ def apply(ds: Dataset, ops: Sequence[Op]) -> None:
             continue
         if op.kind == "deidentify":
             try:
-                op.deid.apply(ds)
+                if op.key is not None:
+                    pseudonymize(ds, op.deid, op.key, op.state, op.scope)
+                else:
+                    op.deid.apply(ds)
             except ValueError as exc:
                 raise TransformError(str(exc)) from None
+            continue
+        if op.kind == "reidentify":
+            if op.state is None:
+                raise TransformError("reidentify needs the router's state")
+            try:
+                if not reidentify(ds, op.state, op.key):
+                    raise TransformError(f"reidentify: no pseudonymization mapping for study "
+                                         f"{show(_text(ds, 'StudyInstanceUID'))}")
+            except PseudonymKeyError as exc:
+                raise TransformError(f"reidentify: {exc}") from None
             continue
         before = {kw: _text(ds, kw) for kw in _FIELD.findall(op.value)}
         if op.kind == "copy":

@@ -78,6 +78,9 @@ class Housekeeping:
                 if self.cfg.retention > 0:
                     log.info("study %s: retention period over", study)
                 self._cleanup.put(study)
+            if self.cfg.retention > 0:  # reversible pseudonymization: the mapping goes too
+                for study in self.state.pseudonym_studies_before(cutoff):
+                    self.state.pseudonym_purge(study, "retention period over")
         if self.spool.max_bytes:
             full = self.spool.over_quota()
             if full and not self._warned_quota:

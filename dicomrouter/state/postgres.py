@@ -39,6 +39,7 @@ from .sql_iocm import IOCM_INDEX, IOCM_INSTANCE_COLUMNS, IOCM_LEDGER_COLUMNS
 from .sql_mpps import POSTGRES_SCHEMA as MPPS_SCHEMA
 from .sql_prefetch import PREFETCH_TABLES
 from .sql_proxy import PROXY_CACHE
+from .sql_pseudonyms import PSEUDONYM_TABLES
 from .sql_sources import SOURCE_DELTAS
 
 log = logging.getLogger("dicomrouter.state")
@@ -250,7 +251,9 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
     (19, [*(f"ALTER TABLE instances ADD COLUMN IF NOT EXISTS {c}"
             for c in IOCM_INSTANCE_COLUMNS),
           *(f"ALTER TABLE ledger ADD COLUMN IF NOT EXISTS {c.replace('REAL', 'DOUBLE PRECISION')}"
-            for c in IOCM_LEDGER_COLUMNS), IOCM_INDEX])]
+            for c in IOCM_LEDGER_COLUMNS), IOCM_INDEX]),
+    # issue 29, item 3 (reversible pseudonymization): the sealed mappings
+    (20, list(PSEUDONYM_TABLES))]
 
 
 class Row:

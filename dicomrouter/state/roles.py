@@ -13,6 +13,7 @@ from typing import Any
 from ..query import Query
 from .base import Instance, Job, Placement, Reception, Recorded, SourceStudy, Study
 from .roles_mpps import ProcedureSteps
+from .roles_pseudonyms import Pseudonyms
 
 
 class Receptions(ABC):
@@ -592,7 +593,7 @@ class GroupAssignments(ABC):
 
 class State(Receptions, Studies, Deliveries, Holds, QueryIndex, SourceCursors, Commitments,
             Reporting, Prefetches, Nodes, Hl7Orders, ProcedureSteps, Corrections,
-            GroupAssignments):
+            GroupAssignments, Pseudonyms):
     """The state of one spool (or of a cluster): every role."""
 
     #: write transactions so far (idle workers must not write: tests count them)

@@ -3,7 +3,8 @@ per role: receptions (``sql_receive``), completion and routing (``sql_studies``)
 and the ledger (``sql_delivery``), sources, commitments and nodes (``sql_sources``), reporting
 (``sql_reporting``), priorities and held jobs (``sql_hold``), HL7 messages and orders
 (``sql_hl7``), prior prefetch (``sql_prefetch``), the Q/R proxy's cache (``sql_proxy``),
-corrections (``sql_iocm``), destination groups (``sql_groups``), on the hooks of
+corrections (``sql_iocm``), destination groups (``sql_groups``), pseudonymization
+mappings (``sql_pseudonyms``, first: its ``purge`` wraps the delivery one), on the hooks of
 ``sql_base``.
 See ``sql_base`` for what a backend provides.
 """
@@ -18,13 +19,14 @@ from .sql_iocm import IocmSQL
 from .sql_mpps import ProcedureStepsSQL
 from .sql_prefetch import PrefetchSQL
 from .sql_proxy import ProxySQL
+from .sql_pseudonyms import PseudonymsSQL
 from .sql_receive import ReceivingSQL
 from .sql_reporting import ReportingSQL
 from .sql_sources import PeersSQL
 from .sql_studies import StudiesSQL
 
 
-class SQLState(PrefetchSQL, ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL, PeersSQL,
+class SQLState(PseudonymsSQL, PrefetchSQL, ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL, PeersSQL,
                ReportingSQL, Hl7SQL, ProxySQL, ProcedureStepsSQL, IocmSQL, GroupsSQL):
     """Everything the router asks of its state, in portable SQL."""
 

@@ -29,6 +29,7 @@ from .sql_iocm import IOCM_INDEX, IOCM_INSTANCE_COLUMNS, IOCM_LEDGER_COLUMNS
 from .sql_mpps import SQLITE_SCHEMA as MPPS_SCHEMA
 from .sql_prefetch import PREFETCH_TABLES
 from .sql_proxy import PROXY_CACHE
+from .sql_pseudonyms import PSEUDONYM_TABLES
 from .sql_sources import SOURCE_DELTAS
 
 SCHEMA = """
@@ -289,6 +290,8 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
     (20, lambda db: (_add_columns(db, "instances", *IOCM_INSTANCE_COLUMNS),
                      _add_columns(db, "ledger", *IOCM_LEDGER_COLUMNS),
                      db.execute(IOCM_INDEX))[0]),
+    # issue 29, item 3 (reversible pseudonymization): the sealed mappings
+    (21, lambda db: [db.execute(statement) for statement in PSEUDONYM_TABLES] and 0),
 ]
 
 
