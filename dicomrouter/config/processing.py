@@ -12,6 +12,7 @@ from pydantic import model_validator
 
 from ..schema import Choice, Duration, Size, Strict, Text, parsed
 from .base import ConfigError, parse_size, show
+from .peers import DESTINATION_MODELS, DestinationBase
 
 #: placeholders a step's command line may use (the work folder's parts)
 PLACEHOLDERS = ("{input}", "{output}", "{task}", "{work}")
@@ -62,8 +63,58 @@ class StepModel(Strict):
         return "command" if self.command is not None else "container"
 
 
+class ProcessModel(DestinationBase):
+    """The destination a route with ``process:`` adds for itself (``process:<route>``; not a
+    type a configuration names): its jobs run the route's steps on the study, so retries,
+    backoff, the dead letter and status are the delivery ones."""
+
+    type: str = "process"
+    route: Text
+
+
+PROCESS_PREFIX = "process:"
+RETURN_PREFIX = "return:"
+
+
+def process_destination(route: str) -> str:
+    return f"{PROCESS_PREFIX}{route}"
+
+
+def return_destination(ae: str) -> str:
+    return f"{RETURN_PREFIX}{ae}"
+
+
 def check_processing(cfg: Any) -> Any:
-    """Every route's ``results:`` names what exists; ``results:`` only beside ``process:``."""
+    """Every route's ``results:`` names what exists; ``results:`` only beside ``process:``.
+    Then each processing route gets its ``process:<route>`` destination (added to its
+    ``to``), and each of ``known_aes`` a ``return:<AE>`` one when a route returns results
+    to the sender."""
+    _check(cfg)
+    added: dict[str, DestinationBase] = {}
+    routes = []
+    for i, r in enumerate(cfg.routes):
+        if not r.process:
+            routes.append(r)
+            continue
+        name = process_destination(r.name or f"route {i + 1}")
+        model = ProcessModel(route=r.name or f"route {i + 1}")
+        model._name = name
+        added[name] = model
+        routes.append(r.model_copy(update={"to": (*(r.to or ()), name)}))
+        if "return_to_sender" in r.results:
+            for ae, known in cfg.known_aes.items():
+                back = DESTINATION_MODELS["dicom"].model_validate(
+                    {"type": "dicom", "ae_title": str(ae), "host": known.host,
+                     "port": known.port, "calling_ae_title": known.calling_ae})
+                back._name = return_destination(str(ae))
+                added[back._name] = back
+    if added:
+        object.__setattr__(cfg, "destinations", {**cfg.destinations, **added})
+        object.__setattr__(cfg, "routes", tuple(routes))
+    return cfg
+
+
+def _check(cfg: Any) -> None:
     known = cfg.destinations or {}
     for i, r in enumerate(cfg.routes):
         where = f"routes[{i}]"
@@ -81,7 +132,6 @@ def check_processing(cfg: Any) -> Any:
         for j, step in enumerate(r.process):
             if step.name is not None and [s.name for s in r.process].count(step.name) > 1:
                 raise ConfigError(f"{where}.process[{j}].name", f"{show(step.name)} twice")
-    return cfg
 
 
 def step_name(step: StepModel, index: int) -> str:

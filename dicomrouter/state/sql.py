@@ -17,6 +17,7 @@ from .sql_hold import HoldSQL
 from .sql_iocm import IocmSQL
 from .sql_mpps import ProcedureStepsSQL
 from .sql_prefetch import PrefetchSQL
+from .sql_processing import ProcessingSQL
 from .sql_proxy import ProxySQL
 from .sql_receive import ReceivingSQL
 from .sql_reporting import ReportingSQL
@@ -25,7 +26,8 @@ from .sql_studies import StudiesSQL
 
 
 class SQLState(PrefetchSQL, ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL, PeersSQL,
-               ReportingSQL, Hl7SQL, ProxySQL, ProcedureStepsSQL, IocmSQL, GroupsSQL):
+               ReportingSQL, Hl7SQL, ProxySQL, ProcedureStepsSQL, IocmSQL, GroupsSQL,
+               ProcessingSQL):
     """Everything the router asks of its state, in portable SQL."""
 
 
