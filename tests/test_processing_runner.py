@@ -124,8 +124,8 @@ def test_memory_limit_applies_in_the_child(tmp_path: Path) -> None:
         block = bytearray(600 * 1024 * 1024)
         print("allocated", len(block))
     """, memory="300MB", cpu_time="30s")
-    assert command_line(step, prepare(tmp_path / "w1", TASK))[1:3] == [
-        "-m", "dicomrouter.processing.limits"]
+    assert command_line(step, prepare(tmp_path / "w1", TASK))[1:5] == [
+        "-m", "dicomrouter.processing.limits", "30", "300000000"]
     outcome = run(step, prepare(tmp_path / "work", TASK))
     assert outcome.exit_code != 0 and "MemoryError" in outcome.stderr
     free = _step(tmp_path, """
@@ -144,10 +144,11 @@ def test_cpu_limit_stops_a_spinning_program(tmp_path: Path) -> None:
     assert not outcome.ok and not outcome.timed_out and outcome.duration < 30
 
 
-def test_a_missing_program_is_a_step_error(tmp_path: Path) -> None:
+def test_a_missing_program_fails_the_step_with_why(tmp_path: Path) -> None:
     step = StepModel.model_validate({"command": ["/nonexistent/seg", "{input}"]})
-    with pytest.raises(StepError, match="cannot run /nonexistent/seg"):
-        run(step, prepare(tmp_path / "work", TASK))
+    outcome = run(step, prepare(tmp_path / "work", TASK))
+    assert outcome.exit_code == 127 and not outcome.ok
+    assert "cannot run /nonexistent/seg: No such file or directory" in outcome.stderr
 
 
 def test_container_command_line(tmp_path: Path) -> None:

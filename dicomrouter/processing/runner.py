@@ -89,16 +89,15 @@ def fill_input(folder: WorkFolder,
 
 def command_line(step: StepModel, folder: WorkFolder,
                  which: Callable[[str], str | None] = shutil.which) -> list[str]:
-    """What runs: the command with its placeholders filled, through the limits wrapper; or
-    the container engine's command line (container.py)."""
+    """What runs: the command with its placeholders filled, through the limits wrapper
+    (limits.py: rlimits, and the program dies with the router); or the container engine's
+    command line (container.py)."""
     if step.container is not None:
         return container_command(step, folder, which)
     marks = folder.placeholders()
     argv = [_fill(a, marks) for a in step.command or ()]
     cpu = int(step.cpu_time or 0)
     memory = int(step.memory or 0)
-    if not cpu and not memory:
-        return argv
     return [sys.executable, "-m", "dicomrouter.processing.limits", str(cpu), str(memory),
             "--", *argv]
 
