@@ -179,6 +179,10 @@ def test_sr_goes_back_to_the_sender_in_the_original_study(tmp_path: Path) -> Non
             assert any("1 result instance(s) ingested" in h for h in history), history
             assert any("return:CT1" in h for h in history), history
             assert len(sender.files()) == 1  # once, and never processed again
+            text = dicomrouter("status", "--study", study, "--config",
+                               str(router.config_path)).stdout
+            assert "process:ai" in text and "return:CT1" in text, text
+            assert "processing step 'step 1' (ai): exit code 0" in text, text
     finally:
         pacs.stop()
         sender.stop()
@@ -289,5 +293,31 @@ def test_kill_9_during_a_step_gives_one_result(tmp_path: Path) -> None:
         router.stop()
         os.environ.pop("STEP_PIDFILE", None)
         os.environ.pop("STEP_SLEEP", None)
+        pacs.stop()
+        sender.stop()
+
+
+def test_a_container_step_without_an_engine_is_dead_with_why(tmp_path: Path) -> None:
+    pacs, sender = _peers(tmp_path)
+    files, study = _study(tmp_path)
+    cfg = _config(tmp_path, pacs, sender)
+    cfg["routes"][0]["process"] = [{"container": {"image": "example/seg:1",
+                                                  "engine": "podman"}}]
+    env_path = os.environ["PATH"]
+    os.environ["PATH"] = str(tmp_path / "empty-bin") + os.pathsep + "/usr/bin:/bin"
+    try:
+        assert not any((Path(d) / "podman").exists() for d in os.environ["PATH"].split(":"))
+        with Router(tmp_path / "router", cfg) as router:
+            assert run_storescu(files, router.port, aet=router.aet,
+                                calling="CT1").returncode == 0
+            wait_until(lambda: any(j["destination"] == "process:ai" for j in
+                                   router.status().get("dead", [])), timeout=90,
+                       what="the processing job dead at once")
+            history = _history(router, study)
+            assert any("container engine 'podman' is not installed" in h for h in history), \
+                history
+            assert sum("running" in h and "step 1" in h for h in history) == 1
+    finally:
+        os.environ["PATH"] = env_path
         pacs.stop()
         sender.stop()

@@ -28,10 +28,14 @@ MAIN_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "Stud
 class ChainFailed(Exception):
     """A step failed (exit code, timeout, could not start): the chain is retried later."""
 
-    def __init__(self, step: str, why: str, outcome: Outcome | None = None) -> None:
+    def __init__(self, step: str, why: str, outcome: Outcome | None = None,
+                 cannot_start: bool = False) -> None:
         super().__init__(f"processing step {step!r} failed: {why}")
         self.step = step
+        self.why = why
         self.outcome = outcome
+        #: the step could not even start (no container engine): waiting will not help
+        self.cannot_start = cannot_start
 
 
 @dataclass
@@ -81,7 +85,7 @@ def run_chain(steps: Sequence[StepModel], root: Path, route: str,
             outcome = run(step, folder, which)
         except StepError as exc:
             note(f"processing step {name!r} ({route}) could not start: {exc}")
-            raise ChainFailed(name, str(exc)) from None
+            raise ChainFailed(name, str(exc), cannot_start=True) from None
         said = "".join(f"; {label}: {escape(text.strip())}" for label, text in
                        (("stdout", outcome.stdout), ("stderr", outcome.stderr)) if text.strip())
         note(f"processing step {name!r} ({route}): {outcome.summary()}{said}")

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from ..config.processing import ProcessModel
 from ..destinations import DeliveryError
-from ..destinations.base import Context, Destination, Session
+from ..destinations.base import Context, Destination, PermanentFailure, Session
 from ..destinations.registry import implements
 from ..spool.slots import fsync_dir
 from ..state import Instance
@@ -108,6 +108,9 @@ class _ProcessSession(Session):
                                   [i for i, _p in self.staged],
                                   lambda i: files[i.sop_uid].open("rb"), note)
             except ChainFailed as exc:
+                if exc.cannot_start:
+                    raise PermanentFailure(str(exc), "make the step runnable on this machine, "
+                                           "then 'dicomrouter retry --dead'") from None
                 raise DeliveryError(str(exc)) from None
             last = chain.outcomes[-1][1] if chain.outcomes else None
             out = (root / "run" / str(len(chain.outcomes)) / "output") if last else None
