@@ -192,6 +192,12 @@ def test_config_accepts_a_processing_route() -> None:
     step = cfg.routes[0].process[0]
     assert step.timeout == 600 and step.kind == "command"
     assert cfg.routes[0].results == ("return_to_sender", "pacs")
+    # the step is a job of its own destination; the sender gets one to return results to
+    assert cfg.routes[0].to == ("pacs", "process:ai")
+    assert cfg.destinations["process:ai"].route == "ai"
+    back = cfg.destinations["return:CT1"]
+    assert (back.type, back.ae_title, back.port, back.name) == ("dicom", "CT1", 105,
+                                                                "return:CT1")
 
 
 @pytest.mark.parametrize(("route", "top", "message"), [
@@ -207,6 +213,9 @@ def test_config_accepts_a_processing_route() -> None:
     ({"process": [{"command": ["a"]}], "results": ["return_to_sender"]}, {},
      "return_to_sender needs known_aes"),
     ({"results": ["pacs"]}, {}, "results: goes with process:"),
+    ({"process": [{"command": ["a"]}], "forward": "immediate"}, {},
+     "routes\\[0\\].process: not with forward: immediate"),
+    ({"process": [{"command": ["a"]}], "level": "series"}, {}, "not with level: series"),
     ({"process": [{"name": "s", "command": ["a"]}, {"name": "s", "command": ["b"]}]}, {},
      "'s' twice"),
 ])

@@ -118,6 +118,12 @@ def _check(cfg: Any) -> None:
     known = cfg.destinations or {}
     for i, r in enumerate(cfg.routes):
         where = f"routes[{i}]"
+        if r.process and r.forward == "immediate":
+            raise ConfigError(f"{where}.process", "not with forward: immediate: a step "
+                              "processes the study whole, once it is complete")
+        if r.process and r.level == "series":
+            raise ConfigError(f"{where}.process", "not with level: series: a step processes "
+                              "the study whole, once it is complete")
         if r.results and not r.process:
             raise ConfigError(f"{where}.results", "results of what? results: goes with "
                               "process:")
