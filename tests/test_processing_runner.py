@@ -158,7 +158,9 @@ def test_container_command_line(tmp_path: Path) -> None:
         "memory": "2GB", "cpu_time": "10m"})
     folder = prepare(tmp_path / "work", TASK)
     argv = command_line(step, folder, which=lambda e: f"/usr/bin/{e}")
-    assert argv[:5] == ["/usr/bin/podman", "run", "--rm", "--network", "none"]
+    assert argv[:3] == ["/usr/bin/podman", "run", "--rm"]
+    assert argv[argv.index("--network") + 1] == "none"
+    assert argv[argv.index("--name") + 1].startswith("dicomrouter-")
     assert f"{folder.input}:/work/input:ro" in argv
     assert f"{folder.output}:/work/output" in argv
     assert f"{folder.task}:/work/task.json:ro" in argv
@@ -169,7 +171,9 @@ def test_container_command_line(tmp_path: Path) -> None:
     assert argv[image + 1:] == ["--in", "/work/input", "--out", "/work/output",
                                 "--task", "/work/task.json"]
     net = StepModel.model_validate({"container": {"image": "x", "network": "bridge"}})
-    assert command_line(net, folder, which=lambda e: e)[3:5] == ["--network", "bridge"]
+    other = command_line(net, folder, which=lambda e: e)
+    assert other[other.index("--network") + 1] == "bridge"
+    assert other[other.index("--name") + 1] != argv[argv.index("--name") + 1]  # one per run
 
 
 def test_no_container_engine_is_a_clear_error(tmp_path: Path) -> None:
@@ -288,3 +292,19 @@ def test_chain_stops_at_the_failing_step_with_its_stderr_in_the_history(tmp_path
     assert len(notes) == 2 and "stderr: no GPU" in notes[1]
     assert "\x1b" not in notes[1]  # the program's bytes are escaped in the history
     assert not (tmp_path / "work" / "2").exists()  # the next step never ran
+
+
+def test_a_container_over_its_timeout_is_killed_through_the_engine(tmp_path: Path) -> None:
+    """A stand-in engine (this machine has none) records its command lines: the timeout
+    kills the container by its name, not only the engine's client."""
+    calls = tmp_path / "calls"
+    engine = tmp_path / "docker"
+    engine.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n"
+                      f"[ \"$1\" = run ] && exec sleep 300\nexit 0\n")
+    engine.chmod(0o755)
+    step = StepModel.model_validate({"container": {"image": "seg:1"}, "timeout": "1s"})
+    outcome = run(step, prepare(tmp_path / "work", TASK), which=lambda e: str(engine))
+    assert outcome.timed_out
+    ran, killed = calls.read_text().splitlines()
+    name = ran.split("--name ")[1].split()[0]
+    assert killed == f"kill {name}"

@@ -10,6 +10,7 @@ output files are the router's to read and delete; ``--rm`` leaves nothing behind
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable
 
 from ..config.processing import StepModel
@@ -34,7 +35,10 @@ def container_command(step: StepModel, folder: WorkFolder,
                        f"install it, or make the step a command")
     inside = {"{input}": f"{INSIDE}/input", "{output}": f"{INSIDE}/output",
               "{task}": f"{INSIDE}/task.json", "{work}": INSIDE}
-    argv = [engine, "run", "--rm", "--network", c.network,
+    # a name of its own: a timeout stops the container itself (``engine kill NAME``), not
+    # only the engine's client, which the container would outlive
+    argv = [engine, "run", "--rm", "--name", f"dicomrouter-{uuid.uuid4().hex[:16]}",
+            "--network", c.network,
             "--user", f"{os.getuid()}:{os.getgid()}",
             "-v", f"{folder.input}:{INSIDE}/input:ro",
             "-v", f"{folder.output}:{INSIDE}/output",
@@ -53,3 +57,10 @@ def container_command(step: StepModel, folder: WorkFolder,
             a = a.replace(mark, value)
         argv.append(a)
     return argv
+
+
+def container_name(argv: list[str]) -> str | None:
+    """The ``--name`` of a container command line (None: not one)."""
+    if len(argv) > 3 and argv[1] == "run" and "--name" in argv:
+        return argv[argv.index("--name") + 1]
+    return None

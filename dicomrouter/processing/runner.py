@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..config.processing import StepModel
-from .container import NoEngine, container_command
+from .container import NoEngine, container_command, container_name
 from .workfolder import WorkFolder
 
 RESULT_JSON = "result.json"
@@ -154,6 +154,8 @@ def run(step: StepModel, folder: WorkFolder,
         code: int | None = proc.wait(timeout=step.timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
+        if step.container is not None:
+            _kill_container(argv)
         _kill_group(proc)
         code = None
     finally:
@@ -175,6 +177,17 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
+
+
+def _kill_container(argv: list[str]) -> None:
+    """``engine kill NAME``: the container is the engine's child, not ours."""
+    name = container_name(argv)
+    if name is None:
+        return
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run([argv[0], "kill", name], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
+                       check=False)
 
 
 def read_result(path: Path) -> tuple[dict[str, Any] | None, str]:
