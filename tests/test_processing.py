@@ -321,3 +321,24 @@ def test_a_container_step_without_an_engine_is_dead_with_why(tmp_path: Path) -> 
         os.environ["PATH"] = env_path
         pacs.stop()
         sender.stop()
+
+
+def test_origin_destinations_get_only_the_results_they_lack(tmp_path: Path) -> None:
+    pacs, sender = _peers(tmp_path)
+    files, study = _study(tmp_path)
+    cfg = _config(tmp_path, pacs, sender, results=["origin_destinations"])
+    try:
+        with Router(tmp_path / "router", cfg) as router:
+            assert run_storescu(files, router.port, aet=router.aet,
+                                calling="CT1").returncode == 0
+            wait_until(lambda: len(pacs.files()) >= len(files) + 1, timeout=90,
+                       what="the input and the SR at the PACS")
+            router.wait_state(study, "delivered")
+            srs = [f for f in pacs.files() if dcmread(f, stop_before_pixels=True).Modality == "SR"]
+            assert len(srs) == 1
+            _check_sr(srs[0], study, files)
+            assert len(pacs.files()) == len(files) + 1  # the originals once, and the SR
+            assert sender.files() == []
+    finally:
+        pacs.stop()
+        sender.stop()
