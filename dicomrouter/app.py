@@ -23,6 +23,7 @@ from .hl7 import Hl7Service
 from .notifications import Notifier
 from .outbox import Outbox
 from .prefetch import Prefetcher
+from .processing import destination as _processing  # noqa: F401 - registers process:<route>
 from .proxy import QueryRetrieveProxy
 from .receivers import ReceiverProcesses
 from .scp import services

@@ -19,6 +19,7 @@ from typing import Any
 from .. import metrics
 from ..config import Config
 from ..priority import placement, route_priority
+from ..processing.results import ResultRouter
 from ..routing import Decision, cache_fill, route
 from ..sources import source_names
 from ..spool import Spool
@@ -66,6 +67,7 @@ class StudyTracker:
         # MPPS: complete when the listed instances are in; flag incomplete; IAN (mpps.py)
         self.mpps = MppsCompletion(cfg, state, self.complete, self.events, clock)
         self.corrections = Corrections(state, spool, notify)  # IOCM: follow the ledger
+        self.results = ResultRouter(cfg, state, notify)  # processing results (issue 29)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -129,6 +131,8 @@ class StudyTracker:
         if seen is None:
             return
         instances = self.state.instances(study_uid, present_only=False)
+        if self.results.handle(study_uid, seen, instances):
+            return  # processing results: routed by their route's results:, not the table
         decision = route(self.cfg.routes, instances, self.spool.open, self.source_names,
                          orders=self.state.hl7_order)
         counted = bool(known_complete) or (bool(self.counted) and

@@ -60,6 +60,7 @@ from .peers import (
     validate_entries,
 )
 from .prefetch import PrefetchModel, resolve_prefetch
+from .processing import StepModel, check_processing
 from .proxy import ProxyKeys
 from .runtime import SharedSpoolModel, StateModel, WebModel, default_node_id, node_id_value
 from .validators import (
@@ -132,6 +133,8 @@ class RouteModel(Strict):
     priority: Choice(*PRIORITIES) = "routine"
     hold: Bool = False  # quarantine: the jobs wait for `dicomrouter release` (or reject)
     coerce: CoerceModel | None = None  # reconcile patient/order attributes (config/coerce.py)
+    process: tuple[StepModel, ...] = ()  # processing steps (config/processing.py, issue 29)
+    results: tuple[Text, ...] = ()  # where the steps' output instances go
 
     _schedule: Any = PrivateAttr(None)
 
@@ -408,6 +411,10 @@ class ConfigModel(ProxyKeys, MppsKeys):
     @model_validator(mode="after")
     def _group_members_known(self) -> ConfigModel:
         return check_groups(self)  # destination groups (issue 29, item 4)
+
+    @model_validator(mode="after")
+    def _processing_results_known(self) -> ConfigModel:
+        return check_processing(self)  # processing steps (issue 29, items 1 and 2)
 
     @model_validator(mode="after")
     def _resolve(self) -> ConfigModel:

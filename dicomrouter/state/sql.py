@@ -18,6 +18,7 @@ from .sql_hold import HoldSQL
 from .sql_iocm import IocmSQL
 from .sql_mpps import ProcedureStepsSQL
 from .sql_prefetch import PrefetchSQL
+from .sql_processing import ProcessingSQL
 from .sql_proxy import ProxySQL
 from .sql_pseudonyms import PseudonymsSQL
 from .sql_receive import ReceivingSQL
@@ -26,8 +27,9 @@ from .sql_sources import PeersSQL
 from .sql_studies import StudiesSQL
 
 
-class SQLState(PseudonymsSQL, PrefetchSQL, ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL, PeersSQL,
-               ReportingSQL, Hl7SQL, ProxySQL, ProcedureStepsSQL, IocmSQL, GroupsSQL):
+class SQLState(PseudonymsSQL, PrefetchSQL, ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL,
+               PeersSQL, ReportingSQL, Hl7SQL, ProxySQL, ProcedureStepsSQL, IocmSQL, GroupsSQL,
+               ProcessingSQL):
     """Everything the router asks of its state, in portable SQL."""
 
 

@@ -1,0 +1,145 @@
+"""The models of a route's processing steps (issue 29, items 1 and 2): ``process:`` (a list
+of steps, each a ``command`` or a ``container``) and ``results:`` (where the steps' output
+instances go). The checks that need the rest of the configuration (named result
+destinations exist, ``return_to_sender`` has ``known_aes`` to find the sender's address)
+are in ``check_processing``, called once every route and destination is validated."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import model_validator
+
+from ..schema import Choice, Duration, Size, Strict, Text, parsed
+from .base import ConfigError, parse_size, show
+from .peers import DESTINATION_MODELS, DestinationBase
+
+#: placeholders a step's command line may use (the work folder's parts)
+PLACEHOLDERS = ("{input}", "{output}", "{task}", "{work}")
+#: ``results:`` entries that are not destination names
+RESULT_TARGETS = ("return_to_sender", "origin_destinations")
+ENGINES = ("docker", "podman")
+
+
+class ContainerModel(Strict):
+    """``container:`` the step's program is a container image run by Docker or Podman."""
+
+    image: Text
+    engine: Choice(*ENGINES) = "docker"
+    #: the container's network: none by default (an AI model has no business calling out)
+    network: Text = "none"
+    #: the command inside the image (default: the image's own entrypoint and command)
+    args: list[Text] = []
+
+
+class StepModel(Strict):
+    """One processing step: ``command`` (a program on this machine) or ``container``."""
+
+    name: Text | None = None
+    command: list[Text] | None = None
+    container: ContainerModel | None = None
+    remote: Any = None  # issue 29 item 1's third kind: refused below until it exists
+    timeout: Duration = 600.0  # the step is killed (its whole process group) after this
+    cpu_time: Duration | None = None  # RLIMIT_CPU of the program (seconds of CPU)
+    memory: Size | None = None  # RLIMIT_AS of the program (bytes of address space)
+    # stdout/stderr kept for the history, each (the rest is counted, not kept)
+    max_output: Annotated[int, parsed(parse_size, 1024, 1 << 30)] = 65536
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StepModel:
+        if self.remote is not None:
+            raise ConfigError("remote", "remote processing steps are not supported yet: "
+                              "use command or container")
+        kinds = [k for k in ("command", "container") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ConfigError("command", "a step is exactly one of command or container" +
+                              (f" (got {' and '.join(kinds)})" if kinds else ""))
+        if self.command is not None and not self.command:
+            raise ConfigError("command", "an empty command line")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "command" if self.command is not None else "container"
+
+
+class ProcessModel(DestinationBase):
+    """The destination a route with ``process:`` adds for itself (``process:<route>``; not a
+    type a configuration names): its jobs run the route's steps on the study, so retries,
+    backoff, the dead letter and status are the delivery ones."""
+
+    type: str = "process"
+    route: Text
+
+
+PROCESS_PREFIX = "process:"
+RETURN_PREFIX = "return:"
+
+
+def process_destination(route: str) -> str:
+    return f"{PROCESS_PREFIX}{route}"
+
+
+def return_destination(ae: str) -> str:
+    return f"{RETURN_PREFIX}{ae}"
+
+
+def check_processing(cfg: Any) -> Any:
+    """Every route's ``results:`` names what exists; ``results:`` only beside ``process:``.
+    Then each processing route gets its ``process:<route>`` destination (added to its
+    ``to``), and each of ``known_aes`` a ``return:<AE>`` one when a route returns results
+    to the sender."""
+    _check(cfg)
+    added: dict[str, DestinationBase] = {}
+    routes = []
+    for i, r in enumerate(cfg.routes):
+        if not r.process:
+            routes.append(r)
+            continue
+        name = process_destination(r.name or f"route {i + 1}")
+        model = ProcessModel(route=r.name or f"route {i + 1}")
+        model._name = name
+        added[name] = model
+        routes.append(r.model_copy(update={"to": (*(r.to or ()), name)}))
+        if "return_to_sender" in r.results:
+            for ae, known in cfg.known_aes.items():
+                back = DESTINATION_MODELS["dicom"].model_validate(
+                    {"type": "dicom", "ae_title": str(ae), "host": known.host,
+                     "port": known.port, "calling_ae_title": known.calling_ae})
+                back._name = return_destination(str(ae))
+                added[back._name] = back
+    if added:
+        object.__setattr__(cfg, "destinations", {**cfg.destinations, **added})
+        object.__setattr__(cfg, "routes", tuple(routes))
+    return cfg
+
+
+def _check(cfg: Any) -> None:
+    known = cfg.destinations or {}
+    for i, r in enumerate(cfg.routes):
+        where = f"routes[{i}]"
+        if r.process and r.forward == "immediate":
+            raise ConfigError(f"{where}.process", "not with forward: immediate: a step "
+                              "processes the study whole, once it is complete")
+        if r.process and r.level == "series":
+            raise ConfigError(f"{where}.process", "not with level: series: a step processes "
+                              "the study whole, once it is complete")
+        if r.results and not r.process:
+            raise ConfigError(f"{where}.results", "results of what? results: goes with "
+                              "process:")
+        for j, target in enumerate(r.results):
+            if target in RESULT_TARGETS or target in known:
+                if target == "return_to_sender" and not cfg.known_aes:
+                    raise ConfigError(f"{where}.results[{j}]", "return_to_sender needs "
+                                      "known_aes: the sender's address is looked up there")
+                continue
+            raise ConfigError(f"{where}.results[{j}]", f"unknown destination {show(target)} "
+                              f"(known: {', '.join([*RESULT_TARGETS, *known])})")
+        for j, step in enumerate(r.process):
+            if step.name is not None and [s.name for s in r.process].count(step.name) > 1:
+                raise ConfigError(f"{where}.process[{j}].name", f"{show(step.name)} twice")
+
+
+def step_name(step: StepModel, index: int) -> str:
+    """The step's name in the history and its work folder: its ``name`` or ``step N``."""
+    return step.name or f"step {index + 1}"
