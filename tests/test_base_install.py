@@ -182,7 +182,7 @@ def _example_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[st
         configs[str(p.relative_to(ROOT))] = copy
     for p in configs.values():
         for env in re.findall(r"_env:\s*([A-Z0-9_]+)", p.read_text()):
-            monkeypatch.setenv(env, "postgresql://router@db/router" if "DSN" in env else "x")
+            monkeypatch.setenv(env, "postgresql://router@db/router" if "DSN" in env else "x" * 32)
     return configs
 
 
