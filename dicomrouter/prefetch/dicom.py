@@ -12,11 +12,10 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
-from ..dimse import error_comment
 from ..netutil import receive_c_store_into
 from ..qrscu import Finder, PeerError, Remote, RetrieveResult, find, get, move
 from ..scp import ingest
-from ..spool import ReceiveFile, Spool
+from ..spool import Spool
 from ..tlsctx import client_context
 from .priors import Candidate, Series
 
@@ -151,20 +150,8 @@ class DicomPriors:
 
     def _on_store(self, event: evt.Event) -> Any:
         """A C-STORE sub-operation of our C-GET: the same ingest as a push."""
-        req = event.request
-        rx = getattr(req, "_dataset_file", None)
-        if not isinstance(rx, ReceiveFile):
-            return 0xC000
-        status, comment, accepted = ingest.accept(
-            self.spool, rx, self.remote.ae_title, self.remote.calling_ae,
-            (str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID)))
-        if accepted is None:
-            ds = Dataset()
-            ds.Status = status
-            ds.ErrorComment = error_comment(comment)
-            return ds
-        self.spool.place(accepted)
-        return 0x0000
+        return ingest.store_retrieved(self.spool, event, self.remote.ae_title,
+                                      self.remote.calling_ae)
 
 
 def held_count(remote: Remote, study: str) -> int | None:

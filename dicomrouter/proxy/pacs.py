@@ -30,13 +30,12 @@ from pynetdicom import evt
 from ..common.http import request_failure
 from ..config import Config
 from ..destinations.base import Context
-from ..dimse import error_comment
 from ..netutil import receive_c_store_into
 from ..qrscu import Finder, FindTruncated, PeerError, Remote, find, get
-from ..scp.ingest import accept, store_file
+from ..scp.ingest import store_file, store_retrieved
 from ..sources.base import PullError
 from ..sources.dicomweb import SERIES_UID, SOP_UID, STUDY_UID, DicomwebSource
-from ..spool import ReceiveFile, Spool
+from ..spool import Spool
 from ..state import Instance, State
 from ..values import PROXIED_TAG
 
@@ -180,26 +179,15 @@ class DicomPacs:
                                 len(chunk), series, self.remote, result.describe())
 
     def _on_store(self, event: evt.Event, arrived: Arrived) -> Any:
-        """A C-STORE sub-operation of the proxy's C-GET: the same ingest as a push."""
-        req = event.request
-        rx = getattr(req, "_dataset_file", None)
-        if not isinstance(rx, ReceiveFile):
-            return 0xC000
-        sop = str(req.AffectedSOPInstanceUID)
-        status, comment, accepted = accept(self.spool, rx, self.remote.ae_title,
-                                           self.cfg.ae_title,
-                                           (str(req.AffectedSOPClassUID), sop))
-        if accepted is None:
-            ds = Dataset()
-            ds.Status = status
-            ds.ErrorComment = error_comment(comment)
-            return ds
-        accepted.tags[PROXIED_TAG] = "1"
-        self.spool.place(accepted)
-        inst = self.state.instance(sop)
-        if inst is not None:
-            arrived(inst)
-        return 0x0000
+        """A C-STORE sub-operation of the proxy's C-GET: the same ingest as a push, marked
+        as the proxy's (the Proxied key), then handed on to the requester."""
+        status = store_retrieved(self.spool, event, self.remote.ae_title, self.cfg.ae_title,
+                                 {PROXIED_TAG: "1"})
+        if status == 0x0000:
+            inst = self.state.instance(str(event.request.AffectedSOPInstanceUID))
+            if inst is not None:
+                arrived(inst)
+        return status
 
 
 class _Wado(DicomwebSource):

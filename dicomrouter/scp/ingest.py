@@ -19,10 +19,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable
+from typing import Any
+
+from pydicom.dataset import Dataset
 
 from .. import metrics
 from ..dicomfile import UnreadableDataset
-from ..dimse import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS
+from ..dimse import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS, error_comment
 from ..spool import (
     Accepted,
     DatasetMismatch,
@@ -94,3 +97,24 @@ def store_file(spool: Spool, chunks: Iterable[bytes], source: str, called: str,
     accepted.tags.update(extra_tags or {})  # routing keys: SourceHost
     spool.place(accepted)
     return status, comment, accepted.tags
+
+
+def store_retrieved(spool: Spool, event: Any, calling: str, called: str,
+                    tags: dict[str, str] | None = None) -> int | Dataset:
+    """A C-STORE sub-operation of one of the router's own C-GETs (a pull source, a prefetch,
+    the Q/R proxy): the same ingest as a push, placed at once with ``tags`` added to its index
+    tags; the response for pynetdicom (0x0000, or a Dataset with the status and why)."""
+    req = event.request
+    rx = getattr(req, "_dataset_file", None)
+    if not isinstance(rx, ReceiveFile):
+        return CANNOT_UNDERSTAND
+    status, comment, accepted = accept(
+        spool, rx, calling, called, (str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID)))
+    if accepted is None:
+        ds = Dataset()
+        ds.Status = status
+        ds.ErrorComment = error_comment(comment)
+        return ds
+    accepted.tags.update(tags or {})
+    spool.place(accepted)
+    return SUCCESS

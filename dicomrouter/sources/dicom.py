@@ -29,11 +29,9 @@ from pynetdicom import evt
 
 from ..config.peers import DicomSourceModel
 from ..destinations.base import Context
-from ..dimse import error_comment
 from ..netutil import receive_c_store_into
 from ..qrscu import Finder, FindTruncated, PeerError, Remote, RetrieveResult, get, move
 from ..scp import ingest
-from ..spool import ReceiveFile
 from ..tlsctx import client_context
 from .base import PullError, Source, describe_pull
 from .registry import implements
@@ -392,20 +390,8 @@ class DicomSource(Source):
 
     def _on_store(self, event: evt.Event) -> Any:
         """A C-STORE sub-operation of our C-GET: the same ingest as a push."""
-        req = event.request
-        rx = getattr(req, "_dataset_file", None)
-        if not isinstance(rx, ReceiveFile):
-            return 0xC000
-        status, comment, accepted = ingest.accept(
-            self.spool, rx, self.remote.ae_title, self.router.ae_title,
-            (str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID)))
-        if accepted is None:
-            ds = Dataset()
-            ds.Status = status
-            ds.ErrorComment = error_comment(comment)
-            return ds
-        self.spool.place(accepted)
-        return 0x0000
+        return ingest.store_retrieved(self.spool, event, self.remote.ae_title,
+                                      self.router.ae_title)
 
 
 class _Incomplete(Exception):
