@@ -365,8 +365,12 @@ def test_tls_listener_needs_a_client_certificate_and_limits_hold(tmp_path: Path)
                 assert third.recv(100) == b""  # closed at once, before any TLS
             wait_until(lambda: "more than max_connections (2)" in router.log(200), timeout=30)
         finally:
+            failed = router.log(2000).count("HL7 TLS handshake with")
             for s in held:
                 s.close()
+        # the router frees a slot only once it has seen each close (its handshake fails)
+        wait_until(lambda: router.log(2000).count("HL7 TLS handshake with") >= failed + 2,
+                   timeout=30, what="both held connections released")
         with socket.create_connection(("127.0.0.1", port), timeout=30) as idle, \
                 ctx.wrap_socket(idle) as tls:
             assert tls.recv(100) == b""  # closed after idle_timeout
