@@ -182,7 +182,7 @@ def test_sr_goes_back_to_the_sender_in_the_original_study(tmp_path: Path) -> Non
             text = dicomrouter("status", "--study", study, "--config",
                                str(router.config_path)).stdout
             assert "process:ai" in text and "return:CT1" in text, text
-            assert "processing step 'step 1' (ai): exit code 0" in text, text
+            assert "processing step 'step 1' (ai) done: exit code 0" in text, text
     finally:
         pacs.stop()
         sender.stop()

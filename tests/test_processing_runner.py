@@ -274,7 +274,7 @@ def test_chain_feeds_each_step_the_previous_output(tmp_path: Path) -> None:
     assert task["study"]["ModalitiesInStudy"] == ["CT"] and task["calling_ae"] == "CT1"
     assert [i["SOPInstanceUID"] for i in task["instances"]] == ["1.2.3.4.1", "1.2.3.4.2"]
     assert notes[0] == "processing step 'step 1' (ai) running"
-    assert any("'report' (ai): exit code 0" in n for n in notes)
+    assert any("'report' (ai) done: exit code 0" in n for n in notes)
 
 
 def test_chain_stops_at_the_failing_step_with_its_stderr_in_the_history(tmp_path: Path) -> None:

@@ -88,7 +88,8 @@ def run_chain(steps: Sequence[StepModel], root: Path, route: str,
             raise ChainFailed(name, str(exc), cannot_start=True) from None
         said = "".join(f"; {label}: {escape(text.strip())}" for label, text in
                        (("stdout", outcome.stdout), ("stderr", outcome.stderr)) if text.strip())
-        note(f"processing step {name!r} ({route}): {outcome.summary()}{said}")
+        note(f"processing step {name!r} ({route}) {'done' if outcome.ok else 'failed'}: "
+             f"{outcome.summary()}{said}")
         result.outcomes.append((name, outcome))
         if not outcome.ok:
             raise ChainFailed(name, outcome.summary(), outcome)
