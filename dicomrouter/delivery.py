@@ -124,6 +124,7 @@ class DeliveryWorkers:
         for dest in self.destinations.values():  # a max_rate wait ends now (ratelimit.py)
             if getattr(dest, "limiter", None) is not None:
                 dest.limiter.interrupt()
+            dest.interrupt()  # a remote processing step's wait too
         self.notify()
         deadline = time.monotonic() + timeout
         for t in self._threads:

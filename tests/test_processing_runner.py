@@ -205,11 +205,15 @@ def test_config_accepts_a_processing_route() -> None:
 
 
 @pytest.mark.parametrize(("route", "top", "message"), [
-    ({"process": [{"remote": {"to": "ai1"}}]}, {}, "remote processing steps are not "
-     "supported yet"),
+    ({"process": [{"remote": {"to": "ai1"}}]}, {}, "remote.to: unknown key"),
+    ({"process": [{"remote": {"destination": "ai1"}}]}, {},
+     "routes\\[0\\].process\\[0\\].remote.destination: unknown destination 'ai1'"),
+    ({"process": [{"remote": {"destination": "pacs", "match": "uid"}}]}, {}, "match"),
     ({"process": [{"command": ["a"], "container": {"image": "x"}}]}, {}, "exactly one of "
-     "command or container"),
-    ({"process": [{}]}, {}, "exactly one of command or container"),
+     "command, container or remote"),
+    ({"process": [{"command": ["a"], "remote": {"destination": "pacs"}}]}, {},
+     "got command and remote"),
+    ({"process": [{}]}, {}, "exactly one of command, container or remote"),
     ({"process": [{"command": []}]}, {}, "empty command line"),
     ({"process": [{"container": {"image": "x", "engine": "lxc"}}]}, {}, "engine"),
     ({"process": [{"command": ["a"]}], "results": ["nowhere"]}, {},

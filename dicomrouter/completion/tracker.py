@@ -19,6 +19,7 @@ from typing import Any
 from .. import metrics
 from ..config import Config
 from ..priority import placement, route_priority
+from ..processing.remote import LATER, PART, TAKEN, RemoteClaims
 from ..processing.results import ResultRouter
 from ..routing import Decision, cache_fill, route
 from ..sources import source_names
@@ -68,6 +69,7 @@ class StudyTracker:
         self.mpps = MppsCompletion(cfg, state, self.complete, self.events, clock)
         self.corrections = Corrections(state, spool, notify)  # IOCM: follow the ledger
         self.results = ResultRouter(cfg, state, notify)  # processing results (issue 29)
+        self.remote = RemoteClaims(state, spool.open)  # a remote step's results come back
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -131,6 +133,11 @@ class StudyTracker:
         if seen is None:
             return
         instances = self.state.instances(study_uid, present_only=False)
+        claimed = self.remote.claim(study_uid, seen, instances)
+        if claimed in (TAKEN, LATER):
+            return  # results of a remote processing step: the step takes them
+        if claimed == PART:  # a mixed generation: the rest is routed as usual
+            instances = self.state.instances(study_uid, present_only=False)
         if self.results.handle(study_uid, seen, instances):
             return  # processing results: routed by their route's results:, not the table
         decision = route(self.cfg.routes, instances, self.spool.open, self.source_names,

@@ -67,8 +67,8 @@ from .validators import (
     ae_list,
     expect_value,
     log_level_value,
+    route_to_value,
     sweep_value,
-    to_value,
     transforms_value,
     when_value,
 )
@@ -112,7 +112,7 @@ class KnownAEModel(Strict):
 class RouteModel(Strict):
     name: Text | None = None
     when: Annotated[tuple[Any, ...], parsed(when_value)] = ()
-    to: Annotated[tuple[str, ...], parsed(to_value)] = None  # type: ignore[assignment]
+    to: Annotated[tuple[str, ...], parsed(route_to_value)] = None  # type: ignore[assignment]
     stop: Bool = False
     fallback: Bool = False
     transforms: Annotated[tuple[Any, ...], parsed(transforms_value)] = ()
@@ -166,6 +166,8 @@ class RouteModel(Strict):
     @model_validator(mode="after")
     def _fallback_has_no_conditions(self) -> RouteModel:
         self._schedule = parse_window(self.deliver_between, self.days, self.timezone)
+        if not self.to and not self.process:
+            raise ConfigError("to", "needs at least one destination")
         if self.fallback and self.when:
             raise ConfigError("fallback", "a fallback route fires when no other route "
                               "matched: it takes no when")
@@ -209,6 +211,8 @@ class RouteModel(Strict):
     @classmethod
     def _to_required(cls, data: Any) -> Any:
         if isinstance(data, dict) and "to" not in data:
+            if data.get("process"):  # its steps are where it sends (process:<route>)
+                return {**data, "to": []}
             raise ConfigError("to", "required: the destination names this route sends to")
         return data
 

@@ -19,6 +19,8 @@ PLACEHOLDERS = ("{input}", "{output}", "{task}", "{work}")
 #: ``results:`` entries that are not destination names
 RESULT_TARGETS = ("return_to_sender", "origin_destinations")
 ENGINES = ("docker", "podman")
+KINDS = ("command", "container", "remote")
+MATCHES = ("study", "referenced")
 
 
 class ContainerModel(Strict):
@@ -32,14 +34,32 @@ class ContainerModel(Strict):
     args: list[Text] = []
 
 
+class RemoteModel(Strict):
+    """``remote:`` the study goes to an AI node (any configured destination) and the step
+    waits for the results it sends back to the router."""
+
+    destination: Text
+    #: how results are recognised: ``study`` (the Study Instance UID that was sent: the
+    #: pseudonymized one when the route de-identifies reversibly, which is how the mapping
+    #: leads back) or ``referenced`` (also a result in a study of its own that references the
+    #: study or a series that was sent)
+    match: Choice(*MATCHES) = "study"
+    #: the AE titles (or STOW-RS users/endpoints: whatever the study's sender is) results
+    #: come from; by default any sender but the one of the study itself
+    results_from: list[Text] = []
+
+
 class StepModel(Strict):
-    """One processing step: ``command`` (a program on this machine) or ``container``."""
+    """One processing step: ``command`` (a program on this machine), ``container`` or
+    ``remote`` (an AI node reached through a destination)."""
 
     name: Text | None = None
     command: list[Text] | None = None
     container: ContainerModel | None = None
-    remote: Any = None  # issue 29 item 1's third kind: refused below until it exists
-    timeout: Duration = 600.0  # the step is killed (its whole process group) after this
+    remote: RemoteModel | None = None
+    # the step is killed (its whole process group) after this; a remote step fails when no
+    # result has come back by then
+    timeout: Duration = 600.0
     cpu_time: Duration | None = None  # RLIMIT_CPU of the program (seconds of CPU)
     memory: Size | None = None  # RLIMIT_AS of the program (bytes of address space)
     # stdout/stderr kept for the history, each (the rest is counted, not kept)
@@ -47,20 +67,17 @@ class StepModel(Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> StepModel:
-        if self.remote is not None:
-            raise ConfigError("remote", "remote processing steps are not supported yet: "
-                              "use command or container")
-        kinds = [k for k in ("command", "container") if getattr(self, k) is not None]
+        kinds = [k for k in KINDS if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ConfigError("command", "a step is exactly one of command or container" +
-                              (f" (got {' and '.join(kinds)})" if kinds else ""))
+            raise ConfigError("command", "a step is exactly one of command, container or "
+                              "remote" + (f" (got {' and '.join(kinds)})" if kinds else ""))
         if self.command is not None and not self.command:
             raise ConfigError("command", "an empty command line")
         return self
 
     @property
     def kind(self) -> str:
-        return "command" if self.command is not None else "container"
+        return next(k for k in KINDS if getattr(self, k) is not None)
 
 
 class ProcessModel(DestinationBase):
@@ -138,6 +155,10 @@ def _check(cfg: Any) -> None:
         for j, step in enumerate(r.process):
             if step.name is not None and [s.name for s in r.process].count(step.name) > 1:
                 raise ConfigError(f"{where}.process[{j}].name", f"{show(step.name)} twice")
+            if step.remote is not None and step.remote.destination not in known:
+                raise ConfigError(f"{where}.process[{j}].remote.destination",
+                                  f"unknown destination {show(step.remote.destination)} "
+                                  f"(known: {', '.join(known) or 'none'})")
 
 
 def step_name(step: StepModel, index: int) -> str:

@@ -70,6 +70,14 @@ def to_value(value: Any, key: str) -> tuple[str, ...]:
     items = value if isinstance(value, list) else [value]
     if not items:
         raise ConfigError(key, "needs at least one destination")
+    return route_to_value(items, key)
+
+
+def route_to_value(value: Any, key: str) -> tuple[str, ...]:
+    """A route's ``to``: may be empty (only a route with ``process:``, checked there)."""
+    if value is None:
+        raise ConfigError(key, "required: the destination names this route sends to")
+    items = value if isinstance(value, list) else [value]
     for i, item in enumerate(items):
         if not isinstance(item, str):
             raise ConfigError(f"[{i}]", f"expected a destination name, got {show(item)}")

@@ -143,6 +143,10 @@ class Destination(ABC):
     #: ``forward: immediate`` runs wait ``forward_keep_open`` on it for more instances
     holds_connection: bool = False
 
+    def interrupt(self) -> None:  # noqa: B027 - optional hook
+        """The router stops: end a long wait inside a session now (a remote processing step
+        waiting for results)."""
+
     def __init__(self, cfg: DestinationConfig, ctx: Context) -> None:
         self.cfg = cfg
         self.ctx = ctx

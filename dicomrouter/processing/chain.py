@@ -18,6 +18,7 @@ from ..config.processing import StepModel, step_name
 from ..logsafe import escape
 from ..state import Instance
 from .runner import Outcome, StepError, fill_input, prepare, run
+from .workfolder import WorkFolder
 
 #: the study's tags a step's task.json carries (what the index holds of them)
 MAIN_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
@@ -65,9 +66,12 @@ def task_for(instances: Sequence[Instance], route: str, step: StepModel,
 def run_chain(steps: Sequence[StepModel], root: Path, route: str,
               instances: Sequence[Instance], open_instance: Callable[[Instance], BinaryIO],
               note: Callable[[str], None],
-              which: Callable[[str], str | None] = shutil.which) -> ChainResult:
+              which: Callable[[str], str | None] = shutil.which,
+              remote: Callable[[StepModel, str, WorkFolder], Outcome] | None = None
+              ) -> ChainResult:
     """Run every step under ``root/<n>``; ChainFailed at the first that fails. ``note``
-    gets one history line per step start and end (with its bounded stdout/stderr)."""
+    gets one history line per step start and end (with its bounded stdout/stderr).
+    ``remote`` runs a ``remote`` step (remote.RemoteStep: send, then wait for results)."""
     result = ChainResult()
     previous: Path | None = None
     for n, step in enumerate(steps):
@@ -82,7 +86,12 @@ def run_chain(steps: Sequence[StepModel], root: Path, route: str,
                                     .replace("/", "_"))
         note(f"processing step {name!r} ({route}) running")
         try:
-            outcome = run(step, folder, which)
+            if step.remote is not None:
+                if remote is None:
+                    raise StepError("remote steps run only under the router")
+                outcome = remote(step, name, folder)
+            else:
+                outcome = run(step, folder, which)
         except StepError as exc:
             note(f"processing step {name!r} ({route}) could not start: {exc}")
             raise ChainFailed(name, str(exc), cannot_start=True) from None

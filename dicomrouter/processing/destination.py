@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -24,7 +25,8 @@ from ..destinations.registry import implements
 from ..spool.slots import fsync_dir
 from ..state import Instance
 from .chain import ChainFailed, run_chain
-from .results import ingest_result, is_result
+from .remote import RemoteStep
+from .results import ingest_result, is_result, reidentify_file
 
 DONE = "done"
 PICKED = ".route"  # in done/: the route result.json picked
@@ -40,6 +42,16 @@ class ProcessDestination(Destination):
         self.route = cfg.route
         routes = {r.name: r for r in ctx.config.routes} if ctx.config is not None else {}
         self.steps = routes[self.route].process if self.route in routes else ()
+        # the route de-identifies reversibly: its results are re-identified before they
+        # enter the router (so nothing pseudonymized reaches the destinations of results:)
+        self.key = next((op.key for op in (routes[self.route].transforms
+                                           if self.route in routes else ())
+                         if getattr(op, "kind", "") == "deidentify" and op.key is not None),
+                        None)
+        self.stop = threading.Event()  # the router stops: a remote step stops waiting
+
+    def interrupt(self) -> None:
+        self.stop.set()
 
     def describe(self) -> str:
         return f"processing steps of route {self.route!r} ({len(self.steps)} step(s))"
@@ -49,7 +61,7 @@ class ProcessDestination(Destination):
         return self.workdir / study_uid
 
     def open(self, instances: Sequence[Instance], routes: Sequence[str] = ()) -> Session:
-        return _ProcessSession(self)
+        return _ProcessSession(self, instances)
 
     def recover(self) -> list[str]:
         """Unfinished chains (no ``done/``) left by a crash are discarded."""
@@ -68,18 +80,24 @@ class ProcessDestination(Destination):
 class _ProcessSession(Session):
     transmits_on_send = False
 
-    def __init__(self, dest: ProcessDestination) -> None:
+    def __init__(self, dest: ProcessDestination, originals: Sequence[Instance]) -> None:
         self.dest = dest
+        # the study as received: its UID names the history and the remote steps' awaits
+        # (what is staged may be a de-identified copy, under a pseudonymized UID)
+        self.originals = list(originals)
         self.staged: list[tuple[Instance, Path]] = []
         self.skipped: list[str] = []
 
     def _study(self) -> Path:
-        return self.dest.folder(self.staged[0][0].study_uid)
+        return self.dest.folder(self._origin(self.staged[0][0]))
+
+    def _origin(self, inst: Instance) -> str:
+        return self.originals[0].study_uid if self.originals else inst.study_uid
 
     def send(self, inst: Instance, data: BinaryIO) -> bool:
         if is_result(inst):  # results never go back into a processing step
             return True
-        folder = self.dest.folder(inst.study_uid) / "staged"
+        folder = self.dest.folder(self._origin(inst)) / "staged"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{inst.sop_uid}.dcm"
         try:
@@ -94,7 +112,7 @@ class _ProcessSession(Session):
         if not self.staged:
             return ()
         dest = self.dest
-        study_uid = self.staged[0][0].study_uid
+        study_uid = self._origin(self.staged[0][0])
         root = self._study()
         done = root / DONE
         state = dest.ctx.state
@@ -106,7 +124,11 @@ class _ProcessSession(Session):
             try:
                 chain = run_chain(dest.steps, root / "run", dest.route,
                                   [i for i, _p in self.staged],
-                                  lambda i: files[i.sop_uid].open("rb"), note)
+                                  lambda i: files[i.sop_uid].open("rb"), note,
+                                  remote=RemoteStep(dest.ctx, dest.route,
+                                                    self.originals or [self.staged[0][0]],
+                                                    dest.stop)
+                                  if state is not None else None)
             except ChainFailed as exc:
                 if exc.cannot_start:
                     raise PermanentFailure(str(exc), "make the step runnable on this machine, "
@@ -120,6 +142,8 @@ class _ProcessSession(Session):
             (out / PICKED).write_text(chain.route, encoding="utf-8")
             os.replace(out, done)  # the step is finished: from here its results count once
             fsync_dir(root)
+        if state is not None:
+            state.remote_await_done(study_uid, dest.route)
         picked = (done / PICKED).read_text(encoding="utf-8") if (done / PICKED).exists() else ""
         cfg = dest.ctx.config
         ingested = 0
@@ -127,6 +151,8 @@ class _ProcessSession(Session):
             if path.name in (PICKED, "result.json"):
                 continue
             try:
+                if dest.key is not None:
+                    reidentify_file(path, dest.key, state, dest.route)
                 ingest_result(dest.ctx.spool, path, dest.route, picked, cfg.ae_title,
                               cfg.ae_title)
                 ingested += 1

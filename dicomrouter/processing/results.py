@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..config import Config
 from ..config.processing import PROCESS_PREFIX, process_destination, return_destination
@@ -21,6 +22,7 @@ from ..logsafe import escape
 from ..scp.ingest import accept
 from ..spool import Spool
 from ..state import Instance, State
+from ..transforms import Op, TransformError, transform_file
 
 log = logging.getLogger("dicomrouter.processing")
 
@@ -49,6 +51,23 @@ def ingest_result(spool: Spool, path: Path, route: str, picked: str, calling: st
     accepted.tags[PICKED_TAG] = picked
     spool.place(accepted)
     return accepted.tags.get("SOPInstanceUID", "")
+
+
+def reidentify_file(path: Path, key: Any, state: State, route: str) -> None:
+    """Re-identify an output file in place (its UIDs, references and patient attributes
+    restored from the route's pseudonymization mapping, its own new UIDs kept); ValueError
+    when that cannot be done: a pseudonymized result is never taken as it is."""
+    op = Op("reidentify", 0, key=key, state=state, scope=route)
+    tmp = path.with_name(path.name + ".reidentified")
+    try:
+        with open(path, "rb") as src:
+            transform_file(src, [op], str(tmp))
+    except TransformError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ValueError(f"not re-identified ({exc}): a pseudonymized result is not taken"
+                         ) from None
+    os.replace(tmp, path)
 
 
 def is_result(inst: Instance) -> bool:

@@ -40,6 +40,7 @@ from .sql_mpps import POSTGRES_SCHEMA as MPPS_SCHEMA
 from .sql_prefetch import PREFETCH_TABLES
 from .sql_proxy import PROXY_CACHE
 from .sql_pseudonyms import PSEUDONYM_TABLES
+from .sql_remote import REMOTE_TABLES
 from .sql_sources import SOURCE_DELTAS
 
 log = logging.getLogger("dicomrouter.state")
@@ -253,7 +254,9 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
           *(f"ALTER TABLE ledger ADD COLUMN IF NOT EXISTS {c.replace('REAL', 'DOUBLE PRECISION')}"
             for c in IOCM_LEDGER_COLUMNS), IOCM_INDEX]),
     # issue 29, item 3 (reversible pseudonymization): the sealed mappings
-    (20, list(PSEUDONYM_TABLES))]
+    (20, list(PSEUDONYM_TABLES)),
+    # issue 29, item 1 (remote processing steps): what each step sent, the results it got
+    (21, list(REMOTE_TABLES))]
 
 
 class Row:

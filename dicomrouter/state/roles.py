@@ -12,8 +12,10 @@ from typing import Any
 
 from ..query import Query
 from .base import Instance, Job, Placement, Reception, Recorded, SourceStudy, Study
+from .roles_groups import GroupAssignments
 from .roles_mpps import ProcedureSteps
 from .roles_pseudonyms import Pseudonyms
+from .roles_remote import RemoteAwaits
 
 
 class Receptions(ABC):
@@ -561,39 +563,9 @@ class Corrections(ABC):
         """Jobs (limited to these series) for destinations routing did not pick."""
 
 
-class GroupAssignments(ABC):
-    """Destination groups (issue 29, item 4): the member each study of a group goes to."""
-
-    @abstractmethod
-    def group_member(self, group: str, study_uid: str) -> str | None: ...
-
-    @abstractmethod
-    def group_assign(self, group: str, study_uid: str, member: str, strategy: str,
-                     patient_id: str, replaces: str | None = None, note: str = "") -> str:
-        """Record the study's member (or move it from ``replaces``); the member in effect."""
-
-    @abstractmethod
-    def group_last_member(self, group: str) -> str | None: ...
-
-    @abstractmethod
-    def group_patient_member(self, group: str, patient_id: str) -> str | None: ...
-
-    @abstractmethod
-    def group_load(self, group: str, members: Sequence[str]) -> dict[str, int]:
-        """Studies queued per member (the group's and the member's own)."""
-
-    @abstractmethod
-    def group_spread(self, group: str, pending_limit: int = 50) -> dict[str, Any]:
-        """Studies per member, how many moved, the member of each queued study."""
-
-    @abstractmethod
-    def group_spreads(self, pending_limit: int = 50) -> dict[str, dict[str, Any]]:
-        """``group_spread`` of every group that has given out a study."""
-
-
 class State(Receptions, Studies, Deliveries, Holds, QueryIndex, SourceCursors, Commitments,
             Reporting, Prefetches, Nodes, Hl7Orders, ProcedureSteps, Corrections,
-            GroupAssignments, Pseudonyms):
+            GroupAssignments, Pseudonyms, RemoteAwaits):
     """The state of one spool (or of a cluster): every role."""
 
     #: write transactions so far (idle workers must not write: tests count them)

@@ -22,14 +22,15 @@ from .sql_processing import ProcessingSQL
 from .sql_proxy import ProxySQL
 from .sql_pseudonyms import PseudonymsSQL
 from .sql_receive import ReceivingSQL
+from .sql_remote import RemoteAwaitsSQL
 from .sql_reporting import ReportingSQL
 from .sql_sources import PeersSQL
 from .sql_studies import StudiesSQL
 
 
-class SQLState(PseudonymsSQL, PrefetchSQL, ReceivingSQL, StudiesSQL, DeliverySQL, HoldSQL,
-               PeersSQL, ReportingSQL, Hl7SQL, ProxySQL, ProcedureStepsSQL, IocmSQL, GroupsSQL,
-               ProcessingSQL):
+class SQLState(RemoteAwaitsSQL, PseudonymsSQL, PrefetchSQL, ReceivingSQL, StudiesSQL,
+               DeliverySQL, HoldSQL, PeersSQL, ReportingSQL, Hl7SQL, ProxySQL,
+               ProcedureStepsSQL, IocmSQL, GroupsSQL, ProcessingSQL):
     """Everything the router asks of its state, in portable SQL."""
 
 

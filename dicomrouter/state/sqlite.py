@@ -30,6 +30,7 @@ from .sql_mpps import SQLITE_SCHEMA as MPPS_SCHEMA
 from .sql_prefetch import PREFETCH_TABLES
 from .sql_proxy import PROXY_CACHE
 from .sql_pseudonyms import PSEUDONYM_TABLES
+from .sql_remote import REMOTE_TABLES
 from .sql_sources import SOURCE_DELTAS
 
 SCHEMA = """
@@ -292,6 +293,8 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], int | None]]] = [
                      db.execute(IOCM_INDEX))[0]),
     # issue 29, item 3 (reversible pseudonymization): the sealed mappings
     (21, lambda db: [db.execute(statement) for statement in PSEUDONYM_TABLES] and 0),
+    # issue 29, item 1 (remote processing steps): what each step sent, the results it got
+    (22, lambda db: [db.execute(statement) for statement in REMOTE_TABLES] and 0),
 ]
 
 
