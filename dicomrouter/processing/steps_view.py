@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config.processing import step_name
+from ..config.processing import PROCESS_PREFIX, step_name
 
 #: the states a step can be in
 PENDING, RUNNING, WAITING, DONE, FAILED, CANNOT_START = (
@@ -197,3 +197,12 @@ def steps_of(history: Iterable[tuple[float, str]], routes: Sequence[Any],
             step.attempts = chain.attempts.get(name, 0)
             out.append(step)
     return out
+
+
+def study_steps(history: Iterable[tuple[float, str]], routes: Sequence[Any],
+                jobs: Iterable[dict[str, Any]]) -> list[StepView]:
+    """``steps_of`` for a study with its delivery jobs (``state.jobs``): the routes of its
+    ``process:<route>`` jobs are listed even before a step of theirs started."""
+    routed = [j["destination"][len(PROCESS_PREFIX):] for j in jobs
+              if j["destination"].startswith(PROCESS_PREFIX)]
+    return steps_of(history, routes, routed)
