@@ -256,8 +256,8 @@ def test_two_steps_chain_and_result_json_picks_the_route(tmp_path: Path) -> None
             _check_sr(sr_file, study, files)  # the second step read the first one's output
             assert sender.files() == []  # result.json's route replaced return_to_sender
             history = _history(router, study)
-            assert any("'prepare' (ai): exit code 0" in h for h in history), history
-            assert any("'report' (ai): exit code 0" in h for h in history), history
+            assert any("'prepare' (ai) done: exit code 0" in h for h in history), history
+            assert any("'report' (ai) done: exit code 0" in h for h in history), history
             assert any("picked route 'positive'" in h for h in history), history
     finally:
         os.environ.pop("STEP_ROUTE", None)

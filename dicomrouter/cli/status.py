@@ -15,6 +15,7 @@ from .. import config as config_mod
 from ..config import ConfigError
 from ..config.prefetch import order_trigger_key
 from ..hl7wire import describe_order
+from ..processing.steps_view import study_steps
 from ..state import JobState
 from ..values import PRIORITIES
 from .common import (
@@ -135,13 +136,16 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
         if order:  # its order's prefetch decisions (kept under order:<control id>, issue 27)
             history = sorted(history + state.history(order_trigger_key(order)),
                              key=lambda e: e[0])
+        jobs = state.jobs(study_uids=[study])
+        steps = study_steps(history, load_config(config_path).routes if spool is None else (),
+                            jobs)
         if as_json:
             click.echo(json.dumps({"study": dataclasses.asdict(row), "history": history,
                                    "summary": state.study_rows(study_uid=study),
                                    "mpps": [dataclasses.asdict(m)
                                             for m in state.mpps_reports(study)],
-                                   "jobs": state.jobs(study_uids=[study]),
-                                   "hl7_order": order}, indent=2))
+                                   "jobs": jobs, "hl7_order": order,
+                                   "processing": [s.as_dict() for s in steps]}, indent=2))
             return
         click.echo(f"study {study}: {row.state}, generation {row.generation}, patient "
                    f"{row.patient_id}, from {row.calling_ae}")
@@ -151,7 +155,7 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
                                                      for k, v in sorted(by.items())))
         if order:
             click.echo(f"  {describe_order(order)}")
-        for j in state.jobs(study_uids=[study]):
+        for j in jobs:
             click.echo(f"  {job_progress(j)}")
         for step in state.mpps_reports(study):
             click.echo(f"  {step}")
@@ -160,6 +164,10 @@ def status(config_path: str | None, spool: str | None, as_json: bool, show_all: 
             click.echo(f"  INCOMPLETE: {incomplete}")
         for ts, event in history:
             click.echo(f"  {when(ts)}  {event}")
+        if steps:  # processing steps, step by step (issue 29)
+            click.echo("processing:")
+            for s in steps:
+                click.echo(f"  {s.line()}")
         return
     data = state.summary(with_done=show_all, limit=limit)
     data["held"] = state.held_studies()

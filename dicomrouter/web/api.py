@@ -26,9 +26,11 @@ from pydantic import BaseModel
 
 from .. import metrics
 from ..config import Config
+from ..processing.steps_view import study_steps
 from ..spool import Spool
 from ..state import State
 from . import page
+from .steps import processing_rows
 
 
 class RouterView(Protocol):
@@ -132,11 +134,20 @@ def create_app(router: RouterView) -> FastAPI:
         row = state.study(study_uid)
         if row is None:
             raise HTTPException(404, f"no study {study_uid}")
+        jobs = state.jobs(study_uids=[study_uid])
+        history = state.history(study_uid)
         return {"study": asdict(row), "summary": state.study_rows(study_uid=study_uid),
-                "jobs": state.jobs(study_uids=[study_uid]),
+                "jobs": jobs,
                 "mpps": [asdict(m) | {"summary": str(m)}
                          for m in state.mpps_reports(study_uid)],
-                "history": [{"ts": ts, "event": e} for ts, e in state.history(study_uid)]}
+                "history": [{"ts": ts, "event": e} for ts, e in history],
+                "processing": [s.as_dict() for s in  # its processing steps (issue 29)
+                               study_steps(history, router.cfg.routes, jobs)]}
+
+    @app.get("/api/processing", summary="Studies in processing (a process:<route> job not "
+             "finished, or finished in the last hour), step by step")
+    def processing() -> dict[str, Any]:
+        return {"studies": processing_rows(state, router.cfg)}
 
     @app.get("/api/audit", summary="The audit trail: study events since a Unix time")
     def audit(since: float = 0.0, study_uid: str | None = None,

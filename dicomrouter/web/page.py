@@ -12,6 +12,9 @@ import time
 from html import escape
 from typing import Any
 
+from ..config.processing import PROCESS_PREFIX
+from .steps import processing_rows
+
 REFRESH_S = 10
 HOURS = 24
 
@@ -118,6 +121,35 @@ def _spread(dest: dict[str, Any]) -> str:
         (f', {spread["moved"]} moved' if spread["moved"] else "") + "</span>"
 
 
+STEP_CLASS = {"done": "ok", "failed": "bad", "could not start": "bad", "running": "warn",
+              "waiting": "warn", "pending": "muted"}
+
+
+def _processing(router: Any) -> str:
+    """The Processing card: studies in processing, each step's state (web/steps.py)."""
+    if not any(d.startswith(PROCESS_PREFIX) for d in router.cfg.destinations):
+        return ""
+    rows = []
+    for r in processing_rows(router.state, router.cfg):
+        jobs = "<br>".join(f'<span class="{_state_class(j["state"])}">'
+                           f'{escape(j["destination"])}: {escape(j["state"])}</span>'
+                           for j in r["jobs"])
+        steps = "<br>".join(
+            f'<span class="{STEP_CLASS.get(s["state"], "")}">{escape(s["route"])} / '
+            f'{escape(s["name"])}: {escape(s["state"])}</span>'
+            + (f' (attempt {int(s["attempts"])})' if s["attempts"] > 1 else "")
+            + (f' <span class="muted">{_when(s["since"])}</span>' if s["since"] else "")
+            + (f'<br><span class="muted">{escape(s["summary"][:160])}</span>'
+               if s["summary"] else "") for s in r["steps"])
+        rows.append(f'<tr><td class="uid" title="{escape(r["study_uid"])}">'
+                    f'{escape(r["study_uid"][-24:])}</td><td>{escape(r["patient_id"] or "-")}'
+                    f'</td><td>{jobs}</td><td>{steps or "-"}</td></tr>')
+    return ('<h2>Processing</h2><div class="card" id="processing">' +
+            ('<table><tr><th>study</th><th>patient</th><th>job</th><th>steps</th></tr>'
+             + "".join(rows) + '</table>' if rows else
+             '<p class="muted">nothing in processing in the last hour</p>') + '</div>')
+
+
 def render(router: Any, destinations: list[dict[str, Any]]) -> str:
     state = router.state
     since = time.time() - HOURS * 3600
@@ -178,6 +210,7 @@ else '<p class="muted">none</p>'}</div>
 '<th>held for</th><th>since</th></tr>' + "".join(held_rows) + '</table><p class="muted">'
 'dicomrouter release STUDY --reason ... (or POST /api/studies/{uid}/release) delivers; reject'
 ' drops</p>' if held_rows else '<p class="muted">none</p>'}</div>
+{_processing(router)}
 {'<h2>Sources</h2><div class="card"><table><tr><th>name</th><th>health</th><th>last poll</th>'
  '<th>studies pulled</th></tr>' + "".join(source_rows) + '</table></div>' if source_rows else ''}
 <h2>Studies, last {HOURS} hours</h2><div class="card" id="studies"><table><tr><th>received</th>
