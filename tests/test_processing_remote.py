@@ -145,7 +145,82 @@ def test_round_trip_through_a_remote_ai_node_pseudonymized_and_back(
                for h in history), history
     assert any("1 result instance(s) ingested" in h for h in history), history
     assert "process:ai" in text and "return:CT1" in text, text
+    assert "ai / segment (remote): done" in text, text
     assert "Traceback" not in log
+
+
+def test_a_local_command_on_a_pseudonymizing_route_gives_re_identified_results(
+        tmp_path: Path, peers: Any) -> None:
+    """The same contract for a command step: it sees the pseudonymized study only, and its SR
+    (written in the study it got, referencing what it got) reaches the sender re-identified."""
+    pacs, sender = peers
+    files, study = _study(tmp_path, seed=2937)
+    program = tmp_path / "sr.py"
+    program.write_text(SR_PROGRAM)
+    cfg = _config(pacs, sender, {"type": "dicom", "ae_title": "NOBODY", "host": "127.0.0.1",
+                                 "port": 9}, {})
+    cfg["routes"][1]["process"] = [{"name": "report", "command": [
+        sys.executable, str(program), "{input}", "{output}"], "timeout": "60s"}]
+    with Router(tmp_path / "router", cfg) as router:
+        assert run_storescu(files, router.port, aet=router.aet, calling="CT1").returncode == 0
+        wait_until(lambda: len(sender.files()) >= 1, timeout=120, what="the SR at CT1")
+        router.wait_state(study, "delivered", timeout=60)
+        wait_until(lambda: len(pacs.files()) >= len(files) + 1, timeout=60, what="the PACS")
+        history = _history(router, study)
+    (sr_file,) = sender.files()
+    sr = dcmread(sr_file)
+    assert sr.StudyInstanceUID == study and sr.PatientID == "REMOTE1"
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == study
+    assert {str(i.ReferencedSOPInstanceUID) for s in evidence.ReferencedSeriesSequence
+            for i in s.ReferencedSOPSequence} == sop_uids(files)
+    assert any("'report' (ai) done: exit code 0" in h for h in history), history
+    for ds in (dcmread(p) for p in pacs.files()):  # the originals and the SR: all identified
+        assert ds.StudyInstanceUID == study and ds.PatientID == "REMOTE1"
+
+
+SR_PROGRAM = r'''
+import os, sys
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+inp, out = sys.argv[1], sys.argv[2]
+inputs = [dcmread(os.path.join(inp, n), stop_before_pixels=True) for n in sorted(os.listdir(inp))]
+if any(str(i.PatientID) == "REMOTE1" for i in inputs):
+    sys.exit("the step saw the patient's own ID")
+first = inputs[0]
+ds = Dataset()
+ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+ds.SOPInstanceUID = generate_uid()
+ds.StudyInstanceUID = first.StudyInstanceUID
+ds.SeriesInstanceUID = generate_uid()
+for k in ("PatientID", "PatientName", "StudyDate", "AccessionNumber", "StudyID"):
+    setattr(ds, k, first.get(k, ""))
+ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "SR", 99, 1
+ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+series = {}
+for i in inputs:
+    item = Dataset()
+    item.ReferencedSOPClassUID = i.SOPClassUID
+    item.ReferencedSOPInstanceUID = i.SOPInstanceUID
+    series.setdefault(i.SeriesInstanceUID, []).append(item)
+study = Dataset()
+study.StudyInstanceUID = first.StudyInstanceUID
+study.ReferencedSeriesSequence = []
+for uid, items in series.items():
+    s = Dataset()
+    s.SeriesInstanceUID = uid
+    s.ReferencedSOPSequence = items
+    study.ReferencedSeriesSequence.append(s)
+ds.CurrentRequestedProcedureEvidenceSequence = [study]
+meta = FileMetaDataset()
+meta.MediaStorageSOPClassUID = ds.SOPClassUID
+meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+meta.TransferSyntaxUID = ExplicitVRLittleEndian
+ds.file_meta = meta
+ds.save_as(os.path.join(out, "sr.dcm"), enforce_file_format=True)
+'''
 
 
 def test_kill_9_while_the_step_waits_sends_once_and_the_result_arrives_once(
