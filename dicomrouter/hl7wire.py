@@ -112,6 +112,37 @@ def segments(rendered: str) -> str:
     return "\r".join(line for line in lines if line.strip()) + "\r"
 
 
+#: MSH-18 (HL7 table 0211) → Python codec; what is not here falls back to the configured
+#: ``encoding`` (ISO 2022 and JIS sets need a shift-state decoder of their own)
+CHARSETS = {"ASCII": "ascii", "8859/1": "latin-1", "8859/2": "iso8859-2",
+            "8859/3": "iso8859-3", "8859/4": "iso8859-4", "8859/5": "iso8859-5",
+            "8859/6": "iso8859-6", "8859/7": "iso8859-7", "8859/8": "iso8859-8",
+            "8859/9": "iso8859-9", "8859/15": "iso8859-15", "UNICODE UTF-8": "utf-8",
+            "UNICODE": "utf-8", "UTF-8": "utf-8", "GB 18030-2000": "gb18030",
+            "KS X 1001": "euc-kr", "CNS 11643-1992": "big5", "BIG-5": "big5"}
+
+
+def declared_encoding(block: bytes) -> tuple[str, str] | None:
+    """(MSH-18 as written, its Python codec) when the message names a character set this
+    table knows; None when it names none (or one it does not know: the caller says so). MSH
+    is ASCII whatever the set, so it is read from the bytes before any decoding."""
+    start = block.find(b"MSH")
+    if start < 0 or len(block) < start + 4:
+        return None
+    sep = block[start + 3:start + 4]
+    end = min([i for i in (block.find(b"\r", start), block.find(b"\n", start)) if i >= 0]
+              or [len(block)])
+    fields = block[start:end].split(sep)
+    if len(fields) < 18:
+        return None
+    # MSH-18 may repeat (the default set first); the first names the message's own set
+    raw = fields[17].split(b"~")[0].strip().decode("ascii", "replace")
+    if not raw:
+        return None
+    codec = CHARSETS.get(raw.upper())
+    return (raw, codec) if codec else (raw, "")
+
+
 def ack_of(raw: bytes, encoding: str = "utf-8") -> tuple[str, str]:
     """(MSA-1 code, reason) of an ACK: MSA-3, else ERR's text."""
     text = raw.decode(encoding, "replace").strip("\x0b\x1c\r\n ")

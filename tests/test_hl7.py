@@ -122,6 +122,32 @@ def test_each_message_type_is_acked_and_stored(tmp_path: Path) -> None:
         assert log.count("stored as #") == 5 and "Traceback" not in log
 
 
+def test_msh_18_names_the_character_set_of_the_message(tmp_path: Path) -> None:
+    """A Latin-1 message that says so in MSH-18 is read as Latin-1 although the listener's
+    ``encoding`` is UTF-8; the same bytes without MSH-18 are refused (AR), never misread; a
+    set the router does not know is read as ``encoding``, with a warning."""
+    def latin(control: str, accession: str, charset: str) -> bytes:
+        text = orm(control, accession).replace("DOE^JOHN^Q", "MÜLLER^HANS")
+        head, rest = text.split("\r", 1)
+        return (head + ("||||||" + charset if charset else "") + "\r" + rest).encode("latin-1")
+
+    with _router(tmp_path) as router:
+        port = router.config["hl7"]["port"]
+        assert msa(mllp_send(port, latin("L1", "ACCL1", "8859/1"), tmp_path))[0] == "AA"
+        code, _acked, reason = msa(mllp_send(port, latin("L2", "ACCL2", ""), tmp_path))
+        assert code == "AR" and "not utf-8 text" in reason, reason
+        utf = orm("L3", "ACCL3").replace("DOE^JOHN^Q", "MÜLLER^HANS")
+        head, rest = utf.split("\r", 1)
+        assert msa(mllp_send(port, (head + "||||||ISO IR87\r" + rest).encode(),
+                             tmp_path))[0] == "AA"
+        wait_until(lambda: _handled(router, 2), timeout=30, what="2 messages handled")
+        order = _read(router, lambda s: s.latest_hl7_order(accession="ACCL1"))
+        assert order is not None and order["PatientName"] == "MÜLLER^HANS"
+        third = _read(router, lambda s: s.latest_hl7_order(accession="ACCL3"))
+        assert third is not None and third["PatientName"] == "MÜLLER^HANS"
+        assert "names the character set 'ISO IR87' in MSH-18" in router.log(400)
+
+
 def test_what_cannot_be_taken_is_refused_with_the_reason(tmp_path: Path) -> None:
     with _router(tmp_path, hl7={"allowed_senders": [{"application": "RIS"}],
                                 "max_message_size": "4KiB"},

@@ -83,7 +83,8 @@ class Hl7ListenerModel(Strict):
     max_message_size: Annotated[int, parsed(_size)] = 1 << 20  # a larger one is refused (AR)
     idle_timeout: Duration = 300.0  # a connection with no complete message this long is closed
     max_connections: Int(1, 10_000) = 32  # at once; more are closed at once
-    encoding: Text = "utf-8"  # of the bytes on the wire (MSH-18 is not read)
+    # of the bytes on the wire, unless a message's MSH-18 names its character set
+    encoding: Text = "utf-8"
     ack_timeout: Duration = 30.0  # storing a message before its ACK: longer answers AE
     keep_messages: Duration = 30 * 86400.0  # handled messages' text kept this long (0: forever)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from .. import metrics
 from ..config import Config
+from ..hl7wire import declared_encoding
 from ..logsafe import escape
 from ..rules import all_hold
 from ..spool.faults import crash_point
@@ -88,11 +89,18 @@ class Hl7Service:
     def receive(self, block: bytes, peer: str) -> str:
         """One MLLP block → its ACK (never raises)."""
         app = self.cfg.ae_title
+        encoding, named = self.model.encoding, "the configured encoding"
+        declared = declared_encoding(block)  # MSH-18, when it names a set
+        if declared is not None and declared[1]:
+            encoding, named = declared[1], f"MSH-18 {declared[0]!r}"
+        elif declared is not None:
+            log.warning("HL7 message from %s names the character set %r in MSH-18, which the "
+                        "router does not know: read as %s", peer, escape(declared[0]), encoding)
         try:
-            text = block.decode(self.model.encoding)
+            text = block.decode(encoding)
         except UnicodeDecodeError as exc:
-            return self._refuse(None, peer, "AR", f"not {self.model.encoding} text ({exc.reason} "
-                                f"at byte {exc.start})", INTERNAL)
+            return self._refuse(None, peer, "AR", f"not {encoding} text as {named} says "
+                                f"({exc.reason} at byte {exc.start})", INTERNAL)
         try:
             inbound = parse(text)
         except Malformed as exc:
