@@ -391,3 +391,8 @@ def test_group_assignments_on_both_backends(state: State) -> None:
     job = state.claim_job("ai")
     assert job is not None and state.finish_job(job, None, 3, 1.0) == "delivered"
     assert sum(state.group_load("ai", ["ai1", "ai2", "ai3"]).values()) == 1
+    # purging a study forgets its assignment (the spread does not grow for ever)
+    state.purge("1.29.2")
+    assert state.group_member("ai", "1.29.2") is None
+    assert state.group_member("ai", "1.29.1") == "ai3"
+    assert state.group_spread("ai")["studies"] == {"ai3": 1}

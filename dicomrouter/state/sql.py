@@ -28,9 +28,11 @@ from .sql_sources import PeersSQL
 from .sql_studies import StudiesSQL
 
 
-class SQLState(RemoteAwaitsSQL, PseudonymsSQL, PrefetchSQL, ReceivingSQL, StudiesSQL,
+# purge is extended by RemoteAwaitsSQL, GroupsSQL and PseudonymsSQL (each deletes its own rows,
+# then super()): they come before DeliverySQL, which does the purge itself
+class SQLState(RemoteAwaitsSQL, GroupsSQL, PseudonymsSQL, PrefetchSQL, ReceivingSQL, StudiesSQL,
                DeliverySQL, HoldSQL, PeersSQL, ReportingSQL, Hl7SQL, ProxySQL,
-               ProcedureStepsSQL, IocmSQL, GroupsSQL, ProcessingSQL):
+               ProcedureStepsSQL, IocmSQL, ProcessingSQL):
     """Everything the router asks of its state, in portable SQL."""
 
 

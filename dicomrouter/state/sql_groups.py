@@ -109,3 +109,11 @@ class GroupsSQL(SQLBase):
         """``group_spread`` of every group that has given out a study."""
         return {r[0]: self.group_spread(r[0], pending_limit) for r in self._query(
             "SELECT DISTINCT group_name FROM group_assignments ORDER BY group_name")}
+
+    def purge(self, study_uid: str) -> list[str]:
+        """The study's purge (``sql_delivery``), and its group assignments with it (else the
+        table and ``status``'s spread grow for ever)."""
+        paths = super().purge(study_uid)  # type: ignore[safe-super]
+        with self._tx(study_uid) as db:
+            db.execute("DELETE FROM group_assignments WHERE study_uid=?", (study_uid,))
+        return paths
