@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from router_fixtures import Router, tags_of
 
 from dicomrouter.config import load
 from dicomrouter.proxy import QueryRetrieveProxy
+from dicomrouter.proxy.service import StillFetching
 from dicomrouter.sample import generate
 from dicomrouter.spool import spool_for
 from dicomrouter.state import state_for
@@ -239,6 +241,57 @@ def test_wado_hook_fetches_a_study_into_the_spool(tmp_path: Path, orthanc) -> No
         assert proxy.expire(now=2e10) == 0
         assert len(state.instances(uid)) == 4
     finally:
+        state.close()
+
+
+def test_wado_fetches_of_one_study_share_one_transfer_and_are_capped(
+        tmp_path: Path, orthanc) -> None:
+    """Three WADO-RS requests for the same study at once: one retrieve from the PACS (the
+    real Orthanc; the PACS's ``retrieve`` is wrapped to count calls and to hold the transfer
+    open), all three answered. With query_retrieve_proxy_max_fetches: 1, a fetch of another
+    study while that one is coming is refused at once (StillFetching: the 503)."""
+    port = free_port()
+    pacs: Orthanc = orthanc(aet="PACS", modalities={"router": ["DICOMROUTER", "127.0.0.1",
+                                                               port]})
+    study = generate(tmp_path / "study", series=1, instances=3, rows=16, cols=16, seed=296)
+    other = generate(tmp_path / "other", series=1, instances=1, rows=16, cols=16, seed=297)
+    upload(pacs, study + other)
+    router = Router(tmp_path / "router", {
+        "port": port, "query_retrieve_proxy": "PACS", "query_retrieve_proxy_max_fetches": 1,
+        "known_aes": {"PACS": {"host": "127.0.0.1", "port": pacs.dicom_port}}})
+    router.prepare()
+    cfg = load(router.config_path, secrets=False)
+    state = state_for(cfg)
+    spool = spool_for(cfg, state)
+    try:
+        proxy = QueryRetrieveProxy(cfg, state, spool)
+        real, release, calls = proxy.pacs.retrieve, threading.Event(), []
+
+        def held_retrieve(*args: Any, **kwargs: Any) -> Any:
+            calls.append(args)
+            release.wait(60)
+            return real(*args, **kwargs)
+
+        proxy.pacs.retrieve = held_retrieve  # type: ignore[method-assign]
+        uid = tags_of(study[0], "StudyInstanceUID")[0]
+        results: list[Any] = []
+        threads = [threading.Thread(target=lambda: results.append(proxy.fetch(uid, timeout=90)))
+                   for _ in range(3)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(calls) >= 1, timeout=30, what="the transfer started")
+        with pytest.raises(StillFetching, match="query_retrieve_proxy_max_fetches"):
+            proxy.fetch(tags_of(other[0], "StudyInstanceUID")[0], timeout=30)
+        release.set()
+        for t in threads:
+            t.join(90)
+        assert results == [True, True, True]
+        assert len(calls) == 1  # one transfer for the three requests
+        assert {i.sop_uid for i in state.instances(uid)} == sop_uids(study)
+        # the slot is free again: the other study comes now
+        assert proxy.fetch(tags_of(other[0], "StudyInstanceUID")[0], timeout=60) is True
+    finally:
+        release.set()
         state.close()
 
 

@@ -18,6 +18,8 @@ class ProxyKeys(Strict):
     query_retrieve_proxy_timeout: Duration = 30.0  # association / response / HTTP at the PACS
     query_retrieve_proxy_max_answers: Int(1, 10_000_000) = 10_000  # C-FIND answers taken
     query_retrieve_proxy_cache: Duration = 86400.0  # a fetched study stays this long unused
+    # studies fetched at once for WADO-RS (a request for one already coming joins it)
+    query_retrieve_proxy_max_fetches: Int(1, 1000) = 4
 
     @model_validator(mode="after")
     def _known_pacs(self) -> Any:

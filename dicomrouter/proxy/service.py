@@ -60,6 +60,9 @@ class QueryRetrieveProxy:
         self.cfg, self.state, self.spool = cfg, state, spool
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # WADO-RS fetches under way, by (study, series): a second request joins the first
+        self._fetching: dict[tuple[str, str | None], threading.Event] = {}
+        self._fetching_lock = threading.Lock()
 
     def describe(self) -> str:
         return f"Q/R proxy to {self.pacs.describe()}"
@@ -189,16 +192,7 @@ class QueryRetrieveProxy:
         self.state.proxy_used(study_uid, time.time())
         if not missing:
             return True
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                for _item in self.stream(missing):
-                    pass
-            finally:
-                done.set()
-
-        threading.Thread(target=run, name="qr-proxy-wado", daemon=True).start()
+        done = self._start_fetch(study_uid, series_uid, missing)
         finished = done.wait(max(0.0, deadline - time.monotonic()))
         held = self.state.held_instances([i.sop for i in listed])
         ok = all(i.sop in held for i in listed)
@@ -210,6 +204,36 @@ class QueryRetrieveProxy:
             raise StillFetching(f"{count} of study {study_uid} came from the PACS within "
                                 "wado_proxy_timeout; the rest is still coming")
         return ok
+
+    def _start_fetch(self, study_uid: str, series_uid: str | None,
+                     missing: list[Any]) -> threading.Event:
+        """The fetch of (study, series) under way, or a new one: set once it ended. At most
+        ``query_retrieve_proxy_max_fetches`` at once (StillFetching past that: 503)."""
+        key = (study_uid, series_uid)
+        with self._fetching_lock:
+            done = self._fetching.get(key)
+            if done is not None:
+                return done  # the same study asked again meanwhile: one transfer
+            limit = self.cfg.query_retrieve_proxy_max_fetches
+            if len(self._fetching) >= limit:
+                raise StillFetching(f"{limit} studies are being fetched from the PACS already "
+                                    "(query_retrieve_proxy_max_fetches)")
+            done = self._fetching[key] = threading.Event()
+
+        def run() -> None:
+            try:
+                for _item in self.stream(missing):
+                    pass
+            except Exception as exc:  # noqa: BLE001 - one line; the waiters see what is in
+                log.warning("Q/R proxy: fetching study %s ended: %s: %s", study_uid,
+                            type(exc).__name__, exc)
+            finally:
+                with self._fetching_lock:
+                    self._fetching.pop(key, None)
+                done.set()
+
+        threading.Thread(target=run, name="qr-proxy-wado", daemon=True).start()
+        return done
 
     # ---- the cache ---------------------------------------------------------------------------
 
