@@ -135,6 +135,21 @@ def pg_dsn(pg_server: Postgres, request: pytest.FixtureRequest) -> str:
     return pg_server.new_database(name)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """The state on both backends: SQLite in ``tmp_path``, a fresh database on the session's
+    PostgreSQL (jobs leased for 3 s). A test file may define its own ``state`` instead."""
+    from dicomrouter.state.postgres import PostgresState
+    from dicomrouter.state.sqlite import SQLiteState
+
+    if request.param == "sqlite":
+        s: Any = SQLiteState(tmp_path / "state.db")
+    else:
+        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
+    yield s
+    s.close()
+
+
 @pytest.fixture
 def sample_study(tmp_path: Path) -> list[Path]:
     """One synthetic CT study: 2 series x 3 instances, 32x32, Explicit VR LE, seed 1234."""

@@ -16,7 +16,6 @@ import shutil
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +45,6 @@ from dicomrouter.sample import generate
 from dicomrouter.spool import Spool
 from dicomrouter.state import State, open_state
 from dicomrouter.state.base import Placement
-from dicomrouter.state.postgres import PostgresState
-from dicomrouter.state.sqlite import SQLiteState
 from dicomrouter.values import PRIORITIES
 
 PROBE_EVERY = 3.0
@@ -193,16 +190,6 @@ def test_refused_instances_are_not_connection_failures(tmp_path: Path) -> None:
 
 
 # ---- the state methods, on both backends ---------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
-    if request.param == "sqlite":
-        s: State = SQLiteState(tmp_path / "state.db")
-    else:
-        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
-    yield s
-    s.close()
 
 
 def test_retry_now_and_published_breakers_on_both_backends(state: State) -> None:

@@ -5,29 +5,12 @@ instance keeps which destinations had its earlier version."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from dicomrouter.state import State
-from dicomrouter.state.postgres import PostgresState
-from dicomrouter.state.sqlite import SQLiteState
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 EXPLICIT = "1.2.840.10008.1.2.1"
 STUDY = "1.29.5"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
-    if request.param == "sqlite":
-        s: State = SQLiteState(tmp_path / "state.db")
-    else:
-        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
-    yield s
-    s.close()
 
 
 def _record(state: State, sop: str, sop_class: str = CT, series: str = "1.29.5.1") -> None:

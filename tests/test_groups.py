@@ -29,8 +29,6 @@ from router_fixtures import Router, dicomrouter
 from dicomrouter.config import ConfigError, from_dict
 from dicomrouter.sample import generate
 from dicomrouter.state import State
-from dicomrouter.state.postgres import PostgresState
-from dicomrouter.state.sqlite import SQLiteState
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -340,17 +338,6 @@ def test_a_group_takes_no_forwarding_while_receiving() -> None:
                                     "ai": {"type": "group", "members": ["ai1", "ai2"]}},
                    "routes": [{"to": ["ai"], "forward": "immediate"}]}, Path("."), "test")
     assert err.value.key == "routes[0].forward" and "whole" in err.value.problem
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """The group state on both backends (PostgreSQL: a real server, as test_state_postgres)."""
-    if request.param == "sqlite":
-        s: State = SQLiteState(tmp_path / "state.db")
-    else:
-        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
-    yield s
-    s.close()
 
 
 def _study(state: State, study: str, patient: str) -> None:

@@ -5,24 +5,8 @@ demographics over an order's, ADT^A40 merges followed (chains, cycles)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from dicomrouter.state import State
-from dicomrouter.state.postgres import PostgresState
-from dicomrouter.state.sqlite import SQLiteState
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
-    if request.param == "sqlite":
-        s: State = SQLiteState(tmp_path / "state.db")
-    else:
-        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
-    yield s
-    s.close()
 
 
 def _order(**kw: str) -> dict[str, str]:

@@ -7,11 +7,9 @@ count, in status (text and --json), the REST API's job rows, /metrics and the hi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from peers import Orthanc, run_storescu, wait_until
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -21,7 +19,6 @@ from test_web import http, metric
 
 from dicomrouter.sample import generate
 from dicomrouter.state import State
-from dicomrouter.state.sqlite import SQLiteState
 from dicomrouter_bench.procs import free_port
 
 
@@ -45,18 +42,6 @@ class LateReport:
         self.sr.parent.mkdir(parents=True)
         sr.save_as(self.sr)
         self.sops = {str(dcmread(f).SOPInstanceUID) for f in [*self.ct, self.sr]}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
-    if request.param == "sqlite":
-        s: State = SQLiteState(tmp_path / "state.db")
-    else:
-        from dicomrouter.state.postgres import PostgresState
-
-        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
-    yield s
-    s.close()
 
 
 def _record(state: State, sop: str, modality: str) -> None:

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,18 +52,6 @@ def _deliver(state: State, study: str, destination: str) -> None:
         state.mark_delivered([inst.sop_uid], destination)
     assert state.finish_job(job, None, 3, 1.0) == "delivered"
     assert state.settle_study(study)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
-    if request.param == "sqlite":
-        s: State = SQLiteState(tmp_path / "state.db")
-    else:
-        from dicomrouter.state.postgres import PostgresState
-
-        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
-    yield s
-    s.close()
 
 
 def test_a_move_supersedes_the_old_reception_in_the_state(state: State) -> None:

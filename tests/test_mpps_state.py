@@ -4,7 +4,6 @@ PostgreSQL (Debian's package, started by the test, as in test_state_postgres.py)
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,22 +11,10 @@ import pytest
 from dicomrouter.config import ConfigError, from_dict
 from dicomrouter.state import Mpps, State
 from dicomrouter.state.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
-from dicomrouter.state.postgres import PostgresState
 from dicomrouter.state.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
-from dicomrouter.state.sqlite import SQLiteState
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MPPS = "1.2.840.10008.3.1.2.3.3"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
-    if request.param == "sqlite":
-        s: State = SQLiteState(tmp_path / "state.db")
-    else:
-        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
-    yield s
-    s.close()
 
 
 def _record(state: State, study: str, sop: str) -> None:

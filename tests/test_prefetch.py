@@ -5,7 +5,6 @@ queue on both backends (SQLite and a real PostgreSQL)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,6 @@ from dicomrouter.config import ConfigError, from_dict
 from dicomrouter.prefetch.priors import CHOSEN, Candidate, Series, choose, cutoff
 from dicomrouter.routing import conditions_hold, route
 from dicomrouter.state import Instance, State
-from dicomrouter.state.postgres import PostgresState
-from dicomrouter.state.sqlite import SQLiteState
 
 BASE: dict[str, Any] = {
     "known_aes": {"PACS": {"host": "127.0.0.1", "port": 104}},
@@ -151,16 +148,6 @@ def test_the_choice_of_priors_names_why_each_is_skipped() -> None:
     assert "b" not in asked and "old" not in asked  # no series query when it cannot matter
     order = [c.uid for c, _ in choose(rule, candidates, "", "", "", series_of)]
     assert order[:3] == ["trigger", "ordered", "mr"]  # most recent first
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
-    if request.param == "sqlite":
-        s: State = SQLiteState(tmp_path / "state.db")
-    else:
-        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
-    yield s
-    s.close()
 
 
 def test_triggers_are_kept_suppressed_claimed_and_retried(state: State) -> None:

@@ -5,29 +5,12 @@ the whole study keeps owing it, and the result tags stay in the index."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from dicomrouter.state import State
-from dicomrouter.state.postgres import PostgresState
-from dicomrouter.state.sqlite import SQLiteState
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SR = "1.2.840.10008.5.1.4.1.1.88.11"
 EXPLICIT = "1.2.840.10008.1.2.1"
 STUDY = "1.29.1"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
-    if request.param == "sqlite":
-        s: State = SQLiteState(tmp_path / "state.db")
-    else:
-        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
-    yield s
-    s.close()
 
 
 def _record(state: State, sop: str, series: str, sop_class: str = CT,

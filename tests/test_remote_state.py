@@ -8,30 +8,14 @@ what was sent, another AE than ``results_from``, an unrelated study)."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from dicomrouter.processing.remote import LATER, PART, REMOTE_TAG, TAKEN, RemoteClaims
 from dicomrouter.processing.results import RESULT_TAG, is_result
 from dicomrouter.state import State
-from dicomrouter.state.postgres import PostgresState
-from dicomrouter.state.sqlite import SQLiteState
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 ORIGIN = "1.29.7"
 SENT = "2.25.77"  # the pseudonymized study that went to the node
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[State]:
-    if request.param == "sqlite":
-        s: State = SQLiteState(tmp_path / "state.db")
-    else:
-        s = PostgresState(request.getfixturevalue("pg_dsn"), "node-a", tmp_path, lease=3)
-    yield s
-    s.close()
 
 
 def _record(state: State, study: str, sop: str, calling: str) -> None:
