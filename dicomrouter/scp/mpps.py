@@ -70,6 +70,18 @@ class Refused(Exception):
         return ds
 
 
+def _refuse(what: str, event: evt.Event, uid: str,
+            error: Exception) -> tuple[Dataset, None]:
+    """The failure response of an N-CREATE / N-SET and its one log line: a ``Refused``
+    as it says, anything else as an attribute list that cannot be read."""
+    exc = error if isinstance(error, Refused) else Refused(
+        PROCESSING_FAILURE, f"cannot read the attribute list: {type(error).__name__}: {error}")
+    metrics.MPPS.labels(what, "refused").inc()
+    log.warning("MPPS %s %s from %s refused with 0x%04X: %s", what, uid, _peer(event),
+                exc.status, exc)
+    return exc.response(), None
+
+
 def _peer(event: evt.Event) -> str:
     r = event.assoc.requestor
     return f"{r.ae_title} ({r.address}:{r.port})"
@@ -104,13 +116,7 @@ class MppsSCP:
         try:
             return self._create(event, uid)
         except Exception as error:  # a value pydicom cannot read deep inside: no traceback
-            exc = error if isinstance(error, Refused) else Refused(
-                PROCESSING_FAILURE, f"cannot read the attribute list: "
-                f"{type(error).__name__}: {error}")
-            metrics.MPPS.labels("N-CREATE", "refused").inc()
-            log.warning("MPPS N-CREATE %s from %s refused with 0x%04X: %s", uid or "(no UID)",
-                        _peer(event), exc.status, exc)
-            return exc.response(), None
+            return _refuse("N-CREATE", event, uid or "(no UID)", error)
 
     def _create(self, event: evt.Event, uid: str) -> tuple[int, Dataset | None]:
         ds = self._dataset(event, event.request.AttributeList, "N-CREATE")
@@ -151,13 +157,7 @@ class MppsSCP:
         try:
             return self._set(event, uid)
         except Exception as error:  # a value pydicom cannot read deep inside: no traceback
-            exc = error if isinstance(error, Refused) else Refused(
-                PROCESSING_FAILURE, f"cannot read the attribute list: "
-                f"{type(error).__name__}: {error}")
-            metrics.MPPS.labels("N-SET", "refused").inc()
-            log.warning("MPPS N-SET %s from %s refused with 0x%04X: %s", uid, _peer(event),
-                        exc.status, exc)
-            return exc.response(), None
+            return _refuse("N-SET", event, uid, error)
 
     def _set(self, event: evt.Event, uid: str) -> tuple[int, None]:
         try:
