@@ -35,7 +35,7 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 
 from ..config.processing import StepModel, step_name
-from ..destinations.base import Context, DeliveryError, InstanceRejected
+from ..destinations.base import Context, DeliveryError, InstanceRejected, Interrupted
 from ..destinations.registry import build
 from ..logsafe import escape
 from ..spool import SpoolReader
@@ -111,7 +111,7 @@ class RemoteStep:
                     "the study again unless results come back meanwhile")
                 return RemoteOutcome(None, self.clock() - start, timed_out=True, text=why)
             if self.stop.wait(self.poll):
-                raise DeliveryError(f"processing step {name!r} interrupted while waiting for "
+                raise Interrupted(f"processing step {name!r} interrupted while waiting for "
                                     f"results from {remote.destination} (the router stops; "
                                     "it waits again at the next start)")
             row = self.state.remote_await(self.origin_uid, self.route, name)

@@ -1,0 +1,200 @@
+"""Remote processing steps (issue 29, item 1) under the timings that broke them, with real
+peers (DCMTK storescu as the modality CT1, storescp as the PACS and as CT1's own SCP, the
+pynetdicom + highdicom AI node of tests/ai_node.py):
+
+* a fast node answers while the router is still sending it the study (a ``max_rate`` slows
+  the send so the result's study completes before the send is recorded as finished);
+* a node answers in two associations seconds apart, the second after the step finished (a
+  ``fallback`` route to the PACS would take the pseudonymized second result, if the routing
+  table ever saw it);
+* the router is stopped twice while the step waits, with ``max_attempts: 2`` (a stop is not a
+  failed attempt: the job must not be dead-lettered, and the study is not sent again)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ai_node import AiNode, segment, store_back
+from peers import StoreSCP, run_storescu, sop_uids, wait_until
+from pydicom import dcmread
+from router_fixtures import Router, dicomrouter
+from test_processing_remote import _check_seg_back
+
+from dicomrouter.sample import generate
+
+SECRET = "s" * 40
+KEY = "k" * 40
+
+
+@pytest.fixture(autouse=True)
+def _keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEID_SECRET", SECRET)
+    monkeypatch.setenv("PSEUDONYM_KEY", KEY)
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Any:
+    pacs = StoreSCP(tmp_path / "pacs", aet="PACS")
+    sender = StoreSCP(tmp_path / "ct1", aet="CT1")
+    pacs.start()
+    sender.start()
+    yield pacs, sender
+    pacs.stop()
+    sender.stop()
+
+
+def _study(tmp_path: Path, seed: int, **kw: Any) -> tuple[list[Path], str]:
+    opts = {"series": 2, "instances": 2, "rows": 16, "cols": 16, **kw}
+    files = generate(tmp_path / "in", studies=1, patient_id="REMOTE1", seed=seed, **opts)
+    return files, str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def _config(pacs: StoreSCP, sender: StoreSCP, node: AiNode, timeout: str = "90s",
+            max_attempts: int = 5, **ai: Any) -> dict[str, Any]:
+    return {
+        "destinations": {
+            "pacs": {"type": "dicom", "ae_title": pacs.aet, "host": "127.0.0.1",
+                     "port": pacs.port},
+            "ainode": {"type": "dicom", "ae_title": node.aet, "host": "127.0.0.1",
+                       "port": node.port, **ai}},
+        "known_aes": {"CT1": {"host": "127.0.0.1", "port": sender.port}},
+        "retry": {"initial": "1s", "max_delay": "2s", "max_attempts": max_attempts},
+        "routes": [
+            {"name": "archive", "when": {"CallingAE": "CT1"}, "to": ["pacs"]},
+            {"name": "ai", "when": {"CallingAE": "CT1"},
+             "transforms": [{"deidentify": {"reversible": True}}],
+             "process": [{"name": "segment", "remote": {"destination": "ainode"},
+                          "timeout": timeout}],
+             "results": ["return_to_sender", "pacs"]},
+            # what no route takes goes to the PACS as it is: a pseudonymized result the
+            # routing table saw would land there
+            {"name": "the rest", "fallback": True, "to": ["pacs"]}]}
+
+
+def _status(router: Router, study: str) -> dict[str, Any]:
+    r = dicomrouter("status", "--json", "--study", study, "--config", str(router.config_path))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _history(router: Router, study: str) -> list[str]:
+    return [event for _ts, event in _status(router, study)["history"]]
+
+
+def _identified_only(pacs: StoreSCP, study: str) -> None:
+    """Nothing pseudonymized at the PACS: every instance in the original study and patient."""
+    for ds in (dcmread(p, stop_before_pixels=True) for p in pacs.files()):
+        assert ds.StudyInstanceUID == study and ds.PatientID == "REMOTE1", \
+            (ds.SOPInstanceUID, ds.StudyInstanceUID, ds.PatientID)
+
+
+def test_a_result_that_arrives_while_the_study_is_still_being_sent_is_taken(
+        tmp_path: Path, peers: Any) -> None:
+    """The node answers after the first instance; the router needs ~5 s more per instance
+    (1kB/s), so the result's study completes while the step's await is still 'sending'."""
+    pacs, sender = peers
+    files, study = _study(tmp_path, 2941, series=1, instances=3, rows=48, cols=48)
+    router = Router(tmp_path / "router", {})
+    with AiNode(tmp_path / "ai", router.port, router.aet, answer="never") as ai:
+        router.config.update(_config(pacs, sender, ai, timeout="40s", max_rate="1kB/s"))
+        with router:
+            assert run_storescu(files, router.port, aet=router.aet,
+                                calling="CT1").returncode == 0
+            wait_until(lambda: len(ai.received) >= 1, timeout=120,
+                       what="the first instance at the AI node")
+            ai.send_results()  # the node is fast: it answers before the rest arrived
+            wait_until(lambda: any("taken for study" in h for h in _history(router, study)),
+                       timeout=60, what="the result taken")
+            wait_until(lambda: len(sender.files()) >= 1, timeout=60, what="the SEG at CT1")
+            router.wait_state(study, "delivered", timeout=60)
+            history = _history(router, study)
+            log = router.log(5000)
+    taken = next(i for i, h in enumerate(history) if "taken for study" in h)
+    waiting = next(i for i, h in enumerate(history) if "waiting: sent 3 instance(s)" in h)
+    assert taken < waiting, history  # the race this test is about did happen
+    assert "while it was still sending" in history[taken]
+    assert len(ai.received) == len(files)  # sent once
+    (seg_back,) = sender.files()
+    _check_seg_back(seg_back, files)
+    assert any("'segment' (ai) done: 1 result instance(s) from ainode" in h
+               for h in history), history
+    wait_until(lambda: len(pacs.files()) >= len(files) + 1, timeout=60, what="the PACS")
+    _identified_only(pacs, study)
+    assert "Traceback" not in log
+
+
+def test_a_second_result_seconds_after_the_first_follows_it_and_never_leaks(
+        tmp_path: Path, peers: Any) -> None:
+    """Two results in two associations: the step finishes with the first one; the second,
+    a generation of its own in the pseudonymized study, is still the step's result (its
+    deadline has not passed): re-identified, routed by results:, never by the table."""
+    pacs, sender = peers
+    files, study = _study(tmp_path, 2942)
+    router = Router(tmp_path / "router", {})
+    with AiNode(tmp_path / "ai", router.port, router.aet, answer="never") as ai:
+        router.config.update(_config(pacs, sender, ai))
+        with router:
+            assert run_storescu(files, router.port, aet=router.aet,
+                                calling="CT1").returncode == 0
+            wait_until(lambda: any("waiting: sent 4" in h for h in _history(router, study)),
+                       timeout=120, what="the study sent to the AI node")
+            first = ai.send_results()
+            wait_until(lambda: len(sender.files()) >= 1, timeout=120, what="the SEG at CT1")
+            router.wait_state(study, "delivered", timeout=60)
+            second = segment(ai.received)  # another finding, in a second association
+            store_back(second, router.port, router.aet)
+            wait_until(lambda: len(sender.files()) >= 2, timeout=120,
+                       what="the second SEG at CT1")
+            wait_until(lambda: len(pacs.files()) >= len(files) + 2, timeout=60,
+                       what="the originals and both SEGs at the PACS")
+            router.wait_state(study, "delivered", timeout=60)
+            history = _history(router, study)
+            log = router.log(5000)
+    back = {str(dcmread(p).SOPInstanceUID): p for p in sender.files()}
+    assert set(back) == {str(first.SOPInstanceUID), str(second.SOPInstanceUID)}
+    for path in back.values():
+        _check_seg_back(path, files)
+    assert sop_uids(pacs.files()) == sop_uids(files) | set(back)
+    _identified_only(pacs, study)
+    assert len(ai.received) == len(files)  # the step did not run again
+    assert any("after the step finished: late results" in h for h in history), history
+    assert any("1 late result instance(s) of step 'segment' ingested" in h
+               for h in history), history
+    assert "Traceback" not in log
+
+
+def test_stopping_the_router_while_the_step_waits_is_not_a_failed_attempt(
+        tmp_path: Path, peers: Any) -> None:
+    pacs, sender = peers
+    files, study = _study(tmp_path, 2943)
+    router = Router(tmp_path / "router", {})
+    with AiNode(tmp_path / "ai", router.port, router.aet, answer="never") as ai:
+        router.config.update(_config(pacs, sender, ai, max_attempts=2))
+        router.start()
+        try:
+            assert run_storescu(files, router.port, aet=router.aet,
+                                calling="CT1").returncode == 0
+            wait_until(lambda: any("waiting: sent 4" in h for h in _history(router, study)),
+                       timeout=120, what="the study sent to the AI node")
+            for n in (1, 2):  # max_attempts times: a counted stop would dead-letter the job
+                router.stop()
+                router.start()
+                wait_until(lambda n=n: router.log(100000).count(
+                    "still waiting for results from ainode") >= n, timeout=120,
+                    what=f"the step waiting again after restart {n}")
+            job = next(j for j in _status(router, study)["jobs"]
+                       if j["destination"] == "process:ai")
+            assert job["attempts"] == 0 and job["state"] in ("pending", "running"), job
+            ai.send_results()
+            wait_until(lambda: len(sender.files()) >= 1, timeout=120, what="the SEG at CT1")
+            router.wait_state(study, "delivered", timeout=60)
+            log = router.log(100000)
+        finally:
+            router.stop()
+    assert len(ai.received) == len(files)  # never sent again
+    _check_seg_back(sender.files()[0], files)
+    assert "interrupted by shutdown" in log
+    assert "dead-lettered" not in log and "Traceback" not in log
