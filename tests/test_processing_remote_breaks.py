@@ -13,6 +13,7 @@ pynetdicom + highdicom AI node of tests/ai_node.py):
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +199,107 @@ def test_stopping_the_router_while_the_step_waits_is_not_a_failed_attempt(
     _check_seg_back(sender.files()[0], files)
     assert "interrupted by shutdown" in log
     assert "dead-lettered" not in log and "Traceback" not in log
+
+
+def test_two_studies_at_the_node_at_once_get_each_their_own_result(
+        tmp_path: Path, peers: Any) -> None:
+    """Two patients' studies wait at the same node at the same time; the node answers the
+    second first. Each SEG goes back into its own original study, with its own patient."""
+    pacs, sender = peers
+    a_files, a_study = _study(tmp_path / "a", 2944)
+    b_files = generate(tmp_path / "b", studies=1, series=1, instances=3, rows=16, cols=16,
+                       patient_id="REMOTE2", seed=2945)
+    b_study = str(dcmread(b_files[0], stop_before_pixels=True).StudyInstanceUID)
+    router = Router(tmp_path / "router", {})
+    with AiNode(tmp_path / "ai", router.port, router.aet, answer="never") as ai:
+        router.config.update(_config(pacs, sender, ai))
+        with router:
+            for files in (a_files, b_files):
+                assert run_storescu(files, router.port, aet=router.aet,
+                                    calling="CT1").returncode == 0
+            wait_until(lambda: len(ai.received) >= len(a_files) + len(b_files), timeout=120,
+                       what="both studies at the AI node")
+            by_study: dict[str, list[Any]] = {}
+            for ds in ai.received:
+                by_study.setdefault(str(ds.StudyInstanceUID), []).append(ds)
+            assert len(by_study) == 2
+            segs = [segment(got) for got in sorted(by_study.values(), key=len, reverse=True)]
+            for seg in segs:  # b's (3 instances) first
+                store_back(seg, router.port, router.aet)
+            wait_until(lambda: len(sender.files()) >= 2, timeout=120, what="both SEGs at CT1")
+            router.wait_state(a_study, "delivered", timeout=60)
+            router.wait_state(b_study, "delivered", timeout=60)
+    back = {str(dcmread(p).StudyInstanceUID): p for p in sender.files()}
+    assert set(back) == {a_study, b_study}
+    _check_seg_back(back[a_study], a_files)
+    _check_seg_back(back[b_study], b_files)
+    wait_until(lambda: len(pacs.files()) >= len(a_files) + len(b_files) + 2, timeout=60,
+               what="the PACS")
+    for ds in (dcmread(p, stop_before_pixels=True) for p in pacs.files()):
+        assert (str(ds.StudyInstanceUID), str(ds.PatientID)) in {
+            (a_study, "REMOTE1"), (b_study, "REMOTE2")}
+
+
+def test_a_remote_step_then_a_command_step(tmp_path: Path, peers: Any) -> None:
+    """``process: [remote, command]``: the node's SEG (pseudonymized) is the command's input;
+    only the command's SR is a result, and it comes back re-identified."""
+    from test_processing_remote import SR_PROGRAM
+
+    pacs, sender = peers
+    files, study = _study(tmp_path, 2946)
+    program = tmp_path / "sr.py"
+    program.write_text(SR_PROGRAM)
+    router = Router(tmp_path / "router", {})
+    with AiNode(tmp_path / "ai", router.port, router.aet) as ai:
+        cfg = _config(pacs, sender, ai)
+        cfg["routes"][1]["process"].append({"name": "report", "command": [
+            sys.executable, str(program), "{input}", "{output}"], "timeout": "60s"})
+        router.config.update(cfg)
+        with router:
+            assert run_storescu(files, router.port, aet=router.aet,
+                                calling="CT1").returncode == 0
+            wait_until(lambda: len(sender.files()) >= 1, timeout=120, what="the SR at CT1")
+            router.wait_state(study, "delivered", timeout=60)
+            wait_until(lambda: len(pacs.files()) >= len(files) + 1, timeout=60,
+                       what="the PACS")
+            history = _history(router, study)
+    (sr_file,) = sender.files()
+    sr = dcmread(sr_file)
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == study and sr.PatientID == "REMOTE1"
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == study
+    assert {str(i.ReferencedSOPInstanceUID) for s in evidence.ReferencedSeriesSequence
+            for i in s.ReferencedSOPSequence} == {str(ai.sent[0].SOPInstanceUID)}
+    assert sop_uids(pacs.files()) == sop_uids(files) | {str(sr.SOPInstanceUID)}
+    _identified_only(pacs, study)
+    assert any("'report' (ai) done: exit code 0" in h for h in history), history
+
+
+def test_match_referenced_by_a_series_only(tmp_path: Path, peers: Any) -> None:
+    """A result in a study of its own whose only link to what was sent is a referenced
+    series (no study reference): taken, and put into the original study."""
+    pacs, sender = peers
+    files, study = _study(tmp_path, 2947)
+    router = Router(tmp_path / "router", {})
+    with AiNode(tmp_path / "ai", router.port, router.aet, answer="never") as ai:
+        cfg = _config(pacs, sender, ai)
+        cfg["routes"][1]["process"][0]["remote"]["match"] = "referenced"
+        router.config.update(cfg)
+        with router:
+            assert run_storescu(files, router.port, aet=router.aet,
+                                calling="CT1").returncode == 0
+            wait_until(lambda: len(ai.received) >= len(files), timeout=120,
+                       what="the study at the AI node")
+            seg = segment(ai.received, new_study=True)
+            del seg.ReferencedStudySequence  # the sent study named nowhere in it
+            assert str(ai.received[0].StudyInstanceUID) not in str(seg)
+            store_back(seg, router.port, router.aet)
+            wait_until(lambda: len(sender.files()) >= 1, timeout=120, what="the SEG at CT1")
+            router.wait_state(study, "delivered", timeout=60)
+    back = dcmread(sender.files()[0])
+    assert back.SOPInstanceUID == seg.SOPInstanceUID
+    assert back.StudyInstanceUID == study and back.PatientID == "REMOTE1"
+    originals = {str(dcmread(f).SeriesInstanceUID) for f in files}
+    assert {str(i.SeriesInstanceUID) for i in back.ReferencedSeriesSequence} <= originals
+    wait_until(lambda: len(pacs.files()) >= len(files) + 1, timeout=60, what="the PACS")
+    _identified_only(pacs, study)
