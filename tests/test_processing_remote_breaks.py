@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 from ai_node import AiNode, segment, store_back
-from peers import StoreSCP, run_storescu, sop_uids, wait_until
+from peers import StoreSCP, free_port, run_storescu, sop_uids, wait_until
 from pydicom import dcmread
 from router_fixtures import Router, dicomrouter
 from test_processing_remote import _check_seg_back
+from test_web import TOKEN, http
 
 from dicomrouter.sample import generate
 
@@ -34,6 +35,7 @@ KEY = "k" * 40
 def _keys(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEID_SECRET", SECRET)
     monkeypatch.setenv("PSEUDONYM_KEY", KEY)
+    monkeypatch.setenv("ROUTER_WEB_TOKEN", TOKEN)
 
 
 @pytest.fixture
@@ -116,7 +118,7 @@ def test_a_result_that_arrives_while_the_study_is_still_being_sent_is_taken(
     taken = next(i for i, h in enumerate(history) if "taken for study" in h)
     waiting = next(i for i, h in enumerate(history) if "waiting: sent 3 instance(s)" in h)
     assert taken < waiting, history  # the race this test is about did happen
-    assert "while it was still sending" in history[taken]
+    assert "while the study was still being sent" in history[taken]
     assert len(ai.received) == len(files)  # sent once
     (seg_back,) = sender.files()
     _check_seg_back(seg_back, files)
@@ -174,6 +176,8 @@ def test_stopping_the_router_while_the_step_waits_is_not_a_failed_attempt(
     router = Router(tmp_path / "router", {})
     with AiNode(tmp_path / "ai", router.port, router.aet, answer="never") as ai:
         router.config.update(_config(pacs, sender, ai, max_attempts=2))
+        web = free_port()
+        router.config["web"] = {"port": web, "token_env": "ROUTER_WEB_TOKEN"}
         router.start()
         try:
             assert run_storescu(files, router.port, aet=router.aet,
@@ -189,6 +193,15 @@ def test_stopping_the_router_while_the_step_waits_is_not_a_failed_attempt(
             job = next(j for j in _status(router, study)["jobs"]
                        if j["destination"] == "process:ai")
             assert job["attempts"] == 0 and job["state"] in ("pending", "running"), job
+            # shown waiting (not 'running') after the restart: status --study and the page
+            steps = [(s["route"], s["name"], s["kind"], s["state"])
+                     for s in _status(router, study)["processing"]]
+            assert steps == [("ai", "segment", "remote", "waiting")], steps
+            text = dicomrouter("status", "--study", study, "--config",
+                               str(router.config_path)).stdout
+            assert "ai / segment (remote): waiting — still, for results from ainode" in text
+            (row,) = http(f"http://127.0.0.1:{web}/api/processing")[1]["studies"]
+            assert [(s["kind"], s["state"]) for s in row["steps"]] == [("remote", "waiting")]
             ai.send_results()
             wait_until(lambda: len(sender.files()) >= 1, timeout=120, what="the SEG at CT1")
             router.wait_state(study, "delivered", timeout=60)

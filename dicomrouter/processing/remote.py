@@ -97,6 +97,11 @@ class RemoteStep:
             log.info("study %s: processing step %r (%s) still waiting for results from %s "
                      "(sent before a restart): not sent again", self.origin_uid, name,
                      self.route, remote.destination)
+            # the history too: its last line was 'running', the status view would say so
+            self.state.note(self.origin_uid, (
+                f"processing step {name!r} ({self.route}) waiting: still, for results from "
+                f"{remote.destination} (the study went there before a restart: not sent "
+                f"again); results by {_utc(row['deadline'])}"))
         else:
             self._send(step, name, folder)
             row = self.state.remote_await(self.origin_uid, self.route, name)
@@ -162,8 +167,7 @@ class RemoteStep:
         self.state.remote_await_sent(
             self.origin_uid, self.route, name, now, deadline,
             f"processing step {name!r} ({self.route}) waiting: sent {sent} instance(s) to "
-            f"{remote.destination}; results by "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(deadline))}")
+            f"{remote.destination}; results by {_utc(deadline)}")
 
     def _collect(self, row: dict[str, Any], folder: WorkFolder) -> int:
         """The claimed results, copied from the spool into the step's output folder."""
@@ -189,6 +193,10 @@ def copy_result(open_instance: Callable[[Instance], Any], inst: Instance, out: P
         ds = dcmread(out)
         ds.StudyInstanceUID = row["sent_study"]
         dcmwrite(out, ds, enforce_file_format=True)
+
+
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
 
 
 def _instance(path: Path) -> tuple[Path, Instance] | None:
@@ -240,7 +248,7 @@ class RemoteClaims:
             why = (f"processing step {row['step']!r} ({row['route']}): {len(taken)} result "
                    f"instance(s) from {escape(senders)} in study {study_uid} taken for study "
                    f"{row['origin_uid']} (sent to {row['destination']})" +
-                   {"waiting": "", "sending": " (while it was still sending)",
+                   {"waiting": "", "sending": "; while the study was still being sent",
                     "done": "; after the step finished: late results"}.get(
                        row["state"], "; after its timeout: they count for its next attempt"))
             tags = {RESULT_TAG: row["route"], PICKED_TAG: "", REMOTE_TAG: row["origin_uid"]}
