@@ -8,6 +8,7 @@ what was sent, another AE than ``results_from``, an unrelated study)."""
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,21 +134,24 @@ def test_results_are_claimed_while_sending_and_after_done_until_the_deadline(
     claims = RemoteClaims(state, _nothing, lambda row, study, insts: late.append(
         (row["state"], [i.sop_uid for i in insts])))
     assert claims.claim(SENT, state.study(SENT), state.instances(SENT)) == TAKEN
-    state.remote_await_sent(ORIGIN, "ai", "segment", 100.0, 5000.0, "sent 1 instance")
+    deadline = time.time() + 1000
+    state.remote_await_sent(ORIGIN, "ai", "segment", 100.0, deadline, "sent 1 instance")
     assert state.remote_await(ORIGIN, "ai", "segment")["results"] == [[SENT, f"{SENT}.9.1"]]
     assert late == []  # taken by the step itself
     state.remote_await_done(ORIGIN, "ai")
-    assert [r["state"] for r in state.remote_awaits_open(now=4000.0)] == ["done"]
-    assert state.remote_awaits_open(now=5001.0) == []  # past its deadline: forgotten
+    assert [r["state"] for r in state.remote_awaits_open(now=deadline - 1)] == ["done"]
+    assert state.remote_awaits_open(now=deadline + 1) == []  # past its deadline: forgotten
     other = "1.29.8"  # an unfinished step of another study is asked first
     state.remote_await_open(other, "ai", "segment", {
         "destination": "ainode", "match": "study", "results_from": [], "sent_study": "2.25.78",
         "sent_series": [], "sent_sops": [], "origin_ae": "CT1"})
-    assert [r["origin_uid"] for r in state.remote_awaits_open(now=4000.0)] == [other, ORIGIN]
+    assert [r["origin_uid"] for r in state.remote_awaits_open(now=deadline - 1)] == \
+        [other, ORIGIN]
     _record(state, SENT, f"{SENT}.9.2", "AINODE")  # the second association
-    claims.claim(SENT, state.study(SENT), state.instances(SENT))  # real clock: past deadline
-    assert late == []
-    state.remote_await_sent(ORIGIN, "ai", "segment", 100.0, 1e12, "sent again")
-    state.remote_await_done(ORIGIN, "ai")
     assert claims.claim(SENT, state.study(SENT), state.instances(SENT)) == TAKEN
     assert late == [("done", [f"{SENT}.9.2"])]
+    # a done await past its deadline is deleted when another chain finishes
+    state.remote_await_sent(ORIGIN, "ai", "segment", 100.0, time.time() - 1, "sent again")
+    state.remote_await_done(ORIGIN, "ai")
+    assert state.remote_await(ORIGIN, "ai", "segment") is None
+    assert state.remote_await(other, "ai", "segment") is not None  # in flight: kept

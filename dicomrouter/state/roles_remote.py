@@ -56,4 +56,5 @@ class RemoteAwaits(ABC):
     @abstractmethod
     def remote_await_done(self, origin_uid: str, route: str) -> None:
         """The route's chain finished: its awaits turn ``done`` (results that still come
-        before their deadline are late results; the rows go with the study's purge)."""
+        before their deadline are late results); done awaits past their deadline are
+        deleted (any study's), and a study's purge deletes its own."""

@@ -117,9 +117,13 @@ class RemoteAwaitsSQL(SQLBase):
         return True
 
     def remote_await_done(self, origin_uid: str, route: str) -> None:
-        with self._tx(origin_uid) as db:  # kept (until purge) for results that come late
+        with self._tx(origin_uid) as db:  # kept until its deadline: results that come late
             db.execute("UPDATE remote_awaits SET state='done' WHERE origin_uid=? AND"
                        " route=?", (origin_uid, route))
+            # earlier chains' awaits past their deadline count nothing more: the table holds
+            # the steps in flight and the recent ones, not every study ever processed
+            db.execute("DELETE FROM remote_awaits WHERE state='done' AND (deadline IS NULL"
+                       " OR deadline<=?)", (time.time(),))
 
     def purge(self, study_uid: str) -> list[str]:
         """The study's purge, and its awaits with it."""
