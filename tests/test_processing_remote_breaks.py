@@ -129,9 +129,11 @@ def test_a_result_that_arrives_while_the_study_is_still_being_sent_is_taken(
     assert "Traceback" not in log
 
 
-@pytest.mark.parametrize("pseudonymized", [True, False])
+@pytest.mark.parametrize(("pseudonymized", "backend"), [
+    (True, "sqlite"), (False, "sqlite"), (True, "postgresql")])
 def test_a_second_result_seconds_after_the_first_follows_it_and_never_leaks(
-        tmp_path: Path, peers: Any, pseudonymized: bool) -> None:
+        tmp_path: Path, peers: Any, pseudonymized: bool, backend: str,
+        request: pytest.FixtureRequest) -> None:
     """Two results in two associations: the step finishes with the first one; the second,
     a generation of its own in the pseudonymized study, is still the step's result (its
     deadline has not passed): re-identified, routed by results:, never by the table."""
@@ -142,6 +144,10 @@ def test_a_second_result_seconds_after_the_first_follows_it_and_never_leaks(
         cfg = _config(pacs, sender, ai)
         if not pseudonymized:  # the results come in the original study itself
             del cfg["routes"][1]["transforms"]
+        if backend == "postgresql":  # the awaits and claims in PostgreSQL
+            dsn = tmp_path / "state.dsn"
+            dsn.write_text(request.getfixturevalue("pg_dsn") + "\n")
+            cfg["state"] = {"type": "postgresql", "dsn_file": str(dsn)}
         router.config.update(cfg)
         with router:
             assert run_storescu(files, router.port, aet=router.aet,
