@@ -25,7 +25,7 @@ from .breaker import Breakers
 from .coerce import Coercer
 from .config import Config
 from .destinations import DeliveryError, Destination, InstanceRejected
-from .destinations.base import PermanentFailure
+from .destinations.base import Interrupted, PermanentFailure
 from .feed import ForwardFeed
 from .groups import Groups
 from .priority import chunks
@@ -506,8 +506,11 @@ class DeliveryWorkers:
                     uid, "not confirmed by the destination's commit")
                              for uid in buffered if uid not in recorded]
         except DeliveryError as exc:
-            result.error, result.error_permanent = str(exc), exc.permanent
-            result.unreachable = not exc.permanent
+            if isinstance(exc, Interrupted) and self._stop.is_set():
+                result.interrupted = True  # a remote step's wait: resumed, not an attempt
+            else:
+                result.error, result.error_permanent = str(exc), exc.permanent
+                result.unreachable = not exc.permanent
         finally:
             if previous:  # a success status came back before the failure
                 self.state.mark_delivered([previous], dest.name, digests)

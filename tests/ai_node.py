@@ -79,6 +79,11 @@ class AiNode:
             if due:
                 self.send_results()
 
+    def answered(self) -> bool:
+        """Everything received has been answered (``answer="auto"``)."""
+        with self._lock:
+            return not self._pending
+
     def send_results(self) -> Dataset:
         """Segment what arrived since the last answer and send the SEG to the router."""
         with self._lock:

@@ -275,9 +275,16 @@ def test_no_result_in_time_fails_the_step_and_the_next_attempt_sends_again(
             ai.answer = "auto"  # now it answers what it got
             wait_until(lambda: len(sender.files()) >= 1, timeout=120, what="the SEG at CT1")
             router.wait_state(study, "delivered", timeout=60)
+            # the node answers each reception: the sends before the retry, and the retry's
+            # own when it came before their answer; every answer comes back (a later one
+            # as a late result of the finished step), none is lost or left pseudonymized
+            wait_until(lambda: ai.answered() and len(sender.files()) == len(ai.sent),
+                       timeout=60, what="every answer of the node at CT1")
+            router.wait_state(study, "delivered", timeout=60)
             history = _history(router, study)
-    assert len(sender.files()) == 1
-    _check_seg_back(sender.files()[0], files)
+    assert len(sender.files()) == len(ai.sent)
+    for path in sender.files():
+        _check_seg_back(path, files)
     assert any("'segment' (ai) done: 1 result instance(s)" in h for h in history), history
 
 

@@ -8,6 +8,7 @@ what was sent, another AE than ``results_from``, an unrelated study)."""
 from __future__ import annotations
 
 import io
+import time
 
 from dicomrouter.processing.remote import LATER, PART, REMOTE_TAG, TAKEN, RemoteClaims
 from dicomrouter.processing.results import RESULT_TAG, is_result
@@ -96,8 +97,45 @@ def test_late_results_count_and_a_reopen_or_purge_forgets(state: State) -> None:
     _open(state)  # a new send: its own results only
     assert state.remote_await(ORIGIN, "ai", "segment")["results"] == []
     state.remote_await_done(ORIGIN, "ai")
-    assert state.remote_await(ORIGIN, "ai", "segment") is None
+    assert state.remote_await(ORIGIN, "ai", "segment")["state"] == "done"
     _open(state)
     _record(state, ORIGIN, f"{ORIGIN}.1.1", "CT1")
     state.purge(ORIGIN)
     assert state.remote_await(ORIGIN, "ai", "segment") is None
+
+
+def test_results_are_claimed_while_sending_and_after_done_until_the_deadline(
+        state: State) -> None:
+    """A fast node answers before the send is recorded (the row is still 'sending'); a node
+    answering in two associations has its second result come after the chain finished
+    ('done'): both are the step's results, the latter only until the step's deadline."""
+    state.remote_await_open(ORIGIN, "ai", "segment", {
+        "destination": "ainode", "match": "study", "results_from": [], "sent_study": SENT,
+        "sent_series": [f"{SENT}.1"], "sent_sops": [f"{SENT}.1.1"], "origin_ae": "CT1"})
+    assert [r["state"] for r in state.remote_awaits_open()] == ["sending"]
+    _record(state, SENT, f"{SENT}.9.1", "AINODE")
+    late: list[tuple[str, list[str]]] = []
+    claims = RemoteClaims(state, _nothing, lambda row, study, insts: late.append(
+        (row["state"], [i.sop_uid for i in insts])))
+    assert claims.claim(SENT, state.study(SENT), state.instances(SENT)) == TAKEN
+    deadline = time.time() + 1000
+    state.remote_await_sent(ORIGIN, "ai", "segment", 100.0, deadline, "sent 1 instance")
+    assert state.remote_await(ORIGIN, "ai", "segment")["results"] == [[SENT, f"{SENT}.9.1"]]
+    assert late == []  # taken by the step itself
+    state.remote_await_done(ORIGIN, "ai")
+    assert [r["state"] for r in state.remote_awaits_open(now=deadline - 1)] == ["done"]
+    assert state.remote_awaits_open(now=deadline + 1) == []  # past its deadline: forgotten
+    other = "1.29.8"  # an unfinished step of another study is asked first
+    state.remote_await_open(other, "ai", "segment", {
+        "destination": "ainode", "match": "study", "results_from": [], "sent_study": "2.25.78",
+        "sent_series": [], "sent_sops": [], "origin_ae": "CT1"})
+    assert [r["origin_uid"] for r in state.remote_awaits_open(now=deadline - 1)] == \
+        [other, ORIGIN]
+    _record(state, SENT, f"{SENT}.9.2", "AINODE")  # the second association
+    assert claims.claim(SENT, state.study(SENT), state.instances(SENT)) == TAKEN
+    assert late == [("done", [f"{SENT}.9.2"])]
+    # a done await past its deadline is deleted when another chain finishes
+    state.remote_await_sent(ORIGIN, "ai", "segment", 100.0, time.time() - 1, "sent again")
+    state.remote_await_done(ORIGIN, "ai")
+    assert state.remote_await(ORIGIN, "ai", "segment") is None
+    assert state.remote_await(other, "ai", "segment") is not None  # in flight: kept

@@ -19,7 +19,7 @@ from typing import Any
 from .. import metrics
 from ..config import Config
 from ..priority import placement, route_priority
-from ..processing.remote import LATER, PART, TAKEN, RemoteClaims
+from ..processing.remote import LATER, PART, TAKEN, LateResults, RemoteClaims
 from ..processing.results import ResultRouter
 from ..routing import Decision, cache_fill, route
 from ..sources import source_names
@@ -69,7 +69,8 @@ class StudyTracker:
         self.mpps = MppsCompletion(cfg, state, self.complete, self.events, clock)
         self.corrections = Corrections(state, spool, notify)  # IOCM: follow the ledger
         self.results = ResultRouter(cfg, state, notify)  # processing results (issue 29)
-        self.remote = RemoteClaims(state, spool.open)  # a remote step's results come back
+        # a remote step's results come back (also late: LateResults)
+        self.remote = RemoteClaims(state, spool.open, LateResults(cfg, state, spool))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -38,6 +38,11 @@ class PermanentFailure(DeliveryError):
         self.action = action
 
 
+class Interrupted(DeliveryError):
+    """The router stops while a session waits (a remote processing step waiting for
+    results): the job is released unfinished, not counted as a failed attempt."""
+
+
 class InstanceRejected(Exception):
     """This one instance was refused (a failure status); the others may still go.
 

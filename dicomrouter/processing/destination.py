@@ -26,7 +26,7 @@ from ..spool.slots import fsync_dir
 from ..state import Instance
 from .chain import ChainFailed, run_chain
 from .remote import RemoteStep
-from .results import ingest_result, is_result, reidentify_file
+from .results import ingest_result, is_result, reidentify_file, route_key
 
 DONE = "done"
 PICKED = ".route"  # in done/: the route result.json picked
@@ -44,10 +44,7 @@ class ProcessDestination(Destination):
         self.steps = routes[self.route].process if self.route in routes else ()
         # the route de-identifies reversibly: its results are re-identified before they
         # enter the router (so nothing pseudonymized reaches the destinations of results:)
-        self.key = next((op.key for op in (routes[self.route].transforms
-                                           if self.route in routes else ())
-                         if getattr(op, "kind", "") == "deidentify" and op.key is not None),
-                        None)
+        self.key = route_key(routes.get(self.route))
         self.stop = threading.Event()  # the router stops: a remote step stops waiting
 
     def interrupt(self) -> None:

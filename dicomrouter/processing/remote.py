@@ -23,6 +23,7 @@ Two halves meet in the state's ``remote_awaits`` row of (origin study, route, st
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,13 +34,20 @@ from typing import Any
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 
-from ..config.processing import StepModel
-from ..destinations.base import Context, DeliveryError, InstanceRejected
+from ..config.processing import StepModel, step_name
+from ..destinations.base import Context, DeliveryError, InstanceRejected, Interrupted
 from ..destinations.registry import build
 from ..logsafe import escape
 from ..spool import SpoolReader
 from ..state import Instance, State
-from .results import PICKED_TAG, RESULT_TAG, is_result
+from .results import (
+    PICKED_TAG,
+    RESULT_TAG,
+    ingest_result,
+    is_result,
+    reidentify_file,
+    route_key,
+)
 from .runner import Outcome
 from .workfolder import WorkFolder
 
@@ -81,12 +89,19 @@ class RemoteStep:
         assert remote is not None
         start = self.clock()
         row = self.state.remote_await(self.origin_uid, self.route, name)
+        if row is not None and row["state"] == "done":
+            row = None  # an earlier chain's (the study came again): this run sends anew
         if row is not None and row["results"]:
             pass  # results came back (perhaps after an earlier attempt's timeout): no resend
         elif row is not None and row["state"] == "waiting" and row["deadline"] > start:
             log.info("study %s: processing step %r (%s) still waiting for results from %s "
                      "(sent before a restart): not sent again", self.origin_uid, name,
                      self.route, remote.destination)
+            # the history too: its last line was 'running', the status view would say so
+            self.state.note(self.origin_uid, (
+                f"processing step {name!r} ({self.route}) waiting: still, for results from "
+                f"{remote.destination} (the study went there before a restart: not sent "
+                f"again); results by {_utc(row['deadline'])}"))
         else:
             self._send(step, name, folder)
             row = self.state.remote_await(self.origin_uid, self.route, name)
@@ -101,7 +116,7 @@ class RemoteStep:
                     "the study again unless results come back meanwhile")
                 return RemoteOutcome(None, self.clock() - start, timed_out=True, text=why)
             if self.stop.wait(self.poll):
-                raise DeliveryError(f"processing step {name!r} interrupted while waiting for "
+                raise Interrupted(f"processing step {name!r} interrupted while waiting for "
                                     f"results from {remote.destination} (the router stops; "
                                     "it waits again at the next start)")
             row = self.state.remote_await(self.origin_uid, self.route, name)
@@ -152,28 +167,36 @@ class RemoteStep:
         self.state.remote_await_sent(
             self.origin_uid, self.route, name, now, deadline,
             f"processing step {name!r} ({self.route}) waiting: sent {sent} instance(s) to "
-            f"{remote.destination}; results by "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(deadline))}")
+            f"{remote.destination}; results by {_utc(deadline)}")
 
     def _collect(self, row: dict[str, Any], folder: WorkFolder) -> int:
-        """The claimed results, copied from the spool into the step's output folder; one that
-        is in a study of its own (``match: referenced``) is put into the study that was sent
-        (the origin's, or its pseudonym that re-identification maps back)."""
+        """The claimed results, copied from the spool into the step's output folder."""
         count = 0
         for study_uid, sop_uid in row["results"]:
             found = [i for i in self.state.instances(study_uid) if i.sop_uid == sop_uid]
             if not found:
                 continue  # replaced or purged since: nothing to take
-            out = folder.output / f"{sop_uid}.dcm"
-            with self.ctx.spool.open(found[0]) as src, open(out, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-            if study_uid != row["sent_study"]:
-                ds = dcmread(out)
-                ds.StudyInstanceUID = row["sent_study"]
-                dcmwrite(out, ds, enforce_file_format=True)
+            copy_result(self.ctx.spool.open, found[0], folder.output / f"{sop_uid}.dcm", row)
             count += 1
         return count
+
+
+def copy_result(open_instance: Callable[[Instance], Any], inst: Instance, out: Path,
+                row: dict[str, Any]) -> None:
+    """A claimed result from the spool to ``out``; one in a study of its own (``match:
+    referenced``) is put into the study that was sent (the origin's, or its pseudonym that
+    re-identification maps back)."""
+    with open_instance(inst) as src, open(out, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    if inst.study_uid != row["sent_study"]:
+        ds = dcmread(out)
+        ds.StudyInstanceUID = row["sent_study"]
+        dcmwrite(out, ds, enforce_file_format=True)
+
+
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
 
 
 def _instance(path: Path) -> tuple[Path, Instance] | None:
@@ -199,9 +222,12 @@ def _instance(path: Path) -> tuple[Path, Instance] | None:
 class RemoteClaims:
     """Results of remote steps, recognised when their study completes (module docstring)."""
 
-    def __init__(self, state: State, open_instance: Callable[[Instance], Any]) -> None:
+    def __init__(self, state: State, open_instance: Callable[[Instance], Any],
+                 late: Callable[[dict[str, Any], str, Sequence[Instance]], None] | None = None
+                 ) -> None:
         self.state = state
         self.open = open_instance
+        self.late = late  # LateResults: what comes after the step finished
 
     def claim(self, study_uid: str, seen: Any, instances: Sequence[Instance]) -> str:
         """TAKEN: the new generation's instances are all results (the study is routed without
@@ -222,14 +248,17 @@ class RemoteClaims:
             why = (f"processing step {row['step']!r} ({row['route']}): {len(taken)} result "
                    f"instance(s) from {escape(senders)} in study {study_uid} taken for study "
                    f"{row['origin_uid']} (sent to {row['destination']})" +
-                   ("" if row["state"] == "waiting" else "; after its timeout: they count "
-                    "for its next attempt"))
+                   {"waiting": "", "sending": "; while the study was still being sent",
+                    "done": "; after the step finished: late results"}.get(
+                       row["state"], "; after its timeout: they count for its next attempt"))
             tags = {RESULT_TAG: row["route"], PICKED_TAG: "", REMOTE_TAG: row["origin_uid"]}
             whole = len(taken) == len(new)
             if not self.state.remote_claim(row, study_uid, seen, [i.sop_uid for i in taken],
                                            tags, why, mark_routed=whole):
                 return LATER
             log.info("study %s: %s", study_uid, why)
+            if row["state"] == "done" and self.late is not None:
+                self.late(row, study_uid, taken)
             return TAKEN if whole else PART
         return ""
 
@@ -253,6 +282,48 @@ class RemoteClaims:
             return False
         wanted = {row["sent_study"], *row["sent_series"]}
         return bool(wanted & set(_uids(ds)))
+
+
+class LateResults:
+    """Results that come after their step finished, before its deadline (a node answering in
+    several associations, seconds apart; each is a generation of its own): they were claimed
+    like the first ones (so the routing table never sees them: no leak of a pseudonymized
+    result, no loop into the step). When the remote step is the route's last, they are what
+    its output would have been: re-identified and ingested as results of the route, routed by
+    ``results:``. After a later step they stay in the spool, noted in the origin's history."""
+
+    def __init__(self, cfg: Any, state: State, spool: Any) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.spool = spool
+
+    def __call__(self, row: dict[str, Any], study_uid: str,
+                 taken: Sequence[Instance]) -> None:
+        origin, name = row["origin_uid"], row["route"]
+        route = next((r for r in self.cfg.routes if r.name == name), None)
+        steps = route.process if route is not None else ()
+        if not steps or step_name(steps[-1], len(steps) - 1) != row["step"]:
+            self.state.note(origin, f"processing step {row['step']!r} ({name}): "
+                            f"{len(taken)} late result instance(s) not taken further (the "
+                            f"steps after it already ran); kept in study {study_uid}")
+            return
+        key = route_key(route)
+        ingested = 0
+        with tempfile.TemporaryDirectory(prefix="late-", dir=self.spool.root) as tmp:
+            for inst in taken:
+                path = Path(tmp) / f"{inst.sop_uid}.dcm"
+                try:
+                    copy_result(self.spool.open, inst, path, row)
+                    if key is not None:
+                        reidentify_file(path, key, self.state, name)
+                    ingest_result(self.spool, path, name, "", self.cfg.ae_title,
+                                  self.cfg.ae_title)
+                    ingested += 1
+                except (OSError, ValueError) as exc:
+                    self.state.note(origin, f"processing ({name}): late result "
+                                    f"{inst.sop_uid} not taken: {exc}")
+        self.state.note(origin, f"processing ({name}): {ingested} late result instance(s) "
+                        f"of step {row['step']!r} ingested")
 
 
 def _uids(ds: Dataset, depth: int = 0) -> list[str]:

@@ -53,6 +53,13 @@ def ingest_result(spool: Spool, path: Path, route: str, picked: str, calling: st
     return accepted.tags.get("SOPInstanceUID", "")
 
 
+def route_key(route: Any) -> Any:
+    """The pseudonym key of a route that de-identifies reversibly (its results are
+    re-identified before they enter the router), or None."""
+    return next((op.key for op in (route.transforms if route is not None else ())
+                 if getattr(op, "kind", "") == "deidentify" and op.key is not None), None)
+
+
 def reidentify_file(path: Path, key: Any, state: State, route: str) -> None:
     """Re-identify an output file in place (its UIDs, references and patient attributes
     restored from the route's pseudonymization mapping, its own new UIDs kept); ValueError

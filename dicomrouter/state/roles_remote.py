@@ -21,7 +21,7 @@ class RemoteAwaits(ABC):
 
     @abstractmethod
     def remote_await(self, origin_uid: str, route: str, step: str) -> dict[str, Any] | None:
-        """The await of one step (state sending | waiting | expired, sent_study, sent_series,
+        """The await of one step (state sending | waiting | expired | done, sent_study, sent_series,
         sent_sops, destination, match, results_from, sent_at, deadline, results), or None."""
 
     @abstractmethod
@@ -39,8 +39,10 @@ class RemoteAwaits(ABC):
         """No result by the deadline: the next attempt sends again (late results still count)."""
 
     @abstractmethod
-    def remote_awaits_open(self) -> list[dict[str, Any]]:
-        """Every await that results may still arrive for (waiting or expired)."""
+    def remote_awaits_open(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Every await that results may still arrive for: sending (a node may answer before
+        the send is recorded), waiting, expired, and done until its deadline (results sent
+        in several associations); unfinished ones first."""
 
     @abstractmethod
     def remote_claim(self, await_row: Mapping[str, Any], study_uid: str, seen: Study,
@@ -53,4 +55,6 @@ class RemoteAwaits(ABC):
 
     @abstractmethod
     def remote_await_done(self, origin_uid: str, route: str) -> None:
-        """The route's chain finished: its awaits are forgotten."""
+        """The route's chain finished: its awaits turn ``done`` (results that still come
+        before their deadline are late results); done awaits past their deadline are
+        deleted (any study's), and a study's purge deletes its own."""

@@ -74,10 +74,14 @@ class RemoteAwaitsSQL(SQLBase):
                        " route=? AND step=?", (origin_uid, route, step))
             self._event(db, origin_uid, why, time.time())
 
-    def remote_awaits_open(self) -> list[dict[str, Any]]:
-        return [_row(r) for r in self._query(
+    def remote_awaits_open(self, now: float | None = None) -> list[dict[str, Any]]:
+        # 'sending' too: a fast node answers before the send is recorded as finished;
+        # 'done' until its deadline: a node that answers in several associations
+        now = time.time() if now is None else now
+        rows = [_row(r) for r in self._query(
             f"SELECT {', '.join(_COLUMNS)} FROM remote_awaits WHERE state IN"
-            " ('waiting', 'expired')")]
+            " ('sending', 'waiting', 'expired') OR (state='done' AND deadline>?)", (now,))]
+        return sorted(rows, key=lambda r: r["state"] == "done")  # an unfinished step first
 
     def remote_claim(self, await_row: Mapping[str, Any], study_uid: str, seen: Study,
                      sop_uids: Sequence[str], tags: Mapping[str, str], why: str,
@@ -113,9 +117,13 @@ class RemoteAwaitsSQL(SQLBase):
         return True
 
     def remote_await_done(self, origin_uid: str, route: str) -> None:
-        with self._tx(origin_uid) as db:
-            db.execute("DELETE FROM remote_awaits WHERE origin_uid=? AND route=?",
-                       (origin_uid, route))
+        with self._tx(origin_uid) as db:  # kept until its deadline: results that come late
+            db.execute("UPDATE remote_awaits SET state='done' WHERE origin_uid=? AND"
+                       " route=?", (origin_uid, route))
+            # earlier chains' awaits past their deadline count nothing more: the table holds
+            # the steps in flight and the recent ones, not every study ever processed
+            db.execute("DELETE FROM remote_awaits WHERE state='done' AND (deadline IS NULL"
+                       " OR deadline<=?)", (time.time(),))
 
     def purge(self, study_uid: str) -> list[str]:
         """The study's purge, and its awaits with it."""
