@@ -218,9 +218,14 @@ class DeliveryWorkers:
             todo = self._without_cached(job, todo)
         attempt = job.attempts + 1
         started = time.monotonic()
-        log.info("study %s → %s (%s): sending %d instance(s), attempt %d/%d", job.study_uid,
-                 dest.name, dest.describe(), len(todo), attempt, policy.max_attempts)
-        if dest.whole_study and len(todo) < len(self.state.instances(job.study_uid, False)) \
+        due = not dest.whole_study or self._whole_study_due(job, dest)
+        if due:
+            log.info("study %s → %s (%s): sending %d instance(s), attempt %d/%d",
+                     job.study_uid, dest.name, dest.describe(), len(todo), attempt,
+                     policy.max_attempts)
+        if not due:  # every instance is there as it is now: the study is not sent again
+            result = RunResult()
+        elif dest.whole_study and len(todo) < len(self.state.instances(job.study_uid, False)) \
                 - len(rejected):
             # never overwrite a whole-study export (a zip) with part of the study
             gone = PermanentFailure(
@@ -296,6 +301,27 @@ class DeliveryWorkers:
             log.info("study %s → %s: its new generation is held (a route with hold: true) "
                      "until 'dicomrouter release' or 'reject'", job.study_uid, dest.name)
         return outcome
+
+    def _whole_study_due(self, job: Job, dest: Destination) -> bool:
+        """Whether a whole-study destination (a zip, a processing step) has anything to get:
+        an instance it never had, or one received again with other content. An identical
+        re-send (or one its running job delivered meanwhile) is not a reason to send the whole
+        study again: the re-sent instances are marked identical and the job is done. A study
+        that is due is sent whole, identical re-sends included (the session needs them all)."""
+        pending = [i for i in self.state.undelivered(job.study_uid, dest.name) if dest.takes(i)]
+        if job.series_only is not None:
+            pending = [i for i in pending if i.series_uid in job.series_only]
+        before = self.state.delivered_digests(job.study_uid, dest.name) if pending else {}
+        same = [i.sop_uid for i in pending
+                if i.sop_uid in before and self._same_content(i, before)]
+        if len(same) < len(pending):
+            return True
+        if same:
+            self.state.mark_identical(same, dest.name, job.study_uid)
+        log.info("study %s → %s: nothing new for it (%d instance(s) received again with "
+                 "identical content): the study is not sent again", job.study_uid, dest.name,
+                 len(same))
+        return False
 
     def _without_cached(self, job: Job, todo: list[Instance]) -> list[Instance]:
         """What the Q/R proxy fetched into a study (marked Proxied) goes only where a route
@@ -437,7 +463,8 @@ class DeliveryWorkers:
 
         digests: dict[str, str] = {}  # content digest of what was sent (SOP UID → digest)
         # re-received instances: the digest of what this destination already got
-        before = self.state.delivered_digests(job.study_uid, dest.name) if todo else {}
+        before = self.state.delivered_digests(job.study_uid, dest.name) \
+            if todo and not dest.whole_study else {}  # whole: _whole_study_due decided
         identical: list[str] = []
 
         def durable(uids: list[str]) -> None:

@@ -9,6 +9,7 @@ study of its own (referencing the one it got) instead of the study it was sent."
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from peers import free_port
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.sop_class import SegmentationStorage
 
 AI_AE = "AINODE"
@@ -47,6 +48,11 @@ class AiNode:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> AiNode:
+        # an in-process router earlier in this test worker (netutil.receive_c_store_into) may
+        # have switched pynetdicom to chunked receives into its spool: plain ones while we run
+        self._saved = (_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile)
+        _config.STORE_RECV_CHUNKED_DATASET = False
+        dimse_messages.NamedTemporaryFile = tempfile.NamedTemporaryFile
         ae = AE(ae_title=self.aet)
         ae.supported_contexts = AllStoragePresentationContexts
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
@@ -61,6 +67,7 @@ class AiNode:
             self._server.shutdown()
         if self._thread is not None:
             self._thread.join(10)
+        _config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile = self._saved
 
     def _store(self, event: Any) -> int:
         ds = event.dataset

@@ -329,11 +329,6 @@ def test_match_referenced_by_a_series_only(tmp_path: Path, peers: Any) -> None:
     _identified_only(pacs, study)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN DEFECT (review29, not fixed): an identical "
-                   "re-reception while the process:<route> job runs resets the ledger rows the "
-                   "running job then marks delivered; the next run's identical check "
-                   "(delivered_digests: delivered_at IS NULL only) misses them, so a whole-study "
-                   "destination runs the chain again and the node gets the study twice")
 def test_the_modality_sending_the_study_again_while_the_step_waits(
         tmp_path: Path, peers: Any) -> None:
     """CT1 sends the same study again while the node works on it: not a result (its own
@@ -359,7 +354,7 @@ def test_the_modality_sending_the_study_again_while_the_step_waits(
                        what="the study delivered (or sent to the node again)")
             history = _history(router, study)
             log = router.log(5000)
-    assert len(ai.received) == len(files), history
+    assert len(ai.received) == len(files), "\n".join(history)
     (seg_back,) = sender.files()
     _check_seg_back(seg_back, files)
     assert sop_uids(pacs.files()) == sop_uids(files) | {str(dcmread(seg_back).SOPInstanceUID)}

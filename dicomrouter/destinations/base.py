@@ -148,6 +148,11 @@ class Destination(ABC):
     #: ``forward: immediate`` runs wait ``forward_keep_open`` on it for more instances
     holds_connection: bool = False
 
+    def takes(self, inst: Instance) -> bool:
+        """Whether this destination ever gets ``inst`` (a processing step never gets the
+        results of processing): what it does not take is no reason to send it the study."""
+        return True
+
     def interrupt(self) -> None:  # noqa: B027 - optional hook
         """The router stops: end a long wait inside a session now (a remote processing step
         waiting for results)."""

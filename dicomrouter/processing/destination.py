@@ -47,6 +47,9 @@ class ProcessDestination(Destination):
         self.key = route_key(routes.get(self.route))
         self.stop = threading.Event()  # the router stops: a remote step stops waiting
 
+    def takes(self, inst: Instance) -> bool:
+        return not is_result(inst)  # results never go back into a processing step
+
     def interrupt(self) -> None:
         self.stop.set()
 
