@@ -269,6 +269,43 @@ def test_an_identical_resend_is_not_delivered_again(tmp_path: Path) -> None:
         assert ledger["resent"] == 0 and ledger["delivered"] == 3, ledger
 
 
+@pytest.mark.usefixtures("dcmtk_available")
+def test_a_zip_is_not_made_again_for_an_identical_resend_and_made_whole_for_a_change(
+        tmp_path: Path) -> None:
+    """A whole-study destination: the same study sent again does not rewrite the zip; one
+    corrected instance makes it again, whole (the identical instances inside it too)."""
+    import zipfile
+
+    _folder, files, uid = _study(tmp_path, 208, 3)
+    out = tmp_path / "zips"
+    with Router(tmp_path / "router", {
+            "retention": "1h",  # the study stays in the spool to be zipped whole again
+            "destinations": {"out": {"type": "folder", "path": str(out), "zip": True}},
+            "routes": [{"to": "out"}]}) as router:
+        assert run_storescu(files, router.port).returncode == 0
+        router.wait_state(uid, "delivered")
+        (first,) = list(out.rglob("*.zip"))
+        made = first.stat().st_mtime_ns
+        assert run_storescu(files, router.port).returncode == 0  # the very same bytes
+        wait_until(lambda: any("identical content" in e for e in _history(router, uid)),
+                   timeout=90, what="the identical re-send in the history")
+        router.wait_state(uid, "delivered")
+        assert [p.stat().st_mtime_ns for p in out.rglob("*.zip")] == [made]
+        changed = dcmread(files[1])
+        changed.SeriesDescription = "CORRECTED"
+        changed.save_as(files[1], enforce_file_format=True)
+        assert run_storescu([files[1]], router.port).returncode == 0
+        wait_until(lambda: sum("delivered to out" in e for e in _history(router, uid)) >= 2,
+                   timeout=90, what="the study zipped again")
+        router.wait_state(uid, "delivered")
+    (again,) = list(out.rglob("*.zip"))
+    with zipfile.ZipFile(again) as archive:
+        names = [n for n in archive.namelist() if n.endswith(".dcm")]
+        assert len(names) == 3  # whole: the two unchanged instances too
+        corrected = [n for n in names if b"CORRECTED" in archive.read(n)]
+    assert len(corrected) == 1
+
+
 def _history(router: Router, uid: str) -> list[str]:
     import json
 
