@@ -147,6 +147,9 @@ def test_round_trip_through_a_remote_ai_node_pseudonymized_and_back(
     assert "process:ai" in text and "return:CT1" in text, text
     assert "ai / segment (remote): done" in text, text
     assert "Traceback" not in log
+    # the re-identified SEG moves from the pseudonymized study into the origin: expected, INFO
+    moved = [line for line in log.splitlines() if "moved from study" in line]
+    assert moved and all(" INFO " in line for line in moved), moved
 
 
 def test_a_local_command_on_a_pseudonymizing_route_gives_re_identified_results(

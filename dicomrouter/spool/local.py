@@ -388,11 +388,14 @@ class Spool(ReceiveLogSpool):
         with self._bytes_lock:
             self._bytes += size - rec.replaced_size
         if rec.moved_from:
-            log.warning("instance %s moved from study %s to study %s (patient %s): the newer "
-                        "reception replaces the older one in the spool, state and Q/R; "
-                        "destinations that had it under %s keep that version (see its "
-                        "history)", tags["SOPInstanceUID"], rec.moved_from, study,
-                        tags.get("PatientID") or "?", rec.moved_from)
+            # a processing result re-identified into its origin study (processing/results.py
+            # tags it _ResultOf) moves there on purpose: not worth a warning
+            log.log(logging.INFO if tags.get("_ResultOf") else logging.WARNING,
+                    "instance %s moved from study %s to study %s (patient %s): the newer "
+                    "reception replaces the older one in the spool, state and Q/R; "
+                    "destinations that had it under %s keep that version (see its "
+                    "history)", tags["SOPInstanceUID"], rec.moved_from, study,
+                    tags.get("PatientID") or "?", rec.moved_from)
         if rec.superseded:
             self._drop_superseded(tags["SOPInstanceUID"], rec.moved_from or study, study,
                                   rec.superseded)
