@@ -135,6 +135,21 @@ def pg_dsn(pg_server: Postgres, request: pytest.FixtureRequest) -> str:
     return pg_server.new_database(name)
 
 
+@pytest.fixture(autouse=True)
+def _pynetdicom_defaults() -> Iterator[None]:
+    """Router code run in-process (``netutil``: chunked C-STORE receive into the spool, chunked
+    sends, the Q/R service class) switches pynetdicom's process-wide settings; a later test in
+    the same worker whose pynetdicom peer receives a C-STORE (an AI node, a C-GET requester)
+    would then get an empty or unreadable dataset. Each test gets them back as they were."""
+    from pynetdicom import _config, association, dimse_messages
+
+    saved = (_config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET,
+             dimse_messages.NamedTemporaryFile, association.uid_to_service_class)
+    yield
+    (_config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET,
+     dimse_messages.NamedTemporaryFile, association.uid_to_service_class) = saved
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     """The state on both backends: SQLite in ``tmp_path``, a fresh database on the session's
