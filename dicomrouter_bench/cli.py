@@ -96,8 +96,8 @@ def _terminated(signum: int, _frame: FrameType | None) -> None:
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to make the temporary directory (default: the system's).")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Also record the router receiving the small corpus with py-spy "
-              "into this directory (collapsed stacks + summary.txt).")
+              default=None, help="Also record the router receiving the small and the ct corpus "
+              "with py-spy into this directory (collapsed stacks + summary.txt).")
 def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: float,
           stable_age: int,
           associations: int, forward_associations: int, stow_concurrency: int,
@@ -155,11 +155,12 @@ def bench(runs: int, only: str, small: int, ct: int, large_mb: float, study_mb: 
             if not soak["ok"]:
                 runner.errors += 1
         if profile_dir is not None:
-            if "small" not in runner.corpora:
-                runner.corpora["small"] = make_corpus("small", root / "corpora", small, 64, 64)
+            for name, count, size in (("small", small, 64), ("ct", ct, 512)):
+                if name not in runner.corpora:
+                    runner.corpora[name] = make_corpus(name, root / "corpora", count, size, size)
             try:
-                profile_text = profile_receive(runner.corpora["small"], root / "profile",
-                                               profile_dir, _progress)
+                profile_text = profile_receive([runner.corpora["small"], runner.corpora["ct"]],
+                                               root / "profile", profile_dir, _progress)
             except BenchError as exc:
                 runner.errors += 1
                 _progress(f"profile: FAILED: {exc}")

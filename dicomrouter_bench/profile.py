@@ -8,8 +8,9 @@ needs ptrace permission, e.g. root or ``kernel.yama.ptrace_scope=0``):
 * ``wall`` (``--idle --threads``): every thread at every sample, idle or not, i.e. what each
   thread (the association's reactor, pynetdicom's DUL reader, ...) waits for.
 
-The raw collapsed stacks (``receive-<mode>.txt``, one ``frame;frame;... count`` per line) load in
-speedscope or flamegraph.pl; ``summary.txt`` has the top functions of each.
+The raw collapsed stacks (``receive-<mode>.txt``, or ``receive-<corpus>-<mode>.txt`` for a corpus
+other than the first, one ``frame;frame;... count`` per line) load in speedscope or
+flamegraph.pl; ``summary.txt`` has the top functions of each.
 """
 
 from __future__ import annotations
@@ -119,25 +120,36 @@ def _attached(spy: subprocess.Popen[bytes], log: Path) -> bool:
     return spy.poll() is not None or "Sampling" in log_tail(log)
 
 
-def profile_receive(corpus: Corpus, work: Path, out_dir: Path,
+def profile_receive(corpora: list[Corpus], work: Path, out_dir: Path,
                     progress: Callable[[str], None], rate: int = 250) -> str:
-    """Record the router receiving ``corpus`` once per mode; return the summary text."""
+    """Record the router receiving each corpus once per mode; return the summary text."""
     pyspy = shutil.which("py-spy")
     if pyspy is None:
         raise BenchError("py-spy not found: pip install py-spy")
     out_dir.mkdir(parents=True, exist_ok=True)
     parts: list[str] = []
+    for i, corpus in enumerate(corpora):
+        parts += _profile_corpus(pyspy, corpus, "" if i == 0 else f"{corpus.name}-",
+                                 work, out_dir, progress, rate)
+    summary = "\n\n".join(parts) + "\n"
+    (out_dir / "summary.txt").write_text(summary)
+    return summary
+
+
+def _profile_corpus(pyspy: str, corpus: Corpus, prefix: str, work: Path, out_dir: Path,
+                    progress: Callable[[str], None], rate: int) -> list[str]:
+    parts: list[str] = []
     for mode, flags in MODES.items():
-        raw = out_dir / f"receive-{mode}.txt"
-        log = out_dir / f"py-spy-{mode}.log"
-        with RouterServer(work / mode, {"stable_age": LONG_STABLE_AGE}) as router:
+        raw = out_dir / f"receive-{prefix}{mode}.txt"
+        log = out_dir / f"py-spy-{prefix}{mode}.log"
+        with RouterServer(work / f"{prefix}{mode}", {"stable_age": LONG_STABLE_AGE}) as router:
             spy = popen([pyspy, "record", "--pid", str(router.pid), "--rate", str(rate),
                          "--format", "raw", "--output", str(raw), *flags], log)
             try:
                 wait_until(partial(_attached, spy, log), timeout=60, what="py-spy to attach")
                 if spy.poll() is not None:
                     raise BenchError(f"py-spy failed (ptrace permission?):\n{log_tail(log)}")
-                seconds = StoreSCU(work / mode / "storescu").run(
+                seconds = StoreSCU(work / f"{prefix}{mode}" / "storescu").run(
                     [storescu_argv(corpus.files, router.port, router.aet,
                                    corpus.transfer_syntax)], timeout=600)
             finally:
@@ -158,6 +170,4 @@ def profile_receive(corpus: Corpus, work: Path, out_dir: Path,
             title += f"; the GIL was held ~{held:.0f}% of the time"
         progress(f"profile {title}")
         parts.append(format_profile(title, prof))
-    summary = "\n\n".join(parts) + "\n"
-    (out_dir / "summary.txt").write_text(summary)
-    return summary
+    return parts
