@@ -13,18 +13,16 @@ import threading
 import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import conversion, destinations, health, metrics
 from .completion import Housekeeping, StudyTracker
 from .config import Config
 from .delivery import DeliveryWorkers
-from .hl7 import Hl7Service
 from .notifications import Notifier
 from .outbox import Outbox
 from .prefetch import Prefetcher
 from .processing import destination as _processing  # noqa: F401 - registers process:<route>
-from .proxy import QueryRetrieveProxy
 from .receivers import ReceiverProcesses
 from .scp import services
 from .scp.listener import FastStorageSCP
@@ -32,6 +30,10 @@ from .scp.server import StorageSCP
 from .sources.runner import SourcePollers
 from .spool import spool_for
 from .state import Job, JobState, state_for
+
+if TYPE_CHECKING:  # imported where built: each only when configured
+    from .hl7 import Hl7Service
+    from .proxy import QueryRetrieveProxy
 
 log = logging.getLogger("dicomrouter")
 
@@ -79,7 +81,11 @@ class Router:
                                     cfg.dicomweb.port) \
             if cfg.dicomweb.enabled and cfg.dicomweb.port else None
         self.state = state_for(cfg)  # SQLite in the spool, or the cluster's PostgreSQL
-        self.hl7 = Hl7Service(cfg, self.state, hl7_sock) if cfg.hl7 else None  # issue 27
+        self.hl7: Hl7Service | None = None  # issue 27 (imported only when configured)
+        if cfg.hl7:
+            from .hl7 import Hl7Service
+
+            self.hl7 = Hl7Service(cfg, self.state, hl7_sock)
         self.spool = spool_for(cfg, self.state)
         context = destinations.Context(cfg.ae_title, self.state, self.spool, cfg, clock)
         self.destinations = {name: destinations.build(d, context)
@@ -95,8 +101,11 @@ class Router:
             else StorageSCP(cfg, self.spool, lst) for lst, sock in self._dicom_socks]
         #: the Q/R proxy (None without query_retrieve_proxy): C-FIND/C-MOVE/C-GET when
         #: query_retrieve is on, and the WADO-RS hook of the DICOMweb server either way
-        self.proxy_fetcher = QueryRetrieveProxy(cfg, self.state, self.spool) \
-            if cfg.query_retrieve_proxy else None
+        self.proxy_fetcher: QueryRetrieveProxy | None = None
+        if cfg.query_retrieve_proxy:
+            from .proxy import QueryRetrieveProxy
+
+            self.proxy_fetcher = QueryRetrieveProxy(cfg, self.state, self.spool)
         for scp in self.scps:
             services.register(scp, cfg, self.state, self.spool, self.proxy_fetcher)
         self.receivers = ReceiverProcesses(cfg)

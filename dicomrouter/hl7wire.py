@@ -8,6 +8,7 @@ A leaf: no state; the network I/O is one blocking exchange the caller bounds wit
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import socket
@@ -15,11 +16,18 @@ import ssl
 import time
 from typing import Any
 
-import hl7
-
 SB, EB, CR = b"\x0b", b"\x1c", b"\x0d"
-_ESCAPER = hl7.parse("MSH|^~\\&|")  # the standard separators (python-hl7 escapes with them)
 _SEQ = itertools.count(1)
+
+
+@functools.cache
+def _escaper() -> Any:
+    """A message with the standard separators (python-hl7 escapes with them); python-hl7 is
+    imported on first use, so routers without HL7 do not load it."""
+    import hl7
+
+    return hl7.parse("MSH|^~\\&|")
+
 
 #: the built-in message: MSH, PID and ORC/OBR of the study, OBX with what was sent where, and
 #: the study's UID (ZDS, as IHE's scheduled workflow carries it). ``hl7`` escapes a value,
@@ -62,7 +70,7 @@ def escape(value: Any) -> str:
     text = str(value)
     if not text:
         return ""
-    out = _ESCAPER.escape(text)
+    out = _escaper().escape(text)
     return out.replace("\r\n", "\\.br\\").replace("\n", "\\.br\\").replace("\r", "\\.br\\")
 
 
@@ -146,6 +154,8 @@ def declared_encoding(block: bytes) -> tuple[str, str] | None:
 def ack_of(raw: bytes, encoding: str = "utf-8") -> tuple[str, str]:
     """(MSA-1 code, reason) of an ACK: MSA-3, else ERR's text."""
     text = raw.decode(encoding, "replace").strip("\x0b\x1c\r\n ")
+    import hl7
+
     try:
         msg = hl7.parse(text)
         msa = msg.segment("MSA")

@@ -27,13 +27,15 @@ import hmac
 import json
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.fernet import Fernet, InvalidToken
 from pydicom.dataset import Dataset
 
 from .deid import Deidentifier
 from .values import ConfigError
+
+if TYPE_CHECKING:  # imported where used: cryptography costs ~6 MB in every router
+    from cryptography.fernet import Fernet
 
 __all__ = ["DEFAULT_KEY_ENV", "MIN_KEY_LENGTH", "PseudonymKey", "PseudonymKeyError", "load_key",
            "original_study", "pseudonymize", "reidentify"]
@@ -77,6 +79,8 @@ def load_key(env: str | None, where: str) -> PseudonymKey:
     if len(value) < MIN_KEY_LENGTH:
         raise ConfigError(where, f"environment variable {name} is too short: at least "
                           f"{MIN_KEY_LENGTH} characters (e.g. openssl rand -base64 32)")
+    from cryptography.fernet import Fernet
+
     raw = value.encode()
     return PseudonymKey(
         Fernet(base64.urlsafe_b64encode(hmac.new(raw, b"seal", hashlib.sha256).digest())),
@@ -88,6 +92,8 @@ def _seal(key: PseudonymKey, value: Any) -> str:
 
 
 def _open(key: PseudonymKey, token: str) -> Any:
+    from cryptography.fernet import InvalidToken
+
     try:
         return json.loads(key.fernet.decrypt(token.encode()))
     except InvalidToken:

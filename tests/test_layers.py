@@ -37,7 +37,12 @@ LAYER_OF = {name: i for i, (_title, names) in enumerate(LAYERS) for name in name
 LAZY_ALLOWED = {("dicomrouter.cli.tools", "dicomrouter_bench.cli"),
                 ("dicomrouter.app", "dicomrouter.web.api"),
                 ("dicomrouter.app", "dicomrouter.web.server"),
-                ("dicomrouter.app", "dicomrouter.web.dicomweb")}
+                ("dicomrouter.app", "dicomrouter.web.dicomweb"),
+                # only when configured: python-hl7 and asyncio (HL7), the proxy's fetchers;
+                # the idle router's memory (P4, issue 25)
+                ("dicomrouter.app", "dicomrouter.hl7"),
+                ("dicomrouter.app", "dicomrouter.proxy"),
+                ("dicomrouter.hl7.service", "dicomrouter.hl7.listener")}
 
 
 def _module_name(path: Path) -> str:

@@ -15,10 +15,8 @@ import heapq
 import itertools
 import json
 import logging
-import smtplib
 import threading
 import time
-from email.message import EmailMessage
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -206,7 +204,7 @@ class Target:
                         self.name, event.name, event.study_uid, self.where, exc)
             metrics.NOTIFICATIONS_FAILED.labels(self.name, event.name).inc()
             return None
-        except (OSError, requests.RequestException, smtplib.SMTPException) as exc:
+        except (OSError, requests.RequestException) as exc:  # SMTPException is an OSError
             why = request_failure(exc, self.where) if isinstance(
                 exc, requests.RequestException) else str(exc) if isinstance(
                 exc, Transient) else f"{type(exc).__name__}: {exc}"
@@ -289,6 +287,9 @@ class Target:
             raise Transient(f"answered {exc}") from None
 
     def _mail(self, item: Pending) -> None:
+        import smtplib  # here: email and smtplib cost memory in routers that send no mail
+        from email.message import EmailMessage
+
         smtp = self.model.smtp
         assert smtp is not None
         msg = EmailMessage()
