@@ -107,13 +107,37 @@ def measure(work: Path, corpus: Corpus, studies: int, instances: int, timeout: f
             result["build_seconds"] = build_sqlite(router.spool / "state.db", studies,
                                                    instances)
         os.sync()  # the build's writes on disk now, not during the measurements
-        result.update(_with_router(work, router, corpus, studies, timeout))
+        result.update(_with_router(work, router, corpus, studies, timeout, dsn))
         result.update(_in_process(router.config_path))
         return result
 
 
+def _wal(dsn: str) -> tuple[str, int]:
+    """PostgreSQL's WAL position and its database's commits so far (what a receive wrote)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn()::text, xact_commit FROM "
+                           "pg_stat_database WHERE datname = current_database()").fetchone()
+    assert row is not None
+    return str(row[0]), int(row[1])
+
+
+def _wal_since(dsn: str, before: tuple[str, int]) -> tuple[int, int]:
+    """(WAL bytes, commits) since ``before`` (the statistics lag: read after a moment)."""
+    import psycopg
+
+    time.sleep(0.6)  # pg_stat_database is updated by the backends every 0.5 s or so
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn), "
+                           "xact_commit FROM pg_stat_database WHERE datname = "
+                           "current_database()", (before[0],)).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]) - before[1]
+
+
 def _with_router(work: Path, router: RouterServer, corpus: Corpus, studies: int,
-                 timeout: float) -> dict[str, Any]:
+                 timeout: float, dsn: str = "") -> dict[str, Any]:
     """What is measured from outside, the router running."""
     result: dict[str, Any] = {}
     started = time.perf_counter()
@@ -144,9 +168,14 @@ def _with_router(work: Path, router: RouterServer, corpus: Corpus, studies: int,
             argv, capture_output=True, check=True, env=router_env(), timeout=120), repeat=3)
         argvs = [storescu_argv(corpus.files, router.port, router.aet, corpus.transfer_syntax,
                                calling="BENCHSCU1")]
+        wal = _wal(dsn) if dsn else None
         seconds = StoreSCU(work / "storescu").run(argvs, timeout=timeout)
         result["receive"] = {"seconds": seconds, "instances": corpus.count,
                              "bytes": corpus.size}
+        if wal is not None:  # what each received instance cost PostgreSQL
+            wal_bytes, commits = _wal_since(dsn, wal)
+            result["receive"].update(wal_bytes_per_instance=wal_bytes / corpus.count,
+                                     commits_per_instance=commits / corpus.count)
     return result
 
 
