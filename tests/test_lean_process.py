@@ -13,8 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from peers import free_port
+from peers import free_port, run_storescu
+from pydicom import dcmread
 from router_fixtures import Router
+
+from dicomrouter.sample import generate
 
 #: shared libraries whose presence shows a package was imported
 CODECS = ("_multiarray_umath", "openjpeg", "_gdcm", "libjpeg", "_CharLS", "PIL/_imaging")
@@ -61,3 +64,28 @@ def test_state_commands_import_no_codec(tmp_path: Path) -> None:
             assert "pydicom" in imported  # the check sees imports at all
             codecs = imported & {"numpy", "PIL", "gdcm", "pylibjpeg", "openjpeg"}
             assert not codecs, f"{command} imported {sorted(codecs)}"
+
+
+def test_a_router_sending_stow_rs_loads_no_codec(tmp_path: Path) -> None:
+    """The dicomweb destination's HTTP session is a plain requests one: importing
+    dicomweb_client for it brought numpy and Pillow into the router (P4: +19 MB)."""
+    files = generate(tmp_path / "study", series=1, instances=3, rows=16, cols=16,
+                     patient_id="LEAN1")
+    study = str(dcmread(files[0]).StudyInstanceUID)
+    web_port = free_port()
+    with Router(tmp_path / "b", {
+            "web": {"port": web_port},
+            "destinations": {"out": {"type": "folder", "path": str(tmp_path / "out")}},
+            "routes": [{"to": "out"}]}) as b, \
+        Router(tmp_path / "a", {
+            "destinations": {"b": {"type": "dicomweb",
+                                   "url": f"http://127.0.0.1:{web_port}/dicom-web"}},
+            "routes": [{"to": "b"}]}) as a:
+        assert run_storescu(files, a.port).returncode == 0
+        a.wait_state(study, "delivered")
+        b.wait_state(study, "delivered")
+        assert a.proc is not None
+        maps = mapped(a.proc.pid)
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 3
+    loaded = [lib for lib in CODECS if lib in maps]
+    assert not loaded, f"the router sending STOW-RS loaded {loaded}"
