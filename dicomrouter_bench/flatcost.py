@@ -112,28 +112,24 @@ def measure(work: Path, corpus: Corpus, studies: int, instances: int, timeout: f
         return result
 
 
-def _wal(dsn: str) -> tuple[str, int]:
-    """PostgreSQL's WAL position and its database's commits so far (what a receive wrote)."""
+def _wal_lsn(dsn: str) -> str:
+    """PostgreSQL's current WAL position (exact at once, unlike its statistics views)."""
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_current_wal_lsn()::text, xact_commit FROM "
-                           "pg_stat_database WHERE datname = current_database()").fetchone()
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
     assert row is not None
-    return str(row[0]), int(row[1])
+    return str(row[0])
 
 
-def _wal_since(dsn: str, before: tuple[str, int]) -> tuple[int, int]:
-    """(WAL bytes, commits) since ``before`` (the statistics lag: read after a moment)."""
+def _wal_bytes_since(dsn: str, lsn: str) -> int:
     import psycopg
 
-    time.sleep(0.6)  # pg_stat_database is updated by the backends every 0.5 s or so
     with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn), "
-                           "xact_commit FROM pg_stat_database WHERE datname = "
-                           "current_database()", (before[0],)).fetchone()
+        row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)",
+                           (lsn,)).fetchone()
     assert row is not None
-    return int(row[0]), int(row[1]) - before[1]
+    return int(row[0])
 
 
 def _with_router(work: Path, router: RouterServer, corpus: Corpus, studies: int,
@@ -168,14 +164,13 @@ def _with_router(work: Path, router: RouterServer, corpus: Corpus, studies: int,
             argv, capture_output=True, check=True, env=router_env(), timeout=120), repeat=3)
         argvs = [storescu_argv(corpus.files, router.port, router.aet, corpus.transfer_syntax,
                                calling="BENCHSCU1")]
-        wal = _wal(dsn) if dsn else None
+        lsn = _wal_lsn(dsn) if dsn else None
         seconds = StoreSCU(work / "storescu").run(argvs, timeout=timeout)
         result["receive"] = {"seconds": seconds, "instances": corpus.count,
                              "bytes": corpus.size}
-        if wal is not None:  # what each received instance cost PostgreSQL
-            wal_bytes, commits = _wal_since(dsn, wal)
-            result["receive"].update(wal_bytes_per_instance=wal_bytes / corpus.count,
-                                     commits_per_instance=commits / corpus.count)
+        if lsn is not None:  # what each received instance cost PostgreSQL
+            result["receive"]["wal_bytes_per_instance"] = \
+                _wal_bytes_since(dsn, lsn) / corpus.count
     return result
 
 
