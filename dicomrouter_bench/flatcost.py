@@ -92,9 +92,10 @@ def measure(work: Path, corpus: Corpus, studies: int, instances: int, timeout: f
             "routes": [{"to": "archive"}],
             "retention": "3650d",  # the synthetic studies are kept: Q/R finds them
         }
-        dsn = ""
+        dsn, pg = "", None
         if backend == "postgresql":
-            dsn = stack.enter_context(Postgres(work / "pg", fsync=True)).dsn
+            pg = stack.enter_context(Postgres(work / "pg", fsync=True))
+            dsn = pg.dsn
             (work / "dsn").write_text(dsn + "\n")
             config["state"] = {"type": "postgresql", "dsn_file": str(work / "dsn")}
         router = RouterServer(work / "router", config)
@@ -107,33 +108,18 @@ def measure(work: Path, corpus: Corpus, studies: int, instances: int, timeout: f
             result["build_seconds"] = build_sqlite(router.spool / "state.db", studies,
                                                    instances)
         os.sync()  # the build's writes on disk now, not during the measurements
-        result.update(_with_router(work, router, corpus, studies, timeout, dsn))
+        result.update(_with_router(work, router, corpus, studies, timeout, pg))
         result.update(_in_process(router.config_path))
         return result
 
 
-def _wal_lsn(dsn: str) -> str:
-    """PostgreSQL's current WAL position (exact at once, unlike its statistics views)."""
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-    assert row is not None
-    return str(row[0])
-
-
-def _wal_bytes_since(dsn: str, lsn: str) -> int:
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)",
-                           (lsn,)).fetchone()
-    assert row is not None
-    return int(row[0])
+def _wal_position(pg: Postgres) -> int:
+    """Bytes of WAL PostgreSQL has written so far (exact at once, unlike its statistics)."""
+    return int(pg.sql("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")[0][0])
 
 
 def _with_router(work: Path, router: RouterServer, corpus: Corpus, studies: int,
-                 timeout: float, dsn: str = "") -> dict[str, Any]:
+                 timeout: float, pg: Postgres | None = None) -> dict[str, Any]:
     """What is measured from outside, the router running."""
     result: dict[str, Any] = {}
     started = time.perf_counter()
@@ -164,13 +150,13 @@ def _with_router(work: Path, router: RouterServer, corpus: Corpus, studies: int,
             argv, capture_output=True, check=True, env=router_env(), timeout=120), repeat=3)
         argvs = [storescu_argv(corpus.files, router.port, router.aet, corpus.transfer_syntax,
                                calling="BENCHSCU1")]
-        lsn = _wal_lsn(dsn) if dsn else None
+        wal = _wal_position(pg) if pg is not None else None
         seconds = StoreSCU(work / "storescu").run(argvs, timeout=timeout)
         result["receive"] = {"seconds": seconds, "instances": corpus.count,
                              "bytes": corpus.size}
-        if lsn is not None:  # what each received instance cost PostgreSQL
+        if pg is not None and wal is not None:  # what each received instance cost PostgreSQL
             result["receive"]["wal_bytes_per_instance"] = \
-                _wal_bytes_since(dsn, lsn) / corpus.count
+                (_wal_position(pg) - wal) / corpus.count
     return result
 
 

@@ -41,8 +41,7 @@ LAZY_ALLOWED = {("dicomrouter.cli.tools", "dicomrouter_bench.cli"),
                 # only when configured: python-hl7 and asyncio (HL7), the proxy's fetchers;
                 # the idle router's memory (P4, issue 25)
                 ("dicomrouter.app", "dicomrouter.hl7"),
-                ("dicomrouter.app", "dicomrouter.proxy"),
-                ("dicomrouter.hl7.service", "dicomrouter.hl7.listener")}
+                ("dicomrouter.app", "dicomrouter.proxy")}
 
 
 def _module_name(path: Path) -> str:

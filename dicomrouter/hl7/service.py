@@ -20,7 +20,7 @@ import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import metrics
 from ..config import Config
@@ -29,6 +29,7 @@ from ..logsafe import escape
 from ..rules import all_hold
 from ..spool.faults import crash_point
 from ..state import STATE_ERRORS, State, StateUnavailable
+from .listener import Hl7Listener
 from .message import (
     INTERNAL,
     REQUIRED_MISSING,
@@ -44,9 +45,6 @@ from .message import (
     values,
 )
 from .orders import OrderHub
-
-if TYPE_CHECKING:  # the listener (asyncio) is imported only when hl7: is configured
-    from .listener import Hl7Listener
 
 log = logging.getLogger("dicomrouter.hl7")
 
@@ -64,9 +62,7 @@ class Hl7Service:
         self.model = cfg.hl7
         self.state = state
         self.orders = OrderHub()
-        from .listener import Hl7Listener
-
-        self.listener: Hl7Listener | None = Hl7Listener(cfg.hl7, self.receive, sock, cfg.ae_title) \
+        self.listener = Hl7Listener(cfg.hl7, self.receive, sock, cfg.ae_title) \
             if sock is not None else None
         self._wake = threading.Event()
         self._stop = threading.Event()
