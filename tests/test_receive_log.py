@@ -299,3 +299,29 @@ def test_a_record_hidden_in_received_data_is_not_replayed(tmp_path: Path) -> Non
     rl.stop()
     checkpoint, found = recvlog.scan(tmp_path / "receive-log" / "0.log")
     assert checkpoint == 0 and [(f.seq, f.name) for f in found] == [(1, "data/s/0.dcm")]
+
+
+def test_the_wrap_is_seen_when_the_flusher_keeps_up(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flusher that frees every record before the next leaves no live record when the log
+    goes round; that is still a wrap (the crash test's "wrap" step waited for it in vain on a
+    busy CI machine, where the flusher kept up), and the records written after it are found."""
+    reached: list[str] = []
+    monkeypatch.setattr(recvlog, "crash_point", reached.append)
+    rl = recvlog.ReceiveLog.claim(tmp_path / "receive-log", 256 * 1024, wait=5)
+    rl.reset(0)
+    rl.start()
+    try:
+        data = _part10(40_000)
+        for i in range(9):  # 9 x 40 KiB in 252 KiB: round once
+            rec = rl.append(f"data/s/{i}.dcm", data, 1)
+            (tmp_path / f"{i}.dcm").write_bytes(data)
+            rl.placed(rec, str(tmp_path / f"{i}.dcm"))
+            wait_until(lambda seq=rec.seq: rl.checkpoint == seq, timeout=30,
+                       what=f"record {rec.seq} flushed before the next")
+            assert not rl._live
+        assert reached.count("wrap") == 1, reached
+    finally:
+        rl.stop()
+    checkpoint, found = recvlog.scan(tmp_path / "receive-log" / "0.log")
+    assert (checkpoint, found) == (9, [])  # every record flushed: none to replay

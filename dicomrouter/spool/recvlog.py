@@ -315,7 +315,10 @@ class ReceiveLog:
                     raise LogFull(errno.ENOSPC, f"receive log full for {self.wait:g} s "
                                   "(receive_log_wait): spool files not flushed in time")
                 self._cv.wait(min(left, 0.05))
-            wrapped = bool(self._live) and offset < self._live[-1].offset
+            # went round: before the end of the newest record, live or already freed (a
+            # flusher that keeps up leaves no live record, and the log still wraps)
+            last_end = self._live[-1].offset + self._live[-1].size if self._live else self._head
+            wrapped = offset < last_end
             seq = self._next_seq
             self._next_seq += 1
             rec = Record(seq, offset, need, time_ns)
