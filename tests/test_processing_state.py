@@ -60,3 +60,34 @@ def test_results_go_as_their_series_only(state: State) -> None:
     study = state.study(STUDY)
     assert study is not None and study.state == "routed"
     assert any("processing results: 1 result(s)" in e for _t, e in state.history(STUDY))
+
+
+def test_results_after_the_spool_was_emptied_are_not_a_partial_delivery(state: State) -> None:
+    """The originals were delivered and deleted from the spool before the results came back:
+    a destination that takes the results only (``series_only``) lacks nothing, and is not
+    reported partial; one that the results made owe the whole study is."""
+    images = [f"{STUDY}.1.{i}" for i in (1, 2, 3)]
+    for sop in images:
+        _record(state, sop, f"{STUDY}.1")
+    seen = state.study(STUDY)
+    assert seen is not None
+    assert state.route_study(STUDY, ["pacs", "process:ai"], ["ai"], seen)
+    _deliver(state, "pacs", images)
+    _deliver(state, "process:ai", images)
+    assert state.settle_study(STUDY)
+    state.forget_spool(STUDY, "delivered")
+    _record(state, f"{STUDY}.9.1", f"{STUDY}.9", SR, Modality="SR", _ResultOf="ai",
+            _ResultRoute="")
+    seen = state.study(STUDY)
+    assert seen is not None and seen.generation == 2
+    assert state.route_results(STUDY, seen, {"return:CT1": [f"{STUDY}.9"],
+                                             "pacs": [f"{STUDY}.9"]}, "processing results")
+    assert state.partial_jobs(STUDY) == []
+    for dest in ("return:CT1", "pacs"):
+        _deliver(state, dest, [f"{STUDY}.9.1"])
+    assert state.settle_study(STUDY)
+    assert state.partial_jobs(STUDY) == []
+    assert state.history(STUDY)[-1][1] == "delivered to every destination"
+    assert {j["destination"]: (j["missing"], j["partial"])
+            for j in state.jobs(study_uids=[STUDY])} == {
+        "pacs": (0, False), "process:ai": (0, False), "return:CT1": (0, False)}

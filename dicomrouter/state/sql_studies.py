@@ -207,6 +207,21 @@ class StudiesSQL(SQLBase):
                 " NOT EXISTS (SELECT 1 FROM ledger l WHERE l.sop_uid=i.sop_uid AND"
                 " l.destination=? AND l.delivered_at IS NOT NULL)")
 
+    def _missing_for(self, db: Any, study_uid: str, dest: str) -> int:
+        """Instances of the study absent from the spool that the job owes ``dest``: a job
+        limited to some series (processing results) owes none of the others."""
+        row = db.execute("SELECT series_only FROM jobs WHERE study_uid=? AND destination=?",
+                         (study_uid, dest)).fetchone()
+        only = json.loads(row["series_only"]) if row is not None and row["series_only"] \
+            is not None else None
+        if only is None:
+            return int(db.execute(self._MISSING, (study_uid, dest)).fetchone()[0])
+        if not only:
+            return 0
+        marks = ",".join("?" * len(only))
+        return int(db.execute(self._MISSING + f" AND i.series_uid IN ({marks})",
+                              (study_uid, dest, *only)).fetchone()[0])
+
     def _count_missing(self, db: Any, study_uid: str, destinations: Iterable[str],
                        now: float, note: bool = True) -> dict[str, int]:
         """Record on each job how many of the study's instances its destination never got and
@@ -217,7 +232,7 @@ class StudiesSQL(SQLBase):
         gone = db.execute("SELECT COUNT(*) FROM instances WHERE study_uid=? AND present=0",
                           (study_uid,)).fetchone()[0]
         for dest in destinations:
-            missing = db.execute(self._MISSING, (study_uid, dest)).fetchone()[0] if gone else 0
+            missing = self._missing_for(db, study_uid, dest) if gone else 0
             old = db.execute("UPDATE jobs SET missing=? WHERE study_uid=? AND destination=?"
                              " AND missing!=?", (missing, study_uid, dest, missing)).rowcount
             if missing:
