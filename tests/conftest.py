@@ -85,6 +85,18 @@ def storescp(
 
 
 @pytest.fixture
+def pacs_and_sender(tmp_path: Path, dcmtk_available: dict[str, str],
+                    request: pytest.FixtureRequest) -> Iterator[tuple[StoreSCP, StoreSCP]]:
+    """Two running DCMTK storescp: ``PACS``, and ``CT1``'s own SCP (a modality's results
+    return there)."""
+    pacs = StoreSCP(tmp_path / "pacs", aet="PACS")
+    sender = StoreSCP(tmp_path / "ct1", aet="CT1")
+    with pacs, sender:
+        yield pacs, sender
+        _print_logs_on_failure(request, [pacs, sender])
+
+
+@pytest.fixture
 def orthanc(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Orthanc]]:
     """Factory starting Orthanc instances: ``orthanc(aet=..., modalities=..., dicomweb=...)``.
 

@@ -143,6 +143,11 @@ class Orthanc(procs.Orthanc):
         kwargs.setdefault("verbose", True)
         super().__init__(work_dir, **kwargs)
 
+    def upload(self, files: Iterable[Path]) -> None:
+        """Store DICOM files in Orthanc over its REST API (not through the router)."""
+        for f in files:
+            self.post("/instances", f.read_bytes())
+
     def config(self) -> dict[str, Any]:
         cfg = super().config()
         cfg.update({"ConcurrentJobs": 2, "HttpThreadsCount": 10, "DicomThreadsCount": 4})

@@ -15,24 +15,24 @@ destination. Every part is tested alone in its own file; here one router runs th
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+from dated_studies import dated_study, uid
 from hl7_peer import fields, message, mllp_send, msa, msh
 from peers import Orthanc, StoreSCP, run_storescu, sop_uids, wait_until
 from pydicom import dcmread
 from router_fixtures import Router, dataset_bytes, dicomrouter, tags_of
 
 from dicomrouter.config import load
-from dicomrouter.sample import generate
 from dicomrouter.state import State, state_for
 from dicomrouter_bench.procs import free_port, router_env
 
 PATIENT = "E2E-0001"
-TODAY = dt.date.today()
+study = partial(dated_study, patient=PATIENT)
 FAST_RETRY = {"initial": "1s", "max_delay": "2s", "max_attempts": 100}
 
 pytestmark = pytest.mark.usefixtures("dcmtk_available")
@@ -71,30 +71,6 @@ def send(router: Router, text: str, tmp: Path, name: str) -> None:
 
 # ---- studies -----------------------------------------------------------------------------------
 
-def study(root: Path, name: str, modality: str = "CT", days_ago: int = 0,
-          body_part: str = "CHEST", patient: str = PATIENT, accession: str | None = None,
-          patient_name: str | None = None, series: int = 2, instances: int = 2) -> list[Path]:
-    """A study of ``patient``, ``days_ago`` old, of one modality and body part."""
-    files = generate(root / name, series=series, instances=instances, rows=8, cols=8,
-                     modality=modality, patient_id=patient)
-    date = (TODAY - dt.timedelta(days=days_ago)).strftime("%Y%m%d")
-    for f in files:
-        ds = dcmread(f)
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
-        ds.BodyPartExamined = body_part
-        ds.StudyDescription = name
-        if accession is not None:
-            ds.AccessionNumber = accession
-        if patient_name is not None:
-            ds.PatientName = patient_name
-        ds.save_as(f)
-    return files
-
-
-def uid(files: list[Path]) -> str:
-    return tags_of(files[0], "StudyInstanceUID")[0]
-
-
 def priors(root: Path) -> dict[str, list[Path]]:
     """The patient's studies at the PACS: two CT chest priors the rule chooses, and what it
     must not take (another modality, another body part, too old, one more than max_studies)."""
@@ -110,11 +86,6 @@ def priors(root: Path) -> dict[str, list[Path]]:
 
 
 CHOSEN = ("ct-chest-30d", "ct-chest-400d")
-
-
-def upload(pacs: Orthanc, files: list[Path]) -> None:
-    for f in files:
-        pacs.post("/instances", f.read_bytes())
 
 
 # ---- the router --------------------------------------------------------------------------------
@@ -179,7 +150,7 @@ def test_an_hl7_order_prefetches_the_chosen_priors_once(tmp_path: Path, orthanc,
                                                                port]})
     old = priors(tmp_path / "priors")
     for files in old.values():
-        upload(pacs, files)
+        pacs.upload(files)
     want = sop_uids(old["ct-chest-30d"]) | sop_uids(old["ct-chest-400d"])
     with Router(tmp_path / "router", router_config(tmp_path, port, pacs, storescp)) as router:
         # an MR order of the patient: hl7_rules hand it on, the rule's when refuses it
@@ -353,7 +324,7 @@ def test_priors_arrive_once_after_a_kill_right_after_the_ack(tmp_path: Path, ort
                                                                port]})
     old = priors(tmp_path / "priors")
     for name in CHOSEN:
-        upload(pacs, old[name])
+        pacs.upload(old[name])
     pacs.stop()  # the PACS is down while the order arrives: the prefetch cannot have run
     want = sop_uids(old["ct-chest-30d"]) | sop_uids(old["ct-chest-400d"])
     config = router_config(tmp_path, port, pacs, storescp)
@@ -401,7 +372,7 @@ def test_an_order_handed_on_twice_by_a_crash_prefetches_once(tmp_path: Path, ort
                                                                port]})
     old = priors(tmp_path / "priors")
     for name in CHOSEN:
-        upload(pacs, old[name])
+        pacs.upload(old[name])
     want = sop_uids(old["ct-chest-30d"]) | sop_uids(old["ct-chest-400d"])
     config = router_config(tmp_path, port, pacs, storescp)
     crashing = CrashingRouter(tmp_path / "router", config)

@@ -5,39 +5,23 @@ DCMTK storescu triggers. Also ``Prefetcher.on_order`` (the HL7 listener's entry)
 
 from __future__ import annotations
 
-import datetime as dt
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from dated_studies import dated_study, uid
 from peers import Orthanc, StoreSCP, run_storescu, sop_uids, wait_until
-from pydicom import dcmread
 from router_fixtures import Router, dicomrouter, tags_of
 
 from dicomrouter.config import from_dict
 from dicomrouter.prefetch import Prefetcher
-from dicomrouter.sample import generate
 from dicomrouter.spool import spool_for
 from dicomrouter.state import state_for
 from dicomrouter_bench.procs import free_port, router_env
 
 PATIENT = "PF-0001"
-TODAY = dt.date.today()
-
-
-def study(root: Path, name: str, modality: str, days_ago: int, body_part: str,
-          patient: str = PATIENT, series: int = 2, instances: int = 2) -> list[Path]:
-    """A study of the patient, ``days_ago`` old, of one modality and body part."""
-    files = generate(root / name, series=series, instances=instances, rows=8, cols=8,
-                     modality=modality, patient_id=patient)
-    date = (TODAY - dt.timedelta(days=days_ago)).strftime("%Y%m%d")
-    for f in files:
-        ds = dcmread(f)
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
-        ds.BodyPartExamined = body_part
-        ds.StudyDescription = name
-        ds.save_as(f)
-    return files
+study = partial(dated_study, patient=PATIENT)
 
 
 def priors(root: Path) -> dict[str, list[Path]]:
@@ -49,15 +33,6 @@ def priors(root: Path) -> dict[str, list[Path]]:
         "ct-chest-3y": study(root, "ct-chest-3y", "CT", 3 * 365, "CHEST"),  # max_studies
         "ct-chest-6y": study(root, "ct-chest-6y", "CT", 6 * 365, "CHEST"),  # too old
     }
-
-
-def upload(pacs: Orthanc, files: list[Path]) -> None:
-    for f in files:
-        pacs.post("/instances", f.read_bytes())
-
-
-def uid(files: list[Path]) -> str:
-    return tags_of(files[0], "StudyInstanceUID")[0]
 
 
 RULE = {"name": "ct-chest", "when": {"Modality": "CT"}, "from": "PACS", "max_studies": 2,
@@ -90,8 +65,8 @@ def test_new_study_prefetches_the_chosen_priors_once(tmp_path: Path, orthanc,
     old = priors(tmp_path / "priors")
     trigger = study(tmp_path, "ct-chest-today", "CT", 0, "CHEST")
     for files in old.values():
-        upload(pacs, files)
-    upload(pacs, trigger)  # the triggering study is at the PACS too: never its own prior
+        pacs.upload(files)
+    pacs.upload(trigger)  # the triggering study is at the PACS too: never its own prior
     viewer = {"type": "dicom", "ae_title": storescp.aet, "host": "127.0.0.1",
               "port": storescp.port}
     want = sop_uids(old["ct-chest-30d"]) | sop_uids(old["ct-chest-400d"])
@@ -151,7 +126,7 @@ def test_a_kill_during_the_prefetch_still_delivers_each_prior_once(
                                                                port]})
     old = priors(tmp_path / "priors")
     for name in ("ct-chest-30d", "ct-chest-400d"):
-        upload(pacs, old[name])
+        pacs.upload(old[name])
     trigger = study(tmp_path, "ct-chest-today", "CT", 0, "CHEST")
     viewer = {"type": "dicom", "ae_title": storescp.aet, "host": "127.0.0.1",
               "port": storescp.port}
@@ -184,8 +159,8 @@ def test_a_prior_the_destination_holds_is_skipped(tmp_path: Path, orthanc) -> No
     dest: Orthanc = orthanc(aet="VIEWER", modalities=modalities)
     old = priors(tmp_path / "priors")
     for name in ("ct-chest-30d", "ct-chest-400d"):
-        upload(pacs, old[name])
-    upload(dest, old["ct-chest-30d"])  # the viewer holds this one whole
+        pacs.upload(old[name])
+    dest.upload(old["ct-chest-30d"])  # the viewer holds this one whole
     trigger = study(tmp_path, "ct-chest-today", "CT", 0, "CHEST")
     viewer = {"type": "dicom", "ae_title": "VIEWER", "host": "127.0.0.1",
               "port": dest.dicom_port}
@@ -207,7 +182,7 @@ def test_on_order_triggers_a_c_get_of_the_priors(tmp_path: Path, orthanc) -> Non
                                                                free_port()]})
     old = priors(tmp_path / "priors")
     for files in old.values():
-        upload(pacs, files)
+        pacs.upload(files)
     raw = router_config(tmp_path, pacs, free_port(), {"type": "folder",
                                                        "path": str(tmp_path / "viewer")},
                         name="orders", trigger="order", when={"modality": "CT"}, retrieve="get")
@@ -255,9 +230,9 @@ def test_priors_from_a_dicomweb_source_that_is_not_polled(tmp_path: Path, orthan
     pacs: Orthanc = orthanc(aet="PACS", dicomweb=True)
     old = priors(tmp_path / "priors")
     for files in old.values():
-        upload(pacs, files)
+        pacs.upload(files)
     trigger = study(tmp_path, "ct-chest-today", "CT", 0, "CHEST")
-    upload(pacs, trigger)  # a polled source would pull this one (and the priors) by itself
+    pacs.upload(trigger)  # a polled source would pull this one (and the priors) by itself
     port = free_port()
     viewer = {"type": "dicom", "ae_title": storescp.aet, "host": "127.0.0.1",
               "port": storescp.port}

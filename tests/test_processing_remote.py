@@ -74,17 +74,6 @@ def _dicom_ai(node: AiNode) -> dict[str, Any]:
     return {"type": "dicom", "ae_title": node.aet, "host": "127.0.0.1", "port": node.port}
 
 
-@pytest.fixture
-def peers(tmp_path: Path) -> Any:
-    pacs = StoreSCP(tmp_path / "pacs", aet="PACS")
-    sender = StoreSCP(tmp_path / "ct1", aet="CT1")
-    pacs.start()
-    sender.start()
-    yield pacs, sender
-    pacs.stop()
-    sender.stop()
-
-
 def _check_seg_back(seg_file: Path, files: list[Path]) -> Any:
     """The SEG as the sender / the PACS got it: in the original study, with the original
     patient, referencing original instances only, its own new UIDs kept."""
@@ -102,8 +91,8 @@ def _check_seg_back(seg_file: Path, files: list[Path]) -> Any:
 
 
 def test_round_trip_through_a_remote_ai_node_pseudonymized_and_back(
-        tmp_path: Path, peers: Any) -> None:
-    pacs, sender = peers
+        tmp_path: Path, pacs_and_sender: Any) -> None:
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path)
     originals = [dcmread(f) for f in files]
     router = Router(tmp_path / "router", {})
@@ -153,10 +142,10 @@ def test_round_trip_through_a_remote_ai_node_pseudonymized_and_back(
 
 
 def test_a_local_command_on_a_pseudonymizing_route_gives_re_identified_results(
-        tmp_path: Path, peers: Any) -> None:
+        tmp_path: Path, pacs_and_sender: Any) -> None:
     """The same contract for a command step: it sees the pseudonymized study only, and its SR
     (written in the study it got, referencing what it got) reaches the sender re-identified."""
-    pacs, sender = peers
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path, seed=2937)
     program = tmp_path / "sr.py"
     program.write_text(SR_PROGRAM)
@@ -227,8 +216,8 @@ ds.save_as(os.path.join(out, "sr.dcm"), enforce_file_format=True)
 
 
 def test_kill_9_while_the_step_waits_sends_once_and_the_result_arrives_once(
-        tmp_path: Path, peers: Any) -> None:
-    pacs, sender = peers
+        tmp_path: Path, pacs_and_sender: Any) -> None:
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path, seed=2932)
     router = Router(tmp_path / "router", {})
     with AiNode(tmp_path / "ai", router.port, router.aet, answer="never") as ai:
@@ -261,8 +250,8 @@ def test_kill_9_while_the_step_waits_sends_once_and_the_result_arrives_once(
 
 
 def test_no_result_in_time_fails_the_step_and_the_next_attempt_sends_again(
-        tmp_path: Path, peers: Any) -> None:
-    pacs, sender = peers
+        tmp_path: Path, pacs_and_sender: Any) -> None:
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path, seed=2933)
     router = Router(tmp_path / "router", {})
     with AiNode(tmp_path / "ai", router.port, router.aet, answer="never") as ai:
@@ -292,11 +281,11 @@ def test_no_result_in_time_fails_the_step_and_the_next_attempt_sends_again(
 
 
 def test_match_referenced_takes_a_result_in_a_study_of_its_own_into_the_origin(
-        tmp_path: Path, peers: Any) -> None:
+        tmp_path: Path, pacs_and_sender: Any) -> None:
     """No pseudonymization; the node answers in a new study that references the one it got:
     the SEG reaches the sender inside the original study. An unrelated study from the same AE
     meanwhile is routed by the table, not taken."""
-    pacs, sender = peers
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path, seed=2934)
     other, other_study = _study(tmp_path / "other", seed=2935)
     router = Router(tmp_path / "router", {})
@@ -326,10 +315,10 @@ def test_match_referenced_takes_a_result_in_a_study_of_its_own_into_the_origin(
     assert any("taken for study " + study in h for h in history), history
 
 
-def test_a_stow_rs_ai_node_orthanc(tmp_path: Path, peers: Any, orthanc: Any) -> None:
+def test_a_stow_rs_ai_node_orthanc(tmp_path: Path, pacs_and_sender: Any, orthanc: Any) -> None:
     """The study goes to the AI node over STOW-RS (Orthanc's DICOMweb plugin); the test
     plays the model: it reads what Orthanc got, segments it and stores the SEG back."""
-    pacs, sender = peers
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path, seed=2936)
     node = orthanc(aet="AIWEB", dicomweb=True)
     router = Router(tmp_path / "router", {})

@@ -38,17 +38,6 @@ def _keys(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ROUTER_WEB_TOKEN", TOKEN)
 
 
-@pytest.fixture
-def peers(tmp_path: Path) -> Any:
-    pacs = StoreSCP(tmp_path / "pacs", aet="PACS")
-    sender = StoreSCP(tmp_path / "ct1", aet="CT1")
-    pacs.start()
-    sender.start()
-    yield pacs, sender
-    pacs.stop()
-    sender.stop()
-
-
 def _study(tmp_path: Path, seed: int, **kw: Any) -> tuple[list[Path], str]:
     opts = {"series": 2, "instances": 2, "rows": 16, "cols": 16, **kw}
     files = generate(tmp_path / "in", studies=1, patient_id="REMOTE1", seed=seed, **opts)
@@ -95,10 +84,10 @@ def _identified_only(pacs: StoreSCP, study: str) -> None:
 
 
 def test_a_result_that_arrives_while_the_study_is_still_being_sent_is_taken(
-        tmp_path: Path, peers: Any) -> None:
+        tmp_path: Path, pacs_and_sender: Any) -> None:
     """The node answers after the first instance; the router needs ~5 s more per instance
     (1kB/s), so the result's study completes while the step's await is still 'sending'."""
-    pacs, sender = peers
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path, 2941, series=1, instances=3, rows=48, cols=48)
     router = Router(tmp_path / "router", {})
     with AiNode(tmp_path / "ai", router.port, router.aet, answer="never") as ai:
@@ -132,12 +121,12 @@ def test_a_result_that_arrives_while_the_study_is_still_being_sent_is_taken(
 @pytest.mark.parametrize(("pseudonymized", "backend"), [
     (True, "sqlite"), (False, "sqlite"), (True, "postgresql")])
 def test_a_second_result_seconds_after_the_first_follows_it_and_never_leaks(
-        tmp_path: Path, peers: Any, pseudonymized: bool, backend: str,
+        tmp_path: Path, pacs_and_sender: Any, pseudonymized: bool, backend: str,
         request: pytest.FixtureRequest) -> None:
     """Two results in two associations: the step finishes with the first one; the second,
     a generation of its own in the pseudonymized study, is still the step's result (its
     deadline has not passed): re-identified, routed by results:, never by the table."""
-    pacs, sender = peers
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path, 2942)
     router = Router(tmp_path / "router", {})
     with AiNode(tmp_path / "ai", router.port, router.aet, answer="never") as ai:
@@ -180,8 +169,8 @@ def test_a_second_result_seconds_after_the_first_follows_it_and_never_leaks(
 
 
 def test_stopping_the_router_while_the_step_waits_is_not_a_failed_attempt(
-        tmp_path: Path, peers: Any) -> None:
-    pacs, sender = peers
+        tmp_path: Path, pacs_and_sender: Any) -> None:
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path, 2943)
     router = Router(tmp_path / "router", {})
     with AiNode(tmp_path / "ai", router.port, router.aet, answer="never") as ai:
@@ -225,10 +214,10 @@ def test_stopping_the_router_while_the_step_waits_is_not_a_failed_attempt(
 
 
 def test_two_studies_at_the_node_at_once_get_each_their_own_result(
-        tmp_path: Path, peers: Any) -> None:
+        tmp_path: Path, pacs_and_sender: Any) -> None:
     """Two patients' studies wait at the same node at the same time; the node answers the
     second first. Each SEG goes back into its own original study, with its own patient."""
-    pacs, sender = peers
+    pacs, sender = pacs_and_sender
     a_files, a_study = _study(tmp_path / "a", 2944)
     b_files = generate(tmp_path / "b", studies=1, series=1, instances=3, rows=16, cols=16,
                        patient_id="REMOTE2", seed=2945)
@@ -263,12 +252,12 @@ def test_two_studies_at_the_node_at_once_get_each_their_own_result(
             (a_study, "REMOTE1"), (b_study, "REMOTE2")}
 
 
-def test_a_remote_step_then_a_command_step(tmp_path: Path, peers: Any) -> None:
+def test_a_remote_step_then_a_command_step(tmp_path: Path, pacs_and_sender: Any) -> None:
     """``process: [remote, command]``: the node's SEG (pseudonymized) is the command's input;
     only the command's SR is a result, and it comes back re-identified."""
     from test_processing_remote import SR_PROGRAM
 
-    pacs, sender = peers
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path, 2946)
     program = tmp_path / "sr.py"
     program.write_text(SR_PROGRAM)
@@ -298,10 +287,10 @@ def test_a_remote_step_then_a_command_step(tmp_path: Path, peers: Any) -> None:
     assert any("'report' (ai) done: exit code 0" in h for h in history), history
 
 
-def test_match_referenced_by_a_series_only(tmp_path: Path, peers: Any) -> None:
+def test_match_referenced_by_a_series_only(tmp_path: Path, pacs_and_sender: Any) -> None:
     """A result in a study of its own whose only link to what was sent is a referenced
     series (no study reference): taken, and put into the original study."""
-    pacs, sender = peers
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path, 2947)
     router = Router(tmp_path / "router", {})
     with AiNode(tmp_path / "ai", router.port, router.aet, answer="never") as ai:
@@ -330,10 +319,10 @@ def test_match_referenced_by_a_series_only(tmp_path: Path, peers: Any) -> None:
 
 
 def test_the_modality_sending_the_study_again_while_the_step_waits(
-        tmp_path: Path, peers: Any) -> None:
+        tmp_path: Path, pacs_and_sender: Any) -> None:
     """CT1 sends the same study again while the node works on it: not a result (its own
     sender), not sent to the node a second time (identical content), one SEG back."""
-    pacs, sender = peers
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path, 2948)
     router = Router(tmp_path / "router", {})
     with AiNode(tmp_path / "ai", router.port, router.aet, answer="never") as ai:

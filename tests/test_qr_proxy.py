@@ -37,11 +37,6 @@ from dicomrouter.state import state_for
 from dicomrouter_bench.procs import free_port
 
 
-def upload(pacs: Orthanc, files: list[Path]) -> None:
-    for f in files:
-        pacs.post("/instances", f.read_bytes())
-
-
 class Site:
     """A router (a proxy to Orthanc) holding study ``local``; Orthanc holds ``local`` too and
     ``remote`` (60 instances of 384×384, so its retrieve takes a while) and ``other``."""
@@ -82,7 +77,7 @@ class Site:
         assert r.returncode == 0, r.stderr
         self.router.wait_state(self.uid["local"], "delivered")
         for name in ("local", "remote", "other", "getonly"):
-            upload(self.pacs, self.files[name])
+            self.pacs.upload(self.files[name])
 
     def stop(self) -> None:
         self.router.stop()
@@ -217,7 +212,7 @@ def test_wado_hook_fetches_a_study_into_the_spool(tmp_path: Path, orthanc) -> No
     pacs: Orthanc = orthanc(aet="PACS", modalities={"router": ["DICOMROUTER", "127.0.0.1",
                                                                port]})
     study = generate(tmp_path / "study", series=2, instances=2, rows=16, cols=16, seed=284)
-    upload(pacs, study)
+    pacs.upload(study)
     router = Router(tmp_path / "router", {
         "port": port, "query_retrieve_proxy": "PACS",
         "known_aes": {"PACS": {"host": "127.0.0.1", "port": pacs.dicom_port}}})
@@ -255,7 +250,7 @@ def test_wado_fetches_of_one_study_share_one_transfer_and_are_capped(
                                                                port]})
     study = generate(tmp_path / "study", series=1, instances=3, rows=16, cols=16, seed=296)
     other = generate(tmp_path / "other", series=1, instances=1, rows=16, cols=16, seed=297)
-    upload(pacs, study + other)
+    pacs.upload(study + other)
     router = Router(tmp_path / "router", {
         "port": port, "query_retrieve_proxy": "PACS", "query_retrieve_proxy_max_fetches": 1,
         "known_aes": {"PACS": {"host": "127.0.0.1", "port": pacs.dicom_port}}})
@@ -300,7 +295,7 @@ def test_cache_retention_removes_an_unused_fetched_study(tmp_path: Path, orthanc
     pacs: Orthanc = orthanc(aet="PACS", modalities={"router": ["DICOMROUTER", "127.0.0.1",
                                                                port]})
     study = generate(tmp_path / "study", series=1, instances=3, rows=16, cols=16, seed=285)
-    upload(pacs, study)
+    pacs.upload(study)
     uid = tags_of(study[0], "StudyInstanceUID")[0]
     with Router(tmp_path / "router", {
             "port": port, "query_retrieve_proxy": "PACS", "query_retrieve_proxy_cache": "3s",
@@ -333,7 +328,7 @@ def test_a_study_partly_in_the_spool_gets_the_rest_from_the_pacs(tmp_path: Path,
     pacs: Orthanc = orthanc(aet="PACS", modalities={"router": ["DICOMROUTER", "127.0.0.1",
                                                                port]})
     study = generate(tmp_path / "study", series=2, instances=3, rows=16, cols=16, seed=286)
-    upload(pacs, study)
+    pacs.upload(study)
     uid = tags_of(study[0], "StudyInstanceUID")[0]
     pushed = study[:2]
     with Router(tmp_path / "router", {
@@ -364,7 +359,7 @@ def test_a_pacs_refusing_the_retrieve_fails_the_suboperations(tmp_path: Path,
     pacs: Orthanc = orthanc(aet="PACS", extra_config={"DicomAlwaysAllowFind": True,
                                                       "DicomAlwaysAllowGet": False})
     study = generate(tmp_path / "study", series=1, instances=2, rows=16, cols=16, seed=287)
-    upload(pacs, study)
+    pacs.upload(study)
     uid = tags_of(study[0], "StudyInstanceUID")[0]
     with Router(tmp_path / "router", {
             "query_retrieve_proxy": "PACS",
@@ -386,7 +381,7 @@ def test_a_pacs_refusing_the_retrieve_fails_the_suboperations(tmp_path: Path,
 def test_dicomweb_pacs_behind_the_proxy(tmp_path: Path, orthanc) -> None:
     pacs: Orthanc = orthanc(aet="WEBPACS", dicomweb=True)
     study = generate(tmp_path / "study", series=2, instances=2, rows=16, cols=16, seed=288)
-    upload(pacs, study)
+    pacs.upload(study)
     uid = tags_of(study[0], "StudyInstanceUID")[0]
     with Router(tmp_path / "router", {
             "query_retrieve_proxy": "web",
@@ -420,7 +415,7 @@ def test_wado_rs_of_a_study_only_the_pacs_holds(tmp_path: Path, orthanc) -> None
     pacs: Orthanc = orthanc(aet="PACS", modalities={"router": ["DICOMROUTER", "127.0.0.1",
                                                                port]})
     study = generate(tmp_path / "study", series=2, instances=2, rows=32, cols=32, seed=290)
-    upload(pacs, study)
+    pacs.upload(study)
     uid = tags_of(study[0], "StudyInstanceUID")[0]
     with Router(tmp_path / "router", {
             "port": port, "web": {"port": web_port}, "query_retrieve_proxy": "PACS",
@@ -451,7 +446,7 @@ def test_stow_into_a_cached_study_is_routed_and_kept(tmp_path: Path, orthanc,
     pacs: Orthanc = orthanc(aet="PACS", modalities={"router": ["DICOMROUTER", "127.0.0.1",
                                                                port]})
     study = generate(tmp_path / "study", series=1, instances=3, rows=32, cols=32, seed=291)
-    upload(pacs, study)
+    pacs.upload(study)
     uid = tags_of(study[0], "StudyInstanceUID")[0]
     result = []
     for f in generate(tmp_path / "result", series=1, instances=2, rows=16, cols=16, seed=292):

@@ -15,11 +15,6 @@ from dicomrouter.sample import generate
 from dicomrouter_bench.procs import free_port
 
 
-def upload(pacs: Orthanc, files: list[Path]) -> None:
-    for f in files:
-        pacs.post("/instances", f.read_bytes())
-
-
 def tree(root: Path) -> dict[str, Path]:
     """SOP Instance UID → file, for every .dcm under ``root``."""
     return {tags_of(p, "SOPInstanceUID")[0]: p for p in root.rglob("*.dcm")} \
@@ -56,7 +51,7 @@ def test_dicom_source_pulls_new_studies_once_across_restarts(tmp_path: Path, ort
     study = generate(tmp_path / "study", series=2, instances=2, rows=16, cols=16, seed=71)
     with dicom_source_router(tmp_path, pacs, port, retrieve=retrieve) as router:
         wait_until(lambda: polled_since(router, "pacs", 0), timeout=60, what="a first poll")
-        upload(pacs, study)  # after start-up
+        pacs.upload(study)  # after start-up
         wait_until(lambda: set(tree(tmp_path / "tree")) >= sop_uids(study), timeout=90,
                    what="the pulled study in the folder tree")
         row = source_row(router, "pacs")
@@ -91,7 +86,7 @@ def test_orthanc_source_deletes_only_after_delivery(tmp_path: Path, orthanc) -> 
         "routes": [{"to": ["tree", "archive"]}],
     }) as router:
         wait_until(lambda: polled_since(router, "orthanc", 0), timeout=60, what="a first poll")
-        upload(pacs, study)
+        pacs.upload(study)
         wait_until(lambda: set(tree(tmp_path / "tree")) >= sop_uids(study), timeout=90,
                    what="the pulled study delivered to the folder")
         wait_until(lambda: router.status()["retrying"], timeout=60,
@@ -126,7 +121,7 @@ def router_history(router: Router, study_uid: str) -> list[tuple[float, str]]:
 def test_dicomweb_source_pulls_through_qido_and_wado(tmp_path: Path, orthanc) -> None:
     pacs: Orthanc = orthanc(aet="WEBPACS", dicomweb=True)
     study = generate(tmp_path / "study", series=2, instances=2, rows=16, cols=16, seed=73)
-    upload(pacs, study)  # already there: lookback "all" finds it
+    pacs.upload(study)  # already there: lookback "all" finds it
     with Router(tmp_path / "router", {
         "sources": {"web": {"type": "dicomweb", "url": f"{pacs.url}/dicom-web",
                             "interval": "1s", "lookback": "all", "source_stable_age": "1s"}},

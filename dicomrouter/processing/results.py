@@ -12,14 +12,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..config import Config
 from ..config.processing import PROCESS_PREFIX, process_destination, return_destination
 from ..logsafe import escape
-from ..scp.ingest import accept
+from ..scp.ingest import store_file
 from ..spool import Spool
 from ..state import Instance, State
 from ..transforms import Op, TransformError, transform_file
@@ -34,23 +34,18 @@ def ingest_result(spool: Spool, path: Path, route: str, picked: str, calling: st
                   called: str) -> str:
     """One output file into the spool as a result of ``route``; its SOP Instance UID, or
     raises ValueError with the ingest's refusal (a file that is not DICOM...)."""
-    rx = spool.new_receive_file()
-    try:
+
+    def chunks() -> Iterator[bytes]:
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
-                rx.write(chunk)
-    except BaseException:
-        rx.close()
-        with contextlib.suppress(OSError):
-            os.unlink(rx.name)
-        raise
-    status, comment, accepted = accept(spool, rx, calling, called, None, "processing result")
-    if accepted is None:
+                yield chunk
+
+    status, comment, tags = store_file(spool, chunks(), calling, called,
+                                       {RESULT_TAG: route, PICKED_TAG: picked},
+                                       "processing result")
+    if tags is None:
         raise ValueError(f"0x{status:04X} {comment}")
-    accepted.tags[RESULT_TAG] = route
-    accepted.tags[PICKED_TAG] = picked
-    spool.place(accepted)
-    return accepted.tags.get("SOPInstanceUID", "")
+    return tags.get("SOPInstanceUID", "")
 
 
 def route_key(route: Any) -> Any:

@@ -78,10 +78,11 @@ def accept(spool: Spool, rx: ReceiveFile, calling: str, called: str,
 
 
 def store_file(spool: Spool, chunks: Iterable[bytes], source: str, called: str,
-               extra_tags: dict[str, str] | None = None
+               extra_tags: dict[str, str] | None = None, how: str = "pulled"
                ) -> tuple[int, str, dict[str, str] | None]:
-    """Ingest a Part 10 file pulled from a source (HTTP): streamed into a receive slot, then
-    the same checks, durability and placement as a C-STORE. Returns (status, comment, tags)."""
+    """Ingest a Part 10 file pulled from a source (HTTP) or written by a processing step:
+    streamed into a receive slot, then the same checks, durability and placement as a
+    C-STORE, with ``extra_tags`` in its index. Returns (status, comment, tags)."""
     rx = spool.new_receive_file()
     try:
         for chunk in chunks:
@@ -91,10 +92,10 @@ def store_file(spool: Spool, chunks: Iterable[bytes], source: str, called: str,
         with contextlib.suppress(OSError):
             os.unlink(rx.name)
         raise
-    status, comment, accepted = accept(spool, rx, source, called, None, "pulled")
+    status, comment, accepted = accept(spool, rx, source, called, None, how)
     if accepted is None:
         return status, comment, None
-    accepted.tags.update(extra_tags or {})  # routing keys: SourceHost
+    accepted.tags.update(extra_tags or {})  # routing keys (SourceHost), a result's origin
     spool.place(accepted)
     return status, comment, accepted.tags
 

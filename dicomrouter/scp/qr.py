@@ -176,16 +176,9 @@ class QueryRetrieveSCP:
                         ", ".join(self.cfg.known_aes) or "none configured")
             rsp.refuse(0xA801, "move destination unknown")
             return
-        try:
-            q, instances = self._selected(event, "C-MOVE")
-        except query.QueryError as exc:
-            log.warning("C-MOVE from %s refused with 0x%04X: %s", _peer(event), exc.status, exc)
-            rsp.refuse(exc.status, str(exc))
+        if (selected := self._retrieve_request(event, rsp, "C-MOVE")) is None:
             return
-        missing, problem = self._missing(event, q, instances, "C-MOVE")
-        if missing is None:
-            rsp.refuse(0xA701, problem[:64])
-            return
+        q, instances, missing = selected
         studies = sorted({i.study_uid for i in instances})
         log.info("C-MOVE from %s: %s → %d instance(s) of %d study(ies) to %s (%s:%d)%s",
                  _peer(event), query.describe(q), len(instances), len(studies), target,
@@ -211,16 +204,9 @@ class QueryRetrieveSCP:
     @answers_itself
     def on_get(self, event: evt.Event) -> None:
         rsp: Responder = event.responder  # type: ignore[attr-defined]
-        try:
-            q, instances = self._selected(event, "C-GET")
-        except query.QueryError as exc:
-            log.warning("C-GET from %s refused with 0x%04X: %s", _peer(event), exc.status, exc)
-            rsp.refuse(exc.status, str(exc))
+        if (selected := self._retrieve_request(event, rsp, "C-GET")) is None:
             return
-        missing, problem = self._missing(event, q, instances, "C-GET")
-        if missing is None:
-            rsp.refuse(0xA701, problem[:64])
-            return
+        q, instances, missing = selected
         log.info("C-GET from %s: %s → %d instance(s)%s", _peer(event), query.describe(q),
                  len(instances),
                  f", {len(missing)} more fetched from the PACS" if missing else "")
@@ -229,6 +215,23 @@ class QueryRetrieveSCP:
                               _peer(event), len(instances) + len(missing))
 
     # ---- the Q/R proxy -----------------------------------------------------------------------
+
+    def _retrieve_request(self, event: evt.Event, rsp: Responder, what: str
+                          ) -> tuple[query.Query, list[Instance], list[Listed]] | None:
+        """A C-MOVE's or C-GET's query, the instances the spool holds and what the PACS must
+        bring; None once refused (a bad query, or nothing that can be sent)."""
+        try:
+            q, instances = self._selected(event, what)
+        except query.QueryError as exc:
+            log.warning("%s from %s refused with 0x%04X: %s", what, _peer(event), exc.status,
+                        exc)
+            rsp.refuse(exc.status, str(exc))
+            return None
+        missing, problem = self._missing(event, q, instances, what)
+        if missing is None:
+            rsp.refuse(0xA701, problem[:64])
+            return None
+        return q, instances, missing
 
     def _missing(self, event: evt.Event, q: query.Query, instances: list[Instance],
                  what: str) -> tuple[list[Listed] | None, str]:

@@ -239,22 +239,30 @@ class Spool(ReceiveLogSpool):
         src = rx.name  # plain strings on this path: pathlib was a third of its interpreter time
         try:
             rx.file.sync()
-            if rx.error is not None:
-                raise SpoolFull(rx.error.errno or errno.ENOSPC, f"write failed: {rx.error}")
             size = os.stat(src).st_size
-            self._check_room(size)
-            try:
-                check_file(src, self.max_depth)
-            except Malformed as exc:
-                raise UnreadableDataset(f"malformed dataset: {exc}") from None
-            tags, tsuid = identify(src)
-            if command is not None:
-                match_command(tags, command)
+            tags, tsuid = self._check(src, size, rx.error, command)
             rx.file.drop_cache()
         except BaseException:
             unlink_quietly(src)
             raise
         return Accepted(src, tags, tsuid, size, calling_ae, called_ae)
+
+    def _check(self, source: str | bytearray, size: int, error: OSError | None,
+               command: Expected | None) -> tuple[dict[str, str], str]:
+        """What every reception passes before its answer, from a file or from memory (the
+        receive log): written whole, room in the spool, a well-formed dataset that carries
+        what the request says. Its index tags and transfer syntax."""
+        if error is not None:
+            raise SpoolFull(error.errno or errno.ENOSPC, f"write failed: {error}")
+        self._check_room(size)
+        try:
+            check_file(source, self.max_depth)
+        except Malformed as exc:
+            raise UnreadableDataset(f"malformed dataset: {exc}") from None
+        tags, tsuid = identify(source)
+        if command is not None:
+            match_command(tags, command)
+        return tags, tsuid
 
     def _check_room(self, size: int) -> None:
         """Raise SpoolFull if ``size`` more bytes would pass the quota or min_free_disk."""

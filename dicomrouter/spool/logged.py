@@ -16,14 +16,12 @@ from typing import TYPE_CHECKING
 
 from ..dicomfile import UnreadableDataset, identify, source_ae
 from ..state import State, StateUnavailable
-from ..walk import Malformed, check_file
 from .faults import POWERCUT, crash_point
 from .receive import (
     Accepted,
     Expected,
     LogReceiveFile,
     SpoolFull,
-    match_command,
     spool_name,
     write_file,
 )
@@ -93,20 +91,10 @@ class ReceiveLogSpool:
         from the received bytes, no file read at all), then one log record, synced (shared with
         the other associations' records), makes it durable. Its spool file is written by
         ``place``, after the answer."""
-        data = rx.buf
+        data = rx.buf if rx.buf is not None else bytearray()
         rx.buf = None
-        if rx.error is not None:
-            raise SpoolFull(rx.error.errno or errno.ENOSPC, f"write failed: {rx.error}")
-        assert data is not None
         size = len(data)
-        self._check_room(size)
-        try:
-            check_file(data, self.max_depth)
-        except Malformed as exc:
-            raise UnreadableDataset(f"malformed dataset: {exc}") from None
-        tags, tsuid = identify(data)
-        if command is not None:
-            match_command(tags, command)
+        tags, tsuid = self._check(data, size, rx.error, command)
         checksum = Checksum()
         checksum.update(data)
         data[:MARKER_SIZE] = checksum.marker()
