@@ -484,3 +484,27 @@ def test_cluster_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert cfg.cluster and cfg.ack_after == "shared" and cfg.node_id == "n1"
     assert cfg.state.dsn == "postgresql://u:pw1234@db/x" and cfg.state.lease == 30.0
     assert "pw1234" not in repr(cfg.state)  # the DSN is kept out of reprs (and logs)
+
+
+def test_processing_concurrency_per_route(tmp_path: Path) -> None:
+    """A remote-only chain processes 4 studies at once by default (one waiting for its node
+    must not hold the others back), a chain with a local step one; process_concurrency sets
+    it, and only beside process:."""
+    ai = {"type": "dicom", "ae_title": "AI", "host": "127.0.0.1", "port": 11112}
+    remote = {"remote": {"destination": "ai"}}
+    local = {"command": ["true"]}
+    cfg = load_dict(tmp_path, {"destinations": {"ai": ai}, "routes": [
+        {"name": "remote", "process": [remote]},
+        {"name": "local", "process": [local]},
+        {"name": "mixed", "process": [remote, local]},
+        {"name": "set", "process": [local], "process_concurrency": 3}]})
+    assert {name: cfg.destinations[f"process:{name}"].concurrency
+            for name in ("remote", "local", "mixed", "set")} == {
+        "remote": 4, "local": 1, "mixed": 1, "set": 3}
+    with pytest.raises(cfgmod.ConfigError, match=r"routes\[0\]\.process_concurrency: goes "
+                                                 "with process:"):
+        load_dict(tmp_path, {"destinations": {"ai": ai}, "routes": [
+            {"to": "ai", "process_concurrency": 2}]})
+    with pytest.raises(cfgmod.ConfigError, match="process_concurrency"):
+        load_dict(tmp_path, {"destinations": {"ai": ai}, "routes": [
+            {"name": "r", "process": [remote], "process_concurrency": 0}]})

@@ -216,7 +216,9 @@ def test_stopping_the_router_while_the_step_waits_is_not_a_failed_attempt(
 def test_two_studies_at_the_node_at_once_get_each_their_own_result(
         tmp_path: Path, pacs_and_sender: Any) -> None:
     """Two patients' studies wait at the same node at the same time; the node answers the
-    second first. Each SEG goes back into its own original study, with its own patient."""
+    second first. Each SEG goes back into its own original study, with its own patient.
+    The step waits up to 10 minutes: the second study reaches the node while the first
+    waits (with one study at a time it would only go once the first step timed out)."""
     pacs, sender = pacs_and_sender
     a_files, a_study = _study(tmp_path / "a", 2944)
     b_files = generate(tmp_path / "b", studies=1, series=1, instances=3, rows=16, cols=16,
@@ -224,13 +226,13 @@ def test_two_studies_at_the_node_at_once_get_each_their_own_result(
     b_study = str(dcmread(b_files[0], stop_before_pixels=True).StudyInstanceUID)
     router = Router(tmp_path / "router", {})
     with AiNode(tmp_path / "ai", router.port, router.aet, answer="never") as ai:
-        router.config.update(_config(pacs, sender, ai))
+        router.config.update(_config(pacs, sender, ai, timeout="10m"))
         with router:
             for files in (a_files, b_files):
                 assert run_storescu(files, router.port, aet=router.aet,
                                     calling="CT1").returncode == 0
             wait_until(lambda: len(ai.received) >= len(a_files) + len(b_files), timeout=120,
-                       what="both studies at the AI node")
+                       what="both studies at the AI node, each step waiting")
             by_study: dict[str, list[Any]] = {}
             for ds in ai.received:
                 by_study.setdefault(str(ds.StudyInstanceUID), []).append(ds)

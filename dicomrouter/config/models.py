@@ -135,6 +135,9 @@ class RouteModel(Strict):
     coerce: CoerceModel | None = None  # reconcile patient/order attributes (config/coerce.py)
     process: tuple[StepModel, ...] = ()  # processing steps (config/processing.py, issue 29)
     results: tuple[Text, ...] = ()  # where the steps' output instances go
+    # studies whose steps run at the same time (default: 1 with a step on this machine, 4
+    # when every step is remote: a study waiting for its results holds no other one back)
+    process_concurrency: Int(1, 64) | None = None
 
     _schedule: Any = PrivateAttr(None)
 

@@ -101,6 +101,18 @@ def return_destination(ae: str) -> str:
     return f"{RETURN_PREFIX}{ae}"
 
 
+#: studies at once through a chain of remote steps only (``process_concurrency`` unset): a
+#: remote step mostly waits for the node, and a worker waiting on one study must not hold the
+#: next studies back for up to its ``timeout``; a step on this machine takes its CPU (or GPU)
+#: and runs one study at a time
+REMOTE_CONCURRENCY = 4
+
+
+def default_concurrency(route: Any) -> int:
+    """A processing route's studies at once when ``process_concurrency`` is not given."""
+    return REMOTE_CONCURRENCY if all(s.remote is not None for s in route.process) else 1
+
+
 def check_processing(cfg: Any) -> Any:
     """Every route's ``results:`` names what exists; ``results:`` only beside ``process:``.
     Then each processing route gets its ``process:<route>`` destination (added to its
@@ -114,7 +126,8 @@ def check_processing(cfg: Any) -> Any:
             routes.append(r)
             continue
         name = process_destination(r.name or f"route {i + 1}")
-        model = ProcessModel(route=r.name or f"route {i + 1}")
+        model = ProcessModel(route=r.name or f"route {i + 1}",
+                             concurrency=r.process_concurrency or default_concurrency(r))
         model._name = name
         added[name] = model
         routes.append(r.model_copy(update={"to": (*(r.to or ()), name)}))
@@ -141,6 +154,8 @@ def _check(cfg: Any) -> None:
         if r.process and r.level == "series":
             raise ConfigError(f"{where}.process", "not with level: series: a step processes "
                               "the study whole, once it is complete")
+        if r.process_concurrency is not None and not r.process:
+            raise ConfigError(f"{where}.process_concurrency", "goes with process:")
         if r.results and not r.process:
             raise ConfigError(f"{where}.results", "results of what? results: goes with "
                               "process:")
