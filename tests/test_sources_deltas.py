@@ -24,7 +24,7 @@ import pytest
 from peers import DcmQrScp, Orthanc, run_storescu, sop_uids, wait_until
 from pydicom import dcmread
 from router_fixtures import Router, dataset_bytes, tags_of
-from test_sources_interop import polled_since, router_history, source_row, tree, upload
+from test_sources_interop import polled_since, router_history, source_row, tree
 
 from dicomrouter.sample import generate
 from dicomrouter_bench.procs import free_port
@@ -119,7 +119,7 @@ def test_dicom_source_waits_for_a_stable_study_then_pulls_only_what_it_gained(
         _wait_poll(router, "pacs")
         # the delta: 2 instances of a series the router holds part of (IMAGE level) and a
         # series it lacks (SERIES level)
-        study = _stable_then_delta(router, "pacs", lambda fs: upload(pacs, fs), a[:3],
+        study = _stable_then_delta(router, "pacs", pacs.upload, a[:3],
                                    a[3:6] + b, a[6:] + c, tmp_path / "tree")
         delta = _pull_lines(router, study)[-1]
         assert "10 of 24 instance(s) there were missing; 10 in" in delta, delta
@@ -152,7 +152,7 @@ def test_dicomweb_source_waits_for_a_stable_study_then_pulls_only_what_it_gained
                 "routes": [{"to": "tree"}],
             }) as router:
         _wait_poll(router, "web")
-        _stable_then_delta(router, "web", lambda fs: upload(pacs, fs), a[:2], a[2:4],
+        _stable_then_delta(router, "web", pacs.upload, a[:2], a[2:4],
                            a[4:] + b, tmp_path / "tree")
         with urllib.request.urlopen(f"{proxy.url}/dicom-web/studies", timeout=30) as r:
             (study,) = json.loads(r.read())
@@ -218,7 +218,7 @@ def test_a_capped_cfind_is_narrowed_until_every_study_is_found(tmp_path: Path,
     for i, (date, time_) in enumerate(plan):
         studies.append(_dated(generate(tmp_path / f"s{i}", series=1, instances=1, rows=8,
                                        cols=8, seed=100 + i), date, time_))
-    upload(pacs, [f for s in studies for f in s])
+    pacs.upload([f for s in studies for f in s])
     with _dicom_router(tmp_path, port, "PACS", pacs.dicom_port,
                        source_stable_age="0s") as router:
         separable = {tags_of(s[0], "SOPInstanceUID")[0] for s in studies[:12]}
@@ -242,7 +242,7 @@ def test_a_kill_during_a_cmove_retrieves_only_the_missing_instances(tmp_path: Pa
                                                                port]})
     files = generate(tmp_path / "study", series=2, instances=150, rows=64, cols=64, seed=84)
     study = tags_of(files[0], "StudyInstanceUID")[0]
-    upload(pacs, files)
+    pacs.upload(files)
     data = tmp_path / "router" / "spool" / "data" / study
     router = _dicom_router(tmp_path, port, "PACS", pacs.dicom_port, source_stable_age="0s")
     with router:
@@ -344,7 +344,7 @@ def test_orthanc_source_deletes_exactly_the_instances_it_delivered(tmp_path: Pat
     files = generate(tmp_path / "study", series=1, instances=4, rows=16, cols=16, seed=85)
     first, late = files[:3], files[3]
     study = tags_of(first[0], "StudyInstanceUID")[0]
-    with _proxy(pacs.url, before_delete=lambda: upload(pacs, [late])) as proxy, \
+    with _proxy(pacs.url, before_delete=lambda: pacs.upload([late])) as proxy, \
             Router(tmp_path / "router", {
                 "sources": {"orthanc": {"type": "orthanc", "url": proxy.url,
                                         "interval": "500ms", "delete_after_pull": True}},
@@ -352,7 +352,7 @@ def test_orthanc_source_deletes_exactly_the_instances_it_delivered(tmp_path: Pat
                 "routes": [{"to": "tree"}],
             }) as router:
         _wait_poll(router, "orthanc")
-        upload(pacs, first)
+        pacs.upload(first)
         # the late instance is stored in Orthanc right before the router's first DELETE:
         # it must be pulled and delivered, and deleted only then
         wait_until(lambda: set(tree(tmp_path / "tree")) >= sop_uids(files), timeout=120,
