@@ -171,6 +171,59 @@ def test_a_local_command_on_a_pseudonymizing_route_gives_re_identified_results(
         assert ds.StudyInstanceUID == study and ds.PatientID == "REMOTE1"
 
 
+class CrashingRouter(Router):
+    """A router killed (SIGKILL, from inside) at a fault point: ``DICOMROUTER_CRASH_AT``."""
+
+    def __init__(self, work_dir: Path, config: dict[str, Any], crash_at: str) -> None:
+        super().__init__(work_dir, config)
+        self.crash_at = crash_at
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "DICOMROUTER_CRASH_AT": self.crash_at}
+
+    def died(self) -> bool:
+        return self.proc is None or self.proc.poll() is not None
+
+
+def test_a_kill_after_a_result_was_re_identified_still_takes_it_once(
+        tmp_path: Path, pacs_and_sender: Any) -> None:
+    """The router dies right after re-identifying a step's result, before ingesting it. After
+    the restart the result is ingested, re-identified, once. (It was re-identified in place:
+    the retry re-identified the re-identified file, found no mapping for its original study
+    and refused it as "pseudonymized": the result was lost.)"""
+    pacs, sender = pacs_and_sender
+    files, study = _study(tmp_path, seed=2939)
+    program = tmp_path / "sr.py"
+    program.write_text(SR_PROGRAM)
+    cfg = _config(pacs, sender, {"type": "dicom", "ae_title": "NOBODY", "host": "127.0.0.1",
+                                 "port": 9}, {})
+    cfg["routes"][1]["process"] = [{"name": "report", "command": [
+        sys.executable, str(program), "{input}", "{output}"], "timeout": "60s"}]
+    router = CrashingRouter(tmp_path / "router", cfg, "result-reidentified")
+    router.start()
+    try:
+        assert run_storescu(files, router.port, aet=router.aet, calling="CT1").returncode == 0
+        wait_until(router.died, timeout=120, what="the router killed after re-identifying")
+        router.stop()
+        assert not sender.files()
+        router.crash_at = ""
+        router.start()
+        wait_until(lambda: len(sender.files()) >= 1, timeout=120, what="the SR at CT1")
+        router.wait_state(study, "delivered", timeout=60)
+        wait_until(lambda: len(pacs.files()) >= len(files) + 1, timeout=60, what="the PACS")
+        history = _history(router, study)
+    finally:
+        router.stop()
+    (sr_file,) = sender.files()  # once
+    sr = dcmread(sr_file)
+    assert sr.StudyInstanceUID == study and sr.PatientID == "REMOTE1"
+    assert {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence[
+        0].ReferencedSeriesSequence for i in s.ReferencedSOPSequence} == sop_uids(files)
+    assert not [h for h in history if "not taken" in h], history
+    assert sum("1 result instance(s) ingested" in h for h in history) == 1, history
+    assert sop_uids(pacs.files()) == sop_uids(files) | {str(sr.SOPInstanceUID)}
+
+
 SR_PROGRAM = r'''
 import os, sys
 from pydicom import dcmread

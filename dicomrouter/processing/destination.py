@@ -22,11 +22,18 @@ from ..config.processing import ProcessModel
 from ..destinations import DeliveryError
 from ..destinations.base import Context, Destination, PermanentFailure, Session
 from ..destinations.registry import implements
+from ..spool.faults import crash_point
 from ..spool.slots import fsync_dir
 from ..state import Instance
 from .chain import ChainFailed, run_chain
 from .remote import RemoteStep
-from .results import ingest_result, is_result, reidentify_file, route_key
+from .results import (
+    REIDENTIFIED,
+    ingest_result,
+    is_result,
+    reidentified_copy,
+    route_key,
+)
 
 DONE = "done"
 PICKED = ".route"  # in done/: the route result.json picked
@@ -148,17 +155,21 @@ class _ProcessSession(Session):
         cfg = dest.ctx.config
         ingested = 0
         for path in sorted(p for p in done.rglob("*") if p.is_file()):
-            if path.name in (PICKED, "result.json"):
-                continue
+            if path.name in (PICKED, "result.json") or path.name.endswith(REIDENTIFIED):
+                continue  # (a copy a crash left: made again from the file as written)
+            taken = path
             try:
                 if dest.key is not None:
-                    reidentify_file(path, dest.key, state, dest.route)
-                ingest_result(dest.ctx.spool, path, dest.route, picked, cfg.ae_title,
+                    taken = reidentified_copy(path, dest.key, state, dest.route)
+                    crash_point("result-reidentified")
+                ingest_result(dest.ctx.spool, taken, dest.route, picked, cfg.ae_title,
                               cfg.ae_title)
                 ingested += 1
             except ValueError as exc:
                 note(f"processing ({dest.route}): output {path.name} not taken: {exc}")
             path.unlink()
+            if taken != path:
+                taken.unlink()
         note(f"processing ({dest.route}): {ingested} result instance(s) ingested" +
              (f"; result.json picked route {picked!r}" if picked else ""))
         with contextlib.suppress(OSError):

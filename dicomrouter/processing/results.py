@@ -55,21 +55,35 @@ def route_key(route: Any) -> Any:
                  if getattr(op, "kind", "") == "deidentify" and op.key is not None), None)
 
 
-def reidentify_file(path: Path, key: Any, state: State, route: str) -> None:
-    """Re-identify an output file in place (its UIDs, references and patient attributes
-    restored from the route's pseudonymization mapping, its own new UIDs kept); ValueError
-    when that cannot be done: a pseudonymized result is never taken as it is."""
+REIDENTIFIED = ".reidentified"  # the re-identified copy of an output file, beside it
+
+
+def reidentified_copy(path: Path, key: Any, state: State, route: str) -> Path:
+    """A re-identified copy of an output file, beside it (its UIDs, references and patient
+    attributes restored from the route's pseudonymization mapping, its own new UIDs kept);
+    the file stays as the step wrote it. ValueError when that cannot be done: a pseudonymized
+    result is never taken as it is.
+
+    A copy, not the file rewritten in place: re-identifying a file a second time finds no
+    mapping for its (now original) study, so a crash between the rewrite and the ingest would
+    have had the retry refuse the result."""
     op = Op("reidentify", 0, key=key, state=state, scope=route)
-    tmp = path.with_name(path.name + ".reidentified")
+    copy = path.with_name(path.name + REIDENTIFIED)
     try:
         with open(path, "rb") as src:
-            transform_file(src, [op], str(tmp))
+            transform_file(src, [op], str(copy))
     except TransformError as exc:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            copy.unlink()
         raise ValueError(f"not re-identified ({exc}): a pseudonymized result is not taken"
                          ) from None
-    os.replace(tmp, path)
+    return copy
+
+
+def reidentify_file(path: Path, key: Any, state: State, route: str) -> None:
+    """Re-identify an output file in place (see ``reidentified_copy``; for a file that a
+    retry does not read again)."""
+    os.replace(reidentified_copy(path, key, state, route), path)
 
 
 def is_result(inst: Instance) -> bool:
