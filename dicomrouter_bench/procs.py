@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import select
 import shutil
 import signal
@@ -110,9 +111,42 @@ def tool_version(argv: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- small helpers
 
 
+_HANDED_OUT: set[int] = set()  # ports this process gave out already
+_PORTS = random.Random()  # seeded from the OS: every process (xdist worker) draws its own
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections' local ports."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a server started next.
+
+    Drawn at random below the kernel's ephemeral range, not by ``bind(0)``: a port ``bind(0)``
+    hands out lies in the range every outgoing connection takes its local port from, and a
+    storescu, an HTTP request or a database connection of a test running beside took it
+    before the server meant for it was listening (a router failing to start in CI with
+    "port ... is in use"). A port is free when it binds without SO_REUSEADDR (so no
+    connection in TIME_WAIT holds it either), and never handed out twice by one process."""
+    low = _ephemeral_low()
+    first = max(10_000, low - 12_000)
+    if low - first >= 1_000:
+        for _ in range(500):
+            port = _PORTS.randrange(first, low)
+            if port in _HANDED_OUT:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((LOOPBACK, port))
+                except OSError:
+                    continue
+            _HANDED_OUT.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # no room below it
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
 

@@ -308,3 +308,18 @@ def test_moto_s3_answers_boto3(moto_s3: MotoS3) -> None:
     assert [b["Name"] for b in client.list_buckets()["Buckets"]] == ["dicomrouter-test"]
     body = client.get_object(Bucket="dicomrouter-test", Key="study/1.dcm")["Body"].read()
     assert body == b"DICM"
+
+
+def test_free_ports_are_outside_the_range_outgoing_connections_use() -> None:
+    """A server's port is drawn below the kernel's ephemeral range (an outgoing connection
+    of a test beside cannot take it as its local port), binds, and is not given twice."""
+    import socket
+
+    low, high = (int(v) for v in
+                 Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(p < low or p > high for p in ports), [p for p in ports if low <= p <= high]
+    for port in ports[:20]:
+        with socket.create_server(("127.0.0.1", port)):
+            pass
