@@ -141,18 +141,25 @@ def test_round_trip_through_a_remote_ai_node_pseudonymized_and_back(
     assert moved and all(" INFO " in line for line in moved), moved
 
 
-def test_a_local_command_on_a_pseudonymizing_route_gives_re_identified_results(
-        tmp_path: Path, pacs_and_sender: Any) -> None:
-    """The same contract for a command step: it sees the pseudonymized study only, and its SR
-    (written in the study it got, referencing what it got) reaches the sender re-identified."""
-    pacs, sender = pacs_and_sender
-    files, study = _study(tmp_path, seed=2937)
+def _sr_step_config(tmp_path: Path, pacs: StoreSCP, sender: StoreSCP) -> dict[str, Any]:
+    """The pseudonymizing route ``ai`` with one local command step, SR_PROGRAM, instead of
+    the remote one (its AI node is never reached)."""
     program = tmp_path / "sr.py"
     program.write_text(SR_PROGRAM)
     cfg = _config(pacs, sender, {"type": "dicom", "ae_title": "NOBODY", "host": "127.0.0.1",
                                  "port": 9}, {})
     cfg["routes"][1]["process"] = [{"name": "report", "command": [
         sys.executable, str(program), "{input}", "{output}"], "timeout": "60s"}]
+    return cfg
+
+
+def test_a_local_command_on_a_pseudonymizing_route_gives_re_identified_results(
+        tmp_path: Path, pacs_and_sender: Any) -> None:
+    """The same contract for a command step: it sees the pseudonymized study only, and its SR
+    (written in the study it got, referencing what it got) reaches the sender re-identified."""
+    pacs, sender = pacs_and_sender
+    files, study = _study(tmp_path, seed=2937)
+    cfg = _sr_step_config(tmp_path, pacs, sender)
     with Router(tmp_path / "router", cfg) as router:
         assert run_storescu(files, router.port, aet=router.aet, calling="CT1").returncode == 0
         wait_until(lambda: len(sender.files()) >= 1, timeout=120, what="the SR at CT1")
@@ -193,12 +200,7 @@ def test_a_kill_after_a_result_was_re_identified_still_takes_it_once(
     and refused it as "pseudonymized": the result was lost.)"""
     pacs, sender = pacs_and_sender
     files, study = _study(tmp_path, seed=2939)
-    program = tmp_path / "sr.py"
-    program.write_text(SR_PROGRAM)
-    cfg = _config(pacs, sender, {"type": "dicom", "ae_title": "NOBODY", "host": "127.0.0.1",
-                                 "port": 9}, {})
-    cfg["routes"][1]["process"] = [{"name": "report", "command": [
-        sys.executable, str(program), "{input}", "{output}"], "timeout": "60s"}]
+    cfg = _sr_step_config(tmp_path, pacs, sender)
     router = CrashingRouter(tmp_path / "router", cfg, "result-reidentified")
     router.start()
     try:
