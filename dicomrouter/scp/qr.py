@@ -214,8 +214,6 @@ class QueryRetrieveSCP:
         perform_suboperations(rsp, self._stream(instances, missing), sender, self.spool,
                               _peer(event), len(instances) + len(missing))
 
-    # ---- the Q/R proxy -----------------------------------------------------------------------
-
     def _retrieve_request(self, event: evt.Event, rsp: Responder, what: str
                           ) -> tuple[query.Query, list[Instance], list[Listed]] | None:
         """A C-MOVE's or C-GET's query, the instances the spool holds and what the PACS must
@@ -232,6 +230,8 @@ class QueryRetrieveSCP:
             rsp.refuse(0xA701, problem[:64])
             return None
         return q, instances, missing
+
+    # ---- the Q/R proxy -----------------------------------------------------------------------
 
     def _missing(self, event: evt.Event, q: query.Query, instances: list[Instance],
                  what: str) -> tuple[list[Listed] | None, str]:
