@@ -6,6 +6,8 @@ Kept in one module so each adjustment is visible and can be checked against a ne
   pattern then meets Nagle + delayed ACK (~40 ms per message).
 * Chunked C-STORE receive into the spool's own tmp directory, through ``spool.ReceiveFile`` (instead
   of a NamedTemporaryFile in the system temp dir), and chunked C-STORE send from files.
+* A response pynetdicom's reactor takes from a waiting sender goes back to it (a race in its
+  reactor pause, ``hand_back_stolen_responses``).
 * C-MOVE and C-GET requests served by a subclass of pynetdicom's Query/Retrieve service class
   (``scp/retrieve.py``): pynetdicom's own opens the move destination's association before any
   status can be sent, and counts a refusal as one failed sub-operation.
@@ -171,3 +173,40 @@ def serve_query_retrieve_with(service_class: type) -> None:
 
     uid_to_service_class.replaced_by = service_class  # type: ignore[attr-defined]
     association.uid_to_service_class = uid_to_service_class  # type: ignore[assignment]
+
+
+def hand_back_stolen_responses() -> None:
+    """A response pynetdicom's reactor takes off the queue while a sender waits for it goes back.
+
+    A ``send_*`` pauses the association's reactor by clearing its checkpoint and waiting until
+    ``_is_paused``; the reactor sets ``_is_paused`` just before it waits at the checkpoint, so a
+    sender that clears it in between sees the flag while the reactor goes on through one more
+    turn. That turn can take the sender's response off the DIMSE queue: pynetdicom logs
+    "Received unexpected C-STORE service message" and drops it, and the sender waits out its
+    DIMSE timeout and aborts the association (a delivery retried, a C-MOVE's sub-operations
+    cut short). A thread switch at the wrong moment on a busy machine is enough (seen in CI).
+    Here a response taken while the checkpoint is clear (a sender waits) is put back; the
+    reactor does not come back to the queue until the sender is done. Any other response is
+    logged and dropped as before.
+    """
+    from pynetdicom.association import Association
+
+    original = Association._serve_request
+    if getattr(original, "hands_back_responses", False):
+        return
+
+    def _serve_request(self: Association, msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and not self._reactor_checkpoint.is_set():
+            self.dimse.msg_queue.put((context_id, msg))
+            return
+        original(self, msg, context_id)
+
+    _serve_request.hands_back_responses = True  # type: ignore[attr-defined]
+    Association._serve_request = _serve_request  # type: ignore[method-assign]
+
+
+def adjust_associations() -> None:
+    """Both adjustments every association of this process needs: TCP_NODELAY, and responses
+    kept for the sender waiting for them."""
+    enable_tcp_nodelay()
+    hand_back_stolen_responses()

@@ -28,8 +28,8 @@ from pynetdicom.status import QR_MOVE_SERVICE_CLASS_STATUS
 
 from .netutil import (
     REJECTION_HANDLERS,
+    adjust_associations,
     association_failure,
-    enable_tcp_nodelay,
     rejected_permanently,
 )
 from .storage_contexts import ACCEPTED_SYNTAXES
@@ -104,7 +104,7 @@ class RetrieveResult:
 @contextmanager
 def associate(remote: Remote, contexts: list[Any], roles: list[Any] | None = None,
               handlers: list[Any] | None = None) -> Iterator[Association]:
-    enable_tcp_nodelay()
+    adjust_associations()
     ae = AE(ae_title=remote.calling_ae)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = remote.timeout
     try:

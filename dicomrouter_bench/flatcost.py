@@ -32,7 +32,7 @@ from dicomrouter import config as config_mod
 from dicomrouter.cli.status import status as status_command
 from dicomrouter.completion.housekeeping import Housekeeping
 from dicomrouter.completion.tracker import StudyTracker
-from dicomrouter.netutil import enable_tcp_nodelay
+from dicomrouter.netutil import adjust_associations
 from dicomrouter.spool import spool_for
 from dicomrouter.state import state_for
 
@@ -126,7 +126,7 @@ def _with_router(work: Path, router: RouterServer, corpus: Corpus, studies: int,
     with router:
         result["startup_seconds"] = time.perf_counter() - started
         web = f"http://127.0.0.1:{router.config['web']['port']}"
-        enable_tcp_nodelay()  # else Nagle and delayed ACKs add 40 ms to every answer
+        adjust_associations()  # else Nagle and delayed ACKs add 40 ms to every answer
         ae = AE(ae_title="BENCHFIND")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         assoc = ae.associate("127.0.0.1", router.port, ae_title=router.aet)

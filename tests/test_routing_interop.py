@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pynetdicom.transport import AssociationSocket
 from router_fixtures import Router, dicomrouter, tags_of
 
-from dicomrouter.netutil import enable_tcp_nodelay
+from dicomrouter.netutil import adjust_associations
 from dicomrouter.sample import generate
 
 
@@ -116,7 +116,7 @@ def test_resent_instance_replaces_the_earlier_copy(tmp_path: Path) -> None:
 
 
 def test_tcp_nodelay_is_set_on_association_sockets() -> None:
-    enable_tcp_nodelay()
+    adjust_associations()
     with socket.create_server(("127.0.0.1", 0)) as srv:
         client = socket.create_connection(srv.getsockname())
         accepted, _ = srv.accept()

@@ -18,7 +18,7 @@ from ..destinations import DeliveryError, InstanceRejected
 from ..destinations.base import PermanentFailure
 from ..destinations.dicom import open_association
 from ..destinations.store import Peer, batches
-from ..netutil import association_failure, enable_tcp_nodelay
+from ..netutil import adjust_associations, association_failure
 from .common import (
     check_ae,
     setup_logging,
@@ -127,7 +127,7 @@ def echo(host: str, port: int, aet: str, calling_aet: str, timeout: float) -> No
     from pynetdicom.sop_class import Verification
 
     setup_logging("WARNING", quiet_pynetdicom=True)
-    enable_tcp_nodelay()
+    adjust_associations()
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)

@@ -25,8 +25,8 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from ..conversion import POOL
 from ..netutil import (
     REJECTION_HANDLERS,
+    adjust_associations,
     association_failure,
-    enable_tcp_nodelay,
     rejected_permanently,
     stream_c_store_from_files,
 )
@@ -190,7 +190,7 @@ class StoreAssociation:
     """An established association to a Storage SCP; ``store`` sends one file."""
 
     def __init__(self, peer: Peer, pairs: Iterable[tuple[str, str]]) -> None:
-        enable_tcp_nodelay()
+        adjust_associations()
         stream_c_store_from_files()
         self.peer = peer
         ae = AE(ae_title=peer.calling_ae_title)

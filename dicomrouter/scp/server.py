@@ -19,7 +19,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from .. import metrics
 from ..config import Config, ListenerConfig
 from ..dimse import error_comment
-from ..netutil import enable_tcp_nodelay, receive_c_store_into
+from ..netutil import adjust_associations, receive_c_store_into
 from ..spool import ReceiveFile, Spool
 from ..storage_contexts import ACCEPTED_SYNTAXES
 from . import ingest
@@ -39,7 +39,7 @@ def _failure(status: int, comment: str) -> Dataset:
 def acceptor_ae(cfg: Config, listener: ListenerConfig | None = None) -> AE:
     """A pynetdicom AE that accepts like our listener: limits, AE checks, Verification."""
     lst = listener or cfg.listener
-    enable_tcp_nodelay()
+    adjust_associations()
     ae = ServiceAE(ae_title=lst.ae_title)
     ae.maximum_pdu_size = cfg.max_pdu
     limits = cfg.limits
