@@ -142,6 +142,7 @@ class Router:
         if adopted:
             log.warning("recorded %d spool file(s) the state database did not know (power cut "
                         "or crash between rename and commit)", adopted)
+        self.spool.forget_kept_tags()  # the ones no adopted instance used
         reset, due = self.state.reset_running_jobs()
         if reset:
             log.info("%d delivery job(s) interrupted by an earlier stop are pending again", reset)

@@ -192,20 +192,24 @@ class CrashingRouter(Router):
         return self.proc is None or self.proc.poll() is not None
 
 
+@pytest.mark.parametrize("crash_at", ["result-reidentified", "ingest-accepted"])
 def test_a_kill_after_a_result_was_re_identified_still_takes_it_once(
-        tmp_path: Path, pacs_and_sender: Any) -> None:
-    """The router dies right after re-identifying a step's result, before ingesting it. After
-    the restart the result is ingested, re-identified, once. (It was re-identified in place:
-    the retry re-identified the re-identified file, found no mapping for its original study
-    and refused it as "pseudonymized": the result was lost.)"""
+        tmp_path: Path, pacs_and_sender: Any, crash_at: str) -> None:
+    """The router dies right after re-identifying a step's result, before ingesting it
+    (``result-reidentified``), or once the result is durable in its receive slot, before it is
+    recorded (``ingest-accepted``). After the restart the result is ingested, re-identified,
+    once, as a result. (It was re-identified in place: the retry re-identified the
+    re-identified file, found no mapping for its original study and refused it as
+    "pseudonymized": the result was lost. And start-up adopted a result from its slot without
+    the index tags that make it one: a late arrival reopened its origin study.)"""
     pacs, sender = pacs_and_sender
     files, study = _study(tmp_path, seed=2939)
     cfg = _sr_step_config(tmp_path, pacs, sender)
-    router = CrashingRouter(tmp_path / "router", cfg, "result-reidentified")
+    router = CrashingRouter(tmp_path / "router", cfg, crash_at)
     router.start()
     try:
         assert run_storescu(files, router.port, aet=router.aet, calling="CT1").returncode == 0
-        wait_until(router.died, timeout=120, what="the router killed after re-identifying")
+        wait_until(router.died, timeout=120, what=f"the router killed at {crash_at}")
         router.stop()
         assert not sender.files()
         router.crash_at = ""
@@ -222,6 +226,10 @@ def test_a_kill_after_a_result_was_re_identified_still_takes_it_once(
     assert {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence[
         0].ReferencedSeriesSequence for i in s.ReferencedSOPSequence} == sop_uids(files)
     assert not [h for h in history if "not taken" in h], history
+    # the result reopens its delivered study as a result from the router itself (a slot
+    # adopted without the tags and AE it was ingested with said "from  ")
+    assert [h for h in history if "late arrival" in h] == [
+        f"reopened by a late arrival from {router.aet} (generation 2)"], history
     assert sum("1 result instance(s) ingested" in h for h in history) == 1, history
     assert sop_uids(pacs.files()) == sop_uids(files) | {str(sr.SOPInstanceUID)}
 

@@ -8,7 +8,9 @@ from pydicom import dcmread
 from router_fixtures import dataset_bytes
 
 from dicomrouter.sample import generate
-from dicomrouter.spool import Spool
+from dicomrouter.scp.ingest import store_file
+from dicomrouter.spool import Spool, kept_tags
+from dicomrouter.spool.receive import ReceiveFile
 from dicomrouter.spool.slots import is_complete
 from dicomrouter.state import open_state
 
@@ -105,3 +107,70 @@ def test_sqlite_schema_versions_are_counted_and_applied_once(tmp_path: Path) -> 
     assert "digest" in {r[1] for r in con.execute("PRAGMA table_info(ledger)")}
     assert con.execute("PRAGMA user_version").fetchone()[0] == MIGRATIONS[-1][0]
     con.close()
+
+
+def _received(spool: Spool, source: Path) -> ReceiveFile:
+    rx = spool.new_receive_file()
+    rx.write(source.read_bytes())
+    return rx
+
+
+OWN_TAGS = {"_ResultOf": "ai", "_Picked": "CT1"}
+
+
+def test_the_routers_own_tags_survive_a_crash_before_the_record(tmp_path: Path) -> None:
+    """A processing result (or a proxied or pulled instance) carries tags of the router's own,
+    kept in the index only. A crash after its durable accept, before its record: start-up
+    adopted it from its slot with the file's tags only (a result became a late arrival of its
+    origin study). Now the tags are kept on disk until the record."""
+    a, b = generate(tmp_path / "s", series=1, instances=2, rows=16, cols=16, seed=4)
+    root = tmp_path / "spool"
+    spool = spool_at(root)
+    rx = _received(spool, a)  # crash between accept and the rename: the slot is adopted
+    assert spool.keep_tags(rx, OWN_TAGS, "ROUTER", "ROUTER") == dcmread(a).SOPInstanceUID
+    spool.accept(rx, "ROUTER", "ROUTER")
+    rx.close()
+    rx = _received(spool, b)  # crash between the rename and the record: an orphan is adopted
+    spool.keep_tags(rx, OWN_TAGS)
+    accepted = spool.accept(rx, "", "ROUTER")
+    rx.close()
+    spool._rename(accepted.path, accepted.tags)
+    spool.state.close()
+
+    again = spool_at(root)
+    assert again.recover_slots() == (1, 0)
+    assert again.adopt_orphans() == 1
+    again.forget_kept_tags()
+    for f in (a, b):
+        inst = again.state.instance(dcmread(f).SOPInstanceUID)
+        assert inst is not None and {k: inst.tags.get(k) for k in OWN_TAGS} == OWN_TAGS
+    assert list((root / "tmp").iterdir()) == []
+
+
+def test_kept_tags_are_removed_once_recorded_refused_or_left_over(tmp_path: Path) -> None:
+    a, b = generate(tmp_path / "s", series=1, instances=2, rows=16, cols=16, seed=5)
+    root = tmp_path / "spool"
+    spool = spool_at(root)
+    status, _, tags = store_file(spool, [a.read_bytes()], "SRC", "ROUTER", OWN_TAGS)
+    assert status == 0 and tags is not None and tags["_ResultOf"] == "ai"
+    garbage = a.read_bytes()[:600] + b"\xff" * 64  # SOP UID readable, dataset cut: refused
+    status, _, tags = store_file(spool, [garbage], "SRC", "ROUTER", OWN_TAGS)
+    assert status != 0 and tags is None
+    assert list((root / "tmp").glob("*.tags")) == [], "recorded or refused: nothing kept"
+
+    # kept, recorded, and the process died before removing them: the next start drops them,
+    # and a later reception of that instance does not take them
+    b_sop = dcmread(b).SOPInstanceUID
+    kept_tags.write(root / "tmp", b_sop, kept_tags.Kept(OWN_TAGS, "ROUTER"))
+    (root / "tmp" / f"{'0' * 32}.tags").write_bytes(b'{"SOPInstanceUID": "1.2"')  # cut short
+    spool.state.close()
+    again = spool_at(root)
+    again.recover_slots()
+    again.adopt_orphans()
+    again.forget_kept_tags()
+    assert list((root / "tmp").glob("*.tags")) == []
+    rx = _received(again, b)
+    again.place(again.accept(rx, "CT1", "ROUTER"))
+    rx.close()
+    inst = again.state.instance(b_sop)
+    assert inst is not None and "_ResultOf" not in inst.tags

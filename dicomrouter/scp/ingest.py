@@ -35,6 +35,7 @@ from ..spool import (
     Spool,
     SpoolFull,
 )
+from ..spool.faults import crash_point
 from ..state import StateUnavailable
 
 log = logging.getLogger("dicomrouter.scp")
@@ -92,10 +93,16 @@ def store_file(spool: Spool, chunks: Iterable[bytes], source: str, called: str,
         with contextlib.suppress(OSError):
             os.unlink(rx.name)
         raise
+    # the router's own tags (a result's origin, a proxied instance, the source host) are kept
+    # on disk first: a crash before the instance is recorded must not lose them (kept_tags.py)
+    kept = spool.keep_tags(rx, extra_tags, source, called) if extra_tags else None
     status, comment, accepted = accept(spool, rx, source, called, None, how)
     if accepted is None:
+        if kept is not None:
+            spool.forget_kept_tags(kept)
         return status, comment, None
-    accepted.tags.update(extra_tags or {})  # routing keys (SourceHost), a result's origin
+    crash_point("ingest-accepted")  # the crash tests: durable, not yet recorded
+    accepted.tags.update(extra_tags or {})
     spool.place(accepted)
     return status, comment, accepted.tags
 

@@ -27,6 +27,7 @@ from typing import Any
 from ..dicomfile import UnreadableDataset, identify, source_ae
 from ..state import Instance, Reception, State, StateUnavailable, StudyState
 from ..walk import Malformed, check_file
+from . import kept_tags
 from .faults import POWERCUT, crash_point
 from .logged import ReceiveLogSpool
 from .receive import (
@@ -67,6 +68,8 @@ class Spool(ReceiveLogSpool):
         self.shared = shared
         self._bytes_read_at = time.monotonic()
         self._unplaced: list[Accepted] = []
+        #: SOP Instance UID -> tags the router adds, kept on disk until recorded (kept_tags.py)
+        self._kept: dict[str, kept_tags.Kept] = {}
         self.receive_log = receive_log
         self.log_dir = root / LOG_DIR
         self._log_size = log_size
@@ -99,7 +102,10 @@ class Spool(ReceiveLogSpool):
         ones a later reception of the same SOP Instance UID superseded are removed.
         Returns (adopted, removed)."""
         adopted = removed = 0
+        self._kept.update(kept_tags.load(self.tmp))
         for p in sorted(self.tmp.iterdir(), key=_mtime):
+            if kept_tags.is_kept_tags(p.name):
+                continue
             try:
                 if p.stat().st_size and is_complete(p):
                     tags, tsuid = identify(p)
@@ -119,6 +125,29 @@ class Spool(ReceiveLogSpool):
                     removed += 1
                 p.unlink()
         return adopted + self.replay_receive_logs(), removed
+
+    def keep_tags(self, rx: ReceiveFile, tags: dict[str, str], calling_ae: str = "",
+                  called_ae: str = "") -> str | None:
+        """Before ``accept``: ``tags`` (the router's own, not in the file) stay with the
+        instance being received into ``rx`` even if the process dies before it is recorded
+        (``kept_tags``). Nothing is kept for a file whose SOP Instance UID cannot be read:
+        ``accept`` refuses it. Returns the SOP Instance UID they are kept for."""
+        try:
+            sop = identify(rx.readable_now())[0]["SOPInstanceUID"]
+        except (OSError, UnreadableDataset):
+            return None
+        kept = kept_tags.Kept(dict(tags), calling_ae, called_ae)
+        kept_tags.write(self.tmp, sop, kept)
+        self._kept[sop] = kept
+        return sop
+
+    def forget_kept_tags(self, sop_uid: str | None = None) -> None:
+        """Drop kept tags: of ``sop_uid`` (its ingest was refused), or, after start-up's
+        recovery, every set no adopted instance used (kept before a crash that came after the
+        record: a later reception of that SOP Instance UID must not take them)."""
+        for sop in [sop_uid] if sop_uid is not None else list(self._kept):
+            self._kept.pop(sop, None)
+            kept_tags.remove(self.tmp, sop)
 
     def adopt_orphans(self) -> int:
         """Record spool files that have no row (the index lost its last transactions in a power
@@ -386,6 +415,10 @@ class Spool(ReceiveLogSpool):
         """
         size = os.stat(src).st_size if size is None else size
         study = tags["StudyInstanceUID"]
+        kept = self._kept.get(tags["SOPInstanceUID"]) if self._kept else None
+        if kept is not None:
+            tags = {**tags, **kept.tags}
+            calling_ae, called_ae = calling_ae or kept.calling_ae, called_ae or kept.called_ae
         with self.study_lock(study):
             self._rename(src, tags)
             # If recording fails, the file stays: housekeeping (retry_placements) or start-up
@@ -393,6 +426,8 @@ class Spool(ReceiveLogSpool):
             key = key or f"data/{study}/{tags['SOPInstanceUID']}.dcm"
             rec = self.state.record_instance(tags, tsuid, key, size, calling_ae, called_ae,
                                              shared)
+        if kept is not None:
+            self.forget_kept_tags(tags["SOPInstanceUID"])
         with self._bytes_lock:
             self._bytes += size - rec.replaced_size
         if rec.moved_from:

@@ -47,6 +47,14 @@ class ReceiveFile:
     def write(self, data: bytes | memoryview) -> int:
         return self.file.write(data)
 
+    def readable_now(self) -> str:
+        """Hand what was written so far to the OS (not to the disk), so that the file can be
+        read by name before it is accepted; its name."""
+        if self.error is None:
+            with contextlib.suppress(OSError):
+                self.file._raw.flush()
+        return self.name
+
     def close(self) -> None:
         self.file.close()
 
