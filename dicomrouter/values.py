@@ -28,6 +28,8 @@ AE_PSEUDO_KEYS = ("CallingAE", "CalledAE", "Source", "Listener", "SourceHost", "
 BOOLEAN_PSEUDO_KEYS = ("Prefetch", "Proxied")
 #: the index tag marking an instance the Q/R proxy fetched from the PACS (the Proxied key)
 PROXIED_TAG = "_Proxied"
+#: the index tag marking a processing result: the route whose steps wrote it
+RESULT_TAG = "_ResultOf"
 #: a route's ``priority``, most urgent first; jobs store the index (0: stat)
 PRIORITIES = ("stat", "high", "routine", "low")
 

@@ -9,7 +9,8 @@ from router_fixtures import dataset_bytes
 
 from dicomrouter.sample import generate
 from dicomrouter.scp.ingest import store_file
-from dicomrouter.spool import Spool, kept_tags
+from dicomrouter.spool import Spool
+from dicomrouter.spool.kept_tags import Kept, write_kept
 from dicomrouter.spool.receive import ReceiveFile
 from dicomrouter.spool.slots import is_complete
 from dicomrouter.state import open_state
@@ -161,7 +162,7 @@ def test_kept_tags_are_removed_once_recorded_refused_or_left_over(tmp_path: Path
     # kept, recorded, and the process died before removing them: the next start drops them,
     # and a later reception of that instance does not take them
     b_sop = dcmread(b).SOPInstanceUID
-    kept_tags.write(root / "tmp", b_sop, kept_tags.Kept(OWN_TAGS, "ROUTER"))
+    write_kept(root / "tmp", b_sop, Kept(OWN_TAGS, "ROUTER"))
     (root / "tmp" / f"{'0' * 32}.tags").write_bytes(b'{"SOPInstanceUID": "1.2"')  # cut short
     spool.state.close()
     again = spool_at(root)

@@ -23,10 +23,10 @@ from ..scp.ingest import store_file
 from ..spool import Spool
 from ..state import Instance, State
 from ..transforms import Op, TransformError, transform_file
+from ..values import RESULT_TAG
 
 log = logging.getLogger("dicomrouter.processing")
 
-RESULT_TAG = "_ResultOf"  # the route whose steps wrote the instance
 PICKED_TAG = "_ResultRoute"  # the route a step's result.json picked for it ('' none)
 
 

@@ -46,7 +46,7 @@ def _path(directory: Path, sop_uid: str) -> Path:
                         + SUFFIX)
 
 
-def write(directory: Path, sop_uid: str, kept: Kept) -> None:
+def write_kept(directory: Path, sop_uid: str, kept: Kept) -> None:
     """Make ``kept`` durable for ``sop_uid`` (its content and its name)."""
     path = _path(directory, sop_uid)
     data = json.dumps({"SOPInstanceUID": sop_uid, **asdict(kept)}).encode()
@@ -59,12 +59,12 @@ def write(directory: Path, sop_uid: str, kept: Kept) -> None:
     fsync_dir(directory)
 
 
-def remove(directory: Path, sop_uid: str) -> None:
+def remove_kept(directory: Path, sop_uid: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(_path(directory, sop_uid))
 
 
-def load(directory: Path) -> dict[str, Kept]:
+def load_kept(directory: Path) -> dict[str, Kept]:
     """Everything kept in ``directory``, by SOP Instance UID. An unreadable file (cut by a
     crash while it was written: its instance was not accepted yet) is removed."""
     kept: dict[str, Kept] = {}

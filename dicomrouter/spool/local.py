@@ -26,9 +26,10 @@ from typing import Any
 
 from ..dicomfile import UnreadableDataset, identify, source_ae
 from ..state import Instance, Reception, State, StateUnavailable, StudyState
+from ..values import RESULT_TAG
 from ..walk import Malformed, check_file
-from . import kept_tags
 from .faults import POWERCUT, crash_point
+from .kept_tags import Kept, is_kept_tags, load_kept, remove_kept, write_kept
 from .logged import ReceiveLogSpool
 from .receive import (
     Accepted,
@@ -69,7 +70,7 @@ class Spool(ReceiveLogSpool):
         self._bytes_read_at = time.monotonic()
         self._unplaced: list[Accepted] = []
         #: SOP Instance UID -> tags the router adds, kept on disk until recorded (kept_tags.py)
-        self._kept: dict[str, kept_tags.Kept] = {}
+        self._kept: dict[str, Kept] = {}
         self.receive_log = receive_log
         self.log_dir = root / LOG_DIR
         self._log_size = log_size
@@ -102,9 +103,9 @@ class Spool(ReceiveLogSpool):
         ones a later reception of the same SOP Instance UID superseded are removed.
         Returns (adopted, removed)."""
         adopted = removed = 0
-        self._kept.update(kept_tags.load(self.tmp))
+        self._kept.update(load_kept(self.tmp))
         for p in sorted(self.tmp.iterdir(), key=_mtime):
-            if kept_tags.is_kept_tags(p.name):
+            if is_kept_tags(p.name):
                 continue
             try:
                 if p.stat().st_size and is_complete(p):
@@ -136,8 +137,8 @@ class Spool(ReceiveLogSpool):
             sop = identify(rx.readable_now())[0]["SOPInstanceUID"]
         except (OSError, UnreadableDataset):
             return None
-        kept = kept_tags.Kept(dict(tags), calling_ae, called_ae)
-        kept_tags.write(self.tmp, sop, kept)
+        kept = Kept(dict(tags), calling_ae, called_ae)
+        write_kept(self.tmp, sop, kept)
         self._kept[sop] = kept
         return sop
 
@@ -147,7 +148,7 @@ class Spool(ReceiveLogSpool):
         record: a later reception of that SOP Instance UID must not take them)."""
         for sop in [sop_uid] if sop_uid is not None else list(self._kept):
             self._kept.pop(sop, None)
-            kept_tags.remove(self.tmp, sop)
+            remove_kept(self.tmp, sop)
 
     def adopt_orphans(self) -> int:
         """Record spool files that have no row (the index lost its last transactions in a power
@@ -431,9 +432,9 @@ class Spool(ReceiveLogSpool):
         with self._bytes_lock:
             self._bytes += size - rec.replaced_size
         if rec.moved_from:
-            # a processing result re-identified into its origin study (processing/results.py
-            # tags it _ResultOf) moves there on purpose: not worth a warning
-            log.log(logging.INFO if tags.get("_ResultOf") else logging.WARNING,
+            # a processing result re-identified into its origin study moves there on purpose:
+            # not worth a warning
+            log.log(logging.INFO if tags.get(RESULT_TAG) else logging.WARNING,
                     "instance %s moved from study %s to study %s (patient %s): the newer "
                     "reception replaces the older one in the spool, state and Q/R; "
                     "destinations that had it under %s keep that version (see its "
