@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -143,8 +144,9 @@ def stream_c_store_from_files() -> None:
     _config.STORE_SEND_CHUNKED_DATASET = True
 
 
-def receive_c_store_into(factory: Callable[[], Any]) -> None:
-    """Chunked C-STORE receive: each dataset is written, as it arrives, to ``factory()``.
+def receive_c_store_into(factory: Callable[..., Any]) -> None:
+    """Chunked C-STORE receive: each dataset is written, as it arrives, to
+    ``factory(note=...)``, with the reception note of its association (``set_reception_note``).
 
     pynetdicom calls ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")`` and then uses
     ``.write``, ``.file.flush``, ``.close`` and ``.name``; the factory returns an object with those.
@@ -152,9 +154,23 @@ def receive_c_store_into(factory: Callable[[], Any]) -> None:
     _config.STORE_RECV_CHUNKED_DATASET = True
 
     def named_temporary_file(*_args: Any, **_kwargs: Any) -> Any:
-        return factory()
+        return factory(note=reception_note_here())
 
     dimse_messages.NamedTemporaryFile = named_temporary_file  # type: ignore[assignment]
+
+
+def set_reception_note(assoc: Any, note: bytes) -> None:
+    """The reception note (``spool/note.py``: AE titles, routing keys) for every dataset
+    ``assoc`` receives: set it before the first can arrive (EVT_REQUESTED as an acceptor,
+    before the C-GET as a requestor)."""
+    assoc.dicomrouter_note = note
+
+
+def reception_note_here() -> bytes:
+    """The reception note of the association this thread reads for: pynetdicom opens the
+    chunked-receive file in the association's DUL thread, which knows its association."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    return getattr(assoc, "dicomrouter_note", b"") if assoc is not None else b""
 
 
 def serve_query_retrieve_with(service_class: type) -> None:

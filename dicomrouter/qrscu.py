@@ -31,7 +31,9 @@ from .netutil import (
     adjust_associations,
     association_failure,
     rejected_permanently,
+    set_reception_note,
 )
+from .spool.note import pack as pack_note
 from .storage_contexts import ACCEPTED_SYNTAXES
 
 log = logging.getLogger("dicomrouter.qrscu")
@@ -281,9 +283,12 @@ def move(remote: Remote, identifier: Dataset, destination: str,
 
 
 def get(remote: Remote, identifier: Dataset, on_store: Callable[[Any], Any],
-        sop_classes: list[str] | None = None, model: str = "study") -> RetrieveResult:
+        sop_classes: list[str] | None = None, model: str = "study", called: str = "",
+        tags: dict[str, str] | None = None) -> RetrieveResult:
     """C-GET ``identifier`` from ``remote``; every instance goes to ``on_store`` (an EVT_C_STORE
-    handler) on the same association."""
+    handler) on the same association. Each instance's file carries the reception note
+    (``spool/note.py``) of ``remote``'s AE title, ``called`` and the index ``tags`` the
+    handler gives it, for start-up's adoption."""
     sop = MODELS[model][2]
     storage = [cx.abstract_syntax for cx in StoragePresentationContexts]
     if sop_classes:
@@ -293,4 +298,5 @@ def get(remote: Remote, identifier: Dataset, on_store: Callable[[Any], Any],
     roles = [build_role(s, scp_role=True) for s in storage]
     with associate(remote, contexts, roles, [(evt.EVT_C_STORE, on_store)]) as assoc:
         _check_context(assoc, sop, remote, "C-GET")
+        set_reception_note(assoc, pack_note(remote.ae_title, called, tags or {}))
         return _last_response(assoc.send_c_get(identifier, sop), assoc, remote, "C-GET")

@@ -32,7 +32,7 @@ from dicomrouter.config import load
 from dicomrouter.proxy import QueryRetrieveProxy
 from dicomrouter.proxy.service import StillFetching
 from dicomrouter.sample import generate
-from dicomrouter.spool import spool_for
+from dicomrouter.spool import note, spool_for
 from dicomrouter.state import state_for
 from dicomrouter_bench.procs import free_port
 
@@ -231,6 +231,10 @@ def test_wado_hook_fetches_a_study_into_the_spool(tmp_path: Path, orthanc) -> No
         assert proxy.fetch(uid, timeout=60) is True
         assert {i.sop_uid for i in state.instances(uid)} == sop_uids(study)
         assert all(i.tags.get("_Proxied") for i in state.instances(uid))
+        # ... and so does each file, for start-up's adoption after a crash (spool/note.py)
+        for i in state.instances(uid):
+            assert note.read_file(spool.path(i.key)) == ({"_Proxied": "1"}, "PACS",
+                                                         cfg.ae_title), i.sop_uid
         assert proxy.fetch("1.2.3.4.5.6.7", timeout=10) is False  # not at the PACS
         # no tracker runs here: the study is still receiving, and stays out of the expiry
         assert proxy.expire(now=2e10) == 0

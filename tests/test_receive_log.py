@@ -25,6 +25,7 @@ from router_fixtures import Router, dataset_bytes, tags_of
 from dicomrouter.sample import generate
 from dicomrouter.spool import recvlog
 from dicomrouter.spool.faults import STEPS
+from dicomrouter.state import open_state
 
 
 class LogRouter(Router):
@@ -84,16 +85,35 @@ def spool_file(router: Router, study: str, sop: str) -> Path:
     return router.spool / "data" / study / f"{sop}.dcm"
 
 
+#: the routing keys a C-STORE on the main listener gives each instance, and its calling AE
+C_STORE_KEYS = ({"_SourceHost": "127.0.0.1", "_Listener": "main"}, "CRASHSCU")
+
+
 def check_recovered(tmp: Path, cfg: dict[str, Any], acked: list[str],
-                    by_sop: dict[str, Path], out: Path) -> str:
+                    by_sop: dict[str, Path], out: Path,
+                    keys: tuple[dict[str, str], str] = C_STORE_KEYS) -> str:
     """Restart without faults: every acknowledged instance is in the spool, byte for byte as
-    sent, then delivered byte for byte. Returns the restarted router's log."""
+    sent, with the routing ``keys`` (index tags, calling AE) it was received with, then
+    delivered byte for byte. Returns the restarted router's log."""
     assert acked, "nothing was acknowledged before the crash: the test proves nothing"
     with LogRouter(tmp / "again", {**cfg, "stable_age": "1h"}) as router:
         for sop in acked:
             path = spool_file(router, tags_of(by_sop[sop], "StudyInstanceUID")[0], sop)
             assert path.is_file(), f"acknowledged instance {sop} lost"
             assert dataset_bytes(path) == dataset_bytes(by_sop[sop]), f"{sop} differs"
+        # the routing keys of the association came back with each instance, adopted or not
+        # (spool/note.py: they were added in memory only, and an instance adopted from its
+        # slot or log record came back without them)
+        state = open_state(Path(cfg["spool"]) / "state.db", readonly=True)
+        try:
+            tags, calling = keys
+            for sop in acked:
+                inst = state.instance(sop)
+                assert inst is not None, sop
+                got = ({k: inst.tags.get(k) for k in tags}, inst.calling_ae, inst.called_ae)
+                assert got == (tags, calling, router.aet), sop
+        finally:
+            state.close()
         log = router.log(20000)
     with LogRouter(tmp / "deliver", {**cfg, "stable_age": "500ms"}) as router:
         wait_until(lambda: {p.stem for p in out.rglob("*.dcm")} >= set(acked), timeout=90,

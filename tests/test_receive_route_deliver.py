@@ -19,6 +19,7 @@ from router_fixtures import Router, dataset_bytes, dicomrouter, tags_of
 from dicomrouter.dicomfile import safe_component
 from dicomrouter.dimse import encode_command, pdata, text
 from dicomrouter.sample import generate
+from dicomrouter.spool import note
 
 
 def sample_files() -> list[Path]:
@@ -61,6 +62,8 @@ def test_storescu_study_lands_in_folder_tree_byte_identical(tmp_path: Path, rece
             assert dataset_bytes(got) == dataset_bytes(f), f"{got} differs from {f}"
             assert str(dcmread(got).file_meta.TransferSyntaxUID) == \
                 str(dcmread(f).file_meta.TransferSyntaxUID)
+            # the spool's marker and reception note (the sender's address) stay inside
+            assert got.read_bytes()[:128] == bytes(128), f"{got}: preamble not zeros"
         # PatientID ../../etc stayed a harmless name inside the output folder
         assert (out / "_.._etc").is_dir()
         assert not (tmp_path / "etc").exists()
@@ -105,6 +108,23 @@ def _raw_file(path: Path, body: bytes, sop_uid: str) -> Path:
         write_file_meta_info(f, meta)  # type: ignore[arg-type]
         f.write(body)
     return path
+
+
+@RECEIVERS
+def test_each_spool_file_carries_its_reception_note(tmp_path: Path, receiver: str) -> None:
+    """The routing keys of the association (listener, sender's address, AE titles) are in each
+    spool file's preamble from the moment it is durable (spool/note.py): start-up's adoption of
+    a slot, log record or orphan reads them there. Both receivers write it."""
+    study = generate(tmp_path / "study", series=1, instances=3, rows=16, cols=16, seed=17)
+    with folder_router(tmp_path, receiver=receiver, stable_age="1h") as router:
+        r = run_storescu([tmp_path / "study"], router.port, aet=router.aet, calling="CT_NOTE")
+        assert r.returncode == 0, r.stdout + r.stderr
+        spooled = [router.spool / "data" / tags_of(f, "StudyInstanceUID")[0] /
+                   f"{tags_of(f, 'SOPInstanceUID')[0]}.dcm" for f in study]
+        wait_until(lambda: all(p.is_file() for p in spooled), timeout=60, what="the spool")
+        for p in spooled:
+            assert note.read(p.read_bytes()[:128]) == (
+                {"_Listener": "main", "_SourceHost": "127.0.0.1"}, "CT_NOTE", router.aet), p
 
 
 @RECEIVERS

@@ -9,7 +9,7 @@ from router_fixtures import dataset_bytes
 
 from dicomrouter.sample import generate
 from dicomrouter.scp.ingest import store_file
-from dicomrouter.spool import Spool
+from dicomrouter.spool import Spool, note
 from dicomrouter.spool.kept_tags import Kept, write_kept
 from dicomrouter.spool.receive import ReceiveFile
 from dicomrouter.spool.slots import is_complete
@@ -175,3 +175,55 @@ def test_kept_tags_are_removed_once_recorded_refused_or_left_over(tmp_path: Path
     rx.close()
     inst = again.state.instance(b_sop)
     assert inst is not None and "_ResultOf" not in inst.tags
+
+
+KEYS = {"_Listener": "ct-scanners", "_SourceHost": "10.20.30.40"}
+
+
+def test_a_receptions_routing_keys_come_back_with_an_adopted_instance(tmp_path: Path) -> None:
+    """The routing keys of the association (listener, sender's address, called AE) go in the
+    file's preamble as it is received (spool/note.py): an instance adopted at start-up from its
+    slot, or as an orphan, comes back with them; no reader of the spool ever sees them."""
+    a, b = generate(tmp_path / "s", series=1, instances=2, rows=16, cols=16, seed=6)
+    root = tmp_path / "spool"
+    spool = spool_at(root)
+    noted = note.pack("CT1", "ROUTER_B", KEYS)
+    assert noted and len(noted) <= 128 - 24
+    for f in (a, b):  # received in two pieces, split inside the note's bytes
+        data = f.read_bytes()
+        rx = spool.new_receive_file()
+        rx.write(note.overlay(data[:60], 0, noted))
+        rx.write(note.overlay(data[60:], 60, noted))
+        accepted = spool.accept(rx, "CT1", "ROUTER_B")
+        rx.close()
+        if f == b:  # renamed, not recorded: an orphan
+            spool._rename(accepted.path, accepted.tags)
+    spool.state.close()
+
+    again = spool_at(root)
+    assert again.recover_slots() == (1, 0)
+    assert again.adopt_orphans() == 1
+    for f in (a, b):
+        inst = again.state.instance(dcmread(f).SOPInstanceUID)
+        assert inst is not None
+        assert {k: inst.tags.get(k) for k in KEYS} == KEYS
+        assert (inst.calling_ae, inst.called_ae) == ("CT1", "ROUTER_B")
+        with again.open(inst) as reader:
+            head = reader.read(132)
+        assert head == b"\0" * 128 + b"DICM", "the preamble is read as zeros"
+        assert dataset_bytes(again.path(inst.key)) == dataset_bytes(f)
+
+
+def test_the_note_is_left_out_when_it_does_not_fit_and_ignored_when_damaged() -> None:
+    assert note.pack("CT1", "ROUTER", {"_Listener": "x" * 100}) == b""
+    assert note.pack("CT\x1f1", "ROUTER", KEYS) == b"", "a separator in a value: no note"
+    longest = note.pack("A" * 16, "B" * 16, {"_Listener": "main", "_SourceHost": "f" * 39})
+    assert longest, "AE titles at their longest and an IPv6 address fit"
+    noted = note.pack("CT1", "ROUTER", KEYS)
+    head = note.overlay(bytes(132), 0, noted)
+    assert note.read(head) == (KEYS, "CT1", "ROUTER")
+    assert note.read(bytes(132)) == ({}, "", "")
+    damaged = bytearray(head)
+    damaged[28] = 200  # a length past the room
+    assert note.read(damaged) == ({}, "", "")
+    assert note.overlay(b"abc", 200, noted) == b"abc"

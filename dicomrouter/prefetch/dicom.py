@@ -146,7 +146,8 @@ class DicomPriors:
     def _retrieve(self, ident: Dataset) -> RetrieveResult:
         if self.retrieve_by == "move":
             return move(self.remote, ident, self.move_to, self.model)
-        return get(self.remote, ident, self._on_store, model=self.model)
+        return get(self.remote, ident, self._on_store, model=self.model,
+                   called=self.remote.calling_ae)
 
     def _on_store(self, event: evt.Event) -> Any:
         """A C-STORE sub-operation of our C-GET: the same ingest as a push."""

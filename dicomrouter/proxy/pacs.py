@@ -171,7 +171,8 @@ class DicomPacs:
                 q.SeriesInstanceUID = series
                 q.SOPInstanceUID = chunk if len(chunk) > 1 else chunk[0]
                 try:
-                    result = get(self.remote, q, on_store, classes, "study")
+                    result = get(self.remote, q, on_store, classes, "study",
+                                 self.cfg.ae_title, {PROXIED_TAG: "1"})
                 except PeerError as exc:
                     raise PacsError(str(exc)) from None
                 if not result.ok:

@@ -44,7 +44,7 @@ from ..dimse import (
     us,
     user_information,
 )
-from ..spool import LogReceiveFile, ReceiveFile, Spool
+from ..spool import LogReceiveFile, ReceiveFile, Spool, note
 from . import ingest
 from .connection import Connection, peer_closed
 
@@ -119,6 +119,7 @@ class StorageAssociation:
         self._cmd: dict[int, bytes] | None = None
         self._cx = 0
         self._rx: ReceiveFile | LogReceiveFile | None = None
+        self._note: bytes | None = None  # the reception note (spool/note.py), once known
         self._network = limits.network_timeout
         self._dimse = limits.dimse_timeout
         self._idle_why = f"no DIMSE message within dimse_timeout ({limits.dimse_timeout:g} s)"
@@ -360,8 +361,11 @@ class StorageAssociation:
             raise ProtocolError("dataset fragment without its C-STORE-RQ")
         if self._rx is None:
             self._rx = self.spool.new_receive_file(logged=True)
-            self._rx.write(file_meta(ui(self._cmd, 0x0002), ui(self._cmd, 0x1000),
-                                     self.contexts[cx_id][1], self.calling))
+            if self._note is None:  # the routing keys start-up's adoption needs (note.py)
+                self._note = note.pack(self.calling, self.called, self._routing_keys())
+            self._rx.write(note.overlay(file_meta(ui(self._cmd, 0x0002), ui(self._cmd, 0x1000),
+                                                  self.contexts[cx_id][1], self.calling),
+                                        0, self._note))
         if self._buf is None:
             self._buf = bytearray(CHUNK)
         view = memoryview(self._buf)
@@ -393,12 +397,17 @@ class StorageAssociation:
             self._respond_store(cx_id, cmd, status, comment)
             return
         self.studies.add(accepted.tags["StudyInstanceUID"])
-        accepted.tags["_Listener"] = self.server.listener.name  # the Listener routing key
-        accepted.tags["_SourceHost"] = self.peer.rsplit(":", 1)[0]  # the SourceHost key
+        accepted.tags.update(self._routing_keys())
         try:
             self._respond_store(cx_id, cmd, 0x0000)
         finally:  # durable already, answered or not: rename and record it (overlaps the
             self.spool.place(accepted)  # sender's next request)
+
+    def _routing_keys(self) -> dict[str, str]:
+        """The index tags this association gives each instance: the Listener and SourceHost
+        routing keys."""
+        return {"_Listener": self.server.listener.name,
+                "_SourceHost": self.peer.rsplit(":", 1)[0]}
 
     def _respond_store(self, cx_id: int, cmd: dict[int, bytes], status: int,
                        comment: str = "") -> None:

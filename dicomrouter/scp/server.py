@@ -19,8 +19,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from .. import metrics
 from ..config import Config, ListenerConfig
 from ..dimse import error_comment
-from ..netutil import adjust_associations, receive_c_store_into
-from ..spool import ReceiveFile, Spool
+from ..netutil import adjust_associations, receive_c_store_into, set_reception_note
+from ..spool import ReceiveFile, Spool, note
 from ..storage_contexts import ACCEPTED_SYNTAXES
 from . import ingest
 from .qr import ServiceAE
@@ -97,6 +97,7 @@ class StorageSCP:
         handlers: list[Any] = [(event, handler) for _, event, handler, _ in self._services] + [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_closed),
@@ -129,6 +130,18 @@ class StorageSCP:
     def _on_echo(self, event: evt.Event) -> int:
         log.info("C-ECHO from %s (%s)", event.assoc.requestor.ae_title, self._peer(event))
         return 0x0000
+
+    def _routing_keys(self, assoc: Any) -> dict[str, str]:
+        """The index tags this listener gives each instance: Listener and SourceHost."""
+        return {"_Listener": self.listener.name, "_SourceHost": str(assoc.requestor.address)}
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Before the association is accepted (no dataset can have come yet): the reception
+        note its datasets' files carry, for start-up's adoption (spool/note.py)."""
+        prim = event.assoc.requestor.primitive
+        calling = str(getattr(prim, "calling_ae_title", "") or "").strip()
+        set_reception_note(event.assoc, note.pack(calling, self._called(event),
+                                                  self._routing_keys(event.assoc)))
 
     def _on_accepted(self, event: evt.Event) -> None:
         calling = event.assoc.requestor.ae_title
@@ -188,8 +201,7 @@ class StorageSCP:
         if accepted is None:
             self._count(event, False)
             return _failure(status, comment)
-        accepted.tags["_Listener"] = self.listener.name  # the Listener routing key
-        accepted.tags["_SourceHost"] = str(event.assoc.requestor.address)  # SourceHost key
+        accepted.tags.update(self._routing_keys(event.assoc))
         self.spool.place(accepted)
         study = accepted.tags["StudyInstanceUID"]
         self._count(event, True, study)

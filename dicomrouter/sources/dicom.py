@@ -386,7 +386,8 @@ class DicomSource(Source):
     def _retrieve(self, ident: Dataset) -> RetrieveResult:
         if self.cfg.retrieve == "move":
             return move(self.remote, ident, self.target, self.model)
-        return get(self.remote, ident, self._on_store, model=self.model)
+        return get(self.remote, ident, self._on_store, model=self.model,
+                   called=self.router.ae_title)
 
     def _on_store(self, event: evt.Event) -> Any:
         """A C-STORE sub-operation of our C-GET: the same ingest as a push."""

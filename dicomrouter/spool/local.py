@@ -31,6 +31,8 @@ from ..walk import Malformed, check_file
 from .faults import POWERCUT, crash_point
 from .kept_tags import Kept, is_kept_tags, load_kept, remove_kept, write_kept
 from .logged import ReceiveLogSpool
+from .note import PREAMBLE
+from .note import read_file as read_note
 from .receive import (
     Accepted,
     Expected,
@@ -116,7 +118,10 @@ class Spool(ReceiveLogSpool):
                         log.error("receive slot %s kept: %s", p, exc)
                         continue
                     if superseded is None:
-                        self._place(p, tags, tsuid, source_ae(p), "")
+                        # the association's routing keys and AE titles (note.py)
+                        noted, calling, called = read_note(p)
+                        self._place(p, {**tags, **noted}, tsuid, calling or source_ae(p),
+                                    called)
                         adopted += 1
                         continue
             except (OSError, UnreadableDataset) as exc:
@@ -174,7 +179,9 @@ class Spool(ReceiveLogSpool):
                     with contextlib.suppress(OSError):  # its study's last file
                         path.parent.rmdir()
                 continue
-            self._place(path, tags, tsuid, source_ae(path), "")  # already in place: records it
+            noted, calling, called = read_note(path)
+            # already in place: records it
+            self._place(path, {**tags, **noted}, tsuid, calling or source_ae(path), called)
             adopted += 1
         return adopted
 
@@ -208,13 +215,16 @@ class Spool(ReceiveLogSpool):
                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.received_at)), where)
         return found
 
-    def new_receive_file(self, logged: bool = False) -> ReceiveFile | LogReceiveFile:
+    def new_receive_file(self, logged: bool = False, note: bytes = b""
+                         ) -> ReceiveFile | LogReceiveFile:
         """Where a dataset is received: a receive slot, or (``logged``, the lean receiver, with
-        the receive log on and usable) memory, for a receive log record."""
+        the receive log on and usable) memory, for a receive log record. ``note``: the
+        reception note a slot's preamble gets as the file is written (``note.py``; the lean
+        receiver writes it into the header it makes)."""
         rxlog = self.rxlog
         if logged and rxlog is not None and not rxlog.broken:
             return LogReceiveFile(self.slots, self._log_max_record, self.room())
-        return ReceiveFile(self.slots.take(), self.room())
+        return ReceiveFile(self.slots.take(), self.room(), note)
 
     def free_disk(self) -> int:
         """Bytes available to us on the spool's file system."""
@@ -495,8 +505,9 @@ class Spool(ReceiveLogSpool):
 
 
 class SpoolReader(io.RawIOBase):
-    """A spool file opened for reading, with the receive slot's completion marker (the first
-    bytes of the Part 10 preamble, ours to use) read as zeros, as in the file that was sent.
+    """A spool file opened for reading, with its Part 10 preamble read as zeros: the router
+    uses it for the receive slot's completion marker and the reception note (``note.py``: the
+    sender's address among others), and a preamble from a sender may carry anything.
     ``name`` is the file's path, for libraries that insist on one (pynetdicom's chunked send)."""
 
     def __init__(self, path: str) -> None:
@@ -513,8 +524,8 @@ class SpoolReader(io.RawIOBase):
     def readinto(self, b: Any) -> int:
         pos = self._f.tell()
         n = self._f.readinto(b)
-        if n and pos < MARKER_SIZE:
-            end = min(n, MARKER_SIZE - pos)
+        if n and pos < PREAMBLE:
+            end = min(n, PREAMBLE - pos)
             memoryview(b)[:end] = bytes(end)
         return n or 0
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from ..dicomfile import UnreadableDataset, identify, source_ae
 from ..state import State, StateUnavailable
 from .faults import POWERCUT, crash_point
+from .note import read as read_note
 from .receive import (
     Accepted,
     Expected,
@@ -208,5 +209,6 @@ class ReceiveLogSpool:
             return None
         tmp = os.path.join(self.tmp, f"rl-replay-{os.getpid()}-{rec.seq}.dcm")
         write_file(tmp, data, sync=True, mtime_ns=rec.time_ns)
-        self._place(tmp, tags, tsuid, source_ae(tmp), "")
+        noted, calling, called = read_note(data)  # the association's routing keys
+        self._place(tmp, {**tags, **noted}, tsuid, calling or source_ae(tmp), called)
         return os.path.dirname(final)

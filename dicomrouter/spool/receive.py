@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .note import PREAMBLE, overlay
 from .recvlog import Record
 from .slots import Checksum, SlotPool
 
@@ -36,13 +37,14 @@ class ReceiveFile:
     association goes on.
     """
 
-    def __init__(self, path: str | Path, room: int | None = None) -> None:
+    def __init__(self, path: str | Path, room: int | None = None, note: bytes = b"") -> None:
         self.name = str(path)
         self.error: OSError | None = None
         #: bytes this reception may take (spool quota and min_free_disk, when it started): past
         #: it the rest is dropped as it arrives and the instance is refused with 0xA700
         self.room = room
-        self.file = _GuardedWriter(open(path, "wb", buffering=1 << 20), self)  # noqa: SIM115
+        self.file = _GuardedWriter(open(path, "wb", buffering=1 << 20), self,  # noqa: SIM115
+                                   note)
 
     def write(self, data: bytes | memoryview) -> int:
         return self.file.write(data)
@@ -62,13 +64,16 @@ class ReceiveFile:
 class _GuardedWriter:
     """The ``.file`` pynetdicom flushes after every fragment; errors are caught, not raised."""
 
-    def __init__(self, raw: Any, owner: ReceiveFile) -> None:
+    def __init__(self, raw: Any, owner: ReceiveFile, note: bytes = b"") -> None:
         self._raw = raw
         self._owner = owner
         self._sum = Checksum()
+        self._note = note  # written into the preamble as it passes (note.py)
 
     def write(self, data: bytes | memoryview) -> int:
         owner = self._owner
+        if self._note and self._sum.length < PREAMBLE:
+            data = overlay(data, self._sum.length, self._note)
         if owner.error is None:
             try:
                 if owner.room is not None and self._sum.length + len(data) > owner.room:

@@ -27,7 +27,7 @@ from ...config import Config
 from ...dimse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from ...scp.ingest import accept
 from ...sources.multipart import MultipartError, MultipartReader, boundary_of
-from ...spool import Spool
+from ...spool import Spool, note
 
 log = logging.getLogger("dicomrouter.dicomweb")
 
@@ -129,13 +129,16 @@ def one_part(view: StowView, body: Iterator[bytes], part_type: str,
         out.failed.append((*uids_of(head), CANNOT_UNDERSTAND))
         return
     rx: Any = spool.new_receive_file(logged=True)
+    # the routing keys start-up's adoption needs go in the file's preamble (spool/note.py)
+    keys = {"_Endpoint": endpoint, "_SourceHost": host}
+    noted = note.pack(calling, view.cfg.ae_title, keys)
     try:
         for chunk in body:
             size += len(chunk)
             if len(head) < HEAD_BYTES:
                 head += chunk[:HEAD_BYTES - len(head)]
             if size <= limit:
-                rx.write(chunk)
+                rx.write(note.overlay(chunk, size - len(chunk), noted))
     except BaseException:
         drop(rx)
         raise
@@ -151,8 +154,7 @@ def one_part(view: StowView, body: Iterator[bytes], part_type: str,
         out.failed.append((*uids_of(head), status))
         return
     tags = accepted.tags
-    tags["_Endpoint"] = endpoint  # the Endpoint routing key
-    tags["_SourceHost"] = host  # the SourceHost routing key
+    tags.update(keys)  # the Endpoint and SourceHost routing keys
     out.stored.append({k: tags.get(k, "") for k in ("SOPClassUID", "SOPInstanceUID",
                                                    "StudyInstanceUID", "SeriesInstanceUID")})
     spool.place(accepted)
