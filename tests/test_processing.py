@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 from peers import StoreSCP, run_storescu, sop_uids, wait_until
 from pydicom import dcmread
 from router_fixtures import Router, dicomrouter
@@ -117,14 +118,6 @@ def _history(router: Router, study: str) -> list[str]:
     return [event for _ts, event in json.loads(r.stdout)["history"]]
 
 
-def _peers(tmp_path: Path) -> tuple[StoreSCP, StoreSCP]:
-    pacs = StoreSCP(tmp_path / "pacs", aet="PACS")
-    sender = StoreSCP(tmp_path / "ct1", aet="CT1")
-    pacs.start()
-    sender.start()
-    return pacs, sender
-
-
 def _study(tmp_path: Path) -> tuple[list[Path], str]:
     files = generate(tmp_path / "in", studies=1, series=2, instances=2, rows=16, cols=16,
                      patient_id="AI1", seed=2929)
@@ -153,88 +146,77 @@ def _check_sr(path: Path, study: str, inputs: list[Path]) -> None:
     assert refs == sop_uids(inputs)
 
 
-def test_sr_goes_back_to_the_sender_in_the_original_study(tmp_path: Path) -> None:
-    pacs, sender = _peers(tmp_path)
+def test_sr_goes_back_to_the_sender_in_the_original_study(tmp_path: Path,
+                                                          pacs_and_sender: Any) -> None:
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path)
-    try:
-        # no when: the route matches its own results too; they must not loop into the step
-        with Router(tmp_path / "router", _config(tmp_path, pacs, sender)) as router:
-            assert run_storescu(files, router.port, aet=router.aet,
-                                calling="CT1").returncode == 0
-            wait_until(lambda: len(sender.files()) >= 1, timeout=90, what="the SR at CT1")
-            router.wait_state(study, "delivered")
-            wait_until(lambda: len(pacs.files()) >= len(files), timeout=60, what="the PACS")
-            (sr_file,) = sender.files()
-            _check_sr(sr_file, study, files)
-            # the PACS has the input, pixel data unchanged, and no result
-            assert sop_uids(pacs.files()) == sop_uids(files)
-            sent = {str(dcmread(f).SOPInstanceUID): dcmread(f).PixelData for f in files}
-            for f in pacs.files():
-                ds = dcmread(f)
-                assert ds.PixelData == sent[str(ds.SOPInstanceUID)]
-            history = _history(router, study)
-            assert sum("processing step 'step 1' (ai) running" in h for h in history) == 1
-            assert any("exit code 0" in h and "wrote an SR referencing 4" in h
-                       for h in history), history
-            assert any("1 result instance(s) ingested" in h for h in history), history
-            assert any("return:CT1" in h for h in history), history
-            assert len(sender.files()) == 1  # once, and never processed again
-            text = dicomrouter("status", "--study", study, "--config",
-                               str(router.config_path)).stdout
-            assert "process:ai" in text and "return:CT1" in text, text
-            assert "processing step 'step 1' (ai) done: exit code 0" in text, text
-    finally:
-        pacs.stop()
-        sender.stop()
+    # no when: the route matches its own results too; they must not loop into the step
+    with Router(tmp_path / "router", _config(tmp_path, pacs, sender)) as router:
+        assert run_storescu(files, router.port, aet=router.aet,
+                            calling="CT1").returncode == 0
+        wait_until(lambda: len(sender.files()) >= 1, timeout=90, what="the SR at CT1")
+        router.wait_state(study, "delivered")
+        wait_until(lambda: len(pacs.files()) >= len(files), timeout=60, what="the PACS")
+        (sr_file,) = sender.files()
+        _check_sr(sr_file, study, files)
+        # the PACS has the input, pixel data unchanged, and no result
+        assert sop_uids(pacs.files()) == sop_uids(files)
+        sent = {str(dcmread(f).SOPInstanceUID): dcmread(f).PixelData for f in files}
+        for f in pacs.files():
+            ds = dcmread(f)
+            assert ds.PixelData == sent[str(ds.SOPInstanceUID)]
+        history = _history(router, study)
+        assert sum("processing step 'step 1' (ai) running" in h for h in history) == 1
+        assert any("exit code 0" in h and "wrote an SR referencing 4" in h
+                   for h in history), history
+        assert any("1 result instance(s) ingested" in h for h in history), history
+        assert any("return:CT1" in h for h in history), history
+        assert len(sender.files()) == 1  # once, and never processed again
+        text = dicomrouter("status", "--study", study, "--config",
+                           str(router.config_path)).stdout
+        assert "process:ai" in text and "return:CT1" in text, text
+        assert "processing step 'step 1' (ai) done: exit code 0" in text, text
 
 
-def test_exit_1_is_retried_then_dead_and_visible(tmp_path: Path) -> None:
-    pacs, sender = _peers(tmp_path)
+def test_exit_1_is_retried_then_dead_and_visible(tmp_path: Path, pacs_and_sender: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path)
-    os.environ["STEP_MODE"] = "fail"
-    try:
-        with Router(tmp_path / "router", _config(tmp_path, pacs, sender)) as router:
-            assert run_storescu(files, router.port, aet=router.aet,
-                                calling="CT1").returncode == 0
-            wait_until(lambda: sum("exit code 1" in h for h in _history(router, study)) >= 2,
-                       timeout=90, what="two failed attempts")
-            wait_until(lambda: any(j["destination"] == "process:ai" for j in
-                                   router.status().get("dead", [])), timeout=60,
-                       what="the processing job dead")
-            history = _history(router, study)
-            assert any("stderr: model failed on purpose" in h for h in history), history
-            assert sender.files() == []
-            wait_until(lambda: len(pacs.files()) == len(files), timeout=60, what="the PACS")
-    finally:
-        os.environ.pop("STEP_MODE", None)
-        pacs.stop()
-        sender.stop()
+    monkeypatch.setenv("STEP_MODE", "fail")
+    with Router(tmp_path / "router", _config(tmp_path, pacs, sender)) as router:
+        assert run_storescu(files, router.port, aet=router.aet,
+                            calling="CT1").returncode == 0
+        wait_until(lambda: sum("exit code 1" in h for h in _history(router, study)) >= 2,
+                   timeout=90, what="two failed attempts")
+        wait_until(lambda: any(j["destination"] == "process:ai" for j in
+                               router.status().get("dead", [])), timeout=60,
+                   what="the processing job dead")
+        history = _history(router, study)
+        assert any("stderr: model failed on purpose" in h for h in history), history
+        assert sender.files() == []
+        wait_until(lambda: len(pacs.files()) == len(files), timeout=60, what="the PACS")
 
 
-def test_a_step_over_its_timeout_is_killed(tmp_path: Path) -> None:
-    pacs, sender = _peers(tmp_path)
+def test_a_step_over_its_timeout_is_killed(tmp_path: Path, pacs_and_sender: Any,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path)
     cfg = _config(tmp_path, pacs, sender)
     cfg["routes"][0]["process"][0]["timeout"] = "1s"
-    os.environ["STEP_MODE"] = "hang"
-    try:
-        with Router(tmp_path / "router", cfg) as router:
-            assert run_storescu(files, router.port, aet=router.aet,
-                                calling="CT1").returncode == 0
-            wait_until(lambda: any("killed after its timeout" in h
-                                   for h in _history(router, study)), timeout=90,
-                       what="the step killed")
-            assert sender.files() == []
-    finally:
-        os.environ.pop("STEP_MODE", None)
-        pacs.stop()
-        sender.stop()
+    monkeypatch.setenv("STEP_MODE", "hang")
+    with Router(tmp_path / "router", cfg) as router:
+        assert run_storescu(files, router.port, aet=router.aet,
+                            calling="CT1").returncode == 0
+        wait_until(lambda: any("killed after its timeout" in h
+                               for h in _history(router, study)), timeout=90,
+                   what="the step killed")
+        assert sender.files() == []
 
 
-def test_two_steps_chain_and_result_json_picks_the_route(tmp_path: Path) -> None:
-    pacs, sender = _peers(tmp_path)
+def test_two_steps_chain_and_result_json_picks_the_route(tmp_path: Path, pacs_and_sender: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    pacs, sender = pacs_and_sender
     worklist = StoreSCP(tmp_path / "worklist", aet="WORKLIST")
-    worklist.start()
     files, study = _study(tmp_path)
     cfg = _config(tmp_path, pacs, sender)
     sr_step = cfg["routes"][0]["process"][0]
@@ -245,33 +227,28 @@ def test_two_steps_chain_and_result_json_picks_the_route(tmp_path: Path) -> None
                                        "host": "127.0.0.1", "port": worklist.port}
     cfg["routes"].append({"name": "positive", "when": {"PatientID": "NOBODY"},
                           "to": ["worklist"]})
-    os.environ["STEP_ROUTE"] = "positive"
-    try:
-        with Router(tmp_path / "router", cfg) as router:
-            assert run_storescu(files, router.port, aet=router.aet,
-                                calling="CT1").returncode == 0
-            wait_until(lambda: len(worklist.files()) >= 1, timeout=90, what="the worklist")
-            router.wait_state(study, "delivered")
-            (sr_file,) = worklist.files()
-            _check_sr(sr_file, study, files)  # the second step read the first one's output
-            assert sender.files() == []  # result.json's route replaced return_to_sender
-            history = _history(router, study)
-            assert any("'prepare' (ai) done: exit code 0" in h for h in history), history
-            assert any("'report' (ai) done: exit code 0" in h for h in history), history
-            assert any("picked route 'positive'" in h for h in history), history
-    finally:
-        os.environ.pop("STEP_ROUTE", None)
-        pacs.stop()
-        sender.stop()
-        worklist.stop()
+    monkeypatch.setenv("STEP_ROUTE", "positive")
+    with worklist, Router(tmp_path / "router", cfg) as router:
+        assert run_storescu(files, router.port, aet=router.aet,
+                            calling="CT1").returncode == 0
+        wait_until(lambda: len(worklist.files()) >= 1, timeout=90, what="the worklist")
+        router.wait_state(study, "delivered")
+        (sr_file,) = worklist.files()
+        _check_sr(sr_file, study, files)  # the second step read the first one's output
+        assert sender.files() == []  # result.json's route replaced return_to_sender
+        history = _history(router, study)
+        assert any("'prepare' (ai) done: exit code 0" in h for h in history), history
+        assert any("'report' (ai) done: exit code 0" in h for h in history), history
+        assert any("picked route 'positive'" in h for h in history), history
 
 
-def test_kill_9_during_a_step_gives_one_result(tmp_path: Path) -> None:
-    pacs, sender = _peers(tmp_path)
+def test_kill_9_during_a_step_gives_one_result(tmp_path: Path, pacs_and_sender: Any,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path)
     pidfile = tmp_path / "step.pid"
-    os.environ["STEP_PIDFILE"] = str(pidfile)
-    os.environ["STEP_SLEEP"] = "3"
+    monkeypatch.setenv("STEP_PIDFILE", str(pidfile))
+    monkeypatch.setenv("STEP_SLEEP", "3")
     cfg = _config(tmp_path, pacs, sender)
     router = Router(tmp_path / "router", cfg)
     try:
@@ -291,54 +268,42 @@ def test_kill_9_during_a_step_gives_one_result(tmp_path: Path) -> None:
         assert sum("1 result instance(s) ingested" in h for h in history) == 1, history
     finally:
         router.stop()
-        os.environ.pop("STEP_PIDFILE", None)
-        os.environ.pop("STEP_SLEEP", None)
-        pacs.stop()
-        sender.stop()
 
 
-def test_a_container_step_without_an_engine_is_dead_with_why(tmp_path: Path) -> None:
-    pacs, sender = _peers(tmp_path)
+def test_a_container_step_without_an_engine_is_dead_with_why(
+        tmp_path: Path, pacs_and_sender: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path)
     cfg = _config(tmp_path, pacs, sender)
     cfg["routes"][0]["process"] = [{"container": {"image": "example/seg:1",
                                                   "engine": "podman"}}]
-    env_path = os.environ["PATH"]
-    os.environ["PATH"] = str(tmp_path / "empty-bin") + os.pathsep + "/usr/bin:/bin"
-    try:
-        assert not any((Path(d) / "podman").exists() for d in os.environ["PATH"].split(":"))
-        with Router(tmp_path / "router", cfg) as router:
-            assert run_storescu(files, router.port, aet=router.aet,
-                                calling="CT1").returncode == 0
-            wait_until(lambda: any(j["destination"] == "process:ai" for j in
-                                   router.status().get("dead", [])), timeout=90,
-                       what="the processing job dead at once")
-            history = _history(router, study)
-            assert any("container engine 'podman' is not installed" in h for h in history), \
-                history
-            assert sum("running" in h and "step 1" in h for h in history) == 1
-    finally:
-        os.environ["PATH"] = env_path
-        pacs.stop()
-        sender.stop()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin") + os.pathsep + "/usr/bin:/bin")
+    assert not any((Path(d) / "podman").exists() for d in os.environ["PATH"].split(":"))
+    with Router(tmp_path / "router", cfg) as router:
+        assert run_storescu(files, router.port, aet=router.aet,
+                            calling="CT1").returncode == 0
+        wait_until(lambda: any(j["destination"] == "process:ai" for j in
+                               router.status().get("dead", [])), timeout=90,
+                   what="the processing job dead at once")
+        history = _history(router, study)
+        assert any("container engine 'podman' is not installed" in h for h in history), \
+            history
+        assert sum("running" in h and "step 1" in h for h in history) == 1
 
 
-def test_origin_destinations_get_only_the_results_they_lack(tmp_path: Path) -> None:
-    pacs, sender = _peers(tmp_path)
+def test_origin_destinations_get_only_the_results_they_lack(tmp_path: Path,
+                                                            pacs_and_sender: Any) -> None:
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path)
     cfg = _config(tmp_path, pacs, sender, results=["origin_destinations"])
-    try:
-        with Router(tmp_path / "router", cfg) as router:
-            assert run_storescu(files, router.port, aet=router.aet,
-                                calling="CT1").returncode == 0
-            wait_until(lambda: len(pacs.files()) >= len(files) + 1, timeout=90,
-                       what="the input and the SR at the PACS")
-            router.wait_state(study, "delivered")
-            srs = [f for f in pacs.files() if dcmread(f, stop_before_pixels=True).Modality == "SR"]
-            assert len(srs) == 1
-            _check_sr(srs[0], study, files)
-            assert len(pacs.files()) == len(files) + 1  # the originals once, and the SR
-            assert sender.files() == []
-    finally:
-        pacs.stop()
-        sender.stop()
+    with Router(tmp_path / "router", cfg) as router:
+        assert run_storescu(files, router.port, aet=router.aet,
+                            calling="CT1").returncode == 0
+        wait_until(lambda: len(pacs.files()) >= len(files) + 1, timeout=90,
+                   what="the input and the SR at the PACS")
+        router.wait_state(study, "delivered")
+        srs = [f for f in pacs.files() if dcmread(f, stop_before_pixels=True).Modality == "SR"]
+        assert len(srs) == 1
+        _check_sr(srs[0], study, files)
+        assert len(pacs.files()) == len(files) + 1  # the originals once, and the SR
+        assert sender.files() == []

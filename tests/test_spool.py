@@ -227,3 +227,21 @@ def test_the_note_is_left_out_when_it_does_not_fit_and_ignored_when_damaged() ->
     damaged[28] = 200  # a length past the room
     assert note.read(damaged) == ({}, "", "")
     assert note.overlay(b"abc", 200, noted) == b"abc"
+
+
+def test_tags_that_cannot_be_kept_refuse_the_ingest_and_leave_nothing(tmp_path: Path) -> None:
+    """A disk too full for the kept tags: the ingest is refused (0xA700) as ``accept`` refuses
+    on a full disk, and no receive slot is left behind."""
+    (a,) = generate(tmp_path / "s", series=1, instances=1, rows=16, cols=16, seed=7)
+    root = tmp_path / "spool"
+    spool = spool_at(root)
+
+    def full(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    spool.keep_tags = full  # type: ignore[method-assign]
+    before = set((root / "tmp").iterdir())
+    status, comment, tags = store_file(spool, [a.read_bytes()], "SRC", "ROUTER", OWN_TAGS)
+    assert (status, tags) == (0xA700, None) and "No space left" in comment
+    assert set((root / "tmp").iterdir()) <= before
+    assert spool.state.instance(dcmread(a).SOPInstanceUID) is None

@@ -95,7 +95,16 @@ def store_file(spool: Spool, chunks: Iterable[bytes], source: str, called: str,
         raise
     # the router's own tags (a result's origin, a proxied instance, the source host) are kept
     # on disk first: a crash before the instance is recorded must not lose them (kept_tags.py)
-    kept = spool.keep_tags(rx, extra_tags, source, called) if extra_tags else None
+    try:
+        kept = spool.keep_tags(rx, extra_tags, source, called) if extra_tags else None
+    except OSError as exc:  # a full disk: refused as accept refuses it, nothing left behind
+        rx.close()
+        with contextlib.suppress(OSError):
+            os.unlink(rx.name)
+        comment = f"cannot keep its index tags: {exc.strerror or exc}"
+        log.error("%s instance from %s refused with 0x%04X (out of resources): %s", how,
+                  source, OUT_OF_RESOURCES, comment)
+        return OUT_OF_RESOURCES, comment, None
     status, comment, accepted = accept(spool, rx, source, called, None, how)
     if accepted is None:
         if kept is not None:
