@@ -280,22 +280,11 @@ def history(router: Router, uid: str) -> list[str]:
     return [e for _ts, e in status(router, "--study", uid)["history"]]
 
 
-def test_an_object_no_node_recorded_is_adopted_from_the_shared_store(
-        tmp_path: Path, cluster_env: MotoS3, pg_dsn: str) -> None:
-    """A node acknowledged an instance (it is in the bucket) and died with its disk before
-    recording it: housekeeping on any node records it from the object; reading it gives the
-    stored bytes."""
+def _store(cluster_env: MotoS3) -> Any:
     from dicomrouter.config.models import SharedSpoolModel
-    from dicomrouter.spool import ClusterSpool, SharedStore, SpoolReader
-    from dicomrouter.state.postgres import PostgresState
+    from dicomrouter.spool import SharedStore
 
-    (f,) = generate(tmp_path / "study", series=1, instances=1, rows=16, cols=16, seed=77)
-    study, sop = tags_of(f, "StudyInstanceUID", "SOPInstanceUID")
-    key = f"data/{study}/{sop}~deadnode-0001.dcm"
-    s3 = cluster_env.client()
-    s3.put_object(Bucket=BUCKET, Key=f"cluster/{key}", Body=f.read_bytes())
-    state = PostgresState(pg_dsn, "node2", tmp_path / "spool", lease=3)
-    store = SharedStore(SharedSpoolModel.model_validate({
+    return SharedStore(SharedSpoolModel.model_validate({
         "type": "s3",
         "bucket": BUCKET,
         "prefix": "cluster",
@@ -305,7 +294,47 @@ def test_an_object_no_node_recorded_is_adopted_from_the_shared_store(
         "secret_key_env": "BENCH_S3_KEY",
         "timeout": 10.0,
         "verify_tls": True}))
-    spool = ClusterSpool(tmp_path / "spool", state, store, "shared", "node2")
+
+
+def test_a_local_file_no_row_knows_is_adopted_with_its_routing_keys(
+        tmp_path: Path, cluster_env: MotoS3, pg_dsn: str) -> None:
+    """A node died between renaming an instance into its spool and recording it: start-up
+    records it with the routing keys of its association, from its reception note."""
+    from dicomrouter.spool import ClusterSpool, note
+    from dicomrouter.state.postgres import PostgresState
+
+    (f,) = generate(tmp_path / "study", series=1, instances=1, rows=16, cols=16, seed=78)
+    study, sop = tags_of(f, "StudyInstanceUID", "SOPInstanceUID")
+    keys = {"_Listener": "main", "_SourceHost": "10.9.8.7"}
+    state = PostgresState(pg_dsn, "node3", tmp_path / "spool", lease=3)
+    spool = ClusterSpool(tmp_path / "spool", state, _store(cluster_env), "local", "node3")
+    try:
+        local = tmp_path / "spool" / "data" / study / f"{sop}.dcm"
+        local.parent.mkdir(parents=True)
+        local.write_bytes(note.overlay(f.read_bytes(), 0, note.pack("CT9", "NODE", keys)))
+        assert spool.adopt_orphans() == 1
+        inst = state.instance(sop)
+        assert inst is not None and {k: inst.tags.get(k) for k in keys} == keys
+        assert (inst.calling_ae, inst.called_ae) == ("CT9", "NODE")
+    finally:
+        state.close()
+
+
+def test_an_object_no_node_recorded_is_adopted_from_the_shared_store(
+        tmp_path: Path, cluster_env: MotoS3, pg_dsn: str) -> None:
+    """A node acknowledged an instance (it is in the bucket) and died with its disk before
+    recording it: housekeeping on any node records it from the object; reading it gives the
+    stored bytes."""
+    from dicomrouter.spool import ClusterSpool, SpoolReader
+    from dicomrouter.state.postgres import PostgresState
+
+    (f,) = generate(tmp_path / "study", series=1, instances=1, rows=16, cols=16, seed=77)
+    study, sop = tags_of(f, "StudyInstanceUID", "SOPInstanceUID")
+    key = f"data/{study}/{sop}~deadnode-0001.dcm"
+    s3 = cluster_env.client()
+    s3.put_object(Bucket=BUCKET, Key=f"cluster/{key}", Body=f.read_bytes())
+    state = PostgresState(pg_dsn, "node2", tmp_path / "spool", lease=3)
+    spool = ClusterSpool(tmp_path / "spool", state, _store(cluster_env), "shared", "node2")
     try:
         assert spool.adopt_shared_orphans(min_age=3600) == 0  # too young: maybe in flight
         assert spool.adopt_shared_orphans(min_age=0) == 1

@@ -38,6 +38,7 @@ from ..common.s3 import describe_failure, fast_put, fast_store, s3_client, trans
 from ..dicomfile import UnreadableDataset, identify, source_ae
 from ..state import Instance, State
 from .local import Spool, SpoolReader, unlink_quietly
+from .note import read_file as read_note
 from .receive import Accepted, Expected, ReceiveFile
 
 log = logging.getLogger("dicomrouter.spool")
@@ -318,7 +319,8 @@ class ClusterSpool(Spool):
                 tags, tsuid = identify(path)
                 if path != self.data / tags["StudyInstanceUID"] / f"{tags['SOPInstanceUID']}.dcm":
                     continue
-                self._place(path, tags, tsuid, source_ae(path), "")
+                noted, calling, called = read_note(path)  # the association's routing keys
+                self._place(path, {**tags, **noted}, tsuid, calling or source_ae(path), called)
                 adopted += 1
             except Exception as exc:
                 log.error("spool file %s cannot be adopted: %s", path, exc)

@@ -3,18 +3,22 @@
 A C-STORE's routing keys (``_Listener``, ``_SourceHost``, the AE titles), a STOW-RS
 request's (``_Endpoint``, ``_SourceHost``) and the Q/R proxy's mark on what its C-GET brought
 (``_Proxied``) are not in the dataset: they were added to its index tags after ``accept``, in
-memory. An instance that start-up adopts (from its receive slot,
-its receive log record, or as an orphan file) came back with the file's tags only, and a route
-on ``Listener``, ``SourceHost``, ``CalledAE`` or ``Endpoint`` no longer saw them.
+memory. An instance that start-up adopts (from its receive slot, its receive log record, or as
+an orphan file) came back with the file's tags only, and a route on ``Listener``,
+``SourceHost``, ``CalledAE`` or ``Endpoint`` no longer saw them.
 
 The 128-byte Part 10 preamble is the implementation's to use; its first 24 bytes hold the
 completion marker (``slots.py``). The receiver writes the note right after it, in the bytes it
 writes anyway, so the marker's CRC covers it and the one sync that makes the instance durable
 makes the note durable too: ``DRN1``, one length byte, then the calling and called AE titles
 and the tags, separated by US. A note that does not fit (very long listener or endpoint names)
-is left out. Every
-reader of a spool file sees the whole preamble as zeros (``SpoolReader``): the sender's address
-never leaves the router in a file it delivers.
+is left out. Every reader of a spool file sees the whole preamble as zeros (``SpoolReader``):
+the sender's address never leaves the router in a file it delivers.
+
+The marker's CRC and length are also the instance's digest (``SpoolReader.digest``: an
+identical re-send is not delivered again). It already covered the calling AE (the file meta
+the receiver writes); it now covers the note too, so a re-send of the same instance through
+another listener or from another address counts as changed and is delivered again.
 """
 
 from __future__ import annotations
