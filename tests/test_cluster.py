@@ -16,6 +16,7 @@ from peers import MotoS3, Orthanc, run_storescu, sop_uids, wait_until
 from router_fixtures import Router, dataset_bytes, dicomrouter, tags_of
 
 from dicomrouter.sample import generate
+from dicomrouter.spool import note
 from dicomrouter_bench.procs import Postgres, free_port, stop_together
 
 BUCKET = "shared-spool"
@@ -273,6 +274,12 @@ def test_ack_after_local_uploads_in_batches_and_retries_while_s3_is_away(
                 got.write_bytes(
                     s3.client().get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read())
                 assert dataset_bytes(got) == dataset_bytes(src), sop
+                # the slot's marker is not in the object; its reception note is, for a node
+                # that adopts it (adopt_shared_orphans)
+                raw = got.read_bytes()
+                assert raw[:24] == bytes(24)
+                assert note.read(raw[:128])[0] == {"_Listener": "main",
+                                                   "_SourceHost": "127.0.0.1"}, sop
             assert "Traceback" not in router.log(10000)
 
 
@@ -300,7 +307,7 @@ def test_a_local_file_no_row_knows_is_adopted_with_its_routing_keys(
         tmp_path: Path, cluster_env: MotoS3, pg_dsn: str) -> None:
     """A node died between renaming an instance into its spool and recording it: start-up
     records it with the routing keys of its association, from its reception note."""
-    from dicomrouter.spool import ClusterSpool, note
+    from dicomrouter.spool import ClusterSpool
     from dicomrouter.state.postgres import PostgresState
 
     (f,) = generate(tmp_path / "study", series=1, instances=1, rows=16, cols=16, seed=78)
@@ -332,7 +339,9 @@ def test_an_object_no_node_recorded_is_adopted_from_the_shared_store(
     study, sop = tags_of(f, "StudyInstanceUID", "SOPInstanceUID")
     key = f"data/{study}/{sop}~deadnode-0001.dcm"
     s3 = cluster_env.client()
-    s3.put_object(Bucket=BUCKET, Key=f"cluster/{key}", Body=f.read_bytes())
+    keys = {"_Listener": "main", "_SourceHost": "10.9.8.6"}  # its reception note (note.py)
+    s3.put_object(Bucket=BUCKET, Key=f"cluster/{key}",
+                  Body=note.overlay(f.read_bytes(), 0, note.pack("CT8", "DEAD", keys)))
     state = PostgresState(pg_dsn, "node2", tmp_path / "spool", lease=3)
     spool = ClusterSpool(tmp_path / "spool", state, _store(cluster_env), "shared", "node2")
     try:
@@ -341,6 +350,8 @@ def test_an_object_no_node_recorded_is_adopted_from_the_shared_store(
         assert spool.adopt_shared_orphans(min_age=0) == 0  # known now
         (inst,) = state.instances(study)
         assert inst.key == key and inst.sop_uid == sop
+        assert {k: inst.tags.get(k) for k in keys} == keys
+        assert (inst.calling_ae, inst.called_ae) == ("CT8", "DEAD")
         with spool.open(inst) as data:
             got = data.read()
         with SpoolReader(str(f)) as original:

@@ -40,6 +40,7 @@ from ..state import Instance, State
 from .local import Spool, SpoolReader, unlink_quietly
 from .note import read_file as read_note
 from .receive import Accepted, Expected, ReceiveFile
+from .slots import MARKER_SIZE
 
 log = logging.getLogger("dicomrouter.spool")
 
@@ -71,9 +72,11 @@ class SharedStore:
         return f"s3://{self.bucket}/{self.prefix} at {where}"
 
     def put(self, key: str, path: str, size: int) -> None:
-        """Upload a spool file (its slot marker read as zeros) under ``key``."""
+        """Upload a spool file under ``key``: its slot marker read as zeros, its reception
+        note kept (a node adopting the object reads it: ``adopt_shared_orphans``); the
+        nodes read objects through ``SpoolReader`` like their own files."""
         try:
-            with SpoolReader(path) as body:
+            with SpoolReader(path, hide=MARKER_SIZE) as body:
                 if self._fast is not None:
                     fast_put(self._fast, self.prefix + key, body, size, self.model)
                 else:
@@ -353,8 +356,10 @@ class ClusterSpool(Spool):
             except (OSError, UnreadableDataset) as exc:
                 log.error("shared store object %s cannot be adopted: %s", key, exc)
                 continue
+            noted, calling, called = read_note(cached)  # the association's routing keys
             with self.study_lock(tags["StudyInstanceUID"]):
-                self.state.record_instance(tags, tsuid, key, size, source_ae(cached), "", True)
+                self.state.record_instance({**tags, **noted}, tsuid, key, size,
+                                           calling or source_ae(cached), called, True)
             adopted += 1
             log.warning("adopted instance %s of study %s from the shared store (acknowledged "
                         "by a node that never recorded it)", tags.get("SOPInstanceUID"),

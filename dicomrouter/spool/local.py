@@ -510,10 +510,11 @@ class SpoolReader(io.RawIOBase):
     sender's address among others), and a preamble from a sender may carry anything.
     ``name`` is the file's path, for libraries that insist on one (pynetdicom's chunked send)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, hide: int = PREAMBLE) -> None:
         super().__init__()
         self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
         self.name = path
+        self._hide = hide  # bytes read as zeros: the preamble (MARKER_SIZE: the marker only)
 
     def readable(self) -> bool:
         return True
@@ -524,8 +525,8 @@ class SpoolReader(io.RawIOBase):
     def readinto(self, b: Any) -> int:
         pos = self._f.tell()
         n = self._f.readinto(b)
-        if n and pos < PREAMBLE:
-            end = min(n, PREAMBLE - pos)
+        if n and pos < self._hide:
+            end = min(n, self._hide - pos)
             memoryview(b)[:end] = bytes(end)
         return n or 0
 
@@ -551,7 +552,7 @@ class SpoolReader(io.RawIOBase):
     def reopen(self) -> SpoolReader:
         """The same instance opened again: a session that buffers instances keeps this, not
         the open file (delivery closes that when ``send`` returns)."""
-        return SpoolReader(self.name)
+        return SpoolReader(self.name, self._hide)
 
     def close(self) -> None:
         self._f.close()
