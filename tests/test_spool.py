@@ -245,3 +245,22 @@ def test_tags_that_cannot_be_kept_refuse_the_ingest_and_leave_nothing(tmp_path: 
     assert (status, tags) == (0xA700, None) and "No space left" in comment
     assert set((root / "tmp").iterdir()) <= before
     assert spool.state.instance(dcmread(a).SOPInstanceUID) is None
+
+
+def test_a_pulls_own_tags_go_in_its_note_without_a_sync(tmp_path: Path) -> None:
+    """Tags a reception note holds (a pull's _SourceHost, a proxied instance's _Proxied) go in
+    the file's preamble: no kept-tags file, no extra sync; a result's tags cannot, and are
+    kept beside it (the test above)."""
+    (a,) = generate(tmp_path / "s", series=1, instances=1, rows=16, cols=16, seed=8)
+    spool = spool_at(tmp_path / "spool")
+
+    def no_sync(*_args: object) -> None:
+        raise AssertionError("kept beside the file: two syncs a note would have spared")
+
+    spool.keep_tags = no_sync  # type: ignore[method-assign]
+    pulled = {"_SourceHost": "10.1.1.1", "_Proxied": "1"}
+    status, _, tags = store_file(spool, [a.read_bytes()], "ORTHANC", "ROUTER", pulled)
+    assert status == 0 and tags is not None
+    inst = spool.state.instance(dcmread(a).SOPInstanceUID)
+    assert inst is not None and {k: inst.tags.get(k) for k in pulled} == pulled
+    assert note.read_file(spool.path(inst.key)) == (pulled, "ORTHANC", "ROUTER")

@@ -30,10 +30,12 @@ from ..spool import (
     Accepted,
     DatasetMismatch,
     Expected,
+    LogReceiveFile,
     ReceiveFile,
     SharedStoreUnavailable,
     Spool,
     SpoolFull,
+    note,
 )
 from ..spool.faults import crash_point
 from ..state import StateUnavailable
@@ -83,24 +85,24 @@ def store_file(spool: Spool, chunks: Iterable[bytes], source: str, called: str,
                ) -> tuple[int, str, dict[str, str] | None]:
     """Ingest a Part 10 file pulled from a source (HTTP) or written by a processing step:
     streamed into a receive slot, then the same checks, durability and placement as a
-    C-STORE, with ``extra_tags`` in its index. Returns (status, comment, tags)."""
-    rx = spool.new_receive_file()
+    C-STORE, with ``extra_tags`` in its index. Returns (status, comment, tags).
+
+    The extra tags must survive a crash before the instance is recorded: the ones a reception
+    note holds (``_SourceHost``, ``_Proxied``) go in the file's preamble as it is written, at
+    no cost; any other (a processing result's) are kept beside it, synced (``kept_tags``)."""
+    extra = extra_tags or {}
+    noted = note.pack(source, called, extra) if set(extra) <= set(note.TAGS) else b""
+    rx = spool.new_receive_file(note=noted)
     try:
         for chunk in chunks:
             rx.write(chunk)
     except BaseException:
-        rx.close()
-        with contextlib.suppress(OSError):
-            os.unlink(rx.name)
+        drop(rx)
         raise
-    # the router's own tags (a result's origin, a proxied instance, the source host) are kept
-    # on disk first: a crash before the instance is recorded must not lose them (kept_tags.py)
     try:
-        kept = spool.keep_tags(rx, extra_tags, source, called) if extra_tags else None
+        kept = spool.keep_tags(rx, extra, source, called) if extra and not noted else None
     except OSError as exc:  # a full disk: refused as accept refuses it, nothing left behind
-        rx.close()
-        with contextlib.suppress(OSError):
-            os.unlink(rx.name)
+        drop(rx)
         comment = f"cannot keep its index tags: {exc.strerror or exc}"
         log.error("%s instance from %s refused with 0x%04X (out of resources): %s", how,
                   source, OUT_OF_RESOURCES, comment)
@@ -111,9 +113,17 @@ def store_file(spool: Spool, chunks: Iterable[bytes], source: str, called: str,
             spool.forget_kept_tags(kept)
         return status, comment, None
     crash_point("ingest-accepted")  # the crash tests: durable, not yet recorded
-    accepted.tags.update(extra_tags or {})
+    accepted.tags.update(extra)
     spool.place(accepted)
     return status, comment, accepted.tags
+
+
+def drop(rx: ReceiveFile | LogReceiveFile) -> None:
+    """Give up a reception: close it and remove its receive slot, if it has one yet."""
+    rx.close()
+    if rx.name:
+        with contextlib.suppress(OSError):
+            os.unlink(rx.name)
 
 
 def store_retrieved(spool: Spool, event: Any, calling: str, called: str,

@@ -1,17 +1,17 @@
 """Index tags the router adds to an instance it ingests itself, kept on disk until it is recorded.
 
-A processing result (``_ResultOf``), an instance the Q/R proxy fetched (``_Proxied``) or one a
-pull source brought (``_SourceHost``) carries tags of the router's own beside those read from
-the file; they live in the state's index only. Between the instance's durable accept and its
-record a crash left the file alone: start-up adopted it from its receive slot (or as an orphan)
-with the file's tags only, and a result became a late arrival of its origin study (reopening it
-and routing it as ordinary input), a proxied instance an ordinary reception.
+A processing result carries tags of the router's own beside those read from the file
+(``_ResultOf``, ``_ResultRoute``, a remote node's origin); they live in the state's index only.
+Between the instance's durable accept and its record a crash left the file alone: start-up
+adopted it from its receive slot (or as an orphan) with the file's tags only, and the result
+became a late arrival of its origin study, reopening it and routing it as ordinary input.
 
-So ``store_file`` writes the extra tags (and the AE titles it ingests under) first, durably,
-to ``<tmp>/<hash of the SOP Instance UID>.tags``; placement (at once, by a retry or by
-start-up's adoption) merges them and removes the file once the instance is recorded; start-up
-removes any it did not use (written before a crash that came after the record). Only these
-ingests pay the two syncs; a C-STORE never does.
+So ``store_file`` writes such tags (and the AE titles it ingests under) first, durably, to
+``<tmp>/<hash of the SOP Instance UID>.tags``; placement (at once, by a retry or by start-up's
+adoption) merges them and removes the file once the instance is recorded; start-up removes any
+it did not use (written before a crash that came after the record). Tags a reception note
+holds (a pull's ``_SourceHost``, the proxy's ``_Proxied``: ``note.py``) go in the file's
+preamble instead, at no cost; only what a note cannot hold pays these two syncs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .receive import write_file
 from .slots import fsync_dir
 
 log = logging.getLogger("dicomrouter.spool")
@@ -48,14 +49,8 @@ def _path(directory: Path, sop_uid: str) -> Path:
 
 def write_kept(directory: Path, sop_uid: str, kept: Kept) -> None:
     """Make ``kept`` durable for ``sop_uid`` (its content and its name)."""
-    path = _path(directory, sop_uid)
     data = json.dumps({"SOPInstanceUID": sop_uid, **asdict(kept)}).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_file(str(_path(directory, sop_uid)), data, sync=True)
     fsync_dir(directory)
 
 

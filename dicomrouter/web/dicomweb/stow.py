@@ -12,10 +12,8 @@ too slow) is answered 400 / 413 / 408 with what was stored before that point.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ from pydicom import dcmread
 
 from ...config import Config
 from ...dimse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
-from ...scp.ingest import accept
+from ...scp.ingest import accept, drop
 from ...sources.multipart import MultipartError, MultipartReader, boundary_of
 from ...spool import Spool, note
 
@@ -158,14 +156,6 @@ def one_part(view: StowView, body: Iterator[bytes], part_type: str,
     out.stored.append({k: tags.get(k, "") for k in ("SOPClassUID", "SOPInstanceUID",
                                                    "StudyInstanceUID", "SeriesInstanceUID")})
     spool.place(accepted)
-
-
-def drop(rx: Any) -> None:
-    """Give up a reception: close it and remove its receive slot, if it has one yet."""
-    rx.close()
-    if rx.name:
-        with contextlib.suppress(OSError):
-            os.unlink(rx.name)
 
 
 def uids_of(head: bytes | bytearray) -> tuple[str, str]:
