@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from peers import run_storescu, wait_until
 from router_fixtures import Router, dicomrouter
-from test_processing import SR_PROGRAM, _check_sr, _peers, _program, _study
+from test_processing import SR_PROGRAM, _check_sr, _program, _study
 from test_web import ARTIFACTS, TOKEN, http
 
 from dicomrouter_bench.procs import free_port
@@ -81,8 +81,9 @@ def _block(text: str) -> list[str]:
 
 
 @pytest.mark.usefixtures("token_env")
-def test_a_step_failed_once_shows_failed_then_done_with_two_attempts(tmp_path: Path) -> None:
-    pacs, sender = _peers(tmp_path)
+def test_a_step_failed_once_shows_failed_then_done_with_two_attempts(tmp_path: Path,
+                                                                     pacs_and_sender: Any) -> None:
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path)
     sr = _program(tmp_path, SR_PROGRAM, "sr.py")
     flaky = _program(tmp_path, FLAKY, "flaky.py")
@@ -91,57 +92,54 @@ def test_a_step_failed_once_shows_failed_then_done_with_two_attempts(tmp_path: P
     # a long backoff: the failure stays visible until the operator requeues the job
     cfg = _config(tmp_path, pacs, sender, steps,
                   {"initial": "10m", "max_delay": "10m", "max_attempts": 3})
-    try:
-        with Router(tmp_path / "router", cfg) as router:
-            base = f"http://127.0.0.1:{cfg['web']['port']}"
-            assert run_storescu(files, router.port, aet=router.aet,
-                                calling="CT1").returncode == 0
-            wait_until(lambda: _status(router, study)[1] and
-                       _status(router, study)[1][0]["state"] == "failed", timeout=90,
-                       what="the step failed")
-            text, steps_json = _status(router, study)
-            (line,) = _block(text)
-            assert line.startswith("  ai / step 1 (command): failed — exit code 3 after "), text
-            assert "stderr: first attempt fails on purpose" in line, line
-            assert "[attempt" not in line, line
-            assert [(s["route"], s["name"], s["kind"], s["state"], s["attempts"])
-                    for s in steps_json] == [("ai", "step 1", "command", "failed", 1)]
-            (row,) = http(base + "/api/processing")[1]["studies"]
-            assert row["study_uid"] == study and row["patient_id"] == "AI1"
-            assert [j["state"] for j in row["jobs"]] == ["failed"]
-            assert [(s["state"], s["attempts"]) for s in row["steps"]] == [("failed", 1)]
-            assert sender.files() == []
-            # the operator requeues it: the second attempt runs and succeeds
-            status, answer = http(base + f"/api/jobs/{row['jobs'][0]['id']}/retry", "POST",
-                                  TOKEN)
-            assert status == 200, answer
-            wait_until(lambda: len(sender.files()) >= 1, timeout=90, what="the SR at CT1")
-            router.wait_state(study, "delivered")
-            _check_sr(sender.files()[0], study, files)
-            text, steps_json = _status(router, study)
-            (line,) = _block(text)
-            assert line.startswith("  ai / step 1 (command): done — exit code 0 after "), text
-            assert "1 output file(s)" in line and line.endswith("[attempt 2]"), line
-            assert [(s["state"], s["attempts"]) for s in steps_json] == [("done", 2)]
-            # the history printout is unchanged: both attempts are there, in order
-            assert text.index("step 1' (ai) failed: exit code 3") < \
-                text.index("step 1' (ai) done: exit code 0") < text.index("processing:")
-            one = http(base + f"/api/studies/{study}")[1]
-            assert [(s["state"], s["attempts"]) for s in one["processing"]] == [("done", 2)]
-            # finished within the hour: still listed, done
-            (row,) = http(base + "/api/processing")[1]["studies"]
-            assert [j["state"] for j in row["jobs"]] == ["delivered"]
-            assert [(s["state"], s["attempts"]) for s in row["steps"]] == [("done", 2)]
-    finally:
-        pacs.stop()
-        sender.stop()
+    with Router(tmp_path / "router", cfg) as router:
+        base = f"http://127.0.0.1:{cfg['web']['port']}"
+        assert run_storescu(files, router.port, aet=router.aet,
+                            calling="CT1").returncode == 0
+        wait_until(lambda: _status(router, study)[1] and
+                   _status(router, study)[1][0]["state"] == "failed", timeout=90,
+                   what="the step failed")
+        text, steps_json = _status(router, study)
+        (line,) = _block(text)
+        assert line.startswith("  ai / step 1 (command): failed — exit code 3 after "), text
+        assert "stderr: first attempt fails on purpose" in line, line
+        assert "[attempt" not in line, line
+        assert [(s["route"], s["name"], s["kind"], s["state"], s["attempts"])
+                for s in steps_json] == [("ai", "step 1", "command", "failed", 1)]
+        (row,) = http(base + "/api/processing")[1]["studies"]
+        assert row["study_uid"] == study and row["patient_id"] == "AI1"
+        assert [j["state"] for j in row["jobs"]] == ["failed"]
+        assert [(s["state"], s["attempts"]) for s in row["steps"]] == [("failed", 1)]
+        assert sender.files() == []
+        # the operator requeues it: the second attempt runs and succeeds
+        status, answer = http(base + f"/api/jobs/{row['jobs'][0]['id']}/retry", "POST",
+                              TOKEN)
+        assert status == 200, answer
+        wait_until(lambda: len(sender.files()) >= 1, timeout=90, what="the SR at CT1")
+        router.wait_state(study, "delivered")
+        _check_sr(sender.files()[0], study, files)
+        text, steps_json = _status(router, study)
+        (line,) = _block(text)
+        assert line.startswith("  ai / step 1 (command): done — exit code 0 after "), text
+        assert "1 output file(s)" in line and line.endswith("[attempt 2]"), line
+        assert [(s["state"], s["attempts"]) for s in steps_json] == [("done", 2)]
+        # the history printout is unchanged: both attempts are there, in order
+        assert text.index("step 1' (ai) failed: exit code 3") < \
+            text.index("step 1' (ai) done: exit code 0") < text.index("processing:")
+        one = http(base + f"/api/studies/{study}")[1]
+        assert [(s["state"], s["attempts"]) for s in one["processing"]] == [("done", 2)]
+        # finished within the hour: still listed, done
+        (row,) = http(base + "/api/processing")[1]["studies"]
+        assert [j["state"] for j in row["jobs"]] == ["delivered"]
+        assert [(s["state"], s["attempts"]) for s in row["steps"]] == [("done", 2)]
 
 
 @pytest.mark.usefixtures("token_env")
-def test_a_running_step_shows_running_on_the_page(tmp_path: Path, chromium: str) -> None:
+def test_a_running_step_shows_running_on_the_page(tmp_path: Path, chromium: str,
+                                                  pacs_and_sender: Any) -> None:
     from playwright.sync_api import sync_playwright
 
-    pacs, sender = _peers(tmp_path)
+    pacs, sender = pacs_and_sender
     files, study = _study(tmp_path)
     go, started = tmp_path / "go", tmp_path / "started"
     waiter = _program(tmp_path, WAIT_THEN_PASS_ON, "wait.py")
@@ -152,36 +150,32 @@ def test_a_running_step_shows_running_on_the_page(tmp_path: Path, chromium: str)
               "timeout": "60s"}]
     cfg = _config(tmp_path, pacs, sender, steps,
                   {"initial": "1s", "max_delay": "1s", "max_attempts": 2})
-    try:
-        with Router(tmp_path / "router", cfg) as router, sync_playwright() as p:
-            base = f"http://127.0.0.1:{cfg['web']['port']}"
-            assert run_storescu(files, router.port, aet=router.aet,
-                                calling="CT1").returncode == 0
-            wait_until(started.exists, timeout=90, what="the first step running")
-            browser = p.chromium.launch(executable_path=chromium, headless=True,
-                                        args=["--no-sandbox"])
-            try:
-                page = browser.new_page(viewport={"width": 1000, "height": 900})
-                page.goto(base + "/")
-                card = page.locator("#processing").inner_text()
-                assert study[-24:] in card and "AI1" in card, card
-                assert "process:ai: running" in card, card
-                assert f"ai / {SLOW_NAME}: running" in card, card  # escaped: shown as text
-                assert "ai / report: pending" in card, card
-                assert page.locator("#processing i").count() == 0  # no markup from the name
-                ARTIFACTS.mkdir(exist_ok=True)
-                page.locator("#processing").screenshot(path=str(ARTIFACTS /
-                                                                "processing-card.png"))
-                go.touch()
-                wait_until(lambda: len(sender.files()) >= 1, timeout=90, what="the SR at CT1")
-                router.wait_state(study, "delivered")
-                page.goto(base + "/")
-                card = page.locator("#processing").inner_text()
-                assert f"ai / {SLOW_NAME}: done" in card and "ai / report: done" in card, card
-                assert "process:ai: delivered" in card, card
-            finally:
-                browser.close()
-        _check_sr(sender.files()[0], study, files)
-    finally:
-        pacs.stop()
-        sender.stop()
+    with Router(tmp_path / "router", cfg) as router, sync_playwright() as p:
+        base = f"http://127.0.0.1:{cfg['web']['port']}"
+        assert run_storescu(files, router.port, aet=router.aet,
+                            calling="CT1").returncode == 0
+        wait_until(started.exists, timeout=90, what="the first step running")
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            page.goto(base + "/")
+            card = page.locator("#processing").inner_text()
+            assert study[-24:] in card and "AI1" in card, card
+            assert "process:ai: running" in card, card
+            assert f"ai / {SLOW_NAME}: running" in card, card  # escaped: shown as text
+            assert "ai / report: pending" in card, card
+            assert page.locator("#processing i").count() == 0  # no markup from the name
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.locator("#processing").screenshot(path=str(ARTIFACTS /
+                                                            "processing-card.png"))
+            go.touch()
+            wait_until(lambda: len(sender.files()) >= 1, timeout=90, what="the SR at CT1")
+            router.wait_state(study, "delivered")
+            page.goto(base + "/")
+            card = page.locator("#processing").inner_text()
+            assert f"ai / {SLOW_NAME}: done" in card and "ai / report: done" in card, card
+            assert "process:ai: delivered" in card, card
+        finally:
+            browser.close()
+    _check_sr(sender.files()[0], study, files)
