@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from ..common.s3 import describe_failure, fast_put, fast_store, s3_client, transfer_config
-from ..dicomfile import UnreadableDataset, identify, source_ae
+from ..dicomfile import UnreadableDataset, identify
 from ..state import Instance, State
 from .local import Spool, SpoolReader, unlink_quietly
-from .note import read_file as read_note
+from .note import recorded_as
 from .receive import Accepted, Expected, ReceiveFile
 from .slots import MARKER_SIZE
 
@@ -322,8 +322,8 @@ class ClusterSpool(Spool):
                 tags, tsuid = identify(path)
                 if path != self.data / tags["StudyInstanceUID"] / f"{tags['SOPInstanceUID']}.dcm":
                     continue
-                noted, calling, called = read_note(path)  # the association's routing keys
-                self._place(path, {**tags, **noted}, tsuid, calling or source_ae(path), called)
+                tags, calling, called = recorded_as(path, tags)  # with its note
+                self._place(path, tags, tsuid, calling, called)
                 adopted += 1
             except Exception as exc:
                 log.error("spool file %s cannot be adopted: %s", path, exc)
@@ -356,10 +356,9 @@ class ClusterSpool(Spool):
             except (OSError, UnreadableDataset) as exc:
                 log.error("shared store object %s cannot be adopted: %s", key, exc)
                 continue
-            noted, calling, called = read_note(cached)  # the association's routing keys
+            tags, calling, called = recorded_as(cached, tags)  # with its note
             with self.study_lock(tags["StudyInstanceUID"]):
-                self.state.record_instance({**tags, **noted}, tsuid, key, size,
-                                           calling or source_ae(cached), called, True)
+                self.state.record_instance(tags, tsuid, key, size, calling, called, True)
             adopted += 1
             log.warning("adopted instance %s of study %s from the shared store (acknowledged "
                         "by a node that never recorded it)", tags.get("SOPInstanceUID"),

@@ -24,15 +24,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..dicomfile import UnreadableDataset, identify, source_ae
+from ..dicomfile import UnreadableDataset, identify
 from ..state import Instance, Reception, State, StateUnavailable, StudyState
 from ..values import RESULT_TAG
 from ..walk import Malformed, check_file
 from .faults import POWERCUT, crash_point
 from .kept_tags import Kept, is_kept_tags, load_kept, remove_kept, write_kept
 from .logged import ReceiveLogSpool
-from .note import PREAMBLE
-from .note import read_file as read_note
+from .note import PREAMBLE, recorded_as
 from .receive import (
     Accepted,
     Expected,
@@ -118,10 +117,8 @@ class Spool(ReceiveLogSpool):
                         log.error("receive slot %s kept: %s", p, exc)
                         continue
                     if superseded is None:
-                        # the association's routing keys and AE titles (note.py)
-                        noted, calling, called = read_note(p)
-                        self._place(p, {**tags, **noted}, tsuid, calling or source_ae(p),
-                                    called)
+                        tags, calling, called = recorded_as(p, tags)  # with its note
+                        self._place(p, tags, tsuid, calling, called)
                         adopted += 1
                         continue
             except (OSError, UnreadableDataset) as exc:
@@ -179,9 +176,8 @@ class Spool(ReceiveLogSpool):
                     with contextlib.suppress(OSError):  # its study's last file
                         path.parent.rmdir()
                 continue
-            noted, calling, called = read_note(path)
-            # already in place: records it
-            self._place(path, {**tags, **noted}, tsuid, calling or source_ae(path), called)
+            tags, calling, called = recorded_as(path, tags)
+            self._place(path, tags, tsuid, calling, called)  # already in place: records it
             adopted += 1
         return adopted
 

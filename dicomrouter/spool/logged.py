@@ -14,10 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..dicomfile import UnreadableDataset, identify, source_ae
+from ..dicomfile import UnreadableDataset, identify
 from ..state import State, StateUnavailable
 from .faults import POWERCUT, crash_point
-from .note import read as read_note
+from .note import recorded_as
 from .receive import (
     Accepted,
     Expected,
@@ -209,6 +209,6 @@ class ReceiveLogSpool:
             return None
         tmp = os.path.join(self.tmp, f"rl-replay-{os.getpid()}-{rec.seq}.dcm")
         write_file(tmp, data, sync=True, mtime_ns=rec.time_ns)
-        noted, calling, called = read_note(data)  # the association's routing keys
-        self._place(tmp, {**tags, **noted}, tsuid, calling or source_ae(tmp), called)
+        tags, calling, called = recorded_as(tmp, tags, data)  # with its note
+        self._place(tmp, tags, tsuid, calling, called)
         return os.path.dirname(final)

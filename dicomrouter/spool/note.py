@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..dicomfile import source_ae
 from .slots import MARKER_SIZE
 
 PREAMBLE = 128
@@ -81,3 +82,12 @@ def read_file(path: str | Path) -> tuple[dict[str, str], str, str]:
             return read(f.read(PREAMBLE))
     except OSError:
         return {}, "", ""
+
+
+def recorded_as(path: str | Path, tags: dict[str, str],
+            head: bytes | bytearray | None = None) -> tuple[dict[str, str], str, str]:
+    """What start-up records for an instance it adopts (slot, log record, orphan, shared
+    object): the file's ``tags`` with its note's, the calling AE (the note's, else the file
+    meta's Source AE Title) and the called AE. ``head``: the file's first bytes, if at hand."""
+    noted, calling, called = read(head) if head is not None else read_file(path)
+    return {**tags, **noted}, calling or source_ae(path), called
